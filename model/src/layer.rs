@@ -1,0 +1,39 @@
+//! One decoder layer: pre-norm attention, then pre-norm sparse MoE, each
+//! added to the residual stream.
+
+use tch::Tensor;
+
+use crate::attention::{Attention, SequenceSpan};
+use crate::error::ForwardError;
+use crate::kv_cache::KvCache;
+use crate::moe::{Experts, SparseMoe};
+use crate::norm::RmsNorm;
+
+pub struct DecoderLayer {
+    pub(crate) index: usize,
+    pub(crate) input_layernorm: RmsNorm,
+    pub(crate) attention: Attention,
+    pub(crate) post_attention_layernorm: RmsNorm,
+    pub(crate) moe: SparseMoe,
+}
+
+impl DecoderLayer {
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        spans: &[SequenceSpan],
+        caches: &mut [&mut KvCache],
+        experts: &dyn Experts,
+    ) -> Result<Tensor, ForwardError> {
+        let attended =
+            self.attention
+                .forward(self.index, &self.input_layernorm.forward(xs), spans, caches);
+        let xs = xs + attended;
+        let moe_out = self.moe.forward(
+            self.index,
+            &self.post_attention_layernorm.forward(&xs),
+            experts,
+        )?;
+        Ok(xs + moe_out)
+    }
+}

@@ -1,0 +1,36 @@
+//! # tramontane-model
+//!
+//! A Mixtral-style Mixture-of-Experts causal LM in libtorch (through `tch`),
+//! numerically matching HF transformers' `MixtralForCausalLM`.
+//!
+//! # Layout
+//!
+//! - [`config`]: the HF `config.json`.
+//! - [`weights`]: memory-mapped safetensors (single or sharded), loaded key by key.
+//! - [`tokenizer`]: `tokenizer.json` + `tokenizer_config.json`.
+//! - Layers, bottom-up: [`norm`], [`rotary`], [`kv_cache`], [`attention`],
+//!   [`expert`], [`gating`], [`moe`] (the block and the [`moe::Experts`] seam
+//!   through which it reaches its experts), [`layer`].
+//! - [`model`]: the causal LM over a ragged batch of sequences.
+//! - [`generate`]: greedy generation for a batch of prompts.
+//! - [`error`]: one error enum per boundary.
+
+pub mod attention;
+pub mod config;
+pub mod error;
+pub mod expert;
+pub mod gating;
+pub mod generate;
+pub mod kv_cache;
+pub mod layer;
+pub mod model;
+pub mod moe;
+pub mod norm;
+pub mod rotary;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::MixtralConfig;
+pub use error::{ConfigError, ForwardError, LoadError, TokenizerError, WeightsError};
+pub use model::{BatchItem, LoadOptions, Logits, Mixtral};
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,237 @@
+//! The Mixtral causal LM over a ragged batch: every sequence contributes its
+//! new tokens (a prefill chunk or one decode token) to one flattened
+//! `[tokens, hidden]` matrix; each sequence keeps its own KV cache.
+
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::attention::{Attention, AttentionWeights, SequenceSpan};
+use crate::config::MixtralConfig;
+use crate::error::{ForwardError, LoadError, WeightsError};
+use crate::gating::Gate;
+use crate::kv_cache::KvCache;
+use crate::layer::DecoderLayer;
+use crate::moe::{Experts, LocalExperts, SparseMoe, gate_key};
+use crate::norm::RmsNorm;
+use crate::weights::Checkpoint;
+
+/// The dtype and device weights are loaded into and computed in.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    pub kind: Kind,
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            kind: Kind::Float,
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// One sequence's part of a forward step.
+pub struct BatchItem<'a> {
+    /// The new tokens: the prompt (or a chunk of it), or one decode token.
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
+/// Which positions the forward returns logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Every new token: `[tokens, vocab]`, in batch order.
+    AllPositions,
+    /// The last new token of each sequence: `[sequences, vocab]`.
+    LastPosition,
+}
+
+pub struct Mixtral {
+    config: MixtralConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    experts: Box<dyn Experts>,
+    options: LoadOptions,
+}
+
+impl Mixtral {
+    /// Loads everything from a checkpoint folder, with every expert local.
+    pub fn load_in_process(dir: &Path, options: LoadOptions) -> Result<Self, LoadError> {
+        let config = MixtralConfig::from_file(&dir.join("config.json"))?;
+        let checkpoint = Checkpoint::open(dir)?;
+        Ok(Self::from_checkpoint_in_process(
+            &checkpoint,
+            config,
+            options,
+        )?)
+    }
+
+    /// Loads every tensor of `checkpoint`: the dense part and all experts, local.
+    pub fn from_checkpoint_in_process(
+        checkpoint: &Checkpoint,
+        config: MixtralConfig,
+        options: LoadOptions,
+    ) -> Result<Self, WeightsError> {
+        let experts = LocalExperts::load(
+            checkpoint,
+            &config,
+            &|_, _| true,
+            options.kind,
+            options.device,
+        )?;
+        Self::load_dense(checkpoint, config, options, Box::new(experts))
+    }
+
+    /// Loads the dense part (embeddings, attention, norms, gates, lm_head) and
+    /// reaches the experts through `experts`.
+    pub fn load_dense(
+        checkpoint: &Checkpoint,
+        config: MixtralConfig,
+        options: LoadOptions,
+        experts: Box<dyn Experts>,
+    ) -> Result<Self, WeightsError> {
+        let LoadOptions { kind, device } = options;
+        let h = config.hidden_size as i64;
+        let v = config.vocab_size as i64;
+        let q_dim = (config.num_attention_heads * config.head_dim()) as i64;
+        let kv_dim = (config.num_key_value_heads() * config.head_dim()) as i64;
+        let e = config.num_local_experts as i64;
+        let load = |key: &str, shape: &[i64]| checkpoint.load(key, shape, kind, device);
+
+        let embed_tokens = load("model.embed_tokens.weight", &[v, h])?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                let attention = AttentionWeights {
+                    q_proj: load(&format!("{p}.self_attn.q_proj.weight"), &[q_dim, h])?,
+                    k_proj: load(&format!("{p}.self_attn.k_proj.weight"), &[kv_dim, h])?,
+                    v_proj: load(&format!("{p}.self_attn.v_proj.weight"), &[kv_dim, h])?,
+                    o_proj: load(&format!("{p}.self_attn.o_proj.weight"), &[h, q_dim])?,
+                };
+                let norm = |name: &str| -> Result<RmsNorm, WeightsError> {
+                    Ok(RmsNorm::new(
+                        load(&format!("{p}.{name}.weight"), &[h])?,
+                        config.rms_norm_eps,
+                    ))
+                };
+                Ok(DecoderLayer {
+                    index: i,
+                    input_layernorm: norm("input_layernorm")?,
+                    attention: Attention::new(&config, attention, device),
+                    post_attention_layernorm: norm("post_attention_layernorm")?,
+                    moe: SparseMoe::new(Gate::new(
+                        load(&gate_key(i), &[e, h])?,
+                        config.num_experts_per_tok,
+                    )),
+                })
+            })
+            .collect::<Result<Vec<_>, WeightsError>>()?;
+        let norm = RmsNorm::new(load("model.norm.weight", &[h])?, config.rms_norm_eps);
+        let lm_head = if config.tie_word_embeddings && !checkpoint.contains("lm_head.weight") {
+            embed_tokens.shallow_clone()
+        } else {
+            load("lm_head.weight", &[v, h])?
+        };
+        Ok(Self {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            experts,
+            options,
+        })
+    }
+
+    pub fn config(&self) -> &MixtralConfig {
+        &self.config
+    }
+
+    pub fn options(&self) -> LoadOptions {
+        self.options
+    }
+
+    /// A fresh, empty KV cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_hidden_layers)
+    }
+
+    /// Runs one step over every sequence in `batch`, appending to their caches,
+    /// and returns fp32 logits. On error no cache is changed.
+    pub fn forward(
+        &self,
+        batch: &mut [BatchItem<'_>],
+        which: Logits,
+    ) -> Result<Tensor, ForwardError> {
+        let mut spans = Vec::with_capacity(batch.len());
+        let mut ids = Vec::new();
+        for (sequence, item) in batch.iter().enumerate() {
+            if item.tokens.is_empty() {
+                return Err(ForwardError::EmptySequence { sequence });
+            }
+            let start = item.cache.positions();
+            let positions = start + item.tokens.len();
+            if positions > self.config.max_position_embeddings {
+                return Err(ForwardError::ContextOverflow {
+                    sequence,
+                    positions,
+                    limit: self.config.max_position_embeddings,
+                });
+            }
+            if let Some(&id) = item
+                .tokens
+                .iter()
+                .find(|&&id| id as usize >= self.config.vocab_size)
+            {
+                return Err(ForwardError::TokenOutOfRange {
+                    id: id as i64,
+                    vocab_size: self.config.vocab_size,
+                });
+            }
+            spans.push(SequenceSpan {
+                row: ids.len(),
+                len: item.tokens.len(),
+                start,
+            });
+            ids.extend(item.tokens.iter().map(|&t| t as i64));
+        }
+        let mut caches: Vec<&mut KvCache> = batch.iter_mut().map(|item| &mut *item.cache).collect();
+        let result = self.run_layers(&ids, &spans, &mut caches, which);
+        if result.is_err() {
+            for (cache, span) in caches.iter_mut().zip(&spans) {
+                cache.truncate(span.start);
+            }
+        }
+        result
+    }
+
+    fn run_layers(
+        &self,
+        ids: &[i64],
+        spans: &[SequenceSpan],
+        caches: &mut [&mut KvCache],
+        which: Logits,
+    ) -> Result<Tensor, ForwardError> {
+        if spans.is_empty() {
+            return Ok(Tensor::zeros(
+                [0, self.config.vocab_size as i64],
+                (Kind::Float, self.options.device),
+            ));
+        }
+        let ids = Tensor::from_slice(ids).to_device(self.options.device);
+        let mut xs = self.embed_tokens.index_select(0, &ids);
+        for layer in &self.layers {
+            xs = layer.forward(&xs, spans, caches, self.experts.as_ref())?;
+        }
+        if which == Logits::LastPosition {
+            let last: Vec<i64> = spans.iter().map(|s| (s.row + s.len - 1) as i64).collect();
+            xs = xs.index_select(0, &Tensor::from_slice(&last).to_device(self.options.device));
+        }
+        let xs = self.norm.forward(&xs);
+        Ok(xs.matmul(&self.lm_head.tr()).to_kind(Kind::Float))
+    }
+}

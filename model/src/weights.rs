@@ -1,0 +1,218 @@
+//! Memory-mapped safetensors checkpoints, single-file or sharded with an
+//! index, read tensor by tensor: only the keys a caller asks for are copied
+//! out of the mapping (a worker asks only for its experts).
+
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::SafeTensors;
+use safetensors::tensor::{Dtype, Metadata};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::WeightsError;
+
+const SINGLE_FILE: &str = "model.safetensors";
+const INDEX_FILE: &str = "model.safetensors.index.json";
+const HEADER_LEN_BYTES: usize = 8;
+
+struct WeightFile {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    metadata: Metadata,
+}
+
+/// Called with the number of bytes of each tensor as it is loaded.
+pub type ProgressFn = Box<dyn Fn(u64)>;
+
+/// The weights of one checkpoint folder.
+pub struct Checkpoint {
+    files: Vec<WeightFile>,
+    location: HashMap<String, usize>,
+    loaded_bytes: Cell<u64>,
+    progress: Option<ProgressFn>,
+}
+
+#[derive(serde::Deserialize)]
+struct Index {
+    weight_map: BTreeMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Maps `model.safetensors`, or every file named by `model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Self, WeightsError> {
+        let index_path = dir.join(INDEX_FILE);
+        let single_path = dir.join(SINGLE_FILE);
+        let mut files = Vec::new();
+        let mut location = HashMap::new();
+        if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(|error| WeightsError::Io {
+                path: index_path.clone(),
+                error,
+            })?;
+            let index: Index = serde_json::from_str(&text).map_err(|e| WeightsError::Index {
+                path: index_path.clone(),
+                reason: e.to_string(),
+            })?;
+            let mut file_of_name: HashMap<String, usize> = HashMap::new();
+            for (key, name) in index.weight_map {
+                if name.contains('/') || name.contains("..") {
+                    return Err(WeightsError::Index {
+                        path: index_path,
+                        reason: format!("file name {name:?} must be a plain file name"),
+                    });
+                }
+                let file = match file_of_name.get(&name) {
+                    Some(&i) => i,
+                    None => {
+                        files.push(WeightFile::open(&dir.join(&name))?);
+                        file_of_name.insert(name, files.len() - 1);
+                        files.len() - 1
+                    }
+                };
+                if files[file].metadata.info(&key).is_none() {
+                    return Err(WeightsError::Index {
+                        path: index_path,
+                        reason: format!(
+                            "{key} is mapped to {} but that file does not hold it",
+                            files[file].path.display()
+                        ),
+                    });
+                }
+                location.insert(key, file);
+            }
+        } else if single_path.exists() {
+            let file = WeightFile::open(&single_path)?;
+            for key in file.metadata.tensors().keys() {
+                location.insert(key.clone(), 0);
+            }
+            files.push(file);
+        } else {
+            return Err(WeightsError::NoWeights {
+                dir: dir.to_owned(),
+            });
+        }
+        Ok(Self {
+            files,
+            location,
+            loaded_bytes: Cell::new(0),
+            progress: None,
+        })
+    }
+
+    /// Reports each loaded tensor's size in bytes, e.g. to a progress bar.
+    pub fn set_progress(&mut self, progress: ProgressFn) {
+        self.progress = Some(progress);
+    }
+
+    /// All tensor names in the checkpoint.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.location.keys().map(String::as_str)
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.location.contains_key(key)
+    }
+
+    /// Bytes stored on disk for the keys that `wanted` accepts.
+    pub fn stored_bytes(&self, wanted: impl Fn(&str) -> bool) -> u64 {
+        self.location
+            .iter()
+            .filter(|(key, _)| wanted(key))
+            .filter_map(|(key, &file)| self.files[file].metadata.info(key))
+            .map(|info| (info.data_offsets.1 - info.data_offsets.0) as u64)
+            .sum()
+    }
+
+    /// Bytes copied out of the files so far.
+    pub fn loaded_bytes(&self) -> u64 {
+        self.loaded_bytes.get()
+    }
+
+    /// Copies one tensor out of the mapping, checks its shape and converts it
+    /// to `kind` on `device`.
+    pub fn load(
+        &self,
+        key: &str,
+        expected_shape: &[i64],
+        kind: Kind,
+        device: Device,
+    ) -> Result<Tensor, WeightsError> {
+        let &file = self
+            .location
+            .get(key)
+            .ok_or_else(|| WeightsError::MissingTensor { key: key.into() })?;
+        let file = &self.files[file];
+        let info = file
+            .metadata
+            .info(key)
+            .ok_or_else(|| WeightsError::MissingTensor { key: key.into() })?;
+        let actual: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+        if actual != expected_shape {
+            return Err(WeightsError::ShapeMismatch {
+                key: key.into(),
+                expected: expected_shape.to_vec(),
+                actual,
+            });
+        }
+        let stored_kind = kind_of(info.dtype).ok_or_else(|| WeightsError::UnsupportedDtype {
+            key: key.into(),
+            dtype: format!("{:?}", info.dtype),
+        })?;
+        let (start, end) = info.data_offsets;
+        let bytes = &file.mmap[file.data_start + start..file.data_start + end];
+        let torch_err = |error| WeightsError::Torch {
+            key: key.into(),
+            error,
+        };
+        let tensor = Tensor::f_from_data_size(bytes, &actual, stored_kind)
+            .map_err(torch_err)?
+            .f_to_device(device)
+            .map_err(torch_err)?
+            .f_to_kind(kind)
+            .map_err(torch_err)?;
+        let n = bytes.len() as u64;
+        self.loaded_bytes.set(self.loaded_bytes.get() + n);
+        if let Some(progress) = &self.progress {
+            progress(n);
+        }
+        Ok(tensor)
+    }
+}
+
+impl WeightFile {
+    fn open(path: &Path) -> Result<Self, WeightsError> {
+        let io = |error| WeightsError::Io {
+            path: path.to_owned(),
+            error,
+        };
+        let file = File::open(path).map_err(io)?;
+        // SAFETY: the mapping is read-only and checkpoint files are not
+        // modified while a server runs; a concurrent writer is outside the contract.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&mmap).map_err(|e| WeightsError::Corrupt {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            path: path.to_owned(),
+            mmap,
+            data_start: HEADER_LEN_BYTES + header_len,
+            metadata,
+        })
+    }
+}
+
+fn kind_of(dtype: Dtype) -> Option<Kind> {
+    match dtype {
+        Dtype::F32 => Some(Kind::Float),
+        Dtype::F16 => Some(Kind::Half),
+        Dtype::BF16 => Some(Kind::BFloat16),
+        Dtype::F64 => Some(Kind::Double),
+        _ => None,
+    }
+}

@@ -1,0 +1,52 @@
+"""Writes the Mistral 7B / Mixtral 8x7B tokenizer, in the Hugging Face format, into a folder.
+
+The sentencepiece model ships in the PyPI package mistral-common
+(mistral_common/data/tokenizer.model.v1, 32,000 tokens); transformers converts it
+to tokenizer.json. Usage: python convert_tokenizer.py OUT_DIR
+"""
+
+import json
+import pathlib
+import shutil
+import sys
+import tempfile
+
+import mistral_common
+from transformers import AutoTokenizer
+
+SOURCE = pathlib.Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+
+# The tokenizer_config.json of mistralai/Mixtral-8x7B-v0.1, less its chat template.
+CONFIG = {
+    "tokenizer_class": "LlamaTokenizer",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "pad_token": None,
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "clean_up_tokenization_spaces": False,
+    "legacy": True,
+    "model_max_length": 1000000000000000019884624838656,
+    "sp_model_kwargs": {},
+    "spaces_between_special_tokens": False,
+    "use_default_system_prompt": False,
+}
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit("usage: convert_tokenizer.py OUT_DIR")
+    out = pathlib.Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as src:
+        shutil.copy(SOURCE, pathlib.Path(src) / "tokenizer.model")
+        (pathlib.Path(src) / "tokenizer_config.json").write_text(json.dumps(CONFIG))
+        tokenizer = AutoTokenizer.from_pretrained(src)
+        tokenizer.save_pretrained(out)
+    if not (out / "tokenizer.json").exists():
+        sys.exit("conversion did not produce tokenizer.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Reference outputs of Hugging Face transformers' MixtralForCausalLM on a checkpoint.
+
+Usage: python hf_reference.py --model DIR --request REQUEST.json --out OUT_PREFIX
+
+REQUEST.json: {"prompts": [text, ...], "greedy_tokens": N, "texts": [text, ...]}
+Writes OUT_PREFIX.safetensors (fp32 logits of every prompt position, key
+"logits.I" of shape [len, vocab]) and OUT_PREFIX.json with, per prompt, the
+token ids and N greedy tokens (HF's own KV cache, no EOS stop), and the token
+ids of each of "texts". Tests run it at test time; nothing it writes is edited by hand.
+"""
+
+import argparse
+import json
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, MixtralForCausalLM
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--request", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    request = json.load(open(args.request))
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = MixtralForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model.eval()
+
+    logits = {}
+    prompts = []
+    with torch.no_grad():
+        for i, prompt in enumerate(request.get("prompts", [])):
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            logits[f"logits.{i}"] = model(ids).logits[0].float().contiguous()
+            greedy = []
+            past = None
+            step = ids
+            for _ in range(request.get("greedy_tokens", 0)):
+                out = model(step, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                token = int(out.logits[0, -1].argmax())
+                greedy.append(token)
+                step = torch.tensor([[token]])
+            prompts.append({"ids": ids[0].tolist(), "greedy": greedy})
+
+    texts = [tokenizer(text).input_ids for text in request.get("texts", [])]
+    if logits:
+        save_file(logits, args.out + ".safetensors")
+    json.dump({"prompts": prompts, "texts": texts}, open(args.out + ".json", "w"))
+
+
+if __name__ == "__main__":
+    main()
