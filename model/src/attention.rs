@@ -6,7 +6,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::MixtralConfig;
 use crate::kv_cache::KvCache;
-use crate::rotary::RotaryEmbedding;
+use crate::rotary::RotaryTables;
 
 /// Where one sequence's new tokens sit in the flattened batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +28,6 @@ pub struct Attention {
     num_kv_heads: i64,
     head_dim: i64,
     sliding_window: Option<usize>,
-    rotary: RotaryEmbedding,
 }
 
 pub struct AttentionWeights {
@@ -39,7 +38,7 @@ pub struct AttentionWeights {
 }
 
 impl Attention {
-    pub fn new(config: &MixtralConfig, weights: AttentionWeights, device: Device) -> Self {
+    pub fn new(config: &MixtralConfig, weights: AttentionWeights) -> Self {
         Self {
             q_proj: weights.q_proj,
             k_proj: weights.k_proj,
@@ -49,22 +48,34 @@ impl Attention {
             num_kv_heads: config.num_key_value_heads() as i64,
             head_dim: config.head_dim() as i64,
             sliding_window: config.sliding_window,
-            rotary: RotaryEmbedding::new(config.head_dim(), config.rope_theta, device),
         }
     }
 
     /// `xs`: `[tokens, hidden]`, the new tokens of every sequence in `spans`
-    /// order; `caches[i]` belongs to `spans[i]`.
+    /// order; `caches[i]` belongs to `spans[i]`; `rotary` holds each row's
+    /// position.
     pub fn forward(
         &self,
         layer: usize,
         xs: &Tensor,
+        rotary: &RotaryTables,
         spans: &[SequenceSpan],
         caches: &mut [&mut KvCache],
     ) -> Tensor {
-        let q = xs.matmul(&self.q_proj.tr());
-        let k = xs.matmul(&self.k_proj.tr());
-        let v = xs.matmul(&self.v_proj.tr());
+        let tokens = xs.size()[0];
+        let q = rotary.apply(&xs.matmul(&self.q_proj.tr()).view([
+            tokens,
+            self.num_heads,
+            self.head_dim,
+        ]));
+        let k = rotary.apply(&xs.matmul(&self.k_proj.tr()).view([
+            tokens,
+            self.num_kv_heads,
+            self.head_dim,
+        ]));
+        let v = xs
+            .matmul(&self.v_proj.tr())
+            .view([tokens, self.num_kv_heads, self.head_dim]);
         let outputs: Vec<Tensor> = spans
             .iter()
             .zip(caches.iter_mut())
@@ -83,15 +94,10 @@ impl Attention {
         cache: &mut KvCache,
     ) -> Tensor {
         let len = span.len as i64;
-        let heads = |t: &Tensor, n: i64| {
-            t.narrow(0, span.row as i64, len)
-                .view([len, n, self.head_dim])
-                .transpose(0, 1)
-        };
-        let q = self.rotary.apply(&heads(q, self.num_heads), span.start);
-        let k = self.rotary.apply(&heads(k, self.num_kv_heads), span.start);
-        let v = heads(v, self.num_kv_heads);
-        let (keys, values) = cache.append(layer, &k, &v);
+        // [tokens, heads, head_dim] -> this sequence's [heads, len, head_dim]
+        let rows = |t: &Tensor| t.narrow(0, span.row as i64, len).transpose(0, 1);
+        let q = rows(q);
+        let (keys, values) = cache.append(layer, &rows(k), &rows(v));
         let total = keys.size()[1];
         let groups = self.num_heads / self.num_kv_heads;
         let keys = repeat_kv(&keys, groups);
@@ -101,9 +107,9 @@ impl Attention {
             &q.unsqueeze(0),
             &keys.unsqueeze(0),
             &values.unsqueeze(0),
-            mask.as_ref(),
+            mask.as_ref().and_then(AttentionMask::explicit),
             0.0,
-            false,
+            matches!(mask, Some(AttentionMask::Causal)),
             None,
             false,
         );
@@ -114,13 +120,16 @@ impl Attention {
             .view([len, self.num_heads * self.head_dim])
     }
 
-    /// Boolean mask `[len, total]` (true = may attend), or None when every
-    /// cached position is visible to every new token (a one-token step
-    /// outside any sliding window).
-    fn mask(&self, span: &SequenceSpan, total: i64, device: Device) -> Option<Tensor> {
+    /// What limits which cached positions each new token may see: nothing (a
+    /// one-token step inside the window), plain causality from position 0 (the
+    /// fused causal kernel), or an explicit mask.
+    fn mask(&self, span: &SequenceSpan, total: i64, device: Device) -> Option<AttentionMask> {
         let window_covers_all = self.sliding_window.is_none_or(|w| total as usize <= w);
-        if span.len == 1 && window_covers_all {
+        if window_covers_all && span.len == 1 {
             return None;
+        }
+        if window_covers_all && span.start == 0 {
+            return Some(AttentionMask::Causal);
         }
         let query_pos = Tensor::arange_start(
             span.start as i64,
@@ -133,7 +142,23 @@ impl Attention {
         if let Some(window) = self.sliding_window {
             allowed = allowed.logical_and(&key_pos.gt_tensor(&(&query_pos - window as i64)));
         }
-        Some(allowed)
+        Some(AttentionMask::Explicit(allowed))
+    }
+}
+
+enum AttentionMask {
+    /// Token i sees positions 0..=i: SDPA's `is_causal`.
+    Causal,
+    /// `[len, total]` booleans, true where a token may attend.
+    Explicit(Tensor),
+}
+
+impl AttentionMask {
+    fn explicit(&self) -> Option<&Tensor> {
+        match self {
+            AttentionMask::Explicit(mask) => Some(mask),
+            AttentionMask::Causal => None,
+        }
     }
 }
 

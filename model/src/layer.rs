@@ -8,6 +8,7 @@ use crate::error::ForwardError;
 use crate::kv_cache::KvCache;
 use crate::moe::{Experts, SparseMoe};
 use crate::norm::RmsNorm;
+use crate::rotary::RotaryTables;
 
 pub struct DecoderLayer {
     pub(crate) index: usize,
@@ -21,13 +22,18 @@ impl DecoderLayer {
     pub fn forward(
         &self,
         xs: &Tensor,
+        rotary: &RotaryTables,
         spans: &[SequenceSpan],
         caches: &mut [&mut KvCache],
         experts: &dyn Experts,
     ) -> Result<Tensor, ForwardError> {
-        let attended =
-            self.attention
-                .forward(self.index, &self.input_layernorm.forward(xs), spans, caches);
+        let attended = self.attention.forward(
+            self.index,
+            &self.input_layernorm.forward(xs),
+            rotary,
+            spans,
+            caches,
+        );
         let xs = xs + attended;
         let moe_out = self.moe.forward(
             self.index,

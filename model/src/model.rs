@@ -14,6 +14,7 @@ use crate::kv_cache::KvCache;
 use crate::layer::DecoderLayer;
 use crate::moe::{Experts, LocalExperts, SparseMoe, gate_key};
 use crate::norm::RmsNorm;
+use crate::rotary::RotaryEmbedding;
 use crate::weights::Checkpoint;
 
 /// The dtype and device weights are loaded into and computed in.
@@ -54,6 +55,7 @@ pub struct Mixtral {
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Tensor,
+    rotary: RotaryEmbedding,
     experts: Box<dyn Experts>,
     options: LoadOptions,
 }
@@ -121,7 +123,7 @@ impl Mixtral {
                 Ok(DecoderLayer {
                     index: i,
                     input_layernorm: norm("input_layernorm")?,
-                    attention: Attention::new(&config, attention, device),
+                    attention: Attention::new(&config, attention),
                     post_attention_layernorm: norm("post_attention_layernorm")?,
                     moe: SparseMoe::new(Gate::new(
                         load(&gate_key(i), &[e, h])?,
@@ -136,12 +138,14 @@ impl Mixtral {
         } else {
             load("lm_head.weight", &[v, h])?
         };
+        let rotary = RotaryEmbedding::new(config.head_dim(), config.rope_theta, device);
         Ok(Self {
             config,
             embed_tokens,
             layers,
             norm,
             lm_head,
+            rotary,
             experts,
             options,
         })
@@ -222,10 +226,19 @@ impl Mixtral {
                 (Kind::Float, self.options.device),
             ));
         }
-        let ids = Tensor::from_slice(ids).to_device(self.options.device);
+        let device = self.options.device;
+        let ids = Tensor::from_slice(ids).to_device(device);
+        let positions: Vec<i64> = spans
+            .iter()
+            .flat_map(|s| (s.start..s.start + s.len).map(|p| p as i64))
+            .collect();
+        let rotary = self.rotary.tables(
+            &Tensor::from_slice(&positions).to_device(device),
+            self.options.kind,
+        );
         let mut xs = self.embed_tokens.index_select(0, &ids);
         for layer in &self.layers {
-            xs = layer.forward(&xs, spans, caches, self.experts.as_ref())?;
+            xs = layer.forward(&xs, &rotary, spans, caches, self.experts.as_ref())?;
         }
         if which == Logits::LastPosition {
             let last: Vec<i64> = spans.iter().map(|s| (s.row + s.len - 1) as i64).collect();

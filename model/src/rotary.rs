@@ -1,11 +1,17 @@
 //! Rotary position embeddings (the "rotate half" layout of HF Llama/Mixtral),
-//! computed in fp32 for the positions of each call.
+//! computed in fp32 once per forward step for the positions of every row.
 
 use tch::{Device, Kind, Tensor};
 
 pub struct RotaryEmbedding {
     /// `[head_dim / 2]`, fp32.
     inv_freq: Tensor,
+}
+
+/// cos and sin for each row of a step: `[tokens, head_dim]` each.
+pub struct RotaryTables {
+    cos: Tensor,
+    sin: Tensor,
 }
 
 impl RotaryEmbedding {
@@ -17,20 +23,22 @@ impl RotaryEmbedding {
         Self { inv_freq }
     }
 
-    /// Rotates `xs` of shape `[heads, len, head_dim]` for positions
-    /// `start .. start + len`.
-    pub fn apply(&self, xs: &Tensor, start: usize) -> Tensor {
-        let len = xs.size()[1];
-        let positions = Tensor::arange_start(
-            start as i64,
-            start as i64 + len,
-            (Kind::Float, self.inv_freq.device()),
-        );
-        let freqs = positions.unsqueeze(1) * self.inv_freq.unsqueeze(0);
+    /// Tables for `positions` (`[tokens]`), in `kind`.
+    pub fn tables(&self, positions: &Tensor, kind: Kind) -> RotaryTables {
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(1) * self.inv_freq.unsqueeze(0);
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
-        let kind = xs.kind();
-        let cos = emb.cos().to_kind(kind);
-        let sin = emb.sin().to_kind(kind);
+        RotaryTables {
+            cos: emb.cos().to_kind(kind),
+            sin: emb.sin().to_kind(kind),
+        }
+    }
+}
+
+impl RotaryTables {
+    /// Rotates `xs` of shape `[tokens, heads, head_dim]`, row by row.
+    pub fn apply(&self, xs: &Tensor) -> Tensor {
+        let cos = self.cos.unsqueeze(1);
+        let sin = self.sin.unsqueeze(1);
         xs * cos + rotate_half(xs) * sin
     }
 }
