@@ -22,33 +22,31 @@ pub fn generate_greedy(
 ) -> Result<Vec<Vec<u32>>, ForwardError> {
     let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache()).collect();
     let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
-    if stop.max_new_tokens == 0 {
-        return Ok(outputs);
-    }
-    // The tokens each live sequence feeds to the next step.
-    let mut pending: Vec<(usize, Vec<u32>)> = prompts.iter().cloned().enumerate().collect();
-    while !pending.is_empty() {
-        let live: Vec<usize> = pending.iter().map(|(i, _)| *i).collect();
-        let mut batch: Vec<BatchItem<'_>> = Vec::with_capacity(pending.len());
-        let mut cache_refs: Vec<Option<&mut KvCache>> = caches.iter_mut().map(Some).collect();
-        for (i, tokens) in &pending {
-            let cache = cache_refs[*i]
-                .take()
-                .expect("each sequence is in the batch once");
-            batch.push(BatchItem { tokens, cache });
-        }
-        let logits = model.forward(&mut batch, Logits::LastPosition)?;
-        let next: Vec<i64> = Vec::try_from(logits.argmax(-1, false))?;
-        pending = live
-            .into_iter()
-            .zip(next)
-            .filter_map(|(i, token)| {
-                let token = token as u32;
-                outputs[i].push(token);
-                let done = outputs[i].len() >= stop.max_new_tokens || stop.eos_ids.contains(&token);
-                (!done).then(|| (i, vec![token]))
+    // What each sequence feeds to the next step; None once it has finished.
+    let mut pending: Vec<Option<Vec<u32>>> = if stop.max_new_tokens == 0 {
+        vec![None; prompts.len()]
+    } else {
+        prompts.iter().cloned().map(Some).collect()
+    };
+    while pending.iter().any(Option::is_some) {
+        let mut batch: Vec<BatchItem<'_>> = caches
+            .iter_mut()
+            .zip(&pending)
+            .filter_map(|(cache, tokens)| {
+                tokens.as_deref().map(|tokens| BatchItem { tokens, cache })
             })
             .collect();
+        let logits = model.forward(&mut batch, Logits::LastPosition)?;
+        let mut next = Vec::<i64>::try_from(logits.argmax(-1, false))?.into_iter();
+        for (output, feed) in outputs.iter_mut().zip(pending.iter_mut()) {
+            if feed.is_none() {
+                continue;
+            }
+            let token = next.next().map(|t| t as u32).unwrap_or_default();
+            output.push(token);
+            let done = output.len() >= stop.max_new_tokens || stop.eos_ids.contains(&token);
+            *feed = (!done).then(|| vec![token]);
+        }
     }
     Ok(outputs)
 }
