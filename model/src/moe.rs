@@ -54,48 +54,92 @@ impl LocalExperts {
         self.layers.iter().flatten().filter(|e| e.is_some()).count()
     }
 
-    /// Runs the held experts on the rows routed to them, each row scaled by its
-    /// routing weight, summed per token.
-    pub fn forward_routed(
+    /// Whether `(layer, expert)` is held here.
+    pub fn holds(&self, layer: usize, expert: usize) -> bool {
+        self.layers
+            .get(layer)
+            .and_then(|experts| experts.get(expert))
+            .is_some_and(Option::is_some)
+    }
+
+    /// Per layer, the experts held.
+    pub fn held(&self) -> Vec<(usize, Vec<usize>)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .map(|(layer, experts)| {
+                let held = (0..experts.len())
+                    .filter(|&e| experts[e].is_some())
+                    .collect();
+                (layer, held)
+            })
+            .collect()
+    }
+
+    /// Runs each expert of `work` on its rows of `xs`, scales each output row by
+    /// its weight, and sums per row: `[rows, hidden]`.
+    pub fn forward_rows(
         &self,
         layer: usize,
         xs: &Tensor,
-        routing: &Routing,
+        work: &[ExpertRows],
     ) -> Result<Tensor, ForwardError> {
-        let experts = self
-            .layers
-            .get(layer)
-            .ok_or(ForwardError::ExpertNotHeld { layer, expert: 0 })?;
         let mut out = xs.zeros_like();
-        let hit: Vec<i64> = Vec::try_from(
-            routing
-                .experts
-                .flatten(0, -1)
-                .bincount(None::<Tensor>, experts.len() as i64),
-        )?;
-        for (expert_id, &count) in hit.iter().enumerate() {
-            if count == 0 {
-                continue;
-            }
-            let expert = experts.get(expert_id).and_then(Option::as_ref).ok_or(
-                ForwardError::ExpertNotHeld {
+        for item in work {
+            let expert = self
+                .layers
+                .get(layer)
+                .and_then(|experts| experts.get(item.expert))
+                .and_then(Option::as_ref)
+                .ok_or(ForwardError::ExpertNotHeld {
                     layer,
-                    expert: expert_id,
-                },
-            )?;
-            let matches = routing.experts.eq(expert_id as i64).nonzero();
-            let tokens = matches.select(1, 0);
-            let slots = matches.select(1, 1);
-            let weights = routing
-                .weights
-                .index(&[Some(&tokens), Some(&slots)])
-                .unsqueeze(1);
-            let rows = xs.index_select(0, &tokens);
-            let y = expert.forward(&rows) * weights;
-            let _ = out.index_add_(0, &tokens, &y.to_kind(out.kind()));
+                    expert: item.expert,
+                })?;
+            let rows = xs.f_index_select(0, &item.rows)?;
+            let y = expert.forward(&rows) * item.weights.unsqueeze(1);
+            let _ = out.f_index_add_(0, &item.rows, &y.to_kind(out.kind()))?;
         }
         Ok(out)
     }
+}
+
+/// The rows of a hidden-state matrix one expert must compute.
+pub struct ExpertRows {
+    pub expert: usize,
+    /// i64 row indexes, `[n]`.
+    pub rows: Tensor,
+    /// Routing weight of each row, `[n]`, in the hidden states' dtype.
+    pub weights: Tensor,
+}
+
+/// Splits a routing by expert, in expert order: the rows each expert gets and
+/// their weights. Experts no token chose are left out.
+pub fn rows_by_expert(
+    routing: &Routing,
+    num_experts: usize,
+) -> Result<Vec<ExpertRows>, ForwardError> {
+    let counts: Vec<i64> = Vec::try_from(
+        routing
+            .experts
+            .flatten(0, -1)
+            .bincount(None::<Tensor>, num_experts as i64),
+    )?;
+    let mut work = Vec::new();
+    for (expert, &count) in counts.iter().enumerate() {
+        if count == 0 {
+            continue;
+        }
+        let matches = routing.experts.eq(expert as i64).nonzero();
+        let rows = matches.select(1, 0);
+        let slots = matches.select(1, 1);
+        let weights = routing.weights.index(&[Some(&rows), Some(&slots)]);
+        work.push(ExpertRows {
+            expert,
+            rows,
+            weights,
+        });
+    }
+    Ok(work)
 }
 
 impl Experts for LocalExperts {
@@ -105,7 +149,8 @@ impl Experts for LocalExperts {
         xs: &Tensor,
         routing: &Routing,
     ) -> Result<Tensor, ForwardError> {
-        self.forward_routed(layer, xs, routing)
+        let num_experts = self.layers.get(layer).map_or(0, Vec::len);
+        self.forward_rows(layer, xs, &rows_by_expert(routing, num_experts)?)
     }
 }
 
