@@ -82,6 +82,29 @@ pub struct GenModelArgs {
 }
 
 impl GenModelArgs {
+    /// The demo checkpoint `serve` generates when no model is given.
+    pub fn demo(out: PathBuf) -> Self {
+        Self {
+            preset: Preset::Tiny,
+            out,
+            seed: 0,
+            experts: None,
+            top_k: None,
+            layers: None,
+            hidden: None,
+            intermediate: None,
+            heads: None,
+            kv_heads: None,
+            head_dim: None,
+            sliding_window: None,
+            max_position: None,
+            tie_embeddings: false,
+            dtype: None,
+            shards: 1,
+            python: None,
+        }
+    }
+
     fn config(&self) -> Result<MixtralConfig> {
         let (hidden, intermediate, layers, heads, kv_heads, theta, max_pos, dtype) =
             match self.preset {

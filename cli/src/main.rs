@@ -7,6 +7,10 @@ mod bench;
 mod gen_model;
 mod generate;
 mod options;
+mod router;
+mod serve;
+mod signals;
+mod worker;
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +31,12 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Tokens/s of the in-process forward (prefill and decode shapes).
     BenchForward(bench::BenchArgs),
+    /// Serve some experts of a model on one device (the expert service).
+    Worker(worker::WorkerArgs),
+    /// Serve the dense model and dispatch MoE layers to running workers.
+    Router(router::RouterArgs),
+    /// Start N workers and the router on this machine (a generated demo model without --model).
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> Result<()> {
@@ -34,5 +44,8 @@ fn main() -> Result<()> {
         Command::GenModel(args) => gen_model::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::BenchForward(args) => bench::run(&args),
+        Command::Worker(args) => worker::run(&args),
+        Command::Router(args) => router::run(&args),
+        Command::Serve(args) => serve::run(&args),
     }
 }

@@ -22,6 +22,11 @@ pub fn expert_prefix(layer: usize, expert: usize) -> String {
 }
 
 impl Expert {
+    /// An expert from its weights: w1, w3 `[intermediate, hidden]`, w2 `[hidden, intermediate]`.
+    pub fn new(w1: Tensor, w2: Tensor, w3: Tensor) -> Self {
+        Self { w1, w2, w3 }
+    }
+
     pub fn load(
         checkpoint: &Checkpoint,
         config: &MixtralConfig,

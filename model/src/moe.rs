@@ -49,6 +49,11 @@ impl LocalExperts {
         Ok(Self { layers })
     }
 
+    /// Experts already built: `layers[layer][expert]`, None where not held.
+    pub fn from_experts(layers: Vec<Vec<Option<Expert>>>) -> Self {
+        Self { layers }
+    }
+
     /// Number of (layer, expert) pairs held.
     pub fn held_count(&self) -> usize {
         self.layers.iter().flatten().filter(|e| e.is_some()).count()

@@ -1,0 +1,106 @@
+//! `tramontane router`: the dense model, gating and dispatch, serving
+//! `moe.v1.Generation` in front of already running workers.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use tch::Kind;
+use tramontane_expert_worker::DEFAULT_MAX_MESSAGE_BYTES;
+use tramontane_router::{Router, RouterOptions};
+
+use crate::options::{ComputeArgs, WeightDtype};
+
+/// Options of the router that `serve` shares.
+#[derive(Debug, Args)]
+pub struct RouterTuning {
+    /// A placement file (JSON, see the README); default: expert e on worker e mod W.
+    #[arg(long, env = "TRAMONTANE_PLACEMENT")]
+    pub placement: Option<PathBuf>,
+    /// Deadline of one layer's Forward to one worker, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub dispatch_timeout_ms: u64,
+    /// How long to wait at start for every worker to answer, in seconds.
+    #[arg(long, default_value_t = 120)]
+    pub startup_timeout_s: u64,
+    /// dtype of hidden states on the wire.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub wire_dtype: WeightDtype,
+    /// Requests that may wait for the engine.
+    #[arg(long, default_value_t = 256)]
+    pub queue: usize,
+    /// Largest gRPC message to a worker, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct RouterArgs {
+    /// Checkpoint folder (HF format); the router loads only its dense part.
+    #[arg(long, env = "TRAMONTANE_MODEL")]
+    pub model: PathBuf,
+    /// Worker addresses, comma-separated, in worker-index order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required = true,
+        env = "TRAMONTANE_WORKERS"
+    )]
+    pub workers: Vec<String>,
+    /// Address of the Generation service.
+    #[arg(long, default_value = "127.0.0.1:50051", env = "TRAMONTANE_LISTEN")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub tuning: RouterTuning,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+impl RouterTuning {
+    pub fn options(
+        &self,
+        model: PathBuf,
+        workers: Vec<String>,
+        compute: &ComputeArgs,
+    ) -> Result<RouterOptions> {
+        if workers.is_empty() {
+            bail!("--workers: at least one worker address is needed");
+        }
+        if self.dispatch_timeout_ms == 0 {
+            bail!("--dispatch-timeout-ms must be at least 1");
+        }
+        let wire: Kind = self.wire_dtype.kind();
+        Ok(RouterOptions {
+            model_dir: model,
+            workers,
+            placement: self.placement.clone(),
+            load: compute.load_options()?,
+            dispatch_timeout: Duration::from_millis(self.dispatch_timeout_ms),
+            startup_timeout: Duration::from_secs(self.startup_timeout_s),
+            wire,
+            queue: self.queue,
+            max_message_bytes: self.max_message_bytes,
+        })
+    }
+}
+
+/// Starts a router and serves it until Ctrl-C / SIGTERM.
+pub async fn start_and_serve(options: RouterOptions, listen: SocketAddr) -> Result<()> {
+    let router = Router::start(options).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    println!("tramontane router listening on {}", listener.local_addr()?);
+    tramontane_router::serve(listener, router, crate::signals::shutdown())
+        .await
+        .context("serving")
+}
+
+pub fn run(args: &RouterArgs) -> Result<()> {
+    let options = args
+        .tuning
+        .options(args.model.clone(), args.workers.clone(), &args.compute)?;
+    tokio::runtime::Runtime::new()?.block_on(start_and_serve(options, args.listen))
+}

@@ -1,0 +1,159 @@
+//! `tramontane serve`: a whole cluster on this machine — N worker processes
+//! and the router — until Ctrl-C / SIGTERM, which stops every child.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tramontane_expert_worker::spec::format_experts;
+use tramontane_model::MixtralConfig;
+use tramontane_router::placement::Placement;
+
+use crate::options::{ComputeArgs, parse_device};
+use crate::router::RouterTuning;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Checkpoint folder; without it a demo checkpoint is generated (once) into --demo-dir.
+    #[arg(long, env = "TRAMONTANE_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Where the demo checkpoint lives when no --model is given.
+    #[arg(long, default_value = "target/demo-model")]
+    pub demo_dir: PathBuf,
+    /// Number of expert worker processes.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Devices of the workers, comma-separated, used in turn (cpu, cuda:0, ...).
+    #[arg(long, value_delimiter = ',', default_value = "cpu")]
+    pub devices: Vec<String>,
+    /// CPU threads per worker (default: the cores shared out between router and workers).
+    #[arg(long)]
+    pub worker_threads: Option<i32>,
+    /// Address of the router's Generation service.
+    #[arg(long, default_value = "127.0.0.1:50051", env = "TRAMONTANE_LISTEN")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub tuning: RouterTuning,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+/// Starts one worker on a free loopback port; returns it and its address.
+async fn spawn_worker(
+    model: &std::path::Path,
+    experts: &str,
+    device: &str,
+    threads: i32,
+) -> Result<(Child, String)> {
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .arg("worker")
+        .arg("--model")
+        .arg(model)
+        .args([
+            "--experts",
+            experts,
+            "--device",
+            device,
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--threads", &threads.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting a worker")?;
+    let stdout = child.stdout.take().context("worker stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(300), lines.next_line())
+        .await
+        .context("worker did not start within 300 s")??
+        .context("worker exited before listening")?;
+    let addr = line
+        .strip_prefix("tramontane worker listening on ")
+        .context("unexpected worker output")?
+        .to_string();
+    Ok((child, addr))
+}
+
+pub fn run(args: &ServeArgs) -> Result<()> {
+    if args.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    for device in &args.devices {
+        parse_device(device)?;
+    }
+    let model = match &args.model {
+        Some(model) => model.clone(),
+        None => {
+            if !args.demo_dir.join("config.json").exists() {
+                eprintln!(
+                    "no --model given: generating a demo checkpoint in {}",
+                    args.demo_dir.display()
+                );
+                crate::gen_model::run(&crate::gen_model::GenModelArgs::demo(
+                    args.demo_dir.clone(),
+                ))?;
+            }
+            args.demo_dir.clone()
+        }
+    };
+    let config = MixtralConfig::from_file(&model.join("config.json"))?;
+    let placement = match &args.tuning.placement {
+        Some(path) => {
+            Placement::from_file(path, config.num_hidden_layers, config.num_local_experts)?
+        }
+        None => Placement::round_robin(
+            config.num_hidden_layers,
+            config.num_local_experts,
+            args.workers,
+        )?,
+    };
+    if placement.workers != args.workers {
+        bail!(
+            "the placement file names {} workers, --workers is {}",
+            placement.workers,
+            args.workers
+        );
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
+    let threads = args
+        .worker_threads
+        .unwrap_or_else(|| (cores / (args.workers as i32 + 1)).max(1));
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let mut children = Vec::new();
+        let mut addrs = Vec::new();
+        for worker in 0..args.workers {
+            // A worker holds, in every layer, the union of what the placement gives it.
+            let mut experts: Vec<usize> = placement.held_by(worker).into_iter().flat_map(|(_, e)| e).collect();
+            experts.sort_unstable();
+            experts.dedup();
+            if experts.is_empty() {
+                bail!("worker {worker} holds no expert in the placement");
+            }
+            let device = &args.devices[worker % args.devices.len()];
+            let (child, addr) = spawn_worker(&model, &format_experts(&experts), device, threads).await?;
+            eprintln!("worker {worker} on {device} at {addr}: experts {}", format_experts(&experts));
+            children.push(child);
+            addrs.push(addr);
+        }
+        let options = args.tuning.options(model.clone(), addrs, &args.compute)?;
+        let watch = tokio::spawn(async move {
+            let exits = children.iter_mut().enumerate().map(|(i, child)| async move {
+                let status = child.wait().await;
+                eprintln!("worker {i} exited ({status:?}); the router is not ready until every expert has a live worker");
+            });
+            futures::future::join_all(exits).await;
+        });
+        let result = crate::router::start_and_serve(options, args.listen).await;
+        watch.abort(); // dropping the children kills them
+        result
+    })
+}

@@ -1,0 +1,86 @@
+//! `tramontane worker`: the expert service for some experts of a model on
+//! one device.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tramontane_expert_worker::spec::parse_experts;
+use tramontane_expert_worker::{
+    ComputeHandle, DEFAULT_MAX_MESSAGE_BYTES, ExpertServer, WorkerModel,
+};
+use tramontane_model::MixtralConfig;
+use tramontane_model::weights::Checkpoint;
+
+use crate::options::ComputeArgs;
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Checkpoint folder (HF format).
+    #[arg(long, env = "TRAMONTANE_MODEL")]
+    pub model: PathBuf,
+    /// Experts held in every layer served: `all`, or ids and ranges (`0,2,5-7`).
+    #[arg(long, default_value = "all", env = "TRAMONTANE_EXPERTS")]
+    pub experts: String,
+    /// Layers served: ids and ranges (default: all).
+    #[arg(long, env = "TRAMONTANE_LAYERS")]
+    pub layers: Option<String>,
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:50061", env = "TRAMONTANE_LISTEN")]
+    pub listen: SocketAddr,
+    /// Forward requests that may wait for the compute thread.
+    #[arg(long, default_value_t = 64)]
+    pub queue: usize,
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+/// Resident set size of this process, from /proc (None elsewhere).
+fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+pub fn run(args: &WorkerArgs) -> Result<()> {
+    let options = args.compute.load_options()?;
+    let config = MixtralConfig::from_file(&args.model.join("config.json"))?;
+    let experts = parse_experts(&args.experts, config.num_local_experts)?;
+    let layers = args
+        .layers
+        .as_deref()
+        .map(|spec| parse_experts(spec, config.num_hidden_layers).context("--layers"))
+        .transpose()?;
+    let model = WorkerModel {
+        dir: args.model.clone(),
+        experts,
+        layers,
+        options,
+    };
+    let model_bytes = Checkpoint::open(&args.model)?.stored_bytes(|_| true);
+    let (compute, info) = ComputeHandle::spawn(model, args.queue)?;
+    let held: usize = info.held.iter().map(|(_, e)| e.len()).sum();
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        eprintln!(
+            "worker holds {held} (layer, expert) pairs: {} MiB of expert weights, of a {} MiB checkpoint; RSS {} MiB",
+            info.weight_bytes >> 20,
+            model_bytes >> 20,
+            rss_bytes().unwrap_or(0) >> 20,
+        );
+        println!("tramontane worker listening on {addr}");
+        let server = ExpertServer::new(compute, info);
+        tramontane_expert_worker::serve(listener, server, args.max_message_bytes, crate::signals::shutdown())
+            .await
+            .context("serving")
+    })
+}

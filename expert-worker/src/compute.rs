@@ -1,0 +1,196 @@
+//! The compute thread: it loads the worker's experts and owns their tensors
+//! (tch tensors are Send, not Sync), with no_grad held, and serves jobs from a
+//! bounded channel. tokio tasks only decode, validate and reply.
+
+use std::path::PathBuf;
+
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor};
+use tokio::sync::{mpsc, oneshot};
+use tramontane_model::error::{ConfigError, LoadError, WeightsError};
+use tramontane_model::moe::{ExpertRows, LocalExperts};
+use tramontane_model::weights::Checkpoint;
+use tramontane_model::{LoadOptions, MixtralConfig};
+
+/// What a worker loads.
+#[derive(Debug, Clone)]
+pub struct WorkerModel {
+    pub dir: PathBuf,
+    /// Expert ids held, in every layer served.
+    pub experts: Vec<usize>,
+    /// Layers served; None for all.
+    pub layers: Option<Vec<usize>>,
+    pub options: LoadOptions,
+}
+
+/// What a worker holds, as its Info RPC reports it.
+#[derive(Debug, Clone)]
+pub struct WorkerInfo {
+    /// Hex SHA-256 of config.json.
+    pub model_id: String,
+    pub config: MixtralConfig,
+    /// Per layer, the experts held (layers with none are left out).
+    pub held: Vec<(usize, Vec<usize>)>,
+    pub device: Device,
+    pub kind: Kind,
+    pub weight_bytes: u64,
+}
+
+/// One expert's share of a Forward: row indexes and their routing weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkItem {
+    pub expert: usize,
+    pub rows: Vec<i64>,
+    pub weights: Vec<f32>,
+}
+
+struct Job {
+    layer: usize,
+    hidden: Tensor,
+    work: Vec<WorkItem>,
+    reply: oneshot::Sender<Result<Tensor, String>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ComputeError {
+    #[error("the compute thread has stopped")]
+    Stopped,
+    #[error("expert computation failed: {0}")]
+    Failed(String),
+}
+
+/// Sends jobs to the compute thread. Cheap to clone.
+#[derive(Clone)]
+pub struct ComputeHandle {
+    jobs: mpsc::Sender<Job>,
+}
+
+/// Hex SHA-256 of a checkpoint's config.json: the model identity router and
+/// workers compare.
+pub fn model_id(dir: &std::path::Path) -> Result<String, ConfigError> {
+    let path = dir.join("config.json");
+    let bytes = std::fs::read(&path).map_err(|error| ConfigError::Read { path, error })?;
+    Ok(hex::encode(Sha256::digest(&bytes)))
+}
+
+impl ComputeHandle {
+    /// Starts the compute thread, loads the experts on it, and returns once
+    /// they are loaded. `queue` bounds the jobs waiting for the thread.
+    pub fn spawn(model: WorkerModel, queue: usize) -> Result<(Self, WorkerInfo), LoadError> {
+        let (jobs_tx, mut jobs_rx) = mpsc::channel::<Job>(queue.max(1));
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("expert-compute".into())
+            .spawn(move || {
+                let _guard = tch::no_grad_guard();
+                let (experts, info) = match load(&model) {
+                    Ok(loaded) => loaded,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let options = model.options;
+                let _ = ready_tx.send(Ok(info));
+                while let Some(job) = jobs_rx.blocking_recv() {
+                    let result = run(&experts, options, job.layer, &job.hidden, &job.work);
+                    let _ = job.reply.send(result);
+                }
+            })
+            .map_err(|e| {
+                LoadError::Weights(WeightsError::Io {
+                    path: PathBuf::from("<compute thread>"),
+                    error: e,
+                })
+            })?;
+        let info = ready_rx.recv().map_err(|_| {
+            LoadError::Weights(WeightsError::Io {
+                path: PathBuf::from("<compute thread>"),
+                error: std::io::Error::other("compute thread exited while loading"),
+            })
+        })??;
+        Ok((Self { jobs: jobs_tx }, info))
+    }
+
+    /// Computes one layer's work; `hidden` is `[rows, hidden]` on the CPU in
+    /// the wire dtype, and so is the result.
+    pub async fn forward(
+        &self,
+        layer: usize,
+        hidden: Tensor,
+        work: Vec<WorkItem>,
+    ) -> Result<Tensor, ComputeError> {
+        let (reply, result) = oneshot::channel();
+        self.jobs
+            .send(Job {
+                layer,
+                hidden,
+                work,
+                reply,
+            })
+            .await
+            .map_err(|_| ComputeError::Stopped)?;
+        result
+            .await
+            .map_err(|_| ComputeError::Stopped)?
+            .map_err(ComputeError::Failed)
+    }
+
+    /// Jobs waiting for the compute thread.
+    pub fn queue_depth(&self) -> usize {
+        self.jobs.max_capacity() - self.jobs.capacity()
+    }
+}
+
+fn load(model: &WorkerModel) -> Result<(LocalExperts, WorkerInfo), LoadError> {
+    let config = MixtralConfig::from_file(&model.dir.join("config.json"))?;
+    let model_id = model_id(&model.dir)?;
+    let checkpoint = Checkpoint::open(&model.dir)?;
+    let serves_layer = |layer: usize| model.layers.as_ref().is_none_or(|l| l.contains(&layer));
+    let held = |layer: usize, expert: usize| serves_layer(layer) && model.experts.contains(&expert);
+    let experts = LocalExperts::load(
+        &checkpoint,
+        &config,
+        &held,
+        model.options.kind,
+        model.options.device,
+    )?;
+    let info = WorkerInfo {
+        model_id,
+        held: experts
+            .held()
+            .into_iter()
+            .filter(|(_, e)| !e.is_empty())
+            .collect(),
+        config,
+        device: model.options.device,
+        kind: model.options.kind,
+        weight_bytes: checkpoint.loaded_bytes(),
+    };
+    Ok((experts, info))
+}
+
+fn run(
+    experts: &LocalExperts,
+    options: LoadOptions,
+    layer: usize,
+    hidden: &Tensor,
+    work: &[WorkItem],
+) -> Result<Tensor, String> {
+    let wire_kind = hidden.kind();
+    let xs = hidden.to_device(options.device).to_kind(options.kind);
+    let work: Vec<ExpertRows> = work
+        .iter()
+        .map(|item| ExpertRows {
+            expert: item.expert,
+            rows: Tensor::from_slice(&item.rows).to_device(options.device),
+            weights: Tensor::from_slice(&item.weights)
+                .to_device(options.device)
+                .to_kind(options.kind),
+        })
+        .collect();
+    let out = experts
+        .forward_rows(layer, &xs, &work)
+        .map_err(|e| e.to_string())?;
+    Ok(out.to_kind(wire_kind).to_device(Device::Cpu))
+}

@@ -1,0 +1,56 @@
+//! # tramontane-expert-worker
+//!
+//! The expert service of one worker process: it loads only the experts placed
+//! on it (from an HF checkpoint), keeps them on one device, and computes, for
+//! each `Forward`, the weighted sum of its experts' outputs per token row.
+//!
+//! # Layout
+//!
+//! - [`spec`]: which experts a worker holds (`--experts 0,2,5-7`).
+//! - [`compute`]: the dedicated thread that owns the expert tensors.
+//! - [`service`]: the gRPC `moe.v1.ExpertService`: validation, then compute.
+//! - [`serve`]: the server entry point, on a given listener with a shutdown future.
+
+pub mod compute;
+pub mod service;
+pub mod spec;
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tramontane_proto::v1::expert_service_server::ExpertServiceServer;
+
+pub use compute::{ComputeHandle, WorkerInfo, WorkerModel};
+pub use service::ExpertServer;
+
+/// Largest gRPC message accepted or sent, by default: a prefill chunk of
+/// 8192 tokens of hidden size 4096 in f32 is 128 MiB.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+/// Serves `server` (and grpc.health.v1) on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    server: ExpertServer,
+    max_message_bytes: usize,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<ExpertServiceServer<ExpertServer>>()
+        .await;
+    let service = ExpertServiceServer::new(server)
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes);
+    Server::builder()
+        .add_service(health)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// The name health checks use for the expert service.
+pub fn service_name() -> &'static str {
+    <ExpertServiceServer<ExpertServer> as tonic::server::NamedService>::NAME
+}

@@ -1,0 +1,173 @@
+//! The gRPC `moe.v1.ExpertService`: every request is validated (dtype,
+//! shape, byte length, layer, experts held, rows, weights) before any tensor
+//! is built; bad input is INVALID_ARGUMENT or NOT_FOUND naming the field.
+
+use std::collections::HashSet;
+
+use tch::Device;
+use tonic::{Request, Response, Status};
+use tramontane_proto::codec;
+use tramontane_proto::v1::expert_service_server::ExpertService;
+use tramontane_proto::v1::{
+    ForwardRequest, ForwardResponse, InfoRequest, InfoResponse, LayerExperts,
+};
+
+use crate::compute::{ComputeError, ComputeHandle, WorkItem, WorkerInfo};
+
+pub struct ExpertServer {
+    compute: ComputeHandle,
+    info: WorkerInfo,
+    held: HashSet<(usize, usize)>,
+}
+
+impl ExpertServer {
+    pub fn new(compute: ComputeHandle, info: WorkerInfo) -> Self {
+        let held = info
+            .held
+            .iter()
+            .flat_map(|(layer, experts)| experts.iter().map(move |&e| (*layer, e)))
+            .collect();
+        Self {
+            compute,
+            info,
+            held,
+        }
+    }
+
+    /// Checks everything but the tensor bytes' contents; returns the layer and
+    /// the work per expert.
+    fn validate(&self, request: &ForwardRequest) -> Result<(usize, Vec<WorkItem>), Status> {
+        let config = &self.info.config;
+        if request.experts.is_empty() {
+            return Err(Status::invalid_argument(
+                "experts: empty request, no expert rows to compute",
+            ));
+        }
+        let layer = request.layer as usize;
+        if layer >= config.num_hidden_layers {
+            return Err(Status::invalid_argument(format!(
+                "layer: {layer} is out of range (the model has {} layers)",
+                config.num_hidden_layers
+            )));
+        }
+        let (_, shape) = codec::validate(request.hidden.as_ref(), "hidden", 2)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (rows, width) = (shape[0], shape[1]);
+        if width != config.hidden_size as i64 {
+            return Err(Status::invalid_argument(format!(
+                "hidden: rows of width {width}, but the model's hidden_size is {}",
+                config.hidden_size
+            )));
+        }
+        if rows == 0 {
+            return Err(Status::invalid_argument("hidden: no rows"));
+        }
+        let mut seen_experts = HashSet::new();
+        let mut work = Vec::with_capacity(request.experts.len());
+        for (i, item) in request.experts.iter().enumerate() {
+            let expert = item.expert as usize;
+            if expert >= config.num_local_experts {
+                return Err(Status::invalid_argument(format!(
+                    "experts[{i}].expert: {expert} is out of range (the model has {} experts)",
+                    config.num_local_experts
+                )));
+            }
+            if !self.held.contains(&(layer, expert)) {
+                return Err(Status::not_found(format!(
+                    "experts[{i}].expert: layer {layer} expert {expert} is not held by this worker"
+                )));
+            }
+            if !seen_experts.insert(expert) {
+                return Err(Status::invalid_argument(format!(
+                    "experts[{i}].expert: expert {expert} appears twice"
+                )));
+            }
+            if item.rows.is_empty() || item.rows.len() != item.weights.len() {
+                return Err(Status::invalid_argument(format!(
+                    "experts[{i}]: {} rows and {} weights (need the same number, at least one)",
+                    item.rows.len(),
+                    item.weights.len()
+                )));
+            }
+            let mut seen_rows = HashSet::new();
+            for &row in &item.rows {
+                if row as i64 >= rows {
+                    return Err(Status::invalid_argument(format!(
+                        "experts[{i}].rows: row {row} is out of range (hidden has {rows} rows)"
+                    )));
+                }
+                if !seen_rows.insert(row) {
+                    return Err(Status::invalid_argument(format!(
+                        "experts[{i}].rows: row {row} appears twice"
+                    )));
+                }
+            }
+            if let Some(w) = item.weights.iter().find(|w| !w.is_finite()) {
+                return Err(Status::invalid_argument(format!(
+                    "experts[{i}].weights: {w} is not finite"
+                )));
+            }
+            work.push(WorkItem {
+                expert,
+                rows: item.rows.iter().map(|&r| r as i64).collect(),
+                weights: item.weights.clone(),
+            });
+        }
+        Ok((layer, work))
+    }
+}
+
+fn device_name(device: Device) -> String {
+    match device {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".into(),
+    }
+}
+
+#[tonic::async_trait]
+impl ExpertService for ExpertServer {
+    async fn info(&self, _request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        let info = &self.info;
+        let dtype = codec::dtype_of(info.kind).unwrap_or(tramontane_proto::v1::Dtype::Unspecified);
+        Ok(Response::new(InfoResponse {
+            model_id: info.model_id.clone(),
+            num_layers: info.config.num_hidden_layers as u32,
+            num_experts: info.config.num_local_experts as u32,
+            hidden_size: info.config.hidden_size as u32,
+            held: info
+                .held
+                .iter()
+                .map(|(layer, experts)| LayerExperts {
+                    layer: *layer as u32,
+                    experts: experts.iter().map(|&e| e as u32).collect(),
+                })
+                .collect(),
+            device: device_name(info.device),
+            dtype: dtype as i32,
+            weight_bytes: info.weight_bytes,
+        }))
+    }
+
+    async fn forward(
+        &self,
+        request: Request<ForwardRequest>,
+    ) -> Result<Response<ForwardResponse>, Status> {
+        let request = request.into_inner();
+        let (layer, work) = self.validate(&request)?;
+        let hidden = codec::decode(request.hidden.as_ref(), "hidden", 2)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let output = self
+            .compute
+            .forward(layer, hidden, work)
+            .await
+            .map_err(|e| match e {
+                ComputeError::Stopped => Status::unavailable(e.to_string()),
+                ComputeError::Failed(_) => Status::internal(e.to_string()),
+            })?;
+        let output = codec::encode(&output).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(ForwardResponse {
+            dispatch_id: request.dispatch_id,
+            output: Some(output),
+        }))
+    }
+}

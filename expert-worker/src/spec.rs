@@ -1,0 +1,90 @@
+//! `--experts` specs: `all`, or a comma-separated list of ids and inclusive
+//! ranges (`0,2,5-7`), the same for every layer the worker serves.
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("--experts is empty")]
+    Empty,
+    #[error("--experts: {0:?} is not an expert id or a range a-b")]
+    Syntax(String),
+    #[error(
+        "--experts: expert {expert} does not exist (the model has {num_experts} experts per layer)"
+    )]
+    OutOfRange { expert: usize, num_experts: usize },
+}
+
+/// Sorted, distinct expert ids.
+pub fn parse_experts(spec: &str, num_experts: usize) -> Result<Vec<usize>, SpecError> {
+    let spec = spec.trim();
+    if spec.is_empty() {
+        return Err(SpecError::Empty);
+    }
+    if spec == "all" {
+        return Ok((0..num_experts).collect());
+    }
+    let mut ids = Vec::new();
+    for part in spec.split(',').map(str::trim) {
+        let parse = |s: &str| {
+            s.trim()
+                .parse::<usize>()
+                .map_err(|_| SpecError::Syntax(part.into()))
+        };
+        let (first, last) = match part.split_once('-') {
+            Some((a, b)) => (parse(a)?, parse(b)?),
+            None => (parse(part)?, parse(part)?),
+        };
+        if first > last {
+            return Err(SpecError::Syntax(part.into()));
+        }
+        ids.extend(first..=last);
+    }
+    if let Some(&expert) = ids.iter().find(|&&e| e >= num_experts) {
+        return Err(SpecError::OutOfRange {
+            expert,
+            num_experts,
+        });
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// The inverse of [`parse_experts`]: a compact spec for a set of ids.
+pub fn format_experts(ids: &[usize]) -> String {
+    ids.iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_ranges_and_all() {
+        assert_eq!(parse_experts("all", 4).unwrap(), vec![0, 1, 2, 3]);
+        assert_eq!(parse_experts("5-7, 0,2,2", 8).unwrap(), vec![0, 2, 5, 6, 7]);
+        assert_eq!(
+            parse_experts(&format_experts(&[1, 3]), 8).unwrap(),
+            vec![1, 3]
+        );
+    }
+
+    #[test]
+    fn bad_specs_are_named() {
+        assert_eq!(parse_experts("", 8), Err(SpecError::Empty));
+        assert_eq!(parse_experts("1,x", 8), Err(SpecError::Syntax("x".into())));
+        assert_eq!(
+            parse_experts("3-1", 8),
+            Err(SpecError::Syntax("3-1".into()))
+        );
+        assert_eq!(
+            parse_experts("8", 8),
+            Err(SpecError::OutOfRange {
+                expert: 8,
+                num_experts: 8
+            })
+        );
+    }
+}

@@ -1,0 +1,210 @@
+//! The router's view of its workers: connect, check that every worker serves
+//! the same model and that the placement is covered, then keep probing so a
+//! failed worker comes back (with backoff) and readiness follows liveness.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tonic::transport::Endpoint;
+use tramontane_proto::v1::InfoRequest;
+use tramontane_proto::v1::expert_service_client::ExpertServiceClient;
+
+use crate::dispatch::WorkerLink;
+use crate::placement::Placement;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("worker address {addr:?} is invalid: {reason}")]
+    Address { addr: String, reason: String },
+    #[error("worker {index} at {addr} did not answer Info within {waited:?}: {reason}")]
+    Unreachable {
+        index: usize,
+        addr: String,
+        waited: Duration,
+        reason: String,
+    },
+    #[error("worker {index} at {addr} serves model {theirs}, the router serves {ours}")]
+    ModelMismatch {
+        index: usize,
+        addr: String,
+        ours: String,
+        theirs: String,
+    },
+    #[error("placement names {placement} workers but {given} worker addresses were given")]
+    WorkerCount { placement: usize, given: usize },
+    #[error("layer {layer} expert {expert} has no worker: {detail}")]
+    Uncovered {
+        layer: usize,
+        expert: usize,
+        detail: String,
+    },
+}
+
+/// Asks worker `index` for its Info until it answers or `wait` runs out.
+async fn info_with_retry(
+    index: usize,
+    link: &WorkerLink,
+    wait: Duration,
+) -> Result<tramontane_proto::v1::InfoResponse, ClusterError> {
+    let start = tokio::time::Instant::now();
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let mut client = link.client.clone();
+        let reason =
+            match tokio::time::timeout(Duration::from_secs(2), client.info(InfoRequest {})).await {
+                Ok(Ok(info)) => return Ok(info.into_inner()),
+                Ok(Err(status)) => format!("{:?}: {}", status.code(), status.message()),
+                Err(_) => "timed out".to_string(),
+            };
+        if start.elapsed() >= wait {
+            return Err(ClusterError::Unreachable {
+                index,
+                addr: link.addr.clone(),
+                waited: wait,
+                reason,
+            });
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Connects to every worker, checks model identity and placement coverage.
+pub async fn connect(
+    addrs: &[String],
+    model_id: &str,
+    placement: &Placement,
+    wait: Duration,
+    max_message_bytes: usize,
+) -> Result<Arc<Vec<WorkerLink>>, ClusterError> {
+    if placement.workers != addrs.len() {
+        return Err(ClusterError::WorkerCount {
+            placement: placement.workers,
+            given: addrs.len(),
+        });
+    }
+    let mut links = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let uri = if addr.contains("://") {
+            addr.clone()
+        } else {
+            format!("http://{addr}")
+        };
+        let endpoint = Endpoint::from_shared(uri).map_err(|e| ClusterError::Address {
+            addr: addr.clone(),
+            reason: e.to_string(),
+        })?;
+        let channel = endpoint
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        links.push(WorkerLink {
+            addr: addr.clone(),
+            client: ExpertServiceClient::new(channel)
+                .max_decoding_message_size(max_message_bytes)
+                .max_encoding_message_size(max_message_bytes),
+            live: false.into(),
+        });
+    }
+    let infos = futures::future::try_join_all(
+        links
+            .iter()
+            .enumerate()
+            .map(|(i, link)| info_with_retry(i, link, wait)),
+    )
+    .await?;
+    for (index, (info, link)) in infos.iter().zip(&links).enumerate() {
+        if info.model_id != model_id {
+            return Err(ClusterError::ModelMismatch {
+                index,
+                addr: link.addr.clone(),
+                ours: model_id.to_string(),
+                theirs: info.model_id.clone(),
+            });
+        }
+        link.live.store(true, Ordering::Relaxed);
+    }
+    for (layer, row) in placement.experts.iter().enumerate() {
+        for (expert, replicas) in row.iter().enumerate() {
+            for &w in replicas {
+                let holds = infos[w]
+                    .held
+                    .iter()
+                    .any(|h| h.layer as usize == layer && h.experts.contains(&(expert as u32)));
+                if !holds {
+                    return Err(ClusterError::Uncovered {
+                        layer,
+                        expert,
+                        detail: format!(
+                            "it is placed on worker {w} at {}, which does not hold it (start that worker with --experts including {expert})",
+                            links[w].addr
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    Ok(Arc::new(links))
+}
+
+/// Whether every (layer, expert) has a live replica.
+pub fn all_covered(workers: &[WorkerLink], placement: &Placement) -> bool {
+    placement.experts.iter().all(|row| {
+        row.iter().all(|replicas| {
+            replicas
+                .iter()
+                .any(|&w| workers[w].live.load(Ordering::Relaxed))
+        })
+    })
+}
+
+/// Probes every worker forever: a worker that answers Info with the right
+/// model is live, one that does not is down; a down worker is probed with
+/// exponential backoff. `on_change` gets the new readiness when it changes.
+pub async fn monitor(
+    workers: Arc<Vec<WorkerLink>>,
+    model_id: String,
+    placement: Placement,
+    on_change: impl Fn(bool),
+) {
+    const BASE: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(2);
+    let mut backoff = vec![BASE; workers.len()];
+    let mut next_probe = vec![tokio::time::Instant::now(); workers.len()];
+    let mut ready = all_covered(&workers, &placement);
+    on_change(ready);
+    loop {
+        tokio::time::sleep(BASE).await;
+        let now = tokio::time::Instant::now();
+        for (i, link) in workers.iter().enumerate() {
+            if now < next_probe[i] {
+                continue;
+            }
+            let mut client = link.client.clone();
+            let ok = matches!(
+                tokio::time::timeout(Duration::from_secs(1), client.info(InfoRequest {})).await,
+                Ok(Ok(ref info)) if info.get_ref().model_id == model_id
+            );
+            let was = link.live.swap(ok, Ordering::Relaxed);
+            if ok {
+                backoff[i] = BASE;
+                next_probe[i] = now + Duration::from_millis(500);
+            } else {
+                if was {
+                    eprintln!("worker {i} at {} is down", link.addr);
+                }
+                next_probe[i] = now + backoff[i];
+                backoff[i] = (backoff[i] * 2).min(MAX);
+            }
+            if ok && !was {
+                eprintln!("worker {i} at {} is live", link.addr);
+            }
+        }
+        let now_ready = all_covered(&workers, &placement);
+        if now_ready != ready {
+            ready = now_ready;
+            on_change(ready);
+        }
+    }
+}

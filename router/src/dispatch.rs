@@ -1,0 +1,442 @@
+//! Dispatch and combine: one MoE layer's routed tokens go to the workers that
+//! hold their experts — one Forward per involved worker, all concurrently —
+//! and their weighted partial sums are added back per token. A replicated
+//! expert's tokens go to its least-loaded live replica; when a worker fails,
+//! its share is planned again over the remaining live replicas.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tch::{Kind, Tensor};
+use tokio::runtime::Handle;
+use tonic::transport::Channel;
+use tramontane_model::error::ForwardError;
+use tramontane_model::gating::Routing;
+use tramontane_model::moe::Experts;
+use tramontane_proto::codec;
+use tramontane_proto::v1::expert_service_client::ExpertServiceClient;
+use tramontane_proto::v1::{ExpertRows, ForwardRequest};
+
+use crate::placement::Placement;
+
+/// One routed (token, expert) pair with its weight.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoutedPair {
+    pub token: usize,
+    pub expert: usize,
+    pub weight: f32,
+}
+
+/// One worker's share of a layer: the token rows it needs (each once) and,
+/// per expert, indexes into those rows with their weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerShare {
+    pub worker: usize,
+    /// Token rows of the layer's hidden states, in first-use order.
+    pub tokens: Vec<i64>,
+    /// expert -> (indexes into `tokens`, weights)
+    pub experts: BTreeMap<usize, (Vec<u32>, Vec<f32>)>,
+    /// The pairs this share computes, to plan again if the worker fails.
+    pub pairs: Vec<RoutedPair>,
+}
+
+/// The (layer, expert) that no live worker holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unplaceable {
+    pub layer: usize,
+    pub expert: usize,
+}
+
+/// All pairs of a routing, token by token.
+pub fn routed_pairs(routing: &Routing) -> Result<Vec<RoutedPair>, ForwardError> {
+    let k = routing.experts.size().get(1).copied().unwrap_or(0) as usize;
+    let experts: Vec<i64> = Vec::try_from(routing.experts.flatten(0, -1))?;
+    let weights: Vec<f32> = Vec::try_from(routing.weights.to_kind(Kind::Float).flatten(0, -1))?;
+    Ok(experts
+        .iter()
+        .zip(&weights)
+        .enumerate()
+        .map(|(i, (&expert, &weight))| RoutedPair {
+            token: i / k.max(1),
+            expert: expert as usize,
+            weight,
+        })
+        .collect())
+}
+
+/// Assigns each pair to a live replica of its expert, the least loaded so far
+/// (ties to the lowest worker id), and groups the pairs by worker.
+pub fn plan_dispatch(
+    layer: usize,
+    pairs: &[RoutedPair],
+    placement: &Placement,
+    live: &dyn Fn(usize) -> bool,
+) -> Result<Vec<WorkerShare>, Unplaceable> {
+    let mut load = vec![0usize; placement.workers];
+    let mut shares: BTreeMap<usize, (WorkerShare, BTreeMap<usize, u32>)> = BTreeMap::new();
+    for &pair in pairs {
+        let worker = placement
+            .replicas(layer, pair.expert)
+            .iter()
+            .copied()
+            .filter(|&w| live(w))
+            .min_by_key(|&w| (load[w], w))
+            .ok_or(Unplaceable {
+                layer,
+                expert: pair.expert,
+            })?;
+        load[worker] += 1;
+        let (share, index_of) = shares.entry(worker).or_insert_with(|| {
+            (
+                WorkerShare {
+                    worker,
+                    tokens: Vec::new(),
+                    experts: BTreeMap::new(),
+                    pairs: Vec::new(),
+                },
+                BTreeMap::new(),
+            )
+        });
+        let row = *index_of.entry(pair.token).or_insert_with(|| {
+            share.tokens.push(pair.token as i64);
+            (share.tokens.len() - 1) as u32
+        });
+        let (rows, weights) = share.experts.entry(pair.expert).or_default();
+        rows.push(row);
+        weights.push(pair.weight);
+        share.pairs.push(pair);
+    }
+    Ok(shares.into_values().map(|(share, _)| share).collect())
+}
+
+/// Adds a worker's partial sums `[share rows, hidden]` into `out` `[tokens, hidden]`.
+pub fn combine(
+    out: &mut Tensor,
+    share: &WorkerShare,
+    partial: &Tensor,
+) -> Result<(), ForwardError> {
+    let rows = Tensor::from_slice(&share.tokens).to_device(out.device());
+    let _ = out.f_index_add_(
+        0,
+        &rows,
+        &partial.to_device(out.device()).to_kind(out.kind()),
+    )?;
+    Ok(())
+}
+
+/// A worker as the router sees it.
+pub struct WorkerLink {
+    pub addr: String,
+    pub client: ExpertServiceClient<Channel>,
+    pub live: AtomicBool,
+}
+
+/// The experts of a model, reached over gRPC.
+pub struct RemoteExperts {
+    workers: Arc<Vec<WorkerLink>>,
+    placement: Placement,
+    runtime: Handle,
+    deadline: Duration,
+    wire: Kind,
+    next_dispatch: AtomicU64,
+}
+
+impl RemoteExperts {
+    pub fn new(
+        workers: Arc<Vec<WorkerLink>>,
+        placement: Placement,
+        runtime: Handle,
+        deadline: Duration,
+        wire: Kind,
+    ) -> Self {
+        Self {
+            workers,
+            placement,
+            runtime,
+            deadline,
+            wire,
+            next_dispatch: AtomicU64::new(1),
+        }
+    }
+
+    fn request(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        share: &WorkerShare,
+    ) -> Result<ForwardRequest, ForwardError> {
+        let rows = Tensor::from_slice(&share.tokens).to_device(xs.device());
+        let hidden = codec::encode(&xs.index_select(0, &rows).to_kind(self.wire)).map_err(|e| {
+            ForwardError::Experts {
+                layer,
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(ForwardRequest {
+            dispatch_id: self.next_dispatch.fetch_add(1, Ordering::Relaxed),
+            layer: layer as u32,
+            hidden: Some(hidden),
+            experts: share
+                .experts
+                .iter()
+                .map(|(&expert, (rows, weights))| ExpertRows {
+                    expert: expert as u32,
+                    rows: rows.clone(),
+                    weights: weights.clone(),
+                })
+                .collect(),
+        })
+    }
+}
+
+/// Sends one Forward with a deadline; returns the partial sums.
+async fn send(
+    link: &WorkerLink,
+    request: ForwardRequest,
+    rows: usize,
+    hidden: i64,
+    deadline: Duration,
+) -> Result<Tensor, String> {
+    let mut client = link.client.clone();
+    let mut request = tonic::Request::new(request);
+    request.set_timeout(deadline);
+    let response = tokio::time::timeout(deadline, client.forward(request))
+        .await
+        .map_err(|_| format!("DEADLINE_EXCEEDED after {deadline:?}"))?
+        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?
+        .into_inner();
+    let partial =
+        codec::decode(response.output.as_ref(), "output", 2).map_err(|e| e.to_string())?;
+    if partial.size() != [rows as i64, hidden] {
+        return Err(format!(
+            "answered shape {:?} for {rows} rows",
+            partial.size()
+        ));
+    }
+    Ok(partial)
+}
+
+impl Experts for RemoteExperts {
+    fn forward(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        routing: &Routing,
+    ) -> Result<Tensor, ForwardError> {
+        let hidden = xs.size()[1];
+        let mut out = xs.zeros_like();
+        let mut pending = routed_pairs(routing)?;
+        let mut failures: Vec<String> = Vec::new();
+        while !pending.is_empty() {
+            let live = |w: usize| self.workers[w].live.load(Ordering::Relaxed);
+            let shares = plan_dispatch(layer, &pending, &self.placement, &live).map_err(|u| {
+                ForwardError::Experts {
+                    layer,
+                    reason: format!(
+                        "UNAVAILABLE: layer {} expert {} has no live worker (placed on {}){}",
+                        u.layer,
+                        u.expert,
+                        self.placement
+                            .replicas(u.layer, u.expert)
+                            .iter()
+                            .map(|&w| format!("worker {w} at {}", self.workers[w].addr))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        if failures.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; {}", failures.join("; "))
+                        }
+                    ),
+                }
+            })?;
+            let requests = shares
+                .iter()
+                .map(|share| self.request(layer, xs, share))
+                .collect::<Result<Vec<_>, _>>()?;
+            let results =
+                self.runtime
+                    .block_on(futures::future::join_all(shares.iter().zip(requests).map(
+                        |(share, request)| {
+                            send(
+                                &self.workers[share.worker],
+                                request,
+                                share.tokens.len(),
+                                hidden,
+                                self.deadline,
+                            )
+                        },
+                    )));
+            pending = Vec::new();
+            for (share, result) in shares.iter().zip(results) {
+                match result {
+                    Ok(partial) => combine(&mut out, share, &partial)?,
+                    Err(reason) => {
+                        let link = &self.workers[share.worker];
+                        link.live.store(false, Ordering::Relaxed);
+                        failures.push(format!(
+                            "worker {} at {} failed: {reason}",
+                            share.worker, link.addr
+                        ));
+                        pending.extend_from_slice(&share.pairs);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use tch::Device;
+    use tramontane_model::expert::Expert;
+    use tramontane_model::gating::route_logits;
+    use tramontane_model::moe::{ExpertRows as LocalRows, LocalExperts};
+
+    const HIDDEN: i64 = 8;
+    const INTERMEDIATE: i64 = 16;
+
+    fn experts(count: usize, seed: i64) -> LocalExperts {
+        tch::manual_seed(seed);
+        let opts = (Kind::Float, Device::Cpu);
+        let layer = (0..count)
+            .map(|_| {
+                // Unit-variance activations, as in a real model.
+                let h = 1.0 / (HIDDEN as f64).sqrt();
+                let i = 1.0 / (INTERMEDIATE as f64).sqrt();
+                Some(Expert::new(
+                    Tensor::randn([INTERMEDIATE, HIDDEN], opts) * h,
+                    Tensor::randn([HIDDEN, INTERMEDIATE], opts) * i,
+                    Tensor::randn([INTERMEDIATE, HIDDEN], opts) * h,
+                ))
+            })
+            .collect();
+        LocalExperts::from_experts(vec![layer])
+    }
+
+    /// What a worker computes for a share: its experts on its gathered rows.
+    fn worker_partial(local: &LocalExperts, xs: &Tensor, share: &WorkerShare) -> Tensor {
+        let gathered = xs.index_select(0, &Tensor::from_slice(&share.tokens));
+        let work: Vec<LocalRows> = share
+            .experts
+            .iter()
+            .map(|(&expert, (rows, weights))| LocalRows {
+                expert,
+                rows: Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>()),
+                weights: Tensor::from_slice(weights),
+            })
+            .collect();
+        local.forward_rows(0, &gathered, &work).unwrap()
+    }
+
+    fn case() -> impl Strategy<Value = (usize, usize, usize, usize, Vec<Vec<bool>>, Vec<bool>, i64)>
+    {
+        (1usize..24, 2usize..9, 1usize..5).prop_flat_map(|(tokens, num_experts, workers)| {
+            (
+                Just(tokens),
+                Just(num_experts),
+                1..=num_experts,
+                Just(workers),
+                proptest::collection::vec(
+                    proptest::collection::vec(any::<bool>(), workers),
+                    num_experts,
+                ),
+                proptest::collection::vec(any::<bool>(), workers),
+                any::<i64>(),
+            )
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn combine_of_dispatch_equals_the_dense_moe(
+            (tokens, num_experts, k, workers, holds, live, seed) in case()
+        ) {
+            let _guard = tch::no_grad_guard();
+            // Every expert on at least one live worker: its own worker e mod W
+            // (kept live), plus the random extra replicas.
+            let mut live = live;
+            let mut placement = Placement { workers, experts: vec![vec![]; 1] };
+            for (e, extra) in holds.iter().enumerate() {
+                let home = e % workers;
+                live[home] = true;
+                let replicas: Vec<usize> = (0..workers).filter(|&w| w == home || extra[w]).collect();
+                placement.experts[0].push(replicas);
+            }
+            let local = experts(num_experts, seed.rem_euclid(1 << 30));
+            tch::manual_seed(seed.rem_euclid(1 << 30) + 1);
+            let xs = Tensor::randn([tokens as i64, HIDDEN], (Kind::Float, Device::Cpu));
+            let logits = Tensor::randn([tokens as i64, num_experts as i64], (Kind::Float, Device::Cpu));
+            let routing = route_logits(&logits, k as i64, Kind::Float);
+
+            let dense = local.forward(0, &xs, &routing).unwrap();
+            let pairs = routed_pairs(&routing).unwrap();
+            let shares = plan_dispatch(0, &pairs, &placement, &|w| live[w]).unwrap();
+            let mut out = xs.zeros_like();
+            for share in &shares {
+                prop_assert!(live[share.worker]);
+                for &expert in share.experts.keys() {
+                    prop_assert!(placement.replicas(0, expert).contains(&share.worker));
+                }
+                combine(&mut out, share, &worker_partial(&local, &xs, share)).unwrap();
+            }
+            let planned: usize = shares.iter().map(|s| s.pairs.len()).sum();
+            prop_assert_eq!(planned, tokens * k);
+            // Only the order of the float additions differs.
+            let diff = (&out - &dense).abs().max().double_value(&[]);
+            let scale = 1.0 + dense.abs().max().double_value(&[]);
+            prop_assert!(diff <= 1e-5 * scale, "max |Δ| {} at scale {}", diff, scale);
+        }
+    }
+
+    #[test]
+    fn an_expert_without_live_replica_is_unplaceable() {
+        let placement = Placement::round_robin(1, 4, 2).unwrap();
+        let pairs = [RoutedPair {
+            token: 0,
+            expert: 3,
+            weight: 1.0,
+        }];
+        let err = plan_dispatch(0, &pairs, &placement, &|w| w == 0).unwrap_err();
+        assert_eq!(
+            err,
+            Unplaceable {
+                layer: 0,
+                expert: 3
+            }
+        );
+    }
+
+    #[test]
+    fn replicas_share_load_and_a_token_is_sent_once_per_worker() {
+        let placement = Placement {
+            workers: 2,
+            experts: vec![vec![vec![0, 1], vec![0, 1]]],
+        };
+        let pairs: Vec<RoutedPair> = (0..4)
+            .flat_map(|t| {
+                (0..2).map(move |e| RoutedPair {
+                    token: t,
+                    expert: e,
+                    weight: 0.5,
+                })
+            })
+            .collect();
+        let shares = plan_dispatch(0, &pairs, &placement, &|_| true).unwrap();
+        assert_eq!(shares.len(), 2);
+        assert_eq!(shares[0].pairs.len(), 4);
+        assert_eq!(shares[1].pairs.len(), 4);
+        for share in &shares {
+            let mut tokens = share.tokens.clone();
+            tokens.sort_unstable();
+            tokens.dedup();
+            assert_eq!(tokens.len(), share.tokens.len());
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Which worker holds which expert. The default puts expert e of every layer
+//! on worker e mod W; a placement file may give an expert several replicas.
+//!
+//! File format (JSON): `{"workers": W, "experts": [[[w, ...], ...], ...]}` where
+//! `experts[layer][expert]` lists the workers holding that expert, e.g. for 2
+//! layers of 4 experts on 3 workers with expert 0 replicated:
+//! `{"workers": 3, "experts": [[[0, 2], [1], [2], [0]], [[0], [1], [2], [0, 1]]]}`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlacementError {
+    #[error("cannot read placement file {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("placement needs at least one worker")]
+    NoWorkers,
+    #[error("placement has {found} layers, the model has {expected}")]
+    Layers { expected: usize, found: usize },
+    #[error("placement layer {layer} has {found} experts, the model has {expected}")]
+    Experts {
+        layer: usize,
+        expected: usize,
+        found: usize,
+    },
+    #[error("layer {layer} expert {expert} is placed on no worker")]
+    Unplaced { layer: usize, expert: usize },
+    #[error(
+        "layer {layer} expert {expert} is placed on worker {worker}, but there are only {workers} workers"
+    )]
+    UnknownWorker {
+        layer: usize,
+        expert: usize,
+        worker: usize,
+        workers: usize,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub workers: usize,
+    /// `experts[layer][expert]`: the workers holding it, at least one.
+    pub experts: Vec<Vec<Vec<usize>>>,
+}
+
+impl Placement {
+    /// Expert e of every layer on worker e mod `workers`.
+    pub fn round_robin(
+        layers: usize,
+        experts: usize,
+        workers: usize,
+    ) -> Result<Self, PlacementError> {
+        if workers == 0 {
+            return Err(PlacementError::NoWorkers);
+        }
+        Ok(Self {
+            workers,
+            experts: (0..layers)
+                .map(|_| (0..experts).map(|e| vec![e % workers]).collect())
+                .collect(),
+        })
+    }
+
+    pub fn from_file(path: &Path, layers: usize, experts: usize) -> Result<Self, PlacementError> {
+        let read_err = |reason: String| PlacementError::Read {
+            path: path.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| read_err(e.to_string()))?;
+        let placement: Placement =
+            serde_json::from_str(&text).map_err(|e| read_err(e.to_string()))?;
+        placement.validate(layers, experts)?;
+        Ok(placement)
+    }
+
+    /// Every (layer, expert) of the model is on at least one known worker.
+    pub fn validate(&self, layers: usize, experts: usize) -> Result<(), PlacementError> {
+        if self.workers == 0 {
+            return Err(PlacementError::NoWorkers);
+        }
+        if self.experts.len() != layers {
+            return Err(PlacementError::Layers {
+                expected: layers,
+                found: self.experts.len(),
+            });
+        }
+        for (layer, row) in self.experts.iter().enumerate() {
+            if row.len() != experts {
+                return Err(PlacementError::Experts {
+                    layer,
+                    expected: experts,
+                    found: row.len(),
+                });
+            }
+            for (expert, replicas) in row.iter().enumerate() {
+                if replicas.is_empty() {
+                    return Err(PlacementError::Unplaced { layer, expert });
+                }
+                if let Some(&worker) = replicas.iter().find(|&&w| w >= self.workers) {
+                    return Err(PlacementError::UnknownWorker {
+                        layer,
+                        expert,
+                        worker,
+                        workers: self.workers,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn replicas(&self, layer: usize, expert: usize) -> &[usize] {
+        &self.experts[layer][expert]
+    }
+
+    /// The experts worker `worker` must hold, per layer.
+    pub fn held_by(&self, worker: usize) -> Vec<(usize, Vec<usize>)> {
+        self.experts
+            .iter()
+            .enumerate()
+            .map(|(layer, row)| {
+                let experts = (0..row.len())
+                    .filter(|&e| row[e].contains(&worker))
+                    .collect();
+                (layer, experts)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_robin_places_every_expert_once() {
+        let p = Placement::round_robin(2, 8, 3).unwrap();
+        p.validate(2, 8).unwrap();
+        assert_eq!(p.replicas(1, 7), &[1]);
+        assert_eq!(p.held_by(2)[0], (0, vec![2, 5]));
+    }
+
+    #[test]
+    fn incomplete_placements_are_refused_by_name() {
+        let mut p = Placement::round_robin(2, 4, 2).unwrap();
+        p.experts[1][3].clear();
+        assert_eq!(
+            p.validate(2, 4),
+            Err(PlacementError::Unplaced {
+                layer: 1,
+                expert: 3
+            })
+        );
+        let mut p = Placement::round_robin(2, 4, 2).unwrap();
+        p.experts[0][2] = vec![0, 5];
+        assert!(matches!(
+            p.validate(2, 4),
+            Err(PlacementError::UnknownWorker { worker: 5, .. })
+        ));
+        let p = Placement::round_robin(1, 4, 2).unwrap();
+        assert!(matches!(
+            p.validate(2, 4),
+            Err(PlacementError::Layers { .. })
+        ));
+        assert_eq!(
+            Placement::round_robin(1, 4, 0),
+            Err(PlacementError::NoWorkers)
+        );
+    }
+}
