@@ -53,3 +53,65 @@ pub fn gen_model(dir: &Path, args: &[&str]) -> Result<()> {
     )?;
     Ok(())
 }
+
+/// A child process killed when dropped.
+pub struct Process {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `tramontane ARGS...` and waits for its "... listening on ADDR" line.
+pub fn spawn_listening(args: &[&str]) -> Result<Process> {
+    use std::io::{BufRead, BufReader};
+    let mut child = tramontane()
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let Some(addr) = line
+        .trim()
+        .rsplit_once("listening on ")
+        .map(|(_, a)| a.to_string())
+    else {
+        let _ = child.kill();
+        let output = child.wait_with_output()?;
+        anyhow::bail!(
+            "{args:?} did not start: {}{}",
+            line,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    // Keep draining stderr so the child never blocks on a full pipe.
+    if let Some(stderr) = child.stderr.take() {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut BufReader::new(stderr), &mut std::io::sink());
+        });
+    }
+    Ok(Process { child, addr })
+}
+
+/// A worker holding `experts` (a --experts spec) of `model`, on `listen`.
+pub fn worker(model: &Path, experts: &str, listen: &str) -> Result<Process> {
+    let model = model.to_str().context("model path")?;
+    spawn_listening(&[
+        "worker",
+        "--model",
+        model,
+        "--experts",
+        experts,
+        "--listen",
+        listen,
+        "--threads",
+        "1",
+    ])
+}

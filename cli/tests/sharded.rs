@@ -1,0 +1,301 @@
+//! Sharded execution equals in-process execution: the same logits (within
+//! 1e-5) and the same greedy tokens, with experts spread over real worker
+//! processes on loopback ports, for several worker counts and placements.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use tch::{Kind, Tensor};
+use tramontane_model::generate::{StopRule, generate_greedy};
+use tramontane_model::weights::Checkpoint;
+use tramontane_model::{BatchItem, LoadOptions, Logits, Mixtral, MixtralConfig, Tokenizer};
+use tramontane_proto::v1::GenerateRequest;
+use tramontane_proto::v1::generation_client::GenerationClient;
+use tramontane_router::cluster;
+use tramontane_router::dispatch::RemoteExperts;
+use tramontane_router::placement::Placement;
+
+const PROMPTS: &[&str] = &[
+    "The capital of France is",
+    "Experts",
+    "A mixture of experts routes each token to a few of many feed-forward networks.",
+];
+
+/// The placements to check, for `experts` experts per layer.
+fn placements(layers: usize, experts: usize) -> Vec<(&'static str, Placement)> {
+    let uneven = Placement {
+        workers: 3,
+        experts: (0..layers)
+            .map(|_| {
+                (0..experts)
+                    .map(|e| vec![if e + 2 < experts { 0 } else { e + 3 - experts }])
+                    .collect()
+            })
+            .collect(),
+    };
+    let replicated = Placement {
+        workers: 3,
+        experts: (0..layers)
+            .map(|_| (0..experts).map(|e| vec![e % 3, (e + 1) % 3]).collect())
+            .collect(),
+    };
+    let mut all: Vec<(&'static str, Placement)> = [
+        (1, "1 worker"),
+        (2, "2 workers"),
+        (3, "3 workers"),
+        (4, "4 workers"),
+    ]
+    .into_iter()
+    .map(|(w, name)| (name, Placement::round_robin(layers, experts, w).unwrap()))
+    .collect();
+    all.push(("uneven 3 workers", uneven));
+    all.push(("replicated 3 workers", replicated));
+    all
+}
+
+/// Starts one worker per placement slot holding exactly its experts.
+fn start_workers(model: &Path, placement: &Placement) -> Result<Vec<common::Process>> {
+    (0..placement.workers)
+        .map(|w| {
+            let mut experts: Vec<usize> = placement
+                .held_by(w)
+                .into_iter()
+                .flat_map(|(_, e)| e)
+                .collect();
+            experts.sort_unstable();
+            experts.dedup();
+            let spec = experts
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            common::worker(model, &spec, "127.0.0.1:0")
+        })
+        .collect()
+}
+
+fn last_logits_and_tokens(
+    model: &Mixtral,
+    prompts: &[Vec<u32>],
+) -> Result<(Tensor, Vec<Vec<u32>>)> {
+    let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+    let mut batch: Vec<BatchItem<'_>> = prompts
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(tokens, cache)| BatchItem { tokens, cache })
+        .collect();
+    let logits = model.forward(&mut batch, Logits::AllPositions)?;
+    let stop = StopRule {
+        max_new_tokens: 12,
+        eos_ids: vec![],
+    };
+    Ok((logits, generate_greedy(model, prompts, &stop)?))
+}
+
+fn check_shape(gen_args: &[&str]) -> Result<()> {
+    let _guard = tch::no_grad_guard();
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir()?;
+    let model_dir = dir.path().join("model");
+    common::gen_model(&model_dir, gen_args)?;
+    let config = MixtralConfig::from_file(&model_dir.join("config.json"))?;
+    let tokenizer = Tokenizer::from_dir(&model_dir)?;
+    let prompts: Vec<Vec<u32>> = PROMPTS
+        .iter()
+        .map(|p| tokenizer.encode(p))
+        .collect::<Result<_, _>>()?;
+    let local = Mixtral::load_in_process(&model_dir, LoadOptions::default())?;
+    let (reference, reference_tokens) = last_logits_and_tokens(&local, &prompts)?;
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    let model_id = tramontane_expert_worker::compute::model_id(&model_dir)?;
+    for (name, placement) in placements(config.num_hidden_layers, config.num_local_experts) {
+        let workers = start_workers(&model_dir, &placement)?;
+        let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
+        let links = runtime.block_on(cluster::connect(
+            &addrs,
+            &model_id,
+            &placement,
+            Duration::from_secs(60),
+            64 << 20,
+        ))?;
+        let remote = RemoteExperts::new(
+            links,
+            placement.clone(),
+            runtime.handle().clone(),
+            Duration::from_secs(30),
+            Kind::Float,
+        );
+        let checkpoint = Checkpoint::open(&model_dir)?;
+        let sharded = Mixtral::load_dense(
+            &checkpoint,
+            config.clone(),
+            LoadOptions::default(),
+            Box::new(remote),
+        )?;
+        let (logits, tokens) = last_logits_and_tokens(&sharded, &prompts)?;
+        let diff = (&logits - &reference).abs().max().double_value(&[]);
+        ensure!(diff <= 1e-5, "{name}: max |Δlogit| {diff:e} > 1e-5");
+        ensure!(tokens == reference_tokens, "{name}: greedy tokens differ");
+        eprintln!("{gen_args:?} {name}: max |Δlogit| {diff:e}, tokens identical");
+    }
+    Ok(())
+}
+
+#[test]
+fn sharded_equals_in_process_tiny_top2_of_8() -> Result<()> {
+    check_shape(&["--preset", "tiny", "--seed", "11"])
+}
+
+#[test]
+fn sharded_equals_in_process_top3_of_6_gqa4() -> Result<()> {
+    check_shape(&[
+        "--preset",
+        "tiny",
+        "--seed",
+        "12",
+        "--experts",
+        "6",
+        "--top-k",
+        "3",
+        "--hidden",
+        "96",
+        "--heads",
+        "8",
+        "--kv-heads",
+        "2",
+        "--layers",
+        "3",
+    ])
+}
+
+/// The whole path: `tramontane router` in front of workers, greedy tokens
+/// over gRPC (unary and streamed) equal the in-process ones.
+#[test]
+fn router_generation_equals_in_process_generation() -> Result<()> {
+    let _guard = tch::no_grad_guard();
+    let dir = tempfile::tempdir()?;
+    let model_dir = dir.path().join("model");
+    common::gen_model(&model_dir, &["--preset", "tiny", "--seed", "13"])?;
+    let local = Mixtral::load_in_process(&model_dir, LoadOptions::default())?;
+    let tokenizer = Tokenizer::from_dir(&model_dir)?;
+    let prompt = tokenizer.encode(PROMPTS[2])?;
+    let expected = generate_greedy(
+        &local,
+        std::slice::from_ref(&prompt),
+        &StopRule {
+            max_new_tokens: 16,
+            eos_ids: vec![2],
+        },
+    )?
+    .pop()
+    .context("one output")?;
+
+    let placement = Placement::round_robin(2, 8, 2)?;
+    let workers = start_workers(&model_dir, &placement)?;
+    let addrs = workers
+        .iter()
+        .map(|w| w.addr.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    let model = model_dir.to_str().context("path")?;
+    let router = common::spawn_listening(&[
+        "router",
+        "--model",
+        model,
+        "--workers",
+        &addrs,
+        "--listen",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+    ])?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let mut client = GenerationClient::connect(format!("http://{}", router.addr)).await?;
+        let request = GenerateRequest {
+            prompt: PROMPTS[2].into(),
+            max_tokens: 16,
+            ..Default::default()
+        };
+        let response = client.generate(request.clone()).await?.into_inner();
+        ensure!(response.prompt_token_ids == prompt, "prompt ids");
+        ensure!(
+            response.token_ids == expected,
+            "unary tokens {:?} vs {:?}",
+            response.token_ids,
+            expected
+        );
+        let reason = if expected.len() < 16 {
+            "stop"
+        } else {
+            "length"
+        };
+        ensure!(
+            response.finish_reason == reason,
+            "finish reason {}",
+            response.finish_reason
+        );
+
+        let mut stream = client.generate_stream(request).await?.into_inner();
+        let mut streamed = Vec::new();
+        let mut text = String::new();
+        let mut last_reason = String::new();
+        while let Some(message) = stream.message().await? {
+            streamed.push(message.token_id);
+            text.push_str(&message.text);
+            last_reason = message.finish_reason;
+        }
+        ensure!(streamed == expected, "streamed tokens differ");
+        ensure!(
+            last_reason == reason,
+            "streamed finish reason {last_reason}"
+        );
+        ensure!(
+            text == response.text,
+            "streamed text {text:?} vs {:?}",
+            response.text
+        );
+
+        // Bad requests are INVALID_ARGUMENT, and the router keeps serving.
+        for bad in [
+            GenerateRequest {
+                prompt: "hi".into(),
+                max_tokens: 0,
+                ..Default::default()
+            },
+            GenerateRequest {
+                prompt: String::new(),
+                max_tokens: 4,
+                ..Default::default()
+            },
+            GenerateRequest {
+                prompt_token_ids: vec![1, 40000],
+                max_tokens: 4,
+                ..Default::default()
+            },
+            GenerateRequest {
+                prompt: "hi".into(),
+                max_tokens: 5000,
+                ..Default::default()
+            },
+        ] {
+            let status = client.generate(bad).await.unwrap_err();
+            ensure!(status.code() == tonic::Code::InvalidArgument, "{status:?}");
+        }
+        let again = client
+            .generate(GenerateRequest {
+                prompt: PROMPTS[2].into(),
+                max_tokens: 16,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        ensure!(again.token_ids == expected, "after bad requests");
+        Ok(())
+    })?;
+    Ok(())
+}
