@@ -13,15 +13,14 @@ export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 
-# `make serve MODEL=/path/to/checkpoint` serves a real checkpoint; without it a
-# demo checkpoint is generated once into target/demo-model.
+# `make serve MODEL=/path/to/checkpoint` serves a real checkpoint; without it
+# `tramontane serve` generates a demo checkpoint once into target/demo-model.
 MODEL ?=
-DEMO_MODEL := target/demo-model
-PROMPT ?= The tramontane is a cold wind that
-MAX_TOKENS ?= 32
+WORKERS ?= 2
+LISTEN ?= 127.0.0.1:50051
 BENCH_MODEL := target/bench-model
 
-.PHONY: setup build test lint serve bench
+.PHONY: setup build test lint serve bench bench-sharded
 
 setup: $(STAMP)
 
@@ -41,13 +40,15 @@ lint: setup
 test: build lint
 	cargo test --release --locked
 
-$(DEMO_MODEL)/config.json: | build
-	$(BIN) gen-model --preset tiny --out $(DEMO_MODEL)
-
-serve: build $(if $(MODEL),,$(DEMO_MODEL)/config.json)
-	$(BIN) generate --model $(if $(MODEL),$(MODEL),$(DEMO_MODEL)) --prompt "$(PROMPT)" --max-tokens $(MAX_TOKENS)
+serve: build
+	$(BIN) serve --workers $(WORKERS) --listen $(LISTEN) $(if $(MODEL),--model $(MODEL),)
 
 # The in-process forward against transformers on the bench preset (not part of `make test`).
 bench: build
 	test -f $(BENCH_MODEL)/config.json || $(BIN) gen-model --preset bench --out $(BENCH_MODEL)
 	$(PYTHON) benches/forward_vs_hf.py --model $(BENCH_MODEL) --bin $(BIN) --threads 2
+
+# Sharded (router + 1/2/4 workers) against in-process, and the dispatch round trip.
+bench-sharded: build
+	test -f $(BENCH_MODEL)/config.json || $(BIN) gen-model --preset bench --out $(BENCH_MODEL)
+	$(PYTHON) benches/sharded_vs_local.py --model $(BENCH_MODEL) --bin $(BIN) --threads 2

@@ -1,16 +1,30 @@
-//! `tramontane bench-forward`: tokens/s of the in-process forward for the
-//! prefill and decode shapes that benches/forward_vs_hf.py also runs through
-//! transformers. Prompts are pseudo-random token ids from a formula both
-//! sides share, so both see the same tokens (and so the same expert load).
+//! Benchmarks run on purpose (never as tests):
+//! - `tramontane bench-forward`: tokens/s of the forward for the prefill and
+//!   decode shapes that benches/forward_vs_hf.py also runs through
+//!   transformers, in process or, with `--workers`, sharded over running
+//!   workers. Prompts are pseudo-random token ids from a formula both sides
+//!   share, so both see the same tokens (and so the same expert load).
+//! - `tramontane bench-dispatch`: round trips of one layer's Forward with a
+//!   one-row payload to a running worker.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Result, ensure};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use serde::Serialize;
+use tch::Kind;
+use tramontane_expert_worker::DEFAULT_MAX_MESSAGE_BYTES;
 use tramontane_model::kv_cache::KvCache;
-use tramontane_model::{BatchItem, Logits, Mixtral};
+use tramontane_model::weights::Checkpoint;
+use tramontane_model::{BatchItem, Logits, Mixtral, MixtralConfig};
+use tramontane_proto::v1::expert_service_client::ExpertServiceClient;
+use tramontane_proto::v1::{Dtype, ExpertRows, ForwardRequest, InfoRequest, TensorPayload};
+use tramontane_router::cluster;
+use tramontane_router::dispatch::RemoteExperts;
+use tramontane_router::placement::Placement;
 
 use crate::generate::load_model;
 use crate::options::ComputeArgs;
@@ -32,6 +46,16 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Run sharded over these running workers (comma-separated, default placement).
+    #[arg(long, value_delimiter = ',')]
+    pub workers: Vec<String>,
+    /// Rows to run: prefill and/or decode.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "prefill-1x512,prefill-8x128,decode-1,decode-8,decode-32"
+    )]
+    pub rows: Vec<String>,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }
@@ -131,38 +155,79 @@ fn time_decode(
     })
 }
 
+/// The model with its experts in process, or reached over gRPC.
+fn load_bench_model(args: &BenchArgs, runtime: &tokio::runtime::Runtime) -> Result<Mixtral> {
+    if args.workers.is_empty() {
+        return Ok(load_model(&args.model, &args.compute)?.0);
+    }
+    let options = args.compute.load_options()?;
+    let config = MixtralConfig::from_file(&args.model.join("config.json"))?;
+    let placement = Placement::round_robin(
+        config.num_hidden_layers,
+        config.num_local_experts,
+        args.workers.len(),
+    )?;
+    let model_id = tramontane_expert_worker::compute::model_id(&args.model)?;
+    let links = runtime.block_on(cluster::connect(
+        &args.workers,
+        &model_id,
+        &placement,
+        Duration::from_secs(300),
+        DEFAULT_MAX_MESSAGE_BYTES,
+    ))?;
+    let experts = RemoteExperts::new(
+        links,
+        placement,
+        runtime.handle().clone(),
+        Duration::from_secs(60),
+        Kind::Float,
+    );
+    let checkpoint = Checkpoint::open(&args.model)?;
+    Ok(Mixtral::load_dense(
+        &checkpoint,
+        config,
+        options,
+        Box::new(experts),
+    )?)
+}
+
 pub fn run(args: &BenchArgs) -> Result<()> {
     ensure!(
         args.repeats >= 1 && args.decode_steps >= 1,
         "--repeats and --decode-steps must be at least 1"
     );
     let _guard = tch::no_grad_guard();
-    let (model, _) = load_model(&args.model, &args.compute)?;
-    let rows = vec![
-        time_prefill(&model, 1, 512, args.repeats)?,
-        time_prefill(&model, 8, 128, args.repeats)?,
-        time_decode(
-            &model,
-            1,
-            args.decode_prompt,
-            args.decode_steps,
-            args.repeats,
-        )?,
-        time_decode(
-            &model,
-            8,
-            args.decode_prompt,
-            args.decode_steps,
-            args.repeats,
-        )?,
-        time_decode(
-            &model,
-            32,
-            args.decode_prompt,
-            args.decode_steps,
-            args.repeats,
-        )?,
-    ];
+    let runtime = tokio::runtime::Runtime::new()?;
+    let model = load_bench_model(args, &runtime)?;
+    let mut rows = Vec::new();
+    for row in &args.rows {
+        rows.push(match row.as_str() {
+            "prefill-1x512" => time_prefill(&model, 1, 512, args.repeats)?,
+            "prefill-8x128" => time_prefill(&model, 8, 128, args.repeats)?,
+            "decode-1" => time_decode(
+                &model,
+                1,
+                args.decode_prompt,
+                args.decode_steps,
+                args.repeats,
+            )?,
+            "decode-8" => time_decode(
+                &model,
+                8,
+                args.decode_prompt,
+                args.decode_steps,
+                args.repeats,
+            )?,
+            "decode-32" => time_decode(
+                &model,
+                32,
+                args.decode_prompt,
+                args.decode_steps,
+                args.repeats,
+            )?,
+            other => bail!("--rows: unknown row {other:?}"),
+        });
+    }
     if args.json {
         println!(
             "{}",
@@ -172,6 +237,77 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         for row in &rows {
             println!("{:<20} {:>10.1} tokens/s", row.name, row.tokens_per_s);
         }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct BenchDispatchArgs {
+    /// A running worker, host:port.
+    #[arg(long)]
+    pub worker: String,
+    /// Round trips to time (after 20 of warm-up).
+    #[arg(long, default_value_t = 2000)]
+    pub samples: usize,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// p-th percentile (0..=100) of sorted samples.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+pub fn run_dispatch(args: &BenchDispatchArgs) -> Result<()> {
+    ensure!(args.samples >= 1, "--samples must be at least 1");
+    let runtime = tokio::runtime::Runtime::new()?;
+    let micros = runtime.block_on(async {
+        let mut client = ExpertServiceClient::connect(format!("http://{}", args.worker)).await?;
+        let info = client.info(InfoRequest {}).await?.into_inner();
+        let held = info.held.first().context("the worker holds no expert")?;
+        let expert = *held.experts.first().context("the worker holds no expert")?;
+        let row: Vec<u8> = (0..info.hidden_size)
+            .flat_map(|i| (i as f32 * 1e-3).to_le_bytes())
+            .collect();
+        let request = ForwardRequest {
+            dispatch_id: 0,
+            layer: held.layer,
+            hidden: Some(TensorPayload {
+                dtype: Dtype::F32 as i32,
+                shape: vec![1, info.hidden_size as i64],
+                data: row.into(),
+            }),
+            experts: vec![ExpertRows {
+                expert,
+                rows: vec![0],
+                weights: vec![1.0],
+            }],
+        };
+        let mut micros = Vec::with_capacity(args.samples);
+        for i in 0..args.samples + 20 {
+            let start = Instant::now();
+            client.forward(request.clone()).await?;
+            if i >= 20 {
+                micros.push(start.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        anyhow::Ok(micros)
+    })?;
+    let mut sorted = micros;
+    sorted.sort_by(f64::total_cmp);
+    let (p50, p99) = (percentile(&sorted, 50.0), percentile(&sorted, 99.0));
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"samples": sorted.len(), "p50_us": p50, "p99_us": p99})
+        );
+    } else {
+        println!(
+            "dispatch round trip, 1 row: p50 {p50:.0} µs, p99 {p99:.0} µs ({} samples)",
+            sorted.len()
+        );
     }
     Ok(())
 }

@@ -10,14 +10,24 @@ use tramontane_model::generate::{StopRule, generate_greedy};
 use tramontane_model::model::Mixtral;
 use tramontane_model::weights::Checkpoint;
 use tramontane_model::{MixtralConfig, Tokenizer};
+use tramontane_proto::v1::GenerateRequest;
+use tramontane_proto::v1::generation_client::GenerationClient;
 
 use crate::options::ComputeArgs;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Checkpoint folder (HF format: config.json, safetensors, tokenizer.json).
-    #[arg(long, env = "TRAMONTANE_MODEL")]
-    pub model: PathBuf,
+    /// Checkpoint folder (HF format: config.json, safetensors, tokenizer.json), run in process.
+    #[arg(
+        long,
+        env = "TRAMONTANE_MODEL",
+        required_unless_present = "server",
+        conflicts_with = "server"
+    )]
+    pub model: Option<PathBuf>,
+    /// A running router (`host:port`) to ask instead, over gRPC moe.v1.Generation.
+    #[arg(long)]
+    pub server: Option<String>,
     /// Text to continue.
     #[arg(long)]
     pub prompt: String,
@@ -56,8 +66,57 @@ pub fn load_model(dir: &std::path::Path, compute: &ComputeArgs) -> Result<(Mixtr
 }
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
+    match (&args.model, &args.server) {
+        (Some(model), None) => run_in_process(args, model),
+        (None, Some(server)) => run_remote(args, server),
+        _ => bail!("give either --model or --server"),
+    }
+}
+
+fn print_output(args: &GenerateArgs, output: Output) -> Result<()> {
+    if args.json {
+        println!("{}", serde_json::to_string(&output)?);
+    } else {
+        println!("{}{}", args.prompt, output.text);
+    }
+    Ok(())
+}
+
+fn run_remote(args: &GenerateArgs, server: &str) -> Result<()> {
+    let uri = if server.contains("://") {
+        server.to_string()
+    } else {
+        format!("http://{server}")
+    };
+    let max_tokens = u32::try_from(args.max_tokens).context("--max-tokens is too large")?;
+    let response = tokio::runtime::Runtime::new()?.block_on(async {
+        let mut client = GenerationClient::connect(uri.clone())
+            .await
+            .with_context(|| format!("connecting to {uri}"))?;
+        let request = GenerateRequest {
+            prompt: args.prompt.clone(),
+            max_tokens,
+            ..Default::default()
+        };
+        let response = client
+            .generate(request)
+            .await
+            .map_err(|status| anyhow::anyhow!("{:?}: {}", status.code(), status.message()))?;
+        anyhow::Ok(response.into_inner())
+    })?;
+    print_output(
+        args,
+        Output {
+            text: response.text,
+            prompt_token_ids: response.prompt_token_ids,
+            token_ids: response.token_ids,
+        },
+    )
+}
+
+fn run_in_process(args: &GenerateArgs, model_dir: &std::path::Path) -> Result<()> {
     let _guard = tch::no_grad_guard();
-    let (model, tokenizer) = load_model(&args.model, &args.compute)?;
+    let (model, tokenizer) = load_model(model_dir, &args.compute)?;
     let prompt = tokenizer.encode(&args.prompt)?;
     let limit = model.config().max_position_embeddings;
     if prompt.len() + args.max_tokens > limit {
@@ -75,17 +134,14 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         .pop()
         .unwrap_or_default();
     let text = continuation_text(&tokenizer, &prompt, &token_ids)?;
-    if args.json {
-        let output = Output {
+    print_output(
+        args,
+        Output {
             text,
             prompt_token_ids: prompt,
             token_ids,
-        };
-        println!("{}", serde_json::to_string(&output)?);
-    } else {
-        println!("{}{}", args.prompt, text);
-    }
-    Ok(())
+        },
+    )
 }
 
 /// The text the new tokens add to the prompt's text. Decoding them alone would

@@ -29,8 +29,10 @@ enum Command {
     GenModel(gen_model::GenModelArgs),
     /// Greedy continuation of a prompt, in process.
     Generate(generate::GenerateArgs),
-    /// Tokens/s of the in-process forward (prefill and decode shapes).
+    /// Tokens/s of the forward (prefill and decode shapes), in process or over workers.
     BenchForward(bench::BenchArgs),
+    /// Round trips of a one-row Forward to a running worker.
+    BenchDispatch(bench::BenchDispatchArgs),
     /// Serve some experts of a model on one device (the expert service).
     Worker(worker::WorkerArgs),
     /// Serve the dense model and dispatch MoE layers to running workers.
@@ -44,6 +46,7 @@ fn main() -> Result<()> {
         Command::GenModel(args) => gen_model::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::BenchForward(args) => bench::run(&args),
+        Command::BenchDispatch(args) => bench::run_dispatch(&args),
         Command::Worker(args) => worker::run(&args),
         Command::Router(args) => router::run(&args),
         Command::Serve(args) => serve::run(&args),

@@ -92,7 +92,11 @@ pub async fn start_and_serve(options: RouterOptions, listen: SocketAddr) -> Resu
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
-    println!("tramontane router listening on {}", listener.local_addr()?);
+    let addr = listener.local_addr()?;
+    println!("tramontane router listening on {addr}");
+    eprintln!(
+        "send requests to moe.v1.Generation at {addr}, e.g. `tramontane generate --server {addr} --prompt \"...\"`"
+    );
     tramontane_router::serve(listener, router, crate::signals::shutdown())
         .await
         .context("serving")

@@ -140,7 +140,11 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             }
             let device = &args.devices[worker % args.devices.len()];
             let (child, addr) = spawn_worker(&model, &format_experts(&experts), device, threads).await?;
-            eprintln!("worker {worker} on {device} at {addr}: experts {}", format_experts(&experts));
+            eprintln!(
+                "worker {worker} (pid {}) on {device} at {addr}: experts {}",
+                child.id().unwrap_or_default(),
+                format_experts(&experts)
+            );
             children.push(child);
             addrs.push(addr);
         }

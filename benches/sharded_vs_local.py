@@ -1,0 +1,96 @@
+"""Sharded execution against in-process execution, end to end on this machine.
+
+In one run, on the same checkpoint, fp32: tokens/s of (a) the in-process
+forward, and of the router's forward with its experts on 1, 2 and 4 worker
+processes (default placement, loopback gRPC), for prefill 8x128 and greedy
+decode at batch 1, 8 and 32; each as a ratio to (a). Then the round trip of
+one layer's Forward with a one-row payload (p50/p99), against a worker of the
+tiny model (transport cost: the expert's compute is a few microseconds) and
+against a worker of this checkpoint (transport plus one expert on one row).
+
+Usage: python benches/sharded_vs_local.py --model DIR --bin target/release/tramontane [--threads 2]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+
+
+def start_worker(binary, model, experts, threads):
+    proc = subprocess.Popen(
+        [binary, "worker", "--model", model, "--experts", experts, "--listen", "127.0.0.1:0",
+         "--threads", str(threads)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    if "listening on " not in line:
+        proc.kill()
+        raise SystemExit(f"worker did not start: {line!r}")
+    return proc, line.strip().rsplit("listening on ", 1)[1]
+
+
+def bench_forward(args, workers=()):
+    command = [args.bin, "bench-forward", "--model", args.model, "--threads", str(args.threads), "--json",
+               "--repeats", str(args.repeats), "--decode-steps", str(args.decode_steps),
+               "--rows", "prefill-8x128,decode-1,decode-8,decode-32"]
+    if workers:
+        command += ["--workers", ",".join(workers)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out)["rows"]
+
+
+def bench_dispatch(args, model, samples):
+    proc, addr = start_worker(args.bin, model, "0", 1)
+    try:
+        out = subprocess.run([args.bin, "bench-dispatch", "--worker", addr, "--samples", str(samples), "--json"],
+                             check=True, capture_output=True, text=True).stdout
+        return json.loads(out)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--tiny-model", default="target/tiny-model")
+    parser.add_argument("--bin", required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=2000)
+    args = parser.parse_args()
+
+    config = json.load(open(os.path.join(args.model, "config.json")))
+    experts = config["num_local_experts"]
+    results = {"in-process": bench_forward(args)}
+    for count in (1, 2, 4):
+        procs = [start_worker(args.bin, args.model, ",".join(str(e) for e in range(experts) if e % count == w),
+                              max(1, args.threads // count)) for w in range(count)]
+        try:
+            results[f"router + {count} worker{'s' if count > 1 else ''}"] = bench_forward(
+                args, [addr for _, addr in procs])
+        finally:
+            for proc, _ in procs:
+                proc.kill()
+                proc.wait()
+
+    base = results["in-process"]
+    print(f"fp32, {args.threads} threads per process, {args.model}")
+    header = f"{'configuration':<22}" + "".join(f"{row['name']:>24}" for row in base)
+    print(header)
+    for name, rows in results.items():
+        cells = "".join(f"{r['tokens_per_s']:>12.1f} ({r['tokens_per_s'] / b['tokens_per_s']:.2f}x)".rjust(24)
+                        for r, b in zip(rows, base))
+        print(f"{name:<22}{cells}")
+
+    if not os.path.exists(os.path.join(args.tiny_model, "config.json")):
+        subprocess.run([args.bin, "gen-model", "--preset", "tiny", "--out", args.tiny_model], check=True)
+    for label, model in (("tiny model (transport)", args.tiny_model), ("this model (1 expert, 1 row)", args.model)):
+        rtt = bench_dispatch(args, model, args.samples)
+        print(f"dispatch round trip, {label}: p50 {rtt['p50_us']:.0f} µs, p99 {rtt['p99_us']:.0f} µs "
+              f"({rtt['samples']} samples)")
+
+
+if __name__ == "__main__":
+    main()
