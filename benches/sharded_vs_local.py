@@ -21,7 +21,9 @@ def start_worker(binary, model, experts, threads):
     proc = subprocess.Popen(
         [binary, "worker", "--model", model, "--experts", experts, "--listen", "127.0.0.1:0",
          "--threads", str(threads)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        # As `tramontane serve` starts its workers: no OpenMP spin-waiting while idle.
+        env={**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")})
     line = proc.stdout.readline()
     if "listening on " not in line:
         proc.kill()

@@ -64,6 +64,12 @@ async fn spawn_worker(
             "127.0.0.1:0",
         ])
         .args(["--threads", &threads.to_string()])
+        // A worker idles between dispatches: OpenMP threads that spin-wait
+        // there steal the cores the router and the other workers need.
+        .env(
+            "OMP_WAIT_POLICY",
+            std::env::var("OMP_WAIT_POLICY").unwrap_or_else(|_| "PASSIVE".into()),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)

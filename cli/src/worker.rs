@@ -65,7 +65,10 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
     let model_bytes = Checkpoint::open(&args.model)?.stored_bytes(|_| true);
     let (compute, info) = ComputeHandle::spawn(model, args.queue)?;
     let held: usize = info.held.iter().map(|(_, e)| e.len()).sum();
-    let runtime = tokio::runtime::Runtime::new()?;
+    // One I/O thread: the work is on the compute thread, and fewer threads wake faster.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await

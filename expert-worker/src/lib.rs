@@ -18,8 +18,8 @@ pub mod spec;
 use std::future::Future;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 use tramontane_proto::v1::expert_service_server::ExpertServiceServer;
 
 pub use compute::{ComputeHandle, WorkerInfo, WorkerModel};
@@ -46,7 +46,10 @@ pub async fn serve(
     Server::builder()
         .add_service(health)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
 }
 

@@ -29,8 +29,8 @@ use std::time::Duration;
 
 use tch::Kind;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 use tramontane_model::error::{ConfigError, LoadError, TokenizerError};
 use tramontane_model::weights::Checkpoint;
 use tramontane_model::{LoadOptions, Mixtral, MixtralConfig, Tokenizer};
@@ -194,7 +194,10 @@ pub async fn serve(
     let result = Server::builder()
         .add_service(health)
         .add_service(GenerationService::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await;
     monitor.abort();
     result
