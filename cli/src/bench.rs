@@ -83,14 +83,7 @@ fn prompts(batch: usize, len: usize, vocab: usize) -> Vec<Vec<u32>> {
 }
 
 fn prefill(model: &Mixtral, prompts: &[Vec<u32>]) -> Result<Vec<KvCache>> {
-    let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache()).collect();
-    let mut batch: Vec<BatchItem<'_>> = prompts
-        .iter()
-        .zip(caches.iter_mut())
-        .map(|(tokens, cache)| BatchItem { tokens, cache })
-        .collect();
-    let _ = model.forward(&mut batch, Logits::LastPosition)?;
-    Ok(caches)
+    Ok(model.prefill(prompts, Logits::LastPosition)?.1)
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {

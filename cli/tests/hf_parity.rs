@@ -110,13 +110,7 @@ fn check_parity(gen_args: &[&str]) -> Result<f64> {
     }
 
     // Every prompt in one ragged prefill step.
-    let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
-    let mut batch: Vec<BatchItem<'_>> = prompts
-        .iter()
-        .zip(caches.iter_mut())
-        .map(|(tokens, cache)| BatchItem { tokens, cache })
-        .collect();
-    let logits = model.forward(&mut batch, Logits::AllPositions)?;
+    let (logits, _) = model.prefill(&prompts, Logits::AllPositions)?;
     let mut worst: f64 = 0.0;
     let mut row = 0;
     for (i, prompt) in prompts.iter().enumerate() {

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, ensure};
 use tch::{Kind, Tensor};
 use tramontane_model::generate::{StopRule, generate_greedy};
 use tramontane_model::weights::Checkpoint;
-use tramontane_model::{BatchItem, LoadOptions, Logits, Mixtral, MixtralConfig, Tokenizer};
+use tramontane_model::{LoadOptions, Logits, Mixtral, MixtralConfig, Tokenizer};
 use tramontane_proto::v1::GenerateRequest;
 use tramontane_proto::v1::generation_client::GenerationClient;
 use tramontane_router::cluster;
@@ -81,13 +81,7 @@ fn last_logits_and_tokens(
     model: &Mixtral,
     prompts: &[Vec<u32>],
 ) -> Result<(Tensor, Vec<Vec<u32>>)> {
-    let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
-    let mut batch: Vec<BatchItem<'_>> = prompts
-        .iter()
-        .zip(caches.iter_mut())
-        .map(|(tokens, cache)| BatchItem { tokens, cache })
-        .collect();
-    let logits = model.forward(&mut batch, Logits::AllPositions)?;
+    let (logits, _) = model.prefill(prompts, Logits::AllPositions)?;
     let stop = StopRule {
         max_new_tokens: 12,
         eos_ids: vec![],

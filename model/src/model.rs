@@ -164,6 +164,23 @@ impl Mixtral {
         KvCache::new(self.config.num_hidden_layers)
     }
 
+    /// Runs every prompt from a fresh cache in one ragged step; returns the
+    /// logits and the filled caches.
+    pub fn prefill(
+        &self,
+        prompts: &[Vec<u32>],
+        which: Logits,
+    ) -> Result<(Tensor, Vec<KvCache>), ForwardError> {
+        let mut caches: Vec<KvCache> = prompts.iter().map(|_| self.new_cache()).collect();
+        let mut batch: Vec<BatchItem<'_>> = prompts
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(tokens, cache)| BatchItem { tokens, cache })
+            .collect();
+        let logits = self.forward(&mut batch, which)?;
+        Ok((logits, caches))
+    }
+
     /// Runs one step over every sequence in `batch`, appending to their caches,
     /// and returns fp32 logits. On error no cache is changed.
     pub fn forward(
