@@ -111,16 +111,12 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         }
     };
     let config = MixtralConfig::from_file(&model.join("config.json"))?;
-    let placement = match &args.tuning.placement {
-        Some(path) => {
-            Placement::from_file(path, config.num_hidden_layers, config.num_local_experts)?
-        }
-        None => Placement::round_robin(
-            config.num_hidden_layers,
-            config.num_local_experts,
-            args.workers,
-        )?,
-    };
+    let placement = Placement::from_file_or_round_robin(
+        args.tuning.placement.as_deref(),
+        config.num_hidden_layers,
+        config.num_local_experts,
+        args.workers,
+    )?;
     if placement.workers != args.workers {
         bail!(
             "the placement file names {} workers, --workers is {}",
@@ -138,9 +134,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         let mut addrs = Vec::new();
         for worker in 0..args.workers {
             // A worker holds, in every layer, the union of what the placement gives it.
-            let mut experts: Vec<usize> = placement.held_by(worker).into_iter().flat_map(|(_, e)| e).collect();
-            experts.sort_unstable();
-            experts.dedup();
+            let experts = placement.experts_of(worker);
             if experts.is_empty() {
                 bail!("worker {worker} holds no expert in the placement");
             }

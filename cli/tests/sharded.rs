@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use tch::{Kind, Tensor};
+use tramontane_expert_worker::spec::format_experts;
 use tramontane_model::generate::{StopRule, generate_greedy};
 use tramontane_model::weights::Checkpoint;
 use tramontane_model::{LoadOptions, Logits, Mixtral, MixtralConfig, Tokenizer};
@@ -60,19 +61,11 @@ fn placements(layers: usize, experts: usize) -> Vec<(&'static str, Placement)> {
 fn start_workers(model: &Path, placement: &Placement) -> Result<Vec<common::Process>> {
     (0..placement.workers)
         .map(|w| {
-            let mut experts: Vec<usize> = placement
-                .held_by(w)
-                .into_iter()
-                .flat_map(|(_, e)| e)
-                .collect();
-            experts.sort_unstable();
-            experts.dedup();
-            let spec = experts
-                .iter()
-                .map(usize::to_string)
-                .collect::<Vec<_>>()
-                .join(",");
-            common::worker(model, &spec, "127.0.0.1:0")
+            common::worker(
+                model,
+                &format_experts(&placement.experts_of(w)),
+                "127.0.0.1:0",
+            )
         })
         .collect()
 }

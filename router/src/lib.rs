@@ -94,16 +94,12 @@ impl Router {
         let config = MixtralConfig::from_file(&options.model_dir.join("config.json"))?;
         let model_id = tramontane_expert_worker::compute::model_id(&options.model_dir)?;
         let tokenizer = Arc::new(Tokenizer::from_dir(&options.model_dir)?);
-        let placement = match &options.placement {
-            Some(path) => {
-                Placement::from_file(path, config.num_hidden_layers, config.num_local_experts)?
-            }
-            None => Placement::round_robin(
-                config.num_hidden_layers,
-                config.num_local_experts,
-                options.workers.len(),
-            )?,
-        };
+        let placement = Placement::from_file_or_round_robin(
+            options.placement.as_deref(),
+            config.num_hidden_layers,
+            config.num_local_experts,
+            options.workers.len(),
+        )?;
         let workers = cluster::connect(
             &options.workers,
             &model_id,

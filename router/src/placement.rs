@@ -114,18 +114,30 @@ impl Placement {
         &self.experts[layer][expert]
     }
 
-    /// The experts worker `worker` must hold, per layer.
-    pub fn held_by(&self, worker: usize) -> Vec<(usize, Vec<usize>)> {
-        self.experts
+    /// The placement file at `path`, or expert e on worker e mod `workers`.
+    pub fn from_file_or_round_robin(
+        path: Option<&Path>,
+        layers: usize,
+        experts: usize,
+        workers: usize,
+    ) -> Result<Self, PlacementError> {
+        match path {
+            Some(path) => Self::from_file(path, layers, experts),
+            None => Self::round_robin(layers, experts, workers),
+        }
+    }
+
+    /// The expert ids worker `worker` holds in any layer, sorted: what it
+    /// loads when one `--experts` list serves every layer.
+    pub fn experts_of(&self, worker: usize) -> Vec<usize> {
+        let mut ids: Vec<usize> = self
+            .experts
             .iter()
-            .enumerate()
-            .map(|(layer, row)| {
-                let experts = (0..row.len())
-                    .filter(|&e| row[e].contains(&worker))
-                    .collect();
-                (layer, experts)
-            })
-            .collect()
+            .flat_map(|row| (0..row.len()).filter(move |&e| row[e].contains(&worker)))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 }
 
@@ -138,7 +150,7 @@ mod tests {
         let p = Placement::round_robin(2, 8, 3).unwrap();
         p.validate(2, 8).unwrap();
         assert_eq!(p.replicas(1, 7), &[1]);
-        assert_eq!(p.held_by(2)[0], (0, vec![2, 5]));
+        assert_eq!(p.experts_of(2), vec![2, 5]);
     }
 
     #[test]
