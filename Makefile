@@ -18,9 +18,10 @@ export LIBTORCH_USE_PYTORCH := 1
 MODEL ?=
 WORKERS ?= 2
 LISTEN ?= 127.0.0.1:50051
+HTTP_LISTEN ?= 127.0.0.1:8000
 BENCH_MODEL := target/bench-model
 
-.PHONY: setup build test lint serve bench bench-sharded
+.PHONY: setup build test lint serve bench bench-sharded bench-serving
 
 setup: $(STAMP)
 
@@ -41,7 +42,7 @@ test: build lint
 	cargo test --release --locked
 
 serve: build
-	$(BIN) serve --workers $(WORKERS) --listen $(LISTEN) $(if $(MODEL),--model $(MODEL),)
+	$(BIN) serve --workers $(WORKERS) --listen $(LISTEN) --http-listen $(HTTP_LISTEN) $(if $(MODEL),--model $(MODEL),)
 
 # The in-process forward against transformers on the bench preset (not part of `make test`).
 bench: build
@@ -52,3 +53,8 @@ bench: build
 bench-sharded: build
 	test -f $(BENCH_MODEL)/config.json || $(BIN) gen-model --preset bench --out $(BENCH_MODEL)
 	$(PYTHON) benches/sharded_vs_local.py --model $(BENCH_MODEL) --bin $(BIN) --threads 2
+
+# The OpenAI API under load (serve --workers 2; concurrency 1, 8, 32) against the in-process batch-32 decode.
+bench-serving: build
+	test -f $(BENCH_MODEL)/config.json || $(BIN) gen-model --preset bench --out $(BENCH_MODEL)
+	$(PYTHON) benches/serving_vs_local.py --model $(BENCH_MODEL) --bin $(BIN) --threads 2 --workers 2

@@ -96,6 +96,7 @@ fn run_remote(args: &GenerateArgs, server: &str) -> Result<()> {
         let request = GenerateRequest {
             prompt: args.prompt.clone(),
             max_tokens,
+            temperature: Some(0.0), // greedy, as in process
             ..Default::default()
         };
         let response = client

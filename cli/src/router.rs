@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use tch::Kind;
 use tramontane_expert_worker::DEFAULT_MAX_MESSAGE_BYTES;
+use tramontane_router::scheduler::SchedulerConfig;
 use tramontane_router::{Router, RouterOptions};
 
 use crate::options::{ComputeArgs, WeightDtype};
@@ -28,9 +29,22 @@ pub struct RouterTuning {
     /// dtype of hidden states on the wire.
     #[arg(long, value_enum, default_value = "f32")]
     pub wire_dtype: WeightDtype,
-    /// Requests that may wait for the engine.
+    /// Requests that may wait for admission; beyond it requests are refused
+    /// (HTTP 429, gRPC RESOURCE_EXHAUSTED).
     #[arg(long, default_value_t = 256)]
     pub queue: usize,
+    /// Tokens in one forward step: decode tokens first, then prompt chunks.
+    #[arg(long, default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// Sequences in the running batch.
+    #[arg(long, default_value_t = 64)]
+    pub max_running: usize,
+    /// KV cache tokens the running sequences may reserve (prompt + max_tokens each).
+    #[arg(long, default_value_t = 65_536)]
+    pub max_kv_tokens: usize,
+    /// The model name clients send (default: the model folder's name).
+    #[arg(long, env = "TRAMONTANE_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
     /// Largest gRPC message to a worker, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
@@ -52,6 +66,9 @@ pub struct RouterArgs {
     /// Address of the Generation service.
     #[arg(long, default_value = "127.0.0.1:50051", env = "TRAMONTANE_LISTEN")]
     pub listen: SocketAddr,
+    /// Address of the OpenAI-compatible HTTP API (and /metrics, /health).
+    #[arg(long, default_value = "127.0.0.1:8000", env = "TRAMONTANE_HTTP_LISTEN")]
+    pub http_listen: SocketAddr,
     #[command(flatten)]
     pub tuning: RouterTuning,
     #[command(flatten)]
@@ -72,6 +89,15 @@ impl RouterTuning {
             bail!("--dispatch-timeout-ms must be at least 1");
         }
         let wire: Kind = self.wire_dtype.kind();
+        let scheduler = SchedulerConfig {
+            max_batch_tokens: self.max_batch_tokens,
+            max_running: self.max_running,
+            max_kv_tokens: self.max_kv_tokens,
+            max_waiting: self.queue,
+        };
+        scheduler
+            .validate()
+            .map_err(|e| anyhow::anyhow!("--{}", e.to_string().replace('_', "-")))?;
         Ok(RouterOptions {
             model_dir: model,
             workers,
@@ -80,24 +106,36 @@ impl RouterTuning {
             dispatch_timeout: Duration::from_millis(self.dispatch_timeout_ms),
             startup_timeout: Duration::from_secs(self.startup_timeout_s),
             wire,
-            queue: self.queue,
+            scheduler,
             max_message_bytes: self.max_message_bytes,
+            served_model_name: self.served_model_name.clone(),
         })
     }
 }
 
 /// Starts a router and serves it until Ctrl-C / SIGTERM.
-pub async fn start_and_serve(options: RouterOptions, listen: SocketAddr) -> Result<()> {
+pub async fn start_and_serve(
+    options: RouterOptions,
+    listen: SocketAddr,
+    http_listen: SocketAddr,
+) -> Result<()> {
     let router = Router::start(options).await?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding {listen}"))?;
-    let addr = listener.local_addr()?;
-    println!("tramontane router listening on {addr}");
+    let bind = |addr: SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))
+    };
+    let grpc = bind(listen).await?;
+    let http = bind(http_listen).await?;
+    let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
+    println!("tramontane router listening on {grpc_addr}");
+    println!("tramontane http listening on {http_addr}");
     eprintln!(
-        "send requests to moe.v1.Generation at {addr}, e.g. `tramontane generate --server {addr} --prompt \"...\"`"
+        "serving `{}` (chat template: {}): OpenAI API at http://{http_addr}/v1, metrics at http://{http_addr}/metrics, moe.v1.Generation at {grpc_addr}",
+        router.model_name(),
+        router.chat_template_source()
     );
-    tramontane_router::serve(listener, router, crate::signals::shutdown())
+    tramontane_router::serve(grpc, http, router, crate::signals::shutdown())
         .await
         .context("serving")
 }
@@ -106,5 +144,9 @@ pub fn run(args: &RouterArgs) -> Result<()> {
     let options = args
         .tuning
         .options(args.model.clone(), args.workers.clone(), &args.compute)?;
-    tokio::runtime::Runtime::new()?.block_on(start_and_serve(options, args.listen))
+    tokio::runtime::Runtime::new()?.block_on(start_and_serve(
+        options,
+        args.listen,
+        args.http_listen,
+    ))
 }

@@ -37,6 +37,9 @@ pub struct ServeArgs {
     /// Address of the router's Generation service.
     #[arg(long, default_value = "127.0.0.1:50051", env = "TRAMONTANE_LISTEN")]
     pub listen: SocketAddr,
+    /// Address of the OpenAI-compatible HTTP API (and /metrics, /health).
+    #[arg(long, default_value = "127.0.0.1:8000", env = "TRAMONTANE_HTTP_LISTEN")]
+    pub http_listen: SocketAddr,
     #[command(flatten)]
     pub tuning: RouterTuning,
     #[command(flatten)]
@@ -85,6 +88,8 @@ async fn spawn_worker(
         .strip_prefix("tramontane worker listening on ")
         .context("unexpected worker output")?
         .to_string();
+    // Keep reading: a closed pipe would fail the worker's next print.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Ok((child, addr))
 }
 
@@ -156,7 +161,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             });
             futures::future::join_all(exits).await;
         });
-        let result = crate::router::start_and_serve(options, args.listen).await;
+        let result = crate::router::start_and_serve(options, args.listen, args.http_listen).await;
         watch.abort(); // dropping the children kills them
         result
     })

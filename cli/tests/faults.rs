@@ -38,7 +38,8 @@ fn router_refuses(args: &[&str]) -> Result<String> {
     let output = common::tramontane()
         .arg("router")
         .args(args)
-        .args(["--listen", "127.0.0.1:0", "--startup-timeout-s", "2"])
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .args(["--startup-timeout-s", "2"])
         .env("RUST_BACKTRACE", "0")
         .output()?;
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
@@ -126,6 +127,8 @@ fn a_killed_worker_fails_over_to_its_replica_with_identical_tokens() -> Result<(
         placement.to_str().unwrap_or_default(),
         "--listen",
         "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
         "--threads",
         "1",
     ])?;
@@ -134,12 +137,15 @@ fn a_killed_worker_fails_over_to_its_replica_with_identical_tokens() -> Result<(
         let request = GenerateRequest {
             prompt: PROMPT.into(),
             max_tokens: 120,
+            temperature: Some(0.0),
             ..Default::default()
         };
         let mut stream = client.generate_stream(request.clone()).await?.into_inner();
         let mut tokens = Vec::new();
         while let Some(message) = stream.message().await? {
-            tokens.push(message.token_id);
+            if message.has_token {
+                tokens.push(message.token_id);
+            }
             if tokens.len() == 4 {
                 w0.child.kill()?; // SIGKILL mid-generation
                 w0.child.wait()?;
@@ -175,6 +181,8 @@ fn without_a_replica_requests_fail_unavailable_until_the_worker_returns() -> Res
         &format!("{},{}", w0.addr, w1_addr),
         "--listen",
         "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
         "--threads",
         "1",
         "--dispatch-timeout-ms",
@@ -185,6 +193,7 @@ fn without_a_replica_requests_fail_unavailable_until_the_worker_returns() -> Res
         let request = GenerateRequest {
             prompt: PROMPT.into(),
             max_tokens: 8,
+            temperature: Some(0.0),
             ..Default::default()
         };
         ensure!(

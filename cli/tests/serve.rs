@@ -58,6 +58,8 @@ fn serve_starts_workers_and_router_and_stops_them_all() -> Result<()> {
         "3",
         "--listen",
         "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
         "--threads",
         "1",
     ])?;

@@ -197,6 +197,8 @@ fn router_generation_equals_in_process_generation() -> Result<()> {
         &addrs,
         "--listen",
         "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
         "--threads",
         "1",
     ])?;
@@ -206,6 +208,7 @@ fn router_generation_equals_in_process_generation() -> Result<()> {
         let request = GenerateRequest {
             prompt: PROMPTS[2].into(),
             max_tokens: 16,
+            temperature: Some(0.0),
             ..Default::default()
         };
         let response = client.generate(request.clone()).await?.into_inner();
@@ -232,7 +235,9 @@ fn router_generation_equals_in_process_generation() -> Result<()> {
         let mut text = String::new();
         let mut last_reason = String::new();
         while let Some(message) = stream.message().await? {
-            streamed.push(message.token_id);
+            if message.has_token {
+                streamed.push(message.token_id);
+            }
             text.push_str(&message.text);
             last_reason = message.finish_reason;
         }
@@ -252,21 +257,25 @@ fn router_generation_equals_in_process_generation() -> Result<()> {
             GenerateRequest {
                 prompt: "hi".into(),
                 max_tokens: 0,
+                temperature: Some(0.0),
                 ..Default::default()
             },
             GenerateRequest {
                 prompt: String::new(),
                 max_tokens: 4,
+                temperature: Some(0.0),
                 ..Default::default()
             },
             GenerateRequest {
                 prompt_token_ids: vec![1, 40000],
                 max_tokens: 4,
+                temperature: Some(0.0),
                 ..Default::default()
             },
             GenerateRequest {
                 prompt: "hi".into(),
                 max_tokens: 5000,
+                temperature: Some(0.0),
                 ..Default::default()
             },
         ] {
@@ -277,11 +286,89 @@ fn router_generation_equals_in_process_generation() -> Result<()> {
             .generate(GenerateRequest {
                 prompt: PROMPTS[2].into(),
                 max_tokens: 16,
+                temperature: Some(0.0),
                 ..Default::default()
             })
             .await?
             .into_inner();
         ensure!(again.token_ids == expected, "after bad requests");
+
+        // The semantics of the HTTP API: seeds, stop strings, logprobs.
+        let sampled = GenerateRequest {
+            prompt: PROMPTS[1].into(),
+            max_tokens: 12,
+            temperature: Some(1.0),
+            seed: Some(7),
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let first = client.generate(sampled.clone()).await?.into_inner();
+        let second = client.generate(sampled).await?.into_inner();
+        ensure!(
+            first.token_ids.len() == 12,
+            "ignore_eos gives max_tokens tokens"
+        );
+        ensure!(
+            first.token_ids == second.token_ids,
+            "a seed replays the same tokens"
+        );
+
+        let text = &response.text;
+        let cut = text
+            .char_indices()
+            .map(|(i, _)| i)
+            .find(|&i| i >= text.len() / 2 && !text[i..].starts_with(' '))
+            .context("a cut point")?;
+        let stop: String = text[cut..].chars().take(3).collect();
+        let stopped = client
+            .generate(GenerateRequest {
+                prompt: PROMPTS[2].into(),
+                max_tokens: 16,
+                temperature: Some(0.0),
+                stop: vec![stop.clone()],
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let before = &text[..text.find(&stop).context("stop in text")?];
+        ensure!(
+            stopped.text == before && stopped.finish_reason == "stop",
+            "stop {stop:?}: {:?} ({}) vs {before:?}",
+            stopped.text,
+            stopped.finish_reason
+        );
+
+        let with_logprobs = client
+            .generate(GenerateRequest {
+                prompt: PROMPTS[2].into(),
+                max_tokens: 6,
+                temperature: Some(0.0),
+                logprobs: Some(3),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        ensure!(with_logprobs.logprobs.len() == with_logprobs.token_ids.len());
+        for (lp, &id) in with_logprobs.logprobs.iter().zip(&with_logprobs.token_ids) {
+            ensure!(lp.token_id == id && lp.top.len() == 3 && lp.logprob <= 0.0);
+            // Greedy: the chosen token is the most likely one.
+            ensure!(lp.top[0].token_id == id, "{lp:?}");
+            ensure!(lp.top.windows(2).all(|w| w[0].logprob >= w[1].logprob));
+        }
+        let status = client
+            .generate(GenerateRequest {
+                prompt: "hi".into(),
+                max_tokens: 4,
+                temperature: Some(3.0),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        ensure!(
+            status.code() == tonic::Code::InvalidArgument
+                && status.message().contains("temperature"),
+            "{status:?}"
+        );
         Ok(())
     })?;
     Ok(())

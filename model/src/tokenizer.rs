@@ -76,6 +76,32 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Token ids of text that already carries its special tokens (a rendered
+    /// chat template): nothing is added; `<s>` in the text is the BOS token.
+    pub fn encode_rendered(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The bytes one token stands for, as API logprobs show it: SentencePiece's
+    /// "▁" is a space and a byte-fallback piece `<0xAB>` is that byte.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(piece) = self.inner.id_to_token(id) else {
+            return Vec::new();
+        };
+        if let Some(hex) = piece
+            .strip_prefix("<0x")
+            .and_then(|rest| rest.strip_suffix('>'))
+            && let Ok(byte) = u8::from_str_radix(hex, 16)
+        {
+            return vec![byte];
+        }
+        piece.replace('\u{2581}', " ").into_bytes()
+    }
+
     /// Text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
         self.inner
@@ -89,6 +115,11 @@ impl Tokenizer {
 
     pub fn bos_token_id(&self) -> Option<u32> {
         self.bos_id
+    }
+
+    /// The vocabulary entry of `id` as stored (e.g. `<s>`, `▁the`).
+    pub fn piece(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -1,18 +1,26 @@
 //! The engine: one thread owns the model (dense weights, KV caches) and runs
-//! forward steps over every running sequence at once. New requests join the
-//! batch at the next step (their prompts prefill in the same ragged step as
-//! the others' decode tokens); a finished sequence, or one whose client went
-//! away, leaves at once.
+//! continuous batching. Requests wait in a bounded queue, are admitted while
+//! their KV reservation fits, prefill in chunks under the step's token budget
+//! beside the decodes of the others (see [`crate::scheduler`]), and leave the
+//! batch the step they finish — or the step after their client went away.
 
-use tch::Kind;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tch::{Device, Kind, Tensor};
 use tokio::sync::mpsc;
 use tramontane_model::kv_cache::KvCache;
 use tramontane_model::{BatchItem, Logits, Mixtral};
 
+use crate::metrics;
+use crate::sampling::{Sampler, SamplingParams, TokenLogprob};
+use crate::scheduler::{KvBudget, SchedulerConfig, plan_step};
+
 /// Why a sequence ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
-    /// An end-of-sequence token.
+    /// An end-of-sequence token or a stop string.
     Stop,
     /// max_tokens reached.
     Length,
@@ -30,7 +38,10 @@ impl FinishReason {
 /// What the engine tells a request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Token(u32),
+    Token {
+        id: u32,
+        logprob: Option<TokenLogprob>,
+    },
     Finished(FinishReason),
     /// The step failed; the reason starts with the gRPC code name when one fits
     /// (e.g. `UNAVAILABLE: ...`).
@@ -41,20 +52,42 @@ pub enum Event {
 pub struct GenerateJob {
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Keep generating past EOS (benchmarks).
+    pub ignore_eos: bool,
     pub events: mpsc::UnboundedSender<Event>,
 }
 
+impl GenerateJob {
+    /// KV cache tokens the sequence may fill.
+    pub fn kv_tokens(&self) -> usize {
+        self.prompt.len() + self.max_tokens
+    }
+}
+
 struct Sequence {
+    job: GenerateJob,
     cache: KvCache,
-    feed: Vec<u32>,
+    sampler: Sampler,
+    /// Prompt tokens already prefilled.
+    prefilled: usize,
+    /// The last generated token, fed at the next step.
+    last: Option<u32>,
     generated: usize,
-    max_tokens: usize,
-    events: mpsc::UnboundedSender<Event>,
+}
+
+impl Sequence {
+    fn prompt_left(&self) -> usize {
+        self.job.prompt.len() - self.prefilled
+    }
 }
 
 #[derive(Clone)]
 pub struct EngineHandle {
-    jobs: mpsc::Sender<GenerateJob>,
+    jobs: mpsc::UnboundedSender<GenerateJob>,
+    /// Requests submitted and not yet admitted (or dropped).
+    waiting: Arc<AtomicUsize>,
+    config: SchedulerConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,16 +96,27 @@ pub enum EngineError {
     Stopped,
     #[error("the engine could not start: {0}")]
     Start(String),
+    #[error("{waiting} requests are already waiting; retry later")]
+    QueueFull { waiting: usize },
 }
 
 impl EngineHandle {
     /// Starts the engine thread; `build` runs on it and creates the model.
-    pub fn spawn<F>(build: F, eos_ids: Vec<u32>, queue: usize) -> Result<Self, EngineError>
+    pub fn spawn<F>(
+        build: F,
+        eos_ids: Vec<u32>,
+        config: SchedulerConfig,
+    ) -> Result<Self, EngineError>
     where
         F: FnOnce() -> Result<Mixtral, String> + Send + 'static,
     {
-        let (jobs, mut receiver) = mpsc::channel::<GenerateJob>(queue.max(1));
+        config
+            .validate()
+            .map_err(|e| EngineError::Start(e.to_string()))?;
+        let (jobs, receiver) = mpsc::unbounded_channel::<GenerateJob>();
+        let waiting = Arc::new(AtomicUsize::new(0));
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let engine_waiting = waiting.clone();
         std::thread::Builder::new()
             .name("router-engine".into())
             .spawn(move || {
@@ -87,94 +131,219 @@ impl EngineHandle {
                         return;
                     }
                 };
-                run(&model, &mut receiver, &eos_ids);
+                Engine {
+                    model: &model,
+                    receiver,
+                    waiting_count: engine_waiting,
+                    eos_ids,
+                    config,
+                    waiting: VecDeque::new(),
+                    running: Vec::new(),
+                    kv: KvBudget::new(config.max_kv_tokens),
+                }
+                .run();
             })
             .map_err(|e| EngineError::Start(e.to_string()))?;
         ready_rx
             .recv()
             .map_err(|_| EngineError::Start("engine thread exited".into()))?
             .map_err(EngineError::Start)?;
-        Ok(Self { jobs })
+        ::metrics::gauge!(metrics::KV_CACHE_TOTAL_TOKENS).set(config.max_kv_tokens as f64);
+        Ok(Self {
+            jobs,
+            waiting,
+            config,
+        })
     }
 
-    pub async fn submit(&self, job: GenerateJob) -> Result<(), EngineError> {
-        self.jobs.send(job).await.map_err(|_| EngineError::Stopped)
+    /// Queues a job, or refuses it when the queue is full.
+    pub fn submit(&self, job: GenerateJob) -> Result<(), EngineError> {
+        let limit = self.config.max_waiting;
+        let before = self.waiting.fetch_add(1, Ordering::SeqCst);
+        if before >= limit {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::QueueFull { waiting: before });
+        }
+        self.jobs.send(job).map_err(|_| {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            EngineError::Stopped
+        })
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
     }
 }
 
-fn admit(model: &Mixtral, job: GenerateJob, running: &mut Vec<Sequence>) {
-    running.push(Sequence {
-        cache: model.new_cache(),
-        feed: job.prompt,
-        generated: 0,
-        max_tokens: job.max_tokens,
-        events: job.events,
-    });
+struct Engine<'m> {
+    model: &'m Mixtral,
+    receiver: mpsc::UnboundedReceiver<GenerateJob>,
+    waiting_count: Arc<AtomicUsize>,
+    eos_ids: Vec<u32>,
+    config: SchedulerConfig,
+    waiting: VecDeque<GenerateJob>,
+    running: Vec<Sequence>,
+    kv: KvBudget,
 }
 
-fn run(model: &Mixtral, receiver: &mut mpsc::Receiver<GenerateJob>, eos_ids: &[u32]) {
-    let mut running: Vec<Sequence> = Vec::new();
-    loop {
-        if running.is_empty() {
-            match receiver.blocking_recv() {
-                Some(job) => admit(model, job, &mut running),
-                None => return,
-            }
-        }
-        while let Ok(job) = receiver.try_recv() {
-            admit(model, job, &mut running);
-        }
-        running.retain(|s| !s.events.is_closed());
-        if running.is_empty() {
-            continue;
-        }
-        let logits = {
-            let mut batch: Vec<BatchItem<'_>> = running
-                .iter_mut()
-                .map(|s| BatchItem {
-                    tokens: &s.feed,
-                    cache: &mut s.cache,
-                })
-                .collect();
-            model.forward(&mut batch, Logits::LastPosition)
-        };
-        let next: Result<Vec<i64>, String> = logits.map_err(|e| e.to_string()).and_then(|l| {
-            Vec::<i64>::try_from(l.argmax(-1, false).to_kind(Kind::Int64))
-                .map_err(|e| e.to_string())
-        });
-        let next = match next {
-            Ok(next) => next,
-            Err(reason) => {
-                for s in running.drain(..) {
-                    let _ = s.events.send(Event::Failed(reason.clone()));
+impl Engine<'_> {
+    fn run(mut self) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                self.report();
+                match self.receiver.blocking_recv() {
+                    Some(job) => self.waiting.push_back(job),
+                    None => return,
                 }
-                continue;
+            }
+            while let Ok(job) = self.receiver.try_recv() {
+                self.waiting.push_back(job);
+            }
+            self.drop_abandoned();
+            self.admit();
+            self.report();
+            if !self.running.is_empty() {
+                self.step();
+            }
+        }
+    }
+
+    /// Requests whose client went away leave the queue and the batch.
+    fn drop_abandoned(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain(|job| !job.events.is_closed());
+        self.waiting_count
+            .fetch_sub(before - self.waiting.len(), Ordering::SeqCst);
+        let kv = &mut self.kv;
+        self.running.retain(|s| {
+            let gone = s.job.events.is_closed();
+            if gone {
+                kv.release(s.job.kv_tokens());
+            }
+            !gone
+        });
+    }
+
+    /// First come first served, while the KV reservation and the batch fit.
+    fn admit(&mut self) {
+        while self.running.len() < self.config.max_running {
+            let Some(job) = self.waiting.front() else {
+                break;
+            };
+            if !self.kv.try_reserve(job.kv_tokens()) {
+                break;
+            }
+            let job = self.waiting.pop_front().expect("front exists");
+            self.waiting_count.fetch_sub(1, Ordering::SeqCst);
+            self.running.push(Sequence {
+                cache: self.model.new_cache(),
+                sampler: Sampler::new(job.sampling.clone()),
+                job,
+                prefilled: 0,
+                last: None,
+                generated: 0,
+            });
+        }
+    }
+
+    fn report(&self) {
+        ::metrics::gauge!(metrics::RUNNING_REQUESTS).set(self.running.len() as f64);
+        ::metrics::gauge!(metrics::WAITING_REQUESTS).set(self.waiting.len() as f64);
+        ::metrics::gauge!(metrics::KV_CACHE_USED_TOKENS).set(self.kv.used() as f64);
+    }
+
+    /// One forward over the planned slices, then sampling and events.
+    fn step(&mut self) {
+        let pending: Vec<usize> = self.running.iter().map(Sequence::prompt_left).collect();
+        let plan = plan_step(&pending, self.config.max_batch_tokens);
+        let feeds: Vec<Vec<u32>> = plan
+            .iter()
+            .map(|slice| {
+                let s = &self.running[slice.sequence];
+                match s.last {
+                    Some(token) if s.prompt_left() == 0 => vec![token],
+                    _ => s.job.prompt[s.prefilled..s.prefilled + slice.tokens].to_vec(),
+                }
+            })
+            .collect();
+        let batch_tokens: usize = feeds.iter().map(Vec::len).sum();
+        ::metrics::histogram!(metrics::BATCH_SIZE).record(plan.len() as f64);
+        ::metrics::histogram!(metrics::BATCH_TOKENS).record(batch_tokens as f64);
+        let logits = {
+            let mut in_plan = plan.iter().map(|s| s.sequence).peekable();
+            let mut batch: Vec<BatchItem<'_>> = Vec::with_capacity(plan.len());
+            for (i, s) in self.running.iter_mut().enumerate() {
+                if in_plan.peek() == Some(&i) {
+                    in_plan.next();
+                    batch.push(BatchItem {
+                        tokens: &feeds[batch.len()],
+                        cache: &mut s.cache,
+                    });
+                }
+            }
+            self.model
+                .forward(&mut batch, Logits::LastPosition)
+                .map_err(|e| e.to_string())
+                .and_then(|l| rows_to_vec(&l))
+        };
+        let (logits, vocab) = match logits {
+            Ok(rows) => rows,
+            Err(reason) => {
+                for s in self.running.drain(..) {
+                    self.kv.release(s.job.kv_tokens());
+                    let _ = s.job.events.send(Event::Failed(reason.clone()));
+                }
+                return;
             }
         };
-        let mut still_running = Vec::with_capacity(running.len());
-        for (mut s, token) in running.drain(..).zip(next) {
-            let token = token as u32;
-            s.generated += 1;
-            if s.events.send(Event::Token(token)).is_err() {
-                continue; // the client went away: free its cache now
+        let mut finished = Vec::new();
+        for (row, slice) in plan.iter().enumerate() {
+            let s = &mut self.running[slice.sequence];
+            if s.prompt_left() > 0 {
+                s.prefilled += slice.tokens;
+                ::metrics::counter!(metrics::PROMPT_TOKENS_TOTAL).increment(slice.tokens as u64);
+                if s.prompt_left() > 0 {
+                    continue; // more prompt next step: these logits are not needed
+                }
             }
-            let finish = if eos_ids.contains(&token) {
+            let (token, logprob) = s.sampler.sample(&logits[row * vocab..(row + 1) * vocab]);
+            s.generated += 1;
+            s.last = Some(token);
+            ::metrics::counter!(metrics::GENERATION_TOKENS_TOTAL).increment(1);
+            let delivered = s
+                .job
+                .events
+                .send(Event::Token { id: token, logprob })
+                .is_ok();
+            let finish = if !s.job.ignore_eos && self.eos_ids.contains(&token) {
                 Some(FinishReason::Stop)
-            } else if s.generated >= s.max_tokens {
+            } else if s.generated >= s.job.max_tokens {
                 Some(FinishReason::Length)
             } else {
                 None
             };
-            match finish {
-                Some(reason) => {
-                    let _ = s.events.send(Event::Finished(reason));
-                }
-                None => {
-                    s.feed = vec![token];
-                    still_running.push(s);
-                }
+            if let Some(reason) = finish {
+                let _ = s.job.events.send(Event::Finished(reason));
+            }
+            if finish.is_some() || !delivered {
+                finished.push(slice.sequence);
             }
         }
-        running = still_running;
+        for index in finished.into_iter().rev() {
+            let s = self.running.remove(index);
+            self.kv.release(s.job.kv_tokens());
+        }
     }
+}
+
+/// Logits `[rows, vocab]` as f32 on the CPU, flattened, and the vocab size.
+fn rows_to_vec(logits: &Tensor) -> Result<(Vec<f32>, usize), String> {
+    let vocab = logits.size().last().copied().unwrap_or(0) as usize;
+    let flat = logits
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Float)
+        .contiguous()
+        .view([-1]);
+    let values = Vec::<f32>::try_from(&flat).map_err(|e| e.to_string())?;
+    Ok((values, vocab))
 }

@@ -12,21 +12,35 @@
 //! - [`dispatch`]: plan per worker, send concurrently, fail over, combine —
 //!   [`dispatch::RemoteExperts`] is the model's `Experts` seam over gRPC.
 //! - [`cluster`]: connect and check workers at start, probe them after.
-//! - [`engine`]: the thread that owns the model and batches running sequences.
-//! - [`service`]: the public gRPC `moe.v1.Generation`.
+//! - [`scheduler`], [`engine`]: continuous batching on the thread that owns
+//!   the model; [`sampling`] picks each sequence's next token.
+//! - [`completion`]: one request whichever API it came through; [`text`]
+//!   turns tokens into streamed text and applies stop strings.
+//! - [`http`] (OpenAI-compatible) and [`service`] (gRPC `moe.v1.Generation`):
+//!   the public APIs; [`chat_template`] renders chat messages.
+//! - [`metrics`]: the Prometheus metrics.
 //! - [`Router::start`] and [`serve`]: the entry points.
 
+pub mod chat_template;
 pub mod cluster;
+pub mod completion;
 pub mod dispatch;
 pub mod engine;
+pub mod http;
+pub mod metrics;
 pub mod placement;
+pub mod sampling;
+pub mod scheduler;
 pub mod service;
+pub mod text;
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tch::Kind;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
@@ -36,10 +50,14 @@ use tramontane_model::weights::Checkpoint;
 use tramontane_model::{LoadOptions, Mixtral, MixtralConfig, Tokenizer};
 use tramontane_proto::v1::generation_server::GenerationServer as GenerationService;
 
+use crate::chat_template::{ChatTemplate, ChatTemplateError};
 use crate::cluster::ClusterError;
+use crate::completion::Generator;
 use crate::dispatch::{RemoteExperts, WorkerLink};
 use crate::engine::{EngineError, EngineHandle};
+use crate::http::HttpState;
 use crate::placement::{Placement, PlacementError};
+use crate::scheduler::SchedulerConfig;
 use crate::service::GenerationServer;
 
 #[derive(Debug, Clone)]
@@ -56,9 +74,11 @@ pub struct RouterOptions {
     pub startup_timeout: Duration,
     /// dtype of hidden states on the wire.
     pub wire: Kind,
-    /// Requests that may wait for the engine.
-    pub queue: usize,
+    /// Batch, token budget, KV and queue limits.
+    pub scheduler: SchedulerConfig,
     pub max_message_bytes: usize,
+    /// The name clients give as `model`; None: the model folder's name.
+    pub served_model_name: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,12 +95,15 @@ pub enum RouterError {
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    ChatTemplate(#[from] ChatTemplateError),
 }
 
 /// A started router: workers checked, dense model loaded.
 pub struct Router {
-    engine: EngineHandle,
-    tokenizer: Arc<Tokenizer>,
+    generator: Generator,
+    chat_template: ChatTemplate,
+    model_name: String,
     config: MixtralConfig,
     model_id: String,
     workers: Arc<Vec<WorkerLink>>,
@@ -94,6 +117,20 @@ impl Router {
         let config = MixtralConfig::from_file(&options.model_dir.join("config.json"))?;
         let model_id = tramontane_expert_worker::compute::model_id(&options.model_dir)?;
         let tokenizer = Arc::new(Tokenizer::from_dir(&options.model_dir)?);
+        let piece = |id: Option<u32>| id.and_then(|id| tokenizer.piece(id));
+        let chat_template = ChatTemplate::from_dir(
+            &options.model_dir,
+            piece(tokenizer.bos_token_id()),
+            piece(tokenizer.eos_token_id()),
+        )?;
+        let model_name = options.served_model_name.clone().unwrap_or_else(|| {
+            options
+                .model_dir
+                .canonicalize()
+                .unwrap_or_else(|_| options.model_dir.clone())
+                .file_name()
+                .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned())
+        });
         let placement = Placement::from_file_or_round_robin(
             options.placement.as_deref(),
             config.num_hidden_layers,
@@ -128,13 +165,22 @@ impl Router {
             .into_iter()
             .chain(config.eos_token_id.iter().flat_map(|ids| ids.to_vec()))
             .collect();
+        crate::metrics::install();
+        let scheduler = options.scheduler;
         let engine =
-            tokio::task::spawn_blocking(move || EngineHandle::spawn(build, eos, options.queue))
+            tokio::task::spawn_blocking(move || EngineHandle::spawn(build, eos, scheduler))
                 .await
                 .map_err(|e| EngineError::Start(e.to_string()))??;
-        Ok(Self {
+        let generator = Generator::new(
             engine,
             tokenizer,
+            config.vocab_size,
+            config.max_position_embeddings,
+        );
+        Ok(Self {
+            generator,
+            chat_template,
+            model_name,
             config,
             model_id,
             workers,
@@ -145,25 +191,39 @@ impl Router {
     pub fn config(&self) -> &MixtralConfig {
         &self.config
     }
+
+    /// The name clients give as `model`.
+    pub fn model_name(&self) -> &str {
+        &self.model_name
+    }
+
+    /// Where the chat template came from.
+    pub fn chat_template_source(&self) -> &str {
+        &self.chat_template.source
+    }
 }
 
-/// Serves `moe.v1.Generation` and grpc.health.v1 on `listener` until
-/// `shutdown`; health is SERVING only while every expert has a live worker.
+/// Serves `moe.v1.Generation` and grpc.health.v1 on `grpc`, and the
+/// OpenAI-compatible API on `http`, until `shutdown`. Health (both) is
+/// serving only while every expert has a live worker.
 pub async fn serve(
-    listener: TcpListener,
+    grpc: TcpListener,
+    http: TcpListener,
     router: Router,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), tonic::transport::Error> {
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let ready = Arc::new(AtomicBool::new(true));
     let (reporter, health) = tonic_health::server::health_reporter();
-    let monitor_reporter = reporter.clone();
+    let monitor_ready = ready.clone();
     let monitor = tokio::spawn(cluster::monitor(
         router.workers.clone(),
         router.model_id.clone(),
         router.placement.clone(),
-        move |ready| {
-            let reporter = monitor_reporter.clone();
+        move |is_ready| {
+            monitor_ready.store(is_ready, Ordering::SeqCst);
+            let reporter = reporter.clone();
             tokio::spawn(async move {
-                let status = if ready {
+                let status = if is_ready {
                     tonic_health::ServingStatus::Serving
                 } else {
                     tonic_health::ServingStatus::NotServing
@@ -175,26 +235,54 @@ pub async fn serve(
                         status,
                     )
                     .await;
-                if !ready {
+                if !is_ready {
                     eprintln!("router not ready: some expert has no live worker");
                 }
             });
         },
     ));
-    let service = GenerationServer::new(
-        router.engine.clone(),
-        router.tokenizer.clone(),
-        router.config.vocab_size,
-        router.config.max_position_embeddings,
-    );
-    let result = Server::builder()
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|&stop| stop).await;
+    };
+    let state = Arc::new(HttpState {
+        generator: router.generator.clone(),
+        chat_template: router.chat_template,
+        model_name: router.model_name,
+        created: http::unix_now(),
+        ready,
+        metrics: crate::metrics::install(),
+    });
+    let grpc_server = Server::builder()
         .add_service(health)
-        .add_service(GenerationService::new(service))
+        .add_service(GenerationService::new(GenerationServer::new(
+            router.generator,
+        )))
         .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
-        .await;
+            TcpIncoming::from(grpc).with_nodelay(Some(true)),
+            stopped(stop_rx.clone()),
+        );
+    let http = http.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let http_server = axum::serve(http, http::app(state).into_make_service())
+        .with_graceful_shutdown(stopped(stop_rx));
+    let result = tokio::try_join!(
+        async { grpc_server.await.map_err(ServeError::Grpc) },
+        async { http_server.await.map_err(ServeError::Http) },
+    );
     monitor.abort();
-    result
+    result.map(|_| ())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("HTTP server: {0}")]
+    Http(std::io::Error),
 }

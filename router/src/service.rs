@@ -1,44 +1,30 @@
-//! The public gRPC `moe.v1.Generation` service.
-
-use std::sync::Arc;
+//! The public gRPC `moe.v1.Generation` service: the same requests and
+//! semantics as the HTTP API, through [`Generator`].
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tramontane_model::Tokenizer;
 use tramontane_proto::v1::generation_server::Generation;
-use tramontane_proto::v1::{GenerateRequest, GenerateResponse, GenerateStreamResponse};
+use tramontane_proto::v1::{
+    GenerateRequest, GenerateResponse, GenerateStreamResponse, TokenLogprob, TopLogprob,
+};
 
-use crate::engine::{EngineHandle, Event, GenerateJob};
+use crate::completion::{
+    GeneratedToken, GenerationFailed, GenerationRequest, Generator, RETRY_AFTER_SECONDS,
+    RequestError,
+};
+use crate::sampling::SamplingParams;
 
 pub struct GenerationServer {
-    engine: EngineHandle,
-    tokenizer: Arc<Tokenizer>,
-    vocab_size: usize,
-    max_positions: usize,
+    generator: Generator,
 }
 
 impl GenerationServer {
-    pub fn new(
-        engine: EngineHandle,
-        tokenizer: Arc<Tokenizer>,
-        vocab_size: usize,
-        max_positions: usize,
-    ) -> Self {
-        Self {
-            engine,
-            tokenizer,
-            vocab_size,
-            max_positions,
-        }
+    pub fn new(generator: Generator) -> Self {
+        Self { generator }
     }
 
-    /// Validates a request and hands it to the engine; returns the prompt ids
-    /// and the stream of events.
-    async fn start(
-        &self,
-        request: &GenerateRequest,
-    ) -> Result<(Vec<u32>, mpsc::UnboundedReceiver<Event>), Status> {
+    fn request(&self, request: &GenerateRequest) -> Result<GenerationRequest, Status> {
         if request.max_tokens == 0 {
             return Err(Status::invalid_argument("max_tokens: must be at least 1"));
         }
@@ -53,80 +39,69 @@ impl GenerationServer {
             }
             (true, true) => return Err(Status::invalid_argument("prompt: empty")),
             (false, true) => self
-                .tokenizer
+                .generator
+                .tokenizer()
                 .encode(&request.prompt)
                 .map_err(|e| Status::invalid_argument(format!("prompt: {e}")))?,
             (true, false) => request.prompt_token_ids.clone(),
         };
-        if let Some(id) = prompt.iter().find(|&&id| id as usize >= self.vocab_size) {
-            return Err(Status::invalid_argument(format!(
-                "prompt_token_ids: {id} is outside the vocabulary of {}",
-                self.vocab_size
-            )));
-        }
-        let needed = prompt.len() + request.max_tokens as usize;
-        if needed > self.max_positions {
-            return Err(Status::invalid_argument(format!(
-                "prompt of {} tokens plus max_tokens {} exceeds the context of {} positions",
-                prompt.len(),
-                request.max_tokens,
-                self.max_positions
-            )));
-        }
-        let (events, receiver) = mpsc::unbounded_channel();
-        self.engine
-            .submit(GenerateJob {
-                prompt: prompt.clone(),
-                max_tokens: request.max_tokens as usize,
-                events,
-            })
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        Ok((prompt, receiver))
+        let defaults = SamplingParams::default();
+        Ok(GenerationRequest {
+            prompt,
+            max_tokens: Some(request.max_tokens as usize),
+            sampling: SamplingParams {
+                temperature: request.temperature.unwrap_or(defaults.temperature),
+                top_p: request.top_p.unwrap_or(defaults.top_p),
+                top_k: request.top_k.unwrap_or(0) as usize,
+                presence_penalty: request.presence_penalty,
+                frequency_penalty: request.frequency_penalty,
+                seed: request.seed,
+                logprobs: request.logprobs.map(|n| n as usize),
+            },
+            stop: request.stop.clone(),
+            ignore_eos: request.ignore_eos,
+        })
     }
 }
 
-/// Maps an engine failure to a status: `UNAVAILABLE: ...` reasons keep their code.
-pub fn failure_status(reason: &str) -> Status {
-    if reason.contains("UNAVAILABLE") {
-        Status::unavailable(reason.to_string())
+/// The status for a refused request.
+pub fn request_status(error: RequestError) -> Status {
+    match error {
+        RequestError::Invalid(e) => Status::invalid_argument(e.to_string()),
+        RequestError::Overloaded(message) => {
+            let mut status = Status::resource_exhausted(message);
+            status.metadata_mut().insert(
+                "retry-after",
+                RETRY_AFTER_SECONDS
+                    .to_string()
+                    .parse()
+                    .expect("ASCII digits"),
+            );
+            status
+        }
+        RequestError::Unavailable(message) => Status::unavailable(message),
+    }
+}
+
+/// The status for a generation that failed after it started.
+pub fn failure_status(failure: &GenerationFailed) -> Status {
+    if failure.is_unavailable() {
+        Status::unavailable(failure.0.clone())
     } else {
-        Status::internal(reason.to_string())
+        Status::internal(failure.0.clone())
     }
 }
 
-/// Turns token ids into text pieces without ever splitting a UTF-8 character.
-struct Detokenizer {
-    tokenizer: Arc<Tokenizer>,
-    prompt: Vec<u32>,
-    ids: Vec<u32>,
-    emitted: String,
-}
-
-impl Detokenizer {
-    fn new(tokenizer: Arc<Tokenizer>, prompt: &[u32]) -> Self {
-        let emitted = tokenizer.decode(prompt).unwrap_or_default();
-        Self {
-            tokenizer,
-            prompt: prompt.to_vec(),
-            ids: Vec::new(),
-            emitted,
-        }
-    }
-
-    fn push(&mut self, id: u32) -> String {
-        self.ids.push(id);
-        let all: Vec<u32> = self.prompt.iter().chain(&self.ids).copied().collect();
-        let Ok(text) = self.tokenizer.decode(&all) else {
-            return String::new();
-        };
-        if text.ends_with('\u{FFFD}') || !text.starts_with(&self.emitted) {
-            return String::new();
-        }
-        let piece = text[self.emitted.len()..].to_string();
-        self.emitted = text;
-        piece
-    }
+fn logprob_message(token: &GeneratedToken) -> Option<TokenLogprob> {
+    token.logprob.as_ref().map(|lp| TokenLogprob {
+        token_id: token.id,
+        logprob: lp.logprob,
+        top: lp
+            .top
+            .iter()
+            .map(|&(token_id, logprob)| TopLogprob { token_id, logprob })
+            .collect(),
+    })
 }
 
 #[tonic::async_trait]
@@ -135,29 +110,21 @@ impl Generation for GenerationServer {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        let request = request.into_inner();
-        let (prompt, mut events) = self.start(&request).await?;
-        let mut detok = Detokenizer::new(self.tokenizer.clone(), &prompt);
-        let mut token_ids = Vec::new();
-        let mut text = String::new();
-        while let Some(event) = events.recv().await {
-            match event {
-                Event::Token(id) => {
-                    token_ids.push(id);
-                    text.push_str(&detok.push(id));
-                }
-                Event::Finished(reason) => {
-                    return Ok(Response::new(GenerateResponse {
-                        text,
-                        prompt_token_ids: prompt,
-                        token_ids,
-                        finish_reason: reason.as_str().into(),
-                    }));
-                }
-                Event::Failed(reason) => return Err(failure_status(&reason)),
-            }
-        }
-        Err(Status::internal("the engine dropped the request"))
+        let request = self.request(request.get_ref())?;
+        let prompt = request.prompt.clone();
+        let stream = self.generator.start(request).map_err(request_status)?;
+        let completed = stream.collect().await.map_err(|e| failure_status(&e))?;
+        Ok(Response::new(GenerateResponse {
+            text: completed.text,
+            prompt_token_ids: prompt,
+            token_ids: completed.tokens.iter().map(|t| t.id).collect(),
+            finish_reason: completed.finish.as_str().into(),
+            logprobs: completed
+                .tokens
+                .iter()
+                .filter_map(logprob_message)
+                .collect(),
+        }))
     }
 
     type GenerateStreamStream = ReceiverStream<Result<GenerateStreamResponse, Status>>;
@@ -166,39 +133,22 @@ impl Generation for GenerationServer {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let request = request.into_inner();
-        let (prompt, mut events) = self.start(&request).await?;
-        let mut detok = Detokenizer::new(self.tokenizer.clone(), &prompt);
+        let request = self.request(request.get_ref())?;
+        let mut stream = self.generator.start(request).map_err(request_status)?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
-            let mut last: Option<u32> = None;
-            while let Some(event) = events.recv().await {
-                let message = match event {
-                    Event::Token(id) => {
-                        if let Some(previous) = last.replace(id) {
-                            let text = detok.push(previous);
-                            Ok(GenerateStreamResponse {
-                                token_id: previous,
-                                text,
-                                finish_reason: String::new(),
-                            })
-                        } else {
-                            continue;
-                        }
-                    }
-                    Event::Finished(reason) => {
-                        let id = last.take().unwrap_or_default();
-                        Ok(GenerateStreamResponse {
-                            token_id: id,
-                            text: detok.push(id),
-                            finish_reason: reason.as_str().into(),
-                        })
-                    }
-                    Event::Failed(reason) => Err(failure_status(&reason)),
-                };
-                let done = !matches!(message, Ok(ref m) if m.finish_reason.is_empty());
-                if tx.send(message).await.is_err() || done {
-                    return; // client gone (drops `events`, which frees the sequence) or stream over
+            while let Some(chunk) = stream.next().await {
+                let message = chunk
+                    .map(|chunk| GenerateStreamResponse {
+                        token_id: chunk.token.as_ref().map_or(0, |t| t.id),
+                        logprob: chunk.token.as_ref().and_then(logprob_message),
+                        has_token: chunk.token.is_some(),
+                        text: chunk.text,
+                        finish_reason: chunk.finish.map_or("", |f| f.as_str()).into(),
+                    })
+                    .map_err(|e| failure_status(&e));
+                if tx.send(message).await.is_err() {
+                    return; // client gone: dropping `stream` frees the sequence
                 }
             }
         });

@@ -75,9 +75,9 @@ pub fn spawn_listening(args: &[&str]) -> Result<Process> {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    let stdout = child.stdout.take().context("stdout")?;
+    let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
+    stdout.read_line(&mut line)?;
     let Some(addr) = line
         .trim()
         .rsplit_once("listening on ")
@@ -91,13 +91,64 @@ pub fn spawn_listening(args: &[&str]) -> Result<Process> {
             String::from_utf8_lossy(&output.stderr)
         );
     };
-    // Keep draining stderr so the child never blocks on a full pipe.
-    if let Some(stderr) = child.stderr.take() {
+    drain(stdout, child.stderr.take());
+    Ok(Process { child, addr })
+}
+
+/// Keeps reading the child's output, so that it never blocks on a full pipe
+/// nor fails writing to a closed one.
+fn drain(stdout: impl std::io::Read + Send + 'static, stderr: Option<std::process::ChildStderr>) {
+    fn sink(mut pipe: impl std::io::Read + Send + 'static) {
         std::thread::spawn(move || {
-            let _ = std::io::copy(&mut BufReader::new(stderr), &mut std::io::sink());
+            let _ = std::io::copy(&mut pipe, &mut std::io::sink());
         });
     }
-    Ok(Process { child, addr })
+    sink(stdout);
+    if let Some(stderr) = stderr {
+        sink(stderr);
+    }
+}
+
+/// A served cluster: the router's gRPC address (in `process.addr`) and its HTTP address.
+pub struct Serving {
+    pub process: Process,
+    pub http: String,
+}
+
+/// Starts `tramontane ARGS...` (serve or router) on ephemeral ports and waits
+/// for both its "... listening on ADDR" lines.
+pub fn spawn_serving(args: &[&str]) -> Result<Serving> {
+    use std::io::{BufRead, BufReader};
+    let mut child = tramontane()
+        .args(args)
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
+    let mut addrs = Vec::new();
+    for _ in 0..2 {
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        match line.trim().rsplit_once("listening on ") {
+            Some((_, addr)) => addrs.push(addr.to_string()),
+            None => {
+                let _ = child.kill();
+                let output = child.wait_with_output()?;
+                anyhow::bail!(
+                    "{args:?} did not start: {line}{}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+        }
+    }
+    drain(stdout, child.stderr.take());
+    let http = addrs.pop().context("http address")?;
+    let addr = addrs.pop().context("grpc address")?;
+    Ok(Serving {
+        process: Process { child, addr },
+        http,
+    })
 }
 
 /// A worker holding `experts` (a --experts spec) of `model`, on `listen`.

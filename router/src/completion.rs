@@ -1,0 +1,291 @@
+//! One generation request, whichever API it came through (HTTP or gRPC):
+//! validation against the model's limits, submission to the engine, and the
+//! stream of text chunks with stop strings applied.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tramontane_model::Tokenizer;
+
+use crate::engine::{EngineError, EngineHandle, Event, FinishReason, GenerateJob};
+use crate::sampling::{InvalidParam, SamplingParams, TokenLogprob};
+use crate::text::{IncrementalDecoder, StopStrings};
+
+/// A request in model terms: token ids and limits.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub prompt: Vec<u32>,
+    /// None: up to the end of the context.
+    pub max_tokens: Option<usize>,
+    pub sampling: SamplingParams,
+    /// Stop strings, matched on the generated text.
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The request itself is wrong: HTTP 400, gRPC INVALID_ARGUMENT.
+    #[error(transparent)]
+    Invalid(#[from] InvalidParam),
+    /// The queue is full: HTTP 429, gRPC RESOURCE_EXHAUSTED.
+    #[error("{0}")]
+    Overloaded(String),
+    /// The engine is gone: HTTP 503, gRPC UNAVAILABLE.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Seconds a refused client is told to wait.
+pub const RETRY_AFTER_SECONDS: u32 = 1;
+
+/// Starts generations: what both APIs share.
+#[derive(Clone)]
+pub struct Generator {
+    engine: EngineHandle,
+    tokenizer: Arc<Tokenizer>,
+    vocab_size: usize,
+    max_positions: usize,
+}
+
+impl Generator {
+    pub fn new(
+        engine: EngineHandle,
+        tokenizer: Arc<Tokenizer>,
+        vocab_size: usize,
+        max_positions: usize,
+    ) -> Self {
+        Self {
+            engine,
+            tokenizer,
+            vocab_size,
+            max_positions,
+        }
+    }
+
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    /// The context length: prompt plus generated tokens, at most.
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    /// Validates `request` and queues it.
+    pub fn start(&self, request: GenerationRequest) -> Result<CompletionStream, RequestError> {
+        let prompt = request.prompt;
+        if prompt.is_empty() {
+            return Err(InvalidParam::new("prompt", "the prompt is empty").into());
+        }
+        if let Some(id) = prompt.iter().find(|&&id| id as usize >= self.vocab_size) {
+            return Err(InvalidParam::new(
+                "prompt",
+                format!(
+                    "token id {id} is outside the vocabulary of {}",
+                    self.vocab_size
+                ),
+            )
+            .into());
+        }
+        if prompt.len() >= self.max_positions {
+            return Err(InvalidParam::new(
+                "prompt",
+                format!(
+                    "the prompt has {} tokens; this model's context is {} tokens, prompt and completion together",
+                    prompt.len(),
+                    self.max_positions
+                ),
+            )
+            .into());
+        }
+        let max_tokens = request
+            .max_tokens
+            .unwrap_or(self.max_positions - prompt.len());
+        if max_tokens == 0 {
+            return Err(InvalidParam::new("max_tokens", "must be at least 1").into());
+        }
+        if prompt.len() + max_tokens > self.max_positions {
+            return Err(InvalidParam::new(
+                "max_tokens",
+                format!(
+                    "this model's context is {} tokens; the prompt has {} and max_tokens asks for {max_tokens}",
+                    self.max_positions,
+                    prompt.len()
+                ),
+            )
+            .into());
+        }
+        let kv_limit = self.engine.config().max_kv_tokens;
+        if prompt.len() + max_tokens > kv_limit {
+            return Err(InvalidParam::new(
+                "max_tokens",
+                format!(
+                    "the prompt ({}) plus max_tokens ({max_tokens}) is more than the {kv_limit} KV cache tokens this server has",
+                    prompt.len()
+                ),
+            )
+            .into());
+        }
+        request.sampling.validate()?;
+        let (events, receiver) = mpsc::unbounded_channel();
+        let prompt_tokens = prompt.len();
+        let decoder = IncrementalDecoder::new(self.tokenizer.clone(), &prompt);
+        self.engine
+            .submit(GenerateJob {
+                prompt,
+                max_tokens,
+                sampling: request.sampling,
+                ignore_eos: request.ignore_eos,
+                events,
+            })
+            .map_err(|e| match e {
+                EngineError::QueueFull { .. } => RequestError::Overloaded(e.to_string()),
+                e => RequestError::Unavailable(e.to_string()),
+            })?;
+        Ok(CompletionStream {
+            events: receiver,
+            decoder,
+            stops: StopStrings::new(request.stop),
+            prompt_tokens,
+            generated: 0,
+            done: false,
+        })
+    }
+}
+
+/// One generated token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratedToken {
+    pub id: u32,
+    pub logprob: Option<TokenLogprob>,
+}
+
+/// What one engine event gave: text (maybe empty), the token, the end.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chunk {
+    pub text: String,
+    pub token: Option<GeneratedToken>,
+    pub finish: Option<FinishReason>,
+}
+
+/// The step failed; starts with the gRPC code name when one fits.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct GenerationFailed(pub String);
+
+impl GenerationFailed {
+    /// A lost worker (the request may succeed again) rather than a bug.
+    pub fn is_unavailable(&self) -> bool {
+        self.0.contains("UNAVAILABLE")
+    }
+}
+
+/// The request's events as text. Dropping it cancels the sequence (the
+/// engine frees its KV cache at the next step).
+pub struct CompletionStream {
+    events: mpsc::UnboundedReceiver<Event>,
+    decoder: IncrementalDecoder,
+    stops: StopStrings,
+    prompt_tokens: usize,
+    generated: usize,
+    done: bool,
+}
+
+/// A whole completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completed {
+    pub text: String,
+    pub tokens: Vec<GeneratedToken>,
+    pub finish: FinishReason,
+    pub prompt_tokens: usize,
+}
+
+impl CompletionStream {
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt_tokens
+    }
+
+    /// Tokens generated so far (counted up to the stop string when one matched).
+    pub fn completion_tokens(&self) -> usize {
+        self.generated
+    }
+
+    /// The next chunk; None after the one that carries the finish reason.
+    pub async fn next(&mut self) -> Option<Result<Chunk, GenerationFailed>> {
+        if self.done {
+            return None;
+        }
+        let Some(event) = self.events.recv().await else {
+            self.done = true;
+            return Some(Err(GenerationFailed(
+                "INTERNAL: the engine dropped the request".into(),
+            )));
+        };
+        Some(Ok(match event {
+            Event::Token { id, logprob } => {
+                self.generated += 1;
+                let piece = self.decoder.push(id);
+                let matched = self.stops.push(&piece);
+                let finish = matched.stopped.then_some(FinishReason::Stop);
+                if matched.stopped {
+                    self.finish();
+                }
+                Chunk {
+                    text: matched.text,
+                    token: Some(GeneratedToken { id, logprob }),
+                    finish,
+                }
+            }
+            Event::Finished(reason) => {
+                let tail = self.decoder.finish();
+                let matched = self.stops.push(&tail);
+                let mut text = matched.text;
+                let finish = if matched.stopped {
+                    FinishReason::Stop
+                } else {
+                    text.push_str(&self.stops.flush());
+                    reason
+                };
+                self.finish();
+                Chunk {
+                    text,
+                    token: None,
+                    finish: Some(finish),
+                }
+            }
+            Event::Failed(reason) => {
+                self.finish();
+                return Some(Err(GenerationFailed(reason)));
+            }
+        }))
+    }
+
+    /// No more chunks; the engine sees the closed channel and frees the sequence.
+    fn finish(&mut self) {
+        self.done = true;
+        self.events.close();
+    }
+
+    /// Runs to the end.
+    pub async fn collect(mut self) -> Result<Completed, GenerationFailed> {
+        let mut text = String::new();
+        let mut tokens = Vec::new();
+        while let Some(chunk) = self.next().await {
+            let chunk = chunk?;
+            text.push_str(&chunk.text);
+            tokens.extend(chunk.token);
+            if let Some(finish) = chunk.finish {
+                return Ok(Completed {
+                    text,
+                    tokens,
+                    finish,
+                    prompt_tokens: self.prompt_tokens,
+                });
+            }
+        }
+        Err(GenerationFailed(
+            "INTERNAL: the stream ended without a finish reason".into(),
+        ))
+    }
+}

@@ -1,0 +1,207 @@
+//! `POST /v1/chat/completions`: messages through the chat template, one
+//! choice, whole or streamed.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::future;
+use futures::stream::{self, StreamExt};
+use tramontane_model::Tokenizer;
+
+use super::error::ApiError;
+use super::json::OpenAiJson;
+use super::openai::{
+    AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatLogprobs, ChatRequest,
+    ChatResponse, ChatTokenLogprob, Content, Delta, TopLogprob, Usage, empty_usage,
+};
+use super::{ChoiceEvent, HttpState, merge_choices, new_id, sse_json, unix_now};
+use crate::chat_template::Message;
+use crate::completion::GeneratedToken;
+
+pub async fn create(
+    State(state): State<Arc<HttpState>>,
+    OpenAiJson(request): OpenAiJson<ChatRequest>,
+) -> Result<Response, ApiError> {
+    state.check_model(&request.common.model)?;
+    let messages = messages(&request)?;
+    let text = state.chat_template.render(&messages)?;
+    let prompt = state
+        .generator
+        .tokenizer()
+        .encode_rendered(&text)
+        .map_err(|e| ApiError::invalid("messages", format!("messages: {e}")))?;
+    let logprobs = match (request.logprobs, request.top_logprobs) {
+        (true, top) => Some(top.unwrap_or(0)),
+        (false, Some(_)) => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "top_logprobs: needs logprobs set to true",
+            ));
+        }
+        (false, None) => None,
+    };
+    let generation = request.common.generation(
+        prompt,
+        request.max_completion_tokens.or(request.max_tokens),
+        logprobs,
+        "top_logprobs",
+        crate::sampling::MAX_TOP_LOGPROBS,
+    )?;
+    let stream = state.generator.start(generation)?;
+    let id = new_id("chatcmpl");
+    let created = unix_now();
+    let tokenizer = state.generator.tokenizer().clone();
+    let want_logprobs = logprobs.is_some();
+    if !request.common.stream {
+        let completed = stream.collect().await?;
+        let mut usage = empty_usage();
+        usage.add(completed.prompt_tokens, completed.tokens.len());
+        return Ok(Json(ChatResponse {
+            id,
+            object: "chat.completion",
+            created,
+            model: state.model_name.clone(),
+            choices: vec![ChatChoice {
+                index: 0,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: completed.text,
+                },
+                logprobs: want_logprobs.then(|| chat_logprobs(&tokenizer, &completed.tokens)),
+                finish_reason: completed.finish.as_str(),
+            }],
+            usage,
+        })
+        .into_response());
+    }
+    let model = state.model_name.clone();
+    let include_usage = request.common.include_usage();
+    let chunk = move |choices: Vec<ChatChunkChoice>, usage: Option<Usage>| ChatChunk {
+        id: id.clone(),
+        object: "chat.completion.chunk",
+        created,
+        model: model.clone(),
+        choices,
+        usage,
+    };
+    let first = sse_json(&chunk(
+        vec![ChatChunkChoice {
+            index: 0,
+            delta: Delta {
+                role: Some("assistant"),
+                content: Some(String::new()),
+            },
+            logprobs: None,
+            finish_reason: None,
+        }],
+        None,
+    ));
+    let events = merge_choices(vec![stream]).filter_map(move |event| {
+        future::ready(match event {
+            ChoiceEvent::Chunk { index, chunk: c } => {
+                if c.text.is_empty() && c.finish.is_none() && !want_logprobs {
+                    None
+                } else {
+                    Some(sse_json(&chunk(
+                        vec![ChatChunkChoice {
+                            index,
+                            logprobs: want_logprobs
+                                .then(|| chat_logprobs(&tokenizer, c.token.as_slice())),
+                            delta: Delta {
+                                role: None,
+                                content: (!c.text.is_empty() || c.finish.is_none())
+                                    .then_some(c.text),
+                            },
+                            finish_reason: c.finish.map(|f| f.as_str()),
+                        }],
+                        None,
+                    )))
+                }
+            }
+            ChoiceEvent::Failed(failure) => {
+                Some(Event::default().data(ApiError::from(failure).body()))
+            }
+            ChoiceEvent::Done(usage) => {
+                include_usage.then(|| sse_json(&chunk(Vec::new(), Some(usage))))
+            }
+        })
+    });
+    let events = stream::once(future::ready(first))
+        .chain(events)
+        .chain(stream::once(future::ready(Event::default().data("[DONE]"))))
+        .map(Ok::<_, Infallible>);
+    Ok(Sse::new(events).into_response())
+}
+
+fn messages(request: &ChatRequest) -> Result<Vec<Message>, ApiError> {
+    if request.messages.is_empty() {
+        return Err(ApiError::invalid("messages", "messages: empty"));
+    }
+    request
+        .messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let content = match &m.content {
+                None => String::new(),
+                Some(Content::Text(text)) => text.clone(),
+                Some(Content::Parts(parts)) => {
+                    let mut text = String::new();
+                    for part in parts {
+                        match (part.kind.as_str(), &part.text) {
+                            ("text", Some(t)) => text.push_str(t),
+                            (kind, _) => {
+                                return Err(ApiError::invalid(
+                                    format!("messages[{i}].content"),
+                                    format!("messages[{i}].content: only text parts are supported, not {kind:?}"),
+                                ));
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            Ok(Message {
+                role: m.role.clone(),
+                content,
+            })
+        })
+        .collect()
+}
+
+fn chat_logprobs(tokenizer: &Tokenizer, tokens: &[GeneratedToken]) -> ChatLogprobs {
+    let entry = |id: u32| {
+        let bytes = tokenizer.token_bytes(id);
+        (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+    };
+    ChatLogprobs {
+        content: tokens
+            .iter()
+            .filter_map(|t| {
+                let lp = t.logprob.as_ref()?;
+                let (token, bytes) = entry(t.id);
+                Some(ChatTokenLogprob {
+                    token,
+                    logprob: lp.logprob,
+                    bytes,
+                    top_logprobs: lp
+                        .top
+                        .iter()
+                        .map(|&(id, logprob)| {
+                            let (token, bytes) = entry(id);
+                            TopLogprob {
+                                token,
+                                logprob,
+                                bytes,
+                            }
+                        })
+                        .collect(),
+                })
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,214 @@
+//! The OpenAI-compatible HTTP API (axum): `/v1/completions`,
+//! `/v1/chat/completions` (both streamed as server-sent events when asked),
+//! `/v1/models`, `/health` and the Prometheus `/metrics`.
+
+mod chat;
+mod completions;
+mod error;
+mod json;
+mod openai;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::stream::{self, BoxStream, StreamExt};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+pub use error::ApiError;
+
+use crate::chat_template::ChatTemplate;
+use crate::completion::{Chunk, CompletionStream, GenerationFailed, Generator};
+use crate::metrics;
+use openai::{ModelCard, ModelList, Usage};
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// What the handlers share.
+pub struct HttpState {
+    pub generator: Generator,
+    pub chat_template: ChatTemplate,
+    /// The name clients put in `model`.
+    pub model_name: String,
+    /// When the server started (seconds since the epoch), for /v1/models.
+    pub created: u64,
+    /// Every expert has a live worker.
+    pub ready: Arc<AtomicBool>,
+    pub metrics: PrometheusHandle,
+}
+
+impl HttpState {
+    /// Refuses a request for another model, as OpenAI does (404, model_not_found).
+    fn check_model(&self, model: &str) -> Result<(), ApiError> {
+        if model == self.model_name {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "the model `{model}` does not exist; this server serves `{}`",
+                    self.model_name
+                ),
+            )
+            .with_code("model_not_found"))
+        }
+    }
+}
+
+pub fn app(state: Arc<HttpState>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions::create))
+        .route("/v1/chat/completions", post(chat::create))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(render_metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(count_requests))
+        .with_state(state)
+}
+
+async fn models(State(state): State<Arc<HttpState>>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list",
+        data: vec![ModelCard {
+            id: state.model_name.clone(),
+            object: "model",
+            created: state.created,
+            owned_by: "tramontane",
+            max_model_len: state.generator.max_positions(),
+        }],
+    })
+}
+
+async fn health(State(state): State<Arc<HttpState>>) -> Response {
+    if state.ready.load(Ordering::SeqCst) {
+        Json(serde_json::json!({"status": "ok"})).into_response()
+    } else {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: some expert has no live worker",
+        )
+        .into_response()
+    }
+}
+
+async fn render_metrics(State(state): State<Arc<HttpState>>) -> String {
+    state.metrics.render()
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no route for {} {}", request.method(), request.uri().path()),
+    )
+}
+
+/// Counts requests of the API routes by endpoint and status.
+async fn count_requests(request: Request, next: Next) -> Response {
+    let endpoint = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string());
+    let response = next.run(request).await;
+    if let Some(endpoint) = endpoint.filter(|e| e.starts_with("/v1/")) {
+        ::metrics::counter!(
+            metrics::REQUESTS_TOTAL,
+            "endpoint" => endpoint,
+            "status" => response.status().as_u16().to_string()
+        )
+        .increment(1);
+    }
+    response
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{:032x}", rand::random::<u128>())
+}
+
+/// What the choices of one request produce, merged.
+pub enum ChoiceEvent {
+    Chunk {
+        index: usize,
+        chunk: Chunk,
+    },
+    Failed(GenerationFailed),
+    /// Every choice finished; the usage of all of them.
+    Done(Usage),
+}
+
+/// The chunks of every choice as they come, then `Done` with the usage.
+/// Dropping the stream cancels every choice.
+pub fn merge_choices(streams: Vec<CompletionStream>) -> BoxStream<'static, ChoiceEvent> {
+    struct Step {
+        index: usize,
+        chunk: Option<Result<Chunk, GenerationFailed>>,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    }
+    let choices = streams.into_iter().enumerate().map(|(index, stream)| {
+        stream::unfold(Some(stream), move |stream| async move {
+            let mut stream = stream?;
+            let chunk = stream.next().await?;
+            let finished = !matches!(chunk, Ok(Chunk { finish: None, .. }));
+            let step = Step {
+                index,
+                prompt_tokens: stream.prompt_tokens(),
+                completion_tokens: stream.completion_tokens(),
+                chunk: Some(chunk),
+            };
+            Some((step, (!finished).then_some(stream)))
+        })
+        .boxed()
+    });
+    let count = choices.len();
+    let merged = stream::select_all(choices);
+    stream::unfold(
+        (merged, count, openai::empty_usage(), false),
+        |(mut merged, mut left, mut usage, over)| async move {
+            if over {
+                return None;
+            }
+            if left == 0 {
+                return Some((ChoiceEvent::Done(usage), (merged, 0, usage, true)));
+            }
+            let step = merged.next().await?;
+            let event = match step.chunk.expect("set") {
+                Err(failure) => {
+                    return Some((ChoiceEvent::Failed(failure), (merged, 0, usage, true)));
+                }
+                Ok(chunk) => {
+                    if chunk.finish.is_some() {
+                        usage.add(step.prompt_tokens, step.completion_tokens);
+                        left -= 1;
+                    }
+                    ChoiceEvent::Chunk {
+                        index: step.index,
+                        chunk,
+                    }
+                }
+            };
+            Some((event, (merged, left, usage, false)))
+        },
+    )
+    .boxed()
+}
+
+/// A server-sent event carrying `value` as JSON.
+pub fn sse_json<T: serde::Serialize>(value: &T) -> axum::response::sse::Event {
+    axum::response::sse::Event::default()
+        .data(serde_json::to_string(value).expect("response types serialize"))
+}

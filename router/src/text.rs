@@ -1,0 +1,191 @@
+//! From generated token ids to text as it streams: an incremental decoder
+//! that never emits half a UTF-8 character, and stop strings matched on the
+//! text (holding back what could still become a stop string).
+
+use std::sync::Arc;
+
+use tramontane_model::Tokenizer;
+
+/// Prompt tokens decoded as context before the first generated token, so that
+/// a leading space (SentencePiece's "▁") comes out as the full decode has it.
+const CONTEXT_TOKENS: usize = 6;
+
+/// Decodes a window of ids each time (as TGI does) rather than the whole
+/// sequence: the text added by the newest ids is the decode of the window
+/// minus the decode of its start.
+pub struct IncrementalDecoder {
+    tokenizer: Arc<Tokenizer>,
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl IncrementalDecoder {
+    pub fn new(tokenizer: Arc<Tokenizer>, prompt: &[u32]) -> Self {
+        let ids = prompt[prompt.len().saturating_sub(CONTEXT_TOKENS)..].to_vec();
+        let read_offset = ids.len();
+        Self {
+            tokenizer,
+            ids,
+            prefix_offset: 0,
+            read_offset,
+        }
+    }
+
+    /// Text added by `id`; empty while a character is incomplete.
+    pub fn push(&mut self, id: u32) -> String {
+        self.ids.push(id);
+        self.emit(false)
+    }
+
+    /// What is left at the end (an incomplete character comes out as U+FFFD).
+    pub fn finish(&mut self) -> String {
+        self.emit(true)
+    }
+
+    fn emit(&mut self, last: bool) -> String {
+        let decode = |ids: &[u32]| self.tokenizer.decode(ids).unwrap_or_default();
+        let prefix = decode(&self.ids[self.prefix_offset..self.read_offset]);
+        let text = decode(&self.ids[self.prefix_offset..]);
+        if text.len() <= prefix.len()
+            || !text.starts_with(&prefix)
+            || (!last && text.ends_with('\u{FFFD}'))
+        {
+            return String::new();
+        }
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        text[prefix.len()..].to_string()
+    }
+}
+
+/// Stop strings over streamed text.
+pub struct StopStrings {
+    stops: Vec<String>,
+    /// Text held back: it might be the start of a stop string.
+    held: String,
+}
+
+/// What a piece of text gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Matched {
+    /// Text safe to emit.
+    pub text: String,
+    /// A stop string was found; nothing after it is emitted.
+    pub stopped: bool,
+}
+
+impl StopStrings {
+    pub fn new(stops: Vec<String>) -> Self {
+        Self {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            held: String::new(),
+        }
+    }
+
+    pub fn push(&mut self, piece: &str) -> Matched {
+        self.held.push_str(piece);
+        if self.stops.is_empty() {
+            return Matched {
+                text: std::mem::take(&mut self.held),
+                stopped: false,
+            };
+        }
+        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s)).min() {
+            let mut text = std::mem::take(&mut self.held);
+            text.truncate(at);
+            return Matched {
+                text,
+                stopped: true,
+            };
+        }
+        // Hold back the longest tail that begins some stop string.
+        let keep = self
+            .held
+            .char_indices()
+            .map(|(i, _)| i)
+            .find(|&i| {
+                let tail = &self.held[i..];
+                self.stops.iter().any(|s| s.starts_with(tail))
+            })
+            .unwrap_or(self.held.len());
+        let held = self.held.split_off(keep);
+        Matched {
+            text: std::mem::replace(&mut self.held, held),
+            stopped: false,
+        }
+    }
+
+    /// The held-back text, at the end of generation.
+    pub fn flush(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Feeds `pieces` and returns the emitted text and whether it stopped.
+    fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+        let mut matcher = StopStrings::new(stops.iter().map(|s| s.to_string()).collect());
+        let mut out = String::new();
+        for piece in pieces {
+            let m = matcher.push(piece);
+            out.push_str(&m.text);
+            if m.stopped {
+                return (out, true);
+            }
+        }
+        out.push_str(&matcher.flush());
+        (out, false)
+    }
+
+    #[test]
+    fn a_stop_string_across_pieces_is_found_and_cut() {
+        assert_eq!(
+            run(&["END"], &["hello E", "N", "D world"]),
+            ("hello ".into(), true)
+        );
+    }
+
+    #[test]
+    fn a_near_miss_is_released() {
+        assert_eq!(run(&["END"], &["EN", "d"]), ("ENd".into(), false));
+    }
+
+    #[test]
+    fn the_earliest_of_several_stops_wins() {
+        assert_eq!(run(&["b", "a"], &["xxab"]), ("xx".into(), true));
+    }
+
+    #[test]
+    fn multibyte_text_is_split_on_characters() {
+        assert_eq!(run(&["é!"], &["café", "?"]), ("café?".into(), false));
+        assert_eq!(run(&["é!"], &["café", "!"]), ("caf".into(), true));
+    }
+
+    proptest! {
+        #[test]
+        fn streaming_matches_matching_the_whole_text(
+            text in "[ab ]{0,40}",
+            cuts in proptest::collection::vec(0usize..40, 0..6),
+            stop in "[ab]{1,3}",
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().filter(|&c| c <= text.len()).collect();
+            cuts.sort_unstable();
+            let mut pieces = Vec::new();
+            let mut start = 0;
+            for cut in cuts.into_iter().chain([text.len()]) {
+                pieces.push(&text[start..cut.max(start)]);
+                start = cut.max(start);
+            }
+            let expected = match text.find(&stop) {
+                Some(at) => (text[..at].to_string(), true),
+                None => (text.clone(), false),
+            };
+            prop_assert_eq!(run(&[&stop], &pieces), expected);
+        }
+    }
+}
