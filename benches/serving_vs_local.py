@@ -55,7 +55,7 @@ def health_ok(addr: str) -> bool:
 def start_server(args, log):
     """Starts `tramontane serve`; returns it and its HTTP address once GET /health answers 200."""
     command = [args.bin, "serve", "--model", args.model, "--workers", str(args.workers),
-               "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--threads", "1",
+               "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--threads", str(args.threads),
                *shlex.split(args.server_args)]
     # Its own process group, so that a last-resort kill reaches its workers too.
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
@@ -114,7 +114,7 @@ def print_table(result: dict) -> None:
     print(f"fp32, {result['model']}; prompts of {result['input_len']} tokens, {result['output_len']} output tokens")
     print(f"in-process decode batch 32 (bench-forward --threads {result['threads']}): "
           f"{decode['tokens_per_s']:.1f} tok/s")
-    print(f"served: tramontane serve --workers {result['workers']} --threads 1 {result['server_args']}".rstrip())
+    print(f"served: tramontane serve --workers {result['workers']} --threads {result['threads']} {result['server_args']}".rstrip())
     print(f"{'concurrency':>11} {'requests':>8} {'failed':>6} {'req/s':>7} {'out tok/s':>9}"
           f" {'TTFT p50':>9} {'p90':>8} {'p99':>8} {'ITL p50':>8} {'p90':>7} {'p99':>7}  (ms)")
     for s in result["levels"]:
@@ -133,7 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--bin", required=True)
-    parser.add_argument("--threads", type=int, default=2, help="threads of the in-process bench-forward")
+    parser.add_argument("--threads", type=int, default=2, help="threads of the in-process bench-forward and of the router (workers: the default share)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--num-requests", type=int, default=64, help="per level (at concurrency 1: max(8, N/8))")
     parser.add_argument("--input-len", type=int, default=128)

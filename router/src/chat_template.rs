@@ -232,4 +232,60 @@ mod tests {
         let text = chat.render(&[message("user", "  hi  ")]).expect("renders");
         assert_eq!(text, "<|user|>hi\n<|assistant|>");
     }
+
+    #[test]
+    fn the_checkpoint_template_wins_over_the_default() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = serde_json::json!({
+            "chat_template": [
+                {"name": "tool_use", "template": "TOOLS"},
+                {"name": "default", "template": "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"}
+            ]
+        });
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string())
+            .expect("write");
+        let chat = ChatTemplate::from_dir(dir.path(), Some("<s>".into()), None).expect("loads");
+        assert!(chat.source.ends_with("tokenizer_config.json"));
+        assert_eq!(
+            chat.render(&[message("user", "hi")]).expect("renders"),
+            "<s><user>hi"
+        );
+        // chat_template.jinja beside it takes precedence, as in transformers.
+        std::fs::write(
+            dir.path().join("chat_template.jinja"),
+            "J{{ messages[0].content }}",
+        )
+        .expect("write");
+        let chat = ChatTemplate::from_dir(dir.path(), None, None).expect("loads");
+        assert_eq!(chat.render(&[message("user", "x")]).expect("renders"), "Jx");
+    }
+
+    #[test]
+    fn without_a_template_the_mistral_format_is_used() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("tokenizer_config.json"), "{}").expect("write");
+        let chat = ChatTemplate::from_dir(dir.path(), Some("<s>".into()), Some("</s>".into()))
+            .expect("loads");
+        assert_eq!(
+            chat.render(&[message("user", "Hi")]).expect("renders"),
+            "<s>[INST] Hi [/INST]"
+        );
+    }
+
+    #[test]
+    fn a_broken_template_is_an_error_at_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"chat_template": "{% for m in messages %}"}"#,
+        )
+        .expect("write");
+        let error = ChatTemplate::from_dir(dir.path(), None, None)
+            .err()
+            .expect("refused");
+        assert!(
+            error.to_string().contains("tokenizer_config.json"),
+            "{error}"
+        );
+    }
 }
