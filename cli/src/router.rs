@@ -42,6 +42,10 @@ pub struct RouterTuning {
     /// KV cache tokens the running sequences may reserve (prompt + max_tokens each).
     #[arg(long, default_value_t = 65_536)]
     pub max_kv_tokens: usize,
+    /// Record the experts every token chose, per step and layer, into this
+    /// file (JSON lines; the planner's routing trace).
+    #[arg(long)]
+    pub record_routing: Option<PathBuf>,
     /// The model name clients send (default: the model folder's name).
     #[arg(long, env = "TRAMONTANE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
@@ -109,6 +113,7 @@ impl RouterTuning {
             scheduler,
             max_message_bytes: self.max_message_bytes,
             served_model_name: self.served_model_name.clone(),
+            record_routing: self.record_routing.clone(),
         })
     }
 }

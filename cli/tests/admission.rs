@@ -4,42 +4,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-
 use anyhow::{Context, Result, ensure};
 use tramontane_proto::v1::GenerateRequest;
 use tramontane_proto::v1::generation_client::GenerationClient;
-
-/// A plain HTTP/1.1 exchange: status, lower-cased headers, body.
-fn http(addr: &str, method: &str, path: &str, body: &str) -> Result<(u16, String, String)> {
-    let mut stream = TcpStream::connect(addr)?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").context("no header end")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .context("no status")?
-        .parse()?;
-    Ok((status, head.to_lowercase(), body.to_string()))
-}
-
-/// A value of an unlabelled metric in the Prometheus text.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        line.strip_prefix(name)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
 
 #[test]
 fn kv_bound_and_full_queue_refuse_cleanly_and_lose_nothing() -> Result<()> {
@@ -69,7 +36,7 @@ fn kv_bound_and_full_queue_refuse_cleanly_and_lose_nothing() -> Result<()> {
     let http_addr = serve.http.clone();
 
     // More than the KV cache can ever hold: a 400 naming the limit.
-    let (status, _, body) = http(
+    let (status, _, body) = common::http(
         &http_addr,
         "POST",
         "/v1/completions",
@@ -83,7 +50,7 @@ fn kv_bound_and_full_queue_refuse_cleanly_and_lose_nothing() -> Result<()> {
         r#"{"model":"model","prompt":"Hello","max_tokens":40,"ignore_eos":true,"temperature":0}"#;
     let answers: Vec<(u16, String, String)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..8)
-            .map(|_| scope.spawn(|| http(&http_addr, "POST", "/v1/completions", request)))
+            .map(|_| scope.spawn(|| common::http(&http_addr, "POST", "/v1/completions", request)))
             .collect();
         handles
             .into_iter()
@@ -152,15 +119,16 @@ fn kv_bound_and_full_queue_refuse_cleanly_and_lose_nothing() -> Result<()> {
 
     // The KV bound held: no step ever ran more than two sequences, and
     // nothing is reserved once everything finished.
-    let (_, _, metrics) = http(&http_addr, "GET", "/metrics", "")?;
-    let steps = metric(&metrics, "tramontane_router_batch_size_count").context("count")?;
-    let at_most_two =
-        metric(&metrics, "tramontane_router_batch_size_bucket{le=\"2\"}").context("bucket")?;
+    let (_, _, metrics) = common::http(&http_addr, "GET", "/metrics", "")?;
+    let steps = common::metric(&metrics, "tramontane_router_batch_size_count").context("count")?;
+    let at_most_two = common::metric(&metrics, "tramontane_router_batch_size_bucket{le=\"2\"}")
+        .context("bucket")?;
     ensure!(steps > 0.0 && at_most_two == steps, "{metrics}");
     let more_than_one = steps
-        - metric(&metrics, "tramontane_router_batch_size_bucket{le=\"1\"}").context("le 1")?;
+        - common::metric(&metrics, "tramontane_router_batch_size_bucket{le=\"1\"}")
+            .context("le 1")?;
     ensure!(more_than_one > 0.0, "requests never shared a step");
-    ensure!(metric(&metrics, "tramontane_router_kv_cache_used_tokens") == Some(0.0));
-    ensure!(metric(&metrics, "tramontane_router_kv_cache_total_tokens") == Some(100.0));
+    ensure!(common::metric(&metrics, "tramontane_router_kv_cache_used_tokens") == Some(0.0));
+    ensure!(common::metric(&metrics, "tramontane_router_kv_cache_total_tokens") == Some(100.0));
     Ok(())
 }

@@ -93,7 +93,9 @@ impl ComputeHandle {
                 let options = model.options;
                 let _ = ready_tx.send(Ok(info));
                 while let Some(job) = jobs_rx.blocking_recv() {
+                    let started = std::time::Instant::now();
                     let result = run(&experts, options, job.layer, &job.hidden, &job.work);
+                    metrics::histogram!(crate::metrics::COMPUTE_DURATION).record(started.elapsed());
                     let _ = job.reply.send(result);
                 }
             })

@@ -9,15 +9,18 @@
 //! - [`spec`]: which experts a worker holds (`--experts 0,2,5-7`).
 //! - [`compute`]: the dedicated thread that owns the expert tensors.
 //! - [`service`]: the gRPC `moe.v1.ExpertService`: validation, then compute.
+//! - [`metrics`]: Prometheus metrics, `GET /metrics` on the gRPC port.
 //! - [`serve`]: the server entry point, on a given listener with a shutdown future.
 
 pub mod compute;
+pub mod metrics;
 pub mod service;
 pub mod spec;
 
 use std::future::Future;
 
 use tokio::net::TcpListener;
+use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tramontane_proto::v1::expert_service_server::ExpertServiceServer;
@@ -29,7 +32,8 @@ pub use service::ExpertServer;
 /// 8192 tokens of hidden size 4096 in f32 is 128 MiB.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 << 20;
 
-/// Serves `server` (and grpc.health.v1) on `listener` until `shutdown` completes.
+/// Serves `server` (and grpc.health.v1, and `GET /metrics`) on `listener`
+/// until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
     server: ExpertServer,
@@ -40,12 +44,30 @@ pub async fn serve(
     reporter
         .set_serving::<ExpertServiceServer<ExpertServer>>()
         .await;
+    let weight_bytes = server.weight_bytes();
     let service = ExpertServiceServer::new(server)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
-    Server::builder()
+    let prometheus = metrics::install();
+    ::metrics::gauge!(metrics::MEMORY_BYTES, "kind" => "weights").set(weight_bytes as f64);
+    // Prometheus scrapes over HTTP/1.1 on the gRPC port.
+    let scrape = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let prometheus = prometheus.clone();
+            async move {
+                ::metrics::gauge!(metrics::MEMORY_BYTES, "kind" => "rss")
+                    .set(metrics::rss_bytes() as f64);
+                prometheus.render()
+            }
+        }),
+    );
+    let routes = Routes::from(scrape)
         .add_service(health)
-        .add_service(service)
+        .add_service(service);
+    Server::builder()
+        .accept_http1(true)
+        .add_routes(routes)
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,

@@ -34,6 +34,11 @@ impl ExpertServer {
         }
     }
 
+    /// Bytes of the expert weights this worker holds.
+    pub fn weight_bytes(&self) -> u64 {
+        self.info.weight_bytes
+    }
+
     /// Checks everything but the tensor bytes' contents; returns the layer and
     /// the work per expert.
     fn validate(&self, request: &ForwardRequest) -> Result<(usize, Vec<WorkItem>), Status> {
@@ -152,8 +157,29 @@ impl ExpertService for ExpertServer {
         &self,
         request: Request<ForwardRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
-        let request = request.into_inner();
+        let started = std::time::Instant::now();
+        let result = self.forward_one(request.into_inner()).await;
+        metrics::histogram!(crate::metrics::FORWARD_LATENCY).record(started.elapsed());
+        if let Err(status) = &result {
+            metrics::counter!(crate::metrics::ERRORS_TOTAL, "code" => format!("{:?}", status.code()))
+                .increment(1);
+        }
+        result.map(Response::new)
+    }
+}
+
+impl ExpertServer {
+    async fn forward_one(&self, request: ForwardRequest) -> Result<ForwardResponse, Status> {
         let (layer, work) = self.validate(&request)?;
+        for item in &work {
+            metrics::counter!(
+                crate::metrics::EXPERT_TOKENS_TOTAL,
+                "layer" => layer.to_string(),
+                "expert" => item.expert.to_string()
+            )
+            .increment(item.rows.len() as u64);
+        }
+        metrics::gauge!(crate::metrics::QUEUE_DEPTH).set(self.compute.queue_depth() as f64);
         let hidden = codec::decode(request.hidden.as_ref(), "hidden", 2)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let output = self
@@ -165,9 +191,9 @@ impl ExpertService for ExpertServer {
                 ComputeError::Failed(_) => Status::internal(e.to_string()),
             })?;
         let output = codec::encode(&output).map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(ForwardResponse {
+        Ok(ForwardResponse {
             dispatch_id: request.dispatch_id,
             output: Some(output),
-        }))
+        })
     }
 }

@@ -187,6 +187,11 @@ pub async fn monitor(
                 Ok(Ok(ref info)) if info.get_ref().model_id == model_id
             );
             let was = link.live.swap(ok, Ordering::Relaxed);
+            metrics::gauge!(crate::metrics::WORKER_UP, "worker" => i.to_string()).set(if ok {
+                1.0
+            } else {
+                0.0
+            });
             if ok {
                 backoff[i] = BASE;
                 next_probe[i] = now + Duration::from_millis(500);

@@ -138,6 +138,7 @@ impl Generator {
                 sampling: request.sampling,
                 ignore_eos: request.ignore_eos,
                 events,
+                submitted: std::time::Instant::now(),
             })
             .map_err(|e| match e {
                 EngineError::QueueFull { .. } => RequestError::Overloaded(e.to_string()),

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tch::{Kind, Tensor};
 use tokio::runtime::Handle;
@@ -19,7 +19,9 @@ use tramontane_proto::codec;
 use tramontane_proto::v1::expert_service_client::ExpertServiceClient;
 use tramontane_proto::v1::{ExpertRows, ForwardRequest};
 
+use crate::expert_load::ExpertLoad;
 use crate::placement::Placement;
+use crate::routing_trace::RoutingTrace;
 
 /// One routed (token, expert) pair with its weight.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -141,6 +143,8 @@ pub struct RemoteExperts {
     deadline: Duration,
     wire: Kind,
     next_dispatch: AtomicU64,
+    load: Arc<ExpertLoad>,
+    trace: Option<RoutingTrace>,
 }
 
 impl RemoteExperts {
@@ -151,6 +155,12 @@ impl RemoteExperts {
         deadline: Duration,
         wire: Kind,
     ) -> Self {
+        let experts = placement.experts.first().map_or(0, Vec::len);
+        let load = Arc::new(ExpertLoad::new(
+            placement.experts.len(),
+            experts,
+            workers.len(),
+        ));
         Self {
             workers,
             placement,
@@ -158,7 +168,20 @@ impl RemoteExperts {
             deadline,
             wire,
             next_dispatch: AtomicU64::new(1),
+            load,
+            trace: None,
         }
+    }
+
+    /// Records every layer's routing into `trace`.
+    pub fn with_trace(mut self, trace: RoutingTrace) -> Self {
+        self.trace = Some(trace);
+        self
+    }
+
+    /// The load this dispatcher records, for `/v1/experts/stats`.
+    pub fn load(&self) -> Arc<ExpertLoad> {
+        self.load.clone()
     }
 
     fn request(
@@ -191,31 +214,92 @@ impl RemoteExperts {
     }
 }
 
-/// Sends one Forward with a deadline; returns the partial sums.
+/// Why a Forward failed: a code for the metrics label and the message.
+struct SendError {
+    code: &'static str,
+    message: String,
+}
+
+/// Sends one Forward with a deadline; returns the partial sums. Its round
+/// trip and failures go to the metrics of worker `index`.
 async fn send(
+    index: usize,
     link: &WorkerLink,
     request: ForwardRequest,
     rows: usize,
     hidden: i64,
     deadline: Duration,
 ) -> Result<Tensor, String> {
+    let started = Instant::now();
+    let result = send_once(link, request, rows, hidden, deadline).await;
+    let worker = index.to_string();
+    metrics::histogram!(crate::metrics::DISPATCH_LATENCY, "worker" => worker.clone())
+        .record(started.elapsed());
+    result.map_err(|e| {
+        metrics::counter!(crate::metrics::DISPATCH_ERRORS_TOTAL, "worker" => worker, "code" => e.code)
+            .increment(1);
+        e.message
+    })
+}
+
+async fn send_once(
+    link: &WorkerLink,
+    request: ForwardRequest,
+    rows: usize,
+    hidden: i64,
+    deadline: Duration,
+) -> Result<Tensor, SendError> {
     let mut client = link.client.clone();
     let mut request = tonic::Request::new(request);
     request.set_timeout(deadline);
     let response = tokio::time::timeout(deadline, client.forward(request))
         .await
-        .map_err(|_| format!("DEADLINE_EXCEEDED after {deadline:?}"))?
-        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?
+        .map_err(|_| SendError {
+            code: "DEADLINE_EXCEEDED",
+            message: format!("DEADLINE_EXCEEDED after {deadline:?}"),
+        })?
+        .map_err(|status| SendError {
+            code: code_name(status.code()),
+            message: format!("{:?}: {}", status.code(), status.message()),
+        })?
         .into_inner();
-    let partial =
-        codec::decode(response.output.as_ref(), "output", 2).map_err(|e| e.to_string())?;
+    let bad_answer = |message: String| SendError {
+        code: "BAD_ANSWER",
+        message,
+    };
+    let partial = codec::decode(response.output.as_ref(), "output", 2)
+        .map_err(|e| bad_answer(e.to_string()))?;
     if partial.size() != [rows as i64, hidden] {
-        return Err(format!(
+        return Err(bad_answer(format!(
             "answered shape {:?} for {rows} rows",
             partial.size()
-        ));
+        )));
     }
     Ok(partial)
+}
+
+/// The gRPC code as its canonical name (a metrics label).
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
 }
 
 impl Experts for RemoteExperts {
@@ -228,6 +312,12 @@ impl Experts for RemoteExperts {
         let hidden = xs.size()[1];
         let mut out = xs.zeros_like();
         let mut pending = routed_pairs(routing)?;
+        let routed: Vec<usize> = pending.iter().map(|p| p.expert).collect();
+        if let Some(trace) = &self.trace {
+            let k = routing.experts.size().get(1).copied().unwrap_or(0) as usize;
+            trace.record(layer, k, &routed);
+        }
+        let mut worker_pairs = vec![0u64; self.workers.len()];
         let mut failures: Vec<String> = Vec::new();
         while !pending.is_empty() {
             let live = |w: usize| self.workers[w].live.load(Ordering::Relaxed);
@@ -261,6 +351,7 @@ impl Experts for RemoteExperts {
                     .block_on(futures::future::join_all(shares.iter().zip(requests).map(
                         |(share, request)| {
                             send(
+                                share.worker,
                                 &self.workers[share.worker],
                                 request,
                                 share.tokens.len(),
@@ -272,10 +363,15 @@ impl Experts for RemoteExperts {
             pending = Vec::new();
             for (share, result) in shares.iter().zip(results) {
                 match result {
-                    Ok(partial) => combine(&mut out, share, &partial)?,
+                    Ok(partial) => {
+                        combine(&mut out, share, &partial)?;
+                        worker_pairs[share.worker] += share.pairs.len() as u64;
+                    }
                     Err(reason) => {
                         let link = &self.workers[share.worker];
                         link.live.store(false, Ordering::Relaxed);
+                        metrics::gauge!(crate::metrics::WORKER_UP, "worker" => share.worker.to_string())
+                            .set(0.0);
                         failures.push(format!(
                             "worker {} at {} failed: {reason}",
                             share.worker, link.addr
@@ -285,6 +381,7 @@ impl Experts for RemoteExperts {
                 }
             }
         }
+        self.load.record(layer, &routed, &worker_pairs);
         Ok(out)
     }
 }

@@ -7,6 +7,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 use tokio::sync::mpsc;
@@ -56,6 +57,8 @@ pub struct GenerateJob {
     /// Keep generating past EOS (benchmarks).
     pub ignore_eos: bool,
     pub events: mpsc::UnboundedSender<Event>,
+    /// When the request was accepted (latency metrics count from here).
+    pub submitted: Instant,
 }
 
 impl GenerateJob {
@@ -74,6 +77,8 @@ struct Sequence {
     /// The last generated token, fed at the next step.
     last: Option<u32>,
     generated: usize,
+    /// When the last token was sent.
+    last_token_at: Option<Instant>,
 }
 
 impl Sequence {
@@ -219,6 +224,8 @@ impl Engine<'_> {
             let gone = s.job.events.is_closed();
             if gone {
                 kv.release(s.job.kv_tokens());
+                ::metrics::histogram!(metrics::E2E_REQUEST_LATENCY)
+                    .record(s.job.submitted.elapsed());
             }
             !gone
         });
@@ -235,6 +242,7 @@ impl Engine<'_> {
             }
             let job = self.waiting.pop_front().expect("front exists");
             self.waiting_count.fetch_sub(1, Ordering::SeqCst);
+            ::metrics::histogram!(metrics::QUEUE_TIME).record(job.submitted.elapsed());
             self.running.push(Sequence {
                 cache: self.model.new_cache(),
                 sampler: Sampler::new(job.sampling.clone()),
@@ -242,6 +250,7 @@ impl Engine<'_> {
                 prefilled: 0,
                 last: None,
                 generated: 0,
+                last_token_at: None,
             });
         }
     }
@@ -269,6 +278,7 @@ impl Engine<'_> {
         let batch_tokens: usize = feeds.iter().map(Vec::len).sum();
         ::metrics::histogram!(metrics::BATCH_SIZE).record(plan.len() as f64);
         ::metrics::histogram!(metrics::BATCH_TOKENS).record(batch_tokens as f64);
+        let started = Instant::now();
         let logits = {
             let mut in_plan = plan.iter().map(|s| s.sequence).peekable();
             let mut batch: Vec<BatchItem<'_>> = Vec::with_capacity(plan.len());
@@ -296,6 +306,8 @@ impl Engine<'_> {
                 return;
             }
         };
+        ::metrics::histogram!(metrics::STEP_DURATION).record(started.elapsed());
+        let now = Instant::now();
         let mut finished = Vec::new();
         for (row, slice) in plan.iter().enumerate() {
             let s = &mut self.running[slice.sequence];
@@ -310,6 +322,13 @@ impl Engine<'_> {
             s.generated += 1;
             s.last = Some(token);
             ::metrics::counter!(metrics::GENERATION_TOKENS_TOTAL).increment(1);
+            match s.last_token_at.replace(now) {
+                None => ::metrics::histogram!(metrics::TIME_TO_FIRST_TOKEN)
+                    .record(now - s.job.submitted),
+                Some(previous) => {
+                    ::metrics::histogram!(metrics::INTER_TOKEN_LATENCY).record(now - previous)
+                }
+            }
             let delivered = s
                 .job
                 .events
@@ -332,6 +351,7 @@ impl Engine<'_> {
         for index in finished.into_iter().rev() {
             let s = self.running.remove(index);
             self.kv.release(s.job.kv_tokens());
+            ::metrics::histogram!(metrics::E2E_REQUEST_LATENCY).record(now - s.job.submitted);
         }
     }
 }

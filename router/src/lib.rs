@@ -18,7 +18,8 @@
 //!   turns tokens into streamed text and applies stop strings.
 //! - [`http`] (OpenAI-compatible) and [`service`] (gRPC `moe.v1.Generation`):
 //!   the public APIs; [`chat_template`] renders chat messages.
-//! - [`metrics`]: the Prometheus metrics.
+//! - [`metrics`]: the Prometheus metrics; [`expert_load`]: tokens per expert
+//!   and worker; [`routing_trace`]: `--record-routing` for the planner.
 //! - [`Router::start`] and [`serve`]: the entry points.
 
 pub mod chat_template;
@@ -26,9 +27,11 @@ pub mod cluster;
 pub mod completion;
 pub mod dispatch;
 pub mod engine;
+pub mod expert_load;
 pub mod http;
 pub mod metrics;
 pub mod placement;
+pub mod routing_trace;
 pub mod sampling;
 pub mod scheduler;
 pub mod service;
@@ -55,8 +58,10 @@ use crate::cluster::ClusterError;
 use crate::completion::Generator;
 use crate::dispatch::{RemoteExperts, WorkerLink};
 use crate::engine::{EngineError, EngineHandle};
+use crate::expert_load::ExpertLoad;
 use crate::http::HttpState;
 use crate::placement::{Placement, PlacementError};
+use crate::routing_trace::RoutingTrace;
 use crate::scheduler::SchedulerConfig;
 use crate::service::GenerationServer;
 
@@ -79,6 +84,8 @@ pub struct RouterOptions {
     pub max_message_bytes: usize,
     /// The name clients give as `model`; None: the model folder's name.
     pub served_model_name: Option<String>,
+    /// Where to record every layer's routing (see [`routing_trace`]).
+    pub record_routing: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +104,8 @@ pub enum RouterError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     ChatTemplate(#[from] ChatTemplateError),
+    #[error("--record-routing {path}: {reason}")]
+    RoutingTrace { path: PathBuf, reason: String },
 }
 
 /// A started router: workers checked, dense model loaded.
@@ -104,6 +113,7 @@ pub struct Router {
     generator: Generator,
     chat_template: ChatTemplate,
     model_name: String,
+    expert_load: Arc<ExpertLoad>,
     config: MixtralConfig,
     model_id: String,
     workers: Arc<Vec<WorkerLink>>,
@@ -114,6 +124,8 @@ impl Router {
     /// Connects to the workers (refusing to start when an expert has no
     /// worker), then loads the dense part of the model on the engine thread.
     pub async fn start(options: RouterOptions) -> Result<Self, RouterError> {
+        // Before any metric handle is taken: handles taken earlier record nothing.
+        crate::metrics::install();
         let config = MixtralConfig::from_file(&options.model_dir.join("config.json"))?;
         let model_id = tramontane_expert_worker::compute::model_id(&options.model_dir)?;
         let tokenizer = Arc::new(Tokenizer::from_dir(&options.model_dir)?);
@@ -145,13 +157,29 @@ impl Router {
             options.max_message_bytes,
         )
         .await?;
-        let experts = RemoteExperts::new(
+        let mut experts = RemoteExperts::new(
             workers.clone(),
             placement.clone(),
             tokio::runtime::Handle::current(),
             options.dispatch_timeout,
             options.wire,
         );
+        if let Some(path) = &options.record_routing {
+            let header = routing_trace::Header {
+                format: routing_trace::FORMAT.into(),
+                model_id: model_id.clone(),
+                layers: config.num_hidden_layers,
+                experts: config.num_local_experts,
+                top_k: config.num_experts_per_tok,
+            };
+            let trace =
+                RoutingTrace::create(path, &header).map_err(|e| RouterError::RoutingTrace {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            experts = experts.with_trace(trace);
+        }
+        let expert_load = experts.load();
         let build_config = config.clone();
         let dir = options.model_dir.clone();
         let load = options.load;
@@ -165,7 +193,6 @@ impl Router {
             .into_iter()
             .chain(config.eos_token_id.iter().flat_map(|ids| ids.to_vec()))
             .collect();
-        crate::metrics::install();
         let scheduler = options.scheduler;
         let engine =
             tokio::task::spawn_blocking(move || EngineHandle::spawn(build, eos, scheduler))
@@ -181,6 +208,7 @@ impl Router {
             generator,
             chat_template,
             model_name,
+            expert_load,
             config,
             model_id,
             workers,
@@ -256,6 +284,8 @@ pub async fn serve(
         created: http::unix_now(),
         ready,
         metrics: crate::metrics::install(),
+        expert_load: router.expert_load,
+        workers: router.workers.iter().map(|w| w.addr.clone()).collect(),
     });
     let grpc_server = Server::builder()
         .add_service(health)

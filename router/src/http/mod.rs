@@ -25,6 +25,7 @@ pub use error::ApiError;
 
 use crate::chat_template::ChatTemplate;
 use crate::completion::{Chunk, CompletionStream, GenerationFailed, Generator};
+use crate::expert_load::{ExpertLoad, ExpertStats};
 use crate::metrics;
 use openai::{ModelCard, ModelList, Usage};
 
@@ -42,6 +43,9 @@ pub struct HttpState {
     /// Every expert has a live worker.
     pub ready: Arc<AtomicBool>,
     pub metrics: PrometheusHandle,
+    pub expert_load: Arc<ExpertLoad>,
+    /// Worker addresses, by index.
+    pub workers: Vec<String>,
 }
 
 impl HttpState {
@@ -69,6 +73,7 @@ pub fn app(state: Arc<HttpState>) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(render_metrics))
+        .route("/v1/experts/stats", get(expert_stats))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(count_requests))
@@ -98,6 +103,23 @@ async fn health(State(state): State<Arc<HttpState>>) -> Response {
         )
         .into_response()
     }
+}
+
+#[derive(serde::Serialize)]
+struct ExpertStatsBody {
+    model: String,
+    /// Worker addresses, by index (the `worker` of the load figures).
+    worker_addrs: Vec<String>,
+    #[serde(flatten)]
+    stats: ExpertStats,
+}
+
+async fn expert_stats(State(state): State<Arc<HttpState>>) -> Json<ExpertStatsBody> {
+    Json(ExpertStatsBody {
+        model: state.model_name.clone(),
+        worker_addrs: state.workers.clone(),
+        stats: state.expert_load.snapshot(),
+    })
 }
 
 async fn render_metrics(State(state): State<Arc<HttpState>>) -> String {

@@ -1,0 +1,208 @@
+//! How the load spreads over experts and workers: tokens routed per
+//! (layer, expert) and (token, expert) pairs computed per worker, both
+//! cumulative and over a sliding window of recent dispatches, with each
+//! layer's balancedness (mean ÷ max pairs per worker over the window; 1 is
+//! perfectly even). Exported as Prometheus metrics and served as JSON on
+//! `GET /v1/experts/stats`.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use metrics::{Counter, Gauge};
+use serde::Serialize;
+
+use crate::metrics as names;
+
+/// Dispatches per layer the recent window keeps.
+pub const WINDOW_STEPS: usize = 64;
+
+/// One layer's dispatch: per expert tokens routed, per worker pairs computed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Dispatch {
+    experts: Vec<u64>,
+    workers: Vec<u64>,
+}
+
+struct LayerLoad {
+    cumulative: Dispatch,
+    recent: VecDeque<Dispatch>,
+    routed: Vec<Counter>,
+    balancedness: Gauge,
+}
+
+pub struct ExpertLoad {
+    layers: Mutex<Vec<LayerLoad>>,
+    worker_pairs: Vec<Counter>,
+    experts: usize,
+    workers: usize,
+}
+
+/// `GET /v1/experts/stats`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ExpertStats {
+    pub layers: usize,
+    pub experts: usize,
+    pub workers: usize,
+    /// Dispatches per layer the `recent` figures cover (at most).
+    pub window_steps: usize,
+    /// `tokens[layer][expert]`: tokens routed since start.
+    pub tokens: Vec<Vec<u64>>,
+    /// The same over the recent window.
+    pub recent_tokens: Vec<Vec<u64>>,
+    /// `worker_load[layer][worker]`: (token, expert) pairs computed since start.
+    pub worker_load: Vec<Vec<u64>>,
+    pub recent_worker_load: Vec<Vec<u64>>,
+    /// Per layer, mean ÷ max of `recent_worker_load` (1 when nothing ran).
+    pub balancedness: Vec<f64>,
+}
+
+/// mean ÷ max; 1 for no load.
+pub fn balancedness(load: &[u64]) -> f64 {
+    let max = load.iter().copied().max().unwrap_or(0);
+    if max == 0 {
+        return 1.0;
+    }
+    let mean = load.iter().sum::<u64>() as f64 / load.len() as f64;
+    mean / max as f64
+}
+
+impl Dispatch {
+    fn zero(experts: usize, workers: usize) -> Self {
+        Self {
+            experts: vec![0; experts],
+            workers: vec![0; workers],
+        }
+    }
+
+    fn add(&mut self, other: &Dispatch) {
+        for (a, &b) in self.experts.iter_mut().zip(&other.experts) {
+            *a += b;
+        }
+        for (a, &b) in self.workers.iter_mut().zip(&other.workers) {
+            *a += b;
+        }
+    }
+}
+
+impl ExpertLoad {
+    pub fn new(layers: usize, experts: usize, workers: usize) -> Self {
+        let layer_loads = (0..layers)
+            .map(|layer| LayerLoad {
+                cumulative: Dispatch::zero(experts, workers),
+                recent: VecDeque::with_capacity(WINDOW_STEPS),
+                routed: (0..experts)
+                    .map(|expert| {
+                        metrics::counter!(
+                            names::ROUTED_TOKENS_TOTAL,
+                            "layer" => layer.to_string(),
+                            "expert" => expert.to_string()
+                        )
+                    })
+                    .collect(),
+                balancedness: metrics::gauge!(names::EXPERT_BALANCEDNESS, "layer" => layer.to_string()),
+            })
+            .collect();
+        Self {
+            layers: Mutex::new(layer_loads),
+            worker_pairs: (0..workers)
+                .map(|w| metrics::counter!(names::WORKER_PAIRS_TOTAL, "worker" => w.to_string()))
+                .collect(),
+            experts,
+            workers,
+        }
+    }
+
+    /// Records one layer's dispatch: `experts` are the routed expert ids (k
+    /// per token), `worker_pairs[w]` the pairs worker w computed.
+    pub fn record(&self, layer: usize, experts: &[usize], worker_pairs: &[u64]) {
+        let mut dispatch = Dispatch::zero(self.experts, self.workers);
+        for &e in experts {
+            if let Some(count) = dispatch.experts.get_mut(e) {
+                *count += 1;
+            }
+        }
+        for (a, &b) in dispatch.workers.iter_mut().zip(worker_pairs) {
+            *a += b;
+        }
+        for (counter, &n) in self.worker_pairs.iter().zip(&dispatch.workers) {
+            counter.increment(n);
+        }
+        let mut layers = self.layers.lock().expect("expert load lock");
+        let Some(load) = layers.get_mut(layer) else {
+            return;
+        };
+        for (counter, &n) in load.routed.iter().zip(&dispatch.experts) {
+            counter.increment(n);
+        }
+        load.cumulative.add(&dispatch);
+        if load.recent.len() == WINDOW_STEPS {
+            load.recent.pop_front();
+        }
+        load.recent.push_back(dispatch);
+        let recent = window_sum(&load.recent, self.experts, self.workers);
+        load.balancedness.set(balancedness(&recent.workers));
+    }
+
+    pub fn snapshot(&self) -> ExpertStats {
+        let layers = self.layers.lock().expect("expert load lock");
+        let recent: Vec<Dispatch> = layers
+            .iter()
+            .map(|l| window_sum(&l.recent, self.experts, self.workers))
+            .collect();
+        ExpertStats {
+            layers: layers.len(),
+            experts: self.experts,
+            workers: self.workers,
+            window_steps: WINDOW_STEPS,
+            tokens: layers
+                .iter()
+                .map(|l| l.cumulative.experts.clone())
+                .collect(),
+            recent_tokens: recent.iter().map(|d| d.experts.clone()).collect(),
+            worker_load: layers
+                .iter()
+                .map(|l| l.cumulative.workers.clone())
+                .collect(),
+            balancedness: recent.iter().map(|d| balancedness(&d.workers)).collect(),
+            recent_worker_load: recent.into_iter().map(|d| d.workers).collect(),
+        }
+    }
+}
+
+fn window_sum(recent: &VecDeque<Dispatch>, experts: usize, workers: usize) -> Dispatch {
+    let mut sum = Dispatch::zero(experts, workers);
+    for d in recent {
+        sum.add(d);
+    }
+    sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn balancedness_is_mean_over_max() {
+        assert_eq!(balancedness(&[4, 4]), 1.0);
+        assert_eq!(balancedness(&[6, 2]), 4.0 / 6.0);
+        assert_eq!(balancedness(&[0, 0]), 1.0);
+    }
+
+    #[test]
+    fn counts_accumulate_and_the_window_forgets() {
+        let load = ExpertLoad::new(2, 4, 2);
+        load.record(0, &[0, 1, 1, 3], &[3, 1]);
+        let stats = load.snapshot();
+        assert_eq!(stats.tokens[0], [1, 2, 0, 1]);
+        assert_eq!(stats.tokens[1], [0, 0, 0, 0]);
+        assert_eq!(stats.worker_load[0], [3, 1]);
+        assert_eq!(stats.balancedness[0], 2.0 / 3.0);
+        for _ in 0..WINDOW_STEPS {
+            load.record(0, &[2, 2], &[1, 1]);
+        }
+        let stats = load.snapshot();
+        assert_eq!(stats.tokens[0], [1, 2, 2 * WINDOW_STEPS as u64, 1]);
+        assert_eq!(stats.recent_tokens[0], [0, 0, 2 * WINDOW_STEPS as u64, 0]);
+        assert_eq!(stats.balancedness[0], 1.0);
+    }
+}
