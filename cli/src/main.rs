@@ -10,6 +10,7 @@ mod options;
 mod router;
 mod serve;
 mod signals;
+mod telemetry;
 mod worker;
 
 #[derive(Parser)]

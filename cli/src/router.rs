@@ -13,6 +13,7 @@ use tramontane_router::scheduler::SchedulerConfig;
 use tramontane_router::{Router, RouterOptions};
 
 use crate::options::{ComputeArgs, WeightDtype};
+use crate::telemetry::TelemetryArgs;
 
 /// Options of the router that `serve` shares.
 #[derive(Debug, Args)]
@@ -77,6 +78,8 @@ pub struct RouterArgs {
     pub tuning: RouterTuning,
     #[command(flatten)]
     pub compute: ComputeArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 impl RouterTuning {
@@ -149,9 +152,10 @@ pub fn run(args: &RouterArgs) -> Result<()> {
     let options = args
         .tuning
         .options(args.model.clone(), args.workers.clone(), &args.compute)?;
-    tokio::runtime::Runtime::new()?.block_on(start_and_serve(
-        options,
-        args.listen,
-        args.http_listen,
-    ))
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let telemetry = crate::telemetry::init(&args.telemetry, "tramontane-router")?;
+        let served = start_and_serve(options, args.listen, args.http_listen).await;
+        telemetry.shutdown().await;
+        served
+    })
 }

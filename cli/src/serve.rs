@@ -16,6 +16,7 @@ use tramontane_router::placement::Placement;
 
 use crate::options::{ComputeArgs, parse_device};
 use crate::router::RouterTuning;
+use crate::telemetry::TelemetryArgs;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -44,6 +45,8 @@ pub struct ServeArgs {
     pub tuning: RouterTuning,
     #[command(flatten)]
     pub compute: ComputeArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 /// Starts one worker on a free loopback port; returns it and its address.
@@ -52,6 +55,7 @@ async fn spawn_worker(
     experts: &str,
     device: &str,
     threads: i32,
+    telemetry: &TelemetryArgs,
 ) -> Result<(Child, String)> {
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
@@ -67,6 +71,7 @@ async fn spawn_worker(
             "127.0.0.1:0",
         ])
         .args(["--threads", &threads.to_string()])
+        .args(telemetry.to_args())
         // A worker idles between dispatches: OpenMP threads that spin-wait
         // there steal the cores the router and the other workers need.
         .env(
@@ -135,6 +140,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         .unwrap_or_else(|| (cores / (args.workers as i32 + 1)).max(1));
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
+        let telemetry = crate::telemetry::init(&args.telemetry, "tramontane-router")?;
         let mut children = Vec::new();
         let mut addrs = Vec::new();
         for worker in 0..args.workers {
@@ -144,7 +150,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
                 bail!("worker {worker} holds no expert in the placement");
             }
             let device = &args.devices[worker % args.devices.len()];
-            let (child, addr) = spawn_worker(&model, &format_experts(&experts), device, threads).await?;
+            let (child, addr) = spawn_worker(&model, &format_experts(&experts), device, threads, &args.telemetry).await?;
             eprintln!(
                 "worker {worker} (pid {}) on {device} at {addr}: experts {}",
                 child.id().unwrap_or_default(),
@@ -163,6 +169,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         });
         let result = crate::router::start_and_serve(options, args.listen, args.http_listen).await;
         watch.abort(); // dropping the children kills them
+        telemetry.shutdown().await;
         result
     })
 }

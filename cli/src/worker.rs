@@ -14,6 +14,7 @@ use tramontane_model::MixtralConfig;
 use tramontane_model::weights::Checkpoint;
 
 use crate::options::ComputeArgs;
+use crate::telemetry::TelemetryArgs;
 
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
@@ -37,14 +38,8 @@ pub struct WorkerArgs {
     pub max_message_bytes: usize,
     #[command(flatten)]
     pub compute: ComputeArgs,
-}
-
-/// Resident set size of this process, from /proc (None elsewhere).
-fn rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 pub fn run(args: &WorkerArgs) -> Result<()> {
@@ -70,6 +65,7 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        let telemetry = crate::telemetry::init(&args.telemetry, "tramontane-worker")?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
@@ -78,12 +74,19 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
             "worker holds {held} (layer, expert) pairs: {} MiB of expert weights, of a {} MiB checkpoint; RSS {} MiB",
             info.weight_bytes >> 20,
             model_bytes >> 20,
-            rss_bytes().unwrap_or(0) >> 20,
+            tramontane_expert_worker::metrics::rss_bytes() >> 20,
         );
         println!("tramontane worker listening on {addr}");
         let server = ExpertServer::new(compute, info);
-        tramontane_expert_worker::serve(listener, server, args.max_message_bytes, crate::signals::shutdown())
-            .await
-            .context("serving")
+        let served = tramontane_expert_worker::serve(
+            listener,
+            server,
+            args.max_message_bytes,
+            crate::signals::shutdown(),
+        )
+        .await
+        .context("serving");
+        telemetry.shutdown().await;
+        served
     })
 }

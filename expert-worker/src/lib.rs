@@ -10,12 +10,14 @@
 //! - [`compute`]: the dedicated thread that owns the expert tensors.
 //! - [`service`]: the gRPC `moe.v1.ExpertService`: validation, then compute.
 //! - [`metrics`]: Prometheus metrics, `GET /metrics` on the gRPC port.
+//! - [`trace_context`]: `traceparent` in gRPC metadata, router to worker.
 //! - [`serve`]: the server entry point, on a given listener with a shutdown future.
 
 pub mod compute;
 pub mod metrics;
 pub mod service;
 pub mod spec;
+pub mod trace_context;
 
 use std::future::Future;
 

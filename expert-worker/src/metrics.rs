@@ -74,9 +74,12 @@ pub fn install() -> PrometheusHandle {
 
 /// Resident set size of this process, from /proc (0 where there is none).
 pub fn rss_bytes() -> u64 {
-    let pages = std::fs::read_to_string("/proc/self/statm")
+    let kib = std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
         .unwrap_or(0);
-    pages * 4096
+    kib * 1024
 }

@@ -6,6 +6,7 @@ use std::collections::HashSet;
 
 use tch::Device;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 use tramontane_proto::codec;
 use tramontane_proto::v1::expert_service_server::ExpertService;
 use tramontane_proto::v1::{
@@ -158,7 +159,21 @@ impl ExpertService for ExpertServer {
         request: Request<ForwardRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
         let started = std::time::Instant::now();
-        let result = self.forward_one(request.into_inner()).await;
+        let span = tracing::info_span!(
+            "expert_forward",
+            layer = request.get_ref().layer,
+            rows = tracing::field::Empty,
+            experts = request.get_ref().experts.len(),
+            dispatch_id = request.get_ref().dispatch_id,
+        );
+        crate::trace_context::adopt(&span, request.metadata());
+        if let Some(shape) = request.get_ref().hidden.as_ref().map(|h| h.shape.clone()) {
+            span.record("rows", shape.first().copied().unwrap_or(0));
+        }
+        let result = self
+            .forward_one(request.into_inner())
+            .instrument(span)
+            .await;
         metrics::histogram!(crate::metrics::FORWARD_LATENCY).record(started.elapsed());
         if let Err(status) = &result {
             metrics::counter!(crate::metrics::ERRORS_TOTAL, "code" => format!("{:?}", status.code()))

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
+use opentelemetry::trace::TraceContextExt;
 use tokio::sync::mpsc;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tramontane_model::Tokenizer;
 
 use crate::engine::{EngineError, EngineHandle, Event, FinishReason, GenerateJob};
@@ -21,6 +23,9 @@ pub struct GenerationRequest {
     /// Stop strings, matched on the generated text.
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// What the client asked for (`text_completion`, `chat`, `generate`):
+    /// the trace's `gen_ai.operation.name`.
+    pub operation: &'static str,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +51,8 @@ pub struct Generator {
     tokenizer: Arc<Tokenizer>,
     vocab_size: usize,
     max_positions: usize,
+    /// The served model name (for traces).
+    model_name: Arc<str>,
 }
 
 impl Generator {
@@ -54,12 +61,14 @@ impl Generator {
         tokenizer: Arc<Tokenizer>,
         vocab_size: usize,
         max_positions: usize,
+        model_name: &str,
     ) -> Self {
         Self {
             engine,
             tokenizer,
             vocab_size,
             max_positions,
+            model_name: model_name.into(),
         }
     }
 
@@ -128,6 +137,13 @@ impl Generator {
             .into());
         }
         request.sampling.validate()?;
+        let span = request_span(
+            request.operation,
+            &request.sampling,
+            &self.model_name,
+            prompt.len(),
+            max_tokens,
+        );
         let (events, receiver) = mpsc::unbounded_channel();
         let prompt_tokens = prompt.len();
         let decoder = IncrementalDecoder::new(self.tokenizer.clone(), &prompt);
@@ -139,6 +155,7 @@ impl Generator {
                 ignore_eos: request.ignore_eos,
                 events,
                 submitted: std::time::Instant::now(),
+                span: span.clone(),
             })
             .map_err(|e| match e {
                 EngineError::QueueFull { .. } => RequestError::Overloaded(e.to_string()),
@@ -151,8 +168,40 @@ impl Generator {
             prompt_tokens,
             generated: 0,
             done: false,
+            span,
         })
     }
+}
+
+/// The request's span, with the OpenTelemetry GenAI attributes; its trace
+/// id goes into the log lines written inside it.
+fn request_span(
+    operation: &'static str,
+    sampling: &SamplingParams,
+    model: &str,
+    prompt_tokens: usize,
+    max_tokens: usize,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        "request",
+        otel.name = format!("{operation} {model}"),
+        otel.kind = "server",
+        "gen_ai.operation.name" = operation,
+        "gen_ai.request.model" = model,
+        "gen_ai.request.max_tokens" = max_tokens,
+        "gen_ai.request.temperature" = f64::from(sampling.temperature),
+        "gen_ai.request.top_p" = f64::from(sampling.top_p),
+        "gen_ai.request.seed" = sampling.seed,
+        "gen_ai.usage.input_tokens" = prompt_tokens,
+        "gen_ai.usage.output_tokens" = tracing::field::Empty,
+        "gen_ai.response.finish_reasons" = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    let trace_id = span.context().span().span_context().trace_id();
+    if trace_id != opentelemetry::trace::TraceId::INVALID {
+        span.record("trace_id", tracing::field::display(trace_id));
+    }
+    span
 }
 
 /// One generated token.
@@ -191,6 +240,7 @@ pub struct CompletionStream {
     prompt_tokens: usize,
     generated: usize,
     done: bool,
+    span: tracing::Span,
 }
 
 /// A whole completion.
@@ -231,6 +281,7 @@ impl CompletionStream {
                 let finish = matched.stopped.then_some(FinishReason::Stop);
                 if matched.stopped {
                     self.finish();
+                    self.finished(FinishReason::Stop);
                 }
                 Chunk {
                     text: matched.text,
@@ -249,6 +300,7 @@ impl CompletionStream {
                     reason
                 };
                 self.finish();
+                self.finished(finish);
                 Chunk {
                     text,
                     token: None,
@@ -257,6 +309,7 @@ impl CompletionStream {
             }
             Event::Failed(reason) => {
                 self.finish();
+                tracing::warn!(parent: &self.span, %reason, "request failed");
                 return Some(Err(GenerationFailed(reason)));
             }
         }))
@@ -266,6 +319,20 @@ impl CompletionStream {
     fn finish(&mut self) {
         self.done = true;
         self.events.close();
+        self.span
+            .record("gen_ai.usage.output_tokens", self.generated);
+    }
+
+    fn finished(&self, reason: FinishReason) {
+        self.span
+            .record("gen_ai.response.finish_reasons", reason.as_str());
+        tracing::info!(
+            parent: &self.span,
+            prompt_tokens = self.prompt_tokens,
+            completion_tokens = self.generated,
+            finish_reason = reason.as_str(),
+            "request finished"
+        );
     }
 
     /// Runs to the end.

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
 use tokio::runtime::Handle;
 use tonic::transport::Channel;
+use tracing::Instrument;
 use tramontane_model::error::ForwardError;
 use tramontane_model::gating::Routing;
 use tramontane_model::moe::Experts;
@@ -231,7 +232,20 @@ async fn send(
     deadline: Duration,
 ) -> Result<Tensor, String> {
     let started = Instant::now();
-    let result = send_once(link, request, rows, hidden, deadline).await;
+    let span = tracing::info_span!(
+        "dispatch",
+        worker = index,
+        worker.addr = %link.addr,
+        layer = request.layer,
+        rows,
+        error = tracing::field::Empty,
+    );
+    let result = send_once(link, request, rows, hidden, deadline)
+        .instrument(span.clone())
+        .await;
+    if let Err(e) = &result {
+        span.record("error", e.message.as_str());
+    }
     let worker = index.to_string();
     metrics::histogram!(crate::metrics::DISPATCH_LATENCY, "worker" => worker.clone())
         .record(started.elapsed());
@@ -252,6 +266,7 @@ async fn send_once(
     let mut client = link.client.clone();
     let mut request = tonic::Request::new(request);
     request.set_timeout(deadline);
+    tramontane_expert_worker::trace_context::inject(request.metadata_mut());
     let response = tokio::time::timeout(deadline, client.forward(request))
         .await
         .map_err(|_| SendError {

@@ -9,8 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use opentelemetry::trace::TraceContextExt;
 use tch::{Device, Kind, Tensor};
 use tokio::sync::mpsc;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tramontane_model::kv_cache::KvCache;
 use tramontane_model::{BatchItem, Logits, Mixtral};
 
@@ -59,6 +61,8 @@ pub struct GenerateJob {
     pub events: mpsc::UnboundedSender<Event>,
     /// When the request was accepted (latency metrics count from here).
     pub submitted: Instant,
+    /// The request's span: forward steps are its children (or linked to it).
+    pub span: tracing::Span,
 }
 
 impl GenerateJob {
@@ -278,6 +282,18 @@ impl Engine<'_> {
         let batch_tokens: usize = feeds.iter().map(Vec::len).sum();
         ::metrics::histogram!(metrics::BATCH_SIZE).record(plan.len() as f64);
         ::metrics::histogram!(metrics::BATCH_TOKENS).record(batch_tokens as f64);
+        // A step serves many requests: it is a child of the oldest one's
+        // span and linked to the others.
+        let step_span = tracing::info_span!(
+            parent: self.running.first().and_then(|s| s.job.span.id()),
+            "forward_step",
+            batch.sequences = plan.len(),
+            batch.tokens = batch_tokens,
+        );
+        for s in self.running.iter().skip(1) {
+            step_span.add_link(s.job.span.context().span().span_context().clone());
+        }
+        let _in_step = step_span.enter();
         let started = Instant::now();
         let logits = {
             let mut in_plan = plan.iter().map(|s| s.sequence).peekable();

@@ -203,6 +203,7 @@ impl Router {
             tokenizer,
             config.vocab_size,
             config.max_position_embeddings,
+            &model_name,
         );
         Ok(Self {
             generator,

@@ -60,6 +60,7 @@ impl GenerationServer {
             },
             stop: request.stop.clone(),
             ignore_eos: request.ignore_eos,
+            operation: "generate",
         })
     }
 }

@@ -122,6 +122,8 @@ pub fn spawn_serving(args: &[&str]) -> Result<Serving> {
     let mut child = tramontane()
         .args(args)
         .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        // Traces (when exported) leave every 100 ms rather than every 5 s.
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;

@@ -50,6 +50,7 @@ pub async fn create(
         logprobs,
         "top_logprobs",
         crate::sampling::MAX_TOP_LOGPROBS,
+        "chat",
     )?;
     let stream = state.generator.start(generation)?;
     let id = new_id("chatcmpl");

@@ -43,6 +43,7 @@ pub async fn create(
             request.logprobs,
             "logprobs",
             MAX_LOGPROBS,
+            "text_completion",
         )?);
     }
     // Every choice is checked before any starts; dropping the started ones cancels them.

@@ -58,6 +58,7 @@ impl CommonFields {
         logprobs: Option<i64>,
         logprobs_param: &'static str,
         max_logprobs: usize,
+        operation: &'static str,
     ) -> Result<GenerationRequest, ApiError> {
         if let Some(n) = self.n
             && n != 1
@@ -124,6 +125,7 @@ impl CommonFields {
             sampling,
             stop,
             ignore_eos: self.ignore_eos,
+            operation,
         })
     }
 }
