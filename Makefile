@@ -21,7 +21,7 @@ LISTEN ?= 127.0.0.1:50051
 HTTP_LISTEN ?= 127.0.0.1:8000
 BENCH_MODEL := target/bench-model
 
-.PHONY: setup build test lint serve bench bench-sharded bench-serving
+.PHONY: setup build test lint serve bench bench-sharded bench-serving monitoring-tools
 
 setup: $(STAMP)
 
@@ -38,11 +38,17 @@ lint: setup
 	cargo fmt --all --check
 	cargo clippy --release --locked --all-targets -- -D warnings
 
-test: build lint
+# Prometheus and promtool (Debian package) for the monitoring test.
+monitoring-tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+test: build lint monitoring-tools
 	cargo test --release --locked
 
 serve: build
-	$(BIN) serve --workers $(WORKERS) --listen $(LISTEN) --http-listen $(HTTP_LISTEN) $(if $(MODEL),--model $(MODEL),)
+	$(BIN) serve --workers $(WORKERS) --listen $(LISTEN) --http-listen $(HTTP_LISTEN) --prometheus-targets deploy/prometheus/targets/local.json $(if $(MODEL),--model $(MODEL),)
 
 # The in-process forward against transformers on the bench preset (not part of `make test`).
 bench: build

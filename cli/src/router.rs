@@ -122,10 +122,12 @@ impl RouterTuning {
 }
 
 /// Starts a router and serves it until Ctrl-C / SIGTERM.
+/// `on_listening` gets the gRPC and HTTP addresses once bound.
 pub async fn start_and_serve(
     options: RouterOptions,
     listen: SocketAddr,
     http_listen: SocketAddr,
+    on_listening: impl FnOnce(SocketAddr, SocketAddr) -> Result<()>,
 ) -> Result<()> {
     let router = Router::start(options).await?;
     let bind = |addr: SocketAddr| async move {
@@ -136,6 +138,7 @@ pub async fn start_and_serve(
     let grpc = bind(listen).await?;
     let http = bind(http_listen).await?;
     let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
+    on_listening(grpc_addr, http_addr)?;
     println!("tramontane router listening on {grpc_addr}");
     println!("tramontane http listening on {http_addr}");
     eprintln!(
@@ -154,7 +157,7 @@ pub fn run(args: &RouterArgs) -> Result<()> {
         .options(args.model.clone(), args.workers.clone(), &args.compute)?;
     tokio::runtime::Runtime::new()?.block_on(async {
         let telemetry = crate::telemetry::init(&args.telemetry, "tramontane-router")?;
-        let served = start_and_serve(options, args.listen, args.http_listen).await;
+        let served = start_and_serve(options, args.listen, args.http_listen, |_, _| Ok(())).await;
         telemetry.shutdown().await;
         served
     })

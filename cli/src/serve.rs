@@ -41,6 +41,10 @@ pub struct ServeArgs {
     /// Address of the OpenAI-compatible HTTP API (and /metrics, /health).
     #[arg(long, default_value = "127.0.0.1:8000", env = "TRAMONTANE_HTTP_LISTEN")]
     pub http_listen: SocketAddr,
+    /// Write the router's and workers' metrics addresses to this file, in
+    /// Prometheus file_sd format (see deploy/prometheus/prometheus.yml).
+    #[arg(long)]
+    pub prometheus_targets: Option<PathBuf>,
     #[command(flatten)]
     pub tuning: RouterTuning,
     #[command(flatten)]
@@ -96,6 +100,28 @@ async fn spawn_worker(
     // Keep reading: a closed pipe would fail the worker's next print.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Ok((child, addr))
+}
+
+/// Prometheus file_sd targets: the router (its HTTP port) and every worker
+/// (its gRPC port, which also answers `GET /metrics`).
+fn write_targets(path: &std::path::Path, router: &str, workers: &[String]) -> Result<()> {
+    let mut groups = vec![serde_json::json!({
+        "targets": [router],
+        "labels": {"component": "router"},
+    })];
+    for (i, addr) in workers.iter().enumerate() {
+        groups.push(serde_json::json!({
+            "targets": [addr],
+            "labels": {"component": "worker", "worker": i.to_string()},
+        }));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // Written whole, then renamed: Prometheus never reads half a file.
+    let partial = path.with_extension("json.partial");
+    std::fs::write(&partial, serde_json::to_string_pretty(&groups)?)?;
+    std::fs::rename(&partial, path).with_context(|| format!("writing {}", path.display()))
 }
 
 pub fn run(args: &ServeArgs) -> Result<()> {
@@ -159,6 +185,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             children.push(child);
             addrs.push(addr);
         }
+        let worker_addrs = addrs.clone();
         let options = args.tuning.options(model.clone(), addrs, &args.compute)?;
         let watch = tokio::spawn(async move {
             let exits = children.iter_mut().enumerate().map(|(i, child)| async move {
@@ -167,7 +194,14 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             });
             futures::future::join_all(exits).await;
         });
-        let result = crate::router::start_and_serve(options, args.listen, args.http_listen).await;
+        let targets = args.prometheus_targets.clone();
+        let result = crate::router::start_and_serve(options, args.listen, args.http_listen, |_, http| {
+            match targets {
+                Some(path) => write_targets(&path, &http.to_string(), &worker_addrs),
+                None => Ok(()),
+            }
+        })
+        .await;
         watch.abort(); // dropping the children kills them
         telemetry.shutdown().await;
         result
