@@ -67,25 +67,20 @@ pub fn init(args: &TelemetryArgs, service: &'static str) -> Result<Telemetry> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter =
         EnvFilter::try_from_env("TRAMONTANE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let provider = match &args.otlp_endpoint {
-        Some(endpoint) => {
-            let exporter = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint)
-                .build()
-                .with_context(|| format!("--otlp-endpoint {endpoint}"))?;
-            Some(
-                SdkTracerProvider::builder()
-                    .with_batch_exporter(exporter)
-                    .with_resource(Resource::builder().with_service_name(service).build())
-                    .build(),
-            )
-        }
-        None => None,
-    };
-    let traces = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));
+    // Spans get trace ids (in log lines, and carried to the workers) even
+    // when nothing is exported.
+    let mut builder = SdkTracerProvider::builder()
+        .with_resource(Resource::builder().with_service_name(service).build());
+    if let Some(endpoint) = &args.otlp_endpoint {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .build()
+            .with_context(|| format!("--otlp-endpoint {endpoint}"))?;
+        builder = builder.with_batch_exporter(exporter);
+    }
+    let provider = builder.build();
+    let traces = tracing_opentelemetry::layer().with_tracer(provider.tracer(service));
     let logs = match args.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
@@ -103,7 +98,9 @@ pub fn init(args: &TelemetryArgs, service: &'static str) -> Result<Telemetry> {
         .with(traces)
         .try_init()
         .context("setting up logging")?;
-    Ok(Telemetry { provider })
+    Ok(Telemetry {
+        provider: Some(provider),
+    })
 }
 
 impl Telemetry {

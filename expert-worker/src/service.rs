@@ -165,6 +165,7 @@ impl ExpertService for ExpertServer {
             rows = tracing::field::Empty,
             experts = request.get_ref().experts.len(),
             dispatch_id = request.get_ref().dispatch_id,
+            trace_id = tracing::field::Empty,
         );
         crate::trace_context::adopt(&span, request.metadata());
         if let Some(shape) = request.get_ref().hidden.as_ref().map(|h| h.shape.clone()) {
@@ -172,10 +173,11 @@ impl ExpertService for ExpertServer {
         }
         let result = self
             .forward_one(request.into_inner())
-            .instrument(span)
+            .instrument(span.clone())
             .await;
         metrics::histogram!(crate::metrics::FORWARD_LATENCY).record(started.elapsed());
         if let Err(status) = &result {
+            tracing::warn!(parent: &span, code = ?status.code(), message = status.message(), "Forward refused");
             metrics::counter!(crate::metrics::ERRORS_TOTAL, "code" => format!("{:?}", status.code()))
                 .increment(1);
         }

@@ -3,6 +3,7 @@
 //! span a child of it, so one trace runs across both processes.
 
 use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::TraceContextExt;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -45,10 +46,15 @@ pub fn inject(metadata: &mut MetadataMap) {
     });
 }
 
-/// Makes `span` a child of the context `metadata` carries, if any.
+/// Makes `span` a child of the context `metadata` carries, if any, and
+/// records the trace id in its `trace_id` field (for log lines).
 pub fn adopt(span: &tracing::Span, metadata: &MetadataMap) {
     let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
         propagator.extract(&MetadataExtractor(metadata))
     });
     let _ = span.set_parent(parent);
+    let trace_id = span.context().span().span_context().trace_id();
+    if trace_id != opentelemetry::trace::TraceId::INVALID {
+        span.record("trace_id", tracing::field::display(trace_id));
+    }
 }
