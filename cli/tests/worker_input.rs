@@ -164,6 +164,20 @@ fn bad_forward_requests_get_the_right_status_and_the_worker_keeps_serving() -> R
                 "{name}: worker answers differently after it"
             );
         }
+        // The refusals are counted by code on the worker's /metrics.
+        let (status, _, metrics) = common::http(&worker.addr, "GET", "/metrics", "")?;
+        ensure!(status == 200, "worker /metrics: {status}");
+        let invalid = common::metric(
+            &metrics,
+            "tramontane_worker_errors_total{code=\"INVALID_ARGUMENT\"}",
+        )
+        .unwrap_or(0.0);
+        let not_found = common::metric(
+            &metrics,
+            "tramontane_worker_errors_total{code=\"NOT_FOUND\"}",
+        )
+        .unwrap_or(0.0);
+        ensure!(invalid >= 10.0 && not_found >= 1.0, "{metrics}");
         Ok(())
     })
 }

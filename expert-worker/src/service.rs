@@ -178,7 +178,7 @@ impl ExpertService for ExpertServer {
         metrics::histogram!(crate::metrics::FORWARD_LATENCY).record(started.elapsed());
         if let Err(status) = &result {
             tracing::warn!(parent: &span, code = ?status.code(), message = status.message(), "Forward refused");
-            metrics::counter!(crate::metrics::ERRORS_TOTAL, "code" => format!("{:?}", status.code()))
+            metrics::counter!(crate::metrics::ERRORS_TOTAL, "code" => crate::metrics::code_name(status.code()))
                 .increment(1);
         }
         result.map(Response::new)

@@ -274,7 +274,7 @@ async fn send_once(
             message: format!("DEADLINE_EXCEEDED after {deadline:?}"),
         })?
         .map_err(|status| SendError {
-            code: code_name(status.code()),
+            code: tramontane_expert_worker::metrics::code_name(status.code()),
             message: format!("{:?}: {}", status.code(), status.message()),
         })?
         .into_inner();
@@ -291,30 +291,6 @@ async fn send_once(
         )));
     }
     Ok(partial)
-}
-
-/// The gRPC code as its canonical name (a metrics label).
-fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
-    }
 }
 
 impl Experts for RemoteExperts {
