@@ -27,6 +27,20 @@ pub async fn create(
     OpenAiJson(request): OpenAiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     state.check_model(&request.common.model)?;
+    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(ApiError::invalid(
+            "tools",
+            "tools: function calling is not supported by this server",
+        ));
+    }
+    if let Some(format) = &request.response_format
+        && format["type"] != "text"
+    {
+        return Err(ApiError::invalid(
+            "response_format",
+            format!("response_format: only {{\"type\": \"text\"}} is supported, not {format}"),
+        ));
+    }
     let messages = messages(&request)?;
     let text = state.chat_template.render(&messages)?;
     let prompt = state

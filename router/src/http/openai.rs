@@ -181,6 +181,10 @@ pub struct ChatRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<i64>,
+    /// Function calling: not supported, refused rather than ignored.
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// Structured output: only `{"type": "text"}` is supported.
+    pub response_format: Option<serde_json::Value>,
     #[serde(flatten)]
     pub common: CommonFields,
 }
