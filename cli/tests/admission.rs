@@ -13,26 +13,21 @@ fn kv_bound_and_full_queue_refuse_cleanly_and_lose_nothing() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let model = dir.path().join("model");
     common::gen_model(&model, &["--preset", "tiny", "--seed", "5"])?;
-    let model = model.to_str().context("path")?;
     // Each request below reserves 3 + 40 KV tokens: 100 lets two run at once,
     // though four could by --max-running.
-    let serve = common::spawn_serving(&[
-        "serve",
-        "--model",
-        model,
-        "--workers",
-        "2",
-        "--threads",
-        "1",
-        "--max-running",
-        "4",
-        "--max-batch-tokens",
-        "16",
-        "--max-kv-tokens",
-        "100",
-        "--queue",
-        "2",
-    ])?;
+    let serve = common::serve_two_workers(
+        &model,
+        &[
+            "--max-running",
+            "4",
+            "--max-batch-tokens",
+            "16",
+            "--max-kv-tokens",
+            "100",
+            "--queue",
+            "2",
+        ],
+    )?;
     let http_addr = serve.http.clone();
 
     // More than the KV cache can ever hold: a 400 naming the limit.

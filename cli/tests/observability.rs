@@ -32,19 +32,15 @@ fn routed_tokens_add_up_everywhere() -> Result<()> {
     let model = dir.path().join("model");
     common::gen_model(&model, &["--preset", "tiny", "--seed", "23"])?;
     let trace_path = dir.path().join("routing.jsonl");
-    let serve = common::spawn_serving(&[
-        "serve",
-        "--model",
-        model.to_str().context("path")?,
-        "--workers",
-        "2",
-        "--threads",
-        "1",
-        "--max-batch-tokens",
-        "64",
-        "--record-routing",
-        trace_path.to_str().context("path")?,
-    ])?;
+    let serve = common::serve_two_workers(
+        &model,
+        &[
+            "--max-batch-tokens",
+            "64",
+            "--record-routing",
+            trace_path.to_str().context("path")?,
+        ],
+    )?;
 
     // Prompts of 5, 9 and 70 tokens (the last one prefilled in chunks), 6
     // new tokens each: every prompt token and every generated token but the

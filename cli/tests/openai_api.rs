@@ -15,17 +15,7 @@ fn openai_client_suite_passes_against_a_served_cluster() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let model = dir.path().join("model");
     common::gen_model(&model, &["--preset", "tiny", "--seed", "11"])?;
-    let serve = common::spawn_serving(&[
-        "serve",
-        "--model",
-        model.to_str().context("path")?,
-        "--workers",
-        "2",
-        "--threads",
-        "1",
-        "--served-model-name",
-        "tramontane-tiny",
-    ])?;
+    let serve = common::serve_two_workers(&model, &["--served-model-name", "tramontane-tiny"])?;
     let suite = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai");
     let output = std::process::Command::new(common::python())
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])

@@ -107,20 +107,11 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() -> Result<()> {
     let prom_dir = dir.path().join("prometheus");
     std::fs::create_dir_all(prom_dir.join("targets"))?;
     std::fs::write(prom_dir.join("prometheus.yml"), config)?;
-    let serve = common::spawn_serving(&[
-        "serve",
-        "--model",
-        model.to_str().context("path")?,
-        "--workers",
-        "2",
-        "--threads",
-        "1",
-        "--prometheus-targets",
-        prom_dir
-            .join("targets/local.json")
-            .to_str()
-            .context("path")?,
-    ])?;
+    let targets = prom_dir.join("targets/local.json");
+    let serve = common::serve_two_workers(
+        &model,
+        &["--prometheus-targets", targets.to_str().context("path")?],
+    )?;
 
     let port = free_port()?;
     let _prometheus = Killed(

@@ -101,17 +101,8 @@ fn a_request_is_one_trace_from_router_to_worker() -> Result<()> {
             .await
     });
 
-    let serve = common::spawn_serving(&[
-        "serve",
-        "--model",
-        model.to_str().context("path")?,
-        "--workers",
-        "2",
-        "--threads",
-        "1",
-        "--otlp-endpoint",
-        &format!("http://{collector}"),
-    ])?;
+    let serve =
+        common::serve_two_workers(&model, &["--otlp-endpoint", &format!("http://{collector}")])?;
     let body = serde_json::json!({
         "model": "model", "prompt": "The tramontane", "max_tokens": 3, "temperature": 0,
     });

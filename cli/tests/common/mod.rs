@@ -153,6 +153,23 @@ pub fn spawn_serving(args: &[&str]) -> Result<Serving> {
     })
 }
 
+/// `tramontane serve --model MODEL --workers 2 --threads 1 EXTRA...` on
+/// ephemeral ports.
+pub fn serve_two_workers(model: &Path, extra: &[&str]) -> Result<Serving> {
+    let model = model.to_str().context("model path")?;
+    let mut args = vec![
+        "serve",
+        "--model",
+        model,
+        "--workers",
+        "2",
+        "--threads",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    spawn_serving(&args)
+}
+
 /// A worker holding `experts` (a --experts spec) of `model`, on `listen`.
 pub fn worker(model: &Path, experts: &str, listen: &str) -> Result<Process> {
     let model = model.to_str().context("model path")?;

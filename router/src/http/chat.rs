@@ -1,15 +1,11 @@
 //! `POST /v1/chat/completions`: messages through the chat template, one
 //! choice, whole or streamed.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use futures::future;
-use futures::stream::{self, StreamExt};
 use tramontane_model::Tokenizer;
 
 use super::error::ApiError;
@@ -18,7 +14,7 @@ use super::openai::{
     AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatLogprobs, ChatRequest,
     ChatResponse, ChatTokenLogprob, Content, Delta, TopLogprob, Usage, empty_usage,
 };
-use super::{ChoiceEvent, HttpState, merge_choices, new_id, sse_json, unix_now};
+use super::{HttpState, new_id, sse_response, unix_now};
 use crate::chat_template::Message;
 use crate::completion::GeneratedToken;
 
@@ -94,7 +90,6 @@ pub async fn create(
         .into_response());
     }
     let model = state.model_name.clone();
-    let include_usage = request.common.include_usage();
     let chunk = move |choices: Vec<ChatChunkChoice>, usage: Option<Usage>| ChatChunk {
         id: id.clone(),
         object: "chat.completion.chunk",
@@ -103,7 +98,7 @@ pub async fn create(
         choices,
         usage,
     };
-    let first = sse_json(&chunk(
+    let first = chunk(
         vec![ChatChunkChoice {
             index: 0,
             delta: Delta {
@@ -114,42 +109,29 @@ pub async fn create(
             finish_reason: None,
         }],
         None,
-    ));
-    let events = merge_choices(vec![stream]).filter_map(move |event| {
-        future::ready(match event {
-            ChoiceEvent::Chunk { index, chunk: c } => {
-                if c.text.is_empty() && c.finish.is_none() && !want_logprobs {
-                    None
-                } else {
-                    Some(sse_json(&chunk(
-                        vec![ChatChunkChoice {
-                            index,
-                            logprobs: want_logprobs
-                                .then(|| chat_logprobs(&tokenizer, c.token.as_slice())),
-                            delta: Delta {
-                                role: None,
-                                content: (!c.text.is_empty() || c.finish.is_none())
-                                    .then_some(c.text),
-                            },
-                            finish_reason: c.finish.map(|f| f.as_str()),
-                        }],
-                        None,
-                    )))
-                }
-            }
-            ChoiceEvent::Failed(failure) => {
-                Some(Event::default().data(ApiError::from(failure).body()))
-            }
-            ChoiceEvent::Done(usage) => {
-                include_usage.then(|| sse_json(&chunk(Vec::new(), Some(usage))))
-            }
-        })
-    });
-    let events = stream::once(future::ready(first))
-        .chain(events)
-        .chain(stream::once(future::ready(Event::default().data("[DONE]"))))
-        .map(Ok::<_, Infallible>);
-    Ok(Sse::new(events).into_response())
+    );
+    let usage_chunk = chunk.clone();
+    Ok(sse_response(
+        vec![stream],
+        Some(first),
+        want_logprobs,
+        request.common.include_usage(),
+        move |index, c| {
+            chunk(
+                vec![ChatChunkChoice {
+                    index,
+                    logprobs: want_logprobs.then(|| chat_logprobs(&tokenizer, c.token.as_slice())),
+                    delta: Delta {
+                        role: None,
+                        content: (!c.text.is_empty() || c.finish.is_none()).then_some(c.text),
+                    },
+                    finish_reason: c.finish.map(|f| f.as_str()),
+                }],
+                None,
+            )
+        },
+        move |usage| usage_chunk(Vec::new(), Some(usage)),
+    ))
 }
 
 fn messages(request: &ChatRequest) -> Result<Vec<Message>, ApiError> {

@@ -1,14 +1,11 @@
 //! `POST /v1/completions`: one choice per prompt, whole or streamed.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use futures::future::{self, try_join_all};
-use futures::stream::{self, StreamExt};
+use futures::future::try_join_all;
 use tramontane_model::Tokenizer;
 
 use super::error::ApiError;
@@ -17,7 +14,7 @@ use super::openai::{
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Prompt, Usage,
     empty_usage,
 };
-use super::{ChoiceEvent, HttpState, merge_choices, new_id, sse_json, unix_now};
+use super::{HttpState, new_id, sse_response, unix_now};
 use crate::completion::GeneratedToken;
 
 /// OpenAI's default for /v1/completions.
@@ -82,9 +79,8 @@ pub async fn create(
         .into_response());
     }
     let model = state.model_name.clone();
-    let include_usage = request.common.include_usage();
     let mut offsets = vec![0usize; streams.len()];
-    let chunk = move |choices: Vec<CompletionChoice>, usage: Option<Usage>| CompletionResponse {
+    let response = move |choices: Vec<CompletionChoice>, usage: Option<Usage>| CompletionResponse {
         id: id.clone(),
         object: "text_completion",
         created,
@@ -92,38 +88,27 @@ pub async fn create(
         choices,
         usage,
     };
-    let events = merge_choices(streams)
-        .filter_map(move |event| {
-            future::ready(match event {
-                ChoiceEvent::Chunk { index, chunk: c } => {
-                    // A token that completes no character yet has nothing to say.
-                    if c.text.is_empty() && c.finish.is_none() && !want_logprobs {
-                        None
-                    } else {
-                        let logprobs = want_logprobs
-                            .then(|| logprobs(&tokenizer, c.token.as_slice(), &mut offsets[index]));
-                        Some(sse_json(&chunk(
-                            vec![CompletionChoice {
-                                index,
-                                text: c.text,
-                                logprobs,
-                                finish_reason: c.finish.map(|f| f.as_str()),
-                            }],
-                            None,
-                        )))
-                    }
-                }
-                ChoiceEvent::Failed(failure) => {
-                    Some(Event::default().data(ApiError::from(failure).body()))
-                }
-                ChoiceEvent::Done(usage) => {
-                    include_usage.then(|| sse_json(&chunk(Vec::new(), Some(usage))))
-                }
-            })
-        })
-        .chain(stream::once(future::ready(Event::default().data("[DONE]"))))
-        .map(Ok::<_, Infallible>);
-    Ok(Sse::new(events).into_response())
+    let usage_response = response.clone();
+    Ok(sse_response(
+        streams,
+        None,
+        want_logprobs,
+        request.common.include_usage(),
+        move |index, c| {
+            let logprobs = want_logprobs
+                .then(|| logprobs(&tokenizer, c.token.as_slice(), &mut offsets[index]));
+            response(
+                vec![CompletionChoice {
+                    index,
+                    text: c.text,
+                    logprobs,
+                    finish_reason: c.finish.map(|f| f.as_str()),
+                }],
+                None,
+            )
+        },
+        move |usage| usage_response(Vec::new(), Some(usage)),
+    ))
 }
 
 /// The prompts as token ids: text is tokenized (with BOS), ids are checked.

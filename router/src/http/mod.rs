@@ -162,7 +162,7 @@ pub fn new_id(prefix: &str) -> String {
 }
 
 /// What the choices of one request produce, merged.
-pub enum ChoiceEvent {
+enum ChoiceEvent {
     Chunk {
         index: usize,
         chunk: Chunk,
@@ -174,7 +174,7 @@ pub enum ChoiceEvent {
 
 /// The chunks of every choice as they come, then `Done` with the usage.
 /// Dropping the stream cancels every choice.
-pub fn merge_choices(streams: Vec<CompletionStream>) -> BoxStream<'static, ChoiceEvent> {
+fn merge_choices(streams: Vec<CompletionStream>) -> BoxStream<'static, ChoiceEvent> {
     struct Step {
         index: usize,
         chunk: Option<Result<Chunk, GenerationFailed>>,
@@ -229,8 +229,47 @@ pub fn merge_choices(streams: Vec<CompletionStream>) -> BoxStream<'static, Choic
     .boxed()
 }
 
+/// The server-sent events of a streamed request: `head` first, then each
+/// choice's chunks through `on_chunk` (a chunk with no text and no finish
+/// reason is skipped unless `keep_empty`, e.g. when it carries logprobs), a
+/// failure as an OpenAI error event, the usage through `on_usage` when
+/// `include_usage`, and `data: [DONE]`.
+pub fn sse_response<T, F, U>(
+    streams: Vec<CompletionStream>,
+    head: Option<T>,
+    keep_empty: bool,
+    include_usage: bool,
+    mut on_chunk: F,
+    mut on_usage: U,
+) -> Response
+where
+    T: serde::Serialize,
+    F: FnMut(usize, Chunk) -> T + Send + 'static,
+    U: FnMut(Usage) -> T + Send + 'static,
+{
+    let head = head.map(|h| sse_json(&h));
+    let events = merge_choices(streams).filter_map(move |event| {
+        futures::future::ready(match event {
+            ChoiceEvent::Chunk { index, chunk } => {
+                (keep_empty || !chunk.text.is_empty() || chunk.finish.is_some())
+                    .then(|| sse_json(&on_chunk(index, chunk)))
+            }
+            ChoiceEvent::Failed(failure) => {
+                Some(axum::response::sse::Event::default().data(ApiError::from(failure).body()))
+            }
+            ChoiceEvent::Done(usage) => include_usage.then(|| sse_json(&on_usage(usage))),
+        })
+    });
+    let done = axum::response::sse::Event::default().data("[DONE]");
+    let events = stream::iter(head)
+        .chain(events)
+        .chain(stream::once(futures::future::ready(done)))
+        .map(Ok::<_, std::convert::Infallible>);
+    axum::response::sse::Sse::new(events).into_response()
+}
+
 /// A server-sent event carrying `value` as JSON.
-pub fn sse_json<T: serde::Serialize>(value: &T) -> axum::response::sse::Event {
+fn sse_json<T: serde::Serialize>(value: &T) -> axum::response::sse::Event {
     axum::response::sse::Event::default()
         .data(serde_json::to_string(value).expect("response types serialize"))
 }
