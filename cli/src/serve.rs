@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::{Child, ChildStdin, Command};
 use tramontane_expert_worker::spec::format_experts;
 use tramontane_model::MixtralConfig;
 use tramontane_router::placement::Placement;
@@ -60,7 +60,7 @@ async fn spawn_worker(
     device: &str,
     threads: i32,
     telemetry: &TelemetryArgs,
-) -> Result<(Child, String)> {
+) -> Result<(Child, String, ChildStdin)> {
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
         .arg("worker")
@@ -82,11 +82,16 @@ async fn spawn_worker(
             "OMP_WAIT_POLICY",
             std::env::var("OMP_WAIT_POLICY").unwrap_or_else(|_| "PASSIVE".into()),
         )
+        // The worker exits when this pipe closes: when serve ends, however it ends.
+        .arg("--exit-with-stdin")
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
         .spawn()
         .context("starting a worker")?;
+    // Held by serve until it ends (Child::wait would close it).
+    let stdin = child.stdin.take().context("worker stdin")?;
     let stdout = child.stdout.take().context("worker stdout")?;
     let mut lines = BufReader::new(stdout).lines();
     let line = tokio::time::timeout(Duration::from_secs(300), lines.next_line())
@@ -99,7 +104,7 @@ async fn spawn_worker(
         .to_string();
     // Keep reading: a closed pipe would fail the worker's next print.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok((child, addr))
+    Ok((child, addr, stdin))
 }
 
 /// Prometheus file_sd targets: the router (its HTTP port) and every worker
@@ -168,6 +173,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     runtime.block_on(async {
         let telemetry = crate::telemetry::init(&args.telemetry, "tramontane-router")?;
         let mut children = Vec::new();
+        let mut lifelines = Vec::new();
         let mut addrs = Vec::new();
         for worker in 0..args.workers {
             // A worker holds, in every layer, the union of what the placement gives it.
@@ -176,13 +182,14 @@ pub fn run(args: &ServeArgs) -> Result<()> {
                 bail!("worker {worker} holds no expert in the placement");
             }
             let device = &args.devices[worker % args.devices.len()];
-            let (child, addr) = spawn_worker(&model, &format_experts(&experts), device, threads, &args.telemetry).await?;
+            let (child, addr, stdin) = spawn_worker(&model, &format_experts(&experts), device, threads, &args.telemetry).await?;
             eprintln!(
                 "worker {worker} (pid {}) on {device} at {addr}: experts {}",
                 child.id().unwrap_or_default(),
                 format_experts(&experts)
             );
             children.push(child);
+            lifelines.push(stdin);
             addrs.push(addr);
         }
         let worker_addrs = addrs.clone();
@@ -203,6 +210,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         })
         .await;
         watch.abort(); // dropping the children kills them
+        drop(lifelines); // and closing their stdin tells them to go
         telemetry.shutdown().await;
         result
     })

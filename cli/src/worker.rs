@@ -36,6 +36,10 @@ pub struct WorkerArgs {
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
+    /// Exit when stdin closes (serve starts its workers so: they go with it,
+    /// even when it is killed).
+    #[arg(long, hide = true)]
+    pub exit_with_stdin: bool,
     #[command(flatten)]
     pub compute: ComputeArgs,
     #[command(flatten)]
@@ -43,6 +47,12 @@ pub struct WorkerArgs {
 }
 
 pub fn run(args: &WorkerArgs) -> Result<()> {
+    if args.exit_with_stdin {
+        std::thread::spawn(|| {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            std::process::exit(0);
+        });
+    }
     let options = args.compute.load_options()?;
     let config = MixtralConfig::from_file(&args.model.join("config.json"))?;
     let experts = parse_experts(&args.experts, config.num_local_experts)?;

@@ -132,6 +132,29 @@ fn serve_starts_workers_and_router_and_stops_them_all() -> Result<()> {
 }
 
 #[test]
+fn workers_do_not_outlive_a_killed_serve() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    common::gen_model(&model, &["--preset", "tiny", "--seed", "33"])?;
+    let mut serve = common::serve_two_workers(&model, &[])?;
+    let workers = children_of(serve.process.child.id());
+    ensure!(workers.len() == 2, "expected 2 workers, found {workers:?}");
+    serve.process.child.kill()?; // SIGKILL: serve cannot clean up
+    serve.process.child.wait()?;
+    // Waiting, not timing: the workers see their stdin close and exit.
+    for _ in 0..100 {
+        if workers.iter().all(|&pid| !alive(pid)) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::bail!(
+        "workers outlived a killed serve: {:?}",
+        workers.iter().filter(|&&p| alive(p)).collect::<Vec<_>>()
+    )
+}
+
+#[test]
 fn serve_refuses_bad_options() -> Result<()> {
     for (args, needle) in [
         (
