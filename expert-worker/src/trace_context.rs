@@ -53,6 +53,12 @@ pub fn adopt(span: &tracing::Span, metadata: &MetadataMap) {
         propagator.extract(&MetadataExtractor(metadata))
     });
     let _ = span.set_parent(parent);
+    record_trace_id(span);
+}
+
+/// Records the span's trace id in its `trace_id` field, so that log lines
+/// written inside it carry the id (nothing when the span has none).
+pub fn record_trace_id(span: &tracing::Span) {
     let trace_id = span.context().span().span_context().trace_id();
     if trace_id != opentelemetry::trace::TraceId::INVALID {
         span.record("trace_id", tracing::field::display(trace_id));

@@ -4,9 +4,7 @@
 
 use std::sync::Arc;
 
-use opentelemetry::trace::TraceContextExt;
 use tokio::sync::mpsc;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tramontane_model::Tokenizer;
 
 use crate::engine::{EngineError, EngineHandle, Event, FinishReason, GenerateJob};
@@ -197,10 +195,7 @@ fn request_span(
         "gen_ai.response.finish_reasons" = tracing::field::Empty,
         trace_id = tracing::field::Empty,
     );
-    let trace_id = span.context().span().span_context().trace_id();
-    if trace_id != opentelemetry::trace::TraceId::INVALID {
-        span.record("trace_id", tracing::field::display(trace_id));
-    }
+    tramontane_expert_worker::trace_context::record_trace_id(&span);
     span
 }
 
