@@ -53,10 +53,12 @@ pub struct ServeArgs {
     pub telemetry: TelemetryArgs,
 }
 
-/// Starts one worker on a free loopback port; returns it and its address.
-async fn spawn_worker(
+/// Starts one worker on a free loopback port; returns it, its address and
+/// the pipe whose closing stops it. `held` are the worker's options saying
+/// what it holds (`--experts ...`, or `--placement F --worker-index I`).
+pub(crate) async fn spawn_worker_with(
     model: &std::path::Path,
-    experts: &str,
+    held: &[impl AsRef<std::ffi::OsStr>],
     device: &str,
     threads: i32,
     telemetry: &TelemetryArgs,
@@ -66,14 +68,13 @@ async fn spawn_worker(
         .arg("worker")
         .arg("--model")
         .arg(model)
-        .args([
-            "--experts",
-            experts,
-            "--device",
-            device,
-            "--listen",
-            "127.0.0.1:0",
-        ])
+        .args(held)
+        .args(["--device", device, "--listen", "127.0.0.1:0"])
+        // What it holds is in `held` alone, whatever serve's environment says.
+        .env_remove("TRAMONTANE_EXPERTS")
+        .env_remove("TRAMONTANE_LAYERS")
+        .env_remove("TRAMONTANE_PLACEMENT")
+        .env_remove("TRAMONTANE_WORKER_INDEX")
         .args(["--threads", &threads.to_string()])
         .args(telemetry.to_args())
         // A worker idles between dispatches: OpenMP threads that spin-wait
@@ -105,6 +106,44 @@ async fn spawn_worker(
     // Keep reading: a closed pipe would fail the worker's next print.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Ok((child, addr, stdin))
+}
+
+/// The options telling worker `worker` what to hold, and their description.
+/// With a placement file, the worker reads its own (layer, expert) pairs from
+/// it; without, expert e of every layer is on worker e mod W.
+fn worker_share(
+    placement: &Placement,
+    file: Option<&std::path::Path>,
+    worker: usize,
+) -> Result<(Vec<std::ffi::OsString>, String)> {
+    let held = placement.held_by(worker);
+    if held.is_empty() {
+        bail!("worker {worker} holds no expert in the placement");
+    }
+    Ok(match file {
+        Some(file) => {
+            let layers: Vec<String> = held
+                .iter()
+                .map(|(layer, experts)| format!("layer {layer}: {}", format_experts(experts)))
+                .collect();
+            (
+                vec![
+                    "--placement".into(),
+                    file.into(),
+                    "--worker-index".into(),
+                    worker.to_string().into(),
+                ],
+                format!("experts {}", layers.join("; ")),
+            )
+        }
+        None => {
+            let experts = format_experts(&placement.experts_of(worker));
+            (
+                vec!["--experts".into(), experts.clone().into()],
+                format!("experts {experts}"),
+            )
+        }
+    })
 }
 
 /// Prometheus file_sd targets: the router (its HTTP port) and every worker
@@ -176,17 +215,12 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         let mut lifelines = Vec::new();
         let mut addrs = Vec::new();
         for worker in 0..args.workers {
-            // A worker holds, in every layer, the union of what the placement gives it.
-            let experts = placement.experts_of(worker);
-            if experts.is_empty() {
-                bail!("worker {worker} holds no expert in the placement");
-            }
+            let (held, described) = worker_share(&placement, args.tuning.placement.as_deref(), worker)?;
             let device = &args.devices[worker % args.devices.len()];
-            let (child, addr, stdin) = spawn_worker(&model, &format_experts(&experts), device, threads, &args.telemetry).await?;
+            let (child, addr, stdin) = spawn_worker_with(&model, &held, device, threads, &args.telemetry).await?;
             eprintln!(
-                "worker {worker} (pid {}) on {device} at {addr}: experts {}",
+                "worker {worker} (pid {}) on {device} at {addr}: {described}",
                 child.id().unwrap_or_default(),
-                format_experts(&experts)
             );
             children.push(child);
             lifelines.push(stdin);

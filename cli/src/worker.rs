@@ -1,17 +1,20 @@
 //! `tramontane worker`: the expert service for some experts of a model on
-//! one device.
+//! one device: the same experts in every layer served (`--experts`,
+//! `--layers`), or exactly the (layer, expert) pairs a placement file gives
+//! it (`--placement --worker-index`).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use clap::Args;
-use tramontane_expert_worker::spec::parse_experts;
+use tramontane_expert_worker::spec::{HeldExperts, format_experts, parse_experts};
 use tramontane_expert_worker::{
     ComputeHandle, DEFAULT_MAX_MESSAGE_BYTES, ExpertServer, WorkerModel,
 };
 use tramontane_model::MixtralConfig;
 use tramontane_model::weights::Checkpoint;
+use tramontane_router::placement::Placement;
 
 use crate::options::ComputeArgs;
 use crate::telemetry::TelemetryArgs;
@@ -27,6 +30,19 @@ pub struct WorkerArgs {
     /// Layers served: ids and ranges (default: all).
     #[arg(long, env = "TRAMONTANE_LAYERS")]
     pub layers: Option<String>,
+    /// A placement file (JSON, as `serve --placement` takes): hold exactly the
+    /// (layer, expert) pairs it gives worker --worker-index, which may differ
+    /// from layer to layer. Instead of --experts / --layers.
+    #[arg(
+        long,
+        env = "TRAMONTANE_PLACEMENT",
+        requires = "worker_index",
+        conflicts_with_all = ["experts", "layers"]
+    )]
+    pub placement: Option<PathBuf>,
+    /// This worker's index in the --placement file (0-based).
+    #[arg(long, env = "TRAMONTANE_WORKER_INDEX", requires = "placement")]
+    pub worker_index: Option<usize>,
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
     #[arg(long, default_value = "127.0.0.1:50061", env = "TRAMONTANE_LISTEN")]
     pub listen: SocketAddr,
@@ -55,16 +71,20 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
     }
     let options = args.compute.load_options()?;
     let config = MixtralConfig::from_file(&args.model.join("config.json"))?;
-    let experts = parse_experts(&args.experts, config.num_local_experts)?;
-    let layers = args
-        .layers
-        .as_deref()
-        .map(|spec| parse_experts(spec, config.num_hidden_layers).context("--layers"))
-        .transpose()?;
+    let held = match (&args.placement, args.worker_index) {
+        (Some(path), Some(index)) => HeldExperts::PerLayer(placement_share(path, index, &config)?),
+        _ => HeldExperts::Uniform {
+            experts: parse_experts(&args.experts, config.num_local_experts)?,
+            layers: args
+                .layers
+                .as_deref()
+                .map(|spec| parse_experts(spec, config.num_hidden_layers).context("--layers"))
+                .transpose()?,
+        },
+    };
     let model = WorkerModel {
         dir: args.model.clone(),
-        experts,
-        layers,
+        held,
         options,
     };
     let model_bytes = Checkpoint::open(&args.model)?.stored_bytes(|_| true);
@@ -86,6 +106,14 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
             model_bytes >> 20,
             tramontane_expert_worker::metrics::rss_bytes() >> 20,
         );
+        if args.placement.is_some() {
+            let layers: Vec<String> = info
+                .held
+                .iter()
+                .map(|(layer, experts)| format!("layer {layer}: {}", format_experts(experts)))
+                .collect();
+            eprintln!("worker holds, per layer, experts {}", layers.join("; "));
+        }
         println!("tramontane worker listening on {addr}");
         let server = ExpertServer::new(compute, info);
         let served = tramontane_expert_worker::serve(
@@ -99,4 +127,28 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         telemetry.shutdown().await;
         served
     })
+}
+
+/// What the placement file at `path` gives worker `index`, per layer.
+fn placement_share(
+    path: &Path,
+    index: usize,
+    config: &MixtralConfig,
+) -> Result<Vec<(usize, Vec<usize>)>> {
+    let placement = Placement::from_file(path, config.num_hidden_layers, config.num_local_experts)
+        .context("--placement")?;
+    ensure!(
+        index < placement.workers,
+        "--worker-index {index} is out of range: the placement {} has {} workers (0 to {})",
+        path.display(),
+        placement.workers,
+        placement.workers - 1
+    );
+    let held = placement.held_by(index);
+    ensure!(
+        !held.is_empty(),
+        "the placement {} gives worker {index} (--worker-index) no expert to hold",
+        path.display()
+    );
+    Ok(held)
 }

@@ -12,14 +12,14 @@ use tramontane_model::moe::{ExpertRows, LocalExperts};
 use tramontane_model::weights::Checkpoint;
 use tramontane_model::{LoadOptions, MixtralConfig};
 
+use crate::spec::HeldExperts;
+
 /// What a worker loads.
 #[derive(Debug, Clone)]
 pub struct WorkerModel {
     pub dir: PathBuf,
-    /// Expert ids held, in every layer served.
-    pub experts: Vec<usize>,
-    /// Layers served; None for all.
-    pub layers: Option<Vec<usize>>,
+    /// The (layer, expert) pairs held.
+    pub held: HeldExperts,
     pub options: LoadOptions,
 }
 
@@ -148,8 +148,7 @@ fn load(model: &WorkerModel) -> Result<(LocalExperts, WorkerInfo), LoadError> {
     let config = MixtralConfig::from_file(&model.dir.join("config.json"))?;
     let model_id = model_id(&model.dir)?;
     let checkpoint = Checkpoint::open(&model.dir)?;
-    let serves_layer = |layer: usize| model.layers.as_ref().is_none_or(|l| l.contains(&layer));
-    let held = |layer: usize, expert: usize| serves_layer(layer) && model.experts.contains(&expert);
+    let held = |layer: usize, expert: usize| model.held.holds(layer, expert);
     let experts = LocalExperts::load(
         &checkpoint,
         &config,

@@ -6,7 +6,7 @@
 //!
 //! # Layout
 //!
-//! - [`spec`]: which experts a worker holds (`--experts 0,2,5-7`).
+//! - [`spec`]: which experts a worker holds (`--experts 0,2,5-7`, or per layer).
 //! - [`compute`]: the dedicated thread that owns the expert tensors.
 //! - [`service`]: the gRPC `moe.v1.ExpertService`: validation, then compute.
 //! - [`metrics`]: Prometheus metrics, `GET /metrics` on the gRPC port.

@@ -1,5 +1,31 @@
-//! `--experts` specs: `all`, or a comma-separated list of ids and inclusive
-//! ranges (`0,2,5-7`), the same for every layer the worker serves.
+//! Which experts a worker holds: the same set in every layer it serves
+//! (`--experts` specs: `all`, or a comma-separated list of ids and inclusive
+//! ranges, `0,2,5-7`), or a set per layer (from a placement file).
+
+/// The (layer, expert) pairs a worker loads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeldExperts {
+    /// `experts` in each of `layers` (None: every layer).
+    Uniform {
+        experts: Vec<usize>,
+        layers: Option<Vec<usize>>,
+    },
+    /// Per layer, the experts held; layers not listed hold none.
+    PerLayer(Vec<(usize, Vec<usize>)>),
+}
+
+impl HeldExperts {
+    pub fn holds(&self, layer: usize, expert: usize) -> bool {
+        match self {
+            HeldExperts::Uniform { experts, layers } => {
+                layers.as_ref().is_none_or(|l| l.contains(&layer)) && experts.contains(&expert)
+            }
+            HeldExperts::PerLayer(pairs) => pairs
+                .iter()
+                .any(|(l, experts)| *l == layer && experts.contains(&expert)),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
@@ -69,6 +95,18 @@ mod tests {
             parse_experts(&format_experts(&[1, 3]), 8).unwrap(),
             vec![1, 3]
         );
+    }
+
+    #[test]
+    fn held_experts_per_layer_or_uniform() {
+        let uniform = HeldExperts::Uniform {
+            experts: vec![1, 3],
+            layers: Some(vec![0]),
+        };
+        assert!(uniform.holds(0, 3) && !uniform.holds(0, 2) && !uniform.holds(1, 3));
+        let per_layer = HeldExperts::PerLayer(vec![(0, vec![0, 2]), (1, vec![1])]);
+        assert!(per_layer.holds(0, 2) && per_layer.holds(1, 1));
+        assert!(!per_layer.holds(0, 1) && !per_layer.holds(1, 2) && !per_layer.holds(2, 0));
     }
 
     #[test]

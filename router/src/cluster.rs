@@ -137,7 +137,7 @@ pub async fn connect(
                         layer,
                         expert,
                         detail: format!(
-                            "it is placed on worker {w} at {}, which does not hold it (start that worker with --experts including {expert})",
+                            "it is placed on worker {w} at {}, which does not hold it (start that worker with --experts including {expert}, or with --placement of this placement file)",
                             links[w].addr
                         ),
                     });

@@ -139,6 +139,23 @@ impl Placement {
         ids.dedup();
         ids
     }
+
+    /// The (layer, experts) pairs worker `worker` holds: per layer, its expert
+    /// ids sorted, layers where it holds none left out. What it loads when it
+    /// is started from the placement file (`worker --placement`).
+    pub fn held_by(&self, worker: usize) -> Vec<(usize, Vec<usize>)> {
+        self.experts
+            .iter()
+            .enumerate()
+            .map(|(layer, row)| {
+                let ids = (0..row.len())
+                    .filter(|&e| row[e].contains(&worker))
+                    .collect::<Vec<_>>();
+                (layer, ids)
+            })
+            .filter(|(_, ids)| !ids.is_empty())
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -151,6 +168,25 @@ mod tests {
         p.validate(2, 8).unwrap();
         assert_eq!(p.replicas(1, 7), &[1]);
         assert_eq!(p.experts_of(2), vec![2, 5]);
+    }
+
+    #[test]
+    fn held_by_lists_each_layers_own_experts() {
+        let p = Placement {
+            workers: 3,
+            experts: vec![
+                vec![vec![0, 1], vec![1], vec![0], vec![1]],
+                vec![vec![1], vec![0], vec![1], vec![0]],
+            ],
+        };
+        p.validate(2, 4).unwrap();
+        assert_eq!(p.held_by(0), vec![(0, vec![0, 2]), (1, vec![1, 3])]);
+        assert_eq!(p.held_by(1), vec![(0, vec![0, 1, 3]), (1, vec![0, 2])]);
+        assert_eq!(p.held_by(2), vec![]);
+        // The union over layers is what one --experts list would load.
+        assert_eq!(p.experts_of(0), vec![0, 1, 2, 3]);
+        let rr = Placement::round_robin(2, 8, 3).unwrap();
+        assert_eq!(rr.held_by(2), vec![(0, vec![2, 5]), (1, vec![2, 5])]);
     }
 
     #[test]
