@@ -21,7 +21,7 @@ LISTEN ?= 127.0.0.1:50051
 HTTP_LISTEN ?= 127.0.0.1:8000
 BENCH_MODEL := target/bench-model
 
-.PHONY: setup build test lint serve bench bench-sharded bench-serving monitoring-tools
+.PHONY: setup build test lint serve bench bench-sharded bench-serving bench-plan monitoring-tools
 
 setup: $(STAMP)
 
@@ -64,3 +64,11 @@ bench-sharded: build
 bench-serving: build
 	test -f $(BENCH_MODEL)/config.json || $(BIN) gen-model --preset bench --out $(BENCH_MODEL)
 	$(PYTHON) benches/serving_vs_local.py --model $(BENCH_MODEL) --bin $(BIN) --threads 2 --workers 2
+
+# The planner against the real cluster: profile, then plan and measure 1/2/4
+# workers at concurrency 1/8/32, and under skewed routing the planned
+# placement against the default one.
+bench-plan: build
+	test -f $(BENCH_MODEL)/config.json || $(BIN) gen-model --preset bench --out $(BENCH_MODEL)
+	test -f $(BENCH_MODEL)-skewed/config.json || $(BIN) gen-model --preset bench --expert-skew 1 --out $(BENCH_MODEL)-skewed
+	$(PYTHON) benches/plan_vs_measured.py --bin $(BIN) --model $(BENCH_MODEL) --skewed-model $(BENCH_MODEL)-skewed --threads 2

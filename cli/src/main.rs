@@ -7,6 +7,8 @@ mod bench;
 mod gen_model;
 mod generate;
 mod options;
+mod plan;
+mod profile;
 mod router;
 mod serve;
 mod signals;
@@ -40,6 +42,10 @@ enum Command {
     Router(router::RouterArgs),
     /// Start N workers and the router on this machine (a generated demo model without --model).
     Serve(serve::ServeArgs),
+    /// Measure on a device what the planner needs (expert FFN, dense step, dispatch round trip).
+    Profile(profile::ProfileArgs),
+    /// Size a cluster: memory per device, expert placement, predicted throughput and latency.
+    Plan(plan::PlanArgs),
 }
 
 fn main() -> Result<()> {
@@ -51,5 +57,7 @@ fn main() -> Result<()> {
         Command::Worker(args) => worker::run(&args),
         Command::Router(args) => router::run(&args),
         Command::Serve(args) => serve::run(&args),
+        Command::Profile(args) => profile::run(&args),
+        Command::Plan(args) => plan::run(&args),
     }
 }

@@ -30,6 +30,23 @@ pub struct RouterTuning {
     /// dtype of hidden states on the wire.
     #[arg(long, value_enum, default_value = "f32")]
     pub wire_dtype: WeightDtype,
+    #[command(flatten)]
+    pub scheduler: SchedulerArgs,
+    /// Record the experts every token chose, per step and layer, into this
+    /// file (JSON lines; the planner's routing trace).
+    #[arg(long)]
+    pub record_routing: Option<PathBuf>,
+    /// The model name clients send (default: the model folder's name).
+    #[arg(long, env = "TRAMONTANE_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Largest gRPC message to a worker, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+}
+
+/// The scheduler's limits (the planner simulates the same).
+#[derive(Debug, Args)]
+pub struct SchedulerArgs {
     /// Requests that may wait for admission; beyond it requests are refused
     /// (HTTP 429, gRPC RESOURCE_EXHAUSTED).
     #[arg(long, default_value_t = 256)]
@@ -43,16 +60,21 @@ pub struct RouterTuning {
     /// KV cache tokens the running sequences may reserve (prompt + max_tokens each).
     #[arg(long, default_value_t = 65_536)]
     pub max_kv_tokens: usize,
-    /// Record the experts every token chose, per step and layer, into this
-    /// file (JSON lines; the planner's routing trace).
-    #[arg(long)]
-    pub record_routing: Option<PathBuf>,
-    /// The model name clients send (default: the model folder's name).
-    #[arg(long, env = "TRAMONTANE_SERVED_MODEL_NAME")]
-    pub served_model_name: Option<String>,
-    /// Largest gRPC message to a worker, in bytes.
-    #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
-    pub max_message_bytes: usize,
+}
+
+impl SchedulerArgs {
+    pub fn config(&self) -> Result<SchedulerConfig> {
+        let config = SchedulerConfig {
+            max_batch_tokens: self.max_batch_tokens,
+            max_running: self.max_running,
+            max_kv_tokens: self.max_kv_tokens,
+            max_waiting: self.queue,
+        };
+        config
+            .validate()
+            .map_err(|e| anyhow::anyhow!("--{}", e.to_string().replace('_', "-")))?;
+        Ok(config)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -96,15 +118,7 @@ impl RouterTuning {
             bail!("--dispatch-timeout-ms must be at least 1");
         }
         let wire: Kind = self.wire_dtype.kind();
-        let scheduler = SchedulerConfig {
-            max_batch_tokens: self.max_batch_tokens,
-            max_running: self.max_running,
-            max_kv_tokens: self.max_kv_tokens,
-            max_waiting: self.queue,
-        };
-        scheduler
-            .validate()
-            .map_err(|e| anyhow::anyhow!("--{}", e.to_string().replace('_', "-")))?;
+        let scheduler = self.scheduler.config()?;
         Ok(RouterOptions {
             model_dir: model,
             workers,

@@ -1,0 +1,485 @@
+//! A plan for one cluster size: where the experts go (EPLB over the expert
+//! load), what each device holds, and what the simulation predicts; and the
+//! search for the smallest cluster that meets the SLO.
+
+use serde::Serialize;
+use tramontane_router::placement::Placement;
+use tramontane_router::scheduler::SchedulerConfig;
+
+use crate::eplb;
+use crate::memory::{DeviceMemory, USABLE_FRACTION};
+use crate::profile::{ModelShape, Profile};
+use crate::routing::TokenRouting;
+use crate::simulate::{Cluster, Prediction};
+use crate::workload::Workload;
+
+/// Latency objectives, seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Slo {
+    pub ttft_p99: Option<f64>,
+    pub itl_p99: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlacementPolicy {
+    /// Expert e on worker e mod W, what the router does without a placement file.
+    RoundRobin,
+    /// EPLB over the expert load: replicas for the hottest experts, then
+    /// balanced packing.
+    Eplb,
+}
+
+/// Everything a plan depends on but the cluster size.
+pub struct Planner {
+    pub model: ModelShape,
+    pub profile: Profile,
+    pub routing: TokenRouting,
+    pub workload: Workload,
+    pub scheduler: SchedulerConfig,
+    pub wire_bytes: usize,
+    pub policy: PlacementPolicy,
+    /// Expert slots per worker beyond an even share, for replicas.
+    pub spare_slots: usize,
+    pub slo: Slo,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterPlan {
+    pub workers: usize,
+    /// Which candidate placement was kept, and every one considered.
+    pub placement_name: String,
+    pub considered: Vec<Considered>,
+    /// Expert slots per worker and layer.
+    pub slots_per_worker: usize,
+    pub placement: Placement,
+    /// Per layer, mean ÷ max of the per-worker load under the default
+    /// placement and under this plan's placement.
+    pub balancedness_default: Vec<f64>,
+    pub balancedness: Vec<f64>,
+    /// `[layer][worker]`: each worker's share of the layer's token-expert
+    /// pairs (a row sums to 1).
+    pub worker_load_default: Vec<Vec<f64>>,
+    pub worker_load: Vec<Vec<f64>>,
+    /// The router, then each worker.
+    pub memory: Vec<DeviceMemory>,
+    /// Every process on one host (CPU profile): their sum against the host's memory.
+    pub shared_host_bytes: Option<u64>,
+    pub fits: bool,
+    pub prediction: Prediction,
+    pub meets_slo: bool,
+}
+
+/// A placement the plan may choose.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub name: String,
+    pub placement: Placement,
+    pub slots_per_worker: usize,
+}
+
+/// A candidate placement and what the simulation predicts with it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Considered {
+    pub name: String,
+    pub slots_per_worker: usize,
+    /// Mean over layers of the per-worker balancedness.
+    pub balancedness: f64,
+    pub output_tokens_per_s: f64,
+    pub itl_p50: f64,
+}
+
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len().max(1) as f64
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("the cluster needs at least one worker")]
+    NoWorkers,
+    #[error("placement: {0}")]
+    Placement(#[from] eplb::EplbError),
+    #[error("{0} must be a positive number of seconds")]
+    Slo(&'static str),
+    #[error(
+        "no cluster can meet an inter-token latency p99 of {slo_ms:.3} ms: one decode step of a single sequence already takes {floor_ms:.3} ms on this profile"
+    )]
+    ImpossibleItl { slo_ms: f64, floor_ms: f64 },
+    #[error(
+        "no cluster can meet a time-to-first-token p99 of {slo_ms:.3} ms: the prefill of one prompt alone takes {floor_ms:.3} ms on this profile"
+    )]
+    ImpossibleTtft { slo_ms: f64, floor_ms: f64 },
+}
+
+impl Planner {
+    /// Refuses SLOs that are not positive, or that even an idle cluster with
+    /// every expert on its own device cannot meet.
+    pub fn check_slo(&self) -> Result<(), PlanError> {
+        let profile = &self.profile;
+        let model = &profile.model;
+        // A lone token: its k experts on k devices, in parallel.
+        let layer_floor = |rows: usize| {
+            profile.dispatch_seconds(2 * rows * model.hidden_size * self.wire_bytes)
+                + profile.expert_seconds(rows.div_ceil(model.experts).max(1))
+        };
+        if let Some(itl) = self.slo.itl_p99 {
+            if !(itl.is_finite() && itl > 0.0) {
+                return Err(PlanError::Slo("--slo-itl-p99"));
+            }
+            let floor = profile.dense_seconds(std::iter::once((1, 0)))
+                + model.layers as f64 * layer_floor(1);
+            if floor > itl {
+                return Err(PlanError::ImpossibleItl {
+                    slo_ms: itl * 1e3,
+                    floor_ms: floor * 1e3,
+                });
+            }
+        }
+        if let Some(ttft) = self.slo.ttft_p99 {
+            if !(ttft.is_finite() && ttft > 0.0) {
+                return Err(PlanError::Slo("--slo-ttft-p99"));
+            }
+            let prompt = match self.workload.prompt {
+                crate::workload::Lengths::Fixed(n) => n,
+                crate::workload::Lengths::Uniform { min, .. } => min,
+            };
+            let chunk = prompt.min(self.scheduler.max_batch_tokens);
+            let steps = prompt.div_ceil(self.scheduler.max_batch_tokens) as f64;
+            let floor = steps
+                * (profile.dense_seconds(std::iter::once((chunk, 0)))
+                    + model.layers as f64 * layer_floor(chunk * model.top_k));
+            if floor > ttft {
+                return Err(PlanError::ImpossibleTtft {
+                    slo_ms: ttft * 1e3,
+                    floor_ms: floor * 1e3,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The placements considered for `workers` workers: the default one,
+    /// and under EPLB one per number of spare slots per worker that fits
+    /// (0 up to `spare_slots`), each with its slots per worker.
+    pub fn candidates(&self, workers: usize) -> Result<Vec<Candidate>, PlanError> {
+        if workers == 0 {
+            return Err(PlanError::NoWorkers);
+        }
+        let model = &self.model;
+        let even = model.experts.div_ceil(workers);
+        let mut candidates = vec![Candidate {
+            name: "default (e mod W)".into(),
+            placement: Placement::round_robin(model.layers, model.experts, workers)
+                .map_err(|_| PlanError::NoWorkers)?,
+            slots_per_worker: even,
+        }];
+        if self.policy == PlacementPolicy::Eplb {
+            let load = self.routing.load(model.layers);
+            for spare in 0..=self.spare_slots_that_fit(workers, even) {
+                let slots = even + spare;
+                let rebalanced = eplb::rebalance_experts(&load, slots * workers, 1, 1, workers)?;
+                candidates.push(Candidate {
+                    name: format!("EPLB, {spare} spare slots per worker"),
+                    placement: rebalanced.placement(workers),
+                    slots_per_worker: slots,
+                });
+            }
+        }
+        Ok(candidates)
+    }
+
+    /// Spare slots (replicas) only where they help and fit: with more than
+    /// one worker, and within a dedicated device's memory.
+    fn spare_slots_that_fit(&self, workers: usize, even: usize) -> usize {
+        if workers == 1 {
+            return 0;
+        }
+        if self.profile.shared_lanes.is_some() {
+            return self.spare_slots;
+        }
+        let usable = self.profile.memory_bytes as f64 * USABLE_FRACTION;
+        let per_slot = self.model.expert_bytes_all_layers() as f64;
+        let fit = (usable / per_slot).floor() as usize;
+        self.spare_slots.min(fit.saturating_sub(even))
+    }
+
+    fn simulate(&self, placement: &Placement) -> Prediction {
+        let cluster = Cluster {
+            profile: &self.profile,
+            placement,
+            routing: &self.routing,
+            scheduler: self.scheduler,
+            wire_bytes: self.wire_bytes,
+        };
+        cluster.simulate(&self.workload)
+    }
+
+    /// The plan for `workers` workers: every candidate placement simulated,
+    /// the one with the highest predicted throughput kept — the default
+    /// placement when no EPLB placement beats it (where an expert's cost is
+    /// reading its weights rather than its rows, replicas and balance may not
+    /// pay).
+    pub fn plan(&self, workers: usize) -> Result<ClusterPlan, PlanError> {
+        let model = &self.model;
+        let load = self.routing.load(model.layers);
+        let candidates = self.candidates(workers)?;
+        let default = candidates[0].placement.clone();
+        let mut considered = Vec::new();
+        let mut best: Option<(Candidate, Prediction)> = None;
+        for candidate in candidates {
+            let prediction = self.simulate(&candidate.placement);
+            considered.push(Considered {
+                name: candidate.name.clone(),
+                slots_per_worker: candidate.slots_per_worker,
+                balancedness: mean(&eplb::balancedness(&load, &candidate.placement)),
+                output_tokens_per_s: prediction.output_tokens_per_s,
+                itl_p50: prediction.itl.p50,
+            });
+            if best
+                .as_ref()
+                .is_none_or(|(_, b)| prediction.output_tokens_per_s > b.output_tokens_per_s)
+            {
+                best = Some((candidate, prediction));
+            }
+        }
+        let (chosen, prediction) = best.expect("the default placement is always a candidate");
+        let (placement, slots_per_worker, placement_name) =
+            (chosen.placement, chosen.slots_per_worker, chosen.name);
+
+        let capacity = self.profile.memory_bytes;
+        let kv_bytes = prediction.peak_kv_tokens as u64 * model.kv_bytes_per_token();
+        let mut memory = vec![DeviceMemory::new(
+            "router".into(),
+            0,
+            0,
+            model.dense_bytes(),
+            kv_bytes,
+            capacity,
+        )];
+        for worker in 0..workers {
+            let slots: usize = placement
+                .experts
+                .iter()
+                .map(|row| {
+                    row.iter()
+                        .filter(|replicas| replicas.contains(&worker))
+                        .count()
+                })
+                .sum();
+            memory.push(DeviceMemory::new(
+                format!("worker {worker}"),
+                slots,
+                slots as u64 * model.expert_layer_bytes(),
+                0,
+                0,
+                capacity,
+            ));
+        }
+        let shared_host_bytes = self
+            .profile
+            .shared_lanes
+            .map(|_| memory.iter().map(|m| m.total_bytes).sum::<u64>());
+        let fits = match shared_host_bytes {
+            Some(total) => total as f64 <= capacity as f64 * USABLE_FRACTION,
+            None => memory.iter().all(|m| m.fits),
+        };
+        let meets_slo = fits
+            && prediction.refused == 0
+            && prediction.completed == self.workload.requests
+            && self.slo.ttft_p99.is_none_or(|s| prediction.ttft.p99 <= s)
+            && self.slo.itl_p99.is_none_or(|s| prediction.itl.p99 <= s);
+        Ok(ClusterPlan {
+            workers,
+            placement_name,
+            considered,
+            slots_per_worker,
+            balancedness_default: eplb::balancedness(&load, &default),
+            balancedness: eplb::balancedness(&load, &placement),
+            worker_load_default: worker_load(&load, &default),
+            worker_load: worker_load(&load, &placement),
+            placement,
+            memory,
+            shared_host_bytes,
+            fits,
+            prediction,
+            meets_slo,
+        })
+    }
+
+    /// Plans for 1..=max_workers workers; the smallest that fits and meets
+    /// the SLO is the answer.
+    pub fn search(
+        &self,
+        max_workers: usize,
+    ) -> Result<(Vec<ClusterPlan>, Option<usize>), PlanError> {
+        let mut plans = Vec::new();
+        for workers in 1..=max_workers {
+            plans.push(self.plan(workers)?);
+        }
+        let chosen = plans.iter().find(|p| p.meets_slo).map(|p| p.workers);
+        Ok((plans, chosen))
+    }
+}
+
+/// `[layer][worker]`: each worker's share of the layer's token-expert pairs,
+/// an expert's load split evenly over its replicas.
+pub fn worker_load(load: &[Vec<f64>], placement: &Placement) -> Vec<Vec<f64>> {
+    load.iter()
+        .enumerate()
+        .map(|(layer, experts)| {
+            let tokens: f64 = experts.iter().sum();
+            let mut per_worker = vec![0.0; placement.workers];
+            for (expert, &l) in experts.iter().enumerate() {
+                let replicas = placement.replicas(layer, expert);
+                for &w in replicas {
+                    per_worker[w] += l / replicas.len() as f64 / tokens.max(f64::MIN_POSITIVE);
+                }
+            }
+            per_worker
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::{FORMAT, Point};
+    use crate::workload::{Arrivals, Lengths};
+    use tramontane_router::routing_trace::{self, Header, RoutingTrace};
+
+    fn shape() -> ModelShape {
+        ModelShape {
+            hidden_size: 8,
+            intermediate_size: 16,
+            layers: 2,
+            experts: 4,
+            top_k: 2,
+            attention_heads: 2,
+            kv_heads: 1,
+            head_dim: 4,
+            vocab_size: 10,
+            dtype_bytes: 4,
+        }
+    }
+
+    /// An expert call costs `fixed` plus `per_row` per row; the rest is free.
+    fn profile(fixed: f64, per_row: f64) -> Profile {
+        let zero = vec![Point {
+            x: 1.0,
+            seconds: 0.0,
+        }];
+        Profile {
+            format: FORMAT.into(),
+            device: "test".into(),
+            estimate: true,
+            source: "test".into(),
+            memory_bytes: 1 << 40,
+            shared_lanes: None,
+            model: shape(),
+            expert_ffn: vec![
+                Point {
+                    x: 1.0,
+                    seconds: fixed + per_row,
+                },
+                Point {
+                    x: 1000.0,
+                    seconds: fixed + 1000.0 * per_row,
+                },
+            ],
+            dense_step: zero.clone(),
+            per_sequence: 0.0,
+            lm_head: zero.clone(),
+            attention_per_token_pair: 0.0,
+            attention_per_context_token: 0.0,
+            dispatch: zero,
+            alone_factor: 1.0,
+        }
+    }
+
+    /// Experts 0 and 2 (both on worker 0 by default) get 3 of 4 tokens.
+    fn skewed_routing(dir: &std::path::Path) -> TokenRouting {
+        let path = dir.join("routing.jsonl");
+        let header = Header {
+            format: routing_trace::FORMAT.into(),
+            model_id: "m".into(),
+            layers: 2,
+            experts: 4,
+            top_k: 2,
+        };
+        let trace = RoutingTrace::create(&path, &header).unwrap();
+        for layer in 0..2 {
+            trace.record(layer, 2, &[0, 2, 0, 2, 0, 2, 1, 3]);
+        }
+        drop(trace);
+        TokenRouting::from_trace(&path, &shape(), Some("m")).unwrap()
+    }
+
+    fn planner(profile: Profile, routing: TokenRouting) -> Planner {
+        Planner {
+            model: shape(),
+            profile,
+            routing,
+            workload: Workload {
+                arrivals: Arrivals::Concurrency(16),
+                prompt: Lengths::Fixed(8),
+                output: Lengths::Fixed(8),
+                requests: 32,
+                seed: 1,
+            },
+            scheduler: SchedulerConfig::default(),
+            wire_bytes: 4,
+            policy: PlacementPolicy::Eplb,
+            spare_slots: 1,
+            slo: Slo::default(),
+        }
+    }
+
+    #[test]
+    fn rows_bound_experts_get_the_balanced_placement() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = planner(profile(0.0, 1e-3), skewed_routing(dir.path()))
+            .plan(2)
+            .unwrap();
+        assert_eq!(plan.considered.len(), 3, "{:?}", plan.considered);
+        assert!(
+            plan.placement_name.starts_with("EPLB"),
+            "{}",
+            plan.placement_name
+        );
+        let default = &plan.considered[0];
+        assert!(plan.prediction.output_tokens_per_s > 1.2 * default.output_tokens_per_s);
+        assert!(mean(&plan.balancedness) > mean(&plan.balancedness_default));
+        assert!(mean(&plan.balancedness_default) < 0.8);
+    }
+
+    #[test]
+    fn weight_bound_experts_keep_the_default_when_balance_does_not_pay() {
+        // Every call costs the same whatever its rows: two experts per worker
+        // in any arrangement cost the same, and a replica costs a call more.
+        let dir = tempfile::tempdir().unwrap();
+        let plan = planner(profile(1e-3, 0.0), skewed_routing(dir.path()))
+            .plan(2)
+            .unwrap();
+        let best = plan
+            .considered
+            .iter()
+            .map(|c| c.output_tokens_per_s)
+            .fold(0.0, f64::max);
+        assert_eq!(plan.prediction.output_tokens_per_s, best);
+        assert_ne!(plan.placement_name, "EPLB, 1 spare slots per worker");
+    }
+
+    #[test]
+    fn objectives_below_a_lone_step_are_refused() {
+        let mut p = planner(profile(1e-3, 0.0), TokenRouting::uniform(&shape()));
+        p.slo.itl_p99 = Some(1e-4);
+        assert!(matches!(
+            p.check_slo(),
+            Err(PlanError::ImpossibleItl { .. })
+        ));
+        p.slo.itl_p99 = Some(f64::NAN);
+        assert!(matches!(p.check_slo(), Err(PlanError::Slo(_))));
+        p.slo.itl_p99 = Some(1.0);
+        p.check_slo().unwrap();
+    }
+}

@@ -1,0 +1,198 @@
+//! Built-in profiles for data-centre GPUs, estimated from datasheet figures
+//! with a roofline: an operation takes the longer of its FLOPs at the
+//! achievable matmul rate and its bytes at the achievable memory bandwidth,
+//! plus kernel launches. Labelled as estimates in every report.
+
+use crate::profile::{FORMAT, ModelShape, Point, Profile};
+
+/// Datasheet figures of one GPU (SXM parts, dense bf16 tensor-core rate).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gpu {
+    pub name: &'static str,
+    pub key: &'static str,
+    pub bf16_flops: f64,
+    pub memory_bandwidth: f64,
+    pub memory_bytes: u64,
+    /// Network bandwidth per GPU for router ↔ worker traffic, bytes/s.
+    pub network_bandwidth: f64,
+}
+
+pub const GPUS: [Gpu; 3] = [
+    Gpu {
+        name: "NVIDIA H100 SXM 80GB",
+        key: "h100",
+        bf16_flops: 989e12,
+        memory_bandwidth: 3.35e12,
+        memory_bytes: 80_000_000_000,
+        network_bandwidth: 50e9, // 400 Gb/s ConnectX-7 per GPU
+    },
+    Gpu {
+        name: "NVIDIA H200 SXM 141GB",
+        key: "h200",
+        bf16_flops: 989e12,
+        memory_bandwidth: 4.8e12,
+        memory_bytes: 141_000_000_000,
+        network_bandwidth: 50e9,
+    },
+    Gpu {
+        name: "NVIDIA A100 SXM 80GB",
+        key: "a100",
+        bf16_flops: 312e12,
+        memory_bandwidth: 2.039e12,
+        memory_bytes: 80_000_000_000,
+        network_bandwidth: 25e9, // 200 Gb/s HDR InfiniBand per GPU
+    },
+];
+
+/// Fraction of the peak matmul rate large GEMMs reach.
+const FLOPS_EFFICIENCY: f64 = 0.7;
+/// Fraction of the memory bandwidth streaming reads reach.
+const BANDWIDTH_EFFICIENCY: f64 = 0.8;
+/// One kernel launch without CUDA graphs.
+const LAUNCH_SECONDS: f64 = 5e-6;
+/// Kernels of one decoder layer's dense part (norms, projections, rotary,
+/// attention, gate, top-k).
+const DENSE_KERNELS_PER_LAYER: f64 = 16.0;
+/// Kernels of one sequence's attention in one layer (scores, softmax, values).
+const ATTENTION_KERNELS_PER_SEQUENCE: f64 = 3.0;
+/// Kernels of one expert's FFN (w1, w3, SiLU·mul, w2, gather, scatter-add).
+const EXPERT_KERNELS: f64 = 6.0;
+/// gRPC round trip between hosts with no payload.
+const RPC_SECONDS: f64 = 100e-6;
+
+pub fn by_key(key: &str) -> Option<Gpu> {
+    GPUS.iter()
+        .copied()
+        .find(|g| g.key == key.to_ascii_lowercase())
+}
+
+impl Gpu {
+    fn roofline(&self, flops: f64, bytes: f64) -> f64 {
+        (flops / (self.bf16_flops * FLOPS_EFFICIENCY))
+            .max(bytes / (self.memory_bandwidth * BANDWIDTH_EFFICIENCY))
+    }
+
+    /// The estimated profile of `model` on this GPU.
+    pub fn profile(&self, model: &ModelShape) -> Profile {
+        let bytes = model.dtype_bytes as f64;
+        let rows: Vec<f64> = (0..=14).map(|p| f64::from(1u32 << p)).collect();
+        let expert_params = model.expert_parameters() as f64;
+        let expert_ffn = rows
+            .iter()
+            .map(|&n| Point {
+                x: n,
+                seconds: self.roofline(2.0 * expert_params * n, expert_params * bytes)
+                    + EXPERT_KERNELS * LAUNCH_SECONDS,
+            })
+            .collect();
+        // The layers' dense weights, without the embeddings (gathered) and
+        // lm_head (its own table).
+        let vocab_params = (model.vocab_size * model.hidden_size) as f64;
+        let layer_params = model.dense_parameters() as f64 - 2.0 * vocab_params;
+        let dense_step = rows
+            .iter()
+            .map(|&n| Point {
+                x: n,
+                seconds: self.roofline(2.0 * layer_params * n, layer_params * bytes)
+                    + DENSE_KERNELS_PER_LAYER * model.layers as f64 * LAUNCH_SECONDS,
+            })
+            .collect();
+        let lm_head = rows
+            .iter()
+            .map(|&n| Point {
+                x: n,
+                seconds: self.roofline(2.0 * vocab_params * n, vocab_params * bytes)
+                    + 3.0 * LAUNCH_SECONDS,
+            })
+            .collect();
+        // QKᵀ and PV: 4 × heads × head_dim FLOPs per pair and layer; the
+        // cache is read once per sequence and step.
+        let pair_flops = 4.0 * (model.attention_heads * model.head_dim * model.layers) as f64;
+        let dispatch = (0..=30)
+            .step_by(2)
+            .map(|p| {
+                let b = f64::from(1u32 << p);
+                Point {
+                    x: b,
+                    seconds: RPC_SECONDS + b / self.network_bandwidth,
+                }
+            })
+            .collect();
+        Profile {
+            format: FORMAT.into(),
+            device: self.name.into(),
+            estimate: true,
+            source: format!(
+                "estimate from datasheet figures: {:.0} TFLOP/s bf16 at {:.0}%, {:.2} TB/s memory at {:.0}%, {} GB, {:.0} GB/s network; {:.0} µs per kernel launch, {:.0} µs per gRPC round trip",
+                self.bf16_flops / 1e12,
+                FLOPS_EFFICIENCY * 100.0,
+                self.memory_bandwidth / 1e12,
+                BANDWIDTH_EFFICIENCY * 100.0,
+                self.memory_bytes / 1_000_000_000,
+                self.network_bandwidth / 1e9,
+                LAUNCH_SECONDS * 1e6,
+                RPC_SECONDS * 1e6,
+            ),
+            memory_bytes: self.memory_bytes,
+            shared_lanes: None,
+            model: model.clone(),
+            expert_ffn,
+            dense_step,
+            // Each sequence's attention runs its own kernels in every layer.
+            per_sequence: ATTENTION_KERNELS_PER_SEQUENCE * model.layers as f64 * LAUNCH_SECONDS,
+            lm_head,
+            attention_per_token_pair: pair_flops / (self.bf16_flops * FLOPS_EFFICIENCY),
+            attention_per_context_token: model.kv_bytes_per_token() as f64
+                / (self.memory_bandwidth * BANDWIDTH_EFFICIENCY),
+            dispatch,
+            // Each worker has a device of its own.
+            alone_factor: 1.0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mixtral_8x7b() -> ModelShape {
+        ModelShape {
+            hidden_size: 4096,
+            intermediate_size: 14336,
+            layers: 32,
+            experts: 8,
+            top_k: 2,
+            attention_heads: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            vocab_size: 32000,
+            dtype_bytes: 2,
+        }
+    }
+
+    #[test]
+    fn an_h100_expert_is_memory_bound_at_one_row_and_compute_bound_at_many() {
+        let p = by_key("H100").unwrap().profile(&mixtral_8x7b());
+        p.validate().unwrap();
+        // One row: 352 MB of weights at 2.68 TB/s ≈ 131 µs (+ launches).
+        let one = p.expert_seconds(1);
+        assert!(
+            (one - (176_160_768.0 * 2.0 / 2.68e12 + 30e-6)).abs() < 1e-9,
+            "{one}"
+        );
+        // Doubling the rows costs nothing while memory bound...
+        assert_eq!(p.expert_seconds(2), one);
+        // ...and doubles the time once compute bound.
+        let (a, b) = (p.expert_seconds(4096), p.expert_seconds(8192));
+        assert!((b - 30e-6) / (a - 30e-6) > 1.99, "{a} {b}");
+    }
+
+    #[test]
+    fn the_h200_reads_faster_than_the_h100_and_the_a100_computes_slower() {
+        let m = mixtral_8x7b();
+        let [h100, h200, a100] = GPUS.map(|g| g.profile(&m));
+        assert!(h200.expert_seconds(1) < h100.expert_seconds(1));
+        assert!(a100.expert_seconds(8192) > 3.0 * h100.expert_seconds(8192) * 0.9);
+        assert!(by_key("v100").is_none());
+    }
+}
