@@ -19,5 +19,7 @@ pub mod roofline;
 pub mod routing;
 pub mod simulate;
 pub mod svg;
+#[cfg(test)]
+mod test_fixtures;
 mod torch_order;
 pub mod workload;

@@ -93,22 +93,7 @@ impl DeviceMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Mixtral-8x7B's config.json values.
-    fn mixtral_8x7b() -> ModelShape {
-        ModelShape {
-            hidden_size: 4096,
-            intermediate_size: 14336,
-            layers: 32,
-            experts: 8,
-            top_k: 2,
-            attention_heads: 32,
-            kv_heads: 8,
-            head_dim: 128,
-            vocab_size: 32000,
-            dtype_bytes: 2,
-        }
-    }
+    use crate::test_fixtures::mixtral_8x7b;
 
     #[test]
     fn mixtral_8x7b_by_hand() {

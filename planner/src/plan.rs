@@ -343,74 +343,21 @@ pub fn worker_load(load: &[Vec<f64>], placement: &Placement) -> Vec<Vec<f64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::{FORMAT, Point};
+    use crate::test_fixtures;
     use crate::workload::{Arrivals, Lengths};
-    use tramontane_router::routing_trace::{self, Header, RoutingTrace};
 
     fn shape() -> ModelShape {
-        ModelShape {
-            hidden_size: 8,
-            intermediate_size: 16,
-            layers: 2,
-            experts: 4,
-            top_k: 2,
-            attention_heads: 2,
-            kv_heads: 1,
-            head_dim: 4,
-            vocab_size: 10,
-            dtype_bytes: 4,
-        }
+        test_fixtures::shape(2, 4, 2)
     }
 
     /// An expert call costs `fixed` plus `per_row` per row; the rest is free.
     fn profile(fixed: f64, per_row: f64) -> Profile {
-        let zero = vec![Point {
-            x: 1.0,
-            seconds: 0.0,
-        }];
-        Profile {
-            format: FORMAT.into(),
-            device: "test".into(),
-            estimate: true,
-            source: "test".into(),
-            memory_bytes: 1 << 40,
-            shared_lanes: None,
-            model: shape(),
-            expert_ffn: vec![
-                Point {
-                    x: 1.0,
-                    seconds: fixed + per_row,
-                },
-                Point {
-                    x: 1000.0,
-                    seconds: fixed + 1000.0 * per_row,
-                },
-            ],
-            dense_step: zero.clone(),
-            per_sequence: 0.0,
-            lm_head: zero.clone(),
-            attention_per_token_pair: 0.0,
-            attention_per_context_token: 0.0,
-            dispatch: zero,
-            alone_factor: 1.0,
-        }
+        test_fixtures::profile(shape(), 0.0, fixed, per_row)
     }
 
     /// Experts 0 and 2 (both on worker 0 by default) get 3 of 4 tokens.
     fn skewed_routing(dir: &std::path::Path) -> TokenRouting {
-        let path = dir.join("routing.jsonl");
-        let header = Header {
-            format: routing_trace::FORMAT.into(),
-            model_id: "m".into(),
-            layers: 2,
-            experts: 4,
-            top_k: 2,
-        };
-        let trace = RoutingTrace::create(&path, &header).unwrap();
-        for layer in 0..2 {
-            trace.record(layer, 2, &[0, 2, 0, 2, 0, 2, 1, 3]);
-        }
-        drop(trace);
+        let path = test_fixtures::trace(dir, "m", 2, 4, &[0, 2, 0, 2, 0, 2, 1, 3]);
         TokenRouting::from_trace(&path, &shape(), Some("m")).unwrap()
     }
 

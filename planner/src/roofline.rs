@@ -154,21 +154,7 @@ impl Gpu {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn mixtral_8x7b() -> ModelShape {
-        ModelShape {
-            hidden_size: 4096,
-            intermediate_size: 14336,
-            layers: 32,
-            experts: 8,
-            top_k: 2,
-            attention_heads: 32,
-            kv_heads: 8,
-            head_dim: 128,
-            vocab_size: 32000,
-            dtype_bytes: 2,
-        }
-    }
+    use crate::test_fixtures::mixtral_8x7b;
 
     #[test]
     fn an_h100_expert_is_memory_bound_at_one_row_and_compute_bound_at_many() {

@@ -139,38 +139,11 @@ impl TokenRouting {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_fixtures::shape;
     use rand::SeedableRng;
-    use tramontane_router::routing_trace::{FORMAT, Header, RoutingTrace};
-
-    fn shape(layers: usize, experts: usize, top_k: usize) -> ModelShape {
-        ModelShape {
-            hidden_size: 8,
-            intermediate_size: 16,
-            layers,
-            experts,
-            top_k,
-            attention_heads: 2,
-            kv_heads: 1,
-            head_dim: 4,
-            vocab_size: 10,
-            dtype_bytes: 4,
-        }
-    }
 
     fn trace(dir: &Path, layers: usize, experts: usize) -> std::path::PathBuf {
-        let path = dir.join("routing.jsonl");
-        let header = Header {
-            format: FORMAT.into(),
-            model_id: "abc".into(),
-            layers,
-            experts,
-            top_k: 2,
-        };
-        let t = RoutingTrace::create(&path, &header).unwrap();
-        for layer in 0..layers {
-            t.record(layer, 2, &[0, 1, 0, 2, 0, 3]);
-        }
-        path
+        crate::test_fixtures::trace(dir, "abc", layers, experts, &[0, 1, 0, 2, 0, 3])
     }
 
     #[test]

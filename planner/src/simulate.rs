@@ -329,54 +329,12 @@ mod tests {
         assert!(Percentiles::of(vec![]).p50.is_nan());
     }
 
-    use crate::profile::{FORMAT, ModelShape, Point};
+    use crate::test_fixtures::{self, shape};
     use crate::workload::Lengths;
-    use tramontane_router::routing_trace::{self, Header, RoutingTrace};
-
-    fn shape() -> ModelShape {
-        ModelShape {
-            hidden_size: 8,
-            intermediate_size: 16,
-            layers: 2,
-            experts: 4,
-            top_k: 2,
-            attention_heads: 2,
-            kv_heads: 1,
-            head_dim: 4,
-            vocab_size: 10,
-            dtype_bytes: 4,
-        }
-    }
 
     /// A step costs `dense` seconds; an expert `per_row` per row it computes.
     fn profile(dense: f64, per_row: f64) -> Profile {
-        let flat = |seconds| vec![Point { x: 1.0, seconds }, Point { x: 1024.0, seconds }];
-        Profile {
-            format: FORMAT.into(),
-            device: "test".into(),
-            estimate: true,
-            source: "test".into(),
-            memory_bytes: 1 << 30,
-            shared_lanes: None,
-            model: shape(),
-            expert_ffn: vec![
-                Point {
-                    x: 1.0,
-                    seconds: per_row,
-                },
-                Point {
-                    x: 1024.0,
-                    seconds: per_row * 1024.0,
-                },
-            ],
-            dense_step: flat(dense),
-            per_sequence: 0.0,
-            lm_head: flat(0.0),
-            attention_per_token_pair: 0.0,
-            attention_per_context_token: 0.0,
-            dispatch: flat(0.0),
-            alone_factor: 1.0,
-        }
+        test_fixtures::profile(shape(2, 4, 2), dense, 0.0, per_row)
     }
 
     fn workload(arrivals: Arrivals, prompt: usize, output: usize, requests: usize) -> Workload {
@@ -450,19 +408,7 @@ mod tests {
     fn hot_experts_on_one_worker_slow_every_layer() {
         // Experts 0 and 2 take every token: e mod 2 puts both on worker 0.
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("routing.jsonl");
-        let header = Header {
-            format: routing_trace::FORMAT.into(),
-            model_id: "m".into(),
-            layers: 2,
-            experts: 4,
-            top_k: 2,
-        };
-        let trace = RoutingTrace::create(&path, &header).unwrap();
-        for layer in 0..2 {
-            trace.record(layer, 2, &[0, 2, 2, 0, 0, 2]);
-        }
-        drop(trace);
+        let path = test_fixtures::trace(dir.path(), "m", 2, 4, &[0, 2, 2, 0, 0, 2]);
         let profile = profile(0.0, 1e-3);
         let routing = TokenRouting::from_trace(&path, &profile.model, Some("m")).unwrap();
         let run = |placement: &Placement| {
