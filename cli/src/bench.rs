@@ -148,6 +148,32 @@ fn time_decode(
     })
 }
 
+/// The experts of `model` on running workers at `addrs` (checked to serve
+/// that model and hold what `placement` gives them), f32 on the wire.
+pub fn remote_experts(
+    model: &std::path::Path,
+    addrs: &[String],
+    placement: Placement,
+    runtime: &tokio::runtime::Runtime,
+    deadline: Duration,
+) -> Result<RemoteExperts> {
+    let model_id = tramontane_expert_worker::compute::model_id(model)?;
+    let links = runtime.block_on(cluster::connect(
+        addrs,
+        &model_id,
+        &placement,
+        Duration::from_secs(300),
+        DEFAULT_MAX_MESSAGE_BYTES,
+    ))?;
+    Ok(RemoteExperts::new(
+        links,
+        placement,
+        runtime.handle().clone(),
+        deadline,
+        Kind::Float,
+    ))
+}
+
 /// The model with its experts in process, or reached over gRPC.
 fn load_bench_model(args: &BenchArgs, runtime: &tokio::runtime::Runtime) -> Result<Mixtral> {
     if args.workers.is_empty() {
@@ -160,21 +186,13 @@ fn load_bench_model(args: &BenchArgs, runtime: &tokio::runtime::Runtime) -> Resu
         config.num_local_experts,
         args.workers.len(),
     )?;
-    let model_id = tramontane_expert_worker::compute::model_id(&args.model)?;
-    let links = runtime.block_on(cluster::connect(
+    let experts = remote_experts(
+        &args.model,
         &args.workers,
-        &model_id,
-        &placement,
-        Duration::from_secs(300),
-        DEFAULT_MAX_MESSAGE_BYTES,
-    ))?;
-    let experts = RemoteExperts::new(
-        links,
         placement,
-        runtime.handle().clone(),
+        runtime,
         Duration::from_secs(60),
-        Kind::Float,
-    );
+    )?;
     let checkpoint = Checkpoint::open(&args.model)?;
     Ok(Mixtral::load_dense(
         &checkpoint,

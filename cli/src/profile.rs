@@ -9,15 +9,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use tch::{Device, Kind, Tensor};
-use tramontane_expert_worker::DEFAULT_MAX_MESSAGE_BYTES;
 use tramontane_model::gating::Routing;
 use tramontane_model::kv_cache::KvCache;
 use tramontane_model::moe::Experts;
 use tramontane_model::weights::Checkpoint;
 use tramontane_model::{BatchItem, ForwardError, LoadOptions, Logits, Mixtral, MixtralConfig};
 use tramontane_planner::profile::{FORMAT, ModelShape, Point, Profile};
-use tramontane_router::cluster;
-use tramontane_router::dispatch::RemoteExperts;
 use tramontane_router::placement::Placement;
 
 use crate::options::{ComputeArgs, WeightDtype};
@@ -320,28 +317,19 @@ fn measure_workers(
     }
     // Expert e of the held layers on worker e mod lanes.
     let placement = Placement::round_robin(layers, experts, lanes)?;
-    let model_id = tramontane_expert_worker::compute::model_id(&args.model)?;
-    let links = runtime.block_on(cluster::connect(
+    let remote = crate::bench::remote_experts(
+        &args.model,
         &addrs,
-        &model_id,
-        &placement,
-        Duration::from_secs(300),
-        DEFAULT_MAX_MESSAGE_BYTES,
-    ))?;
-    let remote = RemoteExperts::new(
-        links,
         placement,
-        runtime.handle().clone(),
+        &runtime,
         Duration::from_secs(600),
-        Kind::Float,
-    );
+    )?;
     let mut ffn = Vec::new();
     let mut dispatch = Vec::new();
     let mut alone_ratios = Vec::new();
     let mut turn = 0usize;
     for rows in token_counts(args.max_tokens) {
         let xs = Tensor::randn([rows as i64, hidden as i64], (options.kind, options.device));
-        // Every row to `per_worker` experts on each worker, other experts each turn.
         // Every row to `per_worker` experts on each of the first `engaged`
         // workers (expert e is on worker e mod lanes), other experts each turn.
         let mut layer_time = |per_worker: usize, engaged: usize| -> Result<f64> {
