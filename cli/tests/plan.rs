@@ -60,17 +60,23 @@ const LOAD: [&str; 8] = [
     "40",
 ];
 
+/// The plan of `model` on `gpus` H100 workers under [`LOAD`].
+fn plan_on_h100s(model: &str, gpus: usize) -> Result<Value> {
+    let gpus = gpus.to_string();
+    plan_json(
+        &[
+            &["--model", model, "--profile", "h100", "--gpus", &gpus],
+            &LOAD[..],
+        ]
+        .concat(),
+    )
+}
+
 #[test]
 fn mixtral_8x7b_memory_matches_hand_computed_values() -> Result<()> {
     let model = fixture("mixtral-8x7b");
     let model = model.to_str().context("path")?;
-    let one = plan_json(
-        &[
-            &["--model", model, "--profile", "h100", "--gpus", "1"],
-            &LOAD[..],
-        ]
-        .concat(),
-    )?;
+    let one = plan_on_h100s(model, 1)?;
     let m = &one["model"];
     // 3 × 4096 × 14336 parameters per expert and layer, 2 bytes each.
     assert_eq!(m["expert_layer_bytes"], 352_321_536u64);
@@ -99,13 +105,7 @@ fn mixtral_8x7b_memory_matches_hand_computed_values() -> Result<()> {
     assert_eq!(router["kv_cache_bytes"], peak_kv * 131_072);
 
     // Two workers: four experts each and a replica slot, 45 to 56 GB: it fits.
-    let two = plan_json(
-        &[
-            &["--model", model, "--profile", "h100", "--gpus", "2"],
-            &LOAD[..],
-        ]
-        .concat(),
-    )?;
+    let two = plan_on_h100s(model, 2)?;
     let plan = workers_plan(&two, 2);
     assert_eq!(plan["fits"], true);
     for w in 1..=2 {
@@ -129,13 +129,7 @@ fn mixtral_8x7b_memory_matches_hand_computed_values() -> Result<()> {
 fn mixtral_8x22b_needs_two_experts_per_h100_at_most() -> Result<()> {
     let model = fixture("mixtral-8x22b");
     let model = model.to_str().context("path")?;
-    let report = plan_json(
-        &[
-            &["--model", model, "--profile", "h100", "--gpus", "4"],
-            &LOAD[..],
-        ]
-        .concat(),
-    )?;
+    let report = plan_on_h100s(model, 4)?;
     let m = &report["model"];
     // 3 × 6144 × 16384 × 2 bytes per layer, × 56 layers: 33.8 GB per expert.
     assert_eq!(m["expert_layer_bytes"], 603_979_776u64);
