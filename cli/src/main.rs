@@ -1,4 +1,7 @@
-//! The `tramontane` command line.
+//! The `tramontane` command line: one module per subcommand, each parsing
+//! its flags and calling the libraries; `options` holds the flag groups
+//! several share, `serving`, `telemetry` and `signals` what the long-running
+//! ones (router, serve, worker) share.
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -11,6 +14,7 @@ mod plan;
 mod profile;
 mod router;
 mod serve;
+mod serving;
 mod signals;
 mod telemetry;
 mod worker;

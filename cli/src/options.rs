@@ -1,60 +1,23 @@
-//! Options shared by several subcommands: dtype, device, threads.
+//! Flag groups several subcommands share: where the model computes, the
+//! router's tuning and the scheduler's limits.
+
+use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Result, bail};
-use clap::{Args, ValueEnum};
-use safetensors::tensor::Dtype;
-use tch::{Device, Kind};
-use tramontane_model::LoadOptions;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum WeightDtype {
-    F32,
-    Bf16,
-    F16,
-}
-
-impl WeightDtype {
-    pub fn kind(self) -> Kind {
-        match self {
-            WeightDtype::F32 => Kind::Float,
-            WeightDtype::Bf16 => Kind::BFloat16,
-            WeightDtype::F16 => Kind::Half,
-        }
-    }
-
-    pub fn safetensors(self) -> Dtype {
-        match self {
-            WeightDtype::F32 => Dtype::F32,
-            WeightDtype::Bf16 => Dtype::BF16,
-            WeightDtype::F16 => Dtype::F16,
-        }
-    }
-
-    /// The `torch_dtype` spelling of config.json.
-    pub fn hf_name(self) -> &'static str {
-        match self {
-            WeightDtype::F32 => "float32",
-            WeightDtype::Bf16 => "bfloat16",
-            WeightDtype::F16 => "float16",
-        }
-    }
-
-    pub fn from_hf_name(name: &str) -> Result<Self> {
-        Ok(match name {
-            "float32" => WeightDtype::F32,
-            "bfloat16" => WeightDtype::Bf16,
-            "float16" => WeightDtype::F16,
-            other => bail!("unsupported torch_dtype {other:?}"),
-        })
-    }
-}
+use clap::Args;
+use tch::Device;
+use tramontane_infra::grpc::DEFAULT_MAX_MESSAGE_BYTES;
+use tramontane_model::{Dtype, LoadOptions};
+use tramontane_policy::scheduler::{SchedulerConfig, SchedulerConfigError};
+use tramontane_router::RouterOptions;
 
 /// Where and how the model computes.
 #[derive(Debug, Args)]
 pub struct ComputeArgs {
     /// dtype the weights are loaded into and computed in.
     #[arg(long, value_enum, default_value = "f32", env = "TRAMONTANE_DTYPE")]
-    pub dtype: WeightDtype,
+    pub dtype: Dtype,
     /// Device: cpu or cuda:N.
     #[arg(long, default_value = "cpu", env = "TRAMONTANE_DEVICE")]
     pub device: String,
@@ -74,7 +37,7 @@ impl ComputeArgs {
             tch::set_num_threads(threads);
         }
         Ok(LoadOptions {
-            kind: self.dtype.kind(),
+            kind: tramontane_model::dtype::kind(self.dtype),
             device,
         })
     }
@@ -97,6 +60,118 @@ pub fn parse_device(text: &str) -> Result<Device> {
     Ok(Device::Cuda(index))
 }
 
+/// Options of the router that `serve` shares.
+#[derive(Debug, Args)]
+pub struct RouterTuning {
+    /// A placement file (JSON, see the README); default: expert e on worker e mod W.
+    #[arg(long, env = "TRAMONTANE_PLACEMENT")]
+    pub placement: Option<PathBuf>,
+    /// Deadline of one layer's Forward to one worker, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub dispatch_timeout_ms: u64,
+    /// How long to wait at start for every worker to answer, in seconds.
+    #[arg(long, default_value_t = 120)]
+    pub startup_timeout_s: u64,
+    /// dtype of hidden states on the wire.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub wire_dtype: Dtype,
+    #[command(flatten)]
+    pub scheduler: SchedulerArgs,
+    /// Record the experts every token chose, per step and layer, into this
+    /// file (JSON lines; the planner's routing trace).
+    #[arg(long)]
+    pub record_routing: Option<PathBuf>,
+    /// The model name clients send (default: the model folder's name).
+    #[arg(long, env = "TRAMONTANE_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Largest gRPC message to a worker, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+}
+
+impl RouterTuning {
+    pub fn options(
+        &self,
+        model: PathBuf,
+        workers: Vec<String>,
+        compute: &ComputeArgs,
+    ) -> Result<RouterOptions> {
+        if workers.is_empty() {
+            bail!("--workers: at least one worker address is needed");
+        }
+        if self.dispatch_timeout_ms == 0 {
+            bail!("--dispatch-timeout-ms must be at least 1");
+        }
+        Ok(RouterOptions {
+            model_dir: model,
+            workers,
+            placement: self.placement.clone(),
+            load: compute.load_options()?,
+            dispatch_timeout: Duration::from_millis(self.dispatch_timeout_ms),
+            startup_timeout: Duration::from_secs(self.startup_timeout_s),
+            wire: tramontane_model::dtype::kind(self.wire_dtype),
+            scheduler: self.scheduler.config()?,
+            max_message_bytes: self.max_message_bytes,
+            served_model_name: self.served_model_name.clone(),
+            record_routing: self.record_routing.clone(),
+        })
+    }
+}
+
+/// The scheduler's limits (the planner simulates the same).
+#[derive(Debug, Args)]
+pub struct SchedulerArgs {
+    /// Requests that may wait for admission; beyond it requests are refused
+    /// (HTTP 429, gRPC RESOURCE_EXHAUSTED).
+    #[arg(long, default_value_t = 256)]
+    pub queue: usize,
+    /// Tokens in one forward step: decode tokens first, then prompt chunks.
+    #[arg(long, default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// Sequences in the running batch.
+    #[arg(long, default_value_t = 64)]
+    pub max_running: usize,
+    /// KV cache tokens the running sequences may reserve (prompt + max_tokens each).
+    #[arg(long, default_value_t = 65_536)]
+    pub max_kv_tokens: usize,
+}
+
+impl SchedulerArgs {
+    pub fn config(&self) -> Result<SchedulerConfig> {
+        let config = SchedulerConfig {
+            max_batch_tokens: self.max_batch_tokens,
+            max_running: self.max_running,
+            max_kv_tokens: self.max_kv_tokens,
+            max_waiting: self.queue,
+        };
+        config
+            .validate()
+            .map_err(|e| anyhow::anyhow!(flag_error(&e)))?;
+        Ok(config)
+    }
+}
+
+/// The flag each scheduler limit comes from.
+fn flag(field: &str) -> &'static str {
+    match field {
+        "max_batch_tokens" => "--max-batch-tokens",
+        "max_running" => "--max-running",
+        "max_kv_tokens" => "--max-kv-tokens",
+        "max_waiting" => "--queue",
+        _ => "a scheduler limit",
+    }
+}
+
+/// A scheduler limit's error, in the flags' names.
+fn flag_error(error: &SchedulerConfigError) -> String {
+    match *error {
+        SchedulerConfigError::Zero(field) => format!("{} must be at least 1", flag(field)),
+        SchedulerConfigError::BudgetBelowRunning { budget, running } => format!(
+            "--max-batch-tokens ({budget}) must be at least --max-running ({running}): every running sequence decodes each step"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,10 +190,21 @@ mod tests {
     }
 
     #[test]
-    fn dtype_names_round_trip() {
-        for d in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::F16] {
-            assert_eq!(WeightDtype::from_hf_name(d.hf_name()).unwrap(), d);
-        }
-        assert!(WeightDtype::from_hf_name("int8").is_err());
+    fn scheduler_errors_name_the_flags_that_exist() {
+        let args = |queue, max_running, max_batch_tokens| SchedulerArgs {
+            queue,
+            max_batch_tokens,
+            max_running,
+            max_kv_tokens: 100,
+        };
+        let err = args(0, 4, 8).config().unwrap_err().to_string();
+        assert_eq!(err, "--queue must be at least 1");
+        let err = args(1, 0, 8).config().unwrap_err().to_string();
+        assert_eq!(err, "--max-running must be at least 1");
+        let err = args(1, 16, 8).config().unwrap_err().to_string();
+        assert!(
+            err.starts_with("--max-batch-tokens (8) must be at least --max-running (16)"),
+            "{err}"
+        );
     }
 }

@@ -3,19 +3,15 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, ChildStdin, Command};
-use tramontane_expert_worker::spec::format_experts;
+use tramontane_launcher::{WorkerCommand, spawn_worker, worker_share, write_prometheus_targets};
 use tramontane_model::MixtralConfig;
-use tramontane_router::placement::Placement;
+use tramontane_policy::placement::Placement;
 
-use crate::options::{ComputeArgs, parse_device};
-use crate::router::RouterTuning;
+use crate::options::{ComputeArgs, RouterTuning, parse_device};
+use crate::serving::start_and_serve;
 use crate::telemetry::TelemetryArgs;
 
 #[derive(Debug, Args)]
@@ -53,121 +49,6 @@ pub struct ServeArgs {
     pub telemetry: TelemetryArgs,
 }
 
-/// Starts one worker on a free loopback port; returns it, its address and
-/// the pipe whose closing stops it. `held` are the worker's options saying
-/// what it holds (`--experts ...`, or `--placement F --worker-index I`).
-pub(crate) async fn spawn_worker_with(
-    model: &std::path::Path,
-    held: &[impl AsRef<std::ffi::OsStr>],
-    device: &str,
-    threads: i32,
-    telemetry: &TelemetryArgs,
-) -> Result<(Child, String, ChildStdin)> {
-    let exe = std::env::current_exe()?;
-    let mut child = Command::new(exe)
-        .arg("worker")
-        .arg("--model")
-        .arg(model)
-        .args(held)
-        .args(["--device", device, "--listen", "127.0.0.1:0"])
-        // What it holds is in `held` alone, whatever serve's environment says.
-        .env_remove("TRAMONTANE_EXPERTS")
-        .env_remove("TRAMONTANE_LAYERS")
-        .env_remove("TRAMONTANE_PLACEMENT")
-        .env_remove("TRAMONTANE_WORKER_INDEX")
-        .args(["--threads", &threads.to_string()])
-        .args(telemetry.to_args())
-        // A worker idles between dispatches: OpenMP threads that spin-wait
-        // there steal the cores the router and the other workers need.
-        .env(
-            "OMP_WAIT_POLICY",
-            std::env::var("OMP_WAIT_POLICY").unwrap_or_else(|_| "PASSIVE".into()),
-        )
-        // The worker exits when this pipe closes: when serve ends, however it ends.
-        .arg("--exit-with-stdin")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting a worker")?;
-    // Held by serve until it ends (Child::wait would close it).
-    let stdin = child.stdin.take().context("worker stdin")?;
-    let stdout = child.stdout.take().context("worker stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(300), lines.next_line())
-        .await
-        .context("worker did not start within 300 s")??
-        .context("worker exited before listening")?;
-    let addr = line
-        .strip_prefix("tramontane worker listening on ")
-        .context("unexpected worker output")?
-        .to_string();
-    // Keep reading: a closed pipe would fail the worker's next print.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok((child, addr, stdin))
-}
-
-/// The options telling worker `worker` what to hold, and their description.
-/// With a placement file, the worker reads its own (layer, expert) pairs from
-/// it; without, expert e of every layer is on worker e mod W.
-fn worker_share(
-    placement: &Placement,
-    file: Option<&std::path::Path>,
-    worker: usize,
-) -> Result<(Vec<std::ffi::OsString>, String)> {
-    let held = placement.held_by(worker);
-    if held.is_empty() {
-        bail!("worker {worker} holds no expert in the placement");
-    }
-    Ok(match file {
-        Some(file) => {
-            let layers: Vec<String> = held
-                .iter()
-                .map(|(layer, experts)| format!("layer {layer}: {}", format_experts(experts)))
-                .collect();
-            (
-                vec![
-                    "--placement".into(),
-                    file.into(),
-                    "--worker-index".into(),
-                    worker.to_string().into(),
-                ],
-                format!("experts {}", layers.join("; ")),
-            )
-        }
-        None => {
-            let experts = format_experts(&placement.experts_of(worker));
-            (
-                vec!["--experts".into(), experts.clone().into()],
-                format!("experts {experts}"),
-            )
-        }
-    })
-}
-
-/// Prometheus file_sd targets: the router (its HTTP port) and every worker
-/// (its gRPC port, which also answers `GET /metrics`).
-fn write_targets(path: &std::path::Path, router: &str, workers: &[String]) -> Result<()> {
-    let mut groups = vec![serde_json::json!({
-        "targets": [router],
-        "labels": {"component": "router"},
-    })];
-    for (i, addr) in workers.iter().enumerate() {
-        groups.push(serde_json::json!({
-            "targets": [addr],
-            "labels": {"component": "worker", "worker": i.to_string()},
-        }));
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    // Written whole, then renamed: Prometheus never reads half a file.
-    let partial = path.with_extension("json.partial");
-    std::fs::write(&partial, serde_json::to_string_pretty(&groups)?)?;
-    std::fs::rename(&partial, path).with_context(|| format!("writing {}", path.display()))
-}
-
 pub fn run(args: &ServeArgs) -> Result<()> {
     if args.workers == 0 {
         bail!("--workers must be at least 1");
@@ -175,6 +56,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     for device in &args.devices {
         parse_device(device)?;
     }
+    // The router's limits are checked before anything starts.
+    args.tuning.scheduler.config()?;
     let model = match &args.model {
         Some(model) => model.clone(),
         None => {
@@ -183,9 +66,10 @@ pub fn run(args: &ServeArgs) -> Result<()> {
                     "no --model given: generating a demo checkpoint in {}",
                     args.demo_dir.display()
                 );
-                crate::gen_model::run(&crate::gen_model::GenModelArgs::demo(
-                    args.demo_dir.clone(),
-                ))?;
+                tramontane_synthetic::write(
+                    &args.demo_dir,
+                    &tramontane_synthetic::Spec::default(),
+                )?;
             }
             args.demo_dir.clone()
         }
@@ -214,16 +98,27 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         let mut children = Vec::new();
         let mut lifelines = Vec::new();
         let mut addrs = Vec::new();
+        let exe = std::env::current_exe().context("finding the tramontane binary")?;
         for worker in 0..args.workers {
             let (held, described) = worker_share(&placement, args.tuning.placement.as_deref(), worker)?;
             let device = &args.devices[worker % args.devices.len()];
-            let (child, addr, stdin) = spawn_worker_with(&model, &held, device, threads, &args.telemetry).await?;
-            eprintln!(
+            let command = WorkerCommand {
+                exe: exe.clone(),
+                model: model.clone(),
+                held,
+                device: device.clone(),
+                threads,
+                extra: args.telemetry.to_args().into_iter().map(Into::into).collect(),
+            };
+            let process = spawn_worker(&command).await.with_context(|| format!("starting worker {worker}"))?;
+            let addr = process.addr.clone();
+            let (child, lifeline) = process.into_parts();
+            tracing::info!(
                 "worker {worker} (pid {}) on {device} at {addr}: {described}",
                 child.id().unwrap_or_default(),
             );
             children.push(child);
-            lifelines.push(stdin);
+            lifelines.push(lifeline);
             addrs.push(addr);
         }
         let worker_addrs = addrs.clone();
@@ -231,14 +126,15 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         let watch = tokio::spawn(async move {
             let exits = children.iter_mut().enumerate().map(|(i, child)| async move {
                 let status = child.wait().await;
-                eprintln!("worker {i} exited ({status:?}); the router is not ready until every expert has a live worker");
+                tracing::warn!("worker {i} exited ({status:?}); the router is not ready until every expert has a live worker");
             });
             futures::future::join_all(exits).await;
         });
         let targets = args.prometheus_targets.clone();
-        let result = crate::router::start_and_serve(options, args.listen, args.http_listen, |_, http| {
+        let result = start_and_serve(options, args.listen, args.http_listen, |_, http| {
             match targets {
-                Some(path) => write_targets(&path, &http.to_string(), &worker_addrs),
+                Some(path) => write_prometheus_targets(&path, &http.to_string(), &worker_addrs)
+                    .with_context(|| format!("writing {}", path.display())),
                 None => Ok(()),
             }
         })

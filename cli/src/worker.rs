@@ -4,17 +4,15 @@
 //! it (`--placement --worker-index`).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result};
 use clap::Args;
-use tramontane_expert_worker::spec::{HeldExperts, format_experts, parse_experts};
-use tramontane_expert_worker::{
-    ComputeHandle, DEFAULT_MAX_MESSAGE_BYTES, ExpertServer, WorkerModel,
-};
+use tramontane_expert_worker::{ComputeHandle, ExpertServer, WorkerModel};
+use tramontane_infra::grpc::DEFAULT_MAX_MESSAGE_BYTES;
 use tramontane_model::MixtralConfig;
 use tramontane_model::weights::Checkpoint;
-use tramontane_router::placement::Placement;
+use tramontane_policy::held_experts::{HeldExperts, format_experts, parse_experts};
 
 use crate::options::ComputeArgs;
 use crate::telemetry::TelemetryArgs;
@@ -72,7 +70,7 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
     let options = args.compute.load_options()?;
     let config = MixtralConfig::from_file(&args.model.join("config.json"))?;
     let held = match (&args.placement, args.worker_index) {
-        (Some(path), Some(index)) => HeldExperts::PerLayer(placement_share(path, index, &config)?),
+        (Some(path), Some(index)) => HeldExperts::from_placement_file(path, index, &config)?,
         _ => HeldExperts::Uniform {
             experts: parse_experts(&args.experts, config.num_local_experts)?,
             layers: args
@@ -100,11 +98,11 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
             .await
             .with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
-        eprintln!(
+        tracing::info!(
             "worker holds {held} (layer, expert) pairs: {} MiB of expert weights, of a {} MiB checkpoint; RSS {} MiB",
             info.weight_bytes >> 20,
             model_bytes >> 20,
-            tramontane_expert_worker::metrics::rss_bytes() >> 20,
+            tramontane_infra::metrics::rss_bytes() >> 20,
         );
         if args.placement.is_some() {
             let layers: Vec<String> = info
@@ -112,9 +110,9 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
                 .iter()
                 .map(|(layer, experts)| format!("layer {layer}: {}", format_experts(experts)))
                 .collect();
-            eprintln!("worker holds, per layer, experts {}", layers.join("; "));
+            tracing::info!("worker holds, per layer, experts {}", layers.join("; "));
         }
-        println!("tramontane worker listening on {addr}");
+        println!("{}{addr}", tramontane_launcher::LISTENING);
         let server = ExpertServer::new(compute, info);
         let served = tramontane_expert_worker::serve(
             listener,
@@ -127,28 +125,4 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         telemetry.shutdown().await;
         served
     })
-}
-
-/// What the placement file at `path` gives worker `index`, per layer.
-fn placement_share(
-    path: &Path,
-    index: usize,
-    config: &MixtralConfig,
-) -> Result<Vec<(usize, Vec<usize>)>> {
-    let placement = Placement::from_file(path, config.num_hidden_layers, config.num_local_experts)
-        .context("--placement")?;
-    ensure!(
-        index < placement.workers,
-        "--worker-index {index} is out of range: the placement {} has {} workers (0 to {})",
-        path.display(),
-        placement.workers,
-        placement.workers - 1
-    );
-    let held = placement.held_by(index);
-    ensure!(
-        !held.is_empty(),
-        "the placement {} gives worker {index} (--worker-index) no expert to hold",
-        path.display()
-    );
-    Ok(held)
 }

@@ -4,15 +4,14 @@
 
 use std::path::PathBuf;
 
-use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 use tokio::sync::{mpsc, oneshot};
-use tramontane_model::error::{ConfigError, LoadError, WeightsError};
+use tramontane_model::error::{ForwardError, LoadError};
 use tramontane_model::moe::{ExpertRows, LocalExperts};
 use tramontane_model::weights::Checkpoint;
 use tramontane_model::{LoadOptions, MixtralConfig};
 
-use crate::spec::HeldExperts;
+use tramontane_policy::held_experts::HeldExperts;
 
 /// What a worker loads.
 #[derive(Debug, Clone)]
@@ -48,15 +47,26 @@ struct Job {
     layer: usize,
     hidden: Tensor,
     work: Vec<WorkItem>,
-    reply: oneshot::Sender<Result<Tensor, String>>,
+    reply: oneshot::Sender<Result<Tensor, ForwardError>>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ComputeError {
     #[error("the compute thread has stopped")]
     Stopped,
-    #[error("expert computation failed: {0}")]
-    Failed(String),
+    #[error("expert computation failed")]
+    Failed(#[source] ForwardError),
+}
+
+/// Why the compute thread could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot start the compute thread")]
+    Spawn(#[source] std::io::Error),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("the compute thread exited while loading the experts")]
+    Exited,
 }
 
 /// Sends jobs to the compute thread. Cheap to clone.
@@ -65,18 +75,10 @@ pub struct ComputeHandle {
     jobs: mpsc::Sender<Job>,
 }
 
-/// Hex SHA-256 of a checkpoint's config.json: the model identity router and
-/// workers compare.
-pub fn model_id(dir: &std::path::Path) -> Result<String, ConfigError> {
-    let path = dir.join("config.json");
-    let bytes = std::fs::read(&path).map_err(|error| ConfigError::Read { path, error })?;
-    Ok(hex::encode(Sha256::digest(&bytes)))
-}
-
 impl ComputeHandle {
     /// Starts the compute thread, loads the experts on it, and returns once
     /// they are loaded. `queue` bounds the jobs waiting for the thread.
-    pub fn spawn(model: WorkerModel, queue: usize) -> Result<(Self, WorkerInfo), LoadError> {
+    pub fn spawn(model: WorkerModel, queue: usize) -> Result<(Self, WorkerInfo), StartError> {
         let (jobs_tx, mut jobs_rx) = mpsc::channel::<Job>(queue.max(1));
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
@@ -99,18 +101,8 @@ impl ComputeHandle {
                     let _ = job.reply.send(result);
                 }
             })
-            .map_err(|e| {
-                LoadError::Weights(WeightsError::Io {
-                    path: PathBuf::from("<compute thread>"),
-                    error: e,
-                })
-            })?;
-        let info = ready_rx.recv().map_err(|_| {
-            LoadError::Weights(WeightsError::Io {
-                path: PathBuf::from("<compute thread>"),
-                error: std::io::Error::other("compute thread exited while loading"),
-            })
-        })??;
+            .map_err(StartError::Spawn)?;
+        let info = ready_rx.recv().map_err(|_| StartError::Exited)??;
         Ok((Self { jobs: jobs_tx }, info))
     }
 
@@ -146,7 +138,7 @@ impl ComputeHandle {
 
 fn load(model: &WorkerModel) -> Result<(LocalExperts, WorkerInfo), LoadError> {
     let config = MixtralConfig::from_file(&model.dir.join("config.json"))?;
-    let model_id = model_id(&model.dir)?;
+    let model_id = tramontane_config::model_id(&model.dir)?;
     let checkpoint = Checkpoint::open(&model.dir)?;
     let held = |layer: usize, expert: usize| model.held.holds(layer, expert);
     let experts = LocalExperts::load(
@@ -177,7 +169,7 @@ fn run(
     layer: usize,
     hidden: &Tensor,
     work: &[WorkItem],
-) -> Result<Tensor, String> {
+) -> Result<Tensor, ForwardError> {
     let wire_kind = hidden.kind();
     let xs = hidden.to_device(options.device).to_kind(options.kind);
     let work: Vec<ExpertRows> = work
@@ -190,8 +182,6 @@ fn run(
                 .to_kind(options.kind),
         })
         .collect();
-    let out = experts
-        .forward_rows(layer, &xs, &work)
-        .map_err(|e| e.to_string())?;
-    Ok(out.to_kind(wire_kind).to_device(Device::Cpu))
+    let out = experts.forward_rows(layer, &xs, &work)?;
+    Ok(out.f_to_kind(wire_kind)?.f_to_device(Device::Cpu)?)
 }

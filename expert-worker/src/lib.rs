@@ -6,18 +6,15 @@
 //!
 //! # Layout
 //!
-//! - [`spec`]: which experts a worker holds (`--experts 0,2,5-7`, or per layer).
+//! - What a worker holds is [`tramontane_policy::held_experts`]'s.
 //! - [`compute`]: the dedicated thread that owns the expert tensors.
 //! - [`service`]: the gRPC `moe.v1.ExpertService`: validation, then compute.
 //! - [`metrics`]: Prometheus metrics, `GET /metrics` on the gRPC port.
-//! - [`trace_context`]: `traceparent` in gRPC metadata, router to worker.
 //! - [`serve`]: the server entry point, on a given listener with a shutdown future.
 
 pub mod compute;
 pub mod metrics;
 pub mod service;
-pub mod spec;
-pub mod trace_context;
 
 use std::future::Future;
 
@@ -27,12 +24,8 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tramontane_proto::v1::expert_service_server::ExpertServiceServer;
 
-pub use compute::{ComputeHandle, WorkerInfo, WorkerModel};
+pub use compute::{ComputeHandle, StartError, WorkerInfo, WorkerModel};
 pub use service::ExpertServer;
-
-/// Largest gRPC message accepted or sent, by default: a prefill chunk of
-/// 8192 tokens of hidden size 4096 in f32 is 128 MiB.
-pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 << 20;
 
 /// Serves `server` (and grpc.health.v1, and `GET /metrics`) on `listener`
 /// until `shutdown` completes.
@@ -59,7 +52,7 @@ pub async fn serve(
             let prometheus = prometheus.clone();
             async move {
                 ::metrics::gauge!(metrics::MEMORY_BYTES, "kind" => "rss")
-                    .set(metrics::rss_bytes() as f64);
+                    .set(tramontane_infra::metrics::rss_bytes() as f64);
                 prometheus.render()
             }
         }),

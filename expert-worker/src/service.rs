@@ -167,7 +167,7 @@ impl ExpertService for ExpertServer {
             dispatch_id = request.get_ref().dispatch_id,
             trace_id = tracing::field::Empty,
         );
-        crate::trace_context::adopt(&span, request.metadata());
+        tramontane_infra::trace_context::adopt(&span, request.metadata());
         if let Some(shape) = request.get_ref().hidden.as_ref().map(|h| h.shape.clone()) {
             span.record("rows", shape.first().copied().unwrap_or(0));
         }
@@ -178,7 +178,7 @@ impl ExpertService for ExpertServer {
         metrics::histogram!(crate::metrics::FORWARD_LATENCY).record(started.elapsed());
         if let Err(status) = &result {
             tracing::warn!(parent: &span, code = ?status.code(), message = status.message(), "Forward refused");
-            metrics::counter!(crate::metrics::ERRORS_TOTAL, "code" => crate::metrics::code_name(status.code()))
+            metrics::counter!(crate::metrics::ERRORS_TOTAL, "code" => tramontane_infra::grpc::code_name(status.code()))
                 .increment(1);
         }
         result.map(Response::new)
@@ -203,9 +203,12 @@ impl ExpertServer {
             .compute
             .forward(layer, hidden, work)
             .await
-            .map_err(|e| match e {
-                ComputeError::Stopped => Status::unavailable(e.to_string()),
-                ComputeError::Failed(_) => Status::internal(e.to_string()),
+            .map_err(|e| {
+                let message = tramontane_infra::error::chain(&e);
+                match e {
+                    ComputeError::Stopped => Status::unavailable(message),
+                    ComputeError::Failed(_) => Status::internal(message),
+                }
             })?;
         let output = codec::encode(&output).map_err(|e| Status::internal(e.to_string()))?;
         Ok(ForwardResponse {

@@ -4,9 +4,9 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::config::MixtralConfig;
 use crate::kv_cache::KvCache;
 use crate::rotary::RotaryTables;
+use tramontane_config::MixtralConfig;
 
 /// Where one sequence's new tokens sit in the flattened batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,37 +1,9 @@
-//! Errors, one enum per boundary: reading the config, loading weights,
-//! tokenizing, running the forward.
+//! Errors, one enum per boundary: loading weights, tokenizing, running the
+//! forward (reading the config is `tramontane_config`'s).
 
 use std::path::PathBuf;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {error}")]
-    Read {
-        path: PathBuf,
-        error: std::io::Error,
-    },
-    #[error("cannot parse {}: {error}", path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "config.json".into()))]
-    Parse {
-        path: Option<PathBuf>,
-        error: serde_json::Error,
-    },
-    #[error("unsupported architecture {found}: only MixtralForCausalLM is supported")]
-    UnsupportedArchitecture { found: String },
-    #[error("invalid config field {field}: {reason}")]
-    Invalid { field: &'static str, reason: String },
-}
-
-impl ConfigError {
-    pub(crate) fn at(self, path: &std::path::Path) -> Self {
-        match self {
-            ConfigError::Parse { error, .. } => ConfigError::Parse {
-                path: Some(path.to_owned()),
-                error,
-            },
-            other => other,
-        }
-    }
-}
+pub use tramontane_config::ConfigError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
@@ -86,8 +58,14 @@ pub enum ForwardError {
     TokenOutOfRange { id: i64, vocab_size: usize },
     #[error("layer {layer}: expert {expert} is not held by these experts")]
     ExpertNotHeld { layer: usize, expert: usize },
-    #[error("experts failed on layer {layer}: {reason}")]
-    Experts { layer: usize, reason: String },
+    /// The [`crate::moe::Experts`] implementation failed; `source` is its
+    /// own error type (the router's dispatch error, for remote experts).
+    #[error("experts failed on layer {layer}")]
+    Experts {
+        layer: usize,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("tensor operation failed: {0}")]
     Torch(#[from] tch::TchError),
 }

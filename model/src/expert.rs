@@ -3,9 +3,9 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::config::MixtralConfig;
 use crate::error::WeightsError;
 use crate::weights::Checkpoint;
+use tramontane_config::MixtralConfig;
 
 pub struct Expert {
     /// `[intermediate, hidden]`

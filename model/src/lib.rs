@@ -5,7 +5,8 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the HF `config.json`.
+//! - The HF `config.json` is [`tramontane_config`]'s ([`MixtralConfig`]);
+//!   [`dtype`] maps its dtypes to libtorch kinds.
 //! - [`weights`]: memory-mapped safetensors (single or sharded), loaded key by key.
 //! - [`tokenizer`]: `tokenizer.json` + `tokenizer_config.json`.
 //! - Layers, bottom-up: [`norm`], [`rotary`], [`kv_cache`], [`attention`],
@@ -16,7 +17,7 @@
 //! - [`error`]: one error enum per boundary.
 
 pub mod attention;
-pub mod config;
+pub mod dtype;
 pub mod error;
 pub mod expert;
 pub mod gating;
@@ -30,7 +31,7 @@ pub mod rotary;
 pub mod tokenizer;
 pub mod weights;
 
-pub use config::MixtralConfig;
 pub use error::{ConfigError, ForwardError, LoadError, TokenizerError, WeightsError};
 pub use model::{BatchItem, LoadOptions, Logits, Mixtral};
 pub use tokenizer::Tokenizer;
+pub use tramontane_config::{Dtype, MixtralConfig};

@@ -7,7 +7,6 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 use crate::attention::{Attention, AttentionWeights, SequenceSpan};
-use crate::config::MixtralConfig;
 use crate::error::{ForwardError, LoadError, WeightsError};
 use crate::gating::Gate;
 use crate::kv_cache::KvCache;
@@ -16,6 +15,7 @@ use crate::moe::{Experts, LocalExperts, SparseMoe, gate_key};
 use crate::norm::RmsNorm;
 use crate::rotary::RotaryEmbedding;
 use crate::weights::Checkpoint;
+use tramontane_config::MixtralConfig;
 
 /// The dtype and device weights are loaded into and computed in.
 #[derive(Debug, Clone, Copy)]

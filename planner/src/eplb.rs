@@ -29,7 +29,7 @@
 //! (experts divisible by groups, GPUs by nodes) apply under either policy.
 
 use crate::torch_order::{argsort_descending, torch_sum};
-use tramontane_router::placement::Placement;
+use tramontane_policy::placement::Placement;
 
 /// The result of [`rebalance_experts`].
 #[derive(Debug, Clone, PartialEq, Eq)]

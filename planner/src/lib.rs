@@ -1,20 +1,28 @@
 //! Capacity planning for a sharded MoE cluster: what fits where, where each
 //! expert goes, and what throughput and latency to expect.
 //!
-//! - [`profile`]: what a step costs on a device (measured, or a
-//!   [`roofline`] estimate from a datasheet).
+//! - [`model`]: the model a plan is for (config.json, id, name).
+//! - [`profile`]: what a step costs on a device (measured by
+//!   `tramontane-measure`, or a [`roofline`] estimate from a datasheet).
 //! - [`memory`]: bytes of the dense part, the experts, the KV cache.
 //! - [`workload`]: arrivals and prompt / output lengths.
 //! - [`routing`]: which experts simulated tokens choose (from a routing trace).
 //! - [`eplb`]: expert replication and placement (DeepSeek's EPLB algorithm).
 //! - [`simulate`]: the discrete-event simulation of the scheduler and dispatch.
 //! - [`plan`]: a plan per cluster size, and the search for the smallest one.
-//! - [`svg`]: the plan's charts.
+//! - [`report`]: what a plan reports (`plan --json`, tables, charts);
+//!   [`svg`]: the charts' drawing.
+//!
+//! The scheduler, admission and dispatch planning it simulates are
+//! [`tramontane_policy`]'s, the router's own code; nothing here links
+//! libtorch.
 
 pub mod eplb;
 pub mod memory;
+pub mod model;
 pub mod plan;
 pub mod profile;
+pub mod report;
 pub mod roofline;
 pub mod routing;
 pub mod simulate;

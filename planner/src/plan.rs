@@ -3,8 +3,8 @@
 //! search for the smallest cluster that meets the SLO.
 
 use serde::Serialize;
-use tramontane_router::placement::Placement;
-use tramontane_router::scheduler::SchedulerConfig;
+use tramontane_policy::placement::Placement;
+use tramontane_policy::scheduler::SchedulerConfig;
 
 use crate::eplb;
 use crate::memory::{DeviceMemory, USABLE_FRACTION};
@@ -109,9 +109,36 @@ pub enum PlanError {
         "no cluster can meet a time-to-first-token p99 of {slo_ms:.3} ms: the prefill of one prompt alone takes {floor_ms:.3} ms on this profile"
     )]
     ImpossibleTtft { slo_ms: f64, floor_ms: f64 },
+    #[error(
+        "a request of {tokens} tokens is larger than --max-kv-tokens {max_kv_tokens}: the router would refuse it"
+    )]
+    RequestOverKv { tokens: usize, max_kv_tokens: usize },
+}
+
+/// Which cluster sizes to plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sizes {
+    /// Exactly this many workers; with `up_to`, every size from 1 to it
+    /// (for the charts), the answer being the last.
+    Fixed { workers: usize, up_to: bool },
+    /// 1 to `max_workers`: the smallest that fits and meets the SLO.
+    Search { max_workers: usize },
 }
 
 impl Planner {
+    /// Refuses a workload the router would refuse (a request over the KV
+    /// bound), and SLOs no cluster can meet ([`Planner::check_slo`]).
+    pub fn check(&self) -> Result<(), PlanError> {
+        let tokens = self.workload.prompt.max() + self.workload.output.max();
+        if tokens > self.scheduler.max_kv_tokens {
+            return Err(PlanError::RequestOverKv {
+                tokens,
+                max_kv_tokens: self.scheduler.max_kv_tokens,
+            });
+        }
+        self.check_slo()
+    }
+
     /// Refuses SLOs that are not positive, or that even an idle cluster with
     /// every expert on its own device cannot meet.
     pub fn check_slo(&self) -> Result<(), PlanError> {
@@ -318,6 +345,20 @@ impl Planner {
         }
         let chosen = plans.iter().find(|p| p.meets_slo).map(|p| p.workers);
         Ok((plans, chosen))
+    }
+
+    /// The plans for `sizes` and the number of workers chosen.
+    pub fn plans(&self, sizes: Sizes) -> Result<(Vec<ClusterPlan>, Option<usize>), PlanError> {
+        match sizes {
+            Sizes::Fixed { workers, up_to } => {
+                let first = if up_to { 1 } else { workers };
+                let plans = (first..=workers)
+                    .map(|w| self.plan(w))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((plans, Some(workers)))
+            }
+            Sizes::Search { max_workers } => self.search(max_workers),
+        }
     }
 }
 

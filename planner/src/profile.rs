@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use tramontane_model::MixtralConfig;
+use tramontane_config::MixtralConfig;
 
 pub const FORMAT: &str = "tramontane-profile-v1";
 
@@ -115,9 +115,29 @@ pub enum ProfileError {
         "the profile was made for another model ({profiled}); the plan is for {planned}: measure this model with `tramontane profile`, or use a built-in profile (h100, h200, a100)"
     )]
     OtherModel { profiled: String, planned: String },
+    #[error("--profile {spec:?}: neither a built-in profile ({builtins}) nor a file")]
+    Unknown { spec: String, builtins: String },
 }
 
 impl Profile {
+    /// A built-in profile by name (`h100`, ...) made for `model`, or a
+    /// measured profile file, checked to be for `model`.
+    pub fn load(spec: &str, model: &ModelShape) -> Result<Self, ProfileError> {
+        if let Some(gpu) = crate::roofline::by_key(spec) {
+            return Ok(gpu.profile(model));
+        }
+        let path = Path::new(spec);
+        if !path.exists() {
+            return Err(ProfileError::Unknown {
+                spec: spec.into(),
+                builtins: crate::roofline::GPUS.map(|g| g.key).join(", "),
+            });
+        }
+        let profile = Profile::from_file(path)?;
+        profile.check_model(model)?;
+        Ok(profile)
+    }
+
     pub fn from_file(path: &Path) -> Result<Self, ProfileError> {
         let read_err = |reason: String| ProfileError::Read {
             path: path.display().to_string(),

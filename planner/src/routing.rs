@@ -6,6 +6,7 @@ use std::path::Path;
 
 use rand::Rng;
 use rand::seq::index;
+use tramontane_policy::routing_trace::{self, TraceError};
 
 use crate::profile::ModelShape;
 
@@ -21,7 +22,15 @@ pub struct TokenRouting {
 #[derive(Debug, thiserror::Error)]
 pub enum RoutingError {
     #[error("routing trace: {0}")]
-    Read(String),
+    Read(#[from] TraceError),
+    #[error(
+        "routing trace {path}: step {step} layer {layer} names a layer or expert the header does not have"
+    )]
+    OutOfShape {
+        path: String,
+        step: u64,
+        layer: usize,
+    },
     #[error(
         "the routing trace {path} was recorded on another model (model_id {recorded}, this model's config.json hashes to {planned})"
     )]
@@ -56,8 +65,7 @@ impl TokenRouting {
         model: &ModelShape,
         model_id: Option<&str>,
     ) -> Result<Self, RoutingError> {
-        let (header, records) =
-            tramontane_router::routing_trace::read(path).map_err(RoutingError::Read)?;
+        let (header, records) = routing_trace::read(path)?;
         let shown = path.display().to_string();
         if let Some(planned) = model_id
             && planned != header.model_id
@@ -87,10 +95,11 @@ impl TokenRouting {
                     .iter()
                     .any(|t| t.len() != model.top_k || t.iter().any(|&e| e >= model.experts));
             if bad {
-                return Err(RoutingError::Read(format!(
-                    "{shown}: step {} layer {} names a layer or expert the header does not have",
-                    record.step, record.layer
-                )));
+                return Err(RoutingError::OutOfShape {
+                    path: shown,
+                    step: record.step,
+                    layer: record.layer,
+                });
             }
             recorded[record.layer].extend(record.experts);
         }

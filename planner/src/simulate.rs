@@ -1,5 +1,5 @@
 //! A discrete-event simulation of serving: the router's scheduler (the same
-//! `plan_step` and KV reservation the engine runs), and for every step the
+//! [`Admission`] and `plan_step` the engine runs), and for every step the
 //! dense part on the router, then per MoE layer the dispatch to the workers
 //! (the same `plan_dispatch`, with the tokens' experts drawn from a routing
 //! trace), each worker's round trip and expert FFNs, the layer ending when
@@ -10,9 +10,10 @@ use std::collections::VecDeque;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use tramontane_router::dispatch::{RoutedPair, plan_dispatch};
-use tramontane_router::placement::Placement;
-use tramontane_router::scheduler::{KvBudget, SchedulerConfig, plan_step};
+use tramontane_policy::admission::{Admission, Reservation};
+use tramontane_policy::dispatch_plan::{RoutedPair, plan_dispatch};
+use tramontane_policy::placement::Placement;
+use tramontane_policy::scheduler::{SchedulerConfig, plan_step};
 
 use crate::profile::Profile;
 use crate::routing::TokenRouting;
@@ -89,6 +90,12 @@ struct Request {
     arrival: f64,
     prompt: usize,
     output: usize,
+}
+
+impl Reservation for Request {
+    fn kv_tokens(&self) -> usize {
+        self.prompt + self.output
+    }
 }
 
 struct Sequence {
@@ -186,8 +193,7 @@ impl Cluster<'_> {
             }
         }
         let config = self.scheduler;
-        let mut kv = KvBudget::new(config.max_kv_tokens);
-        let mut waiting: VecDeque<Request> = VecDeque::new();
+        let mut admission: Admission<Request> = Admission::new(config);
         let mut running: Vec<Sequence> = Vec::new();
         let (mut ttft, mut itl, mut e2e) = (Vec::new(), Vec::new(), Vec::new());
         let (mut refused, mut steps, mut batch_sum, mut output_tokens) = (0, 0, 0usize, 0usize);
@@ -197,13 +203,11 @@ impl Cluster<'_> {
         loop {
             while arrivals.front().is_some_and(|r| r.arrival <= now) {
                 let request = arrivals.pop_front().expect("front exists");
-                if waiting.len() >= config.max_waiting {
+                if admission.enqueue(request).is_err() {
                     refused += 1;
-                } else {
-                    waiting.push_back(request);
                 }
             }
-            if running.is_empty() && waiting.is_empty() {
+            if running.is_empty() && admission.waiting() == 0 {
                 match arrivals.front() {
                     Some(r) => {
                         now = r.arrival;
@@ -212,21 +216,19 @@ impl Cluster<'_> {
                     None => break,
                 }
             }
-            while running.len() < config.max_running {
-                let Some(front) = waiting.front() else { break };
-                if !kv.try_reserve(front.prompt + front.output) {
-                    break;
-                }
-                let request = waiting.pop_front().expect("front exists");
-                running.push(Sequence {
-                    request,
-                    prefilled: 0,
-                    generated: 0,
-                    last_token: 0.0,
-                });
-            }
+            running.extend(
+                admission
+                    .admit(running.len())
+                    .into_iter()
+                    .map(|request| Sequence {
+                        request,
+                        prefilled: 0,
+                        generated: 0,
+                        last_token: 0.0,
+                    }),
+            );
             peak_running = peak_running.max(running.len());
-            peak_kv_tokens = peak_kv_tokens.max(kv.used());
+            peak_kv_tokens = peak_kv_tokens.max(admission.kv_used());
             if running.is_empty() {
                 // Cannot happen for validated workloads: nothing could ever run.
                 break;
@@ -259,7 +261,7 @@ impl Cluster<'_> {
                 if s.generated < s.request.output {
                     return true;
                 }
-                kv.release(s.request.prompt + s.request.output);
+                admission.release(&s.request);
                 e2e.push(now - s.request.arrival);
                 output_tokens += s.generated;
                 finished += 1;

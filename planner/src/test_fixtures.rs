@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tramontane_router::routing_trace::{FORMAT as TRACE_FORMAT, Header, RoutingTrace};
+use tramontane_policy::routing_trace::{FORMAT as TRACE_FORMAT, Header, RoutingTrace};
 
 use crate::profile::{FORMAT, ModelShape, Point, Profile};
 

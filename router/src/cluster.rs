@@ -7,14 +7,17 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tonic::transport::Endpoint;
+use tramontane_config::ConfigError;
+use tramontane_policy::placement::Placement;
 use tramontane_proto::v1::InfoRequest;
 use tramontane_proto::v1::expert_service_client::ExpertServiceClient;
 
 use crate::dispatch::WorkerLink;
-use crate::placement::Placement;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("worker address {addr:?} is invalid: {reason}")]
     Address { addr: String, reason: String },
     #[error("worker {index} at {addr} did not answer Info within {waited:?}: {reason}")]
@@ -86,14 +89,11 @@ pub async fn connect(
     }
     let mut links = Vec::with_capacity(addrs.len());
     for addr in addrs {
-        let uri = if addr.contains("://") {
-            addr.clone()
-        } else {
-            format!("http://{addr}")
-        };
-        let endpoint = Endpoint::from_shared(uri).map_err(|e| ClusterError::Address {
-            addr: addr.clone(),
-            reason: e.to_string(),
+        let endpoint = Endpoint::from_shared(tramontane_infra::grpc::uri(addr)).map_err(|e| {
+            ClusterError::Address {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            }
         })?;
         let channel = endpoint
             .connect_timeout(Duration::from_secs(2))
@@ -197,13 +197,13 @@ pub async fn monitor(
                 next_probe[i] = now + Duration::from_millis(500);
             } else {
                 if was {
-                    eprintln!("worker {i} at {} is down", link.addr);
+                    tracing::warn!(worker = i, addr = %link.addr, "worker is down");
                 }
                 next_probe[i] = now + backoff[i];
                 backoff[i] = (backoff[i] * 2).min(MAX);
             }
             if ok && !was {
-                eprintln!("worker {i} at {} is live", link.addr);
+                tracing::info!(worker = i, addr = %link.addr, "worker is live");
             }
         }
         let now_ready = all_covered(&workers, &placement);

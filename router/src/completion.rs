@@ -7,7 +7,8 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tramontane_model::Tokenizer;
 
-use crate::engine::{EngineError, EngineHandle, Event, FinishReason, GenerateJob};
+use crate::engine::{EngineHandle, Event, FinishReason, GenerateJob};
+use crate::failure::GenerationError;
 use crate::sampling::{InvalidParam, SamplingParams, TokenLogprob};
 use crate::text::{IncrementalDecoder, StopStrings};
 
@@ -24,19 +25,6 @@ pub struct GenerationRequest {
     /// What the client asked for (`text_completion`, `chat`, `generate`):
     /// the trace's `gen_ai.operation.name`.
     pub operation: &'static str,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum RequestError {
-    /// The request itself is wrong: HTTP 400, gRPC INVALID_ARGUMENT.
-    #[error(transparent)]
-    Invalid(#[from] InvalidParam),
-    /// The queue is full: HTTP 429, gRPC RESOURCE_EXHAUSTED.
-    #[error("{0}")]
-    Overloaded(String),
-    /// The engine is gone: HTTP 503, gRPC UNAVAILABLE.
-    #[error("{0}")]
-    Unavailable(String),
 }
 
 /// Seconds a refused client is told to wait.
@@ -80,7 +68,7 @@ impl Generator {
     }
 
     /// Validates `request` and queues it.
-    pub fn start(&self, request: GenerationRequest) -> Result<CompletionStream, RequestError> {
+    pub fn start(&self, request: GenerationRequest) -> Result<CompletionStream, GenerationError> {
         let prompt = request.prompt;
         if prompt.is_empty() {
             return Err(InvalidParam::new("prompt", "the prompt is empty").into());
@@ -145,20 +133,15 @@ impl Generator {
         let (events, receiver) = mpsc::unbounded_channel();
         let prompt_tokens = prompt.len();
         let decoder = IncrementalDecoder::new(self.tokenizer.clone(), &prompt);
-        self.engine
-            .submit(GenerateJob {
-                prompt,
-                max_tokens,
-                sampling: request.sampling,
-                ignore_eos: request.ignore_eos,
-                events,
-                submitted: std::time::Instant::now(),
-                span: span.clone(),
-            })
-            .map_err(|e| match e {
-                EngineError::QueueFull { .. } => RequestError::Overloaded(e.to_string()),
-                e => RequestError::Unavailable(e.to_string()),
-            })?;
+        self.engine.submit(GenerateJob {
+            prompt,
+            max_tokens,
+            sampling: request.sampling,
+            ignore_eos: request.ignore_eos,
+            events,
+            submitted: std::time::Instant::now(),
+            span: span.clone(),
+        })?;
         Ok(CompletionStream {
             events: receiver,
             decoder,
@@ -195,7 +178,7 @@ fn request_span(
         "gen_ai.response.finish_reasons" = tracing::field::Empty,
         trace_id = tracing::field::Empty,
     );
-    tramontane_expert_worker::trace_context::record_trace_id(&span);
+    tramontane_infra::trace_context::record_trace_id(&span);
     span
 }
 
@@ -214,17 +197,9 @@ pub struct Chunk {
     pub finish: Option<FinishReason>,
 }
 
-/// The step failed; starts with the gRPC code name when one fits.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct GenerationFailed(pub String);
-
-impl GenerationFailed {
-    /// A lost worker (the request may succeed again) rather than a bug.
-    pub fn is_unavailable(&self) -> bool {
-        self.0.contains("UNAVAILABLE")
-    }
-}
+/// A failure after the request was accepted, shared by every request of
+/// the step it happened in.
+pub type GenerationFailed = Arc<GenerationError>;
 
 /// The request's events as text. Dropping it cancels the sequence (the
 /// engine frees its KV cache at the next step).
@@ -264,9 +239,7 @@ impl CompletionStream {
         }
         let Some(event) = self.events.recv().await else {
             self.done = true;
-            return Some(Err(GenerationFailed(
-                "INTERNAL: the engine dropped the request".into(),
-            )));
+            return Some(Err(Arc::new(GenerationError::Dropped)));
         };
         Some(Ok(match event {
             Event::Token { id, logprob } => {
@@ -302,10 +275,14 @@ impl CompletionStream {
                     finish: Some(finish),
                 }
             }
-            Event::Failed(reason) => {
+            Event::Failed(failure) => {
                 self.finish();
-                tracing::warn!(parent: &self.span, %reason, "request failed");
-                return Some(Err(GenerationFailed(reason)));
+                tracing::warn!(
+                    parent: &self.span,
+                    error = %tramontane_infra::error::chain(&*failure),
+                    "request failed"
+                );
+                return Some(Err(failure));
             }
         }))
     }
@@ -347,8 +324,6 @@ impl CompletionStream {
                 });
             }
         }
-        Err(GenerationFailed(
-            "INTERNAL: the stream ended without a finish reason".into(),
-        ))
+        Err(Arc::new(GenerationError::Dropped))
     }
 }

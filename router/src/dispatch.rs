@@ -4,7 +4,6 @@
 //! expert's tokens go to its least-loaded live replica; when a worker fails,
 //! its share is planned again over the remaining live replicas.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -16,41 +15,16 @@ use tracing::Instrument;
 use tramontane_model::error::ForwardError;
 use tramontane_model::gating::Routing;
 use tramontane_model::moe::Experts;
+use tramontane_policy::dispatch_plan::{RoutedPair, WorkerShare, plan_dispatch};
+use tramontane_policy::placement::Placement;
+use tramontane_policy::routing_trace::RoutingTrace;
 use tramontane_proto::codec;
 use tramontane_proto::v1::expert_service_client::ExpertServiceClient;
 use tramontane_proto::v1::{ExpertRows, ForwardRequest};
 
+use crate::cluster::ClusterError;
 use crate::expert_load::ExpertLoad;
-use crate::placement::Placement;
-use crate::routing_trace::RoutingTrace;
-
-/// One routed (token, expert) pair with its weight.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RoutedPair {
-    pub token: usize,
-    pub expert: usize,
-    pub weight: f32,
-}
-
-/// One worker's share of a layer: the token rows it needs (each once) and,
-/// per expert, indexes into those rows with their weights.
-#[derive(Debug, Clone, PartialEq)]
-pub struct WorkerShare {
-    pub worker: usize,
-    /// Token rows of the layer's hidden states, in first-use order.
-    pub tokens: Vec<i64>,
-    /// expert -> (indexes into `tokens`, weights)
-    pub experts: BTreeMap<usize, (Vec<u32>, Vec<f32>)>,
-    /// The pairs this share computes, to plan again if the worker fails.
-    pub pairs: Vec<RoutedPair>,
-}
-
-/// The (layer, expert) that no live worker holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Unplaceable {
-    pub layer: usize,
-    pub expert: usize,
-}
+use crate::failure::{BadAnswer, DispatchError, WorkerError, WorkerFailure, WorkerRef};
 
 /// All pairs of a routing, token by token.
 pub fn routed_pairs(routing: &Routing) -> Result<Vec<RoutedPair>, ForwardError> {
@@ -67,51 +41,6 @@ pub fn routed_pairs(routing: &Routing) -> Result<Vec<RoutedPair>, ForwardError> 
             weight,
         })
         .collect())
-}
-
-/// Assigns each pair to a live replica of its expert, the least loaded so far
-/// (ties to the lowest worker id), and groups the pairs by worker.
-pub fn plan_dispatch(
-    layer: usize,
-    pairs: &[RoutedPair],
-    placement: &Placement,
-    live: &dyn Fn(usize) -> bool,
-) -> Result<Vec<WorkerShare>, Unplaceable> {
-    let mut load = vec![0usize; placement.workers];
-    let mut shares: BTreeMap<usize, (WorkerShare, BTreeMap<usize, u32>)> = BTreeMap::new();
-    for &pair in pairs {
-        let worker = placement
-            .replicas(layer, pair.expert)
-            .iter()
-            .copied()
-            .filter(|&w| live(w))
-            .min_by_key(|&w| (load[w], w))
-            .ok_or(Unplaceable {
-                layer,
-                expert: pair.expert,
-            })?;
-        load[worker] += 1;
-        let (share, index_of) = shares.entry(worker).or_insert_with(|| {
-            (
-                WorkerShare {
-                    worker,
-                    tokens: Vec::new(),
-                    experts: BTreeMap::new(),
-                    pairs: Vec::new(),
-                },
-                BTreeMap::new(),
-            )
-        });
-        let row = *index_of.entry(pair.token).or_insert_with(|| {
-            share.tokens.push(pair.token as i64);
-            (share.tokens.len() - 1) as u32
-        });
-        let (rows, weights) = share.experts.entry(pair.expert).or_default();
-        rows.push(row);
-        weights.push(pair.weight);
-        share.pairs.push(pair);
-    }
-    Ok(shares.into_values().map(|(share, _)| share).collect())
 }
 
 /// Adds a worker's partial sums `[share rows, hidden]` into `out` `[tokens, hidden]`.
@@ -174,6 +103,33 @@ impl RemoteExperts {
         }
     }
 
+    /// The experts on running workers at `addrs`, checked to serve the model
+    /// in `model_dir` and to hold what `placement` gives them (waiting up to
+    /// 300 s for them to answer); f32 on the wire.
+    pub async fn connect(
+        model_dir: &std::path::Path,
+        addrs: &[String],
+        placement: Placement,
+        deadline: Duration,
+    ) -> Result<Self, ClusterError> {
+        let model_id = tramontane_config::model_id(model_dir)?;
+        let links = crate::cluster::connect(
+            addrs,
+            &model_id,
+            &placement,
+            Duration::from_secs(300),
+            tramontane_infra::grpc::DEFAULT_MAX_MESSAGE_BYTES,
+        )
+        .await?;
+        Ok(Self::new(
+            links,
+            placement,
+            Handle::current(),
+            deadline,
+            Kind::Float,
+        ))
+    }
+
     /// Records every layer's routing into `trace`.
     pub fn with_trace(mut self, trace: RoutingTrace) -> Self {
         self.trace = Some(trace);
@@ -185,6 +141,13 @@ impl RemoteExperts {
         self.load.clone()
     }
 
+    fn worker_ref(&self, index: usize) -> WorkerRef {
+        WorkerRef {
+            index,
+            addr: self.workers[index].addr.clone(),
+        }
+    }
+
     fn request(
         &self,
         layer: usize,
@@ -192,12 +155,8 @@ impl RemoteExperts {
         share: &WorkerShare,
     ) -> Result<ForwardRequest, ForwardError> {
         let rows = Tensor::from_slice(&share.tokens).to_device(xs.device());
-        let hidden = codec::encode(&xs.index_select(0, &rows).to_kind(self.wire)).map_err(|e| {
-            ForwardError::Experts {
-                layer,
-                reason: e.to_string(),
-            }
-        })?;
+        let hidden = codec::encode(&xs.f_index_select(0, &rows)?.f_to_kind(self.wire)?)
+            .map_err(|source| experts_failed(DispatchError::Encode { layer, source }))?;
         Ok(ForwardRequest {
             dispatch_id: self.next_dispatch.fetch_add(1, Ordering::Relaxed),
             layer: layer as u32,
@@ -215,10 +174,15 @@ impl RemoteExperts {
     }
 }
 
-/// Why a Forward failed: a code for the metrics label and the message.
-struct SendError {
-    code: &'static str,
-    message: String,
+/// A dispatch failure as the model's error: the engine takes it back out.
+fn experts_failed(error: DispatchError) -> ForwardError {
+    let layer = match &error {
+        DispatchError::NoLiveReplica { layer, .. } | DispatchError::Encode { layer, .. } => *layer,
+    };
+    ForwardError::Experts {
+        layer,
+        source: Box::new(error),
+    }
 }
 
 /// Sends one Forward with a deadline; returns the partial sums. Its round
@@ -230,7 +194,7 @@ async fn send(
     rows: usize,
     hidden: i64,
     deadline: Duration,
-) -> Result<Tensor, String> {
+) -> Result<Tensor, WorkerError> {
     let started = Instant::now();
     let span = tracing::info_span!(
         "dispatch",
@@ -244,16 +208,16 @@ async fn send(
         .instrument(span.clone())
         .await;
     if let Err(e) = &result {
-        span.record("error", e.message.as_str());
+        span.record("error", tramontane_infra::error::chain(e).as_str());
     }
     let worker = index.to_string();
     metrics::histogram!(crate::metrics::DISPATCH_LATENCY, "worker" => worker.clone())
         .record(started.elapsed());
-    result.map_err(|e| {
-        metrics::counter!(crate::metrics::DISPATCH_ERRORS_TOTAL, "worker" => worker, "code" => e.code)
+    if let Err(e) = &result {
+        metrics::counter!(crate::metrics::DISPATCH_ERRORS_TOTAL, "worker" => worker, "code" => e.code_label())
             .increment(1);
-        e.message
-    })
+    }
+    result
 }
 
 async fn send_once(
@@ -262,33 +226,27 @@ async fn send_once(
     rows: usize,
     hidden: i64,
     deadline: Duration,
-) -> Result<Tensor, SendError> {
+) -> Result<Tensor, WorkerError> {
     let mut client = link.client.clone();
     let mut request = tonic::Request::new(request);
     request.set_timeout(deadline);
-    tramontane_expert_worker::trace_context::inject(request.metadata_mut());
+    tramontane_infra::trace_context::inject(request.metadata_mut());
     let response = tokio::time::timeout(deadline, client.forward(request))
         .await
-        .map_err(|_| SendError {
-            code: "DEADLINE_EXCEEDED",
-            message: format!("DEADLINE_EXCEEDED after {deadline:?}"),
-        })?
-        .map_err(|status| SendError {
-            code: tramontane_expert_worker::metrics::code_name(status.code()),
-            message: format!("{:?}: {}", status.code(), status.message()),
+        .map_err(|_| WorkerError::Deadline(deadline))?
+        .map_err(|status| WorkerError::Status {
+            code: status.code(),
+            message: status.message().to_string(),
         })?
         .into_inner();
-    let bad_answer = |message: String| SendError {
-        code: "BAD_ANSWER",
-        message,
-    };
     let partial = codec::decode(response.output.as_ref(), "output", 2)
-        .map_err(|e| bad_answer(e.to_string()))?;
+        .map_err(|e| WorkerError::BadAnswer(e.into()))?;
     if partial.size() != [rows as i64, hidden] {
-        return Err(bad_answer(format!(
-            "answered shape {:?} for {rows} rows",
-            partial.size()
-        )));
+        return Err(WorkerError::BadAnswer(BadAnswer::Shape {
+            answered: partial.size(),
+            rows,
+            hidden,
+        }));
     }
     Ok(partial)
 }
@@ -309,29 +267,21 @@ impl Experts for RemoteExperts {
             trace.record(layer, k, &routed);
         }
         let mut worker_pairs = vec![0u64; self.workers.len()];
-        let mut failures: Vec<String> = Vec::new();
+        let mut failures: Vec<WorkerFailure> = Vec::new();
         while !pending.is_empty() {
             let live = |w: usize| self.workers[w].live.load(Ordering::Relaxed);
             let shares = plan_dispatch(layer, &pending, &self.placement, &live).map_err(|u| {
-                ForwardError::Experts {
-                    layer,
-                    reason: format!(
-                        "UNAVAILABLE: layer {} expert {} has no live worker (placed on {}){}",
-                        u.layer,
-                        u.expert,
-                        self.placement
-                            .replicas(u.layer, u.expert)
-                            .iter()
-                            .map(|&w| format!("worker {w} at {}", self.workers[w].addr))
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        if failures.is_empty() {
-                            String::new()
-                        } else {
-                            format!("; {}", failures.join("; "))
-                        }
-                    ),
-                }
+                experts_failed(DispatchError::NoLiveReplica {
+                    layer: u.layer,
+                    expert: u.expert,
+                    placed_on: self
+                        .placement
+                        .replicas(u.layer, u.expert)
+                        .iter()
+                        .map(|&w| self.worker_ref(w))
+                        .collect(),
+                    failures: std::mem::take(&mut failures),
+                })
             })?;
             let requests = shares
                 .iter()
@@ -358,15 +308,16 @@ impl Experts for RemoteExperts {
                         combine(&mut out, share, &partial)?;
                         worker_pairs[share.worker] += share.pairs.len() as u64;
                     }
-                    Err(reason) => {
-                        let link = &self.workers[share.worker];
-                        link.live.store(false, Ordering::Relaxed);
+                    Err(error) => {
+                        self.workers[share.worker]
+                            .live
+                            .store(false, Ordering::Relaxed);
                         metrics::gauge!(crate::metrics::WORKER_UP, "worker" => share.worker.to_string())
                             .set(0.0);
-                        failures.push(format!(
-                            "worker {} at {} failed: {reason}",
-                            share.worker, link.addr
-                        ));
+                        failures.push(WorkerFailure {
+                            worker: self.worker_ref(share.worker),
+                            error,
+                        });
                         pending.extend_from_slice(&share.pairs);
                     }
                 }
@@ -480,51 +431,6 @@ mod tests {
             let diff = (&out - &dense).abs().max().double_value(&[]);
             let scale = 1.0 + dense.abs().max().double_value(&[]);
             prop_assert!(diff <= 1e-5 * scale, "max |Δ| {} at scale {}", diff, scale);
-        }
-    }
-
-    #[test]
-    fn an_expert_without_live_replica_is_unplaceable() {
-        let placement = Placement::round_robin(1, 4, 2).unwrap();
-        let pairs = [RoutedPair {
-            token: 0,
-            expert: 3,
-            weight: 1.0,
-        }];
-        let err = plan_dispatch(0, &pairs, &placement, &|w| w == 0).unwrap_err();
-        assert_eq!(
-            err,
-            Unplaceable {
-                layer: 0,
-                expert: 3
-            }
-        );
-    }
-
-    #[test]
-    fn replicas_share_load_and_a_token_is_sent_once_per_worker() {
-        let placement = Placement {
-            workers: 2,
-            experts: vec![vec![vec![0, 1], vec![0, 1]]],
-        };
-        let pairs: Vec<RoutedPair> = (0..4)
-            .flat_map(|t| {
-                (0..2).map(move |e| RoutedPair {
-                    token: t,
-                    expert: e,
-                    weight: 0.5,
-                })
-            })
-            .collect();
-        let shares = plan_dispatch(0, &pairs, &placement, &|_| true).unwrap();
-        assert_eq!(shares.len(), 2);
-        assert_eq!(shares[0].pairs.len(), 4);
-        assert_eq!(shares[1].pairs.len(), 4);
-        for share in &shares {
-            let mut tokens = share.tokens.clone();
-            tokens.sort_unstable();
-            tokens.dedup();
-            assert_eq!(tokens.len(), share.tokens.len());
         }
     }
 }

@@ -1,10 +1,10 @@
 //! The engine: one thread owns the model (dense weights, KV caches) and runs
 //! continuous batching. Requests wait in a bounded queue, are admitted while
-//! their KV reservation fits, prefill in chunks under the step's token budget
-//! beside the decodes of the others (see [`crate::scheduler`]), and leave the
-//! batch the step they finish — or the step after their client went away.
+//! their KV reservation fits ([`Admission`]), prefill in chunks under the
+//! step's token budget beside the decodes of the others ([`plan_step`]), and
+//! leave the batch the step they finish — or the step after their client
+//! went away.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -14,11 +14,13 @@ use tch::{Device, Kind, Tensor};
 use tokio::sync::mpsc;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tramontane_model::kv_cache::KvCache;
-use tramontane_model::{BatchItem, Logits, Mixtral};
+use tramontane_model::{BatchItem, ForwardError, LoadError, Logits, Mixtral};
+use tramontane_policy::admission::{Admission, Reservation};
+use tramontane_policy::scheduler::{SchedulerConfig, SchedulerConfigError, plan_step};
 
+use crate::failure::GenerationError;
 use crate::metrics;
 use crate::sampling::{Sampler, SamplingParams, TokenLogprob};
-use crate::scheduler::{KvBudget, SchedulerConfig, plan_step};
 
 /// Why a sequence ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,16 +41,15 @@ impl FinishReason {
 }
 
 /// What the engine tells a request.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Event {
     Token {
         id: u32,
         logprob: Option<TokenLogprob>,
     },
     Finished(FinishReason),
-    /// The step failed; the reason starts with the gRPC code name when one fits
-    /// (e.g. `UNAVAILABLE: ...`).
-    Failed(String),
+    /// The request failed: one failure, shared by every sequence of the step.
+    Failed(Arc<GenerationError>),
 }
 
 /// A validated request.
@@ -65,9 +66,9 @@ pub struct GenerateJob {
     pub span: tracing::Span,
 }
 
-impl GenerateJob {
+impl Reservation for GenerateJob {
     /// KV cache tokens the sequence may fill.
-    pub fn kv_tokens(&self) -> usize {
+    fn kv_tokens(&self) -> usize {
         self.prompt.len() + self.max_tokens
     }
 }
@@ -99,14 +100,17 @@ pub struct EngineHandle {
     config: SchedulerConfig,
 }
 
+/// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("the engine has stopped")]
-    Stopped,
-    #[error("the engine could not start: {0}")]
-    Start(String),
-    #[error("{waiting} requests are already waiting; retry later")]
-    QueueFull { waiting: usize },
+    #[error("scheduler limits")]
+    Config(#[from] SchedulerConfigError),
+    #[error("cannot start the engine thread")]
+    Spawn(#[source] std::io::Error),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("the engine thread exited while loading the model")]
+    Exited,
 }
 
 impl EngineHandle {
@@ -117,11 +121,9 @@ impl EngineHandle {
         config: SchedulerConfig,
     ) -> Result<Self, EngineError>
     where
-        F: FnOnce() -> Result<Mixtral, String> + Send + 'static,
+        F: FnOnce() -> Result<Mixtral, LoadError> + Send + 'static,
     {
-        config
-            .validate()
-            .map_err(|e| EngineError::Start(e.to_string()))?;
+        config.validate()?;
         let (jobs, receiver) = mpsc::unbounded_channel::<GenerateJob>();
         let waiting = Arc::new(AtomicUsize::new(0));
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
@@ -146,17 +148,13 @@ impl EngineHandle {
                     waiting_count: engine_waiting,
                     eos_ids,
                     config,
-                    waiting: VecDeque::new(),
+                    admission: Admission::new(config),
                     running: Vec::new(),
-                    kv: KvBudget::new(config.max_kv_tokens),
                 }
                 .run();
             })
-            .map_err(|e| EngineError::Start(e.to_string()))?;
-        ready_rx
-            .recv()
-            .map_err(|_| EngineError::Start("engine thread exited".into()))?
-            .map_err(EngineError::Start)?;
+            .map_err(EngineError::Spawn)?;
+        ready_rx.recv().map_err(|_| EngineError::Exited)??;
         ::metrics::gauge!(metrics::KV_CACHE_TOTAL_TOKENS).set(config.max_kv_tokens as f64);
         Ok(Self {
             jobs,
@@ -165,17 +163,19 @@ impl EngineHandle {
         })
     }
 
-    /// Queues a job, or refuses it when the queue is full.
-    pub fn submit(&self, job: GenerateJob) -> Result<(), EngineError> {
+    /// Queues a job, or refuses it when the queue is full. The bound is
+    /// checked here, before the job reaches the engine thread, so that the
+    /// caller learns at once; the engine's [`Admission`] holds the same bound.
+    pub fn submit(&self, job: GenerateJob) -> Result<(), GenerationError> {
         let limit = self.config.max_waiting;
         let before = self.waiting.fetch_add(1, Ordering::SeqCst);
         if before >= limit {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(EngineError::QueueFull { waiting: before });
+            return Err(GenerationError::QueueFull { waiting: before });
         }
         self.jobs.send(job).map_err(|_| {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
-            EngineError::Stopped
+            GenerationError::EngineStopped
         })
     }
 
@@ -190,23 +190,22 @@ struct Engine<'m> {
     waiting_count: Arc<AtomicUsize>,
     eos_ids: Vec<u32>,
     config: SchedulerConfig,
-    waiting: VecDeque<GenerateJob>,
+    admission: Admission<GenerateJob>,
     running: Vec<Sequence>,
-    kv: KvBudget,
 }
 
 impl Engine<'_> {
     fn run(mut self) {
         loop {
-            if self.running.is_empty() && self.waiting.is_empty() {
+            if self.running.is_empty() && self.admission.waiting() == 0 {
                 self.report();
                 match self.receiver.blocking_recv() {
-                    Some(job) => self.waiting.push_back(job),
+                    Some(job) => self.enqueue(job),
                     None => return,
                 }
             }
             while let Ok(job) = self.receiver.try_recv() {
-                self.waiting.push_back(job);
+                self.enqueue(job);
             }
             self.drop_abandoned();
             self.admit();
@@ -217,17 +216,27 @@ impl Engine<'_> {
         }
     }
 
+    /// A submitted job joins the waiting queue. [`EngineHandle::submit`]
+    /// bounds the jobs in the channel and the queue together, so the queue
+    /// has room; were it full, the job is refused as the handle would.
+    fn enqueue(&mut self, job: GenerateJob) {
+        if let Err(job) = self.admission.enqueue(job) {
+            self.waiting_count.fetch_sub(1, Ordering::SeqCst);
+            let waiting = self.admission.waiting();
+            let refused = GenerationError::QueueFull { waiting };
+            let _ = job.events.send(Event::Failed(Arc::new(refused)));
+        }
+    }
+
     /// Requests whose client went away leave the queue and the batch.
     fn drop_abandoned(&mut self) {
-        let before = self.waiting.len();
-        self.waiting.retain(|job| !job.events.is_closed());
-        self.waiting_count
-            .fetch_sub(before - self.waiting.len(), Ordering::SeqCst);
-        let kv = &mut self.kv;
+        let dropped = self.admission.retain_waiting(|job| !job.events.is_closed());
+        self.waiting_count.fetch_sub(dropped, Ordering::SeqCst);
+        let admission = &mut self.admission;
         self.running.retain(|s| {
             let gone = s.job.events.is_closed();
             if gone {
-                kv.release(s.job.kv_tokens());
+                admission.release(&s.job);
                 ::metrics::histogram!(metrics::E2E_REQUEST_LATENCY)
                     .record(s.job.submitted.elapsed());
             }
@@ -237,14 +246,7 @@ impl Engine<'_> {
 
     /// First come first served, while the KV reservation and the batch fit.
     fn admit(&mut self) {
-        while self.running.len() < self.config.max_running {
-            let Some(job) = self.waiting.front() else {
-                break;
-            };
-            if !self.kv.try_reserve(job.kv_tokens()) {
-                break;
-            }
-            let job = self.waiting.pop_front().expect("front exists");
+        for job in self.admission.admit(self.running.len()) {
             self.waiting_count.fetch_sub(1, Ordering::SeqCst);
             ::metrics::histogram!(metrics::QUEUE_TIME).record(job.submitted.elapsed());
             self.running.push(Sequence {
@@ -261,8 +263,8 @@ impl Engine<'_> {
 
     fn report(&self) {
         ::metrics::gauge!(metrics::RUNNING_REQUESTS).set(self.running.len() as f64);
-        ::metrics::gauge!(metrics::WAITING_REQUESTS).set(self.waiting.len() as f64);
-        ::metrics::gauge!(metrics::KV_CACHE_USED_TOKENS).set(self.kv.used() as f64);
+        ::metrics::gauge!(metrics::WAITING_REQUESTS).set(self.admission.waiting() as f64);
+        ::metrics::gauge!(metrics::KV_CACHE_USED_TOKENS).set(self.admission.kv_used() as f64);
     }
 
     /// One forward over the planned slices, then sampling and events.
@@ -309,15 +311,16 @@ impl Engine<'_> {
             }
             self.model
                 .forward(&mut batch, Logits::LastPosition)
-                .map_err(|e| e.to_string())
                 .and_then(|l| rows_to_vec(&l))
         };
         let (logits, vocab) = match logits {
             Ok(rows) => rows,
-            Err(reason) => {
+            Err(error) => {
+                let failure = Arc::new(GenerationError::from(error));
+                tracing::warn!(error = %tramontane_infra::error::chain(&*failure), "forward step failed");
                 for s in self.running.drain(..) {
-                    self.kv.release(s.job.kv_tokens());
-                    let _ = s.job.events.send(Event::Failed(reason.clone()));
+                    self.admission.release(&s.job);
+                    let _ = s.job.events.send(Event::Failed(failure.clone()));
                 }
                 return;
             }
@@ -357,29 +360,31 @@ impl Engine<'_> {
             } else {
                 None
             };
+            if finish.is_some() || !delivered {
+                // Recorded before the client can learn that it is done, so
+                // that its next look at the metrics counts this request.
+                ::metrics::histogram!(metrics::E2E_REQUEST_LATENCY).record(now - s.job.submitted);
+                finished.push(slice.sequence);
+            }
             if let Some(reason) = finish {
                 let _ = s.job.events.send(Event::Finished(reason));
-            }
-            if finish.is_some() || !delivered {
-                finished.push(slice.sequence);
             }
         }
         for index in finished.into_iter().rev() {
             let s = self.running.remove(index);
-            self.kv.release(s.job.kv_tokens());
-            ::metrics::histogram!(metrics::E2E_REQUEST_LATENCY).record(now - s.job.submitted);
+            self.admission.release(&s.job);
         }
     }
 }
 
 /// Logits `[rows, vocab]` as f32 on the CPU, flattened, and the vocab size.
-fn rows_to_vec(logits: &Tensor) -> Result<(Vec<f32>, usize), String> {
+fn rows_to_vec(logits: &Tensor) -> Result<(Vec<f32>, usize), ForwardError> {
     let vocab = logits.size().last().copied().unwrap_or(0) as usize;
     let flat = logits
-        .to_device(Device::Cpu)
-        .to_kind(Kind::Float)
-        .contiguous()
-        .view([-1]);
-    let values = Vec::<f32>::try_from(&flat).map_err(|e| e.to_string())?;
+        .f_to_device(Device::Cpu)?
+        .f_to_kind(Kind::Float)?
+        .f_contiguous()?
+        .f_view([-1])?;
+    let values = Vec::<f32>::try_from(&flat)?;
     Ok((values, vocab))
 }

@@ -8,18 +8,23 @@
 //!
 //! # Layout
 //!
-//! - [`placement`]: which worker holds which expert (default or file, replicas).
-//! - [`dispatch`]: plan per worker, send concurrently, fail over, combine —
-//!   [`dispatch::RemoteExperts`] is the model's `Experts` seam over gRPC.
+//! Placement, the scheduler's step plan and admission, dispatch planning and
+//! the routing-trace format are [`tramontane_policy`]'s: policy without
+//! tensors, which the capacity planner simulates with the same code.
+//!
+//! - [`dispatch`]: send each worker its share concurrently, fail over,
+//!   combine — [`dispatch::RemoteExperts`] is the model's `Experts` seam over gRPC.
 //! - [`cluster`]: connect and check workers at start, probe them after.
-//! - [`scheduler`], [`engine`]: continuous batching on the thread that owns
-//!   the model; [`sampling`] picks each sequence's next token.
+//! - [`engine`]: continuous batching on the thread that owns the model;
+//!   [`sampling`] picks each sequence's next token.
+//! - [`failure`]: what goes wrong on the data path, typed, mapped once to
+//!   HTTP statuses and gRPC codes at the edges.
 //! - [`completion`]: one request whichever API it came through; [`text`]
 //!   turns tokens into streamed text and applies stop strings.
 //! - [`http`] (OpenAI-compatible) and [`service`] (gRPC `moe.v1.Generation`):
 //!   the public APIs; [`chat_template`] renders chat messages.
 //! - [`metrics`]: the Prometheus metrics; [`expert_load`]: tokens per expert
-//!   and worker; [`routing_trace`]: `--record-routing` for the planner.
+//!   and worker.
 //! - [`Router::start`] and [`serve`]: the entry points.
 
 pub mod chat_template;
@@ -28,12 +33,10 @@ pub mod completion;
 pub mod dispatch;
 pub mod engine;
 pub mod expert_load;
+pub mod failure;
 pub mod http;
 pub mod metrics;
-pub mod placement;
-pub mod routing_trace;
 pub mod sampling;
-pub mod scheduler;
 pub mod service;
 pub mod text;
 
@@ -51,6 +54,9 @@ use tonic::transport::server::TcpIncoming;
 use tramontane_model::error::{ConfigError, LoadError, TokenizerError};
 use tramontane_model::weights::Checkpoint;
 use tramontane_model::{LoadOptions, Mixtral, MixtralConfig, Tokenizer};
+use tramontane_policy::placement::{Placement, PlacementError};
+use tramontane_policy::routing_trace::{self, RoutingTrace};
+use tramontane_policy::scheduler::SchedulerConfig;
 use tramontane_proto::v1::generation_server::GenerationServer as GenerationService;
 
 use crate::chat_template::{ChatTemplate, ChatTemplateError};
@@ -60,9 +66,6 @@ use crate::dispatch::{RemoteExperts, WorkerLink};
 use crate::engine::{EngineError, EngineHandle};
 use crate::expert_load::ExpertLoad;
 use crate::http::HttpState;
-use crate::placement::{Placement, PlacementError};
-use crate::routing_trace::RoutingTrace;
-use crate::scheduler::SchedulerConfig;
 use crate::service::GenerationServer;
 
 #[derive(Debug, Clone)]
@@ -104,8 +107,14 @@ pub enum RouterError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     ChatTemplate(#[from] ChatTemplateError),
-    #[error("--record-routing {path}: {reason}")]
-    RoutingTrace { path: PathBuf, reason: String },
+    #[error("--record-routing {path}")]
+    RoutingTrace {
+        path: PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("the engine's start was interrupted")]
+    EngineStart(#[source] tokio::task::JoinError),
 }
 
 /// A started router: workers checked, dense model loaded.
@@ -127,7 +136,7 @@ impl Router {
         // Before any metric handle is taken: handles taken earlier record nothing.
         crate::metrics::install();
         let config = MixtralConfig::from_file(&options.model_dir.join("config.json"))?;
-        let model_id = tramontane_expert_worker::compute::model_id(&options.model_dir)?;
+        let model_id = tramontane_config::model_id(&options.model_dir)?;
         let tokenizer = Arc::new(Tokenizer::from_dir(&options.model_dir)?);
         let piece = |id: Option<u32>| id.and_then(|id| tokenizer.piece(id));
         let chat_template = ChatTemplate::from_dir(
@@ -173,9 +182,9 @@ impl Router {
                 top_k: config.num_experts_per_tok,
             };
             let trace =
-                RoutingTrace::create(path, &header).map_err(|e| RouterError::RoutingTrace {
+                RoutingTrace::create(path, &header).map_err(|error| RouterError::RoutingTrace {
                     path: path.clone(),
-                    reason: e.to_string(),
+                    error,
                 })?;
             experts = experts.with_trace(trace);
         }
@@ -183,10 +192,14 @@ impl Router {
         let build_config = config.clone();
         let dir = options.model_dir.clone();
         let load = options.load;
-        let build = move || -> Result<Mixtral, String> {
-            let checkpoint = Checkpoint::open(&dir).map_err(|e| e.to_string())?;
-            Mixtral::load_dense(&checkpoint, build_config, load, Box::new(experts))
-                .map_err(|e| e.to_string())
+        let build = move || -> Result<Mixtral, LoadError> {
+            let checkpoint = Checkpoint::open(&dir)?;
+            Ok(Mixtral::load_dense(
+                &checkpoint,
+                build_config,
+                load,
+                Box::new(experts),
+            )?)
         };
         let eos: Vec<u32> = tokenizer
             .eos_token_id()
@@ -197,7 +210,7 @@ impl Router {
         let engine =
             tokio::task::spawn_blocking(move || EngineHandle::spawn(build, eos, scheduler))
                 .await
-                .map_err(|e| EngineError::Start(e.to_string()))??;
+                .map_err(RouterError::EngineStart)??;
         let generator = Generator::new(
             engine,
             tokenizer,
@@ -265,7 +278,7 @@ pub async fn serve(
                     )
                     .await;
                 if !is_ready {
-                    eprintln!("router not ready: some expert has no live worker");
+                    tracing::warn!("router not ready: some expert has no live worker");
                 }
             });
         },

@@ -3,7 +3,7 @@
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::PrometheusHandle;
-use tramontane_expert_worker::metrics::{STEP_SECONDS_BUCKETS, install_recorder};
+use tramontane_infra::metrics::{STEP_SECONDS_BUCKETS, install_recorder};
 
 pub const RUNNING_REQUESTS: &str = "tramontane_router_running_requests";
 pub const WAITING_REQUESTS: &str = "tramontane_router_waiting_requests";

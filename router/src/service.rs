@@ -9,10 +9,10 @@ use tramontane_proto::v1::{
     GenerateRequest, GenerateResponse, GenerateStreamResponse, TokenLogprob, TopLogprob,
 };
 
-use crate::completion::{
-    GeneratedToken, GenerationFailed, GenerationRequest, Generator, RETRY_AFTER_SECONDS,
-    RequestError,
-};
+use tramontane_infra::error::chain;
+
+use crate::completion::{GeneratedToken, GenerationRequest, Generator, RETRY_AFTER_SECONDS};
+use crate::failure::{DispatchError, GenerationError};
 use crate::sampling::SamplingParams;
 
 pub struct GenerationServer {
@@ -65,31 +65,31 @@ impl GenerationServer {
     }
 }
 
-/// The status for a refused request.
-pub fn request_status(error: RequestError) -> Status {
-    match error {
-        RequestError::Invalid(e) => Status::invalid_argument(e.to_string()),
-        RequestError::Overloaded(message) => {
-            let mut status = Status::resource_exhausted(message);
-            status.metadata_mut().insert(
-                "retry-after",
-                RETRY_AFTER_SECONDS
-                    .to_string()
-                    .parse()
-                    .expect("ASCII digits"),
-            );
-            status
+/// The one mapping of failures to gRPC codes.
+impl From<&GenerationError> for Status {
+    fn from(error: &GenerationError) -> Self {
+        let message = chain(error);
+        match error {
+            GenerationError::Invalid(_) => Status::invalid_argument(message),
+            GenerationError::QueueFull { .. } => {
+                let mut status = Status::resource_exhausted(message);
+                status.metadata_mut().insert(
+                    "retry-after",
+                    RETRY_AFTER_SECONDS
+                        .to_string()
+                        .parse()
+                        .expect("ASCII digits"),
+                );
+                status
+            }
+            GenerationError::EngineStopped
+            | GenerationError::Dispatch(DispatchError::NoLiveReplica { .. }) => {
+                Status::unavailable(message)
+            }
+            GenerationError::Dropped
+            | GenerationError::Dispatch(DispatchError::Encode { .. })
+            | GenerationError::Forward(_) => Status::internal(message),
         }
-        RequestError::Unavailable(message) => Status::unavailable(message),
-    }
-}
-
-/// The status for a generation that failed after it started.
-pub fn failure_status(failure: &GenerationFailed) -> Status {
-    if failure.is_unavailable() {
-        Status::unavailable(failure.0.clone())
-    } else {
-        Status::internal(failure.0.clone())
     }
 }
 
@@ -113,8 +113,11 @@ impl Generation for GenerationServer {
     ) -> Result<Response<GenerateResponse>, Status> {
         let request = self.request(request.get_ref())?;
         let prompt = request.prompt.clone();
-        let stream = self.generator.start(request).map_err(request_status)?;
-        let completed = stream.collect().await.map_err(|e| failure_status(&e))?;
+        let stream = self
+            .generator
+            .start(request)
+            .map_err(|e| Status::from(&e))?;
+        let completed = stream.collect().await.map_err(|e| Status::from(&*e))?;
         Ok(Response::new(GenerateResponse {
             text: completed.text,
             prompt_token_ids: prompt,
@@ -135,7 +138,10 @@ impl Generation for GenerationServer {
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let request = self.request(request.get_ref())?;
-        let mut stream = self.generator.start(request).map_err(request_status)?;
+        let mut stream = self
+            .generator
+            .start(request)
+            .map_err(|e| Status::from(&e))?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             while let Some(chunk) = stream.next().await {
@@ -147,12 +153,47 @@ impl Generation for GenerationServer {
                         text: chunk.text,
                         finish_reason: chunk.finish.map_or("", |f| f.as_str()).into(),
                     })
-                    .map_err(|e| failure_status(&e));
+                    .map_err(|e| Status::from(&*e));
                 if tx.send(message).await.is_err() {
                     return; // client gone: dropping `stream` frees the sequence
                 }
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::failure::examples;
+
+    #[test]
+    fn every_failure_kind_has_its_code_and_message() {
+        for (kind, error, contains) in examples::all() {
+            let status = Status::from(&error);
+            let expected = match kind {
+                "invalid" => tonic::Code::InvalidArgument,
+                "queue full" => tonic::Code::ResourceExhausted,
+                "engine stopped" | "worker status" | "worker deadline" | "worker bad answer" => {
+                    tonic::Code::Unavailable
+                }
+                "dropped" | "encode" | "forward" => tonic::Code::Internal,
+                other => panic!("no expected code for {other}"),
+            };
+            assert_eq!(status.code(), expected, "{kind}");
+            for part in contains {
+                assert!(
+                    status.message().contains(part),
+                    "{kind}: {:?} lacks {part:?}",
+                    status.message()
+                );
+            }
+            assert_eq!(
+                status.metadata().get("retry-after").is_some(),
+                kind == "queue full",
+                "{kind}"
+            );
+        }
     }
 }

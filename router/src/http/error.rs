@@ -5,7 +5,10 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::completion::{GenerationFailed, RETRY_AFTER_SECONDS, RequestError};
+use tramontane_infra::error::chain;
+
+use crate::completion::RETRY_AFTER_SECONDS;
+use crate::failure::{DispatchError, GenerationError};
 use crate::sampling::InvalidParam;
 
 #[derive(Debug)]
@@ -82,28 +85,35 @@ impl From<InvalidParam> for ApiError {
     }
 }
 
-impl From<RequestError> for ApiError {
-    fn from(e: RequestError) -> Self {
+/// The one mapping of failures to HTTP statuses.
+impl From<&GenerationError> for ApiError {
+    fn from(e: &GenerationError) -> Self {
+        let message = chain(e);
         match e {
-            RequestError::Invalid(e) => e.into(),
-            RequestError::Overloaded(message) => {
+            GenerationError::Invalid(invalid) => Self::invalid(invalid.param, message),
+            GenerationError::QueueFull { .. } => {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, message).with_code("queue_full")
             }
-            RequestError::Unavailable(message) => {
+            GenerationError::EngineStopped
+            | GenerationError::Dispatch(DispatchError::NoLiveReplica { .. }) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
             }
+            GenerationError::Dropped
+            | GenerationError::Dispatch(DispatchError::Encode { .. })
+            | GenerationError::Forward(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, message),
         }
     }
 }
 
-impl From<GenerationFailed> for ApiError {
-    fn from(e: GenerationFailed) -> Self {
-        let status = if e.is_unavailable() {
-            StatusCode::SERVICE_UNAVAILABLE
-        } else {
-            StatusCode::INTERNAL_SERVER_ERROR
-        };
-        Self::new(status, e.0)
+impl From<GenerationError> for ApiError {
+    fn from(e: GenerationError) -> Self {
+        Self::from(&e)
+    }
+}
+
+impl From<std::sync::Arc<GenerationError>> for ApiError {
+    fn from(e: std::sync::Arc<GenerationError>) -> Self {
+        Self::from(&*e)
     }
 }
 
@@ -121,5 +131,50 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::failure::examples;
+
+    #[test]
+    fn every_failure_kind_has_its_status_and_message() {
+        for (kind, error, contains) in examples::all() {
+            let api = ApiError::from(&error);
+            let expected = match kind {
+                "invalid" => StatusCode::BAD_REQUEST,
+                "queue full" => StatusCode::TOO_MANY_REQUESTS,
+                "engine stopped" | "worker status" | "worker deadline" | "worker bad answer" => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                "dropped" | "encode" | "forward" => StatusCode::INTERNAL_SERVER_ERROR,
+                other => panic!("no expected status for {other}"),
+            };
+            assert_eq!(api.status, expected, "{kind}");
+            for part in contains {
+                assert!(
+                    api.message.contains(part),
+                    "{kind}: {:?} lacks {part:?}",
+                    api.message
+                );
+            }
+            let body: serde_json::Value = serde_json::from_str(&api.body()).unwrap();
+            assert_eq!(body["error"]["message"], api.message.as_str(), "{kind}");
+            let response = api.into_response();
+            assert_eq!(response.status(), expected, "{kind}");
+            assert_eq!(
+                response.headers().contains_key(header::RETRY_AFTER),
+                kind == "queue full",
+                "{kind}"
+            );
+        }
+        let invalid = ApiError::from(&GenerationError::from(InvalidParam::new(
+            "top_p",
+            "0 is outside (0, 1]",
+        )));
+        assert_eq!(invalid.param.as_deref(), Some("top_p"));
+        assert_eq!(invalid.kind(), "invalid_request_error");
     }
 }

@@ -1,0 +1,129 @@
+//! Admission and backpressure of the served cluster: the KV cache bound
+//! limits what runs at once, a full queue refuses with HTTP 429 / gRPC
+//! RESOURCE_EXHAUSTED and Retry-After, and every accepted request completes.
+
+use anyhow::{Context, Result, ensure};
+use tramontane_proto::v1::GenerateRequest;
+use tramontane_proto::v1::generation_client::GenerationClient;
+
+use crate::support;
+
+#[test]
+fn kv_bound_and_full_queue_refuse_cleanly_and_lose_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    support::gen_model(&model, &["--preset", "tiny", "--seed", "5"])?;
+    // Each request below reserves 3 + 40 KV tokens: 100 lets two run at once,
+    // though four could by --max-running.
+    let serve = support::serve_two_workers(
+        &model,
+        &[
+            "--max-running",
+            "4",
+            "--max-batch-tokens",
+            "16",
+            "--max-kv-tokens",
+            "100",
+            "--queue",
+            "2",
+        ],
+    )?;
+    let http_addr = serve.http.clone();
+
+    // More than the KV cache can ever hold: a 400 naming the limit.
+    let (status, _, body) = support::http(
+        &http_addr,
+        "POST",
+        "/v1/completions",
+        r#"{"model":"model","prompt":"Hello","max_tokens":200}"#,
+    )?;
+    ensure!(status == 400 && body.contains("100"), "{status} {body}");
+
+    // Eight at once over HTTP: some refused with 429 and Retry-After, the
+    // others complete with all their tokens.
+    let request =
+        r#"{"model":"model","prompt":"Hello","max_tokens":40,"ignore_eos":true,"temperature":0}"#;
+    let answers: Vec<(u16, String, String)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| scope.spawn(|| support::http(&http_addr, "POST", "/v1/completions", request)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect::<Result<_>>()
+    })?;
+    let refused = answers.iter().filter(|a| a.0 == 429).count();
+    let served = answers.iter().filter(|a| a.0 == 200).count();
+    ensure!(
+        refused >= 1 && refused + served == 8,
+        "statuses: {:?}",
+        answers.iter().map(|a| a.0).collect::<Vec<_>>()
+    );
+    for (status, head, body) in &answers {
+        if *status == 429 {
+            ensure!(head.contains("retry-after: 1"), "{head}");
+            let error: serde_json::Value = serde_json::from_str(body)?;
+            ensure!(error["error"]["type"] == "rate_limit_error", "{body}");
+        } else {
+            let completion: serde_json::Value = serde_json::from_str(body)?;
+            ensure!(completion["usage"]["completion_tokens"] == 40, "{body}");
+        }
+    }
+
+    // The same over gRPC: RESOURCE_EXHAUSTED with retry-after metadata.
+    let runtime = tokio::runtime::Runtime::new()?;
+    let codes = runtime.block_on(async {
+        let client = GenerationClient::connect(format!("http://{}", serve.process.addr)).await?;
+        let calls = (0..8).map(|_| {
+            let mut client = client.clone();
+            async move {
+                client
+                    .generate(GenerateRequest {
+                        prompt: "Hello".into(),
+                        max_tokens: 40,
+                        temperature: Some(0.0),
+                        ignore_eos: true,
+                        ..Default::default()
+                    })
+                    .await
+            }
+        });
+        let mut codes = Vec::new();
+        for result in futures::future::join_all(calls).await {
+            match result {
+                Ok(response) => {
+                    ensure!(response.get_ref().token_ids.len() == 40);
+                    codes.push(tonic::Code::Ok);
+                }
+                Err(status) => {
+                    ensure!(
+                        status.code() == tonic::Code::ResourceExhausted
+                            && status.metadata().get("retry-after").is_some(),
+                        "{status:?}"
+                    );
+                    codes.push(status.code());
+                }
+            }
+        }
+        anyhow::Ok(codes)
+    })?;
+    ensure!(
+        codes.contains(&tonic::Code::ResourceExhausted) && codes.contains(&tonic::Code::Ok),
+        "{codes:?}"
+    );
+
+    // The KV bound held: no step ever ran more than two sequences, and
+    // nothing is reserved once everything finished.
+    let (_, _, metrics) = support::http(&http_addr, "GET", "/metrics", "")?;
+    let steps = support::metric(&metrics, "tramontane_router_batch_size_count").context("count")?;
+    let at_most_two = support::metric(&metrics, "tramontane_router_batch_size_bucket{le=\"2\"}")
+        .context("bucket")?;
+    ensure!(steps > 0.0 && at_most_two == steps, "{metrics}");
+    let more_than_one = steps
+        - support::metric(&metrics, "tramontane_router_batch_size_bucket{le=\"1\"}")
+            .context("le 1")?;
+    ensure!(more_than_one > 0.0, "requests never shared a step");
+    ensure!(support::metric(&metrics, "tramontane_router_kv_cache_used_tokens") == Some(0.0));
+    ensure!(support::metric(&metrics, "tramontane_router_kv_cache_total_tokens") == Some(100.0));
+    Ok(())
+}

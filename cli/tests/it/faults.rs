@@ -1,0 +1,175 @@
+//! Placement checks at start, and worker faults during generation: failover
+//! to a replica, UNAVAILABLE without one, recovery when the worker returns.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use tramontane_proto::v1::GenerateRequest;
+use tramontane_proto::v1::generation_client::GenerationClient;
+
+use crate::support;
+
+const PROMPT: &str = "The wind from the north crosses the mountains and";
+
+fn model_dir(dir: &Path) -> Result<String> {
+    let model = dir.join("model");
+    support::gen_model(&model, &["--preset", "tiny", "--seed", "21"])?;
+    Ok(model.to_str().context("path")?.to_string())
+}
+
+#[test]
+fn the_router_refuses_an_incomplete_placement_naming_what_is_missing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = model_dir(dir.path())?;
+    let w0 = support::worker(Path::new(&model), "0-3", "127.0.0.1:0")?;
+    let w1 = support::worker(Path::new(&model), "4-6", "127.0.0.1:0")?;
+    let workers = format!("{},{}", w0.addr, w1.addr);
+
+    // Workers that do not hold what the default placement puts on them.
+    let stderr = support::router_refuses(Path::new(&model), &workers, &[])?;
+    ensure!(
+        stderr.contains("layer 0 expert 1 has no worker") && stderr.contains("does not hold it"),
+        "{stderr}"
+    );
+
+    // A placement file leaving an expert on no worker.
+    let mut experts = vec![vec![vec![0usize]; 8]; 2];
+    experts[1][7] = vec![];
+    let path = dir.path().join("placement.json");
+    std::fs::write(
+        &path,
+        serde_json::json!({"workers": 2, "experts": experts}).to_string(),
+    )?;
+    let stderr = support::router_refuses(
+        Path::new(&model),
+        &workers,
+        &["--placement", path.to_str().unwrap_or_default()],
+    )?;
+    ensure!(
+        stderr.contains("layer 1 expert 7 is placed on no worker"),
+        "{stderr}"
+    );
+
+    // A worker address where nothing answers.
+    let free = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .to_string();
+    let stderr = support::router_refuses(Path::new(&model), &format!("{},{free}", w0.addr), &[])?;
+    ensure!(
+        stderr.contains(&format!("worker 1 at {free} did not answer")),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_killed_worker_fails_over_to_its_replica_with_identical_tokens() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = model_dir(dir.path())?;
+    // Long enough that the kill lands while the router is still generating.
+    let (_, expected) = support::expected_greedy(Path::new(&model), PROMPT, 120)?;
+    let mut w0 = support::worker(Path::new(&model), "all", "127.0.0.1:0")?;
+    let w1 = support::worker(Path::new(&model), "all", "127.0.0.1:0")?;
+    let placement = dir.path().join("placement.json");
+    std::fs::write(
+        &placement,
+        serde_json::json!({"workers": 2, "experts": vec![vec![vec![0, 1]; 8]; 2]}).to_string(),
+    )?;
+    let router = support::router(
+        Path::new(&model),
+        &support::addrs(&[&w0, &w1]),
+        &["--placement", placement.to_str().unwrap_or_default()],
+    )?;
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let mut client = GenerationClient::connect(format!("http://{}", router.addr)).await?;
+        let request = GenerateRequest {
+            prompt: PROMPT.into(),
+            max_tokens: 120,
+            temperature: Some(0.0),
+            ..Default::default()
+        };
+        let mut stream = client.generate_stream(request.clone()).await?.into_inner();
+        let mut tokens = Vec::new();
+        while let Some(message) = stream.message().await? {
+            if message.has_token {
+                tokens.push(message.token_id);
+            }
+            if tokens.len() == 4 {
+                w0.child.kill()?; // SIGKILL mid-generation
+                w0.child.wait()?;
+            }
+        }
+        ensure!(
+            tokens == expected,
+            "tokens after failover differ:\n{tokens:?}\n{expected:?}"
+        );
+        // A new request with one worker gone is served by the replica alone.
+        let again = client.generate(request).await?.into_inner();
+        ensure!(
+            again.token_ids == expected,
+            "a request after the kill differs"
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn without_a_replica_requests_fail_unavailable_until_the_worker_returns() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = model_dir(dir.path())?;
+    let (_, expected) = support::expected_greedy(Path::new(&model), PROMPT, 8)?;
+    let w0 = support::worker(Path::new(&model), "0,2,4,6", "127.0.0.1:0")?;
+    let mut w1 = support::worker(Path::new(&model), "1,3,5,7", "127.0.0.1:0")?;
+    let w1_addr = w1.addr.clone();
+    let router = support::router(
+        Path::new(&model),
+        &support::addrs(&[&w0, &w1]),
+        &["--dispatch-timeout-ms", "3000"],
+    )?;
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let mut client = GenerationClient::connect(format!("http://{}", router.addr)).await?;
+        let request = GenerateRequest {
+            prompt: PROMPT.into(),
+            max_tokens: 8,
+            temperature: Some(0.0),
+            ..Default::default()
+        };
+        ensure!(
+            client
+                .generate(request.clone())
+                .await?
+                .into_inner()
+                .token_ids
+                == expected
+        );
+
+        w1.child.kill()?;
+        w1.child.wait()?;
+        let status = client.generate(request.clone()).await.unwrap_err();
+        ensure!(status.code() == tonic::Code::Unavailable, "{status:?}");
+        ensure!(
+            status.message().contains(&format!("worker 1 at {w1_addr}"))
+                && status.message().contains("expert"),
+            "the error names worker and expert: {}",
+            status.message()
+        );
+
+        let _w1_again = support::worker(Path::new(&model), "1,3,5,7", &w1_addr)?;
+        let mut last = None;
+        for _ in 0..100 {
+            match client.generate(request.clone()).await {
+                Ok(response) => {
+                    ensure!(
+                        response.into_inner().token_ids == expected,
+                        "tokens after recovery"
+                    );
+                    return Ok(());
+                }
+                Err(status) => last = Some(status),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        anyhow::bail!("the router did not recover: {last:?}")
+    })
+}

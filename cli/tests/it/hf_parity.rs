@@ -1,0 +1,275 @@
+//! Parity with Hugging Face transformers: the same checkpoint gives the same
+//! logits (fp32, max |Δ| ≤ 1e-4 at every position) and the same 32 greedy
+//! tokens. Checkpoints are generated here and the reference is computed here,
+//! by scripts/hf_reference.py running `MixtralForCausalLM`.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, ensure};
+use serde::Deserialize;
+use tch::Tensor;
+use tramontane_model::generate::{StopRule, generate_greedy};
+use tramontane_model::{BatchItem, LoadOptions, Logits, Mixtral, Tokenizer};
+
+use crate::support;
+
+const TOLERANCE: f64 = 1e-4;
+const GREEDY_TOKENS: usize = 32;
+
+const PROMPTS: &[&str] = &[
+    "The capital of France is",
+    "Hi",
+    "Mixture-of-experts models send every token to a few experts, so a layer holds many \
+     feed-forward networks but each token pays for only two of them. Serving them well \
+     across a cluster means placing experts on devices and moving hidden states quickly.",
+    "fn main() { println!(\"hello\"); }",
+];
+
+#[derive(Deserialize)]
+struct Reference {
+    prompts: Vec<PromptReference>,
+    texts: Vec<Vec<u32>>,
+}
+
+#[derive(Deserialize)]
+struct PromptReference {
+    ids: Vec<u32>,
+    greedy: Vec<u32>,
+}
+
+struct ReferenceRun {
+    json: Reference,
+    logits: Vec<Tensor>,
+}
+
+fn hf_reference(model: &Path, out: &Path, texts: &[&str]) -> Result<ReferenceRun> {
+    let request = out.join("request.json");
+    std::fs::write(
+        &request,
+        serde_json::to_string(&serde_json::json!({
+            "prompts": PROMPTS, "greedy_tokens": GREEDY_TOKENS, "texts": texts,
+        }))?,
+    )?;
+    let prefix = out.join("reference");
+    support::run_ok(
+        std::process::Command::new(support::python())
+            .arg(support::scripts_dir().join("hf_reference.py"))
+            .arg("--model")
+            .arg(model)
+            .arg("--request")
+            .arg(&request)
+            .arg("--out")
+            .arg(&prefix),
+    )?;
+    let json: Reference =
+        serde_json::from_str(&std::fs::read_to_string(prefix.with_extension("json"))?)?;
+    let tensors = Tensor::read_safetensors(prefix.with_extension("safetensors"))?;
+    let logits = (0..PROMPTS.len())
+        .map(|i| {
+            tensors
+                .iter()
+                .find(|(name, _)| *name == format!("logits.{i}"))
+                .map(|(_, t)| t.shallow_clone())
+                .context("reference logits missing")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ReferenceRun { json, logits })
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+/// Checks one generated checkpoint against transformers; returns the max |Δ|.
+fn check_parity(gen_args: &[&str]) -> Result<f64> {
+    let _guard = tch::no_grad_guard();
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir()?;
+    let model_dir = dir.path().join("model");
+    support::gen_model(&model_dir, gen_args)?;
+    let reference = hf_reference(&model_dir, dir.path(), &[])?;
+
+    let model = Mixtral::load_in_process(&model_dir, LoadOptions::default())?;
+    let tokenizer = Tokenizer::from_dir(&model_dir)?;
+    let prompts: Vec<Vec<u32>> = PROMPTS
+        .iter()
+        .map(|p| tokenizer.encode(p))
+        .collect::<Result<_, _>>()?;
+    for (ours, theirs) in prompts.iter().zip(&reference.json.prompts) {
+        ensure!(
+            ours == &theirs.ids,
+            "prompt ids differ: {ours:?} vs {:?}",
+            theirs.ids
+        );
+    }
+    if let Some(window) = model.config().sliding_window {
+        ensure!(
+            prompts.iter().any(|p| p.len() > 2 * window),
+            "a prompt must outrun the sliding window"
+        );
+    }
+
+    // Every prompt in one ragged prefill step.
+    let (logits, _) = model.prefill(&prompts, Logits::AllPositions)?;
+    let mut worst: f64 = 0.0;
+    let mut row = 0;
+    for (i, prompt) in prompts.iter().enumerate() {
+        let ours = logits.narrow(0, row, prompt.len() as i64);
+        row += prompt.len() as i64;
+        let diff = max_abs_diff(&ours, &reference.logits[i]);
+        ensure!(
+            diff <= TOLERANCE,
+            "prompt {i}: max |Δlogit| {diff:e} > {TOLERANCE:e}"
+        );
+        worst = worst.max(diff);
+    }
+
+    // The longest prompt again, prefilled in chunks of 5 tokens: cache offsets
+    // and masks (sliding window included) across steps.
+    let (longest, prompt) = prompts
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, p)| p.len())
+        .context("prompts")?;
+    let mut cache = model.new_cache();
+    let mut chunks = Vec::new();
+    for chunk in prompt.chunks(5) {
+        let mut item = [BatchItem {
+            tokens: chunk,
+            cache: &mut cache,
+        }];
+        chunks.push(model.forward(&mut item, Logits::AllPositions)?);
+    }
+    let diff = max_abs_diff(&Tensor::cat(&chunks, 0), &reference.logits[longest]);
+    ensure!(
+        diff <= TOLERANCE,
+        "chunked prefill: max |Δlogit| {diff:e} > {TOLERANCE:e}"
+    );
+    worst = worst.max(diff);
+
+    // Greedy decoding of all prompts as one ragged batch.
+    let stop = StopRule {
+        max_new_tokens: GREEDY_TOKENS,
+        eos_ids: vec![],
+    };
+    let ours = generate_greedy(&model, &prompts, &stop)?;
+    for (i, (ours, theirs)) in ours.iter().zip(&reference.json.prompts).enumerate() {
+        ensure!(
+            ours.len() == GREEDY_TOKENS,
+            "prompt {i}: {} tokens",
+            ours.len()
+        );
+        ensure!(
+            ours == &theirs.greedy,
+            "prompt {i}: greedy tokens differ\nours   {ours:?}\ntheirs {:?}",
+            theirs.greedy
+        );
+    }
+    eprintln!("parity {gen_args:?}: max |Δlogit| = {worst:e}");
+    Ok(worst)
+}
+
+#[test]
+fn tiny_preset_top2_of_8_gqa2_matches_transformers() -> Result<()> {
+    check_parity(&["--preset", "tiny", "--seed", "1"])?;
+    Ok(())
+}
+
+#[test]
+fn top2_of_4_gqa1_sliding_window_sharded_matches_transformers() -> Result<()> {
+    check_parity(&[
+        "--preset",
+        "tiny",
+        "--seed",
+        "2",
+        "--experts",
+        "4",
+        "--top-k",
+        "2",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "4",
+        "--sliding-window",
+        "8",
+        "--shards",
+        "3",
+    ])?;
+    Ok(())
+}
+
+#[test]
+fn top3_of_6_gqa4_bf16_tied_embeddings_matches_transformers() -> Result<()> {
+    check_parity(&[
+        "--preset",
+        "tiny",
+        "--seed",
+        "3",
+        "--experts",
+        "6",
+        "--top-k",
+        "3",
+        "--hidden",
+        "96",
+        "--heads",
+        "8",
+        "--kv-heads",
+        "2",
+        "--head-dim",
+        "16",
+        "--layers",
+        "3",
+        "--tie-embeddings",
+        "--dtype",
+        "bf16",
+    ])?;
+    Ok(())
+}
+
+#[test]
+fn tokenizer_matches_transformers() -> Result<()> {
+    let texts = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Où est la bibliothèque ? Déjà vu, naïve façon, garçon, à bientôt !",
+        "def add(a, b):\n    return a + b  # sum\n\tif x != y: {\"k\": [1, 2]}",
+        "Emoji: 😀🚀👩‍💻 and 🇫🇷 flags",
+        "many    spaces   and\n\n\nnewlines   \t tabs ",
+        " leading space",
+        "",
+    ];
+    let dir = tempfile::tempdir()?;
+    let model_dir = dir.path().join("model");
+    support::gen_model(&model_dir, &["--preset", "tiny", "--layers", "1"])?;
+    let request = dir.path().join("request.json");
+    std::fs::write(
+        &request,
+        serde_json::to_string(&serde_json::json!({"texts": texts}))?,
+    )?;
+    let prefix = dir.path().join("reference");
+    support::run_ok(
+        std::process::Command::new(support::python())
+            .arg(support::scripts_dir().join("hf_reference.py"))
+            .args(["--model"])
+            .arg(&model_dir)
+            .arg("--request")
+            .arg(&request)
+            .arg("--out")
+            .arg(&prefix),
+    )?;
+    let reference: Reference =
+        serde_json::from_str(&std::fs::read_to_string(prefix.with_extension("json"))?)?;
+    let tokenizer = Tokenizer::from_dir(&model_dir)?;
+    for (text, theirs) in texts.iter().zip(&reference.texts) {
+        let ours = tokenizer.encode(text)?;
+        ensure!(
+            &ours == theirs,
+            "{text:?}: ours {ours:?} vs transformers {theirs:?}"
+        );
+        // Decoding gives the text back (the tokenizer is lossless on these, less BOS).
+        ensure!(
+            tokenizer.decode(&ours)? == *text,
+            "{text:?} does not round-trip"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,21 @@
+//! The integration tests, in one binary: the real `tramontane` binary and
+//! the processes it starts (workers, routers, `serve`) on loopback ports,
+//! real clients (tonic, plain HTTP, the `openai` Python package), the
+//! reference numerics of HF transformers, a real Prometheus. Tests of one
+//! library alone live beside it, in its crate.
+
+mod support;
+
+mod admission;
+mod bad_input;
+mod faults;
+mod hf_parity;
+mod observability;
+mod openai_api;
+mod placement;
+mod plan;
+mod prometheus;
+mod serve;
+mod sharded;
+mod traces;
+mod worker_input;

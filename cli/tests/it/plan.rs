@@ -1,0 +1,447 @@
+//! `tramontane plan` and `tramontane profile` through the binary: memory of
+//! the public Mixtral configurations against hand-computed values, the
+//! search, the outputs (JSON, SVG, placement file), bad input refused with a
+//! clear message, and the prediction-against-measurement bench on a small
+//! configuration (finite figures; no timing is asserted).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, ensure};
+use serde_json::Value;
+
+use crate::support;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../planner/fixtures")
+        .join(name)
+        .join("config.json")
+}
+
+/// `tramontane plan ARGS --json`, parsed.
+fn plan_json(args: &[&str]) -> Result<Value> {
+    let out = support::run_ok(support::tramontane().arg("plan").args(args).arg("--json"))?;
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// `tramontane plan ARGS`, expected to fail: its stderr.
+fn plan_error(args: &[&str]) -> Result<String> {
+    let out = support::tramontane()
+        .arg("plan")
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()?;
+    ensure!(!out.status.success(), "plan {args:?} succeeded");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(
+        !stderr.contains("panicked"),
+        "plan {args:?} panicked: {stderr}"
+    );
+    Ok(stderr)
+}
+
+fn workers_plan(report: &Value, workers: u64) -> &Value {
+    report["plans"]
+        .as_array()
+        .expect("plans")
+        .iter()
+        .find(|p| p["workers"] == workers)
+        .expect("a plan for that size")
+}
+
+const LOAD: [&str; 8] = [
+    "--concurrency",
+    "8",
+    "--prompt-len",
+    "512",
+    "--output-len",
+    "128",
+    "--requests",
+    "40",
+];
+
+/// The plan of `model` on `gpus` H100 workers under [`LOAD`].
+fn plan_on_h100s(model: &str, gpus: usize) -> Result<Value> {
+    let gpus = gpus.to_string();
+    plan_json(
+        &[
+            &["--model", model, "--profile", "h100", "--gpus", &gpus],
+            &LOAD[..],
+        ]
+        .concat(),
+    )
+}
+
+#[test]
+fn mixtral_8x7b_memory_matches_hand_computed_values() -> Result<()> {
+    let model = fixture("mixtral-8x7b");
+    let model = model.to_str().context("path")?;
+    let one = plan_on_h100s(model, 1)?;
+    let m = &one["model"];
+    // 3 × 4096 × 14336 parameters per expert and layer, 2 bytes each.
+    assert_eq!(m["expert_layer_bytes"], 352_321_536u64);
+    // × 32 layers: about 11.3 GB per expert.
+    assert_eq!(m["expert_bytes_all_layers"], 11_274_289_152u64);
+    assert_eq!(m["parameters"], 46_702_792_704u64);
+    // Embeddings and lm_head, attention, norms and gates: 1.6 B parameters.
+    assert_eq!(m["dense_bytes"], 2 * 1_605_636_096u64);
+    assert_eq!(m["kv_bytes_per_token"], 131_072);
+
+    // One worker holds all 256 (layer, expert) pairs: 90.2 GB, more than an H100.
+    let plan = workers_plan(&one, 1);
+    let worker = &plan["memory"][1];
+    assert_eq!(worker["expert_slots"], 256);
+    assert_eq!(worker["expert_bytes"], 256 * 352_321_536u64);
+    assert_eq!(worker["fits"], false);
+    assert_eq!(plan["fits"], false);
+    assert_eq!(plan["meets_slo"], false);
+    // The router holds the dense part and the KV cache of the running requests.
+    let router = &plan["memory"][0];
+    assert_eq!(router["dense_bytes"], 2 * 1_605_636_096u64);
+    let peak_kv = plan["prediction"]["peak_kv_tokens"]
+        .as_u64()
+        .context("peak")?;
+    assert_eq!(peak_kv, 8 * (512 + 128));
+    assert_eq!(router["kv_cache_bytes"], peak_kv * 131_072);
+
+    // Two workers: four experts each and a replica slot, 45 to 56 GB: it fits.
+    let two = plan_on_h100s(model, 2)?;
+    let plan = workers_plan(&two, 2);
+    assert_eq!(plan["fits"], true);
+    for w in 1..=2 {
+        let slots = plan["memory"][w]["expert_slots"]
+            .as_u64()
+            .context("slots")?;
+        assert!((128..=160).contains(&slots), "{slots}");
+    }
+    let p = &plan["prediction"];
+    for key in ["output_tokens_per_s", "requests_per_s", "seconds"] {
+        assert!(
+            p[key].as_f64().is_some_and(|v| v.is_finite() && v > 0.0),
+            "{key}: {p}"
+        );
+    }
+    assert_eq!(p["completed"], 40);
+    Ok(())
+}
+
+#[test]
+fn mixtral_8x22b_needs_two_experts_per_h100_at_most() -> Result<()> {
+    let model = fixture("mixtral-8x22b");
+    let model = model.to_str().context("path")?;
+    let report = plan_on_h100s(model, 4)?;
+    let m = &report["model"];
+    // 3 × 6144 × 16384 × 2 bytes per layer, × 56 layers: 33.8 GB per expert.
+    assert_eq!(m["expert_layer_bytes"], 603_979_776u64);
+    assert_eq!(m["expert_bytes_all_layers"], 33_822_867_456u64);
+    assert_eq!(m["parameters"], 140_620_634_112u64);
+    // Four workers hold two experts each (67.6 GB); a third would not fit,
+    // so no replica slot is given.
+    let plan = workers_plan(&report, 4);
+    assert_eq!(plan["slots_per_worker"], 2);
+    assert_eq!(plan["fits"], true);
+    for w in 1..=4 {
+        assert_eq!(plan["memory"][w]["expert_bytes"], 2 * 33_822_867_456u64);
+    }
+    Ok(())
+}
+
+#[test]
+fn the_search_finds_the_smallest_cluster_and_writes_charts_and_placement() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = fixture("mixtral-8x7b");
+    let svg = dir.path().join("charts");
+    let placement = dir.path().join("placement.json");
+    let report = plan_json(&[
+        "--model",
+        model.to_str().context("path")?,
+        "--profile",
+        "h200",
+        "--search",
+        "--max-workers",
+        "4",
+        "--rate",
+        "2",
+        "--prompt-len",
+        "256-1024",
+        "--output-len",
+        "64-256",
+        "--requests",
+        "60",
+        "--slo-ttft-p99",
+        "5",
+        "--slo-itl-p99",
+        "0.5",
+        "--svg-dir",
+        svg.to_str().context("path")?,
+        "--placement-out",
+        placement.to_str().context("path")?,
+    ])?;
+    // An H200 (141 GB) holds all 90 GB of experts: one worker is enough.
+    assert_eq!(report["chosen_workers"], 1);
+    assert_eq!(report["profile"]["estimate"], true);
+    assert_eq!(report["plans"].as_array().context("plans")?.len(), 4);
+    for name in [
+        "throughput.svg",
+        "latency.svg",
+        "expert-load.svg",
+        "placement.svg",
+    ] {
+        let text = std::fs::read_to_string(svg.join(name)).with_context(|| name.to_string())?;
+        ensure!(
+            text.starts_with("<svg") && text.trim_end().ends_with("</svg>"),
+            "{name}"
+        );
+        ensure!(!text.contains("NaN"), "{name}");
+    }
+    let written: Value = serde_json::from_str(&std::fs::read_to_string(&placement)?)?;
+    assert_eq!(written["workers"], 1);
+    assert_eq!(written["experts"].as_array().context("layers")?.len(), 32);
+    Ok(())
+}
+
+#[test]
+fn bad_input_gets_a_clear_message() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = fixture("mixtral-8x7b");
+    let model = model.to_str().context("path")?;
+    let base = ["--model", model, "--profile", "h100", "--gpus", "2"];
+    let lengths = ["--prompt-len", "128", "--output-len", "64"];
+
+    // Zero traffic.
+    let err = plan_error(&[&base[..], &lengths[..], &["--rate", "0"]].concat())?;
+    assert!(err.contains("request rate must be a positive"), "{err}");
+    let err = plan_error(&[&base[..], &lengths[..], &["--concurrency", "0"]].concat())?;
+    assert!(err.contains("concurrency must be at least 1"), "{err}");
+    let err = plan_error(&[&base[..], &lengths[..]].concat())?;
+    assert!(
+        err.contains("--rate") && err.contains("--concurrency"),
+        "{err}"
+    );
+    // Lengths.
+    let err = plan_error(
+        &[
+            &base[..],
+            &["--rate", "1", "--prompt-len", "0", "--output-len", "64"],
+        ]
+        .concat(),
+    )?;
+    assert!(err.contains("not a length distribution"), "{err}");
+    let err = plan_error(
+        &[
+            &base[..],
+            &[
+                "--rate",
+                "1",
+                "--prompt-len",
+                "32000",
+                "--output-len",
+                "1000",
+            ],
+        ]
+        .concat(),
+    )?;
+    assert!(err.contains("context of 32768"), "{err}");
+    // Impossible objectives.
+    let err = plan_error(
+        &[
+            &base[..],
+            &lengths[..],
+            &["--rate", "1", "--slo-itl-p99", "0.00001"],
+        ]
+        .concat(),
+    )?;
+    assert!(
+        err.contains("no cluster can meet an inter-token latency"),
+        "{err}"
+    );
+    let err = plan_error(
+        &[
+            &base[..],
+            &lengths[..],
+            &["--rate", "1", "--slo-ttft-p99=-1"],
+        ]
+        .concat(),
+    )?;
+    assert!(err.contains("--slo-ttft-p99 must be a positive"), "{err}");
+    // A search that cannot succeed says so (and still prints its table).
+    let err = plan_error(&[
+        "--model",
+        model,
+        "--profile",
+        "a100",
+        "--search",
+        "--max-workers",
+        "1",
+        "--rate",
+        "1",
+        "--prompt-len",
+        "128",
+        "--output-len",
+        "64",
+    ])?;
+    assert!(err.contains("no cluster of up to 1 workers"), "{err}");
+
+    // A config.json with a field missing names it.
+    let broken = dir.path().join("config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(model)?)?;
+    config
+        .as_object_mut()
+        .context("object")?
+        .remove("num_local_experts");
+    std::fs::write(&broken, config.to_string())?;
+    let err = plan_error(&[
+        "--model",
+        broken.to_str().context("path")?,
+        "--profile",
+        "h100",
+        "--gpus",
+        "1",
+        "--rate",
+        "1",
+        "--prompt-len",
+        "8",
+        "--output-len",
+        "8",
+    ])?;
+    assert!(err.contains("num_local_experts"), "{err}");
+
+    // Unknown profiles, and profile files with a field missing.
+    let err = plan_error(
+        &[
+            &[
+                "--model",
+                model,
+                "--profile",
+                "v100",
+                "--gpus",
+                "1",
+                "--rate",
+                "1",
+            ][..],
+            &lengths[..],
+        ]
+        .concat(),
+    )?;
+    assert!(err.contains("h100, h200, a100"), "{err}");
+    let profile = dir.path().join("profile.json");
+    std::fs::write(
+        &profile,
+        r#"{"format": "tramontane-profile-v1", "device": "x"}"#,
+    )?;
+    let err = plan_error(
+        &[
+            &[
+                "--model",
+                model,
+                "--profile",
+                profile.to_str().context("path")?,
+                "--gpus",
+                "1",
+                "--rate",
+                "1",
+            ][..],
+            &lengths[..],
+        ]
+        .concat(),
+    )?;
+    assert!(err.contains("missing field"), "{err}");
+
+    // A routing trace recorded on another model.
+    let trace = dir.path().join("routing.jsonl");
+    std::fs::write(
+        &trace,
+        "{\"format\":\"tramontane-routing-v1\",\"model_id\":\"0123\",\"layers\":32,\"experts\":8,\"top_k\":2}\n\
+         {\"step\":1,\"layer\":0,\"experts\":[[0,1]]}\n",
+    )?;
+    let err = plan_error(
+        &[
+            &base[..],
+            &lengths[..],
+            &[
+                "--rate",
+                "1",
+                "--routing-trace",
+                trace.to_str().context("path")?,
+            ],
+        ]
+        .concat(),
+    )?;
+    assert!(err.contains("recorded on another model"), "{err}");
+    Ok(())
+}
+
+/// The documented prediction-against-measurement command on a tiny model:
+/// profile, plan, serve and load, uniform and skewed; every figure finite.
+#[test]
+fn plan_against_measurement_runs_on_a_small_configuration() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    let skewed = dir.path().join("skewed");
+    support::gen_model(&model, &["--preset", "tiny", "--seed", "3"])?;
+    support::gen_model(
+        &skewed,
+        &["--preset", "tiny", "--seed", "3", "--expert-skew", "1"],
+    )?;
+    let out = dir.path().join("result.json");
+    let bench = Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/plan_vs_measured.py");
+    support::run_ok(
+        std::process::Command::new(support::python())
+            .arg(&bench)
+            .args(["--bin", env!("CARGO_BIN_EXE_tramontane")])
+            .arg("--model")
+            .arg(&model)
+            .arg("--skewed-model")
+            .arg(&skewed)
+            .args([
+                "--workers",
+                "1",
+                "--concurrency",
+                "2",
+                "--skew-workers",
+                "2",
+                "--skew-concurrency",
+                "2",
+                "--waves",
+                "1",
+                "--min-requests",
+                "2",
+                "--input-len",
+                "8",
+                "--output-len",
+                "4",
+                "--profile-repeats",
+                "1",
+                "--threads",
+                "1",
+                "--json",
+            ])
+            .arg(&out),
+    )?;
+    let result: Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+    let rows = result["rows"].as_array().context("rows")?;
+    assert_eq!(rows.len(), 3, "{result}");
+    for row in rows {
+        for side in ["predicted", "measured"] {
+            for key in ["output_tokens_per_s", "itl_p50_ms"] {
+                let v = row[side][key].as_f64().context("figure")?;
+                assert!(v.is_finite() && v > 0.0, "{side} {key}: {row}");
+            }
+        }
+    }
+    let skew = &result["skew"][0];
+    // The plan keeps the default placement unless it predicts a faster one,
+    // and its placement went through serve's --placement (measured above).
+    assert!(skew["predicted_gain"].as_f64() >= Some(1.0), "{skew}");
+    assert!(
+        skew["balancedness_planned"].as_f64() >= skew["balancedness_default"].as_f64()
+            || skew["planned_placement"] != "default (e mod W)",
+        "{skew}"
+    );
+    assert!(
+        result["median_abs_throughput_error"]
+            .as_f64()
+            .is_some_and(f64::is_finite)
+    );
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! `tramontane serve`: N worker processes and the router on this machine;
+//! readiness follows the workers; SIGTERM stops every child.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::support;
+
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| !stat.contains(") Z "))
+        .unwrap_or(false)
+}
+
+async fn health(addr: &str) -> Result<i32> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    let mut client = HealthClient::new(channel);
+    let response = client
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?;
+    Ok(response.into_inner().status)
+}
+
+#[test]
+fn serve_starts_workers_and_router_and_stops_them_all() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    support::gen_model(&model, &["--preset", "tiny", "--seed", "31"])?;
+    let model = model.to_str().context("path")?;
+    let mut serve = support::spawn_listening(&[
+        "serve",
+        "--model",
+        model,
+        "--workers",
+        "3",
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+    ])?;
+    let workers = children_of(serve.child.id());
+    ensure!(
+        workers.len() == 3,
+        "expected 3 worker processes, found {workers:?}"
+    );
+
+    // Through the served cluster, the same tokens as in process.
+    let remote = support::run_ok(support::tramontane().args([
+        "generate",
+        "--json",
+        "--max-tokens",
+        "12",
+        "--prompt",
+        "Hello world",
+        "--server",
+        &serve.addr,
+    ]))?;
+    let local = support::run_ok(support::tramontane().args([
+        "generate",
+        "--json",
+        "--max-tokens",
+        "12",
+        "--prompt",
+        "Hello world",
+        "--model",
+        model,
+    ]))?;
+    let remote: serde_json::Value = serde_json::from_slice(&remote.stdout)?;
+    let local: serde_json::Value = serde_json::from_slice(&local.stdout)?;
+    ensure!(
+        remote["token_ids"] == local["token_ids"] && remote["text"] == local["text"],
+        "{remote} vs {local}"
+    );
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        ensure!(
+            health(&serve.addr).await? == ServingStatus::Serving as i32,
+            "ready with every worker up"
+        );
+        // A worker dies: the router reports not ready.
+        support::run_ok(std::process::Command::new("kill").args(["-9", &workers[1].to_string()]))?;
+        for _ in 0..100 {
+            if health(&serve.addr).await? == ServingStatus::NotServing as i32 {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::bail!("the router never reported not ready")
+    })?;
+
+    support::run_ok(
+        std::process::Command::new("kill").args(["-TERM", &serve.child.id().to_string()]),
+    )?;
+    let status = serve.child.wait()?;
+    ensure!(status.success(), "serve exits cleanly on SIGTERM: {status}");
+    for _ in 0..50 {
+        if workers.iter().all(|&pid| !alive(pid)) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::bail!(
+        "workers outlived serve: {:?}",
+        workers.iter().filter(|&&p| alive(p)).collect::<Vec<_>>()
+    )
+}
+
+#[test]
+fn workers_do_not_outlive_a_killed_serve() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    support::gen_model(&model, &["--preset", "tiny", "--seed", "33"])?;
+    let mut serve = support::serve_two_workers(&model, &[])?;
+    let workers = children_of(serve.process.child.id());
+    ensure!(workers.len() == 2, "expected 2 workers, found {workers:?}");
+    serve.process.child.kill()?; // SIGKILL: serve cannot clean up
+    serve.process.child.wait()?;
+    // Waiting, not timing: the workers see their stdin close and exit.
+    for _ in 0..100 {
+        if workers.iter().all(|&pid| !alive(pid)) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::bail!(
+        "workers outlived a killed serve: {:?}",
+        workers.iter().filter(|&&p| alive(p)).collect::<Vec<_>>()
+    )
+}
+
+#[test]
+fn serve_refuses_bad_options() -> Result<()> {
+    for (args, needle) in [
+        (
+            vec!["serve", "--workers", "0"],
+            "--workers must be at least 1",
+        ),
+        (
+            vec!["serve", "--workers", "2", "--devices", "tpu"],
+            "cpu or cuda:N",
+        ),
+        // A scheduler limit is named by its flag, before anything starts.
+        (
+            vec!["serve", "--workers", "2", "--queue", "0"],
+            "--queue must be at least 1",
+        ),
+        (
+            vec![
+                "router",
+                "--model",
+                "/nonexistent",
+                "--workers",
+                "127.0.0.1:1",
+                "--queue",
+                "0",
+            ],
+            "--queue must be at least 1",
+        ),
+        (
+            vec![
+                "router",
+                "--model",
+                "/nonexistent",
+                "--workers",
+                "127.0.0.1:1",
+                "--max-running",
+                "32",
+                "--max-batch-tokens",
+                "16",
+            ],
+            "--max-batch-tokens (16) must be at least --max-running (32)",
+        ),
+    ] {
+        let output = support::tramontane()
+            .args(&args)
+            .env("RUST_BACKTRACE", "0")
+            .output()?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        ensure!(
+            output.status.code() == Some(1) && stderr.contains(needle),
+            "{args:?}: {stderr}"
+        );
+    }
+    Ok(())
+}

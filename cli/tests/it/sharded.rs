@@ -1,0 +1,323 @@
+//! Sharded execution equals in-process execution: the same logits (within
+//! 1e-5) and the same greedy tokens, with experts spread over real worker
+//! processes on loopback ports, for several worker counts and placements.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use tch::Tensor;
+use tramontane_model::generate::{StopRule, generate_greedy};
+use tramontane_model::weights::Checkpoint;
+use tramontane_model::{LoadOptions, Logits, Mixtral, MixtralConfig, Tokenizer};
+use tramontane_policy::placement::Placement;
+use tramontane_proto::v1::GenerateRequest;
+use tramontane_proto::v1::generation_client::GenerationClient;
+use tramontane_router::dispatch::RemoteExperts;
+
+use crate::support;
+
+const PROMPTS: &[&str] = &[
+    "The capital of France is",
+    "Experts",
+    "A mixture of experts routes each token to a few of many feed-forward networks.",
+];
+
+/// The placements to check, for `experts` experts per layer.
+fn placements(layers: usize, experts: usize) -> Vec<(&'static str, Placement)> {
+    let uneven = Placement {
+        workers: 3,
+        experts: (0..layers)
+            .map(|_| {
+                (0..experts)
+                    .map(|e| vec![if e + 2 < experts { 0 } else { e + 3 - experts }])
+                    .collect()
+            })
+            .collect(),
+    };
+    let replicated = Placement {
+        workers: 3,
+        experts: (0..layers)
+            .map(|_| (0..experts).map(|e| vec![e % 3, (e + 1) % 3]).collect())
+            .collect(),
+    };
+    let mut all: Vec<(&'static str, Placement)> = [
+        (1, "1 worker"),
+        (2, "2 workers"),
+        (3, "3 workers"),
+        (4, "4 workers"),
+    ]
+    .into_iter()
+    .map(|(w, name)| (name, Placement::round_robin(layers, experts, w).unwrap()))
+    .collect();
+    all.push(("uneven 3 workers", uneven));
+    all.push(("replicated 3 workers", replicated));
+    all
+}
+
+fn last_logits_and_tokens(
+    model: &Mixtral,
+    prompts: &[Vec<u32>],
+) -> Result<(Tensor, Vec<Vec<u32>>)> {
+    let (logits, _) = model.prefill(prompts, Logits::AllPositions)?;
+    let stop = StopRule {
+        max_new_tokens: 12,
+        eos_ids: vec![],
+    };
+    Ok((logits, generate_greedy(model, prompts, &stop)?))
+}
+
+fn check_shape(gen_args: &[&str]) -> Result<()> {
+    let _guard = tch::no_grad_guard();
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir()?;
+    let model_dir = dir.path().join("model");
+    support::gen_model(&model_dir, gen_args)?;
+    let config = MixtralConfig::from_file(&model_dir.join("config.json"))?;
+    let tokenizer = Tokenizer::from_dir(&model_dir)?;
+    let prompts: Vec<Vec<u32>> = PROMPTS
+        .iter()
+        .map(|p| tokenizer.encode(p))
+        .collect::<Result<_, _>>()?;
+    let local = Mixtral::load_in_process(&model_dir, LoadOptions::default())?;
+    let (reference, reference_tokens) = last_logits_and_tokens(&local, &prompts)?;
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    for (name, placement) in placements(config.num_hidden_layers, config.num_local_experts) {
+        let workers = support::workers_for(&model_dir, &placement)?;
+        let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
+        let remote = runtime.block_on(RemoteExperts::connect(
+            &model_dir,
+            &addrs,
+            placement.clone(),
+            Duration::from_secs(30),
+        ))?;
+        let checkpoint = Checkpoint::open(&model_dir)?;
+        let sharded = Mixtral::load_dense(
+            &checkpoint,
+            config.clone(),
+            LoadOptions::default(),
+            Box::new(remote),
+        )?;
+        let (logits, tokens) = last_logits_and_tokens(&sharded, &prompts)?;
+        let diff = (&logits - &reference).abs().max().double_value(&[]);
+        ensure!(diff <= 1e-5, "{name}: max |Δlogit| {diff:e} > 1e-5");
+        ensure!(tokens == reference_tokens, "{name}: greedy tokens differ");
+        eprintln!("{gen_args:?} {name}: max |Δlogit| {diff:e}, tokens identical");
+    }
+    Ok(())
+}
+
+#[test]
+fn sharded_equals_in_process_tiny_top2_of_8() -> Result<()> {
+    check_shape(&["--preset", "tiny", "--seed", "11"])
+}
+
+#[test]
+fn sharded_equals_in_process_top3_of_6_gqa4() -> Result<()> {
+    check_shape(&[
+        "--preset",
+        "tiny",
+        "--seed",
+        "12",
+        "--experts",
+        "6",
+        "--top-k",
+        "3",
+        "--hidden",
+        "96",
+        "--heads",
+        "8",
+        "--kv-heads",
+        "2",
+        "--layers",
+        "3",
+    ])
+}
+
+/// The whole path: `tramontane router` in front of workers, greedy tokens
+/// over gRPC (unary and streamed) equal the in-process ones.
+#[test]
+fn router_generation_equals_in_process_generation() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model_dir = dir.path().join("model");
+    support::gen_model(&model_dir, &["--preset", "tiny", "--seed", "13"])?;
+    let (prompt, expected) = support::expected_greedy(&model_dir, PROMPTS[2], 16)?;
+
+    let placement = Placement::round_robin(2, 8, 2)?;
+    let workers = support::workers_for(&model_dir, &placement)?;
+    let router = support::router(
+        &model_dir,
+        &support::addrs(&workers.iter().collect::<Vec<_>>()),
+        &[],
+    )?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let mut client = GenerationClient::connect(format!("http://{}", router.addr)).await?;
+        let request = GenerateRequest {
+            prompt: PROMPTS[2].into(),
+            max_tokens: 16,
+            temperature: Some(0.0),
+            ..Default::default()
+        };
+        let response = client.generate(request.clone()).await?.into_inner();
+        ensure!(response.prompt_token_ids == prompt, "prompt ids");
+        ensure!(
+            response.token_ids == expected,
+            "unary tokens {:?} vs {:?}",
+            response.token_ids,
+            expected
+        );
+        let reason = if expected.len() < 16 {
+            "stop"
+        } else {
+            "length"
+        };
+        ensure!(
+            response.finish_reason == reason,
+            "finish reason {}",
+            response.finish_reason
+        );
+
+        let mut stream = client.generate_stream(request).await?.into_inner();
+        let mut streamed = Vec::new();
+        let mut text = String::new();
+        let mut last_reason = String::new();
+        while let Some(message) = stream.message().await? {
+            if message.has_token {
+                streamed.push(message.token_id);
+            }
+            text.push_str(&message.text);
+            last_reason = message.finish_reason;
+        }
+        ensure!(streamed == expected, "streamed tokens differ");
+        ensure!(
+            last_reason == reason,
+            "streamed finish reason {last_reason}"
+        );
+        ensure!(
+            text == response.text,
+            "streamed text {text:?} vs {:?}",
+            response.text
+        );
+
+        // Bad requests are INVALID_ARGUMENT, and the router keeps serving.
+        for bad in [
+            GenerateRequest {
+                prompt: "hi".into(),
+                max_tokens: 0,
+                temperature: Some(0.0),
+                ..Default::default()
+            },
+            GenerateRequest {
+                prompt: String::new(),
+                max_tokens: 4,
+                temperature: Some(0.0),
+                ..Default::default()
+            },
+            GenerateRequest {
+                prompt_token_ids: vec![1, 40000],
+                max_tokens: 4,
+                temperature: Some(0.0),
+                ..Default::default()
+            },
+            GenerateRequest {
+                prompt: "hi".into(),
+                max_tokens: 5000,
+                temperature: Some(0.0),
+                ..Default::default()
+            },
+        ] {
+            let status = client.generate(bad).await.unwrap_err();
+            ensure!(status.code() == tonic::Code::InvalidArgument, "{status:?}");
+        }
+        let again = client
+            .generate(GenerateRequest {
+                prompt: PROMPTS[2].into(),
+                max_tokens: 16,
+                temperature: Some(0.0),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        ensure!(again.token_ids == expected, "after bad requests");
+
+        // The semantics of the HTTP API: seeds, stop strings, logprobs.
+        let sampled = GenerateRequest {
+            prompt: PROMPTS[1].into(),
+            max_tokens: 12,
+            temperature: Some(1.0),
+            seed: Some(7),
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let first = client.generate(sampled.clone()).await?.into_inner();
+        let second = client.generate(sampled).await?.into_inner();
+        ensure!(
+            first.token_ids.len() == 12,
+            "ignore_eos gives max_tokens tokens"
+        );
+        ensure!(
+            first.token_ids == second.token_ids,
+            "a seed replays the same tokens"
+        );
+
+        let text = &response.text;
+        let cut = text
+            .char_indices()
+            .map(|(i, _)| i)
+            .find(|&i| i >= text.len() / 2 && !text[i..].starts_with(' '))
+            .context("a cut point")?;
+        let stop: String = text[cut..].chars().take(3).collect();
+        let stopped = client
+            .generate(GenerateRequest {
+                prompt: PROMPTS[2].into(),
+                max_tokens: 16,
+                temperature: Some(0.0),
+                stop: vec![stop.clone()],
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let before = &text[..text.find(&stop).context("stop in text")?];
+        ensure!(
+            stopped.text == before && stopped.finish_reason == "stop",
+            "stop {stop:?}: {:?} ({}) vs {before:?}",
+            stopped.text,
+            stopped.finish_reason
+        );
+
+        let with_logprobs = client
+            .generate(GenerateRequest {
+                prompt: PROMPTS[2].into(),
+                max_tokens: 6,
+                temperature: Some(0.0),
+                logprobs: Some(3),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        ensure!(with_logprobs.logprobs.len() == with_logprobs.token_ids.len());
+        for (lp, &id) in with_logprobs.logprobs.iter().zip(&with_logprobs.token_ids) {
+            ensure!(lp.token_id == id && lp.top.len() == 3 && lp.logprob <= 0.0);
+            // Greedy: the chosen token is the most likely one.
+            ensure!(lp.top[0].token_id == id, "{lp:?}");
+            ensure!(lp.top.windows(2).all(|w| w[0].logprob >= w[1].logprob));
+        }
+        let status = client
+            .generate(GenerateRequest {
+                prompt: "hi".into(),
+                max_tokens: 4,
+                temperature: Some(3.0),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        ensure!(
+            status.code() == tonic::Code::InvalidArgument
+                && status.message().contains("temperature"),
+            "{status:?}"
+        );
+        Ok(())
+    })?;
+    Ok(())
+}

@@ -1,0 +1,355 @@
+//! What the integration tests share: the real `tramontane` binary and the
+//! processes it runs (workers, routers, a served cluster), the project's
+//! Python (transformers), checkpoints generated on the fly, the in-process
+//! greedy tokens a cluster must reproduce, and readers of HTTP answers and
+//! Prometheus text.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use anyhow::{Context, Result, ensure};
+use tramontane_model::generate::{StopRule, generate_greedy};
+use tramontane_model::{LoadOptions, Mixtral, Tokenizer};
+use tramontane_policy::held_experts::format_experts;
+use tramontane_policy::placement::Placement;
+
+pub fn tramontane() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tramontane"))
+}
+
+/// The Python with transformers: the active virtualenv's, else the project's `.venv`.
+pub fn python() -> PathBuf {
+    if let Some(venv) = std::env::var_os("VIRTUAL_ENV") {
+        return PathBuf::from(venv).join("bin/python");
+    }
+    let project = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    if project.exists() {
+        project
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
+pub fn scripts_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts")
+}
+
+pub fn run_ok(command: &mut Command) -> Result<Output> {
+    let output = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    ensure!(
+        output.status.success(),
+        "{command:?} failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(output)
+}
+
+/// Writes a checkpoint with `tramontane gen-model --out DIR ARGS...`.
+pub fn gen_model(dir: &Path, args: &[&str]) -> Result<()> {
+    run_ok(
+        tramontane()
+            .arg("gen-model")
+            .arg("--out")
+            .arg(dir)
+            .args(args),
+    )?;
+    Ok(())
+}
+
+/// A child process killed when dropped.
+pub struct Process {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `tramontane ARGS...` and waits for its "... listening on ADDR" line.
+pub fn spawn_listening(args: &[&str]) -> Result<Process> {
+    use std::io::{BufRead, BufReader};
+    let mut child = tramontane()
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    stdout.read_line(&mut line)?;
+    let Some(addr) = line
+        .trim()
+        .rsplit_once("listening on ")
+        .map(|(_, a)| a.to_string())
+    else {
+        let _ = child.kill();
+        let output = child.wait_with_output()?;
+        anyhow::bail!(
+            "{args:?} did not start: {}{}",
+            line,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    drain(stdout, child.stderr.take());
+    Ok(Process { child, addr })
+}
+
+/// Keeps reading the child's output, so that it never blocks on a full pipe
+/// nor fails writing to a closed one.
+fn drain(stdout: impl std::io::Read + Send + 'static, stderr: Option<std::process::ChildStderr>) {
+    fn sink(mut pipe: impl std::io::Read + Send + 'static) {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut pipe, &mut std::io::sink());
+        });
+    }
+    sink(stdout);
+    if let Some(stderr) = stderr {
+        sink(stderr);
+    }
+}
+
+/// A served cluster: the router's gRPC address (in `process.addr`) and its HTTP address.
+pub struct Serving {
+    pub process: Process,
+    pub http: String,
+}
+
+/// Starts `tramontane ARGS...` (serve or router) on ephemeral ports and waits
+/// for both its "... listening on ADDR" lines.
+pub fn spawn_serving(args: &[&str]) -> Result<Serving> {
+    use std::io::{BufRead, BufReader};
+    let mut child = tramontane()
+        .args(args)
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        // Traces (when exported) leave every 100 ms rather than every 5 s.
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
+    let mut addrs = Vec::new();
+    for _ in 0..2 {
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        match line.trim().rsplit_once("listening on ") {
+            Some((_, addr)) => addrs.push(addr.to_string()),
+            None => {
+                let _ = child.kill();
+                let output = child.wait_with_output()?;
+                anyhow::bail!(
+                    "{args:?} did not start: {line}{}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+        }
+    }
+    drain(stdout, child.stderr.take());
+    let http = addrs.pop().context("http address")?;
+    let addr = addrs.pop().context("grpc address")?;
+    Ok(Serving {
+        process: Process { child, addr },
+        http,
+    })
+}
+
+/// `tramontane serve --model MODEL --workers 2 --threads 1 EXTRA...` on
+/// ephemeral ports.
+pub fn serve_two_workers(model: &Path, extra: &[&str]) -> Result<Serving> {
+    let model = model.to_str().context("model path")?;
+    let mut args = vec![
+        "serve",
+        "--model",
+        model,
+        "--workers",
+        "2",
+        "--threads",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    spawn_serving(&args)
+}
+
+/// A worker holding `experts` (a --experts spec) of `model`, on `listen`.
+pub fn worker(model: &Path, experts: &str, listen: &str) -> Result<Process> {
+    let model = model.to_str().context("model path")?;
+    spawn_listening(&[
+        "worker",
+        "--model",
+        model,
+        "--experts",
+        experts,
+        "--listen",
+        listen,
+        "--threads",
+        "1",
+    ])
+}
+
+/// One worker per placement slot, each holding exactly its experts.
+pub fn workers_for(model: &Path, placement: &Placement) -> Result<Vec<Process>> {
+    (0..placement.workers)
+        .map(|w| {
+            worker(
+                model,
+                &format_experts(&placement.experts_of(w)),
+                "127.0.0.1:0",
+            )
+        })
+        .collect()
+}
+
+/// The workers' addresses as `--workers` takes them.
+pub fn addrs(workers: &[&Process]) -> String {
+    workers
+        .iter()
+        .map(|w| w.addr.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `router --model MODEL --workers WORKERS --threads 1` on ephemeral ports, then `extra`.
+fn router_args<'a>(model: &'a str, workers: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "router",
+        "--model",
+        model,
+        "--workers",
+        workers,
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// A router of `model` in front of running `workers` (`host:port,...`),
+/// with `extra` options; its gRPC address in `addr`.
+pub fn router(model: &Path, workers: &str, extra: &[&str]) -> Result<Process> {
+    let model = model.to_str().context("model path")?;
+    spawn_listening(&router_args(model, workers, extra))
+}
+
+/// The same router, expected to refuse to start within 2 s of waiting for
+/// its workers: its stderr (exit code 1, an error and not a panic).
+pub fn router_refuses(model: &Path, workers: &str, extra: &[&str]) -> Result<String> {
+    let model = model.to_str().context("model path")?;
+    let output = tramontane()
+        .args(router_args(model, workers, extra))
+        .args(["--startup-timeout-s", "2"])
+        .env("RUST_BACKTRACE", "0")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    ensure!(
+        output.status.code() == Some(1) && !stderr.contains("panicked"),
+        "router should refuse to start: {} {stderr}",
+        output.status
+    );
+    Ok(stderr)
+}
+
+/// What the model in `model` generates greedily in process for `prompt`
+/// (up to `max_tokens`, stopping at EOS): the prompt's ids and the tokens a
+/// cluster serving it must give.
+pub fn expected_greedy(
+    model: &Path,
+    prompt: &str,
+    max_tokens: usize,
+) -> Result<(Vec<u32>, Vec<u32>)> {
+    let _guard = tch::no_grad_guard();
+    let local = Mixtral::load_in_process(model, LoadOptions::default())?;
+    let tokenizer = Tokenizer::from_dir(model)?;
+    let ids = tokenizer.encode(prompt)?;
+    let stop = StopRule {
+        max_new_tokens: max_tokens,
+        eos_ids: tokenizer.eos_token_id().into_iter().collect(),
+    };
+    let tokens = generate_greedy(&local, std::slice::from_ref(&ids), &stop)?
+        .pop()
+        .context("one output")?;
+    Ok((ids, tokens))
+}
+
+/// A plain HTTP/1.1 exchange: status, lower-cased headers, body.
+pub fn http(addr: &str, method: &str, path: &str, body: &str) -> Result<(u16, String, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n").context("no header end")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .context("no status")?
+        .parse()?;
+    let body = if head.to_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((status, head.to_lowercase(), body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The value of a sample (name with its labels as written, e.g.
+/// `x_bucket{le="2"}`) in Prometheus text.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(sample)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Every sample of metric `name`: its labels and value.
+pub fn samples(text: &str, name: &str) -> Vec<(std::collections::BTreeMap<String, String>, f64)> {
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let (labels, value) = match rest.strip_prefix('{') {
+                Some(rest) => rest.split_once("} ")?,
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            let labels = labels
+                .split(',')
+                .filter(|l| !l.is_empty())
+                .filter_map(|l| {
+                    let (k, v) = l.split_once('=')?;
+                    Some((k.to_string(), v.trim_matches('"').to_string()))
+                })
+                .collect();
+            Some((labels, value.trim().parse().ok()?))
+        })
+        .collect()
+}

@@ -1,0 +1,86 @@
+//! The dtypes weights are stored, loaded and computed in, and hidden states
+//! sent in: their command-line names (`f32`, `bf16`, `f16`), their
+//! `torch_dtype` names in config.json and their sizes.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::ConfigError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum Dtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Dtype {
+    pub const ALL: [Dtype; 3] = [Dtype::F32, Dtype::Bf16, Dtype::F16];
+
+    /// Bytes of one element.
+    pub fn bytes(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::Bf16 | Dtype::F16 => 2,
+        }
+    }
+
+    /// The command-line spelling (`--dtype`, `--wire-dtype`).
+    pub fn flag(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+        }
+    }
+
+    /// The `torch_dtype` spelling of config.json.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "float32",
+            Dtype::Bf16 => "bfloat16",
+            Dtype::F16 => "float16",
+        }
+    }
+
+    pub fn from_hf_name(name: &str) -> Result<Self, ConfigError> {
+        Self::ALL
+            .into_iter()
+            .find(|d| d.hf_name() == name)
+            .ok_or_else(|| ConfigError::UnsupportedDtype(name.into()))
+    }
+}
+
+impl fmt::Display for Dtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.flag())
+    }
+}
+
+impl FromStr for Dtype {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|d| d.flag() == text)
+            .ok_or_else(|| format!("unknown dtype {text:?} (f32, bf16 or f16)"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtype_names_round_trip() {
+        for d in Dtype::ALL {
+            assert_eq!(Dtype::from_hf_name(d.hf_name()).unwrap(), d);
+            assert_eq!(d.flag().parse::<Dtype>().unwrap(), d);
+        }
+        assert!(Dtype::from_hf_name("int8").is_err());
+        assert!("int8".parse::<Dtype>().is_err());
+        assert_eq!((Dtype::F32.bytes(), Dtype::Bf16.bytes()), (4, 2));
+    }
+}

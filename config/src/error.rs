@@ -1,0 +1,35 @@
+//! Why a checkpoint's config cannot be used.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("cannot parse {}: {error}", path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "config.json".into()))]
+    Parse {
+        path: Option<PathBuf>,
+        error: serde_json::Error,
+    },
+    #[error("unsupported architecture {found}: only MixtralForCausalLM is supported")]
+    UnsupportedArchitecture { found: String },
+    #[error("invalid config field {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("unsupported torch_dtype {0:?} (float32, bfloat16 or float16)")]
+    UnsupportedDtype(String),
+}
+
+impl ConfigError {
+    pub(crate) fn at(self, path: &std::path::Path) -> Self {
+        match self {
+            ConfigError::Parse { error, .. } => ConfigError::Parse {
+                path: Some(path.to_owned()),
+                error,
+            },
+            other => other,
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! # tramontane-infra
+//!
+//! Service infrastructure the router and the expert workers share (and
+//! nothing of the model): a worker's span continues the router's trace, both
+//! render Prometheus metrics the same way, and they agree on gRPC limits.
+//!
+//! # Layout
+//!
+//! - [`trace_context`]: W3C `traceparent` in gRPC metadata, router to worker.
+//! - [`metrics`]: the process-wide Prometheus recorder, shared bucket lists, RSS.
+//! - [`grpc`]: gRPC code names (metrics labels), message size limits, addresses.
+//! - [`error`]: an error and its causes as one message, for clients and logs.
+
+pub mod error;
+pub mod grpc;
+pub mod metrics;
+pub mod trace_context;

@@ -1,0 +1,44 @@
+//! What can go wrong measuring.
+
+use tramontane_model::{ConfigError, ForwardError, LoadError, WeightsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeasureError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+    #[error(transparent)]
+    Placement(#[from] tramontane_policy::placement::PlacementError),
+    #[error(transparent)]
+    Cluster(#[from] tramontane_router::cluster::ClusterError),
+    #[error(transparent)]
+    Launch(#[from] tramontane_launcher::LaunchError),
+    #[error(transparent)]
+    Profile(#[from] tramontane_planner::profile::ProfileError),
+    #[error("connecting to the worker")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("the worker answered {}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        error: std::io::Error,
+    },
+}
+
+impl MeasureError {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let what = what.into();
+        move |error| MeasureError::Io { what, error }
+    }
+}

@@ -1,0 +1,207 @@
+//! Tokens/s of the forward for the prefill and decode shapes that
+//! benches/forward_vs_hf.py also runs through transformers, in process or,
+//! sharded, over running workers (`tramontane bench-forward`).
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tramontane_model::kv_cache::KvCache;
+use tramontane_model::weights::Checkpoint;
+use tramontane_model::{BatchItem, LoadOptions, Logits, Mixtral, MixtralConfig};
+use tramontane_policy::placement::Placement;
+use tramontane_router::dispatch::RemoteExperts;
+
+use crate::error::MeasureError;
+use crate::median;
+use crate::tokens::{bench_token, prompts};
+
+/// A shape to time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// `batch` prompts of `len` tokens, from empty caches.
+    Prefill { batch: usize, len: usize },
+    /// Decode steps of `batch` sequences after their prompts.
+    Decode { batch: usize },
+}
+
+impl Shape {
+    /// The shapes of the benchmark table, by name.
+    pub const NAMES: [(&'static str, Shape); 5] = [
+        ("prefill-1x512", Shape::Prefill { batch: 1, len: 512 }),
+        ("prefill-8x128", Shape::Prefill { batch: 8, len: 128 }),
+        ("decode-1", Shape::Decode { batch: 1 }),
+        ("decode-8", Shape::Decode { batch: 8 }),
+        ("decode-32", Shape::Decode { batch: 32 }),
+    ];
+}
+
+impl FromStr for Shape {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        Self::NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|&(_, shape)| shape)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Self::NAMES.iter().map(|(n, _)| *n).collect();
+                format!("unknown row {name:?} (one of {})", known.join(", "))
+            })
+    }
+}
+
+/// How long each shape is timed.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Timed repetitions of each row; the median is reported.
+    pub repeats: usize,
+    /// Decode steps timed per decode row.
+    pub decode_steps: usize,
+    /// Prompt length before the decode rows.
+    pub decode_prompt: usize,
+}
+
+/// One row of the table.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub name: String,
+    pub tokens: usize,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+}
+
+fn prefill(model: &Mixtral, prompts: &[Vec<u32>]) -> Result<Vec<KvCache>, MeasureError> {
+    Ok(model.prefill(prompts, Logits::LastPosition)?.1)
+}
+
+fn time_prefill(
+    model: &Mixtral,
+    batch: usize,
+    len: usize,
+    repeats: usize,
+) -> Result<Row, MeasureError> {
+    let prompts = prompts(batch, len, model.config().vocab_size);
+    prefill(model, &prompts)?; // warm-up
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        let start = Instant::now();
+        prefill(model, &prompts)?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let seconds = median(times);
+    Ok(Row {
+        name: format!("prefill {batch}x{len}"),
+        tokens: batch * len,
+        seconds,
+        tokens_per_s: (batch * len) as f64 / seconds,
+    })
+}
+
+fn time_decode(model: &Mixtral, batch: usize, timing: &Timing) -> Result<Row, MeasureError> {
+    let vocab = model.config().vocab_size;
+    let prompts = prompts(batch, timing.decode_prompt, vocab);
+    let mut times = Vec::with_capacity(timing.repeats);
+    for repeat in 0..=timing.repeats {
+        let mut caches = prefill(model, &prompts)?;
+        let mut next: Vec<u32> = (0..batch)
+            .map(|s| bench_token(s, timing.decode_prompt, vocab))
+            .collect();
+        let start = Instant::now();
+        for _ in 0..timing.decode_steps {
+            let tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+            let mut items: Vec<BatchItem<'_>> = tokens
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(tokens, cache)| BatchItem { tokens, cache })
+                .collect();
+            let logits = model.forward(&mut items, Logits::LastPosition)?;
+            let ids: Vec<i64> = Vec::try_from(logits.argmax(-1, false))?;
+            next = ids.into_iter().map(|t| t as u32).collect();
+        }
+        if repeat > 0 {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let seconds = median(times);
+    let tokens = batch * timing.decode_steps;
+    Ok(Row {
+        name: format!("decode batch {batch}"),
+        tokens,
+        seconds,
+        tokens_per_s: tokens as f64 / seconds,
+    })
+}
+
+/// Times each of `shapes`, in order.
+pub fn run(model: &Mixtral, shapes: &[Shape], timing: &Timing) -> Result<Vec<Row>, MeasureError> {
+    if timing.repeats == 0 || timing.decode_steps == 0 {
+        return Err(MeasureError::Invalid(
+            "--repeats and --decode-steps must be at least 1".into(),
+        ));
+    }
+    let _guard = tch::no_grad_guard();
+    shapes
+        .iter()
+        .map(|&shape| match shape {
+            Shape::Prefill { batch, len } => time_prefill(model, batch, len, timing.repeats),
+            Shape::Decode { batch } => time_decode(model, batch, timing),
+        })
+        .collect()
+}
+
+/// The model with its experts in process (no `workers`), or on the running
+/// `workers` (default placement) through the router's dispatch, which blocks
+/// on `runtime`.
+pub fn load(
+    dir: &Path,
+    workers: &[String],
+    options: LoadOptions,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<Mixtral, MeasureError> {
+    if workers.is_empty() {
+        return Ok(Mixtral::load_in_process(dir, options)?);
+    }
+    let config = MixtralConfig::from_file(&dir.join("config.json"))?;
+    let placement = Placement::round_robin(
+        config.num_hidden_layers,
+        config.num_local_experts,
+        workers.len(),
+    )?;
+    let experts = runtime.block_on(RemoteExperts::connect(
+        dir,
+        workers,
+        placement,
+        Duration::from_secs(60),
+    ))?;
+    let checkpoint = Checkpoint::open(dir)?;
+    Ok(Mixtral::load_dense(
+        &checkpoint,
+        config,
+        options,
+        Box::new(experts),
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_named_as_the_benchmarks_name_them() {
+        assert_eq!(
+            "prefill-8x128".parse::<Shape>(),
+            Ok(Shape::Prefill { batch: 8, len: 128 })
+        );
+        assert_eq!(
+            "decode-32".parse::<Shape>(),
+            Ok(Shape::Decode { batch: 32 })
+        );
+        let err = "decode-7".parse::<Shape>().unwrap_err();
+        assert!(
+            err.contains("decode-7") && err.contains("decode-32"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,25 @@
+//! # tramontane-policy
+//!
+//! The decisions of serving that need no tensor: the router takes them on
+//! every step, and the capacity planner (which never links libtorch)
+//! simulates them with the very same code.
+//!
+//! # Layout
+//!
+//! - [`placement`]: which worker holds which expert (default or file, replicas);
+//!   [`held_experts`]: what one worker holds (`--experts 0,2,5-7`, or its
+//!   share of a placement file).
+//! - [`scheduler`]: the scheduler's limits and the plan of one step (decodes,
+//!   then prompt chunks under the token budget).
+//! - [`admission`]: the waiting queue and the KV reservations: which requests
+//!   join the running batch.
+//! - [`dispatch_plan`]: which live worker computes each routed (token, expert)
+//!   pair of a layer.
+//! - [`routing_trace`]: `--record-routing`, the experts every token chose.
+
+pub mod admission;
+pub mod dispatch_plan;
+pub mod held_experts;
+pub mod placement;
+pub mod routing_trace;
+pub mod scheduler;
