@@ -78,7 +78,7 @@ fn a_killed_worker_fails_over_to_its_replica_with_identical_tokens() -> Result<(
     )?;
     let router = support::router(
         Path::new(&model),
-        &support::addrs(&[&w0, &w1]),
+        &support::addrs([&w0, &w1]),
         &["--placement", placement.to_str().unwrap_or_default()],
     )?;
     tokio::runtime::Runtime::new()?.block_on(async {
@@ -124,7 +124,7 @@ fn without_a_replica_requests_fail_unavailable_until_the_worker_returns() -> Res
     let w1_addr = w1.addr.clone();
     let router = support::router(
         Path::new(&model),
-        &support::addrs(&[&w0, &w1]),
+        &support::addrs([&w0, &w1]),
         &["--dispatch-timeout-ms", "3000"],
     )?;
     tokio::runtime::Runtime::new()?.block_on(async {

@@ -50,19 +50,16 @@ fn serve_starts_workers_and_router_and_stops_them_all() -> Result<()> {
     let model = dir.path().join("model");
     support::gen_model(&model, &["--preset", "tiny", "--seed", "31"])?;
     let model = model.to_str().context("path")?;
-    let mut serve = support::spawn_listening(&[
+    let mut serve = support::spawn_serving(&[
         "serve",
         "--model",
         model,
         "--workers",
         "3",
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
         "--threads",
         "1",
-    ])?;
+    ])?
+    .process;
     let workers = children_of(serve.child.id());
     ensure!(
         workers.len() == 3,
@@ -119,15 +116,20 @@ fn serve_starts_workers_and_router_and_stops_them_all() -> Result<()> {
     )?;
     let status = serve.child.wait()?;
     ensure!(status.success(), "serve exits cleanly on SIGTERM: {status}");
-    for _ in 0..50 {
-        if workers.iter().all(|&pid| !alive(pid)) {
+    all_gone(&workers, 50, "workers outlived serve")
+}
+
+/// Waits (not timing: up to `tries` × 100 ms) until none of `pids` is alive.
+fn all_gone(pids: &[u32], tries: usize, failure: &str) -> Result<()> {
+    for _ in 0..tries {
+        if pids.iter().all(|&pid| !alive(pid)) {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     anyhow::bail!(
-        "workers outlived serve: {:?}",
-        workers.iter().filter(|&&p| alive(p)).collect::<Vec<_>>()
+        "{failure}: {:?}",
+        pids.iter().filter(|&&p| alive(p)).collect::<Vec<_>>()
     )
 }
 
@@ -141,17 +143,8 @@ fn workers_do_not_outlive_a_killed_serve() -> Result<()> {
     ensure!(workers.len() == 2, "expected 2 workers, found {workers:?}");
     serve.process.child.kill()?; // SIGKILL: serve cannot clean up
     serve.process.child.wait()?;
-    // Waiting, not timing: the workers see their stdin close and exit.
-    for _ in 0..100 {
-        if workers.iter().all(|&pid| !alive(pid)) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    anyhow::bail!(
-        "workers outlived a killed serve: {:?}",
-        workers.iter().filter(|&&p| alive(p)).collect::<Vec<_>>()
-    )
+    // The workers see their stdin close and exit.
+    all_gone(&workers, 100, "workers outlived a killed serve")
 }
 
 #[test]

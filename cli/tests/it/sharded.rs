@@ -145,11 +145,7 @@ fn router_generation_equals_in_process_generation() -> Result<()> {
 
     let placement = Placement::round_robin(2, 8, 2)?;
     let workers = support::workers_for(&model_dir, &placement)?;
-    let router = support::router(
-        &model_dir,
-        &support::addrs(&workers.iter().collect::<Vec<_>>()),
-        &[],
-    )?;
+    let router = support::router(&model_dir, &support::addrs(&workers), &[])?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let mut client = GenerationClient::connect(format!("http://{}", router.addr)).await?;

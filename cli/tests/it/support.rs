@@ -205,9 +205,9 @@ pub fn workers_for(model: &Path, placement: &Placement) -> Result<Vec<Process>> 
 }
 
 /// The workers' addresses as `--workers` takes them.
-pub fn addrs(workers: &[&Process]) -> String {
+pub fn addrs<'a>(workers: impl IntoIterator<Item = &'a Process>) -> String {
     workers
-        .iter()
+        .into_iter()
         .map(|w| w.addr.as_str())
         .collect::<Vec<_>>()
         .join(",")
