@@ -37,12 +37,9 @@ pub struct ProfileArgs {
 }
 
 pub fn run(args: &ProfileArgs) -> Result<()> {
-    ensure!(args.repeats >= 1, "--repeats must be at least 1");
-    ensure!(args.max_tokens >= 1, "--max-tokens must be at least 1");
     let load = args.compute.load_options()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
     let worker_threads = args.worker_threads.unwrap_or((cores / 3).max(1));
-    ensure!(worker_threads >= 1, "--worker-threads must be at least 1");
     let memory_bytes = match (args.memory_gb, load.device) {
         (Some(gb), _) => {
             ensure!(gb.is_finite() && gb > 0.0, "--memory-gb must be positive");
@@ -54,7 +51,6 @@ pub fn run(args: &ProfileArgs) -> Result<()> {
     let profile = measure(&ProfileOptions {
         model: args.model.clone(),
         load,
-        dtype: args.compute.dtype,
         device: args.compute.device.clone(),
         worker_threads,
         memory_bytes,

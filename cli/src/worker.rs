@@ -12,7 +12,7 @@ use tramontane_expert_worker::{ComputeHandle, ExpertServer, WorkerModel};
 use tramontane_infra::grpc::DEFAULT_MAX_MESSAGE_BYTES;
 use tramontane_model::MixtralConfig;
 use tramontane_model::weights::Checkpoint;
-use tramontane_policy::held_experts::{HeldExperts, format_experts, parse_experts};
+use tramontane_policy::held_experts::{HeldExperts, format_per_layer, parse_experts};
 
 use crate::options::ComputeArgs;
 use crate::telemetry::TelemetryArgs;
@@ -105,12 +105,10 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
             tramontane_infra::metrics::rss_bytes() >> 20,
         );
         if args.placement.is_some() {
-            let layers: Vec<String> = info
-                .held
-                .iter()
-                .map(|(layer, experts)| format!("layer {layer}: {}", format_experts(experts)))
-                .collect();
-            tracing::info!("worker holds, per layer, experts {}", layers.join("; "));
+            tracing::info!(
+                "worker holds, per layer, experts {}",
+                format_per_layer(&info.held)
+            );
         }
         println!("{}{addr}", tramontane_launcher::LISTENING);
         let server = ExpertServer::new(compute, info);

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
-use tramontane_policy::held_experts::format_experts;
+use tramontane_policy::held_experts::{format_experts, format_per_layer};
 use tramontane_policy::placement::Placement;
 
 /// What the worker prints once it listens; the address follows.
@@ -144,21 +144,15 @@ pub fn worker_share(
         return Err(LaunchError::NoShare(worker));
     }
     Ok(match file {
-        Some(file) => {
-            let layers: Vec<String> = held
-                .iter()
-                .map(|(layer, experts)| format!("layer {layer}: {}", format_experts(experts)))
-                .collect();
-            (
-                vec![
-                    "--placement".into(),
-                    file.into(),
-                    "--worker-index".into(),
-                    worker.to_string().into(),
-                ],
-                format!("experts {}", layers.join("; ")),
-            )
-        }
+        Some(file) => (
+            vec![
+                "--placement".into(),
+                file.into(),
+                "--worker-index".into(),
+                worker.to_string().into(),
+            ],
+            format!("experts {}", format_per_layer(&held)),
+        ),
         None => {
             let experts = format_experts(&placement.experts_of(worker));
             (

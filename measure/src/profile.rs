@@ -29,11 +29,10 @@ use crate::tokens::bench_token;
 pub struct ProfileOptions {
     /// Checkpoint folder (HF format).
     pub model: PathBuf,
-    /// The router's (the dense part's) dtype and device; its thread count is
-    /// libtorch's when this runs.
+    /// The router's (the dense part's) dtype and device, the workers' too;
+    /// its thread count is libtorch's when this runs.
     pub load: LoadOptions,
-    /// The same dtype, and the device as the workers' `--device` takes it.
-    pub dtype: Dtype,
+    /// The same device as the workers' `--device` takes it.
     pub device: String,
     /// Threads of one worker.
     pub worker_threads: i32,
@@ -257,10 +256,11 @@ struct WorkerCosts {
 fn measure_workers(
     args: &ProfileOptions,
     config: &MixtralConfig,
+    dtype: Dtype,
     lanes: usize,
 ) -> Result<WorkerCosts, MeasureError> {
     let options = args.load;
-    let expert_bytes = (config.expert_parameters() * args.dtype.bytes()) as u64;
+    let expert_bytes = (config.expert_parameters() * dtype.bytes()) as u64;
     let layer_bytes = expert_bytes * config.num_local_experts as u64;
     let layers = WORKER_WORKING_SET
         .div_ceil(layer_bytes)
@@ -282,7 +282,7 @@ fn measure_workers(
             .to_vec(),
         device: args.device.clone(),
         threads: args.worker_threads,
-        extra: ["--dtype", args.dtype.flag()].map(Into::into).to_vec(),
+        extra: ["--dtype", dtype.flag()].map(Into::into).to_vec(),
     };
     let mut workers = Vec::new();
     let mut addrs = Vec::new();
@@ -418,13 +418,23 @@ fn fit_line(points: &[Point]) -> Vec<Point> {
 /// libtorch's threads; the experts on worker processes (as many as compute at
 /// once on this host for a CPU, one for a GPU).
 pub fn measure(args: &ProfileOptions) -> Result<Profile, MeasureError> {
-    if args.repeats == 0 || args.max_tokens == 0 || args.worker_threads < 1 {
-        return Err(MeasureError::Invalid(
-            "--repeats, --max-tokens and --worker-threads must be at least 1".into(),
-        ));
+    for (flag, value) in [
+        ("--repeats", args.repeats as i64),
+        ("--max-tokens", args.max_tokens as i64),
+        ("--worker-threads", i64::from(args.worker_threads)),
+    ] {
+        if value < 1 {
+            return Err(MeasureError::Invalid(format!("{flag} must be at least 1")));
+        }
     }
     let _guard = tch::no_grad_guard();
     let options = args.load;
+    let dtype = tramontane_model::dtype::dtype(options.kind).ok_or_else(|| {
+        MeasureError::Invalid(format!(
+            "{:?} is not a dtype weights may have",
+            options.kind
+        ))
+    })?;
     let device = options.device;
     let config = MixtralConfig::from_file(&args.model.join("config.json"))?;
     let checkpoint = Checkpoint::open(&args.model)?;
@@ -443,7 +453,7 @@ pub fn measure(args: &ProfileOptions) -> Result<Profile, MeasureError> {
         threads = worker_threads,
         "profiling experts and round trips"
     );
-    let workers = measure_workers(args, &config, lanes.unwrap_or(1))?;
+    let workers = measure_workers(args, &config, dtype, lanes.unwrap_or(1))?;
 
     let profile = Profile {
         format: FORMAT.into(),
@@ -459,7 +469,7 @@ pub fn measure(args: &ProfileOptions) -> Result<Profile, MeasureError> {
         ),
         memory_bytes: args.memory_bytes,
         shared_lanes: lanes,
-        model: ModelShape::new(&config, args.dtype.bytes()),
+        model: ModelShape::new(&config, dtype.bytes()),
         expert_ffn: workers.expert_ffn,
         dense_step: dense.dense_step,
         lm_head: dense.lm_head,

@@ -126,6 +126,14 @@ pub fn format_experts(ids: &[usize]) -> String {
         .join(",")
 }
 
+/// A per-layer holding in words: `layer 0: 0,2; layer 1: 1,3`.
+pub fn format_per_layer(held: &[(usize, Vec<usize>)]) -> String {
+    held.iter()
+        .map(|(layer, experts)| format!("layer {layer}: {}", format_experts(experts)))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +145,10 @@ mod tests {
         assert_eq!(
             parse_experts(&format_experts(&[1, 3]), 8).unwrap(),
             vec![1, 3]
+        );
+        assert_eq!(
+            format_per_layer(&[(0, vec![0, 2]), (1, vec![1, 3])]),
+            "layer 0: 0,2; layer 1: 1,3"
         );
     }
 
