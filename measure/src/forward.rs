@@ -7,7 +7,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tramontane_model::kv_cache::KvCache;
+use tramontane_model::kv_cache::{KvCache, KvPool};
 use tramontane_model::weights::Checkpoint;
 use tramontane_model::{BatchItem, LoadOptions, Logits, Mixtral, MixtralConfig};
 use tramontane_policy::placement::Placement;
@@ -72,8 +72,12 @@ pub struct Row {
     pub tokens_per_s: f64,
 }
 
-fn prefill(model: &Mixtral, prompts: &[Vec<u32>]) -> Result<Vec<KvCache>, MeasureError> {
-    Ok(model.prefill(prompts, Logits::LastPosition)?.1)
+fn prefill(
+    model: &Mixtral,
+    kv: &KvPool,
+    prompts: &[Vec<u32>],
+) -> Result<Vec<KvCache>, MeasureError> {
+    Ok(model.prefill(kv, prompts, Logits::LastPosition)?.1)
 }
 
 fn time_prefill(
@@ -83,11 +87,12 @@ fn time_prefill(
     repeats: usize,
 ) -> Result<Row, MeasureError> {
     let prompts = prompts(batch, len, model.config().vocab_size);
-    prefill(model, &prompts)?; // warm-up
+    let kv = model.kv_pool_for(batch, len);
+    prefill(model, &kv, &prompts)?; // warm-up
     let mut times = Vec::with_capacity(repeats);
     for _ in 0..repeats {
         let start = Instant::now();
-        prefill(model, &prompts)?;
+        prefill(model, &kv, &prompts)?;
         times.push(start.elapsed().as_secs_f64());
     }
     let seconds = median(times);
@@ -102,9 +107,10 @@ fn time_prefill(
 fn time_decode(model: &Mixtral, batch: usize, timing: &Timing) -> Result<Row, MeasureError> {
     let vocab = model.config().vocab_size;
     let prompts = prompts(batch, timing.decode_prompt, vocab);
+    let kv = model.kv_pool_for(batch, timing.decode_prompt + timing.decode_steps);
     let mut times = Vec::with_capacity(timing.repeats);
     for repeat in 0..=timing.repeats {
-        let mut caches = prefill(model, &prompts)?;
+        let mut caches = prefill(model, &kv, &prompts)?;
         let mut next: Vec<u32> = (0..batch)
             .map(|s| bench_token(s, timing.decode_prompt, vocab))
             .collect();
@@ -116,7 +122,7 @@ fn time_decode(model: &Mixtral, batch: usize, timing: &Timing) -> Result<Row, Me
                 .zip(caches.iter_mut())
                 .map(|(tokens, cache)| BatchItem { tokens, cache })
                 .collect();
-            let logits = model.forward(&mut items, Logits::LastPosition)?;
+            let logits = model.forward(&kv, &mut items, Logits::LastPosition)?;
             let ids: Vec<i64> = Vec::try_from(logits.argmax(-1, false))?;
             next = ids.into_iter().map(|t| t as u32).collect();
         }

@@ -148,12 +148,13 @@ fn measure_dense(
 
     // A step over `batch` sequences of `new` tokens each after `cached` ones.
     let step = |batch: usize, new: usize, cached: usize| -> Result<f64, MeasureError> {
-        let mut caches: Vec<KvCache> = (0..batch).map(|_| model.new_cache()).collect();
+        let kv = model.kv_pool_for(batch, cached + new);
+        let mut caches: Vec<KvCache> = (0..batch).map(|_| kv.new_cache()).collect();
         if cached > 0 {
             let prompts: Vec<Vec<u32>> = (0..batch)
                 .map(|s| (0..cached).map(|p| token(s, p)).collect())
                 .collect();
-            caches = model.prefill(&prompts, Logits::LastPosition)?.1;
+            caches = model.prefill(&kv, &prompts, Logits::LastPosition)?.1;
         }
         let feeds: Vec<Vec<u32>> = (0..batch)
             .map(|s| (cached..cached + new).map(|p| token(s, p)).collect())
@@ -165,7 +166,7 @@ fn measure_dense(
                 .map(|(tokens, cache)| BatchItem { tokens, cache })
                 .collect();
             // The engine copies the logits to the host to sample.
-            let logits = model.forward(&mut items, Logits::LastPosition)?;
+            let logits = model.forward(&kv, &mut items, Logits::LastPosition)?;
             let _: Vec<f32> = Vec::try_from(logits.flatten(0, -1))?;
             for cache in caches.iter_mut() {
                 cache.truncate(cached);

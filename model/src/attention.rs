@@ -1,10 +1,16 @@
-//! Grouped-query self-attention over a ragged batch: the projections run on
-//! all tokens at once, attention runs per sequence against its KV cache, with
-//! a causal mask and, when configured, a sliding window.
+//! Grouped-query self-attention over a ragged batch against the paged KV
+//! pool. The projections run on all tokens at once (q, k and v as one
+//! matmul); the new keys and values are written into their slots; then every
+//! sequence that decodes one token attends in one batched call per layer
+//! (block tables padded to a common length, a mask for lengths and the
+//! sliding window), and each prefill chunk attends on its own with a causal
+//! mask. Query heads are grouped by their key/value head, so keys and values
+//! are never repeated per head.
 
 use tch::{Device, Kind, Tensor};
 
-use crate::kv_cache::KvCache;
+use crate::error::ForwardError;
+use crate::kv_cache::{BLOCK_SIZE, KvCache, KvPool, blocks_for};
 use crate::rotary::RotaryTables;
 use tramontane_config::MixtralConfig;
 
@@ -19,15 +25,20 @@ pub struct SequenceSpan {
     pub start: usize,
 }
 
+impl SequenceSpan {
+    /// Positions held once this span is written.
+    fn end(&self) -> usize {
+        self.start + self.len
+    }
+}
+
 pub struct Attention {
-    q_proj: Tensor,
-    k_proj: Tensor,
-    v_proj: Tensor,
+    /// q, k and v stacked: `[(heads + 2 kv_heads) * head_dim, hidden]`.
+    qkv_proj: Tensor,
     o_proj: Tensor,
     num_heads: i64,
     num_kv_heads: i64,
     head_dim: i64,
-    sliding_window: Option<usize>,
 }
 
 pub struct AttentionWeights {
@@ -37,112 +48,239 @@ pub struct AttentionWeights {
     pub o_proj: Tensor,
 }
 
+/// What every layer's attention needs to know about one step, built once
+/// per step: where the new keys go, and which cached positions each
+/// sequence reads.
+pub struct StepLayout {
+    /// The pool slot of every new token, `[tokens]`.
+    slots: Tensor,
+    decode: Option<DecodeGroup>,
+    prefills: Vec<PrefillChunk>,
+}
+
+/// The sequences that decode one token this step.
+struct DecodeGroup {
+    /// Their rows in the batch, `[sequences]`; None when every row decodes.
+    rows: Option<Tensor>,
+    /// Block tables padded with the padding block, `[sequences, blocks]`.
+    table: Tensor,
+    /// `[sequences, 1, 1, blocks * BLOCK_SIZE]`, true where a position may
+    /// be attended to.
+    mask: Tensor,
+}
+
+/// A sequence with several new tokens (a prompt or a chunk of one).
+struct PrefillChunk {
+    span: SequenceSpan,
+    /// Its block table, `[1, blocks]`, when it attends to positions cached
+    /// by earlier steps; None when its own new tokens are all it sees.
+    table: Option<Tensor>,
+    mask: Option<AttentionMask>,
+}
+
+impl StepLayout {
+    /// Lays out a step: `spans[i]` belongs to `caches[i]`, whose blocks must
+    /// already hold `spans[i].end()` positions.
+    pub fn new(
+        spans: &[SequenceSpan],
+        caches: &[&mut KvCache],
+        sliding_window: Option<usize>,
+        device: Device,
+    ) -> Self {
+        let slots: Vec<i64> = spans
+            .iter()
+            .zip(caches)
+            .flat_map(|(span, cache)| (span.start..span.end()).map(|p| cache.slot(p)))
+            .collect();
+        let decoding: Vec<usize> = (0..spans.len()).filter(|&i| spans[i].len == 1).collect();
+        let decode = (!decoding.is_empty()).then(|| {
+            let blocks = decoding
+                .iter()
+                .map(|&i| blocks_for(spans[i].end()))
+                .max()
+                .unwrap_or(1);
+            let table: Vec<i64> = decoding
+                .iter()
+                .flat_map(|&i| caches[i].padded_table(blocks))
+                .collect();
+            let width = (blocks * BLOCK_SIZE) as i64;
+            let ends: Vec<i64> = decoding.iter().map(|&i| spans[i].end() as i64).collect();
+            let ends = Tensor::from_slice(&ends).to_device(device).view([-1, 1]);
+            let key_pos = Tensor::arange(width, (Kind::Int64, device)).view([1, -1]);
+            let mut mask = key_pos.lt_tensor(&ends);
+            if let Some(window) = sliding_window {
+                // The new token sits at end - 1 and sees the `window` last positions.
+                mask = mask.logical_and(&key_pos.ge_tensor(&(&ends - window as i64)));
+            }
+            let every_row = decoding.len() == spans.len();
+            let rows: Vec<i64> = decoding.iter().map(|&i| spans[i].row as i64).collect();
+            DecodeGroup {
+                rows: (!every_row).then(|| Tensor::from_slice(&rows).to_device(device)),
+                table: Tensor::from_slice(&table)
+                    .to_device(device)
+                    .view([decoding.len() as i64, blocks as i64]),
+                mask: mask.view([decoding.len() as i64, 1, 1, width]),
+            }
+        });
+        let prefills = spans
+            .iter()
+            .zip(caches)
+            .filter(|(span, _)| span.len > 1)
+            .map(|(span, cache)| {
+                let table = (span.start > 0).then(|| {
+                    let blocks = blocks_for(span.end());
+                    let table: Vec<i64> = cache.padded_table(blocks).collect();
+                    Tensor::from_slice(&table)
+                        .to_device(device)
+                        .view([1, blocks as i64])
+                });
+                PrefillChunk {
+                    span: *span,
+                    table,
+                    mask: AttentionMask::for_chunk(span, sliding_window, device),
+                }
+            })
+            .collect();
+        Self {
+            slots: Tensor::from_slice(&slots).to_device(device),
+            decode,
+            prefills,
+        }
+    }
+}
+
 impl Attention {
     pub fn new(config: &MixtralConfig, weights: AttentionWeights) -> Self {
         Self {
-            q_proj: weights.q_proj,
-            k_proj: weights.k_proj,
-            v_proj: weights.v_proj,
+            qkv_proj: Tensor::cat(&[weights.q_proj, weights.k_proj, weights.v_proj], 0),
             o_proj: weights.o_proj,
             num_heads: config.num_attention_heads as i64,
             num_kv_heads: config.num_key_value_heads() as i64,
             head_dim: config.head_dim() as i64,
-            sliding_window: config.sliding_window,
         }
     }
 
-    /// `xs`: `[tokens, hidden]`, the new tokens of every sequence in `spans`
-    /// order; `caches[i]` belongs to `spans[i]`; `rotary` holds each row's
-    /// position.
+    /// `xs`: `[tokens, hidden]`, the new tokens of every sequence of
+    /// `layout`, in its order; `rotary` holds each row's position. Writes
+    /// this layer's new keys and values into `pool`.
     pub fn forward(
         &self,
         layer: usize,
         xs: &Tensor,
         rotary: &RotaryTables,
-        spans: &[SequenceSpan],
-        caches: &mut [&mut KvCache],
-    ) -> Tensor {
+        layout: &StepLayout,
+        pool: &KvPool,
+    ) -> Result<Tensor, ForwardError> {
         let tokens = xs.size()[0];
-        let q = rotary.apply(&xs.matmul(&self.q_proj.tr()).view([
-            tokens,
-            self.num_heads,
-            self.head_dim,
-        ]));
-        let k = rotary.apply(&xs.matmul(&self.k_proj.tr()).view([
+        let (q_dim, kv_dim) = (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        );
+        let qkv = xs.matmul(&self.qkv_proj.tr());
+        let q =
+            rotary.apply(
+                &qkv.narrow(1, 0, q_dim)
+                    .view([tokens, self.num_heads, self.head_dim]),
+            );
+        let k = rotary.apply(&qkv.narrow(1, q_dim, kv_dim).view([
             tokens,
             self.num_kv_heads,
             self.head_dim,
         ]));
-        let v = xs
-            .matmul(&self.v_proj.tr())
-            .view([tokens, self.num_kv_heads, self.head_dim]);
-        let outputs: Vec<Tensor> = spans
-            .iter()
-            .zip(caches.iter_mut())
-            .map(|(span, cache)| self.attend(layer, &q, &k, &v, span, cache))
-            .collect();
-        Tensor::cat(&outputs, 0).matmul(&self.o_proj.tr())
+        let v =
+            qkv.narrow(1, q_dim + kv_dim, kv_dim)
+                .view([tokens, self.num_kv_heads, self.head_dim]);
+        pool.write(layer, &layout.slots, &k, &v)?;
+
+        let decoded = layout
+            .decode
+            .as_ref()
+            .map(|group| self.decode(layer, &q, group, pool));
+        let out = match (&decoded, layout.prefills.is_empty()) {
+            (Some(out), true) => out.shallow_clone(),
+            _ => {
+                let out = Tensor::zeros([tokens, q_dim], (q.kind(), q.device()));
+                if let (Some(group), Some(decoded)) = (&layout.decode, &decoded) {
+                    let rows = group.rows.as_ref().expect("mixed steps carry decode rows");
+                    let _ = out.shallow_clone().f_index_copy_(0, rows, decoded)?;
+                }
+                for chunk in &layout.prefills {
+                    let attended = self.prefill(layer, &q, &k, &v, chunk, pool);
+                    out.narrow(0, chunk.span.row as i64, chunk.span.len as i64)
+                        .copy_(&attended);
+                }
+                out
+            }
+        };
+        Ok(out.matmul(&self.o_proj.tr()))
     }
 
-    fn attend(
+    /// One token per sequence, every sequence at once: `[sequences, heads * head_dim]`.
+    fn decode(&self, layer: usize, q: &Tensor, group: &DecodeGroup, pool: &KvPool) -> Tensor {
+        let q = match &group.rows {
+            Some(rows) => q.index_select(0, rows),
+            None => q.shallow_clone(),
+        };
+        let sequences = q.size()[0];
+        let groups = self.num_heads / self.num_kv_heads;
+        // [sequences, heads, d] -> [sequences, kv_heads, groups, d]: the
+        // query heads of a kv head are that head's "queries".
+        let q = q.view([sequences, self.num_kv_heads, groups, self.head_dim]);
+        let (keys, values) = pool.gather(layer, &group.table);
+        let out = Tensor::scaled_dot_product_attention(
+            &q,
+            &keys.transpose(1, 2),
+            &values.transpose(1, 2),
+            Some(&group.mask),
+            0.0,
+            false,
+            None,
+            false,
+        );
+        out.reshape([sequences, self.num_heads * self.head_dim])
+    }
+
+    /// One sequence's chunk of new tokens: `[len, heads * head_dim]`.
+    fn prefill(
         &self,
         layer: usize,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        span: &SequenceSpan,
-        cache: &mut KvCache,
+        chunk: &PrefillChunk,
+        pool: &KvPool,
     ) -> Tensor {
+        let span = chunk.span;
         let len = span.len as i64;
-        // [tokens, heads, head_dim] -> this sequence's [heads, len, head_dim]
-        let rows = |t: &Tensor| t.narrow(0, span.row as i64, len).transpose(0, 1);
-        let q = rows(q);
-        let (keys, values) = cache.append(layer, &rows(k), &rows(v));
-        let total = keys.size()[1];
-        let groups = self.num_heads / self.num_kv_heads;
-        let keys = repeat_kv(&keys, groups);
-        let values = repeat_kv(&values, groups);
-        let mask = self.mask(span, total, q.device());
+        // [tokens, heads, d] -> this sequence's [1, heads, len, d]
+        let rows = |t: &Tensor| {
+            t.narrow(0, span.row as i64, len)
+                .transpose(0, 1)
+                .unsqueeze(0)
+        };
+        let (keys, values) = match &chunk.table {
+            None => (rows(k), rows(v)),
+            Some(table) => {
+                let (keys, values) = pool.gather(layer, table);
+                let cached = |t: Tensor| t.narrow(1, 0, span.end() as i64).transpose(1, 2);
+                (cached(keys), cached(values))
+            }
+        };
         let out = Tensor::scaled_dot_product_attention(
-            &q.unsqueeze(0),
-            &keys.unsqueeze(0),
-            &values.unsqueeze(0),
-            mask.as_ref().and_then(AttentionMask::explicit),
+            &rows(q),
+            &keys,
+            &values,
+            chunk.mask.as_ref().and_then(AttentionMask::explicit),
             0.0,
-            matches!(mask, Some(AttentionMask::Causal)),
+            matches!(chunk.mask, Some(AttentionMask::Causal)),
             None,
-            false,
+            true,
         );
-        // [1, heads, len, head_dim] -> [len, heads * head_dim]
+        // [1, heads, len, d] -> [len, heads * d]
         out.squeeze_dim(0)
             .transpose(0, 1)
             .contiguous()
             .view([len, self.num_heads * self.head_dim])
-    }
-
-    /// What limits which cached positions each new token may see: nothing (a
-    /// one-token step inside the window), plain causality from position 0 (the
-    /// fused causal kernel), or an explicit mask.
-    fn mask(&self, span: &SequenceSpan, total: i64, device: Device) -> Option<AttentionMask> {
-        let window_covers_all = self.sliding_window.is_none_or(|w| total as usize <= w);
-        if window_covers_all && span.len == 1 {
-            return None;
-        }
-        if window_covers_all && span.start == 0 {
-            return Some(AttentionMask::Causal);
-        }
-        let query_pos = Tensor::arange_start(
-            span.start as i64,
-            (span.start + span.len) as i64,
-            (Kind::Int64, device),
-        )
-        .unsqueeze(1);
-        let key_pos = Tensor::arange(total, (Kind::Int64, device)).unsqueeze(0);
-        let mut allowed = key_pos.le_tensor(&query_pos);
-        if let Some(window) = self.sliding_window {
-            allowed = allowed.logical_and(&key_pos.gt_tensor(&(&query_pos - window as i64)));
-        }
-        Some(AttentionMask::Explicit(allowed))
     }
 }
 
@@ -154,23 +292,33 @@ enum AttentionMask {
 }
 
 impl AttentionMask {
+    /// What limits which positions a chunk's tokens may see: plain causality
+    /// from position 0 (the fused causal kernel), or an explicit mask when
+    /// the chunk follows cached positions or the window cuts in.
+    fn for_chunk(span: &SequenceSpan, window: Option<usize>, device: Device) -> Option<Self> {
+        let total = span.end();
+        let window_covers_all = window.is_none_or(|w| total <= w);
+        if window_covers_all && span.len == 1 {
+            return None;
+        }
+        if window_covers_all && span.start == 0 {
+            return Some(AttentionMask::Causal);
+        }
+        let query_pos =
+            Tensor::arange_start(span.start as i64, total as i64, (Kind::Int64, device))
+                .unsqueeze(1);
+        let key_pos = Tensor::arange(total as i64, (Kind::Int64, device)).unsqueeze(0);
+        let mut allowed = key_pos.le_tensor(&query_pos);
+        if let Some(window) = window {
+            allowed = allowed.logical_and(&key_pos.gt_tensor(&(&query_pos - window as i64)));
+        }
+        Some(AttentionMask::Explicit(allowed))
+    }
+
     fn explicit(&self) -> Option<&Tensor> {
         match self {
             AttentionMask::Explicit(mask) => Some(mask),
             AttentionMask::Causal => None,
         }
     }
-}
-
-/// `[kv_heads, len, d]` -> `[kv_heads * groups, len, d]`, each kv head
-/// repeated for the query heads of its group.
-fn repeat_kv(xs: &Tensor, groups: i64) -> Tensor {
-    if groups == 1 {
-        return xs.shallow_clone();
-    }
-    let size = xs.size();
-    let (kv_heads, len, d) = (size[0], size[1], size[2]);
-    xs.unsqueeze(1)
-        .expand([kv_heads, groups, len, d], false)
-        .reshape([kv_heads * groups, len, d])
 }

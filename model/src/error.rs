@@ -66,6 +66,16 @@ pub enum ForwardError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The step's new positions do not fit in the KV pool; no cache was
+    /// changed.
+    #[error("sequence {sequence}: no room in the KV cache")]
+    KvCacheFull {
+        sequence: usize,
+        #[source]
+        source: crate::kv_cache::KvCacheFull,
+    },
+    #[error("sequence {sequence}: its KV cache belongs to another pool")]
+    ForeignCache { sequence: usize },
     #[error("tensor operation failed: {0}")]
     Torch(#[from] tch::TchError),
 }

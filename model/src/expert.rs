@@ -1,5 +1,6 @@
 //! One expert: the SwiGLU feed-forward `w2(silu(w1·x) ⊙ w3·x)` of HF
-//! `MixtralBlockSparseTop2MLP`.
+//! `MixtralBlockSparseTop2MLP`, with w1 and w3 stacked at load so that both
+//! projections are one matmul.
 
 use tch::{Device, Kind, Tensor};
 
@@ -8,12 +9,11 @@ use crate::weights::Checkpoint;
 use tramontane_config::MixtralConfig;
 
 pub struct Expert {
-    /// `[intermediate, hidden]`
-    w1: Tensor,
+    /// w1 above w3: `[2 * intermediate, hidden]`.
+    w13: Tensor,
     /// `[hidden, intermediate]`
     w2: Tensor,
-    /// `[intermediate, hidden]`
-    w3: Tensor,
+    intermediate: i64,
 }
 
 /// The checkpoint key prefix of expert `expert` of layer `layer`.
@@ -24,7 +24,12 @@ pub fn expert_prefix(layer: usize, expert: usize) -> String {
 impl Expert {
     /// An expert from its weights: w1, w3 `[intermediate, hidden]`, w2 `[hidden, intermediate]`.
     pub fn new(w1: Tensor, w2: Tensor, w3: Tensor) -> Self {
-        Self { w1, w2, w3 }
+        let intermediate = w1.size()[0];
+        Self {
+            w13: Tensor::cat(&[w1, w3], 0),
+            w2,
+            intermediate,
+        }
     }
 
     pub fn load(
@@ -40,17 +45,18 @@ impl Expert {
         let load = |name: &str, shape: [i64; 2]| {
             checkpoint.load(&format!("{prefix}.{name}.weight"), &shape, kind, device)
         };
-        Ok(Self {
-            w1: load("w1", [i, h])?,
-            w2: load("w2", [h, i])?,
-            w3: load("w3", [i, h])?,
-        })
+        Ok(Self::new(
+            load("w1", [i, h])?,
+            load("w2", [h, i])?,
+            load("w3", [i, h])?,
+        ))
     }
 
     /// `xs`: `[rows, hidden]` -> `[rows, hidden]`.
     pub fn forward(&self, xs: &Tensor) -> Tensor {
-        let gate = xs.matmul(&self.w1.tr()).silu();
-        let up = xs.matmul(&self.w3.tr());
+        let projected = xs.matmul(&self.w13.tr());
+        let gate = projected.narrow(1, 0, self.intermediate).silu();
+        let up = projected.narrow(1, self.intermediate, self.intermediate);
         (gate * up).matmul(&self.w2.tr())
     }
 }

@@ -20,7 +20,9 @@ pub fn generate_greedy(
     prompts: &[Vec<u32>],
     stop: &StopRule,
 ) -> Result<Vec<Vec<u32>>, ForwardError> {
-    let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache()).collect();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let kv = model.kv_pool_for(prompts.len(), longest + stop.max_new_tokens);
+    let mut caches: Vec<KvCache> = prompts.iter().map(|_| kv.new_cache()).collect();
     let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
     // What each sequence feeds to the next step; None once it has finished.
     let mut pending: Vec<Option<Vec<u32>>> = if stop.max_new_tokens == 0 {
@@ -36,7 +38,7 @@ pub fn generate_greedy(
                 tokens.as_deref().map(|tokens| BatchItem { tokens, cache })
             })
             .collect();
-        let logits = model.forward(&mut batch, Logits::LastPosition)?;
+        let logits = model.forward(&kv, &mut batch, Logits::LastPosition)?;
         let mut next = Vec::<i64>::try_from(logits.argmax(-1, false))?.into_iter();
         for (output, feed) in outputs.iter_mut().zip(pending.iter_mut()) {
             if feed.is_none() {

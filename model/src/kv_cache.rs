@@ -1,65 +1,306 @@
-//! The key/value cache of one sequence: per layer, keys and values of every
-//! position seen so far, `[kv_heads, positions, head_dim]`.
+//! The key/value cache: one pool of fixed-size blocks per model, allocated
+//! once, written in place. Every layer holds its keys and values in one
+//! tensor of `[slots, kv_heads, head_dim]` (a slot per cached position, a
+//! block being [`BLOCK_SIZE`] consecutive slots); a sequence's [`KvCache`]
+//! is its block table: which blocks hold its positions, in order. Nothing
+//! is concatenated or allocated per step: a step writes its new keys and
+//! values into their slots and reads each sequence's blocks back.
+//!
+//! Block 0 is never handed out: it pads block tables to a common length
+//! in batched decode attention, and stays zero.
 
-use tch::Tensor;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-#[derive(Default)]
-struct LayerKv {
-    keys: Option<Tensor>,
-    values: Option<Tensor>,
+use tch::{Device, Kind, Tensor};
+
+use crate::error::ForwardError;
+use tramontane_config::MixtralConfig;
+pub use tramontane_policy::kv_blocks::{BLOCK_SIZE, blocks_for};
+
+/// The block every padded table entry points at.
+const PADDING_BLOCK: u32 = 0;
+
+/// Which blocks of a pool are free.
+#[derive(Debug)]
+struct FreeBlocks {
+    free: Vec<u32>,
 }
 
-pub struct KvCache {
-    layers: Vec<LayerKv>,
-    positions: usize,
+type SharedFree = Arc<Mutex<FreeBlocks>>;
+
+fn lock(free: &SharedFree) -> MutexGuard<'_, FreeBlocks> {
+    // The list stays consistent whatever panicked while it was held: every
+    // change is a single push or truncation.
+    free.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-impl KvCache {
-    pub fn new(num_layers: usize) -> Self {
+/// The pool: every layer's keys and values, `[slots, kv_heads, head_dim]`.
+pub struct KvPool {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    blocks: usize,
+    bytes: u64,
+    free: SharedFree,
+}
+
+/// The pool cannot hold what a step needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the KV cache is full: {needed} more blocks needed, {free} free of {total}")]
+pub struct KvCacheFull {
+    pub needed: usize,
+    pub free: usize,
+    pub total: usize,
+}
+
+impl KvPool {
+    /// A pool that holds `tokens` positions (rounded up to whole blocks) for
+    /// every layer of `config`, zeroed, in `kind` on `device`.
+    pub fn new(config: &MixtralConfig, tokens: usize, kind: Kind, device: Device) -> Self {
+        let blocks = blocks_for(tokens) + 1; // + the padding block
+        let shape = [
+            (blocks * BLOCK_SIZE) as i64,
+            config.num_key_value_heads() as i64,
+            config.head_dim() as i64,
+        ];
+        let layer = || Tensor::zeros(shape, (kind, device));
+        let keys: Vec<Tensor> = (0..config.num_hidden_layers).map(|_| layer()).collect();
+        let values: Vec<Tensor> = (0..config.num_hidden_layers).map(|_| layer()).collect();
+        let bytes = keys
+            .iter()
+            .chain(&values)
+            .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+            .sum();
+        // Handed out from the end: low blocks first.
+        let free = (1..blocks as u32).rev().collect();
         Self {
-            layers: (0..num_layers).map(|_| LayerKv::default()).collect(),
-            positions: 0,
+            keys,
+            values,
+            blocks: blocks - 1,
+            bytes,
+            free: Arc::new(Mutex::new(FreeBlocks { free })),
         }
     }
 
+    /// An empty cache for one sequence, drawing its blocks from this pool.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            blocks: Vec::new(),
+            positions: 0,
+            free: self.free.clone(),
+        }
+    }
+
+    /// Positions the pool holds in all (padding block excluded).
+    pub fn capacity_tokens(&self) -> usize {
+        self.blocks * BLOCK_SIZE
+    }
+
+    /// Blocks that can be handed out in all.
+    pub fn total_blocks(&self) -> usize {
+        self.blocks
+    }
+
+    /// Blocks not held by any cache.
+    pub fn free_blocks(&self) -> usize {
+        lock(&self.free).free.len()
+    }
+
+    /// Bytes of every layer's keys and values, the padding block included.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Whether `cache` draws from this pool.
+    pub fn owns(&self, cache: &KvCache) -> bool {
+        Arc::ptr_eq(&self.free, &cache.free)
+    }
+
+    /// Writes `[tokens, kv_heads, head_dim]` keys and values of layer `layer`
+    /// into `slots` (`[tokens]`, i64).
+    pub(crate) fn write(
+        &self,
+        layer: usize,
+        slots: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+    ) -> Result<(), ForwardError> {
+        let _ = self.keys[layer]
+            .shallow_clone()
+            .f_index_copy_(0, slots, keys)?;
+        let _ = self.values[layer]
+            .shallow_clone()
+            .f_index_copy_(0, slots, values)?;
+        Ok(())
+    }
+
+    /// Layer `layer`'s keys and values of the blocks of `table`
+    /// (`[sequences, blocks]`, i64): `[sequences, blocks * BLOCK_SIZE,
+    /// kv_heads, head_dim]` each.
+    pub(crate) fn gather(&self, layer: usize, table: &Tensor) -> (Tensor, Tensor) {
+        let size = table.size();
+        let read = |pool: &Tensor| {
+            let shape = pool.size();
+            let (kv_heads, head_dim) = (shape[1], shape[2]);
+            pool.view([-1, BLOCK_SIZE as i64, kv_heads, head_dim])
+                .index_select(0, &table.view([-1]))
+                .view([size[0], size[1] * BLOCK_SIZE as i64, kv_heads, head_dim])
+        };
+        (read(&self.keys[layer]), read(&self.values[layer]))
+    }
+}
+
+/// One sequence's share of a [`KvPool`]: its block table and how many
+/// positions it holds. Dropping it returns its blocks to the pool.
+pub struct KvCache {
+    blocks: Vec<u32>,
+    positions: usize,
+    free: SharedFree,
+}
+
+impl std::fmt::Debug for KvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvCache")
+            .field("blocks", &self.blocks)
+            .field("positions", &self.positions)
+            .finish()
+    }
+}
+
+impl KvCache {
     /// Positions already held (the position of the next token).
     pub fn positions(&self) -> usize {
         self.positions
     }
 
-    /// Appends one layer's new keys and values and returns everything held for
-    /// that layer. The last layer to append advances the position count.
-    pub fn append(&mut self, layer: usize, keys: &Tensor, values: &Tensor) -> (Tensor, Tensor) {
-        let entry = &mut self.layers[layer];
-        let (k, v) = match (&entry.keys, &entry.values) {
-            (Some(k), Some(v)) => (Tensor::cat(&[k, keys], 1), Tensor::cat(&[v, values], 1)),
-            _ => (keys.shallow_clone(), values.shallow_clone()),
-        };
-        entry.keys = Some(k.shallow_clone());
-        entry.values = Some(v.shallow_clone());
-        if layer + 1 == self.layers.len() {
-            self.positions = k.size()[1] as usize;
+    /// Blocks held.
+    pub fn blocks(&self) -> &[u32] {
+        &self.blocks
+    }
+
+    /// Positions the held blocks have room for.
+    pub fn capacity(&self) -> usize {
+        self.blocks.len() * BLOCK_SIZE
+    }
+
+    /// Makes room for `positions` positions in all, taking blocks from the
+    /// pool; takes none when the pool has too few.
+    pub fn reserve(&mut self, positions: usize) -> Result<(), KvCacheFull> {
+        let needed = blocks_for(positions).saturating_sub(self.blocks.len());
+        if needed == 0 {
+            return Ok(());
         }
-        (k, v)
+        let mut pool = lock(&self.free);
+        let free = pool.free.len();
+        if free < needed {
+            return Err(KvCacheFull {
+                needed,
+                free,
+                total: free + self.blocks.len(),
+            });
+        }
+        let from = free - needed;
+        self.blocks.extend(pool.free.drain(from..).rev());
+        Ok(())
+    }
+
+    /// The slot of position `position` (which must be reserved).
+    pub(crate) fn slot(&self, position: usize) -> i64 {
+        let block = self.blocks[position / BLOCK_SIZE] as usize;
+        (block * BLOCK_SIZE + position % BLOCK_SIZE) as i64
+    }
+
+    /// Marks `positions` positions as written.
+    pub(crate) fn advance_to(&mut self, positions: usize) {
+        debug_assert!(positions <= self.capacity());
+        self.positions = positions;
+    }
+
+    /// Drops every position from `positions` on and returns the blocks no
+    /// longer needed: undoes a forward step that failed half-way.
+    pub fn truncate(&mut self, positions: usize) {
+        self.positions = self.positions.min(positions);
+        let keep = blocks_for(positions);
+        if self.blocks.len() > keep {
+            let mut pool = lock(&self.free);
+            pool.free.extend(self.blocks.drain(keep..).rev());
+        }
+    }
+
+    /// This cache's block table padded to `blocks` entries with the padding
+    /// block, as i64.
+    pub(crate) fn padded_table(&self, blocks: usize) -> impl Iterator<Item = i64> + '_ {
+        self.blocks
+            .iter()
+            .copied()
+            .chain(std::iter::repeat(PADDING_BLOCK))
+            .take(blocks)
+            .map(i64::from)
     }
 }
 
-impl KvCache {
-    /// Drops every position from `positions` on, in every layer: undoes a
-    /// forward step that failed half-way.
-    pub fn truncate(&mut self, positions: usize) {
-        for entry in &mut self.layers {
-            for t in [&mut entry.keys, &mut entry.values] {
-                if let Some(held) = t.as_ref() {
-                    let held_len = held.size()[1] as usize;
-                    if positions == 0 {
-                        *t = None;
-                    } else if held_len > positions {
-                        *t = Some(held.narrow(1, 0, positions as i64));
-                    }
-                }
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        self.truncate(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(tokens: usize) -> KvPool {
+        let config = MixtralConfig::from_json(
+            r#"{"model_type": "mixtral", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4,
+                "num_experts_per_tok": 2, "vocab_size": 64}"#,
+        )
+        .unwrap();
+        KvPool::new(&config, tokens, Kind::Float, Device::Cpu)
+    }
+
+    #[test]
+    fn blocks_come_back_when_a_cache_is_truncated_or_dropped() {
+        let pool = pool(64);
+        assert_eq!(pool.total_blocks(), 4);
+        // 2 layers × (keys + values) × 5 blocks × 16 slots × 2 heads × 4 dims × 4 bytes
+        assert_eq!(pool.bytes(), 2 * 2 * 5 * 16 * 2 * 4 * 4);
+        let mut a = pool.new_cache();
+        a.reserve(17).unwrap();
+        assert_eq!(a.blocks().len(), 2);
+        assert!(!a.blocks().contains(&PADDING_BLOCK));
+        let mut b = pool.new_cache();
+        let full = b.reserve(40).unwrap_err();
+        assert_eq!(
+            full,
+            KvCacheFull {
+                needed: 3,
+                free: 2,
+                total: 2
             }
-        }
-        self.positions = self.positions.min(positions);
+        );
+        assert!(b.blocks().is_empty(), "a refused reservation takes nothing");
+        a.truncate(16);
+        assert_eq!(a.blocks().len(), 1);
+        b.reserve(40).unwrap();
+        assert_eq!(pool.free_blocks(), 0);
+        drop(b);
+        assert_eq!(pool.free_blocks(), 3);
+        assert!(pool.owns(&a));
+        assert!(!self::pool(16).owns(&a));
+    }
+
+    #[test]
+    fn slots_follow_the_block_table() {
+        let pool = pool(64);
+        let mut a = pool.new_cache();
+        let mut b = pool.new_cache();
+        a.reserve(1).unwrap();
+        b.reserve(1).unwrap();
+        a.reserve(20).unwrap();
+        let (first, second) = (a.blocks()[0] as i64, a.blocks()[1] as i64);
+        assert_eq!(a.slot(3), first * 16 + 3);
+        assert_eq!(a.slot(17), second * 16 + 1);
+        let table: Vec<i64> = a.padded_table(4).collect();
+        assert_eq!(table, vec![first, second, 0, 0]);
     }
 }

@@ -3,9 +3,9 @@
 
 use tch::Tensor;
 
-use crate::attention::{Attention, SequenceSpan};
+use crate::attention::{Attention, StepLayout};
 use crate::error::ForwardError;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::KvPool;
 use crate::moe::{Experts, SparseMoe};
 use crate::norm::RmsNorm;
 use crate::rotary::RotaryTables;
@@ -23,17 +23,17 @@ impl DecoderLayer {
         &self,
         xs: &Tensor,
         rotary: &RotaryTables,
-        spans: &[SequenceSpan],
-        caches: &mut [&mut KvCache],
+        layout: &StepLayout,
+        pool: &KvPool,
         experts: &dyn Experts,
     ) -> Result<Tensor, ForwardError> {
         let attended = self.attention.forward(
             self.index,
             &self.input_layernorm.forward(xs),
             rotary,
-            spans,
-            caches,
-        );
+            layout,
+            pool,
+        )?;
         let xs = xs + attended;
         let moe_out = self.moe.forward(
             self.index,

@@ -1,15 +1,15 @@
 //! The Mixtral causal LM over a ragged batch: every sequence contributes its
 //! new tokens (a prefill chunk or one decode token) to one flattened
-//! `[tokens, hidden]` matrix; each sequence keeps its own KV cache.
+//! `[tokens, hidden]` matrix; each sequence holds blocks of one KV pool.
 
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::attention::{Attention, AttentionWeights, SequenceSpan};
+use crate::attention::{Attention, AttentionWeights, SequenceSpan, StepLayout};
 use crate::error::{ForwardError, LoadError, WeightsError};
 use crate::gating::Gate;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{BLOCK_SIZE, KvCache, KvPool, blocks_for};
 use crate::layer::DecoderLayer;
 use crate::moe::{Experts, LocalExperts, SparseMoe, gate_key};
 use crate::norm::RmsNorm;
@@ -159,32 +159,42 @@ impl Mixtral {
         self.options
     }
 
-    /// A fresh, empty KV cache for one sequence.
-    pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config.num_hidden_layers)
+    /// A KV pool for `tokens` positions (in whole blocks) of every layer, in
+    /// the model's dtype and device; allocated and zeroed now.
+    pub fn kv_pool(&self, tokens: usize) -> KvPool {
+        KvPool::new(&self.config, tokens, self.options.kind, self.options.device)
     }
 
-    /// Runs every prompt from a fresh cache in one ragged step; returns the
-    /// logits and the filled caches.
+    /// A KV pool with room for `sequences` sequences of up to `positions`
+    /// positions each.
+    pub fn kv_pool_for(&self, sequences: usize, positions: usize) -> KvPool {
+        self.kv_pool(sequences * blocks_for(positions) * BLOCK_SIZE)
+    }
+
+    /// Runs every prompt from a fresh cache of `kv` in one ragged step;
+    /// returns the logits and the filled caches.
     pub fn prefill(
         &self,
+        kv: &KvPool,
         prompts: &[Vec<u32>],
         which: Logits,
     ) -> Result<(Tensor, Vec<KvCache>), ForwardError> {
-        let mut caches: Vec<KvCache> = prompts.iter().map(|_| self.new_cache()).collect();
+        let mut caches: Vec<KvCache> = prompts.iter().map(|_| kv.new_cache()).collect();
         let mut batch: Vec<BatchItem<'_>> = prompts
             .iter()
             .zip(caches.iter_mut())
             .map(|(tokens, cache)| BatchItem { tokens, cache })
             .collect();
-        let logits = self.forward(&mut batch, which)?;
+        let logits = self.forward(kv, &mut batch, which)?;
         Ok((logits, caches))
     }
 
-    /// Runs one step over every sequence in `batch`, appending to their caches,
-    /// and returns fp32 logits. On error no cache is changed.
+    /// Runs one step over every sequence in `batch`, writing its new
+    /// positions into its cache's blocks of `kv` (taking more blocks where
+    /// needed), and returns fp32 logits. On error no cache is changed.
     pub fn forward(
         &self,
+        kv: &KvPool,
         batch: &mut [BatchItem<'_>],
         which: Logits,
     ) -> Result<Tensor, ForwardError> {
@@ -193,6 +203,9 @@ impl Mixtral {
         for (sequence, item) in batch.iter().enumerate() {
             if item.tokens.is_empty() {
                 return Err(ForwardError::EmptySequence { sequence });
+            }
+            if !kv.owns(item.cache) {
+                return Err(ForwardError::ForeignCache { sequence });
             }
             let start = item.cache.positions();
             let positions = start + item.tokens.len();
@@ -221,9 +234,21 @@ impl Mixtral {
             ids.extend(item.tokens.iter().map(|&t| t as i64));
         }
         let mut caches: Vec<&mut KvCache> = batch.iter_mut().map(|item| &mut *item.cache).collect();
-        let result = self.run_layers(&ids, &spans, &mut caches, which);
-        if result.is_err() {
-            for (cache, span) in caches.iter_mut().zip(&spans) {
+        let reserved =
+            caches
+                .iter_mut()
+                .zip(&spans)
+                .enumerate()
+                .try_for_each(|(sequence, (cache, span))| {
+                    cache
+                        .reserve(span.start + span.len)
+                        .map_err(|source| ForwardError::KvCacheFull { sequence, source })
+                });
+        let result = reserved.and_then(|()| self.run_layers(kv, &ids, &spans, &caches, which));
+        for (cache, span) in caches.iter_mut().zip(&spans) {
+            if result.is_ok() {
+                cache.advance_to(span.start + span.len);
+            } else {
                 cache.truncate(span.start);
             }
         }
@@ -232,9 +257,10 @@ impl Mixtral {
 
     fn run_layers(
         &self,
+        kv: &KvPool,
         ids: &[i64],
         spans: &[SequenceSpan],
-        caches: &mut [&mut KvCache],
+        caches: &[&mut KvCache],
         which: Logits,
     ) -> Result<Tensor, ForwardError> {
         if spans.is_empty() {
@@ -253,9 +279,10 @@ impl Mixtral {
             &Tensor::from_slice(&positions).to_device(device),
             self.options.kind,
         );
+        let layout = StepLayout::new(spans, caches, self.config.sliding_window, device);
         let mut xs = self.embed_tokens.index_select(0, &ids);
         for layer in &self.layers {
-            xs = layer.forward(&xs, &rotary, spans, caches, self.experts.as_ref())?;
+            xs = layer.forward(&xs, &rotary, &layout, kv, self.experts.as_ref())?;
         }
         if which == Logits::LastPosition {
             let last: Vec<i64> = spans.iter().map(|s| (s.row + s.len - 1) as i64).collect();

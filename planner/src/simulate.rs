@@ -13,7 +13,7 @@ use serde::Serialize;
 use tramontane_policy::admission::{Admission, Reservation};
 use tramontane_policy::dispatch_plan::{RoutedPair, plan_dispatch};
 use tramontane_policy::placement::Placement;
-use tramontane_policy::scheduler::{SchedulerConfig, plan_step};
+use tramontane_policy::scheduler::SchedulerConfig;
 
 use crate::profile::Profile;
 use crate::routing::TokenRouting;
@@ -82,6 +82,8 @@ pub struct Prediction {
     /// Most sequences running at once, and the KV tokens they reserved.
     pub peak_running: usize,
     pub peak_kv_tokens: usize,
+    /// Sequences preempted (and recomputed later) because the cache ran out.
+    pub preemptions: usize,
     /// Per worker, the fraction of the time it computed or served a round trip.
     pub worker_busy: Vec<f64>,
 }
@@ -92,27 +94,57 @@ struct Request {
     output: usize,
 }
 
-impl Reservation for Request {
-    fn kv_tokens(&self) -> usize {
-        self.prompt + self.output
-    }
-}
-
+/// A request from its arrival on: waiting, running, or preempted and
+/// waiting again (it then recomputes its prompt and what it had generated).
 struct Sequence {
     request: Request,
-    prefilled: usize,
+    /// Positions in the cache.
+    cached: usize,
     generated: usize,
     last_token: f64,
+    reserved_blocks: usize,
 }
 
 impl Sequence {
-    fn prompt_left(&self) -> usize {
-        self.request.prompt - self.prefilled
+    fn new(request: Request) -> Self {
+        Self {
+            request,
+            cached: 0,
+            generated: 0,
+            last_token: 0.0,
+            reserved_blocks: 0,
+        }
     }
 
-    /// Tokens in the cache before this step's tokens.
+    /// Tokens known: the prompt and every generated token.
+    fn context(&self) -> usize {
+        self.request.prompt + self.generated
+    }
+}
+
+impl Reservation for Sequence {
+    fn kv_tokens(&self) -> usize {
+        self.context()
+    }
+
+    fn prompt_left(&self) -> usize {
+        // The last generated token is fed as a decode.
+        match self.context() - self.cached {
+            1 if self.generated > 0 => 0,
+            left => left,
+        }
+    }
+
     fn cached(&self) -> usize {
-        self.prefilled + self.generated.saturating_sub(1)
+        self.cached
+    }
+
+    fn reserved_blocks(&mut self) -> &mut usize {
+        &mut self.reserved_blocks
+    }
+
+    fn preempt(&mut self) {
+        self.cached = 0;
     }
 }
 
@@ -193,17 +225,18 @@ impl Cluster<'_> {
             }
         }
         let config = self.scheduler;
-        let mut admission: Admission<Request> = Admission::new(config);
+        let mut admission: Admission<Sequence> = Admission::new(config);
         let mut running: Vec<Sequence> = Vec::new();
         let (mut ttft, mut itl, mut e2e) = (Vec::new(), Vec::new(), Vec::new());
         let (mut refused, mut steps, mut batch_sum, mut output_tokens) = (0, 0, 0usize, 0usize);
         let (mut finished, mut peak_running, mut peak_kv_tokens) = (0, 0, 0);
+        let mut preemptions = 0;
         let mut busy = vec![0.0; self.placement.workers];
         let mut now = 0.0f64;
         loop {
             while arrivals.front().is_some_and(|r| r.arrival <= now) {
                 let request = arrivals.pop_front().expect("front exists");
-                if admission.enqueue(request).is_err() {
+                if admission.enqueue(Sequence::new(request)).is_err() {
                     refused += 1;
                 }
             }
@@ -216,39 +249,33 @@ impl Cluster<'_> {
                     None => break,
                 }
             }
-            running.extend(
-                admission
-                    .admit(running.len())
-                    .into_iter()
-                    .map(|request| Sequence {
-                        request,
-                        prefilled: 0,
-                        generated: 0,
-                        last_token: 0.0,
-                    }),
-            );
+            let admitted = admission.admit(running.len());
+            running.extend(admitted);
             peak_running = peak_running.max(running.len());
-            peak_kv_tokens = peak_kv_tokens.max(admission.kv_used());
             if running.is_empty() {
                 // Cannot happen for validated workloads: nothing could ever run.
                 break;
             }
-            let pending: Vec<usize> = running.iter().map(Sequence::prompt_left).collect();
-            let plan = plan_step(&pending, config.max_batch_tokens);
+            let (plan, preempted) = admission.plan_with_room(&mut running);
+            preemptions += preempted;
+            peak_kv_tokens = peak_kv_tokens.max(admission.kv_used());
+            if plan.is_empty() {
+                break;
+            }
             let slices: Vec<(usize, usize)> = plan
                 .iter()
-                .map(|s| (s.tokens, running[s.sequence].cached()))
+                .map(|s| (s.tokens, running[s.sequence].cached))
                 .collect();
             now += self.step_seconds(&slices, &mut rng, &mut busy);
             steps += 1;
             batch_sum += plan.len();
             for slice in &plan {
                 let s = &mut running[slice.sequence];
-                if s.prompt_left() > 0 {
-                    s.prefilled += slice.tokens;
-                    if s.prompt_left() > 0 {
-                        continue;
-                    }
+                s.cached += slice.tokens;
+                if s.cached < s.context() {
+                    continue; // more prompt next step
+                }
+                if s.generated == 0 {
                     ttft.push(now - s.request.arrival);
                 } else {
                     itl.push(now - s.last_token);
@@ -257,11 +284,11 @@ impl Cluster<'_> {
                 s.last_token = now;
             }
             // Finished sequences leave; the others keep their order (FCFS prefill).
-            running.retain(|s| {
+            running.retain_mut(|s| {
                 if s.generated < s.request.output {
                     return true;
                 }
-                admission.release(&s.request);
+                admission.release(s);
                 e2e.push(now - s.request.arrival);
                 output_tokens += s.generated;
                 finished += 1;
@@ -293,6 +320,7 @@ impl Cluster<'_> {
             mean_batch_sequences: batch_sum as f64 / steps.max(1) as f64,
             peak_running,
             peak_kv_tokens,
+            preemptions,
             worker_busy: busy.iter().map(|b| b / seconds).collect(),
         }
     }
@@ -350,6 +378,31 @@ mod tests {
     }
 
     #[test]
+    fn a_cache_too_small_for_every_client_preempts_and_still_completes_all() {
+        let profile = profile(0.01, 0.0);
+        let placement = Placement::round_robin(2, 4, 2).unwrap();
+        let routing = TokenRouting::uniform(&profile.model);
+        let scheduler = SchedulerConfig {
+            max_kv_tokens: 256,
+            ..SchedulerConfig::default()
+        };
+        let cluster = Cluster {
+            profile: &profile,
+            placement: &placement,
+            routing: &routing,
+            scheduler,
+            wire_bytes: 4,
+        };
+        // Four clients of 32 + 64 tokens: each fits alone (6 blocks of 16), all
+        // four (24 blocks) do not fit in 16.
+        let p = cluster.simulate(&workload(Arrivals::Concurrency(4), 32, 64, 8));
+        assert_eq!((p.completed, p.refused), (8, 0));
+        assert!(p.preemptions > 0, "{p:?}");
+        assert!(p.peak_kv_tokens <= 256);
+        assert_eq!(p.output_tokens_per_s * p.seconds, 8.0 * 64.0);
+    }
+
+    #[test]
     fn one_client_at_a_time_gives_the_step_arithmetic() {
         let profile = profile(0.01, 0.0);
         let placement = Placement::round_robin(2, 4, 2).unwrap();
@@ -367,7 +420,10 @@ mod tests {
         assert!((p.seconds - 0.3).abs() < 1e-9, "{}", p.seconds);
         assert!((p.output_tokens_per_s - 100.0).abs() < 1e-6);
         assert!((p.ttft.p99 - 0.01).abs() < 1e-9 && (p.itl.p50 - 0.01).abs() < 1e-9);
-        assert_eq!(p.peak_kv_tokens, 110);
+        // The cache holds the prompt and 9 generated tokens (the tenth is
+        // never fed back), in whole blocks of 16: 7 blocks.
+        assert_eq!(p.peak_kv_tokens, 112);
+        assert_eq!(p.preemptions, 0);
         // A prompt over the step budget is prefilled in two chunks.
         let p = cluster.simulate(&workload(Arrivals::Concurrency(1), 1000, 2, 1));
         assert!((p.ttft.p50 - 0.02).abs() < 1e-9, "{:?}", p.ttft);

@@ -1,19 +1,27 @@
-//! Admission: which waiting requests join the running batch. Requests wait
-//! in arrival order, at most `max_waiting` of them (beyond, they are
-//! refused); they are admitted first come first served while the batch has
-//! room (`max_running`) and their KV reservation (prompt + max_tokens) fits,
-//! so an admitted sequence never runs out of cache. A request that does not
-//! fit holds back those behind it. The reservation is freed when the
-//! sequence leaves.
+//! Admission: which waiting requests join the running batch, and how the
+//! KV cache is shared out. Requests wait in arrival order, at most
+//! `max_waiting` of them (beyond, they are refused); they are admitted first
+//! come first served while the batch has room (`max_running`) and the cache
+//! blocks of their first step fit. A request that does not fit holds back
+//! those behind it.
+//!
+//! A running sequence's reservation grows by whole blocks
+//! ([`crate::kv_blocks`]) as it generates, instead of holding its whole
+//! `max_tokens` from the start. When a step's growth does not fit, the
+//! caller preempts its newest sequences (their blocks are freed) and
+//! [`Admission::requeue`]s them ahead of every waiting request, to be
+//! recomputed when they fit again, as vLLM does. A sequence's reservation
+//! is freed when it leaves.
 //!
 //! One state machine for the router's engine and the planner's simulation:
-//! they admit the same requests in the same order.
+//! they admit, grow and preempt the same requests in the same order.
 
 use std::collections::VecDeque;
 
-use crate::scheduler::SchedulerConfig;
+use crate::kv_blocks::blocks_for;
+use crate::scheduler::{SchedulerConfig, Slice, plan_step};
 
-/// KV cache tokens reserved by admitted sequences.
+/// KV cache blocks reserved by admitted sequences.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvBudget {
     capacity: usize,
@@ -21,22 +29,23 @@ pub struct KvBudget {
 }
 
 impl KvBudget {
+    /// A budget of `capacity` blocks.
     pub fn new(capacity: usize) -> Self {
         Self { capacity, used: 0 }
     }
 
-    /// Reserves `tokens` if they fit.
-    pub fn try_reserve(&mut self, tokens: usize) -> bool {
-        if self.used + tokens <= self.capacity {
-            self.used += tokens;
+    /// Reserves `blocks` if they fit.
+    pub fn try_reserve(&mut self, blocks: usize) -> bool {
+        if self.used + blocks <= self.capacity {
+            self.used += blocks;
             true
         } else {
             false
         }
     }
 
-    pub fn release(&mut self, tokens: usize) {
-        self.used = self.used.saturating_sub(tokens);
+    pub fn release(&mut self, blocks: usize) {
+        self.used = self.used.saturating_sub(blocks);
     }
 
     pub fn used(&self) -> usize {
@@ -48,10 +57,21 @@ impl KvBudget {
     }
 }
 
-/// What admission needs to know of a request.
+/// What admission needs to know of a request, waiting or running.
 pub trait Reservation {
-    /// KV cache tokens the sequence may fill: reserved while it runs.
+    /// Positions the sequence's cache holds after its first step once
+    /// admitted: its prompt, and for a preempted sequence the tokens it had
+    /// generated too.
     fn kv_tokens(&self) -> usize;
+    /// Tokens it still has to prefill (0: it decodes one token per step).
+    fn prompt_left(&self) -> usize;
+    /// Positions its cache holds now.
+    fn cached(&self) -> usize;
+    /// The blocks reserved for it (0 while it waits).
+    fn reserved_blocks(&mut self) -> &mut usize;
+    /// It is preempted: it gives up its cache and will recompute every
+    /// token it holds when it runs again.
+    fn preempt(&mut self);
 }
 
 /// The waiting queue and the KV reservations of the running batch.
@@ -67,7 +87,7 @@ impl<R: Reservation> Admission<R> {
         Self {
             config,
             waiting: VecDeque::new(),
-            kv: KvBudget::new(config.max_kv_tokens),
+            kv: KvBudget::new(blocks_for(config.max_kv_tokens)),
         }
     }
 
@@ -85,25 +105,76 @@ impl<R: Reservation> Admission<R> {
         Ok(())
     }
 
+    /// A preempted sequence goes back ahead of every waiting request (even
+    /// past `max_waiting`: it was accepted already).
+    fn requeue(&mut self, request: R) {
+        self.waiting.push_front(request);
+    }
+
+    /// The blocks a request reserves when it is admitted.
+    pub fn admission_blocks(request: &R) -> usize {
+        blocks_for(request.kv_tokens())
+    }
+
     /// The requests that join a batch of `running` sequences now, in arrival
-    /// order, with their KV reserved.
+    /// order, each with [`Self::admission_blocks`] reserved.
     pub fn admit(&mut self, running: usize) -> Vec<R> {
         let mut admitted = Vec::new();
         while running + admitted.len() < self.config.max_running {
             let Some(front) = self.waiting.front() else {
                 break;
             };
-            if !self.kv.try_reserve(front.kv_tokens()) {
+            let blocks = Self::admission_blocks(front);
+            if !self.kv.try_reserve(blocks) {
                 break;
             }
-            admitted.extend(self.waiting.pop_front());
+            if let Some(mut request) = self.waiting.pop_front() {
+                *request.reserved_blocks() = blocks;
+                admitted.push(request);
+            }
         }
         admitted
     }
 
-    /// An admitted request left the batch: its reservation is freed.
-    pub fn release(&mut self, request: &R) {
-        self.kv.release(request.kv_tokens());
+    /// Plans the next step of `running` (oldest first) and grows their
+    /// reservations by the blocks the step's new positions need. When that
+    /// does not fit, the newest sequence is preempted and requeued, and the
+    /// step planned again. Returns the plan and how many were preempted.
+    /// The oldest sequence alone always fits when its whole reservation
+    /// (prompt + max_tokens) is within the cache, which callers check
+    /// before a request is accepted.
+    pub fn plan_with_room(&mut self, running: &mut Vec<R>) -> (Vec<Slice>, usize) {
+        let mut preempted = 0;
+        loop {
+            let pending: Vec<usize> = running.iter().map(R::prompt_left).collect();
+            let plan = plan_step(&pending, self.config.max_batch_tokens);
+            let mut needs: Vec<usize> = Vec::with_capacity(plan.len());
+            for slice in &plan {
+                let sequence = &mut running[slice.sequence];
+                let positions = sequence.cached() + slice.tokens;
+                let reserved = *sequence.reserved_blocks();
+                needs.push(blocks_for(positions).saturating_sub(reserved));
+            }
+            if self.kv.try_reserve(needs.iter().sum()) {
+                for (slice, need) in plan.iter().zip(needs) {
+                    *running[slice.sequence].reserved_blocks() += need;
+                }
+                return (plan, preempted);
+            }
+            let Some(mut newest) = running.pop() else {
+                return (Vec::new(), preempted);
+            };
+            self.release(&mut newest);
+            newest.preempt();
+            self.requeue(newest);
+            preempted += 1;
+        }
+    }
+
+    /// A sequence left the batch (finished, gone or preempted): the blocks
+    /// reserved for it are freed.
+    pub fn release(&mut self, request: &mut R) {
+        self.kv.release(std::mem::take(request.reserved_blocks()));
     }
 
     /// Keeps the waiting requests `keep` accepts (in order); returns how many left.
@@ -118,31 +189,73 @@ impl<R: Reservation> Admission<R> {
         self.waiting.len()
     }
 
-    /// KV cache tokens reserved by admitted requests.
-    pub fn kv_used(&self) -> usize {
+    /// KV cache blocks reserved by admitted requests.
+    pub fn kv_used_blocks(&self) -> usize {
         self.kv.used()
+    }
+
+    /// KV cache positions reserved by admitted requests (whole blocks).
+    pub fn kv_used(&self) -> usize {
+        self.kv.used() * crate::kv_blocks::BLOCK_SIZE
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv_blocks::BLOCK_SIZE;
     use proptest::prelude::*;
 
-    /// A request of `.1` KV tokens, named `.0`.
+    /// A request named `id` whose first step fills `blocks` KV blocks (the
+    /// last one in part); once running it decodes from `cached` positions.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    struct Job(usize, usize);
+    struct Job {
+        id: usize,
+        blocks: usize,
+        reserved: usize,
+        cached: usize,
+    }
 
-    impl Reservation for Job {
-        fn kv_tokens(&self) -> usize {
-            self.1
+    fn job(id: usize, blocks: usize) -> Job {
+        Job {
+            id,
+            blocks,
+            reserved: 0,
+            cached: 0,
         }
     }
 
-    fn config(max_running: usize, max_kv_tokens: usize, max_waiting: usize) -> SchedulerConfig {
+    impl Reservation for Job {
+        fn kv_tokens(&self) -> usize {
+            (self.blocks * BLOCK_SIZE).saturating_sub(BLOCK_SIZE / 2)
+        }
+        fn prompt_left(&self) -> usize {
+            if self.cached == 0 {
+                self.kv_tokens()
+            } else {
+                0
+            }
+        }
+        fn cached(&self) -> usize {
+            self.cached
+        }
+        fn reserved_blocks(&mut self) -> &mut usize {
+            &mut self.reserved
+        }
+        fn preempt(&mut self) {
+            self.cached = 0;
+        }
+    }
+
+    fn ids(jobs: &[Job]) -> Vec<usize> {
+        jobs.iter().map(|j| j.id).collect()
+    }
+
+    /// A cache of `max_kv_blocks` blocks.
+    fn config(max_running: usize, max_kv_blocks: usize, max_waiting: usize) -> SchedulerConfig {
         SchedulerConfig {
             max_running,
-            max_kv_tokens,
+            max_kv_tokens: max_kv_blocks * BLOCK_SIZE,
             max_waiting,
             ..SchedulerConfig::default()
         }
@@ -161,72 +274,135 @@ mod tests {
     #[test]
     fn first_come_first_served_while_the_batch_and_the_cache_have_room() {
         let mut admission = Admission::new(config(3, 100, 8));
-        for job in [Job(0, 40), Job(1, 40), Job(2, 40), Job(3, 10)] {
-            admission.enqueue(job).unwrap();
+        for j in [job(0, 40), job(1, 40), job(2, 40), job(3, 10)] {
+            admission.enqueue(j).unwrap();
         }
         // Job 2 does not fit beside 0 and 1, and holds back job 3 that would.
-        assert_eq!(admission.admit(0), [Job(0, 40), Job(1, 40)]);
-        assert_eq!((admission.waiting(), admission.kv_used()), (2, 80));
-        assert_eq!(admission.admit(2), []);
-        admission.release(&Job(0, 40));
-        // Room for two more tokens-wise, but the batch holds three at most.
-        assert_eq!(admission.admit(1), [Job(2, 40), Job(3, 10)]);
-        assert_eq!(admission.kv_used(), 90);
-        assert_eq!(admission.admit(3), []);
+        let mut running = admission.admit(0);
+        assert_eq!(ids(&running), [0, 1]);
+        assert_eq!(running[0].reserved, 40);
+        assert_eq!((admission.waiting(), admission.kv_used_blocks()), (2, 80));
+        assert_eq!(admission.kv_used(), 80 * BLOCK_SIZE);
+        assert!(admission.admit(2).is_empty());
+        admission.release(&mut running[0]);
+        assert_eq!(running[0].reserved, 0);
+        // Room for two more block-wise, but the batch holds three at most.
+        assert_eq!(ids(&admission.admit(1)), [2, 3]);
+        assert_eq!(admission.kv_used_blocks(), 90);
+        assert!(admission.admit(3).is_empty());
+    }
+
+    #[test]
+    fn a_step_that_does_not_fit_preempts_the_newest_which_then_goes_first() {
+        // 10 blocks; two sequences of 5 blocks each, both full to the last
+        // position of their last block.
+        let mut admission = Admission::new(config(4, 10, 1));
+        admission.enqueue(job(0, 5)).unwrap();
+        let mut running = admission.admit(0);
+        admission.enqueue(job(1, 5)).unwrap();
+        running.extend(admission.admit(1));
+        assert_eq!(admission.kv_used_blocks(), 10);
+        for j in &mut running {
+            j.cached = 5 * BLOCK_SIZE;
+        }
+        admission.enqueue(job(2, 1)).unwrap();
+        // Both decode into a sixth block: only one can.
+        let (plan, preempted) = admission.plan_with_room(&mut running);
+        assert_eq!((plan.len(), preempted), (1, 1));
+        assert_eq!(ids(&running), [0]);
+        assert_eq!(running[0].reserved, 6);
+        assert_eq!(admission.kv_used_blocks(), 6);
+        // Job 1 waits ahead of job 2, past max_waiting, to recompute; job 2
+        // would fit but waits behind it.
+        assert_eq!(admission.waiting(), 2);
+        assert!(admission.admit(1).is_empty());
+        admission.release(&mut running[0]);
+        let back = admission.admit(0);
+        assert_eq!(ids(&back), [1, 2]);
+        assert_eq!((back[0].cached, back[0].reserved), (0, 5));
+    }
+
+    #[test]
+    fn a_step_within_the_reserved_blocks_takes_no_more() {
+        let mut admission = Admission::new(config(4, 10, 4));
+        admission.enqueue(job(0, 2)).unwrap();
+        let mut running = admission.admit(0);
+        running[0].cached = 2 * BLOCK_SIZE - 2;
+        let (plan, preempted) = admission.plan_with_room(&mut running);
+        assert_eq!((plan.len(), preempted), (1, 0));
+        assert_eq!(admission.kv_used_blocks(), 2);
     }
 
     #[test]
     fn a_full_queue_hands_the_request_back() {
         let mut admission = Admission::new(config(1, 100, 2));
-        admission.enqueue(Job(0, 1)).unwrap();
-        admission.enqueue(Job(1, 1)).unwrap();
-        assert_eq!(admission.enqueue(Job(2, 1)), Err(Job(2, 1)));
-        assert_eq!(admission.admit(0), [Job(0, 1)]);
-        admission.enqueue(Job(2, 1)).unwrap();
-        assert_eq!(admission.retain_waiting(|j| j.0 != 1), 1);
-        assert_eq!(admission.admit(0), [Job(2, 1)]);
+        admission.enqueue(job(0, 1)).unwrap();
+        admission.enqueue(job(1, 1)).unwrap();
+        assert_eq!(admission.enqueue(job(2, 1)), Err(job(2, 1)));
+        assert_eq!(ids(&admission.admit(0)), [0]);
+        admission.enqueue(job(2, 1)).unwrap();
+        assert_eq!(admission.retain_waiting(|j| j.id != 1), 1);
+        assert_eq!(ids(&admission.admit(0)), [2]);
         assert_eq!(admission.waiting(), 0);
     }
 
     proptest! {
-        /// Over any sequence of arrivals, admissions and departures: the
-        /// reservations never exceed the cache, the batch never exceeds
-        /// max_running, requests are admitted in arrival order, and the
-        /// reserved tokens are exactly those of the running requests.
+        /// Over any sequence of arrivals, admissions, steps and departures:
+        /// the reservations never exceed the cache, the batch never exceeds
+        /// max_running, new requests are admitted in arrival order, and the
+        /// reserved blocks are exactly those of the running requests, each
+        /// holding at least what its cache needs.
         #[test]
         fn reservations_match_the_running_batch(
-            ops in proptest::collection::vec((0u8..3, 1usize..60), 1..200),
+            ops in proptest::collection::vec((0u8..4, 1usize..30), 1..200),
             max_running in 1usize..6,
             max_waiting in 1usize..6,
         ) {
             let mut admission = Admission::new(config(max_running, 100, max_waiting));
             let mut running: Vec<Job> = Vec::new();
-            let (mut next, mut last_admitted) = (0usize, None);
+            let (mut next, mut last_admitted) = (0usize, None::<usize>);
+            let mut ever_admitted = std::collections::HashSet::new();
             for (op, size) in ops {
                 match op {
                     0 => {
                         let waiting = admission.waiting();
-                        let accepted = admission.enqueue(Job(next, size)).is_ok();
+                        let accepted = admission.enqueue(job(next, size)).is_ok();
                         prop_assert_eq!(accepted, waiting < max_waiting);
                         next += 1;
                     }
                     1 => {
-                        for job in admission.admit(running.len()) {
-                            prop_assert!(last_admitted < Some(job.0));
-                            last_admitted = Some(job.0);
-                            running.push(job);
+                        for j in admission.admit(running.len()) {
+                            // First admissions in arrival order (a preempted
+                            // request comes back later, before newer ones).
+                            if ever_admitted.insert(j.id) {
+                                prop_assert!(last_admitted.is_none_or(|l| l < j.id));
+                                last_admitted = Some(j.id);
+                            }
+                            running.push(j);
+                        }
+                    }
+                    2 => {
+                        let (plan, _) = admission.plan_with_room(&mut running);
+                        for slice in plan {
+                            let j = &mut running[slice.sequence];
+                            j.cached += slice.tokens;
+                            prop_assert!(j.reserved * BLOCK_SIZE >= j.cached);
                         }
                     }
                     _ => {
                         if !running.is_empty() {
-                            let job = running.remove(size % running.len());
-                            admission.release(&job);
+                            let index = size % running.len();
+                            admission.release(&mut running[index]);
+                            running.remove(index);
                         }
                     }
                 }
                 prop_assert!(running.len() <= max_running);
-                prop_assert_eq!(admission.kv_used(), running.iter().map(|j| j.1).sum::<usize>());
-                prop_assert!(admission.kv_used() <= 100);
+                prop_assert_eq!(
+                    admission.kv_used_blocks(),
+                    running.iter().map(|j| j.reserved).sum::<usize>()
+                );
+                prop_assert!(admission.kv_used_blocks() <= 100);
             }
         }
     }

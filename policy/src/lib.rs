@@ -12,7 +12,7 @@
 //! - [`scheduler`]: the scheduler's limits and the plan of one step (decodes,
 //!   then prompt chunks under the token budget).
 //! - [`admission`]: the waiting queue and the KV reservations: which requests
-//!   join the running batch.
+//!   join the running batch; [`kv_blocks`]: the cache's unit of allocation.
 //! - [`dispatch_plan`]: which live worker computes each routed (token, expert)
 //!   pair of a layer.
 //! - [`routing_trace`]: `--record-routing`, the experts every token chose.
@@ -20,6 +20,7 @@
 pub mod admission;
 pub mod dispatch_plan;
 pub mod held_experts;
+pub mod kv_blocks;
 pub mod placement;
 pub mod routing_trace;
 pub mod scheduler;

@@ -1,9 +1,10 @@
-//! The engine: one thread owns the model (dense weights, KV caches) and runs
-//! continuous batching. Requests wait in a bounded queue, are admitted while
-//! their KV reservation fits ([`Admission`]), prefill in chunks under the
-//! step's token budget beside the decodes of the others ([`plan_step`]), and
-//! leave the batch the step they finish — or the step after their client
-//! went away.
+//! The engine: one thread owns the model (dense weights, the KV pool) and
+//! runs continuous batching. Requests wait in a bounded queue, are admitted
+//! while their first step's KV blocks fit ([`Admission`]), prefill in chunks
+//! under the step's token budget beside the decodes of the others, grow
+//! their cache block by block (the newest sequence is preempted and requeued
+//! when the pool runs out, to be recomputed later), and leave the batch the
+//! step they finish — or the step after their client went away.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,10 +14,10 @@ use opentelemetry::trace::TraceContextExt;
 use tch::{Device, Kind, Tensor};
 use tokio::sync::mpsc;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tramontane_model::kv_cache::KvCache;
+use tramontane_model::kv_cache::{KvCache, KvPool};
 use tramontane_model::{BatchItem, ForwardError, LoadError, Logits, Mixtral};
 use tramontane_policy::admission::{Admission, Reservation};
-use tramontane_policy::scheduler::{SchedulerConfig, SchedulerConfigError, plan_step};
+use tramontane_policy::scheduler::{SchedulerConfig, SchedulerConfigError};
 
 use crate::failure::GenerationError;
 use crate::metrics;
@@ -66,29 +67,66 @@ pub struct GenerateJob {
     pub span: tracing::Span,
 }
 
-impl Reservation for GenerateJob {
-    /// KV cache tokens the sequence may fill.
-    fn kv_tokens(&self) -> usize {
-        self.prompt.len() + self.max_tokens
-    }
-}
-
+/// A request from its submission on: waiting, running, or preempted and
+/// waiting again.
 struct Sequence {
     job: GenerateJob,
+    /// Its blocks of the pool: none while it waits.
     cache: KvCache,
     sampler: Sampler,
-    /// Prompt tokens already prefilled.
-    prefilled: usize,
-    /// The last generated token, fed at the next step.
-    last: Option<u32>,
+    /// The prompt, then every token generated: what the cache must hold
+    /// before the next sample (a preempted sequence recomputes all of it).
+    context: Vec<u32>,
     generated: usize,
+    /// KV blocks admission reserved for it.
+    reserved_blocks: usize,
     /// When the last token was sent.
     last_token_at: Option<Instant>,
 }
 
 impl Sequence {
+    fn new(job: GenerateJob, cache: KvCache) -> Self {
+        Self {
+            sampler: Sampler::new(job.sampling.clone()),
+            context: job.prompt.clone(),
+            job,
+            cache,
+            generated: 0,
+            reserved_blocks: 0,
+            last_token_at: None,
+        }
+    }
+
+    /// The tokens of this step: from the first one not cached on.
+    fn feed(&self, tokens: usize) -> &[u32] {
+        let from = self.cache.positions();
+        &self.context[from..from + tokens]
+    }
+}
+
+impl Reservation for Sequence {
+    fn kv_tokens(&self) -> usize {
+        self.context.len()
+    }
+
     fn prompt_left(&self) -> usize {
-        self.job.prompt.len() - self.prefilled
+        // The last generated token is fed as a decode.
+        match self.context.len() - self.cache.positions() {
+            1 if self.generated > 0 => 0,
+            left => left,
+        }
+    }
+
+    fn cached(&self) -> usize {
+        self.cache.positions()
+    }
+
+    fn reserved_blocks(&mut self) -> &mut usize {
+        &mut self.reserved_blocks
+    }
+
+    fn preempt(&mut self) {
+        self.cache.truncate(0);
     }
 }
 
@@ -142,12 +180,15 @@ impl EngineHandle {
                         return;
                     }
                 };
+                let kv = model.kv_pool(config.max_kv_tokens);
+                ::metrics::gauge!(metrics::KV_CACHE_BYTES).set(kv.bytes() as f64);
+                ::metrics::gauge!(metrics::KV_CACHE_TOTAL_TOKENS).set(kv.capacity_tokens() as f64);
                 Engine {
                     model: &model,
+                    kv,
                     receiver,
                     waiting_count: engine_waiting,
                     eos_ids,
-                    config,
                     admission: Admission::new(config),
                     running: Vec::new(),
                 }
@@ -155,7 +196,6 @@ impl EngineHandle {
             })
             .map_err(EngineError::Spawn)?;
         ready_rx.recv().map_err(|_| EngineError::Exited)??;
-        ::metrics::gauge!(metrics::KV_CACHE_TOTAL_TOKENS).set(config.max_kv_tokens as f64);
         Ok(Self {
             jobs,
             waiting,
@@ -186,11 +226,11 @@ impl EngineHandle {
 
 struct Engine<'m> {
     model: &'m Mixtral,
+    kv: KvPool,
     receiver: mpsc::UnboundedReceiver<GenerateJob>,
     waiting_count: Arc<AtomicUsize>,
     eos_ids: Vec<u32>,
-    config: SchedulerConfig,
-    admission: Admission<GenerateJob>,
+    admission: Admission<Sequence>,
     running: Vec<Sequence>,
 }
 
@@ -220,23 +260,24 @@ impl Engine<'_> {
     /// bounds the jobs in the channel and the queue together, so the queue
     /// has room; were it full, the job is refused as the handle would.
     fn enqueue(&mut self, job: GenerateJob) {
-        if let Err(job) = self.admission.enqueue(job) {
+        let sequence = Sequence::new(job, self.kv.new_cache());
+        if let Err(sequence) = self.admission.enqueue(sequence) {
             self.waiting_count.fetch_sub(1, Ordering::SeqCst);
             let waiting = self.admission.waiting();
             let refused = GenerationError::QueueFull { waiting };
-            let _ = job.events.send(Event::Failed(Arc::new(refused)));
+            let _ = sequence.job.events.send(Event::Failed(Arc::new(refused)));
         }
     }
 
     /// Requests whose client went away leave the queue and the batch.
     fn drop_abandoned(&mut self) {
-        let dropped = self.admission.retain_waiting(|job| !job.events.is_closed());
+        let dropped = self.admission.retain_waiting(|s| !s.job.events.is_closed());
         self.waiting_count.fetch_sub(dropped, Ordering::SeqCst);
         let admission = &mut self.admission;
-        self.running.retain(|s| {
+        self.running.retain_mut(|s| {
             let gone = s.job.events.is_closed();
             if gone {
-                admission.release(&s.job);
+                admission.release(s);
                 ::metrics::histogram!(metrics::E2E_REQUEST_LATENCY)
                     .record(s.job.submitted.elapsed());
             }
@@ -244,20 +285,14 @@ impl Engine<'_> {
         });
     }
 
-    /// First come first served, while the KV reservation and the batch fit.
+    /// First come first served, while the KV blocks and the batch fit.
     fn admit(&mut self) {
-        for job in self.admission.admit(self.running.len()) {
+        for s in self.admission.admit(self.running.len()) {
             self.waiting_count.fetch_sub(1, Ordering::SeqCst);
-            ::metrics::histogram!(metrics::QUEUE_TIME).record(job.submitted.elapsed());
-            self.running.push(Sequence {
-                cache: self.model.new_cache(),
-                sampler: Sampler::new(job.sampling.clone()),
-                job,
-                prefilled: 0,
-                last: None,
-                generated: 0,
-                last_token_at: None,
-            });
+            if s.generated == 0 {
+                ::metrics::histogram!(metrics::QUEUE_TIME).record(s.job.submitted.elapsed());
+            }
+            self.running.push(s);
         }
     }
 
@@ -265,21 +300,29 @@ impl Engine<'_> {
         ::metrics::gauge!(metrics::RUNNING_REQUESTS).set(self.running.len() as f64);
         ::metrics::gauge!(metrics::WAITING_REQUESTS).set(self.admission.waiting() as f64);
         ::metrics::gauge!(metrics::KV_CACHE_USED_TOKENS).set(self.admission.kv_used() as f64);
+        let held = self.kv.total_blocks() - self.kv.free_blocks();
+        debug_assert!(
+            held <= self.admission.kv_used_blocks(),
+            "the pool holds {held} blocks, admission reserved {}",
+            self.admission.kv_used_blocks()
+        );
     }
 
     /// One forward over the planned slices, then sampling and events.
     fn step(&mut self) {
-        let pending: Vec<usize> = self.running.iter().map(Sequence::prompt_left).collect();
-        let plan = plan_step(&pending, self.config.max_batch_tokens);
+        let (plan, preempted) = self.admission.plan_with_room(&mut self.running);
+        if preempted > 0 {
+            // Requeued: they wait again, counted with the others.
+            self.waiting_count.fetch_add(preempted, Ordering::SeqCst);
+            ::metrics::counter!(metrics::PREEMPTIONS_TOTAL).increment(preempted as u64);
+            tracing::debug!(preempted, "KV cache full: newest sequences preempted");
+        }
+        if plan.is_empty() {
+            return;
+        }
         let feeds: Vec<Vec<u32>> = plan
             .iter()
-            .map(|slice| {
-                let s = &self.running[slice.sequence];
-                match s.last {
-                    Some(token) if s.prompt_left() == 0 => vec![token],
-                    _ => s.job.prompt[s.prefilled..s.prefilled + slice.tokens].to_vec(),
-                }
-            })
+            .map(|slice| self.running[slice.sequence].feed(slice.tokens).to_vec())
             .collect();
         let batch_tokens: usize = feeds.iter().map(Vec::len).sum();
         ::metrics::histogram!(metrics::BATCH_SIZE).record(plan.len() as f64);
@@ -310,7 +353,7 @@ impl Engine<'_> {
                 }
             }
             self.model
-                .forward(&mut batch, Logits::LastPosition)
+                .forward(&self.kv, &mut batch, Logits::LastPosition)
                 .and_then(|l| rows_to_vec(&l))
         };
         let (logits, vocab) = match logits {
@@ -318,8 +361,8 @@ impl Engine<'_> {
             Err(error) => {
                 let failure = Arc::new(GenerationError::from(error));
                 tracing::warn!(error = %tramontane_infra::error::chain(&*failure), "forward step failed");
-                for s in self.running.drain(..) {
-                    self.admission.release(&s.job);
+                for mut s in self.running.drain(..) {
+                    self.admission.release(&mut s);
                     let _ = s.job.events.send(Event::Failed(failure.clone()));
                 }
                 return;
@@ -330,16 +373,15 @@ impl Engine<'_> {
         let mut finished = Vec::new();
         for (row, slice) in plan.iter().enumerate() {
             let s = &mut self.running[slice.sequence];
-            if s.prompt_left() > 0 {
-                s.prefilled += slice.tokens;
+            if s.generated == 0 {
                 ::metrics::counter!(metrics::PROMPT_TOKENS_TOTAL).increment(slice.tokens as u64);
-                if s.prompt_left() > 0 {
-                    continue; // more prompt next step: these logits are not needed
-                }
+            }
+            if s.cache.positions() < s.context.len() {
+                continue; // more prompt next step: these logits are not needed
             }
             let (token, logprob) = s.sampler.sample(&logits[row * vocab..(row + 1) * vocab]);
             s.generated += 1;
-            s.last = Some(token);
+            s.context.push(token);
             ::metrics::counter!(metrics::GENERATION_TOKENS_TOTAL).increment(1);
             match s.last_token_at.replace(now) {
                 None => ::metrics::histogram!(metrics::TIME_TO_FIRST_TOKEN)
@@ -371,8 +413,8 @@ impl Engine<'_> {
             }
         }
         for index in finished.into_iter().rev() {
-            let s = self.running.remove(index);
-            self.admission.release(&s.job);
+            let mut s = self.running.remove(index);
+            self.admission.release(&mut s);
         }
     }
 }

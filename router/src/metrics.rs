@@ -9,6 +9,8 @@ pub const RUNNING_REQUESTS: &str = "tramontane_router_running_requests";
 pub const WAITING_REQUESTS: &str = "tramontane_router_waiting_requests";
 pub const KV_CACHE_USED_TOKENS: &str = "tramontane_router_kv_cache_used_tokens";
 pub const KV_CACHE_TOTAL_TOKENS: &str = "tramontane_router_kv_cache_total_tokens";
+pub const KV_CACHE_BYTES: &str = "tramontane_router_kv_cache_bytes";
+pub const PREEMPTIONS_TOTAL: &str = "tramontane_router_preemptions_total";
 pub const BATCH_SIZE: &str = "tramontane_router_batch_size";
 pub const BATCH_TOKENS: &str = "tramontane_router_batch_tokens";
 pub const REQUESTS_TOTAL: &str = "tramontane_router_requests_total";
@@ -43,11 +45,21 @@ fn describe() {
     );
     describe_gauge!(
         KV_CACHE_USED_TOKENS,
-        "KV cache tokens reserved by running sequences (prompt + max_tokens each)."
+        "KV cache positions reserved by running sequences, in whole blocks."
     );
     describe_gauge!(
         KV_CACHE_TOTAL_TOKENS,
-        "KV cache tokens the router may reserve."
+        "KV cache positions the pool holds (--max-kv-tokens in whole blocks)."
+    );
+    describe_gauge!(
+        KV_CACHE_BYTES,
+        Unit::Bytes,
+        "Bytes of the KV pool, allocated at start."
+    );
+    describe_counter!(
+        PREEMPTIONS_TOTAL,
+        Unit::Count,
+        "Sequences preempted (and requeued, to be recomputed) because the KV cache ran out."
     );
     describe_histogram!(BATCH_SIZE, "Sequences in one forward step.");
     describe_histogram!(

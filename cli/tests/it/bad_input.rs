@@ -193,9 +193,11 @@ fn prompt_longer_than_the_context_is_refused() -> Result<()> {
     let limit = model.config().max_position_embeddings;
 
     // Library: a step past the context fails and leaves the cache as it was.
-    let mut cache = model.new_cache();
+    let kv = model.kv_pool(limit);
+    let mut cache = kv.new_cache();
     let fits: Vec<u32> = vec![100; 8];
     let _ = model.forward(
+        &kv,
         &mut [BatchItem {
             tokens: &fits,
             cache: &mut cache,
@@ -205,6 +207,7 @@ fn prompt_longer_than_the_context_is_refused() -> Result<()> {
     let too_long: Vec<u32> = vec![100; limit];
     let err = model
         .forward(
+            &kv,
             &mut [BatchItem {
                 tokens: &too_long,
                 cache: &mut cache,
@@ -218,6 +221,7 @@ fn prompt_longer_than_the_context_is_refused() -> Result<()> {
     );
     assert_eq!(cache.positions(), 8);
     let next = model.forward(
+        &kv,
         &mut [BatchItem {
             tokens: &[7],
             cache: &mut cache,
@@ -240,9 +244,11 @@ fn prompt_longer_than_the_context_is_refused() -> Result<()> {
 fn token_ids_outside_the_vocabulary_are_refused() -> Result<()> {
     let _guard = tch::no_grad_guard();
     let model = Mixtral::load_in_process(base_checkpoint(), LoadOptions::default())?;
-    let mut cache = model.new_cache();
+    let kv = model.kv_pool(16);
+    let mut cache = kv.new_cache();
     let err = model
         .forward(
+            &kv,
             &mut [BatchItem {
                 tokens: &[5, 32000],
                 cache: &mut cache,
@@ -256,6 +262,7 @@ fn token_ids_outside_the_vocabulary_are_refused() -> Result<()> {
     );
     let err = model
         .forward(
+            &kv,
             &mut [BatchItem {
                 tokens: &[],
                 cache: &mut cache,

@@ -110,7 +110,9 @@ fn check_parity(gen_args: &[&str]) -> Result<f64> {
     }
 
     // Every prompt in one ragged prefill step.
-    let (logits, _) = model.prefill(&prompts, Logits::AllPositions)?;
+    let longest_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let kv = model.kv_pool_for(prompts.len(), longest_len);
+    let (logits, _) = model.prefill(&kv, &prompts, Logits::AllPositions)?;
     let mut worst: f64 = 0.0;
     let mut row = 0;
     for (i, prompt) in prompts.iter().enumerate() {
@@ -131,14 +133,14 @@ fn check_parity(gen_args: &[&str]) -> Result<f64> {
         .enumerate()
         .max_by_key(|(_, p)| p.len())
         .context("prompts")?;
-    let mut cache = model.new_cache();
+    let mut cache = kv.new_cache();
     let mut chunks = Vec::new();
     for chunk in prompt.chunks(5) {
         let mut item = [BatchItem {
             tokens: chunk,
             cache: &mut cache,
         }];
-        chunks.push(model.forward(&mut item, Logits::AllPositions)?);
+        chunks.push(model.forward(&kv, &mut item, Logits::AllPositions)?);
     }
     let diff = max_abs_diff(&Tensor::cat(&chunks, 0), &reference.logits[longest]);
     ensure!(

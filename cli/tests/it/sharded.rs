@@ -58,7 +58,9 @@ fn last_logits_and_tokens(
     model: &Mixtral,
     prompts: &[Vec<u32>],
 ) -> Result<(Tensor, Vec<Vec<u32>>)> {
-    let (logits, _) = model.prefill(prompts, Logits::AllPositions)?;
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let kv = model.kv_pool_for(prompts.len(), longest);
+    let (logits, _) = model.prefill(&kv, prompts, Logits::AllPositions)?;
     let stop = StopRule {
         max_new_tokens: 12,
         eos_ids: vec![],
