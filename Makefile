@@ -50,10 +50,10 @@ test: build lint monitoring-tools
 serve: build
 	$(BIN) serve --workers $(WORKERS) --listen $(LISTEN) --http-listen $(HTTP_LISTEN) --prometheus-targets deploy/prometheus/targets/local.json $(if $(MODEL),--model $(MODEL),)
 
-# The in-process forward against transformers on the bench preset (not part of `make test`).
+# The in-process forward against transformers and llama.cpp (../shared/peers), f32 and bf16, on the bench preset (not part of `make test`).
 bench: build
 	test -f $(BENCH_MODEL)/config.json || $(BIN) gen-model --preset bench --out $(BENCH_MODEL)
-	$(PYTHON) benches/forward_vs_hf.py --model $(BENCH_MODEL) --bin $(BIN) --threads 2
+	$(PYTHON) benches/forward_vs_hf.py --model $(BENCH_MODEL) --bin $(BIN) --threads 2 --dtypes f32,bf16
 
 # Sharded (router + 1/2/4 workers) against in-process, and the dispatch round trip.
 bench-sharded: build

@@ -1,16 +1,22 @@
-"""In-process forward of Tramontane against transformers' MixtralForCausalLM.
+"""In-process forward of Tramontane against transformers' MixtralForCausalLM
+and llama.cpp, per dtype.
 
-Both run the same checkpoint in fp32 on the CPU with the same thread count and
-the same prompts (pseudo-random token ids from a formula shared with
-`tramontane bench-forward`), one after the other in this run. Prints tokens/s
-for prefill (1x512, 8x128) and greedy decode (batch 1, 8, 32 after a 128-token
-prompt), and ours / transformers per row.
+All run the same checkpoint on the CPU with the same thread count, one after
+the other in this run: ours and transformers on the same prompts
+(pseudo-random token ids from a formula shared with `tramontane
+bench-forward`), llama.cpp through ../shared/peers/llamacpp.sh (llama-bench
+pp512 and llama-batched-bench with 128-token prompts; skipped with a note
+when that script is absent). Prints tokens/s for prefill (1x512, 8x128) and
+greedy decode (batch 1, 8, 32 after a 128-token prompt) per dtype, and ours /
+theirs per row; llama.cpp's q8_0 is printed beside bf16 for reference.
 
-Usage: python benches/forward_vs_hf.py --model DIR --bin target/release/tramontane [--threads 2]
+Usage: python benches/forward_vs_hf.py --model DIR --bin target/release/tramontane
+       [--threads 2] [--dtypes f32,bf16] [--peers ../shared/peers]
 """
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -61,6 +67,46 @@ def time_decode(model, batch, prompt_len, steps, repeats):
             "tokens_per_s": batch * steps / seconds}
 
 
+LLAMA_KEYS = ["prefill_1x512", "prefill_8x128", "decode_b1", "decode_b8", "decode_b32"]
+TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+
+
+def llama_cpp(peers, model, threads, types):
+    """llama.cpp's figures per GGUF type, or None (with the reason) when it cannot run."""
+    script = os.path.join(peers, "llamacpp.sh")
+    if not os.path.exists(script):
+        return None, f"{script} is absent: llama.cpp columns skipped"
+    out = subprocess.run(["bash", script, model, str(threads), ",".join(types)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        return None, f"llama.cpp failed: {out.stderr.strip()[-400:]}"
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return {row["type"]: row for row in rows}, None
+
+
+def ours(args, dtype):
+    return json.loads(subprocess.run(
+        [args.bin, "bench-forward", "--model", args.model, "--threads", str(args.threads), "--json",
+         "--dtype", dtype, "--repeats", str(args.repeats), "--decode-steps", str(args.decode_steps),
+         "--decode-prompt", str(args.decode_prompt)],
+        check=True, capture_output=True, text=True).stdout)["rows"]
+
+
+def transformers_rows(args, dtype):
+    model = MixtralForCausalLM.from_pretrained(args.model, dtype=TORCH_DTYPES[dtype])
+    model.eval()
+    with torch.no_grad():
+        rows = [
+            time_prefill(model, 1, 512, args.repeats),
+            time_prefill(model, 8, 128, args.repeats),
+            time_decode(model, 1, args.decode_prompt, args.decode_steps, args.repeats),
+            time_decode(model, 8, args.decode_prompt, args.decode_steps, args.repeats),
+            time_decode(model, 32, args.decode_prompt, args.decode_steps, args.repeats),
+        ]
+    del model
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -69,32 +115,36 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--decode-prompt", type=int, default=128)
+    parser.add_argument("--dtypes", default="f32,bf16")
+    parser.add_argument("--peers", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "peers"))
     args = parser.parse_args()
-
-    ours = json.loads(subprocess.run(
-        [args.bin, "bench-forward", "--model", args.model, "--threads", str(args.threads), "--json",
-         "--repeats", str(args.repeats), "--decode-steps", str(args.decode_steps),
-         "--decode-prompt", str(args.decode_prompt)],
-        check=True, capture_output=True, text=True).stdout)["rows"]
-
+    dtypes = args.dtypes.split(",")
     torch.set_num_threads(args.threads)
-    model = MixtralForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    model.eval()
-    with torch.no_grad():
-        theirs = [
-            time_prefill(model, 1, 512, args.repeats),
-            time_prefill(model, 8, 128, args.repeats),
-            time_decode(model, 1, args.decode_prompt, args.decode_steps, args.repeats),
-            time_decode(model, 8, args.decode_prompt, args.decode_steps, args.repeats),
-            time_decode(model, 32, args.decode_prompt, args.decode_steps, args.repeats),
-        ]
 
-    print(f"fp32, {args.threads} threads, torch {torch.__version__}")
-    print(f"{'row':<16} {'tramontane tok/s':>17} {'transformers tok/s':>19} {'ratio':>7}")
-    for o, t in zip(ours, theirs):
-        assert o["name"] == t["name"], (o["name"], t["name"])
-        print(f"{o['name']:<16} {o['tokens_per_s']:>17.1f} {t['tokens_per_s']:>19.1f} "
-              f"{o['tokens_per_s'] / t['tokens_per_s']:>6.2f}x")
+    llama, note = llama_cpp(args.peers, args.model, args.threads, dtypes + ["q8_0"])
+    results = {}
+    for dtype in dtypes:
+        results[dtype] = (ours(args, dtype), transformers_rows(args, dtype))
+
+    print(f"{args.threads} threads, torch {torch.__version__}; tokens/s, ratio = ours / theirs")
+    if note:
+        print(f"note: {note}")
+    header = f"{'dtype':<5} {'row':<16} {'ours':>8} {'transformers':>13} {'ratio':>6}"
+    if llama:
+        header += f" {'llama.cpp':>10} {'ratio':>6} {'llama q8_0':>11}"
+    print(header)
+    for dtype in dtypes:
+        mine, theirs = results[dtype]
+        for i, (o, t) in enumerate(zip(mine, theirs)):
+            assert o["name"] == t["name"], (o["name"], t["name"])
+            line = (f"{dtype:<5} {o['name']:<16} {o['tokens_per_s']:>8.1f} {t['tokens_per_s']:>13.1f} "
+                    f"{o['tokens_per_s'] / t['tokens_per_s']:>5.2f}x")
+            if llama:
+                peer = llama.get(dtype, {}).get(LLAMA_KEYS[i])
+                q8 = llama.get("q8_0", {}).get(LLAMA_KEYS[i])
+                line += (f" {peer:>10.1f} {o['tokens_per_s'] / peer:>5.2f}x" if peer else f" {'-':>10} {'-':>6}")
+                line += f" {q8:>11.1f}" if q8 else f" {'-':>11}"
+            print(line)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,15 @@ def main() -> None:
     parser.add_argument("--request", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
+                        help="dtype the model computes in (logits are written as fp32)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     request = json.load(open(args.request))
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = MixtralForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = MixtralForCausalLM.from_pretrained(args.model, dtype=dtype)
     model.eval()
 
     logits = {}

@@ -108,7 +108,13 @@ pub fn run(args: &ServeArgs) -> Result<()> {
                 held,
                 device: device.clone(),
                 threads,
-                extra: args.telemetry.to_args().into_iter().map(Into::into).collect(),
+                // Workers compute in the router's dtype.
+                extra: ["--dtype", args.compute.dtype.flag()]
+                    .into_iter()
+                    .map(String::from)
+                    .chain(args.telemetry.to_args())
+                    .map(Into::into)
+                    .collect(),
             };
             let process = spawn_worker(&command).await.with_context(|| format!("starting worker {worker}"))?;
             let addr = process.addr.clone();

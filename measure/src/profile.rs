@@ -135,7 +135,7 @@ fn measure_dense(
             (options.kind, options.device),
         );
         let seconds = time(args.repeats, device, || {
-            let logits = xs.matmul(&lm_head.tr()).to_kind(Kind::Float);
+            let logits = xs.linear(&lm_head, None::<Tensor>).to_kind(Kind::Float);
             let _: Vec<f32> = Vec::try_from(logits.flatten(0, -1))?;
             Ok(())
         })?;

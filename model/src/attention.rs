@@ -176,7 +176,7 @@ impl Attention {
             self.num_heads * self.head_dim,
             self.num_kv_heads * self.head_dim,
         );
-        let qkv = xs.matmul(&self.qkv_proj.tr());
+        let qkv = xs.linear(&self.qkv_proj, None::<Tensor>);
         let q =
             rotary.apply(
                 &qkv.narrow(1, 0, q_dim)
@@ -212,7 +212,7 @@ impl Attention {
                 out
             }
         };
-        Ok(out.matmul(&self.o_proj.tr()))
+        Ok(out.linear(&self.o_proj, None::<Tensor>))
     }
 
     /// One token per sequence, every sequence at once: `[sequences, heads * head_dim]`.

@@ -54,9 +54,9 @@ impl Expert {
 
     /// `xs`: `[rows, hidden]` -> `[rows, hidden]`.
     pub fn forward(&self, xs: &Tensor) -> Tensor {
-        let projected = xs.matmul(&self.w13.tr());
+        let projected = xs.linear(&self.w13, None::<Tensor>);
         let gate = projected.narrow(1, 0, self.intermediate).silu();
         let up = projected.narrow(1, self.intermediate, self.intermediate);
-        (gate * up).matmul(&self.w2.tr())
+        (gate * up).linear(&self.w2, None::<Tensor>)
     }
 }

@@ -28,7 +28,7 @@ impl Gate {
 
     /// `xs`: `[tokens, hidden]`.
     pub fn route(&self, xs: &Tensor) -> Routing {
-        let logits = xs.matmul(&self.weight.tr());
+        let logits = xs.linear(&self.weight, None::<Tensor>);
         route_logits(&logits, self.top_k, xs.kind())
     }
 }

@@ -110,6 +110,12 @@ impl KvPool {
         self.bytes
     }
 
+    /// Layer `layer`'s key storage (tests check it is written in place).
+    #[cfg(test)]
+    pub(crate) fn keys(&self, layer: usize) -> &Tensor {
+        &self.keys[layer]
+    }
+
     /// Whether `cache` draws from this pool.
     pub fn owns(&self, cache: &KvCache) -> bool {
         Arc::ptr_eq(&self.free, &cache.free)

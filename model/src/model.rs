@@ -289,6 +289,200 @@ impl Mixtral {
             xs = xs.index_select(0, &Tensor::from_slice(&last).to_device(self.options.device));
         }
         let xs = self.norm.forward(&xs);
-        Ok(xs.matmul(&self.lm_head.tr()).to_kind(Kind::Float))
+        Ok(xs
+            .linear(&self.lm_head, None::<Tensor>)
+            .to_kind(Kind::Float))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The paged KV cache under the model: decoding writes in place and
+    //! gives what a full prefill gives; a failed step gives back the blocks
+    //! it took and leaves every cache as it was.
+
+    use super::*;
+    use crate::gating::Routing;
+
+    fn tiny() -> (tempfile::TempDir, Mixtral) {
+        let dir = tempfile::tempdir().unwrap();
+        tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
+        let model = Mixtral::load_in_process(dir.path(), LoadOptions::default()).unwrap();
+        (dir, model)
+    }
+
+    fn tokens(n: usize) -> Vec<u32> {
+        (0..n as u32).map(|p| 3 + (p * 37) % 250).collect()
+    }
+
+    fn step(model: &Mixtral, kv: &KvPool, cache: &mut KvCache, tokens: &[u32]) -> Tensor {
+        model
+            .forward(kv, &mut [BatchItem { tokens, cache }], Logits::LastPosition)
+            .unwrap()
+    }
+
+    #[test]
+    fn decoding_writes_in_place_and_matches_a_full_prefill() {
+        let _guard = tch::no_grad_guard();
+        let (_dir, model) = tiny();
+        let all = tokens(30);
+        let kv = model.kv_pool_for(2, 30);
+        let storage = kv.keys(0).data_ptr();
+        let mut decoded = kv.new_cache();
+        // The prompt's last position, then one row per decode step.
+        let mut ours = vec![step(&model, &kv, &mut decoded, &all[..20])];
+        for &token in &all[20..29] {
+            ours.push(step(&model, &kv, &mut decoded, &[token]));
+        }
+        let mut full = kv.new_cache();
+        let reference = model
+            .forward(
+                &kv,
+                &mut [BatchItem {
+                    tokens: &all,
+                    cache: &mut full,
+                }],
+                Logits::AllPositions,
+            )
+            .unwrap();
+        for (i, row) in ours.iter().enumerate() {
+            let expected = reference.narrow(0, 19 + i as i64, 1);
+            let diff = (row - expected).abs().max().double_value(&[]);
+            assert!(diff < 1e-4, "position {}: {diff}", 19 + i);
+        }
+        assert_eq!(
+            kv.keys(0).data_ptr(),
+            storage,
+            "the pool was not reallocated"
+        );
+        assert_eq!((decoded.positions(), decoded.blocks().len()), (29, 2));
+        assert_eq!(kv.free_blocks(), kv.total_blocks() - 4);
+    }
+
+    /// Experts that fail from layer 1 on.
+    struct FailingExperts(LocalExperts);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("worker lost")]
+    struct Lost;
+
+    impl Experts for FailingExperts {
+        fn forward(
+            &self,
+            layer: usize,
+            xs: &Tensor,
+            routing: &Routing,
+        ) -> Result<Tensor, ForwardError> {
+            if layer >= 1 {
+                return Err(ForwardError::Experts {
+                    layer,
+                    source: Box::new(Lost),
+                });
+            }
+            self.0.forward(layer, xs, routing)
+        }
+    }
+
+    #[test]
+    fn a_failed_step_gives_back_its_blocks_and_changes_no_cache() {
+        let _guard = tch::no_grad_guard();
+        let (dir, model) = tiny();
+        let checkpoint = Checkpoint::open(dir.path()).unwrap();
+        let config = model.config().clone();
+        let experts =
+            LocalExperts::load(&checkpoint, &config, &|_, _| true, Kind::Float, Device::Cpu)
+                .unwrap();
+        let failing = Mixtral::load_dense(
+            &checkpoint,
+            config,
+            LoadOptions::default(),
+            Box::new(FailingExperts(experts)),
+        )
+        .unwrap();
+        let all = tokens(21);
+        let kv = model.kv_pool(64);
+        let mut cache = kv.new_cache();
+        let _ = step(&model, &kv, &mut cache, &all[..10]);
+        let free = kv.free_blocks();
+        let mut other = kv.new_cache();
+        let err = failing
+            .forward(
+                &kv,
+                &mut [
+                    BatchItem {
+                        tokens: &all[10..20],
+                        cache: &mut cache,
+                    },
+                    BatchItem {
+                        tokens: &all[..5],
+                        cache: &mut other,
+                    },
+                ],
+                Logits::LastPosition,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(err, ForwardError::Experts { layer: 1, .. }),
+            "{err}"
+        );
+        assert_eq!((cache.positions(), cache.blocks().len()), (10, 1));
+        assert!(other.blocks().is_empty());
+        assert_eq!(kv.free_blocks(), free);
+
+        // The cache goes on as if the failed step never ran (its half-written
+        // slots are overwritten).
+        let _ = step(&model, &kv, &mut cache, &all[10..20]);
+        let resumed = step(&model, &kv, &mut cache, &all[20..]);
+        let mut fresh = kv.new_cache();
+        let expected = step(&model, &kv, &mut fresh, &all);
+        let diff = (resumed - expected).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "{diff}");
+    }
+
+    #[test]
+    fn a_step_the_pool_cannot_hold_takes_nothing() {
+        let _guard = tch::no_grad_guard();
+        let (_dir, model) = tiny();
+        let kv = model.kv_pool(32);
+        let all = tokens(20);
+        let (mut a, mut b) = (kv.new_cache(), kv.new_cache());
+        let err = model
+            .forward(
+                &kv,
+                &mut [
+                    BatchItem {
+                        tokens: &all,
+                        cache: &mut a,
+                    },
+                    BatchItem {
+                        tokens: &all,
+                        cache: &mut b,
+                    },
+                ],
+                Logits::LastPosition,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(err, ForwardError::KvCacheFull { sequence: 1, .. }),
+            "{err}"
+        );
+        assert!(a.blocks().is_empty() && b.blocks().is_empty());
+        assert_eq!(kv.free_blocks(), kv.total_blocks());
+        let other_pool = model.kv_pool(16);
+        let mut foreign = other_pool.new_cache();
+        let err = model
+            .forward(
+                &kv,
+                &mut [BatchItem {
+                    tokens: &all[..2],
+                    cache: &mut foreign,
+                }],
+                Logits::LastPosition,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(err, ForwardError::ForeignCache { sequence: 0 }),
+            "{err}"
+        );
     }
 }

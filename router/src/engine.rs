@@ -135,6 +135,8 @@ pub struct EngineHandle {
     jobs: mpsc::UnboundedSender<GenerateJob>,
     /// Requests submitted and not yet admitted (or dropped).
     waiting: Arc<AtomicUsize>,
+    /// Sequences preempted since the start.
+    preempted: Arc<AtomicUsize>,
     config: SchedulerConfig,
 }
 
@@ -166,6 +168,8 @@ impl EngineHandle {
         let waiting = Arc::new(AtomicUsize::new(0));
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let engine_waiting = waiting.clone();
+        let preempted = Arc::new(AtomicUsize::new(0));
+        let engine_preempted = preempted.clone();
         std::thread::Builder::new()
             .name("router-engine".into())
             .spawn(move || {
@@ -188,6 +192,7 @@ impl EngineHandle {
                     kv,
                     receiver,
                     waiting_count: engine_waiting,
+                    preempted: engine_preempted,
                     eos_ids,
                     admission: Admission::new(config),
                     running: Vec::new(),
@@ -199,6 +204,7 @@ impl EngineHandle {
         Ok(Self {
             jobs,
             waiting,
+            preempted,
             config,
         })
     }
@@ -222,6 +228,11 @@ impl EngineHandle {
     pub fn config(&self) -> &SchedulerConfig {
         &self.config
     }
+
+    /// Sequences preempted (KV cache full) since the engine started.
+    pub fn preemptions(&self) -> usize {
+        self.preempted.load(Ordering::SeqCst)
+    }
 }
 
 struct Engine<'m> {
@@ -229,6 +240,7 @@ struct Engine<'m> {
     kv: KvPool,
     receiver: mpsc::UnboundedReceiver<GenerateJob>,
     waiting_count: Arc<AtomicUsize>,
+    preempted: Arc<AtomicUsize>,
     eos_ids: Vec<u32>,
     admission: Admission<Sequence>,
     running: Vec<Sequence>,
@@ -314,6 +326,7 @@ impl Engine<'_> {
         if preempted > 0 {
             // Requeued: they wait again, counted with the others.
             self.waiting_count.fetch_add(preempted, Ordering::SeqCst);
+            self.preempted.fetch_add(preempted, Ordering::SeqCst);
             ::metrics::counter!(metrics::PREEMPTIONS_TOTAL).increment(preempted as u64);
             tracing::debug!(preempted, "KV cache full: newest sequences preempted");
         }
@@ -429,4 +442,86 @@ fn rows_to_vec(logits: &Tensor) -> Result<(Vec<f32>, usize), ForwardError> {
         .f_view([-1])?;
     let values = Vec::<f32>::try_from(&flat)?;
     Ok((values, vocab))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The engine over a KV pool too small for every request at once:
+    //! sequences are preempted, requeued and recomputed, and each still
+    //! generates exactly what it generates alone.
+
+    use super::*;
+    use tramontane_model::LoadOptions;
+    use tramontane_model::generate::{StopRule, generate_greedy};
+
+    fn collect(mut events: mpsc::UnboundedReceiver<Event>) -> Vec<u32> {
+        let mut tokens = Vec::new();
+        while let Some(event) = events.blocking_recv() {
+            match event {
+                Event::Token { id, .. } => tokens.push(id),
+                Event::Finished(reason) => {
+                    assert_eq!(reason, FinishReason::Length);
+                    break;
+                }
+                Event::Failed(error) => panic!("request failed: {error}"),
+            }
+        }
+        tokens
+    }
+
+    #[test]
+    fn preempted_sequences_recompute_and_generate_what_they_generate_alone() {
+        let _guard = tch::no_grad_guard();
+        let dir = tempfile::tempdir().unwrap();
+        tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
+        let model_dir = dir.path().to_path_buf();
+        let prompts: Vec<Vec<u32>> = (0..3)
+            .map(|s| (0..20).map(|p| 5 + (s * 31 + p * 7) % 200).collect())
+            .collect();
+        let max_tokens = 30;
+        let expected = {
+            let model = Mixtral::load_in_process(&model_dir, LoadOptions::default()).unwrap();
+            let stop = StopRule {
+                max_new_tokens: max_tokens,
+                eos_ids: vec![],
+            };
+            generate_greedy(&model, &prompts, &stop).unwrap()
+        };
+        // 4 blocks of 16: each request alone needs 50 positions (4 blocks),
+        // and two are admitted at once (2 blocks each for their prompt).
+        let config = SchedulerConfig {
+            max_kv_tokens: 64,
+            ..SchedulerConfig::default()
+        };
+        let engine = EngineHandle::spawn(
+            move || Mixtral::load_in_process(&model_dir, LoadOptions::default()),
+            vec![],
+            config,
+        )
+        .unwrap();
+        let receivers: Vec<_> = prompts
+            .iter()
+            .map(|prompt| {
+                let (events, receiver) = mpsc::unbounded_channel();
+                engine
+                    .submit(GenerateJob {
+                        prompt: prompt.clone(),
+                        max_tokens,
+                        sampling: SamplingParams {
+                            temperature: 0.0,
+                            ..SamplingParams::default()
+                        },
+                        ignore_eos: true,
+                        events,
+                        submitted: Instant::now(),
+                        span: tracing::Span::none(),
+                    })
+                    .unwrap();
+                receiver
+            })
+            .collect();
+        let got: Vec<Vec<u32>> = receivers.into_iter().map(collect).collect();
+        assert_eq!(got, expected);
+        assert!(engine.preemptions() > 0, "the pool was never full");
+    }
 }

@@ -113,7 +113,9 @@ fn gate_stats(dir: &Path, prompts: usize, len: usize) -> Result<Vec<LayerStats>>
                 .collect()
         })
         .collect();
-    let _ = model.prefill(&prompts, Logits::LastPosition)?;
+    let kv = model.kv_pool_for(prompts.len(), len);
+    let _ = model.prefill(&kv, &prompts, Logits::LastPosition)?;
+    drop(kv);
     drop(model);
     Rc::try_unwrap(stats)
         .ok()
