@@ -3,6 +3,7 @@
 //! stream of text chunks with stop strings applied.
 
 use std::sync::Arc;
+use tramontane_policy::kv_blocks::{BLOCK_SIZE, blocks_for};
 
 use tokio::sync::mpsc;
 use tramontane_model::Tokenizer;
@@ -111,7 +112,8 @@ impl Generator {
             )
             .into());
         }
-        let kv_limit = self.engine.config().max_kv_tokens;
+        // What the pool holds: --max-kv-tokens in whole blocks.
+        let kv_limit = blocks_for(self.engine.config().max_kv_tokens) * BLOCK_SIZE;
         if prompt.len() + max_tokens > kv_limit {
             return Err(InvalidParam::new(
                 "max_tokens",

@@ -67,7 +67,8 @@ def test_hanging_up_mid_stream_frees_the_sequence(
         # Leaving the block closes the half-read response's connection.
 
     assert metric(during, RUNNING) >= 1
-    assert metric(during, KV_USED) >= len(prompt) + max_tokens
+    # It holds the blocks of what it has filled, not its whole max_tokens.
+    assert len(prompt) <= metric(during, KV_USED) < len(prompt) + max_tokens
 
     after = wait_until_idle(read_metrics)
     assert metric(after, KV_USED) == 0, f"KV still held {SETTLE_S} s after the hang-up"
