@@ -377,15 +377,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_cache_too_small_for_every_client_preempts_and_still_completes_all() {
-        let profile = profile(0.01, 0.0);
-        let placement = Placement::round_robin(2, 4, 2).unwrap();
+    /// `workload` on 2 layers × 4 experts round robin over `workers`, with
+    /// uniform routing, steps of `step_seconds` and the scheduler's limits.
+    fn simulate_uniform(
+        step_seconds: f64,
+        workers: usize,
+        scheduler: SchedulerConfig,
+        workload: &Workload,
+    ) -> Prediction {
+        let profile = profile(step_seconds, 0.0);
+        let placement = Placement::round_robin(2, 4, workers).unwrap();
         let routing = TokenRouting::uniform(&profile.model);
-        let scheduler = SchedulerConfig {
-            max_kv_tokens: 256,
-            ..SchedulerConfig::default()
-        };
         let cluster = Cluster {
             profile: &profile,
             placement: &placement,
@@ -393,9 +395,23 @@ mod tests {
             scheduler,
             wire_bytes: 4,
         };
+        cluster.simulate(workload)
+    }
+
+    #[test]
+    fn a_cache_too_small_for_every_client_preempts_and_still_completes_all() {
+        let scheduler = SchedulerConfig {
+            max_kv_tokens: 256,
+            ..SchedulerConfig::default()
+        };
         // Four clients of 32 + 64 tokens: each fits alone (6 blocks of 16), all
         // four (24 blocks) do not fit in 16.
-        let p = cluster.simulate(&workload(Arrivals::Concurrency(4), 32, 64, 8));
+        let p = simulate_uniform(
+            0.01,
+            2,
+            scheduler,
+            &workload(Arrivals::Concurrency(4), 32, 64, 8),
+        );
         assert_eq!((p.completed, p.refused), (8, 0));
         assert!(p.preemptions > 0, "{p:?}");
         assert!(p.peak_kv_tokens <= 256);
@@ -443,22 +459,17 @@ mod tests {
 
     #[test]
     fn a_full_queue_refuses_requests() {
-        let profile = profile(1.0, 0.0);
-        let placement = Placement::round_robin(2, 4, 1).unwrap();
-        let routing = TokenRouting::uniform(&profile.model);
         let scheduler = SchedulerConfig {
             max_running: 1,
             max_waiting: 2,
             ..SchedulerConfig::default()
         };
-        let cluster = Cluster {
-            profile: &profile,
-            placement: &placement,
-            routing: &routing,
+        let p = simulate_uniform(
+            1.0,
+            1,
             scheduler,
-            wire_bytes: 4,
-        };
-        let p = cluster.simulate(&workload(Arrivals::Rate(1000.0), 10, 10, 10));
+            &workload(Arrivals::Rate(1000.0), 10, 10, 10),
+        );
         assert!(p.refused > 0 && p.completed + p.refused == 10, "{p:?}");
     }
 
