@@ -75,7 +75,7 @@ struct PrefillChunk {
     /// Its block table, `[1, blocks]`, when it attends to positions cached
     /// by earlier steps; None when its own new tokens are all it sees.
     table: Option<Tensor>,
-    mask: Option<AttentionMask>,
+    mask: AttentionMask,
 }
 
 impl StepLayout {
@@ -99,10 +99,7 @@ impl StepLayout {
                 .map(|&i| blocks_for(spans[i].end()))
                 .max()
                 .unwrap_or(1);
-            let table: Vec<i64> = decoding
-                .iter()
-                .flat_map(|&i| caches[i].padded_table(blocks))
-                .collect();
+            let table = block_table(decoding.iter().map(|&i| &*caches[i]), blocks, device);
             let width = (blocks * BLOCK_SIZE) as i64;
             let ends: Vec<i64> = decoding.iter().map(|&i| spans[i].end() as i64).collect();
             let ends = Tensor::from_slice(&ends).to_device(device).view([-1, 1]);
@@ -116,9 +113,7 @@ impl StepLayout {
             let rows: Vec<i64> = decoding.iter().map(|&i| spans[i].row as i64).collect();
             DecodeGroup {
                 rows: (!every_row).then(|| Tensor::from_slice(&rows).to_device(device)),
-                table: Tensor::from_slice(&table)
-                    .to_device(device)
-                    .view([decoding.len() as i64, blocks as i64]),
+                table,
                 mask: mask.view([decoding.len() as i64, 1, 1, width]),
             }
         });
@@ -127,13 +122,8 @@ impl StepLayout {
             .zip(caches)
             .filter(|(span, _)| span.len > 1)
             .map(|(span, cache)| {
-                let table = (span.start > 0).then(|| {
-                    let blocks = blocks_for(span.end());
-                    let table: Vec<i64> = cache.padded_table(blocks).collect();
-                    Tensor::from_slice(&table)
-                        .to_device(device)
-                        .view([1, blocks as i64])
-                });
+                let table = (span.start > 0)
+                    .then(|| block_table([&**cache], blocks_for(span.end()), device));
                 PrefillChunk {
                     span: *span,
                     table,
@@ -147,6 +137,22 @@ impl StepLayout {
             prefills,
         }
     }
+}
+
+/// The block tables of `caches`, each padded to `blocks` entries:
+/// `[caches, blocks]`, i64.
+fn block_table<'c>(
+    caches: impl IntoIterator<Item = &'c KvCache>,
+    blocks: usize,
+    device: Device,
+) -> Tensor {
+    let table: Vec<i64> = caches
+        .into_iter()
+        .flat_map(|cache| cache.padded_table(blocks))
+        .collect();
+    Tensor::from_slice(&table)
+        .to_device(device)
+        .view([-1, blocks as i64])
 }
 
 impl Attention {
@@ -270,9 +276,9 @@ impl Attention {
             &rows(q),
             &keys,
             &values,
-            chunk.mask.as_ref().and_then(AttentionMask::explicit),
+            chunk.mask.explicit(),
             0.0,
-            matches!(chunk.mask, Some(AttentionMask::Causal)),
+            matches!(chunk.mask, AttentionMask::Causal),
             None,
             true,
         );
@@ -295,14 +301,10 @@ impl AttentionMask {
     /// What limits which positions a chunk's tokens may see: plain causality
     /// from position 0 (the fused causal kernel), or an explicit mask when
     /// the chunk follows cached positions or the window cuts in.
-    fn for_chunk(span: &SequenceSpan, window: Option<usize>, device: Device) -> Option<Self> {
+    fn for_chunk(span: &SequenceSpan, window: Option<usize>, device: Device) -> Self {
         let total = span.end();
-        let window_covers_all = window.is_none_or(|w| total <= w);
-        if window_covers_all && span.len == 1 {
-            return None;
-        }
-        if window_covers_all && span.start == 0 {
-            return Some(AttentionMask::Causal);
+        if span.start == 0 && window.is_none_or(|w| total <= w) {
+            return AttentionMask::Causal;
         }
         let query_pos =
             Tensor::arange_start(span.start as i64, total as i64, (Kind::Int64, device))
@@ -312,7 +314,7 @@ impl AttentionMask {
         if let Some(window) = window {
             allowed = allowed.logical_and(&key_pos.gt_tensor(&(&query_pos - window as i64)));
         }
-        Some(AttentionMask::Explicit(allowed))
+        AttentionMask::Explicit(allowed)
     }
 
     fn explicit(&self) -> Option<&Tensor> {

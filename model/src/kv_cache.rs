@@ -20,10 +20,11 @@ pub use tramontane_policy::kv_blocks::{BLOCK_SIZE, blocks_for};
 /// The block every padded table entry points at.
 const PADDING_BLOCK: u32 = 0;
 
-/// Which blocks of a pool are free.
+/// Which blocks of a pool are free, of how many it hands out in all.
 #[derive(Debug)]
 struct FreeBlocks {
     free: Vec<u32>,
+    total: usize,
 }
 
 type SharedFree = Arc<Mutex<FreeBlocks>>;
@@ -38,14 +39,12 @@ fn lock(free: &SharedFree) -> MutexGuard<'_, FreeBlocks> {
 pub struct KvPool {
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
-    blocks: usize,
-    bytes: u64,
     free: SharedFree,
 }
 
 /// The pool cannot hold what a step needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the KV cache is full: {needed} more blocks needed, {free} free of {total}")]
+#[error("the KV cache is full: {needed} more blocks needed, {free} free of the pool's {total}")]
 pub struct KvCacheFull {
     pub needed: usize,
     pub free: usize,
@@ -65,19 +64,15 @@ impl KvPool {
         let layer = || Tensor::zeros(shape, (kind, device));
         let keys: Vec<Tensor> = (0..config.num_hidden_layers).map(|_| layer()).collect();
         let values: Vec<Tensor> = (0..config.num_hidden_layers).map(|_| layer()).collect();
-        let bytes = keys
-            .iter()
-            .chain(&values)
-            .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
-            .sum();
         // Handed out from the end: low blocks first.
         let free = (1..blocks as u32).rev().collect();
         Self {
             keys,
             values,
-            blocks: blocks - 1,
-            bytes,
-            free: Arc::new(Mutex::new(FreeBlocks { free })),
+            free: Arc::new(Mutex::new(FreeBlocks {
+                free,
+                total: blocks - 1,
+            })),
         }
     }
 
@@ -92,12 +87,12 @@ impl KvPool {
 
     /// Positions the pool holds in all (padding block excluded).
     pub fn capacity_tokens(&self) -> usize {
-        self.blocks * BLOCK_SIZE
+        self.total_blocks() * BLOCK_SIZE
     }
 
     /// Blocks that can be handed out in all.
     pub fn total_blocks(&self) -> usize {
-        self.blocks
+        lock(&self.free).total
     }
 
     /// Blocks not held by any cache.
@@ -107,7 +102,11 @@ impl KvPool {
 
     /// Bytes of every layer's keys and values, the padding block included.
     pub fn bytes(&self) -> u64 {
-        self.bytes
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+            .sum()
     }
 
     /// Layer `layer`'s key storage (tests check it is written in place).
@@ -201,7 +200,7 @@ impl KvCache {
             return Err(KvCacheFull {
                 needed,
                 free,
-                total: free + self.blocks.len(),
+                total: pool.total,
             });
         }
         let from = free - needed;
@@ -281,7 +280,7 @@ mod tests {
             KvCacheFull {
                 needed: 3,
                 free: 2,
-                total: 2
+                total: 4
             }
         );
         assert!(b.blocks().is_empty(), "a refused reservation takes nothing");

@@ -127,16 +127,12 @@ impl Reservation for Sequence {
         self.context()
     }
 
-    fn prompt_left(&self) -> usize {
-        // The last generated token is fed as a decode.
-        match self.context() - self.cached {
-            1 if self.generated > 0 => 0,
-            left => left,
-        }
-    }
-
     fn cached(&self) -> usize {
         self.cached
+    }
+
+    fn generated(&self) -> usize {
+        self.generated
     }
 
     fn reserved_blocks(&mut self) -> &mut usize {

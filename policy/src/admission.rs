@@ -63,10 +63,20 @@ pub trait Reservation {
     /// admitted: its prompt, and for a preempted sequence the tokens it had
     /// generated too.
     fn kv_tokens(&self) -> usize;
-    /// Tokens it still has to prefill (0: it decodes one token per step).
-    fn prompt_left(&self) -> usize;
     /// Positions its cache holds now.
     fn cached(&self) -> usize;
+    /// Tokens it has generated.
+    fn generated(&self) -> usize;
+    /// Tokens it still has to prefill (0: it decodes one token per step):
+    /// what it holds beyond its cache, the prompt and, after a preemption,
+    /// the tokens it had generated; the last generated token alone is a
+    /// decode.
+    fn prompt_left(&self) -> usize {
+        match self.kv_tokens() - self.cached() {
+            1 if self.generated() > 0 => 0,
+            left => left,
+        }
+    }
     /// The blocks reserved for it (0 while it waits).
     fn reserved_blocks(&mut self) -> &mut usize;
     /// It is preempted: it gives up its cache and will recompute every
@@ -112,12 +122,12 @@ impl<R: Reservation> Admission<R> {
     }
 
     /// The blocks a request reserves when it is admitted.
-    pub fn admission_blocks(request: &R) -> usize {
+    fn admission_blocks(request: &R) -> usize {
         blocks_for(request.kv_tokens())
     }
 
     /// The requests that join a batch of `running` sequences now, in arrival
-    /// order, each with [`Self::admission_blocks`] reserved.
+    /// order, each with the blocks of its first step reserved.
     pub fn admit(&mut self, running: usize) -> Vec<R> {
         let mut admitted = Vec::new();
         while running + admitted.len() < self.config.max_running {
@@ -229,15 +239,19 @@ mod tests {
         fn kv_tokens(&self) -> usize {
             (self.blocks * BLOCK_SIZE).saturating_sub(BLOCK_SIZE / 2)
         }
+        fn cached(&self) -> usize {
+            self.cached
+        }
+        fn generated(&self) -> usize {
+            self.cached.saturating_sub(self.kv_tokens())
+        }
+        // Past its first step it decodes (its cache then outgrows kv_tokens).
         fn prompt_left(&self) -> usize {
             if self.cached == 0 {
                 self.kv_tokens()
             } else {
                 0
             }
-        }
-        fn cached(&self) -> usize {
-            self.cached
         }
         fn reserved_blocks(&mut self) -> &mut usize {
             &mut self.reserved

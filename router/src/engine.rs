@@ -109,16 +109,12 @@ impl Reservation for Sequence {
         self.context.len()
     }
 
-    fn prompt_left(&self) -> usize {
-        // The last generated token is fed as a decode.
-        match self.context.len() - self.cache.positions() {
-            1 if self.generated > 0 => 0,
-            left => left,
-        }
-    }
-
     fn cached(&self) -> usize {
         self.cache.positions()
+    }
+
+    fn generated(&self) -> usize {
+        self.generated
     }
 
     fn reserved_blocks(&mut self) -> &mut usize {
