@@ -11,6 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::ForwardError;
 use crate::kv_cache::{BLOCK_SIZE, KvCache, KvPool, blocks_for};
+use crate::projection;
 use crate::rotary::RotaryTables;
 use tramontane_config::MixtralConfig;
 
@@ -182,7 +183,7 @@ impl Attention {
             self.num_heads * self.head_dim,
             self.num_kv_heads * self.head_dim,
         );
-        let qkv = xs.linear(&self.qkv_proj, None::<Tensor>);
+        let qkv = projection::linear(xs, &self.qkv_proj);
         let q =
             rotary.apply(
                 &qkv.narrow(1, 0, q_dim)
@@ -218,7 +219,7 @@ impl Attention {
                 out
             }
         };
-        Ok(out.linear(&self.o_proj, None::<Tensor>))
+        Ok(projection::linear(&out, &self.o_proj))
     }
 
     /// One token per sequence, every sequence at once: `[sequences, heads * head_dim]`.

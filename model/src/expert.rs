@@ -9,6 +9,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::error::WeightsError;
+use crate::projection;
 use crate::weights::Checkpoint;
 use tramontane_config::MixtralConfig;
 
@@ -66,16 +67,25 @@ impl Expert {
 
     /// `xs`: `[rows, hidden]` -> `[rows, hidden]`.
     pub fn forward(&self, xs: &Tensor) -> Tensor {
-        let hidden = match &self.gate_up {
-            GateUp::Stacked { w13, intermediate } => {
+        let on_kernels = match &self.gate_up {
+            GateUp::Stacked { w13, intermediate } => projection::swiglu(
+                xs,
+                &w13.narrow(0, 0, *intermediate),
+                &w13.narrow(0, *intermediate, *intermediate),
+            ),
+            GateUp::Apart { w1, w3 } => projection::swiglu(xs, w1, w3),
+        };
+        let hidden = match (on_kernels, &self.gate_up) {
+            (Some(hidden), _) => hidden,
+            (None, GateUp::Stacked { w13, intermediate }) => {
                 let projected = xs.linear(w13, None::<Tensor>);
                 projected.narrow(1, 0, *intermediate).silu()
                     * projected.narrow(1, *intermediate, *intermediate)
             }
-            GateUp::Apart { w1, w3 } => {
+            (None, GateUp::Apart { w1, w3 }) => {
                 xs.linear(w1, None::<Tensor>).silu() * xs.linear(w3, None::<Tensor>)
             }
         };
-        hidden.linear(&self.w2, None::<Tensor>)
+        projection::linear(&hidden, &self.w2)
     }
 }

@@ -12,6 +12,9 @@
 //! - Layers, bottom-up: [`norm`], [`rotary`], [`kv_cache`], [`attention`],
 //!   [`expert`], [`gating`], [`moe`] (the block and the [`moe::Experts`] seam
 //!   through which it reaches its experts), [`layer`].
+//! - [`projection`]: every `x · Wᵀ`, on the weight-streaming kernels of
+//!   `tramontane-kernels` for a few rows on the CPU (run on libtorch's own
+//!   OpenMP team, `openmp`), on libtorch's `linear` otherwise.
 //! - [`model`]: the causal LM over a ragged batch of sequences.
 //! - [`generate`]: greedy generation for a batch of prompts.
 //! - [`error`]: one error enum per boundary.
@@ -27,6 +30,8 @@ pub mod layer;
 pub mod model;
 pub mod moe;
 pub mod norm;
+mod openmp;
+pub mod projection;
 pub mod rotary;
 pub mod tokenizer;
 pub mod weights;

@@ -13,6 +13,7 @@ use crate::kv_cache::{BLOCK_SIZE, KvCache, KvPool, blocks_for};
 use crate::layer::DecoderLayer;
 use crate::moe::{Experts, LocalExperts, SparseMoe, gate_key};
 use crate::norm::RmsNorm;
+use crate::projection;
 use crate::rotary::RotaryEmbedding;
 use crate::weights::Checkpoint;
 use tramontane_config::MixtralConfig;
@@ -289,9 +290,7 @@ impl Mixtral {
             xs = xs.index_select(0, &Tensor::from_slice(&last).to_device(self.options.device));
         }
         let xs = self.norm.forward(&xs);
-        Ok(xs
-            .linear(&self.lm_head, None::<Tensor>)
-            .to_kind(Kind::Float))
+        Ok(projection::linear(&xs, &self.lm_head).to_kind(Kind::Float))
     }
 }
 

@@ -1,0 +1,278 @@
+//! Every linear projection of the model, `x · Wᵀ` with W in the checkpoint's
+//! `[out, in]` layout. A few rows on the CPU (a decode step: the batch's
+//! tokens, or an expert's share of them) run on [`tramontane_kernels`]'
+//! weight-streaming kernels on libtorch's own OpenMP team: libtorch's GEMMs
+//! pack the weight on every such call and read it several times (MKL in
+//! f32), or run at part of the memory bandwidth (oneDNN in bf16). More rows,
+//! other devices and other dtypes go to libtorch's `linear`, which is faster
+//! once a GEMM's work outweighs its weight's bytes (prefill).
+
+use tch::{Device, Kind, Tensor};
+use tramontane_kernels::{Element, Parallel, Shape};
+
+use crate::openmp::OpenMpTeam;
+
+/// Most rows the kernels take; measured against oneDNN (bf16) and MKL (f32)
+/// at the `bench` model's shapes, where the kernels stop winning.
+fn kernel_rows(kind: Kind) -> i64 {
+    match kind {
+        Kind::BFloat16 => 16,
+        _ => 32,
+    }
+}
+
+/// The kernels' element type for `kind`, when this CPU runs them.
+fn kernel_element(kind: Kind) -> Option<Element> {
+    let element = match kind {
+        Kind::BFloat16 => Element::Bf16,
+        Kind::Float => Element::F32,
+        _ => return None,
+    };
+    tramontane_kernels::supported(element).then_some(element)
+}
+
+/// Where the kernels can take `xs` against `weights`: the team, the shape of
+/// `xs` as `[rows, inner]`, and the element type.
+fn kernel_call(xs: &Tensor, weights: &[&Tensor]) -> Option<(&'static OpenMpTeam, i64, Element)> {
+    let kind = xs.kind();
+    let inner = *xs.size().last()?;
+    let rows = if inner == 0 {
+        0
+    } else {
+        xs.numel() as i64 / inner
+    };
+    let fits = xs.device() == Device::Cpu
+        && (1..=kernel_rows(kind)).contains(&rows)
+        && weights.iter().all(|w| {
+            w.kind() == kind
+                && w.device() == Device::Cpu
+                && w.dim() == 2
+                && w.size()[1] == inner
+                && w.is_contiguous()
+        });
+    if !fits || kernels_disabled() {
+        return None;
+    }
+    Some((OpenMpTeam::get()?, rows, kernel_element(kind)?))
+}
+
+/// `TRAMONTANE_NO_KERNELS=1` sends every projection to libtorch (read once):
+/// the baseline for benchmarks of the kernels.
+fn kernels_disabled() -> bool {
+    static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DISABLED.get_or_init(|| std::env::var_os("TRAMONTANE_NO_KERNELS").is_some_and(|v| v != "0"))
+}
+
+/// The elements of a contiguous CPU tensor of the kernels' `T`.
+///
+/// # Safety
+/// `tensor` is contiguous, on the CPU, of `T`'s kind, and outlives the slice
+/// and every other view of its storage is left alone meanwhile.
+unsafe fn elements<T>(tensor: &Tensor) -> &[T] {
+    unsafe { std::slice::from_raw_parts(tensor.data_ptr().cast::<T>(), tensor.numel()) }
+}
+
+/// # Safety
+/// As [`elements`], and nothing else reads or writes `tensor` meanwhile.
+#[allow(clippy::mut_from_ref)]
+unsafe fn elements_mut<T>(tensor: &Tensor) -> &mut [T] {
+    unsafe { std::slice::from_raw_parts_mut(tensor.data_ptr().cast::<T>(), tensor.numel()) }
+}
+
+/// The `[..., out]` output for `xs`'s leading dimensions.
+fn output_like(xs: &Tensor, outputs: i64) -> Tensor {
+    let mut size = xs.size();
+    *size.last_mut().expect("xs has a last dimension") = outputs;
+    Tensor::empty(size.as_slice(), (xs.kind(), Device::Cpu))
+}
+
+/// `xs · wᵀ`: `[..., in]` against `[out, in]` -> `[..., out]`.
+pub fn linear(xs: &Tensor, w: &Tensor) -> Tensor {
+    let Some((team, rows, element)) = kernel_call(xs, &[w]) else {
+        return xs.linear(w, None::<Tensor>);
+    };
+    let xs = xs.contiguous();
+    let (outputs, inner) = (w.size()[0], w.size()[1]);
+    let out = output_like(&xs, outputs);
+    let shape = Shape {
+        rows: rows as usize,
+        inner: inner as usize,
+        outputs: outputs as usize,
+    };
+    let team: &dyn Parallel = team;
+    // SAFETY: kernel_call checked device, kind and contiguity of w; xs was
+    // made contiguous and out is fresh; each lives through the call.
+    let done = unsafe {
+        match element {
+            Element::Bf16 => tramontane_kernels::linear_bf16(
+                team,
+                elements(&xs),
+                elements(w),
+                shape,
+                elements_mut(&out),
+            ),
+            Element::F32 => tramontane_kernels::linear_f32(
+                team,
+                elements(&xs),
+                elements(w),
+                shape,
+                elements_mut(&out),
+            ),
+        }
+    };
+    match done {
+        Ok(()) => out,
+        Err(_) => xs.linear(w, None::<Tensor>),
+    }
+}
+
+/// `silu(xs · w1ᵀ) ⊙ (xs · w3ᵀ)` on the kernels, in one pass over w1 and w3;
+/// None where they do not take these tensors (the caller uses libtorch).
+pub fn swiglu(xs: &Tensor, w1: &Tensor, w3: &Tensor) -> Option<Tensor> {
+    let (team, rows, element) = kernel_call(xs, &[w1, w3])?;
+    if w1.size() != w3.size() {
+        return None;
+    }
+    let xs = xs.contiguous();
+    let (outputs, inner) = (w1.size()[0], w1.size()[1]);
+    let out = output_like(&xs, outputs);
+    let shape = Shape {
+        rows: rows as usize,
+        inner: inner as usize,
+        outputs: outputs as usize,
+    };
+    let team: &dyn Parallel = team;
+    // SAFETY: as in `linear`.
+    let done = unsafe {
+        match element {
+            Element::Bf16 => tramontane_kernels::gate_up_bf16(
+                team,
+                elements(&xs),
+                elements(w1),
+                elements(w3),
+                shape,
+                elements_mut(&out),
+            ),
+            Element::F32 => tramontane_kernels::gate_up_f32(
+                team,
+                elements(&xs),
+                elements(w1),
+                elements(w3),
+                shape,
+                elements_mut(&out),
+            ),
+        }
+    };
+    done.ok().map(|()| out)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The kernels' projections against libtorch's `linear` on the same
+    //! tensors, for every row count around the switch-over, in both dtypes.
+
+    use tch::{Device, Kind, Tensor};
+
+    use super::*;
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+            .abs()
+            .max()
+            .double_value(&[])
+    }
+
+    /// Largest error of `ours` against `reference` (computed in f32 from the
+    /// same inputs) relative to `reference`'s size: `|Δ| / (|ref| + 1)`.
+    fn error(ours: &Tensor, reference: &Tensor) -> f64 {
+        let reference = reference.to_kind(Kind::Double);
+        ((ours.to_kind(Kind::Double) - &reference).abs() / (reference.abs() + 1.0))
+            .max()
+            .double_value(&[])
+    }
+
+    /// Kinds whose kernels this CPU runs (none on CPUs without AVX-512), and
+    /// the error allowed: f32 summation order; bf16's one rounding of the
+    /// output (2⁻⁸ relative).
+    fn kernel_kinds() -> Vec<(Kind, f64)> {
+        [(Kind::Float, 1e-5), (Kind::BFloat16, 1.0 / 256.0)]
+            .into_iter()
+            .filter(|(kind, _)| kernel_element(*kind).is_some())
+            .collect()
+    }
+
+    #[test]
+    fn kernels_match_libtorch_around_the_switch_over() {
+        let _guard = tch::no_grad_guard();
+        tch::manual_seed(7);
+        let kinds = kernel_kinds();
+        if kinds.is_empty() {
+            eprintln!("this CPU has no AVX-512: the kernels are not used, nothing to compare");
+            return;
+        }
+        assert!(
+            OpenMpTeam::get().is_some(),
+            "libtorch's libgomp is loaded in this process"
+        );
+        let (inner, outputs) = (200, 72);
+        for (kind, tolerance) in kinds {
+            let w =
+                (Tensor::randn([outputs, inner], (Kind::Float, Device::Cpu)) * 0.1).to_kind(kind);
+            let w1 =
+                (Tensor::randn([outputs, inner], (Kind::Float, Device::Cpu)) * 0.1).to_kind(kind);
+            let w3 =
+                (Tensor::randn([outputs, inner], (Kind::Float, Device::Cpu)) * 0.1).to_kind(kind);
+            let f32 = |t: &Tensor| t.to_kind(Kind::Float);
+            for rows in [1, 2, 3, 5, 8, kernel_rows(kind), kernel_rows(kind) + 1] {
+                let xs = Tensor::randn([rows, inner], (Kind::Float, Device::Cpu)).to_kind(kind);
+                let ours = linear(&xs, &w);
+                assert_eq!(ours.size(), [rows, outputs]);
+                assert_eq!(ours.kind(), kind);
+                let reference = f32(&xs).linear(&f32(&w), None::<Tensor>);
+                let err = error(&ours, &reference);
+                assert!(
+                    err <= tolerance,
+                    "{kind:?} rows {rows}: linear's error {err}"
+                );
+
+                let reference = f32(&xs).linear(&f32(&w1), None::<Tensor>).silu()
+                    * f32(&xs).linear(&f32(&w3), None::<Tensor>);
+                match swiglu(&xs, &w1, &w3) {
+                    Some(ours) => {
+                        assert!(rows <= kernel_rows(kind), "rows {rows} are libtorch's");
+                        // Rounded as libtorch rounds: each projection, silu, the product.
+                        let err = error(&ours, &reference);
+                        assert!(
+                            err <= 4.0 * tolerance,
+                            "{kind:?} rows {rows}: swiglu's error {err}"
+                        );
+                    }
+                    None => assert!(rows > kernel_rows(kind), "rows {rows} are the kernels'"),
+                }
+            }
+            // Leading dimensions and a non-contiguous input are handled too.
+            let xs = Tensor::randn([2, 3, inner * 2], (Kind::Float, Device::Cpu))
+                .to_kind(kind)
+                .narrow(2, 0, inner);
+            let reference = f32(&xs).linear(&f32(&w), None::<Tensor>);
+            let err = error(&linear(&xs, &w), &reference);
+            assert!(err <= tolerance, "{kind:?} strided: {err}");
+        }
+    }
+
+    #[test]
+    fn other_dtypes_and_shapes_go_to_libtorch() {
+        let _guard = tch::no_grad_guard();
+        let w = Tensor::randn([8, 16], (Kind::Half, Device::Cpu));
+        let xs = Tensor::randn([2, 16], (Kind::Half, Device::Cpu));
+        assert!(kernel_call(&xs, &[&w]).is_none(), "f16 has no kernel");
+        let w = Tensor::randn([16, 8], (Kind::Float, Device::Cpu)).transpose(0, 1);
+        let xs = Tensor::randn([2, 16], (Kind::Float, Device::Cpu));
+        assert!(
+            kernel_call(&xs, &[&w]).is_none(),
+            "a transposed weight is not row-major"
+        );
+        let diff = max_abs_diff(&linear(&xs, &w), &xs.linear(&w, None::<Tensor>));
+        assert_eq!(diff, 0.0);
+    }
+}
