@@ -6,7 +6,9 @@ the other in this run: ours and transformers on the same prompts
 (pseudo-random token ids from a formula shared with `tramontane
 bench-forward`), llama.cpp through ../shared/peers/llamacpp.sh (llama-bench
 pp512 and llama-batched-bench with 128-token prompts; skipped with a note
-when that script is absent). Prints tokens/s for prefill (1x512, 8x128) and
+when that script is absent), and ours again with every projection on
+libtorch's GEMMs (TRAMONTANE_NO_KERNELS=1, the baseline of the small-batch
+kernels). Prints tokens/s for prefill (1x512, 8x128) and
 greedy decode (batch 1, 8, 32 after a 128-token prompt) per dtype, and ours /
 theirs per row; llama.cpp's q8_0 is printed beside bf16 for reference.
 
@@ -84,12 +86,14 @@ def llama_cpp(peers, model, threads, types):
     return {row["type"]: row for row in rows}, None
 
 
-def ours(args, dtype):
+def ours(args, dtype, kernels=True):
+    """Our rows; without the small-batch kernels (TRAMONTANE_NO_KERNELS=1) every projection is libtorch's."""
+    env = dict(os.environ, TRAMONTANE_NO_KERNELS="0" if kernels else "1")
     return json.loads(subprocess.run(
         [args.bin, "bench-forward", "--model", args.model, "--threads", str(args.threads), "--json",
          "--dtype", dtype, "--repeats", str(args.repeats), "--decode-steps", str(args.decode_steps),
          "--decode-prompt", str(args.decode_prompt)],
-        check=True, capture_output=True, text=True).stdout)["rows"]
+        check=True, capture_output=True, text=True, env=env).stdout)["rows"]
 
 
 def transformers_rows(args, dtype):
@@ -124,20 +128,23 @@ def main() -> None:
     llama, note = llama_cpp(args.peers, args.model, args.threads, dtypes + ["q8_0"])
     results = {}
     for dtype in dtypes:
-        results[dtype] = (ours(args, dtype), transformers_rows(args, dtype))
+        results[dtype] = (ours(args, dtype), transformers_rows(args, dtype), ours(args, dtype, kernels=False))
 
     print(f"{args.threads} threads, torch {torch.__version__}; tokens/s, ratio = ours / theirs")
     if note:
         print(f"note: {note}")
-    header = f"{'dtype':<5} {'row':<16} {'ours':>8} {'transformers':>13} {'ratio':>6}"
+    print("libtorch only = ours with every projection on libtorch's GEMMs (TRAMONTANE_NO_KERNELS=1)")
+    header = (f"{'dtype':<5} {'row':<16} {'ours':>8} {'libtorch only':>14} {'gain':>6}"
+              f" {'transformers':>13} {'ratio':>6}")
     if llama:
         header += f" {'llama.cpp':>10} {'ratio':>6} {'llama q8_0':>11}"
     print(header)
     for dtype in dtypes:
-        mine, theirs = results[dtype]
-        for i, (o, t) in enumerate(zip(mine, theirs)):
-            assert o["name"] == t["name"], (o["name"], t["name"])
-            line = (f"{dtype:<5} {o['name']:<16} {o['tokens_per_s']:>8.1f} {t['tokens_per_s']:>13.1f} "
+        mine, theirs, plain = results[dtype]
+        for i, (o, t, b) in enumerate(zip(mine, theirs, plain)):
+            assert o["name"] == t["name"] == b["name"], (o["name"], t["name"], b["name"])
+            line = (f"{dtype:<5} {o['name']:<16} {o['tokens_per_s']:>8.1f} {b['tokens_per_s']:>14.1f} "
+                    f"{o['tokens_per_s'] / b['tokens_per_s']:>5.2f}x {t['tokens_per_s']:>13.1f} "
                     f"{o['tokens_per_s'] / t['tokens_per_s']:>5.2f}x")
             if llama:
                 peer = llama.get(dtype, {}).get(LLAMA_KEYS[i])

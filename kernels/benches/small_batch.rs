@@ -4,7 +4,7 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tramontane_kernels::parallel::Scoped;
-use tramontane_kernels::{Element, Shape, gate_up_bf16, linear_bf16, supported};
+use tramontane_kernels::{Bf16, Element, Shape, gate_up, linear, supported};
 
 fn kernels(c: &mut Criterion) {
     if !supported(Element::Bf16) {
@@ -17,7 +17,7 @@ fn kernels(c: &mut Criterion) {
     let w3 = w1.clone();
     let w2 = vec![0x3c00u16; hidden * intermediate];
     let mut group = c.benchmark_group("expert_bf16");
-    for rows in [1usize, 4, 8, 32] {
+    for rows in [1usize, 4, 8, 16, 32] {
         let x = vec![0x3c00u16; rows * hidden];
         let mut h = vec![0u16; rows * intermediate];
         let mut y = vec![0u16; rows * hidden];
@@ -29,13 +29,13 @@ fn kernels(c: &mut Criterion) {
                     inner: hidden,
                     outputs: intermediate,
                 };
-                gate_up_bf16(&team, &x, &w1, &w3, shape, &mut h).expect("shape");
+                gate_up::<Bf16>(&team, &x, &w1, &w3, shape, &mut h).expect("shape");
                 let shape = Shape {
                     rows,
                     inner: intermediate,
                     outputs: hidden,
                 };
-                linear_bf16(&team, &h, &w2, shape, &mut y).expect("shape");
+                linear::<Bf16>(&team, &h, &w2, shape, &mut y).expect("shape");
             })
         });
     }

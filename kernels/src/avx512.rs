@@ -13,15 +13,30 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-/// One element type's inner loop.
-pub(crate) trait DotBlock {
+use crate::Element;
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::Bf16 {}
+    impl Sealed for super::F32 {}
+}
+
+/// bfloat16 kernels: elements are bf16's raw bits (`u16`).
+pub struct Bf16;
+/// f32 kernels.
+pub struct F32;
+
+/// One element type's kernels: [`Bf16`] or [`F32`] (sealed).
+pub trait Kernel: sealed::Sealed {
     type Elem: Copy + Send + Sync;
+    const ELEMENT: Element;
     /// `acc[m][n] = Σ_i x[m * ldx + i] · w[n][i]` for `i < k`, prefetching
     /// `ahead[n][i]` meanwhile (any address: a prefetch never faults).
     ///
     /// # Safety
     /// The CPU has the instructions; `x` holds `MB` rows of `ldx ≥ k`
     /// elements and each `w[n]` holds `k` elements.
+    #[doc(hidden)]
     unsafe fn dot<const MB: usize, const NB: usize>(
         x: *const Self::Elem,
         ldx: usize,
@@ -29,24 +44,19 @@ pub(crate) trait DotBlock {
         ahead: [*const Self::Elem; NB],
         k: usize,
     ) -> [[f32; NB]; MB];
+    #[doc(hidden)]
     fn from_f32(value: f32) -> Self::Elem;
     /// `silu(gate) · up` from the two dot products, rounded as libtorch
     /// rounds it in this element type (so that the kernels and libtorch's
     /// `linear(...).silu() * linear(...)` agree to the last bit as often as
     /// the dot products do).
+    #[doc(hidden)]
     fn swiglu(gate: f32, up: f32) -> f32;
 }
 
-/// silu(g) · u in f32.
-fn swiglu_f32(gate: f32, up: f32) -> f32 {
-    gate / (1.0 + (-gate).exp()) * up
-}
-
-pub(crate) struct Bf16;
-pub(crate) struct F32;
-
-impl DotBlock for Bf16 {
+impl Kernel for Bf16 {
     type Elem = u16;
+    const ELEMENT: Element = Element::Bf16;
     unsafe fn dot<const MB: usize, const NB: usize>(
         x: *const u16,
         ldx: usize,
@@ -67,8 +77,9 @@ impl DotBlock for Bf16 {
     }
 }
 
-impl DotBlock for F32 {
+impl Kernel for F32 {
     type Elem = f32;
+    const ELEMENT: Element = Element::F32;
     unsafe fn dot<const MB: usize, const NB: usize>(
         x: *const f32,
         ldx: usize,
@@ -82,7 +93,7 @@ impl DotBlock for F32 {
         value
     }
     fn swiglu(gate: f32, up: f32) -> f32 {
-        swiglu_f32(gate, up)
+        gate / (1.0 + (-gate).exp()) * up
     }
 }
 

@@ -10,9 +10,10 @@
 //!
 //! # Layout
 //! - [`parallel`]: the thread team a kernel runs on ([`Parallel`], [`Serial`]).
-//! - [`linear`]: `linear_bf16`, `linear_f32` and the fused SwiGLU gate/up
-//!   projection `gate_up_bf16`, `gate_up_f32`; [`supported`] says whether this CPU
-//!   has the instructions they need (AVX-512F, and AVX-512 BF16 for bf16).
+//! - [`linear()`]: `linear` and the fused SwiGLU gate/up projection
+//!   `gate_up`, each for a [`Kernel`] ([`Bf16`] or [`F32`]); [`supported`]
+//!   says whether this CPU has the instructions they need (AVX-512F, and
+//!   AVX-512 BF16 for bf16).
 //! - `avx512`: the register-blocked inner loops (x86-64 only; elsewhere
 //!   [`supported`] is false and the crate builds without them).
 
@@ -20,9 +21,8 @@ mod avx512;
 pub mod linear;
 pub mod parallel;
 
-pub use linear::{
-    Shape, ShapeError, gate_up_bf16, gate_up_f32, linear_bf16, linear_f32, supported,
-};
+pub use avx512::{Bf16, F32, Kernel};
+pub use linear::{Shape, ShapeError, gate_up, linear, supported};
 pub use parallel::{Parallel, Scoped, Serial};
 
 /// The element types the kernels take.

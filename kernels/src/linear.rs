@@ -1,11 +1,12 @@
-//! `y = x · Wᵀ` for a few rows of `x`, and the SwiGLU gate/up projection
-//! `h = silu(x · W1ᵀ) ⊙ (x · W3ᵀ)` in one pass over W1 and W3. Weights are
+//! `y = x · Wᵀ` for a few rows of `x` ([`linear`]), and the SwiGLU gate/up projection
+//! `h = silu(x · W1ᵀ) ⊙ (x · W3ᵀ)` in one pass over W1 and W3 ([`gate_up`]),
+//! each for the element type of a [`Kernel`]: [`crate::Bf16`] or [`crate::F32`]. Weights are
 //! row-major `[outputs, inner]`; `x` is `[rows, inner]`, the output
 //! `[rows, outputs]`, all contiguous. Accumulation is in f32; bf16 outputs
 //! are rounded to nearest even, the SwiGLU's steps each as libtorch does.
 
 use crate::Element;
-use crate::avx512::{Bf16, DotBlock, F32};
+use crate::avx512::Kernel;
 #[cfg(test)]
 use crate::parallel::Serial;
 use crate::parallel::{Parallel, share};
@@ -54,86 +55,31 @@ pub fn supported(element: Element) -> bool {
     }
 }
 
-/// `out = x · wᵀ` in bfloat16 (raw bits).
-pub fn linear_bf16(
+/// `out = x · wᵀ`.
+pub fn linear<K: Kernel>(
     team: &dyn Parallel,
-    x: &[u16],
-    w: &[u16],
+    x: &[K::Elem],
+    w: &[K::Elem],
     shape: Shape,
-    out: &mut [u16],
+    out: &mut [K::Elem],
 ) -> Result<(), ShapeError> {
-    check(
-        Element::Bf16,
-        shape,
-        x.len(),
-        &[w.len()],
-        shape.outputs,
-        out.len(),
-    )?;
-    linear::<Bf16>(team, x, w, shape, out);
+    check(K::ELEMENT, shape, x.len(), &[w.len()], out.len())?;
+    run_linear::<K>(team, x, w, shape, out);
     Ok(())
 }
 
-/// `out = x · wᵀ` in f32.
-pub fn linear_f32(
+/// `out = silu(x · w1ᵀ) ⊙ (x · w3ᵀ)`; `shape.outputs` is the intermediate
+/// size (rows of w1 and of w3).
+pub fn gate_up<K: Kernel>(
     team: &dyn Parallel,
-    x: &[f32],
-    w: &[f32],
+    x: &[K::Elem],
+    w1: &[K::Elem],
+    w3: &[K::Elem],
     shape: Shape,
-    out: &mut [f32],
+    out: &mut [K::Elem],
 ) -> Result<(), ShapeError> {
-    check(
-        Element::F32,
-        shape,
-        x.len(),
-        &[w.len()],
-        shape.outputs,
-        out.len(),
-    )?;
-    linear::<F32>(team, x, w, shape, out);
-    Ok(())
-}
-
-/// `out = silu(x · w1ᵀ) ⊙ (x · w3ᵀ)` in bfloat16; `shape.outputs` is the
-/// intermediate size (rows of w1 and of w3).
-pub fn gate_up_bf16(
-    team: &dyn Parallel,
-    x: &[u16],
-    w1: &[u16],
-    w3: &[u16],
-    shape: Shape,
-    out: &mut [u16],
-) -> Result<(), ShapeError> {
-    check(
-        Element::Bf16,
-        shape,
-        x.len(),
-        &[w1.len(), w3.len()],
-        shape.outputs,
-        out.len(),
-    )?;
-    gate_up::<Bf16>(team, x, w1, w3, shape, out);
-    Ok(())
-}
-
-/// `out = silu(x · w1ᵀ) ⊙ (x · w3ᵀ)` in f32.
-pub fn gate_up_f32(
-    team: &dyn Parallel,
-    x: &[f32],
-    w1: &[f32],
-    w3: &[f32],
-    shape: Shape,
-    out: &mut [f32],
-) -> Result<(), ShapeError> {
-    check(
-        Element::F32,
-        shape,
-        x.len(),
-        &[w1.len(), w3.len()],
-        shape.outputs,
-        out.len(),
-    )?;
-    gate_up::<F32>(team, x, w1, w3, shape, out);
+    check(K::ELEMENT, shape, x.len(), &[w1.len(), w3.len()], out.len())?;
+    run_gate_up::<K>(team, x, w1, w3, shape, out);
     Ok(())
 }
 
@@ -142,7 +88,6 @@ fn check(
     shape: Shape,
     x: usize,
     weights: &[usize],
-    outputs: usize,
     out: usize,
 ) -> Result<(), ShapeError> {
     let length = |what, len, needed| {
@@ -159,9 +104,9 @@ fn check(
     };
     length("x", x, shape.rows * shape.inner)?;
     for &w in weights {
-        length("the weight", w, outputs * shape.inner)?;
+        length("the weight", w, shape.outputs * shape.inner)?;
     }
-    length("the output", out, shape.rows * outputs)?;
+    length("the output", out, shape.rows * shape.outputs)?;
     if !supported(element) {
         return Err(ShapeError::Unsupported(element));
     }
@@ -200,7 +145,7 @@ const PREFETCH_BYTES: usize = 2048;
 /// # Safety
 /// The kernels are supported; `x` holds `rows × inner` elements and each
 /// `w[n]` `inner`.
-unsafe fn dots<K: DotBlock, const NB: usize>(
+unsafe fn dots<K: Kernel, const NB: usize>(
     x: &[K::Elem],
     rows: usize,
     inner: usize,
@@ -235,7 +180,7 @@ unsafe fn dots<K: DotBlock, const NB: usize>(
     }
 }
 
-fn linear<K: DotBlock>(
+fn run_linear<K: Kernel>(
     team: &dyn Parallel,
     x: &[K::Elem],
     w: &[K::Elem],
@@ -280,7 +225,7 @@ fn linear<K: DotBlock>(
     });
 }
 
-fn gate_up<K: DotBlock>(
+fn run_gate_up<K: Kernel>(
     team: &dyn Parallel,
     x: &[K::Elem],
     w1: &[K::Elem],
@@ -345,7 +290,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::avx512::{bf16_from_f32, f32_from_bf16};
+    use crate::avx512::{Bf16, F32, bf16_from_f32, f32_from_bf16};
     use crate::parallel::Scoped;
 
     fn reference(x: &[f32], w: &[f32], shape: Shape) -> Vec<(f64, f64)> {
@@ -403,7 +348,7 @@ mod tests {
             let team = Scoped(threads);
             let expected = reference(&x, &w, shape);
             let mut out = vec![f32::NAN; shape.rows * shape.outputs];
-            linear_f32(&team, &x, &w, shape, &mut out).unwrap();
+            linear::<F32>(&team, &x, &w, shape, &mut out).unwrap();
             for (i, &ours) in out.iter().enumerate() {
                 prop_assert!(close(ours, expected[i], 0.0), "f32 {i}: {ours} vs {:?}", expected[i]);
             }
@@ -412,7 +357,7 @@ mod tests {
             let ((xb, xe), (wb, we)) = (to_bf16(&x), to_bf16(&w));
             let expected = reference(&xe, &we, shape);
             let mut out = vec![0u16; shape.rows * shape.outputs];
-            linear_bf16(&team, &xb, &wb, shape, &mut out).unwrap();
+            linear::<Bf16>(&team, &xb, &wb, shape, &mut out).unwrap();
             for (i, &ours) in out.iter().enumerate() {
                 let ours = f32_from_bf16(ours);
                 prop_assert!(close(ours, expected[i], 1.0 / 256.0), "bf16 {i}: {ours} vs {:?}", expected[i]);
@@ -435,13 +380,13 @@ mod tests {
                 Ok(())
             };
             let mut out = vec![f32::NAN; shape.rows * shape.outputs];
-            gate_up_f32(&team, &x, &w1, &w3, shape, &mut out).unwrap();
+            gate_up::<F32>(&team, &x, &w1, &w3, shape, &mut out).unwrap();
             check(&out, &x, &w1, &w3, 0.0)?;
 
             prop_assume!(supported(Element::Bf16));
             let ((xb, xe), (w1b, w1e), (w3b, w3e)) = (to_bf16(&x), to_bf16(&w1), to_bf16(&w3));
             let mut out = vec![0u16; shape.rows * shape.outputs];
-            gate_up_bf16(&team, &xb, &w1b, &w3b, shape, &mut out).unwrap();
+            gate_up::<Bf16>(&team, &xb, &w1b, &w3b, shape, &mut out).unwrap();
             let out: Vec<f32> = out.iter().map(|&b| f32_from_bf16(b)).collect();
             // Four roundings: each projection, silu, the product.
             check(&out, &xe, &w1e, &w3e, 4.0 / 256.0)?;
@@ -455,7 +400,7 @@ mod tests {
             inner: 3,
             outputs: 4,
         };
-        let err = linear_f32(&Serial, &[0.0; 5], &[0.0; 12], shape, &mut [0.0; 8]).unwrap_err();
+        let err = linear::<F32>(&Serial, &[0.0; 5], &[0.0; 12], shape, &mut [0.0; 8]).unwrap_err();
         assert_eq!(
             err,
             ShapeError::Length {
@@ -465,7 +410,7 @@ mod tests {
                 shape
             }
         );
-        let err = gate_up_f32(
+        let err = gate_up::<F32>(
             &Serial,
             &[0.0; 6],
             &[0.0; 12],

@@ -8,7 +8,7 @@
 //! once a GEMM's work outweighs its weight's bytes (prefill).
 
 use tch::{Device, Kind, Tensor};
-use tramontane_kernels::{Element, Parallel, Shape};
+use tramontane_kernels::{Bf16, Element, F32, Kernel, Parallel, Shape, ShapeError};
 
 use crate::openmp::OpenMpTeam;
 
@@ -82,88 +82,88 @@ unsafe fn elements_mut<T>(tensor: &Tensor) -> &mut [T] {
 /// The `[..., out]` output for `xs`'s leading dimensions.
 fn output_like(xs: &Tensor, outputs: i64) -> Tensor {
     let mut size = xs.size();
-    *size.last_mut().expect("xs has a last dimension") = outputs;
+    if let Some(last) = size.last_mut() {
+        *last = outputs;
+    }
     Tensor::empty(size.as_slice(), (xs.kind(), Device::Cpu))
 }
 
 /// `xs · wᵀ`: `[..., in]` against `[out, in]` -> `[..., out]`.
 pub fn linear(xs: &Tensor, w: &Tensor) -> Tensor {
-    let Some((team, rows, element)) = kernel_call(xs, &[w]) else {
-        return xs.linear(w, None::<Tensor>);
-    };
-    let xs = xs.contiguous();
-    let (outputs, inner) = (w.size()[0], w.size()[1]);
-    let out = output_like(&xs, outputs);
-    let shape = Shape {
-        rows: rows as usize,
-        inner: inner as usize,
-        outputs: outputs as usize,
-    };
-    let team: &dyn Parallel = team;
-    // SAFETY: kernel_call checked device, kind and contiguity of w; xs was
-    // made contiguous and out is fresh; each lives through the call.
-    let done = unsafe {
-        match element {
-            Element::Bf16 => tramontane_kernels::linear_bf16(
-                team,
-                elements(&xs),
-                elements(w),
-                shape,
-                elements_mut(&out),
-            ),
-            Element::F32 => tramontane_kernels::linear_f32(
-                team,
-                elements(&xs),
-                elements(w),
-                shape,
-                elements_mut(&out),
-            ),
-        }
-    };
-    match done {
-        Ok(()) => out,
-        Err(_) => xs.linear(w, None::<Tensor>),
-    }
+    on_kernels(xs, Weights::Linear(w)).unwrap_or_else(|| xs.linear(w, None::<Tensor>))
 }
 
 /// `silu(xs · w1ᵀ) ⊙ (xs · w3ᵀ)` on the kernels, in one pass over w1 and w3;
 /// None where they do not take these tensors (the caller uses libtorch).
 pub fn swiglu(xs: &Tensor, w1: &Tensor, w3: &Tensor) -> Option<Tensor> {
-    let (team, rows, element) = kernel_call(xs, &[w1, w3])?;
     if w1.size() != w3.size() {
         return None;
     }
+    on_kernels(xs, Weights::SwiGlu(w1, w3))
+}
+
+/// What a kernel call projects against.
+#[derive(Clone, Copy)]
+enum Weights<'a> {
+    /// `xs · wᵀ`.
+    Linear(&'a Tensor),
+    /// `silu(xs · w1ᵀ) ⊙ (xs · w3ᵀ)`.
+    SwiGlu(&'a Tensor, &'a Tensor),
+}
+
+impl<'a> Weights<'a> {
+    fn tensors(self) -> Vec<&'a Tensor> {
+        match self {
+            Weights::Linear(w) => vec![w],
+            Weights::SwiGlu(w1, w3) => vec![w1, w3],
+        }
+    }
+    /// `[outputs, inner]` (the first weight's; checked equal for SwiGLU).
+    fn size(self) -> Vec<i64> {
+        match self {
+            Weights::Linear(w) | Weights::SwiGlu(w, _) => w.size(),
+        }
+    }
+}
+
+/// `weights` applied to `xs` on the kernels; None where they do not take
+/// these tensors.
+fn on_kernels(xs: &Tensor, weights: Weights<'_>) -> Option<Tensor> {
+    let (team, rows, element) = kernel_call(xs, &weights.tensors())?;
     let xs = xs.contiguous();
-    let (outputs, inner) = (w1.size()[0], w1.size()[1]);
+    let (outputs, inner) = (weights.size()[0], weights.size()[1]);
     let out = output_like(&xs, outputs);
     let shape = Shape {
         rows: rows as usize,
         inner: inner as usize,
         outputs: outputs as usize,
     };
-    let team: &dyn Parallel = team;
-    // SAFETY: as in `linear`.
-    let done = unsafe {
-        match element {
-            Element::Bf16 => tramontane_kernels::gate_up_bf16(
-                team,
-                elements(&xs),
-                elements(w1),
-                elements(w3),
-                shape,
-                elements_mut(&out),
-            ),
-            Element::F32 => tramontane_kernels::gate_up_f32(
-                team,
-                elements(&xs),
-                elements(w1),
-                elements(w3),
-                shape,
-                elements_mut(&out),
-            ),
-        }
+    let done = match element {
+        Element::Bf16 => run::<Bf16>(team, &xs, weights, shape, &out),
+        Element::F32 => run::<F32>(team, &xs, weights, shape, &out),
     };
     done.ok().map(|()| out)
+}
+
+fn run<K: Kernel>(
+    team: &dyn Parallel,
+    xs: &Tensor,
+    weights: Weights<'_>,
+    shape: Shape,
+    out: &Tensor,
+) -> Result<(), ShapeError> {
+    // SAFETY: kernel_call checked that every tensor is on the CPU, of K's
+    // kind, and that the weights are contiguous; xs was made contiguous and
+    // out is fresh; all outlive the call and nothing else touches them.
+    unsafe {
+        let (x, out) = (elements::<K::Elem>(xs), elements_mut::<K::Elem>(out));
+        match weights {
+            Weights::Linear(w) => tramontane_kernels::linear::<K>(team, x, elements(w), shape, out),
+            Weights::SwiGlu(w1, w3) => {
+                tramontane_kernels::gate_up::<K>(team, x, elements(w1), elements(w3), shape, out)
+            }
+        }
+    }
 }
 
 #[cfg(test)]
