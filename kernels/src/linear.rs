@@ -344,7 +344,9 @@ mod tests {
     proptest! {
         #[test]
         fn linear_matches_the_reference((shape, x, w, _, threads) in case()) {
-            prop_assume!(supported(Element::F32));
+            if !supported(Element::F32) {
+                return Ok(()); // no AVX-512 here: nothing runs these kernels
+            }
             let team = Scoped(threads);
             let expected = reference(&x, &w, shape);
             let mut out = vec![f32::NAN; shape.rows * shape.outputs];
@@ -353,7 +355,9 @@ mod tests {
                 prop_assert!(close(ours, expected[i], 0.0), "f32 {i}: {ours} vs {:?}", expected[i]);
             }
 
-            prop_assume!(supported(Element::Bf16));
+            if !supported(Element::Bf16) {
+                return Ok(());
+            }
             let ((xb, xe), (wb, we)) = (to_bf16(&x), to_bf16(&w));
             let expected = reference(&xe, &we, shape);
             let mut out = vec![0u16; shape.rows * shape.outputs];
@@ -366,7 +370,9 @@ mod tests {
 
         #[test]
         fn gate_up_matches_the_reference((shape, x, w1, w3, threads) in case()) {
-            prop_assume!(supported(Element::F32));
+            if !supported(Element::F32) {
+                return Ok(()); // no AVX-512 here: nothing runs these kernels
+            }
             let team = Scoped(threads);
             let check = |out: &[f32], x: &[f32], w1: &[f32], w3: &[f32], ulp: f64| {
                 let (gate, up) = (reference(x, w1, shape), reference(x, w3, shape));
@@ -383,7 +389,9 @@ mod tests {
             gate_up::<F32>(&team, &x, &w1, &w3, shape, &mut out).unwrap();
             check(&out, &x, &w1, &w3, 0.0)?;
 
-            prop_assume!(supported(Element::Bf16));
+            if !supported(Element::Bf16) {
+                return Ok(());
+            }
             let ((xb, xe), (w1b, w1e), (w3b, w3e)) = (to_bf16(&x), to_bf16(&w1), to_bf16(&w3));
             let mut out = vec![0u16; shape.rows * shape.outputs];
             gate_up::<Bf16>(&team, &xb, &w1b, &w3b, shape, &mut out).unwrap();
