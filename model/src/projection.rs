@@ -12,8 +12,10 @@ use tramontane_kernels::{Bf16, Element, F32, Kernel, Parallel, Shape, ShapeError
 
 use crate::openmp::OpenMpTeam;
 
-/// Most rows the kernels take; measured against oneDNN (bf16) and MKL (f32)
-/// at the `bench` model's shapes, where the kernels stop winning.
+/// Most rows the kernels take. bf16: at 32 rows the kernels are
+/// compute-bound at about half oneDNN's rate (decode batch 32 on the `bench`
+/// model fell from 251 to 191 tokens/s with 32 here). f32: MKL repacks the
+/// weight on every call up to at least 32 rows, and the kernels stream it once.
 fn kernel_rows(kind: Kind) -> i64 {
     match kind {
         Kind::BFloat16 => 16,
