@@ -36,12 +36,7 @@ pub struct WorkerInfo {
 }
 
 /// One expert's share of a Forward: row indexes and their routing weights.
-#[derive(Debug, Clone, PartialEq)]
-pub struct WorkItem {
-    pub expert: usize,
-    pub rows: Vec<i64>,
-    pub weights: Vec<f32>,
-}
+pub type WorkItem = ExpertRows;
 
 struct Job {
     layer: usize,
@@ -172,16 +167,6 @@ fn run(
 ) -> Result<Tensor, ForwardError> {
     let wire_kind = hidden.kind();
     let xs = hidden.to_device(options.device).to_kind(options.kind);
-    let work: Vec<ExpertRows> = work
-        .iter()
-        .map(|item| ExpertRows {
-            expert: item.expert,
-            rows: Tensor::from_slice(&item.rows).to_device(options.device),
-            weights: Tensor::from_slice(&item.weights)
-                .to_device(options.device)
-                .to_kind(options.kind),
-        })
-        .collect();
-    let out = experts.forward_rows(layer, &xs, &work)?;
+    let out = experts.forward_rows(layer, &xs, work)?;
     Ok(out.f_to_kind(wire_kind)?.f_to_device(Device::Cpu)?)
 }

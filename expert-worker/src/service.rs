@@ -115,7 +115,7 @@ impl ExpertServer {
             }
             work.push(WorkItem {
                 expert,
-                rows: item.rows.iter().map(|&r| r as i64).collect(),
+                rows: item.rows.iter().map(|&r| r as usize).collect(),
                 weights: item.weights.clone(),
             });
         }

@@ -46,6 +46,8 @@ pub trait Kernel: sealed::Sealed {
     ) -> [[f32; NB]; MB];
     #[doc(hidden)]
     fn from_f32(value: f32) -> Self::Elem;
+    #[doc(hidden)]
+    fn to_f32(value: Self::Elem) -> f32;
     /// `silu(gate) · up` from the two dot products, rounded as libtorch
     /// rounds it in this element type (so that the kernels and libtorch's
     /// `linear(...).silu() * linear(...)` agree to the last bit as often as
@@ -68,6 +70,9 @@ impl Kernel for Bf16 {
     }
     fn from_f32(value: f32) -> u16 {
         bf16_from_f32(value)
+    }
+    fn to_f32(value: u16) -> f32 {
+        f32_from_bf16(value)
     }
     /// libtorch rounds each projection, silu's result and the product.
     fn swiglu(gate: f32, up: f32) -> f32 {
@@ -92,6 +97,9 @@ impl Kernel for F32 {
     fn from_f32(value: f32) -> f32 {
         value
     }
+    fn to_f32(value: f32) -> f32 {
+        value
+    }
     fn swiglu(gate: f32, up: f32) -> f32 {
         gate / (1.0 + (-gate).exp()) * up
     }
@@ -107,7 +115,6 @@ pub(crate) fn bf16_from_f32(value: f32) -> u16 {
     (bits.wrapping_add(round) >> 16) as u16
 }
 
-#[cfg(test)]
 pub(crate) fn f32_from_bf16(bits: u16) -> f32 {
     f32::from_bits(u32::from(bits) << 16)
 }

@@ -5,8 +5,8 @@
 //! its bytes decide the time: these kernels stream each weight row once,
 //! keep several output rows × input rows of accumulators in registers, and
 //! never pack or copy the weight (libtorch's GEMMs pack it on every
-//! small-M call). Work is split by output rows over the threads a
-//! [`Parallel`] gives.
+//! small-M call). Work is split by output rows, in chunks the threads of a
+//! [`Parallel`] take from a shared counter.
 //!
 //! # Layout
 //! - [`parallel`]: the thread team a kernel runs on ([`Parallel`], [`Serial`]).
@@ -14,16 +14,28 @@
 //!   `gate_up`, each for a [`Kernel`] ([`Bf16`] or [`F32`]); [`supported`]
 //!   says whether this CPU has the instructions they need (AVX-512F, and
 //!   AVX-512 BF16 for bf16).
+//! - [`expert`]: one routed expert's share of an MoE layer in one call
+//!   ([`add_expert`]): its rows gathered, `gate_up` and `linear` by w2, each
+//!   row scaled by its routing weight and added into the layer's output.
+//! - [`norm`] and [`rotary`]: RMSNorm ([`rms_norm`]) and the rotary
+//!   embedding in place ([`rotate_heads`]) for a decode step's few rows,
+//!   rounded as libtorch's ops round them; plain Rust, any CPU.
 //! - `avx512`: the register-blocked inner loops (x86-64 only; elsewhere
 //!   [`supported`] is false and the crate builds without them).
 
 mod avx512;
+pub mod expert;
 pub mod linear;
+pub mod norm;
 pub mod parallel;
+pub mod rotary;
 
 pub use avx512::{Bf16, F32, Kernel};
+pub use expert::{ExpertWeights, Routed, add_expert};
 pub use linear::{Shape, ShapeError, gate_up, linear, supported};
+pub use norm::rms_norm;
 pub use parallel::{Parallel, Scoped, Serial};
+pub use rotary::rotate_heads;
 
 /// The element types the kernels take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

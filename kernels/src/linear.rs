@@ -9,7 +9,7 @@ use crate::Element;
 use crate::avx512::Kernel;
 #[cfg(test)]
 use crate::parallel::Serial;
-use crate::parallel::{Parallel, share};
+use crate::parallel::{Parallel, for_each_chunk};
 
 /// Rows of `x`, their length, and the number of outputs per row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +28,8 @@ pub enum ShapeError {
         needed: usize,
         shape: Shape,
     },
+    #[error("row {row} is past the {tokens} rows of x")]
+    Row { row: usize, tokens: usize },
     #[error("this CPU lacks the instructions for {0:?} kernels")]
     Unsupported(Element),
 }
@@ -136,6 +138,15 @@ impl<T> Output<T> {
 /// from memory (the first pass over it), in bytes.
 const PREFETCH_BYTES: usize = 2048;
 
+/// Weight bytes a thread takes at a time: enough to keep the prefetcher
+/// streaming, small enough that the threads finish together.
+const CHUNK_BYTES: usize = 64 * 1024;
+
+/// Blocks per chunk for blocks of `elements` weight elements.
+fn chunk_blocks<K: Kernel>(elements: usize) -> usize {
+    (CHUNK_BYTES / (elements * std::mem::size_of::<K::Elem>()).max(1)).max(1)
+}
+
 /// Runs `each(m, dots)` for every row `m` of `x`, where `dots[n]` is row m's
 /// dot product with weight row `w[n]`, `INPUT_ROWS` rows of x at a time. The
 /// first pass streams the weight rows from memory, prefetching further along
@@ -195,8 +206,10 @@ fn run_linear<K: Kernel>(
     let out = Output(out.as_mut_ptr());
     // Row pointers; past the end only as prefetch addresses.
     let row = |n: usize| w.as_ptr().wrapping_add(n * inner);
-    team.run(&|thread, threads| {
-        for block in share(outputs.div_ceil(WEIGHT_ROWS), thread, threads) {
+    let blocks = outputs.div_ceil(WEIGHT_ROWS);
+    let chunk = chunk_blocks::<K>(WEIGHT_ROWS * inner);
+    for_each_chunk(team, blocks, chunk, &|chunk| {
+        for block in chunk {
             let first = block * WEIGHT_ROWS;
             let out = &out;
             let store = |n: usize, m: usize, values: &[f32]| {
@@ -244,8 +257,10 @@ fn run_gate_up<K: Kernel>(
     // Row pointers; past the end only as prefetch addresses.
     let gate = |j: usize| w1.as_ptr().wrapping_add(j * inner);
     let up = |j: usize| w3.as_ptr().wrapping_add(j * inner);
-    team.run(&|thread, threads| {
-        for block in share(outputs.div_ceil(PAIRS), thread, threads) {
+    let blocks = outputs.div_ceil(PAIRS);
+    let chunk = chunk_blocks::<K>(2 * PAIRS * inner);
+    for_each_chunk(team, blocks, chunk, &|chunk| {
+        for block in chunk {
             let first = block * PAIRS;
             let out = &out;
             if first + PAIRS <= outputs {

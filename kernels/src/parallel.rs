@@ -45,33 +45,60 @@ impl Parallel for Scoped {
     }
 }
 
-/// The share of `0..units` thread `thread` of `threads` takes: contiguous,
-/// sizes differing by at most one unit.
-pub fn share(units: usize, thread: usize, threads: usize) -> std::ops::Range<usize> {
-    let threads = threads.max(1);
-    let base = units / threads;
-    let extra = units % threads;
-    let start = thread * base + thread.min(extra);
-    let len = base + usize::from(thread < extra);
-    start..(start + len).min(units)
+/// Runs `body` over `0..units` on every thread of `team`, in chunks of
+/// `chunk` units taken in order from a shared counter: a thread that is
+/// faster, or was not descheduled, takes more chunks instead of waiting at
+/// the end for the other (a static split waits for the slowest share, and
+/// on a shared machine one core is often slower for a while). Within a
+/// chunk, units run in order. A team of one thread takes the whole range
+/// at once.
+pub fn for_each_chunk(
+    team: &dyn Parallel,
+    units: usize,
+    chunk: usize,
+    body: &(dyn Fn(std::ops::Range<usize>) + Sync),
+) {
+    let chunk = chunk.max(1);
+    if team.threads() == 1 || units <= chunk {
+        return body(0..units);
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    team.run(&|_, _| {
+        loop {
+            let start = next.fetch_add(chunk, std::sync::atomic::Ordering::Relaxed);
+            if start >= units {
+                break;
+            }
+            body(start..(start + chunk).min(units));
+        }
+    });
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
 
     #[test]
-    fn shares_cover_every_unit_once() {
+    fn chunks_cover_every_unit_once() {
         for units in 0..40 {
-            for threads in 1..6 {
-                let mut next = 0;
-                for thread in 0..threads {
-                    let range = share(units, thread, threads);
-                    assert_eq!(range.start, next, "units {units} threads {threads}");
-                    assert!(range.len() <= units / threads + 1);
-                    next = range.end;
+            for threads in 1..5 {
+                for chunk in [1, 3, 7, 50] {
+                    let seen = Mutex::new(vec![0u32; units]);
+                    for_each_chunk(&Scoped(threads), units, chunk, &|range| {
+                        assert!(threads == 1 || range.len() <= chunk);
+                        let mut seen = seen.lock().unwrap();
+                        for unit in range {
+                            seen[unit] += 1;
+                        }
+                    });
+                    let seen = seen.into_inner().unwrap();
+                    assert!(
+                        seen.iter().all(|&n| n == 1),
+                        "units {units} threads {threads} chunk {chunk}: {seen:?}"
+                    );
                 }
-                assert_eq!(next, units);
             }
         }
     }

@@ -310,22 +310,14 @@ fn measure_workers(
         // workers (expert e is on worker e mod lanes), other experts each turn.
         let mut layer_time = |per_worker: usize, engaged: usize| -> Result<f64, MeasureError> {
             let first = (turn / layers * lanes) % experts;
-            let chosen: Vec<i64> = (0..engaged)
-                .flat_map(|w| {
-                    (0..per_worker).map(move |j| ((first + w + j * lanes) % experts) as i64)
-                })
+            let chosen: Vec<usize> = (0..engaged)
+                .flat_map(|w| (0..per_worker).map(move |j| (first + w + j * lanes) % experts))
                 .collect();
-            let k = chosen.len() as i64;
-            let ids: Vec<i64> = (0..rows).flat_map(|_| chosen.iter().copied()).collect();
+            let k = chosen.len();
             let routing = Routing {
-                experts: Tensor::from_slice(&ids)
-                    .view([rows as i64, k])
-                    .to_device(options.device),
-                weights: Tensor::full(
-                    [rows as i64, k],
-                    1.0 / k as f64,
-                    (options.kind, options.device),
-                ),
+                k,
+                experts: (0..rows).flat_map(|_| chosen.iter().copied()).collect(),
+                weights: vec![1.0 / k as f32; rows * k],
             };
             let layer = turn % layers;
             turn += 1;

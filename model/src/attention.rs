@@ -179,24 +179,22 @@ impl Attention {
         pool: &KvPool,
     ) -> Result<Tensor, ForwardError> {
         let tokens = xs.size()[0];
-        let (q_dim, kv_dim) = (
-            self.num_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
+        let q_dim = self.num_heads * self.head_dim;
+        let mut qkv = projection::linear(xs, &self.qkv_proj);
+        // q's and k's heads lead each row: a few rows are rotated in place.
+        let rotated = rotary.rotate_leading_heads(&mut qkv, self.num_heads + self.num_kv_heads);
+        let heads = |start: i64, count: i64| {
+            qkv.narrow(1, start * self.head_dim, count * self.head_dim)
+                .view([tokens, count, self.head_dim])
+        };
+        let (mut q, mut k) = (
+            heads(0, self.num_heads),
+            heads(self.num_heads, self.num_kv_heads),
         );
-        let qkv = projection::linear(xs, &self.qkv_proj);
-        let q =
-            rotary.apply(
-                &qkv.narrow(1, 0, q_dim)
-                    .view([tokens, self.num_heads, self.head_dim]),
-            );
-        let k = rotary.apply(&qkv.narrow(1, q_dim, kv_dim).view([
-            tokens,
-            self.num_kv_heads,
-            self.head_dim,
-        ]));
-        let v =
-            qkv.narrow(1, q_dim + kv_dim, kv_dim)
-                .view([tokens, self.num_kv_heads, self.head_dim]);
+        if !rotated {
+            (q, k) = (rotary.apply(&q), rotary.apply(&k));
+        }
+        let v = heads(self.num_heads + self.num_kv_heads, self.num_kv_heads);
         pool.write(layer, &layout.slots, &k, &v)?;
 
         let decoded = layout

@@ -78,6 +78,8 @@ pub enum ForwardError {
     ForeignCache { sequence: usize },
     #[error("tensor operation failed: {0}")]
     Torch(#[from] tch::TchError),
+    #[error("expert kernel: {0}")]
+    Kernel(#[from] tramontane_kernels::ShapeError),
 }
 
 /// Anything that can go wrong building a model from a checkpoint folder.

@@ -8,7 +8,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::error::WeightsError;
+use crate::error::{ForwardError, WeightsError};
 use crate::projection;
 use crate::weights::Checkpoint;
 use tramontane_config::MixtralConfig;
@@ -65,16 +65,51 @@ impl Expert {
         ))
     }
 
-    /// `xs`: `[rows, hidden]` -> `[rows, hidden]`.
-    pub fn forward(&self, xs: &Tensor) -> Tensor {
-        let on_kernels = match &self.gate_up {
-            GateUp::Stacked { w13, intermediate } => projection::swiglu(
-                xs,
-                &w13.narrow(0, 0, *intermediate),
-                &w13.narrow(0, *intermediate, *intermediate),
+    /// w1 and w3, `[intermediate, hidden]` each (views of the stacked matrix).
+    fn gate_and_up(&self) -> (Tensor, Tensor) {
+        match &self.gate_up {
+            GateUp::Stacked { w13, intermediate } => (
+                w13.narrow(0, 0, *intermediate),
+                w13.narrow(0, *intermediate, *intermediate),
             ),
-            GateUp::Apart { w1, w3 } => projection::swiglu(xs, w1, w3),
-        };
+            GateUp::Apart { w1, w3 } => (w1.shallow_clone(), w3.shallow_clone()),
+        }
+    }
+
+    /// `out[r] += weight · expert(xs[r])` for each of `rows` and its weight;
+    /// `xs` and `out` `[tokens, hidden]`, `out` in `xs`'s dtype. A few rows on
+    /// the CPU run on the kernels in one call, without gathering or adding
+    /// through libtorch.
+    pub fn add_rows(
+        &self,
+        xs: &Tensor,
+        rows: &[usize],
+        weights: &[f32],
+        out: &mut Tensor,
+    ) -> Result<(), ForwardError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let (w1, w3) = self.gate_and_up();
+        if projection::add_expert(xs, [&w1, &w3, &self.w2], rows, weights, out)? {
+            return Ok(());
+        }
+        let device = xs.device();
+        let index: Vec<i64> = rows.iter().map(|&row| row as i64).collect();
+        let index = Tensor::from_slice(&index).f_to_device(device)?;
+        let scale = Tensor::from_slice(weights)
+            .f_to_device(device)?
+            .f_to_kind(xs.kind())?;
+        let y = self.forward(&xs.f_index_select(0, &index)?) * scale.unsqueeze(1);
+        let _ = out.f_index_add_(0, &index, &y.f_to_kind(out.kind())?)?;
+        Ok(())
+    }
+
+    /// `xs`: `[rows, hidden]` -> `[rows, hidden]`, through libtorch where
+    /// the kernels do not take the gate/up projection.
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        let (w1, w3) = self.gate_and_up();
+        let on_kernels = projection::swiglu(xs, &w1, &w3);
         let hidden = match (on_kernels, &self.gate_up) {
             (Some(hidden), _) => hidden,
             (None, GateUp::Stacked { w13, intermediate }) => {
@@ -87,5 +122,94 @@ impl Expert {
             }
         };
         projection::linear(&hidden, &self.w2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! `add_rows` (the kernels for a few rows, libtorch for more) against
+    //! the same expert computed in f32 with libtorch's ops.
+
+    use tch::{Device, Kind, Tensor};
+
+    use super::*;
+    use crate::projection::kernel_rows;
+
+    #[test]
+    fn add_rows_matches_libtorch_in_each_dtype_and_row_count() -> anyhow::Result<()> {
+        let _guard = tch::no_grad_guard();
+        tch::manual_seed(11);
+        let (tokens, hidden, intermediate) = (40i64, 64i64, 96i64);
+        let opts = (Kind::Float, Device::Cpu);
+        let weight = |rows, cols: i64| Tensor::randn([rows, cols], opts) / (cols as f64).sqrt();
+        // Two experts adding into the same rows, as a token's top-2 do.
+        let weights: Vec<[Tensor; 3]> = (0..2)
+            .map(|_| {
+                [
+                    weight(intermediate, hidden),
+                    weight(hidden, intermediate),
+                    weight(intermediate, hidden),
+                ]
+            })
+            .collect();
+        // f32 summation order; bf16: a few roundings of 2⁻⁸ each.
+        for (kind, tolerance) in [(Kind::Float, 1e-5), (Kind::BFloat16, 6.0 / 256.0)] {
+            let xs = Tensor::randn([tokens, hidden], opts).to_kind(kind);
+            let experts: Vec<Expert> = weights
+                .iter()
+                .map(|[w1, w2, w3]| {
+                    Expert::new(w1.to_kind(kind), w2.to_kind(kind), w3.to_kind(kind))
+                })
+                .collect();
+            for count in [1, 2, 5, kernel_rows(kind), kernel_rows(kind) + 3] {
+                let count = count as usize;
+                let rows: Vec<Vec<usize>> = vec![
+                    (0..count).map(|i| (i * 7) % tokens as usize).collect(),
+                    (0..count).map(|i| (i * 3 + 1) % tokens as usize).collect(),
+                ];
+                let scale: Vec<Vec<f32>> = (0..2)
+                    .map(|e| {
+                        (0..count)
+                            .map(|i| 0.25 + 0.5 * ((i + e) % 2) as f32)
+                            .collect()
+                    })
+                    .collect();
+                let mut ours = xs.zeros_like();
+                for (e, expert) in experts.iter().enumerate() {
+                    expert.add_rows(&xs, &rows[e], &scale[e], &mut ours)?;
+                }
+
+                let f32 = |t: &Tensor| t.to_kind(Kind::Float);
+                let mut reference = Tensor::zeros([tokens, hidden], opts);
+                for (e, [w1, w2, w3]) in weights.iter().enumerate() {
+                    let (w1, w2, w3) = (
+                        f32(&w1.to_kind(kind)),
+                        f32(&w2.to_kind(kind)),
+                        f32(&w3.to_kind(kind)),
+                    );
+                    let index: Vec<i64> = rows[e].iter().map(|&r| r as i64).collect();
+                    let index = Tensor::from_slice(&index);
+                    let x = f32(&xs).index_select(0, &index);
+                    let h = x.linear(&w1, None::<Tensor>).silu() * x.linear(&w3, None::<Tensor>);
+                    let y =
+                        h.linear(&w2, None::<Tensor>) * Tensor::from_slice(&scale[e]).unsqueeze(1);
+                    let _ = reference.index_add_(0, &index, &y);
+                }
+                let err = ((f32(&ours) - &reference).abs() / (reference.abs() + 1.0))
+                    .max()
+                    .double_value(&[]);
+                assert!(err <= tolerance, "{kind:?}, {count} rows: error {err}");
+                // Rows no expert was routed stay zero.
+                let touched: std::collections::HashSet<usize> =
+                    rows.iter().flatten().copied().collect();
+                let untouched: Vec<i64> = (0..tokens as usize)
+                    .filter(|r| !touched.contains(r))
+                    .map(|r| r as i64)
+                    .collect();
+                let rest = ours.index_select(0, &Tensor::from_slice(&untouched));
+                assert_eq!(rest.abs().sum(Kind::Float).double_value(&[]), 0.0);
+            }
+        }
+        Ok(())
     }
 }

@@ -1,50 +1,92 @@
 //! Top-k gating with Mixtral's semantics: router logits → softmax over all
-//! experts in fp32 → top-k → renormalise the k weights to sum to 1 → cast
-//! back to the activations' dtype. Ties go to the lower expert index.
+//! experts in fp32 → top-k → renormalise the k weights to sum to 1 → round
+//! to the activations' dtype. Ties go to the lower expert index. The logits
+//! (`[tokens, experts]`) are copied to the host once and the rest runs
+//! there: every consumer of a routing (the local experts' grouping, the
+//! dispatch to workers) reads it on the host, and a handful of experts per
+//! token is less work than launching the tensor ops would be.
 
 use tch::{Kind, Tensor};
 
 /// Which experts each token goes to, and with what weight.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Routing {
-    /// `[tokens, k]`, i64 expert ids, highest weight first.
-    pub experts: Tensor,
-    /// `[tokens, k]`, in the dtype of the hidden states; each row sums to 1.
-    pub weights: Tensor,
+    /// Experts per token.
+    pub k: usize,
+    /// `[tokens × k]`, token-major, highest weight first.
+    pub experts: Vec<usize>,
+    /// `[tokens × k]`, rounded to the hidden states' dtype; each token's sum to 1.
+    pub weights: Vec<f32>,
+}
+
+impl Routing {
+    /// Tokens routed.
+    pub fn tokens(&self) -> usize {
+        self.experts.len() / self.k.max(1)
+    }
 }
 
 pub struct Gate {
     /// `[experts, hidden]`
     weight: Tensor,
-    top_k: i64,
+    top_k: usize,
 }
 
 impl Gate {
     pub fn new(weight: Tensor, top_k: usize) -> Self {
-        Self {
-            weight,
-            top_k: top_k as i64,
-        }
+        Self { weight, top_k }
     }
 
     /// `xs`: `[tokens, hidden]`.
-    pub fn route(&self, xs: &Tensor) -> Routing {
-        let logits = xs.linear(&self.weight, None::<Tensor>);
+    pub fn route(&self, xs: &Tensor) -> Result<Routing, tch::TchError> {
+        let logits = crate::projection::linear(xs, &self.weight);
         route_logits(&logits, self.top_k, xs.kind())
     }
 }
 
-/// Routing from router logits `[tokens, experts]`.
-pub fn route_logits(logits: &Tensor, top_k: i64, kind: Kind) -> Routing {
-    let probs = logits.softmax(1, Kind::Float);
-    // A stable descending sort keeps equal probabilities in expert order, so
-    // ties are broken towards the lower expert id, deterministically.
-    let (sorted, order) = probs.sort_stable(true, 1, true);
-    let top = sorted.narrow(1, 0, top_k);
-    let experts = order.narrow(1, 0, top_k);
-    let weights = &top / top.sum_dim_intlist(1, true, Kind::Float);
-    Routing {
-        experts,
-        weights: weights.to_kind(kind),
+/// Routing from router logits `[tokens, experts]`, weights rounded to `kind`.
+pub fn route_logits(logits: &Tensor, top_k: usize, kind: Kind) -> Result<Routing, tch::TchError> {
+    let experts = logits.size().get(1).copied().unwrap_or(0).max(0) as usize;
+    let values: Vec<f32> = Vec::try_from(logits.f_to_kind(Kind::Float)?.f_flatten(0, -1)?)?;
+    let k = top_k.min(experts);
+    let round = rounding(kind);
+    let mut routing = Routing {
+        k,
+        experts: Vec::with_capacity(values.len() / experts.max(1) * k),
+        weights: Vec::with_capacity(values.len() / experts.max(1) * k),
+    };
+    let mut order: Vec<usize> = Vec::with_capacity(experts);
+    for row in values.chunks_exact(experts.max(1)) {
+        let probs = softmax(row);
+        // A stable descending sort keeps equal probabilities in expert
+        // order, so ties are broken towards the lower expert id.
+        order.clear();
+        order.extend(0..experts);
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+        let top = &order[..k];
+        let sum: f32 = top.iter().map(|&e| probs[e]).sum();
+        routing.experts.extend_from_slice(top);
+        routing
+            .weights
+            .extend(top.iter().map(|&e| round(probs[e] / sum)));
+    }
+    Ok(routing)
+}
+
+/// `exp(x - max) / Σ exp(x - max)`, in f32.
+fn softmax(row: &[f32]) -> Vec<f32> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = row.iter().map(|&x| (x - max).exp()).collect();
+    let sum: f32 = exps.iter().sum();
+    exps.into_iter().map(|e| e / sum).collect()
+}
+
+/// Rounds an f32 to the nearest value of `kind` (and back to f32).
+fn rounding(kind: Kind) -> fn(f32) -> f32 {
+    match kind {
+        Kind::BFloat16 => |v| half::bf16::from_f32(v).to_f32(),
+        Kind::Half => |v| half::f16::from_f32(v).to_f32(),
+        _ => |v| v,
     }
 }
 
@@ -72,10 +114,11 @@ mod tests {
         #[test]
         fn weights_sum_to_one_over_k_distinct_experts((values, tokens, experts, k) in logits_strategy()) {
             let logits = Tensor::from_slice(&values).view([tokens as i64, experts as i64]);
-            let routing = route_logits(&logits, k as i64, Kind::Float);
-            prop_assert_eq!(routing.experts.size(), vec![tokens as i64, k as i64]);
-            let ids: Vec<i64> = Vec::try_from(routing.experts.flatten(0, -1)).unwrap();
-            let weights: Vec<f32> = Vec::try_from(routing.weights.flatten(0, -1)).unwrap();
+            let routing = route_logits(&logits, k, Kind::Float).unwrap();
+            prop_assert_eq!(routing.k, k);
+            prop_assert_eq!(routing.tokens(), tokens);
+            let ids: Vec<i64> = routing.experts.iter().map(|&e| e as i64).collect();
+            let weights = &routing.weights;
             let probs: Vec<f32> = Vec::try_from(logits.softmax(1, Kind::Float).flatten(0, -1)).unwrap();
             for t in 0..tokens {
                 let row = &ids[t * k..(t + 1) * k];
@@ -86,6 +129,12 @@ mod tests {
                 prop_assert!(row.iter().all(|&e| e >= 0 && (e as usize) < experts));
                 let sum: f32 = weights[t * k..(t + 1) * k].iter().sum();
                 prop_assert!((sum - 1.0).abs() < 1e-5, "weights sum to {}", sum);
+                // Each weight is its expert's share of the chosen probabilities.
+                let p = &probs[t * experts..(t + 1) * experts];
+                let chosen: f32 = row.iter().map(|&c| p[c as usize]).sum();
+                for (&c, &w) in row.iter().zip(&weights[t * k..(t + 1) * k]) {
+                    prop_assert!((w - p[c as usize] / chosen).abs() < 1e-5, "expert {}: weight {} of {:?}", c, w, p);
+                }
                 // The chosen experts are a top-k set: none left out beats a chosen one,
                 // and among equals the lower id wins.
                 let p = &probs[t * experts..(t + 1) * experts];
@@ -105,20 +154,17 @@ mod tests {
         #[test]
         fn routing_is_deterministic((values, tokens, experts, k) in logits_strategy()) {
             let logits = Tensor::from_slice(&values).view([tokens as i64, experts as i64]);
-            let a = route_logits(&logits, k as i64, Kind::Float);
-            let b = route_logits(&logits, k as i64, Kind::Float);
-            prop_assert!(a.experts.equal(&b.experts));
-            prop_assert!(a.weights.equal(&b.weights));
+            let a = route_logits(&logits, k, Kind::Float).unwrap();
+            let b = route_logits(&logits, k, Kind::Float).unwrap();
+            prop_assert_eq!(a, b);
         }
     }
 
     #[test]
     fn all_equal_logits_pick_the_lowest_ids_with_equal_weights() {
         let logits = Tensor::zeros([3, 8], (Kind::Float, tch::Device::Cpu));
-        let routing = route_logits(&logits, 2, Kind::Float);
-        let ids: Vec<i64> = Vec::try_from(routing.experts.flatten(0, -1)).unwrap();
-        assert_eq!(ids, vec![0, 1, 0, 1, 0, 1]);
-        let weights: Vec<f32> = Vec::try_from(routing.weights.flatten(0, -1)).unwrap();
-        assert!(weights.iter().all(|&w| w == 0.5));
+        let routing = route_logits(&logits, 2, Kind::Float).unwrap();
+        assert_eq!(routing.experts, vec![0, 1, 0, 1, 0, 1]);
+        assert!(routing.weights.iter().all(|&w| w == 0.5));
     }
 }

@@ -89,7 +89,8 @@ impl LocalExperts {
         xs: &Tensor,
         work: &[ExpertRows],
     ) -> Result<Tensor, ForwardError> {
-        let mut out = xs.zeros_like();
+        let xs = xs.f_contiguous()?;
+        let mut out = xs.f_zeros_like()?;
         for item in work {
             let expert = self
                 .layers
@@ -100,51 +101,36 @@ impl LocalExperts {
                     layer,
                     expert: item.expert,
                 })?;
-            let rows = xs.f_index_select(0, &item.rows)?;
-            let y = expert.forward(&rows) * item.weights.unsqueeze(1);
-            let _ = out.f_index_add_(0, &item.rows, &y.to_kind(out.kind()))?;
+            expert.add_rows(&xs, &item.rows, &item.weights, &mut out)?;
         }
         Ok(out)
     }
 }
 
 /// The rows of a hidden-state matrix one expert must compute.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ExpertRows {
     pub expert: usize,
-    /// i64 row indexes, `[n]`.
-    pub rows: Tensor,
-    /// Routing weight of each row, `[n]`, in the hidden states' dtype.
-    pub weights: Tensor,
+    /// Row indexes into the hidden states.
+    pub rows: Vec<usize>,
+    /// Routing weight of each row.
+    pub weights: Vec<f32>,
 }
 
 /// Splits a routing by expert, in expert order: the rows each expert gets and
 /// their weights. Experts no token chose are left out.
-pub fn rows_by_expert(
-    routing: &Routing,
-    num_experts: usize,
-) -> Result<Vec<ExpertRows>, ForwardError> {
-    let counts: Vec<i64> = Vec::try_from(
-        routing
-            .experts
-            .flatten(0, -1)
-            .bincount(None::<Tensor>, num_experts as i64),
-    )?;
-    let mut work = Vec::new();
-    for (expert, &count) in counts.iter().enumerate() {
-        if count == 0 {
-            continue;
-        }
-        let matches = routing.experts.eq(expert as i64).nonzero();
-        let rows = matches.select(1, 0);
-        let slots = matches.select(1, 1);
-        let weights = routing.weights.index(&[Some(&rows), Some(&slots)]);
-        work.push(ExpertRows {
+pub fn rows_by_expert(routing: &Routing) -> Vec<ExpertRows> {
+    let mut by_expert: std::collections::BTreeMap<usize, ExpertRows> = Default::default();
+    for (slot, (&expert, &weight)) in routing.experts.iter().zip(&routing.weights).enumerate() {
+        let item = by_expert.entry(expert).or_insert_with(|| ExpertRows {
             expert,
-            rows,
-            weights,
+            rows: Vec::new(),
+            weights: Vec::new(),
         });
+        item.rows.push(slot / routing.k.max(1));
+        item.weights.push(weight);
     }
-    Ok(work)
+    by_expert.into_values().collect()
 }
 
 impl Experts for LocalExperts {
@@ -154,8 +140,7 @@ impl Experts for LocalExperts {
         xs: &Tensor,
         routing: &Routing,
     ) -> Result<Tensor, ForwardError> {
-        let num_experts = self.layers.get(layer).map_or(0, Vec::len);
-        self.forward_rows(layer, xs, &rows_by_expert(routing, num_experts)?)
+        self.forward_rows(layer, xs, &rows_by_expert(routing))
     }
 }
 
@@ -180,7 +165,7 @@ impl SparseMoe {
         xs: &Tensor,
         experts: &dyn Experts,
     ) -> Result<Tensor, ForwardError> {
-        let routing = self.gate.route(xs);
+        let routing = self.gate.route(xs)?;
         experts.forward(layer, xs, &routing)
     }
 }
@@ -224,16 +209,18 @@ mod tests {
         );
 
         let xs = Tensor::randn([3, config.hidden_size as i64], (Kind::Float, Device::Cpu));
-        let weights = Tensor::from_slice(&[0.75f32, 0.25, 0.5, 0.5, 0.6, 0.4]).view([3, 2]);
+        let weights = vec![0.75f32, 0.25, 0.5, 0.5, 0.6, 0.4];
         let held_routing = Routing {
-            experts: Tensor::from_slice(&[1i64, 5, 5, 1, 1, 5]).view([3, 2]),
-            weights: weights.shallow_clone(),
+            k: 2,
+            experts: vec![1, 5, 5, 1, 1, 5],
+            weights: weights.clone(),
         };
         let out = experts.forward(1, &xs, &held_routing)?;
         assert_eq!(out.size(), xs.size());
 
         let unheld = Routing {
-            experts: Tensor::from_slice(&[1i64, 2, 5, 1, 1, 5]).view([3, 2]),
+            k: 2,
+            experts: vec![1, 2, 5, 1, 1, 5],
             weights,
         };
         let err = experts.forward(1, &xs, &unheld).unwrap_err();

@@ -1,6 +1,11 @@
-//! RMSNorm, computed in fp32 as in HF `MixtralRMSNorm`.
+//! RMSNorm, computed in fp32 as in HF `MixtralRMSNorm`: a decode step's few
+//! rows on the CPU in one pass of [`tramontane_kernels::rms_norm`], more
+//! rows through libtorch's ops.
 
 use tch::{Kind, Tensor};
+use tramontane_kernels::{Bf16, F32};
+
+use crate::projection::{elements, elements_mut, small_rows};
 
 pub struct RmsNorm {
     weight: Tensor,
@@ -13,10 +18,48 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Tensor {
+        if let Some(out) = self.forward_small(xs) {
+            return out;
+        }
         let kind = xs.kind();
         let xs32 = xs.to_kind(Kind::Float);
         let variance = xs32.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
         let normed = xs32 * (variance + self.eps).rsqrt();
         &self.weight * normed.to_kind(kind)
+    }
+
+    /// The few-rows CPU path; None where it does not apply.
+    fn forward_small(&self, xs: &Tensor) -> Option<Tensor> {
+        let (kind, hidden) = (xs.kind(), *xs.size().last()?);
+        let rows = xs.numel() as i64 / hidden.max(1);
+        let fits = small_rows(kind, xs.device(), rows)
+            && self.weight.kind() == kind
+            && self.weight.size() == [hidden]
+            && self.weight.is_contiguous();
+        if !fits {
+            return None;
+        }
+        let xs = xs.contiguous();
+        let out = xs.empty_like();
+        let eps = self.eps as f32;
+        // SAFETY: on the CPU, contiguous, of the element's kind (checked);
+        // `out` is fresh and all outlive the call.
+        let done = unsafe {
+            match kind {
+                Kind::BFloat16 => tramontane_kernels::rms_norm::<Bf16>(
+                    elements(&xs),
+                    elements(&self.weight),
+                    eps,
+                    elements_mut(&out),
+                ),
+                _ => tramontane_kernels::rms_norm::<F32>(
+                    elements(&xs),
+                    elements(&self.weight),
+                    eps,
+                    elements_mut(&out),
+                ),
+            }
+        };
+        done.ok().map(|()| out)
     }
 }

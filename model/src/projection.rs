@@ -8,7 +8,9 @@
 //! once a GEMM's work outweighs its weight's bytes (prefill).
 
 use tch::{Device, Kind, Tensor};
-use tramontane_kernels::{Bf16, Element, F32, Kernel, Parallel, Shape, ShapeError};
+use tramontane_kernels::{
+    Bf16, Element, ExpertWeights, F32, Kernel, Parallel, Routed, Shape, ShapeError,
+};
 
 use crate::openmp::OpenMpTeam;
 
@@ -16,11 +18,20 @@ use crate::openmp::OpenMpTeam;
 /// compute-bound at about half oneDNN's rate (decode batch 32 on the `bench`
 /// model fell from 251 to 191 tokens/s with 32 here). f32: MKL repacks the
 /// weight on every call up to at least 32 rows, and the kernels stream it once.
-fn kernel_rows(kind: Kind) -> i64 {
+pub(crate) fn kernel_rows(kind: Kind) -> i64 {
     match kind {
         Kind::BFloat16 => 16,
         _ => 32,
     }
+}
+
+/// Whether a decode step's elementwise ops (RMSNorm, rotary) take `rows`
+/// rows of `kind` on `device` in plain Rust instead of libtorch's ops.
+pub(crate) fn small_rows(kind: Kind, device: Device, rows: i64) -> bool {
+    device == Device::Cpu
+        && matches!(kind, Kind::BFloat16 | Kind::Float)
+        && (1..=kernel_rows(kind)).contains(&rows)
+        && !kernels_disabled()
 }
 
 /// The kernels' element type for `kind`, when this CPU runs them.
@@ -36,31 +47,46 @@ fn kernel_element(kind: Kind) -> Option<Element> {
 /// Where the kernels can take `xs` against `weights`: the team, the shape of
 /// `xs` as `[rows, inner]`, and the element type.
 fn kernel_call(xs: &Tensor, weights: &[&Tensor]) -> Option<(&'static OpenMpTeam, i64, Element)> {
-    let kind = xs.kind();
     let inner = *xs.size().last()?;
     let rows = if inner == 0 {
         0
     } else {
         xs.numel() as i64 / inner
     };
-    let fits = xs.device() == Device::Cpu
+    let (team, element) = kernel_team(xs.kind(), xs.device(), rows, inner, weights)?;
+    Some((team, rows, element))
+}
+
+/// The team and element type for `rows` rows of `inner` elements of `kind`
+/// on `device` against `weights`, where the kernels take them.
+fn kernel_team(
+    kind: Kind,
+    device: Device,
+    rows: i64,
+    inner: i64,
+    weights: &[&Tensor],
+) -> Option<(&'static OpenMpTeam, Element)> {
+    let fits = device == Device::Cpu
         && (1..=kernel_rows(kind)).contains(&rows)
-        && weights.iter().all(|w| {
-            w.kind() == kind
-                && w.device() == Device::Cpu
-                && w.dim() == 2
-                && w.size()[1] == inner
-                && w.is_contiguous()
-        });
+        && weights.iter().all(|w| weight_fits(w, kind, inner));
     if !fits || kernels_disabled() {
         return None;
     }
-    Some((OpenMpTeam::get()?, rows, kernel_element(kind)?))
+    Some((OpenMpTeam::get()?, kernel_element(kind)?))
+}
+
+/// Whether the kernels can read `w` as a row-major `[_, inner]` weight of `kind`.
+fn weight_fits(w: &Tensor, kind: Kind, inner: i64) -> bool {
+    w.kind() == kind
+        && w.device() == Device::Cpu
+        && w.dim() == 2
+        && w.size()[1] == inner
+        && w.is_contiguous()
 }
 
 /// `TRAMONTANE_NO_KERNELS=1` sends every projection to libtorch (read once):
 /// the baseline for benchmarks of the kernels.
-fn kernels_disabled() -> bool {
+pub(crate) fn kernels_disabled() -> bool {
     static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *DISABLED.get_or_init(|| std::env::var_os("TRAMONTANE_NO_KERNELS").is_some_and(|v| v != "0"))
 }
@@ -70,14 +96,14 @@ fn kernels_disabled() -> bool {
 /// # Safety
 /// `tensor` is contiguous, on the CPU, of `T`'s kind, and outlives the slice
 /// and every other view of its storage is left alone meanwhile.
-unsafe fn elements<T>(tensor: &Tensor) -> &[T] {
+pub(crate) unsafe fn elements<T>(tensor: &Tensor) -> &[T] {
     unsafe { std::slice::from_raw_parts(tensor.data_ptr().cast::<T>(), tensor.numel()) }
 }
 
 /// # Safety
 /// As [`elements`], and nothing else reads or writes `tensor` meanwhile.
 #[allow(clippy::mut_from_ref)]
-unsafe fn elements_mut<T>(tensor: &Tensor) -> &mut [T] {
+pub(crate) unsafe fn elements_mut<T>(tensor: &Tensor) -> &mut [T] {
     unsafe { std::slice::from_raw_parts_mut(tensor.data_ptr().cast::<T>(), tensor.numel()) }
 }
 
@@ -102,6 +128,79 @@ pub fn swiglu(xs: &Tensor, w1: &Tensor, w3: &Tensor) -> Option<Tensor> {
         return None;
     }
     on_kernels(xs, Weights::SwiGlu(w1, w3))
+}
+
+/// `out[r] += weight_r · (w2 · swiglu(xs[r]))` for every routed row `r` on
+/// the kernels, in one call (see [`tramontane_kernels::add_expert`]);
+/// `Ok(false)` where they do not take these tensors, and the caller uses
+/// libtorch. `xs` and `out`: `[tokens, hidden]`; w1, w3 `[intermediate,
+/// hidden]`, w2 `[hidden, intermediate]`.
+pub fn add_expert(
+    xs: &Tensor,
+    [w1, w3, w2]: [&Tensor; 3],
+    rows: &[usize],
+    weights: &[f32],
+    out: &mut Tensor,
+) -> Result<bool, ShapeError> {
+    let (kind, size) = (xs.kind(), xs.size());
+    let &[_, hidden] = size.as_slice() else {
+        return Ok(false);
+    };
+    let intermediate = w1.size()[0];
+    let fits = xs.is_contiguous()
+        && out.is_contiguous()
+        && out.size() == size
+        && out.kind() == kind
+        && out.device() == xs.device()
+        && w1.size() == w3.size()
+        && w2.size() == [hidden, intermediate]
+        && weight_fits(w2, kind, intermediate);
+    let team = kernel_team(kind, xs.device(), rows.len() as i64, hidden, &[w1, w3]);
+    let Some((team, element)) = team.filter(|_| fits) else {
+        return Ok(false);
+    };
+    let routed = Routed { rows, weights };
+    let (hidden, intermediate) = (hidden as usize, intermediate as usize);
+    // SAFETY: every tensor was checked to be contiguous, on the CPU and of
+    // the element's kind; `out` is borrowed mutably and is not `xs`'s storage
+    // (the caller's fresh output); all outlive the call.
+    unsafe {
+        match element {
+            Element::Bf16 => tramontane_kernels::add_expert::<Bf16>(
+                team,
+                elements(xs),
+                expert_weights([w1, w3, w2], hidden, intermediate),
+                routed,
+                elements_mut(out),
+            )?,
+            Element::F32 => tramontane_kernels::add_expert::<F32>(
+                team,
+                elements(xs),
+                expert_weights([w1, w3, w2], hidden, intermediate),
+                routed,
+                elements_mut(out),
+            )?,
+        }
+    }
+    Ok(true)
+}
+
+/// # Safety
+/// As [`elements`], for each weight.
+unsafe fn expert_weights<'a, T>(
+    [w1, w3, w2]: [&'a Tensor; 3],
+    hidden: usize,
+    intermediate: usize,
+) -> ExpertWeights<'a, T> {
+    unsafe {
+        ExpertWeights {
+            w1: elements(w1),
+            w3: elements(w3),
+            w2: elements(w2),
+            hidden,
+            intermediate,
+        }
+    }
 }
 
 /// What a kernel call projects against.

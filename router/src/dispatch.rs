@@ -27,20 +27,18 @@ use crate::expert_load::ExpertLoad;
 use crate::failure::{BadAnswer, DispatchError, WorkerError, WorkerFailure, WorkerRef};
 
 /// All pairs of a routing, token by token.
-pub fn routed_pairs(routing: &Routing) -> Result<Vec<RoutedPair>, ForwardError> {
-    let k = routing.experts.size().get(1).copied().unwrap_or(0) as usize;
-    let experts: Vec<i64> = Vec::try_from(routing.experts.flatten(0, -1))?;
-    let weights: Vec<f32> = Vec::try_from(routing.weights.to_kind(Kind::Float).flatten(0, -1))?;
-    Ok(experts
+pub fn routed_pairs(routing: &Routing) -> Vec<RoutedPair> {
+    routing
+        .experts
         .iter()
-        .zip(&weights)
+        .zip(&routing.weights)
         .enumerate()
         .map(|(i, (&expert, &weight))| RoutedPair {
-            token: i / k.max(1),
-            expert: expert as usize,
+            token: i / routing.k.max(1),
+            expert,
             weight,
         })
-        .collect())
+        .collect()
 }
 
 /// Adds a worker's partial sums `[share rows, hidden]` into `out` `[tokens, hidden]`.
@@ -260,11 +258,10 @@ impl Experts for RemoteExperts {
     ) -> Result<Tensor, ForwardError> {
         let hidden = xs.size()[1];
         let mut out = xs.zeros_like();
-        let mut pending = routed_pairs(routing)?;
+        let mut pending = routed_pairs(routing);
         let routed: Vec<usize> = pending.iter().map(|p| p.expert).collect();
         if let Some(trace) = &self.trace {
-            let k = routing.experts.size().get(1).copied().unwrap_or(0) as usize;
-            trace.record(layer, k, &routed);
+            trace.record(layer, routing.k, &routed);
         }
         let mut worker_pairs = vec![0u64; self.workers.len()];
         let mut failures: Vec<WorkerFailure> = Vec::new();
@@ -366,8 +363,8 @@ mod tests {
             .iter()
             .map(|(&expert, (rows, weights))| LocalRows {
                 expert,
-                rows: Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>()),
-                weights: Tensor::from_slice(weights),
+                rows: rows.iter().map(|&r| r as usize).collect(),
+                weights: weights.clone(),
             })
             .collect();
         local.forward_rows(0, &gathered, &work).unwrap()
@@ -412,10 +409,10 @@ mod tests {
             tch::manual_seed(seed.rem_euclid(1 << 30) + 1);
             let xs = Tensor::randn([tokens as i64, HIDDEN], (Kind::Float, Device::Cpu));
             let logits = Tensor::randn([tokens as i64, num_experts as i64], (Kind::Float, Device::Cpu));
-            let routing = route_logits(&logits, k as i64, Kind::Float);
+            let routing = route_logits(&logits, k, Kind::Float).unwrap();
 
             let dense = local.forward(0, &xs, &routing).unwrap();
-            let pairs = routed_pairs(&routing).unwrap();
+            let pairs = routed_pairs(&routing);
             let shares = plan_dispatch(0, &pairs, &placement, &|w| live[w]).unwrap();
             let mut out = xs.zeros_like();
             for share in &shares {

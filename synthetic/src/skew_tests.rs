@@ -51,15 +51,15 @@ impl Experts for CountingExperts {
         xs: &Tensor,
         routing: &Routing,
     ) -> Result<Tensor, ForwardError> {
-        let ids: Vec<i64> = Vec::try_from(routing.experts.flatten(0, -1))?;
+        let ids = &routing.experts;
         // Under --expert-skew the last coordinate is 1 / rms(x) here (its
         // norm scale is 1); rms without it follows from rms(x).
         let h = xs.size()[1] as f64;
         let feature: Vec<f64> = Vec::try_from(xs.select(1, -1).to_kind(tch::Kind::Double))?;
         let mut stats = self.stats.borrow_mut();
         let layer_stats = &mut stats[layer];
-        for id in ids {
-            layer_stats.routed[id as usize] += 1;
+        for &id in ids {
+            layer_stats.routed[id] += 1;
         }
         for f in feature {
             let rms = 1.0 / f;
