@@ -66,7 +66,11 @@ pub fn linear<K: Kernel>(
     out: &mut [K::Elem],
 ) -> Result<(), ShapeError> {
     check(K::ELEMENT, shape, x.len(), &[w.len()], out.len())?;
-    run_linear::<K>(team, x, w, shape, out);
+    if shape.rows <= NARROW_ROWS {
+        run_linear::<K, 8, 2>(team, x, w, shape, out);
+    } else {
+        run_linear::<K, 4, 4>(team, x, w, shape, out);
+    }
     Ok(())
 }
 
@@ -81,7 +85,11 @@ pub fn gate_up<K: Kernel>(
     out: &mut [K::Elem],
 ) -> Result<(), ShapeError> {
     check(K::ELEMENT, shape, x.len(), &[w1.len(), w3.len()], out.len())?;
-    run_gate_up::<K>(team, x, w1, w3, shape, out);
+    if shape.rows <= NARROW_ROWS {
+        run_gate_up::<K, 8, 2>(team, x, w1, w3, shape, out);
+    } else {
+        run_gate_up::<K, 4, 4>(team, x, w1, w3, shape, out);
+    }
     Ok(())
 }
 
@@ -115,11 +123,14 @@ fn check(
     Ok(())
 }
 
-/// Output rows of W a block computes together.
-const WEIGHT_ROWS: usize = 4;
-/// Rows of x a block computes together (`WEIGHT_ROWS × INPUT_ROWS`
-/// accumulators).
-const INPUT_ROWS: usize = 4;
+/// A block computes `WR` output rows (rows of W) for `MR` rows of x at a
+/// time, in `WR × MR` accumulators, passing over the block's weight rows
+/// once per `MR` rows of x. One row of x (decode at batch 1, an expert with
+/// one token): 8 × 2, so that each thread streams 8 weight rows at once
+/// (measured on the `bench` model's expert shapes, 2 threads: 27 → 30 GB/s;
+/// at 2 rows no difference; with 8 rows of x that shape fell from 18 to 15
+/// GB/s). More rows: 4 × 4.
+const NARROW_ROWS: usize = 1;
 
 /// The output buffer, written by every thread at disjoint indexes.
 struct Output<T>(*mut T);
@@ -148,7 +159,7 @@ fn chunk_blocks<K: Kernel>(elements: usize) -> usize {
 }
 
 /// Runs `each(m, dots)` for every row `m` of `x`, where `dots[n]` is row m's
-/// dot product with weight row `w[n]`, `INPUT_ROWS` rows of x at a time. The
+/// dot product with weight row `w[n]`, `MR` rows of x at a time. The
 /// first pass streams the weight rows from memory, prefetching further along
 /// them; later passes find them in cache, and the second prefetches the rows
 /// at `next` (the next block's) so that memory stays busy meanwhile.
@@ -156,7 +167,7 @@ fn chunk_blocks<K: Kernel>(elements: usize) -> usize {
 /// # Safety
 /// The kernels are supported; `x` holds `rows × inner` elements and each
 /// `w[n]` `inner`.
-unsafe fn dots<K: Kernel, const NB: usize>(
+unsafe fn dots<K: Kernel, const NB: usize, const MR: usize>(
     x: &[K::Elem],
     rows: usize,
     inner: usize,
@@ -168,30 +179,33 @@ unsafe fn dots<K: Kernel, const NB: usize>(
     let mut m = 0;
     while m < rows {
         let at = x[m * inner..].as_ptr();
-        let ahead = match m {
-            0 => w.map(|row| row.wrapping_add(along)),
-            INPUT_ROWS => next,
-            _ => w,
+        let ahead = if m == 0 {
+            w.map(|row| row.wrapping_add(along))
+        } else if m == MR {
+            next
+        } else {
+            w
         };
         let mut emit = |block: &[[f32; NB]]| {
             for (offset, values) in block.iter().enumerate() {
                 each(m + offset, *values);
             }
         };
-        // SAFETY: the caller's bounds; each arm reads at most the rows left.
+        // SAFETY: the caller's bounds; each arm reads at most the rows left
+        // (MR is 2 or 4: the last arm is 4 rows).
         unsafe {
-            match rows - m {
+            match (rows - m).min(MR) {
                 1 => emit(&K::dot::<1, NB>(at, inner, w, ahead, inner)),
                 2 => emit(&K::dot::<2, NB>(at, inner, w, ahead, inner)),
                 3 => emit(&K::dot::<3, NB>(at, inner, w, ahead, inner)),
-                _ => emit(&K::dot::<INPUT_ROWS, NB>(at, inner, w, ahead, inner)),
+                _ => emit(&K::dot::<4, NB>(at, inner, w, ahead, inner)),
             }
         }
-        m += INPUT_ROWS;
+        m += MR;
     }
 }
 
-fn run_linear<K: Kernel>(
+fn run_linear<K: Kernel, const WR: usize, const MR: usize>(
     team: &dyn Parallel,
     x: &[K::Elem],
     w: &[K::Elem],
@@ -206,11 +220,11 @@ fn run_linear<K: Kernel>(
     let out = Output(out.as_mut_ptr());
     // Row pointers; past the end only as prefetch addresses.
     let row = |n: usize| w.as_ptr().wrapping_add(n * inner);
-    let blocks = outputs.div_ceil(WEIGHT_ROWS);
-    let chunk = chunk_blocks::<K>(WEIGHT_ROWS * inner);
+    let blocks = outputs.div_ceil(WR);
+    let chunk = chunk_blocks::<K>(WR * inner);
     for_each_chunk(team, blocks, chunk, &|chunk| {
         for block in chunk {
-            let first = block * WEIGHT_ROWS;
+            let first = block * WR;
             let out = &out;
             let store = |n: usize, m: usize, values: &[f32]| {
                 for (offset, &value) in values.iter().enumerate() {
@@ -218,17 +232,17 @@ fn run_linear<K: Kernel>(
                     unsafe { out.write(m * outputs + n + offset, K::from_f32(value)) };
                 }
             };
-            if first + WEIGHT_ROWS <= outputs {
+            if first + WR <= outputs {
                 let w = std::array::from_fn(|n| row(first + n));
-                let next = std::array::from_fn(|n| row(first + WEIGHT_ROWS + n));
-                let store = |m, v: [f32; WEIGHT_ROWS]| store(first, m, &v);
+                let next = std::array::from_fn(|n| row(first + WR + n));
+                let store = |m, v: [f32; WR]| store(first, m, &v);
                 // SAFETY: checked lengths; supported() was checked.
-                unsafe { dots::<K, WEIGHT_ROWS>(x, rows, inner, w, next, store) };
+                unsafe { dots::<K, WR, MR>(x, rows, inner, w, next, store) };
             } else {
                 for n in first..outputs {
                     // SAFETY: as above.
                     unsafe {
-                        dots::<K, 1>(x, rows, inner, [row(n)], [row(n + 1)], |m, v| {
+                        dots::<K, 1, MR>(x, rows, inner, [row(n)], [row(n + 1)], |m, v| {
                             store(n, m, &v)
                         })
                     };
@@ -238,7 +252,7 @@ fn run_linear<K: Kernel>(
     });
 }
 
-fn run_gate_up<K: Kernel>(
+fn run_gate_up<K: Kernel, const WR: usize, const MR: usize>(
     team: &dyn Parallel,
     x: &[K::Elem],
     w1: &[K::Elem],
@@ -251,38 +265,38 @@ fn run_gate_up<K: Kernel>(
         inner,
         outputs,
     } = shape;
-    // Each block reads PAIRS rows of w1 and the same rows of w3.
-    const PAIRS: usize = WEIGHT_ROWS / 2;
+    // Each block reads `pairs` rows of w1 and the same rows of w3.
+    let pairs = WR / 2;
     let out = Output(out.as_mut_ptr());
     // Row pointers; past the end only as prefetch addresses.
     let gate = |j: usize| w1.as_ptr().wrapping_add(j * inner);
     let up = |j: usize| w3.as_ptr().wrapping_add(j * inner);
-    let blocks = outputs.div_ceil(PAIRS);
-    let chunk = chunk_blocks::<K>(2 * PAIRS * inner);
+    let blocks = outputs.div_ceil(pairs);
+    let chunk = chunk_blocks::<K>(2 * pairs * inner);
     for_each_chunk(team, blocks, chunk, &|chunk| {
         for block in chunk {
-            let first = block * PAIRS;
+            let first = block * pairs;
             let out = &out;
-            if first + PAIRS <= outputs {
+            if first + pairs <= outputs {
                 let rows_from = |first: usize| {
                     std::array::from_fn(|n| {
-                        if n < PAIRS {
+                        if n < pairs {
                             gate(first + n)
                         } else {
-                            up(first + n - PAIRS)
+                            up(first + n - pairs)
                         }
                     })
                 };
-                let (w, next) = (rows_from(first), rows_from(first + PAIRS));
-                let each = |m: usize, v: [f32; WEIGHT_ROWS]| {
-                    for j in 0..PAIRS {
-                        let value = K::from_f32(K::swiglu(v[j], v[j + PAIRS]));
+                let (w, next) = (rows_from(first), rows_from(first + pairs));
+                let each = |m: usize, v: [f32; WR]| {
+                    for j in 0..pairs {
+                        let value = K::from_f32(K::swiglu(v[j], v[j + pairs]));
                         // SAFETY: this thread's own columns, in bounds.
                         unsafe { out.write(m * outputs + first + j, value) };
                     }
                 };
                 // SAFETY: checked lengths; supported() was checked.
-                unsafe { dots::<K, WEIGHT_ROWS>(x, rows, inner, w, next, each) };
+                unsafe { dots::<K, WR, MR>(x, rows, inner, w, next, each) };
             } else {
                 for j in first..outputs {
                     let each = |m: usize, v: [f32; 2]| {
@@ -290,7 +304,7 @@ fn run_gate_up<K: Kernel>(
                         unsafe { out.write(m * outputs + j, K::from_f32(K::swiglu(v[0], v[1]))) };
                     };
                     let next = [gate(j + 1), up(j + 1)];
-                    unsafe { dots::<K, 2>(x, rows, inner, [gate(j), up(j)], next, each) };
+                    unsafe { dots::<K, 2, MR>(x, rows, inner, [gate(j), up(j)], next, each) };
                 }
             }
         }

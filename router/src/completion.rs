@@ -3,7 +3,6 @@
 //! stream of text chunks with stop strings applied.
 
 use std::sync::Arc;
-use tramontane_policy::kv_blocks::{BLOCK_SIZE, blocks_for};
 
 use tokio::sync::mpsc;
 use tramontane_model::Tokenizer;
@@ -112,8 +111,7 @@ impl Generator {
             )
             .into());
         }
-        // What the pool holds: --max-kv-tokens in whole blocks.
-        let kv_limit = blocks_for(self.engine.config().max_kv_tokens) * BLOCK_SIZE;
+        let kv_limit = self.engine.kv_tokens();
         if prompt.len() + max_tokens > kv_limit {
             return Err(InvalidParam::new(
                 "max_tokens",

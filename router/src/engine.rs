@@ -134,6 +134,8 @@ pub struct EngineHandle {
     /// Sequences preempted since the start.
     preempted: Arc<AtomicUsize>,
     config: SchedulerConfig,
+    /// Positions the engine's KV pool holds in all.
+    kv_tokens: usize,
 }
 
 /// Why the engine could not start.
@@ -171,10 +173,7 @@ impl EngineHandle {
             .spawn(move || {
                 let _guard = tch::no_grad_guard();
                 let model = match build() {
-                    Ok(model) => {
-                        let _ = ready_tx.send(Ok(()));
-                        model
-                    }
+                    Ok(model) => model,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return;
@@ -183,6 +182,7 @@ impl EngineHandle {
                 let kv = model.kv_pool(config.max_kv_tokens);
                 ::metrics::gauge!(metrics::KV_CACHE_BYTES).set(kv.bytes() as f64);
                 ::metrics::gauge!(metrics::KV_CACHE_TOTAL_TOKENS).set(kv.capacity_tokens() as f64);
+                let _ = ready_tx.send(Ok(kv.capacity_tokens()));
                 Engine {
                     model: &model,
                     kv,
@@ -196,12 +196,13 @@ impl EngineHandle {
                 .run();
             })
             .map_err(EngineError::Spawn)?;
-        ready_rx.recv().map_err(|_| EngineError::Exited)??;
+        let kv_tokens = ready_rx.recv().map_err(|_| EngineError::Exited)??;
         Ok(Self {
             jobs,
             waiting,
             preempted,
             config,
+            kv_tokens,
         })
     }
 
@@ -223,6 +224,12 @@ impl EngineHandle {
 
     pub fn config(&self) -> &SchedulerConfig {
         &self.config
+    }
+
+    /// Positions the engine's KV pool holds in all (`--max-kv-tokens` in
+    /// whole blocks): the most one sequence can ever have.
+    pub fn kv_tokens(&self) -> usize {
+        self.kv_tokens
     }
 
     /// Sequences preempted (KV cache full) since the engine started.
