@@ -161,45 +161,38 @@ pub fn add_expert(
     };
     let routed = Routed { rows, weights };
     let (hidden, intermediate) = (hidden as usize, intermediate as usize);
+    let weights = [w1, w3, w2];
     // SAFETY: every tensor was checked to be contiguous, on the CPU and of
     // the element's kind; `out` is borrowed mutably and is not `xs`'s storage
     // (the caller's fresh output); all outlive the call.
     unsafe {
         match element {
-            Element::Bf16 => tramontane_kernels::add_expert::<Bf16>(
-                team,
-                elements(xs),
-                expert_weights([w1, w3, w2], hidden, intermediate),
-                routed,
-                elements_mut(out),
-            )?,
-            Element::F32 => tramontane_kernels::add_expert::<F32>(
-                team,
-                elements(xs),
-                expert_weights([w1, w3, w2], hidden, intermediate),
-                routed,
-                elements_mut(out),
-            )?,
+            Element::Bf16 => add::<Bf16>(team, xs, weights, (hidden, intermediate), routed, out)?,
+            Element::F32 => add::<F32>(team, xs, weights, (hidden, intermediate), routed, out)?,
         }
     }
     Ok(true)
 }
 
 /// # Safety
-/// As [`elements`], for each weight.
-unsafe fn expert_weights<'a, T>(
-    [w1, w3, w2]: [&'a Tensor; 3],
-    hidden: usize,
-    intermediate: usize,
-) -> ExpertWeights<'a, T> {
+/// As [`elements`] for `xs` and each weight, and [`elements_mut`] for `out`.
+unsafe fn add<K: Kernel>(
+    team: &dyn Parallel,
+    xs: &Tensor,
+    [w1, w3, w2]: [&Tensor; 3],
+    (hidden, intermediate): (usize, usize),
+    routed: Routed<'_>,
+    out: &mut Tensor,
+) -> Result<(), ShapeError> {
     unsafe {
-        ExpertWeights {
+        let expert = ExpertWeights {
             w1: elements(w1),
             w3: elements(w3),
             w2: elements(w2),
             hidden,
             intermediate,
-        }
+        };
+        tramontane_kernels::add_expert::<K>(team, elements(xs), expert, routed, elements_mut(out))
     }
 }
 
