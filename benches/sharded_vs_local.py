@@ -2,8 +2,11 @@
 
 In one run, on the same checkpoint, fp32: tokens/s of (a) the in-process
 forward, and of the router's forward with its experts on 1, 2 and 4 worker
-processes (default placement, loopback gRPC), for prefill 8x128 and greedy
-decode at batch 1, 8 and 32; each as a ratio to (a). Then the round trip of
+processes (default placement, loopback gRPC, every process with --threads
+threads, as on separate hosts), for prefill 8x128 and greedy decode at batch
+1, 8 and 32; each as a ratio to (a). For each sharded row, where a layer's
+time goes: the router's dense part and dispatch phases, and per Forward the
+transport and the worker's own phases. Then the round trip of
 one layer's Forward with a one-row payload (p50/p99), against a worker of the
 tiny model (transport cost: the expert's compute is a few microseconds) and
 against a worker of this checkpoint (transport plus one expert on one row).
@@ -68,7 +71,7 @@ def main() -> None:
     results = {"in-process": bench_forward(args)}
     for count in (1, 2, 4):
         procs = [start_worker(args.bin, args.model, ",".join(str(e) for e in range(experts) if e % count == w),
-                              max(1, args.threads // count)) for w in range(count)]
+                              args.threads) for w in range(count)]
         try:
             results[f"router + {count} worker{'s' if count > 1 else ''}"] = bench_forward(
                 args, [addr for _, addr in procs])
@@ -85,6 +88,20 @@ def main() -> None:
         cells = "".join(f"{r['tokens_per_s']:>12.1f} ({r['tokens_per_s'] / b['tokens_per_s']:.2f}x)".rjust(24)
                         for r, b in zip(rows, base))
         print(f"{name:<22}{cells}")
+
+    print("\nper layer, µs (mean over the timed steps; per-Forward phases summed over a layer's Forwards)")
+    for name, rows in results.items():
+        for r in rows:
+            d = r.get("dispatch")
+            if not d:
+                continue
+            print(f"{name:<22}{r['name']:<16} step {d['step_us']:>8.0f} = dense {d['dense_us']:>7.0f}"
+                  f" + dispatch {d['layer_us']:>7.0f} (encode {d['encode_us']:.0f}, wait {d['wait_us']:.0f},"
+                  f" decode {d['decode_us']:.0f}, combine {d['combine_us']:.0f});"
+                  f" {d['forwards_per_layer']:.2f} Forwards: round trip {d['round_trip_us']:.0f}"
+                  f" = transport {d['transport_us']:.0f} + worker decode {d['worker_decode_us']:.0f},"
+                  f" queue {d['worker_queue_us']:.0f}, compute {d['worker_compute_us']:.0f},"
+                  f" encode {d['worker_encode_us']:.0f}")
 
     if not os.path.exists(os.path.join(args.tiny_model, "config.json")):
         subprocess.run([args.bin, "gen-model", "--preset", "tiny", "--out", args.tiny_model], check=True)

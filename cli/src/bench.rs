@@ -47,13 +47,13 @@ pub struct BenchArgs {
 pub fn run(args: &BenchArgs) -> Result<()> {
     let options = args.compute.load_options()?;
     let runtime = tokio::runtime::Runtime::new()?;
-    let model = forward::load(&args.model, &args.workers, options, &runtime)?;
+    let (model, phases) = forward::load(&args.model, &args.workers, options, &runtime)?;
     let timing = Timing {
         repeats: args.repeats,
         decode_steps: args.decode_steps,
         decode_prompt: args.decode_prompt,
     };
-    let rows = forward::run(&model, &args.rows, &timing)?;
+    let rows = forward::run(&model, phases.as_deref(), &args.rows, &timing)?;
     if args.json {
         println!(
             "{}",
@@ -62,6 +62,29 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     } else {
         for row in &rows {
             println!("{:<20} {:>10.1} tokens/s", row.name, row.tokens_per_s);
+            if let Some(d) = &row.dispatch {
+                let p = &d.phases;
+                println!(
+                    "  per layer: {:.0} µs = dense {:.0} + dispatch {:.0} (encode {:.0}, wait {:.0}, decode {:.0}, combine {:.0})",
+                    d.step_us,
+                    d.dense_us,
+                    p.layer_us,
+                    p.encode_us,
+                    p.wait_us,
+                    p.decode_us,
+                    p.combine_us
+                );
+                println!(
+                    "  {:.2} Forwards per layer, summed: round trip {:.0} µs = transport {:.0} + worker decode {:.0}, queue {:.0}, compute {:.0}, encode {:.0}",
+                    p.forwards_per_layer,
+                    p.round_trip_us,
+                    p.transport_us,
+                    p.worker_decode_us,
+                    p.worker_queue_us,
+                    p.worker_compute_us,
+                    p.worker_encode_us
+                );
+            }
         }
     }
     Ok(())

@@ -72,9 +72,10 @@ pub struct RouterTuning {
     /// How long to wait at start for every worker to answer, in seconds.
     #[arg(long, default_value_t = 120)]
     pub startup_timeout_s: u64,
-    /// dtype of hidden states on the wire.
-    #[arg(long, value_enum, default_value = "f32")]
-    pub wire_dtype: Dtype,
+    /// dtype of hidden states on the wire (default: the compute dtype,
+    /// --dtype).
+    #[arg(long, value_enum)]
+    pub wire_dtype: Option<Dtype>,
     #[command(flatten)]
     pub scheduler: SchedulerArgs,
     /// Record the experts every token chose, per step and layer, into this
@@ -109,7 +110,7 @@ impl RouterTuning {
             load: compute.load_options()?,
             dispatch_timeout: Duration::from_millis(self.dispatch_timeout_ms),
             startup_timeout: Duration::from_secs(self.startup_timeout_s),
-            wire: tramontane_model::dtype::kind(self.wire_dtype),
+            wire: tramontane_model::dtype::kind(self.wire_dtype.unwrap_or(compute.dtype)),
             scheduler: self.scheduler.config()?,
             max_message_bytes: self.max_message_bytes,
             served_model_name: self.served_model_name.clone(),

@@ -3,6 +3,7 @@
 //! bounded channel. tokio tasks only decode, validate and reply.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 use tokio::sync::{mpsc, oneshot};
@@ -42,7 +43,17 @@ struct Job {
     layer: usize,
     hidden: Tensor,
     work: Vec<WorkItem>,
-    reply: oneshot::Sender<Result<Tensor, ForwardError>>,
+    queued: Instant,
+    reply: oneshot::Sender<Result<Computed, ForwardError>>,
+}
+
+/// A job's output and where its time went.
+pub struct Computed {
+    pub output: Tensor,
+    /// From the job's send to the compute thread taking it.
+    pub queued: Duration,
+    /// The expert computation.
+    pub compute: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,10 +101,17 @@ impl ComputeHandle {
                 let options = model.options;
                 let _ = ready_tx.send(Ok(info));
                 while let Some(job) = jobs_rx.blocking_recv() {
-                    let started = std::time::Instant::now();
+                    let started = Instant::now();
+                    let queued = started - job.queued;
                     let result = run(&experts, options, job.layer, &job.hidden, &job.work);
-                    metrics::histogram!(crate::metrics::COMPUTE_DURATION).record(started.elapsed());
-                    let _ = job.reply.send(result);
+                    let compute = started.elapsed();
+                    metrics::histogram!(crate::metrics::QUEUE_WAIT).record(queued);
+                    metrics::histogram!(crate::metrics::COMPUTE_DURATION).record(compute);
+                    let _ = job.reply.send(result.map(|output| Computed {
+                        output,
+                        queued,
+                        compute,
+                    }));
                 }
             })
             .map_err(StartError::Spawn)?;
@@ -108,13 +126,14 @@ impl ComputeHandle {
         layer: usize,
         hidden: Tensor,
         work: Vec<WorkItem>,
-    ) -> Result<Tensor, ComputeError> {
+    ) -> Result<Computed, ComputeError> {
         let (reply, result) = oneshot::channel();
         self.jobs
             .send(Job {
                 layer,
                 hidden,
                 work,
+                queued: Instant::now(),
                 reply,
             })
             .await

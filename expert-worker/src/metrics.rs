@@ -7,6 +7,7 @@ use tramontane_infra::metrics::{STEP_SECONDS_BUCKETS, install_recorder};
 
 pub const FORWARD_LATENCY: &str = "tramontane_worker_forward_latency_seconds";
 pub const COMPUTE_DURATION: &str = "tramontane_worker_compute_duration_seconds";
+pub const QUEUE_WAIT: &str = "tramontane_worker_queue_wait_seconds";
 pub const EXPERT_TOKENS_TOTAL: &str = "tramontane_worker_expert_tokens_total";
 pub const QUEUE_DEPTH: &str = "tramontane_worker_queue_depth";
 pub const MEMORY_BYTES: &str = "tramontane_worker_memory_bytes";
@@ -17,6 +18,7 @@ pub fn install() -> PrometheusHandle {
     let handle = install_recorder(&[
         (FORWARD_LATENCY, STEP_SECONDS_BUCKETS),
         (COMPUTE_DURATION, STEP_SECONDS_BUCKETS),
+        (QUEUE_WAIT, STEP_SECONDS_BUCKETS),
     ]);
     describe_histogram!(
         FORWARD_LATENCY,
@@ -27,6 +29,11 @@ pub fn install() -> PrometheusHandle {
         COMPUTE_DURATION,
         Unit::Seconds,
         "The expert computation of one Forward on the compute thread."
+    );
+    describe_histogram!(
+        QUEUE_WAIT,
+        Unit::Seconds,
+        "How long one Forward waited for the compute thread."
     );
     describe_counter!(
         EXPERT_TOKENS_TOTAL,

@@ -3,6 +3,7 @@
 //! is built; bad input is INVALID_ARGUMENT or NOT_FOUND naming the field.
 
 use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 use tch::Device;
 use tonic::{Request, Response, Status};
@@ -10,7 +11,7 @@ use tracing::Instrument;
 use tramontane_proto::codec;
 use tramontane_proto::v1::expert_service_server::ExpertService;
 use tramontane_proto::v1::{
-    ForwardRequest, ForwardResponse, InfoRequest, InfoResponse, LayerExperts,
+    ForwardRequest, ForwardResponse, InfoRequest, InfoResponse, LayerExperts, WorkerTimings,
 };
 
 use crate::compute::{ComputeError, ComputeHandle, WorkItem, WorkerInfo};
@@ -158,7 +159,7 @@ impl ExpertService for ExpertServer {
         &self,
         request: Request<ForwardRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let span = tracing::info_span!(
             "expert_forward",
             layer = request.get_ref().layer,
@@ -187,6 +188,7 @@ impl ExpertService for ExpertServer {
 
 impl ExpertServer {
     async fn forward_one(&self, request: ForwardRequest) -> Result<ForwardResponse, Status> {
+        let arrived = Instant::now();
         let (layer, work) = self.validate(&request)?;
         for item in &work {
             metrics::counter!(
@@ -199,7 +201,8 @@ impl ExpertServer {
         metrics::gauge!(crate::metrics::QUEUE_DEPTH).set(self.compute.queue_depth() as f64);
         let hidden = codec::decode(request.hidden.as_ref(), "hidden", 2)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let output = self
+        let decoded = arrived.elapsed();
+        let computed = self
             .compute
             .forward(layer, hidden, work)
             .await
@@ -210,10 +213,22 @@ impl ExpertServer {
                     ComputeError::Failed(_) => Status::internal(message),
                 }
             })?;
-        let output = codec::encode(&output).map_err(|e| Status::internal(e.to_string()))?;
+        let encoding = Instant::now();
+        let output =
+            codec::encode(&computed.output).map_err(|e| Status::internal(e.to_string()))?;
         Ok(ForwardResponse {
             dispatch_id: request.dispatch_id,
             output: Some(output),
+            timings: Some(WorkerTimings {
+                decode_ns: nanos(decoded),
+                queue_ns: nanos(computed.queued),
+                compute_ns: nanos(computed.compute),
+                encode_ns: nanos(encoding.elapsed()),
+            }),
         })
     }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }

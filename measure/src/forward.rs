@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -12,6 +13,7 @@ use tramontane_model::weights::Checkpoint;
 use tramontane_model::{BatchItem, LoadOptions, Logits, Mixtral, MixtralConfig};
 use tramontane_policy::placement::Placement;
 use tramontane_router::dispatch::RemoteExperts;
+use tramontane_router::dispatch_phases::{DispatchPhases, LayerBreakdown, PhaseTotals};
 
 use crate::error::MeasureError;
 use crate::median;
@@ -70,6 +72,67 @@ pub struct Row {
     pub tokens: usize,
     pub seconds: f64,
     pub tokens_per_s: f64,
+    /// Sharded: where a layer's time went, over all timed repeats.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dispatch: Option<Dispatch>,
+}
+
+/// A sharded row's time per layer: the step's wall time per layer, and the
+/// dispatch's phases (the rest of `step_us` is the router's dense part).
+#[derive(Debug, Serialize)]
+pub struct Dispatch {
+    pub step_us: f64,
+    pub dense_us: f64,
+    #[serde(flatten)]
+    pub phases: LayerBreakdown,
+}
+
+/// Times spans of a row and the dispatch phases recorded in them.
+struct Stopwatch<'a> {
+    phases: Option<&'a DispatchPhases>,
+    seconds: Vec<f64>,
+    recorded: PhaseTotals,
+}
+
+impl<'a> Stopwatch<'a> {
+    fn new(phases: Option<&'a DispatchPhases>) -> Self {
+        Self {
+            phases,
+            seconds: Vec::new(),
+            recorded: PhaseTotals::default(),
+        }
+    }
+
+    fn time<T>(&mut self, f: impl FnOnce() -> T) -> T {
+        let before = self.phases.map(DispatchPhases::snapshot);
+        let start = Instant::now();
+        let out = f();
+        self.seconds.push(start.elapsed().as_secs_f64());
+        if let (Some(phases), Some(before)) = (self.phases, before) {
+            self.recorded = self.recorded.plus(&phases.snapshot().since(&before));
+        }
+        out
+    }
+
+    fn row(self, name: String, tokens: usize) -> Row {
+        let wall: f64 = self.seconds.iter().sum();
+        let dispatch = self.recorded.per_layer().map(|phases| {
+            let step_us = wall * 1e6 / phases.layers as f64;
+            Dispatch {
+                step_us,
+                dense_us: step_us - phases.layer_us,
+                phases,
+            }
+        });
+        let seconds = median(self.seconds);
+        Row {
+            name,
+            tokens,
+            seconds,
+            tokens_per_s: tokens as f64 / seconds,
+            dispatch,
+        }
+    }
 }
 
 fn prefill(
@@ -82,6 +145,7 @@ fn prefill(
 
 fn time_prefill(
     model: &Mixtral,
+    phases: Option<&DispatchPhases>,
     batch: usize,
     len: usize,
     repeats: usize,
@@ -89,59 +153,65 @@ fn time_prefill(
     let prompts = prompts(batch, len, model.config().vocab_size);
     let kv = model.kv_pool_for(batch, len);
     prefill(model, &kv, &prompts)?; // warm-up
-    let mut times = Vec::with_capacity(repeats);
+    let mut watch = Stopwatch::new(phases);
     for _ in 0..repeats {
-        let start = Instant::now();
-        prefill(model, &kv, &prompts)?;
-        times.push(start.elapsed().as_secs_f64());
+        watch.time(|| prefill(model, &kv, &prompts))?;
     }
-    let seconds = median(times);
-    Ok(Row {
-        name: format!("prefill {batch}x{len}"),
-        tokens: batch * len,
-        seconds,
-        tokens_per_s: (batch * len) as f64 / seconds,
-    })
+    Ok(watch.row(format!("prefill {batch}x{len}"), batch * len))
 }
 
-fn time_decode(model: &Mixtral, batch: usize, timing: &Timing) -> Result<Row, MeasureError> {
+fn decode_steps(
+    model: &Mixtral,
+    kv: &KvPool,
+    caches: &mut [KvCache],
+    mut next: Vec<u32>,
+    steps: usize,
+) -> Result<(), MeasureError> {
+    for _ in 0..steps {
+        let tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let mut items: Vec<BatchItem<'_>> = tokens
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(tokens, cache)| BatchItem { tokens, cache })
+            .collect();
+        let logits = model.forward(kv, &mut items, Logits::LastPosition)?;
+        let ids: Vec<i64> = Vec::try_from(logits.argmax(-1, false))?;
+        next = ids.into_iter().map(|t| t as u32).collect();
+    }
+    Ok(())
+}
+
+fn time_decode(
+    model: &Mixtral,
+    phases: Option<&DispatchPhases>,
+    batch: usize,
+    timing: &Timing,
+) -> Result<Row, MeasureError> {
     let vocab = model.config().vocab_size;
     let prompts = prompts(batch, timing.decode_prompt, vocab);
     let kv = model.kv_pool_for(batch, timing.decode_prompt + timing.decode_steps);
-    let mut times = Vec::with_capacity(timing.repeats);
-    for repeat in 0..=timing.repeats {
+    let first: Vec<u32> = (0..batch)
+        .map(|s| bench_token(s, timing.decode_prompt, vocab))
+        .collect();
+    let mut warm_up = prefill(model, &kv, &prompts)?;
+    decode_steps(model, &kv, &mut warm_up, first.clone(), timing.decode_steps)?;
+    drop(warm_up);
+    let mut watch = Stopwatch::new(phases);
+    for _ in 0..timing.repeats {
         let mut caches = prefill(model, &kv, &prompts)?;
-        let mut next: Vec<u32> = (0..batch)
-            .map(|s| bench_token(s, timing.decode_prompt, vocab))
-            .collect();
-        let start = Instant::now();
-        for _ in 0..timing.decode_steps {
-            let tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-            let mut items: Vec<BatchItem<'_>> = tokens
-                .iter()
-                .zip(caches.iter_mut())
-                .map(|(tokens, cache)| BatchItem { tokens, cache })
-                .collect();
-            let logits = model.forward(&kv, &mut items, Logits::LastPosition)?;
-            let ids: Vec<i64> = Vec::try_from(logits.argmax(-1, false))?;
-            next = ids.into_iter().map(|t| t as u32).collect();
-        }
-        if repeat > 0 {
-            times.push(start.elapsed().as_secs_f64());
-        }
+        watch.time(|| decode_steps(model, &kv, &mut caches, first.clone(), timing.decode_steps))?;
     }
-    let seconds = median(times);
-    let tokens = batch * timing.decode_steps;
-    Ok(Row {
-        name: format!("decode batch {batch}"),
-        tokens,
-        seconds,
-        tokens_per_s: tokens as f64 / seconds,
-    })
+    Ok(watch.row(format!("decode batch {batch}"), batch * timing.decode_steps))
 }
 
-/// Times each of `shapes`, in order.
-pub fn run(model: &Mixtral, shapes: &[Shape], timing: &Timing) -> Result<Vec<Row>, MeasureError> {
+/// Times each of `shapes`, in order; with `phases` (a sharded model's), each
+/// row also says where a layer's time went.
+pub fn run(
+    model: &Mixtral,
+    phases: Option<&DispatchPhases>,
+    shapes: &[Shape],
+    timing: &Timing,
+) -> Result<Vec<Row>, MeasureError> {
     if timing.repeats == 0 || timing.decode_steps == 0 {
         return Err(MeasureError::Invalid(
             "--repeats and --decode-steps must be at least 1".into(),
@@ -151,23 +221,25 @@ pub fn run(model: &Mixtral, shapes: &[Shape], timing: &Timing) -> Result<Vec<Row
     shapes
         .iter()
         .map(|&shape| match shape {
-            Shape::Prefill { batch, len } => time_prefill(model, batch, len, timing.repeats),
-            Shape::Decode { batch } => time_decode(model, batch, timing),
+            Shape::Prefill { batch, len } => {
+                time_prefill(model, phases, batch, len, timing.repeats)
+            }
+            Shape::Decode { batch } => time_decode(model, phases, batch, timing),
         })
         .collect()
 }
 
 /// The model with its experts in process (no `workers`), or on the running
 /// `workers` (default placement) through the router's dispatch, which blocks
-/// on `runtime`.
+/// on `runtime`; then also the dispatch's phase timings.
 pub fn load(
     dir: &Path,
     workers: &[String],
     options: LoadOptions,
     runtime: &tokio::runtime::Runtime,
-) -> Result<Mixtral, MeasureError> {
+) -> Result<(Mixtral, Option<Arc<DispatchPhases>>), MeasureError> {
     if workers.is_empty() {
-        return Ok(Mixtral::load_in_process(dir, options)?);
+        return Ok((Mixtral::load_in_process(dir, options)?, None));
     }
     let config = MixtralConfig::from_file(&dir.join("config.json"))?;
     let placement = Placement::round_robin(
@@ -180,14 +252,12 @@ pub fn load(
         workers,
         placement,
         Duration::from_secs(60),
+        options.kind,
     ))?;
+    let phases = experts.phases();
     let checkpoint = Checkpoint::open(dir)?;
-    Ok(Mixtral::load_dense(
-        &checkpoint,
-        config,
-        options,
-        Box::new(experts),
-    )?)
+    let model = Mixtral::load_dense(&checkpoint, config, options, Box::new(experts))?;
+    Ok((model, Some(phases)))
 }
 
 #[cfg(test)]

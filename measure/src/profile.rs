@@ -299,6 +299,7 @@ fn measure_workers(
         &addrs,
         placement,
         Duration::from_secs(600),
+        options.kind,
     ))?;
     let mut ffn = Vec::new();
     let mut dispatch = Vec::new();

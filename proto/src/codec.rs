@@ -32,6 +32,17 @@ pub enum CodecError {
     },
     #[error("tensor of kind {0:?} cannot be sent")]
     UnsupportedKind(Kind),
+    #[error("dtype {0:?} cannot be sent")]
+    UnsupportedDtype(Dtype),
+    #[error("row {row} is outside the matrix")]
+    Row { row: usize },
+    #[error("{field}: shape {shape:?}, expected [{rows}, {hidden}]")]
+    Answer {
+        field: &'static str,
+        shape: Vec<i64>,
+        rows: usize,
+        hidden: usize,
+    },
     #[error("{field}: {reason}")]
     Torch { field: &'static str, reason: String },
 }
@@ -66,6 +77,112 @@ pub fn encode(tensor: &Tensor) -> Result<TensorPayload, CodecError> {
         shape: host.size(),
         data: data.into(),
     })
+}
+
+/// Rows of a host matrix `[_, hidden]` (`xs`, f32 values) gathered into a
+/// payload `[rows.len(), hidden]` of `dtype`, rounding to nearest even where
+/// `dtype` is narrower: one pass, no tensor built.
+pub fn encode_rows(
+    xs: &[f32],
+    hidden: usize,
+    rows: &[usize],
+    dtype: Dtype,
+) -> Result<TensorPayload, CodecError> {
+    let size = kind_of(dtype)
+        .ok_or(CodecError::UnsupportedDtype(dtype))?
+        .elt_size_in_bytes();
+    let mut data = Vec::with_capacity(rows.len() * hidden * size);
+    for &row in rows {
+        let values = xs
+            .get(row * hidden..(row + 1) * hidden)
+            .ok_or(CodecError::Row { row })?;
+        match dtype {
+            Dtype::F32 => values
+                .iter()
+                .for_each(|v| data.extend_from_slice(&v.to_le_bytes())),
+            Dtype::Bf16 => values
+                .iter()
+                .for_each(|&v| data.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes())),
+            Dtype::F16 => values
+                .iter()
+                .for_each(|&v| data.extend_from_slice(&half::f16::from_f32(v).to_le_bytes())),
+            Dtype::Unspecified => return Err(CodecError::UnsupportedDtype(dtype)),
+        }
+    }
+    Ok(TensorPayload {
+        dtype: dtype as i32,
+        shape: vec![rows.len() as i64, hidden as i64],
+        data: data.into(),
+    })
+}
+
+/// The dtype a sum is kept in: each sum is rounded to it, as libtorch's
+/// in-place add of that dtype rounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    pub fn of(kind: Kind) -> Result<Self, CodecError> {
+        match kind {
+            Kind::Float => Ok(Precision::F32),
+            Kind::BFloat16 => Ok(Precision::Bf16),
+            Kind::Half => Ok(Precision::F16),
+            other => Err(CodecError::UnsupportedKind(other)),
+        }
+    }
+
+    fn round(self, v: f32) -> f32 {
+        match self {
+            Precision::F32 => v,
+            Precision::Bf16 => half::bf16::from_f32(v).to_f32(),
+            Precision::F16 => half::f16::from_f32(v).to_f32(),
+        }
+    }
+}
+
+/// Adds row `i` of `payload` (`[rows.len(), hidden]`, checked here) into row
+/// `rows[i]` of the host matrix `out` (`[_, hidden]`): each payload value is
+/// first rounded to `precision`, then each sum, as `out.index_add_(rows,
+/// partial.to(dtype))` does in that dtype. No tensor is built.
+pub fn add_rows(
+    payload: Option<&TensorPayload>,
+    field: &'static str,
+    rows: &[usize],
+    hidden: usize,
+    out: &mut [f32],
+    precision: Precision,
+) -> Result<(), CodecError> {
+    let (dtype, shape) = validate(payload, field, 2)?;
+    if shape != [rows.len() as i64, hidden as i64] {
+        return Err(CodecError::Answer {
+            field,
+            shape,
+            rows: rows.len(),
+            hidden,
+        });
+    }
+    if let Some(&row) = rows.iter().find(|&&row| (row + 1) * hidden > out.len()) {
+        return Err(CodecError::Row { row });
+    }
+    let data = payload.map(|p| &p.data[..]).unwrap_or_default();
+    let size = kind_of(dtype).map_or(4, |k| k.elt_size_in_bytes());
+    for (i, &row) in rows.iter().enumerate() {
+        let target = &mut out[row * hidden..(row + 1) * hidden];
+        let source = &data[i * hidden * size..(i + 1) * hidden * size];
+        let value = |b: &[u8]| match dtype {
+            Dtype::Bf16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            Dtype::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+            _ => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        };
+        for (t, b) in target.iter_mut().zip(source.chunks_exact(size)) {
+            *t = precision.round(*t + precision.round(value(b)));
+        }
+    }
+    Ok(())
 }
 
 /// Checks a payload's dtype, rank and byte length; returns its dtype and shape.
@@ -142,6 +259,83 @@ mod tests {
             assert_eq!(y.kind(), kind);
             assert!(x.equal(&y));
         }
+    }
+
+    #[test]
+    fn rows_encode_and_add_as_libtorch_gathers_and_index_adds() {
+        let _guard = tch::no_grad_guard();
+        let (tokens, hidden) = (5usize, 7usize);
+        let xs = Tensor::randn(
+            [tokens as i64, hidden as i64],
+            (Kind::Float, tch::Device::Cpu),
+        );
+        let host: Vec<f32> = Vec::try_from(xs.flatten(0, -1)).unwrap();
+        let rows = [3usize, 0, 4];
+        let index = Tensor::from_slice(&[3i64, 0, 4]);
+        for (kind, dtype) in [
+            (Kind::Float, Dtype::F32),
+            (Kind::BFloat16, Dtype::Bf16),
+            (Kind::Half, Dtype::F16),
+        ] {
+            let ours = encode_rows(&host, hidden, &rows, dtype).unwrap();
+            let theirs = encode(&xs.index_select(0, &index).to_kind(kind)).unwrap();
+            assert_eq!(ours, theirs, "{kind:?}");
+        }
+        // Two partial answers added into the same rows, each dtype kept.
+        let partial = Tensor::randn([3, hidden as i64], (Kind::Float, tch::Device::Cpu)) * 3.0;
+        for out_kind in [Kind::Float, Kind::BFloat16] {
+            for wire in [Kind::Float, Kind::BFloat16] {
+                let payload = encode(&partial.to_kind(wire)).unwrap();
+                let precision = Precision::of(out_kind).unwrap();
+                let start = xs.to_kind(out_kind);
+                let mut ours: Vec<f32> =
+                    Vec::try_from(start.to_kind(Kind::Float).flatten(0, -1)).unwrap();
+                let mut theirs = start.copy();
+                for _ in 0..2 {
+                    add_rows(
+                        Some(&payload),
+                        "output",
+                        &rows,
+                        hidden,
+                        &mut ours,
+                        precision,
+                    )
+                    .unwrap();
+                    let _ = theirs.index_add_(0, &index, &partial.to_kind(wire).to_kind(out_kind));
+                }
+                let theirs: Vec<f32> =
+                    Vec::try_from(theirs.to_kind(Kind::Float).flatten(0, -1)).unwrap();
+                assert_eq!(ours, theirs, "out {out_kind:?}, wire {wire:?}");
+            }
+        }
+        let payload = encode(&partial).unwrap();
+        let mut out = vec![0.0; tokens * hidden];
+        assert!(matches!(
+            add_rows(
+                Some(&payload),
+                "output",
+                &rows[..2],
+                hidden,
+                &mut out,
+                Precision::F32
+            ),
+            Err(CodecError::Answer { .. })
+        ));
+        assert_eq!(
+            add_rows(
+                Some(&payload),
+                "output",
+                &[0, 1, 9],
+                hidden,
+                &mut out,
+                Precision::F32
+            ),
+            Err(CodecError::Row { row: 9 })
+        );
+        assert_eq!(
+            encode_rows(&host, hidden, &[5], Dtype::F32),
+            Err(CodecError::Row { row: 5 })
+        );
     }
 
     #[test]

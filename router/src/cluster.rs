@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 use tramontane_config::ConfigError;
 use tramontane_policy::placement::Placement;
 use tramontane_proto::v1::InfoRequest;
@@ -36,6 +36,10 @@ pub enum ClusterError {
     },
     #[error("placement names {placement} workers but {given} worker addresses were given")]
     WorkerCount { placement: usize, given: usize },
+    #[error("hidden states cannot cross the wire in this dtype")]
+    WireDtype(#[source] tramontane_proto::codec::CodecError),
+    #[error("cannot start the data path's runtime")]
+    Runtime(#[source] std::io::Error),
     #[error("layer {layer} expert {expert} has no worker: {detail}")]
     Uncovered {
         layer: usize,
@@ -73,6 +77,14 @@ async fn info_with_retry(
     }
 }
 
+/// A client of `endpoint` that connects on first use, on the runtime it is
+/// made in.
+pub fn client(endpoint: &Endpoint, max_message_bytes: usize) -> ExpertServiceClient<Channel> {
+    ExpertServiceClient::new(endpoint.connect_lazy())
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes)
+}
+
 /// Connects to every worker, checks model identity and placement coverage.
 pub async fn connect(
     addrs: &[String],
@@ -95,15 +107,14 @@ pub async fn connect(
                 reason: e.to_string(),
             }
         })?;
-        let channel = endpoint
+        let endpoint = endpoint
             .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .tcp_nodelay(true);
         links.push(WorkerLink {
             addr: addr.clone(),
-            client: ExpertServiceClient::new(channel)
-                .max_decoding_message_size(max_message_bytes)
-                .max_encoding_message_size(max_message_bytes),
+            client: client(&endpoint, max_message_bytes),
+            endpoint,
+            max_message_bytes,
             live: false.into(),
         });
     }

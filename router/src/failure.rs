@@ -91,6 +91,14 @@ pub enum DispatchError {
         #[source]
         source: CodecError,
     },
+    /// A checked answer could not be added back (a bug): HTTP 500, gRPC
+    /// INTERNAL.
+    #[error("layer {layer}: cannot add a worker's answer")]
+    Combine {
+        layer: usize,
+        #[source]
+        source: CodecError,
+    },
 }
 
 fn list(workers: &[WorkerRef]) -> String {
@@ -232,6 +240,15 @@ pub(crate) mod examples {
                 }
                 .into(),
                 vec!["layer 0: cannot encode the hidden states: tensor of kind Int8"],
+            ),
+            (
+                "combine",
+                DispatchError::Combine {
+                    layer: 1,
+                    source: CodecError::Row { row: 9 },
+                }
+                .into(),
+                vec!["layer 1: cannot add a worker's answer: row 9 is outside the matrix"],
             ),
             (
                 "forward",

@@ -13,7 +13,8 @@
 //! tensors, which the capacity planner simulates with the same code.
 //!
 //! - [`dispatch`]: send each worker its share concurrently, fail over,
-//!   combine — [`dispatch::RemoteExperts`] is the model's `Experts` seam over gRPC.
+//!   combine — [`dispatch::RemoteExperts`] is the model's `Experts` seam over gRPC;
+//!   [`dispatch_phases`] times each phase of it.
 //! - [`cluster`]: connect and check workers at start, probe them after.
 //! - [`engine`]: continuous batching on the thread that owns the model;
 //!   [`sampling`] picks each sequence's next token.
@@ -31,6 +32,7 @@ pub mod chat_template;
 pub mod cluster;
 pub mod completion;
 pub mod dispatch;
+pub mod dispatch_phases;
 pub mod engine;
 pub mod expert_load;
 pub mod failure;
@@ -169,10 +171,9 @@ impl Router {
         let mut experts = RemoteExperts::new(
             workers.clone(),
             placement.clone(),
-            tokio::runtime::Handle::current(),
             options.dispatch_timeout,
             options.wire,
-        );
+        )?;
         if let Some(path) = &options.record_routing {
             let header = routing_trace::Header {
                 format: routing_trace::FORMAT.into(),

@@ -25,12 +25,18 @@ pub const ROUTED_TOKENS_TOTAL: &str = "tramontane_router_routed_tokens_total";
 pub const EXPERT_BALANCEDNESS: &str = "tramontane_router_expert_balancedness_ratio";
 pub const WORKER_PAIRS_TOTAL: &str = "tramontane_router_worker_expert_pairs_total";
 pub const DISPATCH_LATENCY: &str = "tramontane_router_dispatch_latency_seconds";
+pub const DISPATCH_PHASE: &str = "tramontane_router_dispatch_phase_seconds";
 pub const DISPATCH_ERRORS_TOTAL: &str = "tramontane_router_dispatch_errors_total";
 pub const WORKER_UP: &str = "tramontane_router_worker_up";
 
 /// From a millisecond to a few minutes, for request latencies.
 const REQUEST_SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0, 120.0, 300.0,
+];
+/// From 5 µs to seconds, for the phases of one layer's dispatch.
+const PHASE_SECONDS_BUCKETS: &[f64] = &[
+    0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+    0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 const BATCH_TOKENS_BUCKETS: &[f64] = &[
@@ -116,6 +122,11 @@ fn describe() {
         Unit::Seconds,
         "One layer's Forward to one worker, round trip."
     );
+    describe_histogram!(
+        DISPATCH_PHASE,
+        Unit::Seconds,
+        "One layer's dispatch by phase: layer (all of it), encode, wait (for all Forwards), decode and combine on the router; per Forward round_trip, the worker's worker_decode, worker_queue, worker_compute and worker_encode, and transport (the round trip less the worker's time)."
+    );
     describe_counter!(
         DISPATCH_ERRORS_TOTAL,
         "Failed Forwards by worker and gRPC code."
@@ -134,6 +145,7 @@ pub fn install() -> PrometheusHandle {
         (E2E_REQUEST_LATENCY, REQUEST_SECONDS_BUCKETS),
         (STEP_DURATION, STEP_SECONDS_BUCKETS),
         (DISPATCH_LATENCY, STEP_SECONDS_BUCKETS),
+        (DISPATCH_PHASE, PHASE_SECONDS_BUCKETS),
     ]);
     describe();
     handle

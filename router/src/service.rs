@@ -88,6 +88,7 @@ impl From<&GenerationError> for Status {
             }
             GenerationError::Dropped
             | GenerationError::Dispatch(DispatchError::Encode { .. })
+            | GenerationError::Dispatch(DispatchError::Combine { .. })
             | GenerationError::Forward(_) => Status::internal(message),
         }
     }
@@ -178,7 +179,7 @@ mod tests {
                 "engine stopped" | "worker status" | "worker deadline" | "worker bad answer" => {
                     tonic::Code::Unavailable
                 }
-                "dropped" | "encode" | "forward" => tonic::Code::Internal,
+                "dropped" | "encode" | "combine" | "forward" => tonic::Code::Internal,
                 other => panic!("no expected code for {other}"),
             };
             assert_eq!(status.code(), expected, "{kind}");

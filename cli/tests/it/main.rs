@@ -15,6 +15,7 @@ mod openai_api;
 mod placement;
 mod plan;
 mod prometheus;
+mod routers;
 mod serve;
 mod sharded;
 mod traces;

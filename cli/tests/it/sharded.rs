@@ -92,6 +92,7 @@ fn check_shape(gen_args: &[&str]) -> Result<()> {
             &addrs,
             placement.clone(),
             Duration::from_secs(30),
+            tch::Kind::Float,
         ))?;
         let checkpoint = Checkpoint::open(&model_dir)?;
         let sharded = Mixtral::load_dense(

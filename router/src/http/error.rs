@@ -100,6 +100,7 @@ impl From<&GenerationError> for ApiError {
             }
             GenerationError::Dropped
             | GenerationError::Dispatch(DispatchError::Encode { .. })
+            | GenerationError::Dispatch(DispatchError::Combine { .. })
             | GenerationError::Forward(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, message),
         }
     }
@@ -149,7 +150,7 @@ mod tests {
                 "engine stopped" | "worker status" | "worker deadline" | "worker bad answer" => {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
-                "dropped" | "encode" | "forward" => StatusCode::INTERNAL_SERVER_ERROR,
+                "dropped" | "encode" | "combine" | "forward" => StatusCode::INTERNAL_SERVER_ERROR,
                 other => panic!("no expected status for {other}"),
             };
             assert_eq!(api.status, expected, "{kind}");
