@@ -38,9 +38,13 @@ def bench_forward(args, workers=()):
     command = [args.bin, "bench-forward", "--model", args.model, "--threads", str(args.threads), "--json",
                "--repeats", str(args.repeats), "--decode-steps", str(args.decode_steps),
                "--rows", "prefill-8x128,decode-1,decode-8,decode-32"]
+    env = dict(os.environ)
     if workers:
         command += ["--workers", ",".join(workers)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        # As `router` and `serve` run (bench-forward --workers re-runs itself so
+        # too): no OpenMP spin-waiting on the cores of the workers while a layer is out.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out)["rows"]
 
 

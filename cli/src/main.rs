@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod gen_model;
 mod generate;
+mod openmp_env;
 mod options;
 mod plan;
 mod profile;
@@ -56,11 +57,25 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::GenModel(args) => gen_model::run(&args),
         Command::Generate(args) => generate::run(&args),
-        Command::BenchForward(args) => bench::run(&args),
+        Command::BenchForward(args) => {
+            if !args.workers.is_empty() {
+                openmp_env::passive_while_dispatching();
+            }
+            bench::run(&args)
+        }
         Command::BenchDispatch(args) => bench::run_dispatch(&args),
-        Command::Worker(args) => worker::run(&args),
-        Command::Router(args) => router::run(&args),
-        Command::Serve(args) => serve::run(&args),
+        Command::Worker(args) => {
+            openmp_env::passive_while_dispatching();
+            worker::run(&args)
+        }
+        Command::Router(args) => {
+            openmp_env::passive_while_dispatching();
+            router::run(&args)
+        }
+        Command::Serve(args) => {
+            openmp_env::passive_while_dispatching();
+            serve::run(&args)
+        }
         Command::Profile(args) => profile::run(&args),
         Command::Plan(args) => plan::run(&args),
     }
