@@ -6,7 +6,10 @@ processes (default placement, loopback gRPC, every process with --threads
 threads, as on separate hosts), for prefill 8x128 and greedy decode at batch
 1, 8 and 32; each as a ratio to (a). For each sharded row, where a layer's
 time goes: the router's dense part and dispatch phases, and per Forward the
-transport and the worker's own phases. Then the round trip of
+transport and the worker's own phases. Then router + 2 workers with 0, 0.5
+and 2 ms added to every round trip (`tramontane delay-proxy` in front of
+each worker), one batch per step and 2 interleaved micro-batches. Then the
+round trip of
 one layer's Forward with a one-row payload (p50/p99), against a worker of the
 tiny model (transport cost: the expert's compute is a few microseconds) and
 against a worker of this checkpoint (transport plus one expert on one row).
@@ -34,10 +37,20 @@ def start_worker(binary, model, experts, threads):
     return proc, line.strip().rsplit("listening on ", 1)[1]
 
 
-def bench_forward(args, workers=()):
+def start_proxy(binary, upstream, rtt_ms):
+    proc = subprocess.Popen([binary, "delay-proxy", "--upstream", upstream, "--rtt-ms", str(rtt_ms)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    if "listening on " not in line:
+        proc.kill()
+        raise SystemExit(f"delay-proxy did not start: {line!r}")
+    return proc, line.strip().rsplit("listening on ", 1)[1]
+
+
+def bench_forward(args, workers=(), rows="prefill-8x128,decode-1,decode-8,decode-32", extra=()):
     command = [args.bin, "bench-forward", "--model", args.model, "--threads", str(args.threads), "--json",
                "--repeats", str(args.repeats), "--decode-steps", str(args.decode_steps),
-               "--rows", "prefill-8x128,decode-1,decode-8,decode-32"]
+               "--rows", rows, *extra]
     env = dict(os.environ)
     if workers:
         command += ["--workers", ",".join(workers)]
@@ -106,6 +119,35 @@ def main() -> None:
                   f" = transport {d['transport_us']:.0f} + worker decode {d['worker_decode_us']:.0f},"
                   f" queue {d['worker_queue_us']:.0f}, compute {d['worker_compute_us']:.0f},"
                   f" encode {d['worker_encode_us']:.0f}")
+
+    print("\nrouter + 2 workers with added round trip (delay-proxy per worker), tokens/s"
+          " (ratio to the same micro-batching without delay)")
+    procs = [start_worker(args.bin, args.model, ",".join(str(e) for e in range(experts) if e % 2 == w),
+                          args.threads) for w in range(2)]
+    try:
+        latency = {}
+        for rtt in (0, 0.5, 2):
+            proxies = [start_proxy(args.bin, addr, rtt) for _, addr in procs] if rtt else []
+            addrs = [a for _, a in proxies] if rtt else [a for _, a in procs]
+            try:
+                for micro in (1, 2):
+                    latency[(rtt, micro)] = bench_forward(args, addrs, "prefill-8x128,decode-8,decode-32",
+                                                          ["--micro-batches", str(micro)])
+            finally:
+                for proc, _ in proxies:
+                    proc.kill()
+                    proc.wait()
+    finally:
+        for proc, _ in procs:
+            proc.kill()
+            proc.wait()
+    names = [r["name"] for r in latency[(0, 1)]]
+    print(f"{'added rtt, micro-batches':<26}" + "".join(f"{n:>22}" for n in names))
+    for (rtt, micro), rows in latency.items():
+        base_rows = latency[(0, micro)]
+        cells = "".join(f"{r['tokens_per_s']:>12.1f} ({r['tokens_per_s'] / b['tokens_per_s']:.2f}x)".rjust(22)
+                        for r, b in zip(rows, base_rows))
+        print(f"{f'{rtt} ms, {micro}':<26}{cells}")
 
     if not os.path.exists(os.path.join(args.tiny_model, "config.json")):
         subprocess.run([args.bin, "gen-model", "--preset", "tiny", "--out", args.tiny_model], check=True)

@@ -4,12 +4,15 @@
 //!   in process or, with `--workers`, sharded over running workers.
 //! - `tramontane bench-dispatch`: round trips of one layer's Forward with a
 //!   one-row payload to a running worker.
+//! - `tramontane delay-proxy`: a TCP proxy adding latency, to run the
+//!   sharded benchmarks over a slower network.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
 use tramontane_measure::forward::{self, Shape, Timing};
+use tramontane_router::dispatch::MicroBatches;
 
 use crate::options::ComputeArgs;
 
@@ -33,6 +36,9 @@ pub struct BenchArgs {
     /// Run sharded over these running workers (comma-separated, default placement).
     #[arg(long, value_delimiter = ',')]
     pub workers: Vec<String>,
+    /// With --workers: micro-batches per step (`auto` or a count).
+    #[arg(long, default_value = "auto")]
+    pub micro_batches: MicroBatches,
     /// Rows to run: prefill and/or decode.
     #[arg(
         long,
@@ -47,7 +53,13 @@ pub struct BenchArgs {
 pub fn run(args: &BenchArgs) -> Result<()> {
     let options = args.compute.load_options()?;
     let runtime = tokio::runtime::Runtime::new()?;
-    let (model, phases) = forward::load(&args.model, &args.workers, options, &runtime)?;
+    let (model, phases) = forward::load(
+        &args.model,
+        &args.workers,
+        options,
+        args.micro_batches,
+        &runtime,
+    )?;
     let timing = Timing {
         repeats: args.repeats,
         decode_steps: args.decode_steps,
@@ -119,5 +131,36 @@ pub fn run_dispatch(args: &BenchDispatchArgs) -> Result<()> {
             trips.p50_us, trips.p99_us, trips.info_p50_us, trips.info_p99_us, trips.samples
         );
     }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct DelayProxyArgs {
+    /// Where to accept connections, host:port (port 0: any free one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+    /// Where to forward them, host:port.
+    #[arg(long)]
+    pub upstream: String,
+    /// Added round trip in milliseconds: half of it each way.
+    #[arg(long)]
+    pub rtt_ms: f64,
+}
+
+pub fn run_delay_proxy(args: &DelayProxyArgs) -> Result<()> {
+    if !(args.rtt_ms.is_finite() && args.rtt_ms >= 0.0) {
+        anyhow::bail!(
+            "--rtt-ms must be a finite number of at least 0, got {}",
+            args.rtt_ms
+        );
+    }
+    let listener = std::net::TcpListener::bind(&args.listen)?;
+    println!(
+        "tramontane delay-proxy listening on {}",
+        listener.local_addr()?
+    );
+    std::io::Write::flush(&mut std::io::stdout())?;
+    let one_way = std::time::Duration::from_secs_f64(args.rtt_ms / 2e3);
+    tramontane_measure::delay_proxy::serve(listener, args.upstream.clone(), one_way)?;
     Ok(())
 }

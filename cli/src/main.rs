@@ -41,6 +41,8 @@ enum Command {
     BenchForward(bench::BenchArgs),
     /// Round trips of a one-row Forward to a running worker.
     BenchDispatch(bench::BenchDispatchArgs),
+    /// A TCP proxy that adds latency both ways (for benchmarks over a slower network).
+    DelayProxy(bench::DelayProxyArgs),
     /// Serve some experts of a model on one device (the expert service).
     Worker(worker::WorkerArgs),
     /// Serve the dense model and dispatch MoE layers to running workers.
@@ -64,6 +66,7 @@ fn main() -> Result<()> {
             bench::run(&args)
         }
         Command::BenchDispatch(args) => bench::run_dispatch(&args),
+        Command::DelayProxy(args) => bench::run_delay_proxy(&args),
         Command::Worker(args) => {
             openmp_env::passive_while_dispatching();
             worker::run(&args)

@@ -11,6 +11,7 @@ use tramontane_infra::grpc::DEFAULT_MAX_MESSAGE_BYTES;
 use tramontane_model::{Dtype, LoadOptions};
 use tramontane_policy::scheduler::{SchedulerConfig, SchedulerConfigError};
 use tramontane_router::RouterOptions;
+use tramontane_router::dispatch::MicroBatches;
 
 /// Where and how the model computes.
 #[derive(Debug, Args)]
@@ -72,6 +73,11 @@ pub struct RouterTuning {
     /// How long to wait at start for every worker to answer, in seconds.
     #[arg(long, default_value_t = 120)]
     pub startup_timeout_s: u64,
+    /// Micro-batches per step: `auto` (2 for steps of 256 tokens or more,
+    /// else 1) or a count. Their layers interleave: one's attention runs
+    /// while another's experts are out on the workers.
+    #[arg(long, default_value = "auto")]
+    pub micro_batches: MicroBatches,
     /// dtype of hidden states on the wire (default: the compute dtype,
     /// --dtype).
     #[arg(long, value_enum)]
@@ -111,6 +117,7 @@ impl RouterTuning {
             dispatch_timeout: Duration::from_millis(self.dispatch_timeout_ms),
             startup_timeout: Duration::from_secs(self.startup_timeout_s),
             wire: tramontane_model::dtype::kind(self.wire_dtype.unwrap_or(compute.dtype)),
+            micro_batches: self.micro_batches,
             scheduler: self.scheduler.config()?,
             max_message_bytes: self.max_message_bytes,
             served_model_name: self.served_model_name.clone(),

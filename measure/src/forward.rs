@@ -12,7 +12,7 @@ use tramontane_model::kv_cache::{KvCache, KvPool};
 use tramontane_model::weights::Checkpoint;
 use tramontane_model::{BatchItem, LoadOptions, Logits, Mixtral, MixtralConfig};
 use tramontane_policy::placement::Placement;
-use tramontane_router::dispatch::RemoteExperts;
+use tramontane_router::dispatch::{MicroBatches, RemoteExperts};
 use tramontane_router::dispatch_phases::{DispatchPhases, LayerBreakdown, PhaseTotals};
 
 use crate::error::MeasureError;
@@ -236,6 +236,7 @@ pub fn load(
     dir: &Path,
     workers: &[String],
     options: LoadOptions,
+    micro_batches: MicroBatches,
     runtime: &tokio::runtime::Runtime,
 ) -> Result<(Mixtral, Option<Arc<DispatchPhases>>), MeasureError> {
     if workers.is_empty() {
@@ -247,13 +248,15 @@ pub fn load(
         config.num_local_experts,
         workers.len(),
     )?;
-    let experts = runtime.block_on(RemoteExperts::connect(
-        dir,
-        workers,
-        placement,
-        Duration::from_secs(60),
-        options.kind,
-    ))?;
+    let experts = runtime
+        .block_on(RemoteExperts::connect(
+            dir,
+            workers,
+            placement,
+            Duration::from_secs(60),
+            options.kind,
+        ))?
+        .with_micro_batches(micro_batches);
     let phases = experts.phases();
     let checkpoint = Checkpoint::open(dir)?;
     let model = Mixtral::load_dense(&checkpoint, config, options, Box::new(experts))?;

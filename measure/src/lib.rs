@@ -12,9 +12,11 @@
 //! - [`tokens`]: the pseudo-random prompts every benchmark (and transformers) shares.
 //! - [`forward`]: prefill and decode tokens/s, in process or over workers.
 //! - [`dispatch`]: round trips of a one-row Forward to a running worker.
+//! - [`delay_proxy`]: a TCP proxy adding latency, for the sharded benchmarks.
 //! - [`profile`]: the planner's device profile (`tramontane profile`).
 //! - [`error`]: what can go wrong measuring.
 
+pub mod delay_proxy;
 pub mod dispatch;
 pub mod error;
 pub mod forward;

@@ -76,6 +76,9 @@ pub enum ForwardError {
     },
     #[error("sequence {sequence}: its KV cache belongs to another pool")]
     ForeignCache { sequence: usize },
+    /// `Experts::finish` got work another implementation started (a bug).
+    #[error("experts were asked to finish work they did not start")]
+    NotStartedHere,
     #[error("tensor operation failed: {0}")]
     Torch(#[from] tch::TchError),
     #[error("expert kernel: {0}")]

@@ -6,7 +6,7 @@ use tch::Tensor;
 use crate::attention::{Attention, StepLayout};
 use crate::error::ForwardError;
 use crate::kv_cache::KvPool;
-use crate::moe::{Experts, SparseMoe};
+use crate::moe::{Experts, InFlight, SparseMoe};
 use crate::norm::RmsNorm;
 use crate::rotary::RotaryTables;
 
@@ -18,6 +18,13 @@ pub struct DecoderLayer {
     pub(crate) moe: SparseMoe,
 }
 
+/// A layer between its attention and its experts' answer: the residual
+/// stream after attention, and the experts' work on it.
+pub struct LayerInFlight {
+    residual: Tensor,
+    experts: InFlight,
+}
+
 impl DecoderLayer {
     pub fn forward(
         &self,
@@ -27,6 +34,19 @@ impl DecoderLayer {
         pool: &KvPool,
         experts: &dyn Experts,
     ) -> Result<Tensor, ForwardError> {
+        let in_flight = self.start(xs, rotary, layout, pool, experts)?;
+        Self::finish(in_flight, experts)
+    }
+
+    /// Attention, then the MoE's routing, and its experts started.
+    pub fn start(
+        &self,
+        xs: &Tensor,
+        rotary: &RotaryTables,
+        layout: &StepLayout,
+        pool: &KvPool,
+        experts: &dyn Experts,
+    ) -> Result<LayerInFlight, ForwardError> {
         let attended = self.attention.forward(
             self.index,
             &self.input_layernorm.forward(xs),
@@ -34,12 +54,17 @@ impl DecoderLayer {
             layout,
             pool,
         )?;
-        let xs = xs + attended;
-        let moe_out = self.moe.forward(
+        let residual = xs + attended;
+        let experts = self.moe.start(
             self.index,
-            &self.post_attention_layernorm.forward(&xs),
+            &self.post_attention_layernorm.forward(&residual),
             experts,
         )?;
-        Ok(xs + moe_out)
+        Ok(LayerInFlight { residual, experts })
+    }
+
+    /// The layer's output once its experts have answered.
+    pub fn finish(in_flight: LayerInFlight, experts: &dyn Experts) -> Result<Tensor, ForwardError> {
+        Ok(in_flight.residual + experts.finish(in_flight.experts)?)
     }
 }

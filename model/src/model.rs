@@ -10,11 +10,11 @@ use crate::attention::{Attention, AttentionWeights, SequenceSpan, StepLayout};
 use crate::error::{ForwardError, LoadError, WeightsError};
 use crate::gating::Gate;
 use crate::kv_cache::{BLOCK_SIZE, KvCache, KvPool, blocks_for};
-use crate::layer::DecoderLayer;
+use crate::layer::{DecoderLayer, LayerInFlight};
 use crate::moe::{Experts, LocalExperts, SparseMoe, gate_key};
 use crate::norm::RmsNorm;
 use crate::projection;
-use crate::rotary::RotaryEmbedding;
+use crate::rotary::{RotaryEmbedding, RotaryTables};
 use crate::weights::Checkpoint;
 use tramontane_config::MixtralConfig;
 
@@ -270,9 +270,73 @@ impl Mixtral {
                 (Kind::Float, self.options.device),
             ));
         }
+        let lens: Vec<usize> = spans.iter().map(|s| s.len).collect();
+        let groups = micro_batches(&lens, self.experts.micro_batches(spans.len(), ids.len()));
+        let mut batches = groups
+            .iter()
+            .map(|sequences| self.micro_batch(ids, spans, caches, sequences.clone()))
+            .collect::<Vec<_>>();
+        // Layer by layer, micro-batch after micro-batch: each one's attention
+        // runs while the experts of those before it are out.
+        let experts = self.experts.as_ref();
+        for layer in &self.layers {
+            for batch in &mut batches {
+                if let Some(in_flight) = batch.in_flight.take() {
+                    batch.xs = DecoderLayer::finish(in_flight, experts)?;
+                }
+                batch.in_flight =
+                    Some(layer.start(&batch.xs, &batch.rotary, &batch.layout, kv, experts)?);
+            }
+        }
+        let outputs = batches
+            .into_iter()
+            .map(|batch| {
+                let mut xs = match batch.in_flight {
+                    Some(in_flight) => DecoderLayer::finish(in_flight, experts)?,
+                    None => batch.xs,
+                };
+                if which == Logits::LastPosition {
+                    let last: Vec<i64> = batch
+                        .spans
+                        .iter()
+                        .map(|s| (s.row + s.len - 1) as i64)
+                        .collect();
+                    xs = xs
+                        .index_select(0, &Tensor::from_slice(&last).to_device(self.options.device));
+                }
+                Ok(xs)
+            })
+            .collect::<Result<Vec<_>, ForwardError>>()?;
+        let xs = if outputs.len() == 1 {
+            outputs.into_iter().next().unwrap_or_else(|| unreachable!())
+        } else {
+            Tensor::cat(&outputs, 0)
+        };
+        let xs = self.norm.forward(&xs);
+        Ok(projection::linear(&xs, &self.lm_head).to_kind(Kind::Float))
+    }
+
+    /// The embeddings, rotary tables and attention layout of the sequences
+    /// `sequences` of a step, their rows counted from 0.
+    fn micro_batch(
+        &self,
+        ids: &[i64],
+        spans: &[SequenceSpan],
+        caches: &[&mut KvCache],
+        sequences: std::ops::Range<usize>,
+    ) -> MicroBatch {
         let device = self.options.device;
-        let ids = Tensor::from_slice(ids).to_device(device);
-        let positions: Vec<i64> = spans
+        let first = spans[sequences.start].row;
+        let group: Vec<SequenceSpan> = spans[sequences.clone()]
+            .iter()
+            .map(|s| SequenceSpan {
+                row: s.row - first,
+                ..*s
+            })
+            .collect();
+        let rows = group.iter().map(|s| s.len).sum::<usize>();
+        let ids = Tensor::from_slice(&ids[first..first + rows]).to_device(device);
+        let positions: Vec<i64> = group
             .iter()
             .flat_map(|s| (s.start..s.start + s.len).map(|p| p as i64))
             .collect();
@@ -280,18 +344,54 @@ impl Mixtral {
             &Tensor::from_slice(&positions).to_device(device),
             self.options.kind,
         );
-        let layout = StepLayout::new(spans, caches, self.config.sliding_window, device);
-        let mut xs = self.embed_tokens.index_select(0, &ids);
-        for layer in &self.layers {
-            xs = layer.forward(&xs, &rotary, &layout, kv, self.experts.as_ref())?;
+        let layout = StepLayout::new(
+            &group,
+            &caches[sequences],
+            self.config.sliding_window,
+            device,
+        );
+        MicroBatch {
+            xs: self.embed_tokens.index_select(0, &ids),
+            spans: group,
+            rotary,
+            layout,
+            in_flight: None,
         }
-        if which == Logits::LastPosition {
-            let last: Vec<i64> = spans.iter().map(|s| (s.row + s.len - 1) as i64).collect();
-            xs = xs.index_select(0, &Tensor::from_slice(&last).to_device(self.options.device));
-        }
-        let xs = self.norm.forward(&xs);
-        Ok(projection::linear(&xs, &self.lm_head).to_kind(Kind::Float))
     }
+}
+
+/// Some consecutive sequences of a step, carried through the layers.
+struct MicroBatch {
+    /// Their hidden states: the input of the layer `in_flight` is not yet
+    /// finished for.
+    xs: Tensor,
+    spans: Vec<SequenceSpan>,
+    rotary: RotaryTables,
+    layout: StepLayout,
+    in_flight: Option<LayerInFlight>,
+}
+
+/// The sequences of a step (their new tokens' counts in `lens`) split into
+/// `groups` runs of consecutive sequences with about as many tokens each: a
+/// run ends once it reaches its share of the tokens. At most one run per
+/// sequence, at least one run.
+pub fn micro_batches(lens: &[usize], groups: usize) -> Vec<std::ops::Range<usize>> {
+    let groups = groups.clamp(1, lens.len().max(1));
+    let total: usize = lens.iter().sum();
+    let mut runs = Vec::with_capacity(groups);
+    let (mut start, mut seen) = (0, 0);
+    for (i, &len) in lens.iter().enumerate() {
+        seen += len;
+        let left = lens.len() - i - 1;
+        let runs_left = groups - runs.len() - 1;
+        // Cut at this run's share, or where each later run still needs a sequence.
+        if runs_left > 0 && (seen * groups >= total * (runs.len() + 1) || left == runs_left) {
+            runs.push(start..i + 1);
+            start = i + 1;
+        }
+    }
+    runs.push(start..lens.len());
+    runs
 }
 
 #[cfg(test)]
@@ -302,6 +402,7 @@ mod tests {
 
     use super::*;
     use crate::gating::Routing;
+    use crate::moe::InFlight;
 
     fn tiny() -> (tempfile::TempDir, Mixtral) {
         let dir = tempfile::tempdir().unwrap();
@@ -436,6 +537,117 @@ mod tests {
         let expected = step(&model, &kv, &mut fresh, &all);
         let diff = (resumed - expected).abs().max().double_value(&[]);
         assert!(diff < 1e-4, "{diff}");
+    }
+
+    /// Local experts that split every step into `groups` micro-batches and
+    /// hand back each layer's output only at `finish`.
+    struct SplitExperts {
+        local: LocalExperts,
+        groups: usize,
+    }
+
+    impl Experts for SplitExperts {
+        fn forward(
+            &self,
+            layer: usize,
+            xs: &Tensor,
+            routing: &Routing,
+        ) -> Result<Tensor, ForwardError> {
+            self.local.forward(layer, xs, routing)
+        }
+
+        fn start(
+            &self,
+            layer: usize,
+            xs: &Tensor,
+            routing: &Routing,
+        ) -> Result<InFlight, ForwardError> {
+            Ok(InFlight::Started(Box::new(
+                self.forward(layer, xs, routing)?,
+            )))
+        }
+
+        fn finish(&self, in_flight: InFlight) -> Result<Tensor, ForwardError> {
+            match in_flight {
+                InFlight::Started(out) => out
+                    .downcast::<Tensor>()
+                    .map(|t| *t)
+                    .map_err(|_| ForwardError::NotStartedHere),
+                InFlight::Done(_) => Err(ForwardError::NotStartedHere),
+            }
+        }
+
+        fn micro_batches(&self, _sequences: usize, _tokens: usize) -> usize {
+            self.groups
+        }
+    }
+
+    #[test]
+    fn micro_batches_interleave_to_the_same_logits_in_batch_order() {
+        let _guard = tch::no_grad_guard();
+        let (dir, model) = tiny();
+        let checkpoint = Checkpoint::open(dir.path()).unwrap();
+        let config = model.config().clone();
+        let all = tokens(40);
+        // A decoding sequence (its prompt cached), then two prompts.
+        let run = |m: &Mixtral, which: Logits| {
+            let kv = m.kv_pool(256);
+            let mut decoding = kv.new_cache();
+            let _ = step(m, &kv, &mut decoding, &all[..17]);
+            let (mut a, mut b) = (kv.new_cache(), kv.new_cache());
+            m.forward(
+                &kv,
+                &mut [
+                    BatchItem {
+                        tokens: &all[17..18],
+                        cache: &mut decoding,
+                    },
+                    BatchItem {
+                        tokens: &all[..9],
+                        cache: &mut a,
+                    },
+                    BatchItem {
+                        tokens: &all[20..40],
+                        cache: &mut b,
+                    },
+                ],
+                which,
+            )
+            .unwrap()
+        };
+        for which in [Logits::LastPosition, Logits::AllPositions] {
+            let reference = run(&model, which);
+            for groups in [2, 3, 5] {
+                let local = LocalExperts::load(
+                    &checkpoint,
+                    &config,
+                    &|_, _| true,
+                    Kind::Float,
+                    Device::Cpu,
+                )
+                .unwrap();
+                let split = Mixtral::load_dense(
+                    &checkpoint,
+                    config.clone(),
+                    LoadOptions::default(),
+                    Box::new(SplitExperts { local, groups }),
+                )
+                .unwrap();
+                let logits = run(&split, which);
+                assert_eq!(logits.size(), reference.size(), "{groups} groups");
+                let diff = (&logits - &reference).abs().max().double_value(&[]);
+                assert!(diff < 1e-5, "{groups} groups, {which:?}: {diff}");
+            }
+        }
+        // Runs of about the same tokens, in order, none empty.
+        assert_eq!(micro_batches(&[1; 5], 2), vec![0..3, 3..5]);
+        assert_eq!(micro_batches(&[1, 1], 5), vec![0..1, 1..2]);
+        assert_eq!(micro_batches(&[1, 1, 1, 30], 2), vec![0..3, 3..4]);
+        assert_eq!(micro_batches(&[30, 1, 1, 1], 2), vec![0..1, 1..4]);
+        assert_eq!(micro_batches(&[30, 1, 1, 1], 3), vec![0..1, 1..2, 2..4]);
+        assert_eq!(micro_batches(&[1, 30], 2), vec![0..1, 1..2]);
+        assert_eq!(micro_batches(&[4; 8], 4), vec![0..2, 2..4, 4..6, 6..8]);
+        assert_eq!(micro_batches(&[], 2), vec![0..0]);
     }
 
     #[test]

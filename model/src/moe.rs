@@ -12,9 +12,47 @@ use tramontane_config::MixtralConfig;
 
 /// Computes one layer's routed tokens: returns `[tokens, hidden]` holding, per
 /// token, Σ over its k experts of weight · expert(token).
+///
+/// Experts elsewhere may also split the work in two: [`Experts::start`]
+/// sends a layer's tokens and returns at once, [`Experts::finish`] waits for
+/// them. The model then runs the attention of one micro-batch while the
+/// experts of another are out ([`Experts::micro_batches`] says into how
+/// many groups a step's sequences split).
 pub trait Experts {
     fn forward(&self, layer: usize, xs: &Tensor, routing: &Routing)
     -> Result<Tensor, ForwardError>;
+
+    /// Starts `forward`; by default computes it now.
+    fn start(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        routing: &Routing,
+    ) -> Result<InFlight, ForwardError> {
+        self.forward(layer, xs, routing).map(InFlight::Done)
+    }
+
+    /// The output of a started layer.
+    fn finish(&self, in_flight: InFlight) -> Result<Tensor, ForwardError> {
+        match in_flight {
+            InFlight::Done(out) => Ok(out),
+            InFlight::Started(_) => Err(ForwardError::NotStartedHere),
+        }
+    }
+
+    /// Into how many groups a step of `sequences` sequences and `tokens`
+    /// new tokens splits, whose layers interleave; 1 (the default) runs the
+    /// step as one.
+    fn micro_batches(&self, _sequences: usize, _tokens: usize) -> usize {
+        1
+    }
+}
+
+/// A layer's expert work: done, or started by an [`Experts`] that keeps its
+/// own state of it (which only its `finish` understands).
+pub enum InFlight {
+    Done(Tensor),
+    Started(Box<dyn std::any::Any>),
 }
 
 /// Which experts a process holds: `held(layer, expert)`.
@@ -159,14 +197,15 @@ impl SparseMoe {
         Self { gate }
     }
 
-    pub fn forward(
+    /// Routes `xs` and starts its experts.
+    pub fn start(
         &self,
         layer: usize,
         xs: &Tensor,
         experts: &dyn Experts,
-    ) -> Result<Tensor, ForwardError> {
+    ) -> Result<InFlight, ForwardError> {
         let routing = self.gate.route(xs)?;
-        experts.forward(layer, xs, &routing)
+        experts.start(layer, xs, &routing)
     }
 }
 

@@ -14,7 +14,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 use tramontane_model::error::ForwardError;
 use tramontane_model::gating::Routing;
-use tramontane_model::moe::Experts;
+use tramontane_model::moe::{Experts, InFlight};
 use tramontane_policy::dispatch_plan::{RoutedPair, WorkerShare, plan_dispatch};
 use tramontane_policy::placement::Placement;
 use tramontane_policy::routing_trace::RoutingTrace;
@@ -96,11 +96,33 @@ impl DataPath {
         })
     }
 
+    fn runtime(&self) -> &Runtime {
+        self.runtime.as_ref().expect("the runtime lives until drop")
+    }
+
     fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
-        self.runtime
-            .as_ref()
-            .expect("the runtime lives until drop")
-            .block_on(future)
+        self.runtime().block_on(future)
+    }
+
+    /// Starts `task`; it runs whenever the engine thread drives the runtime.
+    fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.runtime().spawn(task)
+    }
+
+    /// Runs the runtime until what was just spawned has been written out:
+    /// a few turns (the call, tonic's buffer task, the HTTP/2 connection's
+    /// task each take one; a turn with nothing to do costs about a µs).
+    fn push_out(&self) {
+        const TURNS: usize = 4;
+        self.block_on(async {
+            for _ in 0..TURNS {
+                tokio::task::yield_now().await;
+            }
+        });
     }
 }
 
@@ -124,6 +146,7 @@ pub struct RemoteExperts {
     load: Arc<ExpertLoad>,
     trace: Option<RoutingTrace>,
     phases: Arc<DispatchPhases>,
+    micro_batches: MicroBatches,
 }
 
 impl RemoteExperts {
@@ -151,6 +174,7 @@ impl RemoteExperts {
             load,
             trace: None,
             phases: Arc::default(),
+            micro_batches: MicroBatches::Auto,
         })
     }
 
@@ -179,6 +203,12 @@ impl RemoteExperts {
     /// Records every layer's routing into `trace`.
     pub fn with_trace(mut self, trace: RoutingTrace) -> Self {
         self.trace = Some(trace);
+        self
+    }
+
+    /// Splits steps into micro-batches as `micro_batches` says.
+    pub fn with_micro_batches(mut self, micro_batches: MicroBatches) -> Self {
+        self.micro_batches = micro_batches;
         self
     }
 
@@ -252,34 +282,31 @@ fn experts_failed(error: DispatchError) -> ForwardError {
     }
 }
 
-impl RemoteExperts {
-    /// Sends one Forward to worker `index` with the deadline; returns its
-    /// checked answer (`[rows, hidden]`). Its round trip and failures go to
-    /// that worker's metrics.
-    async fn send(
-        &self,
-        index: usize,
-        request: ForwardRequest,
-        rows: usize,
-        hidden: i64,
-    ) -> Result<TensorPayload, WorkerError> {
+/// One Forward ready to go, owning what it needs: it runs as a task on the
+/// data path's runtime.
+struct Forward {
+    worker: usize,
+    client: ExpertServiceClient<Channel>,
+    request: ForwardRequest,
+    rows: usize,
+    hidden: i64,
+    deadline: Duration,
+    phases: Arc<DispatchPhases>,
+    /// `dispatch`, made where the layer started (so its parent is the step's span).
+    span: tracing::Span,
+}
+
+impl Forward {
+    /// Sends it with its deadline; returns the checked answer (`[rows,
+    /// hidden]`). Its round trip and failures go to its worker's metrics.
+    async fn send(self) -> Result<TensorPayload, WorkerError> {
         let started = Instant::now();
-        let span = tracing::info_span!(
-            "dispatch",
-            worker = index,
-            worker.addr = %self.workers[index].addr,
-            layer = request.layer,
-            rows,
-            error = tracing::field::Empty,
-        );
-        let client = &self.data.clients[index];
-        let result = send_once(client, request, rows, hidden, self.deadline, &self.phases)
-            .instrument(span.clone())
-            .await;
+        let span = self.span.clone();
+        let worker = self.worker.to_string();
+        let result = self.send_once().instrument(span.clone()).await;
         if let Err(e) = &result {
             span.record("error", tramontane_infra::error::chain(e).as_str());
         }
-        let worker = index.to_string();
         metrics::histogram!(crate::metrics::DISPATCH_LATENCY, "worker" => worker.clone())
             .record(started.elapsed());
         if let Err(e) = &result {
@@ -288,42 +315,154 @@ impl RemoteExperts {
         }
         result
     }
-}
 
-async fn send_once(
-    client: &ExpertServiceClient<Channel>,
-    request: ForwardRequest,
-    rows: usize,
-    hidden: i64,
-    deadline: Duration,
-    phases: &DispatchPhases,
-) -> Result<TensorPayload, WorkerError> {
-    let started = Instant::now();
-    let mut client = client.clone();
-    let mut request = tonic::Request::new(request);
-    request.set_timeout(deadline);
-    tramontane_infra::trace_context::inject(request.metadata_mut());
-    let response = tokio::time::timeout(deadline, client.forward(request))
-        .await
-        .map_err(|_| WorkerError::Deadline(deadline))?
-        .map_err(|status| WorkerError::Status {
-            code: status.code(),
-            message: status.message().to_string(),
-        })?
-        .into_inner();
-    let answered = Instant::now();
-    phases.record_forward(answered - started, response.timings.as_ref());
-    let (_, shape) = codec::validate(response.output.as_ref(), "output", 2)
-        .map_err(|e| WorkerError::BadAnswer(e.into()))?;
-    phases.record(Phase::Decode, answered.elapsed());
-    if shape != [rows as i64, hidden] {
-        return Err(WorkerError::BadAnswer(BadAnswer::Shape {
-            answered: shape,
+    async fn send_once(self) -> Result<TensorPayload, WorkerError> {
+        let Forward {
+            mut client,
+            request,
             rows,
             hidden,
-        }));
+            deadline,
+            phases,
+            ..
+        } = self;
+        let started = Instant::now();
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(deadline);
+        tramontane_infra::trace_context::inject(request.metadata_mut());
+        let response = tokio::time::timeout(deadline, client.forward(request))
+            .await
+            .map_err(|_| WorkerError::Deadline(deadline))?
+            .map_err(|status| WorkerError::Status {
+                code: status.code(),
+                message: status.message().to_string(),
+            })?
+            .into_inner();
+        let answered = Instant::now();
+        phases.record_forward(answered - started, response.timings.as_ref());
+        let (_, shape) = codec::validate(response.output.as_ref(), "output", 2)
+            .map_err(|e| WorkerError::BadAnswer(e.into()))?;
+        phases.record(Phase::Decode, answered.elapsed());
+        if shape != [rows as i64, hidden] {
+            return Err(WorkerError::BadAnswer(BadAnswer::Shape {
+                answered: shape,
+                rows,
+                hidden,
+            }));
+        }
+        Ok(response.output.unwrap_or_default())
     }
-    Ok(response.output.unwrap_or_default())
+}
+
+type Answer = tokio::task::JoinHandle<Result<TensorPayload, WorkerError>>;
+
+/// A layer's dispatch between its start and its finish.
+struct LayerDispatch {
+    layer: usize,
+    /// The engine thread's time in this layer's start and finish so far.
+    engine: Duration,
+    /// The layer's input `[tokens, hidden]` on the host, f32.
+    host: Vec<f32>,
+    tokens: i64,
+    hidden: i64,
+    kind: Kind,
+    device: tch::Device,
+    precision: Precision,
+    /// The output being summed, `[tokens, hidden]`.
+    out: Vec<f32>,
+    routed: Vec<usize>,
+    worker_pairs: Vec<u64>,
+    failures: Vec<WorkerFailure>,
+    /// The Forwards out now, with their shares.
+    out_now: Vec<(WorkerShare, Answer)>,
+}
+
+impl RemoteExperts {
+    /// Plans `pairs` over the live workers and sends each worker its share.
+    fn launch(&self, d: &mut LayerDispatch, pairs: &[RoutedPair]) -> Result<(), ForwardError> {
+        let layer = d.layer;
+        let live = |w: usize| self.workers[w].live.load(Ordering::Relaxed);
+        let shares = plan_dispatch(layer, pairs, &self.placement, &live).map_err(|u| {
+            experts_failed(DispatchError::NoLiveReplica {
+                layer: u.layer,
+                expert: u.expert,
+                placed_on: self
+                    .placement
+                    .replicas(u.layer, u.expert)
+                    .iter()
+                    .map(|&w| self.worker_ref(w))
+                    .collect(),
+                failures: std::mem::take(&mut d.failures),
+            })
+        })?;
+        for share in shares {
+            let request = self.request(layer, &d.host, d.hidden as usize, &share)?;
+            let span = tracing::info_span!(
+                "dispatch",
+                worker = share.worker,
+                worker.addr = %self.workers[share.worker].addr,
+                layer,
+                rows = share.tokens.len(),
+                error = tracing::field::Empty,
+            );
+            let forward = Forward {
+                worker: share.worker,
+                client: self.data.clients[share.worker].clone(),
+                request,
+                rows: share.tokens.len(),
+                hidden: d.hidden,
+                deadline: self.deadline,
+                phases: self.phases.clone(),
+                span,
+            };
+            d.out_now.push((share, self.data.spawn(forward.send())));
+        }
+        self.data.push_out();
+        Ok(())
+    }
+
+    /// Waits for the Forwards out now and adds their answers; returns the
+    /// pairs of the workers that failed, marked down.
+    fn collect(&self, d: &mut LayerDispatch) -> Result<Vec<RoutedPair>, ForwardError> {
+        let layer = d.layer;
+        let waiting = Instant::now();
+        let (shares, answers): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut d.out_now).into_iter().unzip();
+        let results = self.data.block_on(futures::future::join_all(answers));
+        self.phases.record(Phase::Wait, waiting.elapsed());
+        let mut retry = Vec::new();
+        for (share, result) in shares.iter().zip(results) {
+            let result = result.unwrap_or_else(|e| {
+                Err(WorkerError::Status {
+                    code: tonic::Code::Internal,
+                    message: format!("the dispatch task ended: {e}"),
+                })
+            });
+            match result {
+                Ok(answer) => {
+                    let combining = Instant::now();
+                    combine(&mut d.out, d.hidden as usize, share, &answer, d.precision).map_err(
+                        |source| experts_failed(DispatchError::Combine { layer, source }),
+                    )?;
+                    self.phases.record(Phase::Combine, combining.elapsed());
+                    d.worker_pairs[share.worker] += share.pairs.len() as u64;
+                }
+                Err(error) => {
+                    self.workers[share.worker]
+                        .live
+                        .store(false, Ordering::Relaxed);
+                    metrics::gauge!(crate::metrics::WORKER_UP, "worker" => share.worker.to_string())
+                        .set(0.0);
+                    d.failures.push(WorkerFailure {
+                        worker: self.worker_ref(share.worker),
+                        error,
+                    });
+                    retry.extend_from_slice(&share.pairs);
+                }
+            }
+        }
+        Ok(retry)
+    }
 }
 
 impl Experts for RemoteExperts {
@@ -333,81 +472,122 @@ impl Experts for RemoteExperts {
         xs: &Tensor,
         routing: &Routing,
     ) -> Result<Tensor, ForwardError> {
+        let in_flight = self.start(layer, xs, routing)?;
+        self.finish(in_flight)
+    }
+
+    /// Sends every worker its share of the layer and returns once the
+    /// requests are on their way.
+    fn start(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        routing: &Routing,
+    ) -> Result<InFlight, ForwardError> {
         let started = Instant::now();
         let (tokens, hidden) = (xs.size()[0], xs.size()[1]);
-        let width = hidden as usize;
         let host = host_rows(xs)?;
         let precision = Precision::of(xs.kind())
             .map_err(|source| experts_failed(DispatchError::Encode { layer, source }))?;
-        let mut out = vec![0f32; host.len()];
-        let mut pending = routed_pairs(routing);
-        let routed: Vec<usize> = pending.iter().map(|p| p.expert).collect();
+        let pairs = routed_pairs(routing);
+        let routed: Vec<usize> = pairs.iter().map(|p| p.expert).collect();
         if let Some(trace) = &self.trace {
             trace.record(layer, routing.k, &routed);
         }
-        let mut worker_pairs = vec![0u64; self.workers.len()];
-        let mut failures: Vec<WorkerFailure> = Vec::new();
-        while !pending.is_empty() {
-            let live = |w: usize| self.workers[w].live.load(Ordering::Relaxed);
-            let shares = plan_dispatch(layer, &pending, &self.placement, &live).map_err(|u| {
-                experts_failed(DispatchError::NoLiveReplica {
-                    layer: u.layer,
-                    expert: u.expert,
-                    placed_on: self
-                        .placement
-                        .replicas(u.layer, u.expert)
-                        .iter()
-                        .map(|&w| self.worker_ref(w))
-                        .collect(),
-                    failures: std::mem::take(&mut failures),
-                })
-            })?;
-            let requests = shares
-                .iter()
-                .map(|share| self.request(layer, &host, width, share))
-                .collect::<Result<Vec<_>, _>>()?;
-            let waiting = Instant::now();
-            let results =
-                self.data
-                    .block_on(futures::future::join_all(shares.iter().zip(requests).map(
-                        |(share, request)| {
-                            self.send(share.worker, request, share.tokens.len(), hidden)
-                        },
-                    )));
-            self.phases.record(Phase::Wait, waiting.elapsed());
-            pending = Vec::new();
-            for (share, result) in shares.iter().zip(results) {
-                match result {
-                    Ok(answer) => {
-                        let combining = Instant::now();
-                        combine(&mut out, width, share, &answer, precision).map_err(|source| {
-                            experts_failed(DispatchError::Combine { layer, source })
-                        })?;
-                        self.phases.record(Phase::Combine, combining.elapsed());
-                        worker_pairs[share.worker] += share.pairs.len() as u64;
-                    }
-                    Err(error) => {
-                        self.workers[share.worker]
-                            .live
-                            .store(false, Ordering::Relaxed);
-                        metrics::gauge!(crate::metrics::WORKER_UP, "worker" => share.worker.to_string())
-                            .set(0.0);
-                        failures.push(WorkerFailure {
-                            worker: self.worker_ref(share.worker),
-                            error,
-                        });
-                        pending.extend_from_slice(&share.pairs);
-                    }
-                }
+        let mut d = LayerDispatch {
+            layer,
+            engine: Duration::ZERO,
+            out: vec![0f32; host.len()],
+            host,
+            tokens,
+            hidden,
+            kind: xs.kind(),
+            device: xs.device(),
+            precision,
+            routed,
+            worker_pairs: vec![0u64; self.workers.len()],
+            failures: Vec::new(),
+            out_now: Vec::new(),
+        };
+        self.launch(&mut d, &pairs)?;
+        d.engine += started.elapsed();
+        Ok(InFlight::Started(Box::new(d)))
+    }
+
+    /// Waits for the layer's answers, sending a failed worker's pairs again
+    /// to live replicas, and sums them.
+    fn finish(&self, in_flight: InFlight) -> Result<Tensor, ForwardError> {
+        let started = Instant::now();
+        let mut d = match in_flight {
+            InFlight::Started(state) => state
+                .downcast::<LayerDispatch>()
+                .map_err(|_| ForwardError::NotStartedHere)?,
+            InFlight::Done(_) => return Err(ForwardError::NotStartedHere),
+        };
+        loop {
+            let retry = self.collect(&mut d)?;
+            if retry.is_empty() {
+                break;
             }
+            self.launch(&mut d, &retry)?;
         }
-        self.load.record(layer, &routed, &worker_pairs);
-        let out = Tensor::f_from_slice(&out)?
-            .f_view([tokens, hidden])?
-            .f_to_kind(xs.kind())?
-            .f_to_device(xs.device())?;
-        self.phases.record(Phase::Layer, started.elapsed());
+        self.load.record(d.layer, &d.routed, &d.worker_pairs);
+        let out = Tensor::f_from_slice(&d.out)?
+            .f_view([d.tokens, d.hidden])?
+            .f_to_kind(d.kind)?
+            .f_to_device(d.device)?;
+        self.phases
+            .record(Phase::Layer, d.engine + started.elapsed());
         Ok(out)
+    }
+
+    fn micro_batches(&self, sequences: usize, tokens: usize) -> usize {
+        self.micro_batches.groups(sequences, tokens)
+    }
+}
+
+/// Into how many micro-batches a step splits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MicroBatches {
+    /// 2 for steps of at least [`MicroBatches::AUTO_FROM_TOKENS`] tokens
+    /// (and 2 sequences), else 1.
+    Auto,
+    /// This many (at most one per sequence).
+    Fixed(usize),
+}
+
+impl std::str::FromStr for MicroBatches {
+    type Err = String;
+
+    /// `auto` or a count of at least 1.
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text == "auto" {
+            return Ok(MicroBatches::Auto);
+        }
+        match text.parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(MicroBatches::Fixed(n)),
+            _ => Err(format!(
+                "{text:?} is neither auto nor a count of at least 1"
+            )),
+        }
+    }
+}
+
+impl MicroBatches {
+    /// Under `Auto`, steps of fewer tokens run as one batch. Each
+    /// micro-batch reads every routed expert's weights again: at decode
+    /// sizes (a few rows per expert, bound by memory) that costs more than
+    /// the overlap hides (on the `bench` model, decode batch 32 fell from
+    /// 157 to 114 tokens/s with 2). From a few hundred tokens (prefill) the
+    /// experts' GEMMs are bound by compute and a split costs little.
+    pub const AUTO_FROM_TOKENS: usize = 256;
+
+    pub fn groups(self, sequences: usize, tokens: usize) -> usize {
+        match self {
+            MicroBatches::Auto if tokens >= Self::AUTO_FROM_TOKENS && sequences >= 2 => 2,
+            MicroBatches::Auto => 1,
+            MicroBatches::Fixed(n) => n.clamp(1, sequences.max(1)),
+        }
     }
 }
 
@@ -473,6 +653,25 @@ mod tests {
                 any::<i64>(),
             )
         })
+    }
+
+    #[test]
+    fn micro_batches_parse_and_split_by_batch_size() {
+        assert_eq!("auto".parse(), Ok(MicroBatches::Auto));
+        assert_eq!("3".parse(), Ok(MicroBatches::Fixed(3)));
+        assert!(
+            "0".parse::<MicroBatches>()
+                .unwrap_err()
+                .contains("at least 1")
+        );
+        assert!("two".parse::<MicroBatches>().is_err());
+        let from = MicroBatches::AUTO_FROM_TOKENS;
+        assert_eq!(MicroBatches::Auto.groups(32, 32), 1, "decode");
+        assert_eq!(MicroBatches::Auto.groups(8, from - 1), 1);
+        assert_eq!(MicroBatches::Auto.groups(8, from), 2, "prefill");
+        assert_eq!(MicroBatches::Auto.groups(1, 4 * from), 1, "one sequence");
+        assert_eq!(MicroBatches::Fixed(4).groups(2, 2), 2);
+        assert_eq!(MicroBatches::Fixed(4).groups(0, 0), 1);
     }
 
     proptest! {

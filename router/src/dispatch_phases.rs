@@ -18,7 +18,9 @@ use tramontane_proto::v1::WorkerTimings;
 /// One phase of a layer's dispatch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// The whole of one layer's dispatch, on the engine thread.
+    /// The engine thread's time in one layer's dispatch: sending, waiting,
+    /// adding the answers (with micro-batches, not the other micro-batches'
+    /// work done while this one's experts were out).
     Layer,
     /// Gathering one worker's rows into its request, in the wire dtype.
     Encode,

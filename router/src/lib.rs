@@ -84,6 +84,9 @@ pub struct RouterOptions {
     pub startup_timeout: Duration,
     /// dtype of hidden states on the wire.
     pub wire: Kind,
+    /// Into how many micro-batches a step splits (their layers interleave,
+    /// so one's attention runs while another's experts are out).
+    pub micro_batches: dispatch::MicroBatches,
     /// Batch, token budget, KV and queue limits.
     pub scheduler: SchedulerConfig,
     pub max_message_bytes: usize,
@@ -173,7 +176,8 @@ impl Router {
             placement.clone(),
             options.dispatch_timeout,
             options.wire,
-        )?;
+        )?
+        .with_micro_batches(options.micro_batches);
         if let Some(path) = &options.record_routing {
             let header = routing_trace::Header {
                 format: routing_trace::FORMAT.into(),

@@ -10,6 +10,7 @@ mod admission;
 mod bad_input;
 mod faults;
 mod hf_parity;
+mod hosts;
 mod observability;
 mod openai_api;
 mod placement;

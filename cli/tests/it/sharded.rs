@@ -1,6 +1,7 @@
 //! Sharded execution equals in-process execution: the same logits (within
 //! 1e-5) and the same greedy tokens, with experts spread over real worker
-//! processes on loopback ports, for several worker counts and placements.
+//! processes on loopback ports, for several worker counts and placements,
+//! with each step run as one batch or as 2 or 3 interleaved micro-batches.
 
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use tramontane_model::{LoadOptions, Logits, Mixtral, MixtralConfig, Tokenizer};
 use tramontane_policy::placement::Placement;
 use tramontane_proto::v1::GenerateRequest;
 use tramontane_proto::v1::generation_client::GenerationClient;
-use tramontane_router::dispatch::RemoteExperts;
+use tramontane_router::dispatch::{MicroBatches, RemoteExperts};
 
 use crate::support;
 
@@ -87,25 +88,44 @@ fn check_shape(gen_args: &[&str]) -> Result<()> {
     for (name, placement) in placements(config.num_hidden_layers, config.num_local_experts) {
         let workers = support::workers_for(&model_dir, &placement)?;
         let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
-        let remote = runtime.block_on(RemoteExperts::connect(
-            &model_dir,
-            &addrs,
-            placement.clone(),
-            Duration::from_secs(30),
-            tch::Kind::Float,
-        ))?;
-        let checkpoint = Checkpoint::open(&model_dir)?;
-        let sharded = Mixtral::load_dense(
-            &checkpoint,
-            config.clone(),
-            LoadOptions::default(),
-            Box::new(remote),
-        )?;
-        let (logits, tokens) = last_logits_and_tokens(&sharded, &prompts)?;
-        let diff = (&logits - &reference).abs().max().double_value(&[]);
-        ensure!(diff <= 1e-5, "{name}: max |Δlogit| {diff:e} > 1e-5");
-        ensure!(tokens == reference_tokens, "{name}: greedy tokens differ");
-        eprintln!("{gen_args:?} {name}: max |Δlogit| {diff:e}, tokens identical");
+        // One batch, and split in micro-batches whose layers interleave
+        // (a group's attention while another's experts are out).
+        let splits: &[usize] = if name == "2 workers" {
+            &[1, 2, 3]
+        } else {
+            &[1, 2]
+        };
+        for &groups in splits {
+            let remote = runtime
+                .block_on(RemoteExperts::connect(
+                    &model_dir,
+                    &addrs,
+                    placement.clone(),
+                    Duration::from_secs(30),
+                    tch::Kind::Float,
+                ))?
+                .with_micro_batches(MicroBatches::Fixed(groups));
+            let checkpoint = Checkpoint::open(&model_dir)?;
+            let sharded = Mixtral::load_dense(
+                &checkpoint,
+                config.clone(),
+                LoadOptions::default(),
+                Box::new(remote),
+            )?;
+            let (logits, tokens) = last_logits_and_tokens(&sharded, &prompts)?;
+            let diff = (&logits - &reference).abs().max().double_value(&[]);
+            ensure!(
+                diff <= 1e-5,
+                "{name}, {groups} micro-batches: max |Δlogit| {diff:e} > 1e-5"
+            );
+            ensure!(
+                tokens == reference_tokens,
+                "{name}, {groups} micro-batches: greedy tokens differ"
+            );
+            eprintln!(
+                "{gen_args:?} {name}, {groups} micro-batches: max |Δlogit| {diff:e}, tokens identical"
+            );
+        }
     }
     Ok(())
 }

@@ -74,12 +74,20 @@ impl Drop for Process {
 
 /// Starts `tramontane ARGS...` and waits for its "... listening on ADDR" line.
 pub fn spawn_listening(args: &[&str]) -> Result<Process> {
+    let mut command = tramontane();
+    command.args(args);
+    spawn_listening_command(command)
+}
+
+/// Starts `command` (one that runs `tramontane`, perhaps through a wrapper)
+/// and waits for its "... listening on ADDR" line.
+pub fn spawn_listening_command(mut command: Command) -> Result<Process> {
     use std::io::{BufRead, BufReader};
-    let mut child = tramontane()
-        .args(args)
+    let mut child = command
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        .spawn()?;
+        .spawn()
+        .with_context(|| format!("starting {command:?}"))?;
     let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
     let mut line = String::new();
     stdout.read_line(&mut line)?;
@@ -91,7 +99,7 @@ pub fn spawn_listening(args: &[&str]) -> Result<Process> {
         let _ = child.kill();
         let output = child.wait_with_output()?;
         anyhow::bail!(
-            "{args:?} did not start: {}{}",
+            "{command:?} did not start: {}{}",
             line,
             String::from_utf8_lossy(&output.stderr)
         );
