@@ -21,7 +21,7 @@ LISTEN ?= 127.0.0.1:50051
 HTTP_LISTEN ?= 127.0.0.1:8000
 BENCH_MODEL := target/bench-model
 
-.PHONY: setup build test lint serve bench bench-sharded bench-serving bench-plan monitoring-tools
+.PHONY: setup build test lint serve bench bench-sharded bench-routers bench-serving bench-plan monitoring-tools
 
 setup: $(STAMP)
 
@@ -59,6 +59,11 @@ bench: build
 bench-sharded: build
 	test -f $(BENCH_MODEL)/config.json || $(BIN) gen-model --preset bench --out $(BENCH_MODEL)
 	$(PYTHON) benches/sharded_vs_local.py --model $(BENCH_MODEL) --bin $(BIN) --threads 2
+
+# Two routers sharing two workers (concurrency 32 each) against one router at 64.
+bench-routers: build
+	test -f $(BENCH_MODEL)/config.json || $(BIN) gen-model --preset bench --out $(BENCH_MODEL)
+	$(PYTHON) benches/routers_shared.py --model $(BENCH_MODEL) --bin $(BIN) --threads 2 --concurrency 32
 
 # The OpenAI API under load (serve --workers 2; concurrency 1, 8, 32) against the in-process batch-32 decode.
 bench-serving: build

@@ -2,6 +2,7 @@
 //! (tch tensors are Send, not Sync), with no_grad held, and serves jobs from a
 //! bounded channel. tokio tasks only decode, validate and reply.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -100,18 +101,9 @@ impl ComputeHandle {
                 };
                 let options = model.options;
                 let _ = ready_tx.send(Ok(info));
-                while let Some(job) = jobs_rx.blocking_recv() {
-                    let started = Instant::now();
-                    let queued = started - job.queued;
-                    let result = run(&experts, options, job.layer, &job.hidden, &job.work);
-                    let compute = started.elapsed();
-                    metrics::histogram!(crate::metrics::QUEUE_WAIT).record(queued);
-                    metrics::histogram!(crate::metrics::COMPUTE_DURATION).record(compute);
-                    let _ = job.reply.send(result.map(|output| Computed {
-                        output,
-                        queued,
-                        compute,
-                    }));
+                let mut waiting = VecDeque::new();
+                while let Some(batch) = next_batch(&mut jobs_rx, &mut waiting) {
+                    serve_batch(&experts, options, batch);
                 }
             })
             .map_err(StartError::Spawn)?;
@@ -177,6 +169,97 @@ fn load(model: &WorkerModel) -> Result<(LocalExperts, WorkerInfo), LoadError> {
     Ok((experts, info))
 }
 
+/// The next jobs to run together: the oldest waiting job and every other
+/// waiting job of the same layer and wire dtype (a Forward from another
+/// router, or another micro-batch, that came while the thread was busy), in
+/// arrival order. `waiting` keeps the rest, in order. None once the channel
+/// is closed and nothing waits.
+fn next_batch(jobs: &mut mpsc::Receiver<Job>, waiting: &mut VecDeque<Job>) -> Option<Vec<Job>> {
+    if waiting.is_empty() {
+        waiting.push_back(jobs.blocking_recv()?);
+    }
+    while let Ok(job) = jobs.try_recv() {
+        waiting.push_back(job);
+    }
+    let first = waiting.pop_front()?;
+    let (layer, kind) = (first.layer, first.hidden.kind());
+    let mut batch = vec![first];
+    let mut rest = VecDeque::with_capacity(waiting.len());
+    for job in waiting.drain(..) {
+        if job.layer == layer && job.hidden.kind() == kind {
+            batch.push(job);
+        } else {
+            rest.push_back(job);
+        }
+    }
+    *waiting = rest;
+    Some(batch)
+}
+
+/// Runs a batch as one expert computation (each expert once, on the rows of
+/// every job that routed to it: one pass over its weights) and answers each
+/// job with its rows. Should the joint run fail, each job runs alone and
+/// gets its own answer or error.
+fn serve_batch(experts: &LocalExperts, options: LoadOptions, batch: Vec<Job>) {
+    let started = Instant::now();
+    metrics::histogram!(crate::metrics::BATCHED_FORWARDS).record(batch.len() as f64);
+    let joint = (batch.len() > 1)
+        .then(|| run_joint(experts, options, &batch).ok())
+        .flatten();
+    let outputs: Vec<Result<Tensor, ForwardError>> = match joint {
+        Some(outputs) => outputs.into_iter().map(Ok).collect(),
+        None => batch
+            .iter()
+            .map(|job| run(experts, options, job.layer, &job.hidden, &job.work))
+            .collect(),
+    };
+    let compute = started.elapsed();
+    metrics::histogram!(crate::metrics::COMPUTE_DURATION).record(compute);
+    for (job, output) in batch.into_iter().zip(outputs) {
+        let queued = started.saturating_duration_since(job.queued);
+        metrics::histogram!(crate::metrics::QUEUE_WAIT).record(queued);
+        let _ = job.reply.send(output.map(|output| Computed {
+            output,
+            queued,
+            compute,
+        }));
+    }
+}
+
+/// The jobs' rows stacked, each expert's rows of all jobs in one item;
+/// the output split back per job.
+fn run_joint(
+    experts: &LocalExperts,
+    options: LoadOptions,
+    batch: &[Job],
+) -> Result<Vec<Tensor>, ForwardError> {
+    let mut by_expert: BTreeMap<usize, WorkItem> = BTreeMap::new();
+    let mut sizes = Vec::with_capacity(batch.len());
+    let mut offset = 0;
+    for job in batch {
+        for item in &job.work {
+            let joint = by_expert.entry(item.expert).or_insert_with(|| WorkItem {
+                expert: item.expert,
+                rows: Vec::new(),
+                weights: Vec::new(),
+            });
+            joint.rows.extend(item.rows.iter().map(|r| r + offset));
+            joint.weights.extend_from_slice(&item.weights);
+        }
+        let rows = job.hidden.size()[0];
+        sizes.push(rows);
+        offset += rows as usize;
+    }
+    let hidden = Tensor::f_cat(&batch.iter().map(|j| &j.hidden).collect::<Vec<_>>(), 0)?;
+    let work: Vec<WorkItem> = by_expert.into_values().collect();
+    let out = run(experts, options, batch[0].layer, &hidden, &work)?;
+    Ok(out
+        .f_split_with_sizes(&sizes, 0)?
+        .into_iter()
+        .map(|part| part.contiguous())
+        .collect())
+}
+
 fn run(
     experts: &LocalExperts,
     options: LoadOptions,
@@ -188,4 +271,112 @@ fn run(
     let xs = hidden.to_device(options.device).to_kind(options.kind);
     let out = experts.forward_rows(layer, &xs, work)?;
     Ok(out.f_to_kind(wire_kind)?.f_to_device(Device::Cpu)?)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Forwards that wait together run together: one computation, each
+    //! answered with what it would get alone.
+
+    use super::*;
+
+    fn job(
+        layer: usize,
+        hidden: Tensor,
+        work: Vec<WorkItem>,
+    ) -> (Job, oneshot::Receiver<Result<Computed, ForwardError>>) {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            layer,
+            hidden,
+            work,
+            queued: Instant::now(),
+            reply,
+        };
+        (job, answer)
+    }
+
+    fn item(expert: usize, rows: &[usize], weights: &[f32]) -> WorkItem {
+        WorkItem {
+            expert,
+            rows: rows.to_vec(),
+            weights: weights.to_vec(),
+        }
+    }
+
+    #[test]
+    fn waiting_jobs_of_a_layer_run_as_one_and_answer_as_alone() {
+        let _guard = tch::no_grad_guard();
+        let dir = tempfile::tempdir().unwrap();
+        tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
+        let config = MixtralConfig::from_file(&dir.path().join("config.json")).unwrap();
+        let checkpoint = Checkpoint::open(dir.path()).unwrap();
+        let experts =
+            LocalExperts::load(&checkpoint, &config, &|_, _| true, Kind::Float, Device::Cpu)
+                .unwrap();
+        let options = LoadOptions::default();
+        let h = config.hidden_size as i64;
+        let x = |rows: i64| Tensor::randn([rows, h], (Kind::Float, Device::Cpu));
+        let works = [
+            vec![item(1, &[0, 2], &[0.7, 0.4]), item(3, &[0, 1], &[0.3, 0.6])],
+            vec![item(1, &[1], &[1.0]), item(5, &[0], &[0.5])],
+            vec![item(3, &[0], &[0.9])],
+            vec![item(2, &[0, 1], &[0.2, 0.8])],
+        ];
+        let hiddens = [x(3), x(2), x(1), x(2)];
+        let layers = [1, 1, 0, 1];
+        let alone: Vec<Tensor> = (0..4)
+            .map(|i| run(&experts, options, layers[i], &hiddens[i], &works[i]).unwrap())
+            .collect();
+
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut answers = Vec::new();
+        for i in 0..4 {
+            let (job, answer) = job(layers[i], hiddens[i].shallow_clone(), works[i].clone());
+            tx.try_send(job).ok().unwrap();
+            answers.push(answer);
+        }
+        drop(tx);
+        let mut waiting = VecDeque::new();
+        let first = next_batch(&mut rx, &mut waiting).unwrap();
+        let layers_of = |b: &[Job]| b.iter().map(|j| j.layer).collect::<Vec<_>>();
+        assert_eq!(layers_of(&first), vec![1, 1, 1], "layer 1's jobs, in order");
+        assert_eq!(layers_of(waiting.make_contiguous()), vec![0]);
+        serve_batch(&experts, options, first);
+        let second = next_batch(&mut rx, &mut waiting).unwrap();
+        assert_eq!(layers_of(&second), vec![0]);
+        serve_batch(&experts, options, second);
+        assert!(next_batch(&mut rx, &mut waiting).is_none());
+        for (i, answer) in answers.into_iter().enumerate() {
+            let got = answer.blocking_recv().unwrap().unwrap().output;
+            assert_eq!(got.size(), alone[i].size());
+            let diff = (&got - &alone[i]).abs().max().double_value(&[]);
+            assert!(diff < 1e-6, "job {i}: {diff}");
+        }
+    }
+
+    #[test]
+    fn a_batch_that_fails_together_answers_each_job_alone() {
+        let _guard = tch::no_grad_guard();
+        let dir = tempfile::tempdir().unwrap();
+        tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
+        let config = MixtralConfig::from_file(&dir.path().join("config.json")).unwrap();
+        let checkpoint = Checkpoint::open(dir.path()).unwrap();
+        let held = |layer: usize, expert: usize| layer == 0 && expert < 2;
+        let experts =
+            LocalExperts::load(&checkpoint, &config, &held, Kind::Float, Device::Cpu).unwrap();
+        let h = config.hidden_size as i64;
+        let x = || Tensor::randn([1, h], (Kind::Float, Device::Cpu));
+        let (good, good_answer) = job(0, x(), vec![item(1, &[0], &[1.0])]);
+        let (bad, bad_answer) = job(0, x(), vec![item(6, &[0], &[1.0])]);
+        serve_batch(&experts, LoadOptions::default(), vec![good, bad]);
+        assert!(good_answer.blocking_recv().unwrap().is_ok());
+        assert!(matches!(
+            bad_answer.blocking_recv().unwrap(),
+            Err(ForwardError::ExpertNotHeld {
+                layer: 0,
+                expert: 6
+            })
+        ));
+    }
 }

@@ -8,6 +8,7 @@ use tramontane_infra::metrics::{STEP_SECONDS_BUCKETS, install_recorder};
 pub const FORWARD_LATENCY: &str = "tramontane_worker_forward_latency_seconds";
 pub const COMPUTE_DURATION: &str = "tramontane_worker_compute_duration_seconds";
 pub const QUEUE_WAIT: &str = "tramontane_worker_queue_wait_seconds";
+pub const BATCHED_FORWARDS: &str = "tramontane_worker_batched_forwards";
 pub const EXPERT_TOKENS_TOTAL: &str = "tramontane_worker_expert_tokens_total";
 pub const QUEUE_DEPTH: &str = "tramontane_worker_queue_depth";
 pub const MEMORY_BYTES: &str = "tramontane_worker_memory_bytes";
@@ -19,6 +20,7 @@ pub fn install() -> PrometheusHandle {
         (FORWARD_LATENCY, STEP_SECONDS_BUCKETS),
         (COMPUTE_DURATION, STEP_SECONDS_BUCKETS),
         (QUEUE_WAIT, STEP_SECONDS_BUCKETS),
+        (BATCHED_FORWARDS, &[1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0]),
     ]);
     describe_histogram!(
         FORWARD_LATENCY,
@@ -34,6 +36,10 @@ pub fn install() -> PrometheusHandle {
         QUEUE_WAIT,
         Unit::Seconds,
         "How long one Forward waited for the compute thread."
+    );
+    describe_histogram!(
+        BATCHED_FORWARDS,
+        "Forwards of one layer computed together (those that waited while the thread was busy: from several routers, or micro-batches)."
     );
     describe_counter!(
         EXPERT_TOKENS_TOTAL,
