@@ -26,18 +26,6 @@ pub struct LayerInFlight {
 }
 
 impl DecoderLayer {
-    pub fn forward(
-        &self,
-        xs: &Tensor,
-        rotary: &RotaryTables,
-        layout: &StepLayout,
-        pool: &KvPool,
-        experts: &dyn Experts,
-    ) -> Result<Tensor, ForwardError> {
-        let in_flight = self.start(xs, rotary, layout, pool, experts)?;
-        Self::finish(in_flight, experts)
-    }
-
     /// Attention, then the MoE's routing, and its experts started.
     pub fn start(
         &self,
