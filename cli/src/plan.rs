@@ -79,9 +79,10 @@ pub struct PlanArgs {
     /// Expert slots per worker beyond an even share, for replicas of hot experts.
     #[arg(long, default_value_t = 1)]
     pub spare_slots: usize,
-    /// dtype of hidden states on the wire (the router's --wire-dtype).
-    #[arg(long, value_enum, default_value = "f32")]
-    pub wire_dtype: Dtype,
+    /// dtype of hidden states on the wire (the router's --wire-dtype;
+    /// default: the compute dtype, as the router's).
+    #[arg(long, value_enum)]
+    pub wire_dtype: Option<Dtype>,
     #[command(flatten)]
     pub scheduler: SchedulerArgs,
     /// Write the chosen plan's placement here (the router's and serve's --placement).
@@ -98,7 +99,8 @@ pub struct PlanArgs {
 pub fn run(args: &PlanArgs) -> Result<()> {
     let planned = PlannedModel::read(&args.model)
         .with_context(|| format!("--model {}", args.model.display()))?;
-    let model = ModelShape::new(&planned.config, planned.dtype(args.dtype)?.bytes());
+    let dtype = planned.dtype(args.dtype)?;
+    let model = ModelShape::new(&planned.config, dtype.bytes());
     let profile = Profile::load(&args.profile, &model)?;
     let routing = match &args.routing_trace {
         Some(path) => TokenRouting::from_trace(path, &model, Some(&planned.model_id))?,
@@ -127,7 +129,7 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         routing,
         workload,
         scheduler,
-        wire_bytes: args.wire_dtype.bytes(),
+        wire_bytes: args.wire_dtype.unwrap_or(dtype).bytes(),
         policy: match args.placement_policy {
             Policy::Eplb => PlacementPolicy::Eplb,
             Policy::RoundRobin => PlacementPolicy::RoundRobin,
