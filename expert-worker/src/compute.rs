@@ -296,6 +296,17 @@ mod tests {
         (job, answer)
     }
 
+    /// The experts `held` selects of the tiny test checkpoint, in f32, and its hidden size.
+    fn tiny_experts(held: tramontane_model::moe::ExpertSelection<'_>) -> (LocalExperts, i64) {
+        let dir = tempfile::tempdir().unwrap();
+        tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
+        let config = MixtralConfig::from_file(&dir.path().join("config.json")).unwrap();
+        let checkpoint = Checkpoint::open(dir.path()).unwrap();
+        let experts =
+            LocalExperts::load(&checkpoint, &config, held, Kind::Float, Device::Cpu).unwrap();
+        (experts, config.hidden_size as i64)
+    }
+
     fn item(expert: usize, rows: &[usize], weights: &[f32]) -> WorkItem {
         WorkItem {
             expert,
@@ -307,15 +318,8 @@ mod tests {
     #[test]
     fn waiting_jobs_of_a_layer_run_as_one_and_answer_as_alone() {
         let _guard = tch::no_grad_guard();
-        let dir = tempfile::tempdir().unwrap();
-        tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
-        let config = MixtralConfig::from_file(&dir.path().join("config.json")).unwrap();
-        let checkpoint = Checkpoint::open(dir.path()).unwrap();
-        let experts =
-            LocalExperts::load(&checkpoint, &config, &|_, _| true, Kind::Float, Device::Cpu)
-                .unwrap();
+        let (experts, h) = tiny_experts(&|_, _| true);
         let options = LoadOptions::default();
-        let h = config.hidden_size as i64;
         let x = |rows: i64| Tensor::randn([rows, h], (Kind::Float, Device::Cpu));
         let works = [
             vec![item(1, &[0, 2], &[0.7, 0.4]), item(3, &[0, 1], &[0.3, 0.6])],
@@ -358,14 +362,7 @@ mod tests {
     #[test]
     fn a_batch_that_fails_together_answers_each_job_alone() {
         let _guard = tch::no_grad_guard();
-        let dir = tempfile::tempdir().unwrap();
-        tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
-        let config = MixtralConfig::from_file(&dir.path().join("config.json")).unwrap();
-        let checkpoint = Checkpoint::open(dir.path()).unwrap();
-        let held = |layer: usize, expert: usize| layer == 0 && expert < 2;
-        let experts =
-            LocalExperts::load(&checkpoint, &config, &held, Kind::Float, Device::Cpu).unwrap();
-        let h = config.hidden_size as i64;
+        let (experts, h) = tiny_experts(&|layer, expert| layer == 0 && expert < 2);
         let x = || Tensor::randn([1, h], (Kind::Float, Device::Cpu));
         let (good, good_answer) = job(0, x(), vec![item(1, &[0], &[1.0])]);
         let (bad, bad_answer) = job(0, x(), vec![item(6, &[0], &[1.0])]);

@@ -288,7 +288,7 @@ impl Mixtral {
                     Some(layer.start(&batch.xs, &batch.rotary, &batch.layout, kv, experts)?);
             }
         }
-        let outputs = batches
+        let mut outputs = batches
             .into_iter()
             .map(|batch| {
                 let mut xs = match batch.in_flight {
@@ -307,10 +307,10 @@ impl Mixtral {
                 Ok(xs)
             })
             .collect::<Result<Vec<_>, ForwardError>>()?;
-        let xs = if outputs.len() == 1 {
-            outputs.into_iter().next().unwrap_or_else(|| unreachable!())
-        } else {
-            Tensor::cat(&outputs, 0)
+        // One micro-batch needs no copy.
+        let xs = match outputs.len() {
+            1 => outputs.swap_remove(0),
+            _ => Tensor::cat(&outputs, 0),
         };
         let xs = self.norm.forward(&xs);
         Ok(projection::linear(&xs, &self.lm_head).to_kind(Kind::Float))

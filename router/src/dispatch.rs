@@ -51,8 +51,19 @@ pub fn combine(
     answer: &TensorPayload,
     precision: Precision,
 ) -> Result<(), CodecError> {
-    let rows: Vec<usize> = share.tokens.iter().map(|&t| t as usize).collect();
-    codec::add_rows(Some(answer), "output", &rows, hidden, out, precision)
+    codec::add_rows(
+        Some(answer),
+        "output",
+        &token_rows(share),
+        hidden,
+        out,
+        precision,
+    )
+}
+
+/// The rows of a share's tokens in the layer's `[tokens, hidden]` matrix.
+fn token_rows(share: &WorkerShare) -> Vec<usize> {
+    share.tokens.iter().map(|&t| t as usize).collect()
 }
 
 /// A worker as the router sees it. `client` is for probes and runs on the
@@ -239,8 +250,7 @@ impl RemoteExperts {
         share: &WorkerShare,
     ) -> Result<ForwardRequest, ForwardError> {
         let started = Instant::now();
-        let rows: Vec<usize> = share.tokens.iter().map(|&t| t as usize).collect();
-        let hidden_rows = codec::encode_rows(xs, hidden, &rows, self.wire)
+        let hidden_rows = codec::encode_rows(xs, hidden, &token_rows(share), self.wire)
             .map_err(|source| experts_failed(DispatchError::Encode { layer, source }))?;
         self.phases.record(Phase::Encode, started.elapsed());
         Ok(ForwardRequest {
