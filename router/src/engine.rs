@@ -422,15 +422,22 @@ impl Engine<'_> {
                 // Recorded before the client can learn that it is done, so
                 // that its next look at the metrics counts this request.
                 ::metrics::histogram!(metrics::E2E_REQUEST_LATENCY).record(now - s.job.submitted);
-                finished.push(slice.sequence);
-            }
-            if let Some(reason) = finish {
-                let _ = s.job.events.send(Event::Finished(reason));
+                finished.push((slice.sequence, finish));
             }
         }
-        for index in finished.into_iter().rev() {
+        // The finished sequences give their KV blocks back, and the gauges
+        // say so, before their clients hear that they are done.
+        let mut done = Vec::with_capacity(finished.len());
+        for (index, finish) in finished.into_iter().rev() {
             let mut s = self.running.remove(index);
             self.admission.release(&mut s);
+            done.push((s.job.events.clone(), finish));
+        }
+        self.report();
+        for (events, finish) in done.into_iter().rev() {
+            if let Some(reason) = finish {
+                let _ = events.send(Event::Finished(reason));
+            }
         }
     }
 }
