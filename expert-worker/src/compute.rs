@@ -3,6 +3,7 @@
 //! bounded channel. tokio tasks only decode, validate and reply.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -102,8 +103,18 @@ impl ComputeHandle {
                 let options = model.options;
                 let _ = ready_tx.send(Ok(info));
                 let mut waiting = VecDeque::new();
-                while let Some(batch) = next_batch(&mut jobs_rx, &mut waiting) {
-                    serve_batch(&experts, options, batch);
+                // A panic ends the thread (the handle sees its jobs channel
+                // close, and the worker stops); it is logged here.
+                let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    while let Some(batch) = next_batch(&mut jobs_rx, &mut waiting) {
+                        serve_batch(&experts, options, batch);
+                    }
+                }));
+                if let Err(panic) = served {
+                    tracing::error!(
+                        panic = tramontane_infra::error::panic_message(&*panic),
+                        "the compute thread failed"
+                    );
                 }
             })
             .map_err(StartError::Spawn)?;
@@ -134,6 +145,16 @@ impl ComputeHandle {
             .await
             .map_err(|_| ComputeError::Stopped)?
             .map_err(ComputeError::Failed)
+    }
+
+    /// The compute thread still runs.
+    pub fn is_running(&self) -> bool {
+        !self.jobs.is_closed()
+    }
+
+    /// Completes when the compute thread has ended.
+    pub async fn stopped(&self) {
+        self.jobs.closed().await
     }
 
     /// Jobs waiting for the compute thread.
@@ -175,13 +196,25 @@ fn load(model: &WorkerModel) -> Result<(LocalExperts, WorkerInfo), LoadError> {
 /// arrival order. `waiting` keeps the rest, in order. None once the channel
 /// is closed and nothing waits.
 fn next_batch(jobs: &mut mpsc::Receiver<Job>, waiting: &mut VecDeque<Job>) -> Option<Vec<Job>> {
-    if waiting.is_empty() {
-        waiting.push_back(jobs.blocking_recv()?);
-    }
-    while let Ok(job) = jobs.try_recv() {
-        waiting.push_back(job);
-    }
-    let first = waiting.pop_front()?;
+    let first = loop {
+        if waiting.is_empty() {
+            waiting.push_back(jobs.blocking_recv()?);
+        }
+        while let Ok(job) = jobs.try_recv() {
+            waiting.push_back(job);
+        }
+        // Work whose caller gave up (its deadline passed, it went away) is
+        // dropped unrun.
+        let before = waiting.len();
+        waiting.retain(|job| !job.reply.is_closed());
+        let abandoned = before - waiting.len();
+        if abandoned > 0 {
+            metrics::counter!(crate::metrics::ABANDONED_FORWARDS).increment(abandoned as u64);
+        }
+        if let Some(first) = waiting.pop_front() {
+            break first;
+        }
+    };
     let (layer, kind) = (first.layer, first.hidden.kind());
     let mut batch = vec![first];
     let mut rest = VecDeque::with_capacity(waiting.len());
@@ -256,8 +289,8 @@ fn run_joint(
     Ok(out
         .f_split_with_sizes(&sizes, 0)?
         .into_iter()
-        .map(|part| part.contiguous())
-        .collect())
+        .map(|part| part.f_contiguous())
+        .collect::<Result<_, _>>()?)
 }
 
 fn run(
@@ -268,7 +301,9 @@ fn run(
     work: &[WorkItem],
 ) -> Result<Tensor, ForwardError> {
     let wire_kind = hidden.kind();
-    let xs = hidden.to_device(options.device).to_kind(options.kind);
+    let xs = hidden
+        .f_to_device(options.device)?
+        .f_to_kind(options.kind)?;
     let out = experts.forward_rows(layer, &xs, work)?;
     Ok(out.f_to_kind(wire_kind)?.f_to_device(Device::Cpu)?)
 }
@@ -357,6 +392,27 @@ mod tests {
             let diff = (&got - &alone[i]).abs().max().double_value(&[]);
             assert!(diff < 1e-6, "job {i}: {diff}");
         }
+    }
+
+    #[test]
+    fn work_whose_caller_gave_up_is_dropped_unrun() {
+        let x = || Tensor::zeros([1, 4], (Kind::Float, Device::Cpu));
+        let (tx, mut rx) = mpsc::channel(8);
+        let (gone, gone_answer) = job(0, x(), vec![item(1, &[0], &[1.0])]);
+        let (kept, _kept_answer) = job(0, x(), vec![item(2, &[0], &[1.0])]);
+        let (later, later_answer) = job(1, x(), vec![item(3, &[0], &[1.0])]);
+        for job in [gone, kept, later] {
+            tx.try_send(job).ok().unwrap();
+        }
+        drop(gone_answer);
+        let mut waiting = VecDeque::new();
+        let batch = next_batch(&mut rx, &mut waiting).unwrap();
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].work[0].expert, 2, "the job still awaited");
+        // Given up while it waited behind the batch: dropped too.
+        drop(later_answer);
+        drop(tx);
+        assert!(next_batch(&mut rx, &mut waiting).is_none());
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub const FORWARD_LATENCY: &str = "tramontane_worker_forward_latency_seconds";
 pub const COMPUTE_DURATION: &str = "tramontane_worker_compute_duration_seconds";
 pub const QUEUE_WAIT: &str = "tramontane_worker_queue_wait_seconds";
 pub const BATCHED_FORWARDS: &str = "tramontane_worker_batched_forwards";
+pub const ABANDONED_FORWARDS: &str = "tramontane_worker_abandoned_forwards_total";
 pub const EXPERT_TOKENS_TOTAL: &str = "tramontane_worker_expert_tokens_total";
 pub const QUEUE_DEPTH: &str = "tramontane_worker_queue_depth";
 pub const MEMORY_BYTES: &str = "tramontane_worker_memory_bytes";
@@ -53,5 +54,9 @@ pub fn install() -> PrometheusHandle {
         "Memory in use: kind=\"rss\" (the process), kind=\"weights\" (expert tensors)."
     );
     describe_counter!(ERRORS_TOTAL, "Failed Forwards by gRPC code.");
+    describe_counter!(
+        ABANDONED_FORWARDS,
+        "Forwards dropped unrun because their caller gave up while they waited."
+    );
     handle
 }

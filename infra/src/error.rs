@@ -20,9 +20,32 @@ pub fn chain(error: &dyn Error) -> String {
     message
 }
 
+/// The message a panic was raised with (`panic!("...")` gives a `&str` or
+/// a `String`; anything else is named as such).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_string()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a panic without a message".into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn panic_messages_are_read_from_either_payload() {
+        let of = |f: fn()| panic_message(&*std::panic::catch_unwind(f).unwrap_err());
+        assert_eq!(of(|| panic!("plain")), "plain");
+        assert_eq!(of(|| panic!("formatted {}", 1)), "formatted 1");
+        assert_eq!(
+            of(|| std::panic::panic_any(7_u8)),
+            "a panic without a message"
+        );
+    }
 
     #[derive(Debug)]
     struct Outer(std::io::Error);

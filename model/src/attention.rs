@@ -7,7 +7,7 @@
 //! mask. Query heads are grouped by their key/value head, so keys and values
 //! are never repeated per head.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 use crate::error::ForwardError;
 use crate::kv_cache::{BLOCK_SIZE, KvCache, KvPool, blocks_for};
@@ -87,56 +87,64 @@ impl StepLayout {
         caches: &[&mut KvCache],
         sliding_window: Option<usize>,
         device: Device,
-    ) -> Self {
+    ) -> Result<Self, TchError> {
         let slots: Vec<i64> = spans
             .iter()
             .zip(caches)
             .flat_map(|(span, cache)| (span.start..span.end()).map(|p| cache.slot(p)))
             .collect();
         let decoding: Vec<usize> = (0..spans.len()).filter(|&i| spans[i].len == 1).collect();
-        let decode = (!decoding.is_empty()).then(|| {
-            let blocks = decoding
-                .iter()
-                .map(|&i| blocks_for(spans[i].end()))
-                .max()
-                .unwrap_or(1);
-            let table = block_table(decoding.iter().map(|&i| &*caches[i]), blocks, device);
-            let width = (blocks * BLOCK_SIZE) as i64;
-            let ends: Vec<i64> = decoding.iter().map(|&i| spans[i].end() as i64).collect();
-            let ends = Tensor::from_slice(&ends).to_device(device).view([-1, 1]);
-            let key_pos = Tensor::arange(width, (Kind::Int64, device)).view([1, -1]);
-            let mut mask = key_pos.lt_tensor(&ends);
-            if let Some(window) = sliding_window {
-                // The new token sits at end - 1 and sees the `window` last positions.
-                mask = mask.logical_and(&key_pos.ge_tensor(&(&ends - window as i64)));
-            }
-            let every_row = decoding.len() == spans.len();
-            let rows: Vec<i64> = decoding.iter().map(|&i| spans[i].row as i64).collect();
-            DecodeGroup {
-                rows: (!every_row).then(|| Tensor::from_slice(&rows).to_device(device)),
-                table,
-                mask: mask.view([decoding.len() as i64, 1, 1, width]),
-            }
-        });
+        let decode = (!decoding.is_empty())
+            .then(|| -> Result<DecodeGroup, TchError> {
+                let blocks = decoding
+                    .iter()
+                    .map(|&i| blocks_for(spans[i].end()))
+                    .max()
+                    .unwrap_or(1);
+                let table = block_table(decoding.iter().map(|&i| &*caches[i]), blocks, device)?;
+                let width = (blocks * BLOCK_SIZE) as i64;
+                let ends: Vec<i64> = decoding.iter().map(|&i| spans[i].end() as i64).collect();
+                let ends = Tensor::f_from_slice(&ends)?
+                    .f_to_device(device)?
+                    .f_view([-1, 1])?;
+                let key_pos = Tensor::f_arange(width, (Kind::Int64, device))?.f_view([1, -1])?;
+                let mut mask = key_pos.f_lt_tensor(&ends)?;
+                if let Some(window) = sliding_window {
+                    // The new token sits at end - 1 and sees the `window` last positions.
+                    mask = mask
+                        .f_logical_and(&key_pos.f_ge_tensor(&ends.f_sub_scalar(window as i64)?)?)?;
+                }
+                let every_row = decoding.len() == spans.len();
+                let rows: Vec<i64> = decoding.iter().map(|&i| spans[i].row as i64).collect();
+                Ok(DecodeGroup {
+                    rows: (!every_row)
+                        .then(|| Tensor::f_from_slice(&rows)?.f_to_device(device))
+                        .transpose()?,
+                    table,
+                    mask: mask.f_view([decoding.len() as i64, 1, 1, width])?,
+                })
+            })
+            .transpose()?;
         let prefills = spans
             .iter()
             .zip(caches)
             .filter(|(span, _)| span.len > 1)
             .map(|(span, cache)| {
                 let table = (span.start > 0)
-                    .then(|| block_table([&**cache], blocks_for(span.end()), device));
-                PrefillChunk {
+                    .then(|| block_table([&**cache], blocks_for(span.end()), device))
+                    .transpose()?;
+                Ok(PrefillChunk {
                     span: *span,
                     table,
-                    mask: AttentionMask::for_chunk(span, sliding_window, device),
-                }
+                    mask: AttentionMask::for_chunk(span, sliding_window, device)?,
+                })
             })
-            .collect();
-        Self {
-            slots: Tensor::from_slice(&slots).to_device(device),
+            .collect::<Result<_, TchError>>()?;
+        Ok(Self {
+            slots: Tensor::f_from_slice(&slots)?.f_to_device(device)?,
             decode,
             prefills,
-        }
+        })
     }
 }
 
@@ -146,14 +154,14 @@ fn block_table<'c>(
     caches: impl IntoIterator<Item = &'c KvCache>,
     blocks: usize,
     device: Device,
-) -> Tensor {
+) -> Result<Tensor, TchError> {
     let table: Vec<i64> = caches
         .into_iter()
         .flat_map(|cache| cache.padded_table(blocks))
         .collect();
-    Tensor::from_slice(&table)
-        .to_device(device)
-        .view([-1, blocks as i64])
+    Tensor::f_from_slice(&table)?
+        .f_to_device(device)?
+        .f_view([-1, blocks as i64])
 }
 
 impl Attention {
@@ -180,69 +188,76 @@ impl Attention {
     ) -> Result<Tensor, ForwardError> {
         let tokens = xs.size()[0];
         let q_dim = self.num_heads * self.head_dim;
-        let mut qkv = projection::linear(xs, &self.qkv_proj);
+        let mut qkv = projection::linear(xs, &self.qkv_proj)?;
         // q's and k's heads lead each row: a few rows are rotated in place.
         let rotated = rotary.rotate_leading_heads(&mut qkv, self.num_heads + self.num_kv_heads);
         let heads = |start: i64, count: i64| {
-            qkv.narrow(1, start * self.head_dim, count * self.head_dim)
-                .view([tokens, count, self.head_dim])
+            qkv.f_narrow(1, start * self.head_dim, count * self.head_dim)?
+                .f_view([tokens, count, self.head_dim])
         };
         let (mut q, mut k) = (
-            heads(0, self.num_heads),
-            heads(self.num_heads, self.num_kv_heads),
+            heads(0, self.num_heads)?,
+            heads(self.num_heads, self.num_kv_heads)?,
         );
         if !rotated {
-            (q, k) = (rotary.apply(&q), rotary.apply(&k));
+            (q, k) = (rotary.apply(&q)?, rotary.apply(&k)?);
         }
-        let v = heads(self.num_heads + self.num_kv_heads, self.num_kv_heads);
+        let v = heads(self.num_heads + self.num_kv_heads, self.num_kv_heads)?;
         pool.write(layer, &layout.slots, &k, &v)?;
 
         let decoded = layout
             .decode
             .as_ref()
-            .map(|group| self.decode(layer, &q, group, pool));
+            .map(|group| self.decode(layer, &q, group, pool))
+            .transpose()?;
         let out = match (&decoded, layout.prefills.is_empty()) {
             (Some(out), true) => out.shallow_clone(),
             _ => {
-                let out = Tensor::zeros([tokens, q_dim], (q.kind(), q.device()));
+                let out = Tensor::f_zeros([tokens, q_dim], (q.kind(), q.device()))?;
                 if let (Some(group), Some(decoded)) = (&layout.decode, &decoded) {
                     let rows = group.rows.as_ref().expect("mixed steps carry decode rows");
                     let _ = out.shallow_clone().f_index_copy_(0, rows, decoded)?;
                 }
                 for chunk in &layout.prefills {
-                    let attended = self.prefill(layer, &q, &k, &v, chunk, pool);
-                    out.narrow(0, chunk.span.row as i64, chunk.span.len as i64)
-                        .copy_(&attended);
+                    let attended = self.prefill(layer, &q, &k, &v, chunk, pool)?;
+                    out.f_narrow(0, chunk.span.row as i64, chunk.span.len as i64)?
+                        .f_copy_(&attended)?;
                 }
                 out
             }
         };
-        Ok(projection::linear(&out, &self.o_proj))
+        Ok(projection::linear(&out, &self.o_proj)?)
     }
 
     /// One token per sequence, every sequence at once: `[sequences, heads * head_dim]`.
-    fn decode(&self, layer: usize, q: &Tensor, group: &DecodeGroup, pool: &KvPool) -> Tensor {
+    fn decode(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        group: &DecodeGroup,
+        pool: &KvPool,
+    ) -> Result<Tensor, TchError> {
         let q = match &group.rows {
-            Some(rows) => q.index_select(0, rows),
+            Some(rows) => q.f_index_select(0, rows)?,
             None => q.shallow_clone(),
         };
         let sequences = q.size()[0];
         let groups = self.num_heads / self.num_kv_heads;
         // [sequences, heads, d] -> [sequences, kv_heads, groups, d]: the
         // query heads of a kv head are that head's "queries".
-        let q = q.view([sequences, self.num_kv_heads, groups, self.head_dim]);
-        let (keys, values) = pool.gather(layer, &group.table);
-        let out = Tensor::scaled_dot_product_attention(
+        let q = q.f_view([sequences, self.num_kv_heads, groups, self.head_dim])?;
+        let (keys, values) = pool.gather(layer, &group.table)?;
+        let out = Tensor::f_scaled_dot_product_attention(
             &q,
-            &keys.transpose(1, 2),
-            &values.transpose(1, 2),
+            &keys.f_transpose(1, 2)?,
+            &values.f_transpose(1, 2)?,
             Some(&group.mask),
             0.0,
             false,
             None,
             false,
-        );
-        out.reshape([sequences, self.num_heads * self.head_dim])
+        )?;
+        out.f_reshape([sequences, self.num_heads * self.head_dim])
     }
 
     /// One sequence's chunk of new tokens: `[len, heads * head_dim]`.
@@ -254,25 +269,25 @@ impl Attention {
         v: &Tensor,
         chunk: &PrefillChunk,
         pool: &KvPool,
-    ) -> Tensor {
+    ) -> Result<Tensor, TchError> {
         let span = chunk.span;
         let len = span.len as i64;
         // [tokens, heads, d] -> this sequence's [1, heads, len, d]
         let rows = |t: &Tensor| {
-            t.narrow(0, span.row as i64, len)
-                .transpose(0, 1)
-                .unsqueeze(0)
+            t.f_narrow(0, span.row as i64, len)?
+                .f_transpose(0, 1)?
+                .f_unsqueeze(0)
         };
         let (keys, values) = match &chunk.table {
-            None => (rows(k), rows(v)),
+            None => (rows(k)?, rows(v)?),
             Some(table) => {
-                let (keys, values) = pool.gather(layer, table);
-                let cached = |t: Tensor| t.narrow(1, 0, span.end() as i64).transpose(1, 2);
-                (cached(keys), cached(values))
+                let (keys, values) = pool.gather(layer, table)?;
+                let cached = |t: Tensor| t.f_narrow(1, 0, span.end() as i64)?.f_transpose(1, 2);
+                (cached(keys)?, cached(values)?)
             }
         };
-        let out = Tensor::scaled_dot_product_attention(
-            &rows(q),
+        let out = Tensor::f_scaled_dot_product_attention(
+            &rows(q)?,
             &keys,
             &values,
             chunk.mask.explicit(),
@@ -280,12 +295,12 @@ impl Attention {
             matches!(chunk.mask, AttentionMask::Causal),
             None,
             true,
-        );
+        )?;
         // [1, heads, len, d] -> [len, heads * d]
-        out.squeeze_dim(0)
-            .transpose(0, 1)
-            .contiguous()
-            .view([len, self.num_heads * self.head_dim])
+        out.f_squeeze_dim(0)?
+            .f_transpose(0, 1)?
+            .f_contiguous()?
+            .f_view([len, self.num_heads * self.head_dim])
     }
 }
 
@@ -300,20 +315,25 @@ impl AttentionMask {
     /// What limits which positions a chunk's tokens may see: plain causality
     /// from position 0 (the fused causal kernel), or an explicit mask when
     /// the chunk follows cached positions or the window cuts in.
-    fn for_chunk(span: &SequenceSpan, window: Option<usize>, device: Device) -> Self {
+    fn for_chunk(
+        span: &SequenceSpan,
+        window: Option<usize>,
+        device: Device,
+    ) -> Result<Self, TchError> {
         let total = span.end();
         if span.start == 0 && window.is_none_or(|w| total <= w) {
-            return AttentionMask::Causal;
+            return Ok(AttentionMask::Causal);
         }
         let query_pos =
-            Tensor::arange_start(span.start as i64, total as i64, (Kind::Int64, device))
-                .unsqueeze(1);
-        let key_pos = Tensor::arange(total as i64, (Kind::Int64, device)).unsqueeze(0);
-        let mut allowed = key_pos.le_tensor(&query_pos);
+            Tensor::f_arange_start(span.start as i64, total as i64, (Kind::Int64, device))?
+                .f_unsqueeze(1)?;
+        let key_pos = Tensor::f_arange(total as i64, (Kind::Int64, device))?.f_unsqueeze(0)?;
+        let mut allowed = key_pos.f_le_tensor(&query_pos)?;
         if let Some(window) = window {
-            allowed = allowed.logical_and(&key_pos.gt_tensor(&(&query_pos - window as i64)));
+            allowed = allowed
+                .f_logical_and(&key_pos.f_gt_tensor(&query_pos.f_sub_scalar(window as i64)?)?)?;
         }
-        AttentionMask::Explicit(allowed)
+        Ok(AttentionMask::Explicit(allowed))
     }
 
     fn explicit(&self) -> Option<&Tensor> {

@@ -6,7 +6,7 @@
 //! every small-batch call and two halves pack faster than one whole
 //! (measured on the `bench` model's shapes, batch rows 4 to 32).
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 use crate::error::{ForwardError, WeightsError};
 use crate::projection;
@@ -66,14 +66,14 @@ impl Expert {
     }
 
     /// w1 and w3, `[intermediate, hidden]` each (views of the stacked matrix).
-    fn gate_and_up(&self) -> (Tensor, Tensor) {
-        match &self.gate_up {
+    fn gate_and_up(&self) -> Result<(Tensor, Tensor), TchError> {
+        Ok(match &self.gate_up {
             GateUp::Stacked { w13, intermediate } => (
-                w13.narrow(0, 0, *intermediate),
-                w13.narrow(0, *intermediate, *intermediate),
+                w13.f_narrow(0, 0, *intermediate)?,
+                w13.f_narrow(0, *intermediate, *intermediate)?,
             ),
             GateUp::Apart { w1, w3 } => (w1.shallow_clone(), w3.shallow_clone()),
-        }
+        })
     }
 
     /// `out[r] += weight · expert(xs[r])` for each of `rows` and its weight;
@@ -90,36 +90,41 @@ impl Expert {
         if rows.is_empty() {
             return Ok(());
         }
-        let (w1, w3) = self.gate_and_up();
+        let (w1, w3) = self.gate_and_up()?;
         if projection::add_expert(xs, [&w1, &w3, &self.w2], rows, weights, out)? {
             return Ok(());
         }
         let device = xs.device();
         let index: Vec<i64> = rows.iter().map(|&row| row as i64).collect();
-        let index = Tensor::from_slice(&index).f_to_device(device)?;
-        let scale = Tensor::from_slice(weights)
+        let index = Tensor::f_from_slice(&index)?.f_to_device(device)?;
+        let scale = Tensor::f_from_slice(weights)?
             .f_to_device(device)?
             .f_to_kind(xs.kind())?;
-        let y = self.forward(&xs.f_index_select(0, &index)?) * scale.unsqueeze(1);
+        let y = self
+            .forward(&xs.f_index_select(0, &index)?)?
+            .f_mul(&scale.f_unsqueeze(1)?)?;
         let _ = out.f_index_add_(0, &index, &y.f_to_kind(out.kind())?)?;
         Ok(())
     }
 
     /// `xs`: `[rows, hidden]` -> `[rows, hidden]`, through libtorch where
     /// the kernels do not take the gate/up projection.
-    fn forward(&self, xs: &Tensor) -> Tensor {
-        let (w1, w3) = self.gate_and_up();
-        let on_kernels = projection::swiglu(xs, &w1, &w3);
+    fn forward(&self, xs: &Tensor) -> Result<Tensor, TchError> {
+        let (w1, w3) = self.gate_and_up()?;
+        let on_kernels = projection::swiglu(xs, &w1, &w3)?;
         let hidden = match (on_kernels, &self.gate_up) {
             (Some(hidden), _) => hidden,
             (None, GateUp::Stacked { w13, intermediate }) => {
-                let projected = xs.linear(w13, None::<Tensor>);
-                projected.narrow(1, 0, *intermediate).silu()
-                    * projected.narrow(1, *intermediate, *intermediate)
+                let projected = xs.f_linear(w13, None::<Tensor>)?;
+                projected
+                    .f_narrow(1, 0, *intermediate)?
+                    .f_silu()?
+                    .f_mul(&projected.f_narrow(1, *intermediate, *intermediate)?)?
             }
-            (None, GateUp::Apart { w1, w3 }) => {
-                xs.linear(w1, None::<Tensor>).silu() * xs.linear(w3, None::<Tensor>)
-            }
+            (None, GateUp::Apart { w1, w3 }) => xs
+                .f_linear(w1, None::<Tensor>)?
+                .f_silu()?
+                .f_mul(&xs.f_linear(w3, None::<Tensor>)?)?,
         };
         projection::linear(&hidden, &self.w2)
     }

@@ -39,7 +39,7 @@ impl Gate {
 
     /// `xs`: `[tokens, hidden]`.
     pub fn route(&self, xs: &Tensor) -> Result<Routing, tch::TchError> {
-        let logits = crate::projection::linear(xs, &self.weight);
+        let logits = crate::projection::linear(xs, &self.weight)?;
         route_logits(&logits, self.top_k, xs.kind())
     }
 }

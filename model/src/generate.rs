@@ -39,7 +39,7 @@ pub fn generate_greedy(
             })
             .collect();
         let logits = model.forward(&kv, &mut batch, Logits::LastPosition)?;
-        let mut next = Vec::<i64>::try_from(logits.argmax(-1, false))?.into_iter();
+        let mut next = Vec::<i64>::try_from(logits.f_argmax(-1, false)?)?.into_iter();
         for (output, feed) in outputs.iter_mut().zip(pending.iter_mut()) {
             if feed.is_none() {
                 continue;

@@ -11,7 +11,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 use crate::error::ForwardError;
 use tramontane_config::MixtralConfig;
@@ -141,16 +141,20 @@ impl KvPool {
     /// Layer `layer`'s keys and values of the blocks of `table`
     /// (`[sequences, blocks]`, i64): `[sequences, blocks * BLOCK_SIZE,
     /// kv_heads, head_dim]` each.
-    pub(crate) fn gather(&self, layer: usize, table: &Tensor) -> (Tensor, Tensor) {
+    pub(crate) fn gather(
+        &self,
+        layer: usize,
+        table: &Tensor,
+    ) -> Result<(Tensor, Tensor), TchError> {
         let size = table.size();
         let read = |pool: &Tensor| {
             let shape = pool.size();
             let (kv_heads, head_dim) = (shape[1], shape[2]);
-            pool.view([-1, BLOCK_SIZE as i64, kv_heads, head_dim])
-                .index_select(0, &table.view([-1]))
-                .view([size[0], size[1] * BLOCK_SIZE as i64, kv_heads, head_dim])
+            pool.f_view([-1, BLOCK_SIZE as i64, kv_heads, head_dim])?
+                .f_index_select(0, &table.f_view([-1])?)?
+                .f_view([size[0], size[1] * BLOCK_SIZE as i64, kv_heads, head_dim])
         };
-        (read(&self.keys[layer]), read(&self.values[layer]))
+        Ok((read(&self.keys[layer])?, read(&self.values[layer])?))
     }
 }
 

@@ -37,15 +37,15 @@ impl DecoderLayer {
     ) -> Result<LayerInFlight, ForwardError> {
         let attended = self.attention.forward(
             self.index,
-            &self.input_layernorm.forward(xs),
+            &self.input_layernorm.forward(xs)?,
             rotary,
             layout,
             pool,
         )?;
-        let residual = xs + attended;
+        let residual = xs.f_add(&attended)?;
         let experts = self.moe.start(
             self.index,
-            &self.post_attention_layernorm.forward(&residual),
+            &self.post_attention_layernorm.forward(&residual)?,
             experts,
         )?;
         Ok(LayerInFlight { residual, experts })
@@ -53,6 +53,8 @@ impl DecoderLayer {
 
     /// The layer's output once its experts have answered.
     pub fn finish(in_flight: LayerInFlight, experts: &dyn Experts) -> Result<Tensor, ForwardError> {
-        Ok(in_flight.residual + experts.finish(in_flight.experts)?)
+        Ok(in_flight
+            .residual
+            .f_add(&experts.finish(in_flight.experts)?)?)
     }
 }

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 use crate::attention::{Attention, AttentionWeights, SequenceSpan, StepLayout};
 use crate::error::{ForwardError, LoadError, WeightsError};
@@ -265,17 +265,17 @@ impl Mixtral {
         which: Logits,
     ) -> Result<Tensor, ForwardError> {
         if spans.is_empty() {
-            return Ok(Tensor::zeros(
+            return Ok(Tensor::f_zeros(
                 [0, self.config.vocab_size as i64],
                 (Kind::Float, self.options.device),
-            ));
+            )?);
         }
         let lens: Vec<usize> = spans.iter().map(|s| s.len).collect();
         let groups = micro_batches(&lens, self.experts.micro_batches(spans.len(), ids.len()));
         let mut batches = groups
             .iter()
             .map(|sequences| self.micro_batch(ids, spans, caches, sequences.clone()))
-            .collect::<Vec<_>>();
+            .collect::<Result<Vec<_>, _>>()?;
         // Layer by layer, micro-batch after micro-batch: each one's attention
         // runs while the experts of those before it are out.
         let experts = self.experts.as_ref();
@@ -301,8 +301,8 @@ impl Mixtral {
                         .iter()
                         .map(|s| (s.row + s.len - 1) as i64)
                         .collect();
-                    xs = xs
-                        .index_select(0, &Tensor::from_slice(&last).to_device(self.options.device));
+                    let last = Tensor::f_from_slice(&last)?.f_to_device(self.options.device)?;
+                    xs = xs.f_index_select(0, &last)?;
                 }
                 Ok(xs)
             })
@@ -310,10 +310,10 @@ impl Mixtral {
         // One micro-batch needs no copy.
         let xs = match outputs.len() {
             1 => outputs.swap_remove(0),
-            _ => Tensor::cat(&outputs, 0),
+            _ => Tensor::f_cat(&outputs, 0)?,
         };
-        let xs = self.norm.forward(&xs);
-        Ok(projection::linear(&xs, &self.lm_head).to_kind(Kind::Float))
+        let xs = self.norm.forward(&xs)?;
+        Ok(projection::linear(&xs, &self.lm_head)?.f_to_kind(Kind::Float)?)
     }
 
     /// The embeddings, rotary tables and attention layout of the sequences
@@ -324,7 +324,7 @@ impl Mixtral {
         spans: &[SequenceSpan],
         caches: &[&mut KvCache],
         sequences: std::ops::Range<usize>,
-    ) -> MicroBatch {
+    ) -> Result<MicroBatch, TchError> {
         let device = self.options.device;
         let first = spans[sequences.start].row;
         let group: Vec<SequenceSpan> = spans[sequences.clone()]
@@ -335,28 +335,28 @@ impl Mixtral {
             })
             .collect();
         let rows = group.iter().map(|s| s.len).sum::<usize>();
-        let ids = Tensor::from_slice(&ids[first..first + rows]).to_device(device);
+        let ids = Tensor::f_from_slice(&ids[first..first + rows])?.f_to_device(device)?;
         let positions: Vec<i64> = group
             .iter()
             .flat_map(|s| (s.start..s.start + s.len).map(|p| p as i64))
             .collect();
         let rotary = self.rotary.tables(
-            &Tensor::from_slice(&positions).to_device(device),
+            &Tensor::f_from_slice(&positions)?.f_to_device(device)?,
             self.options.kind,
-        );
+        )?;
         let layout = StepLayout::new(
             &group,
             &caches[sequences],
             self.config.sliding_window,
             device,
-        );
-        MicroBatch {
-            xs: self.embed_tokens.index_select(0, &ids),
+        )?;
+        Ok(MicroBatch {
+            xs: self.embed_tokens.f_index_select(0, &ids)?,
             spans: group,
             rotary,
             layout,
             in_flight: None,
-        }
+        })
     }
 }
 
@@ -398,7 +398,7 @@ pub fn micro_batches(lens: &[usize], groups: usize) -> Vec<std::ops::Range<usize
 mod tests {
     //! The paged KV cache under the model: decoding writes in place and
     //! gives what a full prefill gives; a failed step gives back the blocks
-    //! it took and leaves every cache as it was.
+    //! it took and leaves every cache as it was, a libtorch error included.
 
     use super::*;
     use crate::gating::Routing;
@@ -695,5 +695,59 @@ mod tests {
             matches!(err, ForwardError::ForeignCache { sequence: 0 }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_libtorch_error_in_a_step_is_an_err_not_a_panic() {
+        let _guard = tch::no_grad_guard();
+        let (dir, model) = tiny();
+        let checkpoint = Checkpoint::open(dir.path()).unwrap();
+        let config = model.config().clone();
+        // f64 experts under an f32 model pass every Rust-side check (the
+        // kernels turn them down on their kind); libtorch's matmul refuses
+        // the mixed dtypes. So does its index_copy_ for a KV pool in f64.
+        let experts = LocalExperts::load(
+            &checkpoint,
+            &config,
+            &|_, _| true,
+            Kind::Double,
+            Device::Cpu,
+        )
+        .unwrap();
+        let f64_experts = Mixtral::load_dense(
+            &checkpoint,
+            config.clone(),
+            LoadOptions::default(),
+            Box::new(experts),
+        )
+        .unwrap();
+        let f64_pool = KvPool::new(&config, 64, Kind::Double, Device::Cpu);
+        let all = tokens(10);
+        for (name, model, kv) in [
+            ("f64 experts", &f64_experts, model.kv_pool(64)),
+            ("f64 KV pool", &model, f64_pool),
+        ] {
+            // A prefill chunk, and a decode step.
+            for tokens in [&all[..], &all[..1]] {
+                let mut cache = kv.new_cache();
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    model.forward(
+                        &kv,
+                        &mut [BatchItem {
+                            tokens,
+                            cache: &mut cache,
+                        }],
+                        Logits::LastPosition,
+                    )
+                }));
+                let Ok(result) = result else {
+                    panic!("{name}, {} tokens: the step panicked", tokens.len());
+                };
+                let err = result.unwrap_err();
+                assert!(matches!(err, ForwardError::Torch(_)), "{name}: {err}");
+                assert_eq!((cache.positions(), cache.blocks().len()), (0, 0), "{name}");
+                assert_eq!(kv.free_blocks(), kv.total_blocks(), "{name}");
+            }
+        }
     }
 }

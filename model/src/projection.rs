@@ -7,7 +7,7 @@
 //! other devices and other dtypes go to libtorch's `linear`, which is faster
 //! once a GEMM's work outweighs its weight's bytes (prefill).
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 use tramontane_kernels::{
     Bf16, Element, ExpertWeights, F32, Kernel, Parallel, Routed, Shape, ShapeError,
 };
@@ -108,24 +108,27 @@ pub(crate) unsafe fn elements_mut<T>(tensor: &Tensor) -> &mut [T] {
 }
 
 /// The `[..., out]` output for `xs`'s leading dimensions.
-fn output_like(xs: &Tensor, outputs: i64) -> Tensor {
+fn output_like(xs: &Tensor, outputs: i64) -> Result<Tensor, TchError> {
     let mut size = xs.size();
     if let Some(last) = size.last_mut() {
         *last = outputs;
     }
-    Tensor::empty(size.as_slice(), (xs.kind(), Device::Cpu))
+    Tensor::f_empty(size.as_slice(), (xs.kind(), Device::Cpu))
 }
 
 /// `xs · wᵀ`: `[..., in]` against `[out, in]` -> `[..., out]`.
-pub fn linear(xs: &Tensor, w: &Tensor) -> Tensor {
-    on_kernels(xs, Weights::Linear(w)).unwrap_or_else(|| xs.linear(w, None::<Tensor>))
+pub fn linear(xs: &Tensor, w: &Tensor) -> Result<Tensor, TchError> {
+    match on_kernels(xs, Weights::Linear(w))? {
+        Some(out) => Ok(out),
+        None => xs.f_linear(w, None::<Tensor>),
+    }
 }
 
 /// `silu(xs · w1ᵀ) ⊙ (xs · w3ᵀ)` on the kernels, in one pass over w1 and w3;
 /// None where they do not take these tensors (the caller uses libtorch).
-pub fn swiglu(xs: &Tensor, w1: &Tensor, w3: &Tensor) -> Option<Tensor> {
+pub fn swiglu(xs: &Tensor, w1: &Tensor, w3: &Tensor) -> Result<Option<Tensor>, TchError> {
     if w1.size() != w3.size() {
-        return None;
+        return Ok(None);
     }
     on_kernels(xs, Weights::SwiGlu(w1, w3))
 }
@@ -222,11 +225,13 @@ impl<'a> Weights<'a> {
 
 /// `weights` applied to `xs` on the kernels; None where they do not take
 /// these tensors.
-fn on_kernels(xs: &Tensor, weights: Weights<'_>) -> Option<Tensor> {
-    let (team, rows, element) = kernel_call(xs, &weights.tensors())?;
-    let xs = xs.contiguous();
+fn on_kernels(xs: &Tensor, weights: Weights<'_>) -> Result<Option<Tensor>, TchError> {
+    let Some((team, rows, element)) = kernel_call(xs, &weights.tensors()) else {
+        return Ok(None);
+    };
+    let xs = xs.f_contiguous()?;
     let (outputs, inner) = (weights.size()[0], weights.size()[1]);
-    let out = output_like(&xs, outputs);
+    let out = output_like(&xs, outputs)?;
     let shape = Shape {
         rows: rows as usize,
         inner: inner as usize,
@@ -236,7 +241,7 @@ fn on_kernels(xs: &Tensor, weights: Weights<'_>) -> Option<Tensor> {
         Element::Bf16 => run::<Bf16>(team, &xs, weights, shape, &out),
         Element::F32 => run::<F32>(team, &xs, weights, shape, &out),
     };
-    done.ok().map(|()| out)
+    Ok(done.ok().map(|()| out))
 }
 
 fn run<K: Kernel>(
@@ -319,7 +324,7 @@ mod tests {
             let f32 = |t: &Tensor| t.to_kind(Kind::Float);
             for rows in [1, 2, 3, 5, 8, kernel_rows(kind), kernel_rows(kind) + 1] {
                 let xs = Tensor::randn([rows, inner], (Kind::Float, Device::Cpu)).to_kind(kind);
-                let ours = linear(&xs, &w);
+                let ours = linear(&xs, &w).unwrap();
                 assert_eq!(ours.size(), [rows, outputs]);
                 assert_eq!(ours.kind(), kind);
                 let reference = f32(&xs).linear(&f32(&w), None::<Tensor>);
@@ -331,7 +336,7 @@ mod tests {
 
                 let reference = f32(&xs).linear(&f32(&w1), None::<Tensor>).silu()
                     * f32(&xs).linear(&f32(&w3), None::<Tensor>);
-                match swiglu(&xs, &w1, &w3) {
+                match swiglu(&xs, &w1, &w3).unwrap() {
                     Some(ours) => {
                         assert!(rows <= kernel_rows(kind), "rows {rows} are libtorch's");
                         // Rounded as libtorch rounds: each projection, silu, the product.
@@ -349,7 +354,7 @@ mod tests {
                 .to_kind(kind)
                 .narrow(2, 0, inner);
             let reference = f32(&xs).linear(&f32(&w), None::<Tensor>);
-            let err = error(&linear(&xs, &w), &reference);
+            let err = error(&linear(&xs, &w).unwrap(), &reference);
             assert!(err <= tolerance, "{kind:?} strided: {err}");
         }
     }
@@ -366,7 +371,7 @@ mod tests {
             kernel_call(&xs, &[&w]).is_none(),
             "a transposed weight is not row-major"
         );
-        let diff = max_abs_diff(&linear(&xs, &w), &xs.linear(&w, None::<Tensor>));
+        let diff = max_abs_diff(&linear(&xs, &w).unwrap(), &xs.linear(&w, None::<Tensor>));
         assert_eq!(diff, 0.0);
     }
 }

@@ -1,7 +1,7 @@
 //! Rotary position embeddings (the "rotate half" layout of HF Llama/Mixtral),
 //! computed in fp32 once per forward step for the positions of every row.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 use tramontane_kernels::{Bf16, F32};
 
 use crate::projection::{elements, elements_mut, small_rows};
@@ -27,13 +27,16 @@ impl RotaryEmbedding {
     }
 
     /// Tables for `positions` (`[tokens]`), in `kind`.
-    pub fn tables(&self, positions: &Tensor, kind: Kind) -> RotaryTables {
-        let freqs = positions.to_kind(Kind::Float).unsqueeze(1) * self.inv_freq.unsqueeze(0);
-        let emb = Tensor::cat(&[&freqs, &freqs], -1);
-        RotaryTables {
-            cos: emb.cos().to_kind(kind),
-            sin: emb.sin().to_kind(kind),
-        }
+    pub fn tables(&self, positions: &Tensor, kind: Kind) -> Result<RotaryTables, TchError> {
+        let freqs = positions
+            .f_to_kind(Kind::Float)?
+            .f_unsqueeze(1)?
+            .f_mul(&self.inv_freq.f_unsqueeze(0)?)?;
+        let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
+        Ok(RotaryTables {
+            cos: emb.f_cos()?.f_to_kind(kind)?,
+            sin: emb.f_sin()?.f_to_kind(kind)?,
+        })
     }
 }
 
@@ -80,16 +83,16 @@ impl RotaryTables {
     }
 
     /// Rotates `xs` of shape `[tokens, heads, head_dim]`, row by row.
-    pub fn apply(&self, xs: &Tensor) -> Tensor {
-        let cos = self.cos.unsqueeze(1);
-        let sin = self.sin.unsqueeze(1);
-        xs * cos + rotate_half(xs) * sin
+    pub fn apply(&self, xs: &Tensor) -> Result<Tensor, TchError> {
+        let cos = self.cos.f_unsqueeze(1)?;
+        let sin = self.sin.f_unsqueeze(1)?;
+        xs.f_mul(&cos)?.f_add(&rotate_half(xs)?.f_mul(&sin)?)
     }
 }
 
-fn rotate_half(xs: &Tensor) -> Tensor {
+fn rotate_half(xs: &Tensor) -> Result<Tensor, TchError> {
     let half = xs.size()[2] / 2;
-    let x1 = xs.narrow(2, 0, half);
-    let x2 = xs.narrow(2, half, half);
-    Tensor::cat(&[&x2.neg(), &x1], 2)
+    let x1 = xs.f_narrow(2, 0, half)?;
+    let x2 = xs.f_narrow(2, half, half)?;
+    Tensor::f_cat(&[&x2.f_neg()?, &x1], 2)
 }
