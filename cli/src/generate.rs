@@ -28,6 +28,9 @@ pub struct GenerateArgs {
     /// A running router (`host:port`) to ask instead, over gRPC moe.v1.Generation.
     #[arg(long)]
     pub server: Option<String>,
+    /// The server's API key, sent as `authorization: Bearer KEY` (with --server).
+    #[arg(long, env = "TRAMONTANE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Text to continue.
     #[arg(long)]
     pub prompt: String,
@@ -93,12 +96,18 @@ fn run_remote(args: &GenerateArgs, server: &str) -> Result<()> {
         let mut client = GenerationClient::connect(uri.clone())
             .await
             .with_context(|| format!("connecting to {uri}"))?;
-        let request = GenerateRequest {
+        let mut request = tonic::Request::new(GenerateRequest {
             prompt: args.prompt.clone(),
             max_tokens,
             temperature: Some(0.0), // greedy, as in process
             ..Default::default()
-        };
+        });
+        if let Some(key) = &args.api_key {
+            let value = format!("Bearer {key}")
+                .parse()
+                .context("--api-key: not a valid metadata value")?;
+            request.metadata_mut().insert("authorization", value);
+        }
         let response = client
             .generate(request)
             .await

@@ -1,6 +1,7 @@
 //! Flag groups several subcommands share: where the model computes, the
 //! router's tuning and the scheduler's limits.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use tramontane_infra::grpc::DEFAULT_MAX_MESSAGE_BYTES;
 use tramontane_model::{Dtype, LoadOptions};
 use tramontane_policy::scheduler::{SchedulerConfig, SchedulerConfigError};
 use tramontane_router::RouterOptions;
+use tramontane_router::api_keys::ApiKeys;
 use tramontane_router::dispatch::MicroBatches;
 
 /// Where and how the model computes.
@@ -73,6 +75,10 @@ pub struct RouterTuning {
     /// How long to wait at start for every worker to answer, in seconds.
     #[arg(long, default_value_t = 120)]
     pub startup_timeout_s: u64,
+    /// On SIGTERM / Ctrl-C, how long the requests in flight may take to
+    /// finish (new ones are refused meanwhile), in seconds.
+    #[arg(long, alias = "drain-timeout-s", default_value_t = 30)]
+    pub drain_timeout: u64,
     /// Micro-batches per step: `auto` (2 for steps of 256 tokens or more,
     /// else 1) or a count. Their layers interleave: one's attention runs
     /// while another's experts are out on the workers.
@@ -88,12 +94,50 @@ pub struct RouterTuning {
     /// file (JSON lines; the planner's routing trace).
     #[arg(long)]
     pub record_routing: Option<PathBuf>,
+    /// Once the routing trace holds this many bytes it is renamed to
+    /// FILE.1 (replacing the one before) and a new FILE starts.
+    #[arg(long, default_value_t = 1 << 30)]
+    pub record_routing_max_bytes: u64,
     /// The model name clients send (default: the model folder's name).
     #[arg(long, env = "TRAMONTANE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
     /// Largest gRPC message to a worker, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
+    #[command(flatten)]
+    pub access: AccessArgs,
+}
+
+/// Who may call the public APIs, and where the observability routes are.
+#[derive(Debug, Args)]
+pub struct AccessArgs {
+    /// An API key clients must send (`Authorization: Bearer KEY`, gRPC
+    /// `authorization` metadata); repeat for several. Without any key the
+    /// APIs are open.
+    #[arg(long = "api-key", env = "TRAMONTANE_API_KEY", hide_env_values = true)]
+    pub api_keys: Vec<String>,
+    /// A file of API keys, one per line (`#` starts a comment line).
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// Serve /metrics, /v1/experts/stats and /health on this address of
+    /// their own, without a key (default: on the HTTP API's address, behind
+    /// the key).
+    #[arg(long, env = "TRAMONTANE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl AccessArgs {
+    pub fn api_keys(&self) -> Result<ApiKeys> {
+        let mut keys = self.api_keys.clone();
+        if let Some(path) = &self.api_key_file {
+            let from_file = ApiKeys::read_file(path)?;
+            if from_file.is_empty() {
+                bail!("--api-key-file {}: no key in it", path.display());
+            }
+            keys.extend(from_file);
+        }
+        ApiKeys::new(keys).map_err(|e| anyhow::anyhow!("--api-key: {e}"))
+    }
 }
 
 impl RouterTuning {
@@ -122,6 +166,9 @@ impl RouterTuning {
             max_message_bytes: self.max_message_bytes,
             served_model_name: self.served_model_name.clone(),
             record_routing: self.record_routing.clone(),
+            record_routing_max_bytes: self.record_routing_max_bytes,
+            api_keys: self.access.api_keys()?,
+            drain_timeout: Duration::from_secs(self.drain_timeout),
         })
     }
 }

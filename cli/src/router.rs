@@ -8,7 +8,7 @@ use anyhow::Result;
 use clap::Args;
 
 use crate::options::{ComputeArgs, RouterTuning};
-use crate::serving::start_and_serve;
+use crate::serving::{Addresses, start_and_serve};
 use crate::telemetry::TelemetryArgs;
 
 #[derive(Debug, Args)]
@@ -44,7 +44,12 @@ pub fn run(args: &RouterArgs) -> Result<()> {
         .options(args.model.clone(), args.workers.clone(), &args.compute)?;
     tokio::runtime::Runtime::new()?.block_on(async {
         let telemetry = crate::telemetry::init(&args.telemetry, "tramontane-router")?;
-        let served = start_and_serve(options, args.listen, args.http_listen, |_, _| Ok(())).await;
+        let listen = Addresses {
+            grpc: args.listen,
+            http: args.http_listen,
+            metrics: args.tuning.access.metrics_listen,
+        };
+        let served = start_and_serve(options, listen, |_| Ok(())).await;
         telemetry.shutdown().await;
         served
     })

@@ -1,17 +1,19 @@
 //! `tramontane serve`: a whole cluster on this machine — N worker processes
-//! and the router — until Ctrl-C / SIGTERM, which stops every child.
+//! and the router — until Ctrl-C / SIGTERM, which drains the router and
+//! then stops every worker. A worker that exits is started again.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use tramontane_launcher::supervisor::supervise;
 use tramontane_launcher::{WorkerCommand, spawn_worker, worker_share, write_prometheus_targets};
 use tramontane_model::MixtralConfig;
 use tramontane_policy::placement::Placement;
 
 use crate::options::{ComputeArgs, RouterTuning, parse_device};
-use crate::serving::start_and_serve;
+use crate::serving::{Addresses, start_and_serve};
 use crate::telemetry::TelemetryArgs;
 
 #[derive(Debug, Args)]
@@ -95,12 +97,12 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let telemetry = crate::telemetry::init(&args.telemetry, "tramontane-router")?;
-        let mut children = Vec::new();
-        let mut lifelines = Vec::new();
+        let mut supervisors = Vec::new();
         let mut addrs = Vec::new();
         let exe = std::env::current_exe().context("finding the tramontane binary")?;
         for worker in 0..args.workers {
-            let (held, described) = worker_share(&placement, args.tuning.placement.as_deref(), worker)?;
+            let (held, described) =
+                worker_share(&placement, args.tuning.placement.as_deref(), worker)?;
             let device = &args.devices[worker % args.devices.len()];
             let command = WorkerCommand {
                 exe: exe.clone(),
@@ -116,37 +118,41 @@ pub fn run(args: &ServeArgs) -> Result<()> {
                     .map(Into::into)
                     .collect(),
             };
-            let process = spawn_worker(&command).await.with_context(|| format!("starting worker {worker}"))?;
+            let process = spawn_worker(&command)
+                .await
+                .with_context(|| format!("starting worker {worker}"))?;
             let addr = process.addr.clone();
-            let (child, lifeline) = process.into_parts();
             tracing::info!(
                 "worker {worker} (pid {}) on {device} at {addr}: {described}",
-                child.id().unwrap_or_default(),
+                process.child.id().unwrap_or_default(),
             );
-            children.push(child);
-            lifelines.push(lifeline);
+            // A worker that exits is started again on its address; the
+            // router is not ready while an expert has no live worker.
+            supervisors.push(tokio::spawn(supervise(worker, command, process)));
             addrs.push(addr);
         }
         let worker_addrs = addrs.clone();
         let options = args.tuning.options(model.clone(), addrs, &args.compute)?;
-        let watch = tokio::spawn(async move {
-            let exits = children.iter_mut().enumerate().map(|(i, child)| async move {
-                let status = child.wait().await;
-                tracing::warn!("worker {i} exited ({status:?}); the router is not ready until every expert has a live worker");
-            });
-            futures::future::join_all(exits).await;
-        });
         let targets = args.prometheus_targets.clone();
-        let result = start_and_serve(options, args.listen, args.http_listen, |_, http| {
-            match targets {
-                Some(path) => write_prometheus_targets(&path, &http.to_string(), &worker_addrs)
-                    .with_context(|| format!("writing {}", path.display())),
-                None => Ok(()),
+        let listen = Addresses {
+            grpc: args.listen,
+            http: args.http_listen,
+            metrics: args.tuning.access.metrics_listen,
+        };
+        let result = start_and_serve(options, listen, |bound| match targets {
+            Some(path) => {
+                write_prometheus_targets(&path, &bound.metrics_or_http().to_string(), &worker_addrs)
+                    .with_context(|| format!("writing {}", path.display()))
             }
+            None => Ok(()),
         })
         .await;
-        watch.abort(); // dropping the children kills them
-        drop(lifelines); // and closing their stdin tells them to go
+        // Dropping the workers (with their supervisors) kills them, and
+        // closing their stdin tells them to go.
+        for supervisor in supervisors {
+            supervisor.abort();
+            let _ = supervisor.await;
+        }
         telemetry.shutdown().await;
         result
     })

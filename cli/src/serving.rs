@@ -5,20 +5,37 @@
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
-use tramontane_router::{Router, RouterOptions};
+use tramontane_router::{Listeners, Router, RouterOptions};
 
 /// The first line the router prints on stdout; the gRPC address follows.
 pub const GRPC_LISTENING: &str = "tramontane router listening on ";
 /// The second line; the HTTP address follows.
 pub const HTTP_LISTENING: &str = "tramontane http listening on ";
+/// The third line, with --metrics-listen; the observability address follows.
+pub const METRICS_LISTENING: &str = "tramontane metrics listening on ";
+
+/// Where the router listens: gRPC, the HTTP API, and the observability
+/// routes when they have an address of their own.
+#[derive(Debug, Clone, Copy)]
+pub struct Addresses {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub metrics: Option<SocketAddr>,
+}
+
+impl Addresses {
+    /// Where `/metrics` is served.
+    pub fn metrics_or_http(&self) -> SocketAddr {
+        self.metrics.unwrap_or(self.http)
+    }
+}
 
 /// Starts a router and serves it until Ctrl-C / SIGTERM. `on_listening`
-/// gets the gRPC and HTTP addresses once bound.
+/// gets the bound addresses.
 pub async fn start_and_serve(
     options: RouterOptions,
-    listen: SocketAddr,
-    http_listen: SocketAddr,
-    on_listening: impl FnOnce(SocketAddr, SocketAddr) -> Result<()>,
+    listen: Addresses,
+    on_listening: impl FnOnce(Addresses) -> Result<()>,
 ) -> Result<()> {
     let router = Router::start(options).await?;
     let bind = |addr: SocketAddr| async move {
@@ -26,18 +43,37 @@ pub async fn start_and_serve(
             .await
             .with_context(|| format!("binding {addr}"))
     };
-    let grpc = bind(listen).await?;
-    let http = bind(http_listen).await?;
-    let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
-    on_listening(grpc_addr, http_addr)?;
-    println!("{GRPC_LISTENING}{grpc_addr}");
-    println!("{HTTP_LISTENING}{http_addr}");
+    let grpc = bind(listen.grpc).await?;
+    let http = bind(listen.http).await?;
+    let observability = match listen.metrics {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let bound = Addresses {
+        grpc: grpc.local_addr()?,
+        http: http.local_addr()?,
+        metrics: observability.as_ref().map(|l| l.local_addr()).transpose()?,
+    };
+    on_listening(bound)?;
+    println!("{GRPC_LISTENING}{}", bound.grpc);
+    println!("{HTTP_LISTENING}{}", bound.http);
+    if let Some(metrics) = bound.metrics {
+        println!("{METRICS_LISTENING}{metrics}");
+    }
     tracing::info!(
-        "serving `{}` (chat template: {}): OpenAI API at http://{http_addr}/v1, metrics at http://{http_addr}/metrics, moe.v1.Generation at {grpc_addr}",
+        "serving `{}` (chat template: {}): OpenAI API at http://{}/v1, metrics at http://{}/metrics, moe.v1.Generation at {}",
         router.model_name(),
-        router.chat_template_source()
+        router.chat_template_source(),
+        bound.http,
+        bound.metrics_or_http(),
+        bound.grpc,
     );
-    tramontane_router::serve(grpc, http, router, crate::signals::shutdown())
+    let listeners = Listeners {
+        grpc,
+        http,
+        observability,
+    };
+    tramontane_router::serve(listeners, router, crate::signals::shutdown())
         .await
         .context("serving")
 }

@@ -20,7 +20,6 @@ use std::future::Future;
 
 use tokio::net::TcpListener;
 use tonic::service::Routes;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tramontane_proto::v1::expert_service_server::ExpertServiceServer;
 
@@ -28,18 +27,22 @@ pub use compute::{ComputeHandle, StartError, WorkerInfo, WorkerModel};
 pub use service::ExpertServer;
 
 /// Serves `server` (and grpc.health.v1, and `GET /metrics`) on `listener`
-/// until `shutdown` completes.
+/// until `shutdown` completes, or until the compute thread stops: health
+/// then says NOT_SERVING, `Info` fails, and this returns
+/// [`ServeError::ComputeStopped`] so that the process exits with an error,
+/// for its supervisor to restart it.
 pub async fn serve(
     listener: TcpListener,
     server: ExpertServer,
     max_message_bytes: usize,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), tonic::transport::Error> {
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<ExpertServiceServer<ExpertServer>>()
         .await;
     let weight_bytes = server.weight_bytes();
+    let compute = server.compute().clone();
     let service = ExpertServiceServer::new(server)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
@@ -60,17 +63,125 @@ pub async fn serve(
     let routes = Routes::from(scrape)
         .add_service(health)
         .add_service(service);
-    Server::builder()
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let ending = tokio::spawn(async move {
+        let compute_failed = until_end(&compute, &reporter, shutdown).await;
+        let _ = stop_tx.send(true);
+        compute_failed
+    });
+    tramontane_infra::grpc::server()
         .accept_http1(true)
         .add_routes(routes)
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
+            async move {
+                let _ = stop_rx.wait_for(|&stop| stop).await;
+            },
         )
-        .await
+        .await?;
+    match ending.await {
+        Ok(false) => Ok(()),
+        _ => Err(ServeError::ComputeStopped),
+    }
+}
+
+/// Completes on `shutdown`, or when the compute thread stops: health is
+/// then NOT_SERVING (the server's and the expert service's) and the result
+/// is true.
+pub async fn until_end(
+    compute: &ComputeHandle,
+    reporter: &tonic_health::server::HealthReporter,
+    shutdown: impl Future<Output = ()>,
+) -> bool {
+    let compute_failed = tokio::select! {
+        _ = shutdown => false,
+        _ = compute.stopped() => true,
+    };
+    if compute_failed {
+        tracing::error!("the compute thread stopped: the worker stops");
+        reporter
+            .set_not_serving::<ExpertServiceServer<ExpertServer>>()
+            .await;
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+    compute_failed
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("gRPC server")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("the compute thread stopped; the worker stops so that it can be restarted")]
+    ComputeStopped,
 }
 
 /// The name health checks use for the expert service.
 pub fn service_name() -> &'static str {
     <ExpertServiceServer<ExpertServer> as tonic::server::NamedService>::NAME
+}
+
+#[cfg(test)]
+mod tests {
+    //! A worker whose compute thread dies says so and stops: health
+    //! NOT_SERVING, `Info` UNAVAILABLE (no router takes it back), and the
+    //! serving ends with an error.
+
+    use tch::Tensor;
+    use tonic::Request;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_server::Health;
+    use tonic_health::server::{HealthReporter, HealthService};
+    use tramontane_model::LoadOptions;
+    use tramontane_policy::held_experts::HeldExperts;
+    use tramontane_proto::v1::InfoRequest;
+    use tramontane_proto::v1::expert_service_server::ExpertService;
+
+    use super::*;
+    use crate::compute::ComputeError;
+
+    #[tokio::test]
+    async fn a_dead_compute_thread_turns_health_down_fails_info_and_ends_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
+        let model = WorkerModel {
+            dir: dir.path().to_path_buf(),
+            held: HeldExperts::Uniform {
+                experts: (0..8).collect(),
+                layers: None,
+            },
+            options: LoadOptions::default(),
+        };
+        let (compute, info) = ComputeHandle::spawn(model, 8).unwrap();
+        let server = ExpertServer::new(compute.clone(), info);
+        assert!(server.info(Request::new(InfoRequest {})).await.is_ok());
+        let reporter = HealthReporter::new();
+        reporter
+            .set_serving::<ExpertServiceServer<ExpertServer>>()
+            .await;
+        let health = HealthService::from_health_reporter(reporter.clone());
+
+        // A bug on the compute thread: a job whose tensor is undefined
+        // panics there (the service never builds one; this stands for any
+        // panic on that thread).
+        let failed = compute.forward(0, Tensor::new(), vec![]).await;
+        assert!(matches!(failed, Err(ComputeError::Stopped)));
+        assert!(until_end(&compute, &reporter, std::future::pending()).await);
+        assert!(!compute.is_running());
+        for service in ["", service_name()] {
+            let status = health
+                .check(Request::new(HealthCheckRequest {
+                    service: service.into(),
+                }))
+                .await
+                .unwrap()
+                .into_inner()
+                .status;
+            assert_eq!(status, ServingStatus::NotServing as i32, "{service:?}");
+        }
+        let refused = server.info(Request::new(InfoRequest {})).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+    }
 }

@@ -23,6 +23,11 @@ pub struct ExpertServer {
 }
 
 impl ExpertServer {
+    /// The handle of the compute thread.
+    pub fn compute(&self) -> &ComputeHandle {
+        &self.compute
+    }
+
     pub fn new(compute: ComputeHandle, info: WorkerInfo) -> Self {
         let held = info
             .held
@@ -134,6 +139,10 @@ fn device_name(device: Device) -> String {
 #[tonic::async_trait]
 impl ExpertService for ExpertServer {
     async fn info(&self, _request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        // A worker whose compute thread is gone is not taken back by a router.
+        if !self.compute.is_running() {
+            return Err(Status::unavailable(ComputeError::Stopped.to_string()));
+        }
         let info = &self.info;
         let dtype = codec::dtype_of(info.kind).unwrap_or(tramontane_proto::v1::Dtype::Unspecified);
         Ok(Response::new(InfoResponse {

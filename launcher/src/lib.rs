@@ -10,6 +10,9 @@
 //! - [`WorkerCommand`] / [`spawn_worker`]: start one worker and learn its address.
 //! - [`worker_share`]: the options telling worker I what the placement gives it.
 //! - [`write_prometheus_targets`]: the cluster's metrics addresses for Prometheus.
+//! - [`supervisor`]: start a worker again, on its address, when it exits.
+
+pub mod supervisor;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -77,14 +80,22 @@ impl WorkerProcess {
     }
 }
 
-/// Starts a worker and waits until it listens.
+/// Starts a worker on a free loopback port and waits until it listens.
 pub async fn spawn_worker(command: &WorkerCommand) -> Result<WorkerProcess, LaunchError> {
+    spawn_worker_at(command, "127.0.0.1:0").await
+}
+
+/// Starts a worker listening on `listen` and waits until it listens.
+pub async fn spawn_worker_at(
+    command: &WorkerCommand,
+    listen: &str,
+) -> Result<WorkerProcess, LaunchError> {
     let mut child = Command::new(&command.exe)
         .arg("worker")
         .arg("--model")
         .arg(&command.model)
         .args(&command.held)
-        .args(["--device", &command.device, "--listen", "127.0.0.1:0"])
+        .args(["--device", &command.device, "--listen", listen])
         // What it holds is in `held` alone, whatever the parent's environment says.
         .env_remove("TRAMONTANE_EXPERTS")
         .env_remove("TRAMONTANE_LAYERS")
@@ -103,6 +114,9 @@ pub async fn spawn_worker(command: &WorkerCommand) -> Result<WorkerProcess, Laun
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
+        // Its own process group: a Ctrl-C at the terminal reaches the
+        // parent alone, which drains before it stops its workers.
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|error| LaunchError::Spawn {

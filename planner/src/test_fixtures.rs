@@ -87,7 +87,7 @@ pub fn trace(
         experts,
         top_k: 2,
     };
-    let trace = RoutingTrace::create(&path, &header).expect("create the trace");
+    let trace = RoutingTrace::create(&path, &header, u64::MAX).expect("create the trace");
     for layer in 0..layers {
         trace.record(layer, 2, chosen);
     }

@@ -8,6 +8,12 @@
 //! `{"step": S, "layer": L, "experts": [[e, e], [e, e], ...]}` with one list
 //! of K expert ids per token of the step (prefill chunks and decode tokens of
 //! every running sequence, in batch order).
+//!
+//! The file rotates by size: at the first step that starts once it holds
+//! `max_bytes`, it is renamed to `FILE.1` (replacing the one before) and a
+//! new `FILE` begins with the header again. Each file is a trace of its own,
+//! of whole steps, and the two together hold at most about twice
+//! `max_bytes`.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -40,20 +46,28 @@ pub struct RoutingTrace {
 
 struct TraceFile {
     writer: BufWriter<File>,
+    path: PathBuf,
+    header: Header,
+    /// Bytes in the current file.
+    written: u64,
+    max_bytes: u64,
     step: u64,
     /// The first write error; recording stops there (serving goes on).
     failed: bool,
 }
 
 impl RoutingTrace {
-    pub fn create(path: &Path, header: &Header) -> std::io::Result<Self> {
-        let mut writer = BufWriter::new(File::create(path)?);
-        serde_json::to_writer(&mut writer, header)?;
-        writer.write_all(b"\n")?;
-        writer.flush()?;
+    /// Starts a trace at `path` (replacing what was there) that rotates
+    /// once it holds `max_bytes`.
+    pub fn create(path: &Path, header: &Header, max_bytes: u64) -> std::io::Result<Self> {
+        let (writer, written) = start_file(path, header)?;
         Ok(Self {
             out: Mutex::new(TraceFile {
                 writer,
+                path: path.to_owned(),
+                header: header.clone(),
+                written,
+                max_bytes,
                 step: 0,
                 failed: false,
             }),
@@ -69,21 +83,67 @@ impl RoutingTrace {
         }
         if layer == 0 {
             file.step += 1;
+            if file.written >= file.max_bytes
+                && let Err(error) = file.rotate()
+            {
+                tracing::error!(%error, "cannot rotate the routing trace; recording stops");
+                file.failed = true;
+                return;
+            }
         }
         let record = Record {
             step: file.step,
             layer,
             experts: experts.chunks(top_k).map(<[usize]>::to_vec).collect(),
         };
-        let written = serde_json::to_writer(&mut file.writer, &record)
-            .map_err(std::io::Error::from)
-            .and_then(|()| file.writer.write_all(b"\n"))
+        let mut line = match serde_json::to_vec(&record) {
+            Ok(line) => line,
+            Err(error) => {
+                tracing::error!(%error, "cannot write the routing trace; recording stops");
+                file.failed = true;
+                return;
+            }
+        };
+        line.push(b'\n');
+        let written = file
+            .writer
+            .write_all(&line)
             .and_then(|()| file.writer.flush());
+        file.written += line.len() as u64;
         if let Err(error) = written {
             tracing::error!(%error, "cannot write the routing trace; recording stops");
             file.failed = true;
         }
     }
+}
+
+impl TraceFile {
+    /// `FILE` becomes `FILE.1`; a new `FILE` starts with the header.
+    fn rotate(&mut self) -> std::io::Result<()> {
+        self.writer.flush()?;
+        std::fs::rename(&self.path, rotated(&self.path))?;
+        let (writer, written) = start_file(&self.path, &self.header)?;
+        self.writer = writer;
+        self.written = written;
+        Ok(())
+    }
+}
+
+/// Where the previous file of a rotating trace at `path` goes.
+pub fn rotated(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".1");
+    PathBuf::from(name)
+}
+
+/// A new trace file with its header line; the bytes written.
+fn start_file(path: &Path, header: &Header) -> std::io::Result<(BufWriter<File>, u64)> {
+    let mut writer = BufWriter::new(File::create(path)?);
+    let mut line = serde_json::to_vec(header)?;
+    line.push(b'\n');
+    writer.write_all(&line)?;
+    writer.flush()?;
+    Ok((writer, line.len() as u64))
 }
 
 /// Why a trace cannot be read.
@@ -158,7 +218,7 @@ mod tests {
             experts: 4,
             top_k: 2,
         };
-        let trace = RoutingTrace::create(&path, &header).expect("create");
+        let trace = RoutingTrace::create(&path, &header, u64::MAX).expect("create");
         trace.record(0, 2, &[0, 1, 2, 3]);
         trace.record(1, 2, &[1, 0, 3, 2]);
         trace.record(0, 2, &[3, 1]);
@@ -185,5 +245,47 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn a_trace_rotates_by_size_at_step_boundaries_into_two_readable_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("routing.jsonl");
+        let header = Header {
+            format: FORMAT.into(),
+            model_id: "abc".into(),
+            layers: 2,
+            experts: 4,
+            top_k: 2,
+        };
+        let max_bytes = 600;
+        let trace = RoutingTrace::create(&path, &header, max_bytes).expect("create");
+        let steps = 200;
+        for step in 0..steps {
+            let e = step % 4;
+            trace.record(0, 2, &[e, (e + 1) % 4, e, (e + 2) % 4]);
+            trace.record(1, 2, &[(e + 3) % 4, e]);
+        }
+        drop(trace);
+        let mut last_steps = Vec::new();
+        for file in [rotated(&path), path.clone()] {
+            let size = std::fs::metadata(&file).expect("exists").len();
+            // Rotated once it held max_bytes, at the next step's start.
+            assert!(size < max_bytes + 200, "{}: {size} bytes", file.display());
+            let (read_header, records) = read(&file).expect("each file is a trace");
+            assert_eq!(read_header, header);
+            // Whole steps only: each starts at layer 0 and has both layers.
+            assert_eq!(records.len() % 2, 0);
+            assert!(
+                records
+                    .chunks(2)
+                    .all(|s| s[0].layer == 0 && s[1].layer == 1 && s[0].step == s[1].step)
+            );
+            last_steps.push(records.last().expect("records").step);
+        }
+        assert_eq!(last_steps[1], steps as u64);
+        assert!(last_steps[0] < last_steps[1]);
+        assert!(!dir.path().join("routing.jsonl.2").exists());
+        assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 2);
     }
 }

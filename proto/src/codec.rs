@@ -185,6 +185,25 @@ pub fn add_rows(
     Ok(())
 }
 
+/// The index of the first value of `payload` (of `dtype`) that is NaN or
+/// ±Inf, read from the exponent bits (all ones) without converting.
+pub fn first_non_finite(payload: &TensorPayload, dtype: Dtype) -> Option<usize> {
+    match dtype {
+        Dtype::F32 => payload.data.chunks_exact(4).position(|b| {
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000
+        }),
+        Dtype::Bf16 => payload
+            .data
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80),
+        Dtype::F16 => payload
+            .data
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00),
+        Dtype::Unspecified => None,
+    }
+}
+
 /// Checks a payload's dtype, rank and byte length; returns its dtype and shape.
 pub fn validate(
     payload: Option<&TensorPayload>,
@@ -247,6 +266,27 @@ pub fn decode(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_finite_values_are_found_in_every_dtype() {
+        for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
+            let dtype = dtype_of(kind).unwrap();
+            let finite = Tensor::from_slice(&[1.0f32, -2.5, 0.0, 65000.0]).to_kind(kind);
+            assert_eq!(
+                first_non_finite(&encode(&finite).unwrap(), dtype),
+                None,
+                "{kind:?}"
+            );
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let values = Tensor::from_slice(&[1.0f32, 2.0, bad, 3.0]).to_kind(kind);
+                assert_eq!(
+                    first_non_finite(&encode(&values).unwrap(), dtype),
+                    Some(2),
+                    "{kind:?} {bad}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn round_trips_every_wire_dtype() {

@@ -3,14 +3,16 @@
 //! stream of text chunks with stop strings applied.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::mpsc;
 use tramontane_model::Tokenizer;
 
-use crate::engine::{EngineHandle, Event, FinishReason, GenerateJob};
+use crate::engine::{EngineHandle, Event, FinishReason, GenerateJob, QueueSlots};
 use crate::failure::GenerationError;
+use crate::readiness::Readiness;
 use crate::sampling::{InvalidParam, SamplingParams, TokenLogprob};
-use crate::text::{IncrementalDecoder, StopStrings};
+use crate::text::{IncrementalDecoder, StopStrings, check_stops};
 
 /// A request in model terms: token ids and limits.
 #[derive(Debug, Clone)]
@@ -19,13 +21,17 @@ pub struct GenerationRequest {
     /// None: up to the end of the context.
     pub max_tokens: Option<usize>,
     pub sampling: SamplingParams,
-    /// Stop strings, matched on the generated text.
-    pub stop: Vec<String>,
+    /// Stop strings, matched on the generated text: one copy for all the
+    /// request's prompts.
+    pub stop: Arc<[String]>,
     pub ignore_eos: bool,
     /// What the client asked for (`text_completion`, `chat`, `generate`):
     /// the trace's `gen_ai.operation.name`.
     pub operation: &'static str,
 }
+
+/// Prompts (choices) one request may carry.
+pub const MAX_PROMPTS_PER_REQUEST: usize = 64;
 
 /// Seconds a refused client is told to wait.
 pub const RETRY_AFTER_SECONDS: u32 = 1;
@@ -34,6 +40,10 @@ pub const RETRY_AFTER_SECONDS: u32 = 1;
 #[derive(Clone)]
 pub struct Generator {
     engine: EngineHandle,
+    /// Refuses new requests while draining.
+    readiness: Arc<Readiness>,
+    /// Requests accepted and not yet delivered to the end.
+    in_flight: Arc<AtomicUsize>,
     tokenizer: Arc<Tokenizer>,
     vocab_size: usize,
     max_positions: usize,
@@ -48,9 +58,12 @@ impl Generator {
         vocab_size: usize,
         max_positions: usize,
         model_name: &str,
+        readiness: Arc<Readiness>,
     ) -> Self {
         Self {
             engine,
+            readiness,
+            in_flight: Arc::new(AtomicUsize::new(0)),
             tokenizer,
             vocab_size,
             max_positions,
@@ -67,8 +80,36 @@ impl Generator {
         self.max_positions
     }
 
-    /// Validates `request` and queues it.
-    pub fn start(&self, request: GenerationRequest) -> Result<CompletionStream, GenerationError> {
+    /// Reserves places in the queue for a request's `prompts`, before any
+    /// of them is tokenized: a full queue refuses at once.
+    pub fn reserve(&self, prompts: usize) -> Result<QueueSlots, GenerationError> {
+        if self.readiness.is_draining() {
+            return Err(GenerationError::Draining);
+        }
+        if !self.engine.is_running() {
+            return Err(GenerationError::EngineStopped);
+        }
+        self.engine.reserve(prompts)
+    }
+
+    /// Requests accepted and not yet delivered to the end (their streams
+    /// not yet dropped).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Completes when the engine thread has ended.
+    pub async fn engine_stopped(&self) {
+        self.engine.stopped().await
+    }
+
+    /// Validates `request` and queues it in one of `slots`.
+    pub fn start(
+        &self,
+        request: GenerationRequest,
+        slots: &mut QueueSlots,
+    ) -> Result<CompletionStream, GenerationError> {
+        check_stops(&request.stop)?;
         let prompt = request.prompt;
         if prompt.is_empty() {
             return Err(InvalidParam::new("prompt", "the prompt is empty").into());
@@ -133,16 +174,21 @@ impl Generator {
         let (events, receiver) = mpsc::unbounded_channel();
         let prompt_tokens = prompt.len();
         let decoder = IncrementalDecoder::new(self.tokenizer.clone(), &prompt);
-        self.engine.submit(GenerateJob {
-            prompt,
-            max_tokens,
-            sampling: request.sampling,
-            ignore_eos: request.ignore_eos,
-            events,
-            submitted: std::time::Instant::now(),
-            span: span.clone(),
-        })?;
+        self.engine.submit(
+            slots,
+            GenerateJob {
+                prompt,
+                max_tokens,
+                sampling: request.sampling,
+                ignore_eos: request.ignore_eos,
+                events,
+                submitted: std::time::Instant::now(),
+                span: span.clone(),
+            },
+        )?;
         Ok(CompletionStream {
+            _in_flight: InFlight::new(&self.in_flight),
+            engine: self.engine.clone(),
             events: receiver,
             decoder,
             stops: StopStrings::new(request.stop),
@@ -204,6 +250,10 @@ pub type GenerationFailed = Arc<GenerationError>;
 /// The request's events as text. Dropping it cancels the sequence (the
 /// engine frees its KV cache at the next step).
 pub struct CompletionStream {
+    /// Counted in the generator's in-flight requests until dropped.
+    _in_flight: InFlight,
+    /// To tell a stopped engine from a dropped request.
+    engine: EngineHandle,
     events: mpsc::UnboundedReceiver<Event>,
     decoder: IncrementalDecoder,
     stops: StopStrings,
@@ -211,6 +261,22 @@ pub struct CompletionStream {
     generated: usize,
     done: bool,
     span: tracing::Span,
+}
+
+/// One request counted in flight while this lives.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A whole completion.
@@ -239,7 +305,12 @@ impl CompletionStream {
         }
         let Some(event) = self.events.recv().await else {
             self.done = true;
-            return Some(Err(Arc::new(GenerationError::Dropped)));
+            let failure = if self.engine.is_running() {
+                GenerationError::Dropped
+            } else {
+                GenerationError::EngineStopped
+            };
+            return Some(Err(Arc::new(failure)));
         };
         Some(Ok(match event {
             Event::Token { id, logprob } => {

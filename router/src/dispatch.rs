@@ -20,7 +20,7 @@ use tramontane_policy::placement::Placement;
 use tramontane_policy::routing_trace::RoutingTrace;
 use tramontane_proto::codec::{self, CodecError, Precision};
 use tramontane_proto::v1::expert_service_client::ExpertServiceClient;
-use tramontane_proto::v1::{Dtype, ExpertRows, ForwardRequest, TensorPayload};
+use tramontane_proto::v1::{Dtype, ExpertRows, ForwardRequest, ForwardResponse, TensorPayload};
 
 use crate::cluster::ClusterError;
 use crate::dispatch_phases::{DispatchPhases, Phase};
@@ -293,7 +293,8 @@ fn experts_failed(error: DispatchError) -> ForwardError {
 }
 
 /// One Forward ready to go, owning what it needs: it runs as a task on the
-/// data path's runtime.
+/// data path's runtime. Cloning it is cheap (the rows are shared bytes).
+#[derive(Clone)]
 struct Forward {
     worker: usize,
     client: ExpertServiceClient<Channel>,
@@ -313,7 +314,13 @@ impl Forward {
         let started = Instant::now();
         let span = self.span.clone();
         let worker = self.worker.to_string();
-        let result = self.send_once().instrument(span.clone()).await;
+        let mut result = self.clone().send_once().instrument(span.clone()).await;
+        if matches!(&result, Err(e) if e.is_connection()) {
+            // A connection that broke (the worker was restarted, something
+            // between reset it) is made again by the next call: one more
+            // try before the worker is given up on.
+            result = self.send_once().instrument(span.clone()).await;
+        }
         if let Err(e) = &result {
             span.record("error", tramontane_infra::error::chain(e).as_str());
         }
@@ -337,6 +344,10 @@ impl Forward {
             ..
         } = self;
         let started = Instant::now();
+        let sent = Sent {
+            dispatch_id: request.dispatch_id,
+            dtype: request.hidden.as_ref().map_or(0, |h| h.dtype),
+        };
         let mut request = tonic::Request::new(request);
         request.set_timeout(deadline);
         tramontane_infra::trace_context::inject(request.metadata_mut());
@@ -350,18 +361,53 @@ impl Forward {
             .into_inner();
         let answered = Instant::now();
         phases.record_forward(answered - started, response.timings.as_ref());
-        let (_, shape) = codec::validate(response.output.as_ref(), "output", 2)
-            .map_err(|e| WorkerError::BadAnswer(e.into()))?;
+        let output = check_answer(response, &sent, rows, hidden).map_err(WorkerError::BadAnswer)?;
         phases.record(Phase::Decode, answered.elapsed());
-        if shape != [rows as i64, hidden] {
-            return Err(WorkerError::BadAnswer(BadAnswer::Shape {
-                answered: shape,
-                rows,
-                hidden,
-            }));
-        }
-        Ok(response.output.unwrap_or_default())
+        Ok(output)
     }
+}
+
+/// What an answer must match of its request.
+struct Sent {
+    dispatch_id: u64,
+    dtype: i32,
+}
+
+/// The answer's output, once it is for this dispatch, in the request's
+/// dtype and shape, and finite: a worker that answers otherwise (a bug, a
+/// corrupted link, a diverged computation) fails over as a bad answer
+/// rather than poisoning the residual stream.
+fn check_answer(
+    response: ForwardResponse,
+    sent: &Sent,
+    rows: usize,
+    hidden: i64,
+) -> Result<TensorPayload, BadAnswer> {
+    if response.dispatch_id != sent.dispatch_id {
+        return Err(BadAnswer::DispatchId {
+            answered: response.dispatch_id,
+            sent: sent.dispatch_id,
+        });
+    }
+    let (dtype, shape) = codec::validate(response.output.as_ref(), "output", 2)?;
+    if dtype as i32 != sent.dtype {
+        return Err(BadAnswer::Dtype {
+            answered: dtype,
+            sent: Dtype::try_from(sent.dtype).unwrap_or_default(),
+        });
+    }
+    if shape != [rows as i64, hidden] {
+        return Err(BadAnswer::Shape {
+            answered: shape,
+            rows,
+            hidden,
+        });
+    }
+    let output = response.output.unwrap_or_default();
+    if let Some(index) = codec::first_non_finite(&output, dtype) {
+        return Err(BadAnswer::NonFinite { index });
+    }
+    Ok(output)
 }
 
 type Answer = tokio::task::JoinHandle<Result<TensorPayload, WorkerError>>;
@@ -663,6 +709,53 @@ mod tests {
                 any::<i64>(),
             )
         })
+    }
+
+    #[test]
+    fn answers_of_another_dispatch_dtype_shape_or_with_nan_are_bad() {
+        let payload = |values: &[f32], kind: Kind| {
+            codec::encode(&Tensor::from_slice(values).view([2, 2]).to_kind(kind)).unwrap()
+        };
+        let answer = |dispatch_id, output| ForwardResponse {
+            dispatch_id,
+            output: Some(output),
+            timings: None,
+        };
+        let sent = Sent {
+            dispatch_id: 7,
+            dtype: Dtype::Bf16 as i32,
+        };
+        let good = payload(&[1.0, 2.0, 3.0, 4.0], Kind::BFloat16);
+        assert_eq!(
+            check_answer(answer(7, good.clone()), &sent, 2, 2).unwrap(),
+            good
+        );
+        let bad = |response, rows| check_answer(response, &sent, rows, 2).unwrap_err();
+        assert!(matches!(
+            bad(answer(8, good.clone()), 2),
+            BadAnswer::DispatchId {
+                answered: 8,
+                sent: 7
+            }
+        ));
+        assert!(matches!(
+            bad(answer(7, payload(&[1.0; 4], Kind::Float)), 2),
+            BadAnswer::Dtype {
+                answered: Dtype::F32,
+                sent: Dtype::Bf16
+            }
+        ));
+        assert!(matches!(
+            bad(answer(7, good), 3),
+            BadAnswer::Shape { rows: 3, .. }
+        ));
+        for value in [f32::NAN, f32::INFINITY] {
+            let poisoned = payload(&[1.0, 2.0, 3.0, value], Kind::BFloat16);
+            assert!(matches!(
+                bad(answer(7, poisoned), 2),
+                BadAnswer::NonFinite { index: 3 }
+            ));
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! when the pool runs out, to be recomputed later), and leave the batch the
 //! step they finish — or the step after their client went away.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -21,7 +22,7 @@ use tramontane_policy::scheduler::{SchedulerConfig, SchedulerConfigError};
 
 use crate::failure::GenerationError;
 use crate::metrics;
-use crate::sampling::{Sampler, SamplingParams, TokenLogprob};
+use crate::sampling::{InvalidParam, Sampler, SamplingParams, TokenLogprob};
 
 /// Why a sequence ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,7 +184,7 @@ impl EngineHandle {
                 ::metrics::gauge!(metrics::KV_CACHE_BYTES).set(kv.bytes() as f64);
                 ::metrics::gauge!(metrics::KV_CACHE_TOTAL_TOKENS).set(kv.capacity_tokens() as f64);
                 let _ = ready_tx.send(Ok(kv.capacity_tokens()));
-                Engine {
+                let engine = Engine {
                     model: &model,
                     kv,
                     receiver,
@@ -192,8 +193,16 @@ impl EngineHandle {
                     eos_ids,
                     admission: Admission::new(config),
                     running: Vec::new(),
+                };
+                // A panic ends the engine (its requests see their events
+                // close, the handle sees the jobs channel close); it is
+                // logged here, where its message is known.
+                if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| engine.run())) {
+                    tracing::error!(
+                        panic = tramontane_infra::error::panic_message(&*panic),
+                        "the engine thread failed"
+                    );
                 }
-                .run();
             })
             .map_err(EngineError::Spawn)?;
         let kv_tokens = ready_rx.recv().map_err(|_| EngineError::Exited)??;
@@ -206,20 +215,52 @@ impl EngineHandle {
         })
     }
 
-    /// Queues a job, or refuses it when the queue is full. The bound is
-    /// checked here, before the job reaches the engine thread, so that the
-    /// caller learns at once; the engine's [`Admission`] holds the same bound.
-    pub fn submit(&self, job: GenerateJob) -> Result<(), GenerationError> {
+    /// The engine thread still runs.
+    pub fn is_running(&self) -> bool {
+        !self.jobs.is_closed()
+    }
+
+    /// Completes when the engine thread has ended.
+    pub async fn stopped(&self) {
+        self.jobs.closed().await
+    }
+
+    /// Reserves `count` places in the waiting queue, or refuses at once
+    /// when they are not free: a request's prompts are counted before any of
+    /// them is tokenized. More than the whole queue is an invalid request,
+    /// not a busy server. Places not used by [`EngineHandle::submit`] are
+    /// given back when the [`QueueSlots`] are dropped. The engine's
+    /// [`Admission`] holds the same bound.
+    pub fn reserve(&self, count: usize) -> Result<QueueSlots, GenerationError> {
         let limit = self.config.max_waiting;
-        let before = self.waiting.fetch_add(1, Ordering::SeqCst);
-        if before >= limit {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        if count > limit {
+            return Err(InvalidParam::new(
+                "prompt",
+                format!("{count} prompts are more than this server queues at once ({limit})"),
+            )
+            .into());
+        }
+        let before = self.waiting.fetch_add(count, Ordering::SeqCst);
+        if before + count > limit {
+            self.waiting.fetch_sub(count, Ordering::SeqCst);
             return Err(GenerationError::QueueFull { waiting: before });
         }
-        self.jobs.send(job).map_err(|_| {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-            GenerationError::EngineStopped
+        Ok(QueueSlots {
+            waiting: self.waiting.clone(),
+            left: count,
         })
+    }
+
+    /// Queues a job in a place reserved by [`EngineHandle::reserve`].
+    pub fn submit(&self, slots: &mut QueueSlots, job: GenerateJob) -> Result<(), GenerationError> {
+        if slots.left == 0 || !Arc::ptr_eq(&slots.waiting, &self.waiting) {
+            return Err(GenerationError::Dropped);
+        }
+        self.jobs
+            .send(job)
+            .map_err(|_| GenerationError::EngineStopped)?;
+        slots.left -= 1;
+        Ok(())
     }
 
     pub fn config(&self) -> &SchedulerConfig {
@@ -235,6 +276,20 @@ impl EngineHandle {
     /// Sequences preempted (KV cache full) since the engine started.
     pub fn preemptions(&self) -> usize {
         self.preempted.load(Ordering::SeqCst)
+    }
+}
+
+/// Places reserved in the engine's waiting queue; those not used are
+/// given back on drop.
+#[derive(Debug)]
+pub struct QueueSlots {
+    waiting: Arc<AtomicUsize>,
+    left: usize,
+}
+
+impl Drop for QueueSlots {
+    fn drop(&mut self) {
+        self.waiting.fetch_sub(self.left, Ordering::SeqCst);
     }
 }
 
@@ -509,23 +564,27 @@ mod tests {
             config,
         )
         .unwrap();
+        let mut slots = engine.reserve(prompts.len()).unwrap();
         let receivers: Vec<_> = prompts
             .iter()
             .map(|prompt| {
                 let (events, receiver) = mpsc::unbounded_channel();
                 engine
-                    .submit(GenerateJob {
-                        prompt: prompt.clone(),
-                        max_tokens,
-                        sampling: SamplingParams {
-                            temperature: 0.0,
-                            ..SamplingParams::default()
+                    .submit(
+                        &mut slots,
+                        GenerateJob {
+                            prompt: prompt.clone(),
+                            max_tokens,
+                            sampling: SamplingParams {
+                                temperature: 0.0,
+                                ..SamplingParams::default()
+                            },
+                            ignore_eos: true,
+                            events,
+                            submitted: Instant::now(),
+                            span: tracing::Span::none(),
                         },
-                        ignore_eos: true,
-                        events,
-                        submitted: Instant::now(),
-                        span: tracing::Span::none(),
-                    })
+                    )
                     .unwrap();
                 receiver
             })
@@ -533,5 +592,59 @@ mod tests {
         let got: Vec<Vec<u32>> = receivers.into_iter().map(collect).collect();
         assert_eq!(got, expected);
         assert!(engine.preemptions() > 0, "the pool was never full");
+    }
+
+    #[test]
+    fn queue_places_are_reserved_before_work_and_given_back_when_unused() {
+        let _guard = tch::no_grad_guard();
+        let dir = tempfile::tempdir().unwrap();
+        tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
+        let model_dir = dir.path().to_path_buf();
+        let config = SchedulerConfig {
+            max_waiting: 4,
+            ..SchedulerConfig::default()
+        };
+        let engine = EngineHandle::spawn(
+            move || Mixtral::load_in_process(&model_dir, LoadOptions::default()),
+            vec![],
+            config,
+        )
+        .unwrap();
+        // More than the whole queue is the request's fault, not the load's.
+        assert!(matches!(
+            engine.reserve(5),
+            Err(GenerationError::Invalid(InvalidParam {
+                param: "prompt",
+                ..
+            }))
+        ));
+        let three = engine.reserve(3).unwrap();
+        assert!(matches!(
+            engine.reserve(2),
+            Err(GenerationError::QueueFull { waiting: 3 })
+        ));
+        let one = engine.reserve(1).unwrap();
+        drop(three);
+        // Unused places came back; the one still held counts.
+        let mut again = engine.reserve(3).unwrap();
+        assert!(engine.reserve(1).is_err());
+        drop(one);
+        let (events, _receiver) = mpsc::unbounded_channel();
+        let job = |events| GenerateJob {
+            prompt: vec![1, 2],
+            max_tokens: 1,
+            sampling: SamplingParams::default(),
+            ignore_eos: true,
+            events,
+            submitted: Instant::now(),
+            span: tracing::Span::none(),
+        };
+        engine.submit(&mut again, job(events.clone())).unwrap();
+        // A reservation with no place left queues nothing.
+        let mut empty = engine.reserve(0).unwrap();
+        assert!(matches!(
+            engine.submit(&mut empty, job(events)),
+            Err(GenerationError::Dropped)
+        ));
     }
 }

@@ -26,6 +26,10 @@ pub enum GenerationError {
     /// The engine thread is gone: HTTP 503, gRPC UNAVAILABLE.
     #[error("the engine has stopped")]
     EngineStopped,
+    /// The server is shutting down and takes no new request: HTTP 503,
+    /// gRPC UNAVAILABLE.
+    #[error("the server is shutting down; retry on another replica")]
+    Draining,
     /// The engine let go of the request without finishing it (a bug):
     /// HTTP 500, gRPC INTERNAL.
     #[error("the engine dropped the request")]
@@ -134,6 +138,18 @@ pub enum WorkerError {
 }
 
 impl WorkerError {
+    /// The connection failed rather than the worker: refused, reset, or
+    /// broken since the last call (UNAVAILABLE, or UNKNOWN from the transport).
+    pub fn is_connection(&self) -> bool {
+        matches!(
+            self,
+            WorkerError::Status {
+                code: tonic::Code::Unavailable | tonic::Code::Unknown,
+                ..
+            }
+        )
+    }
+
     /// The metrics label: the gRPC code name, or what went wrong instead.
     pub fn code_label(&self) -> &'static str {
         match self {
@@ -155,6 +171,15 @@ pub enum BadAnswer {
         rows: usize,
         hidden: i64,
     },
+    #[error("answered dtype {answered:?} to a request in {sent:?}")]
+    Dtype {
+        answered: tramontane_proto::v1::Dtype,
+        sent: tramontane_proto::v1::Dtype,
+    },
+    #[error("answered dispatch {answered} to dispatch {sent}")]
+    DispatchId { answered: u64, sent: u64 },
+    #[error("value {index} of the answer is not finite (NaN or infinite)")]
+    NonFinite { index: usize },
 }
 
 #[cfg(test)]
@@ -202,6 +227,7 @@ pub(crate) mod examples {
                 GenerationError::EngineStopped,
                 vec!["engine has stopped"],
             ),
+            ("draining", GenerationError::Draining, vec!["shutting down"]),
             (
                 "dropped",
                 GenerationError::Dropped,

@@ -28,6 +28,7 @@
 //!   and worker.
 //! - [`Router::start`] and [`serve`]: the entry points.
 
+pub mod api_keys;
 pub mod chat_template;
 pub mod cluster;
 pub mod completion;
@@ -38,6 +39,7 @@ pub mod expert_load;
 pub mod failure;
 pub mod http;
 pub mod metrics;
+pub mod readiness;
 pub mod sampling;
 pub mod service;
 pub mod text;
@@ -45,13 +47,12 @@ pub mod text;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
 use tch::Kind;
 use tokio::net::TcpListener;
-use tonic::transport::Server;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tramontane_model::error::{ConfigError, LoadError, TokenizerError};
 use tramontane_model::weights::Checkpoint;
@@ -61,6 +62,7 @@ use tramontane_policy::routing_trace::{self, RoutingTrace};
 use tramontane_policy::scheduler::SchedulerConfig;
 use tramontane_proto::v1::generation_server::GenerationServer as GenerationService;
 
+use crate::api_keys::ApiKeys;
 use crate::chat_template::{ChatTemplate, ChatTemplateError};
 use crate::cluster::ClusterError;
 use crate::completion::Generator;
@@ -68,6 +70,7 @@ use crate::dispatch::{RemoteExperts, WorkerLink};
 use crate::engine::{EngineError, EngineHandle};
 use crate::expert_load::ExpertLoad;
 use crate::http::HttpState;
+use crate::readiness::Readiness;
 use crate::service::GenerationServer;
 
 #[derive(Debug, Clone)]
@@ -94,6 +97,12 @@ pub struct RouterOptions {
     pub served_model_name: Option<String>,
     /// Where to record every layer's routing (see [`routing_trace`]).
     pub record_routing: Option<PathBuf>,
+    /// The routing trace rotates to `FILE.1` once it holds this many bytes.
+    pub record_routing_max_bytes: u64,
+    /// Keys the public APIs (HTTP and gRPC `Generation`) need; none: open.
+    pub api_keys: ApiKeys,
+    /// How long a shutdown waits for the requests in flight to finish.
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +141,10 @@ pub struct Router {
     model_id: String,
     workers: Arc<Vec<WorkerLink>>,
     placement: Placement,
+    api_keys: ApiKeys,
+    readiness: Arc<Readiness>,
+    health: tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+    drain_timeout: Duration,
 }
 
 impl Router {
@@ -186,8 +199,8 @@ impl Router {
                 experts: config.num_local_experts,
                 top_k: config.num_experts_per_tok,
             };
-            let trace =
-                RoutingTrace::create(path, &header).map_err(|error| RouterError::RoutingTrace {
+            let trace = RoutingTrace::create(path, &header, options.record_routing_max_bytes)
+                .map_err(|error| RouterError::RoutingTrace {
                     path: path.clone(),
                     error,
                 })?;
@@ -216,12 +229,21 @@ impl Router {
             tokio::task::spawn_blocking(move || EngineHandle::spawn(build, eos, scheduler))
                 .await
                 .map_err(RouterError::EngineStart)??;
+        let reporter = tonic_health::server::HealthReporter::new();
+        let health = tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
+        );
+        let readiness = Readiness::new(
+            reporter,
+            vec![<GenerationService<GenerationServer> as tonic::server::NamedService>::NAME],
+        );
         let generator = Generator::new(
             engine,
             tokenizer,
             config.vocab_size,
             config.max_position_embeddings,
             &model_name,
+            readiness.clone(),
         );
         Ok(Self {
             generator,
@@ -232,6 +254,10 @@ impl Router {
             model_id,
             workers,
             placement,
+            api_keys: options.api_keys,
+            readiness,
+            health,
+            drain_timeout: options.drain_timeout,
         })
     }
 
@@ -250,48 +276,48 @@ impl Router {
     }
 }
 
-/// Serves `moe.v1.Generation` and grpc.health.v1 on `grpc`, and the
-/// OpenAI-compatible API on `http`, until `shutdown`. Health (both) is
-/// serving only while every expert has a live worker.
+/// Where a router listens.
+pub struct Listeners {
+    /// `moe.v1.Generation` and grpc.health.v1.
+    pub grpc: TcpListener,
+    /// The OpenAI-compatible API.
+    pub http: TcpListener,
+    /// `/metrics`, `/v1/experts/stats` and `/health` without a key; None:
+    /// they are on `http`, behind the key.
+    pub observability: Option<TcpListener>,
+}
+
+/// Serves `moe.v1.Generation` and grpc.health.v1, the OpenAI-compatible
+/// API, and the observability routes on their listeners until `shutdown`
+/// (then drains, see [`until_end`]) or until the engine stops (an error).
+/// Health (both) is serving only while every expert has a live worker, the
+/// engine runs and the router is not draining.
 pub async fn serve(
-    grpc: TcpListener,
-    http: TcpListener,
+    listeners: Listeners,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let ready = Arc::new(AtomicBool::new(true));
-    let (reporter, health) = tonic_health::server::health_reporter();
-    let monitor_ready = ready.clone();
+    let monitor_readiness = router.readiness.clone();
     let monitor = tokio::spawn(cluster::monitor(
         router.workers.clone(),
         router.model_id.clone(),
         router.placement.clone(),
-        move |is_ready| {
-            monitor_ready.store(is_ready, Ordering::SeqCst);
-            let reporter = reporter.clone();
-            tokio::spawn(async move {
-                let status = if is_ready {
-                    tonic_health::ServingStatus::Serving
-                } else {
-                    tonic_health::ServingStatus::NotServing
-                };
-                reporter.set_service_status("", status).await;
-                reporter
-                    .set_service_status(
-                        <GenerationService<GenerationServer> as tonic::server::NamedService>::NAME,
-                        status,
-                    )
-                    .await;
-                if !is_ready {
-                    tracing::warn!("router not ready: some expert has no live worker");
-                }
-            });
-        },
+        move |covered| monitor_readiness.set_experts_covered(covered),
     ));
+    // Shutdown drains: new requests are refused (health says so) while
+    // those in flight finish, for up to the drain timeout. An engine that
+    // stops ends the serving at once, and the process with an error.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
+    let ending = until_end(
+        router.generator.clone(),
+        router.readiness.clone(),
+        shutdown,
+        router.drain_timeout,
+    );
+    let ending = tokio::spawn(async move {
+        let engine_failed = ending.await;
         let _ = stop_tx.send(true);
+        engine_failed
     });
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|&stop| stop).await;
@@ -301,31 +327,106 @@ pub async fn serve(
         chat_template: router.chat_template,
         model_name: router.model_name,
         created: http::unix_now(),
-        ready,
+        readiness: router.readiness.clone(),
         metrics: crate::metrics::install(),
         expert_load: router.expert_load,
         workers: router.workers.iter().map(|w| w.addr.clone()).collect(),
+        api_keys: router.api_keys.clone(),
     });
-    let grpc_server = Server::builder()
-        .add_service(health)
-        .add_service(GenerationService::new(GenerationServer::new(
-            router.generator,
-        )))
+    let keys = router.api_keys;
+    let grpc_server = tramontane_infra::grpc::server()
+        .add_service(router.health)
+        .add_service(InterceptedService::new(
+            GenerationService::new(GenerationServer::new(router.generator))
+                .max_decoding_message_size(http::MAX_BODY_BYTES),
+            move |request: tonic::Request<()>| {
+                let authorization = request.metadata().get("authorization");
+                if keys.allows(authorization.map(|v| v.as_bytes())) {
+                    Ok(request)
+                } else {
+                    Err(tonic::Status::unauthenticated(api_keys::REFUSED))
+                }
+            },
+        ))
         .serve_with_incoming_shutdown(
-            TcpIncoming::from(grpc).with_nodelay(Some(true)),
+            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
             stopped(stop_rx.clone()),
         );
-    let http = http.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
+    let nodelay = |listener: TcpListener| {
+        listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        })
+    };
+    let observability_apart = listeners.observability.is_some();
+    let observability_server = listeners.observability.map(|listener| {
+        axum::serve(
+            nodelay(listener),
+            http::observability_app(state.clone()).into_make_service(),
+        )
+        .with_graceful_shutdown(stopped(stop_rx.clone()))
     });
-    let http_server = axum::serve(http, http::app(state).into_make_service())
-        .with_graceful_shutdown(stopped(stop_rx));
+    let http_server = axum::serve(
+        nodelay(listeners.http),
+        http::app(state, observability_apart).into_make_service(),
+    )
+    .with_graceful_shutdown(stopped(stop_rx));
     let result = tokio::try_join!(
         async { grpc_server.await.map_err(ServeError::Grpc) },
         async { http_server.await.map_err(ServeError::Http) },
+        async {
+            match observability_server {
+                Some(server) => server.await.map_err(ServeError::Http),
+                None => Ok(()),
+            }
+        },
     );
     monitor.abort();
-    result.map(|_| ())
+    result?;
+    match ending.await {
+        Ok(false) => Ok(()),
+        Ok(true) => Err(ServeError::EngineStopped),
+        Err(_) => Err(ServeError::EngineStopped),
+    }
+}
+
+/// Completes when the serving should end: on `shutdown`, after draining
+/// (new requests refused, those in flight finished or `drain_timeout`
+/// passed); at once when the engine thread stops. True when the engine
+/// stopped: the process then exits with an error, for its supervisor to
+/// restart it.
+pub async fn until_end(
+    generator: Generator,
+    readiness: Arc<Readiness>,
+    shutdown: impl Future<Output = ()>,
+    drain_timeout: Duration,
+) -> bool {
+    let engine_failed = tokio::select! {
+        _ = shutdown => false,
+        _ = generator.engine_stopped() => true,
+    };
+    if engine_failed {
+        readiness.set_engine_stopped();
+    } else {
+        readiness.set_draining();
+        drain(&generator, drain_timeout).await;
+    }
+    engine_failed
+}
+
+/// Waits until every request in flight was delivered, or `timeout`.
+async fn drain(generator: &Generator, timeout: Duration) {
+    let started = tokio::time::Instant::now();
+    let in_flight = generator.in_flight();
+    tracing::info!(in_flight, "draining: new requests are refused");
+    while generator.in_flight() > 0 && started.elapsed() < timeout {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    match generator.in_flight() {
+        0 => tracing::info!("drained {in_flight} requests in {:?}", started.elapsed()),
+        left => {
+            tracing::warn!("drain timeout ({timeout:?}): {left} requests still in flight are cut")
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -334,4 +435,155 @@ pub enum ServeError {
     Grpc(#[from] tonic::transport::Error),
     #[error("HTTP server: {0}")]
     Http(std::io::Error),
+    #[error("the engine thread stopped; the router stops so that it can be restarted")]
+    EngineStopped,
+}
+
+#[cfg(test)]
+mod tests {
+    //! How serving ends: a drain lets the requests in flight finish and
+    //! refuses new ones; an engine thread that dies fails its requests with
+    //! "engine stopped" (503 / UNAVAILABLE), and health says so.
+
+    use super::*;
+    use crate::completion::GenerationRequest;
+    use crate::failure::GenerationError;
+    use crate::readiness::NotReady;
+    use crate::sampling::SamplingParams;
+    use tramontane_model::moe::Experts;
+    use tramontane_model::{ForwardError, gating::Routing};
+
+    /// Experts whose computation panics, as a bug on the engine thread would.
+    struct Panicking;
+
+    impl Experts for Panicking {
+        fn forward(
+            &self,
+            _layer: usize,
+            _xs: &tch::Tensor,
+            _routing: &Routing,
+        ) -> Result<tch::Tensor, ForwardError> {
+            panic!("an expert computation panicked")
+        }
+    }
+
+    fn generator(dir: &std::path::Path, panicking: bool) -> (Generator, Arc<Readiness>) {
+        tramontane_synthetic::write(dir, &tramontane_synthetic::Spec::default()).unwrap();
+        let config = MixtralConfig::from_file(&dir.join("config.json")).unwrap();
+        let tokenizer = Arc::new(Tokenizer::from_dir(dir).unwrap());
+        let model_dir = dir.to_path_buf();
+        let build_config = config.clone();
+        let build = move || -> Result<Mixtral, LoadError> {
+            if panicking {
+                let checkpoint = Checkpoint::open(&model_dir)?;
+                Ok(Mixtral::load_dense(
+                    &checkpoint,
+                    build_config,
+                    LoadOptions::default(),
+                    Box::new(Panicking),
+                )?)
+            } else {
+                Mixtral::load_in_process(&model_dir, LoadOptions::default())
+            }
+        };
+        let engine = EngineHandle::spawn(build, vec![], SchedulerConfig::default()).unwrap();
+        let readiness = Readiness::new(tonic_health::server::HealthReporter::new(), vec![]);
+        let generator = Generator::new(
+            engine,
+            tokenizer,
+            config.vocab_size,
+            config.max_position_embeddings,
+            "tiny",
+            readiness.clone(),
+        );
+        (generator, readiness)
+    }
+
+    fn request(max_tokens: usize) -> GenerationRequest {
+        GenerationRequest {
+            prompt: vec![1, 415, 2936],
+            max_tokens: Some(max_tokens),
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
+            stop: Arc::new([]),
+            ignore_eos: true,
+            operation: "generate",
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_engine_fails_its_requests_ends_the_serving_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let (generator, readiness) = generator(dir.path(), true);
+        let mut slots = generator.reserve(1).unwrap();
+        let stream = generator.start(request(4), &mut slots).unwrap();
+        let failure = stream.collect().await.unwrap_err();
+        assert!(
+            matches!(*failure, GenerationError::EngineStopped),
+            "{failure:?}"
+        );
+        let engine_failed = until_end(
+            generator.clone(),
+            readiness.clone(),
+            std::future::pending(),
+            Duration::from_secs(30),
+        )
+        .await;
+        assert!(engine_failed);
+        assert_eq!(readiness.state(), Err(NotReady::EngineStopped));
+        assert!(matches!(
+            generator.reserve(1),
+            Err(GenerationError::EngineStopped)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_drain_refuses_new_requests_and_waits_for_those_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let (generator, readiness) = generator(dir.path(), false);
+        let mut slots = generator.reserve(1).unwrap();
+        let mut stream = generator.start(request(24), &mut slots).unwrap();
+        assert_eq!(generator.in_flight(), 1);
+        let first = stream.next().await.unwrap().unwrap();
+        assert!(first.token.is_some());
+        let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+        let ending = tokio::spawn(until_end(
+            generator.clone(),
+            readiness.clone(),
+            async move {
+                let _ = shutdown_rx.await;
+            },
+            Duration::from_secs(60),
+        ));
+        shutdown_tx.send(()).unwrap();
+        // Draining: new requests are refused, health says why.
+        while readiness.state().is_ok() {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(readiness.state(), Err(NotReady::Draining));
+        assert!(matches!(
+            generator.reserve(1),
+            Err(GenerationError::Draining)
+        ));
+        assert!(!ending.is_finished());
+        // The request in flight runs to its end; then the drain is over.
+        let mut tokens = 1;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.unwrap();
+            tokens += usize::from(chunk.token.is_some());
+            if chunk.finish.is_some() {
+                break;
+            }
+        }
+        assert_eq!(tokens, 24);
+        assert!(
+            !ending.is_finished(),
+            "the drain ended before the stream was let go"
+        );
+        drop(stream);
+        assert!(!ending.await.unwrap(), "a drain is not an engine failure");
+        assert_eq!(generator.in_flight(), 0);
+    }
 }

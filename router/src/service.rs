@@ -12,8 +12,10 @@ use tramontane_proto::v1::{
 use tramontane_infra::error::chain;
 
 use crate::completion::{GeneratedToken, GenerationRequest, Generator, RETRY_AFTER_SECONDS};
+use crate::engine::QueueSlots;
 use crate::failure::{DispatchError, GenerationError};
 use crate::sampling::SamplingParams;
+use crate::text::check_stops;
 
 pub struct GenerationServer {
     generator: Generator,
@@ -24,10 +26,17 @@ impl GenerationServer {
         Self { generator }
     }
 
-    fn request(&self, request: &GenerateRequest) -> Result<GenerationRequest, Status> {
+    /// The request checked, with a place reserved in the queue before its
+    /// prompt is tokenized.
+    fn request(
+        &self,
+        request: &GenerateRequest,
+    ) -> Result<(GenerationRequest, QueueSlots), Status> {
         if request.max_tokens == 0 {
             return Err(Status::invalid_argument("max_tokens: must be at least 1"));
         }
+        check_stops(&request.stop).map_err(|e| Status::from(&GenerationError::from(e)))?;
+        let slots = self.generator.reserve(1).map_err(|e| Status::from(&e))?;
         let prompt = match (
             request.prompt.is_empty(),
             request.prompt_token_ids.is_empty(),
@@ -46,7 +55,7 @@ impl GenerationServer {
             (true, false) => request.prompt_token_ids.clone(),
         };
         let defaults = SamplingParams::default();
-        Ok(GenerationRequest {
+        let request = GenerationRequest {
             prompt,
             max_tokens: Some(request.max_tokens as usize),
             sampling: SamplingParams {
@@ -58,10 +67,11 @@ impl GenerationServer {
                 seed: request.seed,
                 logprobs: request.logprobs.map(|n| n as usize),
             },
-            stop: request.stop.clone(),
+            stop: request.stop.as_slice().into(),
             ignore_eos: request.ignore_eos,
             operation: "generate",
-        })
+        };
+        Ok((request, slots))
     }
 }
 
@@ -83,6 +93,7 @@ impl From<&GenerationError> for Status {
                 status
             }
             GenerationError::EngineStopped
+            | GenerationError::Draining
             | GenerationError::Dispatch(DispatchError::NoLiveReplica { .. }) => {
                 Status::unavailable(message)
             }
@@ -112,11 +123,11 @@ impl Generation for GenerationServer {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        let request = self.request(request.get_ref())?;
+        let (request, mut slots) = self.request(request.get_ref())?;
         let prompt = request.prompt.clone();
         let stream = self
             .generator
-            .start(request)
+            .start(request, &mut slots)
             .map_err(|e| Status::from(&e))?;
         let completed = stream.collect().await.map_err(|e| Status::from(&*e))?;
         Ok(Response::new(GenerateResponse {
@@ -138,10 +149,10 @@ impl Generation for GenerationServer {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let request = self.request(request.get_ref())?;
+        let (request, mut slots) = self.request(request.get_ref())?;
         let mut stream = self
             .generator
-            .start(request)
+            .start(request, &mut slots)
             .map_err(|e| Status::from(&e))?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
@@ -176,9 +187,8 @@ mod tests {
             let expected = match kind {
                 "invalid" => tonic::Code::InvalidArgument,
                 "queue full" => tonic::Code::ResourceExhausted,
-                "engine stopped" | "worker status" | "worker deadline" | "worker bad answer" => {
-                    tonic::Code::Unavailable
-                }
+                "engine stopped" | "draining" | "worker status" | "worker deadline"
+                | "worker bad answer" => tonic::Code::Unavailable,
                 "dropped" | "encode" | "combine" | "forward" => tonic::Code::Internal,
                 other => panic!("no expected code for {other}"),
             };

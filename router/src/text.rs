@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use tramontane_model::Tokenizer;
 
+use crate::sampling::InvalidParam;
+
 /// Prompt tokens decoded as context before the first generated token, so that
 /// a leading space (SentencePiece's "▁") comes out as the full decode has it.
 const CONTEXT_TOKENS: usize = 6;
@@ -59,9 +61,45 @@ impl IncrementalDecoder {
     }
 }
 
+/// Stop strings one request may give (OpenAI's limit).
+pub const MAX_STOP_STRINGS: usize = 4;
+/// Longest stop string, in bytes: the matcher holds back up to this much text.
+pub const MAX_STOP_BYTES: usize = 512;
+
+/// Refuses more stop strings than [`MAX_STOP_STRINGS`], an empty one, or one
+/// longer than [`MAX_STOP_BYTES`]: checked once per request, before its
+/// prompts are tokenized.
+pub fn check_stops(stops: &[String]) -> Result<(), InvalidParam> {
+    if stops.len() > MAX_STOP_STRINGS {
+        return Err(InvalidParam::new(
+            "stop",
+            format!(
+                "at most {MAX_STOP_STRINGS} stop strings (got {})",
+                stops.len()
+            ),
+        ));
+    }
+    for stop in stops {
+        if stop.is_empty() {
+            return Err(InvalidParam::new("stop", "a stop string is empty"));
+        }
+        if stop.len() > MAX_STOP_BYTES {
+            return Err(InvalidParam::new(
+                "stop",
+                format!(
+                    "a stop string is at most {MAX_STOP_BYTES} bytes (got {})",
+                    stop.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Stop strings over streamed text.
 pub struct StopStrings {
-    stops: Vec<String>,
+    /// The request's one copy, shared by its choices.
+    stops: Arc<[String]>,
     /// Text held back: it might be the start of a stop string.
     held: String,
 }
@@ -76,22 +114,28 @@ pub struct Matched {
 }
 
 impl StopStrings {
-    pub fn new(stops: Vec<String>) -> Self {
+    pub fn new(stops: Arc<[String]>) -> Self {
         Self {
-            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            stops,
             held: String::new(),
         }
     }
 
     pub fn push(&mut self, piece: &str) -> Matched {
         self.held.push_str(piece);
-        if self.stops.is_empty() {
+        if self.stops.iter().all(String::is_empty) {
             return Matched {
                 text: std::mem::take(&mut self.held),
                 stopped: false,
             };
         }
-        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s)).min() {
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
             let mut text = std::mem::take(&mut self.held);
             text.truncate(at);
             return Matched {
@@ -106,7 +150,9 @@ impl StopStrings {
             .map(|(i, _)| i)
             .find(|&i| {
                 let tail = &self.held[i..];
-                self.stops.iter().any(|s| s.starts_with(tail))
+                self.stops
+                    .iter()
+                    .any(|s| !s.is_empty() && s.starts_with(tail))
             })
             .unwrap_or(self.held.len());
         let held = self.held.split_off(keep);
@@ -126,6 +172,20 @@ impl StopStrings {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn stop_strings_over_the_caps_are_refused_naming_the_limit() {
+        let stops = |n: usize, len: usize| vec!["x".repeat(len); n];
+        assert!(check_stops(&stops(MAX_STOP_STRINGS, MAX_STOP_BYTES)).is_ok());
+        assert!(check_stops(&[]).is_ok());
+        let many = check_stops(&stops(MAX_STOP_STRINGS + 1, 1)).unwrap_err();
+        assert_eq!(many.param, "stop");
+        assert!(many.message.contains("at most 4"), "{}", many.message);
+        let long = check_stops(&stops(1, MAX_STOP_BYTES + 1)).unwrap_err();
+        assert!(long.message.contains("512 bytes"), "{}", long.message);
+        let empty = check_stops(&["a".into(), String::new()]).unwrap_err();
+        assert!(empty.message.contains("empty"), "{}", empty.message);
+    }
 
     /// Feeds `pieces` and returns the emitted text and whether it stopped.
     fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
@@ -228,7 +288,7 @@ mod tests {
             }
             // A stop string made of a multi-byte character is found across tokens.
             if text.contains('🚀') {
-                let mut stops = StopStrings::new(vec!["🚀".into()]);
+                let mut stops = StopStrings::new(Arc::from(vec!["🚀".to_string()]));
                 let mut out = String::new();
                 for piece in &pieces {
                     let matched = stops.push(piece);

@@ -1,5 +1,6 @@
 //! Placement checks at start, and worker faults during generation: failover
-//! to a replica, UNAVAILABLE without one, recovery when the worker returns.
+//! to a replica, UNAVAILABLE without one, recovery when the worker returns;
+//! a stopped worker ejected after one missed deadline.
 
 use std::path::Path;
 use std::time::Duration;
@@ -171,5 +172,83 @@ fn without_a_replica_requests_fail_unavailable_until_the_worker_returns() -> Res
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         anyhow::bail!("the router did not recover: {last:?}")
+    })
+}
+
+#[test]
+fn a_stopped_worker_is_ejected_after_one_deadline_and_taken_back_when_it_continues() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = model_dir(dir.path())?;
+    let (_, expected) = support::expected_greedy(Path::new(&model), PROMPT, 8)?;
+    let w0 = support::worker(Path::new(&model), "all", "127.0.0.1:0")?;
+    let w1 = support::worker(Path::new(&model), "all", "127.0.0.1:0")?;
+    let placement = dir.path().join("placement.json");
+    std::fs::write(
+        &placement,
+        serde_json::json!({"workers": 2, "experts": vec![vec![vec![0, 1]; 8]; 2]}).to_string(),
+    )?;
+    let workers = support::addrs([&w0, &w1]);
+    let router = support::spawn_serving(&[
+        "router",
+        "--model",
+        &model,
+        "--workers",
+        &workers,
+        "--threads",
+        "1",
+        "--placement",
+        placement.to_str().context("path")?,
+        "--dispatch-timeout-ms",
+        "500",
+    ])?;
+    let signal = |name: &str| {
+        support::run_ok(std::process::Command::new("kill").args([name, &w0.child.id().to_string()]))
+    };
+    let dispatch_errors = |metrics: &str| -> f64 {
+        support::samples(metrics, "tramontane_router_dispatch_errors_total")
+            .iter()
+            .filter(|(labels, _)| labels.get("worker").map(String::as_str) == Some("0"))
+            .map(|(_, v)| v)
+            .sum()
+    };
+    let up = |metrics: &str| support::metric(metrics, "tramontane_router_worker_up{worker=\"0\"}");
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let mut client =
+            GenerationClient::connect(format!("http://{}", router.process.addr)).await?;
+        let request = GenerateRequest {
+            prompt: PROMPT.into(),
+            max_tokens: 8,
+            temperature: Some(0.0),
+            ..Default::default()
+        };
+        // Stopped (SIGSTOP): its connection stays open but nothing answers.
+        signal("-STOP")?;
+        let tokens = client
+            .generate(request.clone())
+            .await?
+            .into_inner()
+            .token_ids;
+        ensure!(tokens == expected, "{tokens:?} vs {expected:?}");
+        // 8 tokens of 2 layers each, yet only the first Forward waited out
+        // its deadline: the worker was ejected then, not at every layer.
+        let (_, _, metrics) = support::http(&router.http, "GET", "/metrics", "")?;
+        ensure!(dispatch_errors(&metrics) == 1.0, "{metrics}");
+        ensure!(up(&metrics) == Some(0.0), "{metrics}");
+
+        // Continued (SIGCONT): it answers its probe again and is taken back.
+        signal("-CONT")?;
+        let mut back = false;
+        for _ in 0..100 {
+            let (_, _, metrics) = support::http(&router.http, "GET", "/metrics", "")?;
+            if up(&metrics) == Some(1.0) {
+                back = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ensure!(back, "the continued worker was never taken back");
+        let again = client.generate(request).await?.into_inner().token_ids;
+        ensure!(again == expected, "tokens after the worker came back");
+        Ok(())
     })
 }

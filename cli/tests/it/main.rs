@@ -9,6 +9,7 @@ mod support;
 mod admission;
 mod bad_input;
 mod faults;
+mod guarded;
 mod hf_parity;
 mod hosts;
 mod observability;

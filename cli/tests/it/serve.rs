@@ -1,5 +1,6 @@
 //! `tramontane serve`: N worker processes and the router on this machine;
-//! readiness follows the workers; SIGTERM stops every child.
+//! readiness follows the workers; a worker that dies is started again;
+//! SIGTERM drains the requests in flight, then stops every child.
 
 use std::time::Duration;
 
@@ -50,7 +51,7 @@ fn serve_starts_workers_and_router_and_stops_them_all() -> Result<()> {
     let model = dir.path().join("model");
     support::gen_model(&model, &["--preset", "tiny", "--seed", "31"])?;
     let model = model.to_str().context("path")?;
-    let mut serve = support::spawn_serving(&[
+    let serving = support::spawn_serving(&[
         "serve",
         "--model",
         model,
@@ -58,8 +59,9 @@ fn serve_starts_workers_and_router_and_stops_them_all() -> Result<()> {
         "3",
         "--threads",
         "1",
-    ])?
-    .process;
+    ])?;
+    let http = serving.http.clone();
+    let mut serve = serving.process;
     let workers = children_of(serve.child.id());
     ensure!(
         workers.len() == 3,
@@ -100,23 +102,115 @@ fn serve_starts_workers_and_router_and_stops_them_all() -> Result<()> {
             health(&serve.addr).await? == ServingStatus::Serving as i32,
             "ready with every worker up"
         );
-        // A worker dies: the router reports not ready.
+        // A worker dies: the router reports not ready, serve starts it
+        // again on its address, and the router takes it back.
         support::run_ok(std::process::Command::new("kill").args(["-9", &workers[1].to_string()]))?;
-        for _ in 0..100 {
-            if health(&serve.addr).await? == ServingStatus::NotServing as i32 {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        anyhow::bail!("the router never reported not ready")
+        wait_for_health(
+            &serve.addr,
+            ServingStatus::NotServing,
+            "the router never reported not ready",
+        )
+        .await?;
+        wait_for_health(
+            &serve.addr,
+            ServingStatus::Serving,
+            "the restarted worker was never taken back",
+        )
+        .await
     })?;
+    let restarted = children_of(serve.child.id());
+    ensure!(
+        restarted.len() == 3 && !restarted.contains(&workers[1]),
+        "{workers:?} then {restarted:?}"
+    );
+    let (_, _, metrics) = support::http(&http, "GET", "/metrics", "")?;
+    ensure!(
+        support::metric(
+            &metrics,
+            "tramontane_serve_worker_restarts_total{worker=\"1\"}"
+        ) == Some(1.0),
+        "{metrics}"
+    );
+    let again = support::run_ok(support::tramontane().args([
+        "generate",
+        "--json",
+        "--max-tokens",
+        "12",
+        "--prompt",
+        "Hello world",
+        "--server",
+        &serve.addr,
+    ]))?;
+    let again: serde_json::Value = serde_json::from_slice(&again.stdout)?;
+    ensure!(
+        again["token_ids"] == local["token_ids"],
+        "{again} vs {local}"
+    );
 
+    // SIGTERM with a stream in flight: health turns 503 and new requests
+    // are refused, the stream runs to its end, then serve exits cleanly.
+    let mut stream = std::net::TcpStream::connect(&http)?;
+    let body = r#"{"model":"model","prompt":"Hello","max_tokens":600,"ignore_eos":true,"temperature":0,"stream":true,"stream_options":{"include_usage":true}}"#;
+    use std::io::{BufRead, Read, Write};
+    write!(
+        stream,
+        "POST /v1/completions HTTP/1.1\r\nHost: {http}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut reader = std::io::BufReader::new(stream);
+    let mut line = String::new();
+    while !line.starts_with("data: {") {
+        line.clear();
+        ensure!(
+            reader.read_line(&mut line)? > 0,
+            "the stream ended before its first chunk"
+        );
+    }
     support::run_ok(
         std::process::Command::new("kill").args(["-TERM", &serve.child.id().to_string()]),
     )?;
+    let mut draining = false;
+    for _ in 0..200 {
+        let (status, _, body) = support::http(&http, "GET", "/health", "")?;
+        if status == 503 {
+            ensure!(body.contains("shutting down"), "{body}");
+            draining = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    ensure!(draining, "health never said the router is draining");
+    let (status, _, refused) = support::http(
+        &http,
+        "POST",
+        "/v1/completions",
+        r#"{"model":"model","prompt":"Hello","max_tokens":2}"#,
+    )?;
+    ensure!(
+        status == 503 && refused.contains("shutting down"),
+        "{status} {refused}"
+    );
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest)?;
+    ensure!(
+        rest.contains(r#""completion_tokens":600"#) && rest.contains("data: [DONE]"),
+        "the stream in flight was cut: {}",
+        &rest[rest.len().saturating_sub(400)..]
+    );
     let status = serve.child.wait()?;
     ensure!(status.success(), "serve exits cleanly on SIGTERM: {status}");
-    all_gone(&workers, 50, "workers outlived serve")
+    all_gone(&restarted, 50, "workers outlived serve")
+}
+
+/// Polls grpc.health.v1 (up to 300 × 100 ms) until it reports `wanted`.
+async fn wait_for_health(addr: &str, wanted: ServingStatus, failure: &str) -> Result<()> {
+    for _ in 0..300 {
+        if health(addr).await? == wanted as i32 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("{failure}")
 }
 
 /// Waits (not timing: up to `tries` × 100 ms) until none of `pids` is alive.

@@ -122,10 +122,12 @@ fn drain(stdout: impl std::io::Read + Send + 'static, stderr: Option<std::proces
     }
 }
 
-/// A served cluster: the router's gRPC address (in `process.addr`) and its HTTP address.
+/// A served cluster: the router's gRPC address (in `process.addr`), its
+/// HTTP address, and the observability address when `--metrics-listen` was given.
 pub struct Serving {
     pub process: Process,
     pub http: String,
+    pub metrics: Option<String>,
 }
 
 /// Starts `tramontane ARGS...` (serve or router) on ephemeral ports and waits
@@ -142,7 +144,12 @@ pub fn spawn_serving(args: &[&str]) -> Result<Serving> {
         .spawn()?;
     let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
     let mut addrs = Vec::new();
-    for _ in 0..2 {
+    let lines = if args.contains(&"--metrics-listen") {
+        3
+    } else {
+        2
+    };
+    for _ in 0..lines {
         let mut line = String::new();
         stdout.read_line(&mut line)?;
         match line.trim().rsplit_once("listening on ") {
@@ -158,11 +165,15 @@ pub fn spawn_serving(args: &[&str]) -> Result<Serving> {
         }
     }
     drain(stdout, child.stderr.take());
+    let metrics = (lines == 3)
+        .then(|| addrs.pop().context("metrics address"))
+        .transpose()?;
     let http = addrs.pop().context("http address")?;
     let addr = addrs.pop().context("grpc address")?;
     Ok(Serving {
         process: Process { child, addr },
         http,
+        metrics,
     })
 }
 
@@ -289,11 +300,33 @@ pub fn expected_greedy(
 
 /// A plain HTTP/1.1 exchange: status, lower-cased headers, body.
 pub fn http(addr: &str, method: &str, path: &str, body: &str) -> Result<(u16, String, String)> {
+    http_with(
+        addr,
+        method,
+        path,
+        &[("Content-Type", "application/json")],
+        body,
+    )
+}
+
+/// [`http`] with the request headers given (Host, Content-Length and
+/// Connection are added).
+pub fn http_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<(u16, String, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr)?;
+    let headers: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
     let mut response = Vec::new();

@@ -16,7 +16,7 @@ use super::openai::{
 };
 use super::{HttpState, new_id, sse_response, unix_now};
 use crate::chat_template::Message;
-use crate::completion::GeneratedToken;
+use crate::completion::{GeneratedToken, GenerationRequest};
 
 pub async fn create(
     State(state): State<Arc<HttpState>>,
@@ -37,13 +37,6 @@ pub async fn create(
             format!("response_format: only {{\"type\": \"text\"}} is supported, not {format}"),
         ));
     }
-    let messages = messages(&request)?;
-    let text = state.chat_template.render(&messages)?;
-    let prompt = state
-        .generator
-        .tokenizer()
-        .encode_rendered(&text)
-        .map_err(|e| ApiError::invalid("messages", format!("messages: {e}")))?;
     let logprobs = match (request.logprobs, request.top_logprobs) {
         (true, top) => Some(top.unwrap_or(0)),
         (false, Some(_)) => {
@@ -55,14 +48,28 @@ pub async fn create(
         (false, None) => None,
     };
     let generation = request.common.generation(
-        prompt,
         request.max_completion_tokens.or(request.max_tokens),
         logprobs,
         "top_logprobs",
         crate::sampling::MAX_TOP_LOGPROBS,
         "chat",
     )?;
-    let stream = state.generator.start(generation)?;
+    let messages = messages(&request)?;
+    // A place in the queue before the template renders and the prompt is tokenized.
+    let mut slots = state.generator.reserve(1)?;
+    let text = state.chat_template.render(&messages)?;
+    let prompt = state
+        .generator
+        .tokenizer()
+        .encode_rendered(&text)
+        .map_err(|e| ApiError::invalid("messages", format!("messages: {e}")))?;
+    let stream = state.generator.start(
+        GenerationRequest {
+            prompt,
+            ..generation
+        },
+        &mut slots,
+    )?;
     let id = new_id("chatcmpl");
     let created = unix_now();
     let tokenizer = state.generator.tokenizer().clone();

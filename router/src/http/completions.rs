@@ -15,7 +15,7 @@ use super::openai::{
     empty_usage,
 };
 use super::{HttpState, new_id, sse_response, unix_now};
-use crate::completion::GeneratedToken;
+use crate::completion::{GeneratedToken, GenerationRequest, MAX_PROMPTS_PER_REQUEST};
 
 /// OpenAI's default for /v1/completions.
 const DEFAULT_MAX_TOKENS: i64 = 16;
@@ -30,23 +30,34 @@ pub async fn create(
     if request.echo {
         return Err(ApiError::invalid("echo", "echo: not supported"));
     }
-    let prompts = token_prompts(state.generator.tokenizer(), &request.prompt)?;
-    let max_tokens = Some(request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS));
-    let mut generations = Vec::with_capacity(prompts.len());
-    for prompt in prompts {
-        generations.push(request.common.generation(
-            prompt,
-            max_tokens,
-            request.logprobs,
-            "logprobs",
-            MAX_LOGPROBS,
-            "text_completion",
-        )?);
+    // What is shared by every prompt is checked, and the queue places
+    // reserved, before any prompt is tokenized.
+    let count = request.prompt.count();
+    if count > MAX_PROMPTS_PER_REQUEST {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("prompt: at most {MAX_PROMPTS_PER_REQUEST} prompts per request (got {count})"),
+        ));
     }
+    let generation = request.common.generation(
+        Some(request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
+        request.logprobs,
+        "logprobs",
+        MAX_LOGPROBS,
+        "text_completion",
+    )?;
+    let mut slots = state.generator.reserve(count)?;
+    let prompts = token_prompts(state.generator.tokenizer(), &request.prompt)?;
     // Every choice is checked before any starts; dropping the started ones cancels them.
-    let streams = generations
+    let streams = prompts
         .into_iter()
-        .map(|g| state.generator.start(g))
+        .map(|prompt| {
+            let choice = GenerationRequest {
+                prompt,
+                ..generation.clone()
+            };
+            state.generator.start(choice, &mut slots)
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let id = new_id("cmpl");
     let created = unix_now();

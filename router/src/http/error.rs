@@ -95,6 +95,7 @@ impl From<&GenerationError> for ApiError {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, message).with_code("queue_full")
             }
             GenerationError::EngineStopped
+            | GenerationError::Draining
             | GenerationError::Dispatch(DispatchError::NoLiveReplica { .. }) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
             }
@@ -147,9 +148,8 @@ mod tests {
             let expected = match kind {
                 "invalid" => StatusCode::BAD_REQUEST,
                 "queue full" => StatusCode::TOO_MANY_REQUESTS,
-                "engine stopped" | "worker status" | "worker deadline" | "worker bad answer" => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
+                "engine stopped" | "draining" | "worker status" | "worker deadline"
+                | "worker bad answer" => StatusCode::SERVICE_UNAVAILABLE,
                 "dropped" | "encode" | "combine" | "forward" => StatusCode::INTERNAL_SERVER_ERROR,
                 other => panic!("no expected status for {other}"),
             };

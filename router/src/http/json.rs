@@ -2,7 +2,7 @@
 //! message and `param` name the field that is wrong (via serde_path_to_error).
 
 use axum::extract::{FromRequest, Request};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
@@ -14,6 +14,21 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OpenAiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        // No JSON content type, no request: a cross-site form post cannot
+        // reach the API.
+        let content_type = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        if !content_type.as_deref().is_some_and(is_json) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!(
+                    "the body must be JSON sent as `Content-Type: application/json` (got {})",
+                    content_type.map_or("no Content-Type".into(), |t| format!("`{t}`"))
+                ),
+            ));
+        }
         let body = Bytes::from_request(request, state).await.map_err(|e| {
             let status = e.status();
             let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -47,6 +62,20 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OpenAiJson<T> {
     }
 }
 
+/// `application/json`, or `application/…+json`, with any parameters.
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || essence
+            .strip_prefix("application/")
+            .is_some_and(|subtype| subtype.ends_with("+json"))
+}
+
 /// What a field that takes several shapes accepts.
 fn expected_shape(path: &str) -> &'static str {
     match path {
@@ -56,5 +85,30 @@ fn expected_shape(path: &str) -> &'static str {
         "stop" => "must be a string or a list of strings",
         p if p.ends_with(".content") => "must be a string or a list of content parts",
         _ => "has the wrong type",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_json_content_types_pass() {
+        for json in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "application/vnd.api+json",
+        ] {
+            assert!(is_json(json), "{json}");
+        }
+        for other in [
+            "",
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "text/json+x",
+        ] {
+            assert!(!is_json(other), "{other}");
+        }
     }
 }

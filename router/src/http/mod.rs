@@ -1,6 +1,7 @@
 //! The OpenAI-compatible HTTP API (axum): `/v1/completions`,
 //! `/v1/chat/completions` (both streamed as server-sent events when asked),
-//! `/v1/models`, `/health` and the Prometheus `/metrics`.
+//! `/v1/models`, `/health` and the Prometheus `/metrics`, behind API keys
+//! when the server has any.
 
 mod chat;
 mod completions;
@@ -9,11 +10,10 @@ mod json;
 mod openai;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -23,10 +23,12 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 pub use error::ApiError;
 
+use crate::api_keys::{self, ApiKeys};
 use crate::chat_template::ChatTemplate;
 use crate::completion::{Chunk, CompletionStream, GenerationFailed, Generator};
 use crate::expert_load::{ExpertLoad, ExpertStats};
 use crate::metrics;
+use crate::readiness::Readiness;
 use openai::{ModelCard, ModelList, Usage};
 
 /// Largest request body accepted.
@@ -40,12 +42,14 @@ pub struct HttpState {
     pub model_name: String,
     /// When the server started (seconds since the epoch), for /v1/models.
     pub created: u64,
-    /// Every expert has a live worker.
-    pub ready: Arc<AtomicBool>,
+    /// Whether the router serves (for /health).
+    pub readiness: Arc<Readiness>,
     pub metrics: PrometheusHandle,
     pub expert_load: Arc<ExpertLoad>,
     /// Worker addresses, by index.
     pub workers: Vec<String>,
+    /// Keys the API needs (none: open).
+    pub api_keys: ApiKeys,
 }
 
 impl HttpState {
@@ -66,18 +70,65 @@ impl HttpState {
     }
 }
 
-pub fn app(state: Arc<HttpState>) -> Router {
-    Router::new()
+/// The public API. The generation routes (and `/metrics` and
+/// `/v1/experts/stats` unless `observability_apart`, when they are served by
+/// [`observability_app`] on their own address) need an API key when the
+/// server has any; `/health` stays open for probes.
+pub fn app(state: Arc<HttpState>, observability_apart: bool) -> Router {
+    let mut keyed = Router::new()
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
-        .route("/v1/models", get(models))
+        .route("/v1/models", get(models));
+    if !observability_apart {
+        keyed = keyed.merge(observability_routes());
+    }
+    let keyed = keyed.route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    Router::new()
         .route("/health", get(health))
-        .route("/metrics", get(render_metrics))
-        .route("/v1/experts/stats", get(expert_stats))
+        .merge(keyed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(count_requests))
         .with_state(state)
+}
+
+/// `/metrics`, `/v1/experts/stats` and `/health` on an address of their own
+/// (`--metrics-listen`), without a key: for a scraper inside the cluster.
+pub fn observability_app(state: Arc<HttpState>) -> Router {
+    observability_routes()
+        .route("/health", get(health))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+fn observability_routes() -> Router<Arc<HttpState>> {
+    Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/v1/experts/stats", get(expert_stats))
+}
+
+/// Refuses a request without one of the server's API keys: 401 with an
+/// OpenAI-style body and `WWW-Authenticate: Bearer`.
+async fn require_key(
+    State(state): State<Arc<HttpState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    if state.api_keys.allows(authorization) {
+        return next.run(request).await;
+    }
+    let mut response = ApiError::new(StatusCode::UNAUTHORIZED, api_keys::REFUSED)
+        .with_code("invalid_api_key")
+        .into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    response
 }
 
 async fn models(State(state): State<Arc<HttpState>>) -> Json<ModelList> {
@@ -94,14 +145,9 @@ async fn models(State(state): State<Arc<HttpState>>) -> Json<ModelList> {
 }
 
 async fn health(State(state): State<Arc<HttpState>>) -> Response {
-    if state.ready.load(Ordering::SeqCst) {
-        Json(serde_json::json!({"status": "ok"})).into_response()
-    } else {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: some expert has no live worker",
-        )
-        .into_response()
+    match state.readiness.state() {
+        Ok(()) => Json(serde_json::json!({"status": "ok"})).into_response(),
+        Err(why) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why.message()).into_response(),
     }
 }
 

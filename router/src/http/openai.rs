@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::error::ApiError;
 use crate::completion::GenerationRequest;
 use crate::sampling::{MAX_TOP_LOGPROBS, SamplingParams};
+use crate::text::check_stops;
 
 /// `stop`: one string or a list.
 #[derive(Debug, Clone, Deserialize)]
@@ -49,11 +50,12 @@ impl CommonFields {
             .is_some_and(|o| o.include_usage)
     }
 
-    /// The generation request for `prompt`, with `max_tokens` and `logprobs`
-    /// already read from the endpoint's own fields.
+    /// The generation request, with `max_tokens` and `logprobs` already
+    /// read from the endpoint's own fields, and no prompt yet: it is checked
+    /// before any prompt is tokenized, and its stop strings are one copy
+    /// that every prompt's request shares.
     pub fn generation(
         &self,
-        prompt: Vec<u32>,
         max_tokens: Option<i64>,
         logprobs: Option<i64>,
         logprobs_param: &'static str,
@@ -111,19 +113,17 @@ impl CommonFields {
             logprobs,
         };
         sampling.validate()?;
-        let stop = match &self.stop {
-            None => Vec::new(),
-            Some(Stop::One(s)) => vec![s.clone()],
-            Some(Stop::Many(list)) => list.clone(),
+        let stop: &[String] = match &self.stop {
+            None => &[],
+            Some(Stop::One(s)) => std::slice::from_ref(s),
+            Some(Stop::Many(list)) => list,
         };
-        if stop.iter().any(String::is_empty) {
-            return Err(ApiError::invalid("stop", "stop: a stop string is empty"));
-        }
+        check_stops(stop)?;
         Ok(GenerationRequest {
-            prompt,
+            prompt: Vec::new(),
             max_tokens,
             sampling,
-            stop,
+            stop: stop.into(),
             ignore_eos: self.ignore_eos,
             operation,
         })
@@ -138,6 +138,17 @@ pub enum Prompt {
     Texts(Vec<String>),
     Tokens(Vec<i64>),
     TokenLists(Vec<Vec<i64>>),
+}
+
+impl Prompt {
+    /// How many prompts (choices) the request asks for.
+    pub fn count(&self) -> usize {
+        match self {
+            Prompt::Text(_) | Prompt::Tokens(_) => 1,
+            Prompt::Texts(texts) => texts.len(),
+            Prompt::TokenLists(lists) => lists.len(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
