@@ -13,6 +13,8 @@ use tramontane_model::{MixtralConfig, Tokenizer};
 use tramontane_proto::v1::GenerateRequest;
 use tramontane_proto::v1::generation_client::GenerationClient;
 
+use tramontane_infra::tls::Tls;
+
 use crate::options::ComputeArgs;
 
 #[derive(Debug, Args)]
@@ -28,6 +30,9 @@ pub struct GenerateArgs {
     /// A running router (`host:port`) to ask instead, over gRPC moe.v1.Generation.
     #[arg(long)]
     pub server: Option<String>,
+    /// The CA that signed the server's certificate: connect over TLS (with --server).
+    #[arg(long, requires = "server")]
+    pub tls_ca: Option<PathBuf>,
     /// The server's API key, sent as `authorization: Bearer KEY` (with --server).
     #[arg(long, env = "TRAMONTANE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -86,16 +91,22 @@ fn print_output(args: &GenerateArgs, output: Output) -> Result<()> {
 }
 
 fn run_remote(args: &GenerateArgs, server: &str) -> Result<()> {
-    let uri = if server.contains("://") {
-        server.to_string()
-    } else {
-        format!("http://{server}")
+    let tls = Tls::from_files(None, None, args.tls_ca.as_deref())?;
+    let uri = match &tls {
+        Some(_) => tramontane_infra::grpc::tls_uri(server),
+        None => tramontane_infra::grpc::uri(server),
     };
     let max_tokens = u32::try_from(args.max_tokens).context("--max-tokens is too large")?;
     let response = tokio::runtime::Runtime::new()?.block_on(async {
-        let mut client = GenerationClient::connect(uri.clone())
+        let mut endpoint = tonic::transport::Endpoint::from_shared(uri.clone())?;
+        if let Some(tls) = &tls {
+            endpoint = endpoint.tls_config(tls.client())?;
+        }
+        let channel = endpoint
+            .connect()
             .await
             .with_context(|| format!("connecting to {uri}"))?;
+        let mut client = GenerationClient::new(channel);
         let mut request = tonic::Request::new(GenerateRequest {
             prompt: args.prompt.clone(),
             max_tokens,

@@ -7,6 +7,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod certs;
 mod gen_model;
 mod generate;
 mod openmp_env;
@@ -53,6 +54,8 @@ enum Command {
     Profile(profile::ProfileArgs),
     /// Size a cluster: memory per device, expert placement, predicted throughput and latency.
     Plan(plan::PlanArgs),
+    /// Make a CA and per-node certificates for a cluster's mTLS and HTTPS.
+    Certs(certs::CertsArgs),
 }
 
 fn main() -> Result<()> {
@@ -81,5 +84,6 @@ fn main() -> Result<()> {
         }
         Command::Profile(args) => profile::run(&args),
         Command::Plan(args) => plan::run(&args),
+        Command::Certs(args) => certs::run(&args),
     }
 }

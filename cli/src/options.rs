@@ -9,6 +9,7 @@ use anyhow::{Result, bail};
 use clap::Args;
 use tch::Device;
 use tramontane_infra::grpc::DEFAULT_MAX_MESSAGE_BYTES;
+use tramontane_infra::tls::Tls;
 use tramontane_model::{Dtype, LoadOptions};
 use tramontane_policy::scheduler::{SchedulerConfig, SchedulerConfigError};
 use tramontane_router::RouterOptions;
@@ -108,6 +109,35 @@ pub struct RouterTuning {
     pub access: AccessArgs,
 }
 
+/// TLS files of a worker or router (PEM). A worker serves over TLS with its
+/// certificate and, with a CA, takes only clients that present a
+/// certificate that CA signed (mTLS). A router connects to its workers over
+/// TLS when given the CA that signed theirs, presents its certificate to
+/// them, and serves its public listeners (HTTPS, gRPC) with it.
+#[derive(Debug, Args)]
+pub struct TlsArgs {
+    /// This process's certificate (chain), PEM.
+    #[arg(long, env = "TRAMONTANE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert, PEM.
+    #[arg(long, env = "TRAMONTANE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA that signed the other side's certificates, PEM.
+    #[arg(long, env = "TRAMONTANE_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The files read and checked; None without any.
+    pub fn load(&self) -> Result<Option<Tls>> {
+        Ok(Tls::from_files(
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.tls_ca.as_deref(),
+        )?)
+    }
+}
+
 /// Who may call the public APIs, and where the observability routes are.
 #[derive(Debug, Args)]
 pub struct AccessArgs {
@@ -146,6 +176,7 @@ impl RouterTuning {
         model: PathBuf,
         workers: Vec<String>,
         compute: &ComputeArgs,
+        tls: Option<Tls>,
     ) -> Result<RouterOptions> {
         if workers.is_empty() {
             bail!("--workers: at least one worker address is needed");
@@ -169,6 +200,7 @@ impl RouterTuning {
             record_routing_max_bytes: self.record_routing_max_bytes,
             api_keys: self.access.api_keys()?,
             drain_timeout: Duration::from_secs(self.drain_timeout),
+            tls,
         })
     }
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use crate::options::{ComputeArgs, RouterTuning};
+use crate::options::{ComputeArgs, RouterTuning, TlsArgs};
 use crate::serving::{Addresses, start_and_serve};
 use crate::telemetry::TelemetryArgs;
 
@@ -33,15 +33,20 @@ pub struct RouterArgs {
     #[command(flatten)]
     pub tuning: RouterTuning,
     #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
     pub compute: ComputeArgs,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
 }
 
 pub fn run(args: &RouterArgs) -> Result<()> {
-    let options = args
-        .tuning
-        .options(args.model.clone(), args.workers.clone(), &args.compute)?;
+    let options = args.tuning.options(
+        args.model.clone(),
+        args.workers.clone(),
+        &args.compute,
+        args.tls.load()?,
+    )?;
     tokio::runtime::Runtime::new()?.block_on(async {
         let telemetry = crate::telemetry::init(&args.telemetry, "tramontane-router")?;
         let listen = Addresses {

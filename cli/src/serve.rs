@@ -7,6 +7,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use tramontane_infra::certs::{CertFiles, Node, write_cluster_certs};
+use tramontane_infra::tls::Tls;
 use tramontane_launcher::supervisor::supervise;
 use tramontane_launcher::{WorkerCommand, spawn_worker, worker_share, write_prometheus_targets};
 use tramontane_model::MixtralConfig;
@@ -43,6 +45,15 @@ pub struct ServeArgs {
     /// Prometheus file_sd format (see deploy/prometheus/prometheus.yml).
     #[arg(long)]
     pub prometheus_targets: Option<PathBuf>,
+    /// Run the links to the workers over mTLS and the router's public
+    /// listeners over TLS, with a throwaway CA and certificates (for
+    /// 127.0.0.1 and localhost) made at start.
+    #[arg(long)]
+    pub tls: bool,
+    /// Where --tls writes its certificates (`ca.pem` is the one clients
+    /// verify the router with); default: a temporary folder removed at exit.
+    #[arg(long, requires = "tls")]
+    pub tls_dir: Option<PathBuf>,
     #[command(flatten)]
     pub tuning: RouterTuning,
     #[command(flatten)]
@@ -94,6 +105,35 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     let threads = args
         .worker_threads
         .unwrap_or_else(|| (cores / (args.workers as i32 + 1)).max(1));
+    let (_tls_temp, certs) = if args.tls {
+        let (temp, dir) = match &args.tls_dir {
+            Some(dir) => (None, dir.clone()),
+            None => {
+                let temp = tempfile::Builder::new()
+                    .prefix("tramontane-tls-")
+                    .tempdir()?;
+                let dir = temp.path().to_path_buf();
+                (Some(temp), dir)
+            }
+        };
+        let hosts = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+        let nodes: Vec<Node> = std::iter::once("router".to_string())
+            .chain((0..args.workers).map(|w| format!("worker-{w}")))
+            .map(|name| Node {
+                name,
+                hosts: hosts.clone(),
+            })
+            .collect();
+        let certs = write_cluster_certs(&dir, &nodes, 30)?;
+        eprintln!(
+            "--tls: certificates in {}; clients verify the router with {}",
+            dir.display(),
+            certs.ca.display()
+        );
+        (temp, Some(certs))
+    } else {
+        (None, None)
+    };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let telemetry = crate::telemetry::init(&args.telemetry, "tramontane-router")?;
@@ -116,6 +156,14 @@ pub fn run(args: &ServeArgs) -> Result<()> {
                     .map(String::from)
                     .chain(args.telemetry.to_args())
                     .map(Into::into)
+                    .chain(
+                        certs
+                            .as_ref()
+                            .map(|c| worker_tls_args(c, worker))
+                            .transpose()?
+                            .into_iter()
+                            .flatten(),
+                    )
                     .collect(),
             };
             let process = spawn_worker(&command)
@@ -132,7 +180,16 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             addrs.push(addr);
         }
         let worker_addrs = addrs.clone();
-        let options = args.tuning.options(model.clone(), addrs, &args.compute)?;
+        let router_tls = match &certs {
+            Some(certs) => {
+                let (cert, key) = certs.node("router").context("the router's certificate")?;
+                Tls::from_files(Some(cert), Some(key), Some(&certs.ca))?
+            }
+            None => None,
+        };
+        let options = args
+            .tuning
+            .options(model.clone(), addrs, &args.compute, router_tls)?;
         let targets = args.prometheus_targets.clone();
         let listen = Addresses {
             grpc: args.listen,
@@ -156,4 +213,19 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         telemetry.shutdown().await;
         result
     })
+}
+
+/// The TLS options of worker `worker` from `serve --tls`'s certificates.
+fn worker_tls_args(certs: &CertFiles, worker: usize) -> Result<Vec<std::ffi::OsString>> {
+    let (cert, key) = certs
+        .node(&format!("worker-{worker}"))
+        .with_context(|| format!("worker {worker}'s certificate"))?;
+    Ok(vec![
+        "--tls-cert".into(),
+        cert.into(),
+        "--tls-key".into(),
+        key.into(),
+        "--tls-ca".into(),
+        certs.ca.clone().into(),
+    ])
 }

@@ -37,6 +37,11 @@ pub async fn start_and_serve(
     listen: Addresses,
     on_listening: impl FnOnce(Addresses) -> Result<()>,
 ) -> Result<()> {
+    let scheme = if options.tls.as_ref().is_some_and(|t| t.has_identity()) {
+        "https"
+    } else {
+        "http"
+    };
     let router = Router::start(options).await?;
     let bind = |addr: SocketAddr| async move {
         tokio::net::TcpListener::bind(addr)
@@ -61,7 +66,7 @@ pub async fn start_and_serve(
         println!("{METRICS_LISTENING}{metrics}");
     }
     tracing::info!(
-        "serving `{}` (chat template: {}): OpenAI API at http://{}/v1, metrics at http://{}/metrics, moe.v1.Generation at {}",
+        "serving `{}` (chat template: {}): OpenAI API at {scheme}://{}/v1, metrics at {scheme}://{}/metrics, moe.v1.Generation at {}",
         router.model_name(),
         router.chat_template_source(),
         bound.http,

@@ -14,7 +14,7 @@ use tramontane_model::MixtralConfig;
 use tramontane_model::weights::Checkpoint;
 use tramontane_policy::held_experts::{HeldExperts, format_per_layer, parse_experts};
 
-use crate::options::ComputeArgs;
+use crate::options::{ComputeArgs, TlsArgs};
 use crate::telemetry::TelemetryArgs;
 
 #[derive(Debug, Args)]
@@ -55,6 +55,8 @@ pub struct WorkerArgs {
     #[arg(long, hide = true)]
     pub exit_with_stdin: bool,
     #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
     pub compute: ComputeArgs,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
@@ -68,6 +70,10 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         });
     }
     let options = args.compute.load_options()?;
+    let tls = args.tls.load()?;
+    if tls.as_ref().is_some_and(|t| !t.has_identity()) {
+        anyhow::bail!("--tls-ca on a worker needs --tls-cert and --tls-key (its own certificate)");
+    }
     let config = MixtralConfig::from_file(&args.model.join("config.json"))?;
     let held = match (&args.placement, args.worker_index) {
         (Some(path), Some(index)) => HeldExperts::from_placement_file(path, index, &config)?,
@@ -116,6 +122,7 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
             listener,
             server,
             args.max_message_bytes,
+            tls.as_ref(),
             crate::signals::shutdown(),
         )
         .await

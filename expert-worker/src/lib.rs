@@ -21,13 +21,15 @@ use std::future::Future;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
+use tramontane_infra::tls::Tls;
 use tramontane_proto::v1::expert_service_server::ExpertServiceServer;
 
 pub use compute::{ComputeHandle, StartError, WorkerInfo, WorkerModel};
 pub use service::ExpertServer;
 
-/// Serves `server` (and grpc.health.v1, and `GET /metrics`) on `listener`
-/// until `shutdown` completes, or until the compute thread stops: health
+/// Serves `server` (and grpc.health.v1, and `GET /metrics`) on `listener`,
+/// over TLS with `tls` (with its CA, only to clients that present a
+/// certificate the CA signed), until `shutdown` completes, or until the compute thread stops: health
 /// then says NOT_SERVING, `Info` fails, and this returns
 /// [`ServeError::ComputeStopped`] so that the process exits with an error,
 /// for its supervisor to restart it.
@@ -35,6 +37,7 @@ pub async fn serve(
     listener: TcpListener,
     server: ExpertServer,
     max_message_bytes: usize,
+    tls: Option<&Tls>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -69,7 +72,11 @@ pub async fn serve(
         let _ = stop_tx.send(true);
         compute_failed
     });
-    tramontane_infra::grpc::server()
+    let mut server = tramontane_infra::grpc::server();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls.server()?)?;
+    }
+    server
         .accept_http1(true)
         .add_routes(routes)
         .serve_with_incoming_shutdown(
@@ -115,6 +122,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("the compute thread stopped; the worker stops so that it can be restarted")]
     ComputeStopped,
+    #[error("TLS")]
+    Tls(#[from] tramontane_infra::tls::TlsError),
 }
 
 /// The name health checks use for the expert service.

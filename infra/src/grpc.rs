@@ -63,6 +63,15 @@ pub fn uri(addr: &str) -> String {
     }
 }
 
+/// A `host:port` as a URI for a TLS connection (`https://` unless a scheme is given).
+pub fn tls_uri(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("https://{addr}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +82,6 @@ mod tests {
         assert_eq!(code_name(tonic::Code::InvalidArgument), "INVALID_ARGUMENT");
         assert_eq!(uri("127.0.0.1:1"), "http://127.0.0.1:1");
         assert_eq!(uri("https://w:1"), "https://w:1");
+        assert_eq!(tls_uri("127.0.0.1:1"), "https://127.0.0.1:1");
     }
 }

@@ -8,10 +8,15 @@
 //!
 //! - [`trace_context`]: W3C `traceparent` in gRPC metadata, router to worker.
 //! - [`metrics`]: the process-wide Prometheus recorder, shared bucket lists, RSS.
-//! - [`grpc`]: gRPC code names (metrics labels), message size limits, addresses.
+//! - [`grpc`]: gRPC code names (metrics labels), message size limits, the
+//!   servers' connection bounds, addresses.
 //! - [`error`]: an error and its causes as one message, for clients and logs.
+//! - [`tls`]: certificates, keys and CAs read once, as tonic and rustls configurations.
+//! - [`certs`]: a CA and per-node certificates for a cluster (rcgen).
 
+pub mod certs;
 pub mod error;
 pub mod grpc;
 pub mod metrics;
+pub mod tls;
 pub mod trace_context;

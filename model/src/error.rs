@@ -63,6 +63,13 @@ pub enum ForwardError {
     #[error("experts failed on layer {layer}")]
     Experts {
         layer: usize,
+        /// Where the token rows `source` may name start in the step: an
+        /// implementation counts rows in the `xs` it got (and gives 0, see
+        /// [`ForwardError::experts`]); the model adds the first row of the
+        /// micro-batch `xs` was, so that out of [`crate::Mixtral::forward`]
+        /// row `first_row + r` is the step's row (its sequences' new tokens
+        /// in batch order).
+        first_row: usize,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
@@ -83,6 +90,35 @@ pub enum ForwardError {
     Torch(#[from] tch::TchError),
     #[error("expert kernel: {0}")]
     Kernel(#[from] tramontane_kernels::ShapeError),
+}
+
+impl ForwardError {
+    /// The experts of `layer` failed with `source`, which counts token rows
+    /// in the input the experts got.
+    pub fn experts(layer: usize, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        ForwardError::Experts {
+            layer,
+            first_row: 0,
+            source: Box::new(source),
+        }
+    }
+
+    /// This error of experts whose input started at row `first_row` of the
+    /// step (a micro-batch's first row); other errors as they are.
+    pub(crate) fn offset_rows(self, first_row: usize) -> Self {
+        match self {
+            ForwardError::Experts {
+                layer,
+                first_row: within,
+                source,
+            } => ForwardError::Experts {
+                layer,
+                first_row: first_row + within,
+                source,
+            },
+            other => other,
+        }
+    }
 }
 
 /// Anything that can go wrong building a model from a checkpoint folder.

@@ -277,22 +277,29 @@ impl Mixtral {
             .map(|sequences| self.micro_batch(ids, spans, caches, sequences.clone()))
             .collect::<Result<Vec<_>, _>>()?;
         // Layer by layer, micro-batch after micro-batch: each one's attention
-        // runs while the experts of those before it are out.
+        // runs while the experts of those before it are out. The experts
+        // count rows in their micro-batch; their errors count in the step.
         let experts = self.experts.as_ref();
         for layer in &self.layers {
             for batch in &mut batches {
+                let first_row = batch.first_row;
+                let in_step = move |e: ForwardError| e.offset_rows(first_row);
                 if let Some(in_flight) = batch.in_flight.take() {
-                    batch.xs = DecoderLayer::finish(in_flight, experts)?;
+                    batch.xs = DecoderLayer::finish(in_flight, experts).map_err(in_step)?;
                 }
-                batch.in_flight =
-                    Some(layer.start(&batch.xs, &batch.rotary, &batch.layout, kv, experts)?);
+                batch.in_flight = Some(
+                    layer
+                        .start(&batch.xs, &batch.rotary, &batch.layout, kv, experts)
+                        .map_err(in_step)?,
+                );
             }
         }
         let mut outputs = batches
             .into_iter()
             .map(|batch| {
                 let mut xs = match batch.in_flight {
-                    Some(in_flight) => DecoderLayer::finish(in_flight, experts)?,
+                    Some(in_flight) => DecoderLayer::finish(in_flight, experts)
+                        .map_err(|e| e.offset_rows(batch.first_row))?,
                     None => batch.xs,
                 };
                 if which == Logits::LastPosition {
@@ -352,6 +359,7 @@ impl Mixtral {
         )?;
         Ok(MicroBatch {
             xs: self.embed_tokens.f_index_select(0, &ids)?,
+            first_row: first,
             spans: group,
             rotary,
             layout,
@@ -365,6 +373,8 @@ struct MicroBatch {
     /// Their hidden states: the input of the layer `in_flight` is not yet
     /// finished for.
     xs: Tensor,
+    /// The step's row where its rows start.
+    first_row: usize,
     spans: Vec<SequenceSpan>,
     rotary: RotaryTables,
     layout: StepLayout,
@@ -474,10 +484,7 @@ mod tests {
             routing: &Routing,
         ) -> Result<Tensor, ForwardError> {
             if layer >= 1 {
-                return Err(ForwardError::Experts {
-                    layer,
-                    source: Box::new(Lost),
-                });
+                return Err(ForwardError::experts(layer, Lost));
             }
             self.0.forward(layer, xs, routing)
         }
@@ -648,6 +655,85 @@ mod tests {
         assert_eq!(micro_batches(&[1, 30], 2), vec![0..1, 1..2]);
         assert_eq!(micro_batches(&[4; 8], 4), vec![0..2, 2..4, 4..6, 6..8]);
         assert_eq!(micro_batches(&[], 2), vec![0..0]);
+    }
+
+    /// Experts that split a step in two and fail on layer 1 for the
+    /// micro-batch of `rows` rows.
+    struct FailingGroup {
+        local: LocalExperts,
+        rows: i64,
+    }
+
+    impl Experts for FailingGroup {
+        fn forward(
+            &self,
+            layer: usize,
+            xs: &Tensor,
+            routing: &Routing,
+        ) -> Result<Tensor, ForwardError> {
+            if layer == 1 && xs.size()[0] == self.rows {
+                return Err(ForwardError::experts(layer, Lost));
+            }
+            self.local.forward(layer, xs, routing)
+        }
+
+        fn micro_batches(&self, _sequences: usize, _tokens: usize) -> usize {
+            2
+        }
+    }
+
+    #[test]
+    fn an_experts_error_counts_its_rows_from_its_micro_batchs_first_row() {
+        let _guard = tch::no_grad_guard();
+        let (dir, model) = tiny();
+        let checkpoint = Checkpoint::open(dir.path()).unwrap();
+        let config = model.config().clone();
+        let all = tokens(30);
+        // Sequences of 1, 9 and 20 tokens: micro-batches of rows 0..10 and 10..30.
+        assert_eq!(micro_batches(&[1, 9, 20], 2), vec![0..2, 2..3]);
+        for (rows, first_row) in [(10, 0), (20, 10)] {
+            let local =
+                LocalExperts::load(&checkpoint, &config, &|_, _| true, Kind::Float, Device::Cpu)
+                    .unwrap();
+            let failing = Mixtral::load_dense(
+                &checkpoint,
+                config.clone(),
+                LoadOptions::default(),
+                Box::new(FailingGroup { local, rows }),
+            )
+            .unwrap();
+            let kv = failing.kv_pool(128);
+            let (mut a, mut b, mut c) = (kv.new_cache(), kv.new_cache(), kv.new_cache());
+            let err = failing
+                .forward(
+                    &kv,
+                    &mut [
+                        BatchItem {
+                            tokens: &all[..1],
+                            cache: &mut a,
+                        },
+                        BatchItem {
+                            tokens: &all[1..10],
+                            cache: &mut b,
+                        },
+                        BatchItem {
+                            tokens: &all[10..30],
+                            cache: &mut c,
+                        },
+                    ],
+                    Logits::LastPosition,
+                )
+                .unwrap_err();
+            match err {
+                ForwardError::Experts {
+                    layer: 1,
+                    first_row: got,
+                    ..
+                } => assert_eq!(got, first_row, "the {rows}-row micro-batch"),
+                other => panic!("{other}"),
+            }
+            assert_eq!(kv.free_blocks(), kv.total_blocks());
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tramontane_config::ConfigError;
 use tramontane_policy::placement::Placement;
 use tramontane_proto::v1::InfoRequest;
@@ -92,6 +92,7 @@ pub async fn connect(
     placement: &Placement,
     wait: Duration,
     max_message_bytes: usize,
+    tls: Option<&ClientTlsConfig>,
 ) -> Result<Arc<Vec<WorkerLink>>, ClusterError> {
     if placement.workers != addrs.len() {
         return Err(ClusterError::WorkerCount {
@@ -101,15 +102,21 @@ pub async fn connect(
     }
     let mut links = Vec::with_capacity(addrs.len());
     for addr in addrs {
-        let endpoint = Endpoint::from_shared(tramontane_infra::grpc::uri(addr)).map_err(|e| {
-            ClusterError::Address {
-                addr: addr.clone(),
-                reason: e.to_string(),
-            }
-        })?;
-        let endpoint = endpoint
+        let bad = |e: tonic::transport::Error| ClusterError::Address {
+            addr: addr.clone(),
+            reason: tramontane_infra::error::chain(&e),
+        };
+        let uri = match tls {
+            Some(_) => tramontane_infra::grpc::tls_uri(addr),
+            None => tramontane_infra::grpc::uri(addr),
+        };
+        let mut endpoint = Endpoint::from_shared(uri)
+            .map_err(bad)?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true);
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls.clone()).map_err(bad)?;
+        }
         links.push(WorkerLink {
             addr: addr.clone(),
             client: client(&endpoint, max_message_bytes),

@@ -206,6 +206,7 @@ impl RemoteExperts {
             &placement,
             Duration::from_secs(300),
             tramontane_infra::grpc::DEFAULT_MAX_MESSAGE_BYTES,
+            None,
         )
         .await?;
         Self::new(links, placement, deadline, wire)
@@ -286,10 +287,33 @@ fn experts_failed(error: DispatchError) -> ForwardError {
         | DispatchError::Encode { layer, .. }
         | DispatchError::Combine { layer, .. } => *layer,
     };
-    ForwardError::Experts {
-        layer,
-        source: Box::new(error),
-    }
+    ForwardError::experts(layer, error)
+}
+
+/// The tokens of a layer whose routing is `routed` (the expert of every
+/// pair, `k` per token) that are routed to an expert no live worker holds,
+/// sorted, each once. Every pair of the layer counts, not only those being
+/// planned: the tokens a failed worker's share did not hold route there
+/// again when their step is retried.
+fn stranded_tokens(
+    placement: &Placement,
+    layer: usize,
+    routed: &[usize],
+    k: usize,
+    live: &dyn Fn(usize) -> bool,
+) -> Vec<usize> {
+    let lost: Vec<bool> = placement.experts[layer]
+        .iter()
+        .map(|workers| !workers.iter().any(|&w| live(w)))
+        .collect();
+    let mut tokens: Vec<usize> = routed
+        .iter()
+        .enumerate()
+        .filter(|&(_, &expert)| lost.get(expert).copied().unwrap_or(true))
+        .map(|(pair, _)| pair / k.max(1))
+        .collect();
+    tokens.dedup(); // pairs come token by token
+    tokens
 }
 
 /// One Forward ready to go, owning what it needs: it runs as a task on the
@@ -426,7 +450,9 @@ struct LayerDispatch {
     precision: Precision,
     /// The output being summed, `[tokens, hidden]`.
     out: Vec<f32>,
+    /// The expert of every routed pair, token by token (`k` per token).
     routed: Vec<usize>,
+    k: usize,
     worker_pairs: Vec<u64>,
     failures: Vec<WorkerFailure>,
     /// The Forwards out now, with their shares.
@@ -448,6 +474,7 @@ impl RemoteExperts {
                     .iter()
                     .map(|&w| self.worker_ref(w))
                     .collect(),
+                tokens: stranded_tokens(&self.placement, layer, &d.routed, d.k, &live),
                 failures: std::mem::take(&mut d.failures),
             })
         })?;
@@ -561,6 +588,7 @@ impl Experts for RemoteExperts {
             device: xs.device(),
             precision,
             routed,
+            k: routing.k,
             worker_pairs: vec![0u64; self.workers.len()],
             failures: Vec::new(),
             out_now: Vec::new(),
@@ -756,6 +784,33 @@ mod tests {
                 BadAnswer::NonFinite { index: 3 }
             ));
         }
+    }
+
+    #[test]
+    fn stranded_tokens_are_every_token_routed_to_an_expert_without_a_live_worker() {
+        // Expert e on worker e mod 2, expert 2 also on worker 1; worker 1 down.
+        let mut placement = Placement::round_robin(1, 4, 2).unwrap();
+        placement.experts[0][2] = vec![0, 1];
+        let live = |w: usize| w == 0;
+        // Top-2 of 5 tokens: 1 and 3 are lost, 2 lives on worker 0.
+        let routed = [0, 1, 2, 0, 0, 2, 3, 1, 2, 3];
+        assert_eq!(
+            stranded_tokens(&placement, 0, &routed, 2, &live),
+            vec![0, 3, 4]
+        );
+        assert!(stranded_tokens(&placement, 0, &routed, 2, &|_| true).is_empty());
+        // Unplaceable as plan_dispatch finds it: one of them.
+        let pairs: Vec<RoutedPair> = routed
+            .iter()
+            .enumerate()
+            .map(|(i, &expert)| RoutedPair {
+                token: i / 2,
+                expert,
+                weight: 0.5,
+            })
+            .collect();
+        let unplaceable = plan_dispatch(0, &pairs, &placement, &live).unwrap_err();
+        assert_eq!(unplaceable.expert, 1);
     }
 
     #[test]

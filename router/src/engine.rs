@@ -4,7 +4,10 @@
 //! under the step's token budget beside the decodes of the others, grow
 //! their cache block by block (the newest sequence is preempted and requeued
 //! when the pool runs out, to be recomputed later), and leave the batch the
-//! step they finish — or the step after their client went away.
+//! step they finish — or the step after their client went away. A step that
+//! fails fails its sequences, except when an expert has no live worker:
+//! then only those with a token routed to it fail, and the others run the
+//! step again.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -18,7 +21,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tramontane_model::kv_cache::{KvCache, KvPool};
 use tramontane_model::{BatchItem, ForwardError, LoadError, Logits, Mixtral};
 use tramontane_policy::admission::{Admission, Reservation};
-use tramontane_policy::scheduler::{SchedulerConfig, SchedulerConfigError};
+use tramontane_policy::scheduler::{SchedulerConfig, SchedulerConfigError, Slice};
 
 use crate::failure::GenerationError;
 use crate::metrics;
@@ -50,7 +53,8 @@ pub enum Event {
         logprob: Option<TokenLogprob>,
     },
     Finished(FinishReason),
-    /// The request failed: one failure, shared by every sequence of the step.
+    /// The request failed: one failure, shared by every sequence of the
+    /// step it failed (all of them, or those routed to a lost expert).
     Failed(Arc<GenerationError>),
 }
 
@@ -193,6 +197,7 @@ impl EngineHandle {
                     eos_ids,
                     admission: Admission::new(config),
                     running: Vec::new(),
+                    retrying: false,
                 };
                 // A panic ends the engine (its requests see their events
                 // close, the handle sees the jobs channel close); it is
@@ -302,6 +307,11 @@ struct Engine<'m> {
     eos_ids: Vec<u32>,
     admission: Admission<Sequence>,
     running: Vec<Sequence>,
+    /// The last step failed for some sequences and the others run it
+    /// again: nothing new is admitted until they have, so that a new
+    /// request bound for the same lost expert cannot fail their step again
+    /// and again.
+    retrying: bool,
 }
 
 impl Engine<'_> {
@@ -318,7 +328,9 @@ impl Engine<'_> {
                 self.enqueue(job);
             }
             self.drop_abandoned();
-            self.admit();
+            if !self.retrying || self.running.is_empty() {
+                self.admit();
+            }
             self.report();
             if !self.running.is_empty() {
                 self.step();
@@ -430,15 +442,11 @@ impl Engine<'_> {
         let (logits, vocab) = match logits {
             Ok(rows) => rows,
             Err(error) => {
-                let failure = Arc::new(GenerationError::from(error));
-                tracing::warn!(error = %tramontane_infra::error::chain(&*failure), "forward step failed");
-                for mut s in self.running.drain(..) {
-                    self.admission.release(&mut s);
-                    let _ = s.job.events.send(Event::Failed(failure.clone()));
-                }
+                self.fail_step(&plan, GenerationError::from(error));
                 return;
             }
         };
+        self.retrying = false;
         ::metrics::histogram!(metrics::STEP_DURATION).record(started.elapsed());
         let now = Instant::now();
         let mut finished = Vec::new();
@@ -495,6 +503,69 @@ impl Engine<'_> {
             }
         }
     }
+
+    /// A step failed. When it failed for an expert without a live worker,
+    /// only the sequences with a token routed there fail; the others keep
+    /// their place, their caches as they were before the step (the model
+    /// rolls a failed step back), and run it again at the next iteration,
+    /// to the same tokens (nothing new is admitted until they have). Any
+    /// other failure fails every running sequence.
+    fn fail_step(&mut self, plan: &[Slice], failure: GenerationError) {
+        let failure = Arc::new(failure);
+        let mut fails = vec![false; self.running.len()];
+        for sequence in sequences_of_rows(plan, failure.stranded_rows()) {
+            if let Some(fail) = fails.get_mut(sequence) {
+                *fail = true;
+            }
+        }
+        if !fails.contains(&true) {
+            // Nothing named (or only rows outside the step): retrying the
+            // same step would fail the same way, forever.
+            fails.fill(true);
+        }
+        let mut failed = Vec::new();
+        for (mut s, fail) in std::mem::take(&mut self.running).into_iter().zip(fails) {
+            if fail {
+                self.admission.release(&mut s);
+                failed.push(s.job.events);
+            } else {
+                self.running.push(s);
+            }
+        }
+        self.retrying = !self.running.is_empty();
+        tracing::warn!(
+            error = %tramontane_infra::error::chain(&*failure),
+            failed = failed.len(),
+            retried = self.running.len(),
+            "forward step failed"
+        );
+        // Their blocks are back, and the gauges say so, before they hear it.
+        self.report();
+        for events in failed {
+            let _ = events.send(Event::Failed(failure.clone()));
+        }
+    }
+}
+
+/// The sequences (indexes into the running ones, sorted, each once) whose
+/// slice of the step holds one of `rows`: the step's rows are the slices'
+/// tokens one after the other, in plan order.
+fn sequences_of_rows(plan: &[Slice], rows: &[usize]) -> Vec<usize> {
+    let ends: Vec<usize> = plan
+        .iter()
+        .scan(0, |end, slice| {
+            *end += slice.tokens;
+            Some(*end)
+        })
+        .collect();
+    let mut sequences: Vec<usize> = rows
+        .iter()
+        .filter_map(|&row| plan.get(ends.partition_point(|&end| end <= row)))
+        .map(|slice| slice.sequence)
+        .collect();
+    sequences.sort_unstable();
+    sequences.dedup();
+    sequences
 }
 
 /// Logits `[rows, vocab]` as f32 on the CPU, flattened, and the vocab size.
@@ -513,11 +584,21 @@ fn rows_to_vec(logits: &Tensor) -> Result<(Vec<f32>, usize), ForwardError> {
 mod tests {
     //! The engine over a KV pool too small for every request at once:
     //! sequences are preempted, requeued and recomputed, and each still
-    //! generates exactly what it generates alone.
+    //! generates exactly what it generates alone; with an expert lost, only
+    //! the sequences routed to it fail, and the others generate what they
+    //! generate alone.
+
+    use std::cell::RefCell;
+    use std::collections::BTreeSet;
+    use std::rc::Rc;
 
     use super::*;
-    use tramontane_model::LoadOptions;
+    use crate::failure::DispatchError;
+    use tramontane_model::gating::Routing;
     use tramontane_model::generate::{StopRule, generate_greedy};
+    use tramontane_model::moe::{Experts, LocalExperts};
+    use tramontane_model::weights::Checkpoint;
+    use tramontane_model::{LoadOptions, MixtralConfig};
 
     fn collect(mut events: mpsc::UnboundedReceiver<Event>) -> Vec<u32> {
         let mut tokens = Vec::new();
@@ -592,6 +673,270 @@ mod tests {
         let got: Vec<Vec<u32>> = receivers.into_iter().map(collect).collect();
         assert_eq!(got, expected);
         assert!(engine.preemptions() > 0, "the pool was never full");
+    }
+
+    /// The in-process experts, with expert `expert` of layer `layer` lost:
+    /// a step with tokens routed there fails as the dispatch does when no
+    /// live worker holds an expert, naming those tokens. Steps split into
+    /// `groups` micro-batches.
+    struct LostExpert {
+        local: LocalExperts,
+        layer: usize,
+        expert: usize,
+        groups: usize,
+    }
+
+    impl LostExpert {
+        fn model(dir: &std::path::Path, layer: usize, expert: usize, groups: usize) -> Mixtral {
+            let checkpoint = Checkpoint::open(dir).unwrap();
+            let config = MixtralConfig::from_file(&dir.join("config.json")).unwrap();
+            let local =
+                LocalExperts::load(&checkpoint, &config, &|_, _| true, Kind::Float, Device::Cpu)
+                    .unwrap();
+            let experts = LostExpert {
+                local,
+                layer,
+                expert,
+                groups,
+            };
+            Mixtral::load_dense(
+                &checkpoint,
+                config,
+                LoadOptions::default(),
+                Box::new(experts),
+            )
+            .unwrap()
+        }
+    }
+
+    impl Experts for LostExpert {
+        fn forward(
+            &self,
+            layer: usize,
+            xs: &Tensor,
+            routing: &Routing,
+        ) -> Result<Tensor, ForwardError> {
+            let mut tokens: Vec<usize> = crate::dispatch::routed_pairs(routing)
+                .iter()
+                .filter(|pair| layer == self.layer && pair.expert == self.expert)
+                .map(|pair| pair.token)
+                .collect();
+            tokens.dedup();
+            if !tokens.is_empty() {
+                let lost = DispatchError::NoLiveReplica {
+                    layer,
+                    expert: self.expert,
+                    placed_on: vec![],
+                    tokens,
+                    failures: vec![],
+                };
+                return Err(ForwardError::experts(layer, lost));
+            }
+            self.local.forward(layer, xs, routing)
+        }
+
+        fn micro_batches(&self, _sequences: usize, _tokens: usize) -> usize {
+            self.groups
+        }
+    }
+
+    /// The (layer, expert) pairs a generation's tokens were routed to.
+    type Routed = BTreeSet<(usize, usize)>;
+
+    /// In-process experts that note where the tokens of a generation go.
+    struct Recording {
+        local: LocalExperts,
+        seen: Rc<RefCell<Routed>>,
+    }
+
+    impl Experts for Recording {
+        fn forward(
+            &self,
+            layer: usize,
+            xs: &Tensor,
+            routing: &Routing,
+        ) -> Result<Tensor, ForwardError> {
+            let mut seen = self.seen.borrow_mut();
+            seen.extend(routing.experts.iter().map(|&expert| (layer, expert)));
+            self.local.forward(layer, xs, routing)
+        }
+    }
+
+    /// How a request ended: its tokens, and its failure if it failed.
+    fn outcome(
+        mut events: mpsc::UnboundedReceiver<Event>,
+    ) -> (Vec<u32>, Option<Arc<GenerationError>>) {
+        let mut tokens = Vec::new();
+        while let Some(event) = events.blocking_recv() {
+            match event {
+                Event::Token { id, .. } => tokens.push(id),
+                Event::Finished(_) => return (tokens, None),
+                Event::Failed(error) => return (tokens, Some(error)),
+            }
+        }
+        panic!("the events ended without an end");
+    }
+
+    fn greedy_job(
+        prompt: &[u32],
+        max_tokens: usize,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> GenerateJob {
+        GenerateJob {
+            prompt: prompt.to_vec(),
+            max_tokens,
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
+            ignore_eos: true,
+            events,
+            submitted: Instant::now(),
+            span: tracing::Span::none(),
+        }
+    }
+
+    #[test]
+    fn a_lost_expert_fails_only_the_sequences_routed_to_it() {
+        let _guard = tch::no_grad_guard();
+        let dir = tempfile::tempdir().unwrap();
+        tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
+        let model_dir = dir.path().to_path_buf();
+        let prompts: Vec<Vec<u32>> = (0..10)
+            .map(|s| {
+                (0..3 + s % 4)
+                    .map(|p| 5 + (s * 37 + p * 11) % 240)
+                    .collect()
+            })
+            .collect();
+        let max_tokens = 4;
+        let stop = StopRule {
+            max_new_tokens: max_tokens,
+            eos_ids: vec![],
+        };
+        // What each prompt generates alone, and where its tokens are routed.
+        let seen = Rc::new(RefCell::new(BTreeSet::new()));
+        let recording = {
+            let checkpoint = Checkpoint::open(&model_dir).unwrap();
+            let config = MixtralConfig::from_file(&model_dir.join("config.json")).unwrap();
+            let local =
+                LocalExperts::load(&checkpoint, &config, &|_, _| true, Kind::Float, Device::Cpu)
+                    .unwrap();
+            let experts = Recording {
+                local,
+                seen: seen.clone(),
+            };
+            Mixtral::load_dense(
+                &checkpoint,
+                config,
+                LoadOptions::default(),
+                Box::new(experts),
+            )
+            .unwrap()
+        };
+        let (expected, routed): (Vec<Vec<u32>>, Vec<Routed>) = prompts
+            .iter()
+            .map(|prompt| {
+                seen.borrow_mut().clear();
+                let tokens = generate_greedy(&recording, std::slice::from_ref(prompt), &stop)
+                    .unwrap()
+                    .remove(0);
+                (tokens, seen.borrow().clone())
+            })
+            .unzip();
+        // The lost expert: the one that splits the prompts most evenly.
+        let config = recording.config();
+        let experts = config.num_local_experts;
+        let (layer, expert) = (0..config.num_hidden_layers)
+            .flat_map(|layer| (0..experts).map(move |expert| (layer, expert)))
+            .max_by_key(|pair| {
+                let hit = routed.iter().filter(|r| r.contains(pair)).count();
+                hit.min(prompts.len() - hit)
+            })
+            .unwrap();
+        let lost: Vec<bool> = routed
+            .iter()
+            .map(|r| r.contains(&(layer, expert)))
+            .collect();
+        let hit = lost.iter().filter(|&&l| l).count();
+        assert!(
+            hit >= 2 && prompts.len() - hit >= 2,
+            "layer {layer} expert {expert}: {hit} of {} prompts routed there",
+            prompts.len()
+        );
+        // One micro-batch, and several (rows named in each are counted in the step).
+        for groups in [1, 3] {
+            let dir = model_dir.clone();
+            let engine = EngineHandle::spawn(
+                move || Ok(LostExpert::model(&dir, layer, expert, groups)),
+                vec![],
+                SchedulerConfig::default(),
+            )
+            .unwrap();
+            let mut slots = engine.reserve(prompts.len()).unwrap();
+            let receivers: Vec<_> = prompts
+                .iter()
+                .map(|prompt| {
+                    let (events, receiver) = mpsc::unbounded_channel();
+                    engine
+                        .submit(&mut slots, greedy_job(prompt, max_tokens, events))
+                        .unwrap();
+                    receiver
+                })
+                .collect();
+            for (i, receiver) in receivers.into_iter().enumerate() {
+                let (tokens, failure) = outcome(receiver);
+                if lost[i] {
+                    let failure = failure
+                        .unwrap_or_else(|| panic!("{groups} groups: prompt {i} did not fail"));
+                    assert!(
+                        matches!(
+                            &*failure,
+                            GenerationError::Dispatch(DispatchError::NoLiveReplica { layer: l, expert: e, .. })
+                                if (*l, *e) == (layer, expert)
+                        ),
+                        "{groups} groups: prompt {i}: {failure}"
+                    );
+                    // What it sent before is what it generates alone.
+                    assert!(
+                        tokens.len() < expected[i].len() && expected[i].starts_with(&tokens),
+                        "{groups} groups: prompt {i}: {tokens:?} vs {:?}",
+                        expected[i]
+                    );
+                } else {
+                    assert!(
+                        failure.is_none(),
+                        "{groups} groups: prompt {i} failed: {}",
+                        failure.unwrap()
+                    );
+                    assert_eq!(tokens, expected[i], "{groups} groups: prompt {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_step_row_belongs_to_the_slice_whose_tokens_hold_it() {
+        let plan = [
+            Slice {
+                sequence: 0,
+                tokens: 1,
+            },
+            Slice {
+                sequence: 2,
+                tokens: 3,
+            },
+            Slice {
+                sequence: 3,
+                tokens: 1,
+            },
+        ];
+        assert_eq!(sequences_of_rows(&plan, &[0]), vec![0]);
+        assert_eq!(sequences_of_rows(&plan, &[1, 3]), vec![2]);
+        assert_eq!(sequences_of_rows(&plan, &[0, 2, 4]), vec![0, 2, 3]);
+        // Rows past the step name nobody.
+        assert_eq!(sequences_of_rows(&plan, &[5, 9]), Vec::<usize>::new());
+        assert!(sequences_of_rows(&plan, &[]).is_empty());
     }
 
     #[test]

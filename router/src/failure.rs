@@ -42,14 +42,35 @@ pub enum GenerationError {
     Forward(#[source] ForwardError),
 }
 
+impl GenerationError {
+    /// The rows of the failed step routed to an expert without a live
+    /// worker: only the sequences that fed them need fail. Empty for any
+    /// other failure (which every sequence of the step shares).
+    pub fn stranded_rows(&self) -> &[usize] {
+        match self {
+            GenerationError::Dispatch(DispatchError::NoLiveReplica { tokens, .. }) => tokens,
+            _ => &[],
+        }
+    }
+}
+
 impl From<ForwardError> for GenerationError {
     /// A dispatch failure comes out of the model as the source of
-    /// [`ForwardError::Experts`]; it is unwrapped by type.
+    /// [`ForwardError::Experts`]; it is unwrapped by type, and the token
+    /// rows it names (counted in its micro-batch) become rows of the step.
     fn from(error: ForwardError) -> Self {
         match error {
-            ForwardError::Experts { layer, source } => match source.downcast::<DispatchError>() {
-                Ok(dispatch) => GenerationError::Dispatch(*dispatch),
-                Err(source) => GenerationError::Forward(ForwardError::Experts { layer, source }),
+            ForwardError::Experts {
+                layer,
+                first_row,
+                source,
+            } => match source.downcast::<DispatchError>() {
+                Ok(dispatch) => GenerationError::Dispatch((*dispatch).offset_rows(first_row)),
+                Err(source) => GenerationError::Forward(ForwardError::Experts {
+                    layer,
+                    first_row,
+                    source,
+                }),
             },
             other => GenerationError::Forward(other),
         }
@@ -74,7 +95,8 @@ impl std::fmt::Display for WorkerRef {
 pub enum DispatchError {
     /// No live worker holds (layer, expert) — the workers placed there are
     /// down or failed during this dispatch (`failures`): HTTP 503, gRPC
-    /// UNAVAILABLE (the request may succeed once a worker is back).
+    /// UNAVAILABLE (the request may succeed once a worker is back). Only
+    /// the sequences of `tokens` fail; the others' step is run again.
     #[error(
         "layer {layer} expert {expert} has no live worker (placed on {}){}",
         list(placed_on),
@@ -84,6 +106,11 @@ pub enum DispatchError {
         layer: usize,
         expert: usize,
         placed_on: Vec<WorkerRef>,
+        /// Every token row of the layer routed to an expert with no live
+        /// worker (`expert` or another), sorted, each once: rows of the
+        /// experts' input in the dispatch, rows of the step once out of the
+        /// model (see [`GenerationError::from`]).
+        tokens: Vec<usize>,
         /// The Forwards that failed in this dispatch, in order.
         failures: Vec<WorkerFailure>,
     },
@@ -103,6 +130,17 @@ pub enum DispatchError {
         #[source]
         source: CodecError,
     },
+}
+
+impl DispatchError {
+    /// The failure of experts whose input started at row `first_row` of
+    /// the step, its rows counted in the step.
+    fn offset_rows(mut self, first_row: usize) -> Self {
+        if let DispatchError::NoLiveReplica { tokens, .. } = &mut self {
+            tokens.iter_mut().for_each(|row| *row += first_row);
+        }
+        self
+    }
 }
 
 fn list(workers: &[WorkerRef]) -> String {
@@ -201,6 +239,7 @@ pub(crate) mod examples {
             layer: 1,
             expert: 3,
             placed_on: vec![worker(1)],
+            tokens: vec![0, 2],
             failures: vec![WorkerFailure {
                 worker: worker(1),
                 error,
@@ -294,27 +333,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_dispatch_failure_comes_out_of_the_model_as_itself() {
+    fn a_dispatch_failure_comes_out_of_the_model_as_itself_its_rows_in_the_step() {
         let dispatch = DispatchError::NoLiveReplica {
             layer: 0,
             expert: 1,
             placed_on: vec![examples::worker(0)],
+            tokens: vec![0, 3],
             failures: vec![],
         };
+        // From the micro-batch whose rows start at row 5 of the step.
         let from_model = ForwardError::Experts {
             layer: 0,
+            first_row: 5,
             source: Box::new(dispatch),
         };
+        let error = GenerationError::from(from_model);
         assert!(matches!(
-            GenerationError::from(from_model),
+            error,
             GenerationError::Dispatch(DispatchError::NoLiveReplica { expert: 1, .. })
         ));
+        assert_eq!(error.stranded_rows(), [5, 8]);
+        let encode = ForwardError::experts(
+            0,
+            DispatchError::Encode {
+                layer: 0,
+                source: CodecError::UnsupportedKind(tch::Kind::Int8),
+            },
+        );
+        assert!(GenerationError::from(encode).stranded_rows().is_empty());
         // Another experts implementation's error stays a forward failure.
-        let other = ForwardError::Experts {
-            layer: 2,
-            source: Box::new(std::io::Error::other("disk")),
-        };
+        let other = ForwardError::experts(2, std::io::Error::other("disk"));
         let error = GenerationError::from(other);
+        assert!(error.stranded_rows().is_empty());
         assert!(matches!(
             error,
             GenerationError::Forward(ForwardError::Experts { layer: 2, .. })

@@ -62,6 +62,8 @@ use tramontane_policy::routing_trace::{self, RoutingTrace};
 use tramontane_policy::scheduler::SchedulerConfig;
 use tramontane_proto::v1::generation_server::GenerationServer as GenerationService;
 
+use tramontane_infra::tls::Tls;
+
 use crate::api_keys::ApiKeys;
 use crate::chat_template::{ChatTemplate, ChatTemplateError};
 use crate::cluster::ClusterError;
@@ -103,6 +105,10 @@ pub struct RouterOptions {
     pub api_keys: ApiKeys,
     /// How long a shutdown waits for the requests in flight to finish.
     pub drain_timeout: Duration,
+    /// TLS: the CA verifies the workers (and the links to them are TLS);
+    /// the certificate and key are presented to the workers and serve the
+    /// public listeners (HTTPS, gRPC over TLS).
+    pub tls: Option<Tls>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +151,7 @@ pub struct Router {
     readiness: Arc<Readiness>,
     health: tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
     drain_timeout: Duration,
+    tls: Option<Tls>,
 }
 
 impl Router {
@@ -182,6 +189,7 @@ impl Router {
             &placement,
             options.startup_timeout,
             options.max_message_bytes,
+            options.tls.as_ref().map(Tls::client).as_ref(),
         )
         .await?;
         let mut experts = RemoteExperts::new(
@@ -258,6 +266,7 @@ impl Router {
             readiness,
             health,
             drain_timeout: options.drain_timeout,
+            tls: options.tls,
         })
     }
 
@@ -334,7 +343,13 @@ pub async fn serve(
         api_keys: router.api_keys.clone(),
     });
     let keys = router.api_keys;
-    let grpc_server = tramontane_infra::grpc::server()
+    // The public listeners are TLS when the router has a certificate.
+    let public_tls = router.tls.as_ref().filter(|tls| tls.has_identity());
+    let mut grpc_server = tramontane_infra::grpc::server();
+    if let Some(tls) = public_tls {
+        grpc_server = grpc_server.tls_config(tls.public_server()?)?;
+    }
+    let grpc_server = grpc_server
         .add_service(router.health)
         .add_service(InterceptedService::new(
             GenerationService::new(GenerationServer::new(router.generator))
@@ -352,24 +367,22 @@ pub async fn serve(
             TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
             stopped(stop_rx.clone()),
         );
-    let nodelay = |listener: TcpListener| {
-        listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        })
-    };
+    let https = public_tls.map(Tls::https_server).transpose()?;
     let observability_apart = listeners.observability.is_some();
     let observability_server = listeners.observability.map(|listener| {
-        axum::serve(
-            nodelay(listener),
-            http::observability_app(state.clone()).into_make_service(),
+        serve_http(
+            listener,
+            https.clone(),
+            http::observability_app(state.clone()),
+            stopped(stop_rx.clone()),
         )
-        .with_graceful_shutdown(stopped(stop_rx.clone()))
     });
-    let http_server = axum::serve(
-        nodelay(listeners.http),
-        http::app(state, observability_apart).into_make_service(),
-    )
-    .with_graceful_shutdown(stopped(stop_rx));
+    let http_server = serve_http(
+        listeners.http,
+        https,
+        http::app(state, observability_apart),
+        stopped(stop_rx),
+    );
     let result = tokio::try_join!(
         async { grpc_server.await.map_err(ServeError::Grpc) },
         async { http_server.await.map_err(ServeError::Http) },
@@ -386,6 +399,33 @@ pub async fn serve(
         Ok(false) => Ok(()),
         Ok(true) => Err(ServeError::EngineStopped),
         Err(_) => Err(ServeError::EngineStopped),
+    }
+}
+
+/// Serves `app` on `listener` (over TLS with `https`) until `stopped`.
+async fn serve_http(
+    listener: TcpListener,
+    https: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    app: axum::Router,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    match https {
+        Some(config) => {
+            axum::serve(
+                http::tls_listener::TlsListener::new(listener, config)?,
+                app.into_make_service(),
+            )
+            .with_graceful_shutdown(stopped)
+            .await
+        }
+        None => {
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            axum::serve(listener, app.into_make_service())
+                .with_graceful_shutdown(stopped)
+                .await
+        }
     }
 }
 
@@ -437,6 +477,8 @@ pub enum ServeError {
     Http(std::io::Error),
     #[error("the engine thread stopped; the router stops so that it can be restarted")]
     EngineStopped,
+    #[error("TLS of the public listeners")]
+    Tls(#[from] tramontane_infra::tls::TlsError),
 }
 
 #[cfg(test)]

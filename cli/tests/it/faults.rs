@@ -252,3 +252,183 @@ fn a_stopped_worker_is_ejected_after_one_deadline_and_taken_back_when_it_continu
         Ok(())
     })
 }
+
+/// In-process experts that note which (layer, expert) pairs the tokens of
+/// a generation are routed to.
+struct Recording {
+    local: tramontane_model::moe::LocalExperts,
+    seen: std::rc::Rc<std::cell::RefCell<std::collections::BTreeSet<(usize, usize)>>>,
+}
+
+impl tramontane_model::moe::Experts for Recording {
+    fn forward(
+        &self,
+        layer: usize,
+        xs: &tch::Tensor,
+        routing: &tramontane_model::gating::Routing,
+    ) -> Result<tch::Tensor, tramontane_model::ForwardError> {
+        let mut seen = self.seen.borrow_mut();
+        seen.extend(routing.experts.iter().map(|&expert| (layer, expert)));
+        self.local.forward(layer, xs, routing)
+    }
+}
+
+#[test]
+fn an_expert_lost_without_a_replica_fails_only_the_requests_routed_to_it() -> Result<()> {
+    use tramontane_model::generate::{StopRule, generate_greedy};
+    use tramontane_model::moe::LocalExperts;
+    use tramontane_model::weights::Checkpoint;
+    use tramontane_model::{LoadOptions, Mixtral, MixtralConfig, Tokenizer};
+
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    // Skewed gates: the colder experts see few tokens, so that some
+    // prompts never reach one of them while others do.
+    support::gen_model(
+        &model,
+        &["--preset", "tiny", "--seed", "21", "--expert-skew", "1"],
+    )?;
+    let prompts = [
+        "The wind from the north",
+        "crosses the mountains and",
+        "Once upon a time",
+        "A river runs",
+        "In the morning the village",
+        "Snow falls on",
+        "The old lighthouse keeper",
+        "Bread and salt",
+        "Three ships sailed",
+        "Under the bridge",
+        "The clock struck",
+        "Green fields of",
+    ];
+    let max_tokens = 6;
+    // In process: what each prompt generates alone, and where its tokens go.
+    let (expected, routed, config) = {
+        let _guard = tch::no_grad_guard();
+        let config = MixtralConfig::from_file(&model.join("config.json"))?;
+        let checkpoint = Checkpoint::open(&model)?;
+        let local = LocalExperts::load(
+            &checkpoint,
+            &config,
+            &|_, _| true,
+            tch::Kind::Float,
+            tch::Device::Cpu,
+        )?;
+        let seen = std::rc::Rc::new(std::cell::RefCell::new(std::collections::BTreeSet::new()));
+        let recording = Mixtral::load_dense(
+            &checkpoint,
+            config.clone(),
+            LoadOptions::default(),
+            Box::new(Recording {
+                local,
+                seen: seen.clone(),
+            }),
+        )?;
+        let tokenizer = Tokenizer::from_dir(&model)?;
+        let stop = StopRule {
+            max_new_tokens: max_tokens,
+            eos_ids: tokenizer.eos_token_id().into_iter().collect(),
+        };
+        let mut expected = Vec::new();
+        let mut routed = Vec::new();
+        for prompt in prompts {
+            seen.borrow_mut().clear();
+            let ids = tokenizer.encode(prompt)?;
+            let tokens = generate_greedy(&recording, &[ids], &stop)?
+                .pop()
+                .context("one output")?;
+            expected.push(tokens);
+            routed.push(seen.borrow().clone());
+        }
+        (expected, routed, config)
+    };
+    // The lost expert: the one that splits the prompts most evenly.
+    let (layer, expert) = (0..config.num_hidden_layers)
+        .flat_map(|layer| (0..config.num_local_experts).map(move |expert| (layer, expert)))
+        .max_by_key(|pair| {
+            let hit = routed.iter().filter(|r| r.contains(pair)).count();
+            hit.min(prompts.len() - hit)
+        })
+        .context("no expert")?;
+    let lost: Vec<bool> = routed
+        .iter()
+        .map(|r| r.contains(&(layer, expert)))
+        .collect();
+    let hit = lost.iter().filter(|&&l| l).count();
+    ensure!(
+        hit >= 2 && prompts.len() - hit >= 2,
+        "layer {layer} expert {expert}: {hit} of {} prompts routed there",
+        prompts.len()
+    );
+
+    // That expert only on worker 1, every other on worker 0.
+    let w0 = support::worker(&model, "all", "127.0.0.1:0")?;
+    let mut w1 = support::worker(&model, &expert.to_string(), "127.0.0.1:0")?;
+    let w1_addr = w1.addr.clone();
+    let mut experts = vec![vec![vec![0usize]; config.num_local_experts]; config.num_hidden_layers];
+    experts[layer][expert] = vec![1];
+    let placement = dir.path().join("placement.json");
+    std::fs::write(
+        &placement,
+        serde_json::json!({"workers": 2, "experts": experts}).to_string(),
+    )?;
+    // Two micro-batches: the rows a failure names are counted in the step.
+    let router = support::router(
+        &model,
+        &support::addrs([&w0, &w1]),
+        &[
+            "--placement",
+            placement.to_str().context("path")?,
+            "--micro-batches",
+            "2",
+        ],
+    )?;
+    w1.child.kill()?;
+    w1.child.wait()?;
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let client = GenerationClient::connect(format!("http://{}", router.addr)).await?;
+        // All at once, so that they share steps.
+        let answers = futures::future::join_all(prompts.iter().map(|prompt| {
+            let mut client = client.clone();
+            let request = GenerateRequest {
+                prompt: prompt.to_string(),
+                max_tokens: max_tokens as u32,
+                temperature: Some(0.0),
+                ..Default::default()
+            };
+            async move { client.generate(request).await }
+        }))
+        .await;
+        for (i, answer) in answers.into_iter().enumerate() {
+            match (lost[i], answer) {
+                (false, Ok(response)) => {
+                    let tokens = response.into_inner().token_ids;
+                    ensure!(
+                        tokens == expected[i],
+                        "prompt {i}: {tokens:?} vs {:?} in process",
+                        expected[i]
+                    );
+                }
+                (true, Err(status)) => {
+                    ensure!(
+                        status.code() == tonic::Code::Unavailable
+                            && status.message().contains(&format!(
+                                "layer {layer} expert {expert} has no live worker"
+                            ))
+                            && status.message().contains(&format!("worker 1 at {w1_addr}")),
+                        "prompt {i}: {status:?}"
+                    );
+                }
+                (false, Err(status)) => anyhow::bail!(
+                    "prompt {i} never reaches layer {layer} expert {expert}, yet failed: {status:?}"
+                ),
+                (true, Ok(response)) => anyhow::bail!(
+                    "prompt {i} reaches layer {layer} expert {expert}, yet got {:?}",
+                    response.into_inner().token_ids
+                ),
+            }
+        }
+        Ok(())
+    })
+}

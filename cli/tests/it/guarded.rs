@@ -1,7 +1,8 @@
 //! The public APIs of a served cluster guarded as in production: API keys
 //! on HTTP and gRPC (health left open for probes), observability on an
 //! address of its own, JSON content type only, and caps on what one request
-//! may ask for, checked before any work is built.
+//! may ask for, checked before any work is built; property-generated gRPC
+//! requests get an answer or INVALID_ARGUMENT, never a server error.
 
 use anyhow::{Context, Result, ensure};
 use tonic::metadata::MetadataValue;
@@ -85,6 +86,16 @@ fn keys_content_type_and_caps_guard_the_public_apis() -> Result<()> {
     ensure!(status == 401, "/v1/models: {status} {body}");
     let (status, _, _) = support::http_with(http, "GET", "/health", &[], "")?;
     ensure!(status == 200, "/health: {status}");
+    // A method a route does not take: 405 in the same error format.
+    let with_key = [("Authorization", bearer.as_str())];
+    let (status, _, body) = support::http_with(http, "GET", "/v1/completions", &with_key, "")?;
+    ensure!(status == 405, "{status} {body}");
+    ensure!(
+        error_of(&body)?["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("GET")),
+        "{body}"
+    );
 
     // Observability lives on its own address, open; not on the API's.
     let (status, _, text) = support::http_with(&metrics, "GET", "/metrics", &[], "")?;
@@ -258,5 +269,131 @@ fn keys_content_type_and_caps_guard_the_public_apis() -> Result<()> {
         );
         anyhow::Ok(())
     })?;
+    Ok(())
+}
+
+#[test]
+fn property_generated_generate_requests_get_an_answer_or_invalid_argument_never_a_server_error()
+-> Result<()> {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    support::gen_model(&model, &["--preset", "tiny", "--seed", "24"])?;
+    let serve = support::serve_two_workers(&model, &[])?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let client = runtime.block_on(GenerationClient::connect(format!(
+        "http://{}",
+        serve.process.addr
+    )))?;
+    // Mostly well-formed requests with one field or another off, and some
+    // garbage in every field.
+    let sometimes = |strategy: BoxedStrategy<f32>| proptest::option::weighted(0.4, strategy);
+    let float = |range: std::ops::Range<f32>| -> BoxedStrategy<f32> {
+        prop_oneof![
+            6 => range,
+            1 => Just(f32::NAN),
+            1 => Just(f32::INFINITY),
+            1 => Just(f32::NEG_INFINITY),
+        ]
+        .boxed()
+    };
+    let text = prop_oneof!["[A-Za-z ,.]{1,30}", "\\PC{1,30}"];
+    let ids = prop_oneof![
+        4 => proptest::collection::vec(1u32..32_000, 1..12),
+        1 => proptest::collection::vec(any::<u32>(), 1..4),
+    ];
+    let prompt = prop_oneof![
+        4 => text.clone().prop_map(|t| (t, Vec::new())),
+        4 => ids.clone().prop_map(|i| (String::new(), i)),
+        1 => (text, ids),
+        1 => Just((String::new(), Vec::new())),
+    ];
+    let strategy = (
+        prompt,
+        prop_oneof![8 => 1u32..6, 1 => Just(0u32), 1 => Just(u32::MAX), 1 => 1000u32..5000],
+        (
+            sometimes(float(-1.0..3.0)),
+            sometimes(float(-0.5..1.5)),
+            proptest::option::weighted(0.3, any::<u32>()),
+            proptest::option::of(any::<u64>()),
+        ),
+        (
+            prop_oneof![4 => Just(0.0f32), 1 => float(-3.0..3.0)],
+            prop_oneof![4 => Just(0.0f32), 1 => float(-3.0..3.0)],
+        ),
+        prop_oneof![
+            4 => Just(Vec::new()),
+            1 => proptest::collection::vec("\\PC{0,8}", 0..6),
+        ],
+        proptest::option::weighted(0.3, prop_oneof![0u32..25, Just(u32::MAX)]),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(
+                (prompt, prompt_token_ids),
+                max_tokens,
+                (temperature, top_p, top_k, seed),
+                (presence_penalty, frequency_penalty),
+                stop,
+                logprobs,
+                ignore_eos,
+            )| GenerateRequest {
+                prompt,
+                prompt_token_ids,
+                max_tokens,
+                temperature,
+                top_p,
+                top_k,
+                seed,
+                presence_penalty,
+                frequency_penalty,
+                stop,
+                logprobs,
+                ignore_eos,
+            },
+        );
+    let mut runner = TestRunner::new(Config {
+        cases: 160,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let (answered, refused) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+    runner
+        .run(&strategy, |request| {
+            let result = runtime.block_on(client.clone().generate(request.clone()));
+            match result {
+                Ok(response) => {
+                    prop_assert!(response.get_ref().token_ids.len() <= request.max_tokens as usize);
+                    answered.set(answered.get() + 1);
+                }
+                Err(status) => {
+                    prop_assert!(
+                        matches!(
+                            status.code(),
+                            tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted
+                        ),
+                        "{status:?} for {request:?}"
+                    );
+                    refused.set(refused.get() + 1);
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Both kinds were generated, and the server serves on.
+    let (answered, refused) = (answered.get(), refused.get());
+    ensure!(
+        answered > 0 && refused > 0,
+        "{answered} answered, {refused} refused"
+    );
+    let answer = runtime.block_on(client.clone().generate(GenerateRequest {
+        prompt: "Hello".into(),
+        max_tokens: 3,
+        temperature: Some(0.0),
+        ..Default::default()
+    }))?;
+    ensure!(answer.get_ref().token_ids.len() == 3);
     Ok(())
 }

@@ -20,5 +20,6 @@ mod prometheus;
 mod routers;
 mod serve;
 mod sharded;
+mod tls;
 mod traces;
 mod worker_input;

@@ -8,6 +8,7 @@ mod completions;
 mod error;
 mod json;
 mod openai;
+pub mod tls_listener;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -87,6 +88,7 @@ pub fn app(state: Arc<HttpState>, observability_apart: bool) -> Router {
         .route("/health", get(health))
         .merge(keyed)
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(count_requests))
         .with_state(state)
@@ -170,6 +172,17 @@ async fn expert_stats(State(state): State<Arc<HttpState>>) -> Json<ExpertStatsBo
 
 async fn render_metrics(State(state): State<Arc<HttpState>>) -> String {
     state.metrics.render()
+}
+
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "{} is not allowed on {}",
+            request.method(),
+            request.uri().path()
+        ),
+    )
 }
 
 async fn not_found(request: Request) -> ApiError {

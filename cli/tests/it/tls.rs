@@ -1,0 +1,229 @@
+//! TLS: a worker with a CA refuses clients without a certificate that CA
+//! signed (mTLS), a router with the cluster's certificate is let in and
+//! serves HTTPS and gRPC over TLS; `serve --tls` does it all with a
+//! throwaway CA.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, ensure};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::rustls;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tramontane_proto::v1::InfoRequest;
+use tramontane_proto::v1::expert_service_client::ExpertServiceClient;
+
+use crate::support;
+
+const PROMPT: &str = "The wind from the north";
+
+/// `tramontane certs --out DIR --node NAME=127.0.0.1,localhost ...`.
+fn certs(dir: &Path, names: &[&str]) -> Result<()> {
+    let mut command = support::tramontane();
+    command.args(["certs", "--out", dir.to_str().context("path")?]);
+    for name in names {
+        command.args(["--node", &format!("{name}=127.0.0.1,localhost")]);
+    }
+    support::run_ok(&mut command)?;
+    Ok(())
+}
+
+/// An HTTPS exchange, the server verified against `ca`: status and body.
+async fn https(addr: &str, ca: &Path, path: &str) -> Result<(u16, String)> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca)? {
+        roots.add(cert?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let mut stream = connector
+        .connect(ServerName::try_from("127.0.0.1")?.to_owned(), tcp)
+        .await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut response = Vec::new();
+    // A peer that closes without close_notify still gave its whole answer.
+    let _ = stream.read_to_end(&mut response).await;
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .context("no status")?
+        .parse()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Ok((status, body))
+}
+
+/// Info on `addr` with the given TLS (None: plaintext).
+async fn info(addr: &str, tls: Option<ClientTlsConfig>) -> Result<String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    let channel = endpoint.connect().await?;
+    let answer = ExpertServiceClient::new(channel)
+        .info(InfoRequest {})
+        .await?;
+    Ok(answer.into_inner().model_id)
+}
+
+#[test]
+fn mtls_lets_in_only_clients_with_a_certificate_of_the_cluster_ca() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    support::gen_model(&model, &["--preset", "tiny", "--seed", "41"])?;
+    let (_, expected) = support::expected_greedy(&model, PROMPT, 6)?;
+    let ours = dir.path().join("cluster");
+    certs(&ours, &["router", "worker-0"])?;
+    let theirs = dir.path().join("other");
+    certs(&theirs, &["intruder"])?;
+    let file = |dir: &Path, name: &str| dir.join(name).to_string_lossy().into_owned();
+    let worker = support::spawn_listening(&[
+        "worker",
+        "--model",
+        model.to_str().context("path")?,
+        "--listen",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+        "--tls-cert",
+        &file(&ours, "worker-0.pem"),
+        "--tls-key",
+        &file(&ours, "worker-0-key.pem"),
+        "--tls-ca",
+        &file(&ours, "ca.pem"),
+    ])?;
+    let read = |dir: &Path, name: &str| std::fs::read(dir.join(name));
+    let ca = Certificate::from_pem(read(&ours, "ca.pem")?);
+    let identity = |dir: &Path, name: &str| -> Result<Identity> {
+        Ok(Identity::from_pem(
+            read(dir, &format!("{name}.pem"))?,
+            read(dir, &format!("{name}-key.pem"))?,
+        ))
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        // Refused: plaintext, TLS without a certificate, a certificate of
+        // another CA.
+        ensure!(
+            info(&worker.addr, None).await.is_err(),
+            "plaintext was let in"
+        );
+        let no_cert = ClientTlsConfig::new().ca_certificate(ca.clone());
+        ensure!(
+            info(&worker.addr, Some(no_cert)).await.is_err(),
+            "a client without a certificate was let in"
+        );
+        let intruder = ClientTlsConfig::new()
+            .ca_certificate(ca.clone())
+            .identity(identity(&theirs, "intruder")?);
+        ensure!(
+            info(&worker.addr, Some(intruder)).await.is_err(),
+            "a certificate of another CA was let in"
+        );
+        // Let in: a certificate the cluster CA signed.
+        let router_cert = ClientTlsConfig::new()
+            .ca_certificate(ca.clone())
+            .identity(identity(&ours, "router")?);
+        ensure!(!info(&worker.addr, Some(router_cert)).await?.is_empty());
+        anyhow::Ok(())
+    })?;
+
+    // A router with the cluster's certificate: over mTLS to the worker,
+    // HTTPS and gRPC over TLS for its clients; plaintext is refused.
+    let router = support::spawn_serving(&[
+        "router",
+        "--model",
+        model.to_str().context("path")?,
+        "--workers",
+        &worker.addr,
+        "--threads",
+        "1",
+        "--tls-cert",
+        &file(&ours, "router.pem"),
+        "--tls-key",
+        &file(&ours, "router-key.pem"),
+        "--tls-ca",
+        &file(&ours, "ca.pem"),
+    ])?;
+    let generated = support::run_ok(support::tramontane().args([
+        "generate",
+        "--json",
+        "--max-tokens",
+        "6",
+        "--prompt",
+        PROMPT,
+        "--server",
+        &router.process.addr,
+        "--tls-ca",
+        &file(&ours, "ca.pem"),
+    ]))?;
+    let generated: serde_json::Value = serde_json::from_slice(&generated.stdout)?;
+    ensure!(
+        generated["token_ids"] == serde_json::json!(expected),
+        "{generated}"
+    );
+    runtime.block_on(async {
+        let (status, body) = https(&router.http, &ours.join("ca.pem"), "/health").await?;
+        ensure!(status == 200 && body.contains("ok"), "{status} {body}");
+        ensure!(
+            https(&router.http, &theirs.join("ca.pem"), "/health")
+                .await
+                .is_err(),
+            "verified against another CA"
+        );
+        anyhow::Ok(())
+    })?;
+    let plain = support::http(&router.http, "GET", "/health", "");
+    ensure!(!matches!(plain, Ok((200, _, _))), "plain HTTP was answered");
+    Ok(())
+}
+
+#[test]
+fn serve_tls_runs_the_whole_cluster_over_tls() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    support::gen_model(&model, &["--preset", "tiny", "--seed", "42"])?;
+    let (_, expected) = support::expected_greedy(&model, PROMPT, 6)?;
+    let tls_dir = dir.path().join("tls");
+    let serve = support::serve_two_workers(
+        &model,
+        &["--tls", "--tls-dir", tls_dir.to_str().context("path")?],
+    )?;
+    let ca = tls_dir.join("ca.pem");
+    let generated = support::run_ok(support::tramontane().args([
+        "generate",
+        "--json",
+        "--max-tokens",
+        "6",
+        "--prompt",
+        PROMPT,
+        "--server",
+        &serve.process.addr,
+        "--tls-ca",
+        ca.to_str().context("path")?,
+    ]))?;
+    let generated: serde_json::Value = serde_json::from_slice(&generated.stdout)?;
+    ensure!(
+        generated["token_ids"] == serde_json::json!(expected),
+        "{generated}"
+    );
+    let (status, body) =
+        tokio::runtime::Runtime::new()?.block_on(https(&serve.http, &ca, "/health"))?;
+    ensure!(status == 200, "{status} {body}");
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! TLS of this project's listeners and links (rustls, through tonic's TLS
+//! support): a certificate and key to present, and a CA to verify the other
+//! side with, read from PEM files once at start so that a wrong file is an
+//! error there, naming it.
+//!
+//! - A server with a CA requires clients to present a certificate that CA
+//!   signed (mTLS): a worker refuses any router that has none.
+//! - A client with a CA connects over TLS and verifies the server against
+//!   it; with a certificate and key it presents them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{flag} {}: {error}", path.display())]
+    File {
+        flag: &'static str,
+        path: PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("{flag} {}: no {what} in it (PEM expected)", path.display())]
+    Pem {
+        flag: &'static str,
+        path: PathBuf,
+        what: &'static str,
+    },
+    #[error("--tls-cert and --tls-key go together")]
+    Incomplete,
+    #[error("TLS on a server needs --tls-cert and --tls-key")]
+    NoIdentity,
+    #[error("the certificate and key do not make a TLS configuration: {0}")]
+    Config(#[source] rustls::Error),
+}
+
+/// The TLS files of one process.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    /// Certificate chain and private key, PEM.
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The CA that signed the other side's certificate, PEM.
+    ca: Option<Vec<u8>>,
+}
+
+impl Tls {
+    /// Reads and checks the files; None when none is given.
+    pub fn from_files(
+        cert: Option<&Path>,
+        key: Option<&Path>,
+        ca: Option<&Path>,
+    ) -> Result<Option<Self>, TlsError> {
+        let identity = match (cert, key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                let cert_pem = read("--tls-cert", cert)?;
+                if CertificateDer::pem_slice_iter(&cert_pem).next().is_none() {
+                    return Err(pem_error("--tls-cert", cert, "certificate"));
+                }
+                let key_pem = read("--tls-key", key)?;
+                if PrivateKeyDer::from_pem_slice(&key_pem).is_err() {
+                    return Err(pem_error("--tls-key", key, "private key"));
+                }
+                Some((cert_pem, key_pem))
+            }
+            _ => return Err(TlsError::Incomplete),
+        };
+        let ca = match ca {
+            None => None,
+            Some(path) => {
+                let pem = read("--tls-ca", path)?;
+                if CertificateDer::pem_slice_iter(&pem).next().is_none() {
+                    return Err(pem_error("--tls-ca", path, "certificate"));
+                }
+                Some(pem)
+            }
+        };
+        Ok((identity.is_some() || ca.is_some()).then_some(Self { identity, ca }))
+    }
+
+    /// Whether clients must present a certificate the CA signed.
+    pub fn verifies_clients(&self) -> bool {
+        self.ca.is_some()
+    }
+
+    /// A public gRPC server's TLS: its identity only (clients of the public
+    /// API authenticate with keys, not certificates).
+    pub fn public_server(&self) -> Result<ServerTlsConfig, TlsError> {
+        let (cert, key) = self.identity.as_ref().ok_or(TlsError::NoIdentity)?;
+        Ok(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+    }
+
+    /// Whether a certificate and key are given (a server can use them).
+    pub fn has_identity(&self) -> bool {
+        self.identity.is_some()
+    }
+
+    /// A gRPC server's TLS: its identity, and with a CA, client
+    /// certificates required.
+    pub fn server(&self) -> Result<ServerTlsConfig, TlsError> {
+        let (cert, key) = self.identity.as_ref().ok_or(TlsError::NoIdentity)?;
+        let config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+        Ok(match &self.ca {
+            Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
+            None => config,
+        })
+    }
+
+    /// A gRPC client's TLS: the server verified against the CA (the
+    /// system's roots are not used), the identity presented.
+    pub fn client(&self) -> ClientTlsConfig {
+        let mut config = ClientTlsConfig::new();
+        if let Some(ca) = &self.ca {
+            config = config.ca_certificate(Certificate::from_pem(ca));
+        }
+        if let Some((cert, key)) = &self.identity {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        config
+    }
+
+    /// An HTTPS server's rustls configuration (no client certificates: the
+    /// public API authenticates with keys).
+    pub fn https_server(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let (cert, key) = self.identity.as_ref().ok_or(TlsError::NoIdentity)?;
+        let chain = CertificateDer::pem_slice_iter(cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| TlsError::Config(rustls::Error::General("bad certificate PEM".into())))?;
+        let key = PrivateKeyDer::from_pem_slice(key)
+            .map_err(|_| TlsError::Config(rustls::Error::General("bad key PEM".into())))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(TlsError::Config)?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(TlsError::Config)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|error| TlsError::File {
+        flag,
+        path: path.to_owned(),
+        error,
+    })
+}
+
+fn pem_error(flag: &'static str, path: &Path, what: &'static str) -> TlsError {
+    TlsError::Pem {
+        flag,
+        path: path.to_owned(),
+        what,
+    }
+}
