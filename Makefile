@@ -21,7 +21,7 @@ LISTEN ?= 127.0.0.1:50051
 HTTP_LISTEN ?= 127.0.0.1:8000
 BENCH_MODEL := target/bench-model
 
-.PHONY: setup build test lint serve bench bench-sharded bench-routers bench-serving bench-plan monitoring-tools
+.PHONY: setup build test lint serve bench bench-sharded bench-routers bench-serving bench-plan bench-chaos monitoring-tools
 
 setup: $(STAMP)
 
@@ -77,3 +77,10 @@ bench-plan: build
 	test -f $(BENCH_MODEL)/config.json || $(BIN) gen-model --preset bench --out $(BENCH_MODEL)
 	test -f $(BENCH_MODEL)-skewed/config.json || $(BIN) gen-model --preset bench --expert-skew 1 --out $(BENCH_MODEL)-skewed
 	$(PYTHON) benches/plan_vs_measured.py --bin $(BIN) --model $(BENCH_MODEL) --skewed-model $(BENCH_MODEL)-skewed --threads 2
+
+# Faults under load, one serve --workers 2 each on the tiny checkpoint (generated once into
+# target/chaos-model): kill -9 of a worker with and without replicas, SIGSTOP of a worker, 10x
+# overload, malformed requests with an API key; a PASS/FAIL table, non-zero exit on a FAIL.
+bench-chaos: build
+	test -f target/chaos-model/config.json || $(BIN) gen-model --preset tiny --out target/chaos-model
+	$(PYTHON) benches/chaos.py --bin $(BIN)
