@@ -651,21 +651,7 @@ mod tests {
             .map(|prompt| {
                 let (events, receiver) = mpsc::unbounded_channel();
                 engine
-                    .submit(
-                        &mut slots,
-                        GenerateJob {
-                            prompt: prompt.clone(),
-                            max_tokens,
-                            sampling: SamplingParams {
-                                temperature: 0.0,
-                                ..SamplingParams::default()
-                            },
-                            ignore_eos: true,
-                            events,
-                            submitted: Instant::now(),
-                            span: tracing::Span::none(),
-                        },
-                    )
+                    .submit(&mut slots, greedy_job(prompt, max_tokens, events))
                     .unwrap();
                 receiver
             })
@@ -975,15 +961,7 @@ mod tests {
         assert!(engine.reserve(1).is_err());
         drop(one);
         let (events, _receiver) = mpsc::unbounded_channel();
-        let job = |events| GenerateJob {
-            prompt: vec![1, 2],
-            max_tokens: 1,
-            sampling: SamplingParams::default(),
-            ignore_eos: true,
-            events,
-            submitted: Instant::now(),
-            span: tracing::Span::none(),
-        };
+        let job = |events| greedy_job(&[1, 2], 1, events);
         engine.submit(&mut again, job(events.clone())).unwrap();
         // A reservation with no place left queues nothing.
         let mut empty = engine.reserve(0).unwrap();

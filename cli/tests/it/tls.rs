@@ -30,6 +30,25 @@ fn certs(dir: &Path, names: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The tokens `tramontane generate` gets for 6 tokens of PROMPT from the
+/// router at `addr` over TLS, verified against `ca`.
+fn generate_over_tls(addr: &str, ca: &Path) -> Result<Vec<u32>> {
+    let output = support::run_ok(support::tramontane().args([
+        "generate",
+        "--json",
+        "--max-tokens",
+        "6",
+        "--prompt",
+        PROMPT,
+        "--server",
+        addr,
+        "--tls-ca",
+        ca.to_str().context("path")?,
+    ]))?;
+    let output: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    Ok(serde_json::from_value(output["token_ids"].clone())?)
+}
+
 /// An HTTPS exchange, the server verified against `ca`: status and body.
 async fn https(addr: &str, ca: &Path, path: &str) -> Result<(u16, String)> {
     let mut roots = rustls::RootCertStore::empty();
@@ -160,23 +179,8 @@ fn mtls_lets_in_only_clients_with_a_certificate_of_the_cluster_ca() -> Result<()
         "--tls-ca",
         &file(&ours, "ca.pem"),
     ])?;
-    let generated = support::run_ok(support::tramontane().args([
-        "generate",
-        "--json",
-        "--max-tokens",
-        "6",
-        "--prompt",
-        PROMPT,
-        "--server",
-        &router.process.addr,
-        "--tls-ca",
-        &file(&ours, "ca.pem"),
-    ]))?;
-    let generated: serde_json::Value = serde_json::from_slice(&generated.stdout)?;
-    ensure!(
-        generated["token_ids"] == serde_json::json!(expected),
-        "{generated}"
-    );
+    let generated = generate_over_tls(&router.process.addr, &ours.join("ca.pem"))?;
+    ensure!(generated == expected, "{generated:?} vs {expected:?}");
     runtime.block_on(async {
         let (status, body) = https(&router.http, &ours.join("ca.pem"), "/health").await?;
         ensure!(status == 200 && body.contains("ok"), "{status} {body}");
@@ -205,23 +209,8 @@ fn serve_tls_runs_the_whole_cluster_over_tls() -> Result<()> {
         &["--tls", "--tls-dir", tls_dir.to_str().context("path")?],
     )?;
     let ca = tls_dir.join("ca.pem");
-    let generated = support::run_ok(support::tramontane().args([
-        "generate",
-        "--json",
-        "--max-tokens",
-        "6",
-        "--prompt",
-        PROMPT,
-        "--server",
-        &serve.process.addr,
-        "--tls-ca",
-        ca.to_str().context("path")?,
-    ]))?;
-    let generated: serde_json::Value = serde_json::from_slice(&generated.stdout)?;
-    ensure!(
-        generated["token_ids"] == serde_json::json!(expected),
-        "{generated}"
-    );
+    let generated = generate_over_tls(&serve.process.addr, &ca)?;
+    ensure!(generated == expected, "{generated:?} vs {expected:?}");
     let (status, body) =
         tokio::runtime::Runtime::new()?.block_on(https(&serve.http, &ca, "/health"))?;
     ensure!(status == 200, "{status} {body}");
