@@ -57,6 +57,9 @@ pub fn parse_device(text: &str) -> Result<Device> {
     let Ok(index) = index.parse::<usize>() else {
         bail!("device must be cpu or cuda:N, got {text:?}");
     };
+    if !tramontane_model::cuda::load() {
+        bail!("device {text}: this libtorch has no CUDA (libtorch_cuda.so not found)");
+    }
     let available = tch::Cuda::device_count() as usize;
     if index >= available {
         bail!("device {text} is not available ({available} CUDA devices)");

@@ -18,8 +18,10 @@
 //! - [`model`]: the causal LM over a ragged batch of sequences.
 //! - [`generate`]: greedy generation for a batch of prompts.
 //! - [`error`]: one error enum per boundary.
+//! - [`cuda`]: libtorch's CUDA half, loaded when a CUDA device is asked for.
 
 pub mod attention;
+pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod expert;
