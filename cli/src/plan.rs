@@ -1,12 +1,14 @@
 //! `tramontane plan`: sizes a cluster for a model and a workload — memory per
 //! device, expert placement, predicted throughput and latency — as a table,
-//! JSON, SVG charts and the router's placement file (see `tramontane_planner`).
+//! JSON, SVG charts, the router's placement file and the Helm chart's values
+//! (see `tramontane_planner`).
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{ArgGroup, Args, ValueEnum};
 use tramontane_model::Dtype;
+use tramontane_planner::helm_values::HelmValues;
 use tramontane_planner::model::PlannedModel;
 use tramontane_planner::plan::{PlacementPolicy, Planner, Sizes, Slo};
 use tramontane_planner::profile::{ModelShape, Profile};
@@ -88,6 +90,11 @@ pub struct PlanArgs {
     /// Write the chosen plan's placement here (the router's and serve's --placement).
     #[arg(long)]
     pub placement_out: Option<PathBuf>,
+    /// Write the chosen plan's values of the Helm chart deploy/helm/tramontane
+    /// here, as JSON (`helm install -f FILE`): workers, GPU limits, memory
+    /// requests (the plan's figure plus 4 GiB, in whole GiB), placement, scheduler.
+    #[arg(long)]
+    pub helm_values: Option<PathBuf>,
     /// Write SVG charts into this folder.
     #[arg(long)]
     pub svg_dir: Option<PathBuf>,
@@ -158,6 +165,13 @@ pub fn run(args: &PlanArgs) -> Result<()> {
     if let Some(path) = &args.placement_out {
         let plan = chosen_plan.context("no cluster meets the objectives: no placement to write")?;
         std::fs::write(path, serde_json::to_string_pretty(&plan.placement)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.helm_values {
+        let plan =
+            chosen_plan.context("no cluster meets the objectives: no Helm values to write")?;
+        let values = HelmValues::new(&planner, plan, dtype).context("--helm-values")?;
+        std::fs::write(path, serde_json::to_string_pretty(&values)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(dir) = &args.svg_dir {

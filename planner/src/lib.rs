@@ -11,13 +11,15 @@
 //! - [`simulate`]: the discrete-event simulation of the scheduler and dispatch.
 //! - [`plan`]: a plan per cluster size, and the search for the smallest one.
 //! - [`report`]: what a plan reports (`plan --json`, tables, charts);
-//!   [`svg`]: the charts' drawing.
+//!   [`svg`]: the charts' drawing; [`helm_values`]: the Helm chart's
+//!   values for a plan (`plan --helm-values`).
 //!
 //! The scheduler, admission and dispatch planning it simulates are
 //! [`tramontane_policy`]'s, the router's own code; nothing here links
 //! libtorch.
 
 pub mod eplb;
+pub mod helm_values;
 pub mod memory;
 pub mod model;
 pub mod plan;

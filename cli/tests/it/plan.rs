@@ -1,6 +1,6 @@
 //! `tramontane plan` and `tramontane profile` through the binary: memory of
 //! the public Mixtral configurations against hand-computed values, the
-//! search, the outputs (JSON, SVG, placement file), bad input refused with a
+//! search, the outputs (JSON, SVG, placement file, Helm values), bad input refused with a
 //! clear message, and the prediction-against-measurement bench on a small
 //! configuration (finite figures; no timing is asserted).
 
@@ -197,6 +197,124 @@ fn the_search_finds_the_smallest_cluster_and_writes_charts_and_placement() -> Re
     let written: Value = serde_json::from_str(&std::fs::read_to_string(&placement)?)?;
     assert_eq!(written["workers"], 1);
     assert_eq!(written["experts"].as_array().context("layers")?.len(), 32);
+    Ok(())
+}
+
+/// The committed Helm values fixture the chart's tests render, written by
+/// (from the repository root):
+///
+/// ```sh
+/// tramontane plan --model planner/fixtures/mixtral-8x7b/config.json --profile h100 --gpus 8 \
+///     --concurrency 8 --prompt-len 512 --output-len 128 --requests 40 \
+///     --helm-values deploy/helm/tests/mixtral-8x7b-values.json
+/// ```
+const HELM_FIXTURE: &str = "deploy/helm/tests/mixtral-8x7b-values.json";
+const HELM_FIXTURE_COMMAND: &str = "tramontane plan --model planner/fixtures/mixtral-8x7b/config.json --profile h100 --gpus 8 --concurrency 8 --prompt-len 512 --output-len 128 --requests 40 --helm-values deploy/helm/tests/mixtral-8x7b-values.json";
+
+/// A Kubernetes memory quantity in whole GiB ("25Gi"): its GiB.
+fn gibibytes(quantity: &Value) -> Option<u64> {
+    let digits = quantity.as_str()?.strip_suffix("Gi")?;
+    digits
+        .parse()
+        .ok()
+        .filter(|_| digits.bytes().all(|b| b.is_ascii_digit()))
+}
+
+#[test]
+fn helm_values_for_mixtral_8x7b_on_8_h100s_carry_the_plan() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = fixture("mixtral-8x7b");
+    let placement = dir.path().join("placement.json");
+    let values = dir.path().join("values.json");
+    let report = plan_json(
+        &[
+            &[
+                "--model",
+                model.to_str().context("path")?,
+                "--profile",
+                "h100",
+                "--gpus",
+                "8",
+                "--placement-out",
+                placement.to_str().context("path")?,
+                "--helm-values",
+                values.to_str().context("path")?,
+            ][..],
+            &LOAD[..],
+        ]
+        .concat(),
+    )?;
+    let plan = workers_plan(&report, 8);
+    let text = std::fs::read_to_string(&values).context("the values file")?;
+    let v: Value = serde_json::from_str(&text)?;
+
+    assert_eq!(v["workers"]["replicas"], 8);
+    assert_eq!(
+        v["model"],
+        serde_json::json!({"dtype": "bf16", "numLayers": 32, "numExperts": 8})
+    );
+    const GIB: u64 = 1 << 30;
+    for (pod, memory) in [
+        ("workers", &plan["memory"][1]),
+        ("router", &plan["memory"][0]),
+    ] {
+        let resources = &v[pod]["resources"];
+        assert_eq!(
+            resources["limits"]["nvidia.com/gpu"], 1,
+            "{pod}: {resources}"
+        );
+        assert_eq!(v[pod]["device"], "cuda:0", "{pod}");
+        // The plan's bytes for the process plus 4 GiB, rounded up to whole GiB.
+        let gib = gibibytes(&resources["requests"]["memory"])
+            .with_context(|| format!("{pod}: not a quantity: {resources}"))?;
+        let bytes = memory["total_bytes"].as_u64().context("total_bytes")?;
+        assert_eq!(gib, (bytes + 4 * GIB).div_ceil(GIB), "{pod}: {bytes} bytes");
+    }
+    // Every worker holds the same slots (EPLB packs them evenly), so the
+    // StatefulSet's one request is each worker's.
+    let slots = plan["slots_per_worker"].as_u64().context("slots")?;
+    for w in 1..=8 {
+        assert_eq!(plan["memory"][w]["total_bytes"], 32 * slots * 352_321_536);
+    }
+    // The router: the dense part and the KV cache of 8 running requests.
+    assert_eq!(
+        plan["memory"][0]["total_bytes"],
+        2 * 1_605_636_096u64 + 8 * (512 + 128) * 131_072
+    );
+    // The scheduler limits simulated: the router's defaults here.
+    assert_eq!(
+        v["router"]["scheduler"],
+        serde_json::json!({"queue": 256, "maxRunning": 64, "maxBatchTokens": 512, "maxKvTokens": 65536})
+    );
+    // The chart's placement ConfigMap is the plan's placement file.
+    let written: Value = serde_json::from_str(&std::fs::read_to_string(&placement)?)?;
+    assert_eq!(v["placement"], written);
+    assert_eq!(written["workers"], 8);
+
+    // The committed fixture is what this command writes now.
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let fixture = repo.join(HELM_FIXTURE);
+    let out = dir.path().join("fixture.json");
+    let args: Vec<&str> = HELM_FIXTURE_COMMAND.split(' ').skip(2).collect();
+    let (helm, rest) = args.split_last().context("command")?;
+    ensure!(*helm == HELM_FIXTURE);
+    support::run_ok(
+        support::tramontane()
+            .current_dir(&repo)
+            .arg("plan")
+            .args(rest)
+            .arg(&out),
+    )?;
+    let now: Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+    let committed: Value = serde_json::from_str(
+        &std::fs::read_to_string(&fixture).with_context(|| fixture.display().to_string())?,
+    )?;
+    ensure!(
+        committed == now,
+        "{HELM_FIXTURE} is stale: write it again from the repository root with\n  {HELM_FIXTURE_COMMAND}"
+    );
+    // The fixture's command is the one tested above but for --placement-out.
+    assert_eq!(now, v);
     Ok(())
 }
 
