@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::Result;
 
 use crate::support;
 
@@ -17,20 +17,11 @@ fn openai_client_suite_passes_against_a_served_cluster() -> Result<()> {
     support::gen_model(&model, &["--preset", "tiny", "--seed", "11"])?;
     let serve = support::serve_two_workers(&model, &["--served-model-name", "tramontane-tiny"])?;
     let suite = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai");
-    let output = std::process::Command::new(support::python())
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-        .arg(&suite)
-        .env("TRAMONTANE_HTTP", &serve.http)
-        .env("TRAMONTANE_MODEL_NAME", "tramontane-tiny")
-        .output()
-        .context("running pytest")?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    println!("{stdout}");
-    ensure!(
-        output.status.success(),
-        "pytest failed ({}):\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
+    support::pytest(
+        &suite,
+        &[
+            ("TRAMONTANE_HTTP", &serve.http),
+            ("TRAMONTANE_MODEL_NAME", "tramontane-tiny"),
+        ],
+    )
 }

@@ -30,6 +30,25 @@ pub fn python() -> PathBuf {
     }
 }
 
+/// Runs the pytest suite at `suite` with `env`; fails with its output.
+pub fn pytest(suite: &Path, env: &[(&str, &str)]) -> Result<()> {
+    let output = Command::new(python())
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .arg(suite)
+        .envs(env.iter().copied())
+        .output()
+        .context("running pytest")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    println!("{stdout}");
+    ensure!(
+        output.status.success(),
+        "pytest failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
 pub fn scripts_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts")
 }

@@ -1,0 +1,736 @@
+"""The Helm chart deploy/helm/tramontane, rendered offline by the real Helm
+engine (helm-python-sdk, Helm v4's Go SDK, no cluster, no helm binary).
+
+For the default values, the CPU demo (ci/cpu-demo-values.yaml), a Mixtral
+8x7B plan (mixtral-8x7b-values.json, the shape of `tramontane plan
+--helm-values`) and a TLS + API key + monitoring set: `helm lint --strict`
+is clean, every manifest validates strictly against the Kubernetes 1.30
+schemas (the Prometheus Operator's CRDs by structure), the router dials
+every worker's stable DNS name in index order, ports / Services / probes /
+the NetworkPolicy agree, the placement ConfigMap is the values' placement
+(or expert e on worker e mod N), bad values are refused naming the value,
+and every flag passed to `tramontane worker` / `router` is one the binary
+takes (`TRAMONTANE_BIN`, default target/release/tramontane).
+
+    pytest -q deploy/helm/tests
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from helm_python import HelmError, values_from_yaml
+from helm_python.chart import Chart, lint
+
+HERE = Path(__file__).resolve().parent
+CHART = HERE.parent / "tramontane"
+REPO = HERE.parents[2]
+KUBERNETES = "1.30.0"
+RELEASE = "moe"
+NAMESPACE = "serving"
+FULLNAME = "moe-tramontane"
+WORKERS = f"{FULLNAME}-workers"
+CRDS = {"ServiceMonitor", "PodMonitor"}
+STANDARD_LABELS = {
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/component",
+    "app.kubernetes.io/version",
+    "app.kubernetes.io/managed-by",
+    "helm.sh/chart",
+}
+
+
+def cpu_demo() -> dict:
+    return values_from_yaml((CHART / "ci/cpu-demo-values.yaml").read_text())
+
+
+def mixtral() -> dict:
+    return json.loads((HERE / "mixtral-8x7b-values.json").read_text())
+
+
+def secured() -> dict:
+    """Everything optional on: TLS, API keys, both monitors, metricsFrom."""
+    return {
+        "tls": {"enabled": True, "existingSecret": "moe-certs"},
+        "apiKey": {"enabled": True, "value": "sk-one\nsk-two\n"},
+        "metrics": {
+            "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+            "podMonitor": {"enabled": True, "labels": {"release": "prom"}},
+        },
+        "networkPolicy": {
+            "metricsFrom": [
+                {
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
+                    },
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+                }
+            ]
+        },
+        "image": {"pullSecrets": ["registry", {"name": "mirror"}]},
+        "workers": {"extraArgs": ["--log-format", "json"], "threads": 4},
+        "router": {"extraArgs": ["--micro-batches", "auto"], "service": {"type": "LoadBalancer"}},
+        "model": {"servedModelName": "mixtral"},
+    }
+
+
+VALUE_SETS = {
+    "default": dict,
+    "cpu-demo": cpu_demo,
+    "mixtral-8x7b": mixtral,
+    "secured": secured,
+}
+
+
+@pytest.fixture(scope="module")
+def chart():
+    with Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def render(chart, values: dict | None = None, name: str = RELEASE) -> dict[str, str]:
+    return chart.render(values or {}, name=name, namespace=NAMESPACE)
+
+
+def manifests(chart, values: dict | None = None, name: str = RELEASE) -> list[dict]:
+    docs = []
+    for path, text in render(chart, values, name).items():
+        if path.endswith("NOTES.txt"):
+            continue
+        docs.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return docs
+
+
+def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert len(found) == 1, f"{kind} {name or ''}: {len(found)} rendered"
+    return found[0]
+
+
+def container(workload: dict) -> dict:
+    (only,) = workload["spec"]["template"]["spec"]["containers"]
+    return only
+
+
+def flag(command: list[str], name: str) -> str | None:
+    """The value after `name` in a command line, or None."""
+    return command[command.index(name) + 1] if name in command else None
+
+
+def merged(chart, values: dict) -> dict:
+    return chart.merge_values(copy.deepcopy(values))
+
+
+# --- lint and schemas ----------------------------------------------------
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_lint_strict_is_clean(values):
+    report = lint(CHART, values(), strict=True, namespace=NAMESPACE, kube_version=KUBERNETES)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not problems and not report["errors"], report
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_every_manifest_validates_against_kubernetes_1_30(chart, values):
+    docs = manifests(chart, values())
+    assert docs
+    for doc in docs:
+        assert STANDARD_LABELS <= doc["metadata"]["labels"].keys(), doc["metadata"]
+        assert doc["metadata"]["namespace"] == NAMESPACE
+        if doc["kind"] in CRDS:
+            continue  # CRDs: test_prometheus_operator_monitors checks them
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            pytest.fail(
+                f"{doc['kind']} {doc['metadata']['name']}: {error.message} at {list(error.path)}"
+            )
+
+
+def test_kinds_rendered(chart):
+    def kinds(values):
+        return sorted(d["kind"] for d in manifests(chart, values))
+
+    base = [
+        "ConfigMap",  # the dashboard
+        "ConfigMap",  # the placement
+        "Deployment",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "Service",  # the router's API
+        "Service",  # the router's metrics
+        "Service",  # the workers' headless
+        "StatefulSet",
+    ]
+    assert kinds({}) == base
+    assert kinds(secured()) == sorted(base + ["PodMonitor", "Secret", "ServiceMonitor"])
+    bare = {
+        "networkPolicy": {"enabled": False},
+        "podDisruptionBudget": {"enabled": False},
+        "metrics": {"grafanaDashboard": {"enabled": False}},
+    }
+    assert kinds(bare) == [
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "Service",
+        "Service",
+        "StatefulSet",
+    ]
+    # An existing Secret of API keys: the chart makes none.
+    with_existing = {"apiKey": {"enabled": True, "existingSecret": "keys"}}
+    assert "Secret" not in kinds(with_existing)
+
+
+def test_image_volume_validates_against_kubernetes_1_33(chart):
+    # Image volumes are not in the 1.30 API (alpha in 1.31, beta in 1.33).
+    values = {"model": {"volume": {"type": "image", "image": {"reference": "registry/mixtral:1"}}}}
+    docs = manifests(chart, values)
+    for kind in ("StatefulSet", "Deployment"):
+        workload = one(docs, kind)
+        volume = next(
+            v for v in workload["spec"]["template"]["spec"]["volumes"] if v["name"] == "model"
+        )
+        assert volume == {
+            "name": "model",
+            "image": {"reference": "registry/mixtral:1", "pullPolicy": "IfNotPresent"},
+        }
+        kubernetes_validate.validate(workload, "1.33.0", strict=True)
+
+
+# --- workers and router ------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_router_dials_every_worker_by_its_stable_name_in_index_order(chart, values):
+    docs = manifests(chart, values())
+    replicas = merged(chart, values())["workers"]["replicas"]
+    workers = one(docs, "StatefulSet")
+    headless = one(docs, "Service", WORKERS)
+    assert workers["metadata"]["name"] == WORKERS
+    assert workers["spec"]["serviceName"] == WORKERS
+    assert workers["spec"]["replicas"] == replicas
+    assert workers["spec"]["podManagementPolicy"] == "Parallel"
+    assert headless["spec"]["clusterIP"] == "None"
+    port = container(workers)["ports"][0]["containerPort"]
+    expected = [
+        f"{WORKERS}-{i}.{WORKERS}.{NAMESPACE}.svc.cluster.local:{port}" for i in range(replicas)
+    ]
+    command = container(one(docs, "Deployment"))["command"]
+    assert flag(command, "--workers").split(",") == expected
+
+
+def test_worker_index_is_the_pod_index(chart):
+    worker = container(one(manifests(chart), "StatefulSet"))
+    assert flag(worker["command"], "--worker-index") == "$(POD_INDEX)"
+    (env,) = [e for e in worker["env"] if e["name"] == "POD_INDEX"]
+    assert (
+        env["valueFrom"]["fieldRef"]["fieldPath"]
+        == "metadata.labels['apps.kubernetes.io/pod-index']"
+    )
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_ports_services_and_probes_agree(chart, values):
+    docs = manifests(chart, values())
+    config = merged(chart, values())
+    tls = config["tls"]["enabled"]
+
+    workers = one(docs, "StatefulSet")
+    worker = container(workers)
+    wport = config["workers"]["port"]
+    assert worker["ports"] == [{"name": "grpc", "containerPort": wport, "protocol": "TCP"}]
+    assert flag(worker["command"], "--listen") == f"0.0.0.0:{wport}"
+    headless = one(docs, "Service", WORKERS)
+    assert [(p["port"], p["targetPort"]) for p in headless["spec"]["ports"]] == [(wport, "grpc")]
+    assert (
+        headless["spec"]["selector"].items()
+        <= workers["spec"]["template"]["metadata"]["labels"].items()
+    )
+    if tls:
+        assert worker["readinessProbe"]["tcpSocket"] == {"port": "grpc"}
+    else:
+        assert worker["readinessProbe"]["grpc"] == {"port": wport, "service": ""}
+    assert worker["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
+    assert worker["startupProbe"]["tcpSocket"] == {"port": "grpc"}
+
+    deployment = one(docs, "Deployment")
+    router = container(deployment)
+    ports = config["router"]["ports"]
+    by_name = {p["name"]: p["containerPort"] for p in router["ports"]}
+    assert by_name == ports
+    command = router["command"]
+    assert flag(command, "--listen") == f"0.0.0.0:{ports['grpc']}"
+    assert flag(command, "--http-listen") == f"0.0.0.0:{ports['http']}"
+    assert flag(command, "--metrics-listen") == f"0.0.0.0:{ports['metrics']}"
+    readiness = router["readinessProbe"]["httpGet"]
+    assert readiness == {"path": "/health", "port": "metrics", "scheme": "HTTPS" if tls else "HTTP"}
+    assert router["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
+    assert router["startupProbe"]["tcpSocket"] == {"port": "grpc"}
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    api = one(docs, "Service", FULLNAME)
+    assert {p["name"]: (p["port"], p["targetPort"]) for p in api["spec"]["ports"]} == {
+        "http": (ports["http"], "http"),
+        "grpc": (ports["grpc"], "grpc"),
+    }
+    assert api["spec"]["type"] == config["router"]["service"]["type"]
+    metrics = one(docs, "Service", f"{FULLNAME}-metrics")
+    assert [(p["name"], p["port"], p["targetPort"]) for p in metrics["spec"]["ports"]] == [
+        ("metrics", ports["metrics"], "metrics")
+    ]
+    for service in (api, metrics):
+        assert service["spec"]["selector"].items() <= pod_labels.items()
+    # The selectors tell router and worker pods apart.
+    assert (
+        not api["spec"]["selector"].items()
+        <= workers["spec"]["template"]["metadata"]["labels"].items()
+    )
+
+    spec = deployment["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] == config["router"]["drainTimeoutSeconds"] + 10
+    assert flag(command, "--drain-timeout") == str(config["router"]["drainTimeoutSeconds"])
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_command_lines_carry_the_values(chart, values):
+    docs = manifests(chart, values())
+    config = merged(chart, values())
+    worker = container(one(docs, "StatefulSet"))["command"]
+    router = container(one(docs, "Deployment"))["command"]
+    assert worker[:2] == ["tramontane", "worker"]
+    assert router[:2] == ["tramontane", "router"]
+    for command, part in ((worker, "workers"), (router, "router")):
+        assert flag(command, "--model") == config["model"]["path"]
+        assert flag(command, "--placement") == "/etc/tramontane/placement.json"
+        assert flag(command, "--dtype") == config["model"]["dtype"]
+        assert flag(command, "--device") == config[part]["device"]
+        threads = config[part]["threads"]
+        assert flag(command, "--threads") == (str(threads) if threads else None)
+        assert (
+            command[-len(config[part]["extraArgs"]) or len(command) :] == config[part]["extraArgs"]
+        )
+    assert flag(worker, "--queue") == str(config["workers"]["queue"])
+    scheduler = config["router"]["scheduler"]
+    assert flag(router, "--queue") == str(scheduler["queue"])
+    assert flag(router, "--max-running") == str(scheduler["maxRunning"])
+    assert flag(router, "--max-batch-tokens") == str(scheduler["maxBatchTokens"])
+    assert flag(router, "--max-kv-tokens") == str(scheduler["maxKvTokens"])
+    assert flag(router, "--dispatch-timeout-ms") == str(config["router"]["dispatchTimeoutMs"])
+    assert flag(router, "--served-model-name") == (config["model"]["servedModelName"] or None)
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_files_named_on_the_command_lines_are_mounted(chart, values):
+    """Every /etc/tramontane/... path a command names is an item of the
+    projected volume mounted there; the model volume is mounted read-only."""
+    config = merged(chart, values())
+    for workload in (one(manifests(chart, values()), k) for k in ("StatefulSet", "Deployment")):
+        spec = workload["spec"]["template"]["spec"]
+        main = container(workload)
+        mounts = {m["mountPath"]: m for m in main["volumeMounts"]}
+        assert mounts[config["model"]["path"]] == {
+            "name": "model",
+            "mountPath": config["model"]["path"],
+            "readOnly": True,
+        }
+        assert mounts["/etc/tramontane"]["name"] == "config"
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        items = {
+            "/etc/tramontane/" + item["path"]
+            for source in volumes["config"]["projected"]["sources"]
+            for kind in ("configMap", "secret")
+            if kind in source
+            for item in source[kind]["items"]
+        }
+        named = {arg for arg in main["command"] if arg.startswith("/etc/tramontane/")}
+        assert named and named <= items, named - items
+        model = volumes["model"]
+        if config["model"]["volume"]["type"] == "pvc":
+            assert model["persistentVolumeClaim"]["readOnly"] is True
+        elif config["model"]["volume"]["type"] == "hostPath":
+            assert model["hostPath"] == {
+                "path": config["model"]["volume"]["hostPath"],
+                "type": "Directory",
+            }
+
+
+def test_tls_and_api_keys_reach_both_commands(chart):
+    docs = manifests(chart, secured())
+    worker = container(one(docs, "StatefulSet"))["command"]
+    router = container(one(docs, "Deployment"))["command"]
+    assert flag(worker, "--tls-cert") == "/etc/tramontane/tls/worker.pem"
+    assert flag(worker, "--tls-key") == "/etc/tramontane/tls/worker-key.pem"
+    assert flag(worker, "--tls-ca") == "/etc/tramontane/tls/ca.pem"
+    assert flag(router, "--tls-cert") == "/etc/tramontane/tls/router.pem"
+    assert flag(router, "--tls-key") == "/etc/tramontane/tls/router-key.pem"
+    assert flag(router, "--tls-ca") == "/etc/tramontane/tls/ca.pem"
+    assert flag(router, "--api-key-file") == "/etc/tramontane/api-key/api-key"
+    assert "--api-key-file" not in worker
+    secret = one(docs, "Secret")
+    assert secret["metadata"]["name"] == f"{FULLNAME}-api-key"
+    assert base64.b64decode(secret["data"]["api-key"]).decode() == "sk-one\nsk-two\n"
+    sources = one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    secrets = {
+        s["secret"]["name"]
+        for v in sources
+        if "projected" in v
+        for s in v["projected"]["sources"]
+        if "secret" in s
+    }
+    assert secrets == {"moe-certs", f"{FULLNAME}-api-key"}
+    # Off by default.
+    plain = manifests(chart)
+    for kind in ("StatefulSet", "Deployment"):
+        command = container(one(plain, kind))["command"]
+        assert not {"--tls-cert", "--tls-key", "--tls-ca", "--api-key-file"} & set(command)
+
+
+def test_gpus_requested_by_default_and_not_in_the_cpu_demo(chart):
+    for values in ({}, mixtral()):
+        docs = manifests(chart, values)
+        for kind in ("StatefulSet", "Deployment"):
+            assert container(one(docs, kind))["resources"]["limits"]["nvidia.com/gpu"] == 1
+    docs = manifests(chart, cpu_demo())
+    for kind in ("StatefulSet", "Deployment"):
+        main = container(one(docs, kind))
+        resources = main["resources"]
+        assert not any("gpu" in name for part in resources.values() for name in part), resources
+        assert flag(main["command"], "--device") == "cpu"
+        assert resources["requests"]["memory"] and resources["requests"]["cpu"] == "500m"
+    worker = container(one(docs, "StatefulSet"))
+    assert flag(worker["command"], "--dtype") == "f32"
+    model = one(docs, "StatefulSet")["spec"]["template"]["spec"]["volumes"][0]
+    assert model == {
+        "name": "model",
+        "hostPath": {"path": "/var/lib/tramontane/tiny", "type": "Directory"},
+    }
+
+
+def test_mixtral_plan_values_size_the_workers(chart):
+    """What the plan sizes (workers, their memory and GPUs, the router's) is
+    what the pods ask for."""
+    plan = mixtral()
+    docs = manifests(chart, plan)
+    workers = one(docs, "StatefulSet")
+    assert workers["spec"]["replicas"] == plan["workers"]["replicas"] == 8
+    for part, workload in (("workers", workers), ("router", one(docs, "Deployment"))):
+        resources = container(workload)["resources"]
+        for kind in ("requests", "limits"):
+            assert plan[part]["resources"][kind].items() <= resources[kind].items()
+    assert flag(container(workers)["command"], "--dtype") == plan["model"]["dtype"]
+
+
+# --- placement -------------------------------------------------------------
+
+
+def placement_of(docs: list[dict]) -> dict:
+    configmap = one(docs, "ConfigMap", f"{FULLNAME}-placement")
+    return json.loads(configmap["data"]["placement.json"])
+
+
+def round_robin(workers: int, layers: int, experts: int) -> dict:
+    return {
+        "workers": workers,
+        "experts": [[[e % workers] for e in range(experts)] for _ in range(layers)],
+    }
+
+
+def test_placement_configmap_is_the_given_placement(chart):
+    values = mixtral()
+    assert placement_of(manifests(chart, values)) == values["placement"]
+    # Expert e on worker e: one expert of every layer per worker.
+    assert all(layer == [[e] for e in range(8)] for layer in values["placement"]["experts"])
+    # Replicas and uneven splits go through as given.
+    skewed = {
+        "workers": {"replicas": 3},
+        "model": {"numLayers": 2, "numExperts": 4},
+        "placement": {"workers": 3, "experts": [[[0, 2], [1], [2], [0]], [[0], [1], [2], [0, 1]]]},
+    }
+    assert placement_of(manifests(chart, skewed)) == skewed["placement"]
+
+
+@pytest.mark.parametrize(
+    ("workers", "layers", "experts"), [(2, 32, 8), (3, 32, 8), (2, 2, 8), (5, 3, 4), (1, 1, 1)]
+)
+def test_placement_default_is_expert_e_on_worker_e_mod_n(chart, workers, layers, experts):
+    values = {
+        "workers": {"replicas": workers},
+        "model": {"numLayers": layers, "numExperts": experts},
+    }
+    docs = manifests(chart, values)
+    assert placement_of(docs) == round_robin(workers, layers, experts)
+    assert (
+        len(flag(container(one(docs, "Deployment"))["command"], "--workers").split(",")) == workers
+    )
+
+
+def test_cpu_demo_placement_is_the_tiny_presets(chart):
+    assert placement_of(manifests(chart, cpu_demo())) == round_robin(2, 2, 8)
+
+
+def test_a_placement_change_rolls_the_pods(chart):
+    def checksums(values):
+        docs = manifests(chart, values)
+        return {
+            kind: one(docs, kind)["spec"]["template"]["metadata"]["annotations"][
+                "checksum/placement"
+            ]
+            for kind in ("StatefulSet", "Deployment")
+        }
+
+    before, after = checksums({}), checksums({"model": {"numLayers": 31}})
+    assert before["StatefulSet"] == before["Deployment"]
+    assert before != after
+
+
+# --- refusals --------------------------------------------------------------
+
+BAD_VALUES = {
+    "dtype f16": ({"model": {"dtype": "f16"}}, "/model/dtype"),
+    "zero workers": ({"workers": {"replicas": 0}}, "/workers/replicas"),
+    "port 0": ({"workers": {"port": 0}}, "/workers/port"),
+    "port 70000": ({"router": {"ports": {"http": 70000}}}, "/router/ports/http"),
+    "port as text": ({"router": {"ports": {"grpc": "50051"}}}, "/router/ports/grpc"),
+    "volume type": ({"model": {"volume": {"type": "nfs"}}}, "/model/volume/type"),
+    "relative model path": ({"model": {"path": "models/mixtral"}}, "/model/path"),
+    "device gpu": ({"workers": {"device": "gpu"}}, "/workers/device"),
+    "unknown value": ({"workers": {"replica": 3}}, "replica"),
+    "unknown top-level value": ({"routers": {}}, "routers"),
+    "service type": ({"router": {"service": {"type": "Ingress"}}}, "/router/service/type"),
+    "replicas as text": ({"workers": {"replicas": "8"}}, "/workers/replicas"),
+    "placement without experts": ({"placement": {"workers": 2}}, "experts"),
+    "placement worker negative": (
+        {"placement": {"workers": 2, "experts": [[[-1]]]}},
+        "/placement/experts/0/0/0",
+    ),
+    "placement with the wrong worker count": (
+        {"placement": {"workers": 4, "experts": round_robin(4, 32, 8)["experts"]}},
+        "placement.workers is 4 but workers.replicas is 2",
+    ),
+    "placement of another shape": (
+        {"placement": round_robin(2, 2, 8)},
+        "placement.experts has 2 layers but model.numLayers is 32",
+    ),
+    "placement with too few experts": (
+        {"placement": round_robin(2, 32, 4)},
+        "placement.experts[0] has 4 experts but model.numExperts is 8",
+    ),
+    "placement naming a missing worker": (
+        {"placement": {"workers": 2, "experts": [[[0], [2]] + [[1]] * 6] * 32}},
+        "placement.experts[0][1] names worker 2",
+    ),
+    "api key without a key": ({"apiKey": {"enabled": True}}, "apiKey.enabled needs apiKey.value"),
+    "tls without a secret": ({"tls": {"enabled": True}}, "tls.enabled needs tls.existingSecret"),
+    "image volume without a reference": (
+        {"model": {"volume": {"type": "image"}}},
+        "model.volume.type image needs model.volume.image.reference",
+    ),
+    "pvc without a claim": (
+        {"model": {"volume": {"claimName": ""}}},
+        "model.volume.type pvc needs",
+    ),
+    "one port twice": ({"router": {"ports": {"metrics": 8000}}}, "must differ"),
+    "interval": (
+        {"metrics": {"podMonitor": {"interval": "often"}}},
+        "/metrics/podMonitor/interval",
+    ),
+    "pdb percentage": (
+        {"podDisruptionBudget": {"maxUnavailable": "half"}},
+        "/podDisruptionBudget/maxUnavailable",
+    ),
+}
+
+
+@pytest.mark.parametrize(("values", "message"), BAD_VALUES.values(), ids=BAD_VALUES.keys())
+def test_bad_values_are_refused_naming_the_value(chart, values, message):
+    with pytest.raises(HelmError) as refused:
+        render(chart, values)
+    assert message in str(refused.value), str(refused.value)
+
+
+def test_cpu_demo_replica_override_without_placement_still_renders(chart):
+    # `--set workers.replicas=4` on the demo: the default placement follows.
+    values = cpu_demo()
+    values["workers"]["replicas"] = 4
+    assert placement_of(manifests(chart, values)) == round_robin(4, 2, 8)
+
+
+# --- the rest of the manifests ----------------------------------------------
+
+
+def test_network_policy_admits_the_router_and_the_scrapers_only(chart):
+    for values in ({}, secured()):
+        docs = manifests(chart, values)
+        policy = one(docs, "NetworkPolicy")
+        workers = one(docs, "StatefulSet")
+        router = one(docs, "Deployment")
+        selected = policy["spec"]["podSelector"]["matchLabels"]
+        assert selected.items() <= workers["spec"]["template"]["metadata"]["labels"].items()
+        assert not selected.items() <= router["spec"]["template"]["metadata"]["labels"].items()
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        (rule,) = policy["spec"]["ingress"]
+        assert rule["ports"] == [
+            {"port": container(workers)["ports"][0]["containerPort"], "protocol": "TCP"}
+        ]
+        first, *scrapers = rule["from"]
+        assert (
+            first["podSelector"]["matchLabels"].items()
+            <= router["spec"]["template"]["metadata"]["labels"].items()
+        )
+        assert scrapers == merged(chart, values)["networkPolicy"]["metricsFrom"]
+
+
+def test_pod_disruption_budget_covers_the_workers(chart):
+    docs = manifests(chart, {"podDisruptionBudget": {"maxUnavailable": "25%"}})
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == "25%"
+    labels = one(docs, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert one(manifests(chart), "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_prometheus_operator_monitors(chart, tls):
+    values = secured()
+    values["tls"]["enabled"] = tls
+    docs = manifests(chart, values)
+    service_monitor = one(docs, "ServiceMonitor")
+    pod_monitor = one(docs, "PodMonitor")
+    for monitor in (service_monitor, pod_monitor):
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        assert monitor["metadata"]["labels"]["release"] == "prom"
+        assert set(monitor["spec"]) <= {"selector", "endpoints", "podMetricsEndpoints"}
+
+    metrics = one(docs, "Service", f"{FULLNAME}-metrics")
+    selector = service_monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= metrics["metadata"]["labels"].items()
+    # Only the metrics Service: not the API's, not the workers'.
+    for other in (one(docs, "Service", FULLNAME), one(docs, "Service", WORKERS)):
+        assert not selector.items() <= other["metadata"]["labels"].items()
+    (endpoint,) = service_monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in metrics["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics" and endpoint["interval"] == "15s"
+    assert endpoint["scheme"] == ("https" if tls else "http")
+
+    workers = one(docs, "StatefulSet")
+    assert (
+        pod_monitor["spec"]["selector"]["matchLabels"].items()
+        <= workers["spec"]["template"]["metadata"]["labels"].items()
+    )
+    (endpoint,) = pod_monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == container(workers)["ports"][0]["name"]
+    assert endpoint["path"] == "/metrics" and endpoint["enableHttp2"] is False
+    assert endpoint["scheme"] == ("https" if tls else "http")
+    if tls:
+        config = endpoint["tlsConfig"]
+        assert config["ca"]["secret"] == {"name": "moe-certs", "key": "ca.pem"}
+        assert config["cert"]["secret"] == {"name": "moe-certs", "key": "router.pem"}
+        assert config["keySecret"] == {"name": "moe-certs", "key": "router-key.pem"}
+        assert config["serverName"].endswith(f".{WORKERS}.{NAMESPACE}.svc.cluster.local")
+    else:
+        assert "tlsConfig" not in endpoint
+
+
+def test_dashboard_copy_equals_the_original():
+    original = REPO / "deploy/grafana/dashboards/tramontane.json"
+    shipped = CHART / "dashboards/tramontane.json"
+    assert shipped.read_bytes() == original.read_bytes(), (
+        f"{shipped} differs from {original}: cp {original} {shipped}"
+    )
+
+
+def test_dashboard_configmap_carries_the_dashboard_and_the_sidecar_label(chart):
+    dashboard = one(manifests(chart), "ConfigMap", f"{FULLNAME}-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert (
+        dashboard["data"]["tramontane.json"] == (CHART / "dashboards/tramontane.json").read_text()
+    )
+    json.loads(dashboard["data"]["tramontane.json"])
+
+
+def test_selectors_are_stable_labels_only(chart):
+    # A selector is immutable: no version or chart label in it.
+    for kind in ("StatefulSet", "Deployment"):
+        workload = one(manifests(chart), kind)
+        selector = workload["spec"]["selector"]["matchLabels"]
+        assert set(selector) == {
+            "app.kubernetes.io/name",
+            "app.kubernetes.io/instance",
+            "app.kubernetes.io/component",
+        }
+        assert selector.items() <= workload["spec"]["template"]["metadata"]["labels"].items()
+
+
+@pytest.mark.parametrize(
+    ("release", "fullname"),
+    [
+        ("tramontane", "tramontane"),
+        ("tramontane-prod", "tramontane-prod"),
+        (
+            "a-release-name-of-fifty-three-characters-at-the-most",
+            "a-release-name-of-fifty-three-characters",
+        ),
+    ],
+)
+def test_names_fit_kubernetes_limits(chart, release, fullname):
+    docs = manifests(chart, {}, name=release)
+    workers = one(docs, "StatefulSet")
+    assert workers["metadata"]["name"] == f"{fullname}-workers"
+    for doc in docs:
+        assert len(doc["metadata"]["name"]) <= 63
+    # The pod name, and the StatefulSet's controller-revision-hash label
+    # (name, dash, 10 characters), stay within a DNS label.
+    assert len(workers["metadata"]["name"]) + 11 <= 63
+    command = container(one(docs, "Deployment"))["command"]
+    host = flag(command, "--workers").split(",")[0].split(":")[0]
+    assert host.startswith(f"{fullname}-workers-0.{fullname}-workers.")
+    assert all(len(label) <= 63 for label in host.split("."))
+
+
+def test_notes_say_where_to_send_requests(chart):
+    notes = render(chart, secured())["tramontane/templates/NOTES.txt"]
+    assert f"service/{FULLNAME} 8000" in notes
+    assert f"--node worker=*.{WORKERS}.{NAMESPACE}.svc.cluster.local" in notes
+    assert "Authorization: Bearer" in notes
+
+
+# --- the binary takes every flag -------------------------------------------
+
+
+def binary() -> Path:
+    path = Path(os.environ.get("TRAMONTANE_BIN", REPO / "target/release/tramontane"))
+    if not path.exists():
+        pytest.skip(f"{path} not built (TRAMONTANE_BIN)")
+    return path
+
+
+def help_flags(subcommand: str) -> set[str]:
+    done = subprocess.run(
+        [binary(), subcommand, "--help"], capture_output=True, text=True, check=True, timeout=60
+    )
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", done.stdout))
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_every_flag_the_chart_passes_is_one_the_binary_takes(chart, values):
+    docs = manifests(chart, values())
+    for kind, subcommand in (("StatefulSet", "worker"), ("Deployment", "router")):
+        command = container(one(docs, kind))["command"]
+        assert command[:2] == ["tramontane", subcommand]
+        passed = {arg.split("=", 1)[0] for arg in command[2:] if arg.startswith("--")}
+        accepted = help_flags(subcommand)
+        assert passed, command
+        assert passed <= accepted, (
+            f"`tramontane {subcommand}` does not take {sorted(passed - accepted)}"
+        )

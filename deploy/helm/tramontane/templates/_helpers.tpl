@@ -1,0 +1,209 @@
+{{/*
+Names, labels, and what several templates share: the worker addresses the
+router dials, the placement file, the cross-field checks.
+*/}}
+
+{{/* The chart's name, cut like the fullname. */}}
+{{- define "tramontane.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+RELEASE-tramontane, or the release name when it already holds the chart's
+name. 40 characters at most: "-workers" and a pod index or the StatefulSet's
+revision hash must still fit the 63 of a label value or DNS label.
+*/}}
+{{- define "tramontane.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "tramontane.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The StatefulSet of the workers, and its headless Service. */}}
+{{- define "tramontane.workersName" -}}
+{{- printf "%s-workers" (include "tramontane.fullname" .) -}}
+{{- end -}}
+
+{{/* Selector labels; call with (dict "ctx" $ "component" "router"). */}}
+{{- define "tramontane.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "tramontane.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* Standard labels; call with (dict "ctx" $ "component" "router"). */}}
+{{- define "tramontane.labels" -}}
+{{ include "tramontane.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+helm.sh/chart: {{ include "tramontane.chart" .ctx }}
+{{- end -}}
+
+{{- define "tramontane.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* The pod spec's imagePullSecrets (names or {name: ...}); empty without any. */}}
+{{- define "tramontane.imagePullSecrets" -}}
+{{- with .Values.image.pullSecrets -}}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ if kindIs "string" . }}{{ . }}{{ else }}{{ .name }}{{ end }}
+{{- end }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The workers' stable addresses, in index order, comma-separated:
+<fullname>-workers-<i>.<fullname>-workers.<namespace>.svc.<domain>:<port>.
+*/}}
+{{- define "tramontane.workerAddresses" -}}
+{{- $workers := include "tramontane.workersName" . -}}
+{{- $addresses := list -}}
+{{- range $i := until (int .Values.workers.replicas) -}}
+{{- $addresses = append $addresses (printf "%s-%d.%s.%s.svc.%s:%d" $workers $i $workers $.Release.Namespace $.Values.clusterDomain (int $.Values.workers.port)) -}}
+{{- end -}}
+{{- join "," $addresses -}}
+{{- end -}}
+
+{{/*
+The placement file: `placement` as given, else expert e of every layer on
+worker e mod workers.replicas.
+*/}}
+{{- define "tramontane.placement" -}}
+{{- if .Values.placement -}}
+{{- toJson .Values.placement -}}
+{{- else -}}
+{{- $workers := int .Values.workers.replicas -}}
+{{- $layers := list -}}
+{{- range $layer := until (int .Values.model.numLayers) -}}
+{{- $experts := list -}}
+{{- range $expert := until (int $.Values.model.numExperts) -}}
+{{- $experts = append $experts (list (mod $expert $workers)) -}}
+{{- end -}}
+{{- $layers = append $layers $experts -}}
+{{- end -}}
+{{- toJson (dict "workers" $workers "experts" $layers) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+What the schema cannot say: checks across values, each failing with the
+value to change.
+*/}}
+{{- define "tramontane.validate" -}}
+{{- $replicas := int .Values.workers.replicas -}}
+{{- with .Values.placement -}}
+{{- if ne (int .workers) $replicas -}}
+{{- fail (printf "placement.workers is %d but workers.replicas is %d: the placement must be for the workers the chart runs" (int .workers) $replicas) -}}
+{{- end -}}
+{{- if ne (len .experts) (int $.Values.model.numLayers) -}}
+{{- fail (printf "placement.experts has %d layers but model.numLayers is %d" (len .experts) (int $.Values.model.numLayers)) -}}
+{{- end -}}
+{{- range $layer, $experts := .experts -}}
+{{- if ne (len $experts) (int $.Values.model.numExperts) -}}
+{{- fail (printf "placement.experts[%d] has %d experts but model.numExperts is %d" $layer (len $experts) (int $.Values.model.numExperts)) -}}
+{{- end -}}
+{{- range $expert, $holders := $experts -}}
+{{- range $holders -}}
+{{- if ge (int .) $replicas -}}
+{{- fail (printf "placement.experts[%d][%d] names worker %d, but there are workers 0 to %d (workers.replicas)" $layer $expert (int .) (sub $replicas 1)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.apiKey.enabled (not .Values.apiKey.existingSecret) (not .Values.apiKey.value) -}}
+{{- fail "apiKey.enabled needs apiKey.value (the chart makes the Secret) or apiKey.existingSecret" -}}
+{{- end -}}
+{{- if and .Values.tls.enabled (not .Values.tls.existingSecret) -}}
+{{- fail "tls.enabled needs tls.existingSecret: a Secret with ca.pem, router.pem, router-key.pem, worker.pem and worker-key.pem (see `tramontane certs`)" -}}
+{{- end -}}
+{{- $volume := .Values.model.volume -}}
+{{- if and (eq $volume.type "pvc") (not $volume.claimName) -}}
+{{- fail "model.volume.type pvc needs model.volume.claimName" -}}
+{{- end -}}
+{{- if and (eq $volume.type "hostPath") (not $volume.hostPath) -}}
+{{- fail "model.volume.type hostPath needs model.volume.hostPath" -}}
+{{- end -}}
+{{- if and (eq $volume.type "image") (not $volume.image.reference) -}}
+{{- fail "model.volume.type image needs model.volume.image.reference" -}}
+{{- end -}}
+{{- $ports := .Values.router.ports -}}
+{{- if or (eq (int $ports.grpc) (int $ports.http)) (eq (int $ports.grpc) (int $ports.metrics)) (eq (int $ports.http) (int $ports.metrics)) -}}
+{{- fail (printf "router.ports grpc (%d), http (%d) and metrics (%d) must differ" (int $ports.grpc) (int $ports.http) (int $ports.metrics)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The model volume, read-only in every pod. */}}
+{{- define "tramontane.modelVolume" -}}
+- name: model
+{{- $volume := .Values.model.volume }}
+{{- if eq $volume.type "pvc" }}
+  persistentVolumeClaim:
+    claimName: {{ $volume.claimName }}
+    readOnly: true
+{{- else if eq $volume.type "hostPath" }}
+  hostPath:
+    path: {{ $volume.hostPath }}
+    type: Directory
+{{- else }}
+  image:
+    reference: {{ $volume.image.reference }}
+    pullPolicy: {{ $volume.image.pullPolicy }}
+{{- end }}
+{{- end -}}
+
+{{/*
+/etc/tramontane: placement.json, and the TLS files (tls/) and API keys
+(api-key/) when used, as one projected volume: a Secret mounted inside a
+ConfigMap's read-only mount would need a mount point made in it.
+Call with (dict "ctx" $ "tls" (list "ca.pem" ...) "apiKey" true).
+*/}}
+{{- define "tramontane.configVolume" -}}
+{{- $ctx := .ctx -}}
+- name: config
+  projected:
+    sources:
+      - configMap:
+          name: {{ include "tramontane.fullname" $ctx }}-placement
+          items:
+            - key: placement.json
+              path: placement.json
+{{- if $ctx.Values.tls.enabled }}
+      - secret:
+          name: {{ $ctx.Values.tls.existingSecret }}
+          items:
+{{- range .tls }}
+            - key: {{ . }}
+              path: tls/{{ . }}
+{{- end }}
+{{- end }}
+{{- if and .apiKey $ctx.Values.apiKey.enabled }}
+      - secret:
+          name: {{ include "tramontane.apiKeySecret" $ctx }}
+          items:
+            - key: {{ $ctx.Values.apiKey.key }}
+              path: api-key/{{ $ctx.Values.apiKey.key }}
+{{- end }}
+{{- end -}}
+
+{{- define "tramontane.apiKeySecret" -}}
+{{- default (printf "%s-api-key" (include "tramontane.fullname" .)) .Values.apiKey.existingSecret -}}
+{{- end -}}
+
+{{/* A startup probe's failureThreshold for a budget in seconds, probing every 10 s. */}}
+{{- define "tramontane.startupFailures" -}}
+{{- max 1 (div (add (int .) 9) 10) -}}
+{{- end -}}
