@@ -12,7 +12,7 @@ use crate::engine::{EngineHandle, Event, FinishReason, GenerateJob, QueueSlots};
 use crate::failure::GenerationError;
 use crate::readiness::Readiness;
 use crate::sampling::{InvalidParam, SamplingParams, TokenLogprob};
-use crate::text::{IncrementalDecoder, StopStrings, check_stops};
+use crate::text::{IncrementalDecoder, StopList, StopStrings};
 
 /// A request in model terms: token ids and limits.
 #[derive(Debug, Clone)]
@@ -21,9 +21,9 @@ pub struct GenerationRequest {
     /// None: up to the end of the context.
     pub max_tokens: Option<usize>,
     pub sampling: SamplingParams,
-    /// Stop strings, matched on the generated text: one copy for all the
-    /// request's prompts.
-    pub stop: Arc<[String]>,
+    /// Stop strings, matched on the generated text: one checked copy for
+    /// all the request's prompts.
+    pub stop: StopList,
     pub ignore_eos: bool,
     /// What the client asked for (`text_completion`, `chat`, `generate`):
     /// the trace's `gen_ai.operation.name`.
@@ -109,7 +109,6 @@ impl Generator {
         request: GenerationRequest,
         slots: &mut QueueSlots,
     ) -> Result<CompletionStream, GenerationError> {
-        check_stops(&request.stop)?;
         let prompt = request.prompt;
         if prompt.is_empty() {
             return Err(InvalidParam::new("prompt", "the prompt is empty").into());

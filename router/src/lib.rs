@@ -549,7 +549,7 @@ mod tests {
                 temperature: 0.0,
                 ..SamplingParams::default()
             },
-            stop: Arc::new([]),
+            stop: crate::text::StopList::default(),
             ignore_eos: true,
             operation: "generate",
         }

@@ -15,7 +15,7 @@ use crate::completion::{GeneratedToken, GenerationRequest, Generator, RETRY_AFTE
 use crate::engine::QueueSlots;
 use crate::failure::{DispatchError, GenerationError};
 use crate::sampling::SamplingParams;
-use crate::text::check_stops;
+use crate::text::StopList;
 
 pub struct GenerationServer {
     generator: Generator,
@@ -35,7 +35,8 @@ impl GenerationServer {
         if request.max_tokens == 0 {
             return Err(Status::invalid_argument("max_tokens: must be at least 1"));
         }
-        check_stops(&request.stop).map_err(|e| Status::from(&GenerationError::from(e)))?;
+        let stop =
+            StopList::new(&request.stop).map_err(|e| Status::from(&GenerationError::from(e)))?;
         let slots = self.generator.reserve(1).map_err(|e| Status::from(&e))?;
         let prompt = match (
             request.prompt.is_empty(),
@@ -67,7 +68,7 @@ impl GenerationServer {
                 seed: request.seed,
                 logprobs: request.logprobs.map(|n| n as usize),
             },
-            stop: request.stop.as_slice().into(),
+            stop,
             ignore_eos: request.ignore_eos,
             operation: "generate",
         };

@@ -66,40 +66,44 @@ pub const MAX_STOP_STRINGS: usize = 4;
 /// Longest stop string, in bytes: the matcher holds back up to this much text.
 pub const MAX_STOP_BYTES: usize = 512;
 
-/// Refuses more stop strings than [`MAX_STOP_STRINGS`], an empty one, or one
-/// longer than [`MAX_STOP_BYTES`]: checked once per request, before its
-/// prompts are tokenized.
-pub fn check_stops(stops: &[String]) -> Result<(), InvalidParam> {
-    if stops.len() > MAX_STOP_STRINGS {
-        return Err(InvalidParam::new(
-            "stop",
-            format!(
-                "at most {MAX_STOP_STRINGS} stop strings (got {})",
-                stops.len()
-            ),
-        ));
-    }
-    for stop in stops {
-        if stop.is_empty() {
-            return Err(InvalidParam::new("stop", "a stop string is empty"));
-        }
-        if stop.len() > MAX_STOP_BYTES {
+/// A request's stop strings, checked: at most [`MAX_STOP_STRINGS`], none
+/// empty, none longer than [`MAX_STOP_BYTES`]. Made once per request, before
+/// its prompts are tokenized; its one copy is shared by all its prompts.
+#[derive(Debug, Clone, Default)]
+pub struct StopList(Arc<[String]>);
+
+impl StopList {
+    pub fn new(stops: &[String]) -> Result<Self, InvalidParam> {
+        if stops.len() > MAX_STOP_STRINGS {
             return Err(InvalidParam::new(
                 "stop",
                 format!(
-                    "a stop string is at most {MAX_STOP_BYTES} bytes (got {})",
-                    stop.len()
+                    "at most {MAX_STOP_STRINGS} stop strings (got {})",
+                    stops.len()
                 ),
             ));
         }
+        for stop in stops {
+            if stop.is_empty() {
+                return Err(InvalidParam::new("stop", "a stop string is empty"));
+            }
+            if stop.len() > MAX_STOP_BYTES {
+                return Err(InvalidParam::new(
+                    "stop",
+                    format!(
+                        "a stop string is at most {MAX_STOP_BYTES} bytes (got {})",
+                        stop.len()
+                    ),
+                ));
+            }
+        }
+        Ok(Self(stops.into()))
     }
-    Ok(())
 }
 
 /// Stop strings over streamed text.
 pub struct StopStrings {
-    /// The request's one copy, shared by its choices.
-    stops: Arc<[String]>,
+    stops: StopList,
     /// Text held back: it might be the start of a stop string.
     held: String,
 }
@@ -114,7 +118,7 @@ pub struct Matched {
 }
 
 impl StopStrings {
-    pub fn new(stops: Arc<[String]>) -> Self {
+    pub fn new(stops: StopList) -> Self {
         Self {
             stops,
             held: String::new(),
@@ -123,16 +127,15 @@ impl StopStrings {
 
     pub fn push(&mut self, piece: &str) -> Matched {
         self.held.push_str(piece);
-        if self.stops.iter().all(String::is_empty) {
+        let stops = &self.stops.0;
+        if stops.is_empty() {
             return Matched {
                 text: std::mem::take(&mut self.held),
                 stopped: false,
             };
         }
-        if let Some(at) = self
-            .stops
+        if let Some(at) = stops
             .iter()
-            .filter(|s| !s.is_empty())
             .filter_map(|s| self.held.find(s.as_str()))
             .min()
         {
@@ -150,9 +153,7 @@ impl StopStrings {
             .map(|(i, _)| i)
             .find(|&i| {
                 let tail = &self.held[i..];
-                self.stops
-                    .iter()
-                    .any(|s| !s.is_empty() && s.starts_with(tail))
+                stops.iter().any(|s| s.starts_with(tail))
             })
             .unwrap_or(self.held.len());
         let held = self.held.split_off(keep);
@@ -176,20 +177,21 @@ mod tests {
     #[test]
     fn stop_strings_over_the_caps_are_refused_naming_the_limit() {
         let stops = |n: usize, len: usize| vec!["x".repeat(len); n];
-        assert!(check_stops(&stops(MAX_STOP_STRINGS, MAX_STOP_BYTES)).is_ok());
-        assert!(check_stops(&[]).is_ok());
-        let many = check_stops(&stops(MAX_STOP_STRINGS + 1, 1)).unwrap_err();
+        assert!(StopList::new(&stops(MAX_STOP_STRINGS, MAX_STOP_BYTES)).is_ok());
+        assert!(StopList::new(&[]).is_ok());
+        let many = StopList::new(&stops(MAX_STOP_STRINGS + 1, 1)).unwrap_err();
         assert_eq!(many.param, "stop");
         assert!(many.message.contains("at most 4"), "{}", many.message);
-        let long = check_stops(&stops(1, MAX_STOP_BYTES + 1)).unwrap_err();
+        let long = StopList::new(&stops(1, MAX_STOP_BYTES + 1)).unwrap_err();
         assert!(long.message.contains("512 bytes"), "{}", long.message);
-        let empty = check_stops(&["a".into(), String::new()]).unwrap_err();
+        let empty = StopList::new(&["a".into(), String::new()]).unwrap_err();
         assert!(empty.message.contains("empty"), "{}", empty.message);
     }
 
     /// Feeds `pieces` and returns the emitted text and whether it stopped.
     fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
-        let mut matcher = StopStrings::new(stops.iter().map(|s| s.to_string()).collect());
+        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+        let mut matcher = StopStrings::new(StopList::new(&stops).unwrap());
         let mut out = String::new();
         for piece in pieces {
             let m = matcher.push(piece);
@@ -288,7 +290,7 @@ mod tests {
             }
             // A stop string made of a multi-byte character is found across tokens.
             if text.contains('🚀') {
-                let mut stops = StopStrings::new(Arc::from(vec!["🚀".to_string()]));
+                let mut stops = StopStrings::new(StopList::new(&["🚀".to_string()]).unwrap());
                 let mut out = String::new();
                 for piece in &pieces {
                     let matched = stops.push(piece);

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::error::ApiError;
 use crate::completion::GenerationRequest;
 use crate::sampling::{MAX_TOP_LOGPROBS, SamplingParams};
-use crate::text::check_stops;
+use crate::text::StopList;
 
 /// `stop`: one string or a list.
 #[derive(Debug, Clone, Deserialize)]
@@ -118,12 +118,12 @@ impl CommonFields {
             Some(Stop::One(s)) => std::slice::from_ref(s),
             Some(Stop::Many(list)) => list,
         };
-        check_stops(stop)?;
+        let stop = StopList::new(stop)?;
         Ok(GenerationRequest {
             prompt: Vec::new(),
             max_tokens,
             sampling,
-            stop: stop.into(),
+            stop,
             ignore_eos: self.ignore_eos,
             operation,
         })
