@@ -207,17 +207,21 @@ pub fn read(path: &Path) -> Result<(Header, Vec<Record>), TraceError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_trace_reads_back_as_written() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("routing.jsonl");
-        let header = Header {
+    fn header() -> Header {
+        Header {
             format: FORMAT.into(),
             model_id: "abc".into(),
             layers: 2,
             experts: 4,
             top_k: 2,
-        };
+        }
+    }
+
+    #[test]
+    fn a_trace_reads_back_as_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("routing.jsonl");
+        let header = header();
         let trace = RoutingTrace::create(&path, &header, u64::MAX).expect("create");
         trace.record(0, 2, &[0, 1, 2, 3]);
         trace.record(1, 2, &[1, 0, 3, 2]);
@@ -251,13 +255,7 @@ mod tests {
     fn a_trace_rotates_by_size_at_step_boundaries_into_two_readable_files() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("routing.jsonl");
-        let header = Header {
-            format: FORMAT.into(),
-            model_id: "abc".into(),
-            layers: 2,
-            experts: 4,
-            top_k: 2,
-        };
+        let header = header();
         let max_bytes = 600;
         let trace = RoutingTrace::create(&path, &header, max_bytes).expect("create");
         let steps = 200;

@@ -645,17 +645,7 @@ mod tests {
             config,
         )
         .unwrap();
-        let mut slots = engine.reserve(prompts.len()).unwrap();
-        let receivers: Vec<_> = prompts
-            .iter()
-            .map(|prompt| {
-                let (events, receiver) = mpsc::unbounded_channel();
-                engine
-                    .submit(&mut slots, greedy_job(prompt, max_tokens, events))
-                    .unwrap();
-                receiver
-            })
-            .collect();
+        let receivers = submit_greedy(&engine, &prompts, max_tokens);
         let got: Vec<Vec<u32>> = receivers.into_iter().map(collect).collect();
         assert_eq!(got, expected);
         assert!(engine.preemptions() > 0, "the pool was never full");
@@ -782,6 +772,25 @@ mod tests {
         }
     }
 
+    /// Queues a greedy job per prompt; their events, in order.
+    fn submit_greedy(
+        engine: &EngineHandle,
+        prompts: &[Vec<u32>],
+        max_tokens: usize,
+    ) -> Vec<mpsc::UnboundedReceiver<Event>> {
+        let mut slots = engine.reserve(prompts.len()).unwrap();
+        prompts
+            .iter()
+            .map(|prompt| {
+                let (events, receiver) = mpsc::unbounded_channel();
+                engine
+                    .submit(&mut slots, greedy_job(prompt, max_tokens, events))
+                    .unwrap();
+                receiver
+            })
+            .collect()
+    }
+
     #[test]
     fn a_lost_expert_fails_only_the_sequences_routed_to_it() {
         let _guard = tch::no_grad_guard();
@@ -859,17 +868,7 @@ mod tests {
                 SchedulerConfig::default(),
             )
             .unwrap();
-            let mut slots = engine.reserve(prompts.len()).unwrap();
-            let receivers: Vec<_> = prompts
-                .iter()
-                .map(|prompt| {
-                    let (events, receiver) = mpsc::unbounded_channel();
-                    engine
-                        .submit(&mut slots, greedy_job(prompt, max_tokens, events))
-                        .unwrap();
-                    receiver
-                })
-                .collect();
+            let receivers = submit_greedy(&engine, &prompts, max_tokens);
             for (i, receiver) in receivers.into_iter().enumerate() {
                 let (tokens, failure) = outcome(receiver);
                 if lost[i] {

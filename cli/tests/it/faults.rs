@@ -13,6 +13,13 @@ use crate::support;
 
 const PROMPT: &str = "The wind from the north crosses the mountains and";
 
+/// A placement file in `dir`.
+fn write_placement(dir: &Path, placement: serde_json::Value) -> Result<std::path::PathBuf> {
+    let path = dir.join("placement.json");
+    std::fs::write(&path, placement.to_string())?;
+    Ok(path)
+}
+
 fn model_dir(dir: &Path) -> Result<String> {
     let model = dir.join("model");
     support::gen_model(&model, &["--preset", "tiny", "--seed", "21"])?;
@@ -37,10 +44,9 @@ fn the_router_refuses_an_incomplete_placement_naming_what_is_missing() -> Result
     // A placement file leaving an expert on no worker.
     let mut experts = vec![vec![vec![0usize]; 8]; 2];
     experts[1][7] = vec![];
-    let path = dir.path().join("placement.json");
-    std::fs::write(
-        &path,
-        serde_json::json!({"workers": 2, "experts": experts}).to_string(),
+    let path = write_placement(
+        dir.path(),
+        serde_json::json!({"workers": 2, "experts": experts}),
     )?;
     let stderr = support::router_refuses(
         Path::new(&model),
@@ -72,10 +78,9 @@ fn a_killed_worker_fails_over_to_its_replica_with_identical_tokens() -> Result<(
     let (_, expected) = support::expected_greedy(Path::new(&model), PROMPT, 120)?;
     let mut w0 = support::worker(Path::new(&model), "all", "127.0.0.1:0")?;
     let w1 = support::worker(Path::new(&model), "all", "127.0.0.1:0")?;
-    let placement = dir.path().join("placement.json");
-    std::fs::write(
-        &placement,
-        serde_json::json!({"workers": 2, "experts": vec![vec![vec![0, 1]; 8]; 2]}).to_string(),
+    let placement = write_placement(
+        dir.path(),
+        serde_json::json!({"workers": 2, "experts": vec![vec![vec![0, 1]; 8]; 2]}),
     )?;
     let router = support::router(
         Path::new(&model),
@@ -182,10 +187,9 @@ fn a_stopped_worker_is_ejected_after_one_deadline_and_taken_back_when_it_continu
     let (_, expected) = support::expected_greedy(Path::new(&model), PROMPT, 8)?;
     let w0 = support::worker(Path::new(&model), "all", "127.0.0.1:0")?;
     let w1 = support::worker(Path::new(&model), "all", "127.0.0.1:0")?;
-    let placement = dir.path().join("placement.json");
-    std::fs::write(
-        &placement,
-        serde_json::json!({"workers": 2, "experts": vec![vec![vec![0, 1]; 8]; 2]}).to_string(),
+    let placement = write_placement(
+        dir.path(),
+        serde_json::json!({"workers": 2, "experts": vec![vec![vec![0, 1]; 8]; 2]}),
     )?;
     let workers = support::addrs([&w0, &w1]);
     let router = support::spawn_serving(&[
@@ -368,10 +372,9 @@ fn an_expert_lost_without_a_replica_fails_only_the_requests_routed_to_it() -> Re
     let w1_addr = w1.addr.clone();
     let mut experts = vec![vec![vec![0usize]; config.num_local_experts]; config.num_hidden_layers];
     experts[layer][expert] = vec![1];
-    let placement = dir.path().join("placement.json");
-    std::fs::write(
-        &placement,
-        serde_json::json!({"workers": 2, "experts": experts}).to_string(),
+    let placement = write_placement(
+        dir.path(),
+        serde_json::json!({"workers": 2, "experts": experts}),
     )?;
     // Two micro-batches: the rows a failure names are counted in the step.
     let router = support::router(

@@ -26,6 +26,24 @@ fn children_of(pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// `tramontane generate --json` of 12 tokens of "Hello world" from `from`
+/// (`--server ADDR` or `--model DIR`).
+fn generate_json(from: &[&str]) -> Result<serde_json::Value> {
+    let output = support::run_ok(
+        support::tramontane()
+            .args([
+                "generate",
+                "--json",
+                "--max-tokens",
+                "12",
+                "--prompt",
+                "Hello world",
+            ])
+            .args(from),
+    )?;
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|stat| !stat.contains(") Z "))
@@ -69,28 +87,8 @@ fn serve_starts_workers_and_router_and_stops_them_all() -> Result<()> {
     );
 
     // Through the served cluster, the same tokens as in process.
-    let remote = support::run_ok(support::tramontane().args([
-        "generate",
-        "--json",
-        "--max-tokens",
-        "12",
-        "--prompt",
-        "Hello world",
-        "--server",
-        &serve.addr,
-    ]))?;
-    let local = support::run_ok(support::tramontane().args([
-        "generate",
-        "--json",
-        "--max-tokens",
-        "12",
-        "--prompt",
-        "Hello world",
-        "--model",
-        model,
-    ]))?;
-    let remote: serde_json::Value = serde_json::from_slice(&remote.stdout)?;
-    let local: serde_json::Value = serde_json::from_slice(&local.stdout)?;
+    let remote = generate_json(&["--server", &serve.addr])?;
+    let local = generate_json(&["--model", model])?;
     ensure!(
         remote["token_ids"] == local["token_ids"] && remote["text"] == local["text"],
         "{remote} vs {local}"
@@ -131,17 +129,7 @@ fn serve_starts_workers_and_router_and_stops_them_all() -> Result<()> {
         ) == Some(1.0),
         "{metrics}"
     );
-    let again = support::run_ok(support::tramontane().args([
-        "generate",
-        "--json",
-        "--max-tokens",
-        "12",
-        "--prompt",
-        "Hello world",
-        "--server",
-        &serve.addr,
-    ]))?;
-    let again: serde_json::Value = serde_json::from_slice(&again.stdout)?;
+    let again = generate_json(&["--server", &serve.addr])?;
     ensure!(
         again["token_ids"] == local["token_ids"],
         "{again} vs {local}"
