@@ -144,6 +144,10 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             let (held, described) =
                 worker_share(&placement, args.tuning.placement.as_deref(), worker)?;
             let device = &args.devices[worker % args.devices.len()];
+            let tls_args = match &certs {
+                Some(certs) => worker_tls_args(certs, worker)?,
+                None => Vec::new(),
+            };
             let command = WorkerCommand {
                 exe: exe.clone(),
                 model: model.clone(),
@@ -156,14 +160,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
                     .map(String::from)
                     .chain(args.telemetry.to_args())
                     .map(Into::into)
-                    .chain(
-                        certs
-                            .as_ref()
-                            .map(|c| worker_tls_args(c, worker))
-                            .transpose()?
-                            .into_iter()
-                            .flatten(),
-                    )
+                    .chain(tls_args)
                     .collect(),
             };
             let process = spawn_worker(&command)

@@ -48,7 +48,7 @@ impl ApiKeys {
                 if !key.bytes().all(|b| b.is_ascii_graphic()) {
                     return Err(ApiKeyError::NotPrintable);
                 }
-                Ok(digest(key))
+                Ok(digest(key.as_bytes()))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
@@ -85,7 +85,7 @@ impl ApiKeys {
         let Some(key) = authorization.and_then(bearer) else {
             return false;
         };
-        let presented = digest_bytes(key);
+        let presented = digest(key);
         // Every digest is compared, whichever matches.
         let matched = self
             .digests
@@ -104,11 +104,7 @@ fn bearer(value: &[u8]) -> Option<&[u8]> {
         .filter(|t| !t.is_empty())
 }
 
-fn digest(key: &str) -> [u8; 32] {
-    digest_bytes(key.as_bytes())
-}
-
-fn digest_bytes(key: &[u8]) -> [u8; 32] {
+fn digest(key: &[u8]) -> [u8; 32] {
     Sha256::digest(key).into()
 }
 

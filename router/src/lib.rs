@@ -397,8 +397,7 @@ pub async fn serve(
     result?;
     match ending.await {
         Ok(false) => Ok(()),
-        Ok(true) => Err(ServeError::EngineStopped),
-        Err(_) => Err(ServeError::EngineStopped),
+        _ => Err(ServeError::EngineStopped),
     }
 }
 
