@@ -421,6 +421,26 @@ mod tests {
         (dir, model)
     }
 
+    /// The dense part of the checkpoint in `dir` over its experts (loaded in
+    /// `kind`), seen through `wrap`.
+    fn dense_over<E: Experts + 'static>(
+        dir: &std::path::Path,
+        config: &MixtralConfig,
+        kind: Kind,
+        wrap: impl FnOnce(LocalExperts) -> E,
+    ) -> Mixtral {
+        let checkpoint = Checkpoint::open(dir).unwrap();
+        let local =
+            LocalExperts::load(&checkpoint, config, &|_, _| true, kind, Device::Cpu).unwrap();
+        Mixtral::load_dense(
+            &checkpoint,
+            config.clone(),
+            LoadOptions::default(),
+            Box::new(wrap(local)),
+        )
+        .unwrap()
+    }
+
     fn tokens(n: usize) -> Vec<u32> {
         (0..n as u32).map(|p| 3 + (p * 37) % 250).collect()
     }
@@ -494,18 +514,7 @@ mod tests {
     fn a_failed_step_gives_back_its_blocks_and_changes_no_cache() {
         let _guard = tch::no_grad_guard();
         let (dir, model) = tiny();
-        let checkpoint = Checkpoint::open(dir.path()).unwrap();
-        let config = model.config().clone();
-        let experts =
-            LocalExperts::load(&checkpoint, &config, &|_, _| true, Kind::Float, Device::Cpu)
-                .unwrap();
-        let failing = Mixtral::load_dense(
-            &checkpoint,
-            config,
-            LoadOptions::default(),
-            Box::new(FailingExperts(experts)),
-        )
-        .unwrap();
+        let failing = dense_over(dir.path(), model.config(), Kind::Float, FailingExperts);
         let all = tokens(21);
         let kv = model.kv_pool(64);
         let mut cache = kv.new_cache();
@@ -593,7 +602,6 @@ mod tests {
     fn micro_batches_interleave_to_the_same_logits_in_batch_order() {
         let _guard = tch::no_grad_guard();
         let (dir, model) = tiny();
-        let checkpoint = Checkpoint::open(dir.path()).unwrap();
         let config = model.config().clone();
         let all = tokens(40);
         // A decoding sequence (its prompt cached), then two prompts.
@@ -625,21 +633,10 @@ mod tests {
         for which in [Logits::LastPosition, Logits::AllPositions] {
             let reference = run(&model, which);
             for groups in [2, 3, 5] {
-                let local = LocalExperts::load(
-                    &checkpoint,
-                    &config,
-                    &|_, _| true,
-                    Kind::Float,
-                    Device::Cpu,
-                )
-                .unwrap();
-                let split = Mixtral::load_dense(
-                    &checkpoint,
-                    config.clone(),
-                    LoadOptions::default(),
-                    Box::new(SplitExperts { local, groups }),
-                )
-                .unwrap();
+                let split = dense_over(dir.path(), &config, Kind::Float, |local| SplitExperts {
+                    local,
+                    groups,
+                });
                 let logits = run(&split, which);
                 assert_eq!(logits.size(), reference.size(), "{groups} groups");
                 let diff = (&logits - &reference).abs().max().double_value(&[]);
@@ -686,22 +683,15 @@ mod tests {
     fn an_experts_error_counts_its_rows_from_its_micro_batchs_first_row() {
         let _guard = tch::no_grad_guard();
         let (dir, model) = tiny();
-        let checkpoint = Checkpoint::open(dir.path()).unwrap();
         let config = model.config().clone();
         let all = tokens(30);
         // Sequences of 1, 9 and 20 tokens: micro-batches of rows 0..10 and 10..30.
         assert_eq!(micro_batches(&[1, 9, 20], 2), vec![0..2, 2..3]);
         for (rows, first_row) in [(10, 0), (20, 10)] {
-            let local =
-                LocalExperts::load(&checkpoint, &config, &|_, _| true, Kind::Float, Device::Cpu)
-                    .unwrap();
-            let failing = Mixtral::load_dense(
-                &checkpoint,
-                config.clone(),
-                LoadOptions::default(),
-                Box::new(FailingGroup { local, rows }),
-            )
-            .unwrap();
+            let failing = dense_over(dir.path(), &config, Kind::Float, |local| FailingGroup {
+                local,
+                rows,
+            });
             let kv = failing.kv_pool(128);
             let (mut a, mut b, mut c) = (kv.new_cache(), kv.new_cache(), kv.new_cache());
             let err = failing
@@ -787,26 +777,11 @@ mod tests {
     fn a_libtorch_error_in_a_step_is_an_err_not_a_panic() {
         let _guard = tch::no_grad_guard();
         let (dir, model) = tiny();
-        let checkpoint = Checkpoint::open(dir.path()).unwrap();
         let config = model.config().clone();
         // f64 experts under an f32 model pass every Rust-side check (the
         // kernels turn them down on their kind); libtorch's matmul refuses
         // the mixed dtypes. So does its index_copy_ for a KV pool in f64.
-        let experts = LocalExperts::load(
-            &checkpoint,
-            &config,
-            &|_, _| true,
-            Kind::Double,
-            Device::Cpu,
-        )
-        .unwrap();
-        let f64_experts = Mixtral::load_dense(
-            &checkpoint,
-            config.clone(),
-            LoadOptions::default(),
-            Box::new(experts),
-        )
-        .unwrap();
+        let f64_experts = dense_over(dir.path(), &config, Kind::Double, |local| local);
         let f64_pool = KvPool::new(&config, 64, Kind::Double, Device::Cpu);
         let all = tokens(10);
         for (name, model, kv) in [
