@@ -54,6 +54,15 @@ pub trait Kernel: sealed::Sealed {
     /// the dot products do).
     #[doc(hidden)]
     fn swiglu(gate: f32, up: f32) -> f32;
+    /// `out[i] = swiglu(gate[i], up[i])` for a whole row, 16 lanes at a
+    /// time, rounded as [`Kernel::swiglu`] rounds (exp to within an ulp or
+    /// two of libm's, as libtorch's vectorised silu is).
+    ///
+    /// # Safety
+    /// The CPU has the instructions; `up` is as long as `gate` and `out`
+    /// has room for `gate.len()` elements.
+    #[doc(hidden)]
+    unsafe fn swiglu_row(gate: &[f32], up: &[f32], out: *mut Self::Elem);
 }
 
 impl Kernel for Bf16 {
@@ -80,6 +89,9 @@ impl Kernel for Bf16 {
         let (gate, up) = (round(gate), round(up));
         round(round(gate / (1.0 + (-gate).exp())) * up)
     }
+    unsafe fn swiglu_row(gate: &[f32], up: &[f32], out: *mut u16) {
+        unsafe { swiglu_row_bf16(gate, up, out) }
+    }
 }
 
 impl Kernel for F32 {
@@ -103,6 +115,9 @@ impl Kernel for F32 {
     fn swiglu(gate: f32, up: f32) -> f32 {
         gate / (1.0 + (-gate).exp()) * up
     }
+    unsafe fn swiglu_row(gate: &[f32], up: &[f32], out: *mut f32) {
+        unsafe { swiglu_row_f32(gate, up, out) }
+    }
 }
 
 /// Round to nearest even, as torch converts f32 to bfloat16; NaN stays NaN.
@@ -117,6 +132,16 @@ pub(crate) fn bf16_from_f32(value: f32) -> u16 {
 
 pub(crate) fn f32_from_bf16(bits: u16) -> f32 {
     f32::from_bits(u32::from(bits) << 16)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn swiglu_row_bf16(_: &[f32], _: &[f32], _: *mut u16) {
+    unreachable!("supported() is false off x86-64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn swiglu_row_f32(_: &[f32], _: &[f32], _: *mut f32) {
+    unreachable!("supported() is false off x86-64")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -141,91 +166,255 @@ unsafe fn dot_f32<const MB: usize, const NB: usize>(
     unreachable!("supported() is false off x86-64")
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn dot_bf16<const MB: usize, const NB: usize>(
-    x: *const u16,
-    ldx: usize,
-    w: [*const u16; NB],
-    ahead: [*const u16; NB],
-    k: usize,
-) -> [[f32; NB]; MB] {
-    const LANES: usize = 32;
-    let mut acc = [[_mm512_setzero_ps(); NB]; MB];
-    let mut wv = [_mm512_setzero_si512(); NB];
-    let mut at = 0;
-    while at < k {
-        // All lanes but past the end of a row: masked loads read nothing there.
-        let mask: __mmask32 = if at + LANES <= k {
-            !0
-        } else {
-            (1u32 << (k - at)) - 1
-        };
-        for n in 0..NB {
-            // SAFETY: `w[n]` holds k elements and `mask` covers only those.
-            wv[n] = unsafe { _mm512_maskz_loadu_epi16(mask, w[n].add(at).cast()) };
-            // A hint only: never faults, even past the end.
-            _mm_prefetch::<_MM_HINT_T0>(ahead[n].wrapping_add(at).cast());
-        }
-        for m in 0..MB {
-            // SAFETY: row m of x holds k elements.
-            let xv = unsafe { _mm512_maskz_loadu_epi16(mask, x.add(m * ldx + at).cast()) };
-            // SAFETY: the same 512 bits, read as 32 bfloat16.
-            let xv: __m512bh = unsafe { std::mem::transmute::<__m512i, __m512bh>(xv) };
-            for n in 0..NB {
-                let wn = unsafe { std::mem::transmute::<__m512i, __m512bh>(wv[n]) };
-                acc[m][n] = _mm512_dpbf16_ps(acc[m][n], xv, wn);
+/// The dot-product kernel of one element type: `MB × NB` accumulators,
+/// whole steps of `$lanes` elements with plain loads (which the multiply-adds
+/// can take straight from memory, holding no register per row of x), then
+/// the row's end under a mask that reads nothing past it.
+macro_rules! dot_kernel {
+    (
+        $(#[$attr:meta])* fn $name:ident($elem:ty, $vec:ty, $lanes:literal, $mask:ty);
+        load: $load:expr, load_masked: $masked:expr, madd: $madd:expr
+    ) => {
+        $(#[$attr])*
+        #[cfg(target_arch = "x86_64")]
+        unsafe fn $name<const MB: usize, const NB: usize>(
+            x: *const $elem,
+            ldx: usize,
+            w: [*const $elem; NB],
+            ahead: [*const $elem; NB],
+            k: usize,
+        ) -> [[f32; NB]; MB] {
+            let mut acc = [[_mm512_setzero_ps(); NB]; MB];
+            let full = k - k % $lanes;
+            let mut at = 0;
+            while at < full {
+                // SAFETY: `w[n]` and each row of x hold k ≥ at + lanes elements.
+                let wv: [$vec; NB] = std::array::from_fn(|n| unsafe { $load(w[n].add(at)) });
+                for n in 0..NB {
+                    // A hint only: never faults, even past the end.
+                    _mm_prefetch::<_MM_HINT_T1>(ahead[n].wrapping_add(at).cast());
+                }
+                for m in 0..MB {
+                    let xv = unsafe { $load(x.add(m * ldx + at)) };
+                    for n in 0..NB {
+                        acc[m][n] = $madd(acc[m][n], xv, wv[n]);
+                    }
+                }
+                at += $lanes;
             }
+            if at < k {
+                let mask = ((1u64 << (k - at)) - 1) as $mask;
+                // SAFETY: `mask` covers only the k - at elements left.
+                let wv: [$vec; NB] = std::array::from_fn(|n| unsafe { $masked(mask, w[n].add(at)) });
+                for m in 0..MB {
+                    let xv = unsafe { $masked(mask, x.add(m * ldx + at)) };
+                    for n in 0..NB {
+                        acc[m][n] = $madd(acc[m][n], xv, wv[n]);
+                    }
+                }
+            }
+            let mut out = [[0.0; NB]; MB];
+            for m in 0..MB {
+                for n in 0..NB {
+                    out[m][n] = _mm512_reduce_add_ps(acc[m][n]);
+                }
+            }
+            out
         }
-        at += LANES;
+    };
+}
+
+dot_kernel! {
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    fn dot_bf16(u16, __m512bh, 32, __mmask32);
+    // Called in the kernel's unsafe blocks; the transmutes read the same
+    // 512 bits as 32 bfloat16.
+    load: |p: *const u16| std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p.cast())),
+    load_masked: |mask, p: *const u16| {
+        std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(mask, p.cast()))
+    },
+    madd: |acc, x, w| _mm512_dpbf16_ps(acc, x, w)
+}
+
+dot_kernel! {
+    #[target_feature(enable = "avx512f,fma")]
+    fn dot_f32(f32, __m512, 16, __mmask16);
+    load: |p: *const f32| _mm512_loadu_ps(p),
+    load_masked: |mask, p: *const f32| _mm512_maskz_loadu_ps(mask, p),
+    madd: |acc, x, w| _mm512_fmadd_ps(x, w, acc)
+}
+
+/// `e^x` in 16 lanes: `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`, Cephes' degree-6
+/// polynomial for `e^r` (about 1 ulp), scaled by `2^n`; overflows to +inf
+/// and underflows to 0 as libm's `expf` does.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn exp_ps(x: __m512) -> __m512 {
+    // Past these e^x is inf or 0 in f32; clamping keeps n finite.
+    let x = _mm512_min_ps(
+        _mm512_max_ps(x, _mm512_set1_ps(-104.0)),
+        _mm512_set1_ps(89.0),
+    );
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+    );
+    // ln 2 in two parts, so that n·ln 2 is exact enough.
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm512_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
     }
-    let mut out = [[0.0; NB]; MB];
-    for m in 0..MB {
-        for n in 0..NB {
-            out[m][n] = _mm512_reduce_add_ps(acc[m][n]);
-        }
-    }
-    out
+    let p = _mm512_fmadd_ps(
+        p,
+        _mm512_mul_ps(r, r),
+        _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+    );
+    _mm512_scalef_ps(p, n)
+}
+
+/// `silu(x) = x / (1 + e^-x)`, as libtorch computes it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn silu_ps(x: __m512) -> __m512 {
+    let one = _mm512_set1_ps(1.0);
+    _mm512_div_ps(
+        x,
+        _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))),
+    )
+}
+
+/// Each lane rounded to bfloat16 as [`bf16_from_f32`] rounds (to nearest
+/// even; NaN stays NaN), as the bits of the bfloat16 in its low half.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn bf16_bits_ps(v: __m512) -> __m512i {
+    let bits = _mm512_castps_si512(v);
+    let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+    let rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    let rounded = _mm512_srli_epi32::<16>(rounded);
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+    _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0))
+}
+
+/// Each lane rounded to bfloat16 and back to f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn round_bf16_ps(v: __m512) -> __m512 {
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bf16_bits_ps(v)))
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn dot_f32<const MB: usize, const NB: usize>(
-    x: *const f32,
-    ldx: usize,
-    w: [*const f32; NB],
-    ahead: [*const f32; NB],
-    k: usize,
-) -> [[f32; NB]; MB] {
-    const LANES: usize = 16;
-    let mut acc = [[_mm512_setzero_ps(); NB]; MB];
-    let mut wv = [_mm512_setzero_ps(); NB];
-    let mut at = 0;
-    while at < k {
-        let mask: __mmask16 = if at + LANES <= k {
-            !0
-        } else {
-            ((1u32 << (k - at)) - 1) as __mmask16
-        };
-        for n in 0..NB {
-            // SAFETY: `w[n]` holds k elements and `mask` covers only those.
-            wv[n] = unsafe { _mm512_maskz_loadu_ps(mask, w[n].add(at)) };
-            _mm_prefetch::<_MM_HINT_T0>(ahead[n].wrapping_add(at).cast());
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn swiglu_row_bf16(gate: &[f32], up: &[f32], out: *mut u16) {
+    for at in (0..gate.len()).step_by(16) {
+        let mask: __mmask16 = (u32::MAX >> (32 - (gate.len() - at).min(16))) as __mmask16;
+        // SAFETY: `mask` covers only the elements left in gate, up and out.
+        unsafe {
+            let g = round_bf16_ps(_mm512_maskz_loadu_ps(mask, gate.as_ptr().add(at)));
+            let u = round_bf16_ps(_mm512_maskz_loadu_ps(mask, up.as_ptr().add(at)));
+            let h = bf16_bits_ps(_mm512_mul_ps(round_bf16_ps(silu_ps(g)), u));
+            _mm256_mask_storeu_epi16(out.add(at).cast(), mask, _mm512_cvtepi32_epi16(h));
         }
-        for m in 0..MB {
-            // SAFETY: row m of x holds k elements.
-            let xv = unsafe { _mm512_maskz_loadu_ps(mask, x.add(m * ldx + at)) };
-            for n in 0..NB {
-                acc[m][n] = _mm512_fmadd_ps(xv, wv[n], acc[m][n]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn swiglu_row_f32(gate: &[f32], up: &[f32], out: *mut f32) {
+    for at in (0..gate.len()).step_by(16) {
+        let mask: __mmask16 = (u32::MAX >> (32 - (gate.len() - at).min(16))) as __mmask16;
+        // SAFETY: `mask` covers only the elements left in gate, up and out.
+        unsafe {
+            let g = _mm512_maskz_loadu_ps(mask, gate.as_ptr().add(at));
+            let u = _mm512_maskz_loadu_ps(mask, up.as_ptr().add(at));
+            _mm512_mask_storeu_ps(out.add(at), mask, _mm512_mul_ps(silu_ps(g), u));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The vectorised SwiGLU against the scalar one it stands for.
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::{Element, supported};
+
+    fn bf16_value(bits: u16) -> f32 {
+        f32_from_bf16(bits)
+    }
+
+    proptest! {
+        #[test]
+        fn swiglu_row_rounds_as_the_scalar_swiglu(
+            pairs in proptest::collection::vec((-120.0f32..120.0, -8.0f32..8.0), 1..70),
+        ) {
+            if !supported(Element::Bf16) {
+                return Ok(()); // no AVX-512 here: nothing runs these kernels
+            }
+            let (gate, up): (Vec<f32>, Vec<f32>) = pairs.into_iter().unzip();
+            let mut ours = vec![0u16; gate.len() + 1];
+            // SAFETY: supported; `ours` has room (one more, which must stay untouched).
+            unsafe { Bf16::swiglu_row(&gate, &up, ours.as_mut_ptr()) };
+            prop_assert_eq!(ours[gate.len()], 0, "wrote past the row");
+            for (i, (&g, &u)) in gate.iter().zip(&up).enumerate() {
+                let want = Bf16::swiglu(g, u);
+                let got = bf16_value(ours[i]);
+                // exp within an ulp or two of libm's: at most one bf16 step apart.
+                let step = want.abs() / 128.0 + f32::MIN_POSITIVE;
+                prop_assert!((got - want).abs() <= step, "bf16 {i}: swiglu({g}, {u}) = {got}, scalar {want}");
+            }
+            let mut ours = vec![0f32; gate.len() + 1];
+            unsafe { F32::swiglu_row(&gate, &up, ours.as_mut_ptr()) };
+            prop_assert_eq!(ours[gate.len()], 0.0, "wrote past the row");
+            for (i, (&g, &u)) in gate.iter().zip(&up).enumerate() {
+                let want = F32::swiglu(g, u);
+                prop_assert!((ours[i] - want).abs() <= 4.0 * f32::EPSILON * want.abs() + 1e-30, "f32 {i}: swiglu({g}, {u}) = {}, scalar {want}", ours[i]);
             }
         }
-        at += LANES;
     }
-    let mut out = [[0.0; NB]; MB];
-    for m in 0..MB {
-        for n in 0..NB {
-            out[m][n] = _mm512_reduce_add_ps(acc[m][n]);
+
+    #[test]
+    fn exp_follows_libm_to_its_limits() {
+        if !supported(Element::F32) {
+            return;
         }
+        let xs: Vec<f32> = (-1100..=1000)
+            .map(|i| i as f32 * 0.1 + 0.013)
+            .chain([
+                0.0,
+                -0.0,
+                88.7,
+                89.5,
+                -103.0,
+                -110.0,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+            ])
+            .collect();
+        for chunk in xs.chunks(16) {
+            let mut lanes = [0.0f32; 16];
+            lanes[..chunk.len()].copy_from_slice(chunk);
+            let mut out = [0.0f32; 16];
+            // SAFETY: supported; 16 lanes in and out.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), exp_ps(_mm512_loadu_ps(lanes.as_ptr()))) };
+            for (&x, &got) in chunk.iter().zip(&out) {
+                let want = x.exp();
+                let close = (got - want).abs() <= 2.0 * f32::EPSILON * want
+                    || want < f32::MIN_POSITIVE && got < f32::MIN_POSITIVE;
+                assert!(close || got == want, "exp({x}) = {got}, libm {want}");
+            }
+        }
+        let mut nan = [f32::NAN; 16];
+        unsafe { _mm512_storeu_ps(nan.as_mut_ptr(), silu_ps(_mm512_loadu_ps(nan.as_ptr()))) };
+        assert!(nan.iter().all(|v| v.is_nan()), "silu(NaN) stays NaN");
     }
-    out
 }

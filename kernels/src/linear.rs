@@ -57,6 +57,22 @@ pub fn supported(element: Element) -> bool {
     }
 }
 
+/// Calls `run::<K, WR, MR>(args)` with the block for `rows` rows of x: `WR`
+/// weight rows against `MR` rows of x per pass, in `WR × MR ≤ 16`
+/// accumulators (with more, the compiler spills some to the stack inside
+/// the loop). One pass takes up to 8 rows, so the weights stream from memory
+/// while the dot products run; each later pass reads them from cache.
+macro_rules! blocked {
+    ($rows:expr, $run:ident::<$k:ty>($($arg:expr),*)) => {
+        match $rows {
+            1 => $run::<$k, 8, 1>($($arg),*),
+            2 => $run::<$k, 8, 2>($($arg),*),
+            3..=4 => $run::<$k, 4, 4>($($arg),*),
+            _ => $run::<$k, 2, 8>($($arg),*),
+        }
+    };
+}
+
 /// `out = x · wᵀ`.
 pub fn linear<K: Kernel>(
     team: &dyn Parallel,
@@ -66,11 +82,7 @@ pub fn linear<K: Kernel>(
     out: &mut [K::Elem],
 ) -> Result<(), ShapeError> {
     check(K::ELEMENT, shape, x.len(), &[w.len()], out.len())?;
-    if shape.rows <= NARROW_ROWS {
-        run_linear::<K, 8, 2>(team, x, w, shape, out);
-    } else {
-        run_linear::<K, 4, 4>(team, x, w, shape, out);
-    }
+    blocked!(shape.rows, run_linear::<K>(team, x, w, shape, out));
     Ok(())
 }
 
@@ -85,11 +97,7 @@ pub fn gate_up<K: Kernel>(
     out: &mut [K::Elem],
 ) -> Result<(), ShapeError> {
     check(K::ELEMENT, shape, x.len(), &[w1.len(), w3.len()], out.len())?;
-    if shape.rows <= NARROW_ROWS {
-        run_gate_up::<K, 8, 2>(team, x, w1, w3, shape, out);
-    } else {
-        run_gate_up::<K, 4, 4>(team, x, w1, w3, shape, out);
-    }
+    blocked!(shape.rows, run_gate_up::<K>(team, x, w1, w3, shape, out));
     Ok(())
 }
 
@@ -123,15 +131,6 @@ fn check(
     Ok(())
 }
 
-/// A block computes `WR` output rows (rows of W) for `MR` rows of x at a
-/// time, in `WR × MR` accumulators, passing over the block's weight rows
-/// once per `MR` rows of x. One row of x (decode at batch 1, an expert with
-/// one token): 8 × 2, so that each thread streams 8 weight rows at once
-/// (measured on the `bench` model's expert shapes, 2 threads: 27 → 30 GB/s;
-/// at 2 rows no difference; with 8 rows of x that shape fell from 18 to 15
-/// GB/s). More rows: 4 × 4.
-const NARROW_ROWS: usize = 1;
-
 /// The output buffer, written by every thread at disjoint indexes.
 struct Output<T>(*mut T);
 // SAFETY: threads write disjoint elements (their own output columns) and the
@@ -145,9 +144,12 @@ impl<T> Output<T> {
     }
 }
 
-/// How far ahead of its loads a weight row is prefetched while it is read
-/// from memory (the first pass over it), in bytes.
-const PREFETCH_BYTES: usize = 2048;
+/// How far ahead of its loads a weight row is prefetched into L2 while it is
+/// read from memory (the first pass over it), in bytes. Measured on the
+/// `bench` model's expert shapes, 8 experts streamed from memory, 2 threads,
+/// bf16: into L1 2 KiB ahead (before) 23–26 GB/s at 1–2 rows of x and 18 at
+/// 8; into L2 8 KiB ahead 29–32 and 26 (4 and 16 KiB: within noise of 8).
+const PREFETCH_BYTES: usize = 8192;
 
 /// Weight bytes a thread takes at a time: enough to keep the prefetcher
 /// streaming, small enough that the threads finish together (the `bench`
@@ -193,15 +195,19 @@ unsafe fn dots<K: Kernel, const NB: usize, const MR: usize>(
                 each(m + offset, *values);
             }
         };
-        // SAFETY: the caller's bounds; each arm reads at most the rows left
-        // (MR is 2 or 4: the last arm is 4 rows).
-        unsafe {
-            match (rows - m).min(MR) {
-                1 => emit(&K::dot::<1, NB>(at, inner, w, ahead, inner)),
-                2 => emit(&K::dot::<2, NB>(at, inner, w, ahead, inner)),
-                3 => emit(&K::dot::<3, NB>(at, inner, w, ahead, inner)),
-                _ => emit(&K::dot::<4, NB>(at, inner, w, ahead, inner)),
-            }
+        macro_rules! passes {
+            ($($rows:literal)*) => {
+                match (rows - m).min(MR) {
+                    // SAFETY: the caller's bounds; each arm reads the rows left.
+                    $($rows => emit(&unsafe { K::dot::<$rows, NB>(at, inner, w, ahead, inner) }),)*
+                    _ => unreachable!("MR is at most 8"),
+                }
+            };
+        }
+        if MR <= 4 {
+            passes!(1 2 3 4)
+        } else {
+            passes!(1 2 3 4 5 6 7 8)
         }
         m += MR;
     }
@@ -270,15 +276,22 @@ fn run_gate_up<K: Kernel, const WR: usize, const MR: usize>(
     // Each block reads `pairs` rows of w1 and the same rows of w3.
     let pairs = WR / 2;
     let out = Output(out.as_mut_ptr());
+    let out = &out;
     // Row pointers; past the end only as prefetch addresses.
     let gate = |j: usize| w1.as_ptr().wrapping_add(j * inner);
     let up = |j: usize| w3.as_ptr().wrapping_add(j * inner);
     let blocks = outputs.div_ceil(pairs);
     let chunk = chunk_blocks::<K>(2 * pairs * inner);
     for_each_chunk(team, blocks, chunk, &|chunk| {
+        // This chunk's outputs: their gate and up dot products per row of
+        // x, then the SwiGLU over whole rows (vectorised, not per dot).
+        let columns = chunk.start * pairs..(chunk.end * pairs).min(outputs);
+        let width = columns.len();
+        let mut gates = vec![0.0f32; rows * width];
+        let mut ups = vec![0.0f32; rows * width];
         for block in chunk {
             let first = block * pairs;
-            let out = &out;
+            let at = first - columns.start;
             if first + pairs <= outputs {
                 let rows_from = |first: usize| {
                     std::array::from_fn(|n| {
@@ -291,24 +304,33 @@ fn run_gate_up<K: Kernel, const WR: usize, const MR: usize>(
                 };
                 let (w, next) = (rows_from(first), rows_from(first + pairs));
                 let each = |m: usize, v: [f32; WR]| {
-                    for j in 0..pairs {
-                        let value = K::from_f32(K::swiglu(v[j], v[j + pairs]));
-                        // SAFETY: this thread's own columns, in bounds.
-                        unsafe { out.write(m * outputs + first + j, value) };
-                    }
+                    gates[m * width + at..][..pairs].copy_from_slice(&v[..pairs]);
+                    ups[m * width + at..][..pairs].copy_from_slice(&v[pairs..]);
                 };
                 // SAFETY: checked lengths; supported() was checked.
                 unsafe { dots::<K, WR, MR>(x, rows, inner, w, next, each) };
             } else {
                 for j in first..outputs {
                     let each = |m: usize, v: [f32; 2]| {
-                        // SAFETY: this thread's own column, in bounds.
-                        unsafe { out.write(m * outputs + j, K::from_f32(K::swiglu(v[0], v[1]))) };
+                        gates[m * width + j - columns.start] = v[0];
+                        ups[m * width + j - columns.start] = v[1];
                     };
                     let next = [gate(j + 1), up(j + 1)];
                     unsafe { dots::<K, 2, MR>(x, rows, inner, [gate(j), up(j)], next, each) };
                 }
             }
+        }
+        for m in 0..rows {
+            let row = m * width..(m + 1) * width;
+            // SAFETY: supported() was checked; this thread's own columns of
+            // row m, in bounds.
+            unsafe {
+                K::swiglu_row(
+                    &gates[row.clone()],
+                    &ups[row],
+                    out.0.add(m * outputs + columns.start),
+                )
+            };
         }
     });
 }
