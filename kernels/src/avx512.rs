@@ -311,7 +311,7 @@ fn round_bf16_ps(v: __m512) -> __m512 {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn swiglu_row_bf16(gate: &[f32], up: &[f32], out: *mut u16) {
     for at in (0..gate.len()).step_by(16) {
         let mask: __mmask16 = (u32::MAX >> (32 - (gate.len() - at).min(16))) as __mmask16;

@@ -35,7 +35,7 @@ pub enum ShapeError {
 }
 
 /// Whether this CPU runs the kernels for `element`: AVX-512F and FMA, and
-/// AVX-512 BF16 for bf16.
+/// AVX-512 BW, VL and BF16 for bf16.
 pub fn supported(element: Element) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -46,6 +46,7 @@ pub fn supported(element: Element) -> bool {
             Element::Bf16 => {
                 f32_ok
                     && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
                     && std::arch::is_x86_feature_detected!("avx512bf16")
             }
         }

@@ -138,7 +138,7 @@ mod tests {
     use tch::{Device, Kind, Tensor};
 
     use super::*;
-    use crate::projection::kernel_rows;
+    use crate::projection::KERNEL_ROWS;
 
     #[test]
     fn add_rows_matches_libtorch_in_each_dtype_and_row_count() -> anyhow::Result<()> {
@@ -166,7 +166,7 @@ mod tests {
                     Expert::new(w1.to_kind(kind), w2.to_kind(kind), w3.to_kind(kind))
                 })
                 .collect();
-            for count in [1, 2, 5, kernel_rows(kind), kernel_rows(kind) + 3] {
+            for count in [1, 2, 5, KERNEL_ROWS, KERNEL_ROWS + 3] {
                 let count = count as usize;
                 let rows: Vec<Vec<usize>> = vec![
                     (0..count).map(|i| (i * 7) % tokens as usize).collect(),

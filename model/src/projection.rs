@@ -14,23 +14,20 @@ use tramontane_kernels::{
 
 use crate::openmp::OpenMpTeam;
 
-/// Most rows the kernels take. bf16: at 32 rows the kernels are
-/// compute-bound at about half oneDNN's rate (decode batch 32 on the `bench`
-/// model fell from 251 to 191 tokens/s with 32 here). f32: MKL repacks the
-/// weight on every call up to at least 32 rows, and the kernels stream it once.
-pub(crate) fn kernel_rows(kind: Kind) -> i64 {
-    match kind {
-        Kind::BFloat16 => 16,
-        _ => 32,
-    }
-}
+/// Most rows the kernels take: 32 (a decode step of 32 sequences). bf16:
+/// since the kernels take 8 rows of x per pass over the weights, they match
+/// or beat oneDNN at 32 rows (decode batch 32 on the `bench` model, 3 rounds:
+/// 326 tokens/s with 16 here, 341 with 32; with 4 rows per pass 32 here had
+/// cost a quarter). f32: MKL repacks the weight on every call up to at least
+/// 32 rows, and the kernels stream it once.
+pub(crate) const KERNEL_ROWS: i64 = 32;
 
 /// Whether a decode step's elementwise ops (RMSNorm, rotary) take `rows`
 /// rows of `kind` on `device` in plain Rust instead of libtorch's ops.
 pub(crate) fn small_rows(kind: Kind, device: Device, rows: i64) -> bool {
     device == Device::Cpu
         && matches!(kind, Kind::BFloat16 | Kind::Float)
-        && (1..=kernel_rows(kind)).contains(&rows)
+        && (1..=KERNEL_ROWS).contains(&rows)
         && !kernels_disabled()
 }
 
@@ -67,7 +64,7 @@ fn kernel_team(
     weights: &[&Tensor],
 ) -> Option<(&'static OpenMpTeam, Element)> {
     let fits = device == Device::Cpu
-        && (1..=kernel_rows(kind)).contains(&rows)
+        && (1..=KERNEL_ROWS).contains(&rows)
         && weights.iter().all(|w| weight_fits(w, kind, inner));
     if !fits || kernels_disabled() {
         return None;
@@ -322,7 +319,7 @@ mod tests {
             let w3 =
                 (Tensor::randn([outputs, inner], (Kind::Float, Device::Cpu)) * 0.1).to_kind(kind);
             let f32 = |t: &Tensor| t.to_kind(Kind::Float);
-            for rows in [1, 2, 3, 5, 8, kernel_rows(kind), kernel_rows(kind) + 1] {
+            for rows in [1, 2, 3, 5, 8, KERNEL_ROWS, KERNEL_ROWS + 1] {
                 let xs = Tensor::randn([rows, inner], (Kind::Float, Device::Cpu)).to_kind(kind);
                 let ours = linear(&xs, &w).unwrap();
                 assert_eq!(ours.size(), [rows, outputs]);
@@ -338,7 +335,7 @@ mod tests {
                     * f32(&xs).linear(&f32(&w3), None::<Tensor>);
                 match swiglu(&xs, &w1, &w3).unwrap() {
                     Some(ours) => {
-                        assert!(rows <= kernel_rows(kind), "rows {rows} are libtorch's");
+                        assert!(rows <= KERNEL_ROWS, "rows {rows} are libtorch's");
                         // Rounded as libtorch rounds: each projection, silu, the product.
                         let err = error(&ours, &reference);
                         assert!(
@@ -346,7 +343,7 @@ mod tests {
                             "{kind:?} rows {rows}: swiglu's error {err}"
                         );
                     }
-                    None => assert!(rows > kernel_rows(kind), "rows {rows} are the kernels'"),
+                    None => assert!(rows > KERNEL_ROWS, "rows {rows} are the kernels'"),
                 }
             }
             // Leading dimensions and a non-contiguous input are handled too.
