@@ -1,13 +1,15 @@
-//! One routed expert's share of an MoE layer for a few tokens, in one call:
-//! the expert's rows of `x` gathered, its SwiGLU feed-forward
+//! The routed experts' share of an MoE layer for a few tokens, in one call:
+//! each expert's rows of `x` gathered, its SwiGLU feed-forward
 //! `w2 · (silu(w1 · x) ⊙ (w3 · x))` on the kernels, each output row scaled
-//! by its routing weight and added into the layer's output at its row. It
-//! replaces libtorch's `out.index_add_(0, rows, expert(x.index_select(0,
-//! rows)) * weights)`, and rounds as that does in bf16: the expert's output,
-//! the weight, the scaled row and each sum.
+//! by its routing weight and added into the layer's output at its row, the
+//! experts in the order given. It replaces libtorch's `out.index_add_(0,
+//! rows, expert(x.index_select(0, rows)) * weights)` per expert, and rounds
+//! as that does in bf16: the expert's output, the weight, the scaled row and
+//! each sum. The gate/up projections of every expert run in one parallel
+//! region, then their down projections in another.
 
 use crate::avx512::Kernel;
-use crate::linear::{Shape, ShapeError, gate_up, linear};
+use crate::linear::{Job, Projection, Shape, ShapeError, project};
 use crate::parallel::Parallel;
 
 /// An expert's weights, row-major as the checkpoint stores them: w1 and w3
@@ -28,24 +30,101 @@ pub struct Routed<'a> {
     pub weights: &'a [f32],
 }
 
-/// `out[r] += weight_r · expert(x[r])` for every routed row `r`; `x` and
-/// `out` are `[tokens, hidden]`.
-pub fn add_expert<K: Kernel>(
+/// `out[r] += weight_r · expert(x[r])` for every expert and each of its
+/// routed rows `r`, the experts' sums added in their order; `x` and `out`
+/// are `[tokens, hidden]`.
+pub fn add_experts<K: Kernel>(
     team: &dyn Parallel,
     x: &[K::Elem],
-    expert: ExpertWeights<'_, K::Elem>,
-    routed: Routed<'_>,
+    experts: &[(ExpertWeights<'_, K::Elem>, Routed<'_>)],
     out: &mut [K::Elem],
 ) -> Result<(), ShapeError> {
+    for &(expert, routed) in experts {
+        check(x.len(), out.len(), expert, routed)?;
+    }
+    let zero = K::from_f32(0.0);
+    let mut gathered = Vec::with_capacity(experts.len());
+    let mut projected = Vec::with_capacity(experts.len());
+    let mut expert_out = Vec::with_capacity(experts.len());
+    for &(expert, routed) in experts {
+        let (n, hidden) = (routed.rows.len(), expert.hidden);
+        let mut rows = Vec::with_capacity(n * hidden);
+        for &row in routed.rows {
+            rows.extend_from_slice(&x[row * hidden..(row + 1) * hidden]);
+        }
+        gathered.push(rows);
+        projected.push(vec![zero; n * expert.intermediate]);
+        expert_out.push(vec![zero; n * hidden]);
+    }
+    let mut jobs: Vec<Job<'_, K::Elem>> = experts
+        .iter()
+        .zip(&gathered)
+        .zip(&mut projected)
+        .map(|((&(expert, routed), x), out)| Job {
+            x,
+            projection: Projection::GateUp {
+                w1: expert.w1,
+                w3: expert.w3,
+            },
+            shape: Shape {
+                rows: routed.rows.len(),
+                inner: expert.hidden,
+                outputs: expert.intermediate,
+            },
+            out,
+        })
+        .collect();
+    project::<K>(team, &mut jobs)?;
+    let mut jobs: Vec<Job<'_, K::Elem>> = experts
+        .iter()
+        .zip(&projected)
+        .zip(&mut expert_out)
+        .map(|((&(expert, routed), x), out)| Job {
+            x,
+            projection: Projection::Linear { w: expert.w2 },
+            shape: Shape {
+                rows: routed.rows.len(),
+                inner: expert.intermediate,
+                outputs: expert.hidden,
+            },
+            out,
+        })
+        .collect();
+    project::<K>(team, &mut jobs)?;
+    // Rounded to the element type after each step, as libtorch's ops are.
+    let round = |value: f32| K::to_f32(K::from_f32(value));
+    for (&(expert, routed), values) in experts.iter().zip(&expert_out) {
+        let hidden = expert.hidden;
+        for ((&row, &weight), values) in routed
+            .rows
+            .iter()
+            .zip(routed.weights)
+            .zip(values.chunks_exact(hidden))
+        {
+            let weight = round(weight);
+            for (sum, &value) in out[row * hidden..(row + 1) * hidden].iter_mut().zip(values) {
+                let scaled = round(K::to_f32(value) * weight);
+                *sum = K::from_f32(K::to_f32(*sum) + scaled);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An expert's routed rows are in `x` and its weights fit its sizes.
+fn check<E>(
+    x: usize,
+    out: usize,
+    expert: ExpertWeights<'_, E>,
+    routed: Routed<'_>,
+) -> Result<(), ShapeError> {
     let ExpertWeights {
-        w1,
-        w3,
-        w2,
         hidden,
         intermediate,
+        ..
     } = expert;
     let n = routed.rows.len();
-    let tokens = x.len() / hidden.max(1);
+    let tokens = x / hidden.max(1);
     let gate_shape = Shape {
         rows: n,
         inner: hidden,
@@ -59,9 +138,9 @@ pub fn add_expert<K: Kernel>(
             shape: gate_shape,
         });
     }
-    let tokens_ok = hidden > 0 && x.len() % hidden == 0;
-    for (what, len) in [("x", x.len()), ("the output", out.len())] {
-        if !tokens_ok || len != x.len() {
+    let tokens_ok = hidden > 0 && x.is_multiple_of(hidden);
+    for (what, len) in [("x", x), ("the output", out)] {
+        if !tokens_ok || len != x {
             return Err(ShapeError::Length {
                 what,
                 len,
@@ -73,44 +152,13 @@ pub fn add_expert<K: Kernel>(
     if let Some(&row) = routed.rows.iter().find(|&&row| row >= tokens) {
         return Err(ShapeError::Row { row, tokens });
     }
-    if n == 0 {
-        return Ok(());
-    }
-    let zero = K::from_f32(0.0);
-    let mut gathered = Vec::with_capacity(n * hidden);
-    for &row in routed.rows {
-        gathered.extend_from_slice(&x[row * hidden..(row + 1) * hidden]);
-    }
-    let mut projected = vec![zero; n * intermediate];
-    gate_up::<K>(team, &gathered, w1, w3, gate_shape, &mut projected)?;
-    let down_shape = Shape {
-        rows: n,
-        inner: intermediate,
-        outputs: hidden,
-    };
-    let mut expert_out = vec![zero; n * hidden];
-    linear::<K>(team, &projected, w2, down_shape, &mut expert_out)?;
-    // Rounded to the element type after each step, as libtorch's ops are.
-    let round = |value: f32| K::to_f32(K::from_f32(value));
-    for ((&row, &weight), values) in routed
-        .rows
-        .iter()
-        .zip(routed.weights)
-        .zip(expert_out.chunks_exact(hidden))
-    {
-        let weight = round(weight);
-        for (sum, &value) in out[row * hidden..(row + 1) * hidden].iter_mut().zip(values) {
-            let scaled = round(K::to_f32(value) * weight);
-            *sum = K::from_f32(K::to_f32(*sum) + scaled);
-        }
-    }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    //! `add_expert` against a plain f64 computation of the same expert, and
-    //! its refusals.
+    //! `add_experts` against a plain f64 computation of the same experts,
+    //! the experts of one call against one call each, and its refusals.
 
     use proptest::prelude::*;
 
@@ -126,20 +174,25 @@ mod tests {
             .sum()
     }
 
-    /// `start + Σ weight · expert(x[row])` per element, in f64, with a
-    /// magnitude that bounds every term's rounding: `|start|` plus, per
-    /// routed row, `weight · Σ_j |w2[i][j]| · (|gate_j| + 1) · (|up_j| + 1)`.
+    /// `start` per element with its magnitude, which bounds every term's
+    /// rounding.
+    fn start_of(start: &[f32]) -> Vec<(f64, f64)> {
+        start
+            .iter()
+            .map(|&v| (f64::from(v), f64::from(v).abs()))
+            .collect()
+    }
+
+    /// Adds `Σ weight · expert(x[row])` to `out` per element, in f64, and to
+    /// its magnitude, per routed row, `weight · Σ_j |w2[i][j]| · (|gate_j| +
+    /// 1) · (|up_j| + 1)`.
     fn reference(
         x: &[f32],
         [w1, w3, w2]: [&[f32]; 3],
         (hidden, intermediate): (usize, usize),
         routed: &[(usize, f32)],
-        start: &[f32],
+        mut out: Vec<(f64, f64)>,
     ) -> Vec<(f64, f64)> {
-        let mut out: Vec<(f64, f64)> = start
-            .iter()
-            .map(|&v| (f64::from(v), f64::from(v).abs()))
-            .collect();
         for &(row, weight) in routed {
             let x = &x[row * hidden..(row + 1) * hidden];
             let (h, size): (Vec<f64>, Vec<f64>) = (0..intermediate)
@@ -200,21 +253,37 @@ mod tests {
     }
 
     proptest! {
+        /// Two experts in one call (the second's weights are the first's
+        /// reversed), each with its own rows.
         #[test]
-        fn adds_each_routed_row_of_the_expert((tokens, hidden, intermediate, x, w1, w3, w2, routed, threads) in case()) {
+        fn adds_each_routed_row_of_each_expert(
+            (tokens, hidden, intermediate, x, w1, w3, w2, routed, threads) in case(),
+            second in proptest::collection::vec((0usize..64, 0.0f32..1.0), 0..6),
+        ) {
             if !supported(Element::F32) {
                 return Ok(()); // no AVX-512 here: nothing runs these kernels
             }
             let team = Scoped(threads);
             let start: Vec<f32> = (0..tokens * hidden).map(|i| (i % 7) as f32 * 0.25).collect();
-            let expected = reference(&x, [&w1, &w3, &w2], (hidden, intermediate), &routed, &start);
-            let rows: Vec<usize> = routed.iter().map(|r| r.0).collect();
-            let weights: Vec<f32> = routed.iter().map(|r| r.1).collect();
-            let routed_rows = Routed { rows: &rows, weights: &weights };
+            let second: Vec<(usize, f32)> = second.into_iter().map(|(row, w)| (row % tokens, w)).collect();
+            let reversed = |w: &[f32]| -> Vec<f32> { w.iter().rev().copied().collect() };
+            let (v1, v3, v2) = (reversed(&w1), reversed(&w3), reversed(&w2));
+            let sizes = (hidden, intermediate);
+            let expected = reference(&x, [&w1, &w3, &w2], sizes, &routed, start_of(&start));
+            let expected = reference(&x, [&v1, &v3, &v2], sizes, &second, expected);
+            let split = |routed: &[(usize, f32)]| -> (Vec<usize>, Vec<f32>) { routed.iter().copied().unzip() };
+            let ((rows, weights), (rows2, weights2)) = (split(&routed), split(&second));
+            let routings = [
+                Routed { rows: &rows, weights: &weights },
+                Routed { rows: &rows2, weights: &weights2 },
+            ];
 
             let mut out = start.clone();
-            let expert = ExpertWeights { w1: &w1, w3: &w3, w2: &w2, hidden, intermediate };
-            add_expert::<F32>(&team, &x, expert, routed_rows, &mut out).unwrap();
+            let experts = [
+                (ExpertWeights { w1: &w1, w3: &w3, w2: &w2, hidden, intermediate }, routings[0]),
+                (ExpertWeights { w1: &v1, w3: &v3, w2: &v2, hidden, intermediate }, routings[1]),
+            ];
+            add_experts::<F32>(&team, &x, &experts, &mut out).unwrap();
             for (i, (&ours, &(want, size))) in out.iter().zip(&expected).enumerate() {
                 prop_assert!((f64::from(ours) - want).abs() <= 1e-5 * size + 1e-6, "f32 {i}: {ours} vs {want}");
             }
@@ -224,23 +293,30 @@ mod tests {
             }
             let bf16 = |v: &[f32]| -> Vec<u16> { v.iter().map(|&v| bf16_from_f32(v)).collect() };
             let exact = |v: &[u16]| -> Vec<f32> { v.iter().map(|&b| f32_from_bf16(b)).collect() };
-            let (xb, w1b, w3b, w2b, startb) = (bf16(&x), bf16(&w1), bf16(&w3), bf16(&w2), bf16(&start));
-            let weights_exact = [exact(&w1b), exact(&w3b), exact(&w2b)];
-            let expected = reference(
-                &exact(&xb),
-                [&weights_exact[0], &weights_exact[1], &weights_exact[2]],
-                (hidden, intermediate),
-                &routed,
-                &exact(&startb),
-            );
-            let mut out = startb;
-            let expert = ExpertWeights { w1: &w1b, w3: &w3b, w2: &w2b, hidden, intermediate };
-            add_expert::<Bf16>(&team, &xb, expert, routed_rows, &mut out).unwrap();
+            let (xb, startb) = (bf16(&x), bf16(&start));
+            let first = [bf16(&w1), bf16(&w3), bf16(&w2)];
+            let other = [bf16(&v1), bf16(&v3), bf16(&v2)];
+            let [e1, e3, e2] = [exact(&first[0]), exact(&first[1]), exact(&first[2])];
+            let [f1, f3, f2] = [exact(&other[0]), exact(&other[1]), exact(&other[2])];
+            let expected = reference(&exact(&xb), [&e1, &e3, &e2], sizes, &routed, start_of(&exact(&startb)));
+            let expected = reference(&exact(&xb), [&f1, &f3, &f2], sizes, &second, expected);
+            let experts = [
+                (ExpertWeights { w1: &first[0], w3: &first[1], w2: &first[2], hidden, intermediate }, routings[0]),
+                (ExpertWeights { w1: &other[0], w3: &other[1], w2: &other[2], hidden, intermediate }, routings[1]),
+            ];
+            let mut out = startb.clone();
+            add_experts::<Bf16>(&team, &xb, &experts, &mut out).unwrap();
             // A few bf16 roundings (2⁻⁸ each) of every term: the activations,
             // the expert's output, the weight, the scaled row and each sum.
             for (i, (&ours, &(want, size))) in exact(&out).iter().zip(&expected).enumerate() {
                 prop_assert!((f64::from(ours) - want).abs() <= 8.0 / 256.0 * size + 1e-6, "bf16 {i}: {ours} vs {want}");
             }
+            // One call for both equals one call each, in order, to the bit.
+            let mut each = startb;
+            for expert in &experts {
+                add_experts::<Bf16>(&Serial, &xb, std::slice::from_ref(expert), &mut each).unwrap();
+            }
+            prop_assert_eq!(out, each);
         }
     }
 
@@ -261,13 +337,13 @@ mod tests {
             rows: &[0, 2],
             weights: &[0.5, 0.5],
         };
-        let err = add_expert::<F32>(&Serial, &x, expert, routed, &mut out).unwrap_err();
+        let err = add_experts::<F32>(&Serial, &x, &[(expert, routed)], &mut out).unwrap_err();
         assert_eq!(err, ShapeError::Row { row: 2, tokens: 2 });
         let routed = Routed {
             rows: &[0, 1],
             weights: &[0.5],
         };
-        let err = add_expert::<F32>(&Serial, &x, expert, routed, &mut out).unwrap_err();
+        let err = add_experts::<F32>(&Serial, &x, &[(expert, routed)], &mut out).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -282,7 +358,7 @@ mod tests {
             rows: &[1],
             weights: &[1.0],
         };
-        let err = add_expert::<F32>(&Serial, &x, expert, routed, &mut out[..5]).unwrap_err();
+        let err = add_experts::<F32>(&Serial, &x, &[(expert, routed)], &mut out[..5]).unwrap_err();
         assert!(matches!(err, ShapeError::Length { .. }), "{err}");
     }
 }

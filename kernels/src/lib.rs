@@ -9,14 +9,17 @@
 //! [`Parallel`] take from a shared counter.
 //!
 //! # Layout
-//! - [`parallel`]: the thread team a kernel runs on ([`Parallel`], [`Serial`]).
+//! - [`parallel`]: the thread team a kernel runs on ([`Parallel`], [`Serial`]),
+//!   and the shared counter its threads take work from.
 //! - [`linear()`]: `linear` and the fused SwiGLU gate/up projection
-//!   `gate_up`, each for a [`Kernel`] ([`Bf16`] or [`F32`]); [`supported`]
-//!   says whether this CPU has the instructions they need (AVX-512F, and
-//!   AVX-512 BF16 for bf16).
-//! - [`expert`]: one routed expert's share of an MoE layer in one call
-//!   ([`add_expert`]): its rows gathered, `gate_up` and `linear` by w2, each
-//!   row scaled by its routing weight and added into the layer's output.
+//!   `gate_up`, each for a [`Kernel`] ([`Bf16`] or [`F32`]), and [`project`]:
+//!   several of them in one parallel region; [`supported`] says whether this
+//!   CPU has the instructions they need (AVX-512F, and AVX-512 BW, VL and
+//!   BF16 for bf16).
+//! - `blocks`: a chunk of one projection's output columns, block by block.
+//! - [`expert`]: the routed experts' share of an MoE layer in one call
+//!   ([`add_experts`]): their rows gathered, `gate_up` and `linear` by w2,
+//!   each row scaled by its routing weight and added into the layer's output.
 //! - [`norm`] and [`rotary`]: RMSNorm ([`rms_norm`]) and the rotary
 //!   embedding in place ([`rotate_heads`]) for a decode step's few rows,
 //!   rounded as libtorch's ops round them; plain Rust, any CPU.
@@ -24,6 +27,8 @@
 //!   [`supported`] is false and the crate builds without them).
 
 mod avx512;
+#[macro_use]
+mod blocks;
 pub mod expert;
 pub mod linear;
 pub mod norm;
@@ -31,8 +36,8 @@ pub mod parallel;
 pub mod rotary;
 
 pub use avx512::{Bf16, F32, Kernel};
-pub use expert::{ExpertWeights, Routed, add_expert};
-pub use linear::{Shape, ShapeError, gate_up, linear, supported};
+pub use expert::{ExpertWeights, Routed, add_experts};
+pub use linear::{Job, Projection, Shape, ShapeError, gate_up, linear, project, supported};
 pub use norm::rms_norm;
 pub use parallel::{Parallel, Scoped, Serial};
 pub use rotary::rotate_heads;

@@ -4,12 +4,17 @@
 //! row-major `[outputs, inner]`; `x` is `[rows, inner]`, the output
 //! `[rows, outputs]`, all contiguous. Accumulation is in f32; bf16 outputs
 //! are rounded to nearest even, the SwiGLU's steps each as libtorch does.
+//! Several projections can run in one parallel region ([`project`]): the
+//! team's threads take chunks of any of them from one counter, so a layer's
+//! experts stream back to back instead of each waiting for the slower
+//! thread at its end.
 
 use crate::Element;
 use crate::avx512::Kernel;
+use crate::blocks::{Output, gate_up_columns, linear_columns};
 #[cfg(test)]
 use crate::parallel::Serial;
-use crate::parallel::{Parallel, for_each_chunk};
+use crate::parallel::{Parallel, for_each_unit};
 
 /// Rows of `x`, their length, and the number of outputs per row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,20 +63,29 @@ pub fn supported(element: Element) -> bool {
     }
 }
 
-/// Calls `run::<K, WR, MR>(args)` with the block for `rows` rows of x: `WR`
-/// weight rows against `MR` rows of x per pass, in `WR × MR ≤ 16`
-/// accumulators (with more, the compiler spills some to the stack inside
-/// the loop). One pass takes up to 8 rows, so the weights stream from memory
-/// while the dot products run; each later pass reads them from cache.
-macro_rules! blocked {
-    ($rows:expr, $run:ident::<$k:ty>($($arg:expr),*)) => {
-        match $rows {
-            1 => $run::<$k, 8, 1>($($arg),*),
-            2 => $run::<$k, 8, 2>($($arg),*),
-            3..=4 => $run::<$k, 4, 4>($($arg),*),
-            _ => $run::<$k, 2, 8>($($arg),*),
-        }
-    };
+/// Which weights a [`Job`] projects `x` through.
+pub enum Projection<'a, E> {
+    /// `out = x · wᵀ`.
+    Linear { w: &'a [E] },
+    /// `out = silu(x · w1ᵀ) ⊙ (x · w3ᵀ)`; `shape.outputs` is the
+    /// intermediate size (rows of w1 and of w3).
+    GateUp { w1: &'a [E], w3: &'a [E] },
+}
+
+// Copy without requiring it of `E`: only references are copied.
+impl<E> Clone for Projection<'_, E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<E> Copy for Projection<'_, E> {}
+
+/// One projection of a [`project`] call.
+pub struct Job<'a, E> {
+    pub x: &'a [E],
+    pub projection: Projection<'a, E>,
+    pub shape: Shape,
+    pub out: &'a mut [E],
 }
 
 /// `out = x · wᵀ`.
@@ -82,9 +96,16 @@ pub fn linear<K: Kernel>(
     shape: Shape,
     out: &mut [K::Elem],
 ) -> Result<(), ShapeError> {
-    check(K::ELEMENT, shape, x.len(), &[w.len()], out.len())?;
-    blocked!(shape.rows, run_linear::<K>(team, x, w, shape, out));
-    Ok(())
+    let projection = Projection::Linear { w };
+    project::<K>(
+        team,
+        &mut [Job {
+            x,
+            projection,
+            shape,
+            out,
+        }],
+    )
 }
 
 /// `out = silu(x · w1ᵀ) ⊙ (x · w3ᵀ)`; `shape.outputs` is the intermediate
@@ -97,10 +118,112 @@ pub fn gate_up<K: Kernel>(
     shape: Shape,
     out: &mut [K::Elem],
 ) -> Result<(), ShapeError> {
-    check(K::ELEMENT, shape, x.len(), &[w1.len(), w3.len()], out.len())?;
-    blocked!(shape.rows, run_gate_up::<K>(team, x, w1, w3, shape, out));
+    let projection = Projection::GateUp { w1, w3 };
+    project::<K>(
+        team,
+        &mut [Job {
+            x,
+            projection,
+            shape,
+            out,
+        }],
+    )
+}
+
+/// Runs every job in one parallel region of `team`: the output columns of
+/// each are cut into chunks of about [`CHUNK_BYTES`] of weights, and the
+/// threads take chunks, of whichever job, in order from one shared counter.
+pub fn project<K: Kernel>(
+    team: &dyn Parallel,
+    jobs: &mut [Job<'_, K::Elem>],
+) -> Result<(), ShapeError> {
+    for job in jobs.iter() {
+        let weights: &[usize] = match job.projection {
+            Projection::Linear { w } => &[w.len()],
+            Projection::GateUp { w1, w3 } => &[w1.len(), w3.len()],
+        };
+        check(K::ELEMENT, job.shape, job.x.len(), weights, job.out.len())?;
+    }
+    let jobs: Vec<Chunked<'_, K::Elem>> = jobs
+        .iter_mut()
+        .filter(|job| job.shape.rows > 0 && job.shape.outputs > 0)
+        .map(Chunked::new)
+        .collect();
+    // Where each job's chunks start in the shared numbering.
+    let starts: Vec<usize> = jobs
+        .iter()
+        .scan(0, |next, job| {
+            let start = *next;
+            *next += job.chunks;
+            Some(start)
+        })
+        .collect();
+    let total = jobs.iter().map(|job| job.chunks).sum::<usize>();
+    for_each_unit(team, total, &|chunk| {
+        let index = starts.partition_point(|&start| start <= chunk) - 1;
+        jobs[index].run::<K>(chunk - starts[index]);
+    });
     Ok(())
 }
+
+/// Weight bytes a thread takes at a time: enough to keep the prefetcher
+/// streaming, small enough that the threads finish together (the `bench`
+/// model's expert shapes, 2 threads, 8 rows of x: 64 KiB 17 GB/s, 512 KiB
+/// 21, 4 MiB 19.5; at 1 row 25.5, 27, 27; with the L2 prefetch, 128 KiB to
+/// 1 MiB were within noise of each other).
+pub const CHUNK_BYTES: usize = 512 * 1024;
+
+/// A job cut into chunks of output columns, each a multiple of 8 (every
+/// block's width divides it, so blocks never straddle chunks).
+struct Chunked<'a, E> {
+    x: &'a [E],
+    projection: Projection<'a, E>,
+    shape: Shape,
+    out: Output<E>,
+    columns: usize,
+    chunks: usize,
+}
+
+impl<'a, E> Chunked<'a, E> {
+    fn new(job: &'a mut Job<'_, E>) -> Self {
+        let matrices = match job.projection {
+            Projection::Linear { .. } => 1,
+            Projection::GateUp { .. } => 2,
+        };
+        let column_bytes = matrices * job.shape.inner * std::mem::size_of::<E>();
+        let columns = (CHUNK_BYTES / column_bytes.max(1)).max(8) / 8 * 8;
+        Self {
+            x: job.x,
+            projection: job.projection,
+            shape: job.shape,
+            out: Output(job.out.as_mut_ptr()),
+            columns,
+            chunks: job.shape.outputs.div_ceil(columns),
+        }
+    }
+
+    /// The job's `chunk`-th chunk of columns.
+    fn run<K: Kernel<Elem = E>>(&self, chunk: usize) {
+        let Shape { rows, outputs, .. } = self.shape;
+        let columns = chunk * self.columns..((chunk + 1) * self.columns).min(outputs);
+        let (x, shape, out) = (self.x, self.shape, &self.out);
+        // SAFETY: `project` checked every length and that the kernels are
+        // supported; chunks are disjoint columns of the output.
+        unsafe {
+            match self.projection {
+                Projection::Linear { w } => {
+                    blocked!(rows, linear_columns::<K>(x, w, shape, out, columns))
+                }
+                Projection::GateUp { w1, w3 } => {
+                    blocked!(rows, gate_up_columns::<K>(x, w1, w3, shape, out, columns))
+                }
+            }
+        }
+    }
+}
+
+// SAFETY: the output is written only at disjoint columns (see `Output`).
+unsafe impl<E: Sync> Sync for Chunked<'_, E> {}
 
 fn check(
     element: Element,
@@ -130,210 +253,6 @@ fn check(
         return Err(ShapeError::Unsupported(element));
     }
     Ok(())
-}
-
-/// The output buffer, written by every thread at disjoint indexes.
-struct Output<T>(*mut T);
-// SAFETY: threads write disjoint elements (their own output columns) and the
-// team returns only when all are done.
-unsafe impl<T> Sync for Output<T> {}
-impl<T> Output<T> {
-    /// # Safety
-    /// `index` is in bounds and no other thread writes it.
-    unsafe fn write(&self, index: usize, value: T) {
-        unsafe { self.0.add(index).write(value) }
-    }
-}
-
-/// How far ahead of its loads a weight row is prefetched into L2 while it is
-/// read from memory (the first pass over it), in bytes. Measured on the
-/// `bench` model's expert shapes, 8 experts streamed from memory, 2 threads,
-/// bf16: into L1 2 KiB ahead (before) 23–26 GB/s at 1–2 rows of x and 18 at
-/// 8; into L2 8 KiB ahead 29–32 and 26 (4 and 16 KiB: within noise of 8).
-const PREFETCH_BYTES: usize = 8192;
-
-/// Weight bytes a thread takes at a time: enough to keep the prefetcher
-/// streaming, small enough that the threads finish together (the `bench`
-/// model's expert shapes, 2 threads, 8 rows of x: 64 KiB 17 GB/s, 512 KiB
-/// 21, 4 MiB 19.5; at 1 row 25.5, 27, 27).
-const CHUNK_BYTES: usize = 512 * 1024;
-
-/// Blocks per chunk for blocks of `elements` weight elements.
-fn chunk_blocks<K: Kernel>(elements: usize) -> usize {
-    (CHUNK_BYTES / (elements * std::mem::size_of::<K::Elem>()).max(1)).max(1)
-}
-
-/// Runs `each(m, dots)` for every row `m` of `x`, where `dots[n]` is row m's
-/// dot product with weight row `w[n]`, `MR` rows of x at a time. The
-/// first pass streams the weight rows from memory, prefetching further along
-/// them; later passes find them in cache, and the second prefetches the rows
-/// at `next` (the next block's) so that memory stays busy meanwhile.
-///
-/// # Safety
-/// The kernels are supported; `x` holds `rows × inner` elements and each
-/// `w[n]` `inner`.
-unsafe fn dots<K: Kernel, const NB: usize, const MR: usize>(
-    x: &[K::Elem],
-    rows: usize,
-    inner: usize,
-    w: [*const K::Elem; NB],
-    next: [*const K::Elem; NB],
-    mut each: impl FnMut(usize, [f32; NB]),
-) {
-    let along = PREFETCH_BYTES / std::mem::size_of::<K::Elem>();
-    let mut m = 0;
-    while m < rows {
-        let at = x[m * inner..].as_ptr();
-        let ahead = if m == 0 {
-            w.map(|row| row.wrapping_add(along))
-        } else if m == MR {
-            next
-        } else {
-            w
-        };
-        let mut emit = |block: &[[f32; NB]]| {
-            for (offset, values) in block.iter().enumerate() {
-                each(m + offset, *values);
-            }
-        };
-        macro_rules! passes {
-            ($($rows:literal)*) => {
-                match (rows - m).min(MR) {
-                    // SAFETY: the caller's bounds; each arm reads the rows left.
-                    $($rows => emit(&unsafe { K::dot::<$rows, NB>(at, inner, w, ahead, inner) }),)*
-                    _ => unreachable!("MR is at most 8"),
-                }
-            };
-        }
-        if MR <= 4 {
-            passes!(1 2 3 4)
-        } else {
-            passes!(1 2 3 4 5 6 7 8)
-        }
-        m += MR;
-    }
-}
-
-fn run_linear<K: Kernel, const WR: usize, const MR: usize>(
-    team: &dyn Parallel,
-    x: &[K::Elem],
-    w: &[K::Elem],
-    shape: Shape,
-    out: &mut [K::Elem],
-) {
-    let Shape {
-        rows,
-        inner,
-        outputs,
-    } = shape;
-    let out = Output(out.as_mut_ptr());
-    // Row pointers; past the end only as prefetch addresses.
-    let row = |n: usize| w.as_ptr().wrapping_add(n * inner);
-    let blocks = outputs.div_ceil(WR);
-    let chunk = chunk_blocks::<K>(WR * inner);
-    for_each_chunk(team, blocks, chunk, &|chunk| {
-        for block in chunk {
-            let first = block * WR;
-            let out = &out;
-            let store = |n: usize, m: usize, values: &[f32]| {
-                for (offset, &value) in values.iter().enumerate() {
-                    // SAFETY: this thread's own columns, in bounds.
-                    unsafe { out.write(m * outputs + n + offset, K::from_f32(value)) };
-                }
-            };
-            if first + WR <= outputs {
-                let w = std::array::from_fn(|n| row(first + n));
-                let next = std::array::from_fn(|n| row(first + WR + n));
-                let store = |m, v: [f32; WR]| store(first, m, &v);
-                // SAFETY: checked lengths; supported() was checked.
-                unsafe { dots::<K, WR, MR>(x, rows, inner, w, next, store) };
-            } else {
-                for n in first..outputs {
-                    // SAFETY: as above.
-                    unsafe {
-                        dots::<K, 1, MR>(x, rows, inner, [row(n)], [row(n + 1)], |m, v| {
-                            store(n, m, &v)
-                        })
-                    };
-                }
-            }
-        }
-    });
-}
-
-fn run_gate_up<K: Kernel, const WR: usize, const MR: usize>(
-    team: &dyn Parallel,
-    x: &[K::Elem],
-    w1: &[K::Elem],
-    w3: &[K::Elem],
-    shape: Shape,
-    out: &mut [K::Elem],
-) {
-    let Shape {
-        rows,
-        inner,
-        outputs,
-    } = shape;
-    // Each block reads `pairs` rows of w1 and the same rows of w3.
-    let pairs = WR / 2;
-    let out = Output(out.as_mut_ptr());
-    let out = &out;
-    // Row pointers; past the end only as prefetch addresses.
-    let gate = |j: usize| w1.as_ptr().wrapping_add(j * inner);
-    let up = |j: usize| w3.as_ptr().wrapping_add(j * inner);
-    let blocks = outputs.div_ceil(pairs);
-    let chunk = chunk_blocks::<K>(2 * pairs * inner);
-    for_each_chunk(team, blocks, chunk, &|chunk| {
-        // This chunk's outputs: their gate and up dot products per row of
-        // x, then the SwiGLU over whole rows (vectorised, not per dot).
-        let columns = chunk.start * pairs..(chunk.end * pairs).min(outputs);
-        let width = columns.len();
-        let mut gates = vec![0.0f32; rows * width];
-        let mut ups = vec![0.0f32; rows * width];
-        for block in chunk {
-            let first = block * pairs;
-            let at = first - columns.start;
-            if first + pairs <= outputs {
-                let rows_from = |first: usize| {
-                    std::array::from_fn(|n| {
-                        if n < pairs {
-                            gate(first + n)
-                        } else {
-                            up(first + n - pairs)
-                        }
-                    })
-                };
-                let (w, next) = (rows_from(first), rows_from(first + pairs));
-                let each = |m: usize, v: [f32; WR]| {
-                    gates[m * width + at..][..pairs].copy_from_slice(&v[..pairs]);
-                    ups[m * width + at..][..pairs].copy_from_slice(&v[pairs..]);
-                };
-                // SAFETY: checked lengths; supported() was checked.
-                unsafe { dots::<K, WR, MR>(x, rows, inner, w, next, each) };
-            } else {
-                for j in first..outputs {
-                    let each = |m: usize, v: [f32; 2]| {
-                        gates[m * width + j - columns.start] = v[0];
-                        ups[m * width + j - columns.start] = v[1];
-                    };
-                    let next = [gate(j + 1), up(j + 1)];
-                    unsafe { dots::<K, 2, MR>(x, rows, inner, [gate(j), up(j)], next, each) };
-                }
-            }
-        }
-        for m in 0..rows {
-            let row = m * width..(m + 1) * width;
-            // SAFETY: supported() was checked; this thread's own columns of
-            // row m, in bounds.
-            unsafe {
-                K::swiglu_row(
-                    &gates[row.clone()],
-                    &ups[row],
-                    out.0.add(m * outputs + columns.start),
-                )
-            };
-        }
-    });
 }
 
 #[cfg(test)]
@@ -452,6 +371,81 @@ mod tests {
             let out: Vec<f32> = out.iter().map(|&b| f32_from_bf16(b)).collect();
             // Four roundings: each projection, silu, the product.
             check(&out, &xe, &w1e, &w3e, 4.0 / 256.0)?;
+        }
+    }
+
+    /// Jobs long enough to cut into several chunks each (and a tail),
+    /// run in one region on 3 threads: each equals itself run alone, to
+    /// the bit, and the f64 reference.
+    #[test]
+    fn jobs_in_one_region_match_each_alone() {
+        if !supported(Element::F32) {
+            return; // no AVX-512 here: nothing runs these kernels
+        }
+        let values = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0 - 1.0)
+                .collect()
+        };
+        // 4096 f32 per row: 32 columns per chunk.
+        let shapes = [(3, 4096, 70), (1, 4096, 41), (9, 2048, 130), (2, 4096, 8)];
+        let xs: Vec<Vec<f32>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(r, k, _))| values(r * k, i))
+            .collect();
+        let ws: Vec<Vec<f32>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(_, k, o))| values(o * k, i + 10))
+            .collect();
+        let w3: Vec<f32> = values(shapes[1].2 * shapes[1].1, 99);
+        let shape = |i: usize| Shape {
+            rows: shapes[i].0,
+            inner: shapes[i].1,
+            outputs: shapes[i].2,
+        };
+        let mut together: Vec<Vec<f32>> = shapes
+            .iter()
+            .map(|&(r, _, o)| vec![f32::NAN; r * o])
+            .collect();
+        let mut jobs: Vec<Job<'_, f32>> = together
+            .iter_mut()
+            .enumerate()
+            .map(|(i, out)| {
+                let projection = match i {
+                    1 => Projection::GateUp {
+                        w1: &ws[1],
+                        w3: &w3,
+                    },
+                    _ => Projection::Linear { w: &ws[i] },
+                };
+                Job {
+                    x: &xs[i],
+                    projection,
+                    shape: shape(i),
+                    out,
+                }
+            })
+            .collect();
+        project::<F32>(&Scoped(3), &mut jobs).unwrap();
+        for (i, ours) in together.iter().enumerate() {
+            let mut alone = vec![f32::NAN; ours.len()];
+            match i {
+                1 => gate_up::<F32>(&Serial, &xs[1], &ws[1], &w3, shape(1), &mut alone).unwrap(),
+                _ => linear::<F32>(&Serial, &xs[i], &ws[i], shape(i), &mut alone).unwrap(),
+            }
+            assert_eq!(ours, &alone, "job {i}");
+            if i != 1 {
+                let expected = reference(&xs[i], &ws[i], shape(i));
+                for (j, &value) in ours.iter().enumerate() {
+                    assert!(
+                        close(value, expected[j], 0.0),
+                        "job {i} output {j}: {value} vs {:?}",
+                        expected[j]
+                    );
+                }
+            }
         }
     }
 

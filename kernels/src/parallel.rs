@@ -45,31 +45,24 @@ impl Parallel for Scoped {
     }
 }
 
-/// Runs `body` over `0..units` on every thread of `team`, in chunks of
-/// `chunk` units taken in order from a shared counter: a thread that is
-/// faster, or was not descheduled, takes more chunks instead of waiting at
+/// Runs `body(unit)` for every unit of `0..units` on the threads of `team`,
+/// which take the units in order from a shared counter: a thread that is
+/// faster, or was not descheduled, takes more units instead of waiting at
 /// the end for the other (a static split waits for the slowest share, and
-/// on a shared machine one core is often slower for a while). Within a
-/// chunk, units run in order. A team of one thread takes the whole range
-/// at once.
-pub fn for_each_chunk(
-    team: &dyn Parallel,
-    units: usize,
-    chunk: usize,
-    body: &(dyn Fn(std::ops::Range<usize>) + Sync),
-) {
-    let chunk = chunk.max(1);
-    if team.threads() == 1 || units <= chunk {
-        return body(0..units);
+/// on a shared machine one core is often slower for a while). A team of one
+/// thread, or a single unit, runs on the calling thread.
+pub fn for_each_unit(team: &dyn Parallel, units: usize, body: &(dyn Fn(usize) + Sync)) {
+    if team.threads() == 1 || units <= 1 {
+        return (0..units).for_each(body);
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
     team.run(&|_, _| {
         loop {
-            let start = next.fetch_add(chunk, std::sync::atomic::Ordering::Relaxed);
-            if start >= units {
+            let unit = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if unit >= units {
                 break;
             }
-            body(start..(start + chunk).min(units));
+            body(unit);
         }
     });
 }
@@ -81,24 +74,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn chunks_cover_every_unit_once() {
+    fn every_unit_runs_once() {
         for units in 0..40 {
             for threads in 1..5 {
-                for chunk in [1, 3, 7, 50] {
-                    let seen = Mutex::new(vec![0u32; units]);
-                    for_each_chunk(&Scoped(threads), units, chunk, &|range| {
-                        assert!(threads == 1 || range.len() <= chunk);
-                        let mut seen = seen.lock().unwrap();
-                        for unit in range {
-                            seen[unit] += 1;
-                        }
-                    });
-                    let seen = seen.into_inner().unwrap();
-                    assert!(
-                        seen.iter().all(|&n| n == 1),
-                        "units {units} threads {threads} chunk {chunk}: {seen:?}"
-                    );
-                }
+                let seen = Mutex::new(vec![0u32; units]);
+                for_each_unit(&Scoped(threads), units, &|unit| {
+                    seen.lock().unwrap()[unit] += 1;
+                });
+                let seen = seen.into_inner().unwrap();
+                assert!(
+                    seen.iter().all(|&n| n == 1),
+                    "units {units} threads {threads}: {seen:?}"
+                );
             }
         }
     }

@@ -65,6 +65,13 @@ impl Expert {
         ))
     }
 
+    /// w1, w3 `[intermediate, hidden]` (views of the stacked matrix in
+    /// reduced precision) and w2 `[hidden, intermediate]`.
+    pub fn weights(&self) -> Result<[Tensor; 3], TchError> {
+        let (w1, w3) = self.gate_and_up()?;
+        Ok([w1, w3, self.w2.shallow_clone()])
+    }
+
     /// w1 and w3, `[intermediate, hidden]` each (views of the stacked matrix).
     fn gate_and_up(&self) -> Result<(Tensor, Tensor), TchError> {
         Ok(match &self.gate_up {
@@ -90,8 +97,13 @@ impl Expert {
         if rows.is_empty() {
             return Ok(());
         }
-        let (w1, w3) = self.gate_and_up()?;
-        if projection::add_expert(xs, [&w1, &w3, &self.w2], rows, weights, out)? {
+        let [w1, w3, w2] = self.weights()?;
+        let routed = projection::RoutedExpert {
+            weights: [&w1, &w3, &w2],
+            rows,
+            routing: weights,
+        };
+        if projection::add_experts(xs, &[routed], out)? {
             return Ok(());
         }
         let device = xs.device();

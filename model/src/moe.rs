@@ -7,6 +7,7 @@ use tch::{Device, Kind, Tensor};
 use crate::error::{ForwardError, WeightsError};
 use crate::expert::Expert;
 use crate::gating::{Gate, Routing};
+use crate::projection::{self, RoutedExpert};
 use crate::weights::Checkpoint;
 use tramontane_config::MixtralConfig;
 
@@ -120,7 +121,8 @@ impl LocalExperts {
     }
 
     /// Runs each expert of `work` on its rows of `xs`, scales each output row by
-    /// its weight, and sums per row: `[rows, hidden]`.
+    /// its weight, and sums per row: `[rows, hidden]`. A few rows per expert
+    /// on the CPU run on the kernels, every expert of the layer in one call.
     pub fn forward_rows(
         &self,
         layer: usize,
@@ -129,17 +131,36 @@ impl LocalExperts {
     ) -> Result<Tensor, ForwardError> {
         let xs = xs.f_contiguous()?;
         let mut out = xs.f_zeros_like()?;
-        for item in work {
-            let expert = self
-                .layers
-                .get(layer)
-                .and_then(|experts| experts.get(item.expert))
-                .and_then(Option::as_ref)
-                .ok_or(ForwardError::ExpertNotHeld {
-                    layer,
-                    expert: item.expert,
-                })?;
-            expert.add_rows(&xs, &item.rows, &item.weights, &mut out)?;
+        let experts = work
+            .iter()
+            .map(|item| {
+                self.layers
+                    .get(layer)
+                    .and_then(|experts| experts.get(item.expert))
+                    .and_then(Option::as_ref)
+                    .ok_or(ForwardError::ExpertNotHeld {
+                        layer,
+                        expert: item.expert,
+                    })
+            })
+            .collect::<Result<Vec<&Expert>, _>>()?;
+        let weights = experts
+            .iter()
+            .map(|expert| expert.weights())
+            .collect::<Result<Vec<_>, _>>()?;
+        let routed: Vec<RoutedExpert<'_>> = weights
+            .iter()
+            .zip(work)
+            .map(|([w1, w3, w2], item)| RoutedExpert {
+                weights: [w1, w3, w2],
+                rows: &item.rows,
+                routing: &item.weights,
+            })
+            .collect();
+        if !projection::add_experts(&xs, &routed, &mut out)? {
+            for (expert, item) in experts.iter().zip(work) {
+                expert.add_rows(&xs, &item.rows, &item.weights, &mut out)?;
+            }
         }
         Ok(out)
     }

@@ -130,45 +130,66 @@ pub fn swiglu(xs: &Tensor, w1: &Tensor, w3: &Tensor) -> Result<Option<Tensor>, T
     on_kernels(xs, Weights::SwiGlu(w1, w3))
 }
 
-/// `out[r] += weight_r · (w2 · swiglu(xs[r]))` for every routed row `r` on
-/// the kernels, in one call (see [`tramontane_kernels::add_expert`]);
-/// `Ok(false)` where they do not take these tensors, and the caller uses
-/// libtorch. `xs` and `out`: `[tokens, hidden]`; w1, w3 `[intermediate,
-/// hidden]`, w2 `[hidden, intermediate]`.
-pub fn add_expert(
+/// One routed expert of [`add_experts`]: its w1, w3 `[intermediate,
+/// hidden]` and w2 `[hidden, intermediate]`, the rows of `xs` it computes
+/// and each row's routing weight.
+pub struct RoutedExpert<'a> {
+    pub weights: [&'a Tensor; 3],
+    pub rows: &'a [usize],
+    pub routing: &'a [f32],
+}
+
+/// `out[r] += weight_r · (w2 · swiglu(xs[r]))` for every expert and each of
+/// its routed rows `r`, on the kernels in one call (see
+/// [`tramontane_kernels::add_experts`]); `Ok(false)` where they do not take
+/// all these tensors, and the caller uses libtorch. `xs` and `out`:
+/// `[tokens, hidden]`.
+pub fn add_experts(
     xs: &Tensor,
-    [w1, w3, w2]: [&Tensor; 3],
-    rows: &[usize],
-    weights: &[f32],
+    experts: &[RoutedExpert<'_>],
     out: &mut Tensor,
 ) -> Result<bool, ShapeError> {
     let (kind, size) = (xs.kind(), xs.size());
     let &[_, hidden] = size.as_slice() else {
         return Ok(false);
     };
-    let intermediate = w1.size()[0];
-    let fits = xs.is_contiguous()
+    let outputs_fit = xs.is_contiguous()
         && out.is_contiguous()
         && out.size() == size
         && out.kind() == kind
-        && out.device() == xs.device()
-        && w1.size() == w3.size()
-        && w2.size() == [hidden, intermediate]
-        && weight_fits(w2, kind, intermediate);
-    let team = kernel_team(kind, xs.device(), rows.len() as i64, hidden, &[w1, w3]);
-    let Some((team, element)) = team.filter(|_| fits) else {
+        && out.device() == xs.device();
+    if !outputs_fit {
         return Ok(false);
+    }
+    let mut on = None;
+    for expert in experts.iter().filter(|e| !e.rows.is_empty()) {
+        let [w1, w3, w2] = expert.weights;
+        let intermediate = w1.size()[0];
+        let fits = w1.size() == w3.size()
+            && w2.size() == [hidden, intermediate]
+            && weight_fits(w2, kind, intermediate);
+        let team = kernel_team(
+            kind,
+            xs.device(),
+            expert.rows.len() as i64,
+            hidden,
+            &[w1, w3],
+        );
+        match team.filter(|_| fits) {
+            Some(team) => on = Some(team),
+            None => return Ok(false),
+        }
+    }
+    let Some((team, element)) = on else {
+        return Ok(true); // no rows: nothing to add
     };
-    let routed = Routed { rows, weights };
-    let (hidden, intermediate) = (hidden as usize, intermediate as usize);
-    let weights = [w1, w3, w2];
     // SAFETY: every tensor was checked to be contiguous, on the CPU and of
     // the element's kind; `out` is borrowed mutably and is not `xs`'s storage
     // (the caller's fresh output); all outlive the call.
     unsafe {
         match element {
-            Element::Bf16 => add::<Bf16>(team, xs, weights, (hidden, intermediate), routed, out)?,
-            Element::F32 => add::<F32>(team, xs, weights, (hidden, intermediate), routed, out)?,
+            Element::Bf16 => add::<Bf16>(team, xs, experts, hidden as usize, out)?,
+            Element::F32 => add::<F32>(team, xs, experts, hidden as usize, out)?,
         }
     }
     Ok(true)
@@ -179,20 +200,31 @@ pub fn add_expert(
 unsafe fn add<K: Kernel>(
     team: &dyn Parallel,
     xs: &Tensor,
-    [w1, w3, w2]: [&Tensor; 3],
-    (hidden, intermediate): (usize, usize),
-    routed: Routed<'_>,
+    experts: &[RoutedExpert<'_>],
+    hidden: usize,
     out: &mut Tensor,
 ) -> Result<(), ShapeError> {
     unsafe {
-        let expert = ExpertWeights {
-            w1: elements(w1),
-            w3: elements(w3),
-            w2: elements(w2),
-            hidden,
-            intermediate,
-        };
-        tramontane_kernels::add_expert::<K>(team, elements(xs), expert, routed, elements_mut(out))
+        let experts: Vec<(ExpertWeights<'_, K::Elem>, Routed<'_>)> = experts
+            .iter()
+            .filter(|e| !e.rows.is_empty())
+            .map(|e| {
+                let [w1, w3, w2] = e.weights;
+                let weights = ExpertWeights {
+                    w1: elements(w1),
+                    w3: elements(w3),
+                    w2: elements(w2),
+                    hidden,
+                    intermediate: w1.size()[0] as usize,
+                };
+                let routed = Routed {
+                    rows: e.rows,
+                    weights: e.routing,
+                };
+                (weights, routed)
+            })
+            .collect();
+        tramontane_kernels::add_experts::<K>(team, elements(xs), &experts, elements_mut(out))
     }
 }
 
