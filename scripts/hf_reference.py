@@ -5,8 +5,8 @@ Usage: python hf_reference.py --model DIR --request REQUEST.json --out OUT_PREFI
 REQUEST.json: {"prompts": [text, ...], "greedy_tokens": N, "texts": [text, ...]}
 Writes OUT_PREFIX.safetensors (fp32 logits of every prompt position, key
 "logits.I" of shape [len, vocab]) and OUT_PREFIX.json with, per prompt, the
-token ids and N greedy tokens (HF's own KV cache, no EOS stop), and the token
-ids of each of "texts". Tests run it at test time; nothing it writes is edited by hand.
+token ids, N greedy tokens (HF's own KV cache, no EOS stop) with the 5 best
+(token, logit) pairs at each step, and the token ids of each of "texts". Tests run it at test time; nothing it writes is edited by hand.
 """
 
 import argparse
@@ -41,15 +41,19 @@ def main() -> None:
             ids = tokenizer(prompt, return_tensors="pt").input_ids
             logits[f"logits.{i}"] = model(ids).logits[0].float().contiguous()
             greedy = []
+            top = []
             past = None
             step = ids
             for _ in range(request.get("greedy_tokens", 0)):
                 out = model(step, past_key_values=past, use_cache=True)
                 past = out.past_key_values
-                token = int(out.logits[0, -1].argmax())
+                step_logits = out.logits[0, -1].float()
+                token = int(step_logits.argmax())
+                best = torch.topk(step_logits, 5)
+                top.append([[int(i), float(v)] for i, v in zip(best.indices, best.values)])
                 greedy.append(token)
                 step = torch.tensor([[token]])
-            prompts.append({"ids": ids[0].tolist(), "greedy": greedy})
+            prompts.append({"ids": ids[0].tolist(), "greedy": greedy, "top": top})
 
     texts = [tokenizer(text).input_ids for text in request.get("texts", [])]
     if logits:

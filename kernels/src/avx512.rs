@@ -63,6 +63,14 @@ pub trait Kernel: sealed::Sealed {
     /// has room for `gate.len()` elements.
     #[doc(hidden)]
     unsafe fn swiglu_row(gate: &[f32], up: &[f32], out: *mut Self::Elem);
+    /// `acc[r] += scales[r] · row` for each row `r` of `acc` (`scales.len()`
+    /// rows of `row`'s length), `row` read once.
+    ///
+    /// # Safety
+    /// The CPU has the instructions; `acc` holds `scales.len()` rows of
+    /// `len` elements and `row` `len` elements.
+    #[doc(hidden)]
+    unsafe fn add_scaled(acc: &mut [f32], scales: &[f32], row: *const Self::Elem, len: usize);
 }
 
 impl Kernel for Bf16 {
@@ -92,6 +100,9 @@ impl Kernel for Bf16 {
     unsafe fn swiglu_row(gate: &[f32], up: &[f32], out: *mut u16) {
         unsafe { swiglu_row_bf16(gate, up, out) }
     }
+    unsafe fn add_scaled(acc: &mut [f32], scales: &[f32], row: *const u16, len: usize) {
+        unsafe { add_scaled_bf16(acc, scales, row, len) }
+    }
 }
 
 impl Kernel for F32 {
@@ -118,6 +129,9 @@ impl Kernel for F32 {
     unsafe fn swiglu_row(gate: &[f32], up: &[f32], out: *mut f32) {
         unsafe { swiglu_row_f32(gate, up, out) }
     }
+    unsafe fn add_scaled(acc: &mut [f32], scales: &[f32], row: *const f32, len: usize) {
+        unsafe { add_scaled_f32(acc, scales, row, len) }
+    }
 }
 
 /// Round to nearest even, as torch converts f32 to bfloat16; NaN stays NaN.
@@ -141,6 +155,21 @@ unsafe fn swiglu_row_bf16(_: &[f32], _: &[f32], _: *mut u16) {
 
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn swiglu_row_f32(_: &[f32], _: &[f32], _: *mut f32) {
+    unreachable!("supported() is false off x86-64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn add_scaled_bf16(_: &mut [f32], _: &[f32], _: *const u16, _: usize) {
+    unreachable!("supported() is false off x86-64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn add_scaled_f32(_: &mut [f32], _: &[f32], _: *const f32, _: usize) {
+    unreachable!("supported() is false off x86-64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) unsafe fn exp_sum(_: &mut [f32], _: f32) -> f32 {
     unreachable!("supported() is false off x86-64")
 }
 
@@ -337,6 +366,104 @@ unsafe fn swiglu_row_f32(gate: &[f32], up: &[f32], out: *mut f32) {
             _mm512_mask_storeu_ps(out.add(at), mask, _mm512_mul_ps(silu_ps(g), u));
         }
     }
+}
+
+/// `acc[r] += scales[r] · row` over 16 lanes at a time, `row`'s lanes
+/// loaded (as f32) once for every `r`.
+macro_rules! add_scaled {
+    ($(#[$attr:meta])* fn $name:ident($elem:ty); load: $load:expr) => {
+        $(#[$attr])*
+        #[cfg(target_arch = "x86_64")]
+        unsafe fn $name(acc: &mut [f32], scales: &[f32], row: *const $elem, len: usize) {
+            for at in (0..len).step_by(16) {
+                let mask: __mmask16 = (u32::MAX >> (32 - (len - at).min(16))) as __mmask16;
+                // SAFETY: `mask` covers only the elements left in the row and
+                // in each row of `acc`.
+                unsafe {
+                    let v = $load(mask, row.add(at));
+                    for (r, &scale) in scales.iter().enumerate() {
+                        let sum = acc.as_mut_ptr().add(r * len + at);
+                        let added = _mm512_fmadd_ps(_mm512_set1_ps(scale), v, _mm512_maskz_loadu_ps(mask, sum));
+                        _mm512_mask_storeu_ps(sum, mask, added);
+                    }
+                }
+            }
+        }
+    };
+}
+
+add_scaled! {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    fn add_scaled_bf16(u16);
+    // bfloat16 is the high half of an f32.
+    load: |mask, p: *const u16| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+        _mm256_maskz_loadu_epi16(mask, p.cast()),
+    )))
+}
+
+add_scaled! {
+    #[target_feature(enable = "avx512f")]
+    fn add_scaled_f32(f32);
+    load: |mask, p: *const f32| _mm512_maskz_loadu_ps(mask, p)
+}
+
+/// `e^x` in 16 lanes as libtorch's attention softmax takes it on AVX-512
+/// (`Vectorized<float>::exp_u20`, within 20 ulp): `x = n·ln 2 + r` with
+/// `n = ⌊x·log2 e + ½⌋`, a degree-5 polynomial for `e^r`, times `2^n`;
+/// below `ln(FLT_MIN)` it is 0.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn exp_u20_ps(x: __m512) -> __m512 {
+    let ln_min = _mm512_castsi512_ps(_mm512_set1_epi32(0xc2ae_ac50_u32 as i32));
+    let ln_max = _mm512_castsi512_ps(_mm512_set1_epi32(0x42b1_7218));
+    let underflow = _mm512_cmp_ps_mask::<_CMP_LT_OS>(x, ln_min);
+    let x = _mm512_max_ps(_mm512_min_ps(x, ln_max), ln_min);
+    let log2e = _mm512_castsi512_ps(_mm512_set1_epi32(0x3fb8_aa3b));
+    let n = _mm512_fmadd_ps(x, log2e, _mm512_set1_ps(0.5));
+    let n = _mm512_cvtepi32_ps(_mm512_cvt_roundps_epi32::<
+        { _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC },
+    >(n));
+    let ln2 = _mm512_castsi512_ps(_mm512_set1_epi32(0x3f31_7218));
+    let r = _mm512_fnmadd_ps(n, ln2, x);
+    let mut p = _mm512_set1_ps(0.008_289_291);
+    for c in [0.041_897_822, 0.166_676_52, 0.499_991_5, 0.999_999_7, 1.0] {
+        p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(c));
+    }
+    // 2^(n - 1) built in the exponent bits, then doubled.
+    let exponent = _mm512_cvtps_epi32(_mm512_sub_ps(n, _mm512_set1_ps(1.0)));
+    let scale = _mm512_slli_epi32::<23>(_mm512_add_epi32(exponent, _mm512_set1_epi32(127)));
+    let scale = _mm512_mask_blend_ps(underflow, _mm512_castsi512_ps(scale), _mm512_setzero_ps());
+    _mm512_mul_ps(_mm512_mul_ps(p, scale), _mm512_set1_ps(2.0))
+}
+
+/// `xs[i] = e^(xs[i] - max)` for every element; returns their sum. As
+/// libtorch's attention softmax computes it (so that bf16 attention rounds
+/// its weights where libtorch does): whole groups of 16 with
+/// [`exp_u20_ps`], summed lane by lane and then across the lanes, then the
+/// elements left one by one with libm's `expf`.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn exp_sum(xs: &mut [f32], max: f32) -> f32 {
+    let mut sum = _mm512_setzero_ps();
+    let whole = xs.len() - xs.len() % 16;
+    for at in (0..whole).step_by(16) {
+        // SAFETY: 16 elements from `at` are in `xs`.
+        unsafe {
+            let p = xs.as_mut_ptr().add(at);
+            let e = exp_u20_ps(_mm512_sub_ps(_mm512_loadu_ps(p), _mm512_set1_ps(max)));
+            _mm512_storeu_ps(p, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+    }
+    let mut sum = _mm512_reduce_add_ps(sum);
+    for x in &mut xs[whole..] {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    sum
 }
 
 #[cfg(test)]

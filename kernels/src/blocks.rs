@@ -31,7 +31,7 @@ unsafe impl<T> Sync for Output<T> {}
 impl<T> Output<T> {
     /// # Safety
     /// `index` is in bounds and no other thread writes it.
-    unsafe fn write(&self, index: usize, value: T) {
+    pub(crate) unsafe fn write(&self, index: usize, value: T) {
         unsafe { self.0.add(index).write(value) }
     }
 }
@@ -52,7 +52,7 @@ const PREFETCH_BYTES: usize = 8192;
 /// # Safety
 /// The kernels are supported; `x` holds `rows × inner` elements and each
 /// `w[n]` `inner`.
-unsafe fn dots<K: Kernel, const NB: usize, const MR: usize>(
+pub(crate) unsafe fn dots<K: Kernel, const NB: usize, const MR: usize>(
     x: &[K::Elem],
     rows: usize,
     inner: usize,

@@ -20,12 +20,15 @@
 //! - [`expert`]: the routed experts' share of an MoE layer in one call
 //!   ([`add_experts`]): their rows gathered, `gate_up` and `linear` by w2,
 //!   each row scaled by its routing weight and added into the layer's output.
+//! - [`attention`]: decode attention of a step's sequences straight over
+//!   the paged KV pool ([`decode_attention`]).
 //! - [`norm`] and [`rotary`]: RMSNorm ([`rms_norm`]) and the rotary
 //!   embedding in place ([`rotate_heads`]) for a decode step's few rows,
 //!   rounded as libtorch's ops round them; plain Rust, any CPU.
 //! - `avx512`: the register-blocked inner loops (x86-64 only; elsewhere
 //!   [`supported`] is false and the crate builds without them).
 
+pub mod attention;
 mod avx512;
 #[macro_use]
 mod blocks;
@@ -35,6 +38,7 @@ pub mod norm;
 pub mod parallel;
 pub mod rotary;
 
+pub use attention::{Attended, KvLayer, decode_attention};
 pub use avx512::{Bf16, F32, Kernel};
 pub use expert::{ExpertWeights, Routed, add_experts};
 pub use linear::{Job, Projection, Shape, ShapeError, gate_up, linear, project, supported};

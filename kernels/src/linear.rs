@@ -35,6 +35,8 @@ pub enum ShapeError {
     },
     #[error("row {row} is past the {tokens} rows of x")]
     Row { row: usize, tokens: usize },
+    #[error("slot {slot} is past the pool's {slots} slots")]
+    Slot { slot: u32, slots: usize },
     #[error("this CPU lacks the instructions for {0:?} kernels")]
     Unsupported(Element),
 }

@@ -63,11 +63,25 @@ pub struct StepLayout {
 struct DecodeGroup {
     /// Their rows in the batch, `[sequences]`; None when every row decodes.
     rows: Option<Tensor>,
-    /// Block tables padded with the padding block, `[sequences, blocks]`.
-    table: Tensor,
-    /// `[sequences, 1, 1, blocks * BLOCK_SIZE]`, true where a position may
-    /// be attended to.
-    mask: Tensor,
+    reads: DecodeReads,
+}
+
+/// Where the decoding sequences' cached keys and values are read.
+enum DecodeReads {
+    /// In place in the pool, by the kernels: sequence `s` attends the slots
+    /// `slots[offsets[s]..offsets[s + 1]]`.
+    Paged {
+        slots: Vec<u32>,
+        offsets: Vec<usize>,
+    },
+    /// Gathered by block for libtorch's attention.
+    Gathered {
+        /// Block tables padded with the padding block, `[sequences, blocks]`.
+        table: Tensor,
+        /// `[sequences, 1, 1, blocks * BLOCK_SIZE]`, true where a position
+        /// may be attended to.
+        mask: Tensor,
+    },
 }
 
 /// A sequence with several new tokens (a prompt or a chunk of one).
@@ -86,7 +100,7 @@ impl StepLayout {
         spans: &[SequenceSpan],
         caches: &[&mut KvCache],
         sliding_window: Option<usize>,
-        device: Device,
+        (kind, device): (Kind, Device),
     ) -> Result<Self, TchError> {
         let slots: Vec<i64> = spans
             .iter()
@@ -96,32 +110,27 @@ impl StepLayout {
         let decoding: Vec<usize> = (0..spans.len()).filter(|&i| spans[i].len == 1).collect();
         let decode = (!decoding.is_empty())
             .then(|| -> Result<DecodeGroup, TchError> {
-                let blocks = decoding
-                    .iter()
-                    .map(|&i| blocks_for(spans[i].end()))
-                    .max()
-                    .unwrap_or(1);
-                let table = block_table(decoding.iter().map(|&i| &*caches[i]), blocks, device)?;
-                let width = (blocks * BLOCK_SIZE) as i64;
-                let ends: Vec<i64> = decoding.iter().map(|&i| spans[i].end() as i64).collect();
-                let ends = Tensor::f_from_slice(&ends)?
-                    .f_to_device(device)?
-                    .f_view([-1, 1])?;
-                let key_pos = Tensor::f_arange(width, (Kind::Int64, device))?.f_view([1, -1])?;
-                let mut mask = key_pos.f_lt_tensor(&ends)?;
-                if let Some(window) = sliding_window {
-                    // The new token sits at end - 1 and sees the `window` last positions.
-                    mask = mask
-                        .f_logical_and(&key_pos.f_ge_tensor(&ends.f_sub_scalar(window as i64)?)?)?;
-                }
+                let reads = if projection::paged_attention(kind, device) {
+                    let mut slots = Vec::new();
+                    let mut offsets = vec![0];
+                    for &i in &decoding {
+                        let end = spans[i].end();
+                        // The new token sits at end - 1 and sees the `window` last positions.
+                        let from = sliding_window.map_or(0, |window| end.saturating_sub(window));
+                        slots.extend((from..end).map(|p| caches[i].slot(p) as u32));
+                        offsets.push(slots.len());
+                    }
+                    DecodeReads::Paged { slots, offsets }
+                } else {
+                    gathered_reads(&decoding, spans, caches, sliding_window, device)?
+                };
                 let every_row = decoding.len() == spans.len();
                 let rows: Vec<i64> = decoding.iter().map(|&i| spans[i].row as i64).collect();
                 Ok(DecodeGroup {
                     rows: (!every_row)
                         .then(|| Tensor::f_from_slice(&rows)?.f_to_device(device))
                         .transpose()?,
-                    table,
-                    mask: mask.f_view([decoding.len() as i64, 1, 1, width])?,
+                    reads,
                 })
             })
             .transpose()?;
@@ -150,6 +159,38 @@ impl StepLayout {
 
 /// The block tables of `caches`, each padded to `blocks` entries:
 /// `[caches, blocks]`, i64.
+/// The decoding sequences' block tables and mask, for libtorch's attention
+/// over their gathered blocks.
+fn gathered_reads(
+    decoding: &[usize],
+    spans: &[SequenceSpan],
+    caches: &[&mut KvCache],
+    sliding_window: Option<usize>,
+    device: Device,
+) -> Result<DecodeReads, TchError> {
+    let blocks = decoding
+        .iter()
+        .map(|&i| blocks_for(spans[i].end()))
+        .max()
+        .unwrap_or(1);
+    let table = block_table(decoding.iter().map(|&i| &*caches[i]), blocks, device)?;
+    let width = (blocks * BLOCK_SIZE) as i64;
+    let ends: Vec<i64> = decoding.iter().map(|&i| spans[i].end() as i64).collect();
+    let ends = Tensor::f_from_slice(&ends)?
+        .f_to_device(device)?
+        .f_view([-1, 1])?;
+    let key_pos = Tensor::f_arange(width, (Kind::Int64, device))?.f_view([1, -1])?;
+    let mut mask = key_pos.f_lt_tensor(&ends)?;
+    if let Some(window) = sliding_window {
+        // The new token sits at end - 1 and sees the `window` last positions.
+        mask = mask.f_logical_and(&key_pos.f_ge_tensor(&ends.f_sub_scalar(window as i64)?)?)?;
+    }
+    Ok(DecodeReads::Gathered {
+        table,
+        mask: mask.f_view([decoding.len() as i64, 1, 1, width])?,
+    })
+}
+
 fn block_table<'c>(
     caches: impl IntoIterator<Item = &'c KvCache>,
     blocks: usize,
@@ -229,35 +270,45 @@ impl Attention {
         Ok(projection::linear(&out, &self.o_proj)?)
     }
 
-    /// One token per sequence, every sequence at once: `[sequences, heads * head_dim]`.
+    /// One token per sequence, every sequence at once: `[sequences, heads *
+    /// head_dim]`; on the kernels straight over the pool where they take
+    /// it, else by libtorch over the sequences' gathered blocks.
     fn decode(
         &self,
         layer: usize,
         q: &Tensor,
         group: &DecodeGroup,
         pool: &KvPool,
-    ) -> Result<Tensor, TchError> {
+    ) -> Result<Tensor, ForwardError> {
         let q = match &group.rows {
             Some(rows) => q.f_index_select(0, rows)?,
             None => q.shallow_clone(),
         };
         let sequences = q.size()[0];
+        let (table, mask) = match &group.reads {
+            DecodeReads::Paged { slots, offsets } => {
+                let (keys, values) = pool.layer(layer);
+                let out = projection::decode_attention(&q, [keys, values], slots, offsets)?;
+                return Ok(out.f_view([sequences, self.num_heads * self.head_dim])?);
+            }
+            DecodeReads::Gathered { table, mask } => (table, mask),
+        };
         let groups = self.num_heads / self.num_kv_heads;
         // [sequences, heads, d] -> [sequences, kv_heads, groups, d]: the
         // query heads of a kv head are that head's "queries".
         let q = q.f_view([sequences, self.num_kv_heads, groups, self.head_dim])?;
-        let (keys, values) = pool.gather(layer, &group.table)?;
+        let (keys, values) = pool.gather(layer, table)?;
         let out = Tensor::f_scaled_dot_product_attention(
             &q,
             &keys.f_transpose(1, 2)?,
             &values.f_transpose(1, 2)?,
-            Some(&group.mask),
+            Some(mask),
             0.0,
             false,
             None,
             false,
         )?;
-        out.f_reshape([sequences, self.num_heads * self.head_dim])
+        Ok(out.f_reshape([sequences, self.num_heads * self.head_dim])?)
     }
 
     /// One sequence's chunk of new tokens: `[len, heads * head_dim]`.

@@ -138,6 +138,11 @@ impl KvPool {
         Ok(())
     }
 
+    /// Layer `layer`'s keys and values, `[slots, kv_heads, head_dim]` each.
+    pub(crate) fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.keys[layer], &self.values[layer])
+    }
+
     /// Layer `layer`'s keys and values of the blocks of `table`
     /// (`[sequences, blocks]`, i64): `[sequences, blocks * BLOCK_SIZE,
     /// kv_heads, head_dim]` each.

@@ -355,7 +355,7 @@ impl Mixtral {
             &group,
             &caches[sequences],
             self.config.sliding_window,
-            device,
+            (self.options.kind, device),
         )?;
         Ok(MicroBatch {
             xs: self.embed_tokens.f_index_select(0, &ids)?,

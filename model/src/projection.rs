@@ -9,8 +9,11 @@
 
 use tch::{Device, Kind, TchError, Tensor};
 use tramontane_kernels::{
-    Bf16, Element, ExpertWeights, F32, Kernel, Parallel, Routed, Shape, ShapeError,
+    Attended, Bf16, Element, ExpertWeights, F32, Kernel, KvLayer, Parallel, Routed, Shape,
+    ShapeError,
 };
+
+use crate::error::ForwardError;
 
 use crate::openmp::OpenMpTeam;
 
@@ -225,6 +228,105 @@ unsafe fn add<K: Kernel>(
             })
             .collect();
         tramontane_kernels::add_experts::<K>(team, elements(xs), &experts, elements_mut(out))
+    }
+}
+
+/// Whether decode attention over a pool of `kind` on `device` runs on the
+/// kernels ([`decode_attention`]).
+pub(crate) fn paged_attention(kind: Kind, device: Device) -> bool {
+    device == Device::Cpu
+        && !kernels_disabled()
+        && kernel_element(kind).is_some()
+        && OpenMpTeam::get().is_some()
+}
+
+/// Decode attention on the kernels, over one layer's pool `[keys, values]`
+/// (`[slots, kv_heads, head_dim]` each) in place: `q` `[sequences, heads,
+/// head_dim]` -> the same shape; sequence `s` attends the slots
+/// `slots[offsets[s]..offsets[s + 1]]` (see
+/// [`tramontane_kernels::decode_attention`]). Only where
+/// [`paged_attention`] says the kernels take the pool's kind and device.
+pub(crate) fn decode_attention(
+    q: &Tensor,
+    [keys, values]: [&Tensor; 2],
+    slots: &[u32],
+    offsets: &[usize],
+) -> Result<Tensor, ForwardError> {
+    let q = q.f_contiguous()?;
+    let (kind, pool) = (keys.kind(), keys.size());
+    let (Some(team), Some(element), &[_, kv_heads, head_dim], &[_, heads, _]) = (
+        OpenMpTeam::get(),
+        kernel_element(kind),
+        pool.as_slice(),
+        q.size().as_slice(),
+    ) else {
+        return Err(ForwardError::Kernel(ShapeError::Unsupported(Element::F32)));
+    };
+    let fits = q.kind() == kind
+        && values.kind() == kind
+        && values.size() == pool
+        && [&q, keys, values]
+            .iter()
+            .all(|t| t.device() == Device::Cpu && t.is_contiguous());
+    if !fits {
+        return Err(ForwardError::Kernel(ShapeError::Unsupported(element)));
+    }
+    let out = q.f_empty_like()?;
+    let attended = Attended { slots, offsets };
+    let (heads, kv_heads, head_dim) = (heads as usize, kv_heads as usize, head_dim as usize);
+    // SAFETY: every tensor was checked to be contiguous, on the CPU and of
+    // the element's kind; `out` is fresh; nothing writes the pool meanwhile.
+    unsafe {
+        match element {
+            Element::Bf16 => attend::<Bf16>(
+                team,
+                &q,
+                heads,
+                [keys, values],
+                (kv_heads, head_dim),
+                attended,
+                &out,
+            )?,
+            Element::F32 => attend::<F32>(
+                team,
+                &q,
+                heads,
+                [keys, values],
+                (kv_heads, head_dim),
+                attended,
+                &out,
+            )?,
+        }
+    }
+    Ok(out)
+}
+
+/// # Safety
+/// As [`elements`] for `q` and the pool, and [`elements_mut`] for `out`.
+unsafe fn attend<K: Kernel>(
+    team: &dyn Parallel,
+    q: &Tensor,
+    heads: usize,
+    [keys, values]: [&Tensor; 2],
+    (kv_heads, head_dim): (usize, usize),
+    attended: Attended<'_>,
+    out: &Tensor,
+) -> Result<(), ShapeError> {
+    unsafe {
+        let kv = KvLayer {
+            keys: elements(keys),
+            values: elements(values),
+            kv_heads,
+            head_dim,
+        };
+        tramontane_kernels::decode_attention::<K>(
+            team,
+            elements(q),
+            heads,
+            kv,
+            attended,
+            elements_mut(out),
+        )
     }
 }
 

@@ -1,12 +1,17 @@
 //! Parity with Hugging Face transformers: the same checkpoint gives the same
 //! logits (fp32, max |Δ| ≤ 1e-4 at every position; bf16 against
 //! transformers in bf16, within [`BF16_TOLERANCE`]) and the same 32 greedy
-//! tokens. Checkpoints are generated here and the reference is computed here,
-//! by scripts/hf_reference.py running `MixtralForCausalLM`.
+//! tokens. In bf16 two tokens whose logits transformers itself rounds to
+//! within [`BF16_TIE_ULPS`] of each other are a tie that any other summation
+//! order may break the other way: where the tokens first differ, ours must
+//! be such a tie with transformers' own choice, and the rest of that
+//! continuation is not compared (the rule vLLM's correctness tests follow).
+//! Checkpoints are generated here and the reference is computed here, by
+//! scripts/hf_reference.py running `MixtralForCausalLM`.
 
 use std::path::Path;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use serde::Deserialize;
 use tch::Tensor;
 use tramontane_model::generate::{StopRule, generate_greedy};
@@ -19,6 +24,8 @@ const TOLERANCE: f64 = 1e-4;
 /// hundredths, summed in another order than transformers sums them.
 const BF16_TOLERANCE: f64 = 0.1;
 const GREEDY_TOKENS: usize = 32;
+/// A bf16 tie: logits within this many bf16 units in the last place.
+const BF16_TIE_ULPS: f64 = 2.0;
 
 const PROMPTS: &[&str] = &[
     "The capital of France is",
@@ -39,6 +46,8 @@ struct Reference {
 struct PromptReference {
     ids: Vec<u32>,
     greedy: Vec<u32>,
+    /// At each greedy step, transformers' 5 best (token, logit).
+    top: Vec<Vec<(u32, f64)>>,
 }
 
 struct ReferenceRun {
@@ -176,14 +185,40 @@ fn check_parity_in(gen_args: &[&str], dtype: Dtype, tolerance: f64) -> Result<f6
             "prompt {i}: {} tokens",
             ours.len()
         );
-        ensure!(
-            ours == &theirs.greedy,
-            "prompt {i}: greedy tokens differ\nours   {ours:?}\ntheirs {:?}",
-            theirs.greedy
+        let Some(step) = ours.iter().zip(&theirs.greedy).position(|(a, b)| a != b) else {
+            continue;
+        };
+        let tie = match dtype {
+            Dtype::Bf16 => bf16_tie(&theirs.top[step], ours[step]),
+            _ => None,
+        };
+        let Some(gap) = tie else {
+            bail!(
+                "prompt {i}: greedy tokens differ at step {step}\nours   {ours:?}\ntheirs {:?}\n\
+                 transformers' best there: {:?}",
+                theirs.greedy,
+                theirs.top[step]
+            );
+        };
+        eprintln!(
+            "prompt {i}: the first {step} greedy tokens agree; at step {step} ours {} and \
+             transformers' {} tie in bf16 (transformers' logits {gap:e} apart)",
+            ours[step], theirs.greedy[step]
         );
     }
     eprintln!("parity {gen_args:?} in {dtype}: max |Δlogit| = {worst:e}");
     Ok(worst)
+}
+
+/// How far below transformers' best logit `token` is at a step whose best
+/// (token, logit) pairs are `top`, where that is within [`BF16_TIE_ULPS`]
+/// bf16 units in the last place of the best logit (8 bits of mantissa).
+fn bf16_tie(top: &[(u32, f64)], token: u32) -> Option<f64> {
+    let (_, best) = *top.first()?;
+    let (_, logit) = *top.iter().find(|(t, _)| *t == token)?;
+    let ulp = 2f64.powi(best.abs().log2().floor() as i32 - 7);
+    let gap = best - logit;
+    (gap <= BF16_TIE_ULPS * ulp).then_some(gap)
 }
 
 #[test]
