@@ -15,6 +15,22 @@ use tramontane_kernels::{
 
 use crate::error::ForwardError;
 
+/// `$call` with `$kernel` the kernels' type for `$element` ([`Bf16`] or [`F32`]).
+macro_rules! with_kernel {
+    ($element:expr, $kernel:ident => $call:expr) => {
+        match $element {
+            Element::Bf16 => {
+                type $kernel = Bf16;
+                $call
+            }
+            Element::F32 => {
+                type $kernel = F32;
+                $call
+            }
+        }
+    };
+}
+
 use crate::openmp::OpenMpTeam;
 
 /// Most rows the kernels take: 32 (a decode step of 32 sequences). bf16:
@@ -190,10 +206,7 @@ pub fn add_experts(
     // the element's kind; `out` is borrowed mutably and is not `xs`'s storage
     // (the caller's fresh output); all outlive the call.
     unsafe {
-        match element {
-            Element::Bf16 => add::<Bf16>(team, xs, experts, hidden as usize, out)?,
-            Element::F32 => add::<F32>(team, xs, experts, hidden as usize, out)?,
-        }
+        with_kernel!(element, K => add::<K>(team, xs, experts, hidden as usize, out))?;
     }
     Ok(true)
 }
@@ -277,26 +290,8 @@ pub(crate) fn decode_attention(
     // SAFETY: every tensor was checked to be contiguous, on the CPU and of
     // the element's kind; `out` is fresh; nothing writes the pool meanwhile.
     unsafe {
-        match element {
-            Element::Bf16 => attend::<Bf16>(
-                team,
-                &q,
-                heads,
-                [keys, values],
-                (kv_heads, head_dim),
-                attended,
-                &out,
-            )?,
-            Element::F32 => attend::<F32>(
-                team,
-                &q,
-                heads,
-                [keys, values],
-                (kv_heads, head_dim),
-                attended,
-                &out,
-            )?,
-        }
+        let pool = ([keys, values], (kv_heads, head_dim));
+        with_kernel!(element, K => attend::<K>(team, &q, heads, pool, attended, &out))?;
     }
     Ok(out)
 }
@@ -307,8 +302,7 @@ unsafe fn attend<K: Kernel>(
     team: &dyn Parallel,
     q: &Tensor,
     heads: usize,
-    [keys, values]: [&Tensor; 2],
-    (kv_heads, head_dim): (usize, usize),
+    ([keys, values], (kv_heads, head_dim)): ([&Tensor; 2], (usize, usize)),
     attended: Attended<'_>,
     out: &Tensor,
 ) -> Result<(), ShapeError> {
@@ -368,10 +362,7 @@ fn on_kernels(xs: &Tensor, weights: Weights<'_>) -> Result<Option<Tensor>, TchEr
         inner: inner as usize,
         outputs: outputs as usize,
     };
-    let done = match element {
-        Element::Bf16 => run::<Bf16>(team, &xs, weights, shape, &out),
-        Element::F32 => run::<F32>(team, &xs, weights, shape, &out),
-    };
+    let done = with_kernel!(element, K => run::<K>(team, &xs, weights, shape, &out));
     Ok(done.ok().map(|()| out))
 }
 
