@@ -17,7 +17,11 @@ fn kv_bound_and_full_queue_refuse_cleanly_and_lose_nothing() -> Result<()> {
     // 100 KV positions are 7 blocks of 16. Each request below starts with
     // one block (a 3-token prompt) and ends holding three (3 + 40 tokens):
     // four are admitted by --max-running, two fit to the end, so the newest
-    // are preempted and recomputed.
+    // are preempted and recomputed. Ten arrive at once: however late the
+    // engine thread takes them from the queue (a loaded machine may take
+    // none before all ten have arrived), at least the queue's four are
+    // accepted and at most 4 running + 4 waiting, so some are refused and
+    // more than two share steps.
     let serve = support::serve_two_workers(
         &model,
         &[
@@ -28,7 +32,7 @@ fn kv_bound_and_full_queue_refuse_cleanly_and_lose_nothing() -> Result<()> {
             "--max-kv-tokens",
             "100",
             "--queue",
-            "2",
+            "4",
         ],
     )?;
     let http_addr = serve.http.clone();
@@ -43,12 +47,12 @@ fn kv_bound_and_full_queue_refuse_cleanly_and_lose_nothing() -> Result<()> {
     )?;
     ensure!(status == 400 && body.contains("112"), "{status} {body}");
 
-    // Eight at once over HTTP: some refused with 429 and Retry-After, the
+    // Ten at once over HTTP: some refused with 429 and Retry-After, the
     // others complete with all their tokens.
     let request =
         r#"{"model":"model","prompt":"Hello","max_tokens":40,"ignore_eos":true,"temperature":0}"#;
     let answers: Vec<(u16, String, String)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..8)
+        let handles: Vec<_> = (0..10)
             .map(|_| scope.spawn(|| support::http(&http_addr, "POST", "/v1/completions", request)))
             .collect();
         handles
@@ -59,7 +63,7 @@ fn kv_bound_and_full_queue_refuse_cleanly_and_lose_nothing() -> Result<()> {
     let refused = answers.iter().filter(|a| a.0 == 429).count();
     let served = answers.iter().filter(|a| a.0 == 200).count();
     ensure!(
-        refused >= 1 && refused + served == 8,
+        refused >= 1 && served >= 4 && refused + served == 10,
         "statuses: {:?}",
         answers.iter().map(|a| a.0).collect::<Vec<_>>()
     );
@@ -78,7 +82,7 @@ fn kv_bound_and_full_queue_refuse_cleanly_and_lose_nothing() -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let codes = runtime.block_on(async {
         let client = GenerationClient::connect(format!("http://{}", serve.process.addr)).await?;
-        let calls = (0..8).map(|_| {
+        let calls = (0..10).map(|_| {
             let mut client = client.clone();
             async move {
                 client
