@@ -147,14 +147,10 @@ pub fn decode_attention<K: Kernel>(
             }
         }
         let mut acc = vec![0.0f32; groups * head_dim];
-        let mut weights = vec![0.0f32; groups];
-        for i in 0..n {
-            for (g, weight) in weights.iter_mut().enumerate() {
-                *weight = scores[g * n + i];
-            }
-            // SAFETY: supported; the value row holds head_dim elements.
-            unsafe { K::add_scaled(&mut acc, &weights, value(i), head_dim) };
-        }
+        let rows: Vec<_> = (0..n).map(value).collect();
+        // SAFETY: supported; acc holds `groups` rows of head_dim, scores `n`
+        // weights per row, and each value row head_dim elements.
+        unsafe { K::add_weighted(&mut acc, &scores, &rows, head_dim) };
         for (g, sum) in sums.iter().enumerate() {
             for d in 0..head_dim {
                 let value = if n == 0 {

@@ -63,14 +63,21 @@ pub trait Kernel: sealed::Sealed {
     /// has room for `gate.len()` elements.
     #[doc(hidden)]
     unsafe fn swiglu_row(gate: &[f32], up: &[f32], out: *mut Self::Elem);
-    /// `acc[r] += scales[r] · row` for each row `r` of `acc` (`scales.len()`
-    /// rows of `row`'s length), `row` read once.
+    /// `acc[g] += Σᵢ weights[g·n + i] · rows[i]` for each row `g` of `acc`
+    /// (rows of `len` elements; `n = rows.len()`), adding in the order of
+    /// `i`, one multiply-add each; every row `i` is read once for all `g`.
     ///
     /// # Safety
-    /// The CPU has the instructions; `acc` holds `scales.len()` rows of
-    /// `len` elements and `row` `len` elements.
+    /// The CPU has the instructions; `acc` holds whole rows of `len`
+    /// elements, `weights` `n` per row of `acc`, and each of `rows` points
+    /// at `len` elements.
     #[doc(hidden)]
-    unsafe fn add_scaled(acc: &mut [f32], scales: &[f32], row: *const Self::Elem, len: usize);
+    unsafe fn add_weighted(
+        acc: &mut [f32],
+        weights: &[f32],
+        rows: &[*const Self::Elem],
+        len: usize,
+    );
 }
 
 impl Kernel for Bf16 {
@@ -100,8 +107,8 @@ impl Kernel for Bf16 {
     unsafe fn swiglu_row(gate: &[f32], up: &[f32], out: *mut u16) {
         unsafe { swiglu_row_bf16(gate, up, out) }
     }
-    unsafe fn add_scaled(acc: &mut [f32], scales: &[f32], row: *const u16, len: usize) {
-        unsafe { add_scaled_bf16(acc, scales, row, len) }
+    unsafe fn add_weighted(acc: &mut [f32], weights: &[f32], rows: &[*const u16], len: usize) {
+        unsafe { add_weighted_bf16(acc, weights, rows, len) }
     }
 }
 
@@ -129,8 +136,8 @@ impl Kernel for F32 {
     unsafe fn swiglu_row(gate: &[f32], up: &[f32], out: *mut f32) {
         unsafe { swiglu_row_f32(gate, up, out) }
     }
-    unsafe fn add_scaled(acc: &mut [f32], scales: &[f32], row: *const f32, len: usize) {
-        unsafe { add_scaled_f32(acc, scales, row, len) }
+    unsafe fn add_weighted(acc: &mut [f32], weights: &[f32], rows: &[*const f32], len: usize) {
+        unsafe { add_weighted_f32(acc, weights, rows, len) }
     }
 }
 
@@ -159,12 +166,12 @@ unsafe fn swiglu_row_f32(_: &[f32], _: &[f32], _: *mut f32) {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn add_scaled_bf16(_: &mut [f32], _: &[f32], _: *const u16, _: usize) {
+unsafe fn add_weighted_bf16(_: &mut [f32], _: &[f32], _: &[*const u16], _: usize) {
     unreachable!("supported() is false off x86-64")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn add_scaled_f32(_: &mut [f32], _: &[f32], _: *const f32, _: usize) {
+unsafe fn add_weighted_f32(_: &mut [f32], _: &[f32], _: &[*const f32], _: usize) {
     unreachable!("supported() is false off x86-64")
 }
 
@@ -368,42 +375,95 @@ unsafe fn swiglu_row_f32(gate: &[f32], up: &[f32], out: *mut f32) {
     }
 }
 
-/// `acc[r] += scales[r] · row` over 16 lanes at a time, `row`'s lanes
-/// loaded (as f32) once for every `r`.
-macro_rules! add_scaled {
+/// `acc[g] += Σᵢ weights[g·n + i] · rows[i]`: 32 lanes of up to 4 rows of
+/// `acc` stay in registers while every row `i` streams by (loaded once for
+/// them all), so each sum takes its multiply-adds in the order of `i`.
+macro_rules! add_weighted {
     ($(#[$attr:meta])* fn $name:ident($elem:ty); load: $load:expr) => {
         $(#[$attr])*
         #[cfg(target_arch = "x86_64")]
-        unsafe fn $name(acc: &mut [f32], scales: &[f32], row: *const $elem, len: usize) {
-            for at in (0..len).step_by(16) {
-                let mask: __mmask16 = (u32::MAX >> (32 - (len - at).min(16))) as __mmask16;
-                // SAFETY: `mask` covers only the elements left in the row and
-                // in each row of `acc`.
+        unsafe fn $name(acc: &mut [f32], weights: &[f32], rows: &[*const $elem], len: usize) {
+            /// Lanes `at..at + 32` of `G` rows of `acc` from `first`.
+            $(#[$attr])*
+            unsafe fn block<const G: usize>(
+                acc: &mut [f32],
+                weights: &[f32],
+                rows: &[*const $elem],
+                (len, first, at): (usize, usize, usize),
+            ) {
+                let n = rows.len();
+                let masks = [lanes(len - at), lanes(len.saturating_sub(at + 16))];
+                let base = acc.as_mut_ptr();
+                let sum = |g: usize, half: usize| base.wrapping_add((first + g) * len + at + 16 * half);
+                // SAFETY: the masks cover only the lanes left in each row of
+                // acc and of `rows`; masked-off lanes are neither read nor
+                // written.
                 unsafe {
-                    let v = $load(mask, row.add(at));
-                    for (r, &scale) in scales.iter().enumerate() {
-                        let sum = acc.as_mut_ptr().add(r * len + at);
-                        let added = _mm512_fmadd_ps(_mm512_set1_ps(scale), v, _mm512_maskz_loadu_ps(mask, sum));
-                        _mm512_mask_storeu_ps(sum, mask, added);
+                    let mut sums = [[_mm512_setzero_ps(); 2]; G];
+                    for (g, halves) in sums.iter_mut().enumerate() {
+                        for (half, s) in halves.iter_mut().enumerate() {
+                            *s = _mm512_maskz_loadu_ps(masks[half], sum(g, half));
+                        }
                     }
+                    for (i, &row) in rows.iter().enumerate() {
+                        let v = [$load(masks[0], row.add(at)), $load(masks[1], row.wrapping_add(at + 16))];
+                        for (g, halves) in sums.iter_mut().enumerate() {
+                            let w = _mm512_set1_ps(*weights.get_unchecked((first + g) * n + i));
+                            for (half, s) in halves.iter_mut().enumerate() {
+                                *s = _mm512_fmadd_ps(w, v[half], *s);
+                            }
+                        }
+                    }
+                    for (g, halves) in sums.iter().enumerate() {
+                        for (half, s) in halves.iter().enumerate() {
+                            _mm512_mask_storeu_ps(sum(g, half), masks[half], *s);
+                        }
+                    }
+                }
+            }
+            let groups = acc.len() / len.max(1);
+            for at in (0..len).step_by(32) {
+                let mut first = 0;
+                while first < groups {
+                    let shape = (len, first, at);
+                    // SAFETY: as the caller promised, for rows first.. of acc.
+                    unsafe {
+                        match groups - first {
+                            1 => block::<1>(acc, weights, rows, shape),
+                            2 => block::<2>(acc, weights, rows, shape),
+                            3 => block::<3>(acc, weights, rows, shape),
+                            _ => block::<4>(acc, weights, rows, shape),
+                        }
+                    }
+                    first += (groups - first).min(4);
                 }
             }
         }
     };
 }
 
-add_scaled! {
+/// The first `left` of 16 lanes (all 16 from 16 on).
+#[cfg(target_arch = "x86_64")]
+fn lanes(left: usize) -> __mmask16 {
+    if left >= 16 {
+        u16::MAX
+    } else {
+        ((1u32 << left) - 1) as __mmask16
+    }
+}
+
+add_weighted! {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    fn add_scaled_bf16(u16);
+    fn add_weighted_bf16(u16);
     // bfloat16 is the high half of an f32.
     load: |mask, p: *const u16| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
         _mm256_maskz_loadu_epi16(mask, p.cast()),
     )))
 }
 
-add_scaled! {
+add_weighted! {
     #[target_feature(enable = "avx512f")]
-    fn add_scaled_f32(f32);
+    fn add_weighted_f32(f32);
     load: |mask, p: *const f32| _mm512_maskz_loadu_ps(mask, p)
 }
 
@@ -468,7 +528,8 @@ pub(crate) unsafe fn exp_sum(xs: &mut [f32], max: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    //! The vectorised SwiGLU against the scalar one it stands for.
+    //! The vectorised SwiGLU and weighted sums against the scalar code they
+    //! stand for.
 
     use proptest::prelude::*;
 
@@ -506,6 +567,58 @@ mod tests {
                 let want = F32::swiglu(g, u);
                 prop_assert!((ours[i] - want).abs() <= 4.0 * f32::EPSILON * want.abs() + 1e-30, "f32 {i}: swiglu({g}, {u}) = {}, scalar {want}", ours[i]);
             }
+        }
+    }
+
+    proptest! {
+        /// Bit for bit the scalar loop `acc = w·v + acc` (one fused
+        /// multiply-add per row, in row order), which libtorch's attention
+        /// and the softmax tests rely on; nothing written past `acc`.
+        #[test]
+        fn add_weighted_adds_in_row_order(
+            groups in 1usize..10,
+            len in 1usize..80,
+            n in 0usize..12,
+            seed in any::<u64>(),
+        ) {
+            if !supported(Element::Bf16) {
+                return Ok(());
+            }
+            let mut state = seed | 1;
+            let mut next = move || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state % 2001) as f32 / 1000.0 - 1.0
+            };
+            let weights: Vec<f32> = (0..groups * n).map(|_| next()).collect();
+            let start: Vec<f32> = (0..groups * len).map(|_| next()).collect();
+            let values: Vec<f32> = (0..n * len).map(|_| next()).collect();
+            let bf16s: Vec<u16> = values.iter().map(|&v| bf16_from_f32(v)).collect();
+            let want = |value: &dyn Fn(usize) -> f32| {
+                let mut acc = start.clone();
+                for g in 0..groups {
+                    for i in 0..n {
+                        for d in 0..len {
+                            let w = weights[g * n + i];
+                            acc[g * len + d] = w.mul_add(value(i * len + d), acc[g * len + d]);
+                        }
+                    }
+                }
+                acc
+            };
+            let mut ours = start.clone();
+            ours.push(7.0);
+            let rows: Vec<_> = (0..n).map(|i| values[i * len..].as_ptr()).collect();
+            // SAFETY: supported; `ours` holds `groups` rows of `len` (and one
+            // more element, which must stay), each row `len` values.
+            unsafe { F32::add_weighted(&mut ours[..groups * len], &weights, &rows, len) };
+            prop_assert_eq!(ours.pop(), Some(7.0));
+            prop_assert_eq!(&ours, &want(&|at| values[at]));
+            let mut ours = start.clone();
+            let rows: Vec<_> = (0..n).map(|i| bf16s[i * len..].as_ptr()).collect();
+            unsafe { Bf16::add_weighted(&mut ours, &weights, &rows, len) };
+            prop_assert_eq!(&ours, &want(&|at| f32_from_bf16(bf16s[at])));
         }
     }
 
