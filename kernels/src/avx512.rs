@@ -350,7 +350,7 @@ fn round_bf16_ps(v: __m512) -> __m512 {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn swiglu_row_bf16(gate: &[f32], up: &[f32], out: *mut u16) {
     for at in (0..gate.len()).step_by(16) {
-        let mask: __mmask16 = (u32::MAX >> (32 - (gate.len() - at).min(16))) as __mmask16;
+        let mask = lanes(gate.len() - at);
         // SAFETY: `mask` covers only the elements left in gate, up and out.
         unsafe {
             let g = round_bf16_ps(_mm512_maskz_loadu_ps(mask, gate.as_ptr().add(at)));
@@ -365,7 +365,7 @@ unsafe fn swiglu_row_bf16(gate: &[f32], up: &[f32], out: *mut u16) {
 #[target_feature(enable = "avx512f")]
 unsafe fn swiglu_row_f32(gate: &[f32], up: &[f32], out: *mut f32) {
     for at in (0..gate.len()).step_by(16) {
-        let mask: __mmask16 = (u32::MAX >> (32 - (gate.len() - at).min(16))) as __mmask16;
+        let mask = lanes(gate.len() - at);
         // SAFETY: `mask` covers only the elements left in gate, up and out.
         unsafe {
             let g = _mm512_maskz_loadu_ps(mask, gate.as_ptr().add(at));

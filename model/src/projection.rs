@@ -14,6 +14,7 @@ use tramontane_kernels::{
 };
 
 use crate::error::ForwardError;
+use crate::openmp::OpenMpTeam;
 
 /// `$call` with `$kernel` the kernels' type for `$element` ([`Bf16`] or [`F32`]).
 macro_rules! with_kernel {
@@ -30,8 +31,6 @@ macro_rules! with_kernel {
         }
     };
 }
-
-use crate::openmp::OpenMpTeam;
 
 /// Most rows the kernels take: 32 (a decode step of 32 sequences). bf16:
 /// since the kernels take 8 rows of x per pass over the weights, they match
