@@ -14,8 +14,8 @@ pub enum ConfigError {
         path: Option<PathBuf>,
         error: serde_json::Error,
     },
-    #[error("unsupported architecture {found}: only MixtralForCausalLM is supported")]
-    UnsupportedArchitecture { found: String },
+    #[error("unsupported architecture {found}: the supported ones are {supported}")]
+    UnsupportedArchitecture { found: String, supported: String },
     #[error("invalid config field {field}: {reason}")]
     Invalid { field: &'static str, reason: String },
     #[error("unsupported torch_dtype {0:?} (float32, bfloat16 or float16)")]

@@ -77,7 +77,49 @@ fn default_hidden_act() -> String {
     "silu".into()
 }
 
-const ARCHITECTURE: &str = "MixtralForCausalLM";
+/// The architectures served, as config.json's `architectures` names them,
+/// with their `model_type` (for configs without `architectures`).
+pub const SUPPORTED_ARCHITECTURES: &[(&str, &str)] = &[("MixtralForCausalLM", "mixtral")];
+
+/// What config.json says the checkpoint is, read before any other field.
+#[derive(Deserialize)]
+struct Architecture {
+    #[serde(default)]
+    architectures: Vec<String>,
+    #[serde(default)]
+    model_type: Option<String>,
+}
+
+/// Refuses an architecture this project does not serve, naming it and the
+/// supported ones; without `architectures`, `model_type` decides.
+fn check_architecture(
+    architectures: &[String],
+    model_type: Option<&str>,
+) -> Result<(), ConfigError> {
+    let supported = if architectures.is_empty() {
+        SUPPORTED_ARCHITECTURES
+            .iter()
+            .any(|&(_, served)| model_type == Some(served))
+    } else {
+        architectures
+            .iter()
+            .any(|a| SUPPORTED_ARCHITECTURES.iter().any(|&(name, _)| a == name))
+    };
+    if supported {
+        return Ok(());
+    }
+    let found = if architectures.is_empty() {
+        format!("model_type {:?}", model_type.unwrap_or("<none>"))
+    } else {
+        architectures.join(", ")
+    };
+    let supported = SUPPORTED_ARCHITECTURES
+        .iter()
+        .map(|&(name, _)| name)
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(ConfigError::UnsupportedArchitecture { found, supported })
+}
 
 impl MixtralConfig {
     /// Reads and validates `config.json`.
@@ -90,9 +132,13 @@ impl MixtralConfig {
     }
 
     /// Parses and validates the text of a `config.json`.
+    /// The architecture is checked first: a checkpoint of another family
+    /// is refused by name, not by the first Mixtral field it lacks.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
-        let config: MixtralConfig =
-            serde_json::from_str(text).map_err(|error| ConfigError::Parse { path: None, error })?;
+        let parse = |error| ConfigError::Parse { path: None, error };
+        let said: Architecture = serde_json::from_str(text).map_err(parse)?;
+        check_architecture(&said.architectures, said.model_type.as_deref())?;
+        let config: MixtralConfig = serde_json::from_str(text).map_err(parse)?;
         config.validate()?;
         Ok(config)
     }
@@ -108,22 +154,7 @@ impl MixtralConfig {
 
     /// Cross-field checks: what the forward relies on.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let is_mixtral = if self.architectures.is_empty() {
-            self.model_type.as_deref() == Some("mixtral")
-        } else {
-            self.architectures.iter().any(|a| a == ARCHITECTURE)
-        };
-        if !is_mixtral {
-            let found = if self.architectures.is_empty() {
-                format!(
-                    "model_type {:?}",
-                    self.model_type.as_deref().unwrap_or("<none>")
-                )
-            } else {
-                self.architectures.join(", ")
-            };
-            return Err(ConfigError::UnsupportedArchitecture { found });
-        }
+        check_architecture(&self.architectures, self.model_type.as_deref())?;
         let invalid =
             |field: &'static str, reason: String| Err(ConfigError::Invalid { field, reason });
         for (field, value) in [
@@ -229,6 +260,32 @@ mod tests {
         let err = MixtralConfig::from_json(&v.to_string()).unwrap_err();
         assert!(matches!(err, ConfigError::UnsupportedArchitecture { .. }));
         assert!(err.to_string().contains("LlamaForCausalLM"), "{err}");
+    }
+
+    #[test]
+    fn another_family_is_refused_by_name_before_its_fields_are_read() {
+        // A Qwen3-MoE config: no num_local_experts, which Mixtral requires.
+        let qwen3 = serde_json::json!({
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "model_type": "qwen3_moe",
+            "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 48,
+            "num_attention_heads": 32, "num_key_value_heads": 4,
+            "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+            "vocab_size": 151936
+        });
+        let err = MixtralConfig::from_json(&qwen3.to_string()).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::UnsupportedArchitecture { found, .. } if found == "Qwen3MoeForCausalLM"),
+            "{err}"
+        );
+        let message = err.to_string();
+        assert!(message.contains("MixtralForCausalLM"), "{message}");
+        assert!(!message.contains("num_local_experts"), "{message}");
+        // Without `architectures`, by model_type.
+        let err = MixtralConfig::from_json(r#"{"model_type": "olmoe"}"#).unwrap_err();
+        assert!(err.to_string().contains("model_type \"olmoe\""), "{err}");
+        let err = MixtralConfig::from_json(r#"{"model_type": "mixtral"}"#).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
     }
 
     #[test]
