@@ -1,11 +1,7 @@
-//! Generates the moe.v1 messages and services with protox (no protoc needed),
-//! and gives this crate's test executables the libtorch rpath.
-
-#[path = "../build-support/rpath.rs"]
-mod rpath;
+//! Generates the moe.v1 messages and services with protox (no protoc, no
+//! Python: this crate does not link libtorch).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    rpath::emit_torch_rpath();
     let files = ["moe/v1/expert.proto", "moe/v1/generation.proto"];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

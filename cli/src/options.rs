@@ -41,7 +41,7 @@ impl ComputeArgs {
             tch::set_num_threads(threads);
         }
         Ok(LoadOptions {
-            kind: tramontane_model::dtype::kind(self.dtype),
+            dtype: self.dtype,
             device,
         })
     }
@@ -194,7 +194,7 @@ impl RouterTuning {
             load: compute.load_options()?,
             dispatch_timeout: Duration::from_millis(self.dispatch_timeout_ms),
             startup_timeout: Duration::from_secs(self.startup_timeout_s),
-            wire: tramontane_model::dtype::kind(self.wire_dtype.unwrap_or(compute.dtype)),
+            wire: self.wire_dtype.unwrap_or(compute.dtype),
             micro_batches: self.micro_batches,
             scheduler: self.scheduler.config()?,
             max_message_bytes: self.max_message_bytes,

@@ -7,7 +7,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 use tokio::sync::{mpsc, oneshot};
 use tramontane_model::error::{ForwardError, LoadError};
 use tramontane_model::moe::{ExpertRows, LocalExperts};
@@ -34,7 +34,8 @@ pub struct WorkerInfo {
     /// Per layer, the experts held (layers with none are left out).
     pub held: Vec<(usize, Vec<usize>)>,
     pub device: Device,
-    pub kind: Kind,
+    /// The dtype the experts compute in.
+    pub dtype: tramontane_config::Dtype,
     pub weight_bytes: u64,
 }
 
@@ -172,7 +173,7 @@ fn load(model: &WorkerModel) -> Result<(LocalExperts, WorkerInfo), LoadError> {
         &checkpoint,
         &config,
         &held,
-        model.options.kind,
+        model.options.kind(),
         model.options.device,
     )?;
     let info = WorkerInfo {
@@ -184,7 +185,7 @@ fn load(model: &WorkerModel) -> Result<(LocalExperts, WorkerInfo), LoadError> {
             .collect(),
         config,
         device: model.options.device,
-        kind: model.options.kind,
+        dtype: model.options.dtype,
         weight_bytes: checkpoint.loaded_bytes(),
     };
     Ok((experts, info))
@@ -303,7 +304,7 @@ fn run(
     let wire_kind = hidden.kind();
     let xs = hidden
         .f_to_device(options.device)?
-        .f_to_kind(options.kind)?;
+        .f_to_kind(options.kind())?;
     let out = experts.forward_rows(layer, &xs, work)?;
     Ok(out.f_to_kind(wire_kind)?.f_to_device(Device::Cpu)?)
 }
@@ -314,6 +315,7 @@ mod tests {
     //! answered with what it would get alone.
 
     use super::*;
+    use tch::Kind;
 
     fn job(
         layer: usize,

@@ -9,11 +9,13 @@
 //! - What a worker holds is [`tramontane_policy::held_experts`]'s.
 //! - [`compute`]: the dedicated thread that owns the expert tensors.
 //! - [`service`]: the gRPC `moe.v1.ExpertService`: validation, then compute.
+//! - [`payload`]: payloads ↔ tensors (the wire's codec is host-only).
 //! - [`metrics`]: Prometheus metrics, `GET /metrics` on the gRPC port.
 //! - [`serve`]: the server entry point, on a given listener with a shutdown future.
 
 pub mod compute;
 pub mod metrics;
+pub mod payload;
 pub mod service;
 
 use std::future::Future;

@@ -15,6 +15,7 @@ use tramontane_proto::v1::{
 };
 
 use crate::compute::{ComputeError, ComputeHandle, WorkItem, WorkerInfo};
+use crate::payload;
 
 pub struct ExpertServer {
     compute: ComputeHandle,
@@ -144,7 +145,6 @@ impl ExpertService for ExpertServer {
             return Err(Status::unavailable(ComputeError::Stopped.to_string()));
         }
         let info = &self.info;
-        let dtype = codec::dtype_of(info.kind).unwrap_or(tramontane_proto::v1::Dtype::Unspecified);
         Ok(Response::new(InfoResponse {
             model_id: info.model_id.clone(),
             num_layers: info.config.num_hidden_layers as u32,
@@ -159,7 +159,7 @@ impl ExpertService for ExpertServer {
                 })
                 .collect(),
             device: device_name(info.device),
-            dtype: dtype as i32,
+            dtype: codec::to_wire(info.dtype),
             weight_bytes: info.weight_bytes,
         }))
     }
@@ -208,7 +208,7 @@ impl ExpertServer {
             .increment(item.rows.len() as u64);
         }
         metrics::gauge!(crate::metrics::QUEUE_DEPTH).set(self.compute.queue_depth() as f64);
-        let hidden = codec::decode(request.hidden.as_ref(), "hidden", 2)
+        let hidden = payload::to_tensor(request.hidden.as_ref(), "hidden", 2)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let decoded = arrived.elapsed();
         let computed = self
@@ -224,7 +224,7 @@ impl ExpertServer {
             })?;
         let encoding = Instant::now();
         let output =
-            codec::encode(&computed.output).map_err(|e| Status::internal(e.to_string()))?;
+            payload::from_tensor(&computed.output).map_err(|e| Status::internal(e.to_string()))?;
         Ok(ForwardResponse {
             dispatch_id: request.dispatch_id,
             output: Some(output),

@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 use tramontane_proto::v1::expert_service_client::ExpertServiceClient;
-use tramontane_proto::v1::{Dtype, ExpertRows, ForwardRequest, InfoRequest, TensorPayload};
+use tramontane_config::Dtype;
+use tramontane_proto::codec;
+use tramontane_proto::v1::{ExpertRows, ForwardRequest, InfoRequest};
 
 use crate::error::MeasureError;
 
@@ -46,11 +48,11 @@ pub async fn round_trips(addr: &str, samples: usize) -> Result<RoundTrips, Measu
     let request = ForwardRequest {
         dispatch_id: 0,
         layer: held.layer,
-        hidden: Some(TensorPayload {
-            dtype: Dtype::F32 as i32,
-            shape: vec![1, info.hidden_size as i64],
-            data: row.into(),
-        }),
+        hidden: Some(codec::payload(
+            Dtype::F32,
+            vec![1, info.hidden_size as i64],
+            row,
+        )),
         experts: vec![ExpertRows {
             expert,
             rows: vec![0],

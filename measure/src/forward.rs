@@ -254,7 +254,7 @@ pub fn load(
             workers,
             placement,
             Duration::from_secs(60),
-            options.kind,
+            options.dtype,
         ))?
         .with_micro_batches(micro_batches);
     let phases = experts.phases();

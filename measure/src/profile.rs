@@ -125,14 +125,14 @@ fn measure_dense(
     let lm_head = checkpoint.load(
         key,
         &[vocab as i64, config.hidden_size as i64],
-        options.kind,
+        options.kind(),
         options.device,
     )?;
     let mut lm_points = Vec::new();
     for rows in token_counts(args.max_tokens.min(config.max_position_embeddings)) {
         let xs = Tensor::randn(
             [rows as i64, config.hidden_size as i64],
-            (options.kind, options.device),
+            (options.kind(), options.device),
         );
         let seconds = time(args.repeats, device, || {
             let logits = xs.linear(&lm_head, None::<Tensor>).to_kind(Kind::Float);
@@ -299,14 +299,14 @@ fn measure_workers(
         &addrs,
         placement,
         Duration::from_secs(600),
-        options.kind,
+        options.dtype,
     ))?;
     let mut ffn = Vec::new();
     let mut dispatch = Vec::new();
     let mut alone_ratios = Vec::new();
     let mut turn = 0usize;
     for rows in token_counts(args.max_tokens) {
-        let xs = Tensor::randn([rows as i64, hidden as i64], (options.kind, options.device));
+        let xs = Tensor::randn([rows as i64, hidden as i64], (options.kind(), options.device));
         // Every row to `per_worker` experts on each of the first `engaged`
         // workers (expert e is on worker e mod lanes), other experts each turn.
         let mut layer_time = |per_worker: usize, engaged: usize| -> Result<f64, MeasureError> {
@@ -423,12 +423,7 @@ pub fn measure(args: &ProfileOptions) -> Result<Profile, MeasureError> {
     }
     let _guard = tch::no_grad_guard();
     let options = args.load;
-    let dtype = tramontane_model::dtype::dtype(options.kind).ok_or_else(|| {
-        MeasureError::Invalid(format!(
-            "{:?} is not a dtype weights may have",
-            options.kind
-        ))
-    })?;
+    let dtype = options.dtype;
     let device = options.device;
     let config = MixtralConfig::from_file(&args.model.join("config.json"))?;
     let checkpoint = Checkpoint::open(&args.model)?;

@@ -16,19 +16,26 @@ use crate::norm::RmsNorm;
 use crate::projection;
 use crate::rotary::{RotaryEmbedding, RotaryTables};
 use crate::weights::Checkpoint;
-use tramontane_config::MixtralConfig;
+use tramontane_config::{Dtype, MixtralConfig};
 
 /// The dtype and device weights are loaded into and computed in.
 #[derive(Debug, Clone, Copy)]
 pub struct LoadOptions {
-    pub kind: Kind,
+    pub dtype: Dtype,
     pub device: Device,
+}
+
+impl LoadOptions {
+    /// libtorch's kind of the dtype.
+    pub fn kind(&self) -> Kind {
+        crate::dtype::kind(self.dtype)
+    }
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
-            kind: Kind::Float,
+            dtype: Dtype::F32,
             device: Device::Cpu,
         }
     }
@@ -83,7 +90,7 @@ impl Mixtral {
             checkpoint,
             &config,
             &|_, _| true,
-            options.kind,
+            options.kind(),
             options.device,
         )?;
         Self::load_dense(checkpoint, config, options, Box::new(experts))
@@ -97,7 +104,7 @@ impl Mixtral {
         options: LoadOptions,
         experts: Box<dyn Experts>,
     ) -> Result<Self, WeightsError> {
-        let LoadOptions { kind, device } = options;
+        let (kind, device) = (options.kind(), options.device);
         let h = config.hidden_size as i64;
         let v = config.vocab_size as i64;
         let q_dim = (config.num_attention_heads * config.head_dim()) as i64;
@@ -163,7 +170,7 @@ impl Mixtral {
     /// A KV pool for `tokens` positions (in whole blocks) of every layer, in
     /// the model's dtype and device; allocated and zeroed now.
     pub fn kv_pool(&self, tokens: usize) -> KvPool {
-        KvPool::new(&self.config, tokens, self.options.kind, self.options.device)
+        KvPool::new(&self.config, tokens, self.options.kind(), self.options.device)
     }
 
     /// A KV pool with room for `sequences` sequences of up to `positions`
@@ -349,13 +356,13 @@ impl Mixtral {
             .collect();
         let rotary = self.rotary.tables(
             &Tensor::f_from_slice(&positions)?.f_to_device(device)?,
-            self.options.kind,
+            self.options.kind(),
         )?;
         let layout = StepLayout::new(
             &group,
             &caches[sequences],
             self.config.sliding_window,
-            (self.options.kind, device),
+            (self.options.kind(), device),
         )?;
         Ok(MicroBatch {
             xs: self.embed_tokens.f_index_select(0, &ids)?,

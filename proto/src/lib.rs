@@ -1,14 +1,18 @@
 //! # tramontane-proto
 //!
 //! The `moe.v1` protocol: the expert service a router calls on its workers,
-//! the public generation service, and the codec that moves tensors across
-//! the wire as raw little-endian bytes with dtype and shape beside them.
+//! the public generation service, and the codec that moves hidden states
+//! across the wire as raw little-endian bytes with dtype and shape beside
+//! them. It does not link libtorch: payloads are built from and added into
+//! host `f32` rows here, and become tensors where tensors live (the worker).
 //!
 //! # Layout
 //!
 //! - `moe/v1/*.proto`: the protocol, compiled at build time by protox.
 //! - [`v1`]: the generated messages, clients and servers.
-//! - [`codec`]: [`v1::TensorPayload`] ↔ `tch::Tensor`, validating on decode.
+//! - [`codec`]: [`v1::TensorPayload`] ↔ host rows, validating on decode;
+//!   the wire's dtype values ↔ [`tramontane_config::Dtype`] (the one dtype
+//!   type of config, wire and command line).
 
 pub mod codec;
 

@@ -36,8 +36,6 @@ pub enum ClusterError {
     },
     #[error("placement names {placement} workers but {given} worker addresses were given")]
     WorkerCount { placement: usize, given: usize },
-    #[error("hidden states cannot cross the wire in this dtype")]
-    WireDtype(#[source] tramontane_proto::codec::CodecError),
     #[error("cannot start the data path's runtime")]
     Runtime(#[source] std::io::Error),
     #[error("layer {layer} expert {expert} has no worker: {detail}")]

@@ -18,14 +18,17 @@ use tramontane_model::moe::{Experts, InFlight};
 use tramontane_policy::dispatch_plan::{RoutedPair, WorkerShare, plan_dispatch};
 use tramontane_policy::placement::Placement;
 use tramontane_policy::routing_trace::RoutingTrace;
-use tramontane_proto::codec::{self, CodecError, Precision};
+use tramontane_config::Dtype;
+use tramontane_proto::codec::{self, CodecError};
 use tramontane_proto::v1::expert_service_client::ExpertServiceClient;
-use tramontane_proto::v1::{Dtype, ExpertRows, ForwardRequest, ForwardResponse, TensorPayload};
+use tramontane_proto::v1::{ExpertRows, ForwardRequest, ForwardResponse, TensorPayload};
 
 use crate::cluster::ClusterError;
 use crate::dispatch_phases::{DispatchPhases, Phase};
 use crate::expert_load::ExpertLoad;
-use crate::failure::{BadAnswer, DispatchError, WorkerError, WorkerFailure, WorkerRef};
+use crate::failure::{
+    BadAnswer, DispatchError, EncodeError, WorkerError, WorkerFailure, WorkerRef,
+};
 
 /// All pairs of a routing, token by token.
 pub fn routed_pairs(routing: &Routing) -> Vec<RoutedPair> {
@@ -49,7 +52,7 @@ pub fn combine(
     hidden: usize,
     share: &WorkerShare,
     answer: &TensorPayload,
-    precision: Precision,
+    precision: Dtype,
 ) -> Result<(), CodecError> {
     codec::add_rows(
         Some(answer),
@@ -165,7 +168,7 @@ impl RemoteExperts {
         workers: Arc<Vec<WorkerLink>>,
         placement: Placement,
         deadline: Duration,
-        wire: Kind,
+        wire: Dtype,
     ) -> Result<Self, ClusterError> {
         let experts = placement.experts.first().map_or(0, Vec::len);
         let load = Arc::new(ExpertLoad::new(
@@ -174,7 +177,6 @@ impl RemoteExperts {
             workers.len(),
         ));
         let data = DataPath::new(&workers).map_err(ClusterError::Runtime)?;
-        let wire = codec::dtype_of(wire).map_err(ClusterError::WireDtype)?;
         Ok(Self {
             workers,
             placement,
@@ -197,7 +199,7 @@ impl RemoteExperts {
         addrs: &[String],
         placement: Placement,
         deadline: Duration,
-        wire: Kind,
+        wire: Dtype,
     ) -> Result<Self, ClusterError> {
         let model_id = tramontane_config::model_id(model_dir)?;
         let links = crate::cluster::connect(
@@ -252,7 +254,12 @@ impl RemoteExperts {
     ) -> Result<ForwardRequest, ForwardError> {
         let started = Instant::now();
         let hidden_rows = codec::encode_rows(xs, hidden, &token_rows(share), self.wire)
-            .map_err(|source| experts_failed(DispatchError::Encode { layer, source }))?;
+            .map_err(|source| {
+                experts_failed(DispatchError::Encode {
+                    layer,
+                    source: source.into(),
+                })
+            })?;
         self.phases.record(Phase::Encode, started.elapsed());
         Ok(ForwardRequest {
             dispatch_id: self.next_dispatch.fetch_add(1, Ordering::Relaxed),
@@ -323,6 +330,8 @@ struct Forward {
     worker: usize,
     client: ExpertServiceClient<Channel>,
     request: ForwardRequest,
+    /// The request's dtype, which the answer must have.
+    wire: Dtype,
     rows: usize,
     hidden: i64,
     deadline: Duration,
@@ -361,6 +370,7 @@ impl Forward {
         let Forward {
             mut client,
             request,
+            wire,
             rows,
             hidden,
             deadline,
@@ -370,7 +380,7 @@ impl Forward {
         let started = Instant::now();
         let sent = Sent {
             dispatch_id: request.dispatch_id,
-            dtype: request.hidden.as_ref().map_or(0, |h| h.dtype),
+            dtype: wire,
         };
         let mut request = tonic::Request::new(request);
         request.set_timeout(deadline);
@@ -394,7 +404,7 @@ impl Forward {
 /// What an answer must match of its request.
 struct Sent {
     dispatch_id: u64,
-    dtype: i32,
+    dtype: Dtype,
 }
 
 /// The answer's output, once it is for this dispatch, in the request's
@@ -414,10 +424,10 @@ fn check_answer(
         });
     }
     let (dtype, shape) = codec::validate(response.output.as_ref(), "output", 2)?;
-    if dtype as i32 != sent.dtype {
+    if dtype != sent.dtype {
         return Err(BadAnswer::Dtype {
             answered: dtype,
-            sent: Dtype::try_from(sent.dtype).unwrap_or_default(),
+            sent: sent.dtype,
         });
     }
     if shape != [rows as i64, hidden] {
@@ -447,7 +457,8 @@ struct LayerDispatch {
     hidden: i64,
     kind: Kind,
     device: tch::Device,
-    precision: Precision,
+    /// The dtype the output is summed in: the layer input's.
+    precision: Dtype,
     /// The output being summed, `[tokens, hidden]`.
     out: Vec<f32>,
     /// The expert of every routed pair, token by token (`k` per token).
@@ -492,6 +503,7 @@ impl RemoteExperts {
                 worker: share.worker,
                 client: self.data.clients[share.worker].clone(),
                 request,
+                wire: self.wire,
                 rows: share.tokens.len(),
                 hidden: d.hidden,
                 deadline: self.deadline,
@@ -570,8 +582,12 @@ impl Experts for RemoteExperts {
         let started = Instant::now();
         let (tokens, hidden) = (xs.size()[0], xs.size()[1]);
         let host = host_rows(xs)?;
-        let precision = Precision::of(xs.kind())
-            .map_err(|source| experts_failed(DispatchError::Encode { layer, source }))?;
+        let precision = tramontane_model::dtype::dtype(xs.kind()).ok_or_else(|| {
+            experts_failed(DispatchError::Encode {
+                layer,
+                source: EncodeError::Kind(xs.kind()),
+            })
+        })?;
         let pairs = routed_pairs(routing);
         let routed: Vec<usize> = pairs.iter().map(|p| p.expert).collect();
         if let Some(trace) = &self.trace {
@@ -706,7 +722,7 @@ mod tests {
     }
 
     /// What a worker answers for a share: its experts on its gathered rows,
-    /// on the wire.
+    /// on the wire (in f32).
     fn worker_answer(local: &LocalExperts, xs: &Tensor, share: &WorkerShare) -> TensorPayload {
         let gathered = xs.index_select(0, &Tensor::from_slice(&share.tokens));
         let work: Vec<LocalRows> = share
@@ -718,7 +734,10 @@ mod tests {
                 weights: weights.clone(),
             })
             .collect();
-        codec::encode(&local.forward_rows(0, &gathered, &work).unwrap()).unwrap()
+        let out = local.forward_rows(0, &gathered, &work).unwrap();
+        let host = host_rows(&out).unwrap();
+        let rows: Vec<usize> = (0..share.tokens.len()).collect();
+        codec::encode_rows(&host, HIDDEN as usize, &rows, Dtype::F32).unwrap()
     }
 
     fn case() -> impl Strategy<Value = (usize, usize, usize, usize, Vec<Vec<bool>>, Vec<bool>, i64)>
@@ -741,9 +760,8 @@ mod tests {
 
     #[test]
     fn answers_of_another_dispatch_dtype_shape_or_with_nan_are_bad() {
-        let payload = |values: &[f32], kind: Kind| {
-            codec::encode(&Tensor::from_slice(values).view([2, 2]).to_kind(kind)).unwrap()
-        };
+        let payload =
+            |values: &[f32], dtype: Dtype| codec::encode_rows(values, 2, &[0, 1], dtype).unwrap();
         let answer = |dispatch_id, output| ForwardResponse {
             dispatch_id,
             output: Some(output),
@@ -751,9 +769,9 @@ mod tests {
         };
         let sent = Sent {
             dispatch_id: 7,
-            dtype: Dtype::Bf16 as i32,
+            dtype: Dtype::Bf16,
         };
-        let good = payload(&[1.0, 2.0, 3.0, 4.0], Kind::BFloat16);
+        let good = payload(&[1.0, 2.0, 3.0, 4.0], Dtype::Bf16);
         assert_eq!(
             check_answer(answer(7, good.clone()), &sent, 2, 2).unwrap(),
             good
@@ -767,7 +785,7 @@ mod tests {
             }
         ));
         assert!(matches!(
-            bad(answer(7, payload(&[1.0; 4], Kind::Float)), 2),
+            bad(answer(7, payload(&[1.0; 4], Dtype::F32)), 2),
             BadAnswer::Dtype {
                 answered: Dtype::F32,
                 sent: Dtype::Bf16
@@ -778,7 +796,7 @@ mod tests {
             BadAnswer::Shape { rows: 3, .. }
         ));
         for value in [f32::NAN, f32::INFINITY] {
-            let poisoned = payload(&[1.0, 2.0, 3.0, value], Kind::BFloat16);
+            let poisoned = payload(&[1.0, 2.0, 3.0, value], Dtype::Bf16);
             assert!(matches!(
                 bad(answer(7, poisoned), 2),
                 BadAnswer::NonFinite { index: 3 }
@@ -865,7 +883,7 @@ mod tests {
                     prop_assert!(placement.replicas(0, expert).contains(&share.worker));
                 }
                 let answer = worker_answer(&local, &xs, share);
-                combine(&mut out, HIDDEN as usize, share, &answer, Precision::F32).unwrap();
+                combine(&mut out, HIDDEN as usize, share, &answer, Dtype::F32).unwrap();
             }
             let out = Tensor::from_slice(&out).view([tokens as i64, HIDDEN]);
             let planned: usize = shares.iter().map(|s| s.pairs.len()).sum();

@@ -120,7 +120,7 @@ pub enum DispatchError {
     Encode {
         layer: usize,
         #[source]
-        source: CodecError,
+        source: EncodeError,
     },
     /// A checked answer could not be added back (a bug): HTTP 500, gRPC
     /// INTERNAL.
@@ -141,6 +141,16 @@ impl DispatchError {
         }
         self
     }
+}
+
+/// Why hidden states could not be put on the wire.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    /// The model computes in a libtorch kind the wire has no dtype for.
+    #[error("tensor of kind {0:?} cannot be sent")]
+    Kind(tch::Kind),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
 }
 
 fn list(workers: &[WorkerRef]) -> String {
@@ -211,8 +221,8 @@ pub enum BadAnswer {
     },
     #[error("answered dtype {answered:?} to a request in {sent:?}")]
     Dtype {
-        answered: tramontane_proto::v1::Dtype,
-        sent: tramontane_proto::v1::Dtype,
+        answered: tramontane_config::Dtype,
+        sent: tramontane_config::Dtype,
     },
     #[error("answered dispatch {answered} to dispatch {sent}")]
     DispatchId { answered: u64, sent: u64 },
@@ -301,7 +311,7 @@ pub(crate) mod examples {
                 "encode",
                 DispatchError::Encode {
                     layer: 0,
-                    source: CodecError::UnsupportedKind(tch::Kind::Int8),
+                    source: EncodeError::Kind(tch::Kind::Int8),
                 }
                 .into(),
                 vec!["layer 0: cannot encode the hidden states: tensor of kind Int8"],
@@ -357,7 +367,7 @@ mod tests {
             0,
             DispatchError::Encode {
                 layer: 0,
-                source: CodecError::UnsupportedKind(tch::Kind::Int8),
+                source: EncodeError::Kind(tch::Kind::Int8),
             },
         );
         assert!(GenerationError::from(encode).stranded_rows().is_empty());

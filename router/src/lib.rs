@@ -50,7 +50,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
-use tch::Kind;
+use tramontane_config::Dtype;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
@@ -88,7 +88,7 @@ pub struct RouterOptions {
     /// How long to wait for workers to answer at start.
     pub startup_timeout: Duration,
     /// dtype of hidden states on the wire.
-    pub wire: Kind,
+    pub wire: Dtype,
     /// Into how many micro-batches a step splits (their layers interleave,
     /// so one's attention runs while another's experts are out).
     pub micro_batches: dispatch::MicroBatches,

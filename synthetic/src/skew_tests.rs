@@ -82,7 +82,7 @@ fn gate_stats(dir: &Path, prompts: usize, len: usize) -> Result<Vec<LayerStats>>
         &checkpoint,
         &config,
         &|_, _| true,
-        options.kind,
+        options.kind(),
         options.device,
     )?;
     let stats = Rc::new(RefCell::new(

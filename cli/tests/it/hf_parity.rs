@@ -110,7 +110,7 @@ fn check_parity_in(gen_args: &[&str], dtype: Dtype, tolerance: f64) -> Result<f6
     let reference = hf_reference(&model_dir, dir.path(), &[], dtype)?;
 
     let options = LoadOptions {
-        kind: tramontane_model::dtype::kind(dtype),
+        dtype,
         ..LoadOptions::default()
     };
     let model = Mixtral::load_in_process(&model_dir, options)?;

@@ -102,7 +102,7 @@ fn check_shape(gen_args: &[&str]) -> Result<()> {
                     &addrs,
                     placement.clone(),
                     Duration::from_secs(30),
-                    tch::Kind::Float,
+                    tramontane_config::Dtype::F32,
                 ))?
                 .with_micro_batches(MicroBatches::Fixed(groups));
             let checkpoint = Checkpoint::open(&model_dir)?;
