@@ -32,6 +32,8 @@ import time
 import torch
 from transformers import MixtralForCausalLM
 
+from benchlib import Column, print_table, run_json  # beside this file, which Python puts on sys.path
+
 
 def bench_token(sequence: int, position: int, vocab: int) -> int:
     mixed = ((sequence * 7919 + position * 104729) * 2654435761) % 2**64
@@ -95,11 +97,10 @@ def llama_cpp(peers, model, threads, types):
 def ours(args, dtype, kernels=True):
     """Our rows; without the small-batch kernels (TRAMONTANE_NO_KERNELS=1) every projection is libtorch's."""
     env = dict(os.environ, TRAMONTANE_NO_KERNELS="0" if kernels else "1")
-    return json.loads(subprocess.run(
+    return run_json(
         [args.bin, "bench-forward", "--model", args.model, "--threads", str(args.threads), "--json",
          "--dtype", dtype, "--repeats", str(args.repeats), "--decode-steps", str(args.decode_steps),
-         "--decode-prompt", str(args.decode_prompt)],
-        check=True, capture_output=True, text=True, env=env).stdout)["rows"]
+         "--decode-prompt", str(args.decode_prompt)], env)["rows"]
 
 
 def best_of(*runs):
@@ -153,6 +154,26 @@ def transformers_rows(args, dtype):
     return rows
 
 
+COLUMNS = [Column("dtype", 5, "<"), Column("row", 16, "<"), Column("ours", 8), Column("libtorch only", 14),
+           Column("gain", 6), Column("transformers", 13), Column("ratio", 6)]
+LLAMA_COLUMNS = [Column("llama.cpp", 10), Column("ratio", 6), Column("llama q8_0", 11)]
+
+
+def table_row(dtype, i, rows, llama):
+    """Row `i` of `dtype`: ours, ours on libtorch only, transformers (and llama.cpp when it ran)."""
+    o, t, b = rows
+    assert o["name"] == t["name"] == b["name"], (o["name"], t["name"], b["name"])
+    ours = o["tokens_per_s"]
+    cells = [dtype, o["name"], f"{ours:.1f}", f"{b['tokens_per_s']:.1f}", f"{ours / b['tokens_per_s']:.2f}x",
+             f"{t['tokens_per_s']:.1f}", f"{ours / t['tokens_per_s']:.2f}x"]
+    if llama:
+        peer = llama.get(dtype, {}).get(LLAMA_KEYS[i])
+        q8 = llama.get("q8_0", {}).get(LLAMA_KEYS[i])
+        cells += [f"{peer:.1f}", f"{ours / peer:.2f}x"] if peer else ["-", "-"]
+        cells.append(f"{q8:.1f}" if q8 else "-")
+    return cells
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -185,24 +206,9 @@ def main() -> None:
     if note:
         print(f"note: {note}")
     print("libtorch only = ours with every projection on libtorch's GEMMs (TRAMONTANE_NO_KERNELS=1)")
-    header = (f"{'dtype':<5} {'row':<16} {'ours':>8} {'libtorch only':>14} {'gain':>6}"
-              f" {'transformers':>13} {'ratio':>6}")
-    if llama:
-        header += f" {'llama.cpp':>10} {'ratio':>6} {'llama q8_0':>11}"
-    print(header)
-    for dtype in dtypes:
-        mine, theirs, plain = results[dtype]
-        for i, (o, t, b) in enumerate(zip(mine, theirs, plain)):
-            assert o["name"] == t["name"] == b["name"], (o["name"], t["name"], b["name"])
-            line = (f"{dtype:<5} {o['name']:<16} {o['tokens_per_s']:>8.1f} {b['tokens_per_s']:>14.1f} "
-                    f"{o['tokens_per_s'] / b['tokens_per_s']:>5.2f}x {t['tokens_per_s']:>13.1f} "
-                    f"{o['tokens_per_s'] / t['tokens_per_s']:>5.2f}x")
-            if llama:
-                peer = llama.get(dtype, {}).get(LLAMA_KEYS[i])
-                q8 = llama.get("q8_0", {}).get(LLAMA_KEYS[i])
-                line += (f" {peer:>10.1f} {o['tokens_per_s'] / peer:>5.2f}x" if peer else f" {'-':>10} {'-':>6}")
-                line += f" {q8:>11.1f}" if q8 else f" {'-':>11}"
-            print(line)
+    columns = COLUMNS + (LLAMA_COLUMNS if llama else [])
+    print_table(columns, [table_row(dtype, i, rows, llama) for dtype in dtypes
+                          for i, rows in enumerate(zip(*results[dtype]))])
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import tempfile
 
 import serving_load  # beside this file, which Python puts on sys.path
 import serving_vs_local
+from benchlib import Column, print_table, run_json
 
 
 def requests_at(concurrency: int, args) -> int:
@@ -45,8 +46,7 @@ def plan(args, model, workers, concurrency, requests, extra) -> dict:
                "--concurrency", str(concurrency), "--requests", str(requests),
                "--prompt-len", str(args.input_len), "--output-len", str(args.output_len), "--dtype", "f32",
                "--json", *extra]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    chosen = json.loads(out)
+    chosen = run_json(command)
     p = next(p for p in chosen["plans"] if p["workers"] == workers)
     return {"output_tokens_per_s": p["prediction"]["output_tokens_per_s"],
             "itl_p50_ms": p["prediction"]["itl"]["p50"] * 1e3,
@@ -59,23 +59,22 @@ def plan(args, model, workers, concurrency, requests, extra) -> dict:
 def measure(args, model, workers, levels, server_args="") -> dict:
     """Serves `model` on `workers` workers and runs each (concurrency, requests) level."""
     config = json.load(open(os.path.join(model, "config.json")))
-    server = argparse.Namespace(bin=args.bin, model=model, workers=workers, threads=args.threads,
-                                server_args=server_args, start_timeout=args.start_timeout)
+    options = argparse.Namespace(bin=args.bin, model=model, workers=workers, threads=args.threads,
+                                 server_args=server_args, start_timeout=args.start_timeout)
     results = {}
-    with tempfile.TemporaryFile("w+") as log:
-        proc, addr = serving_vs_local.start_server(server, log)
-        try:
-            for concurrency, requests in levels:
-                print(f"  measuring W={workers} C={concurrency} ({requests} requests) ...", file=sys.stderr)
-                s = serving_load.run(f"http://{addr}", None, requests, concurrency=concurrency,
-                                     input_len=args.input_len, output_len=args.output_len, seed=args.seed,
-                                     vocab=config["vocab_size"])
-                if s["failed"]:
-                    raise SystemExit(f"W={workers} C={concurrency}: {s['failed']} requests failed")
-                results[concurrency] = {"output_tokens_per_s": s["output_tokens_per_s"],
-                                        "itl_p50_ms": s["itl_ms"]["p50"], "ttft_p50_ms": s["ttft_ms"]["p50"]}
-        finally:
-            serving_vs_local.stop_server(proc)
+    serve, addr = serving_vs_local.start_server(options)
+    try:
+        for concurrency, requests in levels:
+            print(f"  measuring W={workers} C={concurrency} ({requests} requests) ...", file=sys.stderr)
+            s = serving_load.run(f"http://{addr}", None, requests, concurrency=concurrency,
+                                 input_len=args.input_len, output_len=args.output_len, seed=args.seed,
+                                 vocab=config["vocab_size"])
+            if s["failed"]:
+                raise SystemExit(f"W={workers} C={concurrency}: {s['failed']} requests failed")
+            results[concurrency] = {"output_tokens_per_s": s["output_tokens_per_s"],
+                                    "itl_p50_ms": s["itl_ms"]["p50"], "ttft_p50_ms": s["ttft_ms"]["p50"]}
+    finally:
+        serving_vs_local.stop_server(serve)
     return results
 
 
@@ -96,16 +95,22 @@ def row(name, workers, concurrency, predicted, measured) -> dict:
             "itl_p50_error": error(predicted["itl_p50_ms"], measured["itl_p50_ms"])}
 
 
-def print_table(result) -> None:
+ROW_COLUMNS = [Column("config", 22, "<"), Column("W", 2), Column("C", 3), Column("pred tok/s", 10),
+               Column("meas tok/s", 10), Column("err", 7), Column("pred ITL p50", 12), Column("meas ITL p50", 12),
+               Column("err", 7)]
+
+
+def table_row(r) -> list:
+    p, m = r["predicted"], r["measured"]
+    return [r["config"], str(r["workers"]), str(r["concurrency"]), f"{p['output_tokens_per_s']:.1f}",
+            f"{m['output_tokens_per_s']:.1f}", f"{r['throughput_error']:+.1%}", f"{p['itl_p50_ms']:.1f}",
+            f"{m['itl_p50_ms']:.1f}", f"{r['itl_p50_error']:+.1%}"]
+
+
+def print_summary(result) -> None:
     print(f"{result['model']}: prompts {result['input_len']} tokens, outputs {result['output_len']} tokens, "
           f"router --threads {result['threads']}; profile {result['profile']}")
-    print(f"{'config':<22} {'W':>2} {'C':>3} {'pred tok/s':>10} {'meas tok/s':>10} {'err':>7}"
-          f" {'pred ITL p50':>12} {'meas ITL p50':>12} {'err':>7}")
-    for r in result["rows"]:
-        p, m = r["predicted"], r["measured"]
-        print(f"{r['config']:<22} {r['workers']:>2} {r['concurrency']:>3} {p['output_tokens_per_s']:>10.1f}"
-              f" {m['output_tokens_per_s']:>10.1f} {r['throughput_error']:>+7.1%} {p['itl_p50_ms']:>12.1f}"
-              f" {m['itl_p50_ms']:>12.1f} {r['itl_p50_error']:>+7.1%}")
+    print_table(ROW_COLUMNS, [table_row(r) for r in result["rows"]])
     print(f"median |error|: throughput {result['median_abs_throughput_error']:.1%} (target <= 10%), "
           f"ITL p50 {result['median_abs_itl_p50_error']:.1%} (target <= 15%)")
     for s in result["skew"]:
@@ -190,7 +195,7 @@ def main() -> None:
               "rows": rows, "skew": skew,
               "median_abs_throughput_error": statistics.median(abs(r["throughput_error"]) for r in rows),
               "median_abs_itl_p50_error": statistics.median(abs(r["itl_p50_error"]) for r in rows)}
-    print_table(result)
+    print_summary(result)
     if args.json:
         with open(args.json, "w") as out:
             json.dump(result, out, indent=1)

@@ -17,73 +17,45 @@ Usage: python benches/routers_shared.py --model DIR --bin target/release/tramont
 import argparse
 import json
 import os
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 
-sys.path.insert(0, os.path.dirname(__file__))
-import serving_load  # noqa: E402
+import serving_load  # beside this file, which Python puts on sys.path
+from benchlib import StartError, get, parse_samples, sample_sum, start, wait_healthy
 
 
-def listening(proc, prefix):
-    """The address of the next `prefix...listening on ADDR` line of `proc`."""
-    for line in proc.stdout:
-        if line.startswith(prefix) and "listening on " in line:
-            return line.strip().rsplit("listening on ", 1)[1]
-    proc.kill()
-    raise SystemExit(f"{proc.args[1]} did not start")
-
-
-def drain(proc):
-    """Keeps reading its stdout, so that it never blocks on a full pipe."""
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-
-
-def start(binary, args, prefix):
-    """Starts `tramontane ARGS`; returns it and the address of its `prefix...listening on` line."""
-    proc = subprocess.Popen([binary, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    addr = listening(proc, prefix)
-    drain(proc)
-    return proc, addr
-
-
-def wait_healthy(http, timeout=600.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://{http}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"router at {http} not healthy")
+def start_worker(args, experts):
+    worker = start([args.bin, "worker", "--model", args.model, "--listen", "127.0.0.1:0",
+                    "--threads", str(args.threads), "--experts", experts])
+    return worker, worker.listening("tramontane worker")
 
 
 def start_router(args, workers):
-    proc = subprocess.Popen([args.bin, "router", "--model", args.model, "--workers", ",".join(workers),
-                             "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
-                             "--threads", str(args.threads), "--max-running", str(2 * args.concurrency)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    listening(proc, "tramontane router")
-    http = listening(proc, "tramontane http")
-    drain(proc)
-    wait_healthy(http)
-    return proc, http
+    """Starts `tramontane router` over `workers`; returns it and its HTTP address once /health is 200."""
+    router = start([args.bin, "router", "--model", args.model, "--workers", ",".join(workers),
+                    "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
+                    "--threads", str(args.threads), "--max-running", str(2 * args.concurrency)])
+    try:
+        router.listening("tramontane router")
+        http = router.listening("tramontane http")
+        wait_healthy(http, 600.0, router)
+    except StartError as error:
+        router.stop()
+        raise SystemExit(str(error))
+    return router, http
 
 
-def worker_metric(addr, name):
+def stop_all(started):
+    for process, _ in started:
+        process.stop()
+
+
+def worker_histogram(addr, name):
     """Sum and count of a histogram on a worker's /metrics."""
-    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    values = {}
-    for line in text.splitlines():
-        for suffix in ("_sum", "_count"):
-            if line.startswith(name + suffix + " "):
-                values[suffix] = float(line.split()[-1])
-    return values.get("_sum", 0.0), values.get("_count", 0.0)
+    status, text = get(addr, "/metrics")
+    if status != 200:
+        raise SystemExit(f"GET http://{addr}/metrics: {status} {text[:200]}")
+    samples = parse_samples(text)
+    return sample_sum(samples, name + "_sum"), sample_sum(samples, name + "_count")
 
 
 def load(args, http, concurrency, seed):
@@ -104,12 +76,9 @@ def main() -> None:
     args = parser.parse_args()
 
     config_experts = json.load(open(os.path.join(args.model, "config.json")))["num_local_experts"]
-    workers = [start(args.bin, ["worker", "--model", args.model, "--listen", "127.0.0.1:0",
-                                "--threads", str(args.threads), "--experts",
-                                ",".join(str(e) for e in range(config_experts) if e % 2 == w)], "tramontane")
-               for w in range(2)]
+    workers = [start_worker(args, ",".join(str(e) for e in range(config_experts) if e % 2 == w)) for w in range(2)]
     addrs = [a for _, a in workers]
-    batched = lambda: [worker_metric(a, "tramontane_worker_batched_forwards") for a in addrs]  # noqa: E731
+    batched = lambda: [worker_histogram(a, "tramontane_worker_batched_forwards") for a in addrs]  # noqa: E731
     try:
         before = batched()
         router, http = start_router(args, addrs)
@@ -118,8 +87,7 @@ def main() -> None:
                                    concurrency=2 * args.concurrency, input_len=args.input_len,
                                    output_len=args.output_len, seed=0)
         finally:
-            router.kill()
-            router.wait()
+            router.stop()
         middle = batched()
         routers = [start_router(args, addrs) for _ in range(2)]
         try:
@@ -134,14 +102,10 @@ def main() -> None:
             for t in threads:
                 t.join()
         finally:
-            for proc, _ in routers:
-                proc.kill()
-                proc.wait()
+            stop_all(routers)
         after = batched()
     finally:
-        for proc, _ in workers:
-            proc.kill()
-            proc.wait()
+        stop_all(workers)
 
     def per_compute(a, b):
         s = sum(x[0] for x in b) - sum(x[0] for x in a)

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import openai
 
+from benchlib import Column, fmt, print_table  # beside this file, which Python puts on sys.path
+
 
 @dataclass
 class RequestResult:
@@ -203,11 +205,10 @@ def print_summary(s: dict) -> None:
     print(f"completed / failed  {s['completed']:10d} / {s['failed']}")
     print(f"requests/s          {s['request_per_s']:10.2f}")
     print(f"output tokens/s     {s['output_tokens_per_s']:10.1f}")
-    print(f"{'(ms)':<18}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}")
-    for name in ("ttft", "itl", "tpot", "e2e"):
-        stats = s[f"{name}_ms"]
-        cells = "".join(f"{'-' if stats[k] is None else format(stats[k], '.1f'):>10}" for k in ("mean", "p50", "p90", "p99"))
-        print(f"{name.upper():<18}{cells}")
+    stats = ("mean", "p50", "p90", "p99")
+    print_table([Column("(ms)", 18, "<")] + [Column(stat, 10) for stat in stats],
+                [[name.upper()] + [fmt(s[f"{name}_ms"][stat], ".1f") for stat in stats]
+                 for name in ("ttft", "itl", "tpot", "e2e")], sep="")
 
 
 def main() -> None:

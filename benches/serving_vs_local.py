@@ -20,84 +20,40 @@ Usage: python benches/serving_vs_local.py --model DIR --bin target/release/tramo
 import argparse
 import json
 import os
-import queue
 import shlex
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-import urllib.error
-import urllib.request
 
 import serving_load  # beside this file, which Python puts on sys.path
+from benchlib import Column, StartError, fmt, print_table, run_json, start, wait_healthy
 
 
 def bench_decode(args) -> dict:
     """In-process batch-32 decode over the same context lengths as the served requests."""
-    out = subprocess.run(
+    return run_json(
         [args.bin, "bench-forward", "--model", args.model, "--threads", str(args.threads), "--json",
          "--rows", "decode-32", "--repeats", str(args.repeats), "--decode-prompt", str(args.input_len),
-         "--decode-steps", str(args.output_len)],
-        check=True, capture_output=True, text=True).stdout
-    return json.loads(out)["rows"][0]
+         "--decode-steps", str(args.output_len)])["rows"][0]
 
 
-def health_ok(addr: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{addr}/health", timeout=5) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):  # 503 until every expert has a live worker
-        return False
-
-
-def start_server(args, log):
+def start_server(args):
     """Starts `tramontane serve`; returns it and its HTTP address once GET /health answers 200."""
-    command = [args.bin, "serve", "--model", args.model, "--workers", str(args.workers),
-               "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--threads", str(args.threads),
-               *shlex.split(args.server_args)]
-    # Its own process group, so that a last-resort kill reaches its workers too.
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
-    lines = queue.Queue()
-
-    def read_stdout():  # keeps draining stdout, so the server never blocks on a full pipe
-        for line in proc.stdout:
-            lines.put(line)
-
-    threading.Thread(target=read_stdout, daemon=True).start()
+    # Its own session, so that a last-resort kill reaches its workers too.
+    server = start([args.bin, "serve", "--model", args.model, "--workers", str(args.workers),
+                    "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--threads", str(args.threads),
+                    *shlex.split(args.server_args)], new_session=True)
     deadline = time.monotonic() + args.start_timeout
-    addr = None
     try:
-        while addr is None:
-            try:
-                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                raise RuntimeError(f"no 'tramontane http listening on' line in {args.start_timeout} s")
-            if "tramontane http listening on " in line:
-                addr = line.strip().rsplit("listening on ", 1)[1]
-        while not health_ok(addr):
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({proc.returncode})")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"GET /health not 200 after {args.start_timeout} s")
-            time.sleep(0.5)
-    except RuntimeError as error:
-        stop_server(proc)
-        log.seek(0)
-        tail = log.read()[-4000:]
-        raise SystemExit(f"tramontane serve did not start: {error}\n{tail}")
-    return proc, addr
+        addr = server.listening("tramontane http", args.start_timeout)
+        wait_healthy(addr, deadline - time.monotonic(), server, request_timeout=5.0)
+    except StartError as error:
+        stop_server(server)
+        raise SystemExit(f"tramontane serve did not start: {error}")
+    return server, addr
 
 
-def stop_server(proc) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # serve stops its workers itself
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+def stop_server(server) -> None:
+    server.stop(grace_s=30)  # serve stops its workers itself on SIGTERM
 
 
 def requests_at(concurrency: int, num_requests: int) -> int:
@@ -105,23 +61,26 @@ def requests_at(concurrency: int, num_requests: int) -> int:
     return num_requests if concurrency > 1 else min(num_requests, max(8, num_requests // 8))
 
 
-def fmt(value, spec=".1f") -> str:
-    return "-" if value is None else format(value, spec)
+# The latencies in ms; the last column only says so on the head line.
+LEVEL_COLUMNS = [Column("concurrency", 11), Column("requests", 8), Column("failed", 6), Column("req/s", 7),
+                 Column("out tok/s", 9), Column("TTFT p50", 9), Column("p90", 8), Column("p99", 8),
+                 Column("ITL p50", 8), Column("p90", 7), Column("p99", 7), Column("(ms)", 5)]
 
 
-def print_table(result: dict) -> None:
+def level_row(s: dict) -> list:
+    ttft, itl = s["ttft_ms"], s["itl_ms"]
+    return [str(s["concurrency"]), str(s["num_requests"]), str(s["failed"]), f"{s['request_per_s']:.2f}",
+            f"{s['output_tokens_per_s']:.1f}", fmt(ttft["p50"], ".1f"), fmt(ttft["p90"], ".1f"),
+            fmt(ttft["p99"], ".1f"), fmt(itl["p50"], ".1f"), fmt(itl["p90"], ".1f"), fmt(itl["p99"], ".1f"), ""]
+
+
+def print_summary(result: dict) -> None:
     decode = result["in_process_decode_32"]
     print(f"fp32, {result['model']}; prompts of {result['input_len']} tokens, {result['output_len']} output tokens")
     print(f"in-process decode batch 32 (bench-forward --threads {result['threads']}): "
           f"{decode['tokens_per_s']:.1f} tok/s")
     print(f"served: tramontane serve --workers {result['workers']} --threads {result['threads']} {result['server_args']}".rstrip())
-    print(f"{'concurrency':>11} {'requests':>8} {'failed':>6} {'req/s':>7} {'out tok/s':>9}"
-          f" {'TTFT p50':>9} {'p90':>8} {'p99':>8} {'ITL p50':>8} {'p90':>7} {'p99':>7}  (ms)")
-    for s in result["levels"]:
-        ttft, itl = s["ttft_ms"], s["itl_ms"]
-        print(f"{s['concurrency']:>11} {s['num_requests']:>8} {s['failed']:>6} {s['request_per_s']:>7.2f}"
-              f" {s['output_tokens_per_s']:>9.1f} {fmt(ttft['p50']):>9} {fmt(ttft['p90']):>8} {fmt(ttft['p99']):>8}"
-              f" {fmt(itl['p50']):>8} {fmt(itl['p90']):>7} {fmt(itl['p99']):>7}")
+    print_table(LEVEL_COLUMNS, [level_row(s) for s in result["levels"]])
     if result["ratio_32"] is not None:
         print(f"output tok/s at concurrency 32 / in-process decode batch 32: {result['ratio_32']:.2f} (target >= 0.8)")
     if result["decode_phase_ratio_32"] is not None:
@@ -153,24 +112,23 @@ def main() -> None:
     print(f"  {decode['tokens_per_s']:.1f} tok/s", file=sys.stderr)
 
     summaries = []
-    with tempfile.TemporaryFile("w+") as log:
-        print("starting tramontane serve ...", file=sys.stderr)
-        proc, addr = start_server(args, log)
-        try:
-            for concurrency in levels:
-                count = requests_at(concurrency, args.num_requests)
-                print(f"concurrency {concurrency}: {count} requests ...", file=sys.stderr)
-                try:
-                    summary = serving_load.run(f"http://{addr}", None, count, concurrency=concurrency,
-                                               input_len=args.input_len, output_len=args.output_len,
-                                               seed=args.seed, vocab=config["vocab_size"])
-                except RuntimeError as error:  # the warm-up request failed: the server is not serving
-                    raise SystemExit(f"concurrency {concurrency}: {error}")
-                print(f"  {summary['output_tokens_per_s']:.1f} output tok/s, {summary['failed']} failed",
-                      file=sys.stderr)
-                summaries.append(summary)
-        finally:
-            stop_server(proc)
+    print("starting tramontane serve ...", file=sys.stderr)
+    server, addr = start_server(args)
+    try:
+        for concurrency in levels:
+            count = requests_at(concurrency, args.num_requests)
+            print(f"concurrency {concurrency}: {count} requests ...", file=sys.stderr)
+            try:
+                summary = serving_load.run(f"http://{addr}", None, count, concurrency=concurrency,
+                                           input_len=args.input_len, output_len=args.output_len,
+                                           seed=args.seed, vocab=config["vocab_size"])
+            except RuntimeError as error:  # the warm-up request failed: the server is not serving
+                raise SystemExit(f"concurrency {concurrency}: {error}")
+            print(f"  {summary['output_tokens_per_s']:.1f} output tok/s, {summary['failed']} failed",
+                  file=sys.stderr)
+            summaries.append(summary)
+    finally:
+        stop_server(server)
 
     at_32 = next((s for s in summaries if s["concurrency"] == 32 and s["completed"]), None)
     tpot_32 = at_32["tpot_ms"]["p50"] if at_32 else None
@@ -187,7 +145,7 @@ def main() -> None:
     if args.json == "-":
         print(json.dumps(result))
         return
-    print_table(result)
+    print_summary(result)
     if args.json:
         with open(args.json, "w") as out:
             json.dump(result, out, indent=1)

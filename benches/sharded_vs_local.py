@@ -22,29 +22,26 @@ import json
 import os
 import subprocess
 
+from benchlib import Column, print_table, run_json, start  # beside this file, which Python puts on sys.path
+
+# As `tramontane serve` starts its workers: no OpenMP spin-waiting while idle.
+WORKER_ENV = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
 
 def start_worker(binary, model, experts, threads):
-    proc = subprocess.Popen(
-        [binary, "worker", "--model", model, "--experts", experts, "--listen", "127.0.0.1:0",
-         "--threads", str(threads)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        # As `tramontane serve` starts its workers: no OpenMP spin-waiting while idle.
-        env={**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")})
-    line = proc.stdout.readline()
-    if "listening on " not in line:
-        proc.kill()
-        raise SystemExit(f"worker did not start: {line!r}")
-    return proc, line.strip().rsplit("listening on ", 1)[1]
+    worker = start([binary, "worker", "--model", model, "--experts", experts, "--listen", "127.0.0.1:0",
+                    "--threads", str(threads)], env=WORKER_ENV)
+    return worker, worker.listening("tramontane worker")
 
 
 def start_proxy(binary, upstream, rtt_ms):
-    proc = subprocess.Popen([binary, "delay-proxy", "--upstream", upstream, "--rtt-ms", str(rtt_ms)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = proc.stdout.readline()
-    if "listening on " not in line:
-        proc.kill()
-        raise SystemExit(f"delay-proxy did not start: {line!r}")
-    return proc, line.strip().rsplit("listening on ", 1)[1]
+    proxy = start([binary, "delay-proxy", "--upstream", upstream, "--rtt-ms", str(rtt_ms)])
+    return proxy, proxy.listening("tramontane delay-proxy")
+
+
+def stop_all(started):
+    for process, _ in started:
+        process.stop()
 
 
 def bench_forward(args, workers=(), rows="prefill-8x128,decode-1,decode-8,decode-32", extra=()):
@@ -57,19 +54,20 @@ def bench_forward(args, workers=(), rows="prefill-8x128,decode-1,decode-8,decode
         # As `router` and `serve` run (bench-forward --workers re-runs itself so
         # too): no OpenMP spin-waiting on the cores of the workers while a layer is out.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out)["rows"]
+    return run_json(command, env)["rows"]
 
 
 def bench_dispatch(args, model, samples):
-    proc, addr = start_worker(args.bin, model, "0", 1)
+    worker, addr = start_worker(args.bin, model, "0", 1)
     try:
-        out = subprocess.run([args.bin, "bench-dispatch", "--worker", addr, "--samples", str(samples), "--json"],
-                             check=True, capture_output=True, text=True).stdout
-        return json.loads(out)
+        return run_json([args.bin, "bench-dispatch", "--worker", addr, "--samples", str(samples), "--json"])
     finally:
-        proc.kill()
-        proc.wait()
+        worker.stop()
+
+
+def rates_and_ratios(rows, base):
+    """Per row, its tokens/s and its ratio to the same row of `base`."""
+    return [f"{r['tokens_per_s']:>12.1f} ({r['tokens_per_s'] / b['tokens_per_s']:.2f}x)" for r, b in zip(rows, base)]
 
 
 def main() -> None:
@@ -93,18 +91,12 @@ def main() -> None:
             results[f"router + {count} worker{'s' if count > 1 else ''}"] = bench_forward(
                 args, [addr for _, addr in procs])
         finally:
-            for proc, _ in procs:
-                proc.kill()
-                proc.wait()
+            stop_all(procs)
 
     base = results["in-process"]
     print(f"fp32, {args.threads} threads per process, {args.model}")
-    header = f"{'configuration':<22}" + "".join(f"{row['name']:>24}" for row in base)
-    print(header)
-    for name, rows in results.items():
-        cells = "".join(f"{r['tokens_per_s']:>12.1f} ({r['tokens_per_s'] / b['tokens_per_s']:.2f}x)".rjust(24)
-                        for r, b in zip(rows, base))
-        print(f"{name:<22}{cells}")
+    print_table([Column("configuration", 22, "<")] + [Column(row["name"], 24) for row in base],
+                [[name] + rates_and_ratios(rows, base) for name, rows in results.items()], sep="")
 
     print("\nper layer, µs (mean over the timed steps; per-Forward phases summed over a layer's Forwards)")
     for name, rows in results.items():
@@ -134,20 +126,13 @@ def main() -> None:
                     latency[(rtt, micro)] = bench_forward(args, addrs, "prefill-8x128,decode-8,decode-32",
                                                           ["--micro-batches", str(micro)])
             finally:
-                for proc, _ in proxies:
-                    proc.kill()
-                    proc.wait()
+                stop_all(proxies)
     finally:
-        for proc, _ in procs:
-            proc.kill()
-            proc.wait()
+        stop_all(procs)
     names = [r["name"] for r in latency[(0, 1)]]
-    print(f"{'added rtt, micro-batches':<26}" + "".join(f"{n:>22}" for n in names))
-    for (rtt, micro), rows in latency.items():
-        base_rows = latency[(0, micro)]
-        cells = "".join(f"{r['tokens_per_s']:>12.1f} ({r['tokens_per_s'] / b['tokens_per_s']:.2f}x)".rjust(22)
-                        for r, b in zip(rows, base_rows))
-        print(f"{f'{rtt} ms, {micro}':<26}{cells}")
+    print_table([Column("added rtt, micro-batches", 26, "<")] + [Column(n, 22) for n in names],
+                [[f"{rtt} ms, {micro}"] + rates_and_ratios(rows, latency[(0, micro)])
+                 for (rtt, micro), rows in latency.items()], sep="")
 
     if not os.path.exists(os.path.join(args.tiny_model, "config.json")):
         subprocess.run([args.bin, "gen-model", "--preset", "tiny", "--out", args.tiny_model], check=True)

@@ -45,7 +45,7 @@ fn encode(text: &str) -> String {
 
 /// Every `expr` of the dashboard, with Grafana's interval variables substituted.
 fn dashboard_queries() -> Result<Vec<(String, String)>> {
-    let path = repo().join("deploy/grafana/dashboards/tramontane.json");
+    let path = repo().join("deploy/helm/tramontane/dashboards/tramontane.json");
     let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
     let mut queries = Vec::new();
     for panel in dashboard["panels"].as_array().context("panels")? {
