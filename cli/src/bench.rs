@@ -11,8 +11,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
+use tramontane_dispatch::MicroBatches;
 use tramontane_measure::forward::{self, Shape, Timing};
-use tramontane_router::dispatch::MicroBatches;
 
 use crate::options::ComputeArgs;
 
@@ -53,19 +53,20 @@ pub struct BenchArgs {
 pub fn run(args: &BenchArgs) -> Result<()> {
     let options = args.compute.load_options()?;
     let runtime = tokio::runtime::Runtime::new()?;
-    let (model, phases) = forward::load(
-        &args.model,
-        &args.workers,
-        options,
-        args.micro_batches,
-        &runtime,
-    )?;
     let timing = Timing {
         repeats: args.repeats,
         decode_steps: args.decode_steps,
         decode_prompt: args.decode_prompt,
     };
-    let rows = forward::run(&model, phases.as_deref(), &args.rows, &timing)?;
+    let rows = forward::measure(
+        &args.model,
+        &args.workers,
+        options,
+        args.micro_batches,
+        &runtime,
+        &args.rows,
+        &timing,
+    )?;
     if args.json {
         println!(
             "{}",

@@ -3,6 +3,8 @@
 //! several share, `serving`, `telemetry` and `signals` what the long-running
 //! ones (router, serve, worker) share.
 
+#![forbid(unsafe_code)]
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 

@@ -8,13 +8,13 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use clap::Args;
 use tch::Device;
+use tramontane_dispatch::MicroBatches;
 use tramontane_infra::grpc::DEFAULT_MAX_MESSAGE_BYTES;
 use tramontane_infra::tls::Tls;
 use tramontane_model::{Dtype, LoadOptions};
 use tramontane_policy::scheduler::{SchedulerConfig, SchedulerConfigError};
 use tramontane_router::RouterOptions;
 use tramontane_router::api_keys::ApiKeys;
-use tramontane_router::dispatch::MicroBatches;
 
 /// Where and how the model computes.
 #[derive(Debug, Args)]

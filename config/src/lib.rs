@@ -11,6 +11,8 @@
 //! - [`dtype`]: the dtypes weights are stored, loaded and sent in.
 //! - [`error`]: why a config cannot be read.
 
+#![forbid(unsafe_code)]
+
 pub mod dtype;
 pub mod error;
 pub mod mixtral;

@@ -12,7 +12,7 @@ use tramontane_policy::placement::Placement;
 use tramontane_proto::v1::InfoRequest;
 use tramontane_proto::v1::expert_service_client::ExpertServiceClient;
 
-use crate::dispatch::WorkerLink;
+use crate::remote::WorkerLink;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {

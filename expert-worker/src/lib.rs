@@ -13,6 +13,8 @@
 //! - [`metrics`]: Prometheus metrics, `GET /metrics` on the gRPC port.
 //! - [`serve`]: the server entry point, on a given listener with a shutdown future.
 
+#![forbid(unsafe_code)]
+
 pub mod compute;
 pub mod metrics;
 pub mod payload;

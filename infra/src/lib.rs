@@ -14,6 +14,8 @@
 //! - [`tls`]: certificates, keys and CAs read once, as tonic and rustls configurations.
 //! - [`certs`]: a CA and per-node certificates for a cluster (rcgen).
 
+#![forbid(unsafe_code)]
+
 pub mod certs;
 pub mod error;
 pub mod grpc;

@@ -133,6 +133,7 @@ pub fn decode_attention<K: Kernel>(
         }
         for i in i..n {
             let each = |g: usize, [dot]: [f32; 1]| scores[g * n + i] = dot * scale;
+            // SAFETY: as above, for the one key left.
             unsafe { dots::<K, 1, 4>(q, groups, head_dim, [key(i)], [key(i)], each) };
         }
         // Softmax numerators, rounded as the element type, and their sums.

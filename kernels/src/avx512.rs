@@ -90,6 +90,8 @@ impl Kernel for Bf16 {
         ahead: [*const u16; NB],
         k: usize,
     ) -> [[f32; NB]; MB] {
+        // SAFETY: the caller keeps `Kernel::dot`'s contract, which is
+        // `dot_bf16`'s.
         unsafe { dot_bf16::<MB, NB>(x, ldx, w, ahead, k) }
     }
     fn from_f32(value: f32) -> u16 {
@@ -105,9 +107,11 @@ impl Kernel for Bf16 {
         round(round(gate / (1.0 + (-gate).exp())) * up)
     }
     unsafe fn swiglu_row(gate: &[f32], up: &[f32], out: *mut u16) {
+        // SAFETY: the caller keeps `Kernel::swiglu_row`'s contract.
         unsafe { swiglu_row_bf16(gate, up, out) }
     }
     unsafe fn add_weighted(acc: &mut [f32], weights: &[f32], rows: &[*const u16], len: usize) {
+        // SAFETY: the caller keeps `Kernel::add_weighted`'s contract.
         unsafe { add_weighted_bf16(acc, weights, rows, len) }
     }
 }
@@ -122,6 +126,8 @@ impl Kernel for F32 {
         ahead: [*const f32; NB],
         k: usize,
     ) -> [[f32; NB]; MB] {
+        // SAFETY: the caller keeps `Kernel::dot`'s contract, which is
+        // `dot_f32`'s.
         unsafe { dot_f32::<MB, NB>(x, ldx, w, ahead, k) }
     }
     fn from_f32(value: f32) -> f32 {
@@ -134,9 +140,11 @@ impl Kernel for F32 {
         gate / (1.0 + (-gate).exp()) * up
     }
     unsafe fn swiglu_row(gate: &[f32], up: &[f32], out: *mut f32) {
+        // SAFETY: the caller keeps `Kernel::swiglu_row`'s contract.
         unsafe { swiglu_row_f32(gate, up, out) }
     }
     unsafe fn add_weighted(acc: &mut [f32], weights: &[f32], rows: &[*const f32], len: usize) {
+        // SAFETY: the caller keeps `Kernel::add_weighted`'s contract.
         unsafe { add_weighted_f32(acc, weights, rows, len) }
     }
 }
@@ -231,6 +239,7 @@ macro_rules! dot_kernel {
                     _mm_prefetch::<_MM_HINT_T1>(ahead[n].wrapping_add(at).cast());
                 }
                 for m in 0..MB {
+                    // SAFETY: row m of x holds k ≥ at + lanes elements.
                     let xv = unsafe { $load(x.add(m * ldx + at)) };
                     for n in 0..NB {
                         acc[m][n] = $madd(acc[m][n], xv, wv[n]);
@@ -243,6 +252,7 @@ macro_rules! dot_kernel {
                 // SAFETY: `mask` covers only the k - at elements left.
                 let wv: [$vec; NB] = std::array::from_fn(|n| unsafe { $masked(mask, w[n].add(at)) });
                 for m in 0..MB {
+                    // SAFETY: `mask` covers only row m's k - at elements left.
                     let xv = unsafe { $masked(mask, x.add(m * ldx + at)) };
                     for n in 0..NB {
                         acc[m][n] = $madd(acc[m][n], xv, wv[n]);
@@ -561,6 +571,7 @@ mod tests {
                 prop_assert!((got - want).abs() <= step, "bf16 {i}: swiglu({g}, {u}) = {got}, scalar {want}");
             }
             let mut ours = vec![0f32; gate.len() + 1];
+            // SAFETY: as for bf16.
             unsafe { F32::swiglu_row(&gate, &up, ours.as_mut_ptr()) };
             prop_assert_eq!(ours[gate.len()], 0.0, "wrote past the row");
             for (i, (&g, &u)) in gate.iter().zip(&up).enumerate() {
@@ -607,6 +618,7 @@ mod tests {
             prop_assert_eq!(&ours, &want(&|at| values[at]));
             let mut ours = start.clone();
             let rows: Vec<_> = (0..n).map(|i| bf16s[i * len..].as_ptr()).collect();
+            // SAFETY: supported; `ours` holds `groups` rows of `len`, each row `len` values.
             unsafe { Bf16::add_weighted(&mut ours, &weights, &rows, len) };
             prop_assert_eq!(&ours, &want(&|at| f32_from_bf16(bf16s[at])));
         }
@@ -644,6 +656,7 @@ mod tests {
             }
         }
         let mut nan = [f32::NAN; 16];
+        // SAFETY: supported; 16 lanes in, 16 out.
         unsafe { _mm512_storeu_ps(nan.as_mut_ptr(), silu_ps(_mm512_loadu_ps(nan.as_ptr()))) };
         assert!(nan.iter().all(|v| v.is_nan()), "silu(NaN) stays NaN");
     }

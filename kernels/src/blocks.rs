@@ -32,6 +32,7 @@ impl<T> Output<T> {
     /// # Safety
     /// `index` is in bounds and no other thread writes it.
     pub(crate) unsafe fn write(&self, index: usize, value: T) {
+        // SAFETY: the caller's contract: in bounds, and this thread's alone.
         unsafe { self.0.add(index).write(value) }
     }
 }

@@ -12,6 +12,8 @@
 //! - [`write_prometheus_targets`]: the cluster's metrics addresses for Prometheus.
 //! - [`supervisor`]: start a worker again, on its address, when it exits.
 
+#![forbid(unsafe_code)]
+
 pub mod supervisor;
 
 use std::ffi::OsString;

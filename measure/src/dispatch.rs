@@ -5,9 +5,9 @@
 use std::time::Instant;
 
 use serde::Serialize;
-use tramontane_proto::v1::expert_service_client::ExpertServiceClient;
 use tramontane_config::Dtype;
 use tramontane_proto::codec;
+use tramontane_proto::v1::expert_service_client::ExpertServiceClient;
 use tramontane_proto::v1::{ExpertRows, ForwardRequest, InfoRequest};
 
 use crate::error::MeasureError;

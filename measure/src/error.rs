@@ -1,6 +1,9 @@
 //! What can go wrong measuring.
 
-use tramontane_model::{ConfigError, ForwardError, LoadError, WeightsError};
+use std::convert::Infallible;
+
+use tramontane_dispatch::error::DispatchError;
+use tramontane_model::{ConfigError, ForwardError, LoadError, StepError, WeightsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MeasureError {
@@ -15,11 +18,13 @@ pub enum MeasureError {
     #[error(transparent)]
     Forward(#[from] ForwardError),
     #[error(transparent)]
+    Dispatch(#[from] DispatchError),
+    #[error(transparent)]
     Torch(#[from] tch::TchError),
     #[error(transparent)]
     Placement(#[from] tramontane_policy::placement::PlacementError),
     #[error(transparent)]
-    Cluster(#[from] tramontane_router::cluster::ClusterError),
+    Cluster(#[from] tramontane_dispatch::cluster::ClusterError),
     #[error(transparent)]
     Launch(#[from] tramontane_launcher::LaunchError),
     #[error(transparent)]
@@ -34,6 +39,23 @@ pub enum MeasureError {
         #[source]
         error: std::io::Error,
     },
+}
+
+/// A step's failure: the model's own, or its experts' (each says its layer).
+impl<X: Into<MeasureError>> From<StepError<X>> for MeasureError {
+    fn from(error: StepError<X>) -> Self {
+        match error {
+            StepError::Forward(error) => MeasureError::Forward(error),
+            StepError::Experts { source, .. } => source.into(),
+        }
+    }
+}
+
+/// Experts that cannot fail (the dense part timed alone).
+impl From<Infallible> for MeasureError {
+    fn from(never: Infallible) -> Self {
+        match never {}
+    }
 }
 
 impl MeasureError {

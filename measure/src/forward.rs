@@ -4,16 +4,16 @@
 
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use tramontane_dispatch::phases::{DispatchPhases, LayerBreakdown, PhaseTotals};
+use tramontane_dispatch::{MicroBatches, RemoteExperts};
+use tramontane_model::experts::Experts;
 use tramontane_model::kv_cache::{KvCache, KvPool};
 use tramontane_model::weights::Checkpoint;
 use tramontane_model::{BatchItem, LoadOptions, Logits, Mixtral, MixtralConfig};
 use tramontane_policy::placement::Placement;
-use tramontane_router::dispatch::{MicroBatches, RemoteExperts};
-use tramontane_router::dispatch_phases::{DispatchPhases, LayerBreakdown, PhaseTotals};
 
 use crate::error::MeasureError;
 use crate::median;
@@ -135,16 +135,16 @@ impl<'a> Stopwatch<'a> {
     }
 }
 
-fn prefill(
-    model: &Mixtral,
+fn prefill<E: Experts<Error: Into<MeasureError>>>(
+    model: &Mixtral<E>,
     kv: &KvPool,
     prompts: &[Vec<u32>],
 ) -> Result<Vec<KvCache>, MeasureError> {
     Ok(model.prefill(kv, prompts, Logits::LastPosition)?.1)
 }
 
-fn time_prefill(
-    model: &Mixtral,
+fn time_prefill<E: Experts<Error: Into<MeasureError>>>(
+    model: &Mixtral<E>,
     phases: Option<&DispatchPhases>,
     batch: usize,
     len: usize,
@@ -160,8 +160,8 @@ fn time_prefill(
     Ok(watch.row(format!("prefill {batch}x{len}"), batch * len))
 }
 
-fn decode_steps(
-    model: &Mixtral,
+fn decode_steps<E: Experts<Error: Into<MeasureError>>>(
+    model: &Mixtral<E>,
     kv: &KvPool,
     caches: &mut [KvCache],
     mut next: Vec<u32>,
@@ -181,8 +181,8 @@ fn decode_steps(
     Ok(())
 }
 
-fn time_decode(
-    model: &Mixtral,
+fn time_decode<E: Experts<Error: Into<MeasureError>>>(
+    model: &Mixtral<E>,
     phases: Option<&DispatchPhases>,
     batch: usize,
     timing: &Timing,
@@ -206,8 +206,8 @@ fn time_decode(
 
 /// Times each of `shapes`, in order; with `phases` (a sharded model's), each
 /// row also says where a layer's time went.
-pub fn run(
-    model: &Mixtral,
+pub fn run<E: Experts<Error: Into<MeasureError>>>(
+    model: &Mixtral<E>,
     phases: Option<&DispatchPhases>,
     shapes: &[Shape],
     timing: &Timing,
@@ -229,18 +229,22 @@ pub fn run(
         .collect()
 }
 
-/// The model with its experts in process (no `workers`), or on the running
-/// `workers` (default placement) through the router's dispatch, which blocks
-/// on `runtime`; then also the dispatch's phase timings.
-pub fn load(
+/// Times each of `shapes` on the model in `dir`: with its experts in
+/// process (no `workers`), or on the running `workers` (default placement)
+/// through the router's dispatch, which blocks on `runtime`; then each row
+/// also says where a layer's time went.
+pub fn measure(
     dir: &Path,
     workers: &[String],
     options: LoadOptions,
     micro_batches: MicroBatches,
     runtime: &tokio::runtime::Runtime,
-) -> Result<(Mixtral, Option<Arc<DispatchPhases>>), MeasureError> {
+    shapes: &[Shape],
+    timing: &Timing,
+) -> Result<Vec<Row>, MeasureError> {
     if workers.is_empty() {
-        return Ok((Mixtral::load_in_process(dir, options)?, None));
+        let model = Mixtral::load_in_process(dir, options)?;
+        return run(&model, None, shapes, timing);
     }
     let config = MixtralConfig::from_file(&dir.join("config.json"))?;
     let placement = Placement::round_robin(
@@ -259,8 +263,8 @@ pub fn load(
         .with_micro_batches(micro_batches);
     let phases = experts.phases();
     let checkpoint = Checkpoint::open(dir)?;
-    let model = Mixtral::load_dense(&checkpoint, config, options, Box::new(experts))?;
-    Ok((model, Some(phases)))
+    let model = Mixtral::load_dense(&checkpoint, config, options, experts)?;
+    run(&model, Some(&phases), shapes, timing)
 }
 
 #[cfg(test)]

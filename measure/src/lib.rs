@@ -16,6 +16,8 @@
 //! - [`profile`]: the planner's device profile (`tramontane profile`).
 //! - [`error`]: what can go wrong measuring.
 
+#![forbid(unsafe_code)]
+
 pub mod delay_proxy;
 pub mod dispatch;
 pub mod error;

@@ -8,17 +8,17 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
+use tramontane_dispatch::RemoteExperts;
 use tramontane_launcher::WorkerCommand;
+use tramontane_model::experts::Experts;
 use tramontane_model::gating::Routing;
 use tramontane_model::kv_cache::KvCache;
-use tramontane_model::moe::Experts;
 use tramontane_model::weights::Checkpoint;
 use tramontane_model::{
     BatchItem, Dtype, ForwardError, LoadOptions, Logits, Mixtral, MixtralConfig,
 };
 use tramontane_planner::profile::{FORMAT, ModelShape, Point, Profile, interpolate};
 use tramontane_policy::placement::Placement;
-use tramontane_router::dispatch::RemoteExperts;
 
 use crate::error::MeasureError;
 use crate::median;
@@ -50,13 +50,20 @@ pub struct ProfileOptions {
 struct NoExperts;
 
 impl Experts for NoExperts {
-    fn forward(
+    type Pending = Tensor;
+    type Error = ForwardError;
+
+    fn start(
         &self,
         _layer: usize,
         xs: &Tensor,
         _routing: &Routing,
     ) -> Result<Tensor, ForwardError> {
-        Ok(xs.zeros_like())
+        Ok(xs.f_zeros_like()?)
+    }
+
+    fn finish(&self, output: Tensor) -> Result<Tensor, ForwardError> {
+        Ok(output)
     }
 }
 
@@ -106,7 +113,7 @@ struct DenseCosts {
 }
 
 fn measure_dense(
-    model: &Mixtral,
+    model: &Mixtral<NoExperts>,
     checkpoint: &Checkpoint,
     args: &ProfileOptions,
     device: Device,
@@ -306,7 +313,10 @@ fn measure_workers(
     let mut alone_ratios = Vec::new();
     let mut turn = 0usize;
     for rows in token_counts(args.max_tokens) {
-        let xs = Tensor::randn([rows as i64, hidden as i64], (options.kind(), options.device));
+        let xs = Tensor::randn(
+            [rows as i64, hidden as i64],
+            (options.kind(), options.device),
+        );
         // Every row to `per_worker` experts on each of the first `engaged`
         // workers (expert e is on worker e mod lanes), other experts each turn.
         let mut layer_time = |per_worker: usize, engaged: usize| -> Result<f64, MeasureError> {
@@ -323,7 +333,7 @@ fn measure_workers(
             let layer = turn % layers;
             turn += 1;
             let start = Instant::now();
-            let _ = remote.forward(layer, &xs, &routing)?;
+            let _ = remote.finish(remote.start(layer, &xs, &routing)?)?;
             Ok(start.elapsed().as_secs_f64())
         };
         // One and two experts on every worker at once (the usual case when
@@ -432,7 +442,7 @@ pub fn measure(args: &ProfileOptions) -> Result<Profile, MeasureError> {
     let router_threads = tch::get_num_threads();
 
     tracing::info!(threads = router_threads, "profiling the dense part");
-    let model = Mixtral::load_dense(&checkpoint, config.clone(), options, Box::new(NoExperts))?;
+    let model = Mixtral::load_dense(&checkpoint, config.clone(), options, NoExperts)?;
     let dense = measure_dense(&model, &checkpoint, args, device)?;
     drop(model);
 

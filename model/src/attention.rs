@@ -231,7 +231,7 @@ impl Attention {
         let q_dim = self.num_heads * self.head_dim;
         let mut qkv = projection::linear(xs, &self.qkv_proj)?;
         // q's and k's heads lead each row: a few rows are rotated in place.
-        let rotated = rotary.rotate_leading_heads(&mut qkv, self.num_heads + self.num_kv_heads);
+        let rotated = rotary.rotate_leading_heads(&mut qkv, self.num_heads + self.num_kv_heads)?;
         let heads = |start: i64, count: i64| {
             qkv.f_narrow(1, start * self.head_dim, count * self.head_dim)?
                 .f_view([tokens, count, self.head_dim])

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 pub use tramontane_config::ConfigError;
 
+use crate::experts::ExpertsError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
     #[error("cannot read {path}: {error}")]
@@ -58,21 +60,6 @@ pub enum ForwardError {
     TokenOutOfRange { id: i64, vocab_size: usize },
     #[error("layer {layer}: expert {expert} is not held by these experts")]
     ExpertNotHeld { layer: usize, expert: usize },
-    /// The [`crate::moe::Experts`] implementation failed; `source` is its
-    /// own error type (the router's dispatch error, for remote experts).
-    #[error("experts failed on layer {layer}")]
-    Experts {
-        layer: usize,
-        /// Where the token rows `source` may name start in the step: an
-        /// implementation counts rows in the `xs` it got (and gives 0, see
-        /// [`ForwardError::experts`]); the model adds the first row of the
-        /// micro-batch `xs` was, so that out of [`crate::Mixtral::forward`]
-        /// row `first_row + r` is the step's row (its sequences' new tokens
-        /// in batch order).
-        first_row: usize,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
     /// The step's new positions do not fit in the KV pool; no cache was
     /// changed.
     #[error("sequence {sequence}: no room in the KV cache")]
@@ -83,42 +70,52 @@ pub enum ForwardError {
     },
     #[error("sequence {sequence}: its KV cache belongs to another pool")]
     ForeignCache { sequence: usize },
-    /// `Experts::finish` got work another implementation started (a bug).
-    #[error("experts were asked to finish work they did not start")]
-    NotStartedHere,
     #[error("tensor operation failed: {0}")]
     Torch(#[from] tch::TchError),
     #[error("expert kernel: {0}")]
-    Kernel(#[from] tramontane_kernels::ShapeError),
+    Kernel(#[from] crate::projection::KernelError),
 }
 
-impl ForwardError {
-    /// The experts of `layer` failed with `source`, which counts token rows
-    /// in the input the experts got.
-    pub fn experts(layer: usize, source: impl std::error::Error + Send + Sync + 'static) -> Self {
-        ForwardError::Experts {
-            layer,
-            first_row: 0,
-            source: Box::new(source),
-        }
+impl From<tramontane_kernels::ShapeError> for ForwardError {
+    fn from(error: tramontane_kernels::ShapeError) -> Self {
+        ForwardError::Kernel(error.into())
     }
+}
 
-    /// This error of experts whose input started at row `first_row` of the
-    /// step (a micro-batch's first row); other errors as they are.
-    pub(crate) fn offset_rows(self, first_row: usize) -> Self {
-        match self {
-            ForwardError::Experts {
-                layer,
-                first_row: within,
-                source,
-            } => ForwardError::Experts {
-                layer,
-                first_row: first_row + within,
-                source,
-            },
-            other => other,
-        }
+/// In-process experts fail as the model does, for the whole step.
+impl ExpertsError for ForwardError {}
+
+/// Why a step of [`crate::Mixtral::forward`] failed: the model's own part,
+/// or the experts of a layer, with the error type of its
+/// [`crate::experts::Experts`]. On error no cache was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError<X> {
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    #[error("experts failed on layer {layer}")]
+    Experts {
+        layer: usize,
+        /// The step's sequences the failure concerns.
+        failed: Failed,
+        #[source]
+        source: X,
+    },
+}
+
+impl<X> From<tch::TchError> for StepError<X> {
+    fn from(error: tch::TchError) -> Self {
+        StepError::Forward(error.into())
     }
+}
+
+/// Which sequences of a step an experts failure concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failed {
+    /// Every sequence of the step.
+    All,
+    /// Only these, as indexes into the step's batch (sorted, each once,
+    /// never empty): the others may run the step again.
+    Only(Vec<usize>),
 }
 
 /// Anything that can go wrong building a model from a checkpoint folder.

@@ -2,7 +2,8 @@
 //! step, then ragged decode steps; a sequence leaves the batch when it
 //! finishes.
 
-use crate::error::ForwardError;
+use crate::error::StepError;
+use crate::experts::Experts;
 use crate::kv_cache::KvCache;
 use crate::model::{BatchItem, Logits, Mixtral};
 
@@ -15,11 +16,11 @@ pub struct StopRule {
 }
 
 /// Greedy continuations of `prompts`, run as one batch.
-pub fn generate_greedy(
-    model: &Mixtral,
+pub fn generate_greedy<E: Experts>(
+    model: &Mixtral<E>,
     prompts: &[Vec<u32>],
     stop: &StopRule,
-) -> Result<Vec<Vec<u32>>, ForwardError> {
+) -> Result<Vec<Vec<u32>>, StepError<E::Error>> {
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let kv = model.kv_pool_for(prompts.len(), longest + stop.max_new_tokens);
     let mut caches: Vec<KvCache> = prompts.iter().map(|_| kv.new_cache()).collect();

@@ -1,12 +1,13 @@
 //! One decoder layer: pre-norm attention, then pre-norm sparse MoE, each
 //! added to the residual stream.
 
-use tch::Tensor;
+use tch::{TchError, Tensor};
 
 use crate::attention::{Attention, StepLayout};
 use crate::error::ForwardError;
+use crate::experts::Experts;
 use crate::kv_cache::KvPool;
-use crate::moe::{Experts, InFlight, SparseMoe};
+use crate::moe::SparseMoe;
 use crate::norm::RmsNorm;
 use crate::rotary::RotaryTables;
 
@@ -20,21 +21,42 @@ pub struct DecoderLayer {
 
 /// A layer between its attention and its experts' answer: the residual
 /// stream after attention, and the experts' work on it.
-pub struct LayerInFlight {
+pub struct LayerInFlight<P> {
+    layer: usize,
     residual: Tensor,
-    experts: InFlight,
+    experts: P,
+}
+
+/// Why a layer failed: its own part, or the experts of layer `layer`
+/// (whose error counts rows in the layer's input).
+#[derive(Debug)]
+pub enum LayerError<X> {
+    Forward(ForwardError),
+    Experts { layer: usize, source: X },
+}
+
+impl<X> From<ForwardError> for LayerError<X> {
+    fn from(error: ForwardError) -> Self {
+        LayerError::Forward(error)
+    }
+}
+
+impl<X> From<TchError> for LayerError<X> {
+    fn from(error: TchError) -> Self {
+        LayerError::Forward(error.into())
+    }
 }
 
 impl DecoderLayer {
     /// Attention, then the MoE's routing, and its experts started.
-    pub fn start(
+    pub fn start<E: Experts>(
         &self,
         xs: &Tensor,
         rotary: &RotaryTables,
         layout: &StepLayout,
         pool: &KvPool,
-        experts: &dyn Experts,
-    ) -> Result<LayerInFlight, ForwardError> {
+        experts: &E,
+    ) -> Result<LayerInFlight<E::Pending>, LayerError<E::Error>> {
         let attended = self.attention.forward(
             self.index,
             &self.input_layernorm.forward(xs)?,
@@ -48,13 +70,22 @@ impl DecoderLayer {
             &self.post_attention_layernorm.forward(&residual)?,
             experts,
         )?;
-        Ok(LayerInFlight { residual, experts })
+        Ok(LayerInFlight {
+            layer: self.index,
+            residual,
+            experts,
+        })
     }
 
     /// The layer's output once its experts have answered.
-    pub fn finish(in_flight: LayerInFlight, experts: &dyn Experts) -> Result<Tensor, ForwardError> {
-        Ok(in_flight
-            .residual
-            .f_add(&experts.finish(in_flight.experts)?)?)
+    pub fn finish<E: Experts>(
+        in_flight: LayerInFlight<E::Pending>,
+        experts: &E,
+    ) -> Result<Tensor, LayerError<E::Error>> {
+        let layer = in_flight.layer;
+        let out = experts
+            .finish(in_flight.experts)
+            .map_err(|source| LayerError::Experts { layer, source })?;
+        Ok(in_flight.residual.f_add(&out)?)
     }
 }

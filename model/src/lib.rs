@@ -10,14 +10,18 @@
 //! - [`weights`]: memory-mapped safetensors (single or sharded), loaded key by key.
 //! - [`tokenizer`]: `tokenizer.json` + `tokenizer_config.json`.
 //! - Layers, bottom-up: [`norm`], [`rotary`], [`kv_cache`], [`attention`],
-//!   [`expert`], [`gating`], [`moe`] (the block and the [`moe::Experts`] seam
-//!   through which it reaches its experts), [`layer`].
+//!   [`expert`], [`gating`], [`moe`] (the block, and the experts held in
+//!   process), [`layer`].
+//! - [`experts`]: the seam through which the model reaches its experts,
+//!   wherever they live ([`experts::Experts`]); the model is generic over it.
 //! - [`projection`]: every `x · Wᵀ`, on the weight-streaming kernels of
 //!   `tramontane-kernels` for a few rows on the CPU (run on libtorch's own
 //!   OpenMP team, `openmp`), on libtorch's `linear` otherwise.
 //! - [`model`]: the causal LM over a ragged batch of sequences.
 //! - [`generate`]: greedy generation for a batch of prompts.
-//! - [`error`]: one error enum per boundary.
+//! - [`error`]: one error enum per boundary; a step's is
+//!   [`StepError`], generic over its experts' error.
+//! - [`testing`] (feature `test-support`): the one test double of the seam.
 //! - [`cuda`]: libtorch's CUDA half, loaded when a CUDA device is asked for.
 
 pub mod attention;
@@ -25,6 +29,7 @@ pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod expert;
+pub mod experts;
 pub mod gating;
 pub mod generate;
 pub mod kv_cache;
@@ -35,10 +40,14 @@ pub mod norm;
 mod openmp;
 pub mod projection;
 pub mod rotary;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 pub mod tokenizer;
 pub mod weights;
 
-pub use error::{ConfigError, ForwardError, LoadError, TokenizerError, WeightsError};
+pub use error::{
+    ConfigError, Failed, ForwardError, LoadError, StepError, TokenizerError, WeightsError,
+};
 pub use model::{BatchItem, LoadOptions, Logits, Mixtral};
 pub use tokenizer::Tokenizer;
 pub use tramontane_config::{Dtype, MixtralConfig};

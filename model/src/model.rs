@@ -7,11 +7,12 @@ use std::path::Path;
 use tch::{Device, Kind, TchError, Tensor};
 
 use crate::attention::{Attention, AttentionWeights, SequenceSpan, StepLayout};
-use crate::error::{ForwardError, LoadError, WeightsError};
+use crate::error::{Failed, ForwardError, LoadError, StepError, WeightsError};
+use crate::experts::{Experts, ExpertsError};
 use crate::gating::Gate;
 use crate::kv_cache::{BLOCK_SIZE, KvCache, KvPool, blocks_for};
-use crate::layer::{DecoderLayer, LayerInFlight};
-use crate::moe::{Experts, LocalExperts, SparseMoe, gate_key};
+use crate::layer::{DecoderLayer, LayerError, LayerInFlight};
+use crate::moe::{LocalExperts, SparseMoe, gate_key};
 use crate::norm::RmsNorm;
 use crate::projection;
 use crate::rotary::{RotaryEmbedding, RotaryTables};
@@ -57,14 +58,15 @@ pub enum Logits {
     LastPosition,
 }
 
-pub struct Mixtral {
+/// The causal LM: its dense part, and its experts reached through `E`.
+pub struct Mixtral<E = LocalExperts> {
     config: MixtralConfig,
     embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Tensor,
     rotary: RotaryEmbedding,
-    experts: Box<dyn Experts>,
+    experts: E,
     options: LoadOptions,
 }
 
@@ -93,16 +95,18 @@ impl Mixtral {
             options.kind(),
             options.device,
         )?;
-        Self::load_dense(checkpoint, config, options, Box::new(experts))
+        Self::load_dense(checkpoint, config, options, experts)
     }
+}
 
+impl<E: Experts> Mixtral<E> {
     /// Loads the dense part (embeddings, attention, norms, gates, lm_head) and
     /// reaches the experts through `experts`.
     pub fn load_dense(
         checkpoint: &Checkpoint,
         config: MixtralConfig,
         options: LoadOptions,
-        experts: Box<dyn Experts>,
+        experts: E,
     ) -> Result<Self, WeightsError> {
         let (kind, device) = (options.kind(), options.device);
         let h = config.hidden_size as i64;
@@ -167,10 +171,20 @@ impl Mixtral {
         self.options
     }
 
+    /// The experts the model reaches.
+    pub fn experts(&self) -> &E {
+        &self.experts
+    }
+
     /// A KV pool for `tokens` positions (in whole blocks) of every layer, in
     /// the model's dtype and device; allocated and zeroed now.
     pub fn kv_pool(&self, tokens: usize) -> KvPool {
-        KvPool::new(&self.config, tokens, self.options.kind(), self.options.device)
+        KvPool::new(
+            &self.config,
+            tokens,
+            self.options.kind(),
+            self.options.device,
+        )
     }
 
     /// A KV pool with room for `sequences` sequences of up to `positions`
@@ -186,7 +200,7 @@ impl Mixtral {
         kv: &KvPool,
         prompts: &[Vec<u32>],
         which: Logits,
-    ) -> Result<(Tensor, Vec<KvCache>), ForwardError> {
+    ) -> Result<(Tensor, Vec<KvCache>), StepError<E::Error>> {
         let mut caches: Vec<KvCache> = prompts.iter().map(|_| kv.new_cache()).collect();
         let mut batch: Vec<BatchItem<'_>> = prompts
             .iter()
@@ -205,15 +219,15 @@ impl Mixtral {
         kv: &KvPool,
         batch: &mut [BatchItem<'_>],
         which: Logits,
-    ) -> Result<Tensor, ForwardError> {
+    ) -> Result<Tensor, StepError<E::Error>> {
         let mut spans = Vec::with_capacity(batch.len());
         let mut ids = Vec::new();
         for (sequence, item) in batch.iter().enumerate() {
             if item.tokens.is_empty() {
-                return Err(ForwardError::EmptySequence { sequence });
+                return Err(ForwardError::EmptySequence { sequence }.into());
             }
             if !kv.owns(item.cache) {
-                return Err(ForwardError::ForeignCache { sequence });
+                return Err(ForwardError::ForeignCache { sequence }.into());
             }
             let start = item.cache.positions();
             let positions = start + item.tokens.len();
@@ -222,7 +236,8 @@ impl Mixtral {
                     sequence,
                     positions,
                     limit: self.config.max_position_embeddings,
-                });
+                }
+                .into());
             }
             if let Some(&id) = item
                 .tokens
@@ -232,7 +247,8 @@ impl Mixtral {
                 return Err(ForwardError::TokenOutOfRange {
                     id: id as i64,
                     vocab_size: self.config.vocab_size,
-                });
+                }
+                .into());
             }
             spans.push(SequenceSpan {
                 row: ids.len(),
@@ -250,7 +266,7 @@ impl Mixtral {
                 .try_for_each(|(sequence, (cache, span))| {
                     cache
                         .reserve(span.start + span.len)
-                        .map_err(|source| ForwardError::KvCacheFull { sequence, source })
+                        .map_err(|source| ForwardError::KvCacheFull { sequence, source }.into())
                 });
         let result = reserved.and_then(|()| self.run_layers(kv, &ids, &spans, &caches, which));
         for (cache, span) in caches.iter_mut().zip(&spans) {
@@ -270,7 +286,7 @@ impl Mixtral {
         spans: &[SequenceSpan],
         caches: &[&mut KvCache],
         which: Logits,
-    ) -> Result<Tensor, ForwardError> {
+    ) -> Result<Tensor, StepError<E::Error>> {
         if spans.is_empty() {
             return Ok(Tensor::f_zeros(
                 [0, self.config.vocab_size as i64],
@@ -285,12 +301,12 @@ impl Mixtral {
             .collect::<Result<Vec<_>, _>>()?;
         // Layer by layer, micro-batch after micro-batch: each one's attention
         // runs while the experts of those before it are out. The experts
-        // count rows in their micro-batch; their errors count in the step.
-        let experts = self.experts.as_ref();
+        // count rows in their micro-batch; the step's error names sequences.
+        let experts = &self.experts;
         for layer in &self.layers {
             for batch in &mut batches {
                 let first_row = batch.first_row;
-                let in_step = move |e: ForwardError| e.offset_rows(first_row);
+                let in_step = |e| step_error(e, spans, first_row);
                 if let Some(in_flight) = batch.in_flight.take() {
                     batch.xs = DecoderLayer::finish(in_flight, experts).map_err(in_step)?;
                 }
@@ -306,7 +322,7 @@ impl Mixtral {
             .map(|batch| {
                 let mut xs = match batch.in_flight {
                     Some(in_flight) => DecoderLayer::finish(in_flight, experts)
-                        .map_err(|e| e.offset_rows(batch.first_row))?,
+                        .map_err(|e| step_error(e, spans, batch.first_row))?,
                     None => batch.xs,
                 };
                 if which == Logits::LastPosition {
@@ -320,7 +336,7 @@ impl Mixtral {
                 }
                 Ok(xs)
             })
-            .collect::<Result<Vec<_>, ForwardError>>()?;
+            .collect::<Result<Vec<_>, StepError<E::Error>>>()?;
         // One micro-batch needs no copy.
         let xs = match outputs.len() {
             1 => outputs.swap_remove(0),
@@ -338,7 +354,7 @@ impl Mixtral {
         spans: &[SequenceSpan],
         caches: &[&mut KvCache],
         sequences: std::ops::Range<usize>,
-    ) -> Result<MicroBatch, TchError> {
+    ) -> Result<MicroBatch<E::Pending>, TchError> {
         let device = self.options.device;
         let first = spans[sequences.start].row;
         let group: Vec<SequenceSpan> = spans[sequences.clone()]
@@ -375,8 +391,9 @@ impl Mixtral {
     }
 }
 
-/// Some consecutive sequences of a step, carried through the layers.
-struct MicroBatch {
+/// Some consecutive sequences of a step, carried through the layers; `P`
+/// is its experts' work in flight.
+struct MicroBatch<P> {
     /// Their hidden states: the input of the layer `in_flight` is not yet
     /// finished for.
     xs: Tensor,
@@ -385,7 +402,57 @@ struct MicroBatch {
     spans: Vec<SequenceSpan>,
     rotary: RotaryTables,
     layout: StepLayout,
-    in_flight: Option<LayerInFlight>,
+    in_flight: Option<LayerInFlight<P>>,
+}
+
+/// A layer's error as the step's: an experts failure names the sequences
+/// of the step (`spans`, in batch order) that hold the rows it names, which
+/// count from `first_row`, the step's row where the layer's input started.
+fn step_error<X: ExpertsError>(
+    error: LayerError<X>,
+    spans: &[SequenceSpan],
+    first_row: usize,
+) -> StepError<X> {
+    match error {
+        LayerError::Forward(error) => StepError::Forward(error),
+        LayerError::Experts { layer, source } => StepError::Experts {
+            layer,
+            failed: failed_sequences(spans, first_row, source.failed_rows()),
+            source,
+        },
+    }
+}
+
+/// The sequences (indexes into `spans`, the step's sequences in batch
+/// order) holding the rows `first_row + r` for `r` in `rows`; every
+/// sequence where `rows` is None or names none of them (a step retried as
+/// it is would fail the same way).
+pub fn failed_sequences(
+    spans: &[SequenceSpan],
+    first_row: usize,
+    rows: Option<&[usize]>,
+) -> Failed {
+    let Some(rows) = rows else {
+        return Failed::All;
+    };
+    let mut sequences: Vec<usize> = rows
+        .iter()
+        .filter_map(|&r| {
+            let row = first_row + r;
+            let sequence = spans.partition_point(|s| s.row + s.len <= row);
+            spans
+                .get(sequence)
+                .is_some_and(|s| s.row <= row)
+                .then_some(sequence)
+        })
+        .collect();
+    sequences.sort_unstable();
+    sequences.dedup();
+    if sequences.is_empty() {
+        Failed::All
+    } else {
+        Failed::Only(sequences)
+    }
 }
 
 /// The sequences of a step (their new tokens' counts in `lens`) split into
@@ -418,8 +485,7 @@ mod tests {
     //! it took and leaves every cache as it was, a libtorch error included.
 
     use super::*;
-    use crate::gating::Routing;
-    use crate::moe::InFlight;
+    use crate::testing::{TestError, TestExperts};
 
     fn tiny() -> (tempfile::TempDir, Mixtral) {
         let dir = tempfile::tempdir().unwrap();
@@ -430,29 +496,24 @@ mod tests {
 
     /// The dense part of the checkpoint in `dir` over its experts (loaded in
     /// `kind`), seen through `wrap`.
-    fn dense_over<E: Experts + 'static>(
+    fn dense_over<E: Experts>(
         dir: &std::path::Path,
-        config: &MixtralConfig,
         kind: Kind,
         wrap: impl FnOnce(LocalExperts) -> E,
-    ) -> Mixtral {
-        let checkpoint = Checkpoint::open(dir).unwrap();
-        let local =
-            LocalExperts::load(&checkpoint, config, &|_, _| true, kind, Device::Cpu).unwrap();
-        Mixtral::load_dense(
-            &checkpoint,
-            config.clone(),
-            LoadOptions::default(),
-            Box::new(wrap(local)),
-        )
-        .unwrap()
+    ) -> Mixtral<E> {
+        crate::testing::dense_over(dir, kind, wrap).unwrap()
     }
 
     fn tokens(n: usize) -> Vec<u32> {
         (0..n as u32).map(|p| 3 + (p * 37) % 250).collect()
     }
 
-    fn step(model: &Mixtral, kv: &KvPool, cache: &mut KvCache, tokens: &[u32]) -> Tensor {
+    fn step<E: Experts>(
+        model: &Mixtral<E>,
+        kv: &KvPool,
+        cache: &mut KvCache,
+        tokens: &[u32],
+    ) -> Tensor {
         model
             .forward(kv, &mut [BatchItem { tokens, cache }], Logits::LastPosition)
             .unwrap()
@@ -496,24 +557,14 @@ mod tests {
         assert_eq!(kv.free_blocks(), kv.total_blocks() - 4);
     }
 
-    /// Experts that fail from layer 1 on.
-    struct FailingExperts(LocalExperts);
-
+    /// Experts lost for the rows `.0` of their input (all of it: None).
     #[derive(Debug, thiserror::Error)]
     #[error("worker lost")]
-    struct Lost;
+    struct Lost(Option<Vec<usize>>);
 
-    impl Experts for FailingExperts {
-        fn forward(
-            &self,
-            layer: usize,
-            xs: &Tensor,
-            routing: &Routing,
-        ) -> Result<Tensor, ForwardError> {
-            if layer >= 1 {
-                return Err(ForwardError::experts(layer, Lost));
-            }
-            self.0.forward(layer, xs, routing)
+    impl ExpertsError for Lost {
+        fn failed_rows(&self) -> Option<&[usize]> {
+            self.0.as_deref()
         }
     }
 
@@ -521,7 +572,13 @@ mod tests {
     fn a_failed_step_gives_back_its_blocks_and_changes_no_cache() {
         let _guard = tch::no_grad_guard();
         let (dir, model) = tiny();
-        let failing = dense_over(dir.path(), model.config(), Kind::Float, FailingExperts);
+        // Experts that fail from layer 1 on.
+        let failing = dense_over(dir.path(), Kind::Float, |local| {
+            TestExperts::new(local).hook(|layer, _, _| match layer {
+                0 => Ok(()),
+                _ => Err(Lost(None)),
+            })
+        });
         let all = tokens(21);
         let kv = model.kv_pool(64);
         let mut cache = kv.new_cache();
@@ -545,7 +602,14 @@ mod tests {
             )
             .unwrap_err();
         assert!(
-            matches!(err, ForwardError::Experts { layer: 1, .. }),
+            matches!(
+                err,
+                StepError::Experts {
+                    layer: 1,
+                    failed: Failed::All,
+                    ..
+                }
+            ),
             "{err}"
         );
         assert_eq!((cache.positions(), cache.blocks().len()), (10, 1));
@@ -562,57 +626,13 @@ mod tests {
         assert!(diff < 1e-4, "{diff}");
     }
 
-    /// Local experts that split every step into `groups` micro-batches and
-    /// hand back each layer's output only at `finish`.
-    struct SplitExperts {
-        local: LocalExperts,
-        groups: usize,
-    }
-
-    impl Experts for SplitExperts {
-        fn forward(
-            &self,
-            layer: usize,
-            xs: &Tensor,
-            routing: &Routing,
-        ) -> Result<Tensor, ForwardError> {
-            self.local.forward(layer, xs, routing)
-        }
-
-        fn start(
-            &self,
-            layer: usize,
-            xs: &Tensor,
-            routing: &Routing,
-        ) -> Result<InFlight, ForwardError> {
-            Ok(InFlight::Started(Box::new(
-                self.forward(layer, xs, routing)?,
-            )))
-        }
-
-        fn finish(&self, in_flight: InFlight) -> Result<Tensor, ForwardError> {
-            match in_flight {
-                InFlight::Started(out) => out
-                    .downcast::<Tensor>()
-                    .map(|t| *t)
-                    .map_err(|_| ForwardError::NotStartedHere),
-                InFlight::Done(_) => Err(ForwardError::NotStartedHere),
-            }
-        }
-
-        fn micro_batches(&self, _sequences: usize, _tokens: usize) -> usize {
-            self.groups
-        }
-    }
-
     #[test]
     fn micro_batches_interleave_to_the_same_logits_in_batch_order() {
         let _guard = tch::no_grad_guard();
         let (dir, model) = tiny();
-        let config = model.config().clone();
         let all = tokens(40);
         // A decoding sequence (its prompt cached), then two prompts.
-        let run = |m: &Mixtral, which: Logits| {
+        fn run<E: Experts>(m: &Mixtral<E>, all: &[u32], which: Logits) -> Tensor {
             let kv = m.kv_pool(256);
             let mut decoding = kv.new_cache();
             let _ = step(m, &kv, &mut decoding, &all[..17]);
@@ -636,15 +656,14 @@ mod tests {
                 which,
             )
             .unwrap()
-        };
+        }
         for which in [Logits::LastPosition, Logits::AllPositions] {
-            let reference = run(&model, which);
+            let reference = run(&model, &all, which);
             for groups in [2, 3, 5] {
-                let split = dense_over(dir.path(), &config, Kind::Float, |local| SplitExperts {
-                    local,
-                    groups,
+                let split = dense_over(dir.path(), Kind::Float, |local| {
+                    TestExperts::new(local).micro_batches(groups)
                 });
-                let logits = run(&split, which);
+                let logits = run(&split, &all, which);
                 assert_eq!(logits.size(), reference.size(), "{groups} groups");
                 let diff = (&logits - &reference).abs().max().double_value(&[]);
                 assert!(diff < 1e-5, "{groups} groups, {which:?}: {diff}");
@@ -661,43 +680,26 @@ mod tests {
         assert_eq!(micro_batches(&[], 2), vec![0..0]);
     }
 
-    /// Experts that split a step in two and fail on layer 1 for the
-    /// micro-batch of `rows` rows.
-    struct FailingGroup {
-        local: LocalExperts,
-        rows: i64,
-    }
-
-    impl Experts for FailingGroup {
-        fn forward(
-            &self,
-            layer: usize,
-            xs: &Tensor,
-            routing: &Routing,
-        ) -> Result<Tensor, ForwardError> {
-            if layer == 1 && xs.size()[0] == self.rows {
-                return Err(ForwardError::experts(layer, Lost));
-            }
-            self.local.forward(layer, xs, routing)
-        }
-
-        fn micro_batches(&self, _sequences: usize, _tokens: usize) -> usize {
-            2
-        }
-    }
-
     #[test]
     fn an_experts_error_counts_its_rows_from_its_micro_batchs_first_row() {
         let _guard = tch::no_grad_guard();
-        let (dir, model) = tiny();
-        let config = model.config().clone();
+        let (dir, _model) = tiny();
         let all = tokens(30);
         // Sequences of 1, 9 and 20 tokens: micro-batches of rows 0..10 and 10..30.
         assert_eq!(micro_batches(&[1, 9, 20], 2), vec![0..2, 2..3]);
-        for (rows, first_row) in [(10, 0), (20, 10)] {
-            let failing = dense_over(dir.path(), &config, Kind::Float, |local| FailingGroup {
-                local,
-                rows,
+        // Layer 1 of the `rows`-row micro-batch loses its first and last
+        // rows: the sequences holding them (counted from the micro-batch's
+        // first row in the step) fail.
+        for (rows, first_row, sequences) in [(10usize, 0, vec![0, 1]), (20, 10, vec![2])] {
+            let failing = dense_over(dir.path(), Kind::Float, |local| {
+                TestExperts::new(local)
+                    .micro_batches(2)
+                    .hook(move |layer, xs, _| {
+                        if layer == 1 && xs.size()[0] == rows as i64 {
+                            return Err(Lost(Some(vec![0, rows - 1])));
+                        }
+                        Ok(())
+                    })
             });
             let kv = failing.kv_pool(128);
             let (mut a, mut b, mut c) = (kv.new_cache(), kv.new_cache(), kv.new_cache());
@@ -722,15 +724,37 @@ mod tests {
                 )
                 .unwrap_err();
             match err {
-                ForwardError::Experts {
+                StepError::Experts {
                     layer: 1,
-                    first_row: got,
-                    ..
-                } => assert_eq!(got, first_row, "the {rows}-row micro-batch"),
+                    failed: Failed::Only(got),
+                    source: TestError::Hook(Lost(_)),
+                } => assert_eq!(
+                    got, sequences,
+                    "the {rows}-row micro-batch, from row {first_row}"
+                ),
                 other => panic!("{other}"),
             }
             assert_eq!(kv.free_blocks(), kv.total_blocks());
         }
+    }
+
+    #[test]
+    fn a_failed_row_belongs_to_the_sequence_whose_tokens_hold_it() {
+        // Three sequences of 1, 3 and 1 new tokens: rows 0, 1..4 and 4.
+        let spans: Vec<SequenceSpan> = [(0, 1), (1, 3), (4, 1)]
+            .into_iter()
+            .map(|(row, len)| SequenceSpan { row, len, start: 0 })
+            .collect();
+        let failed = |first_row, rows: &[usize]| failed_sequences(&spans, first_row, Some(rows));
+        assert_eq!(failed(0, &[0]), Failed::Only(vec![0]));
+        assert_eq!(failed(0, &[1, 3]), Failed::Only(vec![1]));
+        assert_eq!(failed(0, &[0, 2, 4]), Failed::Only(vec![0, 1, 2]));
+        // Rows past the step name nobody: the whole step fails.
+        assert_eq!(failed(0, &[5, 9]), Failed::All);
+        assert_eq!(failed(0, &[]), Failed::All);
+        assert_eq!(failed_sequences(&spans, 0, None), Failed::All);
+        // Rows of a micro-batch count from its first row in the step.
+        assert_eq!(failed(1, &[0, 3]), Failed::Only(vec![1, 2]));
     }
 
     #[test]
@@ -757,7 +781,10 @@ mod tests {
             )
             .unwrap_err();
         assert!(
-            matches!(err, ForwardError::KvCacheFull { sequence: 1, .. }),
+            matches!(
+                err,
+                StepError::Forward(ForwardError::KvCacheFull { sequence: 1, .. })
+            ),
             "{err}"
         );
         assert!(a.blocks().is_empty() && b.blocks().is_empty());
@@ -775,7 +802,10 @@ mod tests {
             )
             .unwrap_err();
         assert!(
-            matches!(err, ForwardError::ForeignCache { sequence: 0 }),
+            matches!(
+                err,
+                StepError::Forward(ForwardError::ForeignCache { sequence: 0 })
+            ),
             "{err}"
         );
     }
@@ -788,7 +818,7 @@ mod tests {
         // f64 experts under an f32 model pass every Rust-side check (the
         // kernels turn them down on their kind); libtorch's matmul refuses
         // the mixed dtypes. So does its index_copy_ for a KV pool in f64.
-        let f64_experts = dense_over(dir.path(), &config, Kind::Double, |local| local);
+        let f64_experts = dense_over(dir.path(), Kind::Double, |local| local);
         let f64_pool = KvPool::new(&config, 64, Kind::Double, Device::Cpu);
         let all = tokens(10);
         for (name, model, kv) in [
@@ -811,8 +841,19 @@ mod tests {
                 let Ok(result) = result else {
                     panic!("{name}, {} tokens: the step panicked", tokens.len());
                 };
+                // The experts' own error, or the model's.
                 let err = result.unwrap_err();
-                assert!(matches!(err, ForwardError::Torch(_)), "{name}: {err}");
+                assert!(
+                    matches!(
+                        err,
+                        StepError::Forward(ForwardError::Torch(_))
+                            | StepError::Experts {
+                                source: ForwardError::Torch(_),
+                                ..
+                            }
+                    ),
+                    "{name}: {err}"
+                );
                 assert_eq!((cache.positions(), cache.blocks().len()), (0, 0), "{name}");
                 assert_eq!(kv.free_blocks(), kv.total_blocks(), "{name}");
             }

@@ -1,60 +1,17 @@
-//! The sparse MoE block and its seam to the experts. The block owns the gate
-//! and decides the routing; an [`Experts`] implementation computes the routed
-//! tokens, wherever the experts live (in this process, or on workers).
+//! The sparse MoE block, and the experts held in this process. The block
+//! owns the gate and decides the routing; an [`Experts`] implementation
+//! computes the routed tokens, wherever the experts live.
 
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{ForwardError, WeightsError};
 use crate::expert::Expert;
+use crate::experts::Experts;
 use crate::gating::{Gate, Routing};
+use crate::layer::LayerError;
 use crate::projection::{self, RoutedExpert};
 use crate::weights::Checkpoint;
 use tramontane_config::MixtralConfig;
-
-/// Computes one layer's routed tokens: returns `[tokens, hidden]` holding, per
-/// token, Σ over its k experts of weight · expert(token).
-///
-/// Experts elsewhere may also split the work in two: [`Experts::start`]
-/// sends a layer's tokens and returns at once, [`Experts::finish`] waits for
-/// them. The model then runs the attention of one micro-batch while the
-/// experts of another are out ([`Experts::micro_batches`] says into how
-/// many groups a step's sequences split).
-pub trait Experts {
-    fn forward(&self, layer: usize, xs: &Tensor, routing: &Routing)
-    -> Result<Tensor, ForwardError>;
-
-    /// Starts `forward`; by default computes it now.
-    fn start(
-        &self,
-        layer: usize,
-        xs: &Tensor,
-        routing: &Routing,
-    ) -> Result<InFlight, ForwardError> {
-        self.forward(layer, xs, routing).map(InFlight::Done)
-    }
-
-    /// The output of a started layer.
-    fn finish(&self, in_flight: InFlight) -> Result<Tensor, ForwardError> {
-        match in_flight {
-            InFlight::Done(out) => Ok(out),
-            InFlight::Started(_) => Err(ForwardError::NotStartedHere),
-        }
-    }
-
-    /// Into how many groups a step of `sequences` sequences and `tokens`
-    /// new tokens splits, whose layers interleave; 1 (the default) runs the
-    /// step as one.
-    fn micro_batches(&self, _sequences: usize, _tokens: usize) -> usize {
-        1
-    }
-}
-
-/// A layer's expert work: done, or started by an [`Experts`] that keeps its
-/// own state of it (which only its `finish` understands).
-pub enum InFlight {
-    Done(Tensor),
-    Started(Box<dyn std::any::Any>),
-}
 
 /// Which experts a process holds: `held(layer, expert)`.
 pub type ExpertSelection<'a> = &'a dyn Fn(usize, usize) -> bool;
@@ -118,6 +75,16 @@ impl LocalExperts {
                 (layer, held)
             })
             .collect()
+    }
+
+    /// Layer `layer`'s routed tokens of `xs`: `[tokens, hidden]`.
+    pub fn forward(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        routing: &Routing,
+    ) -> Result<Tensor, ForwardError> {
+        self.forward_rows(layer, xs, &rows_by_expert(routing))
     }
 
     /// Runs each expert of `work` on its rows of `xs`, scales each output row by
@@ -192,14 +159,17 @@ pub fn rows_by_expert(routing: &Routing) -> Vec<ExpertRows> {
     by_expert.into_values().collect()
 }
 
+/// In process, a layer's experts are computed in `start`.
 impl Experts for LocalExperts {
-    fn forward(
-        &self,
-        layer: usize,
-        xs: &Tensor,
-        routing: &Routing,
-    ) -> Result<Tensor, ForwardError> {
-        self.forward_rows(layer, xs, &rows_by_expert(routing))
+    type Pending = Tensor;
+    type Error = ForwardError;
+
+    fn start(&self, layer: usize, xs: &Tensor, routing: &Routing) -> Result<Tensor, ForwardError> {
+        self.forward(layer, xs, routing)
+    }
+
+    fn finish(&self, output: Tensor) -> Result<Tensor, ForwardError> {
+        Ok(output)
     }
 }
 
@@ -219,14 +189,16 @@ impl SparseMoe {
     }
 
     /// Routes `xs` and starts its experts.
-    pub fn start(
+    pub fn start<E: Experts>(
         &self,
         layer: usize,
         xs: &Tensor,
-        experts: &dyn Experts,
-    ) -> Result<InFlight, ForwardError> {
+        experts: &E,
+    ) -> Result<E::Pending, LayerError<E::Error>> {
         let routing = self.gate.route(xs)?;
-        experts.start(layer, xs, &routing)
+        experts
+            .start(layer, xs, &routing)
+            .map_err(|source| LayerError::Experts { layer, source })
     }
 }
 

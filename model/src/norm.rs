@@ -40,6 +40,7 @@ impl RmsNorm {
         let fits = small_rows(kind, xs.device(), rows)
             && self.weight.kind() == kind
             && self.weight.size() == [hidden]
+            && self.weight.device() == tch::Device::Cpu
             && self.weight.is_contiguous();
         if !fits {
             return Ok(None);

@@ -106,12 +106,61 @@ pub(crate) fn kernels_disabled() -> bool {
     *DISABLED.get_or_init(|| std::env::var_os("TRAMONTANE_NO_KERNELS").is_some_and(|v| v != "0"))
 }
 
+/// Why the kernels refused the tensors a safe function was given.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KernelError {
+    #[error(transparent)]
+    Shape(#[from] ShapeError),
+    /// The output would be written while it is read as an input: `out` and
+    /// `input` share memory (a view or a shallow clone of one tensor).
+    #[error("the output shares memory with {input}")]
+    Overlap { input: &'static str },
+}
+
+/// The host memory of a CPU tensor's elements, as an address range (the
+/// elements of a contiguous tensor; for others, a range that holds them).
+fn host_bytes(tensor: &Tensor) -> std::ops::Range<usize> {
+    let start = tensor.data_ptr() as usize;
+    let elements = match tensor.is_contiguous() {
+        true => tensor.numel(),
+        // Up to its farthest element: Σ (size - 1) · stride, plus one.
+        false => {
+            let size = tensor.size();
+            let stride = tensor.stride();
+            1 + size
+                .iter()
+                .zip(&stride)
+                .map(|(&n, &s)| (n.max(1) - 1) as usize * s.unsigned_abs() as usize)
+                .sum::<usize>()
+        }
+    };
+    start..start + elements * tensor.kind().elt_size_in_bytes()
+}
+
+/// Refuses `out` where it shares memory with one of `inputs` (named):
+/// the kernels read the inputs as shared slices while they write `out`.
+pub(crate) fn check_disjoint(
+    out: &Tensor,
+    inputs: &[(&'static str, &Tensor)],
+) -> Result<(), KernelError> {
+    let written = host_bytes(out);
+    for &(input, tensor) in inputs {
+        let read = host_bytes(tensor);
+        if written.start < read.end && read.start < written.end && !written.is_empty() {
+            return Err(KernelError::Overlap { input });
+        }
+    }
+    Ok(())
+}
+
 /// The elements of a contiguous CPU tensor of the kernels' `T`.
 ///
 /// # Safety
 /// `tensor` is contiguous, on the CPU, of `T`'s kind, and outlives the slice
 /// and every other view of its storage is left alone meanwhile.
 pub(crate) unsafe fn elements<T>(tensor: &Tensor) -> &[T] {
+    // SAFETY: the caller's contract: `numel` elements of `T` from
+    // `data_ptr`, alive and unwritten while the slice lives.
     unsafe { std::slice::from_raw_parts(tensor.data_ptr().cast::<T>(), tensor.numel()) }
 }
 
@@ -119,6 +168,7 @@ pub(crate) unsafe fn elements<T>(tensor: &Tensor) -> &[T] {
 /// As [`elements`], and nothing else reads or writes `tensor` meanwhile.
 #[allow(clippy::mut_from_ref)]
 pub(crate) unsafe fn elements_mut<T>(tensor: &Tensor) -> &mut [T] {
+    // SAFETY: as above, and nothing else reads or writes them meanwhile.
     unsafe { std::slice::from_raw_parts_mut(tensor.data_ptr().cast::<T>(), tensor.numel()) }
 }
 
@@ -151,6 +201,7 @@ pub fn swiglu(xs: &Tensor, w1: &Tensor, w3: &Tensor) -> Result<Option<Tensor>, T
 /// One routed expert of [`add_experts`]: its w1, w3 `[intermediate,
 /// hidden]` and w2 `[hidden, intermediate]`, the rows of `xs` it computes
 /// and each row's routing weight.
+#[derive(Clone, Copy)]
 pub struct RoutedExpert<'a> {
     pub weights: [&'a Tensor; 3],
     pub rows: &'a [usize],
@@ -161,12 +212,13 @@ pub struct RoutedExpert<'a> {
 /// its routed rows `r`, on the kernels in one call (see
 /// [`tramontane_kernels::add_experts`]); `Ok(false)` where they do not take
 /// all these tensors, and the caller uses libtorch. `xs` and `out`:
-/// `[tokens, hidden]`.
+/// `[tokens, hidden]`; `out` may not share memory with `xs` or a weight
+/// ([`KernelError::Overlap`]).
 pub fn add_experts(
     xs: &Tensor,
     experts: &[RoutedExpert<'_>],
     out: &mut Tensor,
-) -> Result<bool, ShapeError> {
+) -> Result<bool, KernelError> {
     let (kind, size) = (xs.kind(), xs.size());
     let &[_, hidden] = size.as_slice() else {
         return Ok(false);
@@ -179,6 +231,12 @@ pub fn add_experts(
     if !outputs_fit {
         return Ok(false);
     }
+    let mut inputs = vec![("the hidden states", xs)];
+    for expert in experts {
+        let [w1, w3, w2] = expert.weights;
+        inputs.extend([("w1", w1), ("w3", w3), ("w2", w2)]);
+    }
+    check_disjoint(out, &inputs)?;
     let mut on = None;
     for expert in experts.iter().filter(|e| !e.rows.is_empty()) {
         let [w1, w3, w2] = expert.weights;
@@ -202,8 +260,8 @@ pub fn add_experts(
         return Ok(true); // no rows: nothing to add
     };
     // SAFETY: every tensor was checked to be contiguous, on the CPU and of
-    // the element's kind; `out` is borrowed mutably and is not `xs`'s storage
-    // (the caller's fresh output); all outlive the call.
+    // the element's kind; `out` is borrowed mutably and shares no memory
+    // with what is read (checked above); all outlive the call.
     unsafe {
         with_kernel!(element, K => add::<K>(team, xs, experts, hidden as usize, out))?;
     }
@@ -219,6 +277,7 @@ unsafe fn add<K: Kernel>(
     hidden: usize,
     out: &mut Tensor,
 ) -> Result<(), ShapeError> {
+    // SAFETY: the caller's contract, for every tensor made a slice here.
     unsafe {
         let experts: Vec<(ExpertWeights<'_, K::Elem>, Routed<'_>)> = experts
             .iter()
@@ -272,7 +331,7 @@ pub(crate) fn decode_attention(
         pool.as_slice(),
         q.size().as_slice(),
     ) else {
-        return Err(ForwardError::Kernel(ShapeError::Unsupported(Element::F32)));
+        return Err(ShapeError::Unsupported(Element::F32).into());
     };
     let fits = q.kind() == kind
         && values.kind() == kind
@@ -281,7 +340,7 @@ pub(crate) fn decode_attention(
             .iter()
             .all(|t| t.device() == Device::Cpu && t.is_contiguous());
     if !fits {
-        return Err(ForwardError::Kernel(ShapeError::Unsupported(element)));
+        return Err(ShapeError::Unsupported(element).into());
     }
     let out = q.f_empty_like()?;
     let attended = Attended { slots, offsets };
@@ -305,6 +364,7 @@ unsafe fn attend<K: Kernel>(
     attended: Attended<'_>,
     out: &Tensor,
 ) -> Result<(), ShapeError> {
+    // SAFETY: the caller's contract, for every tensor made a slice here.
     unsafe {
         let kv = KvLayer {
             keys: elements(keys),
@@ -478,6 +538,49 @@ mod tests {
             let err = error(&linear(&xs, &w).unwrap(), &reference);
             assert!(err <= tolerance, "{kind:?} strided: {err}");
         }
+    }
+
+    #[test]
+    fn an_output_that_shares_memory_with_an_input_is_refused() {
+        let _guard = tch::no_grad_guard();
+        let (tokens, hidden, intermediate) = (3, 16, 24);
+        let opts = (Kind::Float, Device::Cpu);
+        let w1 = Tensor::randn([intermediate, hidden], opts);
+        let w3 = Tensor::randn([intermediate, hidden], opts);
+        let w2 = Tensor::randn([hidden, intermediate], opts);
+        let rows = [0usize, 2];
+        let routing = [0.5f32, 0.25];
+        let expert = RoutedExpert {
+            weights: [&w1, &w3, &w2],
+            rows: &rows,
+            routing: &routing,
+        };
+        // Two halves of one buffer: disjoint, so taken.
+        let buffer = Tensor::randn([2 * tokens, hidden], opts);
+        let xs = buffer.narrow(0, 0, tokens);
+        let mut out = buffer.narrow(0, tokens, tokens);
+        let before = out.copy();
+        let taken = add_experts(&xs, &[expert], &mut out).unwrap();
+        if taken {
+            assert_ne!(max_abs_diff(&out, &before), 0.0, "the rows were added");
+        }
+        // The output is the input (a shallow clone), or w1's first rows.
+        let mut aliased = xs.shallow_clone();
+        assert_eq!(
+            add_experts(&xs, &[expert], &mut aliased),
+            Err(KernelError::Overlap {
+                input: "the hidden states"
+            })
+        );
+        let mut in_w1 = w1.narrow(0, 1, tokens);
+        assert_eq!(
+            add_experts(&xs.copy(), &[expert], &mut in_w1),
+            Err(KernelError::Overlap { input: "w1" })
+        );
+        // Overlapping by one element of a strided view is overlapping.
+        let strided = buffer.narrow(0, tokens - 1, tokens + 1);
+        assert!(check_disjoint(&strided, &[("x", &xs)]).is_err());
+        assert!(check_disjoint(&buffer.narrow(0, tokens, tokens), &[("x", &xs)]).is_ok());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use tch::{Device, Kind, TchError, Tensor};
 use tramontane_kernels::{Bf16, F32};
 
-use crate::projection::{elements, elements_mut, small_rows};
+use crate::projection::{KernelError, check_disjoint, elements, elements_mut, small_rows};
 
 pub struct RotaryEmbedding {
     /// `[head_dim / 2]`, fp32.
@@ -44,23 +44,35 @@ impl RotaryTables {
     /// Rotates, in place, heads `0..heads` of every row of `x` (`[tokens,
     /// width]`, contiguous, `head_dim`-wide heads) for a decode step's few
     /// rows on the CPU; false where that path does not apply and the caller
-    /// rotates with [`RotaryTables::apply`].
-    pub fn rotate_leading_heads(&self, x: &mut Tensor, heads: i64) -> bool {
+    /// rotates with [`RotaryTables::apply`]. `x` may not share memory with
+    /// the tables ([`KernelError::Overlap`]).
+    pub fn rotate_leading_heads(&self, x: &mut Tensor, heads: i64) -> Result<bool, KernelError> {
         let size = x.size();
         let &[rows, width] = size.as_slice() else {
-            return false;
+            return Ok(false);
         };
         let kind = x.kind();
         let fits = small_rows(kind, x.device(), rows)
             && x.is_contiguous()
-            && [&self.cos, &self.sin]
-                .iter()
-                .all(|t| t.kind() == kind && t.is_contiguous() && t.size()[0] == rows);
+            && [&self.cos, &self.sin].iter().all(|t| {
+                t.kind() == kind
+                    && t.device() == Device::Cpu
+                    && t.is_contiguous()
+                    && t.size()[0] == rows
+            });
         if !fits {
-            return false;
+            return Ok(false);
         }
+        check_disjoint(
+            x,
+            &[
+                ("the cosine table", &self.cos),
+                ("the sine table", &self.sin),
+            ],
+        )?;
         // SAFETY: on the CPU, contiguous, of the element's kind (checked);
-        // `x` is borrowed mutably and is not the tables' storage.
+        // `x` is borrowed mutably and shares no memory with the tables
+        // (checked).
         let done = unsafe {
             match kind {
                 Kind::BFloat16 => tramontane_kernels::rotate_heads::<Bf16>(
@@ -79,7 +91,9 @@ impl RotaryTables {
                 ),
             }
         };
-        done.is_ok()
+        // The kernel refuses shapes it does not take (before writing):
+        // libtorch's path rotates those.
+        Ok(done.is_ok())
     }
 
     /// Rotates `xs` of shape `[tokens, heads, head_dim]`, row by row.
@@ -95,4 +109,39 @@ fn rotate_half(xs: &Tensor) -> Result<Tensor, TchError> {
     let x1 = xs.f_narrow(2, 0, half)?;
     let x2 = xs.f_narrow(2, half, half)?;
     Tensor::f_cat(&[&x2.f_neg()?, &x1], 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_that_share_memory_with_the_tables_are_refused() {
+        let _guard = tch::no_grad_guard();
+        let head_dim = 8;
+        let rotary = RotaryEmbedding::new(head_dim, 1e4, Device::Cpu);
+        let positions = Tensor::from_slice(&[3i64, 4]);
+        let tables = rotary.tables(&positions, Kind::Float).unwrap();
+        // One head per row, rotated in place, as the libtorch path rotates it.
+        let x = Tensor::randn([2, head_dim as i64], (Kind::Float, Device::Cpu));
+        let mut rotated = x.copy();
+        assert!(tables.rotate_leading_heads(&mut rotated, 1).unwrap());
+        let reference = tables.apply(&x.view([2, 1, head_dim as i64])).unwrap();
+        let diff = (rotated - reference.view([2, head_dim as i64]))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff < 1e-6, "{diff}");
+        // The rows are the cosine table itself (a shallow clone): refused,
+        // and the table is unchanged.
+        let cos = tables.cos.copy();
+        let mut aliased = tables.cos.shallow_clone();
+        assert_eq!(
+            tables.rotate_leading_heads(&mut aliased, 1),
+            Err(KernelError::Overlap {
+                input: "the cosine table"
+            })
+        );
+        assert!(tables.cos.equal(&cos));
+    }
 }

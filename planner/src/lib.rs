@@ -18,6 +18,8 @@
 //! [`tramontane_policy`]'s, the router's own code; nothing here links
 //! libtorch.
 
+#![forbid(unsafe_code)]
+
 pub mod eplb;
 pub mod helm_values;
 pub mod memory;

@@ -17,6 +17,8 @@
 //!   pair of a layer.
 //! - [`routing_trace`]: `--record-routing`, the experts every token chose.
 
+#![forbid(unsafe_code)]
+
 pub mod admission;
 pub mod dispatch_plan;
 pub mod held_experts;

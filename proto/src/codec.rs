@@ -99,11 +99,7 @@ pub fn encode_rows(
                 .for_each(|&v| data.extend_from_slice(&half::f16::from_f32(v).to_le_bytes())),
         }
     }
-    Ok(payload(
-        dtype,
-        vec![rows.len() as i64, hidden as i64],
-        data,
-    ))
+    Ok(payload(dtype, vec![rows.len() as i64, hidden as i64], data))
 }
 
 /// `v` rounded to `dtype`, to nearest even.
@@ -240,11 +236,7 @@ mod tests {
             assert_eq!(first_non_finite(&finite, dtype), None, "{dtype:?}");
             for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
                 let values = row(&[1.0, 2.0, bad, 3.0], dtype);
-                assert_eq!(
-                    first_non_finite(&values, dtype),
-                    Some(2),
-                    "{dtype:?} {bad}"
-                );
+                assert_eq!(first_non_finite(&values, dtype), Some(2), "{dtype:?} {bad}");
             }
         }
     }
@@ -284,9 +276,20 @@ mod tests {
             Err(CodecError::Row { row: 5 })
         );
         // The rows land where they came from.
-        add_rows(Some(&payload), "output", &rows, hidden, &mut out, Dtype::F32).unwrap();
+        add_rows(
+            Some(&payload),
+            "output",
+            &rows,
+            hidden,
+            &mut out,
+            Dtype::F32,
+        )
+        .unwrap();
         for &r in &rows {
-            assert_eq!(out[r * hidden..(r + 1) * hidden], host[r * hidden..(r + 1) * hidden]);
+            assert_eq!(
+                out[r * hidden..(r + 1) * hidden],
+                host[r * hidden..(r + 1) * hidden]
+            );
         }
         assert!(out[hidden..3 * hidden].iter().all(|&v| v == 0.0));
     }
@@ -294,7 +297,10 @@ mod tests {
     #[test]
     fn bad_payloads_are_named_errors() {
         let good = encode_rows(&[1.0; 8], 4, &[0, 1], Dtype::F32).unwrap();
-        assert_eq!(validate(Some(&good), "hidden", 2), Ok((Dtype::F32, vec![2, 4])));
+        assert_eq!(
+            validate(Some(&good), "hidden", 2),
+            Ok((Dtype::F32, vec![2, 4]))
+        );
         assert_eq!(
             validate(None, "hidden", 2).unwrap_err(),
             CodecError::Missing { field: "hidden" }

@@ -14,6 +14,8 @@
 //!   the wire's dtype values ↔ [`tramontane_config::Dtype`] (the one dtype
 //!   type of config, wire and command line).
 
+#![forbid(unsafe_code)]
+
 pub mod codec;
 
 #[allow(clippy::all)]

@@ -18,8 +18,9 @@ use opentelemetry::trace::TraceContextExt;
 use tch::{Device, Kind, Tensor};
 use tokio::sync::mpsc;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tramontane_model::experts::Experts;
 use tramontane_model::kv_cache::{KvCache, KvPool};
-use tramontane_model::{BatchItem, ForwardError, LoadError, Logits, Mixtral};
+use tramontane_model::{BatchItem, Failed, ForwardError, LoadError, Logits, Mixtral};
 use tramontane_policy::admission::{Admission, Reservation};
 use tramontane_policy::scheduler::{SchedulerConfig, SchedulerConfigError, Slice};
 
@@ -157,14 +158,17 @@ pub enum EngineError {
 }
 
 impl EngineHandle {
-    /// Starts the engine thread; `build` runs on it and creates the model.
-    pub fn spawn<F>(
+    /// Starts the engine thread; `build` runs on it and creates the model,
+    /// whose experts' failures become [`GenerationError`]s.
+    pub fn spawn<E, F>(
         build: F,
         eos_ids: Vec<u32>,
         config: SchedulerConfig,
     ) -> Result<Self, EngineError>
     where
-        F: FnOnce() -> Result<Mixtral, LoadError> + Send + 'static,
+        E: Experts,
+        E::Error: Into<GenerationError>,
+        F: FnOnce() -> Result<Mixtral<E>, LoadError> + Send + 'static,
     {
         config.validate()?;
         let (jobs, receiver) = mpsc::unbounded_channel::<GenerateJob>();
@@ -298,8 +302,8 @@ impl Drop for QueueSlots {
     }
 }
 
-struct Engine<'m> {
-    model: &'m Mixtral,
+struct Engine<'m, E> {
+    model: &'m Mixtral<E>,
     kv: KvPool,
     receiver: mpsc::UnboundedReceiver<GenerateJob>,
     waiting_count: Arc<AtomicUsize>,
@@ -314,7 +318,11 @@ struct Engine<'m> {
     retrying: bool,
 }
 
-impl Engine<'_> {
+impl<E> Engine<'_, E>
+where
+    E: Experts,
+    E::Error: Into<GenerationError>,
+{
     fn run(mut self) {
         loop {
             if self.running.is_empty() && self.admission.waiting() == 0 {
@@ -437,12 +445,13 @@ impl Engine<'_> {
             }
             self.model
                 .forward(&self.kv, &mut batch, Logits::LastPosition)
-                .and_then(|l| rows_to_vec(&l))
+                .and_then(|l| Ok(rows_to_vec(&l)?))
         };
         let (logits, vocab) = match logits {
             Ok(rows) => rows,
             Err(error) => {
-                self.fail_step(&plan, GenerationError::from(error));
+                let (failure, failed) = GenerationError::of_step(error);
+                self.fail_step(&plan, failure, failed);
                 return;
             }
         };
@@ -504,22 +513,25 @@ impl Engine<'_> {
         }
     }
 
-    /// A step failed. When it failed for an expert without a live worker,
-    /// only the sequences with a token routed there fail; the others keep
-    /// their place, their caches as they were before the step (the model
-    /// rolls a failed step back), and run it again at the next iteration,
-    /// to the same tokens (nothing new is admitted until they have). Any
-    /// other failure fails every running sequence.
-    fn fail_step(&mut self, plan: &[Slice], failure: GenerationError) {
+    /// A step failed. When it failed for some of its sequences only (those
+    /// with a token routed to an expert without a live worker: `failed`,
+    /// indexes into the step's batch, which is `plan`), only those fail;
+    /// the others keep their place, their caches as they were before the
+    /// step (the model rolls a failed step back), and run it again at the
+    /// next iteration, to the same tokens (nothing new is admitted until
+    /// they have). Any other failure fails every running sequence.
+    fn fail_step(&mut self, plan: &[Slice], failure: GenerationError, failed: Failed) {
         let failure = Arc::new(failure);
         let mut fails = vec![false; self.running.len()];
-        for sequence in sequences_of_rows(plan, failure.stranded_rows()) {
-            if let Some(fail) = fails.get_mut(sequence) {
-                *fail = true;
+        if let Failed::Only(batch) = failed {
+            for slice in batch.iter().filter_map(|&i| plan.get(i)) {
+                if let Some(fail) = fails.get_mut(slice.sequence) {
+                    *fail = true;
+                }
             }
         }
         if !fails.contains(&true) {
-            // Nothing named (or only rows outside the step): retrying the
+            // Every sequence, or none named in this step: retrying the
             // same step would fail the same way, forever.
             fails.fill(true);
         }
@@ -547,27 +559,6 @@ impl Engine<'_> {
     }
 }
 
-/// The sequences (indexes into the running ones, sorted, each once) whose
-/// slice of the step holds one of `rows`: the step's rows are the slices'
-/// tokens one after the other, in plan order.
-fn sequences_of_rows(plan: &[Slice], rows: &[usize]) -> Vec<usize> {
-    let ends: Vec<usize> = plan
-        .iter()
-        .scan(0, |end, slice| {
-            *end += slice.tokens;
-            Some(*end)
-        })
-        .collect();
-    let mut sequences: Vec<usize> = rows
-        .iter()
-        .filter_map(|&row| plan.get(ends.partition_point(|&end| end <= row)))
-        .map(|slice| slice.sequence)
-        .collect();
-    sequences.sort_unstable();
-    sequences.dedup();
-    sequences
-}
-
 /// Logits `[rows, vocab]` as f32 on the CPU, flattened, and the vocab size.
 fn rows_to_vec(logits: &Tensor) -> Result<(Vec<f32>, usize), ForwardError> {
     let vocab = logits.size().last().copied().unwrap_or(0) as usize;
@@ -590,15 +581,14 @@ mod tests {
 
     use std::cell::RefCell;
     use std::collections::BTreeSet;
+    use std::convert::Infallible;
     use std::rc::Rc;
 
     use super::*;
-    use crate::failure::DispatchError;
-    use tramontane_model::gating::Routing;
+    use tramontane_dispatch::error::DispatchError;
+    use tramontane_model::LoadOptions;
     use tramontane_model::generate::{StopRule, generate_greedy};
-    use tramontane_model::moe::{Experts, LocalExperts};
-    use tramontane_model::weights::Checkpoint;
-    use tramontane_model::{LoadOptions, MixtralConfig};
+    use tramontane_model::testing::{TestExperts, dense_over};
 
     fn collect(mut events: mpsc::UnboundedReceiver<Event>) -> Vec<u32> {
         let mut tokens = Vec::new();
@@ -655,88 +645,39 @@ mod tests {
     /// a step with tokens routed there fails as the dispatch does when no
     /// live worker holds an expert, naming those tokens. Steps split into
     /// `groups` micro-batches.
-    struct LostExpert {
-        local: LocalExperts,
-        layer: usize,
-        expert: usize,
+    fn lost_expert(
+        dir: &std::path::Path,
+        lost: (usize, usize),
         groups: usize,
-    }
-
-    impl LostExpert {
-        fn model(dir: &std::path::Path, layer: usize, expert: usize, groups: usize) -> Mixtral {
-            let checkpoint = Checkpoint::open(dir).unwrap();
-            let config = MixtralConfig::from_file(&dir.join("config.json")).unwrap();
-            let local =
-                LocalExperts::load(&checkpoint, &config, &|_, _| true, Kind::Float, Device::Cpu)
-                    .unwrap();
-            let experts = LostExpert {
-                local,
-                layer,
-                expert,
-                groups,
-            };
-            Mixtral::load_dense(
-                &checkpoint,
-                config,
-                LoadOptions::default(),
-                Box::new(experts),
-            )
-            .unwrap()
-        }
-    }
-
-    impl Experts for LostExpert {
-        fn forward(
-            &self,
-            layer: usize,
-            xs: &Tensor,
-            routing: &Routing,
-        ) -> Result<Tensor, ForwardError> {
-            let mut tokens: Vec<usize> = crate::dispatch::routed_pairs(routing)
-                .iter()
-                .filter(|pair| layer == self.layer && pair.expert == self.expert)
-                .map(|pair| pair.token)
-                .collect();
-            tokens.dedup();
-            if !tokens.is_empty() {
-                let lost = DispatchError::NoLiveReplica {
-                    layer,
-                    expert: self.expert,
-                    placed_on: vec![],
-                    tokens,
-                    failures: vec![],
-                };
-                return Err(ForwardError::experts(layer, lost));
-            }
-            self.local.forward(layer, xs, routing)
-        }
-
-        fn micro_batches(&self, _sequences: usize, _tokens: usize) -> usize {
-            self.groups
-        }
+    ) -> Mixtral<TestExperts<DispatchError>> {
+        dense_over(dir, Kind::Float, |local| {
+            TestExperts::new(local)
+                .micro_batches(groups)
+                .hook(move |layer, _, routing| {
+                    let mut tokens: Vec<usize> =
+                        tramontane_dispatch::combine::routed_pairs(routing)
+                            .iter()
+                            .filter(|pair| (layer, pair.expert) == lost)
+                            .map(|pair| pair.token)
+                            .collect();
+                    tokens.dedup();
+                    if tokens.is_empty() {
+                        return Ok(());
+                    }
+                    Err(DispatchError::NoLiveReplica {
+                        layer,
+                        expert: lost.1,
+                        placed_on: vec![],
+                        tokens,
+                        failures: vec![],
+                    })
+                })
+        })
+        .unwrap()
     }
 
     /// The (layer, expert) pairs a generation's tokens were routed to.
     type Routed = BTreeSet<(usize, usize)>;
-
-    /// In-process experts that note where the tokens of a generation go.
-    struct Recording {
-        local: LocalExperts,
-        seen: Rc<RefCell<Routed>>,
-    }
-
-    impl Experts for Recording {
-        fn forward(
-            &self,
-            layer: usize,
-            xs: &Tensor,
-            routing: &Routing,
-        ) -> Result<Tensor, ForwardError> {
-            let mut seen = self.seen.borrow_mut();
-            seen.extend(routing.experts.iter().map(|&expert| (layer, expert)));
-            self.local.forward(layer, xs, routing)
-        }
-    }
 
     /// How a request ended: its tokens, and its failure if it failed.
     fn outcome(
@@ -810,23 +751,16 @@ mod tests {
             eos_ids: vec![],
         };
         // What each prompt generates alone, and where its tokens are routed.
-        let seen = Rc::new(RefCell::new(BTreeSet::new()));
+        let seen = Rc::new(RefCell::new(Routed::new()));
         let recording = {
-            let checkpoint = Checkpoint::open(&model_dir).unwrap();
-            let config = MixtralConfig::from_file(&model_dir.join("config.json")).unwrap();
-            let local =
-                LocalExperts::load(&checkpoint, &config, &|_, _| true, Kind::Float, Device::Cpu)
-                    .unwrap();
-            let experts = Recording {
-                local,
-                seen: seen.clone(),
-            };
-            Mixtral::load_dense(
-                &checkpoint,
-                config,
-                LoadOptions::default(),
-                Box::new(experts),
-            )
+            let seen = seen.clone();
+            dense_over(&model_dir, Kind::Float, |local| {
+                TestExperts::new(local).hook(move |layer, _, routing| {
+                    let mut seen = seen.borrow_mut();
+                    seen.extend(routing.experts.iter().map(|&expert| (layer, expert)));
+                    Ok::<_, Infallible>(())
+                })
+            })
             .unwrap()
         };
         let (expected, routed): (Vec<Vec<u32>>, Vec<Routed>) = prompts
@@ -863,7 +797,7 @@ mod tests {
         for groups in [1, 3] {
             let dir = model_dir.clone();
             let engine = EngineHandle::spawn(
-                move || Ok(LostExpert::model(&dir, layer, expert, groups)),
+                move || Ok(lost_expert(&dir, (layer, expert), groups)),
                 vec![],
                 SchedulerConfig::default(),
             )
@@ -898,30 +832,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn a_step_row_belongs_to_the_slice_whose_tokens_hold_it() {
-        let plan = [
-            Slice {
-                sequence: 0,
-                tokens: 1,
-            },
-            Slice {
-                sequence: 2,
-                tokens: 3,
-            },
-            Slice {
-                sequence: 3,
-                tokens: 1,
-            },
-        ];
-        assert_eq!(sequences_of_rows(&plan, &[0]), vec![0]);
-        assert_eq!(sequences_of_rows(&plan, &[1, 3]), vec![2]);
-        assert_eq!(sequences_of_rows(&plan, &[0, 2, 4]), vec![0, 2, 3]);
-        // Rows past the step name nobody.
-        assert_eq!(sequences_of_rows(&plan, &[5, 9]), Vec::<usize>::new());
-        assert!(sequences_of_rows(&plan, &[]).is_empty());
     }
 
     #[test]

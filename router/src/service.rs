@@ -13,7 +13,9 @@ use tramontane_infra::error::chain;
 
 use crate::completion::{GeneratedToken, GenerationRequest, Generator, RETRY_AFTER_SECONDS};
 use crate::engine::QueueSlots;
-use crate::failure::{DispatchError, GenerationError};
+use tramontane_dispatch::error::DispatchError;
+
+use crate::failure::GenerationError;
 use crate::sampling::SamplingParams;
 use crate::text::StopList;
 
@@ -101,6 +103,7 @@ impl From<&GenerationError> for Status {
             GenerationError::Dropped
             | GenerationError::Dispatch(DispatchError::Encode { .. })
             | GenerationError::Dispatch(DispatchError::Combine { .. })
+            | GenerationError::Dispatch(DispatchError::Tensor { .. })
             | GenerationError::Forward(_) => Status::internal(message),
         }
     }
@@ -190,7 +193,7 @@ mod tests {
                 "queue full" => tonic::Code::ResourceExhausted,
                 "engine stopped" | "draining" | "worker status" | "worker deadline"
                 | "worker bad answer" => tonic::Code::Unavailable,
-                "dropped" | "encode" | "combine" | "forward" => tonic::Code::Internal,
+                "dropped" | "encode" | "combine" | "tensor" | "forward" => tonic::Code::Internal,
                 other => panic!("no expected code for {other}"),
             };
             assert_eq!(status.code(), expected, "{kind}");

@@ -47,6 +47,8 @@
 //! placement should fix. `X = 0` writes exactly the weights of an unskewed
 //! checkpoint.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -10,9 +10,8 @@ use std::rc::Rc;
 use anyhow::{Context, Result, ensure};
 use tch::Tensor;
 use tramontane_model::gating::Routing;
-use tramontane_model::moe::{Experts, LocalExperts};
-use tramontane_model::weights::Checkpoint;
-use tramontane_model::{ForwardError, LoadOptions, Logits, Mixtral, MixtralConfig};
+use tramontane_model::testing::{TestExperts, dense_over};
+use tramontane_model::{ForwardError, Logits, MixtralConfig};
 
 use crate::{Preset, Spec, write};
 
@@ -38,37 +37,21 @@ struct LayerStats {
     residual_rms: (f64, u64),
 }
 
-/// The in-process experts, counting what each gate sends them.
-struct CountingExperts {
-    inner: LocalExperts,
-    stats: Rc<RefCell<Vec<LayerStats>>>,
-}
-
-impl Experts for CountingExperts {
-    fn forward(
-        &self,
-        layer: usize,
-        xs: &Tensor,
-        routing: &Routing,
-    ) -> Result<Tensor, ForwardError> {
-        let ids = &routing.experts;
-        // Under --expert-skew the last coordinate is 1 / rms(x) here (its
-        // norm scale is 1); rms without it follows from rms(x).
-        let h = xs.size()[1] as f64;
-        let feature: Vec<f64> = Vec::try_from(xs.select(1, -1).to_kind(tch::Kind::Double))?;
-        let mut stats = self.stats.borrow_mut();
-        let layer_stats = &mut stats[layer];
-        for &id in ids {
-            layer_stats.routed[id] += 1;
-        }
-        for f in feature {
-            let rms = 1.0 / f;
-            layer_stats.residual_rms.0 += ((h * rms * rms - 1.0) / (h - 1.0)).max(0.0).sqrt();
-            layer_stats.residual_rms.1 += 1;
-        }
-        drop(stats);
-        self.inner.forward(layer, xs, routing)
+/// Adds what a layer's gate did with `xs` to its statistics.
+fn count(stats: &mut LayerStats, xs: &Tensor, routing: &Routing) -> Result<(), tch::TchError> {
+    for &id in &routing.experts {
+        stats.routed[id] += 1;
     }
+    // Under --expert-skew the last coordinate is 1 / rms(x) here (its norm
+    // scale is 1); rms without it follows from rms(x).
+    let h = xs.size()[1] as f64;
+    let feature: Vec<f64> = Vec::try_from(xs.select(1, -1).to_kind(tch::Kind::Double))?;
+    for f in feature {
+        let rms = 1.0 / f;
+        stats.residual_rms.0 += ((h * rms * rms - 1.0) / (h - 1.0)).max(0.0).sqrt();
+        stats.residual_rms.1 += 1;
+    }
+    Ok(())
 }
 
 /// Runs `prompts` pseudo-random prompts of `len` tokens through the model in
@@ -76,16 +59,7 @@ impl Experts for CountingExperts {
 fn gate_stats(dir: &Path, prompts: usize, len: usize) -> Result<Vec<LayerStats>> {
     let _guard = tch::no_grad_guard();
     let config = MixtralConfig::from_file(&dir.join("config.json"))?;
-    let checkpoint = Checkpoint::open(dir)?;
-    let options = LoadOptions::default();
-    let inner = LocalExperts::load(
-        &checkpoint,
-        &config,
-        &|_, _| true,
-        options.kind(),
-        options.device,
-    )?;
-    let stats = Rc::new(RefCell::new(
+    let stats: Rc<RefCell<Vec<LayerStats>>> = Rc::new(RefCell::new(
         (0..config.num_hidden_layers)
             .map(|_| LayerStats {
                 routed: vec![0; config.num_local_experts],
@@ -93,11 +67,13 @@ fn gate_stats(dir: &Path, prompts: usize, len: usize) -> Result<Vec<LayerStats>>
             })
             .collect(),
     ));
-    let experts = CountingExperts {
-        inner,
-        stats: stats.clone(),
-    };
-    let model = Mixtral::load_dense(&checkpoint, config.clone(), options, Box::new(experts))?;
+    // The in-process experts, counting what each gate sends them.
+    let counted = stats.clone();
+    let model = dense_over(dir, tch::Kind::Float, |local| {
+        TestExperts::new(local).hook(move |layer, xs, routing| {
+            count(&mut counted.borrow_mut()[layer], xs, routing).map_err(ForwardError::from)
+        })
+    })?;
     // xorshift: the same prompts every run, no special tokens.
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let vocab = config.vocab_size as u64;

@@ -8,7 +8,7 @@ use anyhow::Result;
 use safetensors::SafeTensors;
 use safetensors::tensor::TensorView;
 use tempfile::TempDir;
-use tramontane_model::error::{ForwardError, LoadError, WeightsError};
+use tramontane_model::error::{ForwardError, LoadError, StepError, WeightsError};
 use tramontane_model::{BatchItem, LoadOptions, Logits, Mixtral};
 
 use crate::support;
@@ -216,7 +216,7 @@ fn prompt_longer_than_the_context_is_refused() -> Result<()> {
         )
         .unwrap_err();
     assert!(
-        matches!(err, ForwardError::ContextOverflow { positions, limit: l, .. } if positions == limit + 8 && l == limit),
+        matches!(err, StepError::Forward(ForwardError::ContextOverflow { positions, limit: l, .. }) if positions == limit + 8 && l == limit),
         "{err}"
     );
     assert_eq!(cache.positions(), 8);
@@ -257,7 +257,10 @@ fn token_ids_outside_the_vocabulary_are_refused() -> Result<()> {
         )
         .unwrap_err();
     assert!(
-        matches!(err, ForwardError::TokenOutOfRange { id: 32000, .. }),
+        matches!(
+            err,
+            StepError::Forward(ForwardError::TokenOutOfRange { id: 32000, .. })
+        ),
         "{err}"
     );
     let err = model
@@ -271,7 +274,10 @@ fn token_ids_outside_the_vocabulary_are_refused() -> Result<()> {
         )
         .unwrap_err();
     assert!(
-        matches!(err, ForwardError::EmptySequence { sequence: 0 }),
+        matches!(
+            err,
+            StepError::Forward(ForwardError::EmptySequence { sequence: 0 })
+        ),
         "{err}"
     );
     assert_eq!(cache.positions(), 0);

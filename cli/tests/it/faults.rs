@@ -257,32 +257,11 @@ fn a_stopped_worker_is_ejected_after_one_deadline_and_taken_back_when_it_continu
     })
 }
 
-/// In-process experts that note which (layer, expert) pairs the tokens of
-/// a generation are routed to.
-struct Recording {
-    local: tramontane_model::moe::LocalExperts,
-    seen: std::rc::Rc<std::cell::RefCell<std::collections::BTreeSet<(usize, usize)>>>,
-}
-
-impl tramontane_model::moe::Experts for Recording {
-    fn forward(
-        &self,
-        layer: usize,
-        xs: &tch::Tensor,
-        routing: &tramontane_model::gating::Routing,
-    ) -> Result<tch::Tensor, tramontane_model::ForwardError> {
-        let mut seen = self.seen.borrow_mut();
-        seen.extend(routing.experts.iter().map(|&expert| (layer, expert)));
-        self.local.forward(layer, xs, routing)
-    }
-}
-
 #[test]
 fn an_expert_lost_without_a_replica_fails_only_the_requests_routed_to_it() -> Result<()> {
     use tramontane_model::generate::{StopRule, generate_greedy};
-    use tramontane_model::moe::LocalExperts;
-    use tramontane_model::weights::Checkpoint;
-    use tramontane_model::{LoadOptions, Mixtral, MixtralConfig, Tokenizer};
+    use tramontane_model::testing::{TestExperts, dense_over};
+    use tramontane_model::{MixtralConfig, Tokenizer};
 
     let dir = tempfile::tempdir()?;
     let model = dir.path().join("model");
@@ -311,24 +290,17 @@ fn an_expert_lost_without_a_replica_fails_only_the_requests_routed_to_it() -> Re
     let (expected, routed, config) = {
         let _guard = tch::no_grad_guard();
         let config = MixtralConfig::from_file(&model.join("config.json"))?;
-        let checkpoint = Checkpoint::open(&model)?;
-        let local = LocalExperts::load(
-            &checkpoint,
-            &config,
-            &|_, _| true,
-            tch::Kind::Float,
-            tch::Device::Cpu,
-        )?;
+        // The in-process experts, noting which (layer, expert) pairs the
+        // tokens of a generation are routed to.
         let seen = std::rc::Rc::new(std::cell::RefCell::new(std::collections::BTreeSet::new()));
-        let recording = Mixtral::load_dense(
-            &checkpoint,
-            config.clone(),
-            LoadOptions::default(),
-            Box::new(Recording {
-                local,
-                seen: seen.clone(),
-            }),
-        )?;
+        let noted = seen.clone();
+        let recording = dense_over(&model, tch::Kind::Float, |local| {
+            TestExperts::new(local).hook(move |layer, _, routing| {
+                let mut seen = noted.borrow_mut();
+                seen.extend(routing.experts.iter().map(|&expert| (layer, expert)));
+                Ok::<_, std::convert::Infallible>(())
+            })
+        })?;
         let tokenizer = Tokenizer::from_dir(&model)?;
         let stop = StopRule {
             max_new_tokens: max_tokens,

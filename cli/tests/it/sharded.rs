@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use tch::Tensor;
+use tramontane_dispatch::{MicroBatches, RemoteExperts};
 use tramontane_model::generate::{StopRule, generate_greedy};
 use tramontane_model::weights::Checkpoint;
 use tramontane_model::{LoadOptions, Logits, Mixtral, MixtralConfig, Tokenizer};
 use tramontane_policy::placement::Placement;
 use tramontane_proto::v1::GenerateRequest;
 use tramontane_proto::v1::generation_client::GenerationClient;
-use tramontane_router::dispatch::{MicroBatches, RemoteExperts};
 
 use crate::support;
 
@@ -55,8 +55,8 @@ fn placements(layers: usize, experts: usize) -> Vec<(&'static str, Placement)> {
     all
 }
 
-fn last_logits_and_tokens(
-    model: &Mixtral,
+fn last_logits_and_tokens<E: tramontane_model::experts::Experts>(
+    model: &Mixtral<E>,
     prompts: &[Vec<u32>],
 ) -> Result<(Tensor, Vec<Vec<u32>>)> {
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -106,12 +106,8 @@ fn check_shape(gen_args: &[&str]) -> Result<()> {
                 ))?
                 .with_micro_batches(MicroBatches::Fixed(groups));
             let checkpoint = Checkpoint::open(&model_dir)?;
-            let sharded = Mixtral::load_dense(
-                &checkpoint,
-                config.clone(),
-                LoadOptions::default(),
-                Box::new(remote),
-            )?;
+            let sharded =
+                Mixtral::load_dense(&checkpoint, config.clone(), LoadOptions::default(), remote)?;
             let (logits, tokens) = last_logits_and_tokens(&sharded, &prompts)?;
             let diff = (&logits - &reference).abs().max().double_value(&[]);
             ensure!(

@@ -8,7 +8,9 @@ use serde::Serialize;
 use tramontane_infra::error::chain;
 
 use crate::completion::RETRY_AFTER_SECONDS;
-use crate::failure::{DispatchError, GenerationError};
+use tramontane_dispatch::error::DispatchError;
+
+use crate::failure::GenerationError;
 use crate::sampling::InvalidParam;
 
 #[derive(Debug)]
@@ -102,6 +104,7 @@ impl From<&GenerationError> for ApiError {
             GenerationError::Dropped
             | GenerationError::Dispatch(DispatchError::Encode { .. })
             | GenerationError::Dispatch(DispatchError::Combine { .. })
+            | GenerationError::Dispatch(DispatchError::Tensor { .. })
             | GenerationError::Forward(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, message),
         }
     }
@@ -150,7 +153,9 @@ mod tests {
                 "queue full" => StatusCode::TOO_MANY_REQUESTS,
                 "engine stopped" | "draining" | "worker status" | "worker deadline"
                 | "worker bad answer" => StatusCode::SERVICE_UNAVAILABLE,
-                "dropped" | "encode" | "combine" | "forward" => StatusCode::INTERNAL_SERVER_ERROR,
+                "dropped" | "encode" | "combine" | "tensor" | "forward" => {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
                 other => panic!("no expected status for {other}"),
             };
             assert_eq!(api.status, expected, "{kind}");

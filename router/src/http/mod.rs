@@ -27,10 +27,10 @@ pub use error::ApiError;
 use crate::api_keys::{self, ApiKeys};
 use crate::chat_template::ChatTemplate;
 use crate::completion::{Chunk, CompletionStream, GenerationFailed, Generator};
-use crate::expert_load::{ExpertLoad, ExpertStats};
 use crate::metrics;
 use crate::readiness::Readiness;
 use openai::{ModelCard, ModelList, Usage};
+use tramontane_dispatch::expert_load::{ExpertLoad, ExpertStats};
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
