@@ -71,6 +71,15 @@ def under_load(ctx, report, serve, model):
         report.max_rss_mib = rss.stop()
 
 
+def kill_worker_0(report, serve, scenario):
+    """kill -9 of serve's worker 0, noted in the report: its pid and when."""
+    victim = serve.worker_pid(0)
+    kill_at = report.events["kill -9 worker 0"] = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    log(f"{scenario}: kill -9 worker 0 (pid {victim})")
+    return victim, kill_at
+
+
 def restarts_of(serve, **labels):
     return sample_sum(serve.metrics(), "tramontane_serve_worker_restarts_total", **labels)
 
@@ -162,10 +171,7 @@ def kill_replicated_worker(ctx, report):
     serve, model = start_serve(ctx, report, "1-kill-replicated", ["--placement", replicated_placement(ctx)])
     with under_load(ctx, report, serve, model) as (_, monitor):
         time.sleep(ctx.args.warm_s)
-        victim = serve.worker_pid(0)
-        kill_at = report.events["kill -9 worker 0"] = time.monotonic()
-        os.kill(victim, signal.SIGKILL)
-        log(f"1: kill -9 worker 0 (pid {victim})")
+        victim, kill_at = kill_worker_0(report, serve, 1)
         back_at = wait_until(lambda: worker_back(serve, victim), 30, step=0.1)
         pairs_before = sample_sum(serve.metrics(), "tramontane_router_worker_expert_pairs_total", worker=0)
         time.sleep(ctx.args.after_s)
@@ -219,10 +225,7 @@ def kill_unreplicated_worker(ctx, report):
     serve, model = start_serve(ctx, report, "2-kill-unreplicated")
     with under_load(ctx, report, serve, model) as (load, monitor):
         time.sleep(ctx.args.warm_s)
-        victim = serve.worker_pid(0)
-        kill_at = report.events["kill -9 worker 0"] = time.monotonic()
-        os.kill(victim, signal.SIGKILL)
-        log(f"2: kill -9 worker 0 (pid {victim})")
+        _, kill_at = kill_worker_0(report, serve, 2)
         outage = Outage(fault_at=kill_at, since=kill_at)
         wait_for_recovery(ctx, load, monitor, outage)
     restarts = restarts_of(serve, worker=0)

@@ -27,7 +27,7 @@ pub fn serve(
         let upstream = upstream.clone();
         std::thread::spawn(move || {
             if let Err(e) = proxy(client, &upstream, one_way) {
-                eprintln!("delay-proxy: connection to {upstream}: {e}");
+                tracing::warn!(%upstream, error = %e, "delay-proxy: connection failed");
             }
         });
     }

@@ -63,10 +63,22 @@ fn rules() -> Result<Vec<Rule>> {
     Ok(rules)
 }
 
-fn cargo() -> Command {
-    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    command.current_dir(repo());
-    command
+/// The standard output of `cargo ARGS --locked` for this host's target
+/// triple (`target_flag` names the option that takes it): the graph of the
+/// platform that is built.
+fn cargo(args: &[&str], target_flag: &str) -> Result<Vec<u8>> {
+    let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .current_dir(repo())
+        .args(args)
+        .args(["--locked", target_flag, &host()?])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "cargo {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out.stdout)
 }
 
 /// This host's target triple: the graph of its platform is the one built.
@@ -84,22 +96,8 @@ type Graph = BTreeMap<String, BTreeSet<String>>;
 
 /// The workspace's resolved graph, and its members.
 fn graph() -> Result<(Graph, BTreeSet<String>)> {
-    let out = cargo()
-        .args([
-            "metadata",
-            "--format-version",
-            "1",
-            "--locked",
-            "--filter-platform",
-        ])
-        .arg(host()?)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "cargo metadata: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let metadata: Value = serde_json::from_slice(&out.stdout)?;
+    let out = cargo(&["metadata", "--format-version", "1"], "--filter-platform")?;
+    let metadata: Value = serde_json::from_slice(&out)?;
     let names: BTreeMap<&str, &str> = metadata["packages"]
         .as_array()
         .context("packages")?
@@ -197,10 +195,9 @@ fn the_workspace_graph_follows_the_rules_of_architecture_md() -> Result<()> {
 
 #[test]
 fn the_measurements_reach_the_dispatch_without_the_routers_http_stack() -> Result<()> {
-    let out = cargo()
-        .args([
+    let out = cargo(
+        &[
             "tree",
-            "--locked",
             "-p",
             "tramontane-measure",
             "-e",
@@ -209,16 +206,10 @@ fn the_measurements_reach_the_dispatch_without_the_routers_http_stack() -> Resul
             "none",
             "--format",
             "{p}",
-            "--target",
-        ])
-        .arg(host()?)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "cargo tree: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let tree = String::from_utf8(out.stdout)?;
+        ],
+        "--target",
+    )?;
+    let tree = String::from_utf8(out)?;
     let packages: BTreeSet<&str> = tree
         .lines()
         .filter_map(|line| line.split_whitespace().next())
