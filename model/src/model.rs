@@ -171,11 +171,6 @@ impl<E: Experts> Mixtral<E> {
         self.options
     }
 
-    /// The experts the model reaches.
-    pub fn experts(&self) -> &E {
-        &self.experts
-    }
-
     /// A KV pool for `tokens` positions (in whole blocks) of every layer, in
     /// the model's dtype and device; allocated and zeroed now.
     pub fn kv_pool(&self, tokens: usize) -> KvPool {
@@ -427,7 +422,7 @@ fn step_error<X: ExpertsError>(
 /// order) holding the rows `first_row + r` for `r` in `rows`; every
 /// sequence where `rows` is None or names none of them (a step retried as
 /// it is would fail the same way).
-pub fn failed_sequences(
+pub(crate) fn failed_sequences(
     spans: &[SequenceSpan],
     first_row: usize,
     rows: Option<&[usize]>,
