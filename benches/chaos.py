@@ -14,6 +14,12 @@ chaoslib/scenarios.py, whose docstrings say what each does and checks):
    no 5xx, every accepted request completes, bounded RSS growth.
 5. With --api-key: malformed requests, requests without the key, raw
    garbage on the gRPC ports: only 4xx; still healthy over HTTP and gRPC.
+6. Under ulimit -n 1024, slowloris on the HTTP port (--flood connections
+   each sending a byte of a never-ending head every 2-4 s): no normal
+   request fails, the flood's connections are closed within the header
+   timeout, open files and RSS bounded.
+7. Under ulimit -n 1024, an idle flood (no HTTP/2 preface) on the router's
+   gRPC port and a worker's: the same checks, and gRPC still serves.
 
 Every scenario starts its own `serve` (loopback ports, the tiny checkpoint
 generated once into target/chaos-model) and keeps it under load the whole
@@ -64,8 +70,10 @@ def parse_args():
     parser.add_argument("--dispatch-timeout-ms", type=int, default=2000, help="serve's deadline in scenario 3")
     parser.add_argument("--overload-s", type=float, default=8.0)
     parser.add_argument("--max-rss-growth-mib", type=float, default=256.0)
+    parser.add_argument("--flood", type=int, default=1500, help="flood connections per port in scenarios 6 and 7")
+    parser.add_argument("--flood-s", type=float, default=30.0, help="how long scenarios 6 and 7 flood")
     parser.add_argument("--log-dir", default="target/chaos-logs")
-    parser.add_argument("--timeout", type=int, default=330, help="seconds for the whole run")
+    parser.add_argument("--timeout", type=int, default=480, help="seconds for the whole run")
     parser.add_argument("--json", action="store_true")
     return parser.parse_args()
 

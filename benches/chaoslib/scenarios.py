@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 from benchlib import fmt, sample_sum
 from chaoslib import log
+from chaoslib.flood import FdSampler, Flood
 from chaoslib.load import OK, Load, failures, load_request, warm_up
 from chaoslib.malformed import grpc_garbage, malformed_cases, send_case, throw_garbage
 from chaoslib.report import percentile
-from chaoslib.serve import Serve, signal_if_worker
+from chaoslib.serve import Serve, log_lines, signal_if_worker
 from chaoslib.watch import Monitor, RssSampler, listen_overflows, wait_until
 
 
@@ -36,19 +37,19 @@ class RunContext:
         self.layers = config["num_hidden_layers"]
         self.experts = config["num_local_experts"]
 
-    def serve(self, name, extra, api_key=None):
+    def serve(self, name, extra, api_key=None, open_files=None):
         keys = ["--api-key", api_key] if api_key else []
         return Serve(self.args.bin, self.args.model, name, self.args.log_dir, ["--workers", "2", *keys, *extra],
-                     api_key)
+                     api_key, open_files=open_files)
 
 
 # ----------------------------------------------------------------------------
 # what the scenarios share
 
 
-def start_serve(ctx, report, name, extra=(), api_key=None):
+def start_serve(ctx, report, name, extra=(), api_key=None, open_files=None):
     """A healthy serve for this scenario (its log is the report's) and its model's name, warmed up."""
-    serve = ctx.serve(name, list(extra), api_key)
+    serve = ctx.serve(name, list(extra), api_key, open_files)
     report.log_path = serve.log_path
     serve.wait_healthy()
     model = serve.model_name()
@@ -460,7 +461,8 @@ def check_still_serving(ctx, report, serve, model, key, load_results, workers_be
 def generate_over_grpc(ctx, serve, key):
     """(succeeded, what it printed last) of `tramontane generate --server` against serve's gRPC port."""
     try:
-        generate = subprocess.run([ctx.args.bin, "generate", "--server", serve.grpc, "--api-key", key, "--prompt",
+        keys = ["--api-key", key] if key else []
+        generate = subprocess.run([ctx.args.bin, "generate", "--server", serve.grpc, *keys, "--prompt",
                                    "The tramontane is", "--max-tokens", "4", "--json"], capture_output=True,
                                   text=True, timeout=60)
         return generate.returncode == 0, (generate.stderr or generate.stdout).strip()[-200:]
@@ -487,6 +489,93 @@ def note_malformed(report, sent, malformed, targets, garbage_answers):
 
 
 # ----------------------------------------------------------------------------
+# 6, 7. connection floods under ulimit -n 1024
+
+OPEN_FILES = 1024
+HEADER_TIMEOUT_S = 10  # serve's --http-header-timeout and --grpc-handshake-timeout defaults
+CLOSE_SLACK_S = 3.0  # how late this script may notice a close (its select loop, a byte due every 2-4 s)
+
+
+def slowloris_http(ctx, report):
+    """serve (and its workers) under ulimit -n 1024, with --flood connections to the HTTP port, each
+    sending one byte of a request head that never ends every 2-4 s (reopened when closed), for
+    --flood-s, beside the load mix: no normal request fails, every flood connection is closed
+    within the header timeout (10 s, plus 3 s for this script to notice), serve's open files stay
+    under the limit, its RSS grows by at most --max-rss-growth-mib, and no "Too many open files"
+    is logged."""
+    serve, model = start_serve(ctx, report, "6-slowloris", open_files=OPEN_FILES)
+    flood_and_check(ctx, report, serve, model, [("HTTP", serve.http)], slowloris=True)
+
+
+def idle_flood_grpc(ctx, report):
+    """serve (and its workers) under ulimit -n 1024, with --flood silent connections (no HTTP/2
+    preface) to the router's gRPC port and --flood to worker 0's port (reopened when closed), for
+    --flood-s, beside the load mix (which needs the router's links to the workers): no normal
+    request fails, a generation over gRPC succeeds during the flood, every flood connection is
+    closed within the handshake timeout (10 s, plus 3 s), open files stay under the limit (serve
+    and the worker), bounded RSS, no "Too many open files"."""
+    serve, model = start_serve(ctx, report, "7-idle-grpc", open_files=OPEN_FILES)
+    status, text = serve.get("/v1/experts/stats")
+    worker_0 = json.loads(text)["worker_addrs"][0] if status == 200 else None
+    targets = [("router gRPC", serve.grpc)] + ([("worker 0", worker_0)] if worker_0 else [])
+    report.check(worker_0, "worker 0's address from /v1/experts/stats", str(status))
+    flood_and_check(ctx, report, serve, model, targets, slowloris=False,
+                    during=lambda: generate_over_grpc(ctx, serve, None))
+
+
+def flood_and_check(ctx, report, serve, model, targets, slowloris, during=None):
+    """The floods on `targets` ([(name, addr)]) for --flood-s under the load mix, then the checks."""
+    rss = RssSampler(serve.pid)
+    time.sleep(0.5)
+    baseline = rss.read()
+    rss.start()
+    fds = FdSampler([serve.pid, *serve.workers().values()]).start()
+    load = Load(serve.http, model, ctx.args.concurrency, ctx.args.seed).start()
+    floods = [(name, Flood(addr, ctx.args.flood, slowloris, ctx.args.seed + i).start())
+              for i, (name, addr) in enumerate(targets)]
+    kind = "slowloris" if slowloris else "idle"
+    log(f"{report.number}: {ctx.args.flood} {kind} connections to each of {', '.join(n for n, _ in targets)} "
+        f"for {ctx.args.flood_s:.0f} s")
+    during_result = None
+    try:
+        time.sleep(ctx.args.flood_s / 2)
+        if during:
+            during_result = during()
+        time.sleep(ctx.args.flood_s / 2)
+    finally:
+        for _, flood in floods:
+            flood.stop(close_within=HEADER_TIMEOUT_S + CLOSE_SLACK_S)
+        report.results = load.stop()
+        max_rss = rss.stop()
+        max_fds = fds.stop()
+    report.max_rss_mib = max_rss
+    report.rss_growth_mib = None if max_rss is None or baseline is None else max_rss - baseline
+    load_fails = failures(report.results)
+    report.check(not load_fails, "no normal request failed beside the flood",
+                 f"{len(load_fails)} of {len(report.results)}" + (f": {load_fails[0].cause}" if load_fails else ""))
+    if during is not None:
+        report.check(during_result[0], "a generation over gRPC succeeded during the flood", during_result[1][-160:])
+    for name, flood in floods:
+        longest = max(flood.lifetimes, default=None)
+        report.check(flood.lifetimes and longest <= HEADER_TIMEOUT_S + CLOSE_SLACK_S,
+                     f"{name}: every flood connection was closed within the timeout",
+                     f"{len(flood.lifetimes)} closed, the longest after {fmt(longest, '.1f')} s; "
+                     f"median {fmt(percentile(flood.lifetimes, 50), '.1f')} s")
+        report.check(flood.left_open == 0, f"{name}: none left open at the end", f"{flood.left_open}")
+        report.notes.append(f"{name}: {flood.opened} flood connections opened ({flood.connect_errors} connects "
+                            f"failed), {len(flood.lifetimes)} closed by the server")
+    worst = max(max_fds.values(), default=None)
+    report.check(worst is not None and worst < OPEN_FILES, f"open files stayed under ulimit -n {OPEN_FILES}",
+                 ", ".join(f"pid {pid}: max {n}" for pid, n in max_fds.items()))
+    report.check(report.rss_growth_mib is not None and report.rss_growth_mib <= ctx.args.max_rss_growth_mib,
+                 f"serve's RSS grew by at most {ctx.args.max_rss_growth_mib} MiB",
+                 f"baseline {fmt(baseline, '.0f')} MiB, max {fmt(max_rss, '.0f')} MiB")
+    exhausted = log_lines(serve.log_path, r"Too many open files", 3)
+    report.check(not exhausted, "no 'Too many open files' in serve's log", "; ".join(exhausted)[:200])
+    report.check(wait_until(lambda: serve.get("/health")[0] == 200, 10), "/health 200 after the flood")
+
+
+# ----------------------------------------------------------------------------
 # the registry, in the README's order: (number, title, scenario(ctx, report))
 
 SCENARIOS = [
@@ -495,4 +584,6 @@ SCENARIOS = [
     (3, "SIGSTOP a worker 10 s", stop_worker),
     (4, "10x overload", overload),
     (5, "malformed requests, API key", malformed_requests),
+    (6, "slowloris on HTTP, ulimit -n 1024", slowloris_http),
+    (7, "idle flood on gRPC ports, ulimit -n 1024", idle_flood_grpc),
 ]

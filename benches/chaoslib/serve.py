@@ -19,11 +19,13 @@ class Serve:
 
     started = []  # every Serve, for the cleanup on exit
 
-    def __init__(self, binary, model, name, log_dir, args, api_key=None, startup_timeout=120.0):
+    def __init__(self, binary, model, name, log_dir, args, api_key=None, startup_timeout=120.0, open_files=None):
+        """`open_files`: serve and its workers run under `ulimit -n` of that many (soft and hard)."""
         self.name, self.api_key = name, api_key
         self.log_path = os.path.join(log_dir, f"{name}.log")
         self.workers_seen = set()
-        self.process = start([binary, "serve", "--model", model, "--listen", "127.0.0.1:0",
+        limit = ["prlimit", f"--nofile={open_files}:{open_files}", "--"] if open_files else []
+        self.process = start([*limit, binary, "serve", "--model", model, "--listen", "127.0.0.1:0",
                               "--http-listen", "127.0.0.1:0", "--drain-timeout", "5", *args],
                              log_path=self.log_path, new_session=True)
         self.pid = self.process.pid

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod certs;
+mod connections;
 mod gen_model;
 mod generate;
 mod openmp_env;

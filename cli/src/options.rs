@@ -110,6 +110,8 @@ pub struct RouterTuning {
     pub max_message_bytes: usize,
     #[command(flatten)]
     pub access: AccessArgs,
+    #[command(flatten)]
+    pub connections: crate::connections::RouterConnectionArgs,
 }
 
 /// TLS files of a worker or router (PEM). A worker serves over TLS with its

@@ -54,7 +54,7 @@ pub fn run(args: &RouterArgs) -> Result<()> {
             http: args.http_listen,
             metrics: args.tuning.access.metrics_listen,
         };
-        let served = start_and_serve(options, listen, |_| Ok(())).await;
+        let served = start_and_serve(options, listen, &args.tuning.connections, |_| Ok(())).await;
         telemetry.shutdown().await;
         served
     })

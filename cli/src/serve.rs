@@ -193,14 +193,22 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             http: args.http_listen,
             metrics: args.tuning.access.metrics_listen,
         };
-        let result = start_and_serve(options, listen, |bound| match targets {
-            Some(path) => {
-                write_prometheus_targets(&path, &bound.metrics_or_http().to_string(), &worker_addrs)
-                    .with_context(|| format!("writing {}", path.display()))
-            }
-            None => Ok(()),
-        })
-        .await;
+        let result =
+            start_and_serve(
+                options,
+                listen,
+                &args.tuning.connections,
+                |bound| match targets {
+                    Some(path) => write_prometheus_targets(
+                        &path,
+                        &bound.metrics_or_http().to_string(),
+                        &worker_addrs,
+                    )
+                    .with_context(|| format!("writing {}", path.display())),
+                    None => Ok(()),
+                },
+            )
+            .await;
         // Dropping the workers (with their supervisors) kills them, and
         // closing their stdin tells them to go.
         for supervisor in supervisors {

@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use anyhow::{Context, Result};
 use tramontane_router::{Listeners, Router, RouterOptions};
 
+use crate::connections::RouterConnectionArgs;
+
 /// The first line the router prints on stdout; the gRPC address follows.
 pub const GRPC_LISTENING: &str = "tramontane router listening on ";
 /// The second line; the HTTP address follows.
@@ -35,6 +37,7 @@ impl Addresses {
 pub async fn start_and_serve(
     options: RouterOptions,
     listen: Addresses,
+    connections: &RouterConnectionArgs,
     on_listening: impl FnOnce(Addresses) -> Result<()>,
 ) -> Result<()> {
     let scheme = if options.tls.as_ref().is_some_and(|t| t.has_identity()) {
@@ -42,6 +45,7 @@ pub async fn start_and_serve(
     } else {
         "http"
     };
+    let limits = connections.limits(1 + usize::from(listen.metrics.is_some()));
     let router = Router::start(options).await?;
     let bind = |addr: SocketAddr| async move {
         tokio::net::TcpListener::bind(addr)
@@ -77,6 +81,8 @@ pub async fn start_and_serve(
         grpc,
         http,
         observability,
+        http_limits: limits.http,
+        grpc_limits: limits.grpc,
     };
     tramontane_router::serve(listeners, router, crate::signals::shutdown())
         .await

@@ -14,6 +14,7 @@ use tramontane_model::MixtralConfig;
 use tramontane_model::weights::Checkpoint;
 use tramontane_policy::held_experts::{HeldExperts, format_per_layer, parse_experts};
 
+use crate::connections::GrpcConnectionArgs;
 use crate::options::{ComputeArgs, TlsArgs};
 use crate::telemetry::TelemetryArgs;
 
@@ -54,6 +55,8 @@ pub struct WorkerArgs {
     /// even when it is killed).
     #[arg(long, hide = true)]
     pub exit_with_stdin: bool,
+    #[command(flatten)]
+    pub connections: GrpcConnectionArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
     #[command(flatten)]
@@ -123,6 +126,7 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
             server,
             args.max_message_bytes,
             tls.as_ref(),
+            args.connections.worker_limits(),
             crate::signals::shutdown(),
         )
         .await

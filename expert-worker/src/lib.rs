@@ -24,7 +24,7 @@ use std::future::Future;
 
 use tokio::net::TcpListener;
 use tonic::service::Routes;
-use tonic::transport::server::TcpIncoming;
+use tramontane_infra::connections::{Limits, Server};
 use tramontane_infra::tls::Tls;
 use tramontane_proto::v1::expert_service_server::ExpertServiceServer;
 
@@ -33,7 +33,8 @@ pub use service::ExpertServer;
 
 /// Serves `server` (and grpc.health.v1, and `GET /metrics`) on `listener`,
 /// over TLS with `tls` (with its CA, only to clients that present a
-/// certificate the CA signed), until `shutdown` completes, or until the compute thread stops: health
+/// certificate the CA signed), each connection held to `limits`, until
+/// `shutdown` completes, or until the compute thread stops: health
 /// then says NOT_SERVING, `Info` fails, and this returns
 /// [`ServeError::ComputeStopped`] so that the process exits with an error,
 /// for its supervisor to restart it.
@@ -42,6 +43,7 @@ pub async fn serve(
     server: ExpertServer,
     max_message_bytes: usize,
     tls: Option<&Tls>,
+    limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -76,19 +78,11 @@ pub async fn serve(
         let _ = stop_tx.send(true);
         compute_failed
     });
-    let mut server = tramontane_infra::grpc::server();
-    if let Some(tls) = tls {
-        server = server.tls_config(tls.server()?)?;
-    }
-    server
-        .accept_http1(true)
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async move {
-                let _ = stop_rx.wait_for(|&stop| stop).await;
-            },
-        )
+    Server::new("worker", limits)
+        .tls(tls.map(Tls::server).transpose()?)
+        .serve(listener, routes.prepare(), async move {
+            let _ = stop_rx.wait_for(|&stop| stop).await;
+        })
         .await?;
     match ending.await {
         Ok(false) => Ok(()),
@@ -123,7 +117,7 @@ pub async fn until_end(
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("gRPC server")]
-    Transport(#[from] tonic::transport::Error),
+    Io(#[from] std::io::Error),
     #[error("the compute thread stopped; the worker stops so that it can be restarted")]
     ComputeStopped,
     #[error("TLS")]

@@ -1,9 +1,7 @@
 //! What both ends of the router ↔ worker gRPC link agree on, and the
-//! bounds every gRPC server of this project keeps.
+//! bounds every server of this project keeps (see [`crate::connections`]).
 
 use std::time::Duration;
-
-use tonic::transport::Server;
 
 /// Largest gRPC message accepted or sent, by default: a prefill chunk of
 /// 8192 tokens of hidden size 4096 in f32 is 128 MiB.
@@ -12,6 +10,8 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 << 20;
 /// HTTP/2 streams one client connection may hold open at once; past it
 /// the server refuses new streams (REFUSED_STREAM) instead of queueing them.
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// Largest HTTP/2 header list (the request's metadata) a server accepts.
+pub const MAX_HEADER_LIST_BYTES: u32 = 64 << 10;
 /// How often an idle connection is pinged, and how long the peer has to
 /// answer before the connection is dropped: a peer that vanished without
 /// closing (a host that went away) frees its resources.
@@ -19,16 +19,6 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TCP keepalive of accepted connections.
 pub const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
-
-/// A gRPC server builder with this project's bounds on connections:
-/// concurrent streams per connection, HTTP/2 and TCP keepalive.
-pub fn server() -> Server {
-    Server::builder()
-        .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .tcp_keepalive(Some(TCP_KEEPALIVE))
-}
 
 /// The gRPC code as its canonical name (a metrics label).
 pub fn code_name(code: tonic::Code) -> &'static str {

@@ -8,6 +8,8 @@
 //!
 //! - [`trace_context`]: W3C `traceparent` in gRPC metadata, router to worker.
 //! - [`metrics`]: the process-wide Prometheus recorder, shared bucket lists, RSS.
+//! - [`connections`]: the HTTP and gRPC servers, each connection held to
+//!   header and idle timeouts and a per-listener limit; the open-file budget.
 //! - [`grpc`]: gRPC code names (metrics labels), message size limits, the
 //!   servers' connection bounds, addresses.
 //! - [`error`]: an error and its causes as one message, for clients and logs.
@@ -17,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod certs;
+pub mod connections;
 pub mod error;
 pub mod grpc;
 pub mod metrics;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -88,27 +88,15 @@ impl Tls {
         self.ca.is_some()
     }
 
-    /// A public gRPC server's TLS: its identity only (clients of the public
-    /// API authenticate with keys, not certificates).
-    pub fn public_server(&self) -> Result<ServerTlsConfig, TlsError> {
-        let (cert, key) = self.identity.as_ref().ok_or(TlsError::NoIdentity)?;
-        Ok(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
-    }
-
     /// Whether a certificate and key are given (a server can use them).
     pub fn has_identity(&self) -> bool {
         self.identity.is_some()
     }
 
-    /// A gRPC server's TLS: its identity, and with a CA, client
-    /// certificates required.
-    pub fn server(&self) -> Result<ServerTlsConfig, TlsError> {
-        let (cert, key) = self.identity.as_ref().ok_or(TlsError::NoIdentity)?;
-        let config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-        Ok(match &self.ca {
-            Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
-            None => config,
-        })
+    /// A worker's TLS: its identity, and with a CA, client certificates
+    /// that CA signed required (mTLS); gRPC, and `/metrics` over HTTP/1.1.
+    pub fn server(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        self.rustls_server(true)
     }
 
     /// A gRPC client's TLS: the server verified against the CA (the
@@ -124,25 +112,52 @@ impl Tls {
         config
     }
 
-    /// An HTTPS server's rustls configuration (no client certificates: the
-    /// public API authenticates with keys).
+    /// A public server's TLS (HTTPS, the router's gRPC): its identity
+    /// only (clients of the public APIs authenticate with keys, not
+    /// certificates).
     pub fn https_server(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        self.rustls_server(false)
+    }
+
+    /// The identity presented; with `verify_clients` and a CA, clients must
+    /// present a certificate it signed. ALPN offers HTTP/2 and HTTP/1.1.
+    fn rustls_server(&self, verify_clients: bool) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let (cert, key) = self.identity.as_ref().ok_or(TlsError::NoIdentity)?;
-        let chain = CertificateDer::pem_slice_iter(cert)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| TlsError::Config(rustls::Error::General("bad certificate PEM".into())))?;
+        let chain = certificates(cert)?;
         let key = PrivateKeyDer::from_pem_slice(key)
             .map_err(|_| TlsError::Config(rustls::Error::General("bad key PEM".into())))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(TlsError::Config)?
-            .with_no_client_auth()
+            .map_err(TlsError::Config)?;
+        let builder = match (&self.ca, verify_clients) {
+            (Some(ca), true) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in certificates(ca)? {
+                    roots.add(cert).map_err(TlsError::Config)?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .map_err(|e| TlsError::Config(rustls::Error::General(e.to_string())))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        let mut config = builder
             .with_single_cert(chain, key)
             .map_err(TlsError::Config)?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }
+}
+
+fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| TlsError::Config(rustls::Error::General("bad certificate PEM".into())))
 }
 
 fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {

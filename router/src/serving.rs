@@ -6,14 +6,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::HealthService;
 use tramontane_dispatch::cluster;
+use tramontane_infra::connections::{Limits, Server};
 use tramontane_infra::tls::Tls;
 use tramontane_proto::v1::generation_server::GenerationServer as GenerationService;
 
@@ -33,6 +33,11 @@ pub struct Listeners {
     /// `/metrics`, `/v1/experts/stats` and `/health` without a key; None:
     /// they are on `http`, behind the key.
     pub observability: Option<TcpListener>,
+    /// What each connection of the HTTP listeners (API and observability)
+    /// is held to.
+    pub http_limits: Limits,
+    /// What each connection of the gRPC listener is held to.
+    pub grpc_limits: Limits,
 }
 
 /// Serves `moe.v1.Generation` and grpc.health.v1, the OpenAI-compatible
@@ -86,17 +91,18 @@ pub async fn serve(
     });
     // The public listeners are TLS when the router has a certificate.
     let public_tls = tls.as_ref().filter(|tls| tls.has_identity());
-    let grpc = grpc_server(public_tls, health, generator, api_keys)?.serve_with_incoming_shutdown(
-        TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
-        stop.wait(),
-    );
-    let http = http_servers(
-        listeners.http,
-        listeners.observability,
-        public_tls,
-        state,
-        &stop,
-    )?;
+    let Listeners {
+        grpc,
+        http,
+        observability,
+        http_limits,
+        grpc_limits,
+    } = listeners;
+    let grpc = Server::new("grpc", grpc_limits)
+        .tls(public_tls.map(Tls::https_server).transpose()?)
+        .http2_only()
+        .serve(grpc, grpc_routes(health, generator, api_keys), stop.wait());
+    let http = http_servers(http, observability, http_limits, public_tls, state, &stop)?;
     let result = tokio::try_join!(async { grpc.await.map_err(ServeError::Grpc) }, http);
     monitor.abort();
     result?;
@@ -140,26 +146,22 @@ impl Stop {
 fn http_servers(
     api: TcpListener,
     observability: Option<TcpListener>,
+    limits: Limits,
     tls: Option<&Tls>,
     state: Arc<HttpState>,
     stop: &Stop,
 ) -> Result<impl Future<Output = Result<(), ServeError>>, ServeError> {
     let https = tls.map(Tls::https_server).transpose()?;
+    let server = |name| Server::new(name, limits).tls(https.clone());
     let observability_apart = observability.is_some();
     let observability_server = observability.map(|listener| {
-        serve_http(
+        server("observability").serve(
             listener,
-            https.clone(),
             http::observability_app(state.clone()),
             stop.wait(),
         )
     });
-    let api_server = serve_http(
-        api,
-        https,
-        http::app(state, observability_apart),
-        stop.wait(),
-    );
+    let api_server = server("http").serve(api, http::app(state, observability_apart), stop.wait());
     Ok(async move {
         let observability = async {
             match observability_server {
@@ -173,18 +175,8 @@ fn http_servers(
     })
 }
 
-/// grpc.health.v1 and `moe.v1.Generation` (behind `keys`), over TLS with
-/// `tls`.
-fn grpc_server(
-    tls: Option<&Tls>,
-    health: HealthServer<HealthService>,
-    generator: Generator,
-    keys: ApiKeys,
-) -> Result<tonic::transport::server::Router, ServeError> {
-    let mut server = tramontane_infra::grpc::server();
-    if let Some(tls) = tls {
-        server = server.tls_config(tls.public_server()?)?;
-    }
+/// grpc.health.v1 and `moe.v1.Generation` (behind `keys`).
+fn grpc_routes(health: HealthServer<HealthService>, generator: Generator, keys: ApiKeys) -> Routes {
     let generation = GenerationService::new(GenerationServer::new(generator))
         .max_decoding_message_size(http::MAX_BODY_BYTES);
     let authorized = move |request: tonic::Request<()>| {
@@ -195,36 +187,9 @@ fn grpc_server(
             Err(tonic::Status::unauthenticated(api_keys::REFUSED))
         }
     };
-    Ok(server
-        .add_service(health)
-        .add_service(InterceptedService::new(generation, authorized)))
-}
-
-/// Serves `app` on `listener` (over TLS with `https`) until `stopped`.
-async fn serve_http(
-    listener: TcpListener,
-    https: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
-    app: axum::Router,
-    stopped: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    match https {
-        Some(config) => {
-            axum::serve(
-                http::tls_listener::TlsListener::new(listener, config)?,
-                app.into_make_service(),
-            )
-            .with_graceful_shutdown(stopped)
-            .await
-        }
-        None => {
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            axum::serve(listener, app.into_make_service())
-                .with_graceful_shutdown(stopped)
-                .await
-        }
-    }
+    Routes::new(health)
+        .add_service(InterceptedService::new(generation, authorized))
+        .prepare()
 }
 
 /// Completes when the serving should end: on `shutdown`, after draining
@@ -270,7 +235,7 @@ async fn drain(generator: &Generator, timeout: Duration) {
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("gRPC server: {0}")]
-    Grpc(#[from] tonic::transport::Error),
+    Grpc(std::io::Error),
     #[error("HTTP server: {0}")]
     Http(std::io::Error),
     #[error("the engine thread stopped; the router stops so that it can be restarted")]

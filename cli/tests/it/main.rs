@@ -8,6 +8,7 @@ mod support;
 
 mod admission;
 mod bad_input;
+mod connections;
 mod dependencies;
 mod faults;
 mod guarded;

@@ -8,7 +8,6 @@ mod completions;
 mod error;
 mod json;
 mod openai;
-pub mod tls_listener;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};

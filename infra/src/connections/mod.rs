@@ -1,0 +1,344 @@
+//! The HTTP servers of this project (the OpenAI API, the observability
+//! routes, the router's and the workers' gRPC): hyper over accepted TCP
+//! connections, TLS where configured, each connection held to the
+//! [`Limits`] so that slow, silent or idle clients cannot take the
+//! process's connections or file descriptors:
+//!
+//! - a connection must complete a request `header_timeout` after it is
+//!   accepted (the TLS handshake, HTTP/2's preface and the first request's
+//!   head included), and an HTTP/1.1 request head must complete within
+//!   `header_timeout` of its first byte;
+//! - a connection with no request in flight for `idle_timeout` is closed
+//!   (gracefully: HTTP/2 GOAWAY);
+//! - at `max_connections` a new connection takes the place of the one that
+//!   has waited longest without a request in flight (one that never sent a
+//!   complete request first); with none such it is closed at once.
+//!
+//! A request is in flight from its complete head until its response body
+//! ends: a long generation, streamed or not, is never cut.
+//!
+//! - [`activity`]: one connection's state and deadlines.
+//! - [`tracked`]: the I/O, service and body wrappers that report to it.
+//! - [`open_files`]: the file-descriptor budget the limits must fit.
+
+pub mod activity;
+pub mod open_files;
+pub mod tracked;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
+
+pub use activity::{Activity, Closing, Timeouts};
+use tracked::{TrackedIo, TrackedService};
+
+use crate::grpc;
+
+/// Open connections per listener (gauge).
+pub const CONNECTIONS_OPEN: &str = "tramontane_connections_open";
+/// Connections the server closed, by listener and reason (counter): see
+/// [`Closing::label`], and `refused` (at the limit, with none to evict).
+pub const CONNECTIONS_CLOSED: &str = "tramontane_connections_closed_total";
+
+/// How long an idle connection asked to close gracefully may take to do so.
+const GRACE: Duration = Duration::from_secs(2);
+
+/// What every connection of one listener is held to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// For the first complete request after accepting (TLS and HTTP/2
+    /// handshakes included), and for each HTTP/1.1 request head.
+    pub header_timeout: Duration,
+    /// With no request in flight.
+    pub idle_timeout: Duration,
+    /// Open connections at once.
+    pub max_connections: usize,
+}
+
+impl Limits {
+    fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            header: self.header_timeout,
+            idle: self.idle_timeout,
+        }
+    }
+}
+
+/// One listener's server: its name (the metrics label), limits, TLS and
+/// protocols.
+#[derive(Clone)]
+pub struct Server {
+    name: &'static str,
+    limits: Limits,
+    tls: Option<TlsAcceptor>,
+    http1: bool,
+}
+
+impl Server {
+    /// HTTP/1.1 and HTTP/2 (h2c or ALPN) without TLS.
+    pub fn new(name: &'static str, limits: Limits) -> Self {
+        Self {
+            name,
+            limits,
+            tls: None,
+            http1: true,
+        }
+    }
+
+    /// Over TLS with `config` (None: without).
+    pub fn tls(mut self, config: Option<Arc<ServerConfig>>) -> Self {
+        self.tls = config.map(TlsAcceptor::from);
+        self
+    }
+
+    /// HTTP/2 only (gRPC).
+    pub fn http2_only(mut self) -> Self {
+        self.http1 = false;
+        self
+    }
+
+    /// Serves `service` on `listener` until `shutdown`; then stops
+    /// accepting, asks every connection to close once its requests are
+    /// answered, and returns when all have.
+    pub async fn serve<S, B>(
+        self,
+        listener: TcpListener,
+        service: S,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()>
+    where
+        S: tower_service::Service<Request<Incoming>, Response = Response<B>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        describe();
+        let builder = Arc::new(self.builder());
+        let open = Arc::new(Open::default());
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let server = Arc::new(self);
+        tokio::pin!(shutdown);
+        loop {
+            let (tcp, _) = tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of file descriptors and the like: wait a little.
+                        tracing::warn!(listener = server.name, %error, "accepting a connection");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            if !open.make_room(server.limits.max_connections) {
+                metrics::counter!(CONNECTIONS_CLOSED, "listener" => server.name, "reason" => "refused")
+                    .increment(1);
+                continue; // dropping it closes it
+            }
+            let activity = Arc::new(Activity::new());
+            let id = open.add(activity.clone(), server.name);
+            let (server, builder, service, open, stop) = (
+                server.clone(),
+                builder.clone(),
+                service.clone(),
+                open.clone(),
+                stop_rx.clone(),
+            );
+            tokio::spawn(async move {
+                server
+                    .connection(tcp, activity, &builder, service, stop)
+                    .await;
+                open.remove(id, server.name);
+            });
+        }
+        drop(listener);
+        drop(stop_rx);
+        let _ = stop_tx.send(true);
+        stop_tx.closed().await;
+        Ok(())
+    }
+
+    fn builder(&self) -> auto::Builder<TokioExecutor> {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // HTTP/1.1 heads are timed by Activity, not by hyper.
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(grpc::MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(grpc::MAX_HEADER_LIST_BYTES)
+            .keep_alive_interval(grpc::KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(grpc::KEEPALIVE_TIMEOUT);
+        if self.http1 {
+            builder
+        } else {
+            builder.http2_only()
+        }
+    }
+
+    /// Serves one connection until it ends, its limits close it, or the
+    /// server stops (then gracefully).
+    async fn connection<S, B>(
+        &self,
+        tcp: TcpStream,
+        activity: Arc<Activity>,
+        builder: &auto::Builder<TokioExecutor>,
+        service: S,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) where
+        S: tower_service::Service<Request<Incoming>, Response = Response<B>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let _ = tcp.set_nodelay(true);
+        let keepalive = socket2::TcpKeepalive::new().with_time(grpc::TCP_KEEPALIVE);
+        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
+        let timeouts = self.limits.timeouts();
+        let io = TrackedIo::new(tcp, activity.clone());
+        let service = TowerToHyperService::new(TrackedService::new(service, activity.clone()));
+        let closed = |why: Closing| {
+            metrics::counter!(CONNECTIONS_CLOSED, "listener" => self.name, "reason" => why.label())
+                .increment(1);
+        };
+        match &self.tls {
+            None => {
+                let conn = builder.serve_connection(TokioIo::new(io), service);
+                self.drive(conn, &activity, timeouts, &mut stop, closed)
+                    .await
+            }
+            Some(acceptor) => {
+                let handshake = tokio::select! {
+                    handshake = acceptor.accept(io) => handshake,
+                    why = activity.closing(timeouts) => return closed(why),
+                    _ = stopped(&mut stop) => return,
+                };
+                let Ok(tls) = handshake else {
+                    return; // a failed handshake: rustls said why to the client
+                };
+                let conn = builder.serve_connection(TokioIo::new(tls), service);
+                self.drive(conn, &activity, timeouts, &mut stop, closed)
+                    .await
+            }
+        }
+    }
+
+    async fn drive<I, S, B>(
+        &self,
+        conn: auto::Connection<'_, I, S, TokioExecutor>,
+        activity: &Activity,
+        timeouts: Timeouts,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+        closed: impl Fn(Closing),
+    ) where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        TokioExecutor: hyper_util::server::conn::auto::HttpServerConnExec<S::Future, B>,
+    {
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            why = activity.closing(timeouts) => {
+                closed(why);
+                // An idle connection ends between requests; one that never
+                // completed a request, or whose head is late, ends now.
+                if why == Closing::Idle || (why == Closing::Evicted && activity.between_requests()) {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(GRACE, conn.as_mut()).await;
+                }
+                return;
+            }
+            _ = stopped(stop) => {}
+        }
+        // The server stops: requests in flight finish first.
+        conn.as_mut().graceful_shutdown();
+        let _ = conn.await;
+    }
+}
+
+fn describe() {
+    metrics::describe_gauge!(CONNECTIONS_OPEN, "Open client connections, per listener.");
+    metrics::describe_counter!(
+        CONNECTIONS_CLOSED,
+        "Client connections the server closed, per listener and reason: no_request (none complete within the header timeout of connecting), header_timeout (an HTTP/1.1 head), idle, evicted (room for a new one at the limit), refused (at the limit, none to evict)."
+    );
+}
+
+/// Completes when the server stops.
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|&stop| stop).await;
+}
+
+/// The open connections of one listener.
+#[derive(Default)]
+struct Open {
+    connections: Mutex<HashMap<u64, Arc<Activity>>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl Open {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Activity>>> {
+        self.connections.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a new connection may open: under `max`, or once the one
+    /// that waited longest without a request in flight is asked to close.
+    fn make_room(&self, max: usize) -> bool {
+        let connections = self.lock();
+        if connections.len() < max {
+            return true;
+        }
+        let victim = connections
+            .values()
+            .filter_map(|activity| Some((activity.eviction_rank()?, activity)))
+            .min_by_key(|(rank, _)| *rank)
+            .map(|(_, activity)| activity.clone());
+        drop(connections);
+        match victim {
+            Some(activity) => {
+                activity.evict();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn add(&self, activity: Arc<Activity>, name: &'static str) -> u64 {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut connections = self.lock();
+        connections.insert(id, activity);
+        metrics::gauge!(CONNECTIONS_OPEN, "listener" => name).set(connections.len() as f64);
+        id
+    }
+
+    fn remove(&self, id: u64, name: &'static str) {
+        let mut connections = self.lock();
+        connections.remove(&id);
+        metrics::gauge!(CONNECTIONS_OPEN, "listener" => name).set(connections.len() as f64);
+    }
+}
