@@ -146,10 +146,18 @@ impl Server {
                     }
                 },
             };
-            if !open.make_room(server.limits.max_connections) {
-                metrics::counter!(CONNECTIONS_CLOSED, "listener" => server.name, "reason" => "refused")
-                    .increment(1);
-                continue; // dropping it closes it
+            match open.make_room(server.limits.max_connections) {
+                Room::Free => {}
+                Room::Evicted => {
+                    // Let the evicted connection's task close it before the
+                    // next accept, so that a fast flood cannot pile them up.
+                    tokio::task::yield_now().await;
+                }
+                Room::None => {
+                    metrics::counter!(CONNECTIONS_CLOSED, "listener" => server.name, "reason" => "refused")
+                        .increment(1);
+                    continue; // dropping it closes it
+                }
             }
             let activity = Arc::new(Activity::new());
             let id = open.add(activity.clone(), server.name);
@@ -292,6 +300,17 @@ async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|&stop| stop).await;
 }
 
+/// What [`Open::make_room`] found.
+enum Room {
+    /// Under the limit.
+    Free,
+    /// At the limit, a connection was asked to close.
+    Evicted,
+    /// At the limit, with none to evict (every connection has a request in
+    /// flight, or too many are already closing).
+    None,
+}
+
 /// The open connections of one listener.
 #[derive(Default)]
 struct Open {
@@ -305,11 +324,15 @@ impl Open {
     }
 
     /// Whether a new connection may open: under `max`, or once the one
-    /// that waited longest without a request in flight is asked to close.
-    fn make_room(&self, max: usize) -> bool {
+    /// that waited longest without a request in flight is asked to close;
+    /// never while a quarter of `max` asked to close are still open.
+    fn make_room(&self, max: usize) -> Room {
         let connections = self.lock();
         if connections.len() < max {
-            return true;
+            return Room::Free;
+        }
+        if connections.len() >= max + max.div_ceil(4) {
+            return Room::None;
         }
         let victim = connections
             .values()
@@ -320,9 +343,9 @@ impl Open {
         match victim {
             Some(activity) => {
                 activity.evict();
-                true
+                Room::Evicted
             }
-            None => false,
+            None => Room::None,
         }
     }
 
@@ -340,5 +363,55 @@ impl Open {
         let mut connections = self.lock();
         connections.remove(&id);
         metrics::gauge!(CONNECTIONS_OPEN, "listener" => name).set(connections.len() as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Who makes room at the limit.
+
+    use super::*;
+
+    fn open_with(n: usize) -> (Open, Vec<Arc<Activity>>) {
+        let open = Open::default();
+        let activities: Vec<_> = (0..n).map(|_| Arc::new(Activity::new())).collect();
+        for activity in &activities {
+            open.add(activity.clone(), "test");
+        }
+        (open, activities)
+    }
+
+    fn evicted(activity: &Activity) -> bool {
+        activity.eviction_rank().is_none() && !activity.between_requests()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_longest_waiting_connection_without_a_request_makes_room() {
+        let (open, a) = open_with(4);
+        // 0 served a request and is idle; 1 has one in flight; 2 and 3
+        // never sent one, 2 for longer.
+        a[0].request_started(false);
+        a[0].request_ended();
+        a[1].request_started(false);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(matches!(open.make_room(5), Room::Free));
+        assert!(matches!(open.make_room(4), Room::Evicted));
+        assert!(evicted(&a[2]), "the oldest that never sent a request");
+        assert!(matches!(open.make_room(4), Room::Evicted));
+        assert!(evicted(&a[3]));
+        // Then the idle one; never the one with a request in flight.
+        assert!(matches!(open.make_room(4), Room::Evicted));
+        assert!(a[0].eviction_rank().is_none());
+        assert!(a[1].eviction_rank().is_none() && !a[1].between_requests());
+        assert!(matches!(open.make_room(4), Room::None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn room_is_refused_while_many_asked_to_close_are_still_open() {
+        let (open, _a) = open_with(8);
+        // 8 open at a limit of 6: the 2 over it (a quarter of 6, rounded
+        // up) are closing; no more are evicted until they have closed.
+        assert!(matches!(open.make_room(6), Room::None));
+        assert!(matches!(open.make_room(7), Room::Evicted));
     }
 }
