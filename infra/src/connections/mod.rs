@@ -53,6 +53,8 @@ pub const CONNECTIONS_CLOSED: &str = "tramontane_connections_closed_total";
 
 /// How long an idle connection asked to close gracefully may take to do so.
 const GRACE: Duration = Duration::from_secs(2);
+/// How long a connection may take to end once the server stops.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// What every connection of one listener is held to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -281,9 +283,11 @@ impl Server {
             }
             _ = stopped(stop) => {}
         }
-        // The server stops: requests in flight finish first.
+        // The server stops (after the router's drain): what is in flight
+        // may finish, for a bounded time (a client that stopped reading
+        // cannot hold the process).
         conn.as_mut().graceful_shutdown();
-        let _ = conn.await;
+        let _ = tokio::time::timeout(STOP_GRACE, conn).await;
     }
 }
 
