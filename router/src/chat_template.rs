@@ -9,6 +9,7 @@ use minijinja::{Environment, ErrorKind, context};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::excerpt::shorten;
 use crate::sampling::InvalidParam;
 
 /// Mistral's instruct format (`<s>[INST] user [/INST] answer</s>[INST] ...`);
@@ -147,9 +148,10 @@ impl ChatTemplate {
                     ErrorKind::InvalidOperation => e.detail().unwrap_or("invalid").to_string(),
                     _ => e.to_string(),
                 };
+                // The reason may quote a message (a role, a content).
                 InvalidParam::new(
                     "messages",
-                    format!("the chat template refused them: {reason}"),
+                    format!("the chat template refused them: {}", shorten(&reason)),
                 )
             })
     }
@@ -221,6 +223,14 @@ mod tests {
         assert!(error.message.contains("alternate"), "{error}");
         let error = mistral().render(&[message("tool", "x")]).unwrap_err();
         assert!(error.message.contains("role"), "{error}");
+    }
+
+    #[test]
+    fn a_refusal_quoting_a_huge_role_is_short() {
+        let role = "r".repeat(900_000);
+        let error = mistral().render(&[message(&role, "x")]).unwrap_err();
+        assert!(error.message.contains("role must be"), "{error}");
+        assert!(error.message.len() < 1000, "{} bytes", error.message.len());
     }
 
     #[test]

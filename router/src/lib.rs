@@ -26,7 +26,8 @@
 //!   turns tokens into streamed text and applies stop strings.
 //! - [`http`] (OpenAI-compatible) and [`service`] (gRPC `moe.v1.Generation`):
 //!   the public APIs; [`chat_template`] renders chat messages;
-//!   [`api_keys`] guards them.
+//!   [`api_keys`] guards them; [`excerpt`] cuts the user input their errors
+//!   quote.
 //! - [`metrics`]: the Prometheus metrics; [`readiness`]: what health says.
 
 #![forbid(unsafe_code)]
@@ -35,6 +36,7 @@ pub mod api_keys;
 pub mod chat_template;
 pub mod completion;
 pub mod engine;
+pub mod excerpt;
 pub mod failure;
 pub mod http;
 pub mod metrics;

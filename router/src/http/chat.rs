@@ -17,6 +17,7 @@ use super::openai::{
 use super::{HttpState, new_id, sse_response, unix_now};
 use crate::chat_template::Message;
 use crate::completion::{GeneratedToken, GenerationRequest};
+use crate::excerpt::Excerpt;
 
 pub async fn create(
     State(state): State<Arc<HttpState>>,
@@ -34,7 +35,10 @@ pub async fn create(
     {
         return Err(ApiError::invalid(
             "response_format",
-            format!("response_format: only {{\"type\": \"text\"}} is supported, not {format}"),
+            format!(
+                "response_format: only {{\"type\": \"text\"}} is supported, not {}",
+                Excerpt(&format.to_string())
+            ),
         ));
     }
     let logprobs = match (request.logprobs, request.top_logprobs) {
@@ -161,7 +165,7 @@ fn messages(request: &ChatRequest) -> Result<Vec<Message>, ApiError> {
                             (kind, _) => {
                                 return Err(ApiError::invalid(
                                     format!("messages[{i}].content"),
-                                    format!("messages[{i}].content: only text parts are supported, not {kind:?}"),
+                                    format!("messages[{i}].content: only text parts are supported, not {}", Excerpt(kind)),
                                 ));
                             }
                         }
