@@ -19,7 +19,7 @@
 //!   workers connected and checked, the engine thread started.
 //! - [`serving`]: [`serve`]: the gRPC and HTTP listeners, health, the drain.
 //! - [`engine`]: continuous batching on the thread that owns the model;
-//!   [`sampling`] picks each sequence's next token.
+//!   [`sampling`] picks each sequence's next token, [`logit_bias`] biases it.
 //! - [`failure`]: what goes wrong on the data path, typed, mapped once to
 //!   HTTP statuses and gRPC codes at the edges.
 //! - [`completion`]: one request whichever API it came through; [`text`]
@@ -39,6 +39,7 @@ pub mod engine;
 pub mod excerpt;
 pub mod failure;
 pub mod http;
+pub mod logit_bias;
 pub mod metrics;
 pub mod readiness;
 pub mod sampling;

@@ -254,6 +254,7 @@ HUGE = "x" * 900_000
             "messages[0].content",
         ),
         (CHAT, {"response_format": {"type": HUGE}}, 400, "response_format"),
+        (COMPLETIONS, {"logit_bias": {HUGE: 1}}, 400, "logit_bias"),
     ],
 )
 def test_errors_quote_user_input_cut_short(http, client, model, path, fields, status, param):
