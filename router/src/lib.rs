@@ -25,7 +25,8 @@
 //! - [`completion`]: one request whichever API it came through; [`text`]
 //!   turns tokens into streamed text and applies stop strings.
 //! - [`http`] (OpenAI-compatible) and [`service`] (gRPC `moe.v1.Generation`):
-//!   the public APIs; [`chat_template`] renders chat messages;
+//!   the public APIs; [`chat_template`] renders chat messages, their
+//!   control-token strings kept as text ([`control_strings`]);
 //!   [`api_keys`] guards them; [`excerpt`] cuts the user input their errors
 //!   quote.
 //! - [`metrics`]: the Prometheus metrics; [`readiness`]: what health says.
@@ -35,6 +36,7 @@
 pub mod api_keys;
 pub mod chat_template;
 pub mod completion;
+pub mod control_strings;
 pub mod engine;
 pub mod excerpt;
 pub mod failure;

@@ -61,11 +61,11 @@ pub async fn create(
     let messages = messages(&request)?;
     // A place in the queue before the template renders and the prompt is tokenized.
     let mut slots = state.generator.reserve(1)?;
-    let text = state.chat_template.render(&messages)?;
+    let rendered = state.chat_template.render(&messages)?;
     let prompt = state
         .generator
         .tokenizer()
-        .encode_rendered(&text)
+        .encode_rendered(&rendered.text, &rendered.literal)
         .map_err(|e| ApiError::invalid("messages", format!("messages: {e}")))?;
     let stream = state.generator.start(
         GenerationRequest {
