@@ -27,10 +27,11 @@ pub struct Tokenizer {
     control_ids: HashSet<u32>,
     control_tokens: Vec<String>,
     /// The tokenizer with control-token strings read as text, for text
-    /// that starts the input, and for text after a control token (where
-    /// a Metaspace "prepend to the first split" does not prepend).
+    /// that starts the input; and for text after a control token where
+    /// that differs (a Metaspace "prepend to the first split" does not
+    /// prepend there).
     text_first: tokenizers::Tokenizer,
-    text_after: tokenizers::Tokenizer,
+    text_after: Option<tokenizers::Tokenizer>,
     /// A byte in no control token: what hides user-written control-token
     /// strings while the template's own are found.
     mask: Option<u8>,
@@ -85,10 +86,14 @@ impl Tokenizer {
         });
         let mut text_first = inner.clone();
         text_first.set_encode_special_tokens(true);
-        let mut text_after = text_first.clone();
-        if let Some(never) = text_first.get_pre_tokenizer().and_then(never_prepend) {
-            text_after.with_pre_tokenizer(Some(never));
-        }
+        let text_after = text_first
+            .get_pre_tokenizer()
+            .and_then(never_prepend)
+            .map(|never| {
+                let mut text_after = text_first.clone();
+                text_after.with_pre_tokenizer(Some(never));
+                text_after
+            });
         Ok(Self {
             inner,
             bos_id,
@@ -195,10 +200,9 @@ impl Tokenizer {
         if text.is_empty() {
             return Ok(());
         }
-        let tokenizer = if first {
-            &self.text_first
-        } else {
-            &self.text_after
+        let tokenizer = match &self.text_after {
+            Some(text_after) if !first => text_after,
+            _ => &self.text_first,
         };
         ids.extend(encode_ids(tokenizer, text)?);
         Ok(())

@@ -658,7 +658,8 @@ mod tests {
         let plain =
             collect(submit_greedy(&engine, std::slice::from_ref(&prompt), max_tokens).remove(0));
         let bias = |entries: Vec<(String, f64)>| {
-            crate::logit_bias::LogitBias::from_request(&entries.into_iter().collect()).unwrap()
+            let entries = entries.into_iter().map(|(k, v)| (k, v.into())).collect();
+            crate::logit_bias::LogitBias::from_request(&entries).unwrap()
         };
         let forced = 15359;
         assert!(!plain.contains(&forced), "{plain:?}");

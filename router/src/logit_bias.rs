@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use serde_json::Value;
+
 use crate::excerpt::Excerpt;
 use crate::sampling::InvalidParam;
 
@@ -32,8 +34,10 @@ impl Default for LogitBias {
 
 impl LogitBias {
     /// From the request's object, token ids written as decimal strings
-    /// (`{"1734": -100}`), as OpenAI takes it.
-    pub fn from_request(entries: &BTreeMap<String, f64>) -> Result<Self, InvalidParam> {
+    /// (`{"1734": -100}`), as OpenAI takes it. The biases come as JSON
+    /// values so that one that is not a number is refused by this field's
+    /// name (serde names no field inside the flattened request fields).
+    pub fn from_request(entries: &BTreeMap<String, Value>) -> Result<Self, InvalidParam> {
         if entries.len() > MAX_LOGIT_BIAS_ENTRIES {
             return Err(InvalidParam::new(
                 PARAM,
@@ -44,12 +48,15 @@ impl LogitBias {
             ));
         }
         let mut biases = Vec::with_capacity(entries.len());
-        for (key, &bias) in entries {
+        for (key, bias) in entries {
             let id = parse_token_id(key).ok_or_else(|| {
                 InvalidParam::new(
                     PARAM,
                     format!("{} is not a token id (a decimal number)", Excerpt(key)),
                 )
+            })?;
+            let bias = bias.as_f64().ok_or_else(|| {
+                InvalidParam::new(PARAM, format!("the bias of token {id} is not a number"))
             })?;
             if !(-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(&bias) {
                 return Err(InvalidParam::new(
@@ -110,7 +117,12 @@ mod tests {
     use super::*;
 
     fn bias(entries: &[(&str, f64)]) -> Result<LogitBias, InvalidParam> {
-        LogitBias::from_request(&entries.iter().map(|&(k, v)| (k.to_string(), v)).collect())
+        LogitBias::from_request(
+            &entries
+                .iter()
+                .map(|&(k, v)| (k.to_string(), v.into()))
+                .collect(),
+        )
     }
 
     #[test]
@@ -123,13 +135,12 @@ mod tests {
 
     #[test]
     fn the_limits_are_refused_beyond_not_at() {
-        let at_limit: Vec<(String, f64)> = (0..MAX_LOGIT_BIAS_ENTRIES)
-            .map(|i| (i.to_string(), if i % 2 == 0 { 100.0 } else { -100.0 }))
+        let entries: BTreeMap<String, Value> = (0..MAX_LOGIT_BIAS_ENTRIES)
+            .map(|i| (i.to_string(), if i % 2 == 0 { 100 } else { -100 }.into()))
             .collect();
-        let entries: BTreeMap<String, f64> = at_limit.into_iter().collect();
         assert!(LogitBias::from_request(&entries).is_ok());
         let mut over = entries;
-        over.insert("300".into(), 1.0);
+        over.insert("300".into(), 1.0.into());
         let error = LogitBias::from_request(&over).unwrap_err();
         assert_eq!(error.param, "logit_bias");
         assert!(error.message.contains("at most 300"), "{error}");
@@ -141,13 +152,16 @@ mod tests {
     }
 
     #[test]
-    fn keys_must_be_token_ids() {
+    fn keys_must_be_token_ids_and_biases_numbers() {
         for key in ["", "-1", "+1", " 1", "1.0", "abc", "99999999999"] {
             let error = bias(&[(key, 1.0)]).unwrap_err();
             assert_eq!(error.param, "logit_bias", "{key:?}");
         }
         let error = bias(&[("7", 1.0), ("007", 2.0)]).unwrap_err();
         assert!(error.message.contains("twice"), "{error}");
+        let not_a_number = [("5".to_string(), Value::from("up"))].into_iter().collect();
+        let error = LogitBias::from_request(&not_a_number).unwrap_err();
+        assert!(error.message.contains("not a number"), "{error}");
         let huge = "1".repeat(100_000);
         let error = bias(&[(&huge, 1.0)]).unwrap_err();
         assert!(error.message.len() < 200, "{}", error.message.len());

@@ -279,8 +279,13 @@ mod tests {
     #[test]
     fn a_logit_bias_moves_greedy_and_sampled_picks_but_not_the_logprobs() {
         let bias = |entries: &[(&str, f64)]| {
-            LogitBias::from_request(&entries.iter().map(|&(k, v)| (k.to_string(), v)).collect())
-                .expect("valid")
+            LogitBias::from_request(
+                &entries
+                    .iter()
+                    .map(|&(k, v)| (k.to_string(), v.into()))
+                    .collect(),
+            )
+            .expect("valid")
         };
         let logits = [5.0, 1.0, 0.0, -3.0];
         let mut sampler = Sampler::new(SamplingParams {

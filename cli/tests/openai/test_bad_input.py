@@ -244,7 +244,7 @@ HUGE = "x" * 900_000
     [
         (COMPLETIONS, {"model": HUGE}, 404, None),
         (CHAT, {"model": HUGE}, 404, None),
-        (COMPLETIONS, {"temperature": HUGE}, 400, "temperature"),
+        (COMPLETIONS, {"max_tokens": HUGE}, 400, "max_tokens"),
         (COMPLETIONS, {"stop": [HUGE]}, 400, "stop"),
         (CHAT, {"messages": [{"role": HUGE, "content": "Hi"}]}, 400, "messages"),
         (

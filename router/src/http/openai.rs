@@ -49,7 +49,7 @@ pub struct CommonFields {
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
     /// Token id (a decimal string) to a bias in [-100, 100].
-    pub logit_bias: Option<BTreeMap<String, f64>>,
+    pub logit_bias: Option<BTreeMap<String, serde_json::Value>>,
     /// Extension (vLLM): generate past EOS.
     #[serde(default)]
     pub ignore_eos: bool,
@@ -440,6 +440,7 @@ mod tests {
             serde_json::Value::Object(too_many),
             serde_json::json!({"4": 100.5}),
             serde_json::json!({"x": 1}),
+            serde_json::json!({"4": "up"}),
         ] {
             let error = generation(&fields(bad)).unwrap_err();
             assert_eq!(
