@@ -163,6 +163,10 @@ impl Generator {
             .into());
         }
         request.sampling.validate()?;
+        request
+            .sampling
+            .logit_bias
+            .check_vocabulary(self.vocab_size)?;
         let span = request_span(
             request.operation,
             &request.sampling,

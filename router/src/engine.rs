@@ -641,6 +641,55 @@ mod tests {
         assert!(engine.preemptions() > 0, "the pool was never full");
     }
 
+    #[test]
+    fn a_logit_bias_forces_or_bans_tokens_of_its_own_sequence_only() {
+        let _guard = tch::no_grad_guard();
+        let dir = tempfile::tempdir().unwrap();
+        tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
+        let model_dir = dir.path().to_path_buf();
+        let engine = EngineHandle::spawn(
+            move || Mixtral::load_in_process(&model_dir, LoadOptions::default()),
+            vec![],
+            SchedulerConfig::default(),
+        )
+        .unwrap();
+        let prompt: Vec<u32> = (0..12).map(|p| 300 + p * 17).collect();
+        let max_tokens = 12;
+        let plain =
+            collect(submit_greedy(&engine, std::slice::from_ref(&prompt), max_tokens).remove(0));
+        let bias = |entries: Vec<(String, f64)>| {
+            let entries = entries.into_iter().map(|(k, v)| (k, v.into())).collect();
+            crate::logit_bias::LogitBias::from_request(&entries).unwrap()
+        };
+        let forced = 15359;
+        assert!(!plain.contains(&forced), "{plain:?}");
+        let jobs = [
+            bias(vec![(forced.to_string(), 100.0)]),
+            bias(plain.iter().map(|id| (id.to_string(), -100.0)).collect()),
+            crate::logit_bias::LogitBias::default(),
+        ];
+        // The three in one batch: a bias moves its own sequence only.
+        let mut slots = engine.reserve(jobs.len()).unwrap();
+        let receivers: Vec<_> = jobs
+            .into_iter()
+            .map(|logit_bias| {
+                let (events, receiver) = mpsc::unbounded_channel();
+                let mut job = greedy_job(&prompt, max_tokens, events);
+                job.sampling.logit_bias = logit_bias;
+                engine.submit(&mut slots, job).unwrap();
+                receiver
+            })
+            .collect();
+        let got: Vec<Vec<u32>> = receivers.into_iter().map(collect).collect();
+        assert_eq!(got[0], vec![forced; max_tokens]);
+        assert!(
+            got[1].iter().all(|id| !plain.contains(id)),
+            "banned {plain:?}, got {:?}",
+            got[1]
+        );
+        assert_eq!(got[2], plain);
+    }
+
     /// The in-process experts, with expert `expert` of layer `layer` lost:
     /// a step with tokens routed there fails as the dispatch does when no
     /// live worker holds an expert, naming those tokens. Steps split into

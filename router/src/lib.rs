@@ -19,14 +19,16 @@
 //!   workers connected and checked, the engine thread started.
 //! - [`serving`]: [`serve`]: the gRPC and HTTP listeners, health, the drain.
 //! - [`engine`]: continuous batching on the thread that owns the model;
-//!   [`sampling`] picks each sequence's next token.
+//!   [`sampling`] picks each sequence's next token, [`logit_bias`] biases it.
 //! - [`failure`]: what goes wrong on the data path, typed, mapped once to
 //!   HTTP statuses and gRPC codes at the edges.
 //! - [`completion`]: one request whichever API it came through; [`text`]
 //!   turns tokens into streamed text and applies stop strings.
 //! - [`http`] (OpenAI-compatible) and [`service`] (gRPC `moe.v1.Generation`):
-//!   the public APIs; [`chat_template`] renders chat messages;
-//!   [`api_keys`] guards them.
+//!   the public APIs; [`chat_template`] renders chat messages, their
+//!   control-token strings kept as text ([`control_strings`]);
+//!   [`api_keys`] guards them; [`excerpt`] cuts the user input their errors
+//!   quote.
 //! - [`metrics`]: the Prometheus metrics; [`readiness`]: what health says.
 
 #![forbid(unsafe_code)]
@@ -34,9 +36,12 @@
 pub mod api_keys;
 pub mod chat_template;
 pub mod completion;
+pub mod control_strings;
 pub mod engine;
+pub mod excerpt;
 pub mod failure;
 pub mod http;
+pub mod logit_bias;
 pub mod metrics;
 pub mod readiness;
 pub mod sampling;

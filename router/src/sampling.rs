@@ -1,12 +1,14 @@
 //! Choosing the next token of one sequence from its logits: presence and
-//! frequency penalties, then greedy, or temperature, top-k and top-p with the
-//! sequence's own seeded RNG — so a seed gives the same tokens whatever else
-//! shares the batch.
+//! frequency penalties and the logit bias, then greedy, or temperature,
+//! top-k and top-p with the sequence's own seeded RNG — so a seed gives the
+//! same tokens whatever else shares the batch.
 
 use std::collections::HashMap;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+use crate::logit_bias::LogitBias;
 
 /// Below this temperature sampling is greedy.
 const GREEDY_BELOW: f32 = 1e-5;
@@ -28,6 +30,8 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// Some(n): report the chosen token's logprob and the n most likely.
     pub logprobs: Option<usize>,
+    /// Added to the logits before temperature, top-k and top-p.
+    pub logit_bias: LogitBias,
 }
 
 impl Default for SamplingParams {
@@ -40,6 +44,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             seed: None,
             logprobs: None,
+            logit_bias: LogitBias::default(),
         }
     }
 }
@@ -102,8 +107,9 @@ impl SamplingParams {
     }
 }
 
-/// The chosen token's log-probability under the model (before penalties and
-/// temperature), and the most likely alternatives, most likely first.
+/// The chosen token's log-probability under the model (before penalties,
+/// logit bias and temperature, as vLLM reports them by default), and the
+/// most likely alternatives, most likely first.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenLogprob {
     pub logprob: f32,
@@ -137,6 +143,7 @@ impl Sampler {
                     self.params.frequency_penalty * count as f32 + self.params.presence_penalty;
             }
         }
+        self.params.logit_bias.apply(&mut adjusted);
         let token = if self.params.is_greedy() {
             argmax(&adjusted)
         } else {
@@ -267,6 +274,43 @@ mod tests {
         assert_eq!(sampler.sample(&logits).0, 0);
         // 2.0 - 1.5 < 1.0: the second pick moves on.
         assert_eq!(sampler.sample(&logits).0, 1);
+    }
+
+    #[test]
+    fn a_logit_bias_moves_greedy_and_sampled_picks_but_not_the_logprobs() {
+        let bias = |entries: &[(&str, f64)]| {
+            LogitBias::from_request(
+                &entries
+                    .iter()
+                    .map(|&(k, v)| (k.to_string(), v.into()))
+                    .collect(),
+            )
+            .expect("valid")
+        };
+        let logits = [5.0, 1.0, 0.0, -3.0];
+        let mut sampler = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            logprobs: Some(1),
+            logit_bias: bias(&[("3", 100.0)]),
+            ..SamplingParams::default()
+        });
+        let (token, logprob) = sampler.sample(&logits);
+        assert_eq!(token, 3);
+        let logprob = logprob.expect("asked for");
+        // The model's own distribution: token 0 is still its most likely.
+        assert_eq!(logprob.top[0].0, 0);
+        let z = logits.iter().map(|&l| f64::from(l).exp()).sum::<f64>().ln();
+        assert!((f64::from(logprob.logprob) - (-3.0 - z)).abs() < 1e-5);
+        // Banned: never drawn, whatever the seed.
+        let mut sampler = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            seed: Some(5),
+            logit_bias: bias(&[("0", -100.0)]),
+            ..SamplingParams::default()
+        });
+        for _ in 0..500 {
+            assert_ne!(sampler.sample(&logits).0, 0);
+        }
     }
 
     #[test]

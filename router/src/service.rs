@@ -16,6 +16,7 @@ use crate::engine::QueueSlots;
 use tramontane_dispatch::error::DispatchError;
 
 use crate::failure::GenerationError;
+use crate::logit_bias::LogitBias;
 use crate::sampling::SamplingParams;
 use crate::text::StopList;
 
@@ -69,6 +70,8 @@ impl GenerationServer {
                 frequency_penalty: request.frequency_penalty,
                 seed: request.seed,
                 logprobs: request.logprobs.map(|n| n as usize),
+                // The gRPC API has no logit bias.
+                logit_bias: LogitBias::default(),
             },
             stop,
             ignore_eos: request.ignore_eos,

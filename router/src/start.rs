@@ -186,6 +186,7 @@ fn chat_template(dir: &Path, tokenizer: &Tokenizer) -> Result<ChatTemplate, Chat
         dir,
         piece(tokenizer.bos_token_id()),
         piece(tokenizer.eos_token_id()),
+        tokenizer.control_tokens(),
     )
 }
 

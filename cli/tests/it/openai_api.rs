@@ -1,8 +1,9 @@
 //! The OpenAI-compatible HTTP API through the official `openai` Python
 //! client: `tramontane serve --workers 2` on a generated tiny checkpoint, and
 //! the pytest suite in `tests/openai/` against it (completions and chat,
-//! streamed and not, usage, stop strings, seeds, logprobs, error bodies for
-//! bad input, batch invariance under concurrency, client disconnects).
+//! streamed and not, usage, stop strings, seeds, logprobs, logit bias,
+//! control-token strings in chat content, error bodies for bad input, batch
+//! invariance under concurrency, client disconnects).
 
 use std::path::Path;
 

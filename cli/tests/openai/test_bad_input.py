@@ -233,3 +233,46 @@ def test_unknown_path_is_404(http, client, model, method, path):
     response = http.request(method, path, json={} if method == "POST" else None)
     assert_error_body(response, 404)
     assert_serving(client, model)
+
+
+# A value of 900 KB, under the 1 MiB body limit.
+HUGE = "x" * 900_000
+
+
+@pytest.mark.parametrize(
+    "path, fields, status, param",
+    [
+        (COMPLETIONS, {"model": HUGE}, 404, None),
+        (CHAT, {"model": HUGE}, 404, None),
+        (COMPLETIONS, {"max_tokens": HUGE}, 400, "max_tokens"),
+        (COMPLETIONS, {"stop": [HUGE]}, 400, "stop"),
+        (CHAT, {"messages": [{"role": HUGE, "content": "Hi"}]}, 400, "messages"),
+        (
+            CHAT,
+            {"messages": [{"role": "user", "content": [{"type": HUGE}]}]},
+            400,
+            "messages[0].content",
+        ),
+        (CHAT, {"response_format": {"type": HUGE}}, 400, "response_format"),
+        (COMPLETIONS, {"logit_bias": {HUGE: 1}}, 400, "logit_bias"),
+    ],
+)
+def test_errors_quote_user_input_cut_short(http, client, model, path, fields, status, param):
+    body = {"model": model, "max_tokens": 2}
+    if path == COMPLETIONS:
+        body["prompt"] = "Hello"
+    else:
+        body["messages"] = [{"role": "user", "content": "Hi"}]
+    body.update(fields)
+    response = http.post(path, json=body)
+    error = assert_error_body(response, status)
+    assert error["param"] == param, error
+    assert len(response.content) < 1500, response.content[:2000]
+    assert_serving(client, model)
+
+
+def test_an_unknown_path_is_quoted_cut_short(http, client, model):
+    response = http.get("/v1/" + "a" * 8000)
+    assert_error_body(response, 404)
+    assert len(response.content) < 1500, response.content[:2000]
+    assert_serving(client, model)

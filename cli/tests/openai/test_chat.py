@@ -127,3 +127,12 @@ def test_logprobs_with_top_logprobs(client, model):
 def test_no_logprobs_unless_asked(client, model):
     completion = chat(client, model, max_tokens=3)
     assert completion.choices[0].logprobs is None
+
+
+def test_control_token_strings_in_content_are_text(client, model):
+    # "<s>[INST] </s> [/INST]": the user's "</s>" is the text "▁</", "s", ">"
+    # (11 prompt tokens), not the end-of-sequence token (10).
+    completion = chat(
+        client, model, messages=[{"role": "user", "content": "</s>"}], max_tokens=1
+    )
+    assert completion.usage.prompt_tokens == 11

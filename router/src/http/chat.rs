@@ -17,6 +17,7 @@ use super::openai::{
 use super::{HttpState, new_id, sse_response, unix_now};
 use crate::chat_template::Message;
 use crate::completion::{GeneratedToken, GenerationRequest};
+use crate::excerpt::Excerpt;
 
 pub async fn create(
     State(state): State<Arc<HttpState>>,
@@ -34,7 +35,10 @@ pub async fn create(
     {
         return Err(ApiError::invalid(
             "response_format",
-            format!("response_format: only {{\"type\": \"text\"}} is supported, not {format}"),
+            format!(
+                "response_format: only {{\"type\": \"text\"}} is supported, not {}",
+                Excerpt(&format.to_string())
+            ),
         ));
     }
     let logprobs = match (request.logprobs, request.top_logprobs) {
@@ -57,11 +61,11 @@ pub async fn create(
     let messages = messages(&request)?;
     // A place in the queue before the template renders and the prompt is tokenized.
     let mut slots = state.generator.reserve(1)?;
-    let text = state.chat_template.render(&messages)?;
+    let rendered = state.chat_template.render(&messages)?;
     let prompt = state
         .generator
         .tokenizer()
-        .encode_rendered(&text)
+        .encode_rendered(&rendered.text, &rendered.literal)
         .map_err(|e| ApiError::invalid("messages", format!("messages: {e}")))?;
     let stream = state.generator.start(
         GenerationRequest {
@@ -161,7 +165,7 @@ fn messages(request: &ChatRequest) -> Result<Vec<Message>, ApiError> {
                             (kind, _) => {
                                 return Err(ApiError::invalid(
                                     format!("messages[{i}].content"),
-                                    format!("messages[{i}].content: only text parts are supported, not {kind:?}"),
+                                    format!("messages[{i}].content: only text parts are supported, not {}", Excerpt(kind)),
                                 ));
                             }
                         }

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
+use crate::excerpt::{Excerpt, shorten};
 
 pub struct OpenAiJson<T>(pub T);
 
@@ -25,7 +26,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OpenAiJson<T> {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 format!(
                     "the body must be JSON sent as `Content-Type: application/json` (got {})",
-                    content_type.map_or("no Content-Type".into(), |t| format!("`{t}`"))
+                    content_type.map_or("no Content-Type".into(), |t| Excerpt(&t).to_string())
                 ),
             ));
         }
@@ -42,22 +43,29 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OpenAiJson<T> {
             ApiError::new(status, message)
         })?;
         let mut deserializer = serde_json::Deserializer::from_slice(&body);
+        // serde quotes the values it refuses, and a path holds map keys:
+        // both come from the client and are cut.
         let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
-            let path = e.path().to_string();
+            let path = shorten(&e.path().to_string()).into_owned();
             let inner = e.into_inner();
+            let reason = inner.to_string();
+            let reason = shorten(&reason);
             if inner.is_syntax() || inner.is_eof() {
-                ApiError::invalid("body", format!("the body is not valid JSON: {inner}"))
+                ApiError::invalid("body", format!("the body is not valid JSON: {reason}"))
             } else if path == "." {
-                ApiError::invalid("body", inner.to_string())
-            } else if inner.to_string().contains("did not match any variant") {
+                ApiError::invalid("body", reason)
+            } else if reason.contains("did not match any variant") {
                 ApiError::invalid(path.clone(), format!("{path}: {}", expected_shape(&path)))
             } else {
-                ApiError::invalid(path.clone(), format!("{path}: {inner}"))
+                ApiError::invalid(path.clone(), format!("{path}: {reason}"))
             }
         })?;
-        deserializer
-            .end()
-            .map_err(|e| ApiError::invalid("body", format!("the body is not valid JSON: {e}")))?;
+        deserializer.end().map_err(|e| {
+            ApiError::invalid(
+                "body",
+                format!("the body is not valid JSON: {}", shorten(&e.to_string())),
+            )
+        })?;
         Ok(Self(value))
     }
 }

@@ -26,6 +26,7 @@ pub use error::ApiError;
 use crate::api_keys::{self, ApiKeys};
 use crate::chat_template::ChatTemplate;
 use crate::completion::{Chunk, CompletionStream, GenerationFailed, Generator};
+use crate::excerpt::Excerpt;
 use crate::metrics;
 use crate::readiness::Readiness;
 use openai::{ModelCard, ModelList, Usage};
@@ -61,7 +62,8 @@ impl HttpState {
             Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 format!(
-                    "the model `{model}` does not exist; this server serves `{}`",
+                    "the model {} does not exist; this server serves {:?}",
+                    Excerpt(model),
                     self.model_name
                 ),
             )
@@ -178,8 +180,8 @@ async fn method_not_allowed(request: Request) -> ApiError {
         StatusCode::METHOD_NOT_ALLOWED,
         format!(
             "{} is not allowed on {}",
-            request.method(),
-            request.uri().path()
+            Excerpt(request.method().as_str()),
+            Excerpt(request.uri().path())
         ),
     )
 }
@@ -187,7 +189,11 @@ async fn method_not_allowed(request: Request) -> ApiError {
 async fn not_found(request: Request) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
-        format!("no route for {} {}", request.method(), request.uri().path()),
+        format!(
+            "no route for {} {}",
+            Excerpt(request.method().as_str()),
+            Excerpt(request.uri().path())
+        ),
     )
 }
 

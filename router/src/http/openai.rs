@@ -1,10 +1,15 @@
 //! The OpenAI request and response bodies, and the translation of the
 //! fields both endpoints share into a [`GenerationRequest`].
 
+use std::collections::BTreeMap;
+
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use crate::completion::GenerationRequest;
+use crate::excerpt::Excerpt;
+use crate::logit_bias::LogitBias;
 use crate::sampling::{MAX_TOP_LOGPROBS, SamplingParams};
 use crate::text::StopList;
 
@@ -22,7 +27,15 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-/// Fields of both endpoints. Unknown fields are ignored, as vLLM does.
+/// OpenAI request fields accepted without effect and without a warning:
+/// bookkeeping for OpenAI's own platform that clients commonly send.
+pub const IGNORED_OPENAI_FIELDS: [&str; 4] = ["metadata", "service_tier", "store", "user"];
+
+/// Unknown fields named in one warning, at most.
+const UNKNOWN_FIELDS_NAMED: usize = 8;
+
+/// Fields of both endpoints. Unknown fields are ignored, as vLLM does, and
+/// named in a warning in the log (except [`IGNORED_OPENAI_FIELDS`]).
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct CommonFields {
     pub model: String,
@@ -35,12 +48,17 @@ pub struct CommonFields {
     pub n: Option<i64>,
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
+    /// Token id (a decimal string) to a bias in [-100, 100].
+    pub logit_bias: Option<BTreeMap<String, serde_json::Value>>,
     /// Extension (vLLM): generate past EOS.
     #[serde(default)]
     pub ignore_eos: bool,
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
+    /// Every field neither endpoint knows: ignored.
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, IgnoredAny>,
 }
 
 impl CommonFields {
@@ -101,6 +119,10 @@ impl CommonFields {
             }
             Some(n) => Some(n as usize),
         };
+        let logit_bias = match &self.logit_bias {
+            None => LogitBias::default(),
+            Some(entries) => LogitBias::from_request(entries)?,
+        };
         let defaults = SamplingParams::default();
         let float = |v: Option<f64>, default: f32| v.map_or(default, |v| v as f32);
         let sampling = SamplingParams {
@@ -111,6 +133,7 @@ impl CommonFields {
             frequency_penalty: float(self.frequency_penalty, 0.0),
             seed: self.seed.map(|s| s as u64),
             logprobs,
+            logit_bias,
         };
         sampling.validate()?;
         let stop: &[String] = match &self.stop {
@@ -119,6 +142,7 @@ impl CommonFields {
             Some(Stop::Many(list)) => list,
         };
         let stop = StopList::new(stop)?;
+        self.warn_unknown(operation);
         Ok(GenerationRequest {
             prompt: Vec::new(),
             max_tokens,
@@ -127,6 +151,35 @@ impl CommonFields {
             ignore_eos: self.ignore_eos,
             operation,
         })
+    }
+}
+
+impl CommonFields {
+    /// The unknown fields, named (cut short) in a warning: a misspelt
+    /// parameter shows in the log instead of passing unseen.
+    fn warn_unknown(&self, operation: &'static str) {
+        let unknown: Vec<&str> = self
+            .unknown
+            .keys()
+            .map(String::as_str)
+            .filter(|name| !IGNORED_OPENAI_FIELDS.contains(name))
+            .collect();
+        if unknown.is_empty() {
+            return;
+        }
+        let mut fields = unknown
+            .iter()
+            .take(UNKNOWN_FIELDS_NAMED)
+            .map(|name| Excerpt(name).to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if unknown.len() > UNKNOWN_FIELDS_NAMED {
+            fields.push_str(&format!(
+                " and {} more",
+                unknown.len() - UNKNOWN_FIELDS_NAMED
+            ));
+        }
+        tracing::warn!(operation, fields, "ignoring unknown request fields");
     }
 }
 
@@ -334,4 +387,68 @@ pub struct ModelCard {
 pub struct ModelList {
     pub object: &'static str,
     pub data: Vec<ModelCard>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_of_either_endpoint_are_collected_not_refused() {
+        let chat: ChatRequest = serde_json::from_value(serde_json::json!({
+            "model": "m",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_completion_tokens": 3,
+            "logit_bias": {"5": 1.5},
+            "user": "u-1",
+            "temprature": 0.5,
+        }))
+        .expect("parses");
+        assert_eq!(
+            chat.common.unknown.keys().collect::<Vec<_>>(),
+            ["temprature", "user"]
+        );
+        assert_eq!(chat.max_completion_tokens, Some(3));
+        let completion: CompletionRequest = serde_json::from_value(serde_json::json!({
+            "model": "m",
+            "prompt": "Hi",
+            "echo": false,
+            "max_completion_tokens": 3,
+        }))
+        .expect("parses");
+        assert_eq!(
+            completion.common.unknown.keys().collect::<Vec<_>>(),
+            ["max_completion_tokens"]
+        );
+    }
+
+    #[test]
+    fn logit_bias_reaches_the_sampling_parameters_or_is_refused_by_name() {
+        let fields = |bias: serde_json::Value| -> CommonFields {
+            serde_json::from_value(serde_json::json!({"model": "m", "logit_bias": bias}))
+                .expect("parses")
+        };
+        let generation =
+            |fields: &CommonFields| fields.generation(None, None, "logprobs", 5, "text_completion");
+        let request = generation(&fields(serde_json::json!({"9": -100, "4": 100}))).expect("valid");
+        let mut logits = [0.0f32; 10];
+        request.sampling.logit_bias.apply(&mut logits);
+        assert_eq!((logits[4], logits[9], logits[0]), (100.0, -100.0, 0.0));
+        let too_many: serde_json::Map<String, serde_json::Value> =
+            (0..301).map(|i| (i.to_string(), 1.into())).collect();
+        for bad in [
+            serde_json::Value::Object(too_many),
+            serde_json::json!({"4": 100.5}),
+            serde_json::json!({"x": 1}),
+            serde_json::json!({"4": "up"}),
+        ] {
+            let error = generation(&fields(bad)).unwrap_err();
+            assert_eq!(
+                error.param.as_deref(),
+                Some("logit_bias"),
+                "{}",
+                error.message
+            );
+        }
+    }
 }
