@@ -53,6 +53,9 @@ pub const CONNECTIONS_CLOSED: &str = "tramontane_connections_closed_total";
 
 /// How long an idle connection asked to close gracefully may take to do so.
 const GRACE: Duration = Duration::from_secs(2);
+/// How long the accept loop waits for connections asked to close, when
+/// too many still are open, before it refuses the new one.
+const CLOSING_WAIT: Duration = Duration::from_secs(1);
 /// How long a connection may take to end once the server stops.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -148,18 +151,10 @@ impl Server {
                     }
                 },
             };
-            match open.make_room(server.limits.max_connections) {
-                Room::Free => {}
-                Room::Evicted => {
-                    // Let the evicted connection's task close it before the
-                    // next accept, so that a fast flood cannot pile them up.
-                    tokio::task::yield_now().await;
-                }
-                Room::None => {
-                    metrics::counter!(CONNECTIONS_CLOSED, "listener" => server.name, "reason" => "refused")
-                        .increment(1);
-                    continue; // dropping it closes it
-                }
+            if !open.admit(server.limits.max_connections).await {
+                metrics::counter!(CONNECTIONS_CLOSED, "listener" => server.name, "reason" => "refused")
+                    .increment(1);
+                continue; // dropping it closes it
             }
             let activity = Arc::new(Activity::new());
             let id = open.add(activity.clone(), server.name);
@@ -310,9 +305,11 @@ enum Room {
     Free,
     /// At the limit, a connection was asked to close.
     Evicted,
-    /// At the limit, with none to evict (every connection has a request in
-    /// flight, or too many are already closing).
+    /// At the limit, with none to evict: every connection has a request
+    /// in flight.
     None,
+    /// Too many asked to close are still open.
+    Closing,
 }
 
 /// The open connections of one listener.
@@ -320,6 +317,8 @@ enum Room {
 struct Open {
     connections: Mutex<HashMap<u64, Arc<Activity>>>,
     next_id: std::sync::atomic::AtomicU64,
+    /// Notified when a connection closes.
+    closed: tokio::sync::Notify,
 }
 
 impl Open {
@@ -327,16 +326,38 @@ impl Open {
         self.connections.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether a new connection may open (see [`Open::make_room`]); while
+    /// too many connections asked to close are still open, the accept
+    /// loop waits for them (new clients wait in the listen backlog), up to
+    /// [`CLOSING_WAIT`].
+    async fn admit(&self, max: usize) -> bool {
+        let deadline = tokio::time::Instant::now() + CLOSING_WAIT;
+        loop {
+            let closed = self.closed.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            match self.make_room(max) {
+                Room::Free | Room::Evicted => return true,
+                Room::None => return false,
+                Room::Closing => {
+                    if tokio::time::timeout_at(deadline, closed).await.is_err() {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
     /// Whether a new connection may open: under `max`, or once the one
     /// that waited longest without a request in flight is asked to close;
-    /// never while a quarter of `max` asked to close are still open.
+    /// not while a quarter of `max` asked to close are still open.
     fn make_room(&self, max: usize) -> Room {
         let connections = self.lock();
         if connections.len() < max {
             return Room::Free;
         }
         if connections.len() >= max + max.div_ceil(4) {
-            return Room::None;
+            return Room::Closing;
         }
         let victim = connections
             .values()
@@ -367,6 +388,8 @@ impl Open {
         let mut connections = self.lock();
         connections.remove(&id);
         metrics::gauge!(CONNECTIONS_OPEN, "listener" => name).set(connections.len() as f64);
+        drop(connections);
+        self.closed.notify_waiters();
     }
 }
 
@@ -376,11 +399,15 @@ mod tests {
 
     use super::*;
 
-    fn open_with(n: usize) -> (Open, Vec<Arc<Activity>>) {
+    /// `n` connections, accepted 1 ms apart.
+    async fn open_with(n: usize) -> (Open, Vec<Arc<Activity>>) {
         let open = Open::default();
-        let activities: Vec<_> = (0..n).map(|_| Arc::new(Activity::new())).collect();
-        for activity in &activities {
+        let mut activities = Vec::new();
+        for _ in 0..n {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            let activity = Arc::new(Activity::new());
             open.add(activity.clone(), "test");
+            activities.push(activity);
         }
         (open, activities)
     }
@@ -391,7 +418,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_longest_waiting_connection_without_a_request_makes_room() {
-        let (open, a) = open_with(4);
+        let (open, a) = open_with(4).await;
         // 0 served a request and is idle; 1 has one in flight; 2 and 3
         // never sent one, 2 for longer.
         a[0].request_started(false);
@@ -411,11 +438,26 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn room_is_refused_while_many_asked_to_close_are_still_open() {
-        let (open, _a) = open_with(8);
+    async fn admission_waits_while_many_asked_to_close_are_still_open() {
+        let (open, _a) = open_with(8).await;
         // 8 open at a limit of 6: the 2 over it (a quarter of 6, rounded
-        // up) are closing; no more are evicted until they have closed.
-        assert!(matches!(open.make_room(6), Room::None));
+        // up) are closing; no more are evicted until one has closed.
+        assert!(matches!(open.make_room(6), Room::Closing));
         assert!(matches!(open.make_room(7), Room::Evicted));
+        let open = Arc::new(open);
+        let closing = {
+            let open = open.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                open.remove(0, "test");
+            })
+        };
+        let started = tokio::time::Instant::now();
+        assert!(open.admit(6).await, "admitted once one closed");
+        assert_eq!(started.elapsed(), Duration::from_millis(300));
+        closing.await.unwrap();
+        // Nobody closes: refused after the wait.
+        assert!(!open.admit(5).await);
+        assert_eq!(started.elapsed(), Duration::from_millis(300) + CLOSING_WAIT);
     }
 }
