@@ -222,6 +222,41 @@ impl MixtralConfig {
         Ok(())
     }
 
+    /// The model's description: every layer routed, top-k then softmax,
+    /// no biases or q/k norms.
+    pub fn spec(&self) -> crate::spec::ModelSpec {
+        use crate::spec::{AttentionSpec, Family, FfnSpec, Gate, ModelSpec, MoeSpec, QkNorm};
+        let moe = MoeSpec {
+            experts: self.num_local_experts,
+            top_k: self.num_experts_per_tok,
+            width: self.intermediate_size,
+            gate: Gate::TopKThenSoftmax,
+            shared: None,
+        };
+        ModelSpec {
+            family: Family::Mixtral,
+            hidden_size: self.hidden_size,
+            vocab_size: self.vocab_size,
+            max_position_embeddings: self.max_position_embeddings,
+            rms_norm_eps: self.rms_norm_eps,
+            tie_word_embeddings: self.tie_word_embeddings,
+            attention: AttentionSpec {
+                heads: self.num_attention_heads,
+                kv_heads: self.num_key_value_heads(),
+                head_dim: self.head_dim(),
+                qkv_bias: false,
+                o_bias: false,
+                qk_norm: QkNorm::None,
+                clip_qkv: None,
+                sliding_window: self.sliding_window,
+                rope_theta: self.rope_theta,
+            },
+            layers: vec![FfnSpec::Moe(moe); self.num_hidden_layers],
+            bos_token_id: self.bos_token_id,
+            eos_token_id: self.eos_token_id.clone(),
+        }
+    }
+
     /// Number of parameters of one expert (w1, w2, w3).
     pub fn expert_parameters(&self) -> usize {
         3 * self.hidden_size * self.intermediate_size

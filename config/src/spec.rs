@@ -1,0 +1,311 @@
+//! One description of a served model, whatever its family: the attention
+//! variant, the norms and biases, each layer's feed-forward (dense, or
+//! routed experts with their gate and a shared expert). A family module
+//! (the only code that knows a family's config.json fields) builds it;
+//! loading, the forward, the workers, the planner and gen-model follow it.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::TokenIds;
+use crate::error::ConfigError;
+
+/// The families whose config.json this crate reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    Mixtral,
+    Qwen3Moe,
+    Qwen2Moe,
+    Olmoe,
+}
+
+impl Family {
+    pub const ALL: [Family; 4] = [
+        Family::Mixtral,
+        Family::Qwen3Moe,
+        Family::Qwen2Moe,
+        Family::Olmoe,
+    ];
+
+    /// config.json's `architectures` entry.
+    pub fn architecture(self) -> &'static str {
+        match self {
+            Family::Mixtral => "MixtralForCausalLM",
+            Family::Qwen3Moe => "Qwen3MoeForCausalLM",
+            Family::Qwen2Moe => "Qwen2MoeForCausalLM",
+            Family::Olmoe => "OlmoeForCausalLM",
+        }
+    }
+
+    /// config.json's `model_type`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Mixtral => "mixtral",
+            Family::Qwen3Moe => "qwen3_moe",
+            Family::Qwen2Moe => "qwen2_moe",
+            Family::Olmoe => "olmoe",
+        }
+    }
+
+    /// The family config.json names: its `architectures` when it has
+    /// them, else its `model_type`; an error naming what it says and the
+    /// families read.
+    pub fn of(architectures: &[String], model_type: Option<&str>) -> Result<Family, ConfigError> {
+        let found = if architectures.is_empty() {
+            Family::ALL
+                .into_iter()
+                .find(|f| model_type == Some(f.model_type()))
+        } else {
+            Family::ALL
+                .into_iter()
+                .find(|f| architectures.iter().any(|a| a == f.architecture()))
+        };
+        found.ok_or_else(|| ConfigError::UnsupportedArchitecture {
+            found: if architectures.is_empty() {
+                format!("model_type {:?}", model_type.unwrap_or("<none>"))
+            } else {
+                architectures.join(", ")
+            },
+            supported: Family::ALL
+                .iter()
+                .map(|f| f.architecture())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    }
+}
+
+/// How q and k are normalised before rotary embeddings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    None,
+    /// RMSNorm over each head (`head_dim` weights; Qwen3-MoE).
+    PerHead,
+    /// RMSNorm over the whole q and k projections, before the reshape into
+    /// heads (`heads × head_dim` and `kv_heads × head_dim` weights; OLMoE).
+    WholeProjection,
+}
+
+/// Multi-head attention with grouped key/value heads and rotary embeddings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionSpec {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub qk_norm: QkNorm,
+    /// q, k and v clamped to ±this after their projections (and norms).
+    pub clip_qkv: Option<f64>,
+    /// Keys older than this many positions are not attended to.
+    pub sliding_window: Option<usize>,
+    pub rope_theta: f64,
+}
+
+/// How the router turns a token's gate logits into its experts and weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// The top-k logits, softmax over them (Mixtral).
+    TopKThenSoftmax,
+    /// Softmax over every expert, the top-k probabilities, divided by their
+    /// sum only with `renormalize` (`norm_topk_prob`; Qwen, OLMoE).
+    SoftmaxThenTopK { renormalize: bool },
+}
+
+/// An expert every token takes, beside the routed ones (Qwen2-MoE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedExpertSpec {
+    /// Its SwiGLU width.
+    pub width: usize,
+    /// Its output scaled by `sigmoid(shared_expert_gate · x)`.
+    pub sigmoid_gate: bool,
+}
+
+/// A layer's routed experts: SwiGLU, no biases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeSpec {
+    pub experts: usize,
+    pub top_k: usize,
+    /// Each expert's SwiGLU width.
+    pub width: usize,
+    pub gate: Gate,
+    pub shared: Option<SharedExpertSpec>,
+}
+
+/// A layer's feed-forward part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FfnSpec {
+    /// A SwiGLU MLP of this width, on the router.
+    Dense {
+        width: usize,
+    },
+    Moe(MoeSpec),
+}
+
+/// A served model, as its family's config.json describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    pub family: Family,
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    pub tie_word_embeddings: bool,
+    pub attention: AttentionSpec,
+    /// One per decoder layer.
+    pub layers: Vec<FfnSpec>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<TokenIds>,
+}
+
+impl ModelSpec {
+    /// Reads a checkpoint's `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        Self::from_json(&text).map_err(|e| e.at(path))
+    }
+
+    /// The description of the text of a `config.json`: the family first (a
+    /// checkpoint of another family is refused by name, not by the first
+    /// field it lacks), then that family's fields, checked.
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        #[derive(Deserialize)]
+        struct Said {
+            #[serde(default)]
+            architectures: Vec<String>,
+            #[serde(default)]
+            model_type: Option<String>,
+        }
+        let parse = |error| ConfigError::Parse { path: None, error };
+        let said: Said = serde_json::from_str(text).map_err(parse)?;
+        let spec = match Family::of(&said.architectures, said.model_type.as_deref())? {
+            Family::Mixtral => crate::MixtralConfig::from_json(text)?.spec(),
+            Family::Qwen3Moe => crate::qwen3_moe::Qwen3MoeConfig::from_json(text)?.spec()?,
+            Family::Qwen2Moe => crate::qwen2_moe::Qwen2MoeConfig::from_json(text)?.spec()?,
+            Family::Olmoe => crate::olmoe::OlmoeConfig::from_json(text)?.spec()?,
+        };
+        Ok(spec)
+    }
+
+    /// The routed-expert layers: (layer index, their spec).
+    pub fn moe_layers(&self) -> impl Iterator<Item = (usize, &MoeSpec)> {
+        self.layers.iter().enumerate().filter_map(|(i, f)| match f {
+            FfnSpec::Moe(moe) => Some((i, moe)),
+            FfnSpec::Dense { .. } => None,
+        })
+    }
+
+    /// Parameters of one routed expert (gate, up and down projections).
+    pub fn expert_parameters(moe: &MoeSpec, hidden_size: usize) -> usize {
+        3 * hidden_size * moe.width
+    }
+
+    /// Key and value elements one position keeps per layer.
+    pub fn kv_elements_per_position(&self) -> usize {
+        2 * self.attention.kv_heads * self.attention.head_dim
+    }
+}
+
+/// Checks what every family's attention needs: positive sizes, kv heads
+/// dividing the heads, an even head_dim.
+pub(crate) fn check_attention(
+    attention: &AttentionSpec,
+    heads_field: &'static str,
+    kv_heads_field: &'static str,
+) -> Result<(), ConfigError> {
+    let invalid = |field: &'static str, reason: String| Err(ConfigError::Invalid { field, reason });
+    if attention.heads == 0 {
+        return invalid(heads_field, "must be greater than 0".into());
+    }
+    if attention.kv_heads == 0 || !attention.heads.is_multiple_of(attention.kv_heads) {
+        return invalid(
+            kv_heads_field,
+            format!(
+                "{} does not divide {heads_field} {}",
+                attention.kv_heads, attention.heads
+            ),
+        );
+    }
+    if attention.head_dim == 0 || !attention.head_dim.is_multiple_of(2) {
+        return invalid(
+            "head_dim",
+            format!(
+                "{} must be even and greater than 0 for rotary embeddings",
+                attention.head_dim
+            ),
+        );
+    }
+    if !positive(attention.rope_theta) {
+        return invalid("rope_theta", "must be positive".into());
+    }
+    if attention.clip_qkv.is_some_and(|c| !positive(c)) {
+        return invalid("clip_qkv", "must be positive or null".into());
+    }
+    if attention.sliding_window == Some(0) {
+        return invalid("sliding_window", "must be greater than 0 or null".into());
+    }
+    Ok(())
+}
+
+/// Greater than 0 (NaN is not).
+fn positive(value: f64) -> bool {
+    value > 0.0
+}
+
+/// Checks fields that must be greater than 0.
+pub(crate) fn check_positive(fields: &[(&'static str, usize)]) -> Result<(), ConfigError> {
+    match fields.iter().find(|&&(_, value)| value == 0) {
+        Some(&(field, _)) => Err(ConfigError::Invalid {
+            field,
+            reason: "must be greater than 0".into(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Checks routed experts: top-k within the experts.
+pub(crate) fn check_routing(
+    experts: usize,
+    top_k: usize,
+    experts_field: &'static str,
+) -> Result<(), ConfigError> {
+    if top_k > experts {
+        return Err(ConfigError::Invalid {
+            field: "num_experts_per_tok",
+            reason: format!("{top_k} exceeds {experts_field} {experts}"),
+        });
+    }
+    Ok(())
+}
+
+/// What transformers' models read of `hidden_act` and `rope_scaling`
+/// and this project serves: SiLU, no scaling.
+pub(crate) fn check_activation_and_rope(
+    hidden_act: &str,
+    rope_scaling: Option<&serde_json::Value>,
+    rms_norm_eps: f64,
+) -> Result<(), ConfigError> {
+    if hidden_act != "silu" {
+        return Err(ConfigError::Invalid {
+            field: "hidden_act",
+            reason: format!("{hidden_act:?} is not supported (only \"silu\")"),
+        });
+    }
+    if rope_scaling.is_some_and(|v| !v.is_null()) {
+        return Err(ConfigError::Invalid {
+            field: "rope_scaling",
+            reason: "scaled rotary embeddings are not supported".into(),
+        });
+    }
+    if !positive(rms_norm_eps) {
+        return Err(ConfigError::Invalid {
+            field: "rms_norm_eps",
+            reason: "must be positive".into(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! Each family's config.json read into one description: the shapes of
+//! published checkpoints, derived by hand from their config fields and
+//! transformers' modeling code, and bad configs refused naming the field.
+
+use serde_json::{Value, json};
+use tramontane_config::{
+    ConfigError, Family, FfnSpec, Gate, ModelSpec, MoeSpec, QkNorm, SharedExpertSpec,
+};
+
+fn spec(config: &Value) -> Result<ModelSpec, ConfigError> {
+    ModelSpec::from_json(&config.to_string())
+}
+
+/// The shapes of Qwen3-30B-A3B's config.json.
+fn qwen3_30b_a3b() -> Value {
+    json!({
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+        "attention_bias": false, "bos_token_id": 151643, "decoder_sparse_step": 1,
+        "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048,
+        "intermediate_size": 6144, "max_position_embeddings": 40960, "max_window_layers": 48,
+        "mlp_only_layers": [], "moe_intermediate_size": 768, "norm_topk_prob": true,
+        "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8,
+        "num_hidden_layers": 48, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+        "rope_scaling": null, "rope_theta": 1000000.0, "sliding_window": null,
+        "tie_word_embeddings": false, "torch_dtype": "bfloat16", "use_sliding_window": false,
+        "vocab_size": 151936
+    })
+}
+
+/// The shapes of OLMoE-1B-7B's config.json.
+fn olmoe_1b_7b() -> Value {
+    json!({
+        "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe",
+        "attention_bias": false, "clip_qkv": null, "eos_token_id": 50279, "hidden_act": "silu",
+        "hidden_size": 2048, "intermediate_size": 1024, "max_position_embeddings": 4096,
+        "norm_topk_prob": false, "num_attention_heads": 16, "num_experts": 64,
+        "num_experts_per_tok": 8, "num_hidden_layers": 16, "num_key_value_heads": 16,
+        "pad_token_id": 1, "rms_norm_eps": 1e-05, "rope_scaling": null, "rope_theta": 10000.0,
+        "tie_word_embeddings": false, "vocab_size": 50304
+    })
+}
+
+/// A Qwen2-MoE config with a shared expert (Qwen1.5-MoE-A2.7B's shapes).
+fn qwen2_moe() -> Value {
+    json!({
+        "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+        "hidden_size": 2048, "intermediate_size": 5632, "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "num_experts": 60, "num_experts_per_tok": 4,
+        "num_hidden_layers": 24, "vocab_size": 151936, "max_position_embeddings": 8192,
+        "rope_theta": 1000000.0, "rms_norm_eps": 1e-06, "use_sliding_window": false
+    })
+}
+
+fn moe(spec: &ModelSpec, layer: usize) -> MoeSpec {
+    match spec.layers[layer] {
+        FfnSpec::Moe(moe) => moe,
+        FfnSpec::Dense { .. } => panic!("layer {layer} is dense"),
+    }
+}
+
+#[test]
+fn qwen3_moe_is_fine_grained_with_per_head_qk_norms() {
+    let s = spec(&qwen3_30b_a3b()).unwrap();
+    assert_eq!(s.family, Family::Qwen3Moe);
+    assert_eq!(s.layers.len(), 48);
+    assert_eq!(s.moe_layers().count(), 48);
+    let m = moe(&s, 0);
+    assert_eq!((m.experts, m.top_k, m.width), (128, 8, 768));
+    assert_eq!(m.gate, Gate::SoftmaxThenTopK { renormalize: true });
+    assert_eq!(m.shared, None);
+    // head_dim is given (128), not hidden/heads (64).
+    assert_eq!(s.attention.head_dim, 128);
+    assert_eq!(s.attention.qk_norm, QkNorm::PerHead);
+    assert!(!s.attention.qkv_bias && !s.attention.o_bias);
+    // 3 × 2048 × 768 parameters per expert; 2 × 4 × 128 KV values per
+    // position and layer (2 KiB in bf16: 96 KiB per token over 48 layers).
+    assert_eq!(ModelSpec::expert_parameters(&m, s.hidden_size), 4_718_592);
+    assert_eq!(s.kv_elements_per_position(), 1024);
+}
+
+#[test]
+fn qwen3_moe_dense_layers_follow_mlp_only_layers_and_the_sparse_step() {
+    let mut c = qwen3_30b_a3b();
+    c["num_hidden_layers"] = json!(6);
+    c["decoder_sparse_step"] = json!(2);
+    c["mlp_only_layers"] = json!([3]);
+    let s = spec(&c).unwrap();
+    // MoE where (i + 1) % 2 == 0 and i is not 3: layers 1 and 5.
+    let kinds: Vec<bool> = s
+        .layers
+        .iter()
+        .map(|f| matches!(f, FfnSpec::Moe(_)))
+        .collect();
+    assert_eq!(kinds, [false, true, false, false, false, true]);
+    assert_eq!(s.layers[0], FfnSpec::Dense { width: 6144 });
+    // norm_topk_prob defaults to false, as in transformers.
+    c.as_object_mut().unwrap().remove("norm_topk_prob");
+    let s = spec(&c).unwrap();
+    assert_eq!(
+        moe(&s, 1).gate,
+        Gate::SoftmaxThenTopK { renormalize: false }
+    );
+    // Without head_dim: hidden / heads.
+    c.as_object_mut().unwrap().remove("head_dim");
+    assert_eq!(spec(&c).unwrap().attention.head_dim, 64);
+}
+
+#[test]
+fn qwen2_moe_has_a_sigmoid_gated_shared_expert_and_qkv_biases() {
+    let s = spec(&qwen2_moe()).unwrap();
+    assert_eq!(s.family, Family::Qwen2Moe);
+    let m = moe(&s, 23);
+    assert_eq!((m.experts, m.top_k, m.width), (60, 4, 1408));
+    assert_eq!(
+        m.shared,
+        Some(SharedExpertSpec {
+            width: 5632,
+            sigmoid_gate: true
+        })
+    );
+    assert!(s.attention.qkv_bias, "qkv_bias defaults to true");
+    assert!(!s.attention.o_bias);
+    assert_eq!(s.attention.qk_norm, QkNorm::None);
+    let mut c = qwen2_moe();
+    c["qkv_bias"] = json!(false);
+    assert!(!spec(&c).unwrap().attention.qkv_bias);
+}
+
+#[test]
+fn olmoe_norms_whole_projections_and_routes_every_layer() {
+    let s = spec(&olmoe_1b_7b()).unwrap();
+    assert_eq!(s.family, Family::Olmoe);
+    assert_eq!(s.moe_layers().count(), 16);
+    let m = moe(&s, 0);
+    assert_eq!((m.experts, m.top_k, m.width), (64, 8, 1024));
+    assert_eq!(m.gate, Gate::SoftmaxThenTopK { renormalize: false });
+    assert_eq!(s.attention.qk_norm, QkNorm::WholeProjection);
+    assert_eq!(s.attention.head_dim, 128);
+    assert_eq!(s.attention.clip_qkv, None);
+    // 64 × 3 × 2048 × 1024 parameters of experts per layer.
+    assert_eq!(
+        64 * ModelSpec::expert_parameters(&m, s.hidden_size),
+        402_653_184
+    );
+    let mut c = olmoe_1b_7b();
+    c["clip_qkv"] = json!(8.0);
+    c.as_object_mut().unwrap().remove("num_key_value_heads");
+    let s = spec(&c).unwrap();
+    assert_eq!(s.attention.clip_qkv, Some(8.0));
+    assert_eq!(s.attention.kv_heads, 16, "defaults to the heads");
+}
+
+#[test]
+fn mixtral_reads_as_before_into_the_description() {
+    let c = json!({
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+        "num_experts_per_tok": 2, "vocab_size": 32000, "sliding_window": null
+    });
+    let s = spec(&c).unwrap();
+    assert_eq!(s.family, Family::Mixtral);
+    let m = moe(&s, 31);
+    assert_eq!((m.experts, m.top_k, m.width), (8, 2, 14336));
+    assert_eq!(m.gate, Gate::TopKThenSoftmax);
+    assert_eq!(s.attention.head_dim, 128);
+    assert_eq!(s.attention.rope_theta, 1e6);
+}
+
+#[test]
+fn the_family_comes_from_architectures_or_model_type() {
+    let mut c = qwen3_30b_a3b();
+    c.as_object_mut().unwrap().remove("architectures");
+    assert_eq!(spec(&c).unwrap().family, Family::Qwen3Moe);
+    let err = spec(&json!({"architectures": ["LlamaForCausalLM"]})).unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("LlamaForCausalLM"), "{message}");
+    for family in Family::ALL {
+        assert!(message.contains(family.architecture()), "{message}");
+    }
+    let err = spec(&json!({"model_type": "deepseek_v3"})).unwrap_err();
+    assert!(
+        err.to_string().contains("model_type \"deepseek_v3\""),
+        "{err}"
+    );
+}
+
+/// (family config, field changed, its value, the field the error names)
+fn refused() -> Vec<(Value, &'static str, Value, &'static str)> {
+    vec![
+        (
+            qwen3_30b_a3b(),
+            "num_experts_per_tok",
+            json!(129),
+            "num_experts_per_tok",
+        ),
+        (
+            qwen3_30b_a3b(),
+            "mlp_only_layers",
+            json!([2, 48]),
+            "mlp_only_layers",
+        ),
+        (
+            qwen3_30b_a3b(),
+            "decoder_sparse_step",
+            json!(0),
+            "decoder_sparse_step",
+        ),
+        (
+            qwen3_30b_a3b(),
+            "num_key_value_heads",
+            json!(5),
+            "num_key_value_heads",
+        ),
+        (qwen3_30b_a3b(), "head_dim", json!(127), "head_dim"),
+        (
+            qwen3_30b_a3b(),
+            "use_sliding_window",
+            json!(true),
+            "use_sliding_window",
+        ),
+        (
+            qwen3_30b_a3b(),
+            "rope_scaling",
+            json!({"rope_type": "yarn", "factor": 4.0}),
+            "rope_scaling",
+        ),
+        (
+            qwen3_30b_a3b(),
+            "moe_intermediate_size",
+            json!(0),
+            "moe_intermediate_size",
+        ),
+        (
+            qwen2_moe(),
+            "shared_expert_intermediate_size",
+            json!(0),
+            "shared_expert_intermediate_size",
+        ),
+        (
+            qwen2_moe(),
+            "num_experts_per_tok",
+            json!(61),
+            "num_experts_per_tok",
+        ),
+        (
+            olmoe_1b_7b(),
+            "num_experts_per_tok",
+            json!(65),
+            "num_experts_per_tok",
+        ),
+        (
+            olmoe_1b_7b(),
+            "num_attention_heads",
+            json!(15),
+            "num_attention_heads",
+        ),
+        (olmoe_1b_7b(), "clip_qkv", json!(-1.0), "clip_qkv"),
+        (olmoe_1b_7b(), "hidden_act", json!("gelu"), "hidden_act"),
+    ]
+}
+
+#[test]
+fn values_out_of_range_are_refused_naming_the_field() {
+    for (mut config, field, value, named) in refused() {
+        config[field] = value.clone();
+        let err = spec(&config).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { field, .. } if *field == named),
+            "{field} = {value}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_missing_field_the_family_needs_is_named() {
+    for (config, field) in [
+        (qwen3_30b_a3b(), "moe_intermediate_size"),
+        (qwen3_30b_a3b(), "num_experts"),
+        (qwen2_moe(), "shared_expert_intermediate_size"),
+        (olmoe_1b_7b(), "num_experts_per_tok"),
+    ] {
+        let mut config = config;
+        config.as_object_mut().unwrap().remove(field);
+        let err = spec(&config).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Parse { .. }) && err.to_string().contains(field),
+            "{field}: {err}"
+        );
+    }
+}
