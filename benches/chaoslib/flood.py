@@ -13,6 +13,8 @@ import socket
 import threading
 import time
 
+from chaoslib.watch import Sampler
+
 HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
 FILLER = b"X-Slow: 1\r\n"
 
@@ -123,28 +125,18 @@ def open_files(pid):
         return None
 
 
-class FdSampler:
+class FdSampler(Sampler):
     """The most file descriptors each of some processes held, sampled every 100 ms."""
 
     def __init__(self, pids):
-        self.pids = pids
+        super().__init__()
         self.max = {pid: 0 for pid in pids}
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self):
-        while not self.stopping.is_set():
-            for pid in self.pids:
-                n = open_files(pid)
-                if n is not None:
-                    self.max[pid] = max(self.max[pid], n)
-            self.stopping.wait(0.1)
+    def sample(self):
+        for pid in self.max:
+            n = open_files(pid)
+            if n is not None:
+                self.max[pid] = max(self.max[pid], n)
 
-    def start(self):
-        self.thread.start()
-        return self
-
-    def stop(self):
-        self.stopping.set()
-        self.thread.join(5)
+    def result(self):
         return self.max

@@ -55,14 +55,36 @@ class Monitor:
         return self.health_down_then_up(since)
 
 
-class RssSampler:
-    """VmRSS of one process every 100 ms."""
+class Sampler:
+    """Calls `sample()` every 100 ms on a thread of its own, from start() to stop(); stop() returns
+    `result()`."""
 
-    def __init__(self, pid):
-        self.pid = pid
-        self.samples = []  # (t, MiB)
+    def __init__(self):
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stopping.is_set():
+            self.sample()
+            self.stopping.wait(0.1)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join(5)
+        return self.result()
+
+
+class RssSampler(Sampler):
+    """VmRSS of one process every 100 ms; stop() returns the most, in MiB."""
+
+    def __init__(self, pid):
+        super().__init__()
+        self.pid = pid
+        self.samples = []  # (t, MiB)
 
     def read(self):
         try:
@@ -74,20 +96,12 @@ class RssSampler:
             return None
         return None
 
-    def _run(self):
-        while not self.stopping.is_set():
-            rss = self.read()
-            if rss is not None:
-                self.samples.append((time.monotonic(), rss))
-            self.stopping.wait(0.1)
+    def sample(self):
+        rss = self.read()
+        if rss is not None:
+            self.samples.append((time.monotonic(), rss))
 
-    def start(self):
-        self.thread.start()
-        return self
-
-    def stop(self):
-        self.stopping.set()
-        self.thread.join(5)
+    def result(self):
         return max((m for _, m in self.samples), default=None)
 
 

@@ -23,7 +23,19 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    pub(crate) fn at(self, path: &std::path::Path) -> Self {
+    /// `parse` of the text of the file at `path`; errors name the file.
+    pub(crate) fn reading<T>(
+        path: &std::path::Path,
+        parse: impl FnOnce(&str) -> Result<T, ConfigError>,
+    ) -> Result<T, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        parse(&text).map_err(|e| e.at(path))
+    }
+
+    fn at(self, path: &std::path::Path) -> Self {
         match self {
             ConfigError::Parse { error, .. } => ConfigError::Parse {
                 path: Some(path.to_owned()),

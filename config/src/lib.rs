@@ -9,8 +9,8 @@
 //! - [`spec`]: one description of a model whatever its family
 //!   ([`ModelSpec`]: attention variant, norms, biases, dense and routed
 //!   layers, gate, shared expert), from its config.json.
-//! - [`mixtral`], [`qwen3_moe`], [`qwen2_moe`], [`olmoe`]: each family's
-//!   `config.json` (the only code that knows its fields).
+//! - [`mixtral`], [`qwen_moe`] (Qwen3-MoE and Qwen2-MoE), [`olmoe`]: each
+//!   family's `config.json` (the only code that knows its fields).
 //! - [`model_id`]: the identity router and workers compare (SHA-256 of config.json).
 //! - [`dtype`]: the dtypes weights are stored, loaded and sent in.
 //! - [`error`]: why a config cannot be read.
@@ -22,8 +22,7 @@ pub mod error;
 pub mod mixtral;
 pub mod model_id;
 pub mod olmoe;
-pub mod qwen2_moe;
-pub mod qwen3_moe;
+pub mod qwen_moe;
 pub mod spec;
 
 pub use dtype::Dtype;

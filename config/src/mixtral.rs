@@ -124,11 +124,7 @@ fn check_architecture(
 impl MixtralConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
-            path: path.to_owned(),
-            error,
-        })?;
-        Self::from_json(&text).map_err(|e| e.at(path))
+        ConfigError::reading(path, Self::from_json)
     }
 
     /// Parses and validates the text of a `config.json`.

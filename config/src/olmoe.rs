@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use crate::TokenIds;
 use crate::error::ConfigError;
-use crate::qwen3_moe::{default_rope_theta, silu};
+use crate::qwen_moe::{default_rope_theta, silu};
 use crate::spec::{
     AttentionSpec, Family, FfnSpec, Gate, ModelSpec, MoeSpec, QkNorm, check_activation_and_rope,
     check_attention, check_positive, check_routing,
@@ -59,14 +59,6 @@ fn default_rms_norm_eps() -> f64 {
 }
 
 impl OlmoeConfig {
-    /// Parses and checks the text of a `config.json`.
-    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
-        let config: Self =
-            serde_json::from_str(text).map_err(|error| ConfigError::Parse { path: None, error })?;
-        config.spec()?;
-        Ok(config)
-    }
-
     /// The model's description, once its fields are checked.
     pub fn spec(&self) -> Result<ModelSpec, ConfigError> {
         check_positive(&[

@@ -162,11 +162,7 @@ pub struct ModelSpec {
 impl ModelSpec {
     /// Reads a checkpoint's `config.json`.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
-            path: path.to_owned(),
-            error,
-        })?;
-        Self::from_json(&text).map_err(|e| e.at(path))
+        ConfigError::reading(path, Self::from_json)
     }
 
     /// The description of the text of a `config.json`: the family first (a
@@ -180,15 +176,17 @@ impl ModelSpec {
             #[serde(default)]
             model_type: Option<String>,
         }
-        let parse = |error| ConfigError::Parse { path: None, error };
-        let said: Said = serde_json::from_str(text).map_err(parse)?;
-        let spec = match Family::of(&said.architectures, said.model_type.as_deref())? {
-            Family::Mixtral => crate::MixtralConfig::from_json(text)?.spec(),
-            Family::Qwen3Moe => crate::qwen3_moe::Qwen3MoeConfig::from_json(text)?.spec()?,
-            Family::Qwen2Moe => crate::qwen2_moe::Qwen2MoeConfig::from_json(text)?.spec()?,
-            Family::Olmoe => crate::olmoe::OlmoeConfig::from_json(text)?.spec()?,
-        };
-        Ok(spec)
+        fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
+            serde_json::from_str(text).map_err(|error| ConfigError::Parse { path: None, error })
+        }
+        let said: Said = parse(text)?;
+        match Family::of(&said.architectures, said.model_type.as_deref())? {
+            Family::Mixtral => Ok(crate::MixtralConfig::from_json(text)?.spec()),
+            family @ (Family::Qwen3Moe | Family::Qwen2Moe) => {
+                parse::<crate::qwen_moe::QwenMoeConfig>(text)?.spec(family)
+            }
+            Family::Olmoe => parse::<crate::olmoe::OlmoeConfig>(text)?.spec(),
+        }
     }
 
     /// The routed-expert layers: (layer index, their spec).

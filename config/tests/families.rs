@@ -284,9 +284,11 @@ fn a_missing_field_the_family_needs_is_named() {
         let mut config = config;
         config.as_object_mut().unwrap().remove(field);
         let err = spec(&config).unwrap_err();
-        assert!(
-            matches!(err, ConfigError::Parse { .. }) && err.to_string().contains(field),
-            "{field}: {err}"
-        );
+        let named = match &err {
+            ConfigError::Parse { error, .. } => error.to_string().contains(field),
+            ConfigError::Invalid { field: named, .. } => *named == field,
+            _ => false,
+        };
+        assert!(named, "{field}: {err}");
     }
 }
