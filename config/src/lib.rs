@@ -30,5 +30,5 @@ pub use error::ConfigError;
 pub use mixtral::{MixtralConfig, TokenIds};
 pub use model_id::model_id;
 pub use spec::{
-    AttentionSpec, Family, FfnSpec, Gate, ModelSpec, MoeSpec, QkNorm, SharedExpertSpec,
+    AttentionSpec, Family, FfnSpec, Gate, ModelSpec, MoeSpec, Parameters, QkNorm, SharedExpertSpec,
 };

@@ -206,6 +206,67 @@ impl ModelSpec {
     pub fn kv_elements_per_position(&self) -> usize {
         2 * self.attention.kv_heads * self.attention.head_dim
     }
+
+    /// Key and value bytes one token keeps over every layer, at
+    /// `dtype_bytes` per element.
+    pub fn kv_bytes_per_token(&self, dtype_bytes: usize) -> usize {
+        self.layers.len() * self.kv_elements_per_position() * dtype_bytes
+    }
+
+    /// The model's parameters: all of them, and those one token uses.
+    pub fn parameters(&self) -> Parameters {
+        let h = self.hidden_size;
+        let a = &self.attention;
+        let (q, kv) = (a.heads * a.head_dim, a.kv_heads * a.head_dim);
+        let attention = h * (q + 2 * kv)
+            + q * h
+            + if a.qkv_bias { q + 2 * kv } else { 0 }
+            + if a.o_bias { h } else { 0 }
+            + match a.qk_norm {
+                QkNorm::None => 0,
+                QkNorm::PerHead => 2 * a.head_dim,
+                QkNorm::WholeProjection => q + kv,
+            };
+        let norms = 2 * h;
+        let mut total = Parameters {
+            total: self.vocab_size * h * if self.tie_word_embeddings { 1 } else { 2 } + h,
+            active: 0,
+            routed_experts: 0,
+        };
+        total.active = total.total;
+        for ffn in &self.layers {
+            let (all, used, routed) = match ffn {
+                FfnSpec::Dense { width } => (3 * h * width, 3 * h * width, 0),
+                FfnSpec::Moe(moe) => {
+                    let expert = Self::expert_parameters(moe, h);
+                    let shared = moe
+                        .shared
+                        .map_or(0, |s| 3 * h * s.width + if s.sigmoid_gate { h } else { 0 });
+                    let gate = moe.experts * h;
+                    (
+                        gate + shared + moe.experts * expert,
+                        gate + shared + moe.top_k * expert,
+                        moe.experts * expert,
+                    )
+                }
+            };
+            total.total += attention + norms + all;
+            total.active += attention + norms + used;
+            total.routed_experts += routed;
+        }
+        total
+    }
+}
+
+/// Parameter counts of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parameters {
+    pub total: usize,
+    /// What one token's forward uses: every dense weight, the top-k routed
+    /// experts of each layer.
+    pub active: usize,
+    /// The routed experts' (what workers hold).
+    pub routed_experts: usize,
 }
 
 /// Checks what every family's attention needs: positive sizes, kv heads

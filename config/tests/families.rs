@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 use tramontane_config::{
-    ConfigError, Family, FfnSpec, Gate, ModelSpec, MoeSpec, QkNorm, SharedExpertSpec,
+    ConfigError, Family, FfnSpec, Gate, ModelSpec, MoeSpec, Parameters, QkNorm, SharedExpertSpec,
 };
 
 fn spec(config: &Value) -> Result<ModelSpec, ConfigError> {
@@ -166,6 +166,72 @@ fn mixtral_reads_as_before_into_the_description() {
     assert_eq!(m.gate, Gate::TopKThenSoftmax);
     assert_eq!(s.attention.head_dim, 128);
     assert_eq!(s.attention.rope_theta, 1e6);
+}
+
+/// Total and active parameters summed by hand from each config (embeddings
+/// and lm_head, per layer attention, q/k norms, two norms, gate, experts),
+/// against what the checkpoints' model cards say: Mixtral-8x7B 46.7B of
+/// which 12.9B active, Qwen3-30B-A3B 30.5B / 3.3B, OLMoE-1B-7B 6.9B / 1.3B.
+#[test]
+fn parameters_add_up_to_the_published_totals() {
+    let mixtral = json!({
+        "architectures": ["MixtralForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000
+    });
+    // Per layer: attention 41,943,040, norms 8,192, gate 32,768, experts
+    // 8 × 176,160,768; embeddings and lm_head 2 × 131,072,000, final norm 4,096.
+    assert_eq!(
+        spec(&mixtral).unwrap().parameters(),
+        Parameters {
+            total: 46_702_792_704,
+            active: 12_879_925_248,
+            routed_experts: 45_097_156_608,
+        }
+    );
+    // Per layer: attention 18,874,368, q/k norms 256, norms 4,096, gate
+    // 262,144, experts 128 × 4,718,592; embeddings 2 × 311,164,928.
+    let qwen3 = spec(&qwen3_30b_a3b()).unwrap();
+    assert_eq!(
+        qwen3.parameters(),
+        Parameters {
+            total: 30_532_122_624,
+            active: 3_353_032_704,
+            routed_experts: 28_991_029_248,
+        }
+    );
+    // 48 layers × 2 × 4 heads × 128 × 2 bytes: 96 KiB of KV per token in bf16.
+    assert_eq!(qwen3.kv_bytes_per_token(2), 98_304);
+    // Per layer: attention 16,777,216, q/k norms over the projections
+    // 4,096, norms 4,096, gate 131,072, experts 64 × 6,291,456.
+    assert_eq!(
+        spec(&olmoe_1b_7b()).unwrap().parameters(),
+        Parameters {
+            total: 6_919_161_856,
+            active: 1_282_017_280,
+            routed_experts: 6_442_450_944,
+        }
+    );
+    // Qwen2-MoE adds q/k/v biases and a gated shared expert to each layer;
+    // dense layers count whole.
+    let mut c = qwen2_moe();
+    c["num_hidden_layers"] = json!(2);
+    c["mlp_only_layers"] = json!([0]);
+    let p = spec(&c).unwrap().parameters();
+    let attention = 2048 * (2048 * 3) + 2048 * 2048 + 3 * 2048;
+    let embeddings = 2 * 151_936 * 2048 + 2048;
+    let dense = 3 * 2048 * 5632;
+    let shared = 3 * 2048 * 5632 + 2048;
+    let expert = 3 * 2048 * 1408;
+    assert_eq!(p.routed_experts, 60 * expert);
+    assert_eq!(
+        p.total,
+        embeddings + 2 * (attention + 4096) + dense + 60 * 2048 + shared + 60 * expert
+    );
+    assert_eq!(
+        p.active,
+        embeddings + 2 * (attention + 4096) + dense + 60 * 2048 + shared + 4 * expert
+    );
 }
 
 #[test]
