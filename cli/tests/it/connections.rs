@@ -163,10 +163,11 @@ fn slow_silent_idle_and_excess_connections_are_closed_and_requests_still_succeed
             "no {listener} connection closed for {reason}:\n{metrics}"
         );
     }
+    // At most the limit, and a quarter more while evicted ones close.
     let open = support::samples(&metrics, "tramontane_connections_open");
     ensure!(
         open.iter()
-            .all(|(labels, v)| labels["listener"] != "http" || *v <= 7.0),
+            .all(|(labels, v)| labels["listener"] != "http" || *v <= 8.0),
         "{open:?}"
     );
     Ok(())
