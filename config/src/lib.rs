@@ -11,6 +11,8 @@
 //!   layers, gate, shared expert), from its config.json.
 //! - [`mixtral`], [`qwen_moe`] (Qwen3-MoE and Qwen2-MoE), [`olmoe`]: each
 //!   family's `config.json` (the only code that knows its fields).
+//! - [`tensors`]: every tensor of a checkpoint, named and shaped as the
+//!   family's transformers class has it.
 //! - [`model_id`]: the identity router and workers compare (SHA-256 of config.json).
 //! - [`dtype`]: the dtypes weights are stored, loaded and sent in.
 //! - [`error`]: why a config cannot be read.
@@ -24,6 +26,7 @@ pub mod model_id;
 pub mod olmoe;
 pub mod qwen_moe;
 pub mod spec;
+pub mod tensors;
 
 pub use dtype::Dtype;
 pub use error::ConfigError;
@@ -32,3 +35,4 @@ pub use model_id::model_id;
 pub use spec::{
     AttentionSpec, Family, FfnSpec, Gate, ModelSpec, MoeSpec, Parameters, QkNorm, SharedExpertSpec,
 };
+pub use tensors::TensorSpec;

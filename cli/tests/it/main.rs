@@ -10,6 +10,7 @@ mod admission;
 mod bad_input;
 mod connections;
 mod dependencies;
+mod families;
 mod faults;
 mod guarded;
 mod helm;

@@ -1,0 +1,104 @@
+//! The tensors of a checkpoint, as each family's transformers class names
+//! and shapes them (`model.layers.{l}.self_attn.q_proj.weight`, ...): what
+//! loading reads and gen-model writes. The family decides the names of the
+//! routed experts and their gate; everything else follows the spec.
+
+use crate::spec::{Family, FfnSpec, ModelSpec, QkNorm};
+
+/// One tensor: its name in the checkpoint and its shape.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+/// Names of a routed expert's projections: (gate, up, down).
+fn expert_names(family: Family) -> (&'static str, &'static str, &'static str) {
+    match family {
+        Family::Mixtral => ("w1", "w3", "w2"),
+        Family::Qwen3Moe | Family::Qwen2Moe | Family::Olmoe => {
+            ("gate_proj", "up_proj", "down_proj")
+        }
+    }
+}
+
+/// Where a layer's routed block sits: `block_sparse_moe` (Mixtral) or `mlp`.
+fn moe_block(family: Family) -> &'static str {
+    match family {
+        Family::Mixtral => "block_sparse_moe",
+        Family::Qwen3Moe | Family::Qwen2Moe | Family::Olmoe => "mlp",
+    }
+}
+
+impl ModelSpec {
+    /// Every tensor of the checkpoint (the tied lm_head left out), sorted by name.
+    pub fn tensors(&self) -> Vec<TensorSpec> {
+        let mut out = Vec::new();
+        let mut add = |name: String, shape: &[usize]| {
+            out.push(TensorSpec {
+                name,
+                shape: shape.to_vec(),
+            })
+        };
+        let (h, a) = (self.hidden_size, &self.attention);
+        let (q, kv) = (a.heads * a.head_dim, a.kv_heads * a.head_dim);
+        add("model.embed_tokens.weight".into(), &[self.vocab_size, h]);
+        add("model.norm.weight".into(), &[h]);
+        if !self.tie_word_embeddings {
+            add("lm_head.weight".into(), &[self.vocab_size, h]);
+        }
+        let (gate, up, down) = expert_names(self.family);
+        for (l, ffn) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            add(format!("{p}.input_layernorm.weight"), &[h]);
+            add(format!("{p}.post_attention_layernorm.weight"), &[h]);
+            for (proj, rows) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+                add(format!("{p}.self_attn.{proj}.weight"), &[rows, h]);
+                if a.qkv_bias {
+                    add(format!("{p}.self_attn.{proj}.bias"), &[rows]);
+                }
+            }
+            add(format!("{p}.self_attn.o_proj.weight"), &[h, q]);
+            if a.o_bias {
+                add(format!("{p}.self_attn.o_proj.bias"), &[h]);
+            }
+            let norms = match a.qk_norm {
+                QkNorm::None => None,
+                QkNorm::PerHead => Some((a.head_dim, a.head_dim)),
+                QkNorm::WholeProjection => Some((q, kv)),
+            };
+            if let Some((q_norm, k_norm)) = norms {
+                add(format!("{p}.self_attn.q_norm.weight"), &[q_norm]);
+                add(format!("{p}.self_attn.k_norm.weight"), &[k_norm]);
+            }
+            match ffn {
+                FfnSpec::Dense { width } => {
+                    add(format!("{p}.mlp.gate_proj.weight"), &[*width, h]);
+                    add(format!("{p}.mlp.up_proj.weight"), &[*width, h]);
+                    add(format!("{p}.mlp.down_proj.weight"), &[h, *width]);
+                }
+                FfnSpec::Moe(moe) => {
+                    let block = format!("{p}.{}", moe_block(self.family));
+                    add(format!("{block}.gate.weight"), &[moe.experts, h]);
+                    for e in 0..moe.experts {
+                        let expert = format!("{block}.experts.{e}");
+                        add(format!("{expert}.{gate}.weight"), &[moe.width, h]);
+                        add(format!("{expert}.{up}.weight"), &[moe.width, h]);
+                        add(format!("{expert}.{down}.weight"), &[h, moe.width]);
+                    }
+                    if let Some(shared) = moe.shared {
+                        let s = format!("{block}.shared_expert");
+                        add(format!("{s}.gate_proj.weight"), &[shared.width, h]);
+                        add(format!("{s}.up_proj.weight"), &[shared.width, h]);
+                        add(format!("{s}.down_proj.weight"), &[h, shared.width]);
+                        if shared.sigmoid_gate {
+                            add(format!("{block}.shared_expert_gate.weight"), &[1, h]);
+                        }
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
