@@ -193,7 +193,8 @@ mod tests {
             tch::manual_seed(seed.rem_euclid(1 << 30) + 1);
             let xs = Tensor::randn([tokens as i64, HIDDEN], (Kind::Float, Device::Cpu));
             let logits = Tensor::randn([tokens as i64, num_experts as i64], (Kind::Float, Device::Cpu));
-            let routing = route_logits(&logits, k, Kind::Float).unwrap();
+            let routing =
+                route_logits(&logits, k, tramontane_config::Gate::TopKThenSoftmax, Kind::Float).unwrap();
 
             let dense = local.forward(0, &xs, &routing).unwrap();
             let pairs = routed_pairs(&routing);

@@ -1,12 +1,14 @@
-//! Top-k gating with Mixtral's semantics: router logits → softmax over all
-//! experts in fp32 → top-k → renormalise the k weights to sum to 1 → round
-//! to the activations' dtype. Ties go to the lower expert index. The logits
+//! Top-k gating: router logits → softmax over all experts in fp32 → top-k
+//! → renormalise the k weights to sum to 1 (Mixtral's top-k-then-softmax
+//! is the same; the Qwen and OLMoE families only with `norm_topk_prob`) →
+//! round to the activations' dtype. Ties go to the lower expert index. The logits
 //! (`[tokens, experts]`) are copied to the host once and the rest runs
 //! there: every consumer of a routing (the local experts' grouping, the
 //! dispatch to workers) reads it on the host, and a handful of experts per
 //! token is less work than launching the tensor ops would be.
 
 use tch::{Kind, Tensor};
+use tramontane_config::Gate as GateRule;
 
 /// Which experts each token goes to, and with what weight.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,22 +32,37 @@ pub struct Gate {
     /// `[experts, hidden]`
     weight: Tensor,
     top_k: usize,
+    rule: GateRule,
 }
 
 impl Gate {
-    pub fn new(weight: Tensor, top_k: usize) -> Self {
-        Self { weight, top_k }
+    pub fn new(weight: Tensor, top_k: usize, rule: GateRule) -> Self {
+        Self {
+            weight,
+            top_k,
+            rule,
+        }
     }
 
     /// `xs`: `[tokens, hidden]`.
     pub fn route(&self, xs: &Tensor) -> Result<Routing, tch::TchError> {
         let logits = crate::projection::linear(xs, &self.weight)?;
-        route_logits(&logits, self.top_k, xs.kind())
+        route_logits(&logits, self.top_k, self.rule, xs.kind())
     }
 }
 
-/// Routing from router logits `[tokens, experts]`, weights rounded to `kind`.
-pub fn route_logits(logits: &Tensor, top_k: usize, kind: Kind) -> Result<Routing, tch::TchError> {
+/// Routing from router logits `[tokens, experts]` by `rule`, weights
+/// rounded to `kind`.
+pub fn route_logits(
+    logits: &Tensor,
+    top_k: usize,
+    rule: GateRule,
+    kind: Kind,
+) -> Result<Routing, tch::TchError> {
+    let renormalize = match rule {
+        GateRule::TopKThenSoftmax => true,
+        GateRule::SoftmaxThenTopK { renormalize } => renormalize,
+    };
     let experts = logits.size().get(1).copied().unwrap_or(0).max(0) as usize;
     let values: Vec<f32> = Vec::try_from(logits.f_to_kind(Kind::Float)?.f_flatten(0, -1)?)?;
     let k = top_k.min(experts);
@@ -64,7 +81,11 @@ pub fn route_logits(logits: &Tensor, top_k: usize, kind: Kind) -> Result<Routing
         order.extend(0..experts);
         order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
         let top = &order[..k];
-        let sum: f32 = top.iter().map(|&e| probs[e]).sum();
+        let sum: f32 = if renormalize {
+            top.iter().map(|&e| probs[e]).sum()
+        } else {
+            1.0
+        };
         routing.experts.extend_from_slice(top);
         routing
             .weights
@@ -114,7 +135,7 @@ mod tests {
         #[test]
         fn weights_sum_to_one_over_k_distinct_experts((values, tokens, experts, k) in logits_strategy()) {
             let logits = Tensor::from_slice(&values).view([tokens as i64, experts as i64]);
-            let routing = route_logits(&logits, k, Kind::Float).unwrap();
+            let routing = route_logits(&logits, k, GateRule::TopKThenSoftmax, Kind::Float).unwrap();
             prop_assert_eq!(routing.k, k);
             prop_assert_eq!(routing.tokens(), tokens);
             let ids: Vec<i64> = routing.experts.iter().map(|&e| e as i64).collect();
@@ -154,16 +175,38 @@ mod tests {
         #[test]
         fn routing_is_deterministic((values, tokens, experts, k) in logits_strategy()) {
             let logits = Tensor::from_slice(&values).view([tokens as i64, experts as i64]);
-            let a = route_logits(&logits, k, Kind::Float).unwrap();
-            let b = route_logits(&logits, k, Kind::Float).unwrap();
-            prop_assert_eq!(a, b);
+            let a = route_logits(&logits, k, GateRule::TopKThenSoftmax, Kind::Float).unwrap();
+            let b = route_logits(&logits, k, GateRule::TopKThenSoftmax, Kind::Float).unwrap();
+            prop_assert_eq!(&a, &b);
+            // Softmax, top-k, renormalised: the same routing.
+            let c = route_logits(&logits, k, GateRule::SoftmaxThenTopK { renormalize: true }, Kind::Float).unwrap();
+            prop_assert_eq!(&a, &c);
+        }
+
+        #[test]
+        fn without_renormalising_the_weights_are_the_softmax_probabilities((values, tokens, experts, k) in logits_strategy()) {
+            let logits = Tensor::from_slice(&values).view([tokens as i64, experts as i64]);
+            let renormalized = route_logits(&logits, k, GateRule::TopKThenSoftmax, Kind::Float).unwrap();
+            let raw = route_logits(&logits, k, GateRule::SoftmaxThenTopK { renormalize: false }, Kind::Float).unwrap();
+            // The same experts; each weight its softmax probability over every expert.
+            prop_assert_eq!(&renormalized.experts, &raw.experts);
+            let probs: Vec<f32> = Vec::try_from(logits.softmax(1, Kind::Float).flatten(0, -1)).unwrap();
+            for t in 0..tokens {
+                for j in 0..k {
+                    let e = raw.experts[t * k + j];
+                    let w = raw.weights[t * k + j];
+                    prop_assert!((w - probs[t * experts + e]).abs() < 1e-6, "token {} expert {}: {} vs {}", t, e, w, probs[t * experts + e]);
+                }
+                let sum: f32 = raw.weights[t * k..(t + 1) * k].iter().sum();
+                prop_assert!(sum <= 1.0 + 1e-5);
+            }
         }
     }
 
     #[test]
     fn all_equal_logits_pick_the_lowest_ids_with_equal_weights() {
         let logits = Tensor::zeros([3, 8], (Kind::Float, tch::Device::Cpu));
-        let routing = route_logits(&logits, 2, Kind::Float).unwrap();
+        let routing = route_logits(&logits, 2, GateRule::TopKThenSoftmax, Kind::Float).unwrap();
         assert_eq!(routing.experts, vec![0, 1, 0, 1, 0, 1]);
         assert!(routing.weights.iter().all(|&w| w == 0.5));
     }

@@ -115,6 +115,16 @@ impl<E: Experts> Mixtral<E> {
         let kv_dim = (config.num_key_value_heads() * config.head_dim()) as i64;
         let e = config.num_local_experts as i64;
         let load = |key: &str, shape: &[i64]| checkpoint.load(key, shape, kind, device);
+        // How each layer's gate routes, as the model's description says
+        // (every Mixtral layer is routed, top-k then softmax).
+        let spec = config.spec();
+        let gate_rule = |layer: usize| {
+            spec.moe_layers()
+                .find(|&(l, _)| l == layer)
+                .map_or(tramontane_config::Gate::TopKThenSoftmax, |(_, moe)| {
+                    moe.gate
+                })
+        };
 
         let embed_tokens = load("model.embed_tokens.weight", &[v, h])?;
         let layers = (0..config.num_hidden_layers)
@@ -140,6 +150,7 @@ impl<E: Experts> Mixtral<E> {
                     moe: SparseMoe::new(Gate::new(
                         load(&gate_key(i), &[e, h])?,
                         config.num_experts_per_tok,
+                        gate_rule(i),
                     )),
                 })
             })
