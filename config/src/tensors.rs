@@ -12,21 +12,45 @@ pub struct TensorSpec {
     pub shape: Vec<usize>,
 }
 
-/// Names of a routed expert's projections: (gate, up, down).
-fn expert_names(family: Family) -> (&'static str, &'static str, &'static str) {
-    match family {
-        Family::Mixtral => ("w1", "w3", "w2"),
-        Family::Qwen3Moe | Family::Qwen2Moe | Family::Olmoe => {
-            ("gate_proj", "up_proj", "down_proj")
-        }
-    }
+/// The weights of one routed expert: its gate, up and down projections
+/// (`[width, hidden]`, `[width, hidden]`, `[hidden, width]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpertTensors {
+    pub gate: String,
+    pub up: String,
+    pub down: String,
 }
 
-/// Where a layer's routed block sits: `block_sparse_moe` (Mixtral) or `mlp`.
-fn moe_block(family: Family) -> &'static str {
-    match family {
-        Family::Mixtral => "block_sparse_moe",
-        Family::Qwen3Moe | Family::Qwen2Moe | Family::Olmoe => "mlp",
+impl Family {
+    /// Where a layer's routed block sits: `block_sparse_moe` (Mixtral) or `mlp`.
+    fn moe_block(self, layer: usize) -> String {
+        match self {
+            Family::Mixtral => format!("model.layers.{layer}.block_sparse_moe"),
+            Family::Qwen3Moe | Family::Qwen2Moe | Family::Olmoe => {
+                format!("model.layers.{layer}.mlp")
+            }
+        }
+    }
+
+    /// The router gate's weight of layer `layer`, `[experts, hidden]`.
+    pub fn gate_tensor(self, layer: usize) -> String {
+        format!("{}.gate.weight", self.moe_block(layer))
+    }
+
+    /// The weights of expert `expert` of layer `layer`.
+    pub fn expert_tensors(self, layer: usize, expert: usize) -> ExpertTensors {
+        let (gate, up, down) = match self {
+            Family::Mixtral => ("w1", "w3", "w2"),
+            Family::Qwen3Moe | Family::Qwen2Moe | Family::Olmoe => {
+                ("gate_proj", "up_proj", "down_proj")
+            }
+        };
+        let expert = format!("{}.experts.{expert}", self.moe_block(layer));
+        ExpertTensors {
+            gate: format!("{expert}.{gate}.weight"),
+            up: format!("{expert}.{up}.weight"),
+            down: format!("{expert}.{down}.weight"),
+        }
     }
 }
 
@@ -47,7 +71,7 @@ impl ModelSpec {
         if !self.tie_word_embeddings {
             add("lm_head.weight".into(), &[self.vocab_size, h]);
         }
-        let (gate, up, down) = expert_names(self.family);
+        let family = self.family;
         for (l, ffn) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{l}");
             add(format!("{p}.input_layernorm.weight"), &[h]);
@@ -78,13 +102,13 @@ impl ModelSpec {
                     add(format!("{p}.mlp.down_proj.weight"), &[h, *width]);
                 }
                 FfnSpec::Moe(moe) => {
-                    let block = format!("{p}.{}", moe_block(self.family));
-                    add(format!("{block}.gate.weight"), &[moe.experts, h]);
+                    let block = family.moe_block(l);
+                    add(family.gate_tensor(l), &[moe.experts, h]);
                     for e in 0..moe.experts {
-                        let expert = format!("{block}.experts.{e}");
-                        add(format!("{expert}.{gate}.weight"), &[moe.width, h]);
-                        add(format!("{expert}.{up}.weight"), &[moe.width, h]);
-                        add(format!("{expert}.{down}.weight"), &[h, moe.width]);
+                        let expert = family.expert_tensors(l, e);
+                        add(expert.gate, &[moe.width, h]);
+                        add(expert.up, &[moe.width, h]);
+                        add(expert.down, &[h, moe.width]);
                     }
                     if let Some(shared) = moe.shared {
                         let s = format!("{block}.shared_expert");

@@ -26,11 +26,6 @@ enum GateUp {
     Apart { w1: Tensor, w3: Tensor },
 }
 
-/// The checkpoint key prefix of expert `expert` of layer `layer`.
-pub fn expert_prefix(layer: usize, expert: usize) -> String {
-    format!("model.layers.{layer}.block_sparse_moe.experts.{expert}")
-}
-
 impl Expert {
     /// An expert from its weights: w1, w3 `[intermediate, hidden]`, w2 `[hidden, intermediate]`.
     pub fn new(w1: Tensor, w2: Tensor, w3: Tensor) -> Self {
@@ -53,15 +48,13 @@ impl Expert {
         kind: Kind,
         device: Device,
     ) -> Result<Self, WeightsError> {
-        let prefix = expert_prefix(layer, expert);
+        let names = tramontane_config::Family::Mixtral.expert_tensors(layer, expert);
         let (h, i) = (config.hidden_size as i64, config.intermediate_size as i64);
-        let load = |name: &str, shape: [i64; 2]| {
-            checkpoint.load(&format!("{prefix}.{name}.weight"), &shape, kind, device)
-        };
+        let load = |name: &str, shape: [i64; 2]| checkpoint.load(name, &shape, kind, device);
         Ok(Self::new(
-            load("w1", [i, h])?,
-            load("w2", [h, i])?,
-            load("w3", [i, h])?,
+            load(&names.gate, [i, h])?,
+            load(&names.down, [h, i])?,
+            load(&names.up, [i, h])?,
         ))
     }
 

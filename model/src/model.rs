@@ -12,7 +12,7 @@ use crate::experts::{Experts, ExpertsError};
 use crate::gating::Gate;
 use crate::kv_cache::{BLOCK_SIZE, KvCache, KvPool, blocks_for};
 use crate::layer::{DecoderLayer, LayerError, LayerInFlight};
-use crate::moe::{LocalExperts, SparseMoe, gate_key};
+use crate::moe::{LocalExperts, SparseMoe};
 use crate::norm::RmsNorm;
 use crate::projection;
 use crate::rotary::{RotaryEmbedding, RotaryTables};
@@ -148,7 +148,7 @@ impl<E: Experts> Mixtral<E> {
                     attention: Attention::new(&config, attention),
                     post_attention_layernorm: norm("post_attention_layernorm")?,
                     moe: SparseMoe::new(Gate::new(
-                        load(&gate_key(i), &[e, h])?,
+                        load(&spec.family.gate_tensor(i), &[e, h])?,
                         config.num_experts_per_tok,
                         gate_rule(i),
                     )),

@@ -178,11 +178,6 @@ pub struct SparseMoe {
     gate: Gate,
 }
 
-/// The checkpoint key of layer `layer`'s gate.
-pub fn gate_key(layer: usize) -> String {
-    format!("model.layers.{layer}.block_sparse_moe.gate.weight")
-}
-
 impl SparseMoe {
     pub fn new(gate: Gate) -> Self {
         Self { gate }
@@ -212,7 +207,6 @@ mod tests {
     use tramontane_config::MixtralConfig;
 
     use super::*;
-    use crate::expert::expert_prefix;
 
     #[test]
     fn only_selected_experts_are_loaded_and_unheld_ones_are_an_error() -> anyhow::Result<()> {
@@ -230,9 +224,11 @@ mod tests {
         let held = |layer: usize, expert: usize| layer == 1 && (expert == 1 || expert == 5);
         let experts = LocalExperts::load(&checkpoint, &config, &held, Kind::Float, Device::Cpu)?;
         assert_eq!(experts.held_count(), 2);
-        let prefixes = [expert_prefix(1, 1), expert_prefix(1, 5)];
-        let expected = checkpoint
-            .stored_bytes(|key| prefixes.iter().any(|p| key.starts_with(&format!("{p}."))));
+        let names = [(1, 1), (1, 5)].map(|(l, e)| {
+            let t = tramontane_config::Family::Mixtral.expert_tensors(l, e);
+            [t.gate, t.up, t.down]
+        });
+        let expected = checkpoint.stored_bytes(|key| names.iter().flatten().any(|n| n == key));
         assert_eq!(checkpoint.loaded_bytes(), expected);
         let total = checkpoint.stored_bytes(|_| true);
         assert!(
