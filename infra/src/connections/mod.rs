@@ -51,6 +51,44 @@ pub const CONNECTIONS_OPEN: &str = "tramontane_connections_open";
 /// [`Closing::label`], and `refused` (at the limit, with none to evict).
 pub const CONNECTIONS_CLOSED: &str = "tramontane_connections_closed_total";
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A service a [`Server`] serves: an axum router, tonic's routes.
+pub trait Served<B>:
+    tower_service::Service<
+        Request<Incoming>,
+        Response = Response<B>,
+        Future: Send + 'static,
+        Error: Into<BoxError>,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S, B> Served<B> for S where
+    S: tower_service::Service<
+            Request<Incoming>,
+            Response = Response<B>,
+            Future: Send + 'static,
+            Error: Into<BoxError>,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+/// The body of a served response.
+pub trait ResponseBody:
+    http_body::Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static
+{
+}
+
+impl<B> ResponseBody for B where
+    B: http_body::Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static
+{
+}
+
 /// How long an idle connection asked to close gracefully may take to do so.
 const GRACE: Duration = Duration::from_secs(2);
 /// How long the accept loop waits for connections asked to close, when
@@ -123,14 +161,8 @@ impl Server {
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()>
     where
-        S: tower_service::Service<Request<Incoming>, Response = Response<B>>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        B: http_body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S: Served<B>,
+        B: ResponseBody,
     {
         describe();
         let builder = Arc::new(self.builder());
@@ -206,14 +238,8 @@ impl Server {
         service: S,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) where
-        S: tower_service::Service<Request<Incoming>, Response = Response<B>>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        B: http_body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S: Served<B>,
+        B: ResponseBody,
     {
         let _ = tcp.set_nodelay(true);
         let keepalive = socket2::TcpKeepalive::new().with_time(grpc::TCP_KEEPALIVE);
@@ -258,9 +284,8 @@ impl Server {
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
         S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
         S::Future: Send + 'static,
-        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        B: http_body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S::Error: Into<BoxError>,
+        B: ResponseBody,
         TokioExecutor: hyper_util::server::conn::auto::HttpServerConnExec<S::Future, B>,
     {
         tokio::pin!(conn);
