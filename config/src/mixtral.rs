@@ -54,7 +54,7 @@ pub struct MixtralConfig {
     pub tie_word_embeddings: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub torch_dtype: Option<String>,
-    #[serde(default = "default_hidden_act")]
+    #[serde(default = "crate::spec::silu")]
     pub hidden_act: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<serde_json::Value>,
@@ -72,9 +72,6 @@ fn default_rope_theta() -> f64 {
 }
 fn default_max_position_embeddings() -> usize {
     4096 * 32
-}
-fn default_hidden_act() -> String {
-    "silu".into()
 }
 
 /// The architectures served, as config.json's `architectures` names them,

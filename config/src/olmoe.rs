@@ -7,7 +7,6 @@ use serde::Deserialize;
 
 use crate::TokenIds;
 use crate::error::ConfigError;
-use crate::qwen_moe::{default_rope_theta, silu};
 use crate::spec::{
     AttentionSpec, Family, FfnSpec, Gate, ModelSpec, MoeSpec, QkNorm, check_activation_and_rope,
     check_attention, check_positive, check_routing,
@@ -37,13 +36,13 @@ pub struct OlmoeConfig {
     pub max_position_embeddings: usize,
     #[serde(default = "default_rms_norm_eps")]
     pub rms_norm_eps: f64,
-    #[serde(default = "default_rope_theta")]
+    #[serde(default = "crate::spec::rope_theta_10000")]
     pub rope_theta: f64,
     #[serde(default)]
     pub rope_scaling: Option<serde_json::Value>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
-    #[serde(default = "silu")]
+    #[serde(default = "crate::spec::silu")]
     pub hidden_act: String,
     #[serde(default)]
     pub bos_token_id: Option<u32>,

@@ -54,7 +54,7 @@ pub struct QwenMoeConfig {
     pub max_position_embeddings: usize,
     #[serde(default = "default_rms_norm_eps")]
     pub rms_norm_eps: f64,
-    #[serde(default = "default_rope_theta")]
+    #[serde(default = "crate::spec::rope_theta_10000")]
     pub rope_theta: f64,
     #[serde(default)]
     pub rope_scaling: Option<serde_json::Value>,
@@ -62,7 +62,7 @@ pub struct QwenMoeConfig {
     pub use_sliding_window: bool,
     #[serde(default)]
     pub tie_word_embeddings: bool,
-    #[serde(default = "silu")]
+    #[serde(default = "crate::spec::silu")]
     pub hidden_act: String,
     #[serde(default)]
     pub bos_token_id: Option<u32>,
@@ -78,12 +78,6 @@ fn default_max_position_embeddings() -> usize {
 }
 fn default_rms_norm_eps() -> f64 {
     1e-6
-}
-pub(crate) fn default_rope_theta() -> f64 {
-    10000.0
-}
-pub(crate) fn silu() -> String {
-    "silu".into()
 }
 
 impl QwenMoeConfig {

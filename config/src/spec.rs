@@ -269,6 +269,16 @@ pub struct Parameters {
     pub routed_experts: usize,
 }
 
+/// `hidden_act`'s default in every family's config.
+pub(crate) fn silu() -> String {
+    "silu".into()
+}
+
+/// `rope_theta`'s default in the Qwen MoE and OLMoE configs.
+pub(crate) fn rope_theta_10000() -> f64 {
+    10000.0
+}
+
 /// Checks what every family's attention needs: positive sizes, kv heads
 /// dividing the heads, an even head_dim.
 pub(crate) fn check_attention(
