@@ -7,25 +7,19 @@ import threading
 import time
 
 
-class Monitor:
-    """Polls /health every 50 ms (and /metrics every 200 ms) into timelines."""
+class Sampler:
+    """Calls `sample()` every `interval_s` on a thread of its own, from start() to stop(); stop()
+    waits up to `join_s` for the thread and returns `result()`."""
 
-    def __init__(self, serve, metrics=True):
-        self.serve, self.want_metrics = serve, metrics
-        self.health = []  # (t, status)
-        self.metrics = []  # (t, values)
+    def __init__(self, interval_s=0.1, join_s=5.0):
+        self.interval_s, self.join_s = interval_s, join_s
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
-        last_metrics = 0.0
         while not self.stopping.is_set():
-            now = time.monotonic()
-            self.health.append((now, self.serve.get("/health", timeout=2)[0]))
-            if self.want_metrics and now - last_metrics >= 0.2:
-                last_metrics = now
-                self.metrics.append((time.monotonic(), self.serve.metrics()))
-            self.stopping.wait(0.05)
+            self.sample()
+            self.stopping.wait(self.interval_s)
 
     def start(self):
         self.thread.start()
@@ -33,7 +27,29 @@ class Monitor:
 
     def stop(self):
         self.stopping.set()
-        self.thread.join(10)
+        self.thread.join(self.join_s)
+        return self.result()
+
+
+class Monitor(Sampler):
+    """Polls /health every 50 ms (and /metrics every 200 ms) into timelines."""
+
+    def __init__(self, serve, metrics=True):
+        super().__init__(interval_s=0.05, join_s=10.0)
+        self.serve, self.want_metrics = serve, metrics
+        self.health = []  # (t, status)
+        self.metrics = []  # (t, values)
+        self.last_metrics = 0.0
+
+    def sample(self):
+        now = time.monotonic()
+        self.health.append((now, self.serve.get("/health", timeout=2)[0]))
+        if self.want_metrics and now - self.last_metrics >= 0.2:
+            self.last_metrics = now
+            self.metrics.append((time.monotonic(), self.serve.metrics()))
+
+    def result(self):
+        return None
 
     def health_down_then_up(self, since):
         """(first non-200 after `since`, first 200 after the last non-200 after `since`) or Nones."""
@@ -53,29 +69,6 @@ class Monitor:
                 return down, up
             time.sleep(0.05)
         return self.health_down_then_up(since)
-
-
-class Sampler:
-    """Calls `sample()` every 100 ms on a thread of its own, from start() to stop(); stop() returns
-    `result()`."""
-
-    def __init__(self):
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self.stopping.is_set():
-            self.sample()
-            self.stopping.wait(0.1)
-
-    def start(self):
-        self.thread.start()
-        return self
-
-    def stop(self):
-        self.stopping.set()
-        self.thread.join(5)
-        return self.result()
 
 
 class RssSampler(Sampler):
