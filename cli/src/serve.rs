@@ -90,8 +90,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     let config = MixtralConfig::from_file(&model.join("config.json"))?;
     let placement = Placement::from_file_or_round_robin(
         args.tuning.placement.as_deref(),
-        config.num_hidden_layers,
-        config.num_local_experts,
+        &config.spec().experts_per_layer(),
         args.workers,
     )?;
     if placement.workers != args.workers {

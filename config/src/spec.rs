@@ -197,6 +197,43 @@ impl ModelSpec {
         })
     }
 
+    /// Each decoder layer's routed experts: 0 for a dense layer. What a
+    /// placement has a row of per layer.
+    pub fn experts_per_layer(&self) -> Vec<usize> {
+        self.layers
+            .iter()
+            .map(|ffn| match ffn {
+                FfnSpec::Moe(moe) => moe.experts,
+                FfnSpec::Dense { .. } => 0,
+            })
+            .collect()
+    }
+
+    /// Layer `layer`'s routed experts, None for a dense layer (or none such).
+    pub fn moe(&self, layer: usize) -> Option<&MoeSpec> {
+        match self.layers.get(layer)? {
+            FfnSpec::Moe(moe) => Some(moe),
+            FfnSpec::Dense { .. } => None,
+        }
+    }
+
+    /// The most routed experts any layer has: the expert ids a worker's
+    /// `--experts` list may name.
+    pub fn max_experts(&self) -> usize {
+        self.moe_layers()
+            .map(|(_, moe)| moe.experts)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The most experts a token takes in any layer.
+    pub fn max_top_k(&self) -> usize {
+        self.moe_layers()
+            .map(|(_, moe)| moe.top_k)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Parameters of one routed expert (gate, up and down projections).
     pub fn expert_parameters(moe: &MoeSpec, hidden_size: usize) -> usize {
         3 * hidden_size * moe.width

@@ -54,6 +54,34 @@ impl Family {
     }
 }
 
+impl ExpertTensors {
+    /// The `gate_proj`, `up_proj` and `down_proj` weights under `prefix`.
+    fn projections(prefix: &str) -> Self {
+        Self {
+            gate: format!("{prefix}.gate_proj.weight"),
+            up: format!("{prefix}.up_proj.weight"),
+            down: format!("{prefix}.down_proj.weight"),
+        }
+    }
+
+    /// A dense layer's MLP (`model.layers.{l}.mlp`).
+    pub fn dense_mlp(layer: usize) -> Self {
+        Self::projections(&format!("model.layers.{layer}.mlp"))
+    }
+}
+
+impl Family {
+    /// The shared expert of layer `layer`, every token's.
+    pub fn shared_expert_tensors(self, layer: usize) -> ExpertTensors {
+        ExpertTensors::projections(&format!("{}.shared_expert", self.moe_block(layer)))
+    }
+
+    /// The shared expert's sigmoid gate of layer `layer`, `[1, hidden]`.
+    pub fn shared_expert_gate_tensor(self, layer: usize) -> String {
+        format!("{}.shared_expert_gate.weight", self.moe_block(layer))
+    }
+}
+
 impl ModelSpec {
     /// Every tensor of the checkpoint (the tied lm_head left out), sorted by name.
     pub fn tensors(&self) -> Vec<TensorSpec> {
@@ -97,12 +125,12 @@ impl ModelSpec {
             }
             match ffn {
                 FfnSpec::Dense { width } => {
-                    add(format!("{p}.mlp.gate_proj.weight"), &[*width, h]);
-                    add(format!("{p}.mlp.up_proj.weight"), &[*width, h]);
-                    add(format!("{p}.mlp.down_proj.weight"), &[h, *width]);
+                    let mlp = ExpertTensors::dense_mlp(l);
+                    add(mlp.gate, &[*width, h]);
+                    add(mlp.up, &[*width, h]);
+                    add(mlp.down, &[h, *width]);
                 }
                 FfnSpec::Moe(moe) => {
-                    let block = family.moe_block(l);
                     add(family.gate_tensor(l), &[moe.experts, h]);
                     for e in 0..moe.experts {
                         let expert = family.expert_tensors(l, e);
@@ -111,12 +139,12 @@ impl ModelSpec {
                         add(expert.down, &[h, moe.width]);
                     }
                     if let Some(shared) = moe.shared {
-                        let s = format!("{block}.shared_expert");
-                        add(format!("{s}.gate_proj.weight"), &[shared.width, h]);
-                        add(format!("{s}.up_proj.weight"), &[shared.width, h]);
-                        add(format!("{s}.down_proj.weight"), &[h, shared.width]);
+                        let s = family.shared_expert_tensors(l);
+                        add(s.gate, &[shared.width, h]);
+                        add(s.up, &[shared.width, h]);
+                        add(s.down, &[h, shared.width]);
                         if shared.sigmoid_gate {
-                            add(format!("{block}.shared_expert_gate.weight"), &[1, h]);
+                            add(family.shared_expert_gate_tensor(l), &[1, h]);
                         }
                     }
                 }

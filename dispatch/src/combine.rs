@@ -148,7 +148,7 @@ mod tests {
     #[test]
     fn stranded_tokens_are_every_token_routed_to_an_expert_without_a_live_worker() {
         // Expert e on worker e mod 2, expert 2 also on worker 1; worker 1 down.
-        let mut placement = Placement::round_robin(1, 4, 2).unwrap();
+        let mut placement = Placement::round_robin(&[4; 1], 2).unwrap();
         placement.experts[0][2] = vec![0, 1];
         let live = |w: usize| w == 0;
         // Top-2 of 5 tokens: 1 and 3 are lost, 2 lives on worker 0.

@@ -214,7 +214,7 @@ mod tests {
 
     #[test]
     fn each_worker_is_told_its_share() {
-        let placement = Placement::round_robin(2, 8, 3).unwrap();
+        let placement = Placement::round_robin(&[8; 2], 3).unwrap();
         let (args, described) = worker_share(&placement, None, 2).unwrap();
         assert_eq!(args, ["--experts", "2,5"]);
         assert_eq!(described, "experts 2,5");
@@ -222,7 +222,7 @@ mod tests {
         let (args, described) = worker_share(&placement, Some(file), 1).unwrap();
         assert_eq!(args, ["--placement", "p.json", "--worker-index", "1"]);
         assert_eq!(described, "experts layer 0: 1,4,7; layer 1: 1,4,7");
-        let idle = Placement::round_robin(1, 2, 3).unwrap();
+        let idle = Placement::round_robin(&[2; 1], 3).unwrap();
         assert!(matches!(
             worker_share(&idle, None, 2),
             Err(LaunchError::NoShare(2))

@@ -247,11 +247,7 @@ pub fn measure(
         return run(&model, None, shapes, timing);
     }
     let config = MixtralConfig::from_file(&dir.join("config.json"))?;
-    let placement = Placement::round_robin(
-        config.num_hidden_layers,
-        config.num_local_experts,
-        workers.len(),
-    )?;
+    let placement = Placement::round_robin(&config.spec().experts_per_layer(), workers.len())?;
     let experts = runtime
         .block_on(RemoteExperts::connect(
             dir,

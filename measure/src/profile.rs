@@ -300,7 +300,7 @@ fn measure_workers(
         workers.push(worker);
     }
     // Expert e of the held layers on worker e mod lanes.
-    let placement = Placement::round_robin(layers, experts, lanes)?;
+    let placement = Placement::round_robin(&vec![experts; layers], lanes)?;
     let remote = runtime.block_on(RemoteExperts::connect(
         &args.model,
         &addrs,

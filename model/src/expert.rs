@@ -1,5 +1,7 @@
-//! One expert: the SwiGLU feed-forward `w2(silu(w1·x) ⊙ w3·x)` of HF
-//! `MixtralBlockSparseTop2MLP`. The gate and up projections are laid out at
+//! One SwiGLU feed-forward `w2(silu(w1·x) ⊙ w3·x)` (w1 the gate, w3 the up
+//! and w2 the down projection): a routed expert (HF
+//! `MixtralBlockSparseTop2MLP`, `Qwen3MoeMLP`, ...), a shared expert or a
+//! dense layer's MLP. The gate and up projections are laid out at
 //! load for the kernel that reads them: stacked (w1 above w3, one matmul)
 //! for the reduced-precision dtypes, where oneDNN's kernels gain from the
 //! larger matrix, and apart in f32, where MKL repacks the weight matrix on
@@ -11,7 +13,7 @@ use tch::{Device, Kind, TchError, Tensor};
 use crate::error::{ForwardError, WeightsError};
 use crate::projection;
 use crate::weights::Checkpoint;
-use tramontane_config::MixtralConfig;
+use tramontane_config::ExpertTensors;
 
 pub struct Expert {
     gate_up: GateUp,
@@ -40,16 +42,16 @@ impl Expert {
         Self { gate_up, w2 }
     }
 
+    /// The projections named `names`, of `hidden` rows in and out and
+    /// `width` in between.
     pub fn load(
         checkpoint: &Checkpoint,
-        config: &MixtralConfig,
-        layer: usize,
-        expert: usize,
+        names: &ExpertTensors,
+        (hidden, width): (usize, usize),
         kind: Kind,
         device: Device,
     ) -> Result<Self, WeightsError> {
-        let names = tramontane_config::Family::Mixtral.expert_tensors(layer, expert);
-        let (h, i) = (config.hidden_size as i64, config.intermediate_size as i64);
+        let (h, i) = (hidden as i64, width as i64);
         let load = |name: &str, shape: [i64; 2]| checkpoint.load(name, &shape, kind, device);
         Ok(Self::new(
             load(&names.gate, [i, h])?,
@@ -114,7 +116,7 @@ impl Expert {
 
     /// `xs`: `[rows, hidden]` -> `[rows, hidden]`, through libtorch where
     /// the kernels do not take the gate/up projection.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor, TchError> {
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor, TchError> {
         let (w1, w3) = self.gate_and_up()?;
         let on_kernels = projection::swiglu(xs, &w1, &w3)?;
         let hidden = match (on_kernels, &self.gate_up) {

@@ -36,7 +36,16 @@ impl LocalExperts {
                 (0..config.num_local_experts)
                     .map(|expert| {
                         held(layer, expert)
-                            .then(|| Expert::load(checkpoint, config, layer, expert, kind, device))
+                            .then(|| {
+                                Expert::load(
+                                    checkpoint,
+                                    &tramontane_config::Family::Mixtral
+                                        .expert_tensors(layer, expert),
+                                    (config.hidden_size, config.intermediate_size),
+                                    kind,
+                                    device,
+                                )
+                            })
                             .transpose()
                     })
                     .collect::<Result<Vec<_>, _>>()

@@ -498,7 +498,7 @@ mod tests {
     fn eplb_placement_lists_each_worker_once() {
         let r = rebalance_experts(&readme_weight(), 16, 4, 2, 8).unwrap();
         let p = r.placement(8);
-        p.validate(2, 12).unwrap();
+        p.validate(&[12; 2]).unwrap();
         // Layer 0 expert 5 fills slots 0 and 2: GPUs 0 and 1 at 2 slots per GPU.
         assert_eq!(p.replicas(0, 5), &[0, 1]);
         // At 4 slots per worker, both are on worker 0, listed once.
@@ -510,7 +510,7 @@ mod tests {
     #[test]
     fn eplb_balancedness_is_mean_over_max() {
         let weight = vec![vec![4.0, 2.0, 2.0, 0.0], vec![0.0; 4]];
-        let p = Placement::round_robin(2, 4, 2).unwrap();
+        let p = Placement::round_robin(&[4; 2], 2).unwrap();
         // Round robin: worker 0 carries experts 0 and 2 (6), worker 1 experts 1 and 3 (2).
         assert_eq!(balancedness(&weight, &p), vec![4.0 / 6.0, 1.0]);
         let r = rebalance_experts(&weight, 8, 1, 1, 2).unwrap();
@@ -655,7 +655,7 @@ mod tests {
                 }
             }
             let placement = r.placement(gpus);
-            prop_assert_eq!(placement.validate(weight.len(), experts), Ok(()));
+            prop_assert_eq!(placement.validate(&vec![experts; weight.len()]), Ok(()));
             for b in balancedness(&weight, &placement) {
                 prop_assert!(b > 0.0 && b <= 1.0 + 1e-12, "balancedness {}", b);
             }

@@ -196,7 +196,7 @@ impl Planner {
         let even = model.experts.div_ceil(workers);
         let mut candidates = vec![Candidate {
             name: "default (e mod W)".into(),
-            placement: Placement::round_robin(model.layers, model.experts, workers)
+            placement: Placement::round_robin(&vec![model.experts; model.layers], workers)
                 .map_err(|_| PlanError::NoWorkers)?,
             slots_per_worker: even,
         }];

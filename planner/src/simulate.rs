@@ -382,7 +382,7 @@ mod tests {
         workload: &Workload,
     ) -> Prediction {
         let profile = profile(step_seconds, 0.0);
-        let placement = Placement::round_robin(2, 4, workers).unwrap();
+        let placement = Placement::round_robin(&[4; 2], workers).unwrap();
         let routing = TokenRouting::uniform(&profile.model);
         let cluster = Cluster {
             profile: &profile,
@@ -417,7 +417,7 @@ mod tests {
     #[test]
     fn one_client_at_a_time_gives_the_step_arithmetic() {
         let profile = profile(0.01, 0.0);
-        let placement = Placement::round_robin(2, 4, 2).unwrap();
+        let placement = Placement::round_robin(&[4; 2], 2).unwrap();
         let routing = TokenRouting::uniform(&profile.model);
         let cluster = Cluster {
             profile: &profile,
@@ -486,7 +486,7 @@ mod tests {
             };
             cluster.simulate(&workload(Arrivals::Concurrency(4), 16, 8, 8))
         };
-        let together = run(&Placement::round_robin(2, 4, 2).unwrap());
+        let together = run(&Placement::round_robin(&[4; 2], 2).unwrap());
         let apart = run(&Placement {
             workers: 2,
             experts: vec![vec![vec![0], vec![0], vec![1], vec![1]]; 2],

@@ -87,7 +87,7 @@ mod tests {
 
     #[test]
     fn an_expert_without_live_replica_is_unplaceable() {
-        let placement = Placement::round_robin(1, 4, 2).unwrap();
+        let placement = Placement::round_robin(&[4; 1], 2).unwrap();
         let pairs = [RoutedPair {
             token: 0,
             expert: 3,

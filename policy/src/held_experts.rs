@@ -26,8 +26,7 @@ impl HeldExperts {
         index: usize,
         config: &MixtralConfig,
     ) -> Result<Self, SpecError> {
-        let placement =
-            Placement::from_file(path, config.num_hidden_layers, config.num_local_experts)?;
+        let placement = Placement::from_file(path, &config.spec().experts_per_layer())?;
         if index >= placement.workers {
             return Err(SpecError::WorkerIndex {
                 index,

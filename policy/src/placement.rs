@@ -1,5 +1,7 @@
 //! Which worker holds which expert. The default puts expert e of every layer
 //! on worker e mod W; a placement file may give an expert several replicas.
+//! Layers are the model's decoder layers: a dense layer (no routed experts)
+//! has an empty row.
 //!
 //! File format (JSON): `{"workers": W, "experts": [[[w, ...], ...], ...]}` where
 //! `experts[layer][expert]` lists the workers holding that expert, e.g. for 2
@@ -18,7 +20,7 @@ pub enum PlacementError {
     NoWorkers,
     #[error("placement has {found} layers, the model has {expected}")]
     Layers { expected: usize, found: usize },
-    #[error("placement layer {layer} has {found} experts, the model has {expected}")]
+    #[error("placement layer {layer} has {found} experts, the model's layer has {expected}")]
     Experts {
         layer: usize,
         expected: usize,
@@ -45,10 +47,10 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// Expert e of every layer on worker e mod `workers`.
+    /// Expert e of every layer on worker e mod `workers`; layer l has
+    /// `experts_per_layer[l]` routed experts.
     pub fn round_robin(
-        layers: usize,
-        experts: usize,
+        experts_per_layer: &[usize],
         workers: usize,
     ) -> Result<Self, PlacementError> {
         if workers == 0 {
@@ -56,13 +58,14 @@ impl Placement {
         }
         Ok(Self {
             workers,
-            experts: (0..layers)
-                .map(|_| (0..experts).map(|e| vec![e % workers]).collect())
+            experts: experts_per_layer
+                .iter()
+                .map(|&experts| (0..experts).map(|e| vec![e % workers]).collect())
                 .collect(),
         })
     }
 
-    pub fn from_file(path: &Path, layers: usize, experts: usize) -> Result<Self, PlacementError> {
+    pub fn from_file(path: &Path, experts_per_layer: &[usize]) -> Result<Self, PlacementError> {
         let read_err = |reason: String| PlacementError::Read {
             path: path.display().to_string(),
             reason,
@@ -70,22 +73,23 @@ impl Placement {
         let text = std::fs::read_to_string(path).map_err(|e| read_err(e.to_string()))?;
         let placement: Placement =
             serde_json::from_str(&text).map_err(|e| read_err(e.to_string()))?;
-        placement.validate(layers, experts)?;
+        placement.validate(experts_per_layer)?;
         Ok(placement)
     }
 
-    /// Every (layer, expert) of the model is on at least one known worker.
-    pub fn validate(&self, layers: usize, experts: usize) -> Result<(), PlacementError> {
+    /// Every (layer, expert) of the model is on at least one known worker;
+    /// layer l has `experts_per_layer[l]` routed experts.
+    pub fn validate(&self, experts_per_layer: &[usize]) -> Result<(), PlacementError> {
         if self.workers == 0 {
             return Err(PlacementError::NoWorkers);
         }
-        if self.experts.len() != layers {
+        if self.experts.len() != experts_per_layer.len() {
             return Err(PlacementError::Layers {
-                expected: layers,
+                expected: experts_per_layer.len(),
                 found: self.experts.len(),
             });
         }
-        for (layer, row) in self.experts.iter().enumerate() {
+        for ((layer, row), &experts) in self.experts.iter().enumerate().zip(experts_per_layer) {
             if row.len() != experts {
                 return Err(PlacementError::Experts {
                     layer,
@@ -117,13 +121,12 @@ impl Placement {
     /// The placement file at `path`, or expert e on worker e mod `workers`.
     pub fn from_file_or_round_robin(
         path: Option<&Path>,
-        layers: usize,
-        experts: usize,
+        experts_per_layer: &[usize],
         workers: usize,
     ) -> Result<Self, PlacementError> {
         match path {
-            Some(path) => Self::from_file(path, layers, experts),
-            None => Self::round_robin(layers, experts, workers),
+            Some(path) => Self::from_file(path, experts_per_layer),
+            None => Self::round_robin(experts_per_layer, workers),
         }
     }
 
@@ -164,8 +167,8 @@ mod tests {
 
     #[test]
     fn round_robin_places_every_expert_once() {
-        let p = Placement::round_robin(2, 8, 3).unwrap();
-        p.validate(2, 8).unwrap();
+        let p = Placement::round_robin(&[8; 2], 3).unwrap();
+        p.validate(&[8; 2]).unwrap();
         assert_eq!(p.replicas(1, 7), &[1]);
         assert_eq!(p.experts_of(2), vec![2, 5]);
     }
@@ -179,40 +182,40 @@ mod tests {
                 vec![vec![1], vec![0], vec![1], vec![0]],
             ],
         };
-        p.validate(2, 4).unwrap();
+        p.validate(&[4; 2]).unwrap();
         assert_eq!(p.held_by(0), vec![(0, vec![0, 2]), (1, vec![1, 3])]);
         assert_eq!(p.held_by(1), vec![(0, vec![0, 1, 3]), (1, vec![0, 2])]);
         assert_eq!(p.held_by(2), vec![]);
         // The union over layers is what one --experts list would load.
         assert_eq!(p.experts_of(0), vec![0, 1, 2, 3]);
-        let rr = Placement::round_robin(2, 8, 3).unwrap();
+        let rr = Placement::round_robin(&[8; 2], 3).unwrap();
         assert_eq!(rr.held_by(2), vec![(0, vec![2, 5]), (1, vec![2, 5])]);
     }
 
     #[test]
     fn incomplete_placements_are_refused_by_name() {
-        let mut p = Placement::round_robin(2, 4, 2).unwrap();
+        let mut p = Placement::round_robin(&[4; 2], 2).unwrap();
         p.experts[1][3].clear();
         assert_eq!(
-            p.validate(2, 4),
+            p.validate(&[4; 2]),
             Err(PlacementError::Unplaced {
                 layer: 1,
                 expert: 3
             })
         );
-        let mut p = Placement::round_robin(2, 4, 2).unwrap();
+        let mut p = Placement::round_robin(&[4; 2], 2).unwrap();
         p.experts[0][2] = vec![0, 5];
         assert!(matches!(
-            p.validate(2, 4),
+            p.validate(&[4; 2]),
             Err(PlacementError::UnknownWorker { worker: 5, .. })
         ));
-        let p = Placement::round_robin(1, 4, 2).unwrap();
+        let p = Placement::round_robin(&[4; 1], 2).unwrap();
         assert!(matches!(
-            p.validate(2, 4),
+            p.validate(&[4; 2]),
             Err(PlacementError::Layers { .. })
         ));
         assert_eq!(
-            Placement::round_robin(1, 4, 0),
+            Placement::round_robin(&[4; 1], 0),
             Err(PlacementError::NoWorkers)
         );
     }

@@ -200,8 +200,7 @@ async fn connect_experts(
 ) -> Result<(RemoteExperts, Arc<Vec<WorkerLink>>, Placement), RouterError> {
     let placement = Placement::from_file_or_round_robin(
         options.placement.as_deref(),
-        config.num_hidden_layers,
-        config.num_local_experts,
+        &config.spec().experts_per_layer(),
         options.workers.len(),
     )?;
     let workers = cluster::connect(

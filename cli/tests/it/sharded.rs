@@ -48,7 +48,12 @@ fn placements(layers: usize, experts: usize) -> Vec<(&'static str, Placement)> {
         (4, "4 workers"),
     ]
     .into_iter()
-    .map(|(w, name)| (name, Placement::round_robin(layers, experts, w).unwrap()))
+    .map(|(w, name)| {
+        (
+            name,
+            Placement::round_robin(&vec![experts; layers], w).unwrap(),
+        )
+    })
     .collect();
     all.push(("uneven 3 workers", uneven));
     all.push(("replicated 3 workers", replicated));
@@ -162,7 +167,7 @@ fn router_generation_equals_in_process_generation() -> Result<()> {
     support::gen_model(&model_dir, &["--preset", "tiny", "--seed", "13"])?;
     let (prompt, expected) = support::expected_greedy(&model_dir, PROMPTS[2], 16)?;
 
-    let placement = Placement::round_robin(2, 8, 2)?;
+    let placement = Placement::round_robin(&[8; 2], 2)?;
     let workers = support::workers_for(&model_dir, &placement)?;
     let router = support::router(&model_dir, &support::addrs(&workers), &[])?;
     let runtime = tokio::runtime::Runtime::new()?;
