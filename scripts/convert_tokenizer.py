@@ -2,7 +2,8 @@
 
 The sentencepiece model ships in the PyPI package mistral-common
 (mistral_common/data/tokenizer.model.v1, 32,000 tokens); transformers converts it
-to tokenizer.json. Usage: python convert_tokenizer.py OUT_DIR
+to tokenizer.json. Usage: python convert_tokenizer.py OUT_DIR (hf_checkpoint.py
+imports write_tokenizer).
 """
 
 import json
@@ -34,10 +35,8 @@ CONFIG = {
 }
 
 
-def main() -> None:
-    if len(sys.argv) != 2:
-        sys.exit("usage: convert_tokenizer.py OUT_DIR")
-    out = pathlib.Path(sys.argv[1])
+def write_tokenizer(out: pathlib.Path):
+    """Writes the tokenizer files into `out`; returns the tokenizer."""
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as src:
         shutil.copy(SOURCE, pathlib.Path(src) / "tokenizer.model")
@@ -46,6 +45,13 @@ def main() -> None:
         tokenizer.save_pretrained(out)
     if not (out / "tokenizer.json").exists():
         sys.exit("conversion did not produce tokenizer.json")
+    return tokenizer
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit("usage: convert_tokenizer.py OUT_DIR")
+    write_tokenizer(pathlib.Path(sys.argv[1]))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Reference outputs of Hugging Face transformers' MixtralForCausalLM on a checkpoint.
+"""Reference outputs of Hugging Face transformers on a checkpoint: the class its
+config.json names (AutoModelForCausalLM), which must load every tensor of it and
+find no other (a missing, unexpected or mismatched key is an error, not a random
+or ignored weight).
 
 Usage: python hf_reference.py --model DIR --request REQUEST.json --out OUT_PREFIX
 
@@ -11,10 +14,11 @@ token ids, N greedy tokens (HF's own KV cache, no EOS stop) with the 5 best
 
 import argparse
 import json
+import sys
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoTokenizer, MixtralForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def main() -> None:
@@ -31,7 +35,13 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = MixtralForCausalLM.from_pretrained(args.model, dtype=dtype)
+    model, loading = AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=dtype, output_loading_info=True)
+    problems = [f"{kind} {', '.join(map(str, loading[kind]))}"
+                for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                if loading.get(kind)]
+    if problems:
+        sys.exit(f"transformers does not load {args.model} fully: {'; '.join(problems)}")
     model.eval()
 
     logits = {}

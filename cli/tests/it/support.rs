@@ -78,6 +78,28 @@ pub fn gen_model(dir: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Writes a checkpoint of `family` (mixtral, qwen3_moe, qwen2_moe or olmoe)
+/// made by transformers' own class, with scripts/hf_checkpoint.py: its small
+/// shapes overridden by the fields of `config`, then `extra_args` (e.g.
+/// `["--dtype", "bf16", "--max-shard-size", "200KB"]`).
+#[allow(dead_code, reason = "for the family parity tests to come")]
+pub fn family_checkpoint(
+    dir: &Path,
+    family: &str,
+    config: serde_json::Value,
+    extra_args: &[&str],
+) -> Result<()> {
+    run_ok(
+        Command::new(python())
+            .arg(scripts_dir().join("hf_checkpoint.py"))
+            .args(["--family", family, "--config", &config.to_string()])
+            .arg("--out")
+            .arg(dir)
+            .args(extra_args),
+    )?;
+    Ok(())
+}
+
 /// A child process killed when dropped.
 pub struct Process {
     pub child: std::process::Child,
