@@ -9,7 +9,11 @@ REQUEST.json: {"prompts": [text, ...], "greedy_tokens": N, "texts": [text, ...]}
 Writes OUT_PREFIX.safetensors (fp32 logits of every prompt position, key
 "logits.I" of shape [len, vocab]) and OUT_PREFIX.json with, per prompt, the
 token ids, N greedy tokens (HF's own KV cache, no EOS stop) with the 5 best
-(token, logit) pairs at each step, and the token ids of each of "texts". Tests run it at test time; nothing it writes is edited by hand.
+(token, logit) pairs at each step, how close each prompt position's and
+each greedy step's gates came to taking other experts (over the layers, the
+smallest gap between a gate's k-th and k+1-th logits, in units in the last
+place of the dtype at the k-th logit: 0 is a tie its top-k breaks by its own
+order), and the token ids of each of "texts". Tests run it at test time; nothing it writes is edited by hand.
 """
 
 import argparse
@@ -19,6 +23,23 @@ import sys
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def gate_gaps(router_logits, k: int, mantissa_bits: int) -> list:
+    """Per row, the smallest gap over the layers' gate logits (a tuple of
+    [rows, experts] per MoE layer) between their k-th and k+1-th largest,
+    in units in the last place at the k-th (None where no layer has more
+    than k experts)."""
+    gaps = None
+    for layer in router_logits:
+        ordered = layer.float().sort(dim=-1, descending=True).values
+        if ordered.shape[-1] <= k:
+            continue
+        kth = ordered[:, k - 1]
+        ulp = torch.pow(2.0, torch.floor(torch.log2(kth.abs().clamp_min(1e-30))) - mantissa_bits)
+        gap = (kth - ordered[:, k]) / ulp
+        gaps = gap if gaps is None else torch.minimum(gaps, gap)
+    return [] if gaps is None else [float(g) for g in gaps]
 
 
 def main() -> None:
@@ -43,27 +64,37 @@ def main() -> None:
     if problems:
         sys.exit(f"transformers does not load {args.model} fully: {'; '.join(problems)}")
     model.eval()
+    top_k = model.config.num_experts_per_tok
+    mantissa_bits = {"f32": 23, "bf16": 7}[args.dtype]
 
     logits = {}
     prompts = []
     with torch.no_grad():
         for i, prompt in enumerate(request.get("prompts", [])):
             ids = tokenizer(prompt, return_tensors="pt").input_ids
-            logits[f"logits.{i}"] = model(ids).logits[0].float().contiguous()
+            out = model(ids, output_router_logits=True)
+            logits[f"logits.{i}"] = out.logits[0].float().contiguous()
+            prompt_gaps = gate_gaps(out.router_logits, top_k, mantissa_bits)
             greedy = []
             top = []
+            greedy_gaps = []
             past = None
             step = ids
             for _ in range(request.get("greedy_tokens", 0)):
-                out = model(step, past_key_values=past, use_cache=True)
+                out = model(step, past_key_values=past, use_cache=True,
+                            output_router_logits=True)
                 past = out.past_key_values
+                # The step's own token is the last row of each layer's logits.
+                last = tuple(layer[-1:] for layer in out.router_logits)
+                greedy_gaps += gate_gaps(last, top_k, mantissa_bits)
                 step_logits = out.logits[0, -1].float()
                 token = int(step_logits.argmax())
                 best = torch.topk(step_logits, 5)
                 top.append([[int(i), float(v)] for i, v in zip(best.indices, best.values)])
                 greedy.append(token)
                 step = torch.tensor([[token]])
-            prompts.append({"ids": ids[0].tolist(), "greedy": greedy, "top": top})
+            prompts.append({"ids": ids[0].tolist(), "greedy": greedy, "top": top,
+                            "gate_gaps": prompt_gaps, "greedy_gate_gaps": greedy_gaps})
 
     texts = [tokenizer(text).input_ids for text in request.get("texts", [])]
     if logits:

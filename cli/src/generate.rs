@@ -9,7 +9,7 @@ use serde::Serialize;
 use tramontane_model::generate::{StopRule, generate_greedy};
 use tramontane_model::model::Mixtral;
 use tramontane_model::weights::Checkpoint;
-use tramontane_model::{MixtralConfig, Tokenizer};
+use tramontane_model::{ModelSpec, Tokenizer};
 use tramontane_proto::v1::GenerateRequest;
 use tramontane_proto::v1::generation_client::GenerationClient;
 
@@ -59,7 +59,7 @@ struct Output {
 /// Loads config, weights (with a progress bar on stderr) and tokenizer.
 pub fn load_model(dir: &std::path::Path, compute: &ComputeArgs) -> Result<(Mixtral, Tokenizer)> {
     let options = compute.load_options()?;
-    let config = MixtralConfig::from_file(&dir.join("config.json"))?;
+    let config = ModelSpec::from_file(&dir.join("config.json"))?;
     let tokenizer = Tokenizer::from_dir(dir)?;
     let mut checkpoint = Checkpoint::open(dir)?;
     let bar = ProgressBar::new(checkpoint.stored_bytes(|_| true)).with_style(

@@ -11,7 +11,7 @@ use tramontane_infra::certs::{CertFiles, Node, write_cluster_certs};
 use tramontane_infra::tls::Tls;
 use tramontane_launcher::supervisor::supervise;
 use tramontane_launcher::{WorkerCommand, spawn_worker, worker_share, write_prometheus_targets};
-use tramontane_model::MixtralConfig;
+use tramontane_model::ModelSpec;
 use tramontane_policy::placement::Placement;
 
 use crate::options::{ComputeArgs, RouterTuning, parse_device};
@@ -87,10 +87,10 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             args.demo_dir.clone()
         }
     };
-    let config = MixtralConfig::from_file(&model.join("config.json"))?;
+    let config = ModelSpec::from_file(&model.join("config.json"))?;
     let placement = Placement::from_file_or_round_robin(
         args.tuning.placement.as_deref(),
-        &config.spec().experts_per_layer(),
+        &config.experts_per_layer(),
         args.workers,
     )?;
     if placement.workers != args.workers {

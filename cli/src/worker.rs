@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use tramontane_expert_worker::{ComputeHandle, ExpertServer, WorkerModel};
 use tramontane_infra::grpc::DEFAULT_MAX_MESSAGE_BYTES;
-use tramontane_model::MixtralConfig;
+use tramontane_model::ModelSpec;
 use tramontane_model::weights::Checkpoint;
 use tramontane_policy::held_experts::{HeldExperts, format_per_layer, parse_experts};
 
@@ -77,15 +77,15 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
     if tls.as_ref().is_some_and(|t| !t.has_identity()) {
         anyhow::bail!("--tls-ca on a worker needs --tls-cert and --tls-key (its own certificate)");
     }
-    let config = MixtralConfig::from_file(&args.model.join("config.json"))?;
+    let config = ModelSpec::from_file(&args.model.join("config.json"))?;
     let held = match (&args.placement, args.worker_index) {
         (Some(path), Some(index)) => HeldExperts::from_placement_file(path, index, &config)?,
         _ => HeldExperts::Uniform {
-            experts: parse_experts(&args.experts, config.num_local_experts)?,
+            experts: parse_experts(&args.experts, config.max_experts())?,
             layers: args
                 .layers
                 .as_deref()
-                .map(|spec| parse_experts(spec, config.num_hidden_layers).context("--layers"))
+                .map(|spec| parse_experts(spec, config.layers.len()).context("--layers"))
                 .transpose()?,
         },
     };

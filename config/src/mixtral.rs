@@ -5,6 +5,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+use crate::spec::Family;
 
 /// `eos_token_id` may be one id or a list of ids in HF configs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,10 +75,6 @@ fn default_max_position_embeddings() -> usize {
     4096 * 32
 }
 
-/// The architectures served, as config.json's `architectures` names them,
-/// with their `model_type` (for configs without `architectures`).
-pub const SUPPORTED_ARCHITECTURES: &[(&str, &str)] = &[("MixtralForCausalLM", "mixtral")];
-
 /// What config.json says the checkpoint is, read before any other field.
 #[derive(Deserialize)]
 struct Architecture {
@@ -87,35 +84,20 @@ struct Architecture {
     model_type: Option<String>,
 }
 
-/// Refuses an architecture this project does not serve, naming it and the
-/// supported ones; without `architectures`, `model_type` decides.
-fn check_architecture(
-    architectures: &[String],
-    model_type: Option<&str>,
-) -> Result<(), ConfigError> {
-    let supported = if architectures.is_empty() {
-        SUPPORTED_ARCHITECTURES
-            .iter()
-            .any(|&(_, served)| model_type == Some(served))
-    } else {
-        architectures
-            .iter()
-            .any(|a| SUPPORTED_ARCHITECTURES.iter().any(|&(name, _)| a == name))
-    };
-    if supported {
-        return Ok(());
+/// Refuses a checkpoint of an architecture this project does not serve
+/// (naming it and the served ones), and one of another family.
+fn check_mixtral(architectures: &[String], model_type: Option<&str>) -> Result<(), ConfigError> {
+    match Family::of(architectures, model_type)? {
+        Family::Mixtral => Ok(()),
+        other => Err(ConfigError::Invalid {
+            field: "architectures",
+            reason: format!(
+                "{} is not Mixtral ({})",
+                other.architecture(),
+                Family::Mixtral.architecture()
+            ),
+        }),
     }
-    let found = if architectures.is_empty() {
-        format!("model_type {:?}", model_type.unwrap_or("<none>"))
-    } else {
-        architectures.join(", ")
-    };
-    let supported = SUPPORTED_ARCHITECTURES
-        .iter()
-        .map(|&(name, _)| name)
-        .collect::<Vec<_>>()
-        .join(", ");
-    Err(ConfigError::UnsupportedArchitecture { found, supported })
 }
 
 impl MixtralConfig {
@@ -124,13 +106,13 @@ impl MixtralConfig {
         ConfigError::reading(path, Self::from_json)
     }
 
-    /// Parses and validates the text of a `config.json`.
-    /// The architecture is checked first: a checkpoint of another family
-    /// is refused by name, not by the first Mixtral field it lacks.
+    /// Parses and validates the text of a Mixtral `config.json`.
+    /// The family is checked first: a checkpoint of another one is refused
+    /// by name, not by the first Mixtral field it lacks.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
         let parse = |error| ConfigError::Parse { path: None, error };
         let said: Architecture = serde_json::from_str(text).map_err(parse)?;
-        check_architecture(&said.architectures, said.model_type.as_deref())?;
+        check_mixtral(&said.architectures, said.model_type.as_deref())?;
         let config: MixtralConfig = serde_json::from_str(text).map_err(parse)?;
         config.validate()?;
         Ok(config)
@@ -147,7 +129,7 @@ impl MixtralConfig {
 
     /// Cross-field checks: what the forward relies on.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        check_architecture(&self.architectures, self.model_type.as_deref())?;
+        check_mixtral(&self.architectures, self.model_type.as_deref())?;
         let invalid =
             |field: &'static str, reason: String| Err(ConfigError::Invalid { field, reason });
         for (field, value) in [
@@ -301,17 +283,27 @@ mod tests {
             "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
             "vocab_size": 151936
         });
+        // Served, but not by this reader (ModelSpec reads every family).
         let err = MixtralConfig::from_json(&qwen3.to_string()).unwrap_err();
         assert!(
-            matches!(&err, ConfigError::UnsupportedArchitecture { found, .. } if found == "Qwen3MoeForCausalLM"),
+            matches!(
+                &err,
+                ConfigError::Invalid {
+                    field: "architectures",
+                    ..
+                }
+            ),
             "{err}"
         );
         let message = err.to_string();
+        assert!(message.contains("Qwen3MoeForCausalLM"), "{message}");
         assert!(message.contains("MixtralForCausalLM"), "{message}");
         assert!(!message.contains("num_local_experts"), "{message}");
         // Without `architectures`, by model_type.
         let err = MixtralConfig::from_json(r#"{"model_type": "olmoe"}"#).unwrap_err();
-        assert!(err.to_string().contains("model_type \"olmoe\""), "{err}");
+        assert!(err.to_string().contains("OlmoeForCausalLM"), "{err}");
+        let err = MixtralConfig::from_json(r#"{"model_type": "dbrx"}"#).unwrap_err();
+        assert!(err.to_string().contains("model_type \"dbrx\""), "{err}");
         let err = MixtralConfig::from_json(r#"{"model_type": "mixtral"}"#).unwrap_err();
         assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
     }

@@ -48,6 +48,19 @@ impl Family {
         }
     }
 
+    /// The family of the text of a config.json, read before any other field.
+    pub fn of_json(text: &str) -> Result<Family, ConfigError> {
+        #[derive(Deserialize)]
+        struct Said {
+            #[serde(default)]
+            architectures: Vec<String>,
+            #[serde(default)]
+            model_type: Option<String>,
+        }
+        let said: Said = parse(text)?;
+        Family::of(&said.architectures, said.model_type.as_deref())
+    }
+
     /// The family config.json names: its `architectures` when it has
     /// them, else its `model_type`; an error naming what it says and the
     /// families read.
@@ -74,6 +87,10 @@ impl Family {
                 .join(", "),
         })
     }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
+    serde_json::from_str(text).map_err(|error| ConfigError::Parse { path: None, error })
 }
 
 /// How q and k are normalised before rotary embeddings.
@@ -169,18 +186,7 @@ impl ModelSpec {
     /// checkpoint of another family is refused by name, not by the first
     /// field it lacks), then that family's fields, checked.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
-        #[derive(Deserialize)]
-        struct Said {
-            #[serde(default)]
-            architectures: Vec<String>,
-            #[serde(default)]
-            model_type: Option<String>,
-        }
-        fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
-            serde_json::from_str(text).map_err(|error| ConfigError::Parse { path: None, error })
-        }
-        let said: Said = parse(text)?;
-        match Family::of(&said.architectures, said.model_type.as_deref())? {
+        match Family::of_json(text)? {
             Family::Mixtral => Ok(crate::MixtralConfig::from_json(text)?.spec()),
             family @ (Family::Qwen3Moe | Family::Qwen2Moe) => {
                 parse::<crate::qwen_moe::QwenMoeConfig>(text)?.spec(family)

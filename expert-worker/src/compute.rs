@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tramontane_model::error::{ForwardError, LoadError};
 use tramontane_model::moe::{ExpertRows, LocalExperts};
 use tramontane_model::weights::Checkpoint;
-use tramontane_model::{LoadOptions, MixtralConfig};
+use tramontane_model::{LoadOptions, ModelSpec};
 
 use tramontane_policy::held_experts::HeldExperts;
 
@@ -30,7 +30,7 @@ pub struct WorkerModel {
 pub struct WorkerInfo {
     /// Hex SHA-256 of config.json.
     pub model_id: String,
-    pub config: MixtralConfig,
+    pub config: ModelSpec,
     /// Per layer, the experts held (layers with none are left out).
     pub held: Vec<(usize, Vec<usize>)>,
     pub device: Device,
@@ -165,7 +165,7 @@ impl ComputeHandle {
 }
 
 fn load(model: &WorkerModel) -> Result<(LocalExperts, WorkerInfo), LoadError> {
-    let config = MixtralConfig::from_file(&model.dir.join("config.json"))?;
+    let config = ModelSpec::from_file(&model.dir.join("config.json"))?;
     let model_id = tramontane_config::model_id(&model.dir)?;
     let checkpoint = Checkpoint::open(&model.dir)?;
     let held = |layer: usize, expert: usize| model.held.holds(layer, expert);
@@ -337,7 +337,7 @@ mod tests {
     fn tiny_experts(held: tramontane_model::moe::ExpertSelection<'_>) -> (LocalExperts, i64) {
         let dir = tempfile::tempdir().unwrap();
         tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
-        let config = MixtralConfig::from_file(&dir.path().join("config.json")).unwrap();
+        let config = ModelSpec::from_file(&dir.path().join("config.json")).unwrap();
         let checkpoint = Checkpoint::open(dir.path()).unwrap();
         let experts =
             LocalExperts::load(&checkpoint, &config, held, Kind::Float, Device::Cpu).unwrap();

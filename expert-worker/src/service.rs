@@ -57,12 +57,17 @@ impl ExpertServer {
             ));
         }
         let layer = request.layer as usize;
-        if layer >= config.num_hidden_layers {
+        if layer >= config.layers.len() {
             return Err(Status::invalid_argument(format!(
                 "layer: {layer} is out of range (the model has {} layers)",
-                config.num_hidden_layers
+                config.layers.len()
             )));
         }
+        let Some(moe) = config.moe(layer) else {
+            return Err(Status::invalid_argument(format!(
+                "layer: {layer} is a dense layer, it has no routed experts"
+            )));
+        };
         let (_, shape) = codec::validate(request.hidden.as_ref(), "hidden", 2)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (rows, width) = (shape[0], shape[1]);
@@ -79,10 +84,10 @@ impl ExpertServer {
         let mut work = Vec::with_capacity(request.experts.len());
         for (i, item) in request.experts.iter().enumerate() {
             let expert = item.expert as usize;
-            if expert >= config.num_local_experts {
+            if expert >= moe.experts {
                 return Err(Status::invalid_argument(format!(
                     "experts[{i}].expert: {expert} is out of range (the model has {} experts)",
-                    config.num_local_experts
+                    moe.experts
                 )));
             }
             if !self.held.contains(&(layer, expert)) {
@@ -147,8 +152,8 @@ impl ExpertService for ExpertServer {
         let info = &self.info;
         Ok(Response::new(InfoResponse {
             model_id: info.model_id.clone(),
-            num_layers: info.config.num_hidden_layers as u32,
-            num_experts: info.config.num_local_experts as u32,
+            num_layers: info.config.layers.len() as u32,
+            num_experts: info.config.max_experts() as u32,
             hidden_size: info.config.hidden_size as u32,
             held: info
                 .held

@@ -12,7 +12,7 @@ use tramontane_dispatch::{MicroBatches, RemoteExperts};
 use tramontane_model::experts::Experts;
 use tramontane_model::kv_cache::{KvCache, KvPool};
 use tramontane_model::weights::Checkpoint;
-use tramontane_model::{BatchItem, LoadOptions, Logits, Mixtral, MixtralConfig};
+use tramontane_model::{BatchItem, LoadOptions, Logits, Mixtral, ModelSpec};
 use tramontane_policy::placement::Placement;
 
 use crate::error::MeasureError;
@@ -246,8 +246,8 @@ pub fn measure(
         let model = Mixtral::load_in_process(dir, options)?;
         return run(&model, None, shapes, timing);
     }
-    let config = MixtralConfig::from_file(&dir.join("config.json"))?;
-    let placement = Placement::round_robin(&config.spec().experts_per_layer(), workers.len())?;
+    let spec = ModelSpec::from_file(&dir.join("config.json"))?;
+    let placement = Placement::round_robin(&spec.experts_per_layer(), workers.len())?;
     let experts = runtime
         .block_on(RemoteExperts::connect(
             dir,
@@ -259,7 +259,7 @@ pub fn measure(
         .with_micro_batches(micro_batches);
     let phases = experts.phases();
     let checkpoint = Checkpoint::open(dir)?;
-    let model = Mixtral::load_dense(&checkpoint, config, options, experts)?;
+    let model = Mixtral::load_dense(&checkpoint, spec, options, experts)?;
     run(&model, Some(&phases), shapes, timing)
 }
 

@@ -442,7 +442,7 @@ pub fn measure(args: &ProfileOptions) -> Result<Profile, MeasureError> {
     let router_threads = tch::get_num_threads();
 
     tracing::info!(threads = router_threads, "profiling the dense part");
-    let model = Mixtral::load_dense(&checkpoint, config.clone(), options, NoExperts)?;
+    let model = Mixtral::load_dense(&checkpoint, config.spec(), options, NoExperts)?;
     let dense = measure_dense(&model, &checkpoint, args, device)?;
     drop(model);
 

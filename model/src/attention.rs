@@ -11,9 +11,10 @@ use tch::{Device, Kind, TchError, Tensor};
 
 use crate::error::ForwardError;
 use crate::kv_cache::{BLOCK_SIZE, KvCache, KvPool, blocks_for};
+use crate::norm::RmsNorm;
 use crate::projection;
 use crate::rotary::RotaryTables;
-use tramontane_config::MixtralConfig;
+use tramontane_config::{AttentionSpec, QkNorm};
 
 /// Where one sequence's new tokens sit in the flattened batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,10 +37,23 @@ impl SequenceSpan {
 pub struct Attention {
     /// q, k and v stacked: `[(heads + 2 kv_heads) * head_dim, hidden]`.
     qkv_proj: Tensor,
+    /// Their biases stacked alike.
+    qkv_bias: Option<Tensor>,
     o_proj: Tensor,
+    o_bias: Option<Tensor>,
+    qk_norm: Option<QkNorms>,
+    clip_qkv: Option<f64>,
     num_heads: i64,
     num_kv_heads: i64,
     head_dim: i64,
+}
+
+/// RMSNorms of q and k after their projections, before rotary embeddings:
+/// over each head, or over the whole projection.
+struct QkNorms {
+    q: RmsNorm,
+    k: RmsNorm,
+    per_head: bool,
 }
 
 pub struct AttentionWeights {
@@ -47,6 +61,11 @@ pub struct AttentionWeights {
     pub k_proj: Tensor,
     pub v_proj: Tensor,
     pub o_proj: Tensor,
+    /// q's, k's and v's biases, where the model has them.
+    pub qkv_bias: Option<[Tensor; 3]>,
+    pub o_bias: Option<Tensor>,
+    /// q's and k's norm weights, where the model has them.
+    pub qk_norm: Option<[Tensor; 2]>,
 }
 
 /// What every layer's attention needs to know about one step, built once
@@ -206,14 +225,63 @@ fn block_table<'c>(
 }
 
 impl Attention {
-    pub fn new(config: &MixtralConfig, weights: AttentionWeights) -> Self {
+    /// The attention `spec` describes over `weights`; `eps` is the q/k
+    /// norms' epsilon.
+    pub fn new(spec: &AttentionSpec, weights: AttentionWeights, eps: f64) -> Self {
+        let qk_norm = weights.qk_norm.map(|[q, k]| QkNorms {
+            q: RmsNorm::new(q, eps),
+            k: RmsNorm::new(k, eps),
+            per_head: spec.qk_norm == QkNorm::PerHead,
+        });
         Self {
             qkv_proj: Tensor::cat(&[weights.q_proj, weights.k_proj, weights.v_proj], 0),
+            qkv_bias: weights.qkv_bias.map(|biases| Tensor::cat(&biases, 0)),
             o_proj: weights.o_proj,
-            num_heads: config.num_attention_heads as i64,
-            num_kv_heads: config.num_key_value_heads() as i64,
-            head_dim: config.head_dim() as i64,
+            o_bias: weights.o_bias,
+            qk_norm,
+            clip_qkv: spec.clip_qkv,
+            num_heads: spec.heads as i64,
+            num_kv_heads: spec.kv_heads as i64,
+            head_dim: spec.head_dim as i64,
         }
+    }
+
+    /// q, k and v of `xs` side by side, `[tokens, (heads + 2 kv_heads) *
+    /// head_dim]`: projected, biased, q and k normed, all clipped, as the
+    /// model has it.
+    fn qkv(&self, xs: &Tensor) -> Result<Tensor, TchError> {
+        let mut qkv = match &self.qkv_bias {
+            Some(bias) => projection::linear_with_bias(xs, &self.qkv_proj, bias)?,
+            None => projection::linear(xs, &self.qkv_proj)?,
+        };
+        if let Some(norms) = &self.qk_norm {
+            let tokens = qkv.size()[0];
+            let (q_dim, kv_dim) = (
+                self.num_heads * self.head_dim,
+                self.num_kv_heads * self.head_dim,
+            );
+            let normed = |norm: &RmsNorm, start: i64, width: i64| -> Result<Tensor, TchError> {
+                let part = qkv.f_narrow(1, start, width)?;
+                if norms.per_head {
+                    let heads = part.f_contiguous()?.f_view([-1, self.head_dim])?;
+                    norm.forward(&heads)?.f_view([tokens, width])
+                } else {
+                    norm.forward(&part.f_contiguous()?)
+                }
+            };
+            qkv = Tensor::f_cat(
+                &[
+                    normed(&norms.q, 0, q_dim)?,
+                    normed(&norms.k, q_dim, kv_dim)?,
+                    qkv.f_narrow(1, q_dim + kv_dim, kv_dim)?,
+                ],
+                1,
+            )?;
+        }
+        if let Some(clip) = self.clip_qkv {
+            qkv = qkv.f_clamp(-clip, clip)?;
+        }
+        Ok(qkv)
     }
 
     /// `xs`: `[tokens, hidden]`, the new tokens of every sequence of
@@ -229,7 +297,7 @@ impl Attention {
     ) -> Result<Tensor, ForwardError> {
         let tokens = xs.size()[0];
         let q_dim = self.num_heads * self.head_dim;
-        let mut qkv = projection::linear(xs, &self.qkv_proj)?;
+        let mut qkv = self.qkv(xs)?;
         // q's and k's heads lead each row: a few rows are rotated in place.
         let rotated = rotary.rotate_leading_heads(&mut qkv, self.num_heads + self.num_kv_heads)?;
         let heads = |start: i64, count: i64| {
@@ -267,7 +335,10 @@ impl Attention {
                 out
             }
         };
-        Ok(projection::linear(&out, &self.o_proj)?)
+        Ok(match &self.o_bias {
+            Some(bias) => projection::linear_with_bias(&out, &self.o_proj, bias)?,
+            None => projection::linear(&out, &self.o_proj)?,
+        })
     }
 
     /// One token per sequence, every sequence at once: `[sequences, heads *

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tch::{Device, Kind, TchError, Tensor};
 
 use crate::error::ForwardError;
-use tramontane_config::MixtralConfig;
+use tramontane_config::ModelSpec;
 pub use tramontane_policy::kv_blocks::{BLOCK_SIZE, blocks_for};
 
 /// The block every padded table entry points at.
@@ -53,17 +53,17 @@ pub struct KvCacheFull {
 
 impl KvPool {
     /// A pool that holds `tokens` positions (rounded up to whole blocks) for
-    /// every layer of `config`, zeroed, in `kind` on `device`.
-    pub fn new(config: &MixtralConfig, tokens: usize, kind: Kind, device: Device) -> Self {
+    /// every layer of `spec`, zeroed, in `kind` on `device`.
+    pub fn new(spec: &ModelSpec, tokens: usize, kind: Kind, device: Device) -> Self {
         let blocks = blocks_for(tokens) + 1; // + the padding block
         let shape = [
             (blocks * BLOCK_SIZE) as i64,
-            config.num_key_value_heads() as i64,
-            config.head_dim() as i64,
+            spec.attention.kv_heads as i64,
+            spec.attention.head_dim as i64,
         ];
         let layer = || Tensor::zeros(shape, (kind, device));
-        let keys: Vec<Tensor> = (0..config.num_hidden_layers).map(|_| layer()).collect();
-        let values: Vec<Tensor> = (0..config.num_hidden_layers).map(|_| layer()).collect();
+        let keys: Vec<Tensor> = spec.layers.iter().map(|_| layer()).collect();
+        let values: Vec<Tensor> = spec.layers.iter().map(|_| layer()).collect();
         // Handed out from the end: low blocks first.
         let free = (1..blocks as u32).rev().collect();
         Self {
@@ -263,13 +263,13 @@ mod tests {
     use super::*;
 
     fn pool(tokens: usize) -> KvPool {
-        let config = MixtralConfig::from_json(
+        let spec = ModelSpec::from_json(
             r#"{"model_type": "mixtral", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4,
                 "num_experts_per_tok": 2, "vocab_size": 64}"#,
         )
         .unwrap();
-        KvPool::new(&config, tokens, Kind::Float, Device::Cpu)
+        KvPool::new(&spec, tokens, Kind::Float, Device::Cpu)
     }
 
     #[test]

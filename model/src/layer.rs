@@ -1,13 +1,14 @@
-//! One decoder layer: pre-norm attention, then pre-norm sparse MoE, each
-//! added to the residual stream.
+//! One decoder layer: pre-norm attention, then a pre-norm feed-forward (a
+//! dense MLP, or the sparse MoE block), each added to the residual stream.
 
 use tch::{TchError, Tensor};
 
 use crate::attention::{Attention, StepLayout};
 use crate::error::ForwardError;
+use crate::expert::Expert;
 use crate::experts::Experts;
 use crate::kv_cache::KvPool;
-use crate::moe::SparseMoe;
+use crate::moe::{MoeInFlight, SparseMoe};
 use crate::norm::RmsNorm;
 use crate::rotary::RotaryTables;
 
@@ -16,15 +17,28 @@ pub struct DecoderLayer {
     pub(crate) input_layernorm: RmsNorm,
     pub(crate) attention: Attention,
     pub(crate) post_attention_layernorm: RmsNorm,
-    pub(crate) moe: SparseMoe,
+    pub(crate) ffn: FeedForward,
+}
+
+/// A layer's feed-forward part.
+pub enum FeedForward {
+    /// A SwiGLU MLP every token takes, here.
+    Dense(Expert),
+    Moe(SparseMoe),
 }
 
 /// A layer between its attention and its experts' answer: the residual
-/// stream after attention, and the experts' work on it.
+/// stream after attention, and the feed-forward's work on it.
 pub struct LayerInFlight<P> {
     layer: usize,
     residual: Tensor,
-    experts: P,
+    ffn: FeedForwardInFlight<P>,
+}
+
+enum FeedForwardInFlight<P> {
+    /// A dense layer's output, computed at the start.
+    Done(Tensor),
+    Moe(MoeInFlight<P>),
 }
 
 /// Why a layer failed: its own part, or the experts of layer `layer`
@@ -48,7 +62,8 @@ impl<X> From<TchError> for LayerError<X> {
 }
 
 impl DecoderLayer {
-    /// Attention, then the MoE's routing, and its experts started.
+    /// Attention, then the feed-forward: a dense MLP computed, or the MoE's
+    /// routing with its experts started.
     pub fn start<E: Experts>(
         &self,
         xs: &Tensor,
@@ -65,15 +80,17 @@ impl DecoderLayer {
             pool,
         )?;
         let residual = xs.f_add(&attended)?;
-        let experts = self.moe.start(
-            self.index,
-            &self.post_attention_layernorm.forward(&residual)?,
-            experts,
-        )?;
+        let normed = self.post_attention_layernorm.forward(&residual)?;
+        let ffn = match &self.ffn {
+            FeedForward::Dense(mlp) => FeedForwardInFlight::Done(mlp.forward(&normed)?),
+            FeedForward::Moe(moe) => {
+                FeedForwardInFlight::Moe(moe.start(self.index, &normed, experts)?)
+            }
+        };
         Ok(LayerInFlight {
             layer: self.index,
             residual,
-            experts,
+            ffn,
         })
     }
 
@@ -82,10 +99,10 @@ impl DecoderLayer {
         in_flight: LayerInFlight<E::Pending>,
         experts: &E,
     ) -> Result<Tensor, LayerError<E::Error>> {
-        let layer = in_flight.layer;
-        let out = experts
-            .finish(in_flight.experts)
-            .map_err(|source| LayerError::Experts { layer, source })?;
+        let out = match in_flight.ffn {
+            FeedForwardInFlight::Done(out) => out,
+            FeedForwardInFlight::Moe(moe) => SparseMoe::finish(in_flight.layer, moe, experts)?,
+        };
         Ok(in_flight.residual.f_add(&out)?)
     }
 }

@@ -1,17 +1,20 @@
 //! # tramontane-model
 //!
-//! A Mixtral-style Mixture-of-Experts causal LM in libtorch (through `tch`),
-//! numerically matching HF transformers' `MixtralForCausalLM`.
+//! A Mixture-of-Experts causal LM in libtorch (through `tch`), one forward
+//! for every family the project serves (Mixtral, Qwen3-MoE, Qwen2-MoE,
+//! OLMoE), numerically matching each family's transformers class.
 //!
 //! # Layout
 //!
-//! - The HF `config.json` is [`tramontane_config`]'s ([`MixtralConfig`]);
+//! - The HF `config.json` is read into [`tramontane_config`]'s
+//!   [`ModelSpec`], the one description everything here follows;
 //!   [`dtype`] maps its dtypes to libtorch kinds.
 //! - [`weights`]: memory-mapped safetensors (single or sharded), loaded key by key.
 //! - [`tokenizer`]: `tokenizer.json` + `tokenizer_config.json`.
 //! - Layers, bottom-up: [`norm`], [`rotary`], [`kv_cache`], [`attention`],
-//!   [`expert`], [`gating`], [`moe`] (the block, and the experts held in
-//!   process), [`layer`].
+//!   [`expert`] (any SwiGLU MLP), [`gating`], [`moe`] (the block with its
+//!   shared expert, and the experts held in process), [`layer`] (a dense
+//!   or MoE feed-forward), `load` (a layer's tensors by the description).
 //! - [`experts`]: the seam through which the model reaches its experts,
 //!   wherever they live ([`experts::Experts`]); the model is generic over it.
 //! - [`projection`]: every `x · Wᵀ`, on the weight-streaming kernels of
@@ -34,6 +37,7 @@ pub mod gating;
 pub mod generate;
 pub mod kv_cache;
 pub mod layer;
+mod load;
 pub mod model;
 pub mod moe;
 pub mod norm;
@@ -50,4 +54,4 @@ pub use error::{
 };
 pub use model::{BatchItem, LoadOptions, Logits, Mixtral};
 pub use tokenizer::Tokenizer;
-pub use tramontane_config::{Dtype, MixtralConfig};
+pub use tramontane_config::{Dtype, MixtralConfig, ModelSpec};

@@ -6,18 +6,18 @@ use std::path::Path;
 
 use tch::{Device, Kind, TchError, Tensor};
 
-use crate::attention::{Attention, AttentionWeights, SequenceSpan, StepLayout};
+use crate::attention::{SequenceSpan, StepLayout};
 use crate::error::{Failed, ForwardError, LoadError, StepError, WeightsError};
 use crate::experts::{Experts, ExpertsError};
-use crate::gating::Gate;
 use crate::kv_cache::{BLOCK_SIZE, KvCache, KvPool, blocks_for};
 use crate::layer::{DecoderLayer, LayerError, LayerInFlight};
-use crate::moe::{LocalExperts, SparseMoe};
+use crate::load::load_layer;
+use crate::moe::LocalExperts;
 use crate::norm::RmsNorm;
 use crate::projection;
 use crate::rotary::{RotaryEmbedding, RotaryTables};
 use crate::weights::Checkpoint;
-use tramontane_config::{Dtype, MixtralConfig};
+use tramontane_config::{Dtype, ModelSpec};
 
 /// The dtype and device weights are loaded into and computed in.
 #[derive(Debug, Clone, Copy)]
@@ -60,7 +60,7 @@ pub enum Logits {
 
 /// The causal LM: its dense part, and its experts reached through `E`.
 pub struct Mixtral<E = LocalExperts> {
-    config: MixtralConfig,
+    config: ModelSpec,
     embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
@@ -73,11 +73,11 @@ pub struct Mixtral<E = LocalExperts> {
 impl Mixtral {
     /// Loads everything from a checkpoint folder, with every expert local.
     pub fn load_in_process(dir: &Path, options: LoadOptions) -> Result<Self, LoadError> {
-        let config = MixtralConfig::from_file(&dir.join("config.json"))?;
+        let spec = ModelSpec::from_file(&dir.join("config.json"))?;
         let checkpoint = Checkpoint::open(dir)?;
         Ok(Self::from_checkpoint_in_process(
             &checkpoint,
-            config,
+            spec,
             options,
         )?)
     }
@@ -85,85 +85,50 @@ impl Mixtral {
     /// Loads every tensor of `checkpoint`: the dense part and all experts, local.
     pub fn from_checkpoint_in_process(
         checkpoint: &Checkpoint,
-        config: MixtralConfig,
+        spec: ModelSpec,
         options: LoadOptions,
     ) -> Result<Self, WeightsError> {
         let experts = LocalExperts::load(
             checkpoint,
-            &config,
+            &spec,
             &|_, _| true,
             options.kind(),
             options.device,
         )?;
-        Self::load_dense(checkpoint, config, options, experts)
+        Self::load_dense(checkpoint, spec, options, experts)
     }
 }
 
 impl<E: Experts> Mixtral<E> {
-    /// Loads the dense part (embeddings, attention, norms, gates, lm_head) and
-    /// reaches the experts through `experts`.
+    /// Loads the dense part (embeddings, attention, norms, dense MLPs,
+    /// gates, shared experts, lm_head) and reaches the routed experts
+    /// through `experts`.
     pub fn load_dense(
         checkpoint: &Checkpoint,
-        config: MixtralConfig,
+        spec: ModelSpec,
         options: LoadOptions,
         experts: E,
     ) -> Result<Self, WeightsError> {
         let (kind, device) = (options.kind(), options.device);
-        let h = config.hidden_size as i64;
-        let v = config.vocab_size as i64;
-        let q_dim = (config.num_attention_heads * config.head_dim()) as i64;
-        let kv_dim = (config.num_key_value_heads() * config.head_dim()) as i64;
-        let e = config.num_local_experts as i64;
-        let load = |key: &str, shape: &[i64]| checkpoint.load(key, shape, kind, device);
-        // How each layer's gate routes, as the model's description says
-        // (every Mixtral layer is routed, top-k then softmax).
-        let spec = config.spec();
-        let gate_rule = |layer: usize| {
-            spec.moe_layers()
-                .find(|&(l, _)| l == layer)
-                .map_or(tramontane_config::Gate::TopKThenSoftmax, |(_, moe)| {
-                    moe.gate
-                })
+        let load = |key: &str, shape: &[usize]| {
+            let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+            checkpoint.load(key, &shape, kind, device)
         };
-
+        let (h, v) = (spec.hidden_size, spec.vocab_size);
         let embed_tokens = load("model.embed_tokens.weight", &[v, h])?;
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| {
-                let p = format!("model.layers.{i}");
-                let attention = AttentionWeights {
-                    q_proj: load(&format!("{p}.self_attn.q_proj.weight"), &[q_dim, h])?,
-                    k_proj: load(&format!("{p}.self_attn.k_proj.weight"), &[kv_dim, h])?,
-                    v_proj: load(&format!("{p}.self_attn.v_proj.weight"), &[kv_dim, h])?,
-                    o_proj: load(&format!("{p}.self_attn.o_proj.weight"), &[h, q_dim])?,
-                };
-                let norm = |name: &str| -> Result<RmsNorm, WeightsError> {
-                    Ok(RmsNorm::new(
-                        load(&format!("{p}.{name}.weight"), &[h])?,
-                        config.rms_norm_eps,
-                    ))
-                };
-                Ok(DecoderLayer {
-                    index: i,
-                    input_layernorm: norm("input_layernorm")?,
-                    attention: Attention::new(&config, attention),
-                    post_attention_layernorm: norm("post_attention_layernorm")?,
-                    moe: SparseMoe::new(Gate::new(
-                        load(&spec.family.gate_tensor(i), &[e, h])?,
-                        config.num_experts_per_tok,
-                        gate_rule(i),
-                    )),
-                })
-            })
+        let layers = (0..spec.layers.len())
+            .map(|i| load_layer(&spec, i, &load))
             .collect::<Result<Vec<_>, WeightsError>>()?;
-        let norm = RmsNorm::new(load("model.norm.weight", &[h])?, config.rms_norm_eps);
-        let lm_head = if config.tie_word_embeddings && !checkpoint.contains("lm_head.weight") {
+        let norm = RmsNorm::new(load("model.norm.weight", &[h])?, spec.rms_norm_eps);
+        let lm_head = if spec.tie_word_embeddings && !checkpoint.contains("lm_head.weight") {
             embed_tokens.shallow_clone()
         } else {
             load("lm_head.weight", &[v, h])?
         };
-        let rotary = RotaryEmbedding::new(config.head_dim(), config.rope_theta, device);
+        let rotary =
+            RotaryEmbedding::new(spec.attention.head_dim, spec.attention.rope_theta, device);
         Ok(Self {
-            config,
+            config: spec,
             embed_tokens,
             layers,
             norm,
@@ -174,7 +139,8 @@ impl<E: Experts> Mixtral<E> {
         })
     }
 
-    pub fn config(&self) -> &MixtralConfig {
+    /// The model's description, from its config.json.
+    pub fn config(&self) -> &ModelSpec {
         &self.config
     }
 
@@ -383,7 +349,7 @@ impl<E: Experts> Mixtral<E> {
         let layout = StepLayout::new(
             &group,
             &caches[sequences],
-            self.config.sliding_window,
+            self.config.attention.sliding_window,
             (self.options.kind(), device),
         )?;
         Ok(MicroBatch {

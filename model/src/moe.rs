@@ -2,7 +2,7 @@
 //! owns the gate and decides the routing; an [`Experts`] implementation
 //! computes the routed tokens, wherever the experts live.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 use crate::error::{ForwardError, WeightsError};
 use crate::expert::Expert;
@@ -11,7 +11,7 @@ use crate::gating::{Gate, Routing};
 use crate::layer::LayerError;
 use crate::projection::{self, RoutedExpert};
 use crate::weights::Checkpoint;
-use tramontane_config::MixtralConfig;
+use tramontane_config::ModelSpec;
 
 /// Which experts a process holds: `held(layer, expert)`.
 pub type ExpertSelection<'a> = &'a dyn Fn(usize, usize) -> bool;
@@ -23,25 +23,28 @@ pub struct LocalExperts {
 }
 
 impl LocalExperts {
-    /// Loads the experts `held` selects, and only those tensors.
+    /// Loads the routed experts `held` selects, and only those tensors (a
+    /// dense layer has none to select).
     pub fn load(
         checkpoint: &Checkpoint,
-        config: &MixtralConfig,
+        spec: &ModelSpec,
         held: ExpertSelection<'_>,
         kind: Kind,
         device: Device,
     ) -> Result<Self, WeightsError> {
-        let layers = (0..config.num_hidden_layers)
+        let layers = (0..spec.layers.len())
             .map(|layer| {
-                (0..config.num_local_experts)
+                let Some(moe) = spec.moe(layer) else {
+                    return Ok(Vec::new());
+                };
+                (0..moe.experts)
                     .map(|expert| {
                         held(layer, expert)
                             .then(|| {
                                 Expert::load(
                                     checkpoint,
-                                    &tramontane_config::Family::Mixtral
-                                        .expert_tensors(layer, expert),
-                                    (config.hidden_size, config.intermediate_size),
+                                    &spec.family.expert_tensors(layer, expert),
+                                    (spec.hidden_size, moe.width),
                                     kind,
                                     device,
                                 )
@@ -182,27 +185,78 @@ impl Experts for LocalExperts {
     }
 }
 
-/// Gate plus experts: `[tokens, hidden]` -> `[tokens, hidden]`.
+/// An expert every token takes beside the routed ones, its output scaled
+/// by `sigmoid(gate · x)` where the model has that gate (Qwen2-MoE).
+pub struct SharedExpert {
+    pub mlp: Expert,
+    /// `[1, hidden]`
+    pub gate: Option<Tensor>,
+}
+
+impl SharedExpert {
+    /// `xs`: `[tokens, hidden]` -> `[tokens, hidden]`.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor, TchError> {
+        let out = self.mlp.forward(xs)?;
+        match &self.gate {
+            Some(gate) => projection::linear(xs, gate)?.f_sigmoid()?.f_mul(&out),
+            None => Ok(out),
+        }
+    }
+}
+
+/// The gate, the routed experts it sends tokens to, and a shared expert
+/// where the model has one: `[tokens, hidden]` -> `[tokens, hidden]`.
 pub struct SparseMoe {
     gate: Gate,
+    shared: Option<SharedExpert>,
+}
+
+/// A MoE block between its start and its routed experts' answer.
+pub struct MoeInFlight<P> {
+    routed: P,
+    /// The shared expert's output, computed while the routed experts ran.
+    shared: Option<Tensor>,
 }
 
 impl SparseMoe {
-    pub fn new(gate: Gate) -> Self {
-        Self { gate }
+    pub fn new(gate: Gate, shared: Option<SharedExpert>) -> Self {
+        Self { gate, shared }
     }
 
-    /// Routes `xs` and starts its experts.
+    /// Routes `xs` and starts its experts; the shared expert runs while
+    /// they are out.
     pub fn start<E: Experts>(
         &self,
         layer: usize,
         xs: &Tensor,
         experts: &E,
-    ) -> Result<E::Pending, LayerError<E::Error>> {
+    ) -> Result<MoeInFlight<E::Pending>, LayerError<E::Error>> {
         let routing = self.gate.route(xs)?;
-        experts
+        let routed = experts
             .start(layer, xs, &routing)
-            .map_err(|source| LayerError::Experts { layer, source })
+            .map_err(|source| LayerError::Experts { layer, source })?;
+        let shared = self
+            .shared
+            .as_ref()
+            .map(|shared| shared.forward(xs))
+            .transpose()?;
+        Ok(MoeInFlight { routed, shared })
+    }
+
+    /// The block's output once layer `layer`'s routed experts have answered:
+    /// their weighted sum, plus the shared expert's output.
+    pub fn finish<E: Experts>(
+        layer: usize,
+        in_flight: MoeInFlight<E::Pending>,
+        experts: &E,
+    ) -> Result<Tensor, LayerError<E::Error>> {
+        let routed = experts
+            .finish(in_flight.routed)
+            .map_err(|source| LayerError::Experts { layer, source })?;
+        Ok(match in_flight.shared {
+            Some(shared) => routed.f_add(&shared)?,
+            None => routed,
+        })
     }
 }
 
@@ -213,7 +267,7 @@ mod tests {
     //! error.
 
     use tch::{Device, Kind, Tensor};
-    use tramontane_config::MixtralConfig;
+    use tramontane_config::ModelSpec;
 
     use super::*;
 
@@ -226,7 +280,7 @@ mod tests {
             ..Default::default()
         };
         tramontane_synthetic::write(dir.path(), &spec)?;
-        let config = MixtralConfig::from_file(&dir.path().join("config.json"))?;
+        let config = ModelSpec::from_file(&dir.path().join("config.json"))?;
         let checkpoint = Checkpoint::open(dir.path())?;
 
         // Experts 1 and 5 of layer 1 only, as a worker would.

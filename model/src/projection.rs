@@ -189,6 +189,16 @@ pub fn linear(xs: &Tensor, w: &Tensor) -> Result<Tensor, TchError> {
     }
 }
 
+/// `xs · wᵀ + bias`: on the kernels, the product rounded then the bias
+/// added; through libtorch in one `addmm`, rounded once, as transformers'
+/// biased `nn.Linear` computes it.
+pub fn linear_with_bias(xs: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor, TchError> {
+    match on_kernels(xs, Weights::Linear(w))? {
+        Some(out) => out.f_add(bias),
+        None => xs.f_linear(w, Some(bias)),
+    }
+}
+
 /// `silu(xs · w1ᵀ) ⊙ (xs · w3ᵀ)` on the kernels, in one pass over w1 and w3;
 /// None where they do not take these tensors (the caller uses libtorch).
 pub fn swiglu(xs: &Tensor, w1: &Tensor, w3: &Tensor) -> Result<Option<Tensor>, TchError> {

@@ -15,7 +15,7 @@ use crate::gating::Routing;
 use crate::model::{LoadOptions, Mixtral};
 use crate::moe::LocalExperts;
 use crate::weights::Checkpoint;
-use tramontane_config::MixtralConfig;
+use tramontane_config::ModelSpec;
 
 /// What the hook sees of a layer: its index, its input `[tokens, hidden]`
 /// and its routing; an error fails the layer.
@@ -102,7 +102,7 @@ pub fn dense_over<E: Experts>(
     kind: Kind,
     wrap: impl FnOnce(LocalExperts) -> E,
 ) -> Result<Mixtral<E>, LoadError> {
-    let config = MixtralConfig::from_file(&dir.join("config.json"))?;
+    let config = ModelSpec::from_file(&dir.join("config.json"))?;
     let checkpoint = Checkpoint::open(dir)?;
     let local = LocalExperts::load(&checkpoint, &config, &|_, _| true, kind, Device::Cpu)?;
     Ok(Mixtral::load_dense(

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use crate::placement::{Placement, PlacementError};
-use tramontane_config::MixtralConfig;
+use tramontane_config::ModelSpec;
 
 /// The (layer, expert) pairs a worker loads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,9 +24,9 @@ impl HeldExperts {
     pub fn from_placement_file(
         path: &Path,
         index: usize,
-        config: &MixtralConfig,
+        config: &ModelSpec,
     ) -> Result<Self, SpecError> {
-        let placement = Placement::from_file(path, &config.spec().experts_per_layer())?;
+        let placement = Placement::from_file(path, &config.experts_per_layer())?;
         if index >= placement.workers {
             return Err(SpecError::WorkerIndex {
                 index,

@@ -823,10 +823,9 @@ mod tests {
             })
             .unzip();
         // The lost expert: the one that splits the prompts most evenly.
-        let config = recording.config();
-        let experts = config.num_local_experts;
-        let (layer, expert) = (0..config.num_hidden_layers)
-            .flat_map(|layer| (0..experts).map(move |expert| (layer, expert)))
+        let experts = recording.config().experts_per_layer();
+        let (layer, expert) = (0..experts.len())
+            .flat_map(|layer| (0..experts[layer]).map(move |expert| (layer, expert)))
             .max_by_key(|pair| {
                 let hit = routed.iter().filter(|r| r.contains(pair)).count();
                 hit.min(prompts.len() - hit)

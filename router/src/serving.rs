@@ -257,12 +257,12 @@ mod tests {
     use crate::readiness::NotReady;
     use crate::sampling::SamplingParams;
     use tramontane_model::testing::{TestExperts, dense_over};
-    use tramontane_model::{MixtralConfig, Tokenizer};
+    use tramontane_model::{ModelSpec, Tokenizer};
     use tramontane_policy::scheduler::SchedulerConfig;
 
     fn generator(dir: &std::path::Path, panicking: bool) -> (Generator, Arc<Readiness>) {
         tramontane_synthetic::write(dir, &tramontane_synthetic::Spec::default()).unwrap();
-        let config = MixtralConfig::from_file(&dir.join("config.json")).unwrap();
+        let config = ModelSpec::from_file(&dir.join("config.json")).unwrap();
         let tokenizer = Arc::new(Tokenizer::from_dir(dir).unwrap());
         let model_dir = dir.to_path_buf();
         // Experts whose computation panics, as a bug on the engine thread

@@ -15,7 +15,7 @@ use tramontane_dispatch::{MicroBatches, RemoteExperts, WorkerLink};
 use tramontane_infra::tls::Tls;
 use tramontane_model::error::{ConfigError, LoadError, TokenizerError};
 use tramontane_model::weights::Checkpoint;
-use tramontane_model::{LoadOptions, Mixtral, MixtralConfig, Tokenizer};
+use tramontane_model::{LoadOptions, Mixtral, ModelSpec, Tokenizer};
 use tramontane_policy::placement::{Placement, PlacementError};
 use tramontane_policy::routing_trace::{self, RoutingTrace};
 use tramontane_policy::scheduler::SchedulerConfig;
@@ -96,7 +96,7 @@ pub struct Router {
     pub(crate) chat_template: ChatTemplate,
     pub(crate) model_name: String,
     pub(crate) expert_load: Arc<ExpertLoad>,
-    pub(crate) config: MixtralConfig,
+    pub(crate) config: ModelSpec,
     pub(crate) model_id: String,
     pub(crate) workers: Arc<Vec<WorkerLink>>,
     pub(crate) placement: Placement,
@@ -113,7 +113,7 @@ impl Router {
     pub async fn start(options: RouterOptions) -> Result<Self, RouterError> {
         // Before any metric handle is taken: handles taken earlier record nothing.
         crate::metrics::install();
-        let config = MixtralConfig::from_file(&options.model_dir.join("config.json"))?;
+        let config = ModelSpec::from_file(&options.model_dir.join("config.json"))?;
         let model_id = tramontane_config::model_id(&options.model_dir)?;
         let tokenizer = Arc::new(Tokenizer::from_dir(&options.model_dir)?);
         let chat_template = chat_template(&options.model_dir, &tokenizer)?;
@@ -151,7 +151,7 @@ impl Router {
         })
     }
 
-    pub fn config(&self) -> &MixtralConfig {
+    pub fn config(&self) -> &ModelSpec {
         &self.config
     }
 
@@ -195,12 +195,12 @@ fn chat_template(dir: &Path, tokenizer: &Tokenizer) -> Result<ChatTemplate, Chat
 /// dispatch over them (recording the routing where asked).
 async fn connect_experts(
     options: &RouterOptions,
-    config: &MixtralConfig,
+    config: &ModelSpec,
     model_id: &str,
 ) -> Result<(RemoteExperts, Arc<Vec<WorkerLink>>, Placement), RouterError> {
     let placement = Placement::from_file_or_round_robin(
         options.placement.as_deref(),
-        &config.spec().experts_per_layer(),
+        &config.experts_per_layer(),
         options.workers.len(),
     )?;
     let workers = cluster::connect(
@@ -230,15 +230,15 @@ async fn connect_experts(
 fn routing_trace(
     path: &Path,
     max_bytes: u64,
-    config: &MixtralConfig,
+    config: &ModelSpec,
     model_id: &str,
 ) -> Result<RoutingTrace, RouterError> {
     let header = routing_trace::Header {
         format: routing_trace::FORMAT.into(),
         model_id: model_id.to_string(),
-        layers: config.num_hidden_layers,
-        experts: config.num_local_experts,
-        top_k: config.num_experts_per_tok,
+        layers: config.layers.len(),
+        experts: config.max_experts(),
+        top_k: config.max_top_k(),
     };
     RoutingTrace::create(path, &header, max_bytes).map_err(|error| RouterError::RoutingTrace {
         path: path.to_path_buf(),
@@ -250,7 +250,7 @@ fn routing_trace(
 /// `experts` (off the async runtime: loading blocks).
 async fn spawn_engine(
     options: &RouterOptions,
-    config: &MixtralConfig,
+    config: &ModelSpec,
     tokenizer: &Tokenizer,
     experts: RemoteExperts,
 ) -> Result<EngineHandle, RouterError> {

@@ -10,7 +10,7 @@ use tch::Tensor;
 use tramontane_dispatch::{MicroBatches, RemoteExperts};
 use tramontane_model::generate::{StopRule, generate_greedy};
 use tramontane_model::weights::Checkpoint;
-use tramontane_model::{LoadOptions, Logits, Mixtral, MixtralConfig, Tokenizer};
+use tramontane_model::{LoadOptions, Logits, Mixtral, ModelSpec, Tokenizer};
 use tramontane_policy::placement::Placement;
 use tramontane_proto::v1::GenerateRequest;
 use tramontane_proto::v1::generation_client::GenerationClient;
@@ -23,12 +23,14 @@ const PROMPTS: &[&str] = &[
     "A mixture of experts routes each token to a few of many feed-forward networks.",
 ];
 
-/// The placements to check, for `experts` experts per layer.
-fn placements(layers: usize, experts: usize) -> Vec<(&'static str, Placement)> {
+/// The placements to check, for a model with `experts_per_layer[l]`
+/// routed experts in layer l (none in a dense layer).
+fn placements(experts_per_layer: &[usize]) -> Vec<(&'static str, Placement)> {
     let uneven = Placement {
         workers: 3,
-        experts: (0..layers)
-            .map(|_| {
+        experts: experts_per_layer
+            .iter()
+            .map(|&experts| {
                 (0..experts)
                     .map(|e| vec![if e + 2 < experts { 0 } else { e + 3 - experts }])
                     .collect()
@@ -37,8 +39,9 @@ fn placements(layers: usize, experts: usize) -> Vec<(&'static str, Placement)> {
     };
     let replicated = Placement {
         workers: 3,
-        experts: (0..layers)
-            .map(|_| (0..experts).map(|e| vec![e % 3, (e + 1) % 3]).collect())
+        experts: experts_per_layer
+            .iter()
+            .map(|&experts| (0..experts).map(|e| vec![e % 3, (e + 1) % 3]).collect())
             .collect(),
     };
     let mut all: Vec<(&'static str, Placement)> = [
@@ -48,12 +51,7 @@ fn placements(layers: usize, experts: usize) -> Vec<(&'static str, Placement)> {
         (4, "4 workers"),
     ]
     .into_iter()
-    .map(|(w, name)| {
-        (
-            name,
-            Placement::round_robin(&vec![experts; layers], w).unwrap(),
-        )
-    })
+    .map(|(w, name)| (name, Placement::round_robin(experts_per_layer, w).unwrap()))
     .collect();
     all.push(("uneven 3 workers", uneven));
     all.push(("replicated 3 workers", replicated));
@@ -80,7 +78,7 @@ fn check_shape(gen_args: &[&str]) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let model_dir = dir.path().join("model");
     support::gen_model(&model_dir, gen_args)?;
-    let config = MixtralConfig::from_file(&model_dir.join("config.json"))?;
+    let config = ModelSpec::from_file(&model_dir.join("config.json"))?;
     let tokenizer = Tokenizer::from_dir(&model_dir)?;
     let prompts: Vec<Vec<u32>> = PROMPTS
         .iter()
@@ -90,7 +88,7 @@ fn check_shape(gen_args: &[&str]) -> Result<()> {
     let (reference, reference_tokens) = last_logits_and_tokens(&local, &prompts)?;
 
     let runtime = tokio::runtime::Runtime::new()?;
-    for (name, placement) in placements(config.num_hidden_layers, config.num_local_experts) {
+    for (name, placement) in placements(&config.experts_per_layer()) {
         let workers = support::workers_for(&model_dir, &placement)?;
         let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
         // One batch, and split in micro-batches whose layers interleave

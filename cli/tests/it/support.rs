@@ -82,7 +82,6 @@ pub fn gen_model(dir: &Path, args: &[&str]) -> Result<()> {
 /// made by transformers' own class, with scripts/hf_checkpoint.py: its small
 /// shapes overridden by the fields of `config`, then `extra_args` (e.g.
 /// `["--dtype", "bf16", "--max-shard-size", "200KB"]`).
-#[allow(dead_code, reason = "for the family parity tests to come")]
 pub fn family_checkpoint(
     dir: &Path,
     family: &str,

@@ -1,0 +1,103 @@
+//! A decoder layer's weights, as the model's description names and shapes
+//! them: the attention with its biases and q/k norms, the two norms, and a
+//! dense MLP or the MoE block's gate and shared expert (the routed experts
+//! are [`crate::moe::LocalExperts`]' or a worker's).
+
+use tch::Tensor;
+use tramontane_config::{ExpertTensors, FfnSpec, ModelSpec, QkNorm};
+
+use crate::attention::{Attention, AttentionWeights};
+use crate::error::WeightsError;
+use crate::expert::Expert;
+use crate::gating::Gate;
+use crate::layer::{DecoderLayer, FeedForward};
+use crate::moe::{SharedExpert, SparseMoe};
+use crate::norm::RmsNorm;
+
+/// Layer `i` of `spec`, its tensors read by `load(name, shape)`.
+pub(crate) fn load_layer(
+    spec: &ModelSpec,
+    i: usize,
+    load: &impl Fn(&str, &[usize]) -> Result<Tensor, WeightsError>,
+) -> Result<DecoderLayer, WeightsError> {
+    let p = format!("model.layers.{i}");
+    let h = spec.hidden_size;
+    let a = &spec.attention;
+    let (q, kv) = (a.heads * a.head_dim, a.kv_heads * a.head_dim);
+    let attn = |name: &str, shape: &[usize]| load(&format!("{p}.self_attn.{name}"), shape);
+    let qk_norm = match a.qk_norm {
+        QkNorm::None => None,
+        QkNorm::PerHead => Some((a.head_dim, a.head_dim)),
+        QkNorm::WholeProjection => Some((q, kv)),
+    };
+    let weights = AttentionWeights {
+        q_proj: attn("q_proj.weight", &[q, h])?,
+        k_proj: attn("k_proj.weight", &[kv, h])?,
+        v_proj: attn("v_proj.weight", &[kv, h])?,
+        o_proj: attn("o_proj.weight", &[h, q])?,
+        qkv_bias: a
+            .qkv_bias
+            .then(|| -> Result<_, WeightsError> {
+                Ok([
+                    attn("q_proj.bias", &[q])?,
+                    attn("k_proj.bias", &[kv])?,
+                    attn("v_proj.bias", &[kv])?,
+                ])
+            })
+            .transpose()?,
+        o_bias: a.o_bias.then(|| attn("o_proj.bias", &[h])).transpose()?,
+        qk_norm: qk_norm
+            .map(|(q_norm, k_norm)| -> Result<_, WeightsError> {
+                Ok([
+                    attn("q_norm.weight", &[q_norm])?,
+                    attn("k_norm.weight", &[k_norm])?,
+                ])
+            })
+            .transpose()?,
+    };
+    let norm = |name: &str| -> Result<RmsNorm, WeightsError> {
+        Ok(RmsNorm::new(
+            load(&format!("{p}.{name}.weight"), &[h])?,
+            spec.rms_norm_eps,
+        ))
+    };
+    let mlp = |names: &ExpertTensors, width: usize| -> Result<Expert, WeightsError> {
+        let load = |name: &str, shape: [usize; 2]| load(name, &shape);
+        Ok(Expert::new(
+            load(&names.gate, [width, h])?,
+            load(&names.down, [h, width])?,
+            load(&names.up, [width, h])?,
+        ))
+    };
+    let family = spec.family;
+    let ffn = match &spec.layers[i] {
+        FfnSpec::Dense { width } => FeedForward::Dense(mlp(&ExpertTensors::dense_mlp(i), *width)?),
+        FfnSpec::Moe(moe) => {
+            let gate = Gate::new(
+                load(&family.gate_tensor(i), &[moe.experts, h])?,
+                moe.top_k,
+                moe.gate,
+            );
+            let shared = moe
+                .shared
+                .map(|shared| -> Result<SharedExpert, WeightsError> {
+                    Ok(SharedExpert {
+                        mlp: mlp(&family.shared_expert_tensors(i), shared.width)?,
+                        gate: shared
+                            .sigmoid_gate
+                            .then(|| load(&family.shared_expert_gate_tensor(i), &[1, h]))
+                            .transpose()?,
+                    })
+                })
+                .transpose()?;
+            FeedForward::Moe(SparseMoe::new(gate, shared))
+        }
+    };
+    Ok(DecoderLayer {
+        index: i,
+        input_layernorm: norm("input_layernorm")?,
+        attention: Attention::new(a, weights, spec.rms_norm_eps),
+        post_attention_layernorm: norm("post_attention_layernorm")?,
+        ffn,
+    })
+}
