@@ -11,7 +11,7 @@ use tramontane_model::Dtype;
 use tramontane_planner::helm_values::HelmValues;
 use tramontane_planner::model::PlannedModel;
 use tramontane_planner::plan::{PlacementPolicy, Planner, Sizes, Slo};
-use tramontane_planner::profile::{ModelShape, Profile};
+use tramontane_planner::profile::Profile;
 use tramontane_planner::report::{self, PlanReport};
 use tramontane_planner::routing::TokenRouting;
 use tramontane_planner::workload::{Arrivals, Lengths, Workload};
@@ -107,7 +107,7 @@ pub fn run(args: &PlanArgs) -> Result<()> {
     let planned = PlannedModel::read(&args.model)
         .with_context(|| format!("--model {}", args.model.display()))?;
     let dtype = planned.dtype(args.dtype)?;
-    let model = ModelShape::new(&planned.config, dtype.bytes());
+    let model = planned.sized(dtype);
     let profile = Profile::load(&args.profile, &model)?;
     let routing = match &args.routing_trace {
         Some(path) => TokenRouting::from_trace(path, &model, Some(&planned.model_id))?,
@@ -125,7 +125,7 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         requests: args.requests,
         seed: args.seed,
     };
-    workload.validate(planned.config.max_position_embeddings)?;
+    workload.validate(planned.spec.max_position_embeddings)?;
     let scheduler = args.scheduler.config()?;
     if args.max_workers == 0 || args.gpus == Some(0) {
         bail!("the cluster needs at least one worker");

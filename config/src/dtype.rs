@@ -5,6 +5,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use serde::Deserialize;
+
 use crate::error::ConfigError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -52,6 +54,19 @@ impl Dtype {
     }
 }
 
+/// The `torch_dtype` a config.json's text names, as written (every family
+/// names the checkpoint's dtype there); None where it names none.
+pub fn torch_dtype(text: &str) -> Result<Option<String>, ConfigError> {
+    #[derive(Deserialize)]
+    struct Said {
+        #[serde(default)]
+        torch_dtype: Option<String>,
+    }
+    serde_json::from_str::<Said>(text)
+        .map(|said| said.torch_dtype)
+        .map_err(|error| ConfigError::Parse { path: None, error })
+}
+
 impl fmt::Display for Dtype {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.flag())
@@ -82,5 +97,16 @@ mod tests {
         assert!(Dtype::from_hf_name("int8").is_err());
         assert!("int8".parse::<Dtype>().is_err());
         assert_eq!((Dtype::F32.bytes(), Dtype::Bf16.bytes()), (4, 2));
+    }
+
+    #[test]
+    fn torch_dtype_is_read_as_written_whatever_the_family() {
+        let said = |text| torch_dtype(text).unwrap();
+        assert_eq!(
+            said(r#"{"model_type": "qwen3_moe", "torch_dtype": "bfloat16"}"#),
+            Some("bfloat16".into())
+        );
+        assert_eq!(said(r#"{"model_type": "olmoe"}"#), None);
+        assert!(torch_dtype("{").is_err());
     }
 }

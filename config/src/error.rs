@@ -24,7 +24,7 @@ pub enum ConfigError {
 
 impl ConfigError {
     /// `parse` of the text of the file at `path`; errors name the file.
-    pub(crate) fn reading<T>(
+    pub fn reading<T>(
         path: &std::path::Path,
         parse: impl FnOnce(&str) -> Result<T, ConfigError>,
     ) -> Result<T, ConfigError> {

@@ -468,7 +468,7 @@ pub fn measure(args: &ProfileOptions) -> Result<Profile, MeasureError> {
         ),
         memory_bytes: args.memory_bytes,
         shared_lanes: lanes,
-        model: ModelShape::new(&config, dtype.bytes()),
+        model: ModelShape::new(&config.spec(), dtype.bytes()),
         expert_ffn: workers.expert_ffn,
         dense_step: dense.dense_step,
         lm_head: dense.lm_head,

@@ -40,7 +40,9 @@ pub struct HelmValues<'a> {
 pub struct ModelValues {
     /// `f32` or `bf16`: the dtype planned.
     pub dtype: &'static str,
+    /// Decoder layers, dense or not: the placement's rows.
     pub num_layers: usize,
+    /// Routed experts of an MoE layer.
     pub num_experts: usize,
 }
 
@@ -136,8 +138,8 @@ impl<'a> HelmValues<'a> {
         Ok(Self {
             model: ModelValues {
                 dtype: dtype.flag(),
-                num_layers: planner.model.layers,
-                num_experts: planner.model.experts,
+                num_layers: planner.model.spec.layers.len(),
+                num_experts: planner.model.spec.max_experts(),
             },
             placement: &plan.placement,
             workers: WorkerValues {
@@ -172,7 +174,7 @@ mod tests {
 
     fn planner(shared_lanes: Option<usize>) -> Planner {
         let model = test_fixtures::shape(2, 4, 2);
-        let mut profile = test_fixtures::profile(model.clone(), 0.0, 1e-3, 1e-4);
+        let mut profile = test_fixtures::profile(&model, 0.0, 1e-3, 1e-4);
         profile.shared_lanes = shared_lanes;
         Planner {
             routing: TokenRouting::uniform(&model),
@@ -267,5 +269,30 @@ mod tests {
         let plan = planner.plan(2).unwrap();
         let err = HelmValues::new(&planner, &plan, Dtype::F16).unwrap_err();
         assert!(err.to_string().contains("plan in f16"), "{err}");
+    }
+
+    #[test]
+    fn a_model_with_dense_layers_has_their_empty_rows_in_its_placement() {
+        let model = test_fixtures::with_dense_layers(3, 4, 2, &[0], 24);
+        let planner = Planner {
+            routing: TokenRouting::uniform(&model),
+            profile: test_fixtures::profile(&model, 0.0, 1e-3, 1e-4),
+            model,
+            ..planner(None)
+        };
+        let plan = planner.plan(2).unwrap();
+        let values =
+            serde_json::to_value(HelmValues::new(&planner, &plan, Dtype::Bf16).unwrap()).unwrap();
+        assert_eq!(
+            values["model"],
+            json!({"dtype": "bf16", "numLayers": 3, "numExperts": 4})
+        );
+        let rows: Vec<usize> = values["placement"]["experts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| row.as_array().unwrap().len())
+            .collect();
+        assert_eq!(rows, [0, 4, 4]);
     }
 }

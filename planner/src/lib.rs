@@ -1,10 +1,12 @@
 //! Capacity planning for a sharded MoE cluster: what fits where, where each
 //! expert goes, and what throughput and latency to expect.
 //!
-//! - [`model`]: the model a plan is for (config.json, id, name).
+//! - [`model`]: the model a plan is for (its config.json, of any family
+//!   `tramontane_config::ModelSpec` reads; id, name; the dtype it is sized in).
 //! - [`profile`]: what a step costs on a device (measured by
 //!   `tramontane-measure`, or a [`roofline`] estimate from a datasheet).
-//! - [`memory`]: bytes of the dense part, the experts, the KV cache.
+//! - [`memory`]: bytes of the dense part (the router's: attention, dense-layer
+//!   MLPs, shared experts, ...), the routed experts (the workers'), the KV cache.
 //! - [`workload`]: arrivals and prompt / output lengths.
 //! - [`routing`]: which experts simulated tokens choose (from a routing trace).
 //! - [`eplb`]: expert replication and placement (DeepSeek's EPLB algorithm).

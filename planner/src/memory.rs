@@ -1,52 +1,80 @@
 //! Memory arithmetic: the bytes of the dense part, of the experts, and of the
-//! KV cache, from the model's shape.
+//! KV cache, from the model's description (its parameter counts are
+//! [`ModelSpec::parameters`]'s, summed once there).
+//!
+//! What lives where: workers hold only routed experts, one (layer, expert)
+//! pair at a time, and only MoE layers have them. The router holds the rest
+//! (the dense part): embeddings, lm_head unless tied, attention with its
+//! biases and q/k norms, every norm, dense-layer MLPs, gates and shared
+//! experts (a shared expert sees every token, so it runs on the router).
+//!
+//! [`ModelSpec::parameters`]: tramontane_config::ModelSpec::parameters
 
 use serde::Serialize;
+use tramontane_config::{ModelSpec, Parameters};
 
-use crate::profile::ModelShape;
+use crate::model::SizedModel;
 
 /// Fraction of a device's memory the plan fills at most; the rest is left to
 /// the runtime, activations and fragmentation (vLLM's default is the same).
 pub const USABLE_FRACTION: f64 = 0.9;
 
-impl ModelShape {
-    /// Parameters of one expert in one layer (w1, w2, w3).
-    pub fn expert_parameters(&self) -> u64 {
-        3 * (self.hidden_size * self.intermediate_size) as u64
+impl SizedModel {
+    /// All parameters, those one token uses, the routed experts'.
+    pub fn parameters(&self) -> Parameters {
+        self.spec.parameters()
     }
 
-    /// Bytes of one expert in one layer.
-    pub fn expert_layer_bytes(&self) -> u64 {
-        self.expert_parameters() * self.dtype_bytes as u64
-    }
-
-    /// Bytes of one expert id across all layers (what a worker holding
-    /// "expert e" everywhere stores).
-    pub fn expert_bytes_all_layers(&self) -> u64 {
-        self.expert_layer_bytes() * self.layers as u64
-    }
-
-    /// Parameters of the dense part: embeddings, lm_head (untied, as Mixtral),
-    /// attention projections, norms and gates of every layer, the final norm.
+    /// Parameters of the dense part, which the router holds: all but the
+    /// routed experts.
     pub fn dense_parameters(&self) -> u64 {
-        let h = self.hidden_size as u64;
-        let q = (self.attention_heads * self.head_dim) as u64;
-        let kv = (self.kv_heads * self.head_dim) as u64;
-        let per_layer = h * q + 2 * h * kv + q * h + 2 * h + self.experts as u64 * h;
-        2 * self.vocab_size as u64 * h + self.layers as u64 * per_layer + h
+        let p = self.parameters();
+        (p.total - p.routed_experts) as u64
     }
 
     pub fn dense_bytes(&self) -> u64 {
         self.dense_parameters() * self.dtype_bytes as u64
     }
 
-    pub fn total_parameters(&self) -> u64 {
-        self.dense_parameters() + self.expert_parameters() * (self.experts * self.layers) as u64
+    /// Parameters of one routed expert of decoder layer `layer` (gate, up
+    /// and down projections); 0 for a dense layer.
+    pub fn expert_parameters_of(&self, layer: usize) -> u64 {
+        self.spec.moe(layer).map_or(0, |moe| {
+            ModelSpec::expert_parameters(moe, self.spec.hidden_size) as u64
+        })
+    }
+
+    /// Bytes of one routed expert of decoder layer `layer`; 0 for a dense
+    /// layer.
+    pub fn expert_bytes(&self, layer: usize) -> u64 {
+        self.expert_parameters_of(layer) * self.dtype_bytes as u64
+    }
+
+    /// Parameters of the largest routed expert of any layer (the families'
+    /// MoE layers all have the same): what an expert call computes with.
+    pub fn expert_parameters(&self) -> u64 {
+        (0..self.spec.layers.len())
+            .map(|layer| self.expert_parameters_of(layer))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Bytes of the largest routed expert of any layer.
+    pub fn expert_layer_bytes(&self) -> u64 {
+        self.expert_parameters() * self.dtype_bytes as u64
+    }
+
+    /// Bytes of one expert id across every MoE layer (what a worker holding
+    /// "expert e" everywhere stores).
+    pub fn expert_bytes_all_layers(&self) -> u64 {
+        (0..self.spec.layers.len())
+            .map(|layer| self.expert_bytes(layer))
+            .sum()
     }
 
     /// KV cache bytes per token: keys and values of every layer.
     pub fn kv_bytes_per_token(&self) -> u64 {
-        (2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes) as u64
+        self.spec.kv_bytes_per_token(self.dtype_bytes) as u64
     }
 }
 
@@ -93,11 +121,14 @@ impl DeviceMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_fixtures::mixtral_8x7b;
+    use crate::test_fixtures::{self, fixture};
+
+    /// What an 80 GB H100 holds at the usable fraction.
+    const H100_USABLE: u64 = 72_000_000_000;
 
     #[test]
     fn mixtral_8x7b_by_hand() {
-        let m = mixtral_8x7b();
+        let m = fixture("mixtral-8x7b");
         // 3 × 4096 × 14336 per expert and layer.
         assert_eq!(m.expert_parameters(), 176_160_768);
         // × 32 layers × 2 bytes: about 11.3 GB per expert id.
@@ -110,10 +141,220 @@ mod tests {
             2 * 32000 * 4096 + 32 * per_layer + 4096
         );
         // 46.7 B parameters in all: 93.4 GB in bf16, more than an 80 GB GPU.
-        assert_eq!(m.total_parameters(), 46_702_792_704);
-        assert!(m.total_parameters() * 2 > 80_000_000_000);
+        assert_eq!(m.parameters().total, 46_702_792_704);
+        assert!(m.parameters().total * 2 > 80_000_000_000);
         // K and V: 2 × 32 layers × 8 heads × 128 × 2 bytes = 128 KiB per token.
         assert_eq!(m.kv_bytes_per_token(), 131_072);
+    }
+
+    /// Parameters counted by hand from config.json: per decoder layer q, k,
+    /// v, o, their biases and q/k norms, two norms, the gate, the shared
+    /// expert, the routed experts; embeddings, lm_head and a final norm.
+    struct ByHand {
+        hidden: u64,
+        vocab: u64,
+        layers: u64,
+        heads: u64,
+        kv_heads: u64,
+        head_dim: u64,
+        experts: u64,
+        top_k: u64,
+        width: u64,
+        /// Parameters of the q/k/v biases and q/k norms of one layer.
+        attention_extras: u64,
+        /// The shared expert's width (its sigmoid gate is one row of `hidden`).
+        shared: Option<u64>,
+    }
+
+    impl ByHand {
+        fn expert(&self) -> u64 {
+            3 * self.hidden * self.width
+        }
+
+        /// (total, active, routed experts).
+        fn parameters(&self) -> (u64, u64, u64) {
+            let h = self.hidden;
+            let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+            let attention = h * q + 2 * h * kv + q * h + self.attention_extras;
+            let shared = self.shared.map_or(0, |w| 3 * h * w + h);
+            let layer = attention + 2 * h + self.experts * h + shared;
+            let outside = 2 * self.vocab * h + h;
+            let routed = self.layers * self.experts * self.expert();
+            (
+                outside + self.layers * layer + routed,
+                outside + self.layers * (layer + self.top_k * self.expert()),
+                routed,
+            )
+        }
+
+        /// Keys and values of every layer, bf16.
+        fn kv_bytes(&self) -> u64 {
+            2 * self.layers * self.kv_heads * self.head_dim * 2
+        }
+    }
+
+    /// The smallest number of workers whose even share of expert ids fits
+    /// an H100 (each id `expert_all_layers` bytes).
+    fn h100_workers(experts: u64, expert_all_layers: u64) -> u64 {
+        let per_worker = H100_USABLE / expert_all_layers;
+        experts.div_ceil(per_worker)
+    }
+
+    fn check(name: &str, by_hand: &ByHand) -> SizedModel {
+        let m = fixture(name);
+        let (total, active, routed) = by_hand.parameters();
+        let p = m.parameters();
+        assert_eq!(
+            (p.total as u64, p.active as u64, p.routed_experts as u64),
+            (total, active, routed),
+            "{name}"
+        );
+        assert_eq!(m.dense_parameters(), total - routed, "{name}");
+        assert_eq!(m.dense_bytes(), 2 * (total - routed), "{name}");
+        assert_eq!(m.expert_layer_bytes(), 2 * by_hand.expert(), "{name}");
+        assert_eq!(
+            m.expert_bytes_all_layers(),
+            2 * by_hand.expert() * by_hand.layers,
+            "{name}"
+        );
+        assert_eq!(m.kv_bytes_per_token(), by_hand.kv_bytes(), "{name}");
+        m
+    }
+
+    #[test]
+    fn qwen3_30b_a3b_by_hand() {
+        let by_hand = ByHand {
+            hidden: 2048,
+            vocab: 151_936,
+            layers: 48,
+            heads: 32,
+            kv_heads: 4,
+            head_dim: 128,
+            experts: 128,
+            top_k: 8,
+            width: 768,
+            // RMSNorm of each head's q and k: 2 × 128.
+            attention_extras: 2 * 128,
+            shared: None,
+        };
+        check("qwen3-30b-a3b", &by_hand);
+        // 30.5 B parameters, 3.3 B active, as the model card says.
+        assert_eq!(by_hand.parameters().0, 30_532_122_624);
+        assert_eq!(by_hand.parameters().1, 3_353_032_704);
+        // One expert: 3 × 2048 × 768 × 2 bytes = 9.4 MB a layer, 453 MB
+        // over 48 layers; 96 KiB of keys and values per token (head_dim
+        // 128 is given, not 2048 / 32).
+        assert_eq!(by_hand.expert() * 2, 9_437_184);
+        assert_eq!(by_hand.expert() * 2 * 48, 452_984_832);
+        assert_eq!(by_hand.kv_bytes(), 98_304);
+        // 58 GB of experts: one H100 holds them all.
+        assert_eq!(h100_workers(128, 452_984_832), 1);
+    }
+
+    #[test]
+    fn qwen3_235b_a22b_by_hand() {
+        let by_hand = ByHand {
+            hidden: 4096,
+            vocab: 151_936,
+            layers: 94,
+            heads: 64,
+            kv_heads: 4,
+            head_dim: 128,
+            experts: 128,
+            top_k: 8,
+            width: 1536,
+            attention_extras: 2 * 128,
+            shared: None,
+        };
+        check("qwen3-235b-a22b", &by_hand);
+        // 235 B parameters, 22 B active.
+        assert_eq!(by_hand.parameters().0, 235_093_634_560);
+        assert_eq!(by_hand.parameters().1, 22_190_763_520);
+        // One expert: 3 × 4096 × 1536 × 2 bytes = 37.7 MB a layer, 3.55 GB
+        // over 94 layers; 188 KiB of keys and values per token.
+        assert_eq!(by_hand.expert() * 2 * 94, 3_548_381_184);
+        assert_eq!(by_hand.kv_bytes(), 192_512);
+        // An H100 holds 20 expert ids (71 GB): 128 of them need 7 workers.
+        assert_eq!(H100_USABLE / 3_548_381_184, 20);
+        assert_eq!(h100_workers(128, 3_548_381_184), 7);
+    }
+
+    #[test]
+    fn qwen2_57b_a14b_by_hand() {
+        let by_hand = ByHand {
+            hidden: 3584,
+            vocab: 151_936,
+            layers: 28,
+            heads: 28,
+            kv_heads: 4,
+            // hidden / heads: the config gives no head_dim.
+            head_dim: 128,
+            experts: 64,
+            top_k: 8,
+            width: 2560,
+            // q, k and v biases.
+            attention_extras: 3584 + 2 * 512,
+            shared: Some(20480),
+        };
+        let m = check("qwen2-57b-a14b", &by_hand);
+        // 57.4 B parameters, 14.2 B active.
+        assert_eq!(by_hand.parameters().0, 57_408_658_944);
+        assert_eq!(by_hand.parameters().1, 14_249_270_784);
+        // The shared expert (3 × 3584 × 20480 and its gate, 28 layers) is
+        // on the router: 6.2 B of its 8.1 B dense parameters.
+        assert_eq!(m.dense_parameters(), 8_083_643_904);
+        assert_eq!(28 * (3 * 3584 * 20480 + 3584u64), 6_165_727_232);
+        // One routed expert: 3 × 3584 × 2560 × 2 bytes = 55 MB a layer,
+        // 1.54 GB over 28 layers; 56 KiB of keys and values per token.
+        assert_eq!(by_hand.expert() * 2 * 28, 1_541_406_720);
+        assert_eq!(by_hand.kv_bytes(), 57_344);
+        // 98.7 GB of routed experts: two H100s (46 ids each at most).
+        assert_eq!(h100_workers(64, 1_541_406_720), 2);
+    }
+
+    #[test]
+    fn olmoe_1b_7b_by_hand() {
+        let by_hand = ByHand {
+            hidden: 2048,
+            vocab: 50_304,
+            layers: 16,
+            heads: 16,
+            kv_heads: 16,
+            head_dim: 128,
+            experts: 64,
+            top_k: 8,
+            width: 1024,
+            // RMSNorm over the whole q and k projections: 2 × 2048.
+            attention_extras: 2 * 2048,
+            shared: None,
+        };
+        check("olmoe-1b-7b-0924", &by_hand);
+        // 6.9 B parameters, 1.3 B active.
+        assert_eq!(by_hand.parameters().0, 6_919_161_856);
+        assert_eq!(by_hand.parameters().1, 1_282_017_280);
+        // One expert: 3 × 2048 × 1024 × 2 bytes = 12.6 MB a layer, 201 MB
+        // over 16 layers; 128 KiB of keys and values per token.
+        assert_eq!(by_hand.expert() * 2 * 16, 201_326_592);
+        assert_eq!(by_hand.kv_bytes(), 131_072);
+        assert_eq!(h100_workers(64, 201_326_592), 1);
+    }
+
+    #[test]
+    fn dense_layers_hold_no_experts_and_their_mlp_is_on_the_router() {
+        // 4 layers, the first and third dense (an MLP of width 24).
+        let m = test_fixtures::with_dense_layers(4, 4, 2, &[0, 2], 24);
+        let h = 8;
+        assert_eq!(m.expert_bytes(0), 0);
+        assert_eq!(m.expert_bytes(1), 3 * h * 16 * 4);
+        assert_eq!(m.expert_bytes_all_layers(), 2 * 3 * h * 16 * 4);
+        let all_moe = test_fixtures::shape(4, 4, 2);
+        // Two MLPs instead of two gates (4 × 8) and two layers of experts.
+        assert_eq!(
+            m.dense_parameters(),
+            all_moe.dense_parameters() + 2 * 3 * h * 24 - 2 * 4 * h
+        );
+        // Keys and values in every layer, dense or not.
+        assert_eq!(m.kv_bytes_per_token(), all_moe.kv_bytes_per_token());
     }
 
     #[test]

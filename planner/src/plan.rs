@@ -8,7 +8,8 @@ use tramontane_policy::scheduler::SchedulerConfig;
 
 use crate::eplb;
 use crate::memory::{DeviceMemory, USABLE_FRACTION};
-use crate::profile::{ModelShape, Profile};
+use crate::model::SizedModel;
+use crate::profile::Profile;
 use crate::routing::TokenRouting;
 use crate::simulate::{Cluster, Prediction};
 use crate::workload::Workload;
@@ -32,7 +33,7 @@ pub enum PlacementPolicy {
 
 /// Everything a plan depends on but the cluster size.
 pub struct Planner {
-    pub model: ModelShape,
+    pub model: SizedModel,
     pub profile: Profile,
     pub routing: TokenRouting,
     pub workload: Workload,
@@ -50,15 +51,16 @@ pub struct ClusterPlan {
     /// Which candidate placement was kept, and every one considered.
     pub placement_name: String,
     pub considered: Vec<Considered>,
-    /// Expert slots per worker and layer.
+    /// Expert slots per worker and MoE layer.
     pub slots_per_worker: usize,
+    /// A row per decoder layer; a dense layer's is empty.
     pub placement: Placement,
-    /// Per layer, mean ÷ max of the per-worker load under the default
-    /// placement and under this plan's placement.
+    /// Per MoE layer (in decoder order), mean ÷ max of the per-worker load
+    /// under the default placement and under this plan's placement.
     pub balancedness_default: Vec<f64>,
     pub balancedness: Vec<f64>,
-    /// `[layer][worker]`: each worker's share of the layer's token-expert
-    /// pairs (a row sums to 1).
+    /// `[layer][worker]` per decoder layer: each worker's share of the
+    /// layer's token-expert pairs (a row sums to 1; a dense layer's is 0).
     pub worker_load_default: Vec<Vec<f64>>,
     pub worker_load: Vec<Vec<f64>>,
     /// The router, then each worker.
@@ -83,7 +85,7 @@ pub struct Candidate {
 pub struct Considered {
     pub name: String,
     pub slots_per_worker: usize,
-    /// Mean over layers of the per-worker balancedness.
+    /// Mean over MoE layers of the per-worker balancedness.
     pub balancedness: f64,
     pub output_tokens_per_s: f64,
     pub itl_p50: f64,
@@ -143,18 +145,26 @@ impl Planner {
     /// every expert on its own device cannot meet.
     pub fn check_slo(&self) -> Result<(), PlanError> {
         let profile = &self.profile;
-        let model = &profile.model;
-        // A lone token: its k experts on k devices, in parallel.
-        let layer_floor = |rows: usize| {
-            profile.dispatch_seconds(2 * rows * model.hidden_size * self.wire_bytes)
-                + profile.expert_seconds(rows.div_ceil(model.experts).max(1))
+        let hidden = self.model.spec.hidden_size;
+        // A lone token: its k experts on k devices, in parallel; in every
+        // MoE layer (a dense layer's MLP is in the dense step). `rows` of
+        // a layer of `top_k`: how many rows a device gets.
+        let layers_floor = |rows: &dyn Fn(usize) -> usize| -> f64 {
+            self.model
+                .spec
+                .moe_layers()
+                .map(|(_, moe)| {
+                    let rows = rows(moe.top_k);
+                    profile.dispatch_seconds(2 * rows * hidden * self.wire_bytes)
+                        + profile.expert_seconds(rows.div_ceil(moe.experts).max(1))
+                })
+                .sum()
         };
         if let Some(itl) = self.slo.itl_p99 {
             if !(itl.is_finite() && itl > 0.0) {
                 return Err(PlanError::Slo("--slo-itl-p99"));
             }
-            let floor = profile.dense_seconds(std::iter::once((1, 0)))
-                + model.layers as f64 * layer_floor(1);
+            let floor = profile.dense_seconds(std::iter::once((1, 0))) + layers_floor(&|_| 1);
             if floor > itl {
                 return Err(PlanError::ImpossibleItl {
                     slo_ms: itl * 1e3,
@@ -174,7 +184,7 @@ impl Planner {
             let steps = prompt.div_ceil(self.scheduler.max_batch_tokens) as f64;
             let floor = steps
                 * (profile.dense_seconds(std::iter::once((chunk, 0)))
-                    + model.layers as f64 * layer_floor(chunk * model.top_k));
+                    + layers_floor(&|top_k| chunk * top_k));
             if floor > ttft {
                 return Err(PlanError::ImpossibleTtft {
                     slo_ms: ttft * 1e3,
@@ -192,22 +202,21 @@ impl Planner {
         if workers == 0 {
             return Err(PlanError::NoWorkers);
         }
-        let model = &self.model;
-        let even = model.experts.div_ceil(workers);
+        let spec = &self.model.spec;
+        let even = spec.max_experts().div_ceil(workers);
         let mut candidates = vec![Candidate {
             name: "default (e mod W)".into(),
-            placement: Placement::round_robin(&vec![model.experts; model.layers], workers)
+            placement: Placement::round_robin(&spec.experts_per_layer(), workers)
                 .map_err(|_| PlanError::NoWorkers)?,
             slots_per_worker: even,
         }];
         if self.policy == PlacementPolicy::Eplb {
-            let load = self.routing.load(model.layers);
+            let load = self.routing.load();
             for spare in 0..=self.spare_slots_that_fit(workers, even) {
                 let slots = even + spare;
-                let rebalanced = eplb::rebalance_experts(&load, slots * workers, 1, 1, workers)?;
                 candidates.push(Candidate {
                     name: format!("EPLB, {spare} spare slots per worker"),
-                    placement: rebalanced.placement(workers),
+                    placement: eplb_placement(&load, slots, workers)?,
                     slots_per_worker: slots,
                 });
             }
@@ -248,7 +257,9 @@ impl Planner {
     /// pay).
     pub fn plan(&self, workers: usize) -> Result<ClusterPlan, PlanError> {
         let model = &self.model;
-        let load = self.routing.load(model.layers);
+        let load = self.routing.load();
+        let balancedness =
+            |placement: &Placement| moe_rows(&load, eplb::balancedness(&load, placement));
         let candidates = self.candidates(workers)?;
         let default = candidates[0].placement.clone();
         let mut considered = Vec::new();
@@ -258,7 +269,7 @@ impl Planner {
             considered.push(Considered {
                 name: candidate.name.clone(),
                 slots_per_worker: candidate.slots_per_worker,
-                balancedness: mean(&eplb::balancedness(&load, &candidate.placement)),
+                balancedness: mean(&balancedness(&candidate.placement)),
                 output_tokens_per_s: prediction.output_tokens_per_s,
                 itl_p50: prediction.itl.p50,
             });
@@ -284,19 +295,21 @@ impl Planner {
             capacity,
         )];
         for worker in 0..workers {
-            let slots: usize = placement
-                .experts
+            // Its (layer, expert) pairs, each of its layer's size.
+            let held: Vec<(usize, usize)> = placement
+                .held_by(worker)
+                .into_iter()
+                .map(|(layer, experts)| (layer, experts.len()))
+                .collect();
+            let slots = held.iter().map(|&(_, n)| n).sum();
+            let bytes = held
                 .iter()
-                .map(|row| {
-                    row.iter()
-                        .filter(|replicas| replicas.contains(&worker))
-                        .count()
-                })
+                .map(|&(layer, n)| n as u64 * model.expert_bytes(layer))
                 .sum();
             memory.push(DeviceMemory::new(
                 format!("worker {worker}"),
                 slots,
-                slots as u64 * model.expert_layer_bytes(),
+                bytes,
                 0,
                 0,
                 capacity,
@@ -320,8 +333,8 @@ impl Planner {
             placement_name,
             considered,
             slots_per_worker,
-            balancedness_default: eplb::balancedness(&load, &default),
-            balancedness: eplb::balancedness(&load, &placement),
+            balancedness_default: balancedness(&default),
+            balancedness: balancedness(&placement),
             worker_load_default: worker_load(&load, &default),
             worker_load: worker_load(&load, &placement),
             placement,
@@ -362,6 +375,43 @@ impl Planner {
     }
 }
 
+/// EPLB's placement of each MoE layer's experts (its `load` row) in
+/// `slots` slots per worker; a dense layer's row (empty) stays empty. Each
+/// layer is balanced on its own, as `eplb.py` does the layers it is given.
+fn eplb_placement(
+    load: &[Vec<f64>],
+    slots: usize,
+    workers: usize,
+) -> Result<Placement, eplb::EplbError> {
+    let experts = load
+        .iter()
+        .map(|row| match row.is_empty() {
+            true => Ok(Vec::new()),
+            false => {
+                let layer = eplb::rebalance_experts(
+                    std::slice::from_ref(row),
+                    slots * workers,
+                    1,
+                    1,
+                    workers,
+                )?;
+                Ok(layer.placement(workers).experts.remove(0))
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Placement { workers, experts })
+}
+
+/// Of per-layer `values`, the MoE layers' (those with a row in `load`).
+fn moe_rows(load: &[Vec<f64>], values: Vec<f64>) -> Vec<f64> {
+    values
+        .into_iter()
+        .zip(load)
+        .filter(|(_, row)| !row.is_empty())
+        .map(|(value, _)| value)
+        .collect()
+}
+
 /// `[layer][worker]`: each worker's share of the layer's token-expert pairs,
 /// an expert's load split evenly over its replicas.
 pub fn worker_load(load: &[Vec<f64>], placement: &Placement) -> Vec<Vec<f64>> {
@@ -387,13 +437,13 @@ mod tests {
     use crate::test_fixtures;
     use crate::workload::{Arrivals, Lengths};
 
-    fn shape() -> ModelShape {
+    fn shape() -> SizedModel {
         test_fixtures::shape(2, 4, 2)
     }
 
     /// An expert call costs `fixed` plus `per_row` per row; the rest is free.
     fn profile(fixed: f64, per_row: f64) -> Profile {
-        test_fixtures::profile(shape(), 0.0, fixed, per_row)
+        test_fixtures::profile(&shape(), 0.0, fixed, per_row)
     }
 
     /// Experts 0 and 2 (both on worker 0 by default) get 3 of 4 tokens.
@@ -469,5 +519,91 @@ mod tests {
         assert!(matches!(p.check_slo(), Err(PlanError::Slo(_))));
         p.slo.itl_p99 = Some(1.0);
         p.check_slo().unwrap();
+    }
+
+    #[test]
+    fn dense_layers_get_empty_rows_and_no_expert_memory() {
+        // Four decoder layers, 0 and 2 dense; experts 0 and 2 hot in 1 and 3.
+        let model = test_fixtures::with_dense_layers(4, 4, 2, &[0, 2], 24);
+        let dir = tempfile::tempdir().unwrap();
+        let path = test_fixtures::trace_of_layers(
+            dir.path(),
+            "m",
+            4,
+            4,
+            &[1, 3],
+            &[0, 2, 0, 2, 0, 2, 1, 3],
+        );
+        let routing = TokenRouting::from_trace(&path, &model, Some("m")).unwrap();
+        let profile = test_fixtures::profile(&model, 0.0, 0.0, 1e-3);
+        let planner = Planner {
+            model: model.clone(),
+            ..planner(profile, routing)
+        };
+        let plan = planner.plan(2).unwrap();
+        assert!(
+            plan.placement_name.starts_with("EPLB"),
+            "{}",
+            plan.placement_name
+        );
+        plan.placement.validate(&[0, 4, 0, 4]).unwrap();
+        for candidate in planner.candidates(2).unwrap() {
+            candidate.placement.validate(&[0, 4, 0, 4]).unwrap();
+        }
+        // Balance is of the two MoE layers; load rows are every layer's.
+        assert_eq!(plan.balancedness.len(), 2);
+        assert!(mean(&plan.balancedness) > mean(&plan.balancedness_default));
+        assert_eq!(plan.worker_load[0], vec![0.0, 0.0]);
+        assert!((plan.worker_load[1].iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        // Each worker's bytes: its slots of the two MoE layers, 3 × 8 × 16
+        // parameters of 4 bytes each.
+        for worker in &plan.memory[1..] {
+            assert_eq!(
+                worker.expert_bytes,
+                worker.expert_slots as u64 * 3 * 8 * 16 * 4
+            );
+        }
+        let slots: usize = plan.memory[1..].iter().map(|w| w.expert_slots).sum();
+        assert!(
+            (8..=2 * 2 * plan.slots_per_worker).contains(&slots),
+            "{slots}"
+        );
+        // The router holds the dense layers' MLPs.
+        assert_eq!(plan.memory[0].dense_bytes, model.dense_bytes());
+    }
+
+    #[test]
+    fn the_search_on_h100s_finds_what_holds_each_familys_experts() {
+        // Memory decides here: the smallest cluster whose workers hold the
+        // experts (by hand in `memory`'s tests) is the answer.
+        for (name, workers) in [
+            ("mixtral-8x7b", 2),
+            ("qwen3-30b-a3b", 1),
+            ("qwen3-235b-a22b", 7),
+            ("qwen2-57b-a14b", 2),
+            ("olmoe-1b-7b-0924", 1),
+        ] {
+            let model = test_fixtures::fixture(name);
+            let planner = Planner {
+                routing: TokenRouting::uniform(&model),
+                profile: crate::roofline::by_key("h100").unwrap().profile(&model),
+                workload: Workload {
+                    arrivals: Arrivals::Concurrency(1),
+                    prompt: Lengths::Fixed(16),
+                    output: Lengths::Fixed(4),
+                    requests: 2,
+                    seed: 1,
+                },
+                model,
+                ..planner(profile(0.0, 0.0), TokenRouting::uniform(&shape()))
+            };
+            let (plans, chosen) = planner.search(8).unwrap();
+            assert_eq!(chosen, Some(workers), "{name}");
+            let plan = &plans[workers - 1];
+            assert!(plan.fits && plan.meets_slo, "{name}");
+            if workers > 1 {
+                assert!(!plans[workers - 2].fits, "{name}");
+            }
+        }
     }
 }

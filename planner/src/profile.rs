@@ -8,17 +8,25 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use tramontane_config::MixtralConfig;
+use tramontane_config::{FfnSpec, ModelSpec, MoeSpec};
+
+use crate::model::SizedModel;
 
 pub const FORMAT: &str = "tramontane-profile-v1";
 
 /// The shape of the model a profile was made for: a measured profile only
-/// predicts the model it was measured on.
+/// predicts the model it was measured on. The fields a Mixtral has not
+/// (dense layers, a shared expert) are left out of the file when absent,
+/// so profiles measured before them still name their model.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelShape {
     pub hidden_size: usize,
+    /// Each routed expert's SwiGLU width (Mixtral's `intermediate_size`,
+    /// the Qwen families' `moe_intermediate_size`).
     pub intermediate_size: usize,
+    /// Decoder layers, dense or not.
     pub layers: usize,
+    /// Routed experts of an MoE layer, and how many a token takes.
     pub experts: usize,
     pub top_k: usize,
     pub attention_heads: usize,
@@ -27,21 +35,46 @@ pub struct ModelShape {
     pub vocab_size: usize,
     /// Bytes of one weight or activation element (4 for f32, 2 for bf16).
     pub dtype_bytes: usize,
+    /// The decoder layers with a dense MLP instead of routed experts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dense_layers: Vec<usize>,
+    /// Their MLP's width.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dense_width: Option<usize>,
+    /// The width of the expert every token takes beside its routed ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_expert_width: Option<usize>,
 }
 
 impl ModelShape {
-    pub fn new(config: &MixtralConfig, dtype_bytes: usize) -> Self {
+    /// The shape of `spec` in elements of `dtype_bytes` bytes. Where MoE
+    /// layers differ (no family's do), the largest.
+    pub fn new(spec: &ModelSpec, dtype_bytes: usize) -> Self {
+        let largest =
+            |of: fn(&MoeSpec) -> Option<usize>| spec.moe_layers().filter_map(|(_, m)| of(m)).max();
+        let dense: Vec<(usize, usize)> = spec
+            .layers
+            .iter()
+            .enumerate()
+            .filter_map(|(layer, ffn)| match ffn {
+                FfnSpec::Dense { width } => Some((layer, *width)),
+                FfnSpec::Moe(_) => None,
+            })
+            .collect();
         Self {
-            hidden_size: config.hidden_size,
-            intermediate_size: config.intermediate_size,
-            layers: config.num_hidden_layers,
-            experts: config.num_local_experts,
-            top_k: config.num_experts_per_tok,
-            attention_heads: config.num_attention_heads,
-            kv_heads: config.num_key_value_heads(),
-            head_dim: config.head_dim(),
-            vocab_size: config.vocab_size,
+            hidden_size: spec.hidden_size,
+            intermediate_size: largest(|m| Some(m.width)).unwrap_or(0),
+            layers: spec.layers.len(),
+            experts: spec.max_experts(),
+            top_k: spec.max_top_k(),
+            attention_heads: spec.attention.heads,
+            kv_heads: spec.attention.kv_heads,
+            head_dim: spec.attention.head_dim,
+            vocab_size: spec.vocab_size,
             dtype_bytes,
+            dense_layers: dense.iter().map(|&(layer, _)| layer).collect(),
+            dense_width: dense.iter().map(|&(_, width)| width).max(),
+            shared_expert_width: largest(|m| m.shared.map(|s| s.width)),
         }
     }
 }
@@ -122,7 +155,7 @@ pub enum ProfileError {
 impl Profile {
     /// A built-in profile by name (`h100`, ...) made for `model`, or a
     /// measured profile file, checked to be for `model`.
-    pub fn load(spec: &str, model: &ModelShape) -> Result<Self, ProfileError> {
+    pub fn load(spec: &str, model: &SizedModel) -> Result<Self, ProfileError> {
         if let Some(gpu) = crate::roofline::by_key(spec) {
             return Ok(gpu.profile(model));
         }
@@ -134,7 +167,7 @@ impl Profile {
             });
         }
         let profile = Profile::from_file(path)?;
-        profile.check_model(model)?;
+        profile.check_model(&model.shape())?;
         Ok(profile)
     }
 
@@ -204,10 +237,17 @@ impl Profile {
             return Ok(());
         }
         let describe = |m: &ModelShape| {
-            format!(
+            let mut text = format!(
                 "hidden {}, intermediate {}, {} layers, {} experts top-{}, {} bytes per element",
                 m.hidden_size, m.intermediate_size, m.layers, m.experts, m.top_k, m.dtype_bytes
-            )
+            );
+            if !m.dense_layers.is_empty() {
+                text += &format!(", dense layers {:?}", m.dense_layers);
+            }
+            if let Some(width) = m.shared_expert_width {
+                text += &format!(", a shared expert of width {width}");
+            }
+            text
         };
         Err(ProfileError::OtherModel {
             profiled: describe(&self.model),
@@ -282,6 +322,49 @@ mod tests {
 
     fn p(x: f64, seconds: f64) -> Point {
         Point { x, seconds }
+    }
+
+    #[test]
+    fn a_mixtral_profile_of_before_dense_layers_still_names_its_model() {
+        // A shape as measured profiles wrote it before dense layers and
+        // shared experts: it is Mixtral-8x7B's.
+        let written = r#"{"hidden_size": 4096, "intermediate_size": 14336, "layers": 32,
+            "experts": 8, "top_k": 2, "attention_heads": 32, "kv_heads": 8, "head_dim": 128,
+            "vocab_size": 32000, "dtype_bytes": 2}"#;
+        let read: ModelShape = serde_json::from_str(written).unwrap();
+        let mixtral = crate::test_fixtures::fixture("mixtral-8x7b").shape();
+        assert_eq!(read, mixtral);
+        let text = serde_json::to_string(&mixtral).unwrap();
+        assert!(
+            !text.contains("dense") && !text.contains("shared"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_shape_tells_the_families_apart() {
+        let qwen3 = crate::test_fixtures::fixture("qwen3-30b-a3b").shape();
+        // The routed experts' width, not the dense MLP's intermediate_size.
+        assert_eq!(
+            (qwen3.intermediate_size, qwen3.experts, qwen3.top_k),
+            (768, 128, 8)
+        );
+        assert_eq!((qwen3.head_dim, qwen3.layers), (128, 48));
+        let qwen2 = crate::test_fixtures::fixture("qwen2-57b-a14b").shape();
+        assert_eq!(qwen2.shared_expert_width, Some(20480));
+        let dense = crate::test_fixtures::with_dense_layers(3, 4, 2, &[1], 24).shape();
+        assert_eq!((dense.dense_layers, dense.dense_width), (vec![1], Some(24)));
+        // A profile measured on another family's model is refused.
+        let profile = crate::test_fixtures::profile(
+            &crate::test_fixtures::fixture("qwen2-57b-a14b"),
+            0.0,
+            0.0,
+            0.0,
+        );
+        let mut other = qwen2.clone();
+        other.shared_expert_width = None;
+        let err = profile.check_model(&other).unwrap_err().to_string();
+        assert!(err.contains("a shared expert of width 20480"), "{err}");
     }
 
     #[test]

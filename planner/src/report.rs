@@ -31,10 +31,19 @@ pub struct PlanReport<'a> {
 pub struct ModelReport<'a> {
     pub name: &'a str,
     pub model_id: &'a str,
-    pub shape: &'a ModelShape,
+    pub shape: ModelShape,
+    /// All parameters.
     pub parameters: u64,
+    /// Those one token uses (the top-k routed experts of each MoE layer).
+    pub active_parameters: u64,
+    /// The routed experts' (the workers').
+    pub routed_expert_parameters: u64,
+    /// Everything else, on the router: embeddings, lm_head, attention,
+    /// norms, gates, dense-layer MLPs, shared experts.
     pub dense_bytes: u64,
+    /// One routed expert of one MoE layer.
     pub expert_layer_bytes: u64,
+    /// One expert id across every MoE layer.
     pub expert_bytes_all_layers: u64,
     pub kv_bytes_per_token: u64,
 }
@@ -56,12 +65,15 @@ impl<'a> PlanReport<'a> {
         chosen_workers: Option<usize>,
     ) -> Self {
         let m = &planner.model;
+        let parameters = m.parameters();
         Self {
             model: ModelReport {
                 name,
                 model_id,
-                shape: m,
-                parameters: m.total_parameters(),
+                shape: m.shape(),
+                parameters: parameters.total as u64,
+                active_parameters: parameters.active as u64,
+                routed_expert_parameters: parameters.routed_experts as u64,
                 dense_bytes: m.dense_bytes(),
                 expert_layer_bytes: m.expert_layer_bytes(),
                 expert_bytes_all_layers: m.expert_bytes_all_layers(),
@@ -102,17 +114,33 @@ pub fn text(
 ) -> String {
     let m = &planner.model;
     let p = &planner.profile;
+    let shape = m.shape();
+    let parameters = m.parameters();
     let mut out = String::new();
+    let moe_layers = m.spec.moe_layers().count();
+    let mut layers = format!("{} layers", shape.layers);
+    if moe_layers < shape.layers {
+        layers += &format!(
+            " ({} dense, MLP width {})",
+            shape.layers - moe_layers,
+            shape.dense_width.unwrap_or(0)
+        );
+    }
+    let shared = shape
+        .shared_expert_width
+        .map(|width| format!(", a shared expert of width {width} on the router"))
+        .unwrap_or_default();
     let _ = writeln!(
         out,
-        "model {name}: {:.2} B parameters, {} layers × {} experts (top-{}), {} bytes per weight; dense part {:.2} GB, one expert {:.3} GB per layer, {:.2} GB across all layers; KV cache {} KiB per token",
-        m.total_parameters() as f64 / 1e9,
-        m.layers,
-        m.experts,
-        m.top_k,
-        m.dtype_bytes,
+        "model {name}: {:.2} B parameters ({:.2} B active), {layers}, {} routed experts of width {} (top-{}){shared}, {} bytes per weight; dense part {:.2} GB, one expert {:.1} MB per layer, {:.2} GB across all {moe_layers} MoE layers; KV cache {} KiB per token",
+        parameters.total as f64 / 1e9,
+        parameters.active as f64 / 1e9,
+        shape.experts,
+        shape.intermediate_size,
+        shape.top_k,
+        shape.dtype_bytes,
         gb(m.dense_bytes()),
-        gb(m.expert_layer_bytes()),
+        m.expert_layer_bytes() as f64 / 1e6,
         gb(m.expert_bytes_all_layers()),
         m.kv_bytes_per_token() / 1024,
     );
@@ -257,7 +285,8 @@ pub fn write_charts(
     let write = |name: &str, text: &str| std::fs::write(dir.join(name), text);
     write("throughput.svg", &throughput)?;
     write("latency.svg", &latency)?;
-    let load = planner.routing.load(planner.model.layers);
+    // A dense layer's row is empty: it routes nothing.
+    let load = planner.routing.load();
     let shares: Vec<Vec<f64>> = load
         .iter()
         .map(|row| {

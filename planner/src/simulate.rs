@@ -4,6 +4,12 @@
 //! (the same `plan_dispatch`, with the tokens' experts drawn from a routing
 //! trace), each worker's round trip and expert FFNs, the layer ending when
 //! the slowest worker answers. Costs come from a device [`Profile`].
+//!
+//! A dense layer costs router time (its MLP is in the profile's dense
+//! step) and dispatches nothing. A shared expert costs router time the
+//! same way, for every token of its layer; it is counted beside the round
+//! trip of its layer, not overlapped with it: an upper bound until the
+//! router overlaps them.
 
 use std::collections::VecDeque;
 
@@ -152,10 +158,10 @@ impl Cluster<'_> {
         let tokens: usize = slices.iter().map(|s| s.0).sum();
         let mut seconds = profile.dense_seconds(slices.iter().copied());
         let hidden = profile.model.hidden_size;
-        let mut pairs = Vec::with_capacity(tokens * profile.model.top_k);
-        let mut experts = Vec::with_capacity(profile.model.top_k);
+        let mut pairs = Vec::with_capacity(tokens * self.routing.max_top_k());
+        let mut experts = Vec::with_capacity(self.routing.max_top_k());
         let mut worker_seconds = vec![0.0; self.placement.workers];
-        for layer in 0..profile.model.layers {
+        for layer in self.routing.moe_layers() {
             pairs.clear();
             for token in 0..tokens {
                 experts.clear();
@@ -355,12 +361,13 @@ mod tests {
         assert!(Percentiles::of(vec![]).p50.is_nan());
     }
 
-    use crate::test_fixtures::{self, shape};
+    use crate::model::SizedModel;
+    use crate::test_fixtures::{self, shape, with_dense_layers};
     use crate::workload::Lengths;
 
     /// A step costs `dense` seconds; an expert `per_row` per row it computes.
     fn profile(dense: f64, per_row: f64) -> Profile {
-        test_fixtures::profile(shape(2, 4, 2), dense, 0.0, per_row)
+        test_fixtures::profile(&shape(2, 4, 2), dense, 0.0, per_row)
     }
 
     fn workload(arrivals: Arrivals, prompt: usize, output: usize, requests: usize) -> Workload {
@@ -383,7 +390,7 @@ mod tests {
     ) -> Prediction {
         let profile = profile(step_seconds, 0.0);
         let placement = Placement::round_robin(&[4; 2], workers).unwrap();
-        let routing = TokenRouting::uniform(&profile.model);
+        let routing = TokenRouting::uniform(&shape(2, 4, 2));
         let cluster = Cluster {
             profile: &profile,
             placement: &placement,
@@ -418,7 +425,7 @@ mod tests {
     fn one_client_at_a_time_gives_the_step_arithmetic() {
         let profile = profile(0.01, 0.0);
         let placement = Placement::round_robin(&[4; 2], 2).unwrap();
-        let routing = TokenRouting::uniform(&profile.model);
+        let routing = TokenRouting::uniform(&shape(2, 4, 2));
         let cluster = Cluster {
             profile: &profile,
             placement: &placement,
@@ -475,7 +482,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = test_fixtures::trace(dir.path(), "m", 2, 4, &[0, 2, 2, 0, 0, 2]);
         let profile = profile(0.0, 1e-3);
-        let routing = TokenRouting::from_trace(&path, &profile.model, Some("m")).unwrap();
+        let routing = TokenRouting::from_trace(&path, &shape(2, 4, 2), Some("m")).unwrap();
         let run = |placement: &Placement| {
             let cluster = Cluster {
                 profile: &profile,
@@ -495,6 +502,30 @@ mod tests {
         let gain = apart.output_tokens_per_s / together.output_tokens_per_s;
         assert!((gain - 2.0).abs() < 1e-9, "{gain}");
         assert!(together.worker_busy[1] == 0.0 && apart.worker_busy[1] > 0.0);
+    }
+
+    #[test]
+    fn dense_layers_cost_the_dense_step_and_dispatch_nothing() {
+        // Four decoder layers, 0 and 2 dense, against the two MoE layers
+        // alone: the same draws, the same dispatch, the same time.
+        let run = |model: &SizedModel| {
+            let profile = test_fixtures::profile(model, 0.01, 1e-3, 1e-4);
+            let placement = Placement::round_robin(&model.spec.experts_per_layer(), 2).unwrap();
+            let routing = TokenRouting::uniform(model);
+            let cluster = Cluster {
+                profile: &profile,
+                placement: &placement,
+                routing: &routing,
+                scheduler: SchedulerConfig::default(),
+                wire_bytes: 4,
+            };
+            cluster.simulate(&workload(Arrivals::Concurrency(2), 16, 4, 4))
+        };
+        let with_dense = run(&with_dense_layers(4, 4, 2, &[0, 2], 24));
+        let moe_only = run(&shape(2, 4, 2));
+        assert_eq!(with_dense, moe_only);
+        // Each step: the dense part, then two layers of at least one call.
+        assert!(with_dense.seconds >= with_dense.steps as f64 * (0.01 + 2.0 * 1.1e-3));
     }
 
     #[test]

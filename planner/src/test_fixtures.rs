@@ -2,45 +2,79 @@
 
 use std::path::{Path, PathBuf};
 
+use tramontane_config::{AttentionSpec, Dtype, Family, FfnSpec, Gate, ModelSpec, MoeSpec, QkNorm};
 use tramontane_policy::routing_trace::{FORMAT as TRACE_FORMAT, Header, RoutingTrace};
 
-use crate::profile::{FORMAT, ModelShape, Point, Profile};
+use crate::model::{PlannedModel, SizedModel};
+use crate::profile::{FORMAT, Point, Profile};
 
-/// A small model: hidden 8, `layers` layers of `experts` experts, top-k.
-pub fn shape(layers: usize, experts: usize, top_k: usize) -> ModelShape {
-    ModelShape {
-        hidden_size: 8,
-        intermediate_size: 16,
-        layers,
+/// A small model in f32: hidden 8, `layers` layers of `experts` experts
+/// of width 16, top-k; two heads of 4 over one KV head, a vocabulary of 10.
+pub fn shape(layers: usize, experts: usize, top_k: usize) -> SizedModel {
+    with_dense_layers(layers, experts, top_k, &[], 0)
+}
+
+/// [`shape`] with the layers `dense` a dense MLP of width `width`.
+pub fn with_dense_layers(
+    layers: usize,
+    experts: usize,
+    top_k: usize,
+    dense: &[usize],
+    width: usize,
+) -> SizedModel {
+    let moe = MoeSpec {
         experts,
         top_k,
-        attention_heads: 2,
-        kv_heads: 1,
-        head_dim: 4,
+        width: 16,
+        gate: Gate::TopKThenSoftmax,
+        shared: None,
+    };
+    let spec = ModelSpec {
+        family: Family::Mixtral,
+        hidden_size: 8,
         vocab_size: 10,
+        max_position_embeddings: 4096,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: false,
+        attention: AttentionSpec {
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 4,
+            qkv_bias: false,
+            o_bias: false,
+            qk_norm: QkNorm::None,
+            clip_qkv: None,
+            sliding_window: None,
+            rope_theta: 1e6,
+        },
+        layers: (0..layers)
+            .map(|layer| match dense.contains(&layer) {
+                true => FfnSpec::Dense { width },
+                false => FfnSpec::Moe(moe),
+            })
+            .collect(),
+        bos_token_id: None,
+        eos_token_id: None,
+    };
+    SizedModel {
+        spec,
         dtype_bytes: 4,
     }
 }
 
-/// Mixtral-8x7B's config.json values, bf16.
-pub fn mixtral_8x7b() -> ModelShape {
-    ModelShape {
-        hidden_size: 4096,
-        intermediate_size: 14336,
-        layers: 32,
-        experts: 8,
-        top_k: 2,
-        attention_heads: 32,
-        kv_heads: 8,
-        head_dim: 128,
-        vocab_size: 32000,
-        dtype_bytes: 2,
-    }
+/// The config.json of `planner/fixtures/<name>`, in bf16.
+pub fn fixture(name: &str) -> SizedModel {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name);
+    PlannedModel::read(&path)
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+        .sized(Dtype::Bf16)
 }
 
 /// A profile of `model` where a step's dense part costs `dense` seconds and
 /// an expert call `fixed` plus `per_row` per row; everything else is free.
-pub fn profile(model: ModelShape, dense: f64, fixed: f64, per_row: f64) -> Profile {
+pub fn profile(model: &SizedModel, dense: f64, fixed: f64, per_row: f64) -> Profile {
     let flat = |seconds| vec![Point { x: 1.0, seconds }, Point { x: 1024.0, seconds }];
     Profile {
         format: FORMAT.into(),
@@ -49,7 +83,7 @@ pub fn profile(model: ModelShape, dense: f64, fixed: f64, per_row: f64) -> Profi
         source: "test".into(),
         memory_bytes: 1 << 40,
         shared_lanes: None,
-        model,
+        model: model.shape(),
         expert_ffn: vec![
             Point {
                 x: 1.0,
@@ -79,6 +113,21 @@ pub fn trace(
     experts: usize,
     chosen: &[usize],
 ) -> PathBuf {
+    let every: Vec<usize> = (0..layers).collect();
+    trace_of_layers(dir, model_id, layers, experts, &every, chosen)
+}
+
+/// A top-2 routing trace with a header of `layers` decoder layers, whose one
+/// step routes the pairs in `chosen` in the layers `routed` only (the
+/// router records MoE layers, not dense ones).
+pub fn trace_of_layers(
+    dir: &Path,
+    model_id: &str,
+    layers: usize,
+    experts: usize,
+    routed: &[usize],
+    chosen: &[usize],
+) -> PathBuf {
     let path = dir.join("routing.jsonl");
     let header = Header {
         format: TRACE_FORMAT.into(),
@@ -88,7 +137,7 @@ pub fn trace(
         top_k: 2,
     };
     let trace = RoutingTrace::create(&path, &header, u64::MAX).expect("create the trace");
-    for layer in 0..layers {
+    for &layer in routed {
         trace.record(layer, 2, chosen);
     }
     path

@@ -1,7 +1,8 @@
 //! `tramontane plan` and `tramontane profile` through the binary: memory of
-//! the public Mixtral configurations against hand-computed values, the
-//! search, the outputs (JSON, SVG, placement file, Helm values), bad input refused with a
-//! clear message, and the prediction-against-measurement bench on a small
+//! the public Mixtral, Qwen3-MoE, Qwen2-MoE and OLMoE configurations against
+//! hand-computed values and the H100s each needs, the search, the outputs
+//! (JSON, SVG, placement file, Helm values), bad input refused with a clear
+//! message, and the prediction-against-measurement bench on a small
 //! configuration (finite figures; no timing is asserted).
 
 use std::path::{Path, PathBuf};
@@ -318,6 +319,249 @@ fn helm_values_for_mixtral_8x7b_on_8_h100s_carry_the_plan() -> Result<()> {
     Ok(())
 }
 
+/// A light load: the families' searches simulate up to 8 cluster sizes of
+/// up to 94 layers of 128 experts.
+const LIGHT_LOAD: [&str; 8] = [
+    "--concurrency",
+    "4",
+    "--prompt-len",
+    "64",
+    "--output-len",
+    "16",
+    "--requests",
+    "8",
+];
+
+/// A published MoE configuration's figures, computed by hand from its
+/// config.json (bf16, 2 bytes a parameter).
+struct Figures {
+    name: &'static str,
+    /// All parameters, and those one token uses.
+    parameters: u64,
+    active_parameters: u64,
+    /// The router's: everything but the routed experts.
+    dense_parameters: u64,
+    /// 3 × hidden × expert width, per MoE layer; and the MoE layers.
+    expert_parameters: u64,
+    moe_layers: u64,
+    experts: u64,
+    /// 2 (K and V) × layers × KV heads × head_dim × 2 bytes.
+    kv_bytes_per_token: u64,
+    /// The fewest H100 workers (72 GB usable each) holding every expert.
+    workers: u64,
+}
+
+const FAMILIES: [Figures; 4] = [
+    // 48 layers, hidden 2048, 32 heads of 128 over 4 KV heads, q/k norms,
+    // 128 experts of width 768, top-8, vocabulary 151936 untied.
+    // Per layer: q and o 2 × 2048 × 4096, k and v 2 × 2048 × 512, norms
+    // 2 × 128 + 2 × 2048, gate 128 × 2048: 19_140_864; embeddings and
+    // lm_head 2 × 151936 × 2048, a final norm 2048.
+    Figures {
+        name: "qwen3-30b-a3b",
+        parameters: 30_532_122_624,
+        active_parameters: 3_353_032_704,
+        dense_parameters: 48 * 19_140_864 + 2 * 151_936 * 2048 + 2048,
+        expert_parameters: 3 * 2048 * 768,
+        moe_layers: 48,
+        experts: 128,
+        kv_bytes_per_token: 2 * 48 * 4 * 128 * 2,
+        // 128 × 48 × 9.4 MB = 58 GB: one worker.
+        workers: 1,
+    },
+    // 94 layers, hidden 4096, 64 heads of 128 over 4, q/k norms, 128
+    // experts of width 1536, top-8. Per layer: q and o 2 × 4096 × 8192,
+    // k and v 2 × 4096 × 512, norms 256 + 8192, gate 128 × 4096.
+    Figures {
+        name: "qwen3-235b-a22b",
+        parameters: 235_093_634_560,
+        active_parameters: 22_190_763_520,
+        dense_parameters: 94 * 71_835_904 + 2 * 151_936 * 4096 + 4096,
+        expert_parameters: 3 * 4096 * 1536,
+        moe_layers: 94,
+        experts: 128,
+        kv_bytes_per_token: 2 * 94 * 4 * 128 * 2,
+        // An expert id over 94 layers is 3.55 GB: 20 fit in 72 GB, and
+        // 128 ids need 7 workers.
+        workers: 7,
+    },
+    // 28 layers, hidden 3584, 28 heads of 128 over 4, q/k/v biases, 64
+    // experts of width 2560, top-8, and a shared expert of width 20480
+    // with its sigmoid gate on every token. Per layer: q and o
+    // 2 × 3584², k and v 2 × 3584 × 512, biases 3584 + 2 × 512, norms
+    // 2 × 3584, gate 64 × 3584, shared expert 3 × 3584 × 20480 + 3584.
+    Figures {
+        name: "qwen2-57b-a14b",
+        parameters: 57_408_658_944,
+        active_parameters: 14_249_270_784,
+        dense_parameters: 28 * 249_805_824 + 2 * 151_936 * 3584 + 3584,
+        expert_parameters: 3 * 3584 * 2560,
+        moe_layers: 28,
+        experts: 64,
+        kv_bytes_per_token: 2 * 28 * 4 * 128 * 2,
+        // An expert id is 1.54 GB: 46 fit, 64 need 2 workers.
+        workers: 2,
+    },
+    // 16 layers, hidden 2048, 16 heads of 128 (as many KV heads), q and k
+    // norms over the whole projections, 64 experts of width 1024, top-8,
+    // vocabulary 50304. Per layer: q, k, v, o 4 × 2048², norms
+    // 2 × 2048 + 2 × 2048, gate 64 × 2048.
+    Figures {
+        name: "olmoe-1b-7b-0924",
+        parameters: 6_919_161_856,
+        active_parameters: 1_282_017_280,
+        dense_parameters: 16 * 16_916_480 + 2 * 50_304 * 2048 + 2048,
+        expert_parameters: 3 * 2048 * 1024,
+        moe_layers: 16,
+        experts: 64,
+        kv_bytes_per_token: 2 * 16 * 16 * 128 * 2,
+        workers: 1,
+    },
+];
+
+#[test]
+fn every_familys_sizes_match_hand_computed_values_and_the_search_finds_its_h100s() -> Result<()> {
+    for f in &FAMILIES {
+        let name = f.name;
+        let model = fixture(name);
+        let report = plan_json(
+            &[
+                &[
+                    "--model",
+                    model.to_str().context("path")?,
+                    "--profile",
+                    "h100",
+                    "--search",
+                    "--max-workers",
+                    "8",
+                ][..],
+                &LIGHT_LOAD[..],
+            ]
+            .concat(),
+        )?;
+        let m = &report["model"];
+        assert_eq!(m["parameters"], f.parameters, "{name}");
+        assert_eq!(m["active_parameters"], f.active_parameters, "{name}");
+        assert_eq!(m["dense_bytes"], 2 * f.dense_parameters, "{name}");
+        assert_eq!(
+            m["routed_expert_parameters"],
+            f.parameters - f.dense_parameters,
+            "{name}"
+        );
+        assert_eq!(
+            f.parameters - f.dense_parameters,
+            f.moe_layers * f.experts * f.expert_parameters,
+            "{name}"
+        );
+        assert_eq!(m["expert_layer_bytes"], 2 * f.expert_parameters, "{name}");
+        assert_eq!(
+            m["expert_bytes_all_layers"],
+            2 * f.expert_parameters * f.moe_layers,
+            "{name}"
+        );
+        assert_eq!(m["kv_bytes_per_token"], f.kv_bytes_per_token, "{name}");
+        assert_eq!(m["shape"]["experts"], f.experts, "{name}");
+
+        // The smallest cluster that holds the experts; one fewer does not.
+        assert_eq!(report["chosen_workers"], f.workers, "{name}");
+        let plan = workers_plan(&report, f.workers);
+        assert_eq!(plan["fits"], true, "{name}");
+        assert_eq!(plan["prediction"]["completed"], 8, "{name}");
+        if f.workers > 1 {
+            assert_eq!(
+                workers_plan(&report, f.workers - 1)["fits"],
+                false,
+                "{name}"
+            );
+        }
+        // The router holds the dense part and the running requests' cache.
+        let router = &plan["memory"][0];
+        let peak_kv = plan["prediction"]["peak_kv_tokens"]
+            .as_u64()
+            .context("peak")?;
+        assert_eq!(
+            router["total_bytes"],
+            2 * f.dense_parameters + peak_kv * f.kv_bytes_per_token,
+            "{name}"
+        );
+        // Each worker holds its (layer, expert) pairs, all its MoE layers'.
+        let mut slots = 0;
+        for w in 1..=f.workers as usize {
+            let worker = &plan["memory"][w];
+            let held = worker["expert_slots"].as_u64().context("slots")?;
+            assert_eq!(
+                worker["expert_bytes"],
+                held * 2 * f.expert_parameters,
+                "{name}"
+            );
+            slots += held;
+        }
+        assert!(slots >= f.moe_layers * f.experts, "{name}: {slots}");
+    }
+    Ok(())
+}
+
+#[test]
+fn helm_values_follow_each_family_and_its_placement() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    for f in &FAMILIES {
+        let name = f.name;
+        let model = fixture(name);
+        let values = dir.path().join(format!("{name}.json"));
+        let workers = f.workers.to_string();
+        let report = plan_json(
+            &[
+                &[
+                    "--model",
+                    model.to_str().context("path")?,
+                    "--profile",
+                    "h100",
+                    "--gpus",
+                    &workers,
+                    "--helm-values",
+                    values.to_str().context("path")?,
+                ][..],
+                &LIGHT_LOAD[..],
+            ]
+            .concat(),
+        )?;
+        let plan = workers_plan(&report, f.workers);
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&values)?)?;
+        assert_eq!(
+            v["model"],
+            serde_json::json!({"dtype": "bf16", "numLayers": f.moe_layers, "numExperts": f.experts}),
+            "{name}"
+        );
+        assert_eq!(v["workers"]["replicas"], f.workers, "{name}");
+        assert_eq!(v["placement"], plan["placement"], "{name}");
+        // A row per decoder layer, every expert of it on a worker.
+        let rows = v["placement"]["experts"].as_array().context("rows")?;
+        assert_eq!(rows.len() as u64, f.moe_layers, "{name}");
+        for row in rows {
+            let row = row.as_array().context("row")?;
+            assert_eq!(row.len() as u64, f.experts, "{name}");
+            assert!(
+                row.iter()
+                    .all(|held| held.as_array().is_some_and(|w| !w.is_empty())),
+                "{name}"
+            );
+        }
+        // The workers' request: the largest worker's bytes and 4 GiB.
+        const GIB: u64 = 1 << 30;
+        let largest = plan["memory"].as_array().context("memory")?[1..]
+            .iter()
+            .filter_map(|w| w["total_bytes"].as_u64())
+            .max()
+            .context("workers")?;
+        assert_eq!(
+            gibibytes(&v["workers"]["resources"]["requests"]["memory"]),
+            Some((largest + 4 * GIB).div_ceil(GIB)),
+            "{name}"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn bad_input_gets_a_clear_message() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -423,6 +667,50 @@ fn bad_input_gets_a_clear_message() -> Result<()> {
         "8",
     ])?;
     assert!(err.contains("num_local_experts"), "{err}");
+
+    // So does another family's, and one out of range; an architecture not
+    // served is named with those that are.
+    let qwen3 = fixture("qwen3-30b-a3b");
+    let qwen3: Value = serde_json::from_str(&std::fs::read_to_string(qwen3)?)?;
+    let plan_config = |config: &Value| -> Result<String> {
+        std::fs::write(&broken, config.to_string())?;
+        plan_error(&[
+            "--model",
+            broken.to_str().context("path")?,
+            "--profile",
+            "h100",
+            "--gpus",
+            "1",
+            "--rate",
+            "1",
+            "--prompt-len",
+            "8",
+            "--output-len",
+            "8",
+        ])
+    };
+    let mut config = qwen3.clone();
+    config
+        .as_object_mut()
+        .context("object")?
+        .remove("moe_intermediate_size");
+    let err = plan_config(&config)?;
+    assert!(err.contains("moe_intermediate_size"), "{err}");
+    let mut config = qwen3.clone();
+    config["num_experts_per_tok"] = 129.into();
+    let err = plan_config(&config)?;
+    assert!(err.contains("num_experts_per_tok"), "{err}");
+    let mut config = qwen3.clone();
+    config["mlp_only_layers"] = serde_json::json!([48]);
+    let err = plan_config(&config)?;
+    assert!(err.contains("mlp_only_layers"), "{err}");
+    let mut config = qwen3;
+    config["architectures"] = serde_json::json!(["DeepseekV3ForCausalLM"]);
+    let err = plan_config(&config)?;
+    assert!(
+        err.contains("DeepseekV3ForCausalLM") && err.contains("Qwen3MoeForCausalLM"),
+        "{err}"
+    );
 
     // Unknown profiles, and profile files with a field missing.
     let err = plan_error(
