@@ -4,7 +4,8 @@
 //! The first line describes the model:
 //! `{"format": "tramontane-routing-v1", "model_id": "<sha256 of config.json>",
 //!   "layers": L, "experts": E, "top_k": K}`;
-//! then one line per (step, layer) dispatch, in order:
+//! then one line per (step, layer) dispatch, in order, `layer` the decoder
+//! layer (a dense layer has no routed experts, and no lines):
 //! `{"step": S, "layer": L, "experts": [[e, e], [e, e], ...]}` with one list
 //! of K expert ids per token of the step (prefill chunks and decode tokens of
 //! every running sequence, in batch order).
@@ -52,6 +53,9 @@ struct TraceFile {
     written: u64,
     max_bytes: u64,
     step: u64,
+    /// The layer of the last record: a record of this layer or an earlier
+    /// one starts a new step.
+    last_layer: Option<usize>,
     /// The first write error; recording stops there (serving goes on).
     failed: bool,
 }
@@ -69,19 +73,23 @@ impl RoutingTrace {
                 written,
                 max_bytes,
                 step: 0,
+                last_layer: None,
                 failed: false,
             }),
         })
     }
 
     /// Records one layer's routing: `experts` holds k ids per token, flattened.
-    /// Layer 0 starts a new step.
+    /// A layer at or before the last one recorded starts a new step (the
+    /// first routed layer need not be layer 0).
     pub fn record(&self, layer: usize, top_k: usize, experts: &[usize]) {
         let mut file = self.out.lock().expect("routing trace lock");
         if file.failed || top_k == 0 {
             return;
         }
-        if layer == 0 {
+        let new_step = file.last_layer.is_none_or(|last| layer <= last);
+        file.last_layer = Some(layer);
+        if new_step {
             file.step += 1;
             if file.written >= file.max_bytes
                 && let Err(error) = file.rotate()
@@ -249,6 +257,26 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn steps_start_at_the_first_routed_layer_when_layer_0_is_dense() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("routing.jsonl");
+        let header = Header {
+            layers: 4,
+            ..header()
+        };
+        let trace = RoutingTrace::create(&path, &header, u64::MAX).expect("create");
+        // Layers 1 and 3 routed, 0 and 2 dense: three steps.
+        for step in 0..3 {
+            trace.record(1, 2, &[step, 1]);
+            trace.record(3, 2, &[2, step]);
+        }
+        drop(trace);
+        let (_, records) = read(&path).expect("read");
+        let steps: Vec<(u64, usize)> = records.iter().map(|r| (r.step, r.layer)).collect();
+        assert_eq!(steps, [(1, 1), (1, 3), (2, 1), (2, 3), (3, 1), (3, 3)]);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! processes on loopback ports, for several worker counts and placements,
 //! with each step run as one batch or as 2 or 3 interleaved micro-batches.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -73,11 +74,27 @@ fn last_logits_and_tokens<E: tramontane_model::experts::Experts>(
 }
 
 fn check_shape(gen_args: &[&str]) -> Result<()> {
-    let _guard = tch::no_grad_guard();
-    tch::set_num_threads(1);
     let dir = tempfile::tempdir()?;
     let model_dir = dir.path().join("model");
     support::gen_model(&model_dir, gen_args)?;
+    check_model(&model_dir, &format!("{gen_args:?}"))
+}
+
+/// A checkpoint of `family` made by its transformers class, its small
+/// shapes overridden by `config`.
+fn check_family(family: &str, config: serde_json::Value) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model_dir = dir.path().join("model");
+    support::family_checkpoint(&model_dir, family, config.clone(), &["--seed", "21"])?;
+    check_model(&model_dir, &format!("{family} {config}"))
+}
+
+/// The checkpoint in `model_dir` sharded over workers, in every placement
+/// and micro-batch split, gives the in-process logits and greedy tokens.
+fn check_model(model_dir: &Path, label: &str) -> Result<()> {
+    let _guard = tch::no_grad_guard();
+    tch::set_num_threads(1);
+    let model_dir = model_dir.to_path_buf();
     let config = ModelSpec::from_file(&model_dir.join("config.json"))?;
     let tokenizer = Tokenizer::from_dir(&model_dir)?;
     let prompts: Vec<Vec<u32>> = PROMPTS
@@ -122,7 +139,7 @@ fn check_shape(gen_args: &[&str]) -> Result<()> {
                 "{name}, {groups} micro-batches: greedy tokens differ"
             );
             eprintln!(
-                "{gen_args:?} {name}, {groups} micro-batches: max |Δlogit| {diff:e}, tokens identical"
+                "{label} {name}, {groups} micro-batches: max |Δlogit| {diff:e}, tokens identical"
             );
         }
     }
@@ -154,6 +171,37 @@ fn sharded_equals_in_process_top3_of_6_gqa4() -> Result<()> {
         "--layers",
         "3",
     ])
+}
+
+/// Qwen3-MoE: a dense first layer (its placement row empty), 16 experts
+/// top-4, head_dim 24.
+#[test]
+fn sharded_equals_in_process_qwen3_moe_dense_first_layer() -> Result<()> {
+    check_family(
+        "qwen3_moe",
+        serde_json::json!({
+            "mlp_only_layers": [0], "num_hidden_layers": 3, "num_experts": 16,
+            "num_experts_per_tok": 4, "head_dim": 24, "norm_topk_prob": true
+        }),
+    )
+}
+
+/// Qwen2-MoE: the shared expert on the router, the routed ones on workers.
+#[test]
+fn sharded_equals_in_process_qwen2_moe_shared_expert() -> Result<()> {
+    check_family(
+        "qwen2_moe",
+        serde_json::json!({"num_experts": 6, "num_experts_per_tok": 2}),
+    )
+}
+
+/// OLMoE: whole-projection q/k norms, clip_qkv, 8 experts top-3.
+#[test]
+fn sharded_equals_in_process_olmoe() -> Result<()> {
+    check_family(
+        "olmoe",
+        serde_json::json!({"clip_qkv": 2.0, "num_experts_per_tok": 3}),
+    )
 }
 
 /// The whole path: `tramontane router` in front of workers, greedy tokens
