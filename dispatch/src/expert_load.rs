@@ -3,7 +3,8 @@
 //! cumulative and over a sliding window of recent dispatches, with each
 //! layer's balancedness (mean ÷ max pairs per worker over the window; 1 is
 //! perfectly even). Exported as Prometheus metrics and served as JSON on
-//! `GET /v1/experts/stats`.
+//! `GET /v1/experts/stats`. Layers are decoder layers; a dense one routes
+//! nothing, and has no expert counts and no balancedness gauge.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -24,15 +25,19 @@ struct Dispatch {
 }
 
 struct LayerLoad {
+    /// The layer's routed experts (0 for a dense layer).
+    experts: usize,
     cumulative: Dispatch,
     recent: VecDeque<Dispatch>,
     routed: Vec<Counter>,
-    balancedness: Gauge,
+    /// None for a dense layer.
+    balancedness: Option<Gauge>,
 }
 
 pub struct ExpertLoad {
     layers: Mutex<Vec<LayerLoad>>,
     worker_pairs: Vec<Counter>,
+    /// The most routed experts a layer has.
     experts: usize,
     workers: usize,
 }
@@ -41,11 +46,13 @@ pub struct ExpertLoad {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ExpertStats {
     pub layers: usize,
+    /// The most routed experts a layer has.
     pub experts: usize,
     pub workers: usize,
     /// Dispatches per layer the `recent` figures cover (at most).
     pub window_steps: usize,
-    /// `tokens[layer][expert]`: tokens routed since start.
+    /// `tokens[layer][expert]`: tokens routed since start (a dense layer's
+    /// row is empty).
     pub tokens: Vec<Vec<u64>>,
     /// The same over the recent window.
     pub recent_tokens: Vec<Vec<u64>>,
@@ -85,9 +92,14 @@ impl Dispatch {
 }
 
 impl ExpertLoad {
-    pub fn new(layers: usize, experts: usize, workers: usize) -> Self {
-        let layer_loads = (0..layers)
-            .map(|layer| LayerLoad {
+    /// The load of a model whose layer l has `experts_per_layer[l]` routed
+    /// experts, over `workers` workers.
+    pub fn new(experts_per_layer: &[usize], workers: usize) -> Self {
+        let layer_loads = experts_per_layer
+            .iter()
+            .enumerate()
+            .map(|(layer, &experts)| LayerLoad {
+                experts,
                 cumulative: Dispatch::zero(experts, workers),
                 recent: VecDeque::with_capacity(WINDOW_STEPS),
                 routed: (0..experts)
@@ -99,7 +111,9 @@ impl ExpertLoad {
                         )
                     })
                     .collect(),
-                balancedness: metrics::gauge!(names::EXPERT_BALANCEDNESS, "layer" => layer.to_string()),
+                balancedness: (experts > 0).then(
+                    || metrics::gauge!(names::EXPERT_BALANCEDNESS, "layer" => layer.to_string()),
+                ),
             })
             .collect();
         Self {
@@ -107,7 +121,7 @@ impl ExpertLoad {
             worker_pairs: (0..workers)
                 .map(|w| metrics::counter!(names::WORKER_PAIRS_TOTAL, "worker" => w.to_string()))
                 .collect(),
-            experts,
+            experts: experts_per_layer.iter().copied().max().unwrap_or(0),
             workers,
         }
     }
@@ -115,7 +129,11 @@ impl ExpertLoad {
     /// Records one layer's dispatch: `experts` are the routed expert ids (k
     /// per token), `worker_pairs[w]` the pairs worker w computed.
     pub fn record(&self, layer: usize, experts: &[usize], worker_pairs: &[u64]) {
-        let mut dispatch = Dispatch::zero(self.experts, self.workers);
+        let mut layers = self.layers.lock().expect("expert load lock");
+        let Some(load) = layers.get_mut(layer) else {
+            return;
+        };
+        let mut dispatch = Dispatch::zero(load.experts, self.workers);
         for &e in experts {
             if let Some(count) = dispatch.experts.get_mut(e) {
                 *count += 1;
@@ -127,10 +145,6 @@ impl ExpertLoad {
         for (counter, &n) in self.worker_pairs.iter().zip(&dispatch.workers) {
             counter.increment(n);
         }
-        let mut layers = self.layers.lock().expect("expert load lock");
-        let Some(load) = layers.get_mut(layer) else {
-            return;
-        };
         for (counter, &n) in load.routed.iter().zip(&dispatch.experts) {
             counter.increment(n);
         }
@@ -139,15 +153,17 @@ impl ExpertLoad {
             load.recent.pop_front();
         }
         load.recent.push_back(dispatch);
-        let recent = window_sum(&load.recent, self.experts, self.workers);
-        load.balancedness.set(balancedness(&recent.workers));
+        let recent = window_sum(&load.recent, load.experts, self.workers);
+        if let Some(gauge) = &load.balancedness {
+            gauge.set(balancedness(&recent.workers));
+        }
     }
 
     pub fn snapshot(&self) -> ExpertStats {
         let layers = self.layers.lock().expect("expert load lock");
         let recent: Vec<Dispatch> = layers
             .iter()
-            .map(|l| window_sum(&l.recent, self.experts, self.workers))
+            .map(|l| window_sum(&l.recent, l.experts, self.workers))
             .collect();
         ExpertStats {
             layers: layers.len(),
@@ -189,8 +205,23 @@ mod tests {
     }
 
     #[test]
+    fn a_dense_layer_routes_nothing_and_the_routed_ones_count() {
+        // Layer 0 dense, layers 1 and 2 with 4 routed experts.
+        let load = ExpertLoad::new(&[0, 4, 4], 2);
+        load.record(1, &[0, 3, 3, 2], &[1, 3]);
+        load.record(0, &[1], &[1, 0]);
+        let stats = load.snapshot();
+        assert_eq!((stats.layers, stats.experts), (3, 4));
+        assert_eq!(stats.tokens[0], Vec::<u64>::new());
+        assert_eq!(stats.tokens[1], [1, 0, 1, 2]);
+        assert_eq!(stats.tokens[2], [0, 0, 0, 0]);
+        assert_eq!(stats.worker_load[1], [1, 3]);
+        assert_eq!(stats.balancedness[1], 2.0 / 3.0);
+    }
+
+    #[test]
     fn counts_accumulate_and_the_window_forgets() {
-        let load = ExpertLoad::new(2, 4, 2);
+        let load = ExpertLoad::new(&[4, 4], 2);
         load.record(0, &[0, 1, 1, 3], &[3, 1]);
         let stats = load.snapshot();
         assert_eq!(stats.tokens[0], [1, 2, 0, 1]);

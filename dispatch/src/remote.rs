@@ -62,12 +62,8 @@ impl RemoteExperts {
         deadline: Duration,
         wire: Dtype,
     ) -> Result<Self, ClusterError> {
-        let experts = placement.experts.first().map_or(0, Vec::len);
-        let load = Arc::new(ExpertLoad::new(
-            placement.experts.len(),
-            experts,
-            workers.len(),
-        ));
+        let experts_per_layer: Vec<usize> = placement.experts.iter().map(Vec::len).collect();
+        let load = Arc::new(ExpertLoad::new(&experts_per_layer, workers.len()));
         let data = DataPath::new(&workers).map_err(ClusterError::Runtime)?;
         Ok(Self {
             workers,

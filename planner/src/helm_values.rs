@@ -44,6 +44,8 @@ pub struct ModelValues {
     pub num_layers: usize,
     /// Routed experts of an MoE layer.
     pub num_experts: usize,
+    /// The layers without routed experts (their placement rows are empty).
+    pub dense_layers: Vec<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -140,6 +142,9 @@ impl<'a> HelmValues<'a> {
                 dtype: dtype.flag(),
                 num_layers: planner.model.spec.layers.len(),
                 num_experts: planner.model.spec.max_experts(),
+                dense_layers: (0..planner.model.spec.layers.len())
+                    .filter(|&l| planner.model.spec.moe(l).is_none())
+                    .collect(),
             },
             placement: &plan.placement,
             workers: WorkerValues {
@@ -216,7 +221,7 @@ mod tests {
             serde_json::to_value(HelmValues::new(&planner, &plan, Dtype::F32).unwrap()).unwrap();
         assert_eq!(
             values["model"],
-            json!({"dtype": "f32", "numLayers": 2, "numExperts": 4})
+            json!({"dtype": "f32", "numLayers": 2, "numExperts": 4, "denseLayers": []})
         );
         assert_eq!(values["workers"]["replicas"], 2);
         assert_eq!(values["workers"]["device"], "cuda:0");
@@ -285,7 +290,7 @@ mod tests {
             serde_json::to_value(HelmValues::new(&planner, &plan, Dtype::Bf16).unwrap()).unwrap();
         assert_eq!(
             values["model"],
-            json!({"dtype": "bf16", "numLayers": 3, "numExperts": 4})
+            json!({"dtype": "bf16", "numLayers": 3, "numExperts": 4, "denseLayers": []})
         );
         let rows: Vec<usize> = values["placement"]["experts"]
             .as_array()

@@ -252,7 +252,7 @@ fn helm_values_for_mixtral_8x7b_on_8_h100s_carry_the_plan() -> Result<()> {
     assert_eq!(v["workers"]["replicas"], 8);
     assert_eq!(
         v["model"],
-        serde_json::json!({"dtype": "bf16", "numLayers": 32, "numExperts": 8})
+        serde_json::json!({"dtype": "bf16", "numLayers": 32, "numExperts": 8, "denseLayers": []})
     );
     const GIB: u64 = 1 << 30;
     for (pod, memory) in [
@@ -529,7 +529,7 @@ fn helm_values_follow_each_family_and_its_placement() -> Result<()> {
         let v: Value = serde_json::from_str(&std::fs::read_to_string(&values)?)?;
         assert_eq!(
             v["model"],
-            serde_json::json!({"dtype": "bf16", "numLayers": f.moe_layers, "numExperts": f.experts}),
+            serde_json::json!({"dtype": "bf16", "numLayers": f.moe_layers, "numExperts": f.experts, "denseLayers": []}),
             "{name}"
         );
         assert_eq!(v["workers"]["replicas"], f.workers, "{name}");

@@ -475,6 +475,23 @@ def test_placement_default_is_expert_e_on_worker_e_mod_n(chart, workers, layers,
     )
 
 
+def test_dense_layers_have_empty_placement_rows(chart):
+    # Layer 0 dense (e.g. Qwen3-MoE's mlp_only_layers), layers 1 and 2 routed.
+    model = {"numLayers": 3, "numExperts": 4, "denseLayers": [0]}
+    values = {"workers": {"replicas": 2}, "model": model}
+    assert placement_of(manifests(chart, values)) == {
+        "workers": 2,
+        "experts": [[], [[0], [1], [0], [1]], [[0], [1], [0], [1]]],
+    }
+    given = {"workers": 2, "experts": [[], [[1], [0], [1], [0]], [[0, 1], [1], [0], [1]]]}
+    assert placement_of(manifests(chart, {**values, "placement": given})) == given
+    routed_dense = {**values, "placement": round_robin(2, 3, 4)}
+    with pytest.raises(HelmError) as refused:
+        render(chart, routed_dense)
+    message = "placement.experts[0] has 4 experts but the model's layer 0 has 0"
+    assert message in str(refused.value), str(refused.value)
+
+
 def test_cpu_demo_placement_is_the_tiny_presets(chart):
     assert placement_of(manifests(chart, cpu_demo())) == round_robin(2, 2, 8)
 
@@ -524,7 +541,7 @@ BAD_VALUES = {
     ),
     "placement with too few experts": (
         {"placement": round_robin(2, 32, 4)},
-        "placement.experts[0] has 4 experts but model.numExperts is 8",
+        "placement.experts[0] has 4 experts but the model's layer 0 has 8",
     ),
     "placement naming a missing worker": (
         {"placement": {"workers": 2, "experts": [[[0], [2]] + [[1]] * 6] * 32}},

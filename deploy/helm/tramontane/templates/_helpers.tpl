@@ -78,8 +78,8 @@ The workers' stable addresses, in index order, comma-separated:
 {{- end -}}
 
 {{/*
-The placement file: `placement` as given, else expert e of every layer on
-worker e mod workers.replicas.
+The placement file: `placement` as given, else expert e of every routed
+layer on worker e mod workers.replicas (a dense layer's row empty).
 */}}
 {{- define "tramontane.placement" -}}
 {{- if .Values.placement -}}
@@ -89,13 +89,29 @@ worker e mod workers.replicas.
 {{- $layers := list -}}
 {{- range $layer := until (int .Values.model.numLayers) -}}
 {{- $experts := list -}}
-{{- range $expert := until (int $.Values.model.numExperts) -}}
+{{- range $expert := until (include "tramontane.layerExperts" (list $ $layer) | int) -}}
 {{- $experts = append $experts (list (mod $expert $workers)) -}}
 {{- end -}}
 {{- $layers = append $layers $experts -}}
 {{- end -}}
 {{- toJson (dict "workers" $workers "experts" $layers) -}}
 {{- end -}}
+{{- end -}}
+
+{{/*
+The routed experts of layer (index 1 of the list; index 0 the root
+context): none in a layer of model.denseLayers, else model.numExperts.
+*/}}
+{{- define "tramontane.layerExperts" -}}
+{{- $root := index . 0 -}}
+{{- $layer := index . 1 -}}
+{{- $experts := int $root.Values.model.numExperts -}}
+{{- range ($root.Values.model.denseLayers | default list) -}}
+{{- if eq (int .) (int $layer) -}}
+{{- $experts = 0 -}}
+{{- end -}}
+{{- end -}}
+{{- $experts -}}
 {{- end -}}
 
 {{/*
@@ -112,8 +128,9 @@ value to change.
 {{- fail (printf "placement.experts has %d layers but model.numLayers is %d" (len .experts) (int $.Values.model.numLayers)) -}}
 {{- end -}}
 {{- range $layer, $experts := .experts -}}
-{{- if ne (len $experts) (int $.Values.model.numExperts) -}}
-{{- fail (printf "placement.experts[%d] has %d experts but model.numExperts is %d" $layer (len $experts) (int $.Values.model.numExperts)) -}}
+{{- $expected := include "tramontane.layerExperts" (list $ $layer) | int -}}
+{{- if ne (len $experts) $expected -}}
+{{- fail (printf "placement.experts[%d] has %d experts but the model's layer %d has %d (model.numExperts, none in model.denseLayers)" $layer (len $experts) $layer $expected) -}}
 {{- end -}}
 {{- range $expert, $holders := $experts -}}
 {{- range $holders -}}
