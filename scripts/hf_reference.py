@@ -5,7 +5,8 @@ or ignored weight).
 
 Usage: python hf_reference.py --model DIR --request REQUEST.json --out OUT_PREFIX
 
-REQUEST.json: {"prompts": [text, ...], "greedy_tokens": N, "texts": [text, ...]}
+REQUEST.json: {"prompts": [text, ...], "chats": [[message, ...], ...],
+"greedy_tokens": N, "texts": [text, ...]}
 Writes OUT_PREFIX.safetensors (fp32 logits of every prompt position, key
 "logits.I" of shape [len, vocab]) and OUT_PREFIX.json with, per prompt, the
 token ids, N greedy tokens (HF's own KV cache, no EOS stop) with the 5 best
@@ -13,7 +14,9 @@ token ids, N greedy tokens (HF's own KV cache, no EOS stop) with the 5 best
 each greedy step's gates came to taking other experts (over the layers, the
 smallest gap between a gate's k-th and k+1-th logits, in units in the last
 place of the dtype at the k-th logit: 0 is a tie its top-k breaks by its own
-order), and the token ids of each of "texts". Tests run it at test time; nothing it writes is edited by hand.
+order), and the token ids of each of "texts". Each of "chats" (OpenAI-style
+messages) is rendered by the checkpoint's chat template with the generation
+prompt (apply_chat_template) and written under "chats" as a prompt is. Tests run it at test time; nothing it writes is edited by hand.
 """
 
 import argparse
@@ -67,39 +70,50 @@ def main() -> None:
     top_k = model.config.num_experts_per_tok
     mantissa_bits = {"f32": 23, "bf16": 7}[args.dtype]
 
+    def run(ids):
+        """The prompt `ids`' logits at every position, and its greedy
+        continuation as the module docstring says."""
+        out = model(ids, output_router_logits=True)
+        prompt_logits = out.logits[0].float().contiguous()
+        prompt_gaps = gate_gaps(out.router_logits, top_k, mantissa_bits)
+        greedy = []
+        top = []
+        greedy_gaps = []
+        past = None
+        step = ids
+        for _ in range(request.get("greedy_tokens", 0)):
+            out = model(step, past_key_values=past, use_cache=True, output_router_logits=True)
+            past = out.past_key_values
+            # The step's own token is the last row of each layer's logits.
+            last = tuple(layer[-1:] for layer in out.router_logits)
+            greedy_gaps += gate_gaps(last, top_k, mantissa_bits)
+            step_logits = out.logits[0, -1].float()
+            token = int(step_logits.argmax())
+            best = torch.topk(step_logits, 5)
+            top.append([[int(i), float(v)] for i, v in zip(best.indices, best.values)])
+            greedy.append(token)
+            step = torch.tensor([[token]])
+        return prompt_logits, {"ids": ids[0].tolist(), "greedy": greedy, "top": top,
+                               "gate_gaps": prompt_gaps, "greedy_gate_gaps": greedy_gaps}
+
     logits = {}
     prompts = []
+    chats = []
     with torch.no_grad():
         for i, prompt in enumerate(request.get("prompts", [])):
-            ids = tokenizer(prompt, return_tensors="pt").input_ids
-            out = model(ids, output_router_logits=True)
-            logits[f"logits.{i}"] = out.logits[0].float().contiguous()
-            prompt_gaps = gate_gaps(out.router_logits, top_k, mantissa_bits)
-            greedy = []
-            top = []
-            greedy_gaps = []
-            past = None
-            step = ids
-            for _ in range(request.get("greedy_tokens", 0)):
-                out = model(step, past_key_values=past, use_cache=True,
-                            output_router_logits=True)
-                past = out.past_key_values
-                # The step's own token is the last row of each layer's logits.
-                last = tuple(layer[-1:] for layer in out.router_logits)
-                greedy_gaps += gate_gaps(last, top_k, mantissa_bits)
-                step_logits = out.logits[0, -1].float()
-                token = int(step_logits.argmax())
-                best = torch.topk(step_logits, 5)
-                top.append([[int(i), float(v)] for i, v in zip(best.indices, best.values)])
-                greedy.append(token)
-                step = torch.tensor([[token]])
-            prompts.append({"ids": ids[0].tolist(), "greedy": greedy, "top": top,
-                            "gate_gaps": prompt_gaps, "greedy_gate_gaps": greedy_gaps})
+            prompt_logits, reference = run(tokenizer(prompt, return_tensors="pt").input_ids)
+            logits[f"logits.{i}"] = prompt_logits
+            prompts.append(reference)
+        for messages in request.get("chats", []):
+            ids = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )["input_ids"]
+            chats.append(run(ids)[1])
 
     texts = [tokenizer(text).input_ids for text in request.get("texts", [])]
     if logits:
         save_file(logits, args.out + ".safetensors")
-    json.dump({"prompts": prompts, "texts": texts}, open(args.out + ".json", "w"))
+    json.dump({"prompts": prompts, "chats": chats, "texts": texts}, open(args.out + ".json", "w"))
 
 
 if __name__ == "__main__":
