@@ -11,7 +11,7 @@ use tch::Device;
 use tramontane_dispatch::MicroBatches;
 use tramontane_infra::grpc::DEFAULT_MAX_MESSAGE_BYTES;
 use tramontane_infra::tls::Tls;
-use tramontane_model::{Dtype, LoadOptions};
+use tramontane_model::{Dtype, LoadOptions, SharedExperts};
 use tramontane_policy::scheduler::{SchedulerConfig, SchedulerConfigError};
 use tramontane_router::RouterOptions;
 use tramontane_router::api_keys::ApiKeys;
@@ -28,6 +28,16 @@ pub struct ComputeArgs {
     /// CPU threads for libtorch (default: libtorch's choice).
     #[arg(long, env = "TRAMONTANE_THREADS")]
     pub threads: Option<i32>,
+    /// Where a model's shared experts run (Qwen2-MoE): on the router beside
+    /// the dense part, or on the workers as one more expert of each layer
+    /// (id: the layer's routed experts), placed like the others.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "router",
+        env = "TRAMONTANE_SHARED_EXPERTS"
+    )]
+    pub shared_experts: SharedExperts,
 }
 
 impl ComputeArgs {
@@ -43,6 +53,7 @@ impl ComputeArgs {
         Ok(LoadOptions {
             dtype: self.dtype,
             device,
+            shared_experts: self.shared_experts,
         })
     }
 }

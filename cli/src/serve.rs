@@ -90,7 +90,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     let config = ModelSpec::from_file(&model.join("config.json"))?;
     let placement = Placement::from_file_or_round_robin(
         args.tuning.placement.as_deref(),
-        &config.experts_per_layer(),
+        &config.placed_experts_per_layer(args.compute.shared_experts),
         args.workers,
     )?;
     if placement.workers != args.workers {
@@ -153,14 +153,20 @@ pub fn run(args: &ServeArgs) -> Result<()> {
                 held,
                 device: device.clone(),
                 threads,
-                // Workers compute in the router's dtype.
-                extra: ["--dtype", args.compute.dtype.flag()]
-                    .into_iter()
-                    .map(String::from)
-                    .chain(args.telemetry.to_args())
-                    .map(Into::into)
-                    .chain(tls_args)
-                    .collect(),
+                // Workers compute in the router's dtype, and hold shared
+                // experts where the router places them there.
+                extra: [
+                    "--dtype",
+                    args.compute.dtype.flag(),
+                    "--shared-experts",
+                    args.compute.shared_experts.flag(),
+                ]
+                .into_iter()
+                .map(String::from)
+                .chain(args.telemetry.to_args())
+                .map(Into::into)
+                .chain(tls_args)
+                .collect(),
             };
             let process = spawn_worker(&command)
                 .await

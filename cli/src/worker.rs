@@ -78,10 +78,16 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         anyhow::bail!("--tls-ca on a worker needs --tls-cert and --tls-key (its own certificate)");
     }
     let config = ModelSpec::from_file(&args.model.join("config.json"))?;
+    // The ids this worker may hold: routed experts, and shared ones where
+    // they run on workers.
+    let shared = options.shared_experts;
+    let placed = config.placed_experts_per_layer(shared);
     let held = match (&args.placement, args.worker_index) {
-        (Some(path), Some(index)) => HeldExperts::from_placement_file(path, index, &config)?,
+        (Some(path), Some(index)) => {
+            HeldExperts::from_placement_file(path, index, &config.placed_experts_per_layer(shared))?
+        }
         _ => HeldExperts::Uniform {
-            experts: parse_experts(&args.experts, config.max_experts())?,
+            experts: parse_experts(&args.experts, placed.into_iter().max().unwrap_or(0))?,
             layers: args
                 .layers
                 .as_deref()

@@ -34,5 +34,6 @@ pub use mixtral::{MixtralConfig, TokenIds};
 pub use model_id::model_id;
 pub use spec::{
     AttentionSpec, Family, FfnSpec, Gate, ModelSpec, MoeSpec, Parameters, QkNorm, SharedExpertSpec,
+    SharedExperts,
 };
 pub use tensors::{ExpertTensors, TensorSpec};

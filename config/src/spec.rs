@@ -139,6 +139,29 @@ pub struct SharedExpertSpec {
     pub sigmoid_gate: bool,
 }
 
+/// Where a layer's shared expert runs: on the router beside the dense
+/// part (the default: it sees every token, so it costs no wire), or on the
+/// workers as one more expert of the layer (id `experts`, after the routed
+/// ones) that every token takes with its sigmoid gate as weight, placed
+/// like any other.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum SharedExperts {
+    #[default]
+    Router,
+    Workers,
+}
+
+impl SharedExperts {
+    /// The command-line value.
+    pub fn flag(self) -> &'static str {
+        match self {
+            SharedExperts::Router => "router",
+            SharedExperts::Workers => "workers",
+        }
+    }
+}
+
 /// A layer's routed experts: SwiGLU, no biases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MoeSpec {
@@ -148,6 +171,19 @@ pub struct MoeSpec {
     pub width: usize,
     pub gate: Gate,
     pub shared: Option<SharedExpertSpec>,
+}
+
+impl MoeSpec {
+    /// The experts a placement places in this layer: the routed ones, and
+    /// the shared one (id `experts`) where it runs on the workers.
+    pub fn placed_experts(&self, shared: SharedExperts) -> usize {
+        self.experts + usize::from(self.shared.is_some() && shared == SharedExperts::Workers)
+    }
+
+    /// The expert id a worker may hold: a routed one, or the shared one.
+    pub fn holds_id(&self, expert: usize) -> bool {
+        expert < self.placed_experts(SharedExperts::Workers)
+    }
 }
 
 /// A layer's feed-forward part.
@@ -210,6 +246,18 @@ impl ModelSpec {
             .iter()
             .map(|ffn| match ffn {
                 FfnSpec::Moe(moe) => moe.experts,
+                FfnSpec::Dense { .. } => 0,
+            })
+            .collect()
+    }
+
+    /// Each decoder layer's experts a placement places: the routed ones,
+    /// and the shared one where it runs on the workers.
+    pub fn placed_experts_per_layer(&self, shared: SharedExperts) -> Vec<usize> {
+        self.layers
+            .iter()
+            .map(|ffn| match ffn {
+                FfnSpec::Moe(moe) => moe.placed_experts(shared),
                 FfnSpec::Dense { .. } => 0,
             })
             .collect()

@@ -84,10 +84,15 @@ impl ExpertServer {
         let mut work = Vec::with_capacity(request.experts.len());
         for (i, item) in request.experts.iter().enumerate() {
             let expert = item.expert as usize;
-            if expert >= moe.experts {
+            if !moe.holds_id(expert) {
                 return Err(Status::invalid_argument(format!(
-                    "experts[{i}].expert: {expert} is out of range (the model has {} experts)",
-                    moe.experts
+                    "experts[{i}].expert: {expert} is out of range (the model has {} experts{})",
+                    moe.experts,
+                    if moe.shared.is_some() {
+                        " and a shared one"
+                    } else {
+                        ""
+                    }
                 )));
             }
             if !self.held.contains(&(layer, expert)) {

@@ -247,7 +247,10 @@ pub fn measure(
         return run(&model, None, shapes, timing);
     }
     let spec = ModelSpec::from_file(&dir.join("config.json"))?;
-    let placement = Placement::round_robin(&spec.experts_per_layer(), workers.len())?;
+    let placement = Placement::round_robin(
+        &spec.placed_experts_per_layer(options.shared_experts),
+        workers.len(),
+    )?;
     let experts = runtime
         .block_on(RemoteExperts::connect(
             dir,

@@ -54,4 +54,4 @@ pub use error::{
 };
 pub use model::{BatchItem, LoadOptions, Logits, Mixtral};
 pub use tokenizer::Tokenizer;
-pub use tramontane_config::{Dtype, MixtralConfig, ModelSpec};
+pub use tramontane_config::{Dtype, MixtralConfig, ModelSpec, SharedExperts};

@@ -4,20 +4,22 @@
 //! are [`crate::moe::LocalExperts`]' or a worker's).
 
 use tch::Tensor;
-use tramontane_config::{ExpertTensors, FfnSpec, ModelSpec, QkNorm};
+use tramontane_config::{ExpertTensors, FfnSpec, ModelSpec, QkNorm, SharedExperts};
 
 use crate::attention::{Attention, AttentionWeights};
 use crate::error::WeightsError;
 use crate::expert::Expert;
 use crate::gating::Gate;
 use crate::layer::{DecoderLayer, FeedForward};
-use crate::moe::{SharedExpert, SparseMoe};
+use crate::moe::{Shared, SharedExpert, SparseMoe};
 use crate::norm::RmsNorm;
 
-/// Layer `i` of `spec`, its tensors read by `load(name, shape)`.
+/// Layer `i` of `spec`, its tensors read by `load(name, shape)`, its
+/// shared expert (if any) run where `shared_experts` says.
 pub(crate) fn load_layer(
     spec: &ModelSpec,
     i: usize,
+    shared_experts: SharedExperts,
     load: &impl Fn(&str, &[usize]) -> Result<Tensor, WeightsError>,
 ) -> Result<DecoderLayer, WeightsError> {
     let p = format!("model.layers.{i}");
@@ -80,13 +82,20 @@ pub(crate) fn load_layer(
             );
             let shared = moe
                 .shared
-                .map(|shared| -> Result<SharedExpert, WeightsError> {
-                    Ok(SharedExpert {
-                        mlp: mlp(&family.shared_expert_tensors(i), shared.width)?,
-                        gate: shared
-                            .sigmoid_gate
-                            .then(|| load(&family.shared_expert_gate_tensor(i), &[1, h]))
-                            .transpose()?,
+                .map(|shared| -> Result<Shared, WeightsError> {
+                    let gate = shared
+                        .sigmoid_gate
+                        .then(|| load(&family.shared_expert_gate_tensor(i), &[1, h]))
+                        .transpose()?;
+                    Ok(match shared_experts {
+                        SharedExperts::Router => Shared::Here(SharedExpert {
+                            mlp: mlp(&family.shared_expert_tensors(i), shared.width)?,
+                            gate,
+                        }),
+                        SharedExperts::Workers => Shared::Experts {
+                            id: moe.experts,
+                            gate,
+                        },
                     })
                 })
                 .transpose()?;

@@ -17,13 +17,15 @@ use crate::norm::RmsNorm;
 use crate::projection;
 use crate::rotary::{RotaryEmbedding, RotaryTables};
 use crate::weights::Checkpoint;
-use tramontane_config::{Dtype, ModelSpec};
+use tramontane_config::{Dtype, ModelSpec, SharedExperts};
 
-/// The dtype and device weights are loaded into and computed in.
+/// The dtype and device weights are loaded into and computed in, and
+/// where shared experts run.
 #[derive(Debug, Clone, Copy)]
 pub struct LoadOptions {
     pub dtype: Dtype,
     pub device: Device,
+    pub shared_experts: SharedExperts,
 }
 
 impl LoadOptions {
@@ -38,6 +40,7 @@ impl Default for LoadOptions {
         Self {
             dtype: Dtype::F32,
             device: Device::Cpu,
+            shared_experts: SharedExperts::Router,
         }
     }
 }
@@ -88,10 +91,13 @@ impl Mixtral {
         spec: ModelSpec,
         options: LoadOptions,
     ) -> Result<Self, WeightsError> {
+        // Every expert this process runs through its experts: the routed
+        // ones, and the shared ones where they run as experts.
+        let placed = spec.placed_experts_per_layer(options.shared_experts);
         let experts = LocalExperts::load(
             checkpoint,
             &spec,
-            &|_, _| true,
+            &|layer, expert| expert < placed[layer],
             options.kind(),
             options.device,
         )?;
@@ -117,7 +123,7 @@ impl<E: Experts> Mixtral<E> {
         let (h, v) = (spec.hidden_size, spec.vocab_size);
         let embed_tokens = load("model.embed_tokens.weight", &[v, h])?;
         let layers = (0..spec.layers.len())
-            .map(|i| load_layer(&spec, i, &load))
+            .map(|i| load_layer(&spec, i, options.shared_experts, &load))
             .collect::<Result<Vec<_>, WeightsError>>()?;
         let norm = RmsNorm::new(load("model.norm.weight", &[h])?, spec.rms_norm_eps);
         let lm_head = if spec.tie_word_embeddings && !checkpoint.contains("lm_head.weight") {

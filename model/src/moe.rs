@@ -11,7 +11,7 @@ use crate::gating::{Gate, Routing};
 use crate::layer::LayerError;
 use crate::projection::{self, RoutedExpert};
 use crate::weights::Checkpoint;
-use tramontane_config::ModelSpec;
+use tramontane_config::{ModelSpec, SharedExperts};
 
 /// Which experts a process holds: `held(layer, expert)`.
 pub type ExpertSelection<'a> = &'a dyn Fn(usize, usize) -> bool;
@@ -23,8 +23,9 @@ pub struct LocalExperts {
 }
 
 impl LocalExperts {
-    /// Loads the routed experts `held` selects, and only those tensors (a
-    /// dense layer has none to select).
+    /// Loads the experts `held` selects, and only those tensors: routed
+    /// ones, and a layer's shared expert as its expert `experts` (after the
+    /// routed ones) where the layer has one. A dense layer has none.
     pub fn load(
         checkpoint: &Checkpoint,
         spec: &ModelSpec,
@@ -37,14 +38,21 @@ impl LocalExperts {
                 let Some(moe) = spec.moe(layer) else {
                     return Ok(Vec::new());
                 };
-                (0..moe.experts)
+                let placed = moe.placed_experts(SharedExperts::Workers);
+                (0..placed)
                     .map(|expert| {
+                        let (names, width) = match moe.shared {
+                            Some(shared) if expert == moe.experts => {
+                                (spec.family.shared_expert_tensors(layer), shared.width)
+                            }
+                            _ => (spec.family.expert_tensors(layer, expert), moe.width),
+                        };
                         held(layer, expert)
                             .then(|| {
                                 Expert::load(
                                     checkpoint,
-                                    &spec.family.expert_tensors(layer, expert),
-                                    (spec.hidden_size, moe.width),
+                                    &names,
+                                    (spec.hidden_size, width),
                                     kind,
                                     device,
                                 )
@@ -208,7 +216,16 @@ impl SharedExpert {
 /// where the model has one: `[tokens, hidden]` -> `[tokens, hidden]`.
 pub struct SparseMoe {
     gate: Gate,
-    shared: Option<SharedExpert>,
+    shared: Option<Shared>,
+}
+
+/// Where a MoE block's shared expert runs.
+pub enum Shared {
+    /// Here, while the routed experts are out.
+    Here(SharedExpert),
+    /// Among the experts, as expert `id` of the layer, which every token
+    /// takes with its sigmoid gate (`[1, hidden]`; 1 without one) as weight.
+    Experts { id: usize, gate: Option<Tensor> },
 }
 
 /// A MoE block between its start and its routed experts' answer.
@@ -219,27 +236,29 @@ pub struct MoeInFlight<P> {
 }
 
 impl SparseMoe {
-    pub fn new(gate: Gate, shared: Option<SharedExpert>) -> Self {
+    pub fn new(gate: Gate, shared: Option<Shared>) -> Self {
         Self { gate, shared }
     }
 
-    /// Routes `xs` and starts its experts; the shared expert runs while
-    /// they are out.
+    /// Routes `xs` and starts its experts; a shared expert run here runs
+    /// while they are out.
     pub fn start<E: Experts>(
         &self,
         layer: usize,
         xs: &Tensor,
         experts: &E,
     ) -> Result<MoeInFlight<E::Pending>, LayerError<E::Error>> {
-        let routing = self.gate.route(xs)?;
+        let mut routing = self.gate.route(xs)?;
+        if let Some(Shared::Experts { id, gate }) = &self.shared {
+            routing = with_shared_expert(&routing, *id, gate.as_ref(), xs)?;
+        }
         let routed = experts
             .start(layer, xs, &routing)
             .map_err(|source| LayerError::Experts { layer, source })?;
-        let shared = self
-            .shared
-            .as_ref()
-            .map(|shared| shared.forward(xs))
-            .transpose()?;
+        let shared = match &self.shared {
+            Some(Shared::Here(shared)) => Some(shared.forward(xs)?),
+            _ => None,
+        };
         Ok(MoeInFlight { routed, shared })
     }
 
@@ -258,6 +277,41 @@ impl SparseMoe {
             None => routed,
         })
     }
+}
+
+/// `routing` with one more expert per token, last: `id`, weighted by
+/// `sigmoid(gate · x)` in `xs`' dtype (1 without a gate).
+fn with_shared_expert(
+    routing: &Routing,
+    id: usize,
+    gate: Option<&Tensor>,
+    xs: &Tensor,
+) -> Result<Routing, TchError> {
+    let tokens = routing.tokens();
+    let weights: Vec<f32> = match gate {
+        Some(gate) => Vec::try_from(
+            projection::linear(xs, gate)?
+                .f_sigmoid()?
+                .f_to_kind(Kind::Float)?
+                .f_flatten(0, -1)?,
+        )?,
+        None => vec![1.0; tokens],
+    };
+    let k = routing.k;
+    let mut out = Routing {
+        k: k + 1,
+        experts: Vec::with_capacity(tokens * (k + 1)),
+        weights: Vec::with_capacity(tokens * (k + 1)),
+    };
+    for (token, &weight) in weights.iter().enumerate().take(tokens) {
+        out.experts
+            .extend_from_slice(&routing.experts[token * k..(token + 1) * k]);
+        out.experts.push(id);
+        out.weights
+            .extend_from_slice(&routing.weights[token * k..(token + 1) * k]);
+        out.weights.push(weight);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -5,7 +5,6 @@
 use std::path::Path;
 
 use crate::placement::{Placement, PlacementError};
-use tramontane_config::ModelSpec;
 
 /// The (layer, expert) pairs a worker loads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,13 +19,14 @@ pub enum HeldExperts {
 }
 
 impl HeldExperts {
-    /// What the placement file at `path` gives worker `index`, per layer.
+    /// What the placement file at `path` (for a model whose layer l places
+    /// `experts_per_layer[l]` experts) gives worker `index`, per layer.
     pub fn from_placement_file(
         path: &Path,
         index: usize,
-        config: &ModelSpec,
+        experts_per_layer: &[usize],
     ) -> Result<Self, SpecError> {
-        let placement = Placement::from_file(path, &config.experts_per_layer())?;
+        let placement = Placement::from_file(path, experts_per_layer)?;
         if index >= placement.workers {
             return Err(SpecError::WorkerIndex {
                 index,

@@ -200,7 +200,7 @@ async fn connect_experts(
 ) -> Result<(RemoteExperts, Arc<Vec<WorkerLink>>, Placement), RouterError> {
     let placement = Placement::from_file_or_round_robin(
         options.placement.as_deref(),
-        &config.experts_per_layer(),
+        &config.placed_experts_per_layer(options.load.shared_experts),
         options.workers.len(),
     )?;
     let workers = cluster::connect(
@@ -220,29 +220,34 @@ async fn connect_experts(
     )?
     .with_micro_batches(options.micro_batches);
     if let Some(path) = &options.record_routing {
-        let trace = routing_trace(path, options.record_routing_max_bytes, config, model_id)?;
+        let trace = routing_trace(path, options, config, model_id)?;
         experts = experts.with_trace(trace);
     }
     Ok((experts, workers, placement))
 }
 
 /// The routing trace `--record-routing` writes, with this model's header.
+/// A shared expert run on the workers is one more expert every token takes.
 fn routing_trace(
     path: &Path,
-    max_bytes: u64,
+    options: &RouterOptions,
     config: &ModelSpec,
     model_id: &str,
 ) -> Result<RoutingTrace, RouterError> {
+    let placed = config.placed_experts_per_layer(options.load.shared_experts);
+    let shared_placed = placed.iter().max() > Some(&config.max_experts());
     let header = routing_trace::Header {
         format: routing_trace::FORMAT.into(),
         model_id: model_id.to_string(),
         layers: config.layers.len(),
-        experts: config.max_experts(),
-        top_k: config.max_top_k(),
+        experts: placed.into_iter().max().unwrap_or(0),
+        top_k: config.max_top_k() + usize::from(shared_placed),
     };
-    RoutingTrace::create(path, &header, max_bytes).map_err(|error| RouterError::RoutingTrace {
-        path: path.to_path_buf(),
-        error,
+    RoutingTrace::create(path, &header, options.record_routing_max_bytes).map_err(|error| {
+        RouterError::RoutingTrace {
+            path: path.to_path_buf(),
+            error,
+        }
     })
 }
 

@@ -11,7 +11,7 @@ use tch::Tensor;
 use tramontane_dispatch::{MicroBatches, RemoteExperts};
 use tramontane_model::generate::{StopRule, generate_greedy};
 use tramontane_model::weights::Checkpoint;
-use tramontane_model::{LoadOptions, Logits, Mixtral, ModelSpec, Tokenizer};
+use tramontane_model::{LoadOptions, Logits, Mixtral, ModelSpec, SharedExperts, Tokenizer};
 use tramontane_policy::placement::Placement;
 use tramontane_proto::v1::GenerateRequest;
 use tramontane_proto::v1::generation_client::GenerationClient;
@@ -81,17 +81,24 @@ fn check_shape(gen_args: &[&str]) -> Result<()> {
 }
 
 /// A checkpoint of `family` made by its transformers class, its small
-/// shapes overridden by `config`.
-fn check_family(family: &str, config: serde_json::Value) -> Result<()> {
+/// shapes overridden by `config`; its shared experts (if any) run where
+/// `shared` says.
+fn check_family(family: &str, config: serde_json::Value, shared: SharedExperts) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let model_dir = dir.path().join("model");
     support::family_checkpoint(&model_dir, family, config.clone(), &["--seed", "21"])?;
-    check_model(&model_dir, &format!("{family} {config}"))
+    check_model_with(&model_dir, &format!("{family} {config}"), shared)
 }
 
 /// The checkpoint in `model_dir` sharded over workers, in every placement
 /// and micro-batch split, gives the in-process logits and greedy tokens.
 fn check_model(model_dir: &Path, label: &str) -> Result<()> {
+    check_model_with(model_dir, label, SharedExperts::Router)
+}
+
+/// [`check_model`], the sharded model's shared experts run where `shared`
+/// says (the in-process one's on the router).
+fn check_model_with(model_dir: &Path, label: &str, shared: SharedExperts) -> Result<()> {
     let _guard = tch::no_grad_guard();
     tch::set_num_threads(1);
     let model_dir = model_dir.to_path_buf();
@@ -105,8 +112,16 @@ fn check_model(model_dir: &Path, label: &str) -> Result<()> {
     let (reference, reference_tokens) = last_logits_and_tokens(&local, &prompts)?;
 
     let runtime = tokio::runtime::Runtime::new()?;
-    for (name, placement) in placements(&config.experts_per_layer()) {
-        let workers = support::workers_for(&model_dir, &placement)?;
+    let sharded_options = LoadOptions {
+        shared_experts: shared,
+        ..LoadOptions::default()
+    };
+    for (name, placement) in placements(&config.placed_experts_per_layer(shared)) {
+        let workers = support::workers_for_with(
+            &model_dir,
+            &placement,
+            &["--shared-experts", shared.flag()],
+        )?;
         let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
         // One batch, and split in micro-batches whose layers interleave
         // (a group's attention while another's experts are out).
@@ -127,7 +142,7 @@ fn check_model(model_dir: &Path, label: &str) -> Result<()> {
                 .with_micro_batches(MicroBatches::Fixed(groups));
             let checkpoint = Checkpoint::open(&model_dir)?;
             let sharded =
-                Mixtral::load_dense(&checkpoint, config.clone(), LoadOptions::default(), remote)?;
+                Mixtral::load_dense(&checkpoint, config.clone(), sharded_options, remote)?;
             let (logits, tokens) = last_logits_and_tokens(&sharded, &prompts)?;
             let diff = (&logits - &reference).abs().max().double_value(&[]);
             ensure!(
@@ -183,6 +198,7 @@ fn sharded_equals_in_process_qwen3_moe_dense_first_layer() -> Result<()> {
             "mlp_only_layers": [0], "num_hidden_layers": 3, "num_experts": 16,
             "num_experts_per_tok": 4, "head_dim": 24, "norm_topk_prob": true
         }),
+        SharedExperts::Router,
     )
 }
 
@@ -192,6 +208,19 @@ fn sharded_equals_in_process_qwen2_moe_shared_expert() -> Result<()> {
     check_family(
         "qwen2_moe",
         serde_json::json!({"num_experts": 6, "num_experts_per_tok": 2}),
+        SharedExperts::Router,
+    )
+}
+
+/// Qwen2-MoE: the shared expert on the workers, as expert 6 of each layer
+/// (every token takes it with its sigmoid gate as weight), placed like the
+/// routed ones: the in-process logits, where it ran on the router.
+#[test]
+fn sharded_equals_in_process_qwen2_moe_shared_expert_on_workers() -> Result<()> {
+    check_family(
+        "qwen2_moe",
+        serde_json::json!({"num_experts": 6, "num_experts_per_tok": 2}),
+        SharedExperts::Workers,
     )
 }
 
@@ -201,6 +230,7 @@ fn sharded_equals_in_process_olmoe() -> Result<()> {
     check_family(
         "olmoe",
         serde_json::json!({"clip_qkv": 2.0, "num_experts_per_tok": 3}),
+        SharedExperts::Router,
     )
 }
 

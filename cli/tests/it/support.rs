@@ -236,8 +236,13 @@ pub fn serve_two_workers(model: &Path, extra: &[&str]) -> Result<Serving> {
 
 /// A worker holding `experts` (a --experts spec) of `model`, on `listen`.
 pub fn worker(model: &Path, experts: &str, listen: &str) -> Result<Process> {
+    worker_with(model, experts, listen, &[])
+}
+
+/// A worker holding `experts` of `model` on `listen`, with `extra` flags.
+fn worker_with(model: &Path, experts: &str, listen: &str, extra: &[&str]) -> Result<Process> {
     let model = model.to_str().context("model path")?;
-    spawn_listening(&[
+    let mut args = vec![
         "worker",
         "--model",
         model,
@@ -247,17 +252,29 @@ pub fn worker(model: &Path, experts: &str, listen: &str) -> Result<Process> {
         listen,
         "--threads",
         "1",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    spawn_listening(&args)
 }
 
 /// One worker per placement slot, each holding exactly its experts.
 pub fn workers_for(model: &Path, placement: &Placement) -> Result<Vec<Process>> {
+    workers_for_with(model, placement, &[])
+}
+
+/// [`workers_for`], each worker started with `extra` flags.
+pub fn workers_for_with(
+    model: &Path,
+    placement: &Placement,
+    extra: &[&str],
+) -> Result<Vec<Process>> {
     (0..placement.workers)
         .map(|w| {
-            worker(
+            worker_with(
                 model,
                 &format_experts(&placement.experts_of(w)),
                 "127.0.0.1:0",
+                extra,
             )
         })
         .collect()
