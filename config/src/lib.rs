@@ -35,4 +35,4 @@ pub use model_id::model_id;
 pub use spec::{
     AttentionSpec, Family, FfnSpec, Gate, ModelSpec, MoeSpec, Parameters, QkNorm, SharedExpertSpec,
 };
-pub use tensors::{ExpertTensors, TensorSpec};
+pub use tensors::{ExpertTensors, TensorRole, TensorSpec};
