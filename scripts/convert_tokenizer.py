@@ -2,10 +2,16 @@
 
 The sentencepiece model ships in the PyPI package mistral-common
 (mistral_common/data/tokenizer.model.v1, 32,000 tokens); transformers converts it
-to tokenizer.json. Usage: python convert_tokenizer.py OUT_DIR (hf_checkpoint.py
-imports write_tokenizer).
+to tokenizer.json. Usage: python convert_tokenizer.py OUT_DIR [--chat-template chatml]
+(hf_checkpoint.py imports write_tokenizer and write_chat_template; gen-model runs
+this file's text with `python -c`).
+
+--chat-template chatml puts a ChatML template into tokenizer_config.json, as the
+Qwen checkpoints have (the Mistral vocabulary has no <|im_start|> or <|im_end|>
+token: the template renders them as text).
 """
 
+import argparse
 import json
 import pathlib
 import shutil
@@ -35,6 +41,16 @@ CONFIG = {
 }
 
 
+CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}"
+        "<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+}
+
+
 def write_tokenizer(out: pathlib.Path):
     """Writes the tokenizer files into `out`; returns the tokenizer."""
     out.mkdir(parents=True, exist_ok=True)
@@ -48,10 +64,23 @@ def write_tokenizer(out: pathlib.Path):
     return tokenizer
 
 
+def write_chat_template(out: pathlib.Path, name: str) -> None:
+    """Puts the chat template `name` (of CHAT_TEMPLATES) into out/tokenizer_config.json."""
+    path = out / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["chat_template"] = CHAT_TEMPLATES[name]
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def main() -> None:
-    if len(sys.argv) != 2:
-        sys.exit("usage: convert_tokenizer.py OUT_DIR")
-    write_tokenizer(pathlib.Path(sys.argv[1]))
+    parser = argparse.ArgumentParser(prog="convert_tokenizer.py")
+    parser.add_argument("out")
+    parser.add_argument("--chat-template", choices=list(CHAT_TEMPLATES))
+    args = parser.parse_args()
+    out = pathlib.Path(args.out)
+    write_tokenizer(out)
+    if args.chat_template:
+        write_chat_template(out, args.chat_template)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ every bias 0.1·N(0, 1). Drawn in fp32; --dtype bf16 rounds them.
 save_pretrained writes safetensors (sharded, with an index, under
 --max-shard-size) and a config.json with its architectures and dtype (as
 torch_dtype and dtype); the tokenizer is the project's Mistral one
-(convert_tokenizer.py). --chat-template chatml puts a ChatML template into
-tokenizer_config.json (the Mistral vocabulary has no <|im_start|> or <|im_end|>
-token: the template renders them as text). Tests run it at test time. Prints DIR.
+(convert_tokenizer.py). --chat-template chatml puts convert_tokenizer.py's
+ChatML template (the one gen-model writes for the Qwen families) into
+tokenizer_config.json. Tests run it at test time. Prints DIR.
 """
 
 import argparse
@@ -31,7 +31,7 @@ import transformers
 
 sys.dont_write_bytecode = True  # no __pycache__ in scripts/ at test time
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from convert_tokenizer import write_tokenizer  # noqa: E402
+from convert_tokenizer import CHAT_TEMPLATES, write_chat_template, write_tokenizer  # noqa: E402
 
 # Each family's config class and what it is given before --config.
 FAMILIES = {
@@ -58,14 +58,6 @@ EXTRA_FIELDS = {"qwen3_moe": {"head_dim"}, "qwen2_moe": {"head_dim"}}
 
 NORM_SPREAD = 0.2
 BIAS_STD = 0.1
-
-CHATML = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 
 def check_fields(family: str, overrides: dict) -> None:
     config_class, _ = FAMILIES[family]
@@ -129,13 +121,6 @@ def write_dtype(out: pathlib.Path, dtype_name: str) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def write_chat_template(out: pathlib.Path) -> None:
-    path = out / "tokenizer_config.json"
-    config = json.loads(path.read_text())
-    config["chat_template"] = CHATML
-    path.write_text(json.dumps(config, indent=2) + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--family", required=True, choices=list(FAMILIES))
@@ -144,7 +129,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     parser.add_argument("--max-shard-size", help="e.g. 200KB: sharded safetensors with an index")
-    parser.add_argument("--chat-template", choices=["chatml"])
+    parser.add_argument("--chat-template", choices=list(CHAT_TEMPLATES))
     args = parser.parse_args()
     try:
         overrides = json.loads(args.config)
@@ -174,7 +159,7 @@ def main() -> None:
     model.save_pretrained(out, safe_serialization=True, **saving)
     write_dtype(out, dtype_name)
     if args.chat_template:
-        write_chat_template(out)
+        write_chat_template(out, args.chat_template)
     print(out)
 
 

@@ -37,7 +37,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Write a Hugging Face-format Mixtral checkpoint with random weights and the Mistral tokenizer.
+    /// Write a Hugging Face-format checkpoint (Mixtral, Qwen3-MoE, Qwen2-MoE or OLMoE) with random weights and the Mistral tokenizer.
     GenModel(gen_model::GenModelArgs),
     /// Greedy continuation of a prompt, in process.
     Generate(generate::GenerateArgs),

@@ -36,4 +36,4 @@ pub use spec::{
     AttentionSpec, Family, FfnSpec, Gate, ModelSpec, MoeSpec, Parameters, QkNorm, SharedExpertSpec,
     SharedExperts,
 };
-pub use tensors::{ExpertTensors, TensorSpec};
+pub use tensors::{ExpertTensors, TensorRole, TensorSpec};

@@ -3,7 +3,7 @@
 //! top-k), RMSNorm over the whole q and k projections before the reshape
 //! into heads, q/k/v clamped to `clip_qkv` when set.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::TokenIds;
 use crate::error::ConfigError;
@@ -12,22 +12,23 @@ use crate::spec::{
     check_attention, check_positive, check_routing,
 };
 
-/// The fields read; defaults follow `transformers.OlmoeConfig` where the
-/// file may omit one, and the shapes are required.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// The fields read (and written by gen-model); defaults follow
+/// `transformers.OlmoeConfig` where the file may omit one, and the shapes
+/// are required.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OlmoeConfig {
     pub hidden_size: usize,
     /// Width of each routed expert.
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_key_value_heads: Option<usize>,
     pub num_experts: usize,
     pub num_experts_per_tok: usize,
     #[serde(default)]
     pub norm_topk_prob: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_qkv: Option<f64>,
     #[serde(default)]
     pub attention_bias: bool,
@@ -38,15 +39,15 @@ pub struct OlmoeConfig {
     pub rms_norm_eps: f64,
     #[serde(default = "crate::spec::rope_theta_10000")]
     pub rope_theta: f64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<serde_json::Value>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
     #[serde(default = "crate::spec::silu")]
     pub hidden_act: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bos_token_id: Option<u32>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eos_token_id: Option<TokenIds>,
 }
 

@@ -6,7 +6,7 @@
 //! with a softmax over every expert then top-k, and have dense MLP layers
 //! where `mlp_only_layers` and `decoder_sparse_step` say.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::TokenIds;
 use crate::error::ConfigError;
@@ -15,10 +15,10 @@ use crate::spec::{
     check_activation_and_rope, check_attention, check_positive, check_routing,
 };
 
-/// The fields read; defaults follow `transformers.Qwen3MoeConfig` and
-/// `Qwen2MoeConfig` where the file may omit one, and the shapes are
-/// required.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// The fields read (and written by gen-model); defaults follow
+/// `transformers.Qwen3MoeConfig` and `Qwen2MoeConfig` where the file may
+/// omit one, and the shapes are required.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QwenMoeConfig {
     pub hidden_size: usize,
     /// Width of the dense MLP layers.
@@ -26,28 +26,28 @@ pub struct QwenMoeConfig {
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     /// Default 4 (Qwen3-MoE) or 16 (Qwen2-MoE).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_key_value_heads: Option<usize>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
     pub num_experts: usize,
     pub num_experts_per_tok: usize,
     /// Width of each routed expert.
     pub moe_intermediate_size: usize,
     /// Width of the shared expert (Qwen2-MoE, required there).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared_expert_intermediate_size: Option<usize>,
     #[serde(default)]
     pub norm_topk_prob: bool,
     #[serde(default = "one")]
     pub decoder_sparse_step: usize,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mlp_only_layers: Option<Vec<usize>>,
     /// Qwen3-MoE: biases of q, k, v and o.
     #[serde(default)]
     pub attention_bias: bool,
     /// Qwen2-MoE: biases of q, k and v (default true).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qkv_bias: Option<bool>,
     pub vocab_size: usize,
     #[serde(default = "default_max_position_embeddings")]
@@ -56,7 +56,7 @@ pub struct QwenMoeConfig {
     pub rms_norm_eps: f64,
     #[serde(default = "crate::spec::rope_theta_10000")]
     pub rope_theta: f64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<serde_json::Value>,
     #[serde(default)]
     pub use_sliding_window: bool,
@@ -64,9 +64,9 @@ pub struct QwenMoeConfig {
     pub tie_word_embeddings: bool,
     #[serde(default = "crate::spec::silu")]
     pub hidden_act: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bos_token_id: Option<u32>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eos_token_id: Option<TokenIds>,
 }
 

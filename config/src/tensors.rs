@@ -68,6 +68,16 @@ impl ExpertTensors {
     pub fn dense_mlp(layer: usize) -> Self {
         Self::projections(&format!("model.layers.{layer}.mlp"))
     }
+
+    /// The gate, down and up projections of a SwiGLU of `width` over
+    /// `hidden`, in that order, with their shapes and roles.
+    fn parts(self, width: usize, hidden: usize) -> [(String, [usize; 2], TensorRole); 3] {
+        [
+            (self.gate, [width, hidden], TensorRole::Reads),
+            (self.down, [hidden, width], TensorRole::Writes),
+            (self.up, [width, hidden], TensorRole::Reads),
+        ]
+    }
 }
 
 impl Family {
@@ -82,37 +92,101 @@ impl Family {
     }
 }
 
+/// What a tensor is to the residual stream, the one sum every layer reads
+/// and adds to: enough to draw a checkpoint's weights and to bias its
+/// routers (gen-model) without knowing any family's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorRole {
+    /// The token embeddings `[vocab, hidden]`: the stream's first value
+    /// (and the lm_head when tied).
+    Embeddings,
+    /// An RMSNorm's scale: each layer's input norm, q/k norms, the final norm.
+    Norm,
+    /// A layer's post-attention norm: what its feed-forward, the router's
+    /// gate included, reads the stream through.
+    FeedForwardNorm,
+    /// A projection of the normed stream (weight `[out, hidden]`, bias
+    /// `[out]`): q, k and v, a dense MLP's, an expert's and the shared
+    /// expert's gate and up projections, the shared expert's gate, lm_head.
+    Reads,
+    /// A projection whose output is added to the stream (weight `[hidden,
+    /// in]`, bias `[hidden]`): o and every down projection.
+    Writes,
+    /// The router's gate of a routed layer, `[experts, hidden]`.
+    RouterGate { layer: usize },
+}
+
 impl ModelSpec {
     /// Every tensor of the checkpoint (the tied lm_head left out), sorted by name.
     pub fn tensors(&self) -> Vec<TensorSpec> {
+        let mut out: Vec<TensorSpec> = self
+            .tensors_layer_by_layer()
+            .into_iter()
+            .map(|(tensor, _)| tensor)
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Every tensor of the checkpoint (the tied lm_head left out) with its
+    /// role, layer by layer: the embeddings; per layer its input norm, the
+    /// q, k, v and o projections (each weight before its bias), the q/k
+    /// norms, the post-attention norm, then its feed-forward (the router's
+    /// gate, then each expert in turn, the shared expert and its gate; an
+    /// MLP's or an expert's gate, down and up projections in that order,
+    /// Mixtral's w1, w2, w3); the final norm; lm_head. The order gen-model
+    /// draws random weights in, so a checkpoint's values follow from its seed.
+    pub fn tensors_layer_by_layer(&self) -> Vec<(TensorSpec, TensorRole)> {
         let mut out = Vec::new();
-        let mut add = |name: String, shape: &[usize]| {
-            out.push(TensorSpec {
-                name,
-                shape: shape.to_vec(),
-            })
+        let mut add = |name: String, shape: &[usize], role: TensorRole| {
+            out.push((
+                TensorSpec {
+                    name,
+                    shape: shape.to_vec(),
+                },
+                role,
+            ))
         };
         let (h, a) = (self.hidden_size, &self.attention);
         let (q, kv) = (a.heads * a.head_dim, a.kv_heads * a.head_dim);
-        add("model.embed_tokens.weight".into(), &[self.vocab_size, h]);
-        add("model.norm.weight".into(), &[h]);
-        if !self.tie_word_embeddings {
-            add("lm_head.weight".into(), &[self.vocab_size, h]);
-        }
+        add(
+            "model.embed_tokens.weight".into(),
+            &[self.vocab_size, h],
+            TensorRole::Embeddings,
+        );
         let family = self.family;
         for (l, ffn) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{l}");
-            add(format!("{p}.input_layernorm.weight"), &[h]);
-            add(format!("{p}.post_attention_layernorm.weight"), &[h]);
+            add(
+                format!("{p}.input_layernorm.weight"),
+                &[h],
+                TensorRole::Norm,
+            );
             for (proj, rows) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
-                add(format!("{p}.self_attn.{proj}.weight"), &[rows, h]);
+                add(
+                    format!("{p}.self_attn.{proj}.weight"),
+                    &[rows, h],
+                    TensorRole::Reads,
+                );
                 if a.qkv_bias {
-                    add(format!("{p}.self_attn.{proj}.bias"), &[rows]);
+                    add(
+                        format!("{p}.self_attn.{proj}.bias"),
+                        &[rows],
+                        TensorRole::Reads,
+                    );
                 }
             }
-            add(format!("{p}.self_attn.o_proj.weight"), &[h, q]);
+            add(
+                format!("{p}.self_attn.o_proj.weight"),
+                &[h, q],
+                TensorRole::Writes,
+            );
             if a.o_bias {
-                add(format!("{p}.self_attn.o_proj.bias"), &[h]);
+                add(
+                    format!("{p}.self_attn.o_proj.bias"),
+                    &[h],
+                    TensorRole::Writes,
+                );
             }
             let norms = match a.qk_norm {
                 QkNorm::None => None,
@@ -120,37 +194,63 @@ impl ModelSpec {
                 QkNorm::WholeProjection => Some((q, kv)),
             };
             if let Some((q_norm, k_norm)) = norms {
-                add(format!("{p}.self_attn.q_norm.weight"), &[q_norm]);
-                add(format!("{p}.self_attn.k_norm.weight"), &[k_norm]);
+                add(
+                    format!("{p}.self_attn.q_norm.weight"),
+                    &[q_norm],
+                    TensorRole::Norm,
+                );
+                add(
+                    format!("{p}.self_attn.k_norm.weight"),
+                    &[k_norm],
+                    TensorRole::Norm,
+                );
             }
+            add(
+                format!("{p}.post_attention_layernorm.weight"),
+                &[h],
+                TensorRole::FeedForwardNorm,
+            );
             match ffn {
                 FfnSpec::Dense { width } => {
-                    let mlp = ExpertTensors::dense_mlp(l);
-                    add(mlp.gate, &[*width, h]);
-                    add(mlp.up, &[*width, h]);
-                    add(mlp.down, &[h, *width]);
+                    for (name, shape, role) in ExpertTensors::dense_mlp(l).parts(*width, h) {
+                        add(name, &shape, role);
+                    }
                 }
                 FfnSpec::Moe(moe) => {
-                    add(family.gate_tensor(l), &[moe.experts, h]);
+                    add(
+                        family.gate_tensor(l),
+                        &[moe.experts, h],
+                        TensorRole::RouterGate { layer: l },
+                    );
                     for e in 0..moe.experts {
-                        let expert = family.expert_tensors(l, e);
-                        add(expert.gate, &[moe.width, h]);
-                        add(expert.up, &[moe.width, h]);
-                        add(expert.down, &[h, moe.width]);
+                        for (name, shape, role) in family.expert_tensors(l, e).parts(moe.width, h) {
+                            add(name, &shape, role);
+                        }
                     }
                     if let Some(shared) = moe.shared {
-                        let s = family.shared_expert_tensors(l);
-                        add(s.gate, &[shared.width, h]);
-                        add(s.up, &[shared.width, h]);
-                        add(s.down, &[h, shared.width]);
+                        let parts = family.shared_expert_tensors(l).parts(shared.width, h);
+                        for (name, shape, role) in parts {
+                            add(name, &shape, role);
+                        }
                         if shared.sigmoid_gate {
-                            add(family.shared_expert_gate_tensor(l), &[1, h]);
+                            add(
+                                family.shared_expert_gate_tensor(l),
+                                &[1, h],
+                                TensorRole::Reads,
+                            );
                         }
                     }
                 }
             }
         }
-        out.sort();
+        add("model.norm.weight".into(), &[h], TensorRole::Norm);
+        if !self.tie_word_embeddings {
+            add(
+                "lm_head.weight".into(),
+                &[self.vocab_size, h],
+                TensorRole::Reads,
+            );
+        }
         out
     }
 }

@@ -1,7 +1,8 @@
 //! `--expert-skew X`: 0 changes nothing; X = 1 makes the routers prefer
 //! experts in the popularity order 0, 4, 2, 6, 1, 5, 3, 7 in every layer,
-//! while every expert still gets tokens. Loads are counted in process, on the
-//! real gates, over pseudo-random prompts.
+//! while every expert still gets tokens; in every family, every routed layer
+//! (dense layers, a shared expert and attention biases beside). Loads are
+//! counted in process, on the real gates, over pseudo-random prompts.
 
 use std::cell::RefCell;
 use std::path::Path;
@@ -9,9 +10,10 @@ use std::rc::Rc;
 
 use anyhow::{Context, Result, ensure};
 use tch::Tensor;
+use tramontane_config::{Family, ModelSpec};
 use tramontane_model::gating::Routing;
 use tramontane_model::testing::{TestExperts, dense_over};
-use tramontane_model::{ForwardError, Logits, MixtralConfig};
+use tramontane_model::{ForwardError, Logits};
 
 use crate::{Preset, Spec, write};
 
@@ -58,11 +60,13 @@ fn count(stats: &mut LayerStats, xs: &Tensor, routing: &Routing) -> Result<(), t
 /// `dir` (one prefill) and returns the gates' statistics per layer.
 fn gate_stats(dir: &Path, prompts: usize, len: usize) -> Result<Vec<LayerStats>> {
     let _guard = tch::no_grad_guard();
-    let config = MixtralConfig::from_file(&dir.join("config.json"))?;
+    let config = ModelSpec::from_file(&dir.join("config.json"))?;
     let stats: Rc<RefCell<Vec<LayerStats>>> = Rc::new(RefCell::new(
-        (0..config.num_hidden_layers)
-            .map(|_| LayerStats {
-                routed: vec![0; config.num_local_experts],
+        config
+            .experts_per_layer()
+            .into_iter()
+            .map(|experts| LayerStats {
+                routed: vec![0; experts],
                 ..LayerStats::default()
             })
             .collect(),
@@ -176,6 +180,62 @@ fn skewed_gates_prefer_the_documented_experts() -> Result<()> {
             "layer {layer}: some expert gets no token: {:?}",
             stats.routed
         );
+    }
+    Ok(())
+}
+
+#[test]
+fn every_family_skews_every_routed_layer() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // A dense layer between routed ones; a shared expert and q/k/v biases;
+    // o biases (which must leave the bias feature alone).
+    let specs = [
+        Spec {
+            layers: Some(3),
+            dense_layers: Some(vec![1]),
+            ..Spec::family(Family::Qwen3Moe, Preset::Tiny)
+        },
+        Spec::family(Family::Qwen2Moe, Preset::Tiny),
+        Spec {
+            attention_bias: Some(true),
+            ..Spec::family(Family::Olmoe, Preset::Tiny)
+        },
+    ];
+    for spec in specs {
+        let family = spec.family.model_type();
+        let model = dir.path().join(family);
+        write(
+            &model,
+            &Spec {
+                expert_skew: 1.0,
+                ..spec.clone()
+            },
+        )?;
+        let (_, described) = spec.config()?;
+        let stats = gate_stats(&model, 16, 64)?;
+        for (layer, stats) in stats.iter().enumerate() {
+            if described.moe(layer).is_none() {
+                ensure!(stats.residual_rms.1 == 0, "{family} layer {layer} is dense");
+                continue;
+            }
+            let loads = relative_loads(&stats.routed);
+            eprintln!("{family} layer {layer}: × mean {loads:.2?}");
+            let hottest = (0..loads.len())
+                .max_by(|&a, &b| loads[a].total_cmp(&loads[b]))
+                .context("experts")?;
+            // 16 experts top-4: at most 4× the mean.
+            ensure!(
+                hottest == 0 && loads[0] >= 2.0,
+                "{family} layer {layer}: expert 0 is not hot: {loads:.2?}"
+            );
+            let coldest = (0..loads.len())
+                .min_by(|&a, &b| loads[a].total_cmp(&loads[b]))
+                .context("experts")?;
+            ensure!(
+                loads[coldest] < 0.5,
+                "{family} layer {layer}: no expert is cold: {loads:.2?}"
+            );
+        }
     }
     Ok(())
 }

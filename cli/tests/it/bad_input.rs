@@ -185,6 +185,69 @@ fn unsupported_architecture_is_named() -> Result<()> {
     Ok(())
 }
 
+/// gen-model refuses a setting the family's config.json has no field for
+/// and a preset the family has not, naming the flag and the family; a value
+/// out of range is named as config.json names it. Exit code 1, nothing
+/// written.
+#[test]
+fn gen_model_refuses_what_the_family_does_not_have() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("model");
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["--family", "qwen3_moe", "--clip-qkv", "1"],
+            "--clip-qkv does not apply to qwen3_moe (only to olmoe)",
+        ),
+        (
+            &["--moe-width", "16"],
+            "--moe-width does not apply to mixtral (only to qwen3_moe and qwen2_moe)",
+        ),
+        (
+            &["--family", "olmoe", "--head-dim", "32"],
+            "--head-dim does not apply to olmoe (only to mixtral and qwen3_moe)",
+        ),
+        (
+            &["--family", "qwen2_moe", "--preset", "bench-fine"],
+            "--preset bench-fine: qwen2_moe has no fine-grained preset",
+        ),
+        (
+            &["--family", "qwen3_moe", "--dense-layers", "0,2"],
+            "mlp_only_layers: layer 2 is beyond num_hidden_layers 2",
+        ),
+        (
+            &["--family", "olmoe", "--top-k", "17"],
+            "num_experts_per_tok: 17 exceeds num_experts 16",
+        ),
+    ];
+    for (args, expected) in cases {
+        let output = support::tramontane()
+            .arg("gen-model")
+            .arg("--out")
+            .arg(&out)
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .output()?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    // An unknown family is clap's usage error, listing the families.
+    let output = support::tramontane()
+        .arg("gen-model")
+        .arg("--out")
+        .arg(&out)
+        .args(["--family", "dbrx"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("mixtral, qwen3_moe, qwen2_moe, olmoe"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "gen-model wrote {}", out.display());
+    Ok(())
+}
+
 #[test]
 fn prompt_longer_than_the_context_is_refused() -> Result<()> {
     let _guard = tch::no_grad_guard();

@@ -12,8 +12,9 @@
 //! near one either way, taking other experts. In bf16 a sequence is compared
 //! up to the first position (or greedy step) where some layer's gate ties so
 //! in transformers, and not beyond it.
-//! Checkpoints are generated here (Mixtral's by gen-model; every family's
-//! by its own transformers class, scripts/hf_checkpoint.py) and the
+//! Checkpoints are generated here (by gen-model, every family's; and
+//! every family's by its own transformers class, scripts/hf_checkpoint.py:
+//! weights transformers itself lays out and draws) and the
 //! reference is computed here, by scripts/hf_reference.py running the
 //! family's class.
 
@@ -480,6 +481,66 @@ fn olmoe_bf16_stays_within_bounds_of_transformers_in_bf16() -> Result<()> {
         Dtype::Bf16,
         BF16_TOLERANCE,
     )?;
+    Ok(())
+}
+
+/// gen-model's Qwen3-MoE (its tiny preset: 16 experts top-4 renormalised,
+/// head_dim 32 with hidden 64 over 4 heads, q/k norms per head) with a
+/// dense middle layer and q/k/v/o biases, its weights drawn by gen-model.
+#[test]
+fn gen_model_qwen3_moe_dense_layer_attention_bias_matches_transformers() -> Result<()> {
+    check_parity(&[
+        "--family",
+        "qwen3_moe",
+        "--seed",
+        "7",
+        "--layers",
+        "3",
+        "--dense-layers",
+        "1",
+        "--attention-bias",
+    ])?;
+    Ok(())
+}
+
+/// gen-model's Qwen2-MoE (its tiny preset: a sigmoid-gated shared expert
+/// beside 16 experts top-4, q/k/v biases) with every other layer dense,
+/// top-k weights renormalised, two safetensors shards.
+#[test]
+fn gen_model_qwen2_moe_shared_expert_sparse_step_sharded_matches_transformers() -> Result<()> {
+    check_parity(&[
+        "--family",
+        "qwen2_moe",
+        "--seed",
+        "8",
+        "--layers",
+        "3",
+        "--sparse-step",
+        "2",
+        "--norm-topk-prob",
+        "--shards",
+        "2",
+    ])?;
+    Ok(())
+}
+
+/// gen-model's OLMoE (its tiny preset: q and k normed over the whole
+/// projection, 16 experts top-4) with q/k/v clipped at 1, biases, 2 kv
+/// heads and tied embeddings.
+#[test]
+fn gen_model_olmoe_clip_qkv_biases_gqa_tied_matches_transformers() -> Result<()> {
+    check_parity(&[
+        "--family",
+        "olmoe",
+        "--seed",
+        "9",
+        "--clip-qkv",
+        "1",
+        "--attention-bias",
+        "--kv-heads",
+        "2",
+        "--tie-embeddings",
+    ])?;
     Ok(())
 }
 

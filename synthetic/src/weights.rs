@@ -1,0 +1,295 @@
+//! The random weights: drawn tensor by tensor from one seeded stream in the
+//! order `ModelSpec::tensors_layer_by_layer` lists them, edited for
+//! `--expert-skew`, written as safetensors (one file, or shards and an index).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use safetensors::tensor::View;
+use serde_json::json;
+use tch::{Kind, Tensor};
+use tramontane_config::{Dtype, ModelSpec, TensorRole};
+
+use crate::{Result, ensure, io};
+
+/// The spread of the norms' scales about 1 and of the biases about 0: far
+/// enough that a model ignoring one gives other logits.
+const NORM_SPREAD: f64 = 0.1;
+const BIAS_STD: f64 = 0.1;
+
+/// A random tensor for `role` and `shape`: about unit-variance activations
+/// at every layer, so logits are well spread and greedy choices are not
+/// near-ties. Embeddings N(0, 1); RMSNorm scales 1 + 0.1·N(0, 1); biases
+/// 0.1·N(0, 1); every other weight `[out, in]` N(0, 1/in).
+fn draw(role: TensorRole, shape: &[i64]) -> Tensor {
+    let t = Tensor::randn(shape, (Kind::Float, tch::Device::Cpu));
+    match (role, shape) {
+        (TensorRole::Embeddings, _) => t * 1.0,
+        (TensorRole::Norm | TensorRole::FeedForwardNorm, _) => t * NORM_SPREAD + 1.0,
+        (_, [_]) => t * BIAS_STD,
+        (_, [_, fan_in, ..]) => t * (1.0 / (*fan_in as f64).sqrt()),
+        (_, []) => t,
+    }
+}
+
+/// Expert ids hottest first under `--expert-skew`: sorted by their bits read
+/// from the lowest (e mod 2, then e mod 4, ...), so that worker 0 of the
+/// default placement (e mod W, W a power of two) gets the hottest ones.
+pub fn popularity_order(experts: usize) -> Vec<usize> {
+    let mut ids: Vec<usize> = (0..experts).collect();
+    ids.sort_by_key(|e| e.reverse_bits());
+    ids
+}
+
+/// Typical RMS of the residual stream (without the bias feature) at layer
+/// `layer`'s router. The embeddings give about 1 and each layer's attention
+/// and experts add to it: measured on these random weights (Mixtral's tiny
+/// and bench, pseudo-random prompts), it grows by about 0.16 per layer,
+/// 1.06 at layer 0 and 2.17 at layer 7. The gate's bias is scaled by it so
+/// that the skew is about the same in every layer.
+fn residual_rms(layer: usize) -> f64 {
+    1.06 + 0.16 * layer as f64
+}
+
+/// Edits the random weights so that the routers prefer experts in
+/// [`popularity_order`] (see the crate docs).
+pub(crate) struct Skew {
+    exponent: f64,
+    /// The hidden coordinate holding the constant bias feature.
+    channel: i64,
+}
+
+impl Skew {
+    pub(crate) fn new(spec: &ModelSpec, exponent: f64) -> Self {
+        Self {
+            exponent,
+            channel: spec.hidden_size as i64 - 1,
+        }
+    }
+
+    /// `t`, a tensor of `role`, edited: the stream carries 1 in the bias
+    /// channel from the embeddings on, nothing writes to it or reads it but
+    /// the routers' gates, which read it as their bias.
+    fn apply(&self, role: TensorRole, t: Tensor) -> Tensor {
+        let j = self.channel;
+        match role {
+            TensorRole::Embeddings => {
+                let _ = t.narrow(1, j, 1).fill_(1.0);
+            }
+            // A weight's column; a bias of q, k or v reads nothing.
+            TensorRole::Reads if t.dim() == 2 => {
+                let _ = t.narrow(1, j, 1).fill_(0.0);
+            }
+            // A weight's row, a bias's element.
+            TensorRole::Writes => {
+                let _ = t.narrow(0, j, 1).fill_(0.0);
+            }
+            TensorRole::FeedForwardNorm => {
+                let _ = t.narrow(0, j, 1).fill_(1.0);
+            }
+            TensorRole::RouterGate { layer } => {
+                let experts = t.size()[0] as usize;
+                let mut rank = vec![0; experts];
+                for (r, e) in popularity_order(experts).into_iter().enumerate() {
+                    rank[e] = r;
+                }
+                // The feature reaches the gate as 1 / rms(x) and the logits'
+                // token-dependent part spreads as rms_perp(x) / rms(x).
+                let bias: Vec<f32> = rank
+                    .iter()
+                    .map(|&r| (-self.exponent * (1.0 + r as f64).ln() * residual_rms(layer)) as f32)
+                    .collect();
+                let column = Tensor::from_slice(&bias).view([bias.len() as i64, 1]);
+                t.narrow(1, j, 1).copy_(&column);
+            }
+            TensorRole::Reads | TensorRole::Norm => {}
+        }
+        t
+    }
+}
+
+/// A tensor's bytes ready for the safetensors writer.
+struct StoredTensor {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl View for &StoredTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+fn stored(tensor: &Tensor, dtype: Dtype) -> StoredTensor {
+    let (kind, stored) = match dtype {
+        Dtype::F32 => (Kind::Float, safetensors::Dtype::F32),
+        Dtype::Bf16 => (Kind::BFloat16, safetensors::Dtype::BF16),
+        Dtype::F16 => (Kind::Half, safetensors::Dtype::F16),
+    };
+    let t = tensor.to_kind(kind).contiguous();
+    let numel = t.numel();
+    let mut bytes = vec![0u8; numel * dtype.bytes()];
+    t.copy_data_u8(&mut bytes, numel);
+    StoredTensor {
+        dtype: stored,
+        shape: t.size().iter().map(|&d| d as usize).collect(),
+        bytes,
+    }
+}
+
+/// Draws the weights of `spec` under `seed` and writes them into `out`
+/// (replacing any there), in `shards` files.
+pub(crate) fn write_weights(
+    out: &Path,
+    spec: &ModelSpec,
+    dtype: Dtype,
+    seed: u64,
+    shards: usize,
+    skew: Option<&Skew>,
+) -> Result<()> {
+    let _guard = tch::no_grad_guard();
+    // The weights come from libtorch's process-wide generator: the seed and
+    // every draw are taken under one lock, so that checkpoints written at
+    // once from several threads each get their own seed's weights.
+    static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let drawing = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(seed as i64);
+    let tensors: Vec<(String, StoredTensor)> = spec
+        .tensors_layer_by_layer()
+        .into_iter()
+        .map(|(tensor, role)| {
+            let shape: Vec<i64> = tensor.shape.iter().map(|&d| d as i64).collect();
+            let t = draw(role, &shape);
+            // After the draw: the random stream, and so every value the skew
+            // leaves alone, is the same as without it.
+            let t = match skew {
+                Some(skew) => skew.apply(role, t),
+                None => t,
+            };
+            (tensor.name, stored(&t, dtype))
+        })
+        .collect();
+    drop(drawing);
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]));
+    for stale in std::fs::read_dir(out).map_err(io(out))? {
+        let path = stale.map_err(io(out))?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if name.starts_with("model")
+            && (name.ends_with(".safetensors") || name.ends_with(".index.json"))
+        {
+            std::fs::remove_file(&path).map_err(io(&path))?;
+        }
+    }
+    if shards == 1 {
+        let views: Vec<(&str, &StoredTensor)> =
+            tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        safetensors::serialize_to_file(views, metadata, &out.join("model.safetensors"))?;
+        return Ok(());
+    }
+    // Contiguous groups of about equal tensor count, like HF's sharded layout
+    // (embeddings first, lm_head last).
+    ensure(shards <= tensors.len(), || {
+        format!(
+            "--shards {shards} is more than the {} tensors of this checkpoint",
+            tensors.len()
+        )
+    })?;
+    let total: usize = tensors.iter().map(|(_, t)| t.bytes.len()).sum();
+    let groups: Vec<&[(String, StoredTensor)]> = (0..shards)
+        .map(|i| &tensors[i * tensors.len() / shards..(i + 1) * tensors.len() / shards])
+        .collect();
+    let mut weight_map = BTreeMap::new();
+    for (i, group) in groups.iter().enumerate() {
+        let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, shards);
+        let views: Vec<(&str, &StoredTensor)> =
+            group.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        safetensors::serialize_to_file(views, metadata.clone(), &out.join(&file))?;
+        for (name, _) in group.iter() {
+            weight_map.insert(name.clone(), file.clone());
+        }
+    }
+    let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    let path = out.join("model.safetensors.index.json");
+    let text = serde_json::to_string_pretty(&index).expect("JSON values serialise");
+    std::fs::write(&path, text).map_err(io(&path))
+}
+
+#[cfg(test)]
+mod tests {
+    use tramontane_config::Family;
+
+    use super::*;
+    use crate::{Preset, Spec};
+
+    /// Every tensor of every family as drawn: a norm's scale away from 1, a
+    /// bias away from 0, each tensor in the checkpoint with its shape.
+    #[test]
+    fn every_norm_and_bias_is_drawn_away_from_its_init() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let specs = [
+            Spec::family(Family::Mixtral, Preset::Tiny),
+            Spec {
+                attention_bias: Some(true),
+                layers: Some(3),
+                dense_layers: Some(vec![1]),
+                ..Spec::family(Family::Qwen3Moe, Preset::Tiny)
+            },
+            Spec::family(Family::Qwen2Moe, Preset::Tiny),
+            Spec {
+                attention_bias: Some(true),
+                ..Spec::family(Family::Olmoe, Preset::Tiny)
+            },
+        ];
+        for spec in specs {
+            let (_, model) = spec.config()?;
+            let out = dir.path().join(spec.family.model_type());
+            std::fs::create_dir_all(&out)?;
+            write_weights(&out, &model, Dtype::F32, 0, 1, None)?;
+            let stored: BTreeMap<String, Tensor> =
+                Tensor::read_safetensors(out.join("model.safetensors"))?
+                    .into_iter()
+                    .collect();
+            let listed = model.tensors_layer_by_layer();
+            assert_eq!(stored.len(), listed.len());
+            let (mut norms, mut biases) = (0, 0);
+            for (tensor, role) in listed {
+                let t = &stored[&tensor.name];
+                let shape: Vec<i64> = tensor.shape.iter().map(|&d| d as i64).collect();
+                assert_eq!(t.size(), shape, "{}", tensor.name);
+                let spread = |about: f64| (t - about).abs().mean(Kind::Float).double_value(&[]);
+                match (role, tensor.shape.len()) {
+                    (TensorRole::Norm | TensorRole::FeedForwardNorm, _) => {
+                        norms += 1;
+                        assert!(spread(1.0) > 0.05, "{} is about 1", tensor.name);
+                    }
+                    (_, 1) => {
+                        biases += 1;
+                        assert!(spread(0.0) > 0.05, "{} is about 0", tensor.name);
+                    }
+                    _ => assert!(spread(0.0) > 0.01, "{} is about 0", tensor.name),
+                }
+            }
+            let a = &model.attention;
+            eprintln!("{:?}: {norms} norms, {biases} biases", spec.family);
+            assert!(norms > 2 * model.layers.len());
+            assert_eq!(biases > 0, a.qkv_bias || a.o_bias);
+        }
+        Ok(())
+    }
+}
