@@ -290,7 +290,7 @@ mod tests {
             serde_json::to_value(HelmValues::new(&planner, &plan, Dtype::Bf16).unwrap()).unwrap();
         assert_eq!(
             values["model"],
-            json!({"dtype": "bf16", "numLayers": 3, "numExperts": 4, "denseLayers": []})
+            json!({"dtype": "bf16", "numLayers": 3, "numExperts": 4, "denseLayers": [0]})
         );
         let rows: Vec<usize> = values["placement"]["experts"]
             .as_array()
