@@ -1,5 +1,6 @@
-//! The Mixtral causal LM over a ragged batch: every sequence contributes its
-//! new tokens (a prefill chunk or one decode token) to one flattened
+//! The causal LM (any family its `ModelSpec` describes; the type keeps
+//! Mixtral's name) over a ragged batch: every sequence contributes its new
+//! tokens (a prefill chunk or one decode token) to one flattened
 //! `[tokens, hidden]` matrix; each sequence holds blocks of one KV pool.
 
 use std::path::Path;

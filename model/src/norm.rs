@@ -1,4 +1,5 @@
-//! RMSNorm, computed in fp32 as in HF `MixtralRMSNorm`: a decode step's few
+//! RMSNorm, computed in fp32 as in HF `MixtralRMSNorm` (and every family's,
+//! q/k norms included): a decode step's few
 //! rows on the CPU in one pass of [`tramontane_kernels::rms_norm`], more
 //! rows through libtorch's ops.
 
