@@ -7,7 +7,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tramontane_model::generate::{StopRule, generate_greedy};
-use tramontane_model::model::Mixtral;
+use tramontane_model::model::CausalLm;
 use tramontane_model::weights::Checkpoint;
 use tramontane_model::{ModelSpec, Tokenizer};
 use tramontane_proto::v1::GenerateRequest;
@@ -57,7 +57,7 @@ struct Output {
 }
 
 /// Loads config, weights (with a progress bar on stderr) and tokenizer.
-pub fn load_model(dir: &std::path::Path, compute: &ComputeArgs) -> Result<(Mixtral, Tokenizer)> {
+pub fn load_model(dir: &std::path::Path, compute: &ComputeArgs) -> Result<(CausalLm, Tokenizer)> {
     let options = compute.load_options()?;
     let config = ModelSpec::from_file(&dir.join("config.json"))?;
     let tokenizer = Tokenizer::from_dir(dir)?;
@@ -68,7 +68,7 @@ pub fn load_model(dir: &std::path::Path, compute: &ComputeArgs) -> Result<(Mixtr
     );
     let ticker = bar.clone();
     checkpoint.set_progress(Box::new(move |bytes| ticker.inc(bytes)));
-    let model = Mixtral::from_checkpoint_in_process(&checkpoint, config, options)?;
+    let model = CausalLm::from_checkpoint_in_process(&checkpoint, config, options)?;
     bar.finish_and_clear();
     Ok((model, tokenizer))
 }

@@ -12,7 +12,7 @@ use tramontane_dispatch::{MicroBatches, RemoteExperts};
 use tramontane_model::experts::Experts;
 use tramontane_model::kv_cache::{KvCache, KvPool};
 use tramontane_model::weights::Checkpoint;
-use tramontane_model::{BatchItem, LoadOptions, Logits, Mixtral, ModelSpec};
+use tramontane_model::{BatchItem, CausalLm, LoadOptions, Logits, ModelSpec};
 use tramontane_policy::placement::Placement;
 
 use crate::error::MeasureError;
@@ -136,7 +136,7 @@ impl<'a> Stopwatch<'a> {
 }
 
 fn prefill<E: Experts<Error: Into<MeasureError>>>(
-    model: &Mixtral<E>,
+    model: &CausalLm<E>,
     kv: &KvPool,
     prompts: &[Vec<u32>],
 ) -> Result<Vec<KvCache>, MeasureError> {
@@ -144,7 +144,7 @@ fn prefill<E: Experts<Error: Into<MeasureError>>>(
 }
 
 fn time_prefill<E: Experts<Error: Into<MeasureError>>>(
-    model: &Mixtral<E>,
+    model: &CausalLm<E>,
     phases: Option<&DispatchPhases>,
     batch: usize,
     len: usize,
@@ -161,7 +161,7 @@ fn time_prefill<E: Experts<Error: Into<MeasureError>>>(
 }
 
 fn decode_steps<E: Experts<Error: Into<MeasureError>>>(
-    model: &Mixtral<E>,
+    model: &CausalLm<E>,
     kv: &KvPool,
     caches: &mut [KvCache],
     mut next: Vec<u32>,
@@ -182,7 +182,7 @@ fn decode_steps<E: Experts<Error: Into<MeasureError>>>(
 }
 
 fn time_decode<E: Experts<Error: Into<MeasureError>>>(
-    model: &Mixtral<E>,
+    model: &CausalLm<E>,
     phases: Option<&DispatchPhases>,
     batch: usize,
     timing: &Timing,
@@ -207,7 +207,7 @@ fn time_decode<E: Experts<Error: Into<MeasureError>>>(
 /// Times each of `shapes`, in order; with `phases` (a sharded model's), each
 /// row also says where a layer's time went.
 pub fn run<E: Experts<Error: Into<MeasureError>>>(
-    model: &Mixtral<E>,
+    model: &CausalLm<E>,
     phases: Option<&DispatchPhases>,
     shapes: &[Shape],
     timing: &Timing,
@@ -243,7 +243,7 @@ pub fn measure(
     timing: &Timing,
 ) -> Result<Vec<Row>, MeasureError> {
     if workers.is_empty() {
-        let model = Mixtral::load_in_process(dir, options)?;
+        let model = CausalLm::load_in_process(dir, options)?;
         return run(&model, None, shapes, timing);
     }
     let spec = ModelSpec::from_file(&dir.join("config.json"))?;
@@ -262,7 +262,7 @@ pub fn measure(
         .with_micro_batches(micro_batches);
     let phases = experts.phases();
     let checkpoint = Checkpoint::open(dir)?;
-    let model = Mixtral::load_dense(&checkpoint, spec, options, experts)?;
+    let model = CausalLm::load_dense(&checkpoint, spec, options, experts)?;
     run(&model, Some(&phases), shapes, timing)
 }
 

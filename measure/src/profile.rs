@@ -15,7 +15,7 @@ use tramontane_model::gating::Routing;
 use tramontane_model::kv_cache::KvCache;
 use tramontane_model::weights::Checkpoint;
 use tramontane_model::{
-    BatchItem, Dtype, ForwardError, LoadOptions, Logits, Mixtral, MixtralConfig,
+    BatchItem, CausalLm, Dtype, ForwardError, LoadOptions, Logits, MixtralConfig,
 };
 use tramontane_planner::profile::{FORMAT, ModelShape, Point, Profile, interpolate};
 use tramontane_policy::placement::Placement;
@@ -113,7 +113,7 @@ struct DenseCosts {
 }
 
 fn measure_dense(
-    model: &Mixtral<NoExperts>,
+    model: &CausalLm<NoExperts>,
     checkpoint: &Checkpoint,
     args: &ProfileOptions,
     device: Device,
@@ -442,7 +442,7 @@ pub fn measure(args: &ProfileOptions) -> Result<Profile, MeasureError> {
     let router_threads = tch::get_num_threads();
 
     tracing::info!(threads = router_threads, "profiling the dense part");
-    let model = Mixtral::load_dense(&checkpoint, config.spec(), options, NoExperts)?;
+    let model = CausalLm::load_dense(&checkpoint, config.spec(), options, NoExperts)?;
     let dense = measure_dense(&model, &checkpoint, args, device)?;
     drop(model);
 

@@ -85,7 +85,7 @@ impl From<tramontane_kernels::ShapeError> for ForwardError {
 /// In-process experts fail as the model does, for the whole step.
 impl ExpertsError for ForwardError {}
 
-/// Why a step of [`crate::Mixtral::forward`] failed: the model's own part,
+/// Why a step of [`crate::CausalLm::forward`] failed: the model's own part,
 /// or the experts of a layer, with the error type of its
 /// [`crate::experts::Experts`]. On error no cache was changed.
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,7 @@
 //! types ([`Experts::Pending`], [`Experts::Error`]): the model is generic
 //! over its experts, so work started by one implementation can only be
 //! finished by it, and its error reaches the caller of
-//! [`crate::Mixtral::forward`] as itself, inside
+//! [`crate::CausalLm::forward`] as itself, inside
 //! [`crate::error::StepError::Experts`], with the sequences it concerns.
 
 use tch::Tensor;

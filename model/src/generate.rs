@@ -5,7 +5,7 @@
 use crate::error::StepError;
 use crate::experts::Experts;
 use crate::kv_cache::KvCache;
-use crate::model::{BatchItem, Logits, Mixtral};
+use crate::model::{BatchItem, CausalLm, Logits};
 
 /// When a sequence stops.
 #[derive(Debug, Clone)]
@@ -17,7 +17,7 @@ pub struct StopRule {
 
 /// Greedy continuations of `prompts`, run as one batch.
 pub fn generate_greedy<E: Experts>(
-    model: &Mixtral<E>,
+    model: &CausalLm<E>,
     prompts: &[Vec<u32>],
     stop: &StopRule,
 ) -> Result<Vec<Vec<u32>>, StepError<E::Error>> {

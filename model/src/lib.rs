@@ -52,6 +52,6 @@ pub mod weights;
 pub use error::{
     ConfigError, Failed, ForwardError, LoadError, StepError, TokenizerError, WeightsError,
 };
-pub use model::{BatchItem, LoadOptions, Logits, Mixtral};
+pub use model::{BatchItem, CausalLm, LoadOptions, Logits};
 pub use tokenizer::Tokenizer;
 pub use tramontane_config::{Dtype, MixtralConfig, ModelSpec, SharedExperts};

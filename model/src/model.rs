@@ -1,6 +1,6 @@
-//! The causal LM (any family its `ModelSpec` describes; the type keeps
-//! Mixtral's name) over a ragged batch: every sequence contributes its new
-//! tokens (a prefill chunk or one decode token) to one flattened
+//! The causal LM, any family its `ModelSpec` describes, over a ragged
+//! batch: every sequence contributes its new tokens (a prefill chunk or one
+//! decode token) to one flattened
 //! `[tokens, hidden]` matrix; each sequence holds blocks of one KV pool.
 
 use std::path::Path;
@@ -63,7 +63,7 @@ pub enum Logits {
 }
 
 /// The causal LM: its dense part, and its experts reached through `E`.
-pub struct Mixtral<E = LocalExperts> {
+pub struct CausalLm<E = LocalExperts> {
     config: ModelSpec,
     embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
@@ -74,7 +74,7 @@ pub struct Mixtral<E = LocalExperts> {
     options: LoadOptions,
 }
 
-impl Mixtral {
+impl CausalLm {
     /// Loads everything from a checkpoint folder, with every expert local.
     pub fn load_in_process(dir: &Path, options: LoadOptions) -> Result<Self, LoadError> {
         let spec = ModelSpec::from_file(&dir.join("config.json"))?;
@@ -106,7 +106,7 @@ impl Mixtral {
     }
 }
 
-impl<E: Experts> Mixtral<E> {
+impl<E: Experts> CausalLm<E> {
     /// Loads the dense part (embeddings, attention, norms, dense MLPs,
     /// gates, shared experts, lm_head) and reaches the routed experts
     /// through `experts`.
@@ -466,10 +466,10 @@ mod tests {
     use super::*;
     use crate::testing::{TestError, TestExperts};
 
-    fn tiny() -> (tempfile::TempDir, Mixtral) {
+    fn tiny() -> (tempfile::TempDir, CausalLm) {
         let dir = tempfile::tempdir().unwrap();
         tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
-        let model = Mixtral::load_in_process(dir.path(), LoadOptions::default()).unwrap();
+        let model = CausalLm::load_in_process(dir.path(), LoadOptions::default()).unwrap();
         (dir, model)
     }
 
@@ -479,7 +479,7 @@ mod tests {
         dir: &std::path::Path,
         kind: Kind,
         wrap: impl FnOnce(LocalExperts) -> E,
-    ) -> Mixtral<E> {
+    ) -> CausalLm<E> {
         crate::testing::dense_over(dir, kind, wrap).unwrap()
     }
 
@@ -488,7 +488,7 @@ mod tests {
     }
 
     fn step<E: Experts>(
-        model: &Mixtral<E>,
+        model: &CausalLm<E>,
         kv: &KvPool,
         cache: &mut KvCache,
         tokens: &[u32],
@@ -611,7 +611,7 @@ mod tests {
         let (dir, model) = tiny();
         let all = tokens(40);
         // A decoding sequence (its prompt cached), then two prompts.
-        fn run<E: Experts>(m: &Mixtral<E>, all: &[u32], which: Logits) -> Tensor {
+        fn run<E: Experts>(m: &CausalLm<E>, all: &[u32], which: Logits) -> Tensor {
             let kv = m.kv_pool(256);
             let mut decoding = kv.new_cache();
             let _ = step(m, &kv, &mut decoding, &all[..17]);

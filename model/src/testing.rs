@@ -12,7 +12,7 @@ use tch::{Device, Kind, Tensor};
 use crate::error::{ForwardError, LoadError};
 use crate::experts::{Experts, ExpertsError};
 use crate::gating::Routing;
-use crate::model::{LoadOptions, Mixtral};
+use crate::model::{CausalLm, LoadOptions};
 use crate::moe::LocalExperts;
 use crate::weights::Checkpoint;
 use tramontane_config::ModelSpec;
@@ -101,11 +101,11 @@ pub fn dense_over<E: Experts>(
     dir: &Path,
     kind: Kind,
     wrap: impl FnOnce(LocalExperts) -> E,
-) -> Result<Mixtral<E>, LoadError> {
+) -> Result<CausalLm<E>, LoadError> {
     let config = ModelSpec::from_file(&dir.join("config.json"))?;
     let checkpoint = Checkpoint::open(dir)?;
     let local = LocalExperts::load(&checkpoint, &config, &|_, _| true, kind, Device::Cpu)?;
-    Ok(Mixtral::load_dense(
+    Ok(CausalLm::load_dense(
         &checkpoint,
         config,
         LoadOptions::default(),

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tramontane_model::experts::Experts;
 use tramontane_model::kv_cache::{KvCache, KvPool};
-use tramontane_model::{BatchItem, Failed, ForwardError, LoadError, Logits, Mixtral};
+use tramontane_model::{BatchItem, CausalLm, Failed, ForwardError, LoadError, Logits};
 use tramontane_policy::admission::{Admission, Reservation};
 use tramontane_policy::scheduler::{SchedulerConfig, SchedulerConfigError, Slice};
 
@@ -168,7 +168,7 @@ impl EngineHandle {
     where
         E: Experts,
         E::Error: Into<GenerationError>,
-        F: FnOnce() -> Result<Mixtral<E>, LoadError> + Send + 'static,
+        F: FnOnce() -> Result<CausalLm<E>, LoadError> + Send + 'static,
     {
         config.validate()?;
         let (jobs, receiver) = mpsc::unbounded_channel::<GenerateJob>();
@@ -303,7 +303,7 @@ impl Drop for QueueSlots {
 }
 
 struct Engine<'m, E> {
-    model: &'m Mixtral<E>,
+    model: &'m CausalLm<E>,
     kv: KvPool,
     receiver: mpsc::UnboundedReceiver<GenerateJob>,
     waiting_count: Arc<AtomicUsize>,
@@ -616,7 +616,7 @@ mod tests {
             .collect();
         let max_tokens = 30;
         let expected = {
-            let model = Mixtral::load_in_process(&model_dir, LoadOptions::default()).unwrap();
+            let model = CausalLm::load_in_process(&model_dir, LoadOptions::default()).unwrap();
             let stop = StopRule {
                 max_new_tokens: max_tokens,
                 eos_ids: vec![],
@@ -630,7 +630,7 @@ mod tests {
             ..SchedulerConfig::default()
         };
         let engine = EngineHandle::spawn(
-            move || Mixtral::load_in_process(&model_dir, LoadOptions::default()),
+            move || CausalLm::load_in_process(&model_dir, LoadOptions::default()),
             vec![],
             config,
         )
@@ -648,7 +648,7 @@ mod tests {
         tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
         let model_dir = dir.path().to_path_buf();
         let engine = EngineHandle::spawn(
-            move || Mixtral::load_in_process(&model_dir, LoadOptions::default()),
+            move || CausalLm::load_in_process(&model_dir, LoadOptions::default()),
             vec![],
             SchedulerConfig::default(),
         )
@@ -698,7 +698,7 @@ mod tests {
         dir: &std::path::Path,
         lost: (usize, usize),
         groups: usize,
-    ) -> Mixtral<TestExperts<DispatchError>> {
+    ) -> CausalLm<TestExperts<DispatchError>> {
         dense_over(dir, Kind::Float, |local| {
             TestExperts::new(local)
                 .micro_batches(groups)
@@ -893,7 +893,7 @@ mod tests {
             ..SchedulerConfig::default()
         };
         let engine = EngineHandle::spawn(
-            move || Mixtral::load_in_process(&model_dir, LoadOptions::default()),
+            move || CausalLm::load_in_process(&model_dir, LoadOptions::default()),
             vec![],
             config,
         )

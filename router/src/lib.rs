@@ -1,6 +1,6 @@
 //! # tramontane-router
 //!
-//! The router holds everything of a Mixtral-style model that is not an
+//! The router holds everything of a MoE model that is not an
 //! expert (embeddings, attention and KV caches, norms, gates, lm_head). For
 //! every MoE layer it routes each token to its top-k experts and dispatches
 //! the token rows to the expert workers that hold them, then adds their

@@ -15,7 +15,7 @@ use tramontane_dispatch::{MicroBatches, RemoteExperts, WorkerLink};
 use tramontane_infra::tls::Tls;
 use tramontane_model::error::{ConfigError, LoadError, TokenizerError};
 use tramontane_model::weights::Checkpoint;
-use tramontane_model::{LoadOptions, Mixtral, ModelSpec, Tokenizer};
+use tramontane_model::{CausalLm, LoadOptions, ModelSpec, Tokenizer};
 use tramontane_policy::placement::{Placement, PlacementError};
 use tramontane_policy::routing_trace::{self, RoutingTrace};
 use tramontane_policy::scheduler::SchedulerConfig;
@@ -262,9 +262,9 @@ async fn spawn_engine(
     let build_config = config.clone();
     let dir = options.model_dir.clone();
     let load = options.load;
-    let build = move || -> Result<Mixtral<RemoteExperts>, LoadError> {
+    let build = move || -> Result<CausalLm<RemoteExperts>, LoadError> {
         let checkpoint = Checkpoint::open(&dir)?;
-        Ok(Mixtral::load_dense(
+        Ok(CausalLm::load_dense(
             &checkpoint,
             build_config,
             load,

@@ -9,7 +9,7 @@ use safetensors::SafeTensors;
 use safetensors::tensor::TensorView;
 use tempfile::TempDir;
 use tramontane_model::error::{ForwardError, LoadError, StepError, WeightsError};
-use tramontane_model::{BatchItem, LoadOptions, Logits, Mixtral};
+use tramontane_model::{BatchItem, CausalLm, LoadOptions, Logits};
 
 use crate::support;
 
@@ -65,7 +65,7 @@ fn keep(_: &str, view: TensorView<'_>) -> Option<(Vec<usize>, Vec<u8>)> {
 }
 
 fn load_error(model: &Path) -> LoadError {
-    match Mixtral::load_in_process(model, LoadOptions::default()) {
+    match CausalLm::load_in_process(model, LoadOptions::default()) {
         Ok(_) => panic!("loading {} should fail", model.display()),
         Err(e) => e,
     }
@@ -252,7 +252,7 @@ fn gen_model_refuses_what_the_family_does_not_have() -> Result<()> {
 fn prompt_longer_than_the_context_is_refused() -> Result<()> {
     let _guard = tch::no_grad_guard();
     let model_dir = base_checkpoint();
-    let model = Mixtral::load_in_process(model_dir, LoadOptions::default())?;
+    let model = CausalLm::load_in_process(model_dir, LoadOptions::default())?;
     let limit = model.config().max_position_embeddings;
 
     // Library: a step past the context fails and leaves the cache as it was.
@@ -306,7 +306,7 @@ fn prompt_longer_than_the_context_is_refused() -> Result<()> {
 #[test]
 fn token_ids_outside_the_vocabulary_are_refused() -> Result<()> {
     let _guard = tch::no_grad_guard();
-    let model = Mixtral::load_in_process(base_checkpoint(), LoadOptions::default())?;
+    let model = CausalLm::load_in_process(base_checkpoint(), LoadOptions::default())?;
     let kv = model.kv_pool(16);
     let mut cache = kv.new_cache();
     let err = model

@@ -24,7 +24,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde::Deserialize;
 use tch::Tensor;
 use tramontane_model::generate::{StopRule, generate_greedy};
-use tramontane_model::{BatchItem, Dtype, LoadOptions, Logits, Mixtral, Tokenizer};
+use tramontane_model::{BatchItem, CausalLm, Dtype, LoadOptions, Logits, Tokenizer};
 
 use crate::support;
 
@@ -182,7 +182,7 @@ fn check_checkpoint(model_dir: &Path, work: &Path, dtype: Dtype, tolerance: f64)
         dtype,
         ..LoadOptions::default()
     };
-    let model = Mixtral::load_in_process(model_dir, options)?;
+    let model = CausalLm::load_in_process(model_dir, options)?;
     let tokenizer = Tokenizer::from_dir(model_dir)?;
     let prompts: Vec<Vec<u32>> = PROMPTS
         .iter()

@@ -11,7 +11,7 @@ use tch::Tensor;
 use tramontane_dispatch::{MicroBatches, RemoteExperts};
 use tramontane_model::generate::{StopRule, generate_greedy};
 use tramontane_model::weights::Checkpoint;
-use tramontane_model::{LoadOptions, Logits, Mixtral, ModelSpec, SharedExperts, Tokenizer};
+use tramontane_model::{CausalLm, LoadOptions, Logits, ModelSpec, SharedExperts, Tokenizer};
 use tramontane_policy::placement::Placement;
 use tramontane_proto::v1::GenerateRequest;
 use tramontane_proto::v1::generation_client::GenerationClient;
@@ -60,7 +60,7 @@ fn placements(experts_per_layer: &[usize]) -> Vec<(&'static str, Placement)> {
 }
 
 fn last_logits_and_tokens<E: tramontane_model::experts::Experts>(
-    model: &Mixtral<E>,
+    model: &CausalLm<E>,
     prompts: &[Vec<u32>],
 ) -> Result<(Tensor, Vec<Vec<u32>>)> {
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -108,7 +108,7 @@ fn check_model_with(model_dir: &Path, label: &str, shared: SharedExperts) -> Res
         .iter()
         .map(|p| tokenizer.encode(p))
         .collect::<Result<_, _>>()?;
-    let local = Mixtral::load_in_process(&model_dir, LoadOptions::default())?;
+    let local = CausalLm::load_in_process(&model_dir, LoadOptions::default())?;
     let (reference, reference_tokens) = last_logits_and_tokens(&local, &prompts)?;
 
     let runtime = tokio::runtime::Runtime::new()?;
@@ -142,7 +142,7 @@ fn check_model_with(model_dir: &Path, label: &str, shared: SharedExperts) -> Res
                 .with_micro_batches(MicroBatches::Fixed(groups));
             let checkpoint = Checkpoint::open(&model_dir)?;
             let sharded =
-                Mixtral::load_dense(&checkpoint, config.clone(), sharded_options, remote)?;
+                CausalLm::load_dense(&checkpoint, config.clone(), sharded_options, remote)?;
             let (logits, tokens) = last_logits_and_tokens(&sharded, &prompts)?;
             let diff = (&logits - &reference).abs().max().double_value(&[]);
             ensure!(

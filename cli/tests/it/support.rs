@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 
 use anyhow::{Context, Result, ensure};
 use tramontane_model::generate::{StopRule, generate_greedy};
-use tramontane_model::{LoadOptions, Mixtral, Tokenizer};
+use tramontane_model::{CausalLm, LoadOptions, Tokenizer};
 use tramontane_policy::held_experts::format_experts;
 use tramontane_policy::placement::Placement;
 
@@ -342,7 +342,7 @@ pub fn expected_greedy(
     max_tokens: usize,
 ) -> Result<(Vec<u32>, Vec<u32>)> {
     let _guard = tch::no_grad_guard();
-    let local = Mixtral::load_in_process(model, LoadOptions::default())?;
+    let local = CausalLm::load_in_process(model, LoadOptions::default())?;
     let tokenizer = Tokenizer::from_dir(model)?;
     let ids = tokenizer.encode(prompt)?;
     let stop = StopRule {
