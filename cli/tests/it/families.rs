@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
-use tramontane_config::ModelSpec;
+use tramontane_config::{Dtype, ModelSpec};
 
 use crate::support;
 
@@ -112,22 +112,8 @@ fn a_qwen2_moe_chat_is_its_chatml_template_and_transformers_greedy_tokens() -> R
         {"role": "user", "content": "Name three colours."}
     ]);
     let max_tokens = 8;
-    let request = dir.path().join("request.json");
-    std::fs::write(
-        &request,
-        json!({"chats": [messages], "greedy_tokens": max_tokens}).to_string(),
-    )?;
-    let prefix = dir.path().join("reference");
-    support::run_ok(
-        std::process::Command::new(support::python())
-            .arg(support::scripts_dir().join("hf_reference.py"))
-            .arg("--model")
-            .arg(&model)
-            .arg("--request")
-            .arg(&request)
-            .arg("--out")
-            .arg(&prefix),
-    )?;
+    let request = json!({"chats": [messages], "greedy_tokens": max_tokens});
+    let prefix = support::hf_reference(&model, &request, dir.path(), Dtype::F32)?;
     let reference: Value =
         serde_json::from_str(&std::fs::read_to_string(prefix.with_extension("json"))?)?;
     let chat = &reference["chats"][0];

@@ -97,25 +97,10 @@ struct ReferenceRun {
 }
 
 fn hf_reference(model: &Path, out: &Path, texts: &[&str], dtype: Dtype) -> Result<ReferenceRun> {
-    let request = out.join("request.json");
-    std::fs::write(
-        &request,
-        serde_json::to_string(&serde_json::json!({
-            "prompts": PROMPTS, "greedy_tokens": GREEDY_TOKENS, "texts": texts,
-        }))?,
-    )?;
-    let prefix = out.join("reference");
-    support::run_ok(
-        std::process::Command::new(support::python())
-            .arg(support::scripts_dir().join("hf_reference.py"))
-            .arg("--model")
-            .arg(model)
-            .arg("--request")
-            .arg(&request)
-            .arg("--out")
-            .arg(&prefix)
-            .args(["--dtype", dtype.flag()]),
-    )?;
+    let request = serde_json::json!({
+        "prompts": PROMPTS, "greedy_tokens": GREEDY_TOKENS, "texts": texts,
+    });
+    let prefix = support::hf_reference(model, &request, out, dtype)?;
     let json: Reference =
         serde_json::from_str(&std::fs::read_to_string(prefix.with_extension("json"))?)?;
     let tensors = Tensor::read_safetensors(prefix.with_extension("safetensors"))?;
@@ -558,22 +543,8 @@ fn tokenizer_matches_transformers() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let model_dir = dir.path().join("model");
     support::gen_model(&model_dir, &["--preset", "tiny", "--layers", "1"])?;
-    let request = dir.path().join("request.json");
-    std::fs::write(
-        &request,
-        serde_json::to_string(&serde_json::json!({"texts": texts}))?,
-    )?;
-    let prefix = dir.path().join("reference");
-    support::run_ok(
-        std::process::Command::new(support::python())
-            .arg(support::scripts_dir().join("hf_reference.py"))
-            .args(["--model"])
-            .arg(&model_dir)
-            .arg("--request")
-            .arg(&request)
-            .arg("--out")
-            .arg(&prefix),
-    )?;
+    let request = serde_json::json!({"texts": texts});
+    let prefix = support::hf_reference(&model_dir, &request, dir.path(), Dtype::F32)?;
     let reference: Reference =
         serde_json::from_str(&std::fs::read_to_string(prefix.with_extension("json"))?)?;
     let tokenizer = Tokenizer::from_dir(&model_dir)?;

@@ -78,6 +78,32 @@ pub fn gen_model(dir: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Runs scripts/hf_reference.py (transformers' own class) on `model` for
+/// `request`, computing in `dtype`, its files written in `work`; the path
+/// prefix of its outputs (`.json`, and `.safetensors` where it wrote logits).
+pub fn hf_reference(
+    model: &Path,
+    request: &serde_json::Value,
+    work: &Path,
+    dtype: tramontane_model::Dtype,
+) -> Result<PathBuf> {
+    let request_file = work.join("request.json");
+    std::fs::write(&request_file, request.to_string())?;
+    let prefix = work.join("reference");
+    run_ok(
+        Command::new(python())
+            .arg(scripts_dir().join("hf_reference.py"))
+            .arg("--model")
+            .arg(model)
+            .arg("--request")
+            .arg(&request_file)
+            .arg("--out")
+            .arg(&prefix)
+            .args(["--dtype", dtype.flag()]),
+    )?;
+    Ok(prefix)
+}
+
 /// Writes a checkpoint of `family` (mixtral, qwen3_moe, qwen2_moe or olmoe)
 /// made by transformers' own class, with scripts/hf_checkpoint.py: its small
 /// shapes overridden by the fields of `config`, then `extra_args` (e.g.
