@@ -75,19 +75,10 @@ fn default_max_position_embeddings() -> usize {
     4096 * 32
 }
 
-/// What config.json says the checkpoint is, read before any other field.
-#[derive(Deserialize)]
-struct Architecture {
-    #[serde(default)]
-    architectures: Vec<String>,
-    #[serde(default)]
-    model_type: Option<String>,
-}
-
-/// Refuses a checkpoint of an architecture this project does not serve
-/// (naming it and the served ones), and one of another family.
-fn check_mixtral(architectures: &[String], model_type: Option<&str>) -> Result<(), ConfigError> {
-    match Family::of(architectures, model_type)? {
+/// Refuses a checkpoint of another family (an architecture this project
+/// does not serve is refused before, by [`Family::of`]).
+fn mixtral_only(family: Family) -> Result<(), ConfigError> {
+    match family {
         Family::Mixtral => Ok(()),
         other => Err(ConfigError::Invalid {
             field: "architectures",
@@ -111,8 +102,7 @@ impl MixtralConfig {
     /// by name, not by the first Mixtral field it lacks.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
         let parse = |error| ConfigError::Parse { path: None, error };
-        let said: Architecture = serde_json::from_str(text).map_err(parse)?;
-        check_mixtral(&said.architectures, said.model_type.as_deref())?;
+        mixtral_only(Family::of_json(text)?)?;
         let config: MixtralConfig = serde_json::from_str(text).map_err(parse)?;
         config.validate()?;
         Ok(config)
@@ -129,7 +119,7 @@ impl MixtralConfig {
 
     /// Cross-field checks: what the forward relies on.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        check_mixtral(&self.architectures, self.model_type.as_deref())?;
+        mixtral_only(Family::of(&self.architectures, self.model_type.as_deref())?)?;
         let invalid =
             |field: &'static str, reason: String| Err(ConfigError::Invalid { field, reason });
         for (field, value) in [

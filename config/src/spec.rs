@@ -242,13 +242,7 @@ impl ModelSpec {
     /// Each decoder layer's routed experts: 0 for a dense layer. What a
     /// placement has a row of per layer.
     pub fn experts_per_layer(&self) -> Vec<usize> {
-        self.layers
-            .iter()
-            .map(|ffn| match ffn {
-                FfnSpec::Moe(moe) => moe.experts,
-                FfnSpec::Dense { .. } => 0,
-            })
-            .collect()
+        self.placed_experts_per_layer(SharedExperts::Router)
     }
 
     /// Each decoder layer's experts a placement places: the routed ones,

@@ -77,7 +77,7 @@ fn check_shape(gen_args: &[&str]) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let model_dir = dir.path().join("model");
     support::gen_model(&model_dir, gen_args)?;
-    check_model(&model_dir, &format!("{gen_args:?}"))
+    check_model(&model_dir, &format!("{gen_args:?}"), SharedExperts::Router)
 }
 
 /// A checkpoint of `family` made by its transformers class, its small
@@ -87,18 +87,14 @@ fn check_family(family: &str, config: serde_json::Value, shared: SharedExperts) 
     let dir = tempfile::tempdir()?;
     let model_dir = dir.path().join("model");
     support::family_checkpoint(&model_dir, family, config.clone(), &["--seed", "21"])?;
-    check_model_with(&model_dir, &format!("{family} {config}"), shared)
+    check_model(&model_dir, &format!("{family} {config}"), shared)
 }
 
 /// The checkpoint in `model_dir` sharded over workers, in every placement
-/// and micro-batch split, gives the in-process logits and greedy tokens.
-fn check_model(model_dir: &Path, label: &str) -> Result<()> {
-    check_model_with(model_dir, label, SharedExperts::Router)
-}
-
-/// [`check_model`], the sharded model's shared experts run where `shared`
-/// says (the in-process one's on the router).
-fn check_model_with(model_dir: &Path, label: &str, shared: SharedExperts) -> Result<()> {
+/// and micro-batch split, gives the in-process logits and greedy tokens;
+/// the sharded model's shared experts run where `shared` says (the
+/// in-process one's on the router).
+fn check_model(model_dir: &Path, label: &str, shared: SharedExperts) -> Result<()> {
     let _guard = tch::no_grad_guard();
     tch::set_num_threads(1);
     let model_dir = model_dir.to_path_buf();
