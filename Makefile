@@ -20,6 +20,23 @@ WORKERS ?= 2
 LISTEN ?= 127.0.0.1:50051
 HTTP_LISTEN ?= 127.0.0.1:8000
 BENCH_MODEL := target/bench-model
+# The models `make bench` and `make bench-sharded` run, as family:preset:
+# Mixtral's bench, and fine-grained experts as Qwen3-30B-A3B (128, top-8)
+# and OLMoE-1B-7B (64, top-8) have them, each about the same bytes.
+# `make bench BENCH_MODELS=qwen3_moe:bench-fine` runs one.
+BENCH_MODELS ?= mixtral:bench qwen3_moe:bench-fine olmoe:bench-fine
+comma := ,
+# Writes each model of BENCH_MODELS once (mixtral:bench into BENCH_MODEL, the
+# others into target/bench-FAMILY-PRESET) and runs $(1) with $$dir set to it.
+define for_each_bench_model
+	@set -e; for spec in $(BENCH_MODELS); do \
+	  family=$${spec%%:*}; preset=$${spec#*:}; \
+	  dir=$$( [ "$$spec" = mixtral:bench ] && echo $(BENCH_MODEL) || echo target/bench-$$family-$$preset ); \
+	  test -f $$dir/config.json || $(BIN) gen-model --family $$family --preset $$preset --out $$dir >/dev/null; \
+	  echo "== $$family $$preset ($$dir)"; \
+	  $(1); \
+	done
+endef
 
 .PHONY: setup build test lint serve bench bench-sharded bench-routers bench-serving bench-plan bench-chaos monitoring-tools
 
@@ -50,15 +67,13 @@ test: build lint monitoring-tools
 serve: build
 	$(BIN) serve --workers $(WORKERS) --listen $(LISTEN) --http-listen $(HTTP_LISTEN) --prometheus-targets deploy/prometheus/targets/local.json $(if $(MODEL),--model $(MODEL),)
 
-# The in-process forward against transformers and llama.cpp (../shared/peers), f32 and bf16, on the bench preset (not part of `make test`).
+# The in-process forward against transformers and llama.cpp (../shared/peers), f32 and bf16, on each of BENCH_MODELS (not part of `make test`).
 bench: build
-	test -f $(BENCH_MODEL)/config.json || $(BIN) gen-model --preset bench --out $(BENCH_MODEL)
-	$(PYTHON) benches/forward_vs_hf.py --model $(BENCH_MODEL) --bin $(BIN) --threads 2 --dtypes f32,bf16
+	$(call for_each_bench_model,$(PYTHON) benches/forward_vs_hf.py --model $$dir --bin $(BIN) --threads 2 --dtypes f32$(comma)bf16)
 
-# Sharded (router + 1/2/4 workers) against in-process, and the dispatch round trip.
+# Sharded (router + 1/2/4 workers) against in-process, bf16, with the per-layer breakdown and bytes on the wire, on each of BENCH_MODELS.
 bench-sharded: build
-	test -f $(BENCH_MODEL)/config.json || $(BIN) gen-model --preset bench --out $(BENCH_MODEL)
-	$(PYTHON) benches/sharded_vs_local.py --model $(BENCH_MODEL) --bin $(BIN) --threads 2
+	$(call for_each_bench_model,$(PYTHON) benches/sharded_vs_local.py --model $$dir --bin $(BIN) --threads 2 --dtype bf16)
 
 # Two routers sharing two workers (concurrency 32 each) against one router at 64.
 bench-routers: build

@@ -1,5 +1,5 @@
-"""In-process forward of Tramontane against transformers' MixtralForCausalLM
-and llama.cpp, per dtype.
+"""In-process forward of Tramontane against transformers (the checkpoint's own
+class: Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE) and llama.cpp, per dtype.
 
 All run the same checkpoint on the CPU with the same thread count, one after
 the other in this run: ours and transformers on the same prompts
@@ -30,7 +30,7 @@ import subprocess
 import time
 
 import torch
-from transformers import MixtralForCausalLM
+from transformers import AutoModelForCausalLM
 
 from benchlib import Column, print_table, run_json  # beside this file, which Python puts on sys.path
 
@@ -126,21 +126,36 @@ def read_rate(threads):
     return data.numel() * 4 / best / 1e9
 
 
+def moe_layers(config):
+    """Which layers are MoE layers: every layer for Mixtral and OLMoE; for
+    Qwen2/3-MoE those not in `mlp_only_layers` on the `decoder_sparse_step`."""
+    layers = config["num_hidden_layers"]
+    if config["model_type"] not in ("qwen2_moe", "qwen3_moe"):
+        return [True] * layers
+    dense, step = set(config.get("mlp_only_layers") or []), config.get("decoder_sparse_step", 1)
+    return [l not in dense and config["num_experts"] > 0 and (l + 1) % step == 0 for l in range(layers)]
+
+
 def token_bytes(model_dir, dtype):
     """Weight bytes one decode token at batch 1 reads: everything but the
-    embeddings and the experts not routed to (k of each layer's)."""
+    embeddings and the experts not routed to (k of each MoE layer's)."""
     config = json.load(open(os.path.join(model_dir, "config.json")))
-    h, i = config["hidden_size"], config["intermediate_size"]
+    h = config["hidden_size"]
     heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     d = config.get("head_dim") or h // heads
     attention = h * heads * d * 2 + h * kv * d * 2
-    layer = attention + config["num_experts_per_tok"] * 3 * h * i + config["num_local_experts"] * h
-    elements = config["num_hidden_layers"] * layer + config["vocab_size"] * h
+    experts = config.get("num_local_experts") or config["num_experts"]
+    width = config.get("moe_intermediate_size") or config["intermediate_size"]
+    shared = config.get("shared_expert_intermediate_size") or 0
+    moe = config["num_experts_per_tok"] * 3 * h * width + experts * h + (3 * h * shared + h if shared else 0)
+    dense = 3 * h * config["intermediate_size"]
+    elements = sum(attention + (moe if is_moe else dense) for is_moe in moe_layers(config))
+    elements += config["vocab_size"] * h
     return elements * {"f32": 4, "bf16": 2}[dtype]
 
 
 def transformers_rows(args, dtype):
-    model = MixtralForCausalLM.from_pretrained(args.model, dtype=TORCH_DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=TORCH_DTYPES[dtype])
     model.eval()
     with torch.no_grad():
         rows = [
@@ -198,7 +213,9 @@ def main() -> None:
     llama = best_llama(llama, again)
     results = {dtype: (best_of(first[dtype], ours(args, dtype)),) + results[dtype] for dtype in dtypes}
 
-    print(f"{args.threads} threads, torch {torch.__version__}; tokens/s, ratio = ours / theirs")
+    config = json.load(open(os.path.join(args.model, "config.json")))
+    print(f"{config['architectures'][0]} ({args.model}), {args.threads} threads, torch {torch.__version__};"
+          " tokens/s, ratio = ours / theirs")
     print("ours and llama.cpp: the better of two runs, one at the start and one at the end")
     print(f"memory read rate: {rate:.1f} GB/s; at that rate decode batch 1 reads its weights "
           + ", ".join(f"{dtype} {rate * 1e9 / token_bytes(args.model, dtype):.1f} tokens/s"

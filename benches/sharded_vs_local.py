@@ -1,12 +1,16 @@
 """Sharded execution against in-process execution, end to end on this machine.
 
-In one run, on the same checkpoint, fp32: tokens/s of (a) the in-process
-forward, and of the router's forward with its experts on 1, 2 and 4 worker
-processes (default placement, loopback gRPC, every process with --threads
-threads, as on separate hosts), for prefill 8x128 and greedy decode at batch
-1, 8 and 32; each as a ratio to (a). For each sharded row, where a layer's
-time goes: the router's dense part and dispatch phases, and per Forward the
-transport and the worker's own phases. Then router + 2 workers with 0, 0.5
+In one run, on the same checkpoint and dtype (--dtype, default bf16): tokens/s
+of (a) the in-process forward, and of the router's forward with its experts
+on 1, 2 and 4 worker processes (default placement, loopback gRPC, every
+process with --threads threads, as on separate hosts), for prefill 8x128 and
+greedy decode at batch 1, 8 and 32; each as a ratio to (a). This host's speed
+moves by tens of percent within minutes, so (a) and router + 2 workers each
+run twice, at the start and at the end, and the better of the two counts for
+each row. For each sharded row, where a layer's
+time goes: the router's dense part and dispatch phases, per Forward the
+transport and the worker's own phases, and the bytes on the wire per token
+and layer each way (the Forwards' protobuf messages). Then router + 2 workers with 0, 0.5
 and 2 ms added to every round trip (`tramontane delay-proxy` in front of
 each worker), one batch per step and 2 interleaved micro-batches. Then the
 round trip of
@@ -15,6 +19,7 @@ tiny model (transport cost: the expert's compute is a few microseconds) and
 against a worker of this checkpoint (transport plus one expert on one row).
 
 Usage: python benches/sharded_vs_local.py --model DIR --bin target/release/tramontane [--threads 2]
+       [--dtype bf16]
 """
 
 import argparse
@@ -28,9 +33,9 @@ from benchlib import Column, print_table, run_json, start  # beside this file, w
 WORKER_ENV = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
-def start_worker(binary, model, experts, threads):
+def start_worker(binary, model, experts, threads, dtype="f32"):
     worker = start([binary, "worker", "--model", model, "--experts", experts, "--listen", "127.0.0.1:0",
-                    "--threads", str(threads)], env=WORKER_ENV)
+                    "--threads", str(threads), "--dtype", dtype], env=WORKER_ENV)
     return worker, worker.listening("tramontane worker")
 
 
@@ -47,7 +52,7 @@ def stop_all(started):
 def bench_forward(args, workers=(), rows="prefill-8x128,decode-1,decode-8,decode-32", extra=()):
     command = [args.bin, "bench-forward", "--model", args.model, "--threads", str(args.threads), "--json",
                "--repeats", str(args.repeats), "--decode-steps", str(args.decode_steps),
-               "--rows", rows, *extra]
+               "--dtype", args.dtype, "--rows", rows, *extra]
     env = dict(os.environ)
     if workers:
         command += ["--workers", ",".join(workers)]
@@ -65,6 +70,11 @@ def bench_dispatch(args, model, samples):
         worker.stop()
 
 
+def best_of(first, second):
+    """Row by row, the faster of two runs of the same rows (with its breakdown)."""
+    return [max(a, b, key=lambda row: row["tokens_per_s"]) for a, b in zip(first, second)]
+
+
 def rates_and_ratios(rows, base):
     """Per row, its tokens/s and its ratio to the same row of `base`."""
     return [f"{r['tokens_per_s']:>12.1f} ({r['tokens_per_s'] / b['tokens_per_s']:.2f}x)" for r, b in zip(rows, base)]
@@ -79,22 +89,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--dtype", default="bf16", choices=["f32", "bf16"])
     args = parser.parse_args()
 
     config = json.load(open(os.path.join(args.model, "config.json")))
-    experts = config["num_local_experts"]
-    results = {"in-process": bench_forward(args)}
-    for count in (1, 2, 4):
+    experts = config.get("num_local_experts") or config["num_experts"]
+    def sharded(count):
         procs = [start_worker(args.bin, args.model, ",".join(str(e) for e in range(experts) if e % count == w),
-                              args.threads) for w in range(count)]
+                              args.threads, args.dtype) for w in range(count)]
         try:
-            results[f"router + {count} worker{'s' if count > 1 else ''}"] = bench_forward(
-                args, [addr for _, addr in procs])
+            return bench_forward(args, [addr for _, addr in procs])
         finally:
             stop_all(procs)
 
+    first = bench_forward(args)
+    results = {"in-process": first}
+    for count in (1, 2, 4):
+        results[f"router + {count} worker{'s' if count > 1 else ''}"] = sharded(count)
+    results["router + 2 workers"] = best_of(results["router + 2 workers"], sharded(2))
+    results["in-process"] = best_of(first, bench_forward(args))
+
     base = results["in-process"]
-    print(f"fp32, {args.threads} threads per process, {args.model}")
+    print(f"{config['architectures'][0]} ({args.model}), {args.dtype}, {args.threads} threads per process")
     print_table([Column("configuration", 22, "<")] + [Column(row["name"], 24) for row in base],
                 [[name] + rates_and_ratios(rows, base) for name, rows in results.items()], sep="")
 
@@ -110,12 +126,13 @@ def main() -> None:
                   f" {d['forwards_per_layer']:.2f} Forwards: round trip {d['round_trip_us']:.0f}"
                   f" = transport {d['transport_us']:.0f} + worker decode {d['worker_decode_us']:.0f},"
                   f" queue {d['worker_queue_us']:.0f}, compute {d['worker_compute_us']:.0f},"
-                  f" encode {d['worker_encode_us']:.0f}")
+                  f" encode {d['worker_encode_us']:.0f}; wire per token and layer {d['sent_bytes_per_token']:.0f} B"
+                  f" sent, {d['received_bytes_per_token']:.0f} B received")
 
     print("\nrouter + 2 workers with added round trip (delay-proxy per worker), tokens/s"
           " (ratio to the same micro-batching without delay)")
     procs = [start_worker(args.bin, args.model, ",".join(str(e) for e in range(experts) if e % 2 == w),
-                          args.threads) for w in range(2)]
+                          args.threads, args.dtype) for w in range(2)]
     try:
         latency = {}
         for rtt in (0, 0.5, 2):

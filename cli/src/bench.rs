@@ -97,6 +97,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     p.worker_compute_us,
                     p.worker_encode_us
                 );
+                println!(
+                    "  on the wire per token and layer: {:.0} bytes sent, {:.0} received",
+                    p.sent_bytes_per_token, p.received_bytes_per_token
+                );
             }
         }
     }

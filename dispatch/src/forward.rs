@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prost::Message;
 use tonic::transport::Channel;
 use tracing::Instrument;
 use tramontane_config::Dtype;
@@ -13,7 +14,7 @@ use tramontane_proto::v1::expert_service_client::ExpertServiceClient;
 use tramontane_proto::v1::{ForwardRequest, ForwardResponse, TensorPayload};
 
 use crate::error::{BadAnswer, WorkerError};
-use crate::phases::{DispatchPhases, Phase};
+use crate::phases::{DispatchPhases, Phase, Volume};
 
 /// One Forward ready to go, owning what it needs: it runs as a task on the
 /// data path's runtime. Cloning it is cheap (the rows are shared bytes).
@@ -60,6 +61,7 @@ impl Forward {
 
     async fn send_once(self) -> Result<TensorPayload, WorkerError> {
         let Forward {
+            worker,
             mut client,
             request,
             wire,
@@ -74,6 +76,7 @@ impl Forward {
             dispatch_id: request.dispatch_id,
             dtype: wire,
         };
+        let sent_bytes = request.encoded_len() as u64;
         let mut request = tonic::Request::new(request);
         request.set_timeout(deadline);
         tramontane_infra::trace_context::inject(request.metadata_mut());
@@ -87,10 +90,22 @@ impl Forward {
             .into_inner();
         let answered = Instant::now();
         phases.record_forward(answered - started, response.timings.as_ref());
+        record_bytes(&phases, worker, sent_bytes, response.encoded_len() as u64);
         let output = check_answer(response, &sent, rows, hidden).map_err(WorkerError::BadAnswer)?;
         phases.record(Phase::Decode, answered.elapsed());
         Ok(output)
     }
+}
+
+/// A Forward's messages, each way, to the running totals and the metrics.
+fn record_bytes(phases: &DispatchPhases, worker: usize, sent: u64, received: u64) {
+    phases.add(Volume::SentBytes, sent);
+    phases.add(Volume::ReceivedBytes, received);
+    let worker = worker.to_string();
+    metrics::counter!(crate::metrics::DISPATCH_BYTES_TOTAL, "worker" => worker.clone(), "direction" => "sent")
+        .increment(sent);
+    metrics::counter!(crate::metrics::DISPATCH_BYTES_TOTAL, "worker" => worker, "direction" => "received")
+        .increment(received);
 }
 
 /// What an answer must match of its request.

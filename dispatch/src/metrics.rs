@@ -10,6 +10,7 @@ pub const EXPERT_BALANCEDNESS: &str = "tramontane_router_expert_balancedness_rat
 pub const WORKER_PAIRS_TOTAL: &str = "tramontane_router_worker_expert_pairs_total";
 pub const DISPATCH_LATENCY: &str = "tramontane_router_dispatch_latency_seconds";
 pub const DISPATCH_PHASE: &str = "tramontane_router_dispatch_phase_seconds";
+pub const DISPATCH_BYTES_TOTAL: &str = "tramontane_router_dispatch_bytes_total";
 pub const DISPATCH_ERRORS_TOTAL: &str = "tramontane_router_dispatch_errors_total";
 pub const WORKER_UP: &str = "tramontane_router_worker_up";
 
@@ -50,6 +51,11 @@ pub fn describe() {
         DISPATCH_PHASE,
         Unit::Seconds,
         "One layer's dispatch by phase: layer (all of it), encode, wait (for all Forwards), decode and combine on the router; per Forward round_trip, the worker's worker_decode, worker_queue, worker_compute and worker_encode, and transport (the round trip less the worker's time)."
+    );
+    describe_counter!(
+        DISPATCH_BYTES_TOTAL,
+        Unit::Bytes,
+        "Bytes of the Forwards' protobuf messages by worker and direction (sent: hidden states and routing; received: the experts' sums)."
     );
     describe_counter!(
         DISPATCH_ERRORS_TOTAL,

@@ -8,6 +8,10 @@
 //! answer. Each Forward's round trip splits into the worker's own phases,
 //! which its answer reports, and `transport`: the rest of the round trip
 //! (both ways over the wire, gRPC framing, the hand-offs between threads).
+//!
+//! Beside the time, the volume: the tokens each layer dispatched and the
+//! bytes of the Forwards' messages each way, which give the bytes on the
+//! wire per token and layer.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -77,11 +81,28 @@ impl Phase {
     }
 }
 
-/// Running totals per phase: nanoseconds and occurrences.
+/// Running totals per phase (nanoseconds and occurrences) and of the
+/// volume dispatched.
 #[derive(Debug, Default)]
 pub struct DispatchPhases {
     nanos: [AtomicU64; Phase::ALL.len()],
     counts: [AtomicU64; Phase::ALL.len()],
+    volume: [AtomicU64; Volume::ALL.len()],
+}
+
+/// What a layer's dispatch moves, counted beside its time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Volume {
+    /// Rows of the layers' inputs (each token once per layer dispatched).
+    Tokens,
+    /// Bytes of the Forward requests sent (protobuf encoded).
+    SentBytes,
+    /// Bytes of the Forward answers received (protobuf encoded).
+    ReceivedBytes,
+}
+
+impl Volume {
+    pub const ALL: [Volume; 3] = [Volume::Tokens, Volume::SentBytes, Volume::ReceivedBytes];
 }
 
 impl DispatchPhases {
@@ -113,13 +134,19 @@ impl DispatchPhases {
         self.record(Phase::Transport, round_trip.saturating_sub(worker_total));
     }
 
+    /// Adds `amount` to a running volume.
+    pub fn add(&self, volume: Volume, amount: u64) {
+        self.volume[volume as usize].fetch_add(amount, Ordering::Relaxed);
+    }
+
     pub fn snapshot(&self) -> PhaseTotals {
-        let load = |a: &[AtomicU64; Phase::ALL.len()]| {
+        fn load<const N: usize>(a: &[AtomicU64; N]) -> [u64; N] {
             std::array::from_fn(|i| a[i].load(Ordering::Relaxed))
-        };
+        }
         PhaseTotals {
             nanos: load(&self.nanos),
             counts: load(&self.counts),
+            volume: load(&self.volume),
         }
     }
 }
@@ -129,6 +156,7 @@ impl DispatchPhases {
 pub struct PhaseTotals {
     nanos: [u64; Phase::ALL.len()],
     counts: [u64; Phase::ALL.len()],
+    volume: [u64; Volume::ALL.len()],
 }
 
 impl PhaseTotals {
@@ -137,6 +165,7 @@ impl PhaseTotals {
         PhaseTotals {
             nanos: std::array::from_fn(|i| self.nanos[i].saturating_sub(earlier.nanos[i])),
             counts: std::array::from_fn(|i| self.counts[i].saturating_sub(earlier.counts[i])),
+            volume: std::array::from_fn(|i| self.volume[i].saturating_sub(earlier.volume[i])),
         }
     }
 
@@ -145,6 +174,7 @@ impl PhaseTotals {
         PhaseTotals {
             nanos: std::array::from_fn(|i| self.nanos[i].saturating_add(other.nanos[i])),
             counts: std::array::from_fn(|i| self.counts[i].saturating_add(other.counts[i])),
+            volume: std::array::from_fn(|i| self.volume[i].saturating_add(other.volume[i])),
         }
     }
 
@@ -156,15 +186,22 @@ impl PhaseTotals {
         self.counts[phase as usize]
     }
 
+    pub fn volume(&self, volume: Volume) -> u64 {
+        self.volume[volume as usize]
+    }
+
     /// Per layer dispatch, the mean time of each phase in microseconds
     /// (summed over a layer's Forwards for the per-Forward phases), and the
-    /// mean Forwards per layer. None when no layer was dispatched.
+    /// mean Forwards per layer, and the bytes each way per token and layer.
+    /// None when no layer was dispatched.
     pub fn per_layer(&self) -> Option<LayerBreakdown> {
         let layers = self.count(Phase::Layer);
         if layers == 0 {
             return None;
         }
         let us = |phase: Phase| self.total(phase).as_secs_f64() * 1e6 / layers as f64;
+        let per_token =
+            |bytes: Volume| self.volume(bytes) as f64 / self.volume(Volume::Tokens).max(1) as f64;
         Some(LayerBreakdown {
             layers,
             forwards_per_layer: self.count(Phase::RoundTrip) as f64 / layers as f64,
@@ -179,6 +216,8 @@ impl PhaseTotals {
             worker_queue_us: us(Phase::WorkerQueue),
             worker_compute_us: us(Phase::WorkerCompute),
             worker_encode_us: us(Phase::WorkerEncode),
+            sent_bytes_per_token: per_token(Volume::SentBytes),
+            received_bytes_per_token: per_token(Volume::ReceivedBytes),
         })
     }
 }
@@ -186,7 +225,9 @@ impl PhaseTotals {
 /// Mean microseconds per layer dispatch. `layer_us` ≈ encode + wait +
 /// decode + combine (plus planning); the per-Forward phases are summed over
 /// the layer's Forwards, which run concurrently, so they may add up to more
-/// than `wait_us`.
+/// than `wait_us`. The bytes are the Forwards' protobuf messages (gRPC's
+/// framing and HTTP/2's headers add a few dozen bytes per message), per
+/// token and layer: every byte sent over every token each layer dispatched.
 #[derive(Debug, Clone, Serialize)]
 pub struct LayerBreakdown {
     pub layers: u64,
@@ -202,6 +243,8 @@ pub struct LayerBreakdown {
     pub worker_queue_us: f64,
     pub worker_compute_us: f64,
     pub worker_encode_us: f64,
+    pub sent_bytes_per_token: f64,
+    pub received_bytes_per_token: f64,
 }
 
 #[cfg(test)]
@@ -214,6 +257,9 @@ mod tests {
         let before = phases.snapshot();
         for _ in 0..2 {
             phases.record(Phase::Layer, Duration::from_micros(500));
+            phases.add(Volume::Tokens, 4);
+            phases.add(Volume::SentBytes, 4 * 2 * 1024 + 100);
+            phases.add(Volume::ReceivedBytes, 4 * 2 * 1024 + 20);
             phases.record(Phase::Encode, Duration::from_micros(10));
             phases.record(Phase::Wait, Duration::from_micros(450));
             for _ in 0..2 {
@@ -238,6 +284,8 @@ mod tests {
         assert_eq!(b.worker_queue_us, 30.0);
         // 400 µs less 280 µs in the worker, twice per layer.
         assert_eq!(b.transport_us, 240.0);
+        assert_eq!(b.sent_bytes_per_token, 2048.0 + 25.0);
+        assert_eq!(b.received_bytes_per_token, 2048.0 + 5.0);
 
         // A worker slower than the round trip (clock noise) leaves no negative transport.
         let later = phases.snapshot();

@@ -28,7 +28,7 @@ use crate::error::{DispatchError, EncodeError, WorkerError, WorkerFailure, Worke
 use crate::expert_load::ExpertLoad;
 use crate::forward::{Answer, Forward};
 use crate::micro_batches::MicroBatches;
-use crate::phases::{DispatchPhases, Phase};
+use crate::phases::{DispatchPhases, Phase, Volume};
 
 /// A worker as the router sees it. `client` is for probes and runs on the
 /// runtime that connected; the data path makes its own clients from
@@ -309,6 +309,7 @@ impl Experts for RemoteExperts {
             layer,
             source: EncodeError::Kind(xs.kind()),
         })?;
+        self.phases.add(Volume::Tokens, tokens as u64);
         let pairs = routed_pairs(routing);
         let routed: Vec<usize> = pairs.iter().map(|p| p.expert).collect();
         if let Some(trace) = &self.trace {

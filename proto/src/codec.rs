@@ -3,6 +3,7 @@
 
 use tramontane_config::Dtype;
 
+use crate::elements::{Element, with_element};
 use crate::v1::{self, TensorPayload};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -82,33 +83,28 @@ pub fn encode_rows(
     rows: &[usize],
     dtype: Dtype,
 ) -> Result<TensorPayload, CodecError> {
-    let mut data = Vec::with_capacity(rows.len() * hidden * dtype.bytes());
-    for &row in rows {
-        let values = xs
-            .get(row * hidden..(row + 1) * hidden)
-            .ok_or(CodecError::Row { row })?;
-        match dtype {
-            Dtype::F32 => values
-                .iter()
-                .for_each(|v| data.extend_from_slice(&v.to_le_bytes())),
-            Dtype::Bf16 => values
-                .iter()
-                .for_each(|&v| data.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes())),
-            Dtype::F16 => values
-                .iter()
-                .for_each(|&v| data.extend_from_slice(&half::f16::from_f32(v).to_le_bytes())),
-        }
-    }
+    let mut data = vec![0u8; rows.len() * hidden * dtype.bytes()];
+    with_element!(dtype, T => gather::<T>(xs, hidden, rows, &mut data))?;
     Ok(payload(dtype, vec![rows.len() as i64, hidden as i64], data))
 }
 
-/// `v` rounded to `dtype`, to nearest even.
-fn round(dtype: Dtype, v: f32) -> f32 {
-    match dtype {
-        Dtype::F32 => v,
-        Dtype::Bf16 => half::bf16::from_f32(v).to_f32(),
-        Dtype::F16 => half::f16::from_f32(v).to_f32(),
+/// `rows` of `xs` (`[_, hidden]`) written one after the other into `data`
+/// as `T`, which has room for them.
+fn gather<T: Element>(
+    xs: &[f32],
+    hidden: usize,
+    rows: &[usize],
+    data: &mut [u8],
+) -> Result<(), CodecError> {
+    for (&row, target) in rows.iter().zip(data.chunks_exact_mut(hidden * T::BYTES)) {
+        let values = xs
+            .get(row * hidden..(row + 1) * hidden)
+            .ok_or(CodecError::Row { row })?;
+        for (&value, bytes) in values.iter().zip(target.chunks_exact_mut(T::BYTES)) {
+            T::write(value, bytes);
+        }
     }
+    Ok(())
 }
 
 /// Adds row `i` of `payload` (`[rows.len(), hidden]`, checked here) into row
@@ -136,20 +132,25 @@ pub fn add_rows(
         return Err(CodecError::Row { row });
     }
     let data = payload.map(|p| &p.data[..]).unwrap_or_default();
-    let size = dtype.bytes();
-    for (i, &row) in rows.iter().enumerate() {
+    with_element!(dtype, D => with_element!(precision, P => scatter_add::<D, P>(data, rows, hidden, out)));
+    Ok(())
+}
+
+/// Adds row `i` of `data` (values of `D`) into row `rows[i]` of `out`
+/// (`[_, hidden]`), rounding each value and then each sum to `P`. The rows
+/// were checked to be inside `out`, and `data` to hold them.
+fn scatter_add<D: Element, P: Element>(
+    data: &[u8],
+    rows: &[usize],
+    hidden: usize,
+    out: &mut [f32],
+) {
+    for (&row, source) in rows.iter().zip(data.chunks_exact(hidden * D::BYTES)) {
         let target = &mut out[row * hidden..(row + 1) * hidden];
-        let source = &data[i * hidden * size..(i + 1) * hidden * size];
-        let value = |b: &[u8]| match dtype {
-            Dtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-            Dtype::Bf16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
-            Dtype::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
-        };
-        for (t, b) in target.iter_mut().zip(source.chunks_exact(size)) {
-            *t = round(precision, *t + round(precision, value(b)));
+        for (t, b) in target.iter_mut().zip(source.chunks_exact(D::BYTES)) {
+            *t = P::round(*t + P::round(D::read(b)));
         }
     }
-    Ok(())
 }
 
 /// The index of the first value of `payload` (of `dtype`) that is NaN or

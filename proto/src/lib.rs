@@ -13,10 +13,13 @@
 //! - [`codec`]: [`v1::TensorPayload`] ↔ host rows, validating on decode;
 //!   the wire's dtype values ↔ [`tramontane_config::Dtype`] (the one dtype
 //!   type of config, wire and command line).
+//! - `elements`: each wire element type's reading, writing and rounding,
+//!   one type each so that the codec's loops are compiled per type.
 
 #![forbid(unsafe_code)]
 
 pub mod codec;
+mod elements;
 
 #[allow(clippy::all)]
 pub mod v1 {
