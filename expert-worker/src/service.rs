@@ -2,7 +2,7 @@
 //! shape, byte length, layer, experts held, rows, weights) before any tensor
 //! is built; bad input is INVALID_ARGUMENT or NOT_FOUND naming the field.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use tch::Device;
@@ -20,7 +20,9 @@ use crate::payload;
 pub struct ExpertServer {
     compute: ComputeHandle,
     info: WorkerInfo,
-    held: HashSet<(usize, usize)>,
+    /// Each (layer, expert) held, with its counter of tokens computed
+    /// (registered once here: a Forward of many experts makes no labels).
+    held: HashMap<(usize, usize), metrics::Counter>,
 }
 
 impl ExpertServer {
@@ -34,6 +36,14 @@ impl ExpertServer {
             .held
             .iter()
             .flat_map(|(layer, experts)| experts.iter().map(move |&e| (*layer, e)))
+            .map(|(layer, expert)| {
+                let tokens = metrics::counter!(
+                    crate::metrics::EXPERT_TOKENS_TOTAL,
+                    "layer" => layer.to_string(),
+                    "expert" => expert.to_string()
+                );
+                ((layer, expert), tokens)
+            })
             .collect();
         Self {
             compute,
@@ -80,7 +90,10 @@ impl ExpertServer {
         if rows == 0 {
             return Err(Status::invalid_argument("hidden: no rows"));
         }
-        let mut seen_experts = HashSet::new();
+        // Which experts and (per expert) rows were seen; each item's rows
+        // are cleared again after it.
+        let mut seen_experts = vec![false; moe.experts + 1];
+        let mut seen_rows = vec![false; rows as usize];
         let mut work = Vec::with_capacity(request.experts.len());
         for (i, item) in request.experts.iter().enumerate() {
             let expert = item.expert as usize;
@@ -95,12 +108,12 @@ impl ExpertServer {
                     }
                 )));
             }
-            if !self.held.contains(&(layer, expert)) {
+            if !self.held.contains_key(&(layer, expert)) {
                 return Err(Status::not_found(format!(
                     "experts[{i}].expert: layer {layer} expert {expert} is not held by this worker"
                 )));
             }
-            if !seen_experts.insert(expert) {
+            if std::mem::replace(&mut seen_experts[expert], true) {
                 return Err(Status::invalid_argument(format!(
                     "experts[{i}].expert: expert {expert} appears twice"
                 )));
@@ -112,18 +125,20 @@ impl ExpertServer {
                     item.weights.len()
                 )));
             }
-            let mut seen_rows = HashSet::new();
             for &row in &item.rows {
                 if row as i64 >= rows {
                     return Err(Status::invalid_argument(format!(
                         "experts[{i}].rows: row {row} is out of range (hidden has {rows} rows)"
                     )));
                 }
-                if !seen_rows.insert(row) {
+                if std::mem::replace(&mut seen_rows[row as usize], true) {
                     return Err(Status::invalid_argument(format!(
                         "experts[{i}].rows: row {row} appears twice"
                     )));
                 }
+            }
+            for &row in &item.rows {
+                seen_rows[row as usize] = false;
             }
             if let Some(w) = item.weights.iter().find(|w| !w.is_finite()) {
                 return Err(Status::invalid_argument(format!(
@@ -210,12 +225,9 @@ impl ExpertServer {
         let arrived = Instant::now();
         let (layer, work) = self.validate(&request)?;
         for item in &work {
-            metrics::counter!(
-                crate::metrics::EXPERT_TOKENS_TOTAL,
-                "layer" => layer.to_string(),
-                "expert" => item.expert.to_string()
-            )
-            .increment(item.rows.len() as u64);
+            if let Some(tokens) = self.held.get(&(layer, item.expert)) {
+                tokens.increment(item.rows.len() as u64);
+            }
         }
         metrics::gauge!(crate::metrics::QUEUE_DEPTH).set(self.compute.queue_depth() as f64);
         let hidden = payload::to_tensor(request.hidden.as_ref(), "hidden", 2)

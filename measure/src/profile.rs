@@ -14,9 +14,7 @@ use tramontane_model::experts::Experts;
 use tramontane_model::gating::Routing;
 use tramontane_model::kv_cache::KvCache;
 use tramontane_model::weights::Checkpoint;
-use tramontane_model::{
-    BatchItem, CausalLm, Dtype, ForwardError, LoadOptions, Logits, MixtralConfig,
-};
+use tramontane_model::{BatchItem, CausalLm, Dtype, ForwardError, LoadOptions, Logits, ModelSpec};
 use tramontane_planner::profile::{FORMAT, ModelShape, Point, Profile, interpolate};
 use tramontane_policy::placement::Placement;
 
@@ -263,31 +261,54 @@ struct WorkerCosts {
 /// faster a worker computes without the others.
 fn measure_workers(
     args: &ProfileOptions,
-    config: &MixtralConfig,
+    spec: &ModelSpec,
     dtype: Dtype,
     lanes: usize,
 ) -> Result<WorkerCosts, MeasureError> {
     let options = args.load;
-    let expert_bytes = (config.expert_parameters() * dtype.bytes()) as u64;
-    let layer_bytes = expert_bytes * config.num_local_experts as u64;
-    let layers = WORKER_WORKING_SET
-        .div_ceil(layer_bytes)
-        .clamp(1, config.num_hidden_layers as u64) as usize;
-    let experts = config.num_local_experts;
+    let hidden = spec.hidden_size;
+    // The leading MoE layers shaped as the first one (dense layers and
+    // others are left out), enough for the working set.
+    let (_, moe) = spec.moe_layers().next().ok_or_else(|| {
+        MeasureError::Invalid(format!(
+            "{} has no MoE layer to profile",
+            args.model.display()
+        ))
+    })?;
+    let experts = moe.experts;
+    let expert_bytes = (ModelSpec::expert_parameters(moe, hidden) * dtype.bytes()) as u64;
+    let wanted = WORKER_WORKING_SET
+        .div_ceil(expert_bytes * experts as u64)
+        .max(1) as usize;
+    let profiled: Vec<usize> = spec
+        .moe_layers()
+        .filter(|(_, m)| m.experts == experts && m.width == moe.width)
+        .map(|(layer, _)| layer)
+        .take(wanted)
+        .collect();
+    let layers = profiled.len();
     if experts < 2 * lanes {
         return Err(MeasureError::Invalid(format!(
             "profiling {lanes} workers needs at least {} experts per layer",
             2 * lanes
         )));
     }
-    let hidden = config.hidden_size;
     let runtime = tokio::runtime::Runtime::new().map_err(MeasureError::io("starting a runtime"))?;
     let command = WorkerCommand {
         exe: args.exe.clone(),
         model: args.model.clone(),
-        held: ["--experts", "all", "--layers", &format!("0-{}", layers - 1)]
-            .map(Into::into)
-            .to_vec(),
+        held: [
+            "--experts".to_string(),
+            "all".into(),
+            "--layers".into(),
+            profiled
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        ]
+        .map(Into::into)
+        .to_vec(),
         device: args.device.clone(),
         threads: args.worker_threads,
         extra: ["--dtype", dtype.flag()].map(Into::into).to_vec(),
@@ -299,8 +320,12 @@ fn measure_workers(
         addrs.push(worker.addr.clone());
         workers.push(worker);
     }
-    // Expert e of the held layers on worker e mod lanes.
-    let placement = Placement::round_robin(&vec![experts; layers], lanes)?;
+    // Expert e of the profiled layers on worker e mod lanes; none of the others.
+    let mut per_layer = vec![0; profiled.last().map_or(0, |&l| l + 1)];
+    for &layer in &profiled {
+        per_layer[layer] = experts;
+    }
+    let placement = Placement::round_robin(&per_layer, lanes)?;
     let remote = runtime.block_on(RemoteExperts::connect(
         &args.model,
         &addrs,
@@ -330,7 +355,7 @@ fn measure_workers(
                 experts: (0..rows).flat_map(|_| chosen.iter().copied()).collect(),
                 weights: vec![1.0 / k as f32; rows * k],
             };
-            let layer = turn % layers;
+            let layer = profiled[turn % layers];
             turn += 1;
             let start = Instant::now();
             let _ = remote.finish(remote.start(layer, &xs, &routing)?)?;
@@ -435,14 +460,14 @@ pub fn measure(args: &ProfileOptions) -> Result<Profile, MeasureError> {
     let options = args.load;
     let dtype = options.dtype;
     let device = options.device;
-    let config = MixtralConfig::from_file(&args.model.join("config.json"))?;
+    let spec = ModelSpec::from_file(&args.model.join("config.json"))?;
     let checkpoint = Checkpoint::open(&args.model)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
     let worker_threads = args.worker_threads;
     let router_threads = tch::get_num_threads();
 
     tracing::info!(threads = router_threads, "profiling the dense part");
-    let model = CausalLm::load_dense(&checkpoint, config.spec(), options, NoExperts)?;
+    let model = CausalLm::load_dense(&checkpoint, spec.clone(), options, NoExperts)?;
     let dense = measure_dense(&model, &checkpoint, args, device)?;
     drop(model);
 
@@ -452,7 +477,7 @@ pub fn measure(args: &ProfileOptions) -> Result<Profile, MeasureError> {
         threads = worker_threads,
         "profiling experts and round trips"
     );
-    let workers = measure_workers(args, &config, dtype, lanes.unwrap_or(1))?;
+    let workers = measure_workers(args, &spec, dtype, lanes.unwrap_or(1))?;
 
     let profile = Profile {
         format: FORMAT.into(),
@@ -468,7 +493,7 @@ pub fn measure(args: &ProfileOptions) -> Result<Profile, MeasureError> {
         ),
         memory_bytes: args.memory_bytes,
         shared_lanes: lanes,
-        model: ModelShape::new(&config.spec(), dtype.bytes()),
+        model: ModelShape::new(&spec, dtype.bytes()),
         expert_ffn: workers.expert_ffn,
         dense_step: dense.dense_step,
         lm_head: dense.lm_head,

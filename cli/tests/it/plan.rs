@@ -851,3 +851,78 @@ fn plan_against_measurement_runs_on_a_small_configuration() -> Result<()> {
     );
     Ok(())
 }
+
+/// `tramontane profile` on a Qwen3-MoE whose first layer is dense: it
+/// profiles the MoE layers only (its workers hold those), records the
+/// family's shape, and `plan` takes the profile for that model.
+#[test]
+fn profile_measures_a_model_with_dense_layers_and_plan_takes_it() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    support::gen_model(
+        &model,
+        &[
+            "--family",
+            "qwen3_moe",
+            "--preset",
+            "tiny",
+            "--layers",
+            "3",
+            "--dense-layers",
+            "0",
+            "--seed",
+            "5",
+        ],
+    )?;
+    let profile = dir.path().join("profile.json");
+    support::run_ok(
+        support::tramontane()
+            .args(["profile", "--model"])
+            .arg(&model)
+            .arg("--out")
+            .arg(&profile)
+            .args([
+                "--max-tokens",
+                "4",
+                "--repeats",
+                "1",
+                "--worker-threads",
+                "1",
+                "--threads",
+                "1",
+            ]),
+    )?;
+    let written: Value = serde_json::from_str(&std::fs::read_to_string(&profile)?)?;
+    let shape = &written["model"];
+    assert_eq!(shape["experts"], 16, "{shape}");
+    assert_eq!(shape["top_k"], 4, "{shape}");
+    assert_eq!(shape["layers"], 3, "{shape}");
+    assert_eq!(shape["dense_layers"], serde_json::json!([0]), "{shape}");
+    for curve in ["expert_ffn", "dense_step", "dispatch"] {
+        let points = written[curve].as_array().context("points")?;
+        ensure!(!points.is_empty(), "{curve}: {written}");
+        for p in points {
+            let s = p["seconds"].as_f64().context("seconds")?;
+            ensure!(s.is_finite() && s >= 0.0, "{curve}: {p}");
+        }
+    }
+    let report = plan_json(&[
+        "--model",
+        model.to_str().context("path")?,
+        "--profile",
+        profile.to_str().context("path")?,
+        "--gpus",
+        "2",
+        "--concurrency",
+        "2",
+        "--prompt-len",
+        "16",
+        "--output-len",
+        "8",
+        "--requests",
+        "10",
+    ])?;
+    let tokens = workers_plan(&report, 2)["prediction"]["output_tokens_per_s"].as_f64();
+    ensure!(tokens.is_some_and(|t| t.is_finite() && t > 0.0), "{report}");
+    Ok(())
+}
