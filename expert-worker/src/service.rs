@@ -32,6 +32,10 @@ impl ExpertServer {
     }
 
     pub fn new(compute: ComputeHandle, info: WorkerInfo) -> Self {
+        // The recorder first (once per process; `serve` gets the same): the
+        // counters below are handles into it, and a handle taken before it
+        // is installed counts nowhere.
+        crate::metrics::install();
         let held = info
             .held
             .iter()
