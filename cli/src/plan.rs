@@ -14,6 +14,7 @@ use tramontane_planner::plan::{PlacementPolicy, Planner, Sizes, Slo};
 use tramontane_planner::profile::Profile;
 use tramontane_planner::report::{self, PlanReport};
 use tramontane_planner::routing::TokenRouting;
+use tramontane_planner::weight_dtype::WeightDtype;
 use tramontane_planner::workload::{Arrivals, Lengths, Workload};
 
 use crate::options::SchedulerArgs;
@@ -39,6 +40,11 @@ pub struct PlanArgs {
     /// dtype of weights and activations (default: the config's torch_dtype).
     #[arg(long, value_enum)]
     pub dtype: Option<Dtype>,
+    /// How the routed experts' weights are stored: f32, bf16, f16, int8
+    /// (per-channel scales), fp8 (128×128 block scales) or mxfp4 (default:
+    /// the checkpoint's quantization_config, else --dtype).
+    #[arg(long)]
+    pub weight_dtype: Option<WeightDtype>,
     /// Expert workers (one device each); the router's device comes on top.
     #[arg(long)]
     pub gpus: Option<usize>,
@@ -107,8 +113,17 @@ pub fn run(args: &PlanArgs) -> Result<()> {
     let planned = PlannedModel::read(&args.model)
         .with_context(|| format!("--model {}", args.model.display()))?;
     let dtype = planned.dtype(args.dtype)?;
-    let model = planned.sized(dtype);
+    let weights = planned.weight_dtype(args.weight_dtype, dtype)?;
+    let model = planned.sized(dtype, weights);
     let profile = Profile::load(&args.profile, &model)?;
+    if !profile.estimate && weights != WeightDtype::of(dtype) {
+        bail!(
+            "--profile {}: a measured profile times the experts as they were measured, in {}; \
+             experts stored as {weights} need a datasheet profile (h100, h200, a100)",
+            args.profile,
+            dtype.flag()
+        );
+    }
     let routing = match &args.routing_trace {
         Some(path) => TokenRouting::from_trace(path, &model, Some(&planned.model_id))?,
         None => TokenRouting::uniform(&model),

@@ -36,4 +36,5 @@ pub mod svg;
 #[cfg(test)]
 mod test_fixtures;
 mod torch_order;
+pub mod weight_dtype;
 pub mod workload;

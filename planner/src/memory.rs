@@ -44,10 +44,14 @@ impl SizedModel {
         })
     }
 
-    /// Bytes of one routed expert of decoder layer `layer`; 0 for a dense
-    /// layer.
+    /// Bytes of one routed expert of decoder layer `layer` as its weights
+    /// are stored (gate and up `[width, hidden]`, down `[hidden, width]`,
+    /// with their scales when quantized); 0 for a dense layer.
     pub fn expert_bytes(&self, layer: usize) -> u64 {
-        self.expert_parameters_of(layer) * self.dtype_bytes as u64
+        self.spec.moe(layer).map_or(0, |moe| {
+            let (width, hidden) = (moe.width as u64, self.spec.hidden_size as u64);
+            2 * self.experts.matrix_bytes(width, hidden) + self.experts.matrix_bytes(hidden, width)
+        })
     }
 
     /// Parameters of the largest routed expert of any layer (the families'
@@ -61,7 +65,10 @@ impl SizedModel {
 
     /// Bytes of the largest routed expert of any layer.
     pub fn expert_layer_bytes(&self) -> u64 {
-        self.expert_parameters() * self.dtype_bytes as u64
+        (0..self.spec.layers.len())
+            .map(|layer| self.expert_bytes(layer))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Bytes of one expert id across every MoE layer (what a worker holding
@@ -125,6 +132,36 @@ mod tests {
 
     /// What an 80 GB H100 holds at the usable fraction.
     const H100_USABLE: u64 = 72_000_000_000;
+
+    #[test]
+    fn mixtral_8x7b_in_int8_fits_one_h100_where_bf16_needs_two() {
+        use crate::weight_dtype::WeightDtype;
+        let bf16 = fixture("mixtral-8x7b");
+        let int8 = SizedModel {
+            experts: WeightDtype::Int8,
+            ..bf16.clone()
+        };
+        // bf16: 2 bytes × 176,160,768 weights.
+        assert_eq!(bf16.expert_bytes(0), 352_321_536);
+        // int8: 176,160,768 bytes of weights, and an f32 scale per output
+        // channel: (14336 of w1 + 14336 of w3 + 4096 of w2) × 4 = 131,072.
+        assert_eq!(int8.expert_bytes(0), 176_291_840);
+        assert_eq!(int8.expert_layer_bytes(), 176_291_840);
+        assert_eq!(int8.expert_bytes_all_layers(), 32 * 176_291_840);
+        // All 256 (layer, expert) pairs: 45.1 GB, under an H100's 72 GB; in
+        // bf16 90.2 GB, two workers of 4 expert ids each.
+        assert_eq!(8 * int8.expert_bytes_all_layers(), 45_130_711_040);
+        assert_eq!(h100_workers(8, int8.expert_bytes_all_layers()), 1);
+        assert_eq!(h100_workers(8, bf16.expert_bytes_all_layers()), 2);
+        // The router's dense part stays in the compute dtype.
+        assert_eq!(int8.dense_bytes(), bf16.dense_bytes());
+        // FP8 with 128×128 block scales: 112 × 32 blocks in w1 and w3, 32 × 112 in w2.
+        let fp8 = SizedModel {
+            experts: WeightDtype::Fp8,
+            ..bf16.clone()
+        };
+        assert_eq!(fp8.expert_bytes(0), 176_160_768 + 3 * 3_584 * 4);
+    }
 
     #[test]
     fn mixtral_8x7b_by_hand() {

@@ -10,12 +10,15 @@ use std::path::{Path, PathBuf};
 use tramontane_config::{ConfigError, Dtype, ModelSpec};
 
 use crate::profile::ModelShape;
+use crate::weight_dtype::WeightDtype;
 
 #[derive(Debug, Clone)]
 pub struct PlannedModel {
     pub spec: ModelSpec,
     /// config.json's `torch_dtype`, as written.
     pub torch_dtype: Option<String>,
+    /// config.json's `quantization_config.quant_method`, where it has one.
+    pub quant_method: Option<String>,
     /// Hex SHA-256 of the config.json.
     pub model_id: String,
     /// The checkpoint folder's name.
@@ -31,10 +34,11 @@ impl PlannedModel {
         } else {
             path.to_path_buf()
         };
-        let (spec, torch_dtype) = ConfigError::reading(&file, |text| {
+        let (spec, torch_dtype, quant_method) = ConfigError::reading(&file, |text| {
             Ok((
                 ModelSpec::from_json(text)?,
                 tramontane_config::dtype::torch_dtype(text)?,
+                quant_method(text)?,
             ))
         })?;
         let dir = file.parent().unwrap_or(Path::new("."));
@@ -46,6 +50,7 @@ impl PlannedModel {
         Ok(Self {
             spec,
             torch_dtype,
+            quant_method,
             model_id,
             name,
         })
@@ -59,23 +64,63 @@ impl PlannedModel {
         }
     }
 
-    /// The model in `dtype`.
-    pub fn sized(&self, dtype: Dtype) -> SizedModel {
+    /// How the experts' weights are stored: `weights`, or else as the
+    /// checkpoint's `quantization_config` says, or else in `dtype`. A
+    /// quantization method this planner cannot size is refused by name.
+    pub fn weight_dtype(
+        &self,
+        weights: Option<WeightDtype>,
+        dtype: Dtype,
+    ) -> Result<WeightDtype, ConfigError> {
+        match (weights, self.quant_method.as_deref()) {
+            (Some(weights), _) => Ok(weights),
+            (None, None) => Ok(WeightDtype::of(dtype)),
+            (None, Some(method)) => {
+                WeightDtype::of_quant_method(method).ok_or_else(|| ConfigError::Invalid {
+                    field: "quantization_config.quant_method",
+                    reason: format!(
+                        "{method:?} is not one the planner sizes (fp8, mxfp4); give --weight-dtype"
+                    ),
+                })
+            }
+        }
+    }
+
+    /// The model computing in `dtype`, its experts' weights stored as `experts`.
+    pub fn sized(&self, dtype: Dtype, experts: WeightDtype) -> SizedModel {
         SizedModel {
             spec: self.spec.clone(),
             dtype_bytes: dtype.bytes(),
+            experts,
         }
     }
 }
 
-/// A model as the planner sizes it: its description, and the bytes of one
-/// weight or activation element. Its memory arithmetic is in
-/// [`crate::memory`].
+/// `quantization_config.quant_method` of a config.json, where it has one.
+fn quant_method(text: &str) -> Result<Option<String>, ConfigError> {
+    #[derive(serde::Deserialize)]
+    struct Config {
+        quantization_config: Option<Quantization>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Quantization {
+        quant_method: Option<String>,
+    }
+    let config: Config =
+        serde_json::from_str(text).map_err(|error| ConfigError::Parse { path: None, error })?;
+    Ok(config.quantization_config.and_then(|q| q.quant_method))
+}
+
+/// A model as the planner sizes it: its description, the bytes of one
+/// activation or dense weight element, and how its routed experts' weights
+/// are stored. Its memory arithmetic is in [`crate::memory`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct SizedModel {
     pub spec: ModelSpec,
     /// 4 for f32, 2 for bf16.
     pub dtype_bytes: usize,
+    /// The routed experts' weights (the dense part is in the compute dtype).
+    pub experts: WeightDtype,
 }
 
 impl SizedModel {
@@ -117,7 +162,7 @@ mod tests {
             assert_eq!(model.spec.experts_per_layer(), vec![experts; layers]);
             assert_eq!(model.torch_dtype.as_deref(), Some("bfloat16"), "{name}");
             assert_eq!(model.dtype(None).unwrap(), Dtype::Bf16);
-            assert_eq!(model.sized(Dtype::F32).dtype_bytes, 4);
+            assert_eq!(model.sized(Dtype::F32, WeightDtype::F32).dtype_bytes, 4);
         }
     }
 

@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::plan::{ClusterPlan, Planner, Slo};
 use crate::profile::ModelShape;
 use crate::svg;
+use crate::weight_dtype::WeightDtype;
 use crate::workload::{Arrivals, Workload};
 
 /// Everything `plan --json` prints.
@@ -38,6 +39,8 @@ pub struct ModelReport<'a> {
     pub active_parameters: u64,
     /// The routed experts' (the workers').
     pub routed_expert_parameters: u64,
+    /// How the routed experts' weights are stored.
+    pub weight_dtype: WeightDtype,
     /// Everything else, on the router: embeddings, lm_head, attention,
     /// norms, gates, dense-layer MLPs, shared experts.
     pub dense_bytes: u64,
@@ -74,6 +77,7 @@ impl<'a> PlanReport<'a> {
                 parameters: parameters.total as u64,
                 active_parameters: parameters.active as u64,
                 routed_expert_parameters: parameters.routed_experts as u64,
+                weight_dtype: m.experts,
                 dense_bytes: m.dense_bytes(),
                 expert_layer_bytes: m.expert_layer_bytes(),
                 expert_bytes_all_layers: m.expert_bytes_all_layers(),
@@ -132,13 +136,14 @@ pub fn text(
         .unwrap_or_default();
     let _ = writeln!(
         out,
-        "model {name}: {:.2} B parameters ({:.2} B active), {layers}, {} routed experts of width {} (top-{}){shared}, {} bytes per weight; dense part {:.2} GB, one expert {:.1} MB per layer, {:.2} GB across all {moe_layers} MoE layers; KV cache {} KiB per token",
+        "model {name}: {:.2} B parameters ({:.2} B active), {layers}, {} routed experts of width {} (top-{}){shared}, {} bytes per weight, experts stored as {}; dense part {:.2} GB, one expert {:.1} MB per layer, {:.2} GB across all {moe_layers} MoE layers; KV cache {} KiB per token",
         parameters.total as f64 / 1e9,
         parameters.active as f64 / 1e9,
         shape.experts,
         shape.intermediate_size,
         shape.top_k,
         shape.dtype_bytes,
+        m.experts,
         gb(m.dense_bytes()),
         m.expert_layer_bytes() as f64 / 1e6,
         gb(m.expert_bytes_all_layers()),

@@ -87,11 +87,13 @@ impl Gpu {
         let bytes = model.dtype_bytes as f64;
         let rows: Vec<f64> = (0..=14).map(|p| f64::from(1u32 << p)).collect();
         let expert_params = model.expert_parameters() as f64;
+        // The weights an expert call streams, as they are stored.
+        let expert_bytes = model.expert_layer_bytes() as f64;
         let expert_ffn = rows
             .iter()
             .map(|&n| Point {
                 x: n,
-                seconds: self.roofline(2.0 * expert_params * n, expert_params * bytes)
+                seconds: self.roofline(2.0 * expert_params * n, expert_bytes)
                     + EXPERT_KERNELS * LAUNCH_SECONDS,
             })
             .collect();

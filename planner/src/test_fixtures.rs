@@ -7,6 +7,7 @@ use tramontane_policy::routing_trace::{FORMAT as TRACE_FORMAT, Header, RoutingTr
 
 use crate::model::{PlannedModel, SizedModel};
 use crate::profile::{FORMAT, Point, Profile};
+use crate::weight_dtype::WeightDtype;
 
 /// A small model in f32: hidden 8, `layers` layers of `experts` experts
 /// of width 16, top-k; two heads of 4 over one KV head, a vocabulary of 10.
@@ -59,6 +60,7 @@ pub fn with_dense_layers(
     SizedModel {
         spec,
         dtype_bytes: 4,
+        experts: WeightDtype::F32,
     }
 }
 
@@ -69,7 +71,7 @@ pub fn fixture(name: &str) -> SizedModel {
         .join(name);
     PlannedModel::read(&path)
         .unwrap_or_else(|e| panic!("{name}: {e}"))
-        .sized(Dtype::Bf16)
+        .sized(Dtype::Bf16, WeightDtype::Bf16)
 }
 
 /// A profile of `model` where a step's dense part costs `dense` seconds and

@@ -926,3 +926,80 @@ fn profile_measures_a_model_with_dense_layers_and_plan_takes_it() -> Result<()> 
     ensure!(tokens.is_some_and(|t| t.is_finite() && t > 0.0), "{report}");
     Ok(())
 }
+
+/// `--weight-dtype`: Mixtral-8x7B's experts in int8 fit one H100 worker,
+/// in bf16 they do not; a checkpoint's `quantization_config` is the
+/// default; an unknown weight dtype or quantization method is refused by
+/// name.
+#[test]
+fn the_experts_weight_dtype_sizes_the_workers() -> Result<()> {
+    let model = fixture("mixtral-8x7b");
+    let model = model.to_str().context("path")?;
+    let one_worker = |weights: &[&str]| -> Result<Value> {
+        plan_json(
+            &[
+                &["--model", model, "--profile", "h100", "--gpus", "1"],
+                weights,
+                &LOAD[..],
+            ]
+            .concat(),
+        )
+    };
+    let int8 = one_worker(&["--weight-dtype", "int8"])?;
+    assert_eq!(int8["model"]["weight_dtype"], "int8");
+    assert_eq!(int8["model"]["expert_layer_bytes"], 176_291_840u64);
+    assert_eq!(workers_plan(&int8, 1)["fits"], true);
+    assert_eq!(
+        workers_plan(&int8, 1)["memory"][1]["expert_bytes"],
+        256 * 176_291_840u64
+    );
+    let bf16 = one_worker(&[])?;
+    assert_eq!(bf16["model"]["weight_dtype"], "bf16");
+    assert_eq!(workers_plan(&bf16, 1)["fits"], false);
+
+    let err = plan_error(
+        &[
+            &["--model", model, "--profile", "h100", "--gpus", "1"],
+            &["--weight-dtype", "int4"][..],
+            &LOAD[..],
+        ]
+        .concat(),
+    )?;
+    assert!(
+        err.contains("int4") && err.contains("int8, fp8, mxfp4"),
+        "{err}"
+    );
+
+    // The checkpoint's own quantization: fp8 by default, and a method the
+    // planner cannot size refused by name.
+    let dir = tempfile::tempdir()?;
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("mixtral-8x7b"))?)?;
+    for (method, sized) in [("fp8", true), ("gptq", false)] {
+        config["quantization_config"] =
+            serde_json::json!({"quant_method": method, "weight_block_size": [128, 128]});
+        let path = dir.path().join(method).join("config.json");
+        std::fs::create_dir_all(path.parent().context("folder")?)?;
+        std::fs::write(&path, config.to_string())?;
+        let args = [
+            &["--model", path.to_str().context("path")?][..],
+            &["--profile", "h100", "--gpus", "1"],
+            &LOAD[..],
+        ]
+        .concat();
+        if sized {
+            let report = plan_json(&args)?;
+            assert_eq!(report["model"]["weight_dtype"], "fp8");
+            assert_eq!(workers_plan(&report, 1)["fits"], true);
+        } else {
+            let err = plan_error(&args)?;
+            assert!(
+                err.contains("quant_method")
+                    && err.contains("gptq")
+                    && err.contains("--weight-dtype"),
+                "{err}"
+            );
+        }
+    }
+    Ok(())
+}
