@@ -67,6 +67,25 @@ pub fn torch_dtype(text: &str) -> Result<Option<String>, ConfigError> {
         .map_err(|error| ConfigError::Parse { path: None, error })
 }
 
+/// The `quantization_config.quant_method` a config.json's text names (how
+/// a quantized checkpoint stores its weights: `fp8`, `mxfp4`, ...), as
+/// written; None where it has none.
+pub fn quant_method(text: &str) -> Result<Option<String>, ConfigError> {
+    #[derive(Deserialize)]
+    struct Said {
+        #[serde(default)]
+        quantization_config: Option<Quantization>,
+    }
+    #[derive(Deserialize)]
+    struct Quantization {
+        #[serde(default)]
+        quant_method: Option<String>,
+    }
+    serde_json::from_str::<Said>(text)
+        .map(|said| said.quantization_config.and_then(|q| q.quant_method))
+        .map_err(|error| ConfigError::Parse { path: None, error })
+}
+
 impl fmt::Display for Dtype {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.flag())
@@ -108,5 +127,19 @@ mod tests {
         );
         assert_eq!(said(r#"{"model_type": "olmoe"}"#), None);
         assert!(torch_dtype("{").is_err());
+    }
+
+    #[test]
+    fn quant_method_is_read_as_written() {
+        let said = |text| quant_method(text).unwrap();
+        assert_eq!(
+            said(
+                r#"{"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}"#
+            ),
+            Some("fp8".into())
+        );
+        assert_eq!(said(r#"{"quantization_config": {}}"#), None);
+        assert_eq!(said(r#"{"model_type": "mixtral"}"#), None);
+        assert!(quant_method("{").is_err());
     }
 }

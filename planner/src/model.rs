@@ -38,7 +38,7 @@ impl PlannedModel {
             Ok((
                 ModelSpec::from_json(text)?,
                 tramontane_config::dtype::torch_dtype(text)?,
-                quant_method(text)?,
+                tramontane_config::dtype::quant_method(text)?,
             ))
         })?;
         let dir = file.parent().unwrap_or(Path::new("."));
@@ -94,21 +94,6 @@ impl PlannedModel {
             experts,
         }
     }
-}
-
-/// `quantization_config.quant_method` of a config.json, where it has one.
-fn quant_method(text: &str) -> Result<Option<String>, ConfigError> {
-    #[derive(serde::Deserialize)]
-    struct Config {
-        quantization_config: Option<Quantization>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Quantization {
-        quant_method: Option<String>,
-    }
-    let config: Config =
-        serde_json::from_str(text).map_err(|error| ConfigError::Parse { path: None, error })?;
-    Ok(config.quantization_config.and_then(|q| q.quant_method))
 }
 
 /// A model as the planner sizes it: its description, the bytes of one
