@@ -11,7 +11,7 @@ use tch::Device;
 use tramontane_dispatch::MicroBatches;
 use tramontane_infra::grpc::DEFAULT_MAX_MESSAGE_BYTES;
 use tramontane_infra::tls::Tls;
-use tramontane_model::{Dtype, LoadOptions, SharedExperts};
+use tramontane_model::{Dtype, LoadOptions, Quantization, SharedExperts};
 use tramontane_policy::scheduler::{SchedulerConfig, SchedulerConfigError};
 use tramontane_router::RouterOptions;
 use tramontane_router::api_keys::ApiKeys;
@@ -38,9 +38,33 @@ pub struct ComputeArgs {
         env = "TRAMONTANE_SHARED_EXPERTS"
     )]
     pub shared_experts: SharedExperts,
+    /// Hold the routed experts quantized, weight-only (activations stay in
+    /// --dtype): int8, one f32 scale per output row, from a bf16, f16 or
+    /// f32 checkpoint.
+    #[arg(long, value_enum, env = "TRAMONTANE_QUANTIZE")]
+    pub quantize: Option<Quantization>,
+    /// With --quantize: the dense part's projections too (attention, dense
+    /// and shared MLPs, lm_head; not the embeddings, gates or norms).
+    #[arg(long, requires = "quantize", env = "TRAMONTANE_QUANTIZE_DENSE")]
+    pub quantize_dense: bool,
 }
 
 impl ComputeArgs {
+    /// What a worker started for this process computes like: its dtype,
+    /// where shared experts run, its experts' quantization.
+    pub fn worker_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--dtype".to_string(),
+            self.dtype.flag().into(),
+            "--shared-experts".into(),
+            self.shared_experts.flag().into(),
+        ];
+        if let Some(quantize) = self.quantize {
+            args.extend(["--quantize".to_string(), quantize.flag().into()]);
+        }
+        args
+    }
+
     /// Validates the options and applies the thread count.
     pub fn load_options(&self) -> Result<LoadOptions> {
         let device = parse_device(&self.device)?;
@@ -54,6 +78,8 @@ impl ComputeArgs {
             dtype: self.dtype,
             device,
             shared_experts: self.shared_experts,
+            quantize: self.quantize,
+            quantize_dense: self.quantize_dense,
         })
     }
 }

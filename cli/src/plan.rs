@@ -116,7 +116,8 @@ pub fn run(args: &PlanArgs) -> Result<()> {
     let weights = planned.weight_dtype(args.weight_dtype, dtype)?;
     let model = planned.sized(dtype, weights);
     let profile = Profile::load(&args.profile, &model)?;
-    if !profile.estimate && weights != WeightDtype::of(dtype) {
+    // A measured profile's quantized experts were checked with its shape.
+    if !profile.estimate && !weights.quantized() && weights != WeightDtype::of(dtype) {
         bail!(
             "--profile {}: a measured profile times the experts as they were measured, in {}; \
              experts stored as {weights} need a datasheet profile (h100, h200, a100)",

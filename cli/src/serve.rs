@@ -153,20 +153,17 @@ pub fn run(args: &ServeArgs) -> Result<()> {
                 held,
                 device: device.clone(),
                 threads,
-                // Workers compute in the router's dtype, and hold shared
-                // experts where the router places them there.
-                extra: [
-                    "--dtype",
-                    args.compute.dtype.flag(),
-                    "--shared-experts",
-                    args.compute.shared_experts.flag(),
-                ]
-                .into_iter()
-                .map(String::from)
-                .chain(args.telemetry.to_args())
-                .map(Into::into)
-                .chain(tls_args)
-                .collect(),
+                // Workers compute in the router's dtype, hold shared
+                // experts where the router places them there, and hold
+                // their experts quantized where asked.
+                extra: args
+                    .compute
+                    .worker_args()
+                    .into_iter()
+                    .chain(args.telemetry.to_args())
+                    .map(Into::into)
+                    .chain(tls_args)
+                    .collect(),
             };
             let process = spawn_worker(&command)
                 .await

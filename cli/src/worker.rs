@@ -114,8 +114,13 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
             .with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
         tracing::info!(
-            "worker holds {held} (layer, expert) pairs: {} MiB of expert weights, of a {} MiB checkpoint; RSS {} MiB",
+            "worker holds {held} (layer, expert) pairs: {} MiB of expert weights ({}), of a {} MiB checkpoint; RSS {} MiB",
             info.weight_bytes >> 20,
+            info.weight_dtypes
+                .iter()
+                .map(|(dtype, bytes)| format!("{dtype} {} MiB", bytes >> 20))
+                .collect::<Vec<_>>()
+                .join(", "),
             model_bytes >> 20,
             tramontane_infra::metrics::rss_bytes() >> 20,
         );

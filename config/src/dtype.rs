@@ -54,6 +54,32 @@ impl Dtype {
     }
 }
 
+/// A quantization applied to a checkpoint's weights at load
+/// (`--quantize`): they are stored in memory in fewer bits, and the
+/// activations stay in the compute dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum Quantization {
+    /// int8 with one f32 scale per output row (the row's largest magnitude
+    /// maps to 127).
+    Int8,
+}
+
+impl Quantization {
+    /// The command-line spelling, also the dtype's name in metrics.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Quantization::Int8 => "int8",
+        }
+    }
+}
+
+impl fmt::Display for Quantization {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.flag())
+    }
+}
+
 /// The `torch_dtype` a config.json's text names, as written (every family
 /// names the checkpoint's dtype there); None where it names none.
 pub fn torch_dtype(text: &str) -> Result<Option<String>, ConfigError> {

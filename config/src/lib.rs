@@ -28,7 +28,7 @@ pub mod qwen_moe;
 pub mod spec;
 pub mod tensors;
 
-pub use dtype::Dtype;
+pub use dtype::{Dtype, Quantization};
 pub use error::ConfigError;
 pub use mixtral::{MixtralConfig, TokenIds};
 pub use model_id::model_id;

@@ -36,7 +36,10 @@ pub struct WorkerInfo {
     pub device: Device,
     /// The dtype the experts compute in.
     pub dtype: tramontane_config::Dtype,
+    /// Bytes of the experts' matrices held, all dtypes together.
     pub weight_bytes: u64,
+    /// The same per dtype the matrices are held in (`int8`, `bf16`, ...).
+    pub weight_dtypes: Vec<(&'static str, u64)>,
 }
 
 /// One expert's share of a Forward: row indexes and their routing weights.
@@ -173,9 +176,10 @@ fn load(model: &WorkerModel) -> Result<(LocalExperts, WorkerInfo), LoadError> {
         &checkpoint,
         &config,
         &held,
-        model.options.kind(),
+        model.options.expert_precision(),
         model.options.device,
     )?;
+    let weight_dtypes = experts.bytes_by_dtype();
     let info = WorkerInfo {
         model_id,
         held: experts
@@ -186,7 +190,8 @@ fn load(model: &WorkerModel) -> Result<(LocalExperts, WorkerInfo), LoadError> {
         config,
         device: model.options.device,
         dtype: model.options.dtype,
-        weight_bytes: checkpoint.loaded_bytes(),
+        weight_bytes: weight_dtypes.iter().map(|(_, bytes)| bytes).sum(),
+        weight_dtypes,
     };
     Ok((experts, info))
 }
@@ -340,7 +345,8 @@ mod tests {
         let config = ModelSpec::from_file(&dir.path().join("config.json")).unwrap();
         let checkpoint = Checkpoint::open(dir.path()).unwrap();
         let experts =
-            LocalExperts::load(&checkpoint, &config, held, Kind::Float, Device::Cpu).unwrap();
+            LocalExperts::load(&checkpoint, &config, held, (Kind::Float, None), Device::Cpu)
+                .unwrap();
         (experts, config.hidden_size as i64)
     }
 

@@ -50,13 +50,16 @@ pub async fn serve(
     reporter
         .set_serving::<ExpertServiceServer<ExpertServer>>()
         .await;
-    let weight_bytes = server.weight_bytes();
+    let weight_dtypes = server.weight_dtypes().to_vec();
     let compute = server.compute().clone();
     let service = ExpertServiceServer::new(server)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
     let prometheus = metrics::install();
-    ::metrics::gauge!(metrics::MEMORY_BYTES, "kind" => "weights").set(weight_bytes as f64);
+    for (dtype, bytes) in weight_dtypes {
+        ::metrics::gauge!(metrics::MEMORY_BYTES, "kind" => "weights", "dtype" => dtype)
+            .set(bytes as f64);
+    }
     // Prometheus scrapes over HTTP/1.1 on the gRPC port.
     let scrape = axum::Router::new().route(
         "/metrics",

@@ -51,7 +51,7 @@ pub fn install() -> PrometheusHandle {
     describe_gauge!(
         MEMORY_BYTES,
         Unit::Bytes,
-        "Memory in use: kind=\"rss\" (the process), kind=\"weights\" (expert tensors)."
+        "Memory in use: kind=\"rss\" (the process), kind=\"weights\" (expert matrices, by the dtype they are held in: int8, bf16, ...)."
     );
     describe_counter!(ERRORS_TOTAL, "Failed Forwards by gRPC code.");
     describe_counter!(

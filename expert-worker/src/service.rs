@@ -56,9 +56,9 @@ impl ExpertServer {
         }
     }
 
-    /// Bytes of the expert weights this worker holds.
-    pub fn weight_bytes(&self) -> u64 {
-        self.info.weight_bytes
+    /// Bytes of the expert weights this worker holds, per dtype.
+    pub fn weight_dtypes(&self) -> &[(&'static str, u64)] {
+        &self.info.weight_dtypes
     }
 
     /// Checks everything but the tensor bytes' contents; returns the layer and

@@ -2,26 +2,26 @@
 //! intermediate 3584), 1 to 32 rows, on 2 scoped threads: compare with
 //! `cargo bench -p tramontane-kernels` before and after a change.
 //!
-//! Each iteration runs the next of 8 experts (176 MB in bf16, 352 MB in
-//! f32): more than the last-level cache holds, so the weights stream from
+//! Each iteration runs the next of 8 experts (88 MB in int8, 176 MB in
+//! bf16, 352 MB in f32): more than the last-level cache holds, so the weights stream from
 //! memory as they do in a decode step. The throughput is one expert's
 //! weight bytes per iteration.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tramontane_kernels::parallel::Scoped;
-use tramontane_kernels::{Bf16, Element, F32, Kernel, Shape, gate_up, linear, supported};
+use tramontane_kernels::{Bf16, Element, F32, Kernel, Matrix, Shape, gate_up, linear, supported};
 
 const HIDDEN: usize = 1024;
 const INTERMEDIATE: usize = 3584;
 const EXPERTS: usize = 8;
 
-struct Expert<E> {
-    w1: Vec<E>,
-    w3: Vec<E>,
-    w2: Vec<E>,
+struct Expert<W> {
+    w1: Vec<W>,
+    w3: Vec<W>,
+    w2: Vec<W>,
 }
 
-fn experts<E: Copy>(one: E) -> Vec<Expert<E>> {
+fn experts<W: Copy>(one: W) -> Vec<Expert<W>> {
     (0..EXPERTS)
         .map(|_| Expert {
             w1: vec![one; INTERMEDIATE * HIDDEN],
@@ -31,15 +31,24 @@ fn experts<E: Copy>(one: E) -> Vec<Expert<E>> {
         .collect()
 }
 
-fn group<K: Kernel>(c: &mut Criterion, name: &str, one: K::Elem, zero: K::Elem) {
+/// One expert's SwiGLU for 1 to 32 rows, its weights stored as `W`
+/// (`matrix` sees them as the kernels take them).
+fn group<K: Kernel, W: Copy>(
+    c: &mut Criterion,
+    name: &str,
+    (one, zero): (K::Elem, K::Elem),
+    weight: W,
+    matrix: for<'a> fn(&'a [W], &'a [f32]) -> Matrix<'a, K::Elem>,
+) {
     let team = Scoped(2);
-    let experts = experts(one);
+    let experts = experts(weight);
+    let scales = vec![1.0f32; INTERMEDIATE.max(HIDDEN)];
     let mut group = c.benchmark_group(name);
     for rows in [1usize, 2, 4, 8, 16, 32] {
         let x = vec![one; rows * HIDDEN];
         let mut h = vec![zero; rows * INTERMEDIATE];
         let mut y = vec![zero; rows * HIDDEN];
-        let bytes = 3 * HIDDEN * INTERMEDIATE * std::mem::size_of::<K::Elem>();
+        let bytes = 3 * HIDDEN * INTERMEDIATE * std::mem::size_of::<W>();
         group.throughput(Throughput::Bytes(bytes as u64));
         let mut next = 0;
         group.bench_function(BenchmarkId::from_parameter(rows), |b| {
@@ -51,17 +60,30 @@ fn group<K: Kernel>(c: &mut Criterion, name: &str, one: K::Elem, zero: K::Elem) 
                     inner: HIDDEN,
                     outputs: INTERMEDIATE,
                 };
-                gate_up::<K>(&team, &x, &expert.w1, &expert.w3, shape, &mut h).expect("shape");
+                let (w1, w3) = (
+                    matrix(&expert.w1, &scales[..INTERMEDIATE]),
+                    matrix(&expert.w3, &scales[..INTERMEDIATE]),
+                );
+                gate_up::<K>(&team, &x, w1, w3, shape, &mut h).expect("shape");
                 let shape = Shape {
                     rows,
                     inner: INTERMEDIATE,
                     outputs: HIDDEN,
                 };
-                linear::<K>(&team, &h, &expert.w2, shape, &mut y).expect("shape");
+                let w2 = matrix(&expert.w2, &scales[..HIDDEN]);
+                linear::<K>(&team, &h, w2, shape, &mut y).expect("shape");
             })
         });
     }
     group.finish();
+}
+
+fn plain<'a, E>(w: &'a [E], _: &'a [f32]) -> Matrix<'a, E> {
+    Matrix::Plain(w)
+}
+
+fn int8<'a, E>(values: &'a [i8], scales: &'a [f32]) -> Matrix<'a, E> {
+    Matrix::Int8 { values, scales }
 }
 
 fn kernels(c: &mut Criterion) {
@@ -70,8 +92,12 @@ fn kernels(c: &mut Criterion) {
         return;
     }
     // 0x3c00 is bf16 for 2⁻⁷: small enough that sums stay finite.
-    group::<Bf16>(c, "expert_bf16", 0x3c00, 0);
-    group::<F32>(c, "expert_f32", 2f32.powi(-7), 0.0);
+    let bf16 = (0x3c00, 0);
+    let f32 = (2f32.powi(-7), 0.0);
+    group::<Bf16, u16>(c, "expert_bf16", bf16, 0x3c00, plain);
+    group::<Bf16, i8>(c, "expert_bf16_int8", bf16, 1, int8);
+    group::<F32, f32>(c, "expert_f32", f32, 2f32.powi(-7), plain);
+    group::<F32, i8>(c, "expert_f32_int8", f32, 1, int8);
 }
 
 criterion_group!(benches, kernels);

@@ -8,7 +8,7 @@
 //! before they weight the values, and the output at the end, as there.
 
 use crate::avx512::{Kernel, exp_sum};
-use crate::blocks::dots;
+use crate::blocks::{Plain, dots};
 use crate::linear::{Shape, ShapeError, supported};
 use crate::parallel::{Parallel, for_each_unit};
 
@@ -128,13 +128,13 @@ pub fn decode_attention<K: Kernel>(
             };
             // SAFETY: supported; q holds `groups` rows of head_dim, each key
             // head_dim elements at a checked slot.
-            unsafe { dots::<K, 4, 4>(q, groups, head_dim, w, ahead, each) };
+            unsafe { dots::<K, Plain, 4, 4>(q, groups, head_dim, w, ahead, each) };
             i += 4;
         }
         for i in i..n {
             let each = |g: usize, [dot]: [f32; 1]| scores[g * n + i] = dot * scale;
             // SAFETY: as above, for the one key left.
-            unsafe { dots::<K, 1, 4>(q, groups, head_dim, [key(i)], [key(i)], each) };
+            unsafe { dots::<K, Plain, 1, 4>(q, groups, head_dim, [key(i)], [key(i)], each) };
         }
         // Softmax numerators, rounded as the element type, and their sums.
         let mut sums = vec![0.0f32; groups];

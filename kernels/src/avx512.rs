@@ -28,7 +28,7 @@ pub struct F32;
 
 /// One element type's kernels: [`Bf16`] or [`F32`] (sealed).
 pub trait Kernel: sealed::Sealed {
-    type Elem: Copy + Send + Sync;
+    type Elem: Copy + Send + Sync + 'static;
     const ELEMENT: Element;
     /// `acc[m][n] = Σ_i x[m * ldx + i] · w[n][i]` for `i < k`, prefetching
     /// `ahead[n][i]` meanwhile (any address: a prefetch never faults).
@@ -42,6 +42,20 @@ pub trait Kernel: sealed::Sealed {
         ldx: usize,
         w: [*const Self::Elem; NB],
         ahead: [*const Self::Elem; NB],
+        k: usize,
+    ) -> [[f32; NB]; MB];
+    /// [`Kernel::dot`] against int8 weight rows: `acc[m][n] = Σ_i x[m *
+    /// ldx + i] · w[n][i]`, each weight exact in the dot product's
+    /// element type (the caller applies the row's scale).
+    ///
+    /// # Safety
+    /// As [`Kernel::dot`].
+    #[doc(hidden)]
+    unsafe fn dot_i8<const MB: usize, const NB: usize>(
+        x: *const Self::Elem,
+        ldx: usize,
+        w: [*const i8; NB],
+        ahead: [*const i8; NB],
         k: usize,
     ) -> [[f32; NB]; MB];
     #[doc(hidden)]
@@ -94,6 +108,17 @@ impl Kernel for Bf16 {
         // `dot_bf16`'s.
         unsafe { dot_bf16::<MB, NB>(x, ldx, w, ahead, k) }
     }
+    unsafe fn dot_i8<const MB: usize, const NB: usize>(
+        x: *const u16,
+        ldx: usize,
+        w: [*const i8; NB],
+        ahead: [*const i8; NB],
+        k: usize,
+    ) -> [[f32; NB]; MB] {
+        // SAFETY: the caller keeps `Kernel::dot_i8`'s contract, which is
+        // `dot_bf16_i8`'s.
+        unsafe { dot_bf16_i8::<MB, NB>(x, ldx, w, ahead, k) }
+    }
     fn from_f32(value: f32) -> u16 {
         bf16_from_f32(value)
     }
@@ -129,6 +154,17 @@ impl Kernel for F32 {
         // SAFETY: the caller keeps `Kernel::dot`'s contract, which is
         // `dot_f32`'s.
         unsafe { dot_f32::<MB, NB>(x, ldx, w, ahead, k) }
+    }
+    unsafe fn dot_i8<const MB: usize, const NB: usize>(
+        x: *const f32,
+        ldx: usize,
+        w: [*const i8; NB],
+        ahead: [*const i8; NB],
+        k: usize,
+    ) -> [[f32; NB]; MB] {
+        // SAFETY: the caller keeps `Kernel::dot_i8`'s contract, which is
+        // `dot_f32_i8`'s.
+        unsafe { dot_f32_i8::<MB, NB>(x, ldx, w, ahead, k) }
     }
     fn from_f32(value: f32) -> f32 {
         value
@@ -200,6 +236,28 @@ unsafe fn dot_bf16<const MB: usize, const NB: usize>(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
+unsafe fn dot_bf16_i8<const MB: usize, const NB: usize>(
+    _: *const u16,
+    _: usize,
+    _: [*const i8; NB],
+    _: [*const i8; NB],
+    _: usize,
+) -> [[f32; NB]; MB] {
+    unreachable!("supported() is false off x86-64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dot_f32_i8<const MB: usize, const NB: usize>(
+    _: *const f32,
+    _: usize,
+    _: [*const i8; NB],
+    _: [*const i8; NB],
+    _: usize,
+) -> [[f32; NB]; MB] {
+    unreachable!("supported() is false off x86-64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
 unsafe fn dot_f32<const MB: usize, const NB: usize>(
     _: *const f32,
     _: usize,
@@ -210,22 +268,25 @@ unsafe fn dot_f32<const MB: usize, const NB: usize>(
     unreachable!("supported() is false off x86-64")
 }
 
-/// The dot-product kernel of one element type: `MB × NB` accumulators,
-/// whole steps of `$lanes` elements with plain loads (which the multiply-adds
-/// can take straight from memory, holding no register per row of x), then
-/// the row's end under a mask that reads nothing past it.
+/// A dot-product kernel: `MB × NB` accumulators, whole steps of `$lanes`
+/// elements with plain loads (which the multiply-adds can take straight
+/// from memory, holding no register per row of x), then the row's end
+/// under a mask that reads nothing past it. The weights are loaded (and
+/// widened, where stored narrower than x) by `load_w`.
 macro_rules! dot_kernel {
     (
-        $(#[$attr:meta])* fn $name:ident($elem:ty, $vec:ty, $lanes:literal, $mask:ty);
-        load: $load:expr, load_masked: $masked:expr, madd: $madd:expr
+        $(#[$attr:meta])* fn $name:ident($x:ty, $w:ty, $vec:ty, $lanes:literal, $mask:ty);
+        load: $load:expr, load_masked: $masked:expr,
+        load_w: $load_w:expr, load_w_masked: $masked_w:expr,
+        madd: $madd:expr
     ) => {
         $(#[$attr])*
         #[cfg(target_arch = "x86_64")]
         unsafe fn $name<const MB: usize, const NB: usize>(
-            x: *const $elem,
+            x: *const $x,
             ldx: usize,
-            w: [*const $elem; NB],
-            ahead: [*const $elem; NB],
+            w: [*const $w; NB],
+            ahead: [*const $w; NB],
             k: usize,
         ) -> [[f32; NB]; MB] {
             let mut acc = [[_mm512_setzero_ps(); NB]; MB];
@@ -233,7 +294,7 @@ macro_rules! dot_kernel {
             let mut at = 0;
             while at < full {
                 // SAFETY: `w[n]` and each row of x hold k ≥ at + lanes elements.
-                let wv: [$vec; NB] = std::array::from_fn(|n| unsafe { $load(w[n].add(at)) });
+                let wv: [$vec; NB] = std::array::from_fn(|n| unsafe { $load_w(w[n].add(at)) });
                 for n in 0..NB {
                     // A hint only: never faults, even past the end.
                     _mm_prefetch::<_MM_HINT_T1>(ahead[n].wrapping_add(at).cast());
@@ -250,7 +311,7 @@ macro_rules! dot_kernel {
             if at < k {
                 let mask = ((1u64 << (k - at)) - 1) as $mask;
                 // SAFETY: `mask` covers only the k - at elements left.
-                let wv: [$vec; NB] = std::array::from_fn(|n| unsafe { $masked(mask, w[n].add(at)) });
+                let wv: [$vec; NB] = std::array::from_fn(|n| unsafe { $masked_w(mask, w[n].add(at)) });
                 for m in 0..MB {
                     // SAFETY: `mask` covers only row m's k - at elements left.
                     let xv = unsafe { $masked(mask, x.add(m * ldx + at)) };
@@ -270,23 +331,94 @@ macro_rules! dot_kernel {
     };
 }
 
+/// 32 bfloat16 as the dot products take them; the transmute reads the
+/// same 512 bits.
+#[inline]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn load_bf16(p: *const u16) -> __m512bh {
+    // SAFETY: the caller's: 32 elements at `p`.
+    unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p.cast())) }
+}
+
+/// The first elements of 32 bfloat16 under `mask`, zero after.
+#[inline]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn load_bf16_masked(mask: __mmask32, p: *const u16) -> __m512bh {
+    // SAFETY: the caller's: the elements under `mask` at `p`.
+    unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(mask, p.cast())) }
+}
+
+/// 16 int8 as f32 (exact), those outside `mask` zero.
+#[inline]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn widen_i8_masked(mask: __mmask16, p: *const i8) -> __m512 {
+    // SAFETY: the caller's: the elements under `mask` at `p`.
+    unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p.cast()))) }
+}
+
+/// 32 int8 as bfloat16 (exact: 8 significant bits), those outside `mask`
+/// zero.
+#[inline]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn widen_i8_bf16_masked(mask: __mmask32, p: *const i8) -> __m512bh {
+    // SAFETY: the caller's: the elements under `mask` at `p`.
+    unsafe {
+        let low = widen_i8_masked(mask as __mmask16, p);
+        let high = widen_i8_masked((mask >> 16) as __mmask16, p.wrapping_add(16));
+        _mm512_cvtne2ps_pbh(high, low)
+    }
+}
+
+/// 32 int8 as bfloat16.
+#[inline]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn widen_i8_bf16(p: *const i8) -> __m512bh {
+    // SAFETY: the caller's: 32 elements at `p`.
+    unsafe {
+        let low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast())));
+        let high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16).cast())));
+        _mm512_cvtne2ps_pbh(high, low)
+    }
+}
+
 dot_kernel! {
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    fn dot_bf16(u16, __m512bh, 32, __mmask32);
-    // Called in the kernel's unsafe blocks; the transmutes read the same
-    // 512 bits as 32 bfloat16.
-    load: |p: *const u16| std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p.cast())),
-    load_masked: |mask, p: *const u16| {
-        std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(mask, p.cast()))
-    },
+    fn dot_bf16(u16, u16, __m512bh, 32, __mmask32);
+    load: |p| load_bf16(p), load_masked: |mask, p| load_bf16_masked(mask, p),
+    load_w: |p| load_bf16(p), load_w_masked: |mask, p| load_bf16_masked(mask, p),
+    madd: |acc, x, w| _mm512_dpbf16_ps(acc, x, w)
+}
+
+dot_kernel! {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    fn dot_bf16_i8(u16, i8, __m512bh, 32, __mmask32);
+    load: |p| load_bf16(p), load_masked: |mask, p| load_bf16_masked(mask, p),
+    load_w: |p| widen_i8_bf16(p), load_w_masked: |mask, p| widen_i8_bf16_masked(mask, p),
     madd: |acc, x, w| _mm512_dpbf16_ps(acc, x, w)
 }
 
 dot_kernel! {
     #[target_feature(enable = "avx512f,fma")]
-    fn dot_f32(f32, __m512, 16, __mmask16);
+    fn dot_f32(f32, f32, __m512, 16, __mmask16);
     load: |p: *const f32| _mm512_loadu_ps(p),
     load_masked: |mask, p: *const f32| _mm512_maskz_loadu_ps(mask, p),
+    load_w: |p: *const f32| _mm512_loadu_ps(p),
+    load_w_masked: |mask, p: *const f32| _mm512_maskz_loadu_ps(mask, p),
+    madd: |acc, x, w| _mm512_fmadd_ps(x, w, acc)
+}
+
+dot_kernel! {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    fn dot_f32_i8(f32, i8, __m512, 16, __mmask16);
+    load: |p: *const f32| _mm512_loadu_ps(p),
+    load_masked: |mask, p: *const f32| _mm512_maskz_loadu_ps(mask, p),
+    load_w: |p: *const i8| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast()))),
+    load_w_masked: |mask, p| widen_i8_masked(mask, p),
     madd: |acc, x, w| _mm512_fmadd_ps(x, w, acc)
 }
 

@@ -9,19 +9,27 @@
 //! region, then their down projections in another.
 
 use crate::avx512::Kernel;
-use crate::linear::{Job, Projection, Shape, ShapeError, project};
+use crate::linear::{Job, Matrix, Projection, Shape, ShapeError, project};
 use crate::parallel::Parallel;
 
-/// An expert's weights, row-major as the checkpoint stores them: w1 and w3
-/// `[intermediate, hidden]`, w2 `[hidden, intermediate]`.
-#[derive(Clone, Copy)]
+/// An expert's weights, row-major as the checkpoint stores them (or
+/// quantized, see [`Matrix`]): w1 and w3 `[intermediate, hidden]`, w2
+/// `[hidden, intermediate]`.
 pub struct ExpertWeights<'a, E> {
-    pub w1: &'a [E],
-    pub w3: &'a [E],
-    pub w2: &'a [E],
+    pub w1: Matrix<'a, E>,
+    pub w3: Matrix<'a, E>,
+    pub w2: Matrix<'a, E>,
     pub hidden: usize,
     pub intermediate: usize,
 }
+
+// Copy without requiring it of `E`: only references are copied.
+impl<E> Clone for ExpertWeights<'_, E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<E> Copy for ExpertWeights<'_, E> {}
 
 /// The rows of `x` an expert computes and each row's routing weight.
 #[derive(Clone, Copy)]
@@ -280,8 +288,8 @@ mod tests {
 
             let mut out = start.clone();
             let experts = [
-                (ExpertWeights { w1: &w1, w3: &w3, w2: &w2, hidden, intermediate }, routings[0]),
-                (ExpertWeights { w1: &v1, w3: &v3, w2: &v2, hidden, intermediate }, routings[1]),
+                (ExpertWeights { w1: Matrix::Plain(&w1), w3: Matrix::Plain(&w3), w2: Matrix::Plain(&w2), hidden, intermediate }, routings[0]),
+                (ExpertWeights { w1: Matrix::Plain(&v1), w3: Matrix::Plain(&v3), w2: Matrix::Plain(&v2), hidden, intermediate }, routings[1]),
             ];
             add_experts::<F32>(&team, &x, &experts, &mut out).unwrap();
             for (i, (&ours, &(want, size))) in out.iter().zip(&expected).enumerate() {
@@ -301,8 +309,8 @@ mod tests {
             let expected = reference(&exact(&xb), [&e1, &e3, &e2], sizes, &routed, start_of(&exact(&startb)));
             let expected = reference(&exact(&xb), [&f1, &f3, &f2], sizes, &second, expected);
             let experts = [
-                (ExpertWeights { w1: &first[0], w3: &first[1], w2: &first[2], hidden, intermediate }, routings[0]),
-                (ExpertWeights { w1: &other[0], w3: &other[1], w2: &other[2], hidden, intermediate }, routings[1]),
+                (ExpertWeights { w1: Matrix::Plain(&first[0]), w3: Matrix::Plain(&first[1]), w2: Matrix::Plain(&first[2]), hidden, intermediate }, routings[0]),
+                (ExpertWeights { w1: Matrix::Plain(&other[0]), w3: Matrix::Plain(&other[1]), w2: Matrix::Plain(&other[2]), hidden, intermediate }, routings[1]),
             ];
             let mut out = startb.clone();
             add_experts::<Bf16>(&team, &xb, &experts, &mut out).unwrap();
@@ -325,9 +333,9 @@ mod tests {
         let (hidden, intermediate) = (3, 2);
         let w = [0.0f32; 6];
         let expert = ExpertWeights {
-            w1: &w,
-            w3: &w,
-            w2: &w,
+            w1: Matrix::Plain(&w),
+            w3: Matrix::Plain(&w),
+            w2: Matrix::Plain(&w),
             hidden,
             intermediate,
         };

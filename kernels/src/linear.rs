@@ -11,7 +11,7 @@
 
 use crate::Element;
 use crate::avx512::Kernel;
-use crate::blocks::{Output, gate_up_columns, linear_columns};
+use crate::blocks::{Int8, Output, Plain, gate_up_columns, linear_columns};
 #[cfg(test)]
 use crate::parallel::Serial;
 use crate::parallel::{Parallel, for_each_unit};
@@ -37,6 +37,8 @@ pub enum ShapeError {
     Row { row: usize, tokens: usize },
     #[error("slot {slot} is past the pool's {slots} slots")]
     Slot { slot: u32, slots: usize },
+    #[error("w1 and w3 are stored alike (both plain or both int8)")]
+    Unalike,
     #[error("this CPU lacks the instructions for {0:?} kernels")]
     Unsupported(Element),
 }
@@ -65,16 +67,64 @@ pub fn supported(element: Element) -> bool {
     }
 }
 
+/// A projection's weight matrix, `[outputs, inner]` row-major, as it is
+/// stored: in the activations' element type, or as int8 with one scale per
+/// output row (`w[n][i] = values[n][i] · scales[n]`; the dot products run
+/// on the int8 values widened exactly, and each output is scaled once).
+pub enum Matrix<'a, E> {
+    Plain(&'a [E]),
+    Int8 { values: &'a [i8], scales: &'a [f32] },
+}
+
+impl<E> Matrix<'_, E> {
+    /// Elements of the matrix, and of its scales.
+    fn lengths(&self) -> (usize, Option<usize>) {
+        match self {
+            Matrix::Plain(w) => (w.len(), None),
+            Matrix::Int8 { values, scales } => (values.len(), Some(scales.len())),
+        }
+    }
+
+    /// Bytes per element as stored.
+    fn element_bytes(&self) -> usize {
+        match self {
+            Matrix::Plain(_) => std::mem::size_of::<E>(),
+            Matrix::Int8 { .. } => 1,
+        }
+    }
+}
+
+impl<'a, E> From<&'a [E]> for Matrix<'a, E> {
+    fn from(w: &'a [E]) -> Self {
+        Matrix::Plain(w)
+    }
+}
+
+impl<'a, E> From<&'a Vec<E>> for Matrix<'a, E> {
+    fn from(w: &'a Vec<E>) -> Self {
+        Matrix::Plain(w)
+    }
+}
+
 /// Which weights a [`Job`] projects `x` through.
 pub enum Projection<'a, E> {
     /// `out = x · wᵀ`.
-    Linear { w: &'a [E] },
+    Linear { w: Matrix<'a, E> },
     /// `out = silu(x · w1ᵀ) ⊙ (x · w3ᵀ)`; `shape.outputs` is the
-    /// intermediate size (rows of w1 and of w3).
-    GateUp { w1: &'a [E], w3: &'a [E] },
+    /// intermediate size (rows of w1 and of w3), which are stored alike.
+    GateUp {
+        w1: Matrix<'a, E>,
+        w3: Matrix<'a, E>,
+    },
 }
 
 // Copy without requiring it of `E`: only references are copied.
+impl<E> Clone for Matrix<'_, E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<E> Copy for Matrix<'_, E> {}
 impl<E> Clone for Projection<'_, E> {
     fn clone(&self) -> Self {
         *self
@@ -91,14 +141,14 @@ pub struct Job<'a, E> {
 }
 
 /// `out = x · wᵀ`.
-pub fn linear<K: Kernel>(
+pub fn linear<'w, K: Kernel>(
     team: &dyn Parallel,
     x: &[K::Elem],
-    w: &[K::Elem],
+    w: impl Into<Matrix<'w, K::Elem>>,
     shape: Shape,
     out: &mut [K::Elem],
 ) -> Result<(), ShapeError> {
-    let projection = Projection::Linear { w };
+    let projection = Projection::Linear { w: w.into() };
     project::<K>(
         team,
         &mut [Job {
@@ -112,15 +162,18 @@ pub fn linear<K: Kernel>(
 
 /// `out = silu(x · w1ᵀ) ⊙ (x · w3ᵀ)`; `shape.outputs` is the intermediate
 /// size (rows of w1 and of w3).
-pub fn gate_up<K: Kernel>(
+pub fn gate_up<'w, K: Kernel>(
     team: &dyn Parallel,
     x: &[K::Elem],
-    w1: &[K::Elem],
-    w3: &[K::Elem],
+    w1: impl Into<Matrix<'w, K::Elem>>,
+    w3: impl Into<Matrix<'w, K::Elem>>,
     shape: Shape,
     out: &mut [K::Elem],
 ) -> Result<(), ShapeError> {
-    let projection = Projection::GateUp { w1, w3 };
+    let projection = Projection::GateUp {
+        w1: w1.into(),
+        w3: w3.into(),
+    };
     project::<K>(
         team,
         &mut [Job {
@@ -140,9 +193,9 @@ pub fn project<K: Kernel>(
     jobs: &mut [Job<'_, K::Elem>],
 ) -> Result<(), ShapeError> {
     for job in jobs.iter() {
-        let weights: &[usize] = match job.projection {
-            Projection::Linear { w } => &[w.len()],
-            Projection::GateUp { w1, w3 } => &[w1.len(), w3.len()],
+        let weights: &[_] = match job.projection {
+            Projection::Linear { w } => &[w],
+            Projection::GateUp { w1, w3 } => &[w1, w3],
         };
         check(K::ELEMENT, job.shape, job.x.len(), weights, job.out.len())?;
     }
@@ -188,11 +241,11 @@ struct Chunked<'a, E> {
 
 impl<'a, E> Chunked<'a, E> {
     fn new(job: &'a mut Job<'_, E>) -> Self {
-        let matrices = match job.projection {
-            Projection::Linear { .. } => 1,
-            Projection::GateUp { .. } => 2,
+        let (matrices, w) = match job.projection {
+            Projection::Linear { w } => (1, w),
+            Projection::GateUp { w1, .. } => (2, w1),
         };
-        let column_bytes = matrices * job.shape.inner * std::mem::size_of::<E>();
+        let column_bytes = matrices * job.shape.inner * w.element_bytes();
         let columns = (CHUNK_BYTES / column_bytes.max(1)).max(8) / 8 * 8;
         Self {
             x: job.x,
@@ -213,12 +266,37 @@ impl<'a, E> Chunked<'a, E> {
         // supported; chunks are disjoint columns of the output.
         unsafe {
             match self.projection {
-                Projection::Linear { w } => {
-                    blocked!(rows, linear_columns::<K>(x, w, shape, out, columns))
+                Projection::Linear {
+                    w: Matrix::Plain(w),
+                } => {
+                    let w = (w, None);
+                    blocked!(rows, linear_columns::<K, Plain>(x, w, shape, out, columns))
                 }
-                Projection::GateUp { w1, w3 } => {
-                    blocked!(rows, gate_up_columns::<K>(x, w1, w3, shape, out, columns))
+                Projection::Linear {
+                    w: Matrix::Int8 { values, scales },
+                } => {
+                    let w = (values, Some(scales));
+                    blocked!(rows, linear_columns::<K, Int8>(x, w, shape, out, columns))
                 }
+                Projection::GateUp {
+                    w1: Matrix::Plain(w1),
+                    w3: Matrix::Plain(w3),
+                } => {
+                    let w = [(w1, None), (w3, None)];
+                    blocked!(rows, gate_up_columns::<K, Plain>(x, w, shape, out, columns))
+                }
+                Projection::GateUp {
+                    w1: Matrix::Int8 { values, scales },
+                    w3:
+                        Matrix::Int8 {
+                            values: values3,
+                            scales: scales3,
+                        },
+                } => {
+                    let w = [(values, Some(scales)), (values3, Some(scales3))];
+                    blocked!(rows, gate_up_columns::<K, Int8>(x, w, shape, out, columns))
+                }
+                Projection::GateUp { .. } => unreachable!("`project` refuses w1 and w3 unalike"),
             }
         }
     }
@@ -227,11 +305,11 @@ impl<'a, E> Chunked<'a, E> {
 // SAFETY: the output is written only at disjoint columns (see `Output`).
 unsafe impl<E: Sync> Sync for Chunked<'_, E> {}
 
-fn check(
+fn check<E>(
     element: Element,
     shape: Shape,
     x: usize,
-    weights: &[usize],
+    weights: &[Matrix<'_, E>],
     out: usize,
 ) -> Result<(), ShapeError> {
     let length = |what, len, needed| {
@@ -247,8 +325,17 @@ fn check(
         }
     };
     length("x", x, shape.rows * shape.inner)?;
-    for &w in weights {
-        length("the weight", w, shape.outputs * shape.inner)?;
+    for w in weights {
+        let (values, scales) = w.lengths();
+        length("the weight", values, shape.outputs * shape.inner)?;
+        if let Some(scales) = scales {
+            length("the weight's scales", scales, shape.outputs)?;
+        }
+    }
+    if let [w1, w3] = weights
+        && std::mem::discriminant(w1) != std::mem::discriminant(w3)
+    {
+        return Err(ShapeError::Unalike);
     }
     length("the output", out, shape.rows * shape.outputs)?;
     if !supported(element) {
@@ -412,6 +499,9 @@ mod tests {
             .map(|(i, &(_, k, o))| values(o * k, i + 10))
             .collect();
         let w3: Vec<f32> = values(shapes[1].2 * shapes[1].1, 99);
+        // Job 3's weights in int8 instead.
+        let int8: Vec<i8> = ws[3].iter().map(|&v| (v * 127.0) as i8).collect();
+        let scales: Vec<f32> = (0..shapes[3].2).map(|n| 0.01 + n as f32 * 1e-3).collect();
         let shape = |i: usize| Shape {
             rows: shapes[i].0,
             inner: shapes[i].1,
@@ -427,10 +517,18 @@ mod tests {
             .map(|(i, out)| {
                 let projection = match i {
                     1 => Projection::GateUp {
-                        w1: &ws[1],
-                        w3: &w3,
+                        w1: Matrix::Plain(&ws[1]),
+                        w3: Matrix::Plain(&w3),
                     },
-                    _ => Projection::Linear { w: &ws[i] },
+                    3 => Projection::Linear {
+                        w: Matrix::Int8 {
+                            values: &int8,
+                            scales: &scales,
+                        },
+                    },
+                    _ => Projection::Linear {
+                        w: Matrix::Plain(&ws[i]),
+                    },
                 };
                 Job {
                     x: &xs[i],
@@ -445,10 +543,27 @@ mod tests {
             let mut alone = vec![f32::NAN; ours.len()];
             match i {
                 1 => gate_up::<F32>(&Serial, &xs[1], &ws[1], &w3, shape(1), &mut alone).unwrap(),
+                3 => {
+                    let w = Matrix::Int8 {
+                        values: &int8,
+                        scales: &scales,
+                    };
+                    linear::<F32>(&Serial, &xs[i], w, shape(i), &mut alone).unwrap()
+                }
                 _ => linear::<F32>(&Serial, &xs[i], &ws[i], shape(i), &mut alone).unwrap(),
             }
             assert_eq!(ours, &alone, "job {i}");
-            if i != 1 {
+            if i == 3 {
+                let dequantized: Vec<f32> = int8
+                    .iter()
+                    .enumerate()
+                    .map(|(at, &q)| f32::from(q) * scales[at / shapes[3].1])
+                    .collect();
+                let expected = reference(&xs[3], &dequantized, shape(3));
+                for (j, &value) in ours.iter().enumerate() {
+                    assert!(close(value, expected[j], 0.0), "int8 job output {j}");
+                }
+            } else if i != 1 {
                 let expected = reference(&xs[i], &ws[i], shape(i));
                 for (j, &value) in ours.iter().enumerate() {
                     assert!(
@@ -468,7 +583,8 @@ mod tests {
             inner: 3,
             outputs: 4,
         };
-        let err = linear::<F32>(&Serial, &[0.0; 5], &[0.0; 12], shape, &mut [0.0; 8]).unwrap_err();
+        let err =
+            linear::<F32>(&Serial, &[0.0; 5], &[0.0; 12][..], shape, &mut [0.0; 8]).unwrap_err();
         assert_eq!(
             err,
             ShapeError::Length {
@@ -481,8 +597,8 @@ mod tests {
         let err = gate_up::<F32>(
             &Serial,
             &[0.0; 6],
-            &[0.0; 12],
-            &[0.0; 11],
+            &[0.0; 12][..],
+            &[0.0; 11][..],
             shape,
             &mut [0.0; 8],
         )
@@ -498,6 +614,124 @@ mod tests {
             ),
             "{err}"
         );
+        let (values, scales) = ([0i8; 12], [1.0f32; 3]);
+        let w = Matrix::Int8 {
+            values: &values,
+            scales: &scales,
+        };
+        let err = linear::<F32>(&Serial, &[0.0; 6], w, shape, &mut [0.0; 8]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ShapeError::Length {
+                    what: "the weight's scales",
+                    len: 3,
+                    needed: 4,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let scales = [1.0f32; 4];
+        let w = Matrix::Int8 {
+            values: &values,
+            scales: &scales,
+        };
+        let err = gate_up::<F32>(&Serial, &[0.0; 6], w, &[0.0; 12][..], shape, &mut [0.0; 8])
+            .unwrap_err();
+        assert_eq!(err, ShapeError::Unalike);
+    }
+
+    /// int8 values and their scales, and the matrix they stand for in f32.
+    fn int8_case() -> impl Strategy<Value = (Shape, Vec<f32>, Vec<i8>, Vec<f32>, usize)> {
+        (1usize..11, 1usize..100, 1usize..14, 1usize..4).prop_flat_map(
+            |(rows, inner, outputs, threads)| {
+                let shape = Shape {
+                    rows,
+                    inner,
+                    outputs,
+                };
+                (
+                    Just(shape),
+                    proptest::collection::vec(-2.0f32..2.0, rows * inner),
+                    proptest::collection::vec(any::<i8>(), outputs * inner),
+                    proptest::collection::vec(1e-4f32..0.1, outputs),
+                    Just(threads),
+                )
+            },
+        )
+    }
+
+    fn dequantize(values: &[i8], scales: &[f32], inner: usize) -> Vec<f32> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(at, &q)| f32::from(q) * scales[at / inner])
+            .collect()
+    }
+
+    proptest! {
+        /// int8 weights (every value, -128 included) against the f64
+        /// product with the matrix they stand for: exact widening, f32
+        /// sums, and bf16's one rounding of the output.
+        #[test]
+        fn int8_linear_matches_the_dequantized_reference(
+            (shape, x, values, scales, threads) in int8_case(),
+        ) {
+            if !supported(Element::F32) {
+                return Ok(()); // no AVX-512 here: nothing runs these kernels
+            }
+            let team = Scoped(threads);
+            let w = Matrix::Int8 { values: &values, scales: &scales };
+            let expected = reference(&x, &dequantize(&values, &scales, shape.inner), shape);
+            let mut out = vec![f32::NAN; shape.rows * shape.outputs];
+            linear::<F32>(&team, &x, w, shape, &mut out).unwrap();
+            for (i, &ours) in out.iter().enumerate() {
+                prop_assert!(close(ours, expected[i], 0.0), "f32 {i}: {ours} vs {:?}", expected[i]);
+            }
+            if !supported(Element::Bf16) {
+                return Ok(());
+            }
+            let (xb, xe) = to_bf16(&x);
+            let expected = reference(&xe, &dequantize(&values, &scales, shape.inner), shape);
+            let mut out = vec![0u16; shape.rows * shape.outputs];
+            let w = Matrix::Int8 { values: &values, scales: &scales };
+            linear::<Bf16>(&team, &xb, w, shape, &mut out).unwrap();
+            for (i, &ours) in out.iter().enumerate() {
+                let ours = f32_from_bf16(ours);
+                prop_assert!(close(ours, expected[i], 1.0 / 256.0), "bf16 {i}: {ours} vs {:?}", expected[i]);
+            }
+        }
+
+        /// The int8 gate/up projection against the plain kernel on the
+        /// dequantized matrices: each projection differs only in where its
+        /// scale is applied (once per output, not per element).
+        #[test]
+        fn int8_gate_up_matches_the_plain_kernel_on_the_dequantized_weights(
+            (shape, x, values, scales, threads) in int8_case(),
+        ) {
+            if !supported(Element::F32) {
+                return Ok(());
+            }
+            let team = Scoped(threads);
+            let reversed: Vec<i8> = values.iter().rev().copied().collect();
+            let w1 = Matrix::Int8 { values: &values, scales: &scales };
+            let w3 = Matrix::Int8 { values: &reversed, scales: &scales };
+            let (d1, d3) = (
+                dequantize(&values, &scales, shape.inner),
+                dequantize(&reversed, &scales, shape.inner),
+            );
+            let mut ours = vec![f32::NAN; shape.rows * shape.outputs];
+            gate_up::<F32>(&team, &x, w1, w3, shape, &mut ours).unwrap();
+            let mut plain = vec![f32::NAN; shape.rows * shape.outputs];
+            gate_up::<F32>(&team, &x, &d1, &d3, shape, &mut plain).unwrap();
+            let (gate, up) = (reference(&x, &d1, shape), reference(&x, &d3, shape));
+            for (i, (&a, &b)) in ours.iter().zip(&plain).enumerate() {
+                // The SwiGLU's slope times the sums' rounding.
+                let slack = 1e-5 * (gate[i].1 * (1.0 + up[i].0.abs()) + up[i].1 * (1.0 + gate[i].0.abs())) + 1e-6;
+                prop_assert!((f64::from(a) - f64::from(b)).abs() <= slack, "f32 {i}: {a} vs {b}");
+            }
+        }
     }
 
     #[test]

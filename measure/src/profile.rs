@@ -14,8 +14,11 @@ use tramontane_model::experts::Experts;
 use tramontane_model::gating::Routing;
 use tramontane_model::kv_cache::KvCache;
 use tramontane_model::weights::Checkpoint;
-use tramontane_model::{BatchItem, CausalLm, Dtype, ForwardError, LoadOptions, Logits, ModelSpec};
+use tramontane_model::{
+    BatchItem, CausalLm, Dtype, ForwardError, LoadOptions, Logits, ModelSpec, Quantization,
+};
 use tramontane_planner::profile::{FORMAT, ModelShape, Point, Profile, interpolate};
+use tramontane_planner::weight_dtype::WeightDtype;
 use tramontane_policy::placement::Placement;
 
 use crate::error::MeasureError;
@@ -42,6 +45,14 @@ pub struct ProfileOptions {
     pub max_tokens: usize,
     /// The `tramontane` binary, which runs the workers.
     pub exe: PathBuf,
+}
+
+/// How the workers hold their experts' weights.
+fn expert_weights(options: LoadOptions) -> WeightDtype {
+    match options.quantize {
+        Some(Quantization::Int8) => WeightDtype::Int8,
+        None => WeightDtype::of(options.dtype),
+    }
 }
 
 /// Expert computation that does nothing: the dense part timed alone.
@@ -276,7 +287,9 @@ fn measure_workers(
         ))
     })?;
     let experts = moe.experts;
-    let expert_bytes = (ModelSpec::expert_parameters(moe, hidden) * dtype.bytes()) as u64;
+    let weights = expert_weights(options);
+    let (h, w) = (hidden as u64, moe.width as u64);
+    let expert_bytes = 2 * weights.matrix_bytes(w, h) + weights.matrix_bytes(h, w);
     let wanted = WORKER_WORKING_SET
         .div_ceil(expert_bytes * experts as u64)
         .max(1) as usize;
@@ -311,7 +324,16 @@ fn measure_workers(
         .to_vec(),
         device: args.device.clone(),
         threads: args.worker_threads,
-        extra: ["--dtype", dtype.flag()].map(Into::into).to_vec(),
+        extra: ["--dtype", dtype.flag()]
+            .into_iter()
+            .chain(
+                options
+                    .quantize
+                    .iter()
+                    .flat_map(|q| ["--quantize", q.flag()]),
+            )
+            .map(Into::into)
+            .collect(),
     };
     let mut workers = Vec::new();
     let mut addrs = Vec::new();
@@ -493,7 +515,7 @@ pub fn measure(args: &ProfileOptions) -> Result<Profile, MeasureError> {
         ),
         memory_bytes: args.memory_bytes,
         shared_lanes: lanes,
-        model: ModelShape::new(&spec, dtype.bytes()),
+        model: ModelShape::new(&spec, dtype.bytes()).with_expert_weights(expert_weights(options)),
         expert_ffn: workers.expert_ffn,
         dense_step: dense.dense_step,
         lm_head: dense.lm_head,

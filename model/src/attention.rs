@@ -14,7 +14,8 @@ use crate::kv_cache::{BLOCK_SIZE, KvCache, KvPool, blocks_for};
 use crate::norm::RmsNorm;
 use crate::projection;
 use crate::rotary::RotaryTables;
-use tramontane_config::{AttentionSpec, QkNorm};
+use crate::weight_matrix::WeightMatrix;
+use tramontane_config::{AttentionSpec, QkNorm, Quantization};
 
 /// Where one sequence's new tokens sit in the flattened batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,10 +37,10 @@ impl SequenceSpan {
 
 pub struct Attention {
     /// q, k and v stacked: `[(heads + 2 kv_heads) * head_dim, hidden]`.
-    qkv_proj: Tensor,
+    qkv_proj: WeightMatrix,
     /// Their biases stacked alike.
     qkv_bias: Option<Tensor>,
-    o_proj: Tensor,
+    o_proj: WeightMatrix,
     o_bias: Option<Tensor>,
     qk_norm: Option<QkNorms>,
     clip_qkv: Option<f64>,
@@ -226,24 +227,31 @@ fn block_table<'c>(
 
 impl Attention {
     /// The attention `spec` describes over `weights`; `eps` is the q/k
-    /// norms' epsilon.
-    pub fn new(spec: &AttentionSpec, weights: AttentionWeights, eps: f64) -> Self {
+    /// norms' epsilon; the q/k/v and output projections held quantized
+    /// where `quantization` says.
+    pub fn new(
+        spec: &AttentionSpec,
+        weights: AttentionWeights,
+        eps: f64,
+        quantization: Option<Quantization>,
+    ) -> Result<Self, TchError> {
         let qk_norm = weights.qk_norm.map(|[q, k]| QkNorms {
             q: RmsNorm::new(q, eps),
             k: RmsNorm::new(k, eps),
             per_head: spec.qk_norm == QkNorm::PerHead,
         });
-        Self {
-            qkv_proj: Tensor::cat(&[weights.q_proj, weights.k_proj, weights.v_proj], 0),
+        let qkv_proj = Tensor::f_cat(&[weights.q_proj, weights.k_proj, weights.v_proj], 0)?;
+        Ok(Self {
+            qkv_proj: WeightMatrix::new(qkv_proj, quantization)?,
             qkv_bias: weights.qkv_bias.map(|biases| Tensor::cat(&biases, 0)),
-            o_proj: weights.o_proj,
+            o_proj: WeightMatrix::new(weights.o_proj, quantization)?,
             o_bias: weights.o_bias,
             qk_norm,
             clip_qkv: spec.clip_qkv,
             num_heads: spec.heads as i64,
             num_kv_heads: spec.kv_heads as i64,
             head_dim: spec.head_dim as i64,
-        }
+        })
     }
 
     /// q, k and v of `xs` side by side, `[tokens, (heads + 2 kv_heads) *

@@ -32,6 +32,17 @@ pub enum WeightsError {
     UnsupportedDtype { key: String, dtype: String },
     #[error("tensor {key}: {error}")]
     Torch { key: String, error: tch::TchError },
+    #[error(
+        "the checkpoint is already quantized (its config.json's quantization_config.quant_method \
+         is {quant_method:?}): --quantize {asked} quantizes bf16, f16 or f32 checkpoints only; \
+         leave it out"
+    )]
+    AlreadyQuantized {
+        quant_method: String,
+        asked: tramontane_config::Quantization,
+    },
+    #[error("{path}: {reason}")]
+    Config { path: PathBuf, reason: String },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -12,67 +12,121 @@ use tch::{Device, Kind, TchError, Tensor};
 
 use crate::error::{ForwardError, WeightsError};
 use crate::projection;
+use crate::weight_matrix::{MatrixRef, WeightMatrix};
 use crate::weights::Checkpoint;
-use tramontane_config::ExpertTensors;
+use tramontane_config::{ExpertTensors, Quantization};
 
 pub struct Expert {
     gate_up: GateUp,
     /// `[hidden, intermediate]`
-    w2: Tensor,
+    w2: WeightMatrix,
 }
 
 enum GateUp {
     /// w1 above w3: `[2 * intermediate, hidden]`.
-    Stacked { w13: Tensor, intermediate: i64 },
-    /// w1 and w3, `[intermediate, hidden]` each.
-    Apart { w1: Tensor, w3: Tensor },
+    Stacked {
+        w13: WeightMatrix,
+        intermediate: i64,
+    },
+    /// w1 and w3, `[intermediate, hidden]` each (plain f32).
+    Apart { w1: WeightMatrix, w3: WeightMatrix },
 }
 
 impl Expert {
     /// An expert from its weights: w1, w3 `[intermediate, hidden]`, w2 `[hidden, intermediate]`.
     pub fn new(w1: Tensor, w2: Tensor, w3: Tensor) -> Self {
-        let gate_up = if w1.kind() == Kind::Float {
-            GateUp::Apart { w1, w3 }
-        } else {
-            GateUp::Stacked {
+        Self::from_matrices(
+            WeightMatrix::Plain(w1),
+            WeightMatrix::Plain(w2),
+            WeightMatrix::Plain(w3),
+        )
+        .expect("plain matrices stack")
+    }
+
+    /// An expert from its weights as held (stored alike), w1 and w3 stacked
+    /// unless plain f32.
+    pub fn from_matrices(
+        w1: WeightMatrix,
+        w2: WeightMatrix,
+        w3: WeightMatrix,
+    ) -> Result<Self, TchError> {
+        let gate_up = match &w1 {
+            WeightMatrix::Plain(w) if w.kind() == Kind::Float => GateUp::Apart { w1, w3 },
+            _ => GateUp::Stacked {
                 intermediate: w1.size()[0],
-                w13: Tensor::cat(&[w1, w3], 0),
-            }
+                w13: WeightMatrix::stack(&w1, &w3)?,
+            },
         };
-        Self { gate_up, w2 }
+        Ok(Self { gate_up, w2 })
     }
 
     /// The projections named `names`, of `hidden` rows in and out and
-    /// `width` in between.
+    /// `width` in between, quantized where `quantization` says (from the
+    /// checkpoint's own values, read in f32).
     pub fn load(
         checkpoint: &Checkpoint,
         names: &ExpertTensors,
         (hidden, width): (usize, usize),
-        kind: Kind,
+        (kind, quantization): (Kind, Option<Quantization>),
         device: Device,
     ) -> Result<Self, WeightsError> {
         let (h, i) = (hidden as i64, width as i64);
-        let load = |name: &str, shape: [i64; 2]| checkpoint.load(name, &shape, kind, device);
-        Ok(Self::new(
+        let load = |name: &str, shape: [i64; 2]| -> Result<WeightMatrix, WeightsError> {
+            let read_as = if quantization.is_some() {
+                Kind::Float
+            } else {
+                kind
+            };
+            let w = checkpoint.load(name, &shape, read_as, device)?;
+            WeightMatrix::new(w, quantization).map_err(|error| WeightsError::Torch {
+                key: name.into(),
+                error,
+            })
+        };
+        let (w1, w2, w3) = (
             load(&names.gate, [i, h])?,
             load(&names.down, [h, i])?,
             load(&names.up, [i, h])?,
-        ))
+        );
+        Self::from_matrices(w1, w2, w3).map_err(|error| WeightsError::Torch {
+            key: names.gate.clone(),
+            error,
+        })
     }
 
-    /// w1, w3 `[intermediate, hidden]` (views of the stacked matrix in
-    /// reduced precision) and w2 `[hidden, intermediate]`.
-    pub fn weights(&self) -> Result<[Tensor; 3], TchError> {
+    /// Bytes held by the expert's matrices, and their dtype's name.
+    pub fn bytes(&self) -> (u64, &'static str) {
+        let (gate_up, name) = match &self.gate_up {
+            GateUp::Stacked { w13, .. } => (w13.bytes(), w13.dtype_name()),
+            GateUp::Apart { w1, w3 } => (w1.bytes() + w3.bytes(), w1.dtype_name()),
+        };
+        (gate_up + self.w2.bytes(), name)
+    }
+
+    /// w1, w3 `[intermediate, hidden]` (views of the stacked matrix) and w2
+    /// `[hidden, intermediate]`, as held.
+    pub fn matrices(&self) -> Result<[WeightMatrix; 3], TchError> {
         let (w1, w3) = self.gate_and_up()?;
         Ok([w1, w3, self.w2.shallow_clone()])
     }
 
+    /// w1, w3 and w2 as libtorch takes them for activations of `kind`
+    /// (see [`MatrixRef::dequantize`]).
+    pub fn weights(&self, kind: Kind) -> Result<[Tensor; 3], TchError> {
+        let [w1, w3, w2] = self.matrices()?;
+        Ok([
+            w1.as_ref().dequantize(kind)?,
+            w3.as_ref().dequantize(kind)?,
+            w2.as_ref().dequantize(kind)?,
+        ])
+    }
+
     /// w1 and w3, `[intermediate, hidden]` each (views of the stacked matrix).
-    fn gate_and_up(&self) -> Result<(Tensor, Tensor), TchError> {
+    fn gate_and_up(&self) -> Result<(WeightMatrix, WeightMatrix), TchError> {
         Ok(match &self.gate_up {
             GateUp::Stacked { w13, intermediate } => (
-                w13.f_narrow(0, 0, *intermediate)?,
-                w13.f_narrow(0, *intermediate, *intermediate)?,
+                w13.narrow(0, *intermediate)?,
+                w13.narrow(*intermediate, *intermediate)?,
             ),
             GateUp::Apart { w1, w3 } => (w1.shallow_clone(), w3.shallow_clone()),
         })
@@ -92,9 +146,9 @@ impl Expert {
         if rows.is_empty() {
             return Ok(());
         }
-        let [w1, w3, w2] = self.weights()?;
+        let [w1, w3, w2] = self.matrices()?;
         let routed = projection::RoutedExpert {
-            weights: [&w1, &w3, &w2],
+            weights: [w1.as_ref(), w3.as_ref(), w2.as_ref()],
             rows,
             routing: weights,
         };
@@ -118,20 +172,23 @@ impl Expert {
     /// the kernels do not take the gate/up projection.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor, TchError> {
         let (w1, w3) = self.gate_and_up()?;
-        let on_kernels = projection::swiglu(xs, &w1, &w3)?;
+        let on_kernels = projection::swiglu(xs, w1.as_ref(), w3.as_ref())?;
         let hidden = match (on_kernels, &self.gate_up) {
             (Some(hidden), _) => hidden,
             (None, GateUp::Stacked { w13, intermediate }) => {
-                let projected = xs.f_linear(w13, None::<Tensor>)?;
+                let projected =
+                    xs.f_linear(&w13.as_ref().dequantize(xs.kind())?, None::<Tensor>)?;
                 projected
                     .f_narrow(1, 0, *intermediate)?
                     .f_silu()?
                     .f_mul(&projected.f_narrow(1, *intermediate, *intermediate)?)?
             }
-            (None, GateUp::Apart { w1, w3 }) => xs
-                .f_linear(w1, None::<Tensor>)?
-                .f_silu()?
-                .f_mul(&xs.f_linear(w3, None::<Tensor>)?)?,
+            (None, GateUp::Apart { w1, w3 }) => {
+                let (w1, w3) = (MatrixRef::from(w1), MatrixRef::from(w3));
+                xs.f_linear(&w1.dequantize(xs.kind())?, None::<Tensor>)?
+                    .f_silu()?
+                    .f_mul(&xs.f_linear(&w3.dequantize(xs.kind())?, None::<Tensor>)?)?
+            }
         };
         projection::linear(&hidden, &self.w2)
     }
@@ -164,15 +221,37 @@ mod tests {
                 ]
             })
             .collect();
-        // f32 summation order; bf16: a few roundings of 2⁻⁸ each.
-        for (kind, tolerance) in [(Kind::Float, 1e-5), (Kind::BFloat16, 6.0 / 256.0)] {
+        // f32 summation order; bf16: a few roundings of 2⁻⁸ each. Held in
+        // int8, against the same computation on the dequantized weights.
+        let cases = [
+            (Kind::Float, None, 1e-5),
+            (Kind::BFloat16, None, 6.0 / 256.0),
+            (Kind::Float, Some(Quantization::Int8), 1e-5),
+            (Kind::BFloat16, Some(Quantization::Int8), 6.0 / 256.0),
+        ];
+        for (kind, quantization, tolerance) in cases {
             let xs = Tensor::randn([tokens, hidden], opts).to_kind(kind);
+            let held = |w: &Tensor| WeightMatrix::new(w.to_kind(kind), quantization).unwrap();
             let experts: Vec<Expert> = weights
                 .iter()
-                .map(|[w1, w2, w3]| {
-                    Expert::new(w1.to_kind(kind), w2.to_kind(kind), w3.to_kind(kind))
+                .map(|[w1, w2, w3]| Expert::from_matrices(held(w1), held(w2), held(w3)).unwrap())
+                .collect();
+            // What the experts stand for, in f32.
+            let as_held: Vec<[Tensor; 3]> = experts
+                .iter()
+                .map(|expert| {
+                    let [w1, w3, w2] = expert.weights(Kind::Float).unwrap();
+                    [w1, w2, w3].map(|w| w.to_kind(Kind::Float))
                 })
                 .collect();
+            if quantization.is_some() {
+                let (bytes, dtype) = experts[0].bytes();
+                assert_eq!(dtype, "int8");
+                assert_eq!(
+                    bytes as i64,
+                    3 * hidden * intermediate + 4 * (2 * intermediate + hidden)
+                );
+            }
             for count in [1, 2, 5, KERNEL_ROWS, KERNEL_ROWS + 3] {
                 let count = count as usize;
                 let rows: Vec<Vec<usize>> = vec![
@@ -193,24 +272,22 @@ mod tests {
 
                 let f32 = |t: &Tensor| t.to_kind(Kind::Float);
                 let mut reference = Tensor::zeros([tokens, hidden], opts);
-                for (e, [w1, w2, w3]) in weights.iter().enumerate() {
-                    let (w1, w2, w3) = (
-                        f32(&w1.to_kind(kind)),
-                        f32(&w2.to_kind(kind)),
-                        f32(&w3.to_kind(kind)),
-                    );
+                for (e, [w1, w2, w3]) in as_held.iter().enumerate() {
                     let index: Vec<i64> = rows[e].iter().map(|&r| r as i64).collect();
                     let index = Tensor::from_slice(&index);
                     let x = f32(&xs).index_select(0, &index);
-                    let h = x.linear(&w1, None::<Tensor>).silu() * x.linear(&w3, None::<Tensor>);
+                    let h = x.linear(w1, None::<Tensor>).silu() * x.linear(w3, None::<Tensor>);
                     let y =
-                        h.linear(&w2, None::<Tensor>) * Tensor::from_slice(&scale[e]).unsqueeze(1);
+                        h.linear(w2, None::<Tensor>) * Tensor::from_slice(&scale[e]).unsqueeze(1);
                     let _ = reference.index_add_(0, &index, &y);
                 }
                 let err = ((f32(&ours) - &reference).abs() / (reference.abs() + 1.0))
                     .max()
                     .double_value(&[]);
-                assert!(err <= tolerance, "{kind:?}, {count} rows: error {err}");
+                assert!(
+                    err <= tolerance,
+                    "{kind:?} {quantization:?}, {count} rows: error {err}"
+                );
                 // Rows no expert was routed stay zero.
                 let touched: std::collections::HashSet<usize> =
                     rows.iter().flatten().copied().collect();

@@ -17,6 +17,8 @@
 //!   or MoE feed-forward), `load` (a layer's tensors by the description).
 //! - [`experts`]: the seam through which the model reaches its experts,
 //!   wherever they live ([`experts::Experts`]); the model is generic over it.
+//! - [`weight_matrix`]: a projection's weights as held, in the compute
+//!   dtype or quantized at load (`--quantize int8`).
 //! - [`projection`]: every `x · Wᵀ`, on the weight-streaming kernels of
 //!   `tramontane-kernels` for a few rows on the CPU (run on libtorch's own
 //!   OpenMP team, `openmp`), on libtorch's `linear` otherwise.
@@ -47,6 +49,7 @@ pub mod rotary;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 pub mod tokenizer;
+pub mod weight_matrix;
 pub mod weights;
 
 pub use error::{
@@ -54,4 +57,5 @@ pub use error::{
 };
 pub use model::{BatchItem, CausalLm, LoadOptions, Logits};
 pub use tokenizer::Tokenizer;
-pub use tramontane_config::{Dtype, MixtralConfig, ModelSpec, SharedExperts};
+pub use tramontane_config::{Dtype, MixtralConfig, ModelSpec, Quantization, SharedExperts};
+pub use weight_matrix::WeightMatrix;

@@ -4,7 +4,7 @@
 //! are [`crate::moe::LocalExperts`]' or a worker's).
 
 use tch::Tensor;
-use tramontane_config::{ExpertTensors, FfnSpec, ModelSpec, QkNorm, SharedExperts};
+use tramontane_config::{ExpertTensors, FfnSpec, ModelSpec, QkNorm, Quantization, SharedExperts};
 
 use crate::attention::{Attention, AttentionWeights};
 use crate::error::WeightsError;
@@ -13,13 +13,17 @@ use crate::gating::Gate;
 use crate::layer::{DecoderLayer, FeedForward};
 use crate::moe::{Shared, SharedExpert, SparseMoe};
 use crate::norm::RmsNorm;
+use crate::weight_matrix::WeightMatrix;
 
 /// Layer `i` of `spec`, its tensors read by `load(name, shape)`, its
-/// shared expert (if any) run where `shared_experts` says.
+/// shared expert (if any) run where `shared_experts` says, its attention
+/// and MLP projections (the dense MLP's, the shared expert's) held
+/// quantized where `quantization` says (the gates, norms and biases never
+/// are).
 pub(crate) fn load_layer(
     spec: &ModelSpec,
     i: usize,
-    shared_experts: SharedExperts,
+    (shared_experts, quantization): (SharedExperts, Option<Quantization>),
     load: &impl Fn(&str, &[usize]) -> Result<Tensor, WeightsError>,
 ) -> Result<DecoderLayer, WeightsError> {
     let p = format!("model.layers.{i}");
@@ -63,13 +67,20 @@ pub(crate) fn load_layer(
             spec.rms_norm_eps,
         ))
     };
+    let torch = |key: &str| {
+        let key = key.to_string();
+        move |error| WeightsError::Torch { key, error }
+    };
     let mlp = |names: &ExpertTensors, width: usize| -> Result<Expert, WeightsError> {
-        let load = |name: &str, shape: [usize; 2]| load(name, &shape);
-        Ok(Expert::new(
+        let load = |name: &str, shape: [usize; 2]| -> Result<WeightMatrix, WeightsError> {
+            WeightMatrix::new(load(name, &shape)?, quantization).map_err(torch(name))
+        };
+        Expert::from_matrices(
             load(&names.gate, [width, h])?,
             load(&names.down, [h, width])?,
             load(&names.up, [width, h])?,
-        ))
+        )
+        .map_err(torch(&names.gate))
     };
     let family = spec.family;
     let ffn = match &spec.layers[i] {
@@ -105,7 +116,8 @@ pub(crate) fn load_layer(
     Ok(DecoderLayer {
         index: i,
         input_layernorm: norm("input_layernorm")?,
-        attention: Attention::new(a, weights, spec.rms_norm_eps),
+        attention: Attention::new(a, weights, spec.rms_norm_eps, quantization)
+            .map_err(torch(&format!("{p}.self_attn.q_proj.weight")))?,
         post_attention_layernorm: norm("post_attention_layernorm")?,
         ffn,
     })

@@ -17,8 +17,9 @@ use crate::moe::LocalExperts;
 use crate::norm::RmsNorm;
 use crate::projection;
 use crate::rotary::{RotaryEmbedding, RotaryTables};
+use crate::weight_matrix::WeightMatrix;
 use crate::weights::Checkpoint;
-use tramontane_config::{Dtype, ModelSpec, SharedExperts};
+use tramontane_config::{Dtype, ModelSpec, Quantization, SharedExperts};
 
 /// The dtype and device weights are loaded into and computed in, and
 /// where shared experts run.
@@ -27,12 +28,27 @@ pub struct LoadOptions {
     pub dtype: Dtype,
     pub device: Device,
     pub shared_experts: SharedExperts,
+    /// The routed experts held quantized (`--quantize`), and, with
+    /// `quantize_dense`, the dense part's projections too (attention, dense
+    /// and shared MLPs, lm_head; never the embeddings, gates or norms).
+    pub quantize: Option<Quantization>,
+    pub quantize_dense: bool,
 }
 
 impl LoadOptions {
     /// libtorch's kind of the dtype.
     pub fn kind(&self) -> Kind {
         crate::dtype::kind(self.dtype)
+    }
+
+    /// The experts' compute kind and quantization.
+    pub fn expert_precision(&self) -> (Kind, Option<Quantization>) {
+        (self.kind(), self.quantize)
+    }
+
+    /// The quantization of the dense part's projections.
+    pub fn dense_quantization(&self) -> Option<Quantization> {
+        self.quantize.filter(|_| self.quantize_dense)
     }
 }
 
@@ -42,6 +58,8 @@ impl Default for LoadOptions {
             dtype: Dtype::F32,
             device: Device::Cpu,
             shared_experts: SharedExperts::Router,
+            quantize: None,
+            quantize_dense: false,
         }
     }
 }
@@ -68,7 +86,7 @@ pub struct CausalLm<E = LocalExperts> {
     embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Tensor,
+    lm_head: WeightMatrix,
     rotary: RotaryEmbedding,
     experts: E,
     options: LoadOptions,
@@ -99,7 +117,7 @@ impl CausalLm {
             checkpoint,
             &spec,
             &|layer, expert| expert < placed[layer],
-            options.kind(),
+            options.expert_precision(),
             options.device,
         )?;
         Self::load_dense(checkpoint, spec, options, experts)
@@ -116,6 +134,7 @@ impl<E: Experts> CausalLm<E> {
         options: LoadOptions,
         experts: E,
     ) -> Result<Self, WeightsError> {
+        checkpoint.check_quantization(options.quantize)?;
         let (kind, device) = (options.kind(), options.device);
         let load = |key: &str, shape: &[usize]| {
             let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
@@ -124,7 +143,10 @@ impl<E: Experts> CausalLm<E> {
         let (h, v) = (spec.hidden_size, spec.vocab_size);
         let embed_tokens = load("model.embed_tokens.weight", &[v, h])?;
         let layers = (0..spec.layers.len())
-            .map(|i| load_layer(&spec, i, options.shared_experts, &load))
+            .map(|i| {
+                let dense = (options.shared_experts, options.dense_quantization());
+                load_layer(&spec, i, dense, &load)
+            })
             .collect::<Result<Vec<_>, WeightsError>>()?;
         let norm = RmsNorm::new(load("model.norm.weight", &[h])?, spec.rms_norm_eps);
         let lm_head = if spec.tie_word_embeddings && !checkpoint.contains("lm_head.weight") {
@@ -132,6 +154,13 @@ impl<E: Experts> CausalLm<E> {
         } else {
             load("lm_head.weight", &[v, h])?
         };
+        let lm_head =
+            WeightMatrix::new(lm_head, options.dense_quantization()).map_err(|error| {
+                WeightsError::Torch {
+                    key: "lm_head.weight".into(),
+                    error,
+                }
+            })?;
         let rotary =
             RotaryEmbedding::new(spec.attention.head_dim, spec.attention.rope_theta, device);
         Ok(Self {

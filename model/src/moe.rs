@@ -11,7 +11,7 @@ use crate::gating::{Gate, Routing};
 use crate::layer::LayerError;
 use crate::projection::{self, RoutedExpert};
 use crate::weights::Checkpoint;
-use tramontane_config::{ModelSpec, SharedExperts};
+use tramontane_config::{ModelSpec, Quantization, SharedExperts};
 
 /// Which experts a process holds: `held(layer, expert)`.
 pub type ExpertSelection<'a> = &'a dyn Fn(usize, usize) -> bool;
@@ -30,9 +30,10 @@ impl LocalExperts {
         checkpoint: &Checkpoint,
         spec: &ModelSpec,
         held: ExpertSelection<'_>,
-        kind: Kind,
+        precision: (Kind, Option<Quantization>),
         device: Device,
     ) -> Result<Self, WeightsError> {
+        checkpoint.check_quantization(precision.1)?;
         let layers = (0..spec.layers.len())
             .map(|layer| {
                 let Some(moe) = spec.moe(layer) else {
@@ -53,7 +54,7 @@ impl LocalExperts {
                                     checkpoint,
                                     &names,
                                     (spec.hidden_size, width),
-                                    kind,
+                                    precision,
                                     device,
                                 )
                             })
@@ -68,6 +69,17 @@ impl LocalExperts {
     /// Experts already built: `layers[layer][expert]`, None where not held.
     pub fn from_experts(layers: Vec<Vec<Option<Expert>>>) -> Self {
         Self { layers }
+    }
+
+    /// Bytes of the experts' matrices held, per dtype name (`int8`,
+    /// `bf16`, ...), in name order.
+    pub fn bytes_by_dtype(&self) -> Vec<(&'static str, u64)> {
+        let mut bytes = std::collections::BTreeMap::new();
+        for expert in self.layers.iter().flatten().flatten() {
+            let (held, dtype) = expert.bytes();
+            *bytes.entry(dtype).or_insert(0) += held;
+        }
+        bytes.into_iter().collect()
     }
 
     /// Number of (layer, expert) pairs held.
@@ -133,13 +145,13 @@ impl LocalExperts {
             .collect::<Result<Vec<&Expert>, _>>()?;
         let weights = experts
             .iter()
-            .map(|expert| expert.weights())
+            .map(|expert| expert.matrices())
             .collect::<Result<Vec<_>, _>>()?;
         let routed: Vec<RoutedExpert<'_>> = weights
             .iter()
             .zip(work)
             .map(|([w1, w3, w2], item)| RoutedExpert {
-                weights: [w1, w3, w2],
+                weights: [w1.into(), w3.into(), w2.into()],
                 rows: &item.rows,
                 routing: &item.weights,
             })
@@ -339,7 +351,13 @@ mod tests {
 
         // Experts 1 and 5 of layer 1 only, as a worker would.
         let held = |layer: usize, expert: usize| layer == 1 && (expert == 1 || expert == 5);
-        let experts = LocalExperts::load(&checkpoint, &config, &held, Kind::Float, Device::Cpu)?;
+        let experts = LocalExperts::load(
+            &checkpoint,
+            &config,
+            &held,
+            (Kind::Float, None),
+            Device::Cpu,
+        )?;
         assert_eq!(experts.held_count(), 2);
         let names = [(1, 1), (1, 5)].map(|(l, e)| {
             let t = tramontane_config::Family::Mixtral.expert_tensors(l, e);

@@ -9,12 +9,13 @@
 
 use tch::{Device, Kind, TchError, Tensor};
 use tramontane_kernels::{
-    Attended, Bf16, Element, ExpertWeights, F32, Kernel, KvLayer, Parallel, Routed, Shape,
+    Attended, Bf16, Element, ExpertWeights, F32, Kernel, KvLayer, Matrix, Parallel, Routed, Shape,
     ShapeError,
 };
 
 use crate::error::ForwardError;
 use crate::openmp::OpenMpTeam;
+use crate::weight_matrix::MatrixRef;
 
 /// `$call` with `$kernel` the kernels' type for `$element` ([`Bf16`] or [`F32`]).
 macro_rules! with_kernel {
@@ -61,7 +62,10 @@ fn kernel_element(kind: Kind) -> Option<Element> {
 
 /// Where the kernels can take `xs` against `weights`: the team, the shape of
 /// `xs` as `[rows, inner]`, and the element type.
-fn kernel_call(xs: &Tensor, weights: &[&Tensor]) -> Option<(&'static OpenMpTeam, i64, Element)> {
+fn kernel_call(
+    xs: &Tensor,
+    weights: &[MatrixRef<'_>],
+) -> Option<(&'static OpenMpTeam, i64, Element)> {
     let inner = *xs.size().last()?;
     let rows = if inner == 0 {
         0
@@ -79,11 +83,11 @@ fn kernel_team(
     device: Device,
     rows: i64,
     inner: i64,
-    weights: &[&Tensor],
+    weights: &[MatrixRef<'_>],
 ) -> Option<(&'static OpenMpTeam, Element)> {
     let fits = device == Device::Cpu
         && (1..=KERNEL_ROWS).contains(&rows)
-        && weights.iter().all(|w| weight_fits(w, kind, inner));
+        && weights.iter().all(|&w| matrix_fits(w, kind, inner));
     if !fits || kernels_disabled() {
         return None;
     }
@@ -97,6 +101,39 @@ fn weight_fits(w: &Tensor, kind: Kind, inner: i64) -> bool {
         && w.dim() == 2
         && w.size()[1] == inner
         && w.is_contiguous()
+}
+
+/// Whether the kernels can read `w` as a `[_, inner]` weight for
+/// activations of `kind`: plain of `kind`, or int8 with a contiguous f32
+/// scale per row.
+fn matrix_fits(w: MatrixRef<'_>, kind: Kind, inner: i64) -> bool {
+    match w {
+        MatrixRef::Plain(w) => weight_fits(w, kind, inner),
+        MatrixRef::Int8 { values, scales } => {
+            weight_fits(values, Kind::Int8, inner)
+                && scales.kind() == Kind::Float
+                && scales.device() == Device::Cpu
+                && scales.is_contiguous()
+                && scales.size() == [values.size()[0]]
+        }
+    }
+}
+
+/// `w` as the kernels read it.
+///
+/// # Safety
+/// As [`elements`], for the kernels' `E` ([`matrix_fits`] holds).
+unsafe fn matrix<E>(w: MatrixRef<'_>) -> Matrix<'_, E> {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match w {
+            MatrixRef::Plain(w) => Matrix::Plain(elements(w)),
+            MatrixRef::Int8 { values, scales } => Matrix::Int8 {
+                values: elements(values),
+                scales: elements(scales),
+            },
+        }
+    }
 }
 
 /// `TRAMONTANE_NO_KERNELS=1` sends every projection to libtorch (read once):
@@ -182,26 +219,36 @@ fn output_like(xs: &Tensor, outputs: i64) -> Result<Tensor, TchError> {
 }
 
 /// `xs · wᵀ`: `[..., in]` against `[out, in]` -> `[..., out]`.
-pub fn linear(xs: &Tensor, w: &Tensor) -> Result<Tensor, TchError> {
+pub fn linear<'w>(xs: &Tensor, w: impl Into<MatrixRef<'w>>) -> Result<Tensor, TchError> {
+    let w = w.into();
     match on_kernels(xs, Weights::Linear(w))? {
         Some(out) => Ok(out),
-        None => xs.f_linear(w, None::<Tensor>),
+        None => xs.f_linear(&w.dequantize(xs.kind())?, None::<Tensor>),
     }
 }
 
 /// `xs · wᵀ + bias`: on the kernels, the product rounded then the bias
 /// added; through libtorch in one `addmm`, rounded once, as transformers'
 /// biased `nn.Linear` computes it.
-pub fn linear_with_bias(xs: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor, TchError> {
+pub fn linear_with_bias<'w>(
+    xs: &Tensor,
+    w: impl Into<MatrixRef<'w>>,
+    bias: &Tensor,
+) -> Result<Tensor, TchError> {
+    let w = w.into();
     match on_kernels(xs, Weights::Linear(w))? {
         Some(out) => out.f_add(bias),
-        None => xs.f_linear(w, Some(bias)),
+        None => xs.f_linear(&w.dequantize(xs.kind())?, Some(bias)),
     }
 }
 
 /// `silu(xs · w1ᵀ) ⊙ (xs · w3ᵀ)` on the kernels, in one pass over w1 and w3;
 /// None where they do not take these tensors (the caller uses libtorch).
-pub fn swiglu(xs: &Tensor, w1: &Tensor, w3: &Tensor) -> Result<Option<Tensor>, TchError> {
+pub fn swiglu(
+    xs: &Tensor,
+    w1: MatrixRef<'_>,
+    w3: MatrixRef<'_>,
+) -> Result<Option<Tensor>, TchError> {
     if w1.size() != w3.size() {
         return Ok(None);
     }
@@ -213,7 +260,7 @@ pub fn swiglu(xs: &Tensor, w1: &Tensor, w3: &Tensor) -> Result<Option<Tensor>, T
 /// and each row's routing weight.
 #[derive(Clone, Copy)]
 pub struct RoutedExpert<'a> {
-    pub weights: [&'a Tensor; 3],
+    pub weights: [MatrixRef<'a>; 3],
     pub rows: &'a [usize],
     pub routing: &'a [f32],
 }
@@ -243,17 +290,20 @@ pub fn add_experts(
     }
     let mut inputs = vec![("the hidden states", xs)];
     for expert in experts {
-        let [w1, w3, w2] = expert.weights;
-        inputs.extend([("w1", w1), ("w3", w3), ("w2", w2)]);
+        for (name, w) in ["w1", "w3", "w2"].into_iter().zip(expert.weights) {
+            inputs.extend(w.tensors().into_iter().map(|(_, tensor)| (name, tensor)));
+        }
     }
     check_disjoint(out, &inputs)?;
     let mut on = None;
     for expert in experts.iter().filter(|e| !e.rows.is_empty()) {
         let [w1, w3, w2] = expert.weights;
         let intermediate = w1.size()[0];
-        let fits = w1.size() == w3.size()
+        let alike = std::mem::discriminant(&w1) == std::mem::discriminant(&w3);
+        let fits = alike
+            && w1.size() == w3.size()
             && w2.size() == [hidden, intermediate]
-            && weight_fits(w2, kind, intermediate);
+            && matrix_fits(w2, kind, intermediate);
         let team = kernel_team(
             kind,
             xs.device(),
@@ -295,9 +345,9 @@ unsafe fn add<K: Kernel>(
             .map(|e| {
                 let [w1, w3, w2] = e.weights;
                 let weights = ExpertWeights {
-                    w1: elements(w1),
-                    w3: elements(w3),
-                    w2: elements(w2),
+                    w1: matrix(w1),
+                    w3: matrix(w3),
+                    w2: matrix(w2),
                     hidden,
                     intermediate: w1.size()[0] as usize,
                 };
@@ -397,13 +447,13 @@ unsafe fn attend<K: Kernel>(
 #[derive(Clone, Copy)]
 enum Weights<'a> {
     /// `xs · wᵀ`.
-    Linear(&'a Tensor),
+    Linear(MatrixRef<'a>),
     /// `silu(xs · w1ᵀ) ⊙ (xs · w3ᵀ)`.
-    SwiGlu(&'a Tensor, &'a Tensor),
+    SwiGlu(MatrixRef<'a>, MatrixRef<'a>),
 }
 
 impl<'a> Weights<'a> {
-    fn tensors(self) -> Vec<&'a Tensor> {
+    fn matrices(self) -> Vec<MatrixRef<'a>> {
         match self {
             Weights::Linear(w) => vec![w],
             Weights::SwiGlu(w1, w3) => vec![w1, w3],
@@ -420,7 +470,7 @@ impl<'a> Weights<'a> {
 /// `weights` applied to `xs` on the kernels; None where they do not take
 /// these tensors.
 fn on_kernels(xs: &Tensor, weights: Weights<'_>) -> Result<Option<Tensor>, TchError> {
-    let Some((team, rows, element)) = kernel_call(xs, &weights.tensors()) else {
+    let Some((team, rows, element)) = kernel_call(xs, &weights.matrices()) else {
         return Ok(None);
     };
     let xs = xs.f_contiguous()?;
@@ -448,9 +498,9 @@ fn run<K: Kernel>(
     unsafe {
         let (x, out) = (elements::<K::Elem>(xs), elements_mut::<K::Elem>(out));
         match weights {
-            Weights::Linear(w) => tramontane_kernels::linear::<K>(team, x, elements(w), shape, out),
+            Weights::Linear(w) => tramontane_kernels::linear::<K>(team, x, matrix(w), shape, out),
             Weights::SwiGlu(w1, w3) => {
-                tramontane_kernels::gate_up::<K>(team, x, elements(w1), elements(w3), shape, out)
+                tramontane_kernels::gate_up::<K>(team, x, matrix(w1), matrix(w3), shape, out)
             }
         }
     }
@@ -527,7 +577,7 @@ mod tests {
 
                 let reference = f32(&xs).linear(&f32(&w1), None::<Tensor>).silu()
                     * f32(&xs).linear(&f32(&w3), None::<Tensor>);
-                match swiglu(&xs, &w1, &w3).unwrap() {
+                match swiglu(&xs, (&w1).into(), (&w3).into()).unwrap() {
                     Some(ours) => {
                         assert!(rows <= KERNEL_ROWS, "rows {rows} are libtorch's");
                         // Rounded as libtorch rounds: each projection, silu, the product.
@@ -561,7 +611,7 @@ mod tests {
         let rows = [0usize, 2];
         let routing = [0.5f32, 0.25];
         let expert = RoutedExpert {
-            weights: [&w1, &w3, &w2],
+            weights: [(&w1).into(), (&w3).into(), (&w2).into()],
             rows: &rows,
             routing: &routing,
         };
@@ -598,11 +648,14 @@ mod tests {
         let _guard = tch::no_grad_guard();
         let w = Tensor::randn([8, 16], (Kind::Half, Device::Cpu));
         let xs = Tensor::randn([2, 16], (Kind::Half, Device::Cpu));
-        assert!(kernel_call(&xs, &[&w]).is_none(), "f16 has no kernel");
+        assert!(
+            kernel_call(&xs, &[(&w).into()]).is_none(),
+            "f16 has no kernel"
+        );
         let w = Tensor::randn([16, 8], (Kind::Float, Device::Cpu)).transpose(0, 1);
         let xs = Tensor::randn([2, 16], (Kind::Float, Device::Cpu));
         assert!(
-            kernel_call(&xs, &[&w]).is_none(),
+            kernel_call(&xs, &[(&w).into()]).is_none(),
             "a transposed weight is not row-major"
         );
         let diff = max_abs_diff(&linear(&xs, &w).unwrap(), &xs.linear(&w, None::<Tensor>));

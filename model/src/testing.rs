@@ -104,7 +104,13 @@ pub fn dense_over<E: Experts>(
 ) -> Result<CausalLm<E>, LoadError> {
     let config = ModelSpec::from_file(&dir.join("config.json"))?;
     let checkpoint = Checkpoint::open(dir)?;
-    let local = LocalExperts::load(&checkpoint, &config, &|_, _| true, kind, Device::Cpu)?;
+    let local = LocalExperts::load(
+        &checkpoint,
+        &config,
+        &|_, _| true,
+        (kind, None),
+        Device::Cpu,
+    )?;
     Ok(CausalLm::load_dense(
         &checkpoint,
         config,

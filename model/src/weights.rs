@@ -13,6 +13,7 @@ use safetensors::tensor::{Dtype, Metadata};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::WeightsError;
+use tramontane_config::Quantization;
 
 const SINGLE_FILE: &str = "model.safetensors";
 const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -30,6 +31,8 @@ pub type ProgressFn = Box<dyn Fn(u64)>;
 
 /// The weights of one checkpoint folder.
 pub struct Checkpoint {
+    /// config.json's `quantization_config.quant_method`, where it has one.
+    quant_method: Option<String>,
     files: Vec<WeightFile>,
     location: HashMap<String, usize>,
     loaded_bytes: Cell<u64>,
@@ -96,11 +99,30 @@ impl Checkpoint {
             });
         }
         Ok(Self {
+            quant_method: quant_method(dir)?,
             files,
             location,
             loaded_bytes: Cell::new(0),
             progress: None,
         })
+    }
+
+    /// How the checkpoint is quantized, as its config.json's
+    /// `quantization_config.quant_method` says (None: it is not).
+    pub fn quant_method(&self) -> Option<&str> {
+        self.quant_method.as_deref()
+    }
+
+    /// Refuses to quantize at load (`asked`) a checkpoint already
+    /// quantized.
+    pub fn check_quantization(&self, asked: Option<Quantization>) -> Result<(), WeightsError> {
+        match (asked, &self.quant_method) {
+            (Some(asked), Some(quant_method)) => Err(WeightsError::AlreadyQuantized {
+                quant_method: quant_method.clone(),
+                asked,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Reports each loaded tensor's size in bytes, e.g. to a progress bar.
@@ -205,6 +227,21 @@ impl WeightFile {
             metadata,
         })
     }
+}
+
+/// The `quantization_config.quant_method` of `dir`'s config.json (None
+/// without a config.json: a folder of weights alone).
+fn quant_method(dir: &Path) -> Result<Option<String>, WeightsError> {
+    let path = dir.join("config.json");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(WeightsError::Io { path, error }),
+    };
+    tramontane_config::dtype::quant_method(&text).map_err(|error| WeightsError::Config {
+        path,
+        reason: error.to_string(),
+    })
 }
 
 fn kind_of(dtype: Dtype) -> Option<Kind> {

@@ -111,7 +111,7 @@ pub struct SizedModel {
 impl SizedModel {
     /// What a profile made for this model records of it.
     pub fn shape(&self) -> ModelShape {
-        ModelShape::new(&self.spec, self.dtype_bytes)
+        ModelShape::new(&self.spec, self.dtype_bytes).with_expert_weights(self.experts)
     }
 }
 

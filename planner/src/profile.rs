@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tramontane_config::{FfnSpec, ModelSpec, MoeSpec};
 
 use crate::model::SizedModel;
+use crate::weight_dtype::WeightDtype;
 
 pub const FORMAT: &str = "tramontane-profile-v1";
 
@@ -44,6 +45,11 @@ pub struct ModelShape {
     /// The width of the expert every token takes beside its routed ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared_expert_width: Option<usize>,
+    /// How the routed experts' weights are held where quantized (`int8`,
+    /// ...; otherwise in the compute dtype): a measured profile times them
+    /// as they were held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_weights: Option<WeightDtype>,
 }
 
 impl ModelShape {
@@ -75,6 +81,16 @@ impl ModelShape {
             dense_layers: dense.iter().map(|&(layer, _)| layer).collect(),
             dense_width: dense.iter().map(|&(_, width)| width).max(),
             shared_expert_width: largest(|m| m.shared.map(|s| s.width)),
+            expert_weights: None,
+        }
+    }
+
+    /// The same shape, the routed experts held as `weights` (recorded where
+    /// quantized).
+    pub fn with_expert_weights(self, weights: WeightDtype) -> Self {
+        Self {
+            expert_weights: weights.quantized().then_some(weights),
+            ..self
         }
     }
 }
@@ -246,6 +262,9 @@ impl Profile {
             }
             if let Some(width) = m.shared_expert_width {
                 text += &format!(", a shared expert of width {width}");
+            }
+            if let Some(weights) = m.expert_weights {
+                text += &format!(", experts held in {weights}");
             }
             text
         };

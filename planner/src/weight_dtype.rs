@@ -12,7 +12,7 @@
 
 use tramontane_config::Dtype;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightDtype {
     F32,
@@ -42,6 +42,14 @@ impl WeightDtype {
             WeightDtype::Fp8 => "fp8",
             WeightDtype::Mxfp4 => "mxfp4",
         }
+    }
+
+    /// Stored in fewer bits than a float dtype, with scales.
+    pub fn quantized(self) -> bool {
+        matches!(
+            self,
+            WeightDtype::Int8 | WeightDtype::Fp8 | WeightDtype::Mxfp4
+        )
     }
 
     /// Weights stored as the compute dtype.

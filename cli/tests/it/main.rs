@@ -22,6 +22,7 @@ mod openai_api;
 mod placement;
 mod plan;
 mod prometheus;
+mod quantized;
 mod routers;
 mod serve;
 mod sharded;

@@ -29,26 +29,6 @@ fn expected() -> [Vec<(u32, Vec<u32>)>; 2] {
 /// Bytes of one tiny expert in f32: w1, w2, w3 of 64 × 128.
 const EXPERT_BYTES: f64 = (3 * 64 * 128 * 4) as f64;
 
-/// The workers' addresses, in order, from serve's Prometheus targets file.
-fn worker_addrs(targets: &Path) -> Result<Vec<String>> {
-    let groups: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(targets)?)?;
-    let mut workers: Vec<(usize, String)> = groups
-        .iter()
-        .filter(|g| g["labels"]["component"] == "worker")
-        .map(|g| {
-            Ok((
-                g["labels"]["worker"]
-                    .as_str()
-                    .context("worker label")?
-                    .parse()?,
-                g["targets"][0].as_str().context("target")?.to_string(),
-            ))
-        })
-        .collect::<Result<_>>()?;
-    workers.sort();
-    Ok(workers.into_iter().map(|(_, addr)| addr).collect())
-}
-
 fn greedy(model_or_server: &[&str], prompt: &str) -> Result<serde_json::Value> {
     let output = support::run_ok(
         support::tramontane()
@@ -82,7 +62,7 @@ fn serve_starts_each_worker_with_its_own_pairs_per_layer() -> Result<()> {
             targets.to_str().context("path")?,
         ],
     )?;
-    let addrs = worker_addrs(&targets)?;
+    let addrs = support::worker_addrs(&targets)?;
     ensure!(addrs.len() == 2, "{addrs:?}");
 
     let runtime = tokio::runtime::Runtime::new()?;
@@ -98,9 +78,11 @@ fn serve_starts_each_worker_with_its_own_pairs_per_layer() -> Result<()> {
             ensure!(held == want, "worker {i} holds {held:?}, not {want:?}");
             let pairs: usize = want.iter().map(|(_, e)| e.len()).sum();
             let (_, _, metrics) = support::http(addr, "GET", "/metrics", "")?;
-            let weights =
-                support::metric(&metrics, "tramontane_worker_memory_bytes{kind=\"weights\"}")
-                    .context("no weights memory metric")?;
+            let weights = support::metric(
+                &metrics,
+                "tramontane_worker_memory_bytes{kind=\"weights\",dtype=\"f32\"}",
+            )
+            .context("no weights memory metric")?;
             ensure!(
                 weights == pairs as f64 * EXPERT_BYTES,
                 "worker {i}: {weights} bytes of weights for {pairs} experts"

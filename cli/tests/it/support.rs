@@ -477,3 +477,23 @@ pub fn samples(text: &str, name: &str) -> Vec<(std::collections::BTreeMap<String
         })
         .collect()
 }
+
+/// The workers' addresses, in order, from serve's Prometheus targets file.
+pub fn worker_addrs(targets: &Path) -> Result<Vec<String>> {
+    let groups: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(targets)?)?;
+    let mut workers: Vec<(usize, String)> = groups
+        .iter()
+        .filter(|g| g["labels"]["component"] == "worker")
+        .map(|g| {
+            Ok((
+                g["labels"]["worker"]
+                    .as_str()
+                    .context("worker label")?
+                    .parse()?,
+                g["targets"][0].as_str().context("target")?.to_string(),
+            ))
+        })
+        .collect::<Result<_>>()?;
+    workers.sort();
+    Ok(workers.into_iter().map(|(_, addr)| addr).collect())
+}
