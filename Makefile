@@ -38,7 +38,7 @@ define for_each_bench_model
 	done
 endef
 
-.PHONY: setup build test lint serve bench bench-sharded bench-routers bench-serving bench-plan bench-chaos monitoring-tools
+.PHONY: setup build test lint serve gpu-check bench bench-sharded bench-quality bench-routers bench-serving bench-plan bench-chaos monitoring-tools
 
 setup: $(STAMP)
 
@@ -67,9 +67,18 @@ test: build lint monitoring-tools
 serve: build
 	$(BIN) serve --workers $(WORKERS) --listen $(LISTEN) --http-listen $(HTTP_LISTEN) --prometheus-targets deploy/prometheus/targets/local.json $(if $(MODEL),--model $(MODEL),)
 
-# The in-process forward against transformers and llama.cpp (../shared/peers), f32 and bf16, on each of BENCH_MODELS (not part of `make test`).
+# The CUDA path on cuda:0 (bf16 parity tests, serve with 2 workers, bench rows), one table; without CUDA it says so and exits 0.
+gpu-check: build
+	bash scripts/gpu_check.sh
+
+# The in-process forward against transformers and llama.cpp (../shared/peers), f32, bf16 and int8 (against q8_0), on each of BENCH_MODELS (not part of `make test`).
 bench: build
-	$(call for_each_bench_model,$(PYTHON) benches/forward_vs_hf.py --model $$dir --bin $(BIN) --threads 2 --dtypes f32$(comma)bf16)
+	$(call for_each_bench_model,$(PYTHON) benches/forward_vs_hf.py --model $$dir --bin $(BIN) --threads 2 --dtypes f32$(comma)bf16$(comma)int8)
+
+# Perplexity on a public-domain text (Genesis, KJV, from Debian's bible-kjv-text) unquantized and in int8, on each of BENCH_MODELS.
+bench-quality: build
+	bash scripts/public_domain_text.sh target/corpus/genesis.txt
+	$(call for_each_bench_model,$(PYTHON) benches/perplexity.py --model $$dir --bin $(BIN) --text target/corpus/genesis.txt --threads 2)
 
 # Sharded (router + 1/2/4 workers) against in-process, bf16, with the per-layer breakdown and bytes on the wire, on each of BENCH_MODELS.
 bench-sharded: build

@@ -10,7 +10,10 @@ when that script is absent), and ours again with every projection on
 libtorch's GEMMs (TRAMONTANE_NO_KERNELS=1, the baseline of the small-batch
 kernels). Prints tokens/s for prefill (1x512, 8x128) and
 greedy decode (batch 1, 8, 32 after a 128-token prompt) per dtype, and ours /
-theirs per row; llama.cpp's q8_0 is printed beside bf16 for reference.
+theirs per row; llama.cpp's q8_0 is printed beside bf16 for reference. The
+`int8` rows are ours with `--dtype bf16 --quantize int8 --quantize-dense`
+(every projection but the gates in int8) against llama.cpp's q8_0
+(transformers has no int8 CPU path to compare with).
 This host's speed moves by tens of percent within minutes, so ours and
 llama.cpp each run twice, at the start and at the end, and the better of the
 two runs counts for each. The host's memory read rate is measured between
@@ -19,7 +22,7 @@ it allows: the bytes a token reads (the dense weights, k experts per layer,
 lm_head) at that rate.
 
 Usage: python benches/forward_vs_hf.py --model DIR --bin target/release/tramontane
-       [--threads 2] [--dtypes f32,bf16] [--peers ../shared/peers]
+       [--threads 2] [--dtypes f32,bf16,int8] [--peers ../shared/peers]
 """
 
 import argparse
@@ -94,12 +97,20 @@ def llama_cpp(peers, model, threads, types):
     return {row["type"]: row for row in rows}, None
 
 
+# Per row dtype: our flags, transformers' dtype (None: not run) and llama.cpp's GGUF type.
+VARIANTS = {
+    "f32": (["--dtype", "f32"], "f32", "f32"),
+    "bf16": (["--dtype", "bf16"], "bf16", "bf16"),
+    "int8": (["--dtype", "bf16", "--quantize", "int8", "--quantize-dense"], None, "q8_0"),
+}
+
+
 def ours(args, dtype, kernels=True):
     """Our rows; without the small-batch kernels (TRAMONTANE_NO_KERNELS=1) every projection is libtorch's."""
     env = dict(os.environ, TRAMONTANE_NO_KERNELS="0" if kernels else "1")
     return run_json(
         [args.bin, "bench-forward", "--model", args.model, "--threads", str(args.threads), "--json",
-         "--dtype", dtype, "--repeats", str(args.repeats), "--decode-steps", str(args.decode_steps),
+         *VARIANTS[dtype][0], "--repeats", str(args.repeats), "--decode-steps", str(args.decode_steps),
          "--decode-prompt", str(args.decode_prompt)], env)["rows"]
 
 
@@ -151,10 +162,14 @@ def token_bytes(model_dir, dtype):
     dense = 3 * h * config["intermediate_size"]
     elements = sum(attention + (moe if is_moe else dense) for is_moe in moe_layers(config))
     elements += config["vocab_size"] * h
-    return elements * {"f32": 4, "bf16": 2}[dtype]
+    # int8: one byte a weight (its scales, 4 bytes a row, left out).
+    return elements * {"f32": 4, "bf16": 2, "int8": 1}[dtype]
 
 
 def transformers_rows(args, dtype):
+    """transformers' rows, or None for a dtype it does not run (int8)."""
+    if VARIANTS[dtype][1] is None:
+        return None
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=TORCH_DTYPES[dtype])
     model.eval()
     with torch.no_grad():
@@ -177,12 +192,12 @@ LLAMA_COLUMNS = [Column("llama.cpp", 10), Column("ratio", 6), Column("llama q8_0
 def table_row(dtype, i, rows, llama):
     """Row `i` of `dtype`: ours, ours on libtorch only, transformers (and llama.cpp when it ran)."""
     o, t, b = rows
-    assert o["name"] == t["name"] == b["name"], (o["name"], t["name"], b["name"])
+    assert o["name"] == b["name"] and (t is None or t["name"] == o["name"]), (o, t, b)
     ours = o["tokens_per_s"]
-    cells = [dtype, o["name"], f"{ours:.1f}", f"{b['tokens_per_s']:.1f}", f"{ours / b['tokens_per_s']:.2f}x",
-             f"{t['tokens_per_s']:.1f}", f"{ours / t['tokens_per_s']:.2f}x"]
+    cells = [dtype, o["name"], f"{ours:.1f}", f"{b['tokens_per_s']:.1f}", f"{ours / b['tokens_per_s']:.2f}x"]
+    cells += [f"{t['tokens_per_s']:.1f}", f"{ours / t['tokens_per_s']:.2f}x"] if t else ["-", "-"]
     if llama:
-        peer = llama.get(dtype, {}).get(LLAMA_KEYS[i])
+        peer = llama.get(VARIANTS[dtype][2], {}).get(LLAMA_KEYS[i])
         q8 = llama.get("q8_0", {}).get(LLAMA_KEYS[i])
         cells += [f"{peer:.1f}", f"{ours / peer:.2f}x"] if peer else ["-", "-"]
         cells.append(f"{q8:.1f}" if q8 else "-")
@@ -197,19 +212,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--decode-prompt", type=int, default=128)
-    parser.add_argument("--dtypes", default="f32,bf16")
+    parser.add_argument("--dtypes", default="f32,bf16,int8")
     parser.add_argument("--peers", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "peers"))
     args = parser.parse_args()
     dtypes = args.dtypes.split(",")
     torch.set_num_threads(args.threads)
 
-    llama, note = llama_cpp(args.peers, args.model, args.threads, dtypes + ["q8_0"])
+    gguf_types = sorted({VARIANTS[dtype][2] for dtype in dtypes} | {"q8_0"})
+    llama, note = llama_cpp(args.peers, args.model, args.threads, gguf_types)
     first = {dtype: ours(args, dtype) for dtype in dtypes}
     results = {}
     for dtype in dtypes:
         results[dtype] = (transformers_rows(args, dtype), ours(args, dtype, kernels=False))
     rate = read_rate(args.threads)
-    again, _ = llama_cpp(args.peers, args.model, args.threads, dtypes + ["q8_0"])
+    again, _ = llama_cpp(args.peers, args.model, args.threads, gguf_types)
     llama = best_llama(llama, again)
     results = {dtype: (best_of(first[dtype], ours(args, dtype)),) + results[dtype] for dtype in dtypes}
 
@@ -224,8 +240,8 @@ def main() -> None:
         print(f"note: {note}")
     print("libtorch only = ours with every projection on libtorch's GEMMs (TRAMONTANE_NO_KERNELS=1)")
     columns = COLUMNS + (LLAMA_COLUMNS if llama else [])
-    print_table(columns, [table_row(dtype, i, rows, llama) for dtype in dtypes
-                          for i, rows in enumerate(zip(*results[dtype]))])
+    print_table(columns, [table_row(dtype, i, (o[i], t[i] if t else None, b[i]), llama) for dtype in dtypes
+                          for (o, t, b) in [results[dtype]] for i in range(len(o))])
 
 
 if __name__ == "__main__":

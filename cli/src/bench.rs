@@ -6,15 +6,64 @@
 //!   one-row payload to a running worker.
 //! - `tramontane delay-proxy`: a TCP proxy adding latency, to run the
 //!   sharded benchmarks over a slower network.
+//! - `tramontane perplexity`: a model's perplexity on a text file, to
+//!   compare dtypes and quantizations on the same text.
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use tramontane_dispatch::MicroBatches;
 use tramontane_measure::forward::{self, Shape, Timing};
+use tramontane_measure::perplexity::{self, Scoring};
 
 use crate::options::ComputeArgs;
+
+#[derive(Debug, Args)]
+pub struct PerplexityArgs {
+    /// Checkpoint folder, run in process.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The text (UTF-8), tokenized whole.
+    #[arg(long)]
+    pub text: PathBuf,
+    /// Tokens per window; windows do not overlap and each starts from an
+    /// empty cache.
+    #[arg(long, default_value_t = 512)]
+    pub window: usize,
+    /// Tokens of the text scored at most (whole windows).
+    #[arg(long, default_value_t = 8192)]
+    pub max_tokens: usize,
+    /// Windows prefilled in one step.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Print JSON instead of a line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+pub fn run_perplexity(args: &PerplexityArgs) -> Result<()> {
+    let options = args.compute.load_options()?;
+    let text = std::fs::read_to_string(&args.text)
+        .with_context(|| format!("reading --text {}", args.text.display()))?;
+    let scoring = Scoring {
+        window: args.window,
+        max_tokens: args.max_tokens,
+        batch: args.batch,
+    };
+    let measured = perplexity::measure(&args.model, options, &text, scoring)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&measured)?);
+    } else {
+        println!(
+            "perplexity {:.3} (mean NLL {:.4} nats) over {} tokens in {} windows of {}",
+            measured.perplexity, measured.nll, measured.tokens, measured.windows, args.window
+        );
+    }
+    Ok(())
+}
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {

@@ -47,6 +47,8 @@ enum Command {
     BenchDispatch(bench::BenchDispatchArgs),
     /// A TCP proxy that adds latency both ways (for benchmarks over a slower network).
     DelayProxy(bench::DelayProxyArgs),
+    /// A model's perplexity on a text file, in process (to compare dtypes and quantizations).
+    Perplexity(bench::PerplexityArgs),
     /// Serve some experts of a model on one device (the expert service).
     Worker(worker::WorkerArgs),
     /// Serve the dense model and dispatch MoE layers to running workers.
@@ -73,6 +75,7 @@ fn main() -> Result<()> {
         }
         Command::BenchDispatch(args) => bench::run_dispatch(&args),
         Command::DelayProxy(args) => bench::run_delay_proxy(&args),
+        Command::Perplexity(args) => bench::run_perplexity(&args),
         Command::Worker(args) => {
             openmp_env::passive_while_dispatching();
             worker::run(&args)

@@ -97,18 +97,29 @@ pub fn torch_dtype(text: &str) -> Result<Option<String>, ConfigError> {
 /// a quantized checkpoint stores its weights: `fp8`, `mxfp4`, ...), as
 /// written; None where it has none.
 pub fn quant_method(text: &str) -> Result<Option<String>, ConfigError> {
+    Ok(quantization_config(text)?.and_then(|q| q.quant_method))
+}
+
+/// The fields of a config.json's `quantization_config` that say how the
+/// checkpoint stores its weights.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct QuantizationConfig {
+    #[serde(default)]
+    pub quant_method: Option<String>,
+    /// FP8: the rows and columns of weights one scale covers.
+    #[serde(default)]
+    pub weight_block_size: Option<Vec<usize>>,
+}
+
+/// A config.json's `quantization_config`, None where it has none.
+pub fn quantization_config(text: &str) -> Result<Option<QuantizationConfig>, ConfigError> {
     #[derive(Deserialize)]
     struct Said {
         #[serde(default)]
-        quantization_config: Option<Quantization>,
-    }
-    #[derive(Deserialize)]
-    struct Quantization {
-        #[serde(default)]
-        quant_method: Option<String>,
+        quantization_config: Option<QuantizationConfig>,
     }
     serde_json::from_str::<Said>(text)
-        .map(|said| said.quantization_config.and_then(|q| q.quant_method))
+        .map(|said| said.quantization_config)
         .map_err(|error| ConfigError::Parse { path: None, error })
 }
 

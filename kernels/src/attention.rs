@@ -128,13 +128,15 @@ pub fn decode_attention<K: Kernel>(
             };
             // SAFETY: supported; q holds `groups` rows of head_dim, each key
             // head_dim elements at a checked slot.
-            unsafe { dots::<K, Plain, 4, 4>(q, groups, head_dim, w, ahead, each) };
+            unsafe { dots::<K, Plain, 4, 4>(q, groups, (head_dim, head_dim), w, ahead, each) };
             i += 4;
         }
         for i in i..n {
             let each = |g: usize, [dot]: [f32; 1]| scores[g * n + i] = dot * scale;
             // SAFETY: as above, for the one key left.
-            unsafe { dots::<K, Plain, 1, 4>(q, groups, head_dim, [key(i)], [key(i)], each) };
+            unsafe {
+                dots::<K, Plain, 1, 4>(q, groups, (head_dim, head_dim), [key(i)], [key(i)], each)
+            };
         }
         // Softmax numerators, rounded as the element type, and their sums.
         let mut sums = vec![0.0f32; groups];

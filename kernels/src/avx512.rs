@@ -58,6 +58,20 @@ pub trait Kernel: sealed::Sealed {
         ahead: [*const i8; NB],
         k: usize,
     ) -> [[f32; NB]; MB];
+    /// [`Kernel::dot`] against FP8 e4m3 weight rows (bytes): each weight
+    /// exact in the dot product's element type (the caller applies the
+    /// block's scale).
+    ///
+    /// # Safety
+    /// As [`Kernel::dot`].
+    #[doc(hidden)]
+    unsafe fn dot_fp8<const MB: usize, const NB: usize>(
+        x: *const Self::Elem,
+        ldx: usize,
+        w: [*const u8; NB],
+        ahead: [*const u8; NB],
+        k: usize,
+    ) -> [[f32; NB]; MB];
     #[doc(hidden)]
     fn from_f32(value: f32) -> Self::Elem;
     #[doc(hidden)]
@@ -119,6 +133,17 @@ impl Kernel for Bf16 {
         // `dot_bf16_i8`'s.
         unsafe { dot_bf16_i8::<MB, NB>(x, ldx, w, ahead, k) }
     }
+    unsafe fn dot_fp8<const MB: usize, const NB: usize>(
+        x: *const u16,
+        ldx: usize,
+        w: [*const u8; NB],
+        ahead: [*const u8; NB],
+        k: usize,
+    ) -> [[f32; NB]; MB] {
+        // SAFETY: the caller keeps `Kernel::dot_fp8`'s contract, which is
+        // `dot_bf16_fp8`'s.
+        unsafe { dot_bf16_fp8::<MB, NB>(x, ldx, w, ahead, k) }
+    }
     fn from_f32(value: f32) -> u16 {
         bf16_from_f32(value)
     }
@@ -165,6 +190,17 @@ impl Kernel for F32 {
         // SAFETY: the caller keeps `Kernel::dot_i8`'s contract, which is
         // `dot_f32_i8`'s.
         unsafe { dot_f32_i8::<MB, NB>(x, ldx, w, ahead, k) }
+    }
+    unsafe fn dot_fp8<const MB: usize, const NB: usize>(
+        x: *const f32,
+        ldx: usize,
+        w: [*const u8; NB],
+        ahead: [*const u8; NB],
+        k: usize,
+    ) -> [[f32; NB]; MB] {
+        // SAFETY: the caller keeps `Kernel::dot_fp8`'s contract, which is
+        // `dot_f32_fp8`'s.
+        unsafe { dot_f32_fp8::<MB, NB>(x, ldx, w, ahead, k) }
     }
     fn from_f32(value: f32) -> f32 {
         value
@@ -252,6 +288,28 @@ unsafe fn dot_f32_i8<const MB: usize, const NB: usize>(
     _: usize,
     _: [*const i8; NB],
     _: [*const i8; NB],
+    _: usize,
+) -> [[f32; NB]; MB] {
+    unreachable!("supported() is false off x86-64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dot_bf16_fp8<const MB: usize, const NB: usize>(
+    _: *const u16,
+    _: usize,
+    _: [*const u8; NB],
+    _: [*const u8; NB],
+    _: usize,
+) -> [[f32; NB]; MB] {
+    unreachable!("supported() is false off x86-64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dot_f32_fp8<const MB: usize, const NB: usize>(
+    _: *const f32,
+    _: usize,
+    _: [*const u8; NB],
+    _: [*const u8; NB],
     _: usize,
 ) -> [[f32; NB]; MB] {
     unreachable!("supported() is false off x86-64")
@@ -384,6 +442,79 @@ unsafe fn widen_i8_bf16(p: *const i8) -> __m512bh {
         let high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16).cast())));
         _mm512_cvtne2ps_pbh(high, low)
     }
+}
+
+/// 16 FP8 e4m3 values (bytes) as f32, exactly: the sign and the 7 bits of
+/// exponent and mantissa moved into an f32's places, which makes each
+/// value 2⁻¹²⁰ times itself (its subnormals too, as f32 subnormals), then
+/// times 2¹²⁰. (0x7f and 0xff, e4m3's NaNs, become ±480; checkpoints hold
+/// none.)
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn widen_fp8(bytes: __m128i) -> __m512 {
+    let v = _mm512_cvtepu8_epi32(bytes);
+    let magnitude = _mm512_srli_epi32::<5>(_mm512_slli_epi32::<25>(v));
+    let sign = _mm512_and_si512(_mm512_slli_epi32::<24>(v), _mm512_set1_epi32(i32::MIN));
+    let bits = _mm512_or_si512(magnitude, sign);
+    _mm512_mul_ps(
+        _mm512_castsi512_ps(bits),
+        _mm512_castsi512_ps(_mm512_set1_epi32((120 + 127) << 23)),
+    )
+}
+
+/// 16 FP8 values as f32, those outside `mask` zero.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn widen_fp8_masked(mask: __mmask16, p: *const u8) -> __m512 {
+    // SAFETY: the caller's: the elements under `mask` at `p`.
+    widen_fp8(unsafe { _mm_maskz_loadu_epi8(mask, p.cast()) })
+}
+
+/// 32 FP8 values as bfloat16 (exact: 4 significant bits, and every e4m3
+/// exponent is a bfloat16 one).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn widen_fp8_bf16(p: *const u8) -> __m512bh {
+    // SAFETY: the caller's: 32 elements at `p`.
+    unsafe {
+        let low = widen_fp8(_mm_loadu_si128(p.cast()));
+        let high = widen_fp8(_mm_loadu_si128(p.add(16).cast()));
+        _mm512_cvtne2ps_pbh(high, low)
+    }
+}
+
+/// 32 FP8 values as bfloat16, those outside `mask` zero.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn widen_fp8_bf16_masked(mask: __mmask32, p: *const u8) -> __m512bh {
+    // SAFETY: the caller's: the elements under `mask` at `p`.
+    unsafe {
+        let low = widen_fp8_masked(mask as __mmask16, p);
+        let high = widen_fp8_masked((mask >> 16) as __mmask16, p.wrapping_add(16));
+        _mm512_cvtne2ps_pbh(high, low)
+    }
+}
+
+dot_kernel! {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    fn dot_bf16_fp8(u16, u8, __m512bh, 32, __mmask32);
+    load: |p| load_bf16(p), load_masked: |mask, p| load_bf16_masked(mask, p),
+    load_w: |p| widen_fp8_bf16(p), load_w_masked: |mask, p| widen_fp8_bf16_masked(mask, p),
+    madd: |acc, x, w| _mm512_dpbf16_ps(acc, x, w)
+}
+
+dot_kernel! {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    fn dot_f32_fp8(f32, u8, __m512, 16, __mmask16);
+    load: |p: *const f32| _mm512_loadu_ps(p),
+    load_masked: |mask, p: *const f32| _mm512_maskz_loadu_ps(mask, p),
+    load_w: |p: *const u8| widen_fp8(_mm_loadu_si128(p.cast())),
+    load_w_masked: |mask, p| widen_fp8_masked(mask, p),
+    madd: |acc, x, w| _mm512_fmadd_ps(x, w, acc)
 }
 
 dot_kernel! {

@@ -8,8 +8,8 @@ use crate::avx512::Kernel;
 use crate::linear::Shape;
 
 /// How a projection's weight rows are stored, for the kernels of `K`: as
-/// `K`'s own elements ([`Plain`]) or as int8 ([`Int8`]; the caller scales
-/// each output by its row's scale).
+/// `K`'s own elements ([`Plain`]), as int8 ([`Int8`]) or as FP8 e4m3
+/// ([`Fp8`]); the caller applies the scales ([`Scales`]).
 pub(crate) trait Format<K: Kernel> {
     type W: Copy + Sync;
     /// [`Kernel::dot`] against rows of `Self::W`.
@@ -25,13 +25,56 @@ pub(crate) trait Format<K: Kernel> {
     ) -> [[f32; NB]; MB];
 }
 
-/// A weight matrix's elements as stored and, for int8, its rows' scales.
-pub(crate) type Rows<'a, W> = (&'a [W], Option<&'a [f32]>);
+/// What a weight matrix's dot products are multiplied by.
+#[derive(Clone, Copy)]
+pub(crate) enum Scales<'a> {
+    /// Nothing (plain weights).
+    None,
+    /// One scale per output row.
+    PerRow(&'a [f32]),
+    /// One scale per block of `rows × columns` weights, row-major over
+    /// the blocks (`per_row` blocks a row of them).
+    PerBlock {
+        scales: &'a [f32],
+        rows: usize,
+        columns: usize,
+        per_row: usize,
+    },
+}
+
+impl Scales<'_> {
+    /// The inner elements one scale covers (all `inner` but per block).
+    fn width(self, inner: usize) -> usize {
+        match self {
+            Scales::PerBlock { columns, .. } => columns,
+            _ => inner.max(1),
+        }
+    }
+
+    /// The scale of output row `n`'s dot products over inner block `kb`.
+    fn get(self, n: usize, kb: usize) -> f32 {
+        match self {
+            Scales::None => 1.0,
+            Scales::PerRow(scales) => scales[n],
+            Scales::PerBlock {
+                scales,
+                rows,
+                per_row,
+                ..
+            } => scales[n / rows * per_row + kb],
+        }
+    }
+}
+
+/// A weight matrix's elements as stored, and their scales.
+pub(crate) type Rows<'a, W> = (&'a [W], Scales<'a>);
 
 /// Weights in the activations' element type.
 pub(crate) struct Plain;
 /// int8 weights.
 pub(crate) struct Int8;
+/// FP8 e4m3 weights (as bytes).
+pub(crate) struct Fp8;
 
 impl<K: Kernel> Format<K> for Plain {
     type W = K::Elem;
@@ -44,6 +87,20 @@ impl<K: Kernel> Format<K> for Plain {
     ) -> [[f32; NB]; MB] {
         // SAFETY: the caller keeps the contract, which is `Kernel::dot`'s.
         unsafe { K::dot::<MB, NB>(x, ldx, w, ahead, k) }
+    }
+}
+
+impl<K: Kernel> Format<K> for Fp8 {
+    type W = u8;
+    unsafe fn dot<const MB: usize, const NB: usize>(
+        x: *const K::Elem,
+        ldx: usize,
+        w: [*const u8; NB],
+        ahead: [*const u8; NB],
+        k: usize,
+    ) -> [[f32; NB]; MB] {
+        // SAFETY: the caller keeps the contract, which is `Kernel::dot_fp8`'s.
+        unsafe { K::dot_fp8::<MB, NB>(x, ldx, w, ahead, k) }
     }
 }
 
@@ -104,13 +161,16 @@ const PREFETCH_BYTES: usize = 8192;
 /// them; later passes find them in cache, and the second prefetches the rows
 /// at `next` (the next block's) so that memory stays busy meanwhile.
 ///
+/// The dot products are over `k` elements of each row, rows of x `ldx`
+/// apart.
+///
 /// # Safety
-/// The kernels are supported; `x` holds `rows × inner` elements and each
-/// `w[n]` `inner`.
+/// The kernels are supported; `x` holds `(rows - 1) × ldx + k` elements and
+/// each `w[n]` `k`.
 pub(crate) unsafe fn dots<K: Kernel, F: Format<K>, const NB: usize, const MR: usize>(
     x: &[K::Elem],
     rows: usize,
-    inner: usize,
+    (ldx, k): (usize, usize),
     w: [*const F::W; NB],
     next: [*const F::W; NB],
     mut each: impl FnMut(usize, [f32; NB]),
@@ -118,7 +178,7 @@ pub(crate) unsafe fn dots<K: Kernel, F: Format<K>, const NB: usize, const MR: us
     let along = PREFETCH_BYTES / std::mem::size_of::<F::W>();
     let mut m = 0;
     while m < rows {
-        let at = x[m * inner..].as_ptr();
+        let at = x[m * ldx..].as_ptr();
         let ahead = if m == 0 {
             w.map(|row| row.wrapping_add(along))
         } else if m == MR {
@@ -135,7 +195,7 @@ pub(crate) unsafe fn dots<K: Kernel, F: Format<K>, const NB: usize, const MR: us
             ($($rows:literal)*) => {
                 match (rows - m).min(MR) {
                     // SAFETY: the caller's bounds; each arm reads the rows left.
-                    $($rows => emit(&unsafe { F::dot::<$rows, NB>(at, inner, w, ahead, inner) }),)*
+                    $($rows => emit(&unsafe { F::dot::<$rows, NB>(at, ldx, w, ahead, k) }),)*
                     _ => unreachable!("MR is at most 8"),
                 }
             };
@@ -150,7 +210,8 @@ pub(crate) unsafe fn dots<K: Kernel, F: Format<K>, const NB: usize, const MR: us
 }
 
 /// `out[:, columns] = x · w[columns]ᵀ`, `WR` weight rows at a time, each
-/// output times its row's scale where `w` has them.
+/// dot product times its scale (per row, or per block of the row: then
+/// block by block along the row).
 ///
 /// # Safety
 /// The kernels are supported; the lengths fit `shape`; no other thread
@@ -169,39 +230,64 @@ pub(crate) unsafe fn linear_columns<K: Kernel, F: Format<K>, const WR: usize, co
     } = shape;
     // Row pointers; past the end only as prefetch addresses.
     let row = |n: usize| w.as_ptr().wrapping_add(n * inner);
-    let store = |n: usize, m: usize, values: &[f32]| {
-        for (offset, &value) in values.iter().enumerate() {
-            let value = match scales {
-                Some(scales) => value * scales[n + offset],
-                None => value,
+    let width = scales.width(inner);
+    let mut sums = vec![0.0f32; rows * WR];
+    // `count` weight rows from `first`: their sums over every inner block.
+    let block = |first: usize, count: usize, sums: &mut [f32]| {
+        sums.fill(0.0);
+        for (kb, start) in (0..inner).step_by(width).enumerate() {
+            let k = width.min(inner - start);
+            let x = &x[start..];
+            let mut add = |m: usize, v: &[f32]| {
+                for (j, &v) in v.iter().enumerate() {
+                    sums[m * count + j] += v * scales.get(first + j, kb);
+                }
             };
-            // SAFETY: this thread's own columns, in bounds.
-            unsafe { out.write(m * outputs + n + offset, K::from_f32(value)) };
+            // SAFETY: the caller's bounds; each row's block is `k` elements from `start`.
+            unsafe {
+                if count == WR {
+                    let w = std::array::from_fn(|n| row(first + n).wrapping_add(start));
+                    let next = std::array::from_fn(|n| row(first + WR + n).wrapping_add(start));
+                    let each = |m, v: [f32; WR]| add(m, &v);
+                    dots::<K, F, WR, MR>(x, rows, (inner, k), w, next, each);
+                } else {
+                    let (w, next) = ([row(first).wrapping_add(start)], [row(first + 1)]);
+                    let each = |m, v: [f32; 1]| add(m, &v);
+                    dots::<K, F, 1, MR>(x, rows, (inner, k), w, next, each);
+                }
+            }
+        }
+    };
+    let store = |first: usize, count: usize, sums: &[f32]| {
+        for m in 0..rows {
+            for j in 0..count {
+                let value = K::from_f32(sums[m * count + j]);
+                // SAFETY: this thread's own columns, in bounds.
+                unsafe { out.write(m * outputs + first + j, value) };
+            }
         }
     };
     let mut first = columns.start;
     while first + WR <= columns.end {
-        let w = std::array::from_fn(|n| row(first + n));
-        let next = std::array::from_fn(|n| row(first + WR + n));
-        let store = |m, v: [f32; WR]| store(first, m, &v);
-        // SAFETY: the caller's bounds.
-        unsafe { dots::<K, F, WR, MR>(x, rows, inner, w, next, store) };
+        block(first, WR, &mut sums);
+        store(first, WR, &sums);
         first += WR;
     }
     for n in first..columns.end {
-        let store = |m, v: [f32; 1]| store(n, m, &v);
-        // SAFETY: as above.
-        unsafe { dots::<K, F, 1, MR>(x, rows, inner, [row(n)], [row(n + 1)], store) };
+        block(n, 1, &mut sums[..rows]);
+        store(n, 1, &sums[..rows]);
     }
 }
 
 /// `out[:, columns] = silu(x · w1[columns]ᵀ) ⊙ (x · w3[columns]ᵀ)`: the
 /// columns' gate and up dot products per row of x, `WR / 2` rows of each
-/// matrix at a time (each times its row's scale where the matrices have
-/// them), then the SwiGLU over each row's columns (vectorised).
+/// matrix at a time (each times its scale, block by block along the row
+/// where the scales are per block), then the SwiGLU over each row's
+/// columns (vectorised).
 ///
 /// # Safety
-/// As [`linear_columns`].
+/// As [`linear_columns`]; w1 and w3 are scaled alike (per row or in the
+/// same blocks).
 pub(crate) unsafe fn gate_up_columns<K: Kernel, F: Format<K>, const WR: usize, const MR: usize>(
     x: &[K::Elem],
     [(w1, scales1), (w3, scales3)]: [Rows<'_, F::W>; 2],
@@ -221,41 +307,46 @@ pub(crate) unsafe fn gate_up_columns<K: Kernel, F: Format<K>, const WR: usize, c
     let width = columns.len();
     let mut gates = vec![0.0f32; rows * width];
     let mut ups = vec![0.0f32; rows * width];
-    // The row's scale, 1 without.
-    let scale = |scales: Option<&[f32]>, j: usize| scales.map_or(1.0, |s| s[j]);
-    let mut first = columns.start;
-    while first + pairs <= columns.end {
-        let at = first - columns.start;
-        let rows_from = |first: usize| {
-            std::array::from_fn(|n| {
-                if n < pairs {
-                    gate(first + n)
-                } else {
-                    up(first + n - pairs)
+    let block_width = scales1.width(inner);
+    for (kb, start) in (0..inner).step_by(block_width).enumerate() {
+        let k = block_width.min(inner - start);
+        let x = &x[start..];
+        let mut first = columns.start;
+        while first + pairs <= columns.end {
+            let at = first - columns.start;
+            let rows_from = |first: usize| {
+                std::array::from_fn(|n| {
+                    let row = if n < pairs {
+                        gate(first + n)
+                    } else {
+                        up(first + n - pairs)
+                    };
+                    row.wrapping_add(start)
+                })
+            };
+            let (w, next) = (rows_from(first), rows_from(first + pairs));
+            let each = |m: usize, v: [f32; WR]| {
+                let (g, u) = (&mut gates[m * width + at..], &mut ups[m * width + at..]);
+                for n in 0..pairs {
+                    g[n] += v[n] * scales1.get(first + n, kb);
+                    u[n] += v[pairs + n] * scales3.get(first + n, kb);
                 }
-            })
-        };
-        let (w, next) = (rows_from(first), rows_from(first + pairs));
-        let each = |m: usize, v: [f32; WR]| {
-            let (g, u) = (&mut gates[m * width + at..], &mut ups[m * width + at..]);
-            for n in 0..pairs {
-                g[n] = v[n] * scale(scales1, first + n);
-                u[n] = v[pairs + n] * scale(scales3, first + n);
-            }
-        };
-        // SAFETY: the caller's bounds.
-        unsafe { dots::<K, F, WR, MR>(x, rows, inner, w, next, each) };
-        first += pairs;
-    }
-    for j in first..columns.end {
-        let at = j - columns.start;
-        let each = |m: usize, v: [f32; 2]| {
-            gates[m * width + at] = v[0] * scale(scales1, j);
-            ups[m * width + at] = v[1] * scale(scales3, j);
-        };
-        let next = [gate(j + 1), up(j + 1)];
-        // SAFETY: as above.
-        unsafe { dots::<K, F, 2, MR>(x, rows, inner, [gate(j), up(j)], next, each) };
+            };
+            // SAFETY: the caller's bounds; each row's block is `k` elements from `start`.
+            unsafe { dots::<K, F, WR, MR>(x, rows, (inner, k), w, next, each) };
+            first += pairs;
+        }
+        for j in first..columns.end {
+            let at = j - columns.start;
+            let each = |m: usize, v: [f32; 2]| {
+                gates[m * width + at] += v[0] * scales1.get(j, kb);
+                ups[m * width + at] += v[1] * scales3.get(j, kb);
+            };
+            let w = [gate(j).wrapping_add(start), up(j).wrapping_add(start)];
+            let next = [gate(j + 1), up(j + 1)];
+            // SAFETY: as above.
+            unsafe { dots::<K, F, 2, MR>(x, rows, (inner, k), w, next, each) };
+        }
     }
     for m in 0..rows {
         let row = m * width..(m + 1) * width;

@@ -11,7 +11,7 @@
 
 use crate::Element;
 use crate::avx512::Kernel;
-use crate::blocks::{Int8, Output, Plain, gate_up_columns, linear_columns};
+use crate::blocks::{Fp8, Int8, Output, Plain, Scales, gate_up_columns, linear_columns};
 #[cfg(test)]
 use crate::parallel::Serial;
 use crate::parallel::{Parallel, for_each_unit};
@@ -37,8 +37,12 @@ pub enum ShapeError {
     Row { row: usize, tokens: usize },
     #[error("slot {slot} is past the pool's {slots} slots")]
     Slot { slot: u32, slots: usize },
-    #[error("w1 and w3 are stored alike (both plain or both int8)")]
+    #[error(
+        "w1 and w3 are not stored alike (both plain, both int8, or both FP8 in the same blocks)"
+    )]
     Unalike,
+    #[error("an FP8 matrix's blocks are {0:?}: each side must be at least 1")]
+    Block((usize, usize)),
     #[error("this CPU lacks the instructions for {0:?} kernels")]
     Unsupported(Element),
 }
@@ -73,15 +77,37 @@ pub fn supported(element: Element) -> bool {
 /// on the int8 values widened exactly, and each output is scaled once).
 pub enum Matrix<'a, E> {
     Plain(&'a [E]),
-    Int8 { values: &'a [i8], scales: &'a [f32] },
+    Int8 {
+        values: &'a [i8],
+        scales: &'a [f32],
+    },
+    /// FP8 e4m3 bytes, and one scale per block of `block.0 × block.1`
+    /// weights (the last blocks of a row or column may be partial),
+    /// row-major over the blocks: `w[n][i] = values[n][i] · scales[n /
+    /// block.0][i / block.1]`, as published FP8 checkpoints store their
+    /// `weight` and `weight_scale_inv`.
+    Fp8 {
+        values: &'a [u8],
+        scales: &'a [f32],
+        block: (usize, usize),
+    },
 }
 
 impl<E> Matrix<'_, E> {
-    /// Elements of the matrix, and of its scales.
-    fn lengths(&self) -> (usize, Option<usize>) {
+    /// Elements of the matrix, and of its scales and how many it needs.
+    fn lengths(&self, shape: Shape) -> (usize, Option<(usize, usize)>) {
         match self {
             Matrix::Plain(w) => (w.len(), None),
-            Matrix::Int8 { values, scales } => (values.len(), Some(scales.len())),
+            Matrix::Int8 { values, scales } => (values.len(), Some((scales.len(), shape.outputs))),
+            Matrix::Fp8 {
+                values,
+                scales,
+                block: (rows, columns),
+            } => {
+                let blocks = shape.outputs.div_ceil((*rows).max(1))
+                    * shape.inner.div_ceil((*columns).max(1));
+                (values.len(), Some((scales.len(), blocks)))
+            }
         }
     }
 
@@ -89,7 +115,36 @@ impl<E> Matrix<'_, E> {
     fn element_bytes(&self) -> usize {
         match self {
             Matrix::Plain(_) => std::mem::size_of::<E>(),
-            Matrix::Int8 { .. } => 1,
+            Matrix::Int8 { .. } | Matrix::Fp8 { .. } => 1,
+        }
+    }
+
+    /// How the dot products are scaled, for a matrix of `inner` columns.
+    fn scales(&self, inner: usize) -> Scales<'_> {
+        match *self {
+            Matrix::Plain(_) => Scales::None,
+            Matrix::Int8 { scales, .. } => Scales::PerRow(scales),
+            Matrix::Fp8 {
+                scales,
+                block: (rows, columns),
+                ..
+            } => Scales::PerBlock {
+                scales,
+                rows,
+                columns,
+                per_row: inner.div_ceil(columns),
+            },
+        }
+    }
+
+    /// Whether `other` is stored and scaled the same way.
+    fn alike(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Matrix::Plain(_), Matrix::Plain(_)) | (Matrix::Int8 { .. }, Matrix::Int8 { .. }) => {
+                true
+            }
+            (Matrix::Fp8 { block, .. }, Matrix::Fp8 { block: other, .. }) => block == other,
+            _ => false,
         }
     }
 }
@@ -262,41 +317,46 @@ impl<'a, E> Chunked<'a, E> {
         let Shape { rows, outputs, .. } = self.shape;
         let columns = chunk * self.columns..((chunk + 1) * self.columns).min(outputs);
         let (x, shape, out) = (self.x, self.shape, &self.out);
+        let inner = shape.inner;
         // SAFETY: `project` checked every length and that the kernels are
         // supported; chunks are disjoint columns of the output.
         unsafe {
             match self.projection {
-                Projection::Linear {
-                    w: Matrix::Plain(w),
-                } => {
-                    let w = (w, None);
-                    blocked!(rows, linear_columns::<K, Plain>(x, w, shape, out, columns))
+                Projection::Linear { w } => {
+                    let scales = w.scales(inner);
+                    match w {
+                        Matrix::Plain(w) => {
+                            let w = (w, scales);
+                            blocked!(rows, linear_columns::<K, Plain>(x, w, shape, out, columns))
+                        }
+                        Matrix::Int8 { values, .. } => {
+                            let w = (values, scales);
+                            blocked!(rows, linear_columns::<K, Int8>(x, w, shape, out, columns))
+                        }
+                        Matrix::Fp8 { values, .. } => {
+                            let w = (values, scales);
+                            blocked!(rows, linear_columns::<K, Fp8>(x, w, shape, out, columns))
+                        }
+                    }
                 }
-                Projection::Linear {
-                    w: Matrix::Int8 { values, scales },
-                } => {
-                    let w = (values, Some(scales));
-                    blocked!(rows, linear_columns::<K, Int8>(x, w, shape, out, columns))
+                Projection::GateUp { w1, w3 } => {
+                    let (s1, s3) = (w1.scales(inner), w3.scales(inner));
+                    match (w1, w3) {
+                        (Matrix::Plain(w1), Matrix::Plain(w3)) => {
+                            let w = [(w1, s1), (w3, s3)];
+                            blocked!(rows, gate_up_columns::<K, Plain>(x, w, shape, out, columns))
+                        }
+                        (Matrix::Int8 { values: v1, .. }, Matrix::Int8 { values: v3, .. }) => {
+                            let w = [(v1, s1), (v3, s3)];
+                            blocked!(rows, gate_up_columns::<K, Int8>(x, w, shape, out, columns))
+                        }
+                        (Matrix::Fp8 { values: v1, .. }, Matrix::Fp8 { values: v3, .. }) => {
+                            let w = [(v1, s1), (v3, s3)];
+                            blocked!(rows, gate_up_columns::<K, Fp8>(x, w, shape, out, columns))
+                        }
+                        _ => unreachable!("`project` refuses w1 and w3 unalike"),
+                    }
                 }
-                Projection::GateUp {
-                    w1: Matrix::Plain(w1),
-                    w3: Matrix::Plain(w3),
-                } => {
-                    let w = [(w1, None), (w3, None)];
-                    blocked!(rows, gate_up_columns::<K, Plain>(x, w, shape, out, columns))
-                }
-                Projection::GateUp {
-                    w1: Matrix::Int8 { values, scales },
-                    w3:
-                        Matrix::Int8 {
-                            values: values3,
-                            scales: scales3,
-                        },
-                } => {
-                    let w = [(values, Some(scales)), (values3, Some(scales3))];
-                    blocked!(rows, gate_up_columns::<K, Int8>(x, w, shape, out, columns))
-                }
-                Projection::GateUp { .. } => unreachable!("`project` refuses w1 and w3 unalike"),
             }
         }
     }
@@ -326,14 +386,19 @@ fn check<E>(
     };
     length("x", x, shape.rows * shape.inner)?;
     for w in weights {
-        let (values, scales) = w.lengths();
+        if let Matrix::Fp8 { block, .. } = w
+            && (block.0 == 0 || block.1 == 0)
+        {
+            return Err(ShapeError::Block(*block));
+        }
+        let (values, scales) = w.lengths(shape);
         length("the weight", values, shape.outputs * shape.inner)?;
-        if let Some(scales) = scales {
-            length("the weight's scales", scales, shape.outputs)?;
+        if let Some((scales, needed)) = scales {
+            length("the weight's scales", scales, needed)?;
         }
     }
     if let [w1, w3] = weights
-        && std::mem::discriminant(w1) != std::mem::discriminant(w3)
+        && !w1.alike(w3)
     {
         return Err(ShapeError::Unalike);
     }
@@ -730,6 +795,147 @@ mod tests {
                 // The SwiGLU's slope times the sums' rounding.
                 let slack = 1e-5 * (gate[i].1 * (1.0 + up[i].0.abs()) + up[i].1 * (1.0 + gate[i].0.abs())) + 1e-6;
                 prop_assert!((f64::from(a) - f64::from(b)).abs() <= slack, "f32 {i}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// An FP8 e4m3 byte's value, decoded by its definition.
+    fn e4m3(byte: u8) -> f32 {
+        let sign = if byte & 0x80 == 0 { 1.0 } else { -1.0 };
+        let (exponent, mantissa) = (i32::from((byte >> 3) & 0xf), f32::from(byte & 7));
+        sign * match exponent {
+            0 => mantissa / 8.0 * 2f32.powi(-6),
+            _ => (1.0 + mantissa / 8.0) * 2f32.powi(exponent - 7),
+        }
+    }
+
+    /// A shape, x, FP8 bytes, their block scales, the blocks and threads.
+    type Fp8Case = (Shape, Vec<f32>, Vec<u8>, Vec<f32>, (usize, usize), usize);
+
+    /// FP8 bytes (not e4m3's NaNs), their block scales and the blocks.
+    fn fp8_case() -> impl Strategy<Value = Fp8Case> {
+        (
+            1usize..11,
+            1usize..100,
+            1usize..14,
+            1usize..40,
+            1usize..40,
+            1usize..4,
+        )
+            .prop_flat_map(
+                |(rows, inner, outputs, block_rows, block_columns, threads)| {
+                    let shape = Shape {
+                        rows,
+                        inner,
+                        outputs,
+                    };
+                    let blocks = outputs.div_ceil(block_rows) * inner.div_ceil(block_columns);
+                    let byte = any::<u8>().prop_filter("not NaN", |b| b & 0x7f != 0x7f);
+                    (
+                        Just(shape),
+                        proptest::collection::vec(-2.0f32..2.0, rows * inner),
+                        proptest::collection::vec(byte, outputs * inner),
+                        proptest::collection::vec(1e-4f32..0.1, blocks),
+                        Just((block_rows, block_columns)),
+                        Just(threads),
+                    )
+                },
+            )
+    }
+
+    fn dequantize_fp8(
+        values: &[u8],
+        scales: &[f32],
+        block: (usize, usize),
+        inner: usize,
+    ) -> Vec<f32> {
+        let per_row = inner.div_ceil(block.1);
+        values
+            .iter()
+            .enumerate()
+            .map(|(at, &b)| {
+                let (n, i) = (at / inner, at % inner);
+                e4m3(b) * scales[n / block.0 * per_row + i / block.1]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_fp8_value_is_widened_exactly() {
+        if !supported(Element::Bf16) {
+            return; // no AVX-512 here: nothing runs these kernels
+        }
+        let bytes: Vec<u8> = (0..=255u8).filter(|b| b & 0x7f != 0x7f).collect();
+        let inner = bytes.len();
+        let shape = Shape {
+            rows: 1,
+            inner,
+            outputs: 1,
+        };
+        let scales = [1.0f32];
+        let w = Matrix::Fp8 {
+            values: &bytes,
+            scales: &scales,
+            block: (1, inner),
+        };
+        for (i, &byte) in bytes.iter().enumerate() {
+            let mut x = vec![0.0f32; inner];
+            x[i] = 1.0;
+            let mut out = [f32::NAN];
+            linear::<F32>(&Serial, &x, w, shape, &mut out).unwrap();
+            assert_eq!(out[0], e4m3(byte), "f32, byte {byte:#04x}");
+            let xb: Vec<u16> = x.iter().map(|&v| bf16_from_f32(v)).collect();
+            let mut out = [0u16];
+            let wb = Matrix::Fp8 {
+                values: &bytes,
+                scales: &scales,
+                block: (1, inner),
+            };
+            linear::<Bf16>(&Serial, &xb, wb, shape, &mut out).unwrap();
+            assert_eq!(f32_from_bf16(out[0]), e4m3(byte), "bf16, byte {byte:#04x}");
+        }
+        assert_eq!(e4m3(0x7e), 448.0);
+        assert_eq!(e4m3(0x01), 2f32.powi(-9));
+    }
+
+    proptest! {
+        /// FP8 weights in blocks of every size (partial ones at the ends)
+        /// against the f64 product with the matrix they stand for; the
+        /// gate/up projection against the plain kernel on it.
+        #[test]
+        fn fp8_matches_the_dequantized_reference(
+            (shape, x, values, scales, block, threads) in fp8_case(),
+        ) {
+            if !supported(Element::Bf16) {
+                return Ok(());
+            }
+            let team = Scoped(threads);
+            let w = Matrix::Fp8 { values: &values, scales: &scales, block };
+            let dequantized = dequantize_fp8(&values, &scales, block, shape.inner);
+            let expected = reference(&x, &dequantized, shape);
+            let mut out = vec![f32::NAN; shape.rows * shape.outputs];
+            linear::<F32>(&team, &x, w, shape, &mut out).unwrap();
+            for (i, &ours) in out.iter().enumerate() {
+                prop_assert!(close(ours, expected[i], 0.0), "f32 {i}: {ours} vs {:?}", expected[i]);
+            }
+            let (xb, xe) = to_bf16(&x);
+            let expected = reference(&xe, &dequantized, shape);
+            let mut out = vec![0u16; shape.rows * shape.outputs];
+            let w = Matrix::Fp8 { values: &values, scales: &scales, block };
+            linear::<Bf16>(&team, &xb, w, shape, &mut out).unwrap();
+            for (i, &ours) in out.iter().enumerate() {
+                let ours = f32_from_bf16(ours);
+                prop_assert!(close(ours, expected[i], 1.0 / 256.0), "bf16 {i}: {ours} vs {:?}", expected[i]);
+            }
+            let w1 = Matrix::Fp8 { values: &values, scales: &scales, block };
+            let mut ours = vec![f32::NAN; shape.rows * shape.outputs];
+            gate_up::<F32>(&team, &x, w1, w1, shape, &mut ours).unwrap();
+            let mut plain = vec![f32::NAN; shape.rows * shape.outputs];
+            gate_up::<F32>(&team, &x, &dequantized, &dequantized, shape, &mut plain).unwrap();
+            let sums = reference(&x, &dequantized, shape);
+            for (i, (&a, &b)) in ours.iter().zip(&plain).enumerate() {
+                let slack = 1e-5 * sums[i].1 * (2.0 + 2.0 * sums[i].0.abs()) + 1e-6;
+                prop_assert!((f64::from(a) - f64::from(b)).abs() <= slack, "gate/up {i}: {a} vs {b}");
             }
         }
     }

@@ -14,6 +14,8 @@ pub enum MeasureError {
     #[error(transparent)]
     Load(#[from] LoadError),
     #[error(transparent)]
+    Tokenizer(#[from] tramontane_model::TokenizerError),
+    #[error(transparent)]
     Weights(#[from] WeightsError),
     #[error(transparent)]
     Forward(#[from] ForwardError),

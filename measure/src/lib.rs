@@ -14,6 +14,7 @@
 //! - [`dispatch`]: round trips of a one-row Forward to a running worker.
 //! - [`delay_proxy`]: a TCP proxy adding latency, for the sharded benchmarks.
 //! - [`profile`]: the planner's device profile (`tramontane profile`).
+//! - [`perplexity`]: a model's perplexity on a text (`tramontane perplexity`).
 //! - [`error`]: what can go wrong measuring.
 
 #![forbid(unsafe_code)]
@@ -22,6 +23,7 @@ pub mod delay_proxy;
 pub mod dispatch;
 pub mod error;
 pub mod forward;
+pub mod perplexity;
 pub mod profile;
 pub mod tokens;
 

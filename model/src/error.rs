@@ -43,6 +43,17 @@ pub enum WeightsError {
     },
     #[error("{path}: {reason}")]
     Config { path: PathBuf, reason: String },
+    #[error(
+        "tensor {key} is {found:?}: its FP8 weight {weight:?} in blocks of {block:?} \
+         (quantization_config.weight_block_size) needs {needed:?} scales"
+    )]
+    Fp8Scales {
+        key: String,
+        found: Vec<i64>,
+        needed: Vec<i64>,
+        weight: Vec<i64>,
+        block: (i64, i64),
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

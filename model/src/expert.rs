@@ -44,7 +44,7 @@ impl Expert {
     }
 
     /// An expert from its weights as held (stored alike), w1 and w3 stacked
-    /// unless plain f32.
+    /// unless plain f32 or FP8.
     pub fn from_matrices(
         w1: WeightMatrix,
         w2: WeightMatrix,
@@ -52,6 +52,7 @@ impl Expert {
     ) -> Result<Self, TchError> {
         let gate_up = match &w1 {
             WeightMatrix::Plain(w) if w.kind() == Kind::Float => GateUp::Apart { w1, w3 },
+            w if !w.stacks() => GateUp::Apart { w1, w3 },
             _ => GateUp::Stacked {
                 intermediate: w1.size()[0],
                 w13: WeightMatrix::stack(&w1, &w3)?,
@@ -61,27 +62,18 @@ impl Expert {
     }
 
     /// The projections named `names`, of `hidden` rows in and out and
-    /// `width` in between, quantized where `quantization` says (from the
-    /// checkpoint's own values, read in f32).
+    /// `width` in between, as [`Checkpoint::load_matrix`] holds them (FP8
+    /// as stored; else in `kind`, quantized where `quantization` says).
     pub fn load(
         checkpoint: &Checkpoint,
         names: &ExpertTensors,
         (hidden, width): (usize, usize),
-        (kind, quantization): (Kind, Option<Quantization>),
+        precision: (Kind, Option<Quantization>),
         device: Device,
     ) -> Result<Self, WeightsError> {
         let (h, i) = (hidden as i64, width as i64);
         let load = |name: &str, shape: [i64; 2]| -> Result<WeightMatrix, WeightsError> {
-            let read_as = if quantization.is_some() {
-                Kind::Float
-            } else {
-                kind
-            };
-            let w = checkpoint.load(name, &shape, read_as, device)?;
-            WeightMatrix::new(w, quantization).map_err(|error| WeightsError::Torch {
-                key: name.into(),
-                error,
-            })
+            checkpoint.load_matrix(name, shape, precision, device)
         };
         let (w1, w2, w3) = (
             load(&names.gate, [i, h])?,

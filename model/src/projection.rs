@@ -116,6 +116,20 @@ fn matrix_fits(w: MatrixRef<'_>, kind: Kind, inner: i64) -> bool {
                 && scales.is_contiguous()
                 && scales.size() == [values.size()[0]]
         }
+        MatrixRef::Fp8 {
+            values,
+            scales,
+            block: (rows, columns),
+        } => {
+            let outputs = values.size()[0];
+            weight_fits(values, Kind::Float8e4m3fn, inner)
+                && rows > 0
+                && columns > 0
+                && scales.kind() == Kind::Float
+                && scales.device() == Device::Cpu
+                && scales.is_contiguous()
+                && scales.size() == [(outputs + rows - 1) / rows, (inner + columns - 1) / columns]
+        }
     }
 }
 
@@ -131,6 +145,15 @@ unsafe fn matrix<E>(w: MatrixRef<'_>) -> Matrix<'_, E> {
             MatrixRef::Int8 { values, scales } => Matrix::Int8 {
                 values: elements(values),
                 scales: elements(scales),
+            },
+            MatrixRef::Fp8 {
+                values,
+                scales,
+                block: (rows, columns),
+            } => Matrix::Fp8 {
+                values: elements(values),
+                scales: elements(scales),
+                block: (rows as usize, columns as usize),
             },
         }
     }

@@ -1,6 +1,7 @@
 //! A projection's weight matrix as this process holds it: in the compute
-//! dtype as the checkpoint has it, or quantized at load (`--quantize int8`:
-//! int8 values and one f32 scale per output row). The projections
+//! dtype as the checkpoint has it, quantized at load (`--quantize int8`:
+//! int8 values and one f32 scale per output row), or as an FP8 checkpoint
+//! stores it (e4m3 values and an f32 scale per block). The projections
 //! ([`crate::projection`]) take either; the kernels stream the int8 values
 //! and widen them in registers, libtorch gets the matrix dequantized per
 //! call (other devices, prefill).
@@ -15,6 +16,14 @@ pub enum WeightMatrix {
     /// int8 values `[outputs, inner]` and f32 scales `[outputs]`:
     /// `w[n][i] = values[n][i] · scales[n]`.
     Int8 { values: Tensor, scales: Tensor },
+    /// FP8 e4m3 values `[outputs, inner]` and f32 scales per block of
+    /// `block` weights, `[⌈outputs / block.0⌉, ⌈inner / block.1⌉]`, as an
+    /// FP8 checkpoint stores them (`weight`, `weight_scale_inv`), held so.
+    Fp8 {
+        values: Tensor,
+        scales: Tensor,
+        block: (i64, i64),
+    },
 }
 
 /// A borrowed [`WeightMatrix`], or a plain tensor: what the projections
@@ -25,6 +34,11 @@ pub enum MatrixRef<'a> {
     Int8 {
         values: &'a Tensor,
         scales: &'a Tensor,
+    },
+    Fp8 {
+        values: &'a Tensor,
+        scales: &'a Tensor,
+        block: (i64, i64),
     },
 }
 
@@ -39,6 +53,15 @@ impl<'a> From<&'a WeightMatrix> for MatrixRef<'a> {
         match w {
             WeightMatrix::Plain(w) => MatrixRef::Plain(w),
             WeightMatrix::Int8 { values, scales } => MatrixRef::Int8 { values, scales },
+            WeightMatrix::Fp8 {
+                values,
+                scales,
+                block,
+            } => MatrixRef::Fp8 {
+                values,
+                scales,
+                block: *block,
+            },
         }
     }
 }
@@ -83,7 +106,9 @@ impl WeightMatrix {
         let bytes = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as u64;
         match self {
             WeightMatrix::Plain(w) => bytes(w),
-            WeightMatrix::Int8 { values, scales } => bytes(values) + bytes(scales),
+            WeightMatrix::Int8 { values, scales } | WeightMatrix::Fp8 { values, scales, .. } => {
+                bytes(values) + bytes(scales)
+            }
         }
     }
 
@@ -98,7 +123,14 @@ impl WeightMatrix {
                 _ => "other",
             },
             WeightMatrix::Int8 { .. } => Quantization::Int8.flag(),
+            WeightMatrix::Fp8 { .. } => "fp8",
         }
+    }
+
+    /// Whether stacking this matrix above another keeps each row's scales
+    /// (not FP8's blocks, which may straddle the seam).
+    pub fn stacks(&self) -> bool {
+        !matches!(self, WeightMatrix::Fp8 { .. })
     }
 
     /// Rows `start..start + len` (views of the same storage).
@@ -109,6 +141,11 @@ impl WeightMatrix {
                 values: values.f_narrow(0, start, len)?,
                 scales: scales.f_narrow(0, start, len)?,
             },
+            WeightMatrix::Fp8 { .. } => {
+                return Err(TchError::Kind(
+                    "FP8 matrices are held whole, not narrowed".to_string(),
+                ));
+            }
         })
     }
 
@@ -143,6 +180,15 @@ impl WeightMatrix {
                 values: values.shallow_clone(),
                 scales: scales.shallow_clone(),
             },
+            WeightMatrix::Fp8 {
+                values,
+                scales,
+                block,
+            } => WeightMatrix::Fp8 {
+                values: values.shallow_clone(),
+                scales: scales.shallow_clone(),
+                block: *block,
+            },
         }
     }
 }
@@ -151,13 +197,17 @@ impl<'a> MatrixRef<'a> {
     /// `[outputs, inner]`.
     pub fn size(self) -> Vec<i64> {
         match self {
-            MatrixRef::Plain(w) | MatrixRef::Int8 { values: w, .. } => w.size(),
+            MatrixRef::Plain(w)
+            | MatrixRef::Int8 { values: w, .. }
+            | MatrixRef::Fp8 { values: w, .. } => w.size(),
         }
     }
 
     pub fn device(self) -> Device {
         match self {
-            MatrixRef::Plain(w) | MatrixRef::Int8 { values: w, .. } => w.device(),
+            MatrixRef::Plain(w)
+            | MatrixRef::Int8 { values: w, .. }
+            | MatrixRef::Fp8 { values: w, .. } => w.device(),
         }
     }
 
@@ -171,6 +221,19 @@ impl<'a> MatrixRef<'a> {
                 .f_to_kind(Kind::Float)?
                 .f_mul(&scales.f_unsqueeze(1)?)?
                 .f_to_kind(kind),
+            MatrixRef::Fp8 {
+                values,
+                scales,
+                block: (rows, columns),
+            } => {
+                let size = values.size();
+                let each = scales
+                    .f_repeat_interleave_self_int(rows, 0, None::<i64>)?
+                    .f_repeat_interleave_self_int(columns, 1, None::<i64>)?
+                    .f_narrow(0, 0, size[0])?
+                    .f_narrow(1, 0, size[1])?;
+                values.f_to_kind(Kind::Float)?.f_mul(&each)?.f_to_kind(kind)
+            }
         }
     }
 
@@ -178,7 +241,7 @@ impl<'a> MatrixRef<'a> {
     pub(crate) fn tensors(self) -> Vec<(&'static str, &'a Tensor)> {
         match self {
             MatrixRef::Plain(w) => vec![("the weight", w)],
-            MatrixRef::Int8 { values, scales } => {
+            MatrixRef::Int8 { values, scales } | MatrixRef::Fp8 { values, scales, .. } => {
                 vec![("the weight", values), ("the weight's scales", scales)]
             }
         }

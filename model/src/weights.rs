@@ -13,6 +13,7 @@ use safetensors::tensor::{Dtype, Metadata};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::WeightsError;
+use crate::weight_matrix::WeightMatrix;
 use tramontane_config::Quantization;
 
 const SINGLE_FILE: &str = "model.safetensors";
@@ -33,6 +34,8 @@ pub type ProgressFn = Box<dyn Fn(u64)>;
 pub struct Checkpoint {
     /// config.json's `quantization_config.quant_method`, where it has one.
     quant_method: Option<String>,
+    /// An FP8 weight's block (`weight_block_size`; 128 × 128 by default).
+    fp8_block: (i64, i64),
     files: Vec<WeightFile>,
     location: HashMap<String, usize>,
     loaded_bytes: Cell<u64>,
@@ -98,8 +101,21 @@ impl Checkpoint {
                 dir: dir.to_owned(),
             });
         }
+        let said = quantization_config(dir)?;
         Ok(Self {
-            quant_method: quant_method(dir)?,
+            quant_method: said.as_ref().and_then(|q| q.quant_method.clone()),
+            fp8_block: match said.and_then(|q| q.weight_block_size).as_deref() {
+                Some(&[rows, columns]) if rows > 0 && columns > 0 => (rows as i64, columns as i64),
+                Some(other) => {
+                    return Err(WeightsError::Config {
+                        path: dir.join("config.json"),
+                        reason: format!(
+                            "quantization_config.weight_block_size must be two positive sizes, not {other:?}"
+                        ),
+                    });
+                }
+                None => (128, 128),
+            },
             files,
             location,
             loaded_bytes: Cell::new(0),
@@ -155,12 +171,99 @@ impl Checkpoint {
     }
 
     /// Copies one tensor out of the mapping, checks its shape and converts it
-    /// to `kind` on `device`.
+    /// to `kind` on `device` (an FP8 one dequantized by its block scales).
     pub fn load(
         &self,
         key: &str,
         expected_shape: &[i64],
         kind: Kind,
+        device: Device,
+    ) -> Result<Tensor, WeightsError> {
+        let stored = self.stored(key, Some(expected_shape), device)?;
+        if stored.kind() == Kind::Float8e4m3fn {
+            let held = self.fp8(key, stored, device)?;
+            return held
+                .as_ref()
+                .dequantize(kind)
+                .map_err(|error| WeightsError::Torch {
+                    key: key.into(),
+                    error,
+                });
+        }
+        stored.f_to_kind(kind).map_err(|error| WeightsError::Torch {
+            key: key.into(),
+            error,
+        })
+    }
+
+    /// A projection's weight `[outputs, inner]` as the experts hold it: an
+    /// FP8 one as stored (its values and block scales, never expanded),
+    /// any other in `kind`, quantized where `quantization` says (from the
+    /// checkpoint's own values, read in f32).
+    pub fn load_matrix(
+        &self,
+        key: &str,
+        expected_shape: [i64; 2],
+        (kind, quantization): (Kind, Option<Quantization>),
+        device: Device,
+    ) -> Result<WeightMatrix, WeightsError> {
+        let torch_err = |error| WeightsError::Torch {
+            key: key.into(),
+            error,
+        };
+        let stored = self.stored(key, Some(&expected_shape), device)?;
+        if stored.kind() == Kind::Float8e4m3fn {
+            return self.fp8(key, stored, device);
+        }
+        let read_as = if quantization.is_some() {
+            Kind::Float
+        } else {
+            kind
+        };
+        let w = stored.f_to_kind(read_as).map_err(torch_err)?;
+        WeightMatrix::new(w, quantization).map_err(torch_err)
+    }
+
+    /// The FP8 weight `key` (its values, `stored`) with its
+    /// `{key}_scale_inv`, whose shape must be the weight's blocks'.
+    fn fp8(&self, key: &str, values: Tensor, device: Device) -> Result<WeightMatrix, WeightsError> {
+        let scale_key = format!("{key}_scale_inv");
+        let scales = self.stored(&scale_key, None, device)?;
+        let block = self.fp8_block;
+        let (size, found) = (values.size(), scales.size());
+        let needed = [
+            (size[0] + block.0 - 1) / block.0,
+            (size[1] + block.1 - 1) / block.1,
+        ];
+        if found != needed {
+            return Err(WeightsError::Fp8Scales {
+                key: scale_key,
+                found,
+                needed: needed.to_vec(),
+                weight: size,
+                block,
+            });
+        }
+        let scales = scales
+            .f_to_kind(Kind::Float)
+            .and_then(|s| s.f_contiguous())
+            .map_err(|error| WeightsError::Torch {
+                key: scale_key.clone(),
+                error,
+            })?;
+        Ok(WeightMatrix::Fp8 {
+            values,
+            scales,
+            block,
+        })
+    }
+
+    /// One tensor copied out of the mapping as stored, onto `device`, its
+    /// shape checked where `expected_shape` is given.
+    fn stored(
+        &self,
+        key: &str,
+        expected_shape: Option<&[i64]>,
         device: Device,
     ) -> Result<Tensor, WeightsError> {
         let &file = self
@@ -173,10 +276,12 @@ impl Checkpoint {
             .info(key)
             .ok_or_else(|| WeightsError::MissingTensor { key: key.into() })?;
         let actual: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
-        if actual != expected_shape {
+        if let Some(expected) = expected_shape
+            && actual != expected
+        {
             return Err(WeightsError::ShapeMismatch {
                 key: key.into(),
-                expected: expected_shape.to_vec(),
+                expected: expected.to_vec(),
                 actual,
             });
         }
@@ -193,8 +298,6 @@ impl Checkpoint {
         let tensor = Tensor::f_from_data_size(bytes, &actual, stored_kind)
             .map_err(torch_err)?
             .f_to_device(device)
-            .map_err(torch_err)?
-            .f_to_kind(kind)
             .map_err(torch_err)?;
         let n = bytes.len() as u64;
         self.loaded_bytes.set(self.loaded_bytes.get() + n);
@@ -229,16 +332,18 @@ impl WeightFile {
     }
 }
 
-/// The `quantization_config.quant_method` of `dir`'s config.json (None
+/// The `quantization_config` of `dir`'s config.json (None without one, or
 /// without a config.json: a folder of weights alone).
-fn quant_method(dir: &Path) -> Result<Option<String>, WeightsError> {
+fn quantization_config(
+    dir: &Path,
+) -> Result<Option<tramontane_config::dtype::QuantizationConfig>, WeightsError> {
     let path = dir.join("config.json");
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(error) => return Err(WeightsError::Io { path, error }),
     };
-    tramontane_config::dtype::quant_method(&text).map_err(|error| WeightsError::Config {
+    tramontane_config::dtype::quantization_config(&text).map_err(|error| WeightsError::Config {
         path,
         reason: error.to_string(),
     })
@@ -250,6 +355,7 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
         Dtype::F16 => Some(Kind::Half),
         Dtype::BF16 => Some(Kind::BFloat16),
         Dtype::F64 => Some(Kind::Double),
+        Dtype::F8_E4M3 => Some(Kind::Float8e4m3fn),
         _ => None,
     }
 }

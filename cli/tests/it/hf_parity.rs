@@ -117,7 +117,8 @@ fn hf_reference(model: &Path, out: &Path, texts: &[&str], dtype: Dtype) -> Resul
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
+    let on_cpu = |t: &Tensor| t.to_device(tch::Device::Cpu);
+    (on_cpu(a) - on_cpu(b)).abs().max().double_value(&[])
 }
 
 /// Checks one generated checkpoint against transformers in fp32; returns the max |Δ|.
@@ -163,8 +164,10 @@ fn check_checkpoint(model_dir: &Path, work: &Path, dtype: Dtype, tolerance: f64)
     tch::set_num_threads(1);
     let reference = hf_reference(model_dir, work, &[], dtype)?;
 
+    // On the device `make gpu-check` names (TRAMONTANE_DEVICE), by default the CPU.
     let options = LoadOptions {
         dtype,
+        device: support::device()?,
         ..LoadOptions::default()
     };
     let model = CausalLm::load_in_process(model_dir, options)?;

@@ -349,3 +349,156 @@ fn quantizing_a_quantized_checkpoint_or_an_unknown_kind_is_refused() -> Result<(
     ensure!(stderr.contains("\"fp8\""), "{stderr}");
     Ok(())
 }
+
+/// `scripts/fp8_checkpoint.py`: `model` quantized to FP8 as published
+/// checkpoints are, in blocks of `block`, into `fp8`, and the same
+/// checkpoint with those weights dequantized into `dequantized`; `extra`
+/// args after.
+fn fp8_checkpoint(model: &Path, fp8: &Path, dequantized: &Path, extra: &[&str]) -> Result<()> {
+    support::run_ok(
+        std::process::Command::new(support::python())
+            .arg(support::scripts_dir().join("fp8_checkpoint.py"))
+            .arg("--model")
+            .arg(model)
+            .arg("--out")
+            .arg(fp8)
+            .arg("--dequantized")
+            .arg(dequantized)
+            .args(["--block", "48"])
+            .args(extra),
+    )?;
+    Ok(())
+}
+
+/// An FP8 checkpoint as published (e4m3 weights, a `weight_scale_inv` per
+/// block; blocks of 48 here, so that the small shapes have several, partial
+/// ones among them) computes what its dequantized weights compute (f32,
+/// logits within 1e-4, the same greedy tokens) for Mixtral and Qwen3-MoE (a
+/// dense layer, whose FP8 MLP the router dequantizes at load); its experts
+/// on 2 workers are held as stored (`dtype="fp8"`: a byte a weight and the
+/// scales) and give the in-process logits; a scale that does not fit its
+/// weight's blocks is refused, naming it.
+#[test]
+fn fp8_checkpoints_compute_their_dequantized_weights_held_as_stored() -> Result<()> {
+    let _guard = tch::no_grad_guard();
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir()?;
+    let mixtral = dir.path().join("mixtral");
+    support::gen_model(&mixtral, &["--preset", "tiny", "--seed", "36"])?;
+    let qwen = dir.path().join("qwen3_moe");
+    support::family_checkpoint(
+        &qwen,
+        "qwen3_moe",
+        json!({"mlp_only_layers": [0], "num_hidden_layers": 3, "num_experts": 8}),
+        &["--seed", "37"],
+    )?;
+    for (name, model) in [("mixtral", &mixtral), ("qwen3_moe", &qwen)] {
+        let (fp8, dequantized) = (
+            dir.path().join(format!("{name}-fp8")),
+            dir.path().join(format!("{name}-deq")),
+        );
+        fp8_checkpoint(model, &fp8, &dequantized, &[])?;
+        let tokenizer = Tokenizer::from_dir(&fp8)?;
+        let reference_model = CausalLm::load_in_process(&dequantized, LoadOptions::default())?;
+        let (sequences, expected) = reference(&reference_model, &tokenizer)?;
+        let held = CausalLm::load_in_process(&fp8, LoadOptions::default())?;
+        let longest = sequences.iter().map(Vec::len).max().unwrap_or(0);
+        let kv = held.kv_pool_for(sequences.len(), longest);
+        let (logits, _) = held.prefill(&kv, &sequences, Logits::AllPositions)?;
+        let diff = (&logits - &expected).abs().max().double_value(&[]);
+        ensure!(
+            diff <= 1e-4,
+            "{name}: FP8 against its dequantized weights: max |Δlogit| {diff:e}"
+        );
+        let stop = StopRule {
+            max_new_tokens: 12,
+            eos_ids: vec![],
+        };
+        let prompts: Vec<Vec<u32>> = sequences.iter().map(|s| s[..4].to_vec()).collect();
+        ensure!(
+            generate_greedy(&held, &prompts, &stop)?
+                == generate_greedy(&reference_model, &prompts, &stop)?,
+            "{name}: greedy tokens differ"
+        );
+        eprintln!("{name}: FP8 against its dequantized weights: max |Δlogit| {diff:e}");
+
+        if name == "mixtral" {
+            check_fp8_workers(&fp8, &sequences, &logits)?;
+        }
+    }
+
+    let bad = dir.path().join("bad-fp8");
+    let tensor = "model.layers.1.block_sparse_moe.experts.3.w2.weight";
+    fp8_checkpoint(
+        &mixtral,
+        &bad,
+        &dir.path().join("bad-deq"),
+        &["--bad-scale", tensor],
+    )?;
+    let output = support::tramontane()
+        .args(["generate", "--model"])
+        .arg(&bad)
+        .args(["--prompt", "x"])
+        .env("RUST_BACKTRACE", "0")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(
+        !output.status.success()
+            && stderr.contains(&format!("{tensor}_scale_inv"))
+            && !stderr.contains("panicked"),
+        "a misfit scale should be refused naming it: {stderr}"
+    );
+    Ok(())
+}
+
+/// The FP8 checkpoint in `model` on 2 workers: the in-process `expected`
+/// logits of `sequences`, and each worker's experts held in fp8 bytes.
+fn check_fp8_workers(model: &Path, sequences: &[Vec<u32>], expected: &Tensor) -> Result<()> {
+    let config = ModelSpec::from_file(&model.join("config.json"))?;
+    let placement =
+        Placement::round_robin(&config.placed_experts_per_layer(SharedExperts::Router), 2)?;
+    let workers = support::workers_for(model, &placement)?;
+    let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
+    let runtime = tokio::runtime::Runtime::new()?;
+    let remote = runtime.block_on(RemoteExperts::connect(
+        model,
+        &addrs,
+        placement.clone(),
+        Duration::from_secs(30),
+        Dtype::F32,
+    ))?;
+    let checkpoint = Checkpoint::open(model)?;
+    let sharded =
+        CausalLm::load_dense(&checkpoint, config.clone(), LoadOptions::default(), remote)?;
+    let longest = sequences.iter().map(Vec::len).max().unwrap_or(0);
+    let kv = sharded.kv_pool_for(sequences.len(), longest);
+    let (logits, _) = sharded.prefill(&kv, sequences, Logits::AllPositions)?;
+    let diff = (&logits - expected).abs().max().double_value(&[]);
+    ensure!(
+        diff <= 1e-5,
+        "FP8 on 2 workers: max |Δlogit| {diff:e} > 1e-5"
+    );
+
+    // A byte a weight, and an f32 scale per block of 48 × 48.
+    let (h, w) = (
+        config.hidden_size,
+        config.moe(0).context("an MoE layer")?.width,
+    );
+    let blocks = |rows: usize, cols: usize| rows.div_ceil(48) * cols.div_ceil(48);
+    let expert = 3 * h * w + 4 * (2 * blocks(w, h) + blocks(h, w));
+    for (worker, process) in workers.iter().enumerate() {
+        let pairs: usize = placement
+            .experts
+            .iter()
+            .map(|layer| layer.iter().filter(|on| on.contains(&worker)).count())
+            .sum();
+        let text = support::http(&process.addr, "GET", "/metrics", "")?.2;
+        let sample = "tramontane_worker_memory_bytes{kind=\"weights\",dtype=\"fp8\"}";
+        let held = support::metric(&text, sample).context("no fp8 weights metric")?;
+        ensure!(
+            held == (pairs * expert) as f64,
+            "worker {worker}: {held} bytes of fp8 experts, not {pairs} × {expert}"
+        );
+    }
+    Ok(())
+}

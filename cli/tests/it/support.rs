@@ -66,6 +66,25 @@ pub fn run_ok(command: &mut Command) -> Result<Output> {
     Ok(output)
 }
 
+/// The device in-process tests load onto: `TRAMONTANE_DEVICE` (`cpu` or
+/// `cuda:N`, as the CLI reads it), the CPU by default; `make gpu-check`
+/// runs the bf16 parity tests with it set to `cuda:0`.
+pub fn device() -> Result<tch::Device> {
+    let text = std::env::var("TRAMONTANE_DEVICE").unwrap_or_else(|_| "cpu".into());
+    if text == "cpu" {
+        return Ok(tch::Device::Cpu);
+    }
+    let index: usize = text
+        .strip_prefix("cuda:")
+        .and_then(|i| i.parse().ok())
+        .with_context(|| format!("TRAMONTANE_DEVICE must be cpu or cuda:N, not {text:?}"))?;
+    ensure!(
+        tramontane_model::cuda::load() && index < tch::Cuda::device_count() as usize,
+        "TRAMONTANE_DEVICE={text}: no such CUDA device here"
+    );
+    Ok(tch::Device::Cuda(index))
+}
+
 /// Writes a checkpoint with `tramontane gen-model --out DIR ARGS...`.
 pub fn gen_model(dir: &Path, args: &[&str]) -> Result<()> {
     run_ok(
