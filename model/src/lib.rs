@@ -28,6 +28,7 @@
 //!   [`StepError`], generic over its experts' error.
 //! - [`testing`] (feature `test-support`): the one test double of the seam.
 //! - [`cuda`]: libtorch's CUDA half, loaded when a CUDA device is asked for.
+//! - [`heap`]: the heap's free memory given back once weights are loaded.
 
 pub mod attention;
 pub mod cuda;
@@ -37,6 +38,7 @@ pub mod expert;
 pub mod experts;
 pub mod gating;
 pub mod generate;
+pub mod heap;
 pub mod kv_cache;
 pub mod layer;
 mod load;

@@ -163,6 +163,7 @@ impl<E: Experts> CausalLm<E> {
             })?;
         let rotary =
             RotaryEmbedding::new(spec.attention.head_dim, spec.attention.rope_theta, device);
+        crate::heap::release_free_memory();
         Ok(Self {
             config: spec,
             embed_tokens,

@@ -63,6 +63,7 @@ impl LocalExperts {
                     .collect::<Result<Vec<_>, _>>()
             })
             .collect::<Result<Vec<_>, _>>()?;
+        crate::heap::release_free_memory();
         Ok(Self { layers })
     }
 
