@@ -115,7 +115,7 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         let addr = listener.local_addr()?;
         tracing::info!(
             "worker holds {held} (layer, expert) pairs: {} MiB of expert weights ({}), of a {} MiB checkpoint; RSS {} MiB",
-            info.weight_bytes >> 20,
+            info.weight_bytes() >> 20,
             info.weight_dtypes
                 .iter()
                 .map(|(dtype, bytes)| format!("{dtype} {} MiB", bytes >> 20))

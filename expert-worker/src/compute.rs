@@ -36,10 +36,16 @@ pub struct WorkerInfo {
     pub device: Device,
     /// The dtype the experts compute in.
     pub dtype: tramontane_config::Dtype,
-    /// Bytes of the experts' matrices held, all dtypes together.
-    pub weight_bytes: u64,
-    /// The same per dtype the matrices are held in (`int8`, `bf16`, ...).
+    /// Bytes of the experts' matrices held, per dtype they are held in
+    /// (`int8`, `bf16`, ...).
     pub weight_dtypes: Vec<(&'static str, u64)>,
+}
+
+impl WorkerInfo {
+    /// Bytes of the experts' matrices held, all dtypes together.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_dtypes.iter().map(|(_, bytes)| bytes).sum()
+    }
 }
 
 /// One expert's share of a Forward: row indexes and their routing weights.
@@ -179,7 +185,6 @@ fn load(model: &WorkerModel) -> Result<(LocalExperts, WorkerInfo), LoadError> {
         model.options.expert_precision(),
         model.options.device,
     )?;
-    let weight_dtypes = experts.bytes_by_dtype();
     let info = WorkerInfo {
         model_id,
         held: experts
@@ -190,8 +195,7 @@ fn load(model: &WorkerModel) -> Result<(LocalExperts, WorkerInfo), LoadError> {
         config,
         device: model.options.device,
         dtype: model.options.dtype,
-        weight_bytes: weight_dtypes.iter().map(|(_, bytes)| bytes).sum(),
-        weight_dtypes,
+        weight_dtypes: experts.bytes_by_dtype(),
     };
     Ok((experts, info))
 }

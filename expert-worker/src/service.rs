@@ -189,7 +189,7 @@ impl ExpertService for ExpertServer {
                 .collect(),
             device: device_name(info.device),
             dtype: codec::to_wire(info.dtype),
-            weight_bytes: info.weight_bytes,
+            weight_bytes: info.weight_bytes(),
         }))
     }
 

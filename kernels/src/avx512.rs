@@ -260,77 +260,12 @@ pub(crate) unsafe fn exp_sum(_: &mut [f32], _: f32) -> f32 {
     unreachable!("supported() is false off x86-64")
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn dot_bf16<const MB: usize, const NB: usize>(
-    _: *const u16,
-    _: usize,
-    _: [*const u16; NB],
-    _: [*const u16; NB],
-    _: usize,
-) -> [[f32; NB]; MB] {
-    unreachable!("supported() is false off x86-64")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn dot_bf16_i8<const MB: usize, const NB: usize>(
-    _: *const u16,
-    _: usize,
-    _: [*const i8; NB],
-    _: [*const i8; NB],
-    _: usize,
-) -> [[f32; NB]; MB] {
-    unreachable!("supported() is false off x86-64")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn dot_f32_i8<const MB: usize, const NB: usize>(
-    _: *const f32,
-    _: usize,
-    _: [*const i8; NB],
-    _: [*const i8; NB],
-    _: usize,
-) -> [[f32; NB]; MB] {
-    unreachable!("supported() is false off x86-64")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn dot_bf16_fp8<const MB: usize, const NB: usize>(
-    _: *const u16,
-    _: usize,
-    _: [*const u8; NB],
-    _: [*const u8; NB],
-    _: usize,
-) -> [[f32; NB]; MB] {
-    unreachable!("supported() is false off x86-64")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn dot_f32_fp8<const MB: usize, const NB: usize>(
-    _: *const f32,
-    _: usize,
-    _: [*const u8; NB],
-    _: [*const u8; NB],
-    _: usize,
-) -> [[f32; NB]; MB] {
-    unreachable!("supported() is false off x86-64")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn dot_f32<const MB: usize, const NB: usize>(
-    _: *const f32,
-    _: usize,
-    _: [*const f32; NB],
-    _: [*const f32; NB],
-    _: usize,
-) -> [[f32; NB]; MB] {
-    unreachable!("supported() is false off x86-64")
-}
-
 /// A dot-product kernel: `MB × NB` accumulators, whole steps of `$lanes`
 /// elements with plain loads (which the multiply-adds can take straight
 /// from memory, holding no register per row of x), then the row's end
 /// under a mask that reads nothing past it. The weights are loaded (and
-/// widened, where stored narrower than x) by `load_w`.
+/// widened, where stored narrower than x) by `load_w`. Off x86-64 the
+/// kernel is a stub that is never called ([`crate::supported`] is false).
 macro_rules! dot_kernel {
     (
         $(#[$attr:meta])* fn $name:ident($x:ty, $w:ty, $vec:ty, $lanes:literal, $mask:ty);
@@ -338,6 +273,17 @@ macro_rules! dot_kernel {
         load_w: $load_w:expr, load_w_masked: $masked_w:expr,
         madd: $madd:expr
     ) => {
+        #[cfg(not(target_arch = "x86_64"))]
+        unsafe fn $name<const MB: usize, const NB: usize>(
+            _: *const $x,
+            _: usize,
+            _: [*const $w; NB],
+            _: [*const $w; NB],
+            _: usize,
+        ) -> [[f32; NB]; MB] {
+            unreachable!("supported() is false off x86-64")
+        }
+
         $(#[$attr])*
         #[cfg(target_arch = "x86_64")]
         unsafe fn $name<const MB: usize, const NB: usize>(
@@ -408,6 +354,15 @@ unsafe fn load_bf16_masked(mask: __mmask32, p: *const u16) -> __m512bh {
     unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(mask, p.cast())) }
 }
 
+/// 16 int8 as f32 (exact).
+#[inline]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn widen_i8(p: *const i8) -> __m512 {
+    // SAFETY: the caller's: 16 elements at `p`.
+    unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast()))) }
+}
+
 /// 16 int8 as f32 (exact), those outside `mask` zero.
 #[inline]
 #[cfg(target_arch = "x86_64")]
@@ -415,33 +370,6 @@ unsafe fn load_bf16_masked(mask: __mmask32, p: *const u16) -> __m512bh {
 unsafe fn widen_i8_masked(mask: __mmask16, p: *const i8) -> __m512 {
     // SAFETY: the caller's: the elements under `mask` at `p`.
     unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p.cast()))) }
-}
-
-/// 32 int8 as bfloat16 (exact: 8 significant bits), those outside `mask`
-/// zero.
-#[inline]
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn widen_i8_bf16_masked(mask: __mmask32, p: *const i8) -> __m512bh {
-    // SAFETY: the caller's: the elements under `mask` at `p`.
-    unsafe {
-        let low = widen_i8_masked(mask as __mmask16, p);
-        let high = widen_i8_masked((mask >> 16) as __mmask16, p.wrapping_add(16));
-        _mm512_cvtne2ps_pbh(high, low)
-    }
-}
-
-/// 32 int8 as bfloat16.
-#[inline]
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn widen_i8_bf16(p: *const i8) -> __m512bh {
-    // SAFETY: the caller's: 32 elements at `p`.
-    unsafe {
-        let low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast())));
-        let high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16).cast())));
-        _mm512_cvtne2ps_pbh(high, low)
-    }
 }
 
 /// 16 FP8 e4m3 values (bytes) as f32, exactly: the sign and the 7 bits of
@@ -452,7 +380,7 @@ unsafe fn widen_i8_bf16(p: *const i8) -> __m512bh {
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn widen_fp8(bytes: __m128i) -> __m512 {
+fn fp8_as_f32(bytes: __m128i) -> __m512 {
     let v = _mm512_cvtepu8_epi32(bytes);
     let magnitude = _mm512_srli_epi32::<5>(_mm512_slli_epi32::<25>(v));
     let sign = _mm512_and_si512(_mm512_slli_epi32::<24>(v), _mm512_set1_epi32(i32::MIN));
@@ -463,41 +391,55 @@ fn widen_fp8(bytes: __m128i) -> __m512 {
     )
 }
 
+/// 16 FP8 values as f32.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn widen_fp8(p: *const u8) -> __m512 {
+    // SAFETY: the caller's: 16 elements at `p`.
+    fp8_as_f32(unsafe { _mm_loadu_si128(p.cast()) })
+}
+
 /// 16 FP8 values as f32, those outside `mask` zero.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn widen_fp8_masked(mask: __mmask16, p: *const u8) -> __m512 {
     // SAFETY: the caller's: the elements under `mask` at `p`.
-    widen_fp8(unsafe { _mm_maskz_loadu_epi8(mask, p.cast()) })
+    fp8_as_f32(unsafe { _mm_maskz_loadu_epi8(mask, p.cast()) })
 }
 
-/// 32 FP8 values as bfloat16 (exact: 4 significant bits, and every e4m3
-/// exponent is a bfloat16 one).
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn widen_fp8_bf16(p: *const u8) -> __m512bh {
-    // SAFETY: the caller's: 32 elements at `p`.
-    unsafe {
-        let low = widen_fp8(_mm_loadu_si128(p.cast()));
-        let high = widen_fp8(_mm_loadu_si128(p.add(16).cast()));
-        _mm512_cvtne2ps_pbh(high, low)
-    }
+/// Defines `$name(p)` and `$masked(mask, p)`: 32 weights of `$w` as
+/// bfloat16, from two halves of 16 widened to f32 by `$widen` (and
+/// `$widen_masked`, those outside `mask` zero) and packed, exactly where
+/// every value has at most 8 significant bits and a bfloat16 exponent (int8
+/// and e4m3 do).
+macro_rules! widen_to_bf16 {
+    ($w:ty: $name:ident, $masked:ident from $widen:ident, $widen_masked:ident) => {
+        #[inline]
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+        unsafe fn $name(p: *const $w) -> __m512bh {
+            // SAFETY: the caller's: 32 elements at `p`.
+            unsafe { _mm512_cvtne2ps_pbh($widen(p.add(16)), $widen(p)) }
+        }
+
+        #[inline]
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+        unsafe fn $masked(mask: __mmask32, p: *const $w) -> __m512bh {
+            // SAFETY: the caller's: the elements under `mask` at `p`.
+            unsafe {
+                let low = $widen_masked(mask as __mmask16, p);
+                let high = $widen_masked((mask >> 16) as __mmask16, p.wrapping_add(16));
+                _mm512_cvtne2ps_pbh(high, low)
+            }
+        }
+    };
 }
 
-/// 32 FP8 values as bfloat16, those outside `mask` zero.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn widen_fp8_bf16_masked(mask: __mmask32, p: *const u8) -> __m512bh {
-    // SAFETY: the caller's: the elements under `mask` at `p`.
-    unsafe {
-        let low = widen_fp8_masked(mask as __mmask16, p);
-        let high = widen_fp8_masked((mask >> 16) as __mmask16, p.wrapping_add(16));
-        _mm512_cvtne2ps_pbh(high, low)
-    }
-}
+widen_to_bf16!(i8: widen_i8_bf16, widen_i8_bf16_masked from widen_i8, widen_i8_masked);
+widen_to_bf16!(u8: widen_fp8_bf16, widen_fp8_bf16_masked from widen_fp8, widen_fp8_masked);
 
 dot_kernel! {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
@@ -512,7 +454,7 @@ dot_kernel! {
     fn dot_f32_fp8(f32, u8, __m512, 16, __mmask16);
     load: |p: *const f32| _mm512_loadu_ps(p),
     load_masked: |mask, p: *const f32| _mm512_maskz_loadu_ps(mask, p),
-    load_w: |p: *const u8| widen_fp8(_mm_loadu_si128(p.cast())),
+    load_w: |p| widen_fp8(p),
     load_w_masked: |mask, p| widen_fp8_masked(mask, p),
     madd: |acc, x, w| _mm512_fmadd_ps(x, w, acc)
 }
@@ -548,7 +490,7 @@ dot_kernel! {
     fn dot_f32_i8(f32, i8, __m512, 16, __mmask16);
     load: |p: *const f32| _mm512_loadu_ps(p),
     load_masked: |mask, p: *const f32| _mm512_maskz_loadu_ps(mask, p),
-    load_w: |p: *const i8| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast()))),
+    load_w: |p| widen_i8(p),
     load_w_masked: |mask, p| widen_i8_masked(mask, p),
     madd: |acc, x, w| _mm512_fmadd_ps(x, w, acc)
 }

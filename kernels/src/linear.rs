@@ -619,11 +619,7 @@ mod tests {
             }
             assert_eq!(ours, &alone, "job {i}");
             if i == 3 {
-                let dequantized: Vec<f32> = int8
-                    .iter()
-                    .enumerate()
-                    .map(|(at, &q)| f32::from(q) * scales[at / shapes[3].1])
-                    .collect();
+                let dequantized = dequantize(&int8, &scales, shapes[3].1);
                 let expected = reference(&xs[3], &dequantized, shape(3));
                 for (j, &value) in ours.iter().enumerate() {
                     assert!(close(value, expected[j], 0.0), "int8 job output {j}");
@@ -727,12 +723,33 @@ mod tests {
         )
     }
 
-    fn dequantize(values: &[i8], scales: &[f32], inner: usize) -> Vec<f32> {
+    /// Weights (decoded, `inner` a row) times the scale of their block of
+    /// `block` weights, the blocks row-major.
+    fn scaled(
+        values: impl IntoIterator<Item = f32>,
+        scales: &[f32],
+        block: (usize, usize),
+        inner: usize,
+    ) -> Vec<f32> {
+        let per_row = inner.div_ceil(block.1);
         values
-            .iter()
+            .into_iter()
             .enumerate()
-            .map(|(at, &q)| f32::from(q) * scales[at / inner])
+            .map(|(at, value)| {
+                let (n, i) = (at / inner, at % inner);
+                value * scales[n / block.0 * per_row + i / block.1]
+            })
             .collect()
+    }
+
+    /// int8 values times their row's scale.
+    fn dequantize(values: &[i8], scales: &[f32], inner: usize) -> Vec<f32> {
+        scaled(
+            values.iter().map(|&q| f32::from(q)),
+            scales,
+            (1, inner),
+            inner,
+        )
     }
 
     proptest! {
@@ -849,15 +866,7 @@ mod tests {
         block: (usize, usize),
         inner: usize,
     ) -> Vec<f32> {
-        let per_row = inner.div_ceil(block.1);
-        values
-            .iter()
-            .enumerate()
-            .map(|(at, &b)| {
-                let (n, i) = (at / inner, at % inner);
-                e4m3(b) * scales[n / block.0 * per_row + i / block.1]
-            })
-            .collect()
+        scaled(values.iter().map(|&b| e4m3(b)), scales, block, inner)
     }
 
     #[test]

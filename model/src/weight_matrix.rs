@@ -6,8 +6,8 @@
 //! and widen them in registers, libtorch gets the matrix dequantized per
 //! call (other devices, prefill).
 
-use tch::{Device, Kind, TchError, Tensor};
-use tramontane_config::Quantization;
+use tch::{Kind, TchError, Tensor};
+use tramontane_config::{Dtype, Quantization};
 
 /// `[outputs, inner]`, row-major.
 pub enum WeightMatrix {
@@ -116,12 +116,7 @@ impl WeightMatrix {
     /// (`bf16`, `f32`, `f16`).
     pub fn dtype_name(&self) -> &'static str {
         match self {
-            WeightMatrix::Plain(w) => match w.kind() {
-                Kind::BFloat16 => "bf16",
-                Kind::Half => "f16",
-                Kind::Float => "f32",
-                _ => "other",
-            },
+            WeightMatrix::Plain(w) => crate::dtype::dtype(w.kind()).map_or("other", Dtype::flag),
             WeightMatrix::Int8 { .. } => Quantization::Int8.flag(),
             WeightMatrix::Fp8 { .. } => "fp8",
         }
@@ -203,14 +198,6 @@ impl<'a> MatrixRef<'a> {
         }
     }
 
-    pub fn device(self) -> Device {
-        match self {
-            MatrixRef::Plain(w)
-            | MatrixRef::Int8 { values: w, .. }
-            | MatrixRef::Fp8 { values: w, .. } => w.device(),
-        }
-    }
-
     /// The matrix as libtorch takes it for activations of `kind`: a plain
     /// tensor as it is (a kind other than the activations' is libtorch's to
     /// refuse), int8 values times their row's scale, in f32, then `kind`.
@@ -250,6 +237,8 @@ impl<'a> MatrixRef<'a> {
 
 #[cfg(test)]
 mod tests {
+    use tch::Device;
+
     use super::*;
 
     #[test]

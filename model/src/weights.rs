@@ -123,12 +123,6 @@ impl Checkpoint {
         })
     }
 
-    /// How the checkpoint is quantized, as its config.json's
-    /// `quantization_config.quant_method` says (None: it is not).
-    pub fn quant_method(&self) -> Option<&str> {
-        self.quant_method.as_deref()
-    }
-
     /// Refuses to quantize at load (`asked`) a checkpoint already
     /// quantized.
     pub fn check_quantization(&self, asked: Option<Quantization>) -> Result<(), WeightsError> {

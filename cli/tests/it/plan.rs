@@ -874,24 +874,22 @@ fn profile_measures_a_model_with_dense_layers_and_plan_takes_it() -> Result<()> 
             "5",
         ],
     )?;
+    // `tramontane profile` of the model into `out`, one repeat on one
+    // thread each for router and workers, then `extra`.
+    let profile_into = |out: &Path, extra: &[&str]| -> Result<()> {
+        support::run_ok(
+            support::tramontane()
+                .args(["profile", "--model"])
+                .arg(&model)
+                .arg("--out")
+                .arg(out)
+                .args(["--repeats", "1", "--worker-threads", "1", "--threads", "1"])
+                .args(extra),
+        )?;
+        Ok(())
+    };
     let profile = dir.path().join("profile.json");
-    support::run_ok(
-        support::tramontane()
-            .args(["profile", "--model"])
-            .arg(&model)
-            .arg("--out")
-            .arg(&profile)
-            .args([
-                "--max-tokens",
-                "4",
-                "--repeats",
-                "1",
-                "--worker-threads",
-                "1",
-                "--threads",
-                "1",
-            ]),
-    )?;
+    profile_into(&profile, &["--max-tokens", "4"])?;
     let written: Value = serde_json::from_str(&std::fs::read_to_string(&profile)?)?;
     let shape = &written["model"];
     assert_eq!(shape["experts"], 16, "{shape}");
@@ -928,57 +926,35 @@ fn profile_measures_a_model_with_dense_layers_and_plan_takes_it() -> Result<()> 
     // Measured with int8 experts: the profile says so, plans for int8
     // experts take it, and plans for bf16 ones are refused.
     let int8 = dir.path().join("profile-int8.json");
-    support::run_ok(
-        support::tramontane()
-            .args(["profile", "--model"])
-            .arg(&model)
-            .arg("--out")
-            .arg(&int8)
-            .args([
-                "--max-tokens",
-                "2",
-                "--repeats",
-                "1",
-                "--worker-threads",
-                "1",
-            ])
-            .args(["--threads", "1", "--dtype", "bf16", "--quantize", "int8"]),
-    )?;
+    let quantized = ["--max-tokens", "2", "--dtype", "bf16", "--quantize", "int8"];
+    profile_into(&int8, &quantized)?;
     let written: Value = serde_json::from_str(&std::fs::read_to_string(&int8)?)?;
     assert_eq!(
         written["model"]["expert_weights"], "int8",
         "{}",
         written["model"]
     );
-    let plan = |weights: &[&str]| -> Vec<String> {
-        let mut args: Vec<String> = [
-            "--model",
-            model.to_str().unwrap_or_default(),
-            "--profile",
-            int8.to_str().unwrap_or_default(),
-            "--gpus",
-            "1",
-            "--concurrency",
-            "2",
-            "--prompt-len",
-            "16",
-            "--output-len",
-            "8",
-            "--requests",
-            "4",
-            "--dtype",
-            "bf16",
-        ]
-        .map(String::from)
-        .to_vec();
-        args.extend(weights.iter().map(|w| w.to_string()));
-        args
-    };
-    let args = plan(&["--weight-dtype", "int8"]);
-    let report = plan_json(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let on_int8 = [
+        "--model",
+        model.to_str().context("path")?,
+        "--profile",
+        int8.to_str().context("path")?,
+        "--gpus",
+        "1",
+        "--concurrency",
+        "2",
+        "--prompt-len",
+        "16",
+        "--output-len",
+        "8",
+        "--requests",
+        "4",
+        "--dtype",
+        "bf16",
+    ];
+    let report = plan_json(&[&on_int8[..], &["--weight-dtype", "int8"]].concat())?;
     assert_eq!(report["model"]["weight_dtype"], "int8");
-    let args = plan(&[]);
-    let err = plan_error(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let err = plan_error(&on_int8)?;
     ensure!(err.contains("experts held in int8"), "{err}");
     Ok(())
 }

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, ensure};
 use serde_json::json;
 use tch::{Kind, Tensor};
 use tramontane_dispatch::RemoteExperts;
+use tramontane_model::experts::Experts;
 use tramontane_model::generate::{StopRule, generate_greedy};
 use tramontane_model::weights::Checkpoint;
 use tramontane_model::{
@@ -45,10 +46,43 @@ struct Quality {
     positions: usize,
 }
 
-fn quality(model: &CausalLm, reference: &Tensor, sequences: &[Vec<u32>]) -> Result<Quality> {
+/// `model`'s logits at every position of `sequences`, prefilled as one
+/// ragged step.
+fn all_logits<E: Experts>(model: &CausalLm<E>, sequences: &[Vec<u32>]) -> Result<Tensor> {
     let longest = sequences.iter().map(Vec::len).max().unwrap_or(0);
     let kv = model.kv_pool_for(sequences.len(), longest);
     let (logits, _) = model.prefill(&kv, sequences, Logits::AllPositions)?;
+    Ok(logits)
+}
+
+/// The checkpoint in `model_dir` with its experts on 2 workers started with
+/// `worker_flags` (round robin), its dense part loaded with `options`:
+/// the workers (alive while kept) and the model.
+fn on_two_workers(
+    model_dir: &Path,
+    worker_flags: &[&str],
+    options: LoadOptions,
+) -> Result<(Vec<support::Process>, Placement, CausalLm<RemoteExperts>)> {
+    let config = ModelSpec::from_file(&model_dir.join("config.json"))?;
+    let placement =
+        Placement::round_robin(&config.placed_experts_per_layer(SharedExperts::Router), 2)?;
+    let workers = support::workers_for_with(model_dir, &placement, worker_flags)?;
+    let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
+    let runtime = tokio::runtime::Runtime::new()?;
+    let remote = runtime.block_on(RemoteExperts::connect(
+        model_dir,
+        &addrs,
+        placement.clone(),
+        Duration::from_secs(30),
+        options.dtype,
+    ))?;
+    let checkpoint = Checkpoint::open(model_dir)?;
+    let model = CausalLm::load_dense(&checkpoint, config, options, remote)?;
+    Ok((workers, placement, model))
+}
+
+fn quality(model: &CausalLm, reference: &Tensor, sequences: &[Vec<u32>]) -> Result<Quality> {
+    let logits = all_logits(model, sequences)?;
     let (logits, reference) = (
         logits.to_kind(Kind::Double),
         reference.to_kind(Kind::Double),
@@ -90,9 +124,7 @@ fn reference(model: &CausalLm, tokenizer: &Tokenizer) -> Result<(Vec<Vec<u32>>, 
         .zip(continued)
         .map(|(prompt, tokens)| prompt.iter().copied().chain(tokens).collect())
         .collect();
-    let longest = sequences.iter().map(Vec::len).max().unwrap_or(0);
-    let kv = model.kv_pool_for(sequences.len(), longest);
-    let (logits, _) = model.prefill(&kv, &sequences, Logits::AllPositions)?;
+    let logits = all_logits(model, &sequences)?;
     Ok((sequences, logits))
 }
 
@@ -184,8 +216,8 @@ fn int8_stays_close_to_bf16_on_every_family() -> Result<()> {
     Ok(())
 }
 
-/// int8 experts on 2 workers give the logits and greedy tokens of int8
-/// experts in process (f32 activations: within f32's summation order).
+/// int8 experts on 2 workers give the logits of int8 experts in process
+/// (f32 activations: within f32's summation order).
 #[test]
 fn sharded_int8_equals_in_process_int8() -> Result<()> {
     let _guard = tch::no_grad_guard();
@@ -193,34 +225,17 @@ fn sharded_int8_equals_in_process_int8() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let model_dir = dir.path().join("model");
     support::gen_model(&model_dir, &["--preset", "tiny", "--seed", "33"])?;
-    let config = ModelSpec::from_file(&model_dir.join("config.json"))?;
     let tokenizer = Tokenizer::from_dir(&model_dir)?;
     let int8 = options(Dtype::F32, Some(Quantization::Int8), false);
     let local = CausalLm::load_in_process(&model_dir, int8)?;
     let (sequences, expected) = reference(&local, &tokenizer)?;
     let unquantized = CausalLm::load_in_process(&model_dir, LoadOptions::default())?;
-    let longest = sequences.iter().map(Vec::len).max().unwrap_or(0);
-    let kv = unquantized.kv_pool_for(sequences.len(), longest);
-    let (plain, _) = unquantized.prefill(&kv, &sequences, Logits::AllPositions)?;
+    let plain = all_logits(&unquantized, &sequences)?;
     let moved = (&plain - &expected).abs().max().double_value(&[]);
     ensure!(moved > 1e-4, "int8 changed the logits (by {moved:e})");
 
-    let placement =
-        Placement::round_robin(&config.placed_experts_per_layer(SharedExperts::Router), 2)?;
-    let workers = support::workers_for_with(&model_dir, &placement, &["--quantize", "int8"])?;
-    let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
-    let runtime = tokio::runtime::Runtime::new()?;
-    let remote = runtime.block_on(RemoteExperts::connect(
-        &model_dir,
-        &addrs,
-        placement,
-        Duration::from_secs(30),
-        Dtype::F32,
-    ))?;
-    let checkpoint = Checkpoint::open(&model_dir)?;
-    let sharded = CausalLm::load_dense(&checkpoint, config, int8, remote)?;
-    let kv = sharded.kv_pool_for(sequences.len(), longest);
-    let (logits, _) = sharded.prefill(&kv, &sequences, Logits::AllPositions)?;
+    let (_workers, _, sharded) = on_two_workers(&model_dir, &["--quantize", "int8"], int8)?;
+    let logits = all_logits(&sharded, &sequences)?;
     let diff = (&logits - &expected).abs().max().double_value(&[]);
     ensure!(diff <= 1e-5, "sharded int8: max |Δlogit| {diff:e} > 1e-5");
     Ok(())
@@ -384,9 +399,7 @@ fn fp8_checkpoints_compute_their_dequantized_weights_held_as_stored() -> Result<
         let reference_model = CausalLm::load_in_process(&dequantized, LoadOptions::default())?;
         let (sequences, expected) = reference(&reference_model, &tokenizer)?;
         let held = CausalLm::load_in_process(&fp8, LoadOptions::default())?;
-        let longest = sequences.iter().map(Vec::len).max().unwrap_or(0);
-        let kv = held.kv_pool_for(sequences.len(), longest);
-        let (logits, _) = held.prefill(&kv, &sequences, Logits::AllPositions)?;
+        let logits = all_logits(&held, &sequences)?;
         let diff = (&logits - &expected).abs().max().double_value(&[]);
         ensure!(
             diff <= 1e-4,
@@ -429,30 +442,14 @@ fn fp8_checkpoints_compute_their_dequantized_weights_held_as_stored() -> Result<
 /// The FP8 checkpoint in `model` on 2 workers: the in-process `expected`
 /// logits of `sequences`, and each worker's experts held in fp8 bytes.
 fn check_fp8_workers(model: &Path, sequences: &[Vec<u32>], expected: &Tensor) -> Result<()> {
-    let config = ModelSpec::from_file(&model.join("config.json"))?;
-    let placement =
-        Placement::round_robin(&config.placed_experts_per_layer(SharedExperts::Router), 2)?;
-    let workers = support::workers_for(model, &placement)?;
-    let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
-    let runtime = tokio::runtime::Runtime::new()?;
-    let remote = runtime.block_on(RemoteExperts::connect(
-        model,
-        &addrs,
-        placement.clone(),
-        Duration::from_secs(30),
-        Dtype::F32,
-    ))?;
-    let checkpoint = Checkpoint::open(model)?;
-    let sharded =
-        CausalLm::load_dense(&checkpoint, config.clone(), LoadOptions::default(), remote)?;
-    let longest = sequences.iter().map(Vec::len).max().unwrap_or(0);
-    let kv = sharded.kv_pool_for(sequences.len(), longest);
-    let (logits, _) = sharded.prefill(&kv, sequences, Logits::AllPositions)?;
+    let (workers, placement, sharded) = on_two_workers(model, &[], LoadOptions::default())?;
+    let logits = all_logits(&sharded, sequences)?;
     let diff = (&logits - expected).abs().max().double_value(&[]);
     ensure!(
         diff <= 1e-5,
         "FP8 on 2 workers: max |Δlogit| {diff:e} > 1e-5"
     );
+    let config = sharded.config();
 
     // A byte a weight, and an f32 scale per block of 48 × 48.
     let (h, w) = (
