@@ -38,7 +38,7 @@ define for_each_bench_model
 	done
 endef
 
-.PHONY: setup build test lint serve gpu-check bench bench-sharded bench-quality bench-routers bench-serving bench-plan bench-chaos monitoring-tools
+.PHONY: setup build test lint serve gpu-check bench bench-rounds bench-sharded bench-quality bench-routers bench-serving bench-plan bench-chaos monitoring-tools
 
 setup: $(STAMP)
 
@@ -74,6 +74,12 @@ gpu-check: build
 # The in-process forward against transformers and llama.cpp (../shared/peers), f32, bf16 and int8 (against q8_0), on each of BENCH_MODELS (not part of `make test`).
 bench: build
 	$(call for_each_bench_model,$(PYTHON) benches/forward_vs_hf.py --model $$dir --bin $(BIN) --threads 2 --dtypes f32$(comma)bf16$(comma)int8)
+
+# Decode in paired rounds (ours, then llama.cpp, ROUNDS times; the median of the rounds' ratios), int8 against q8_0 by default (BENCH_DTYPE), on each of BENCH_MODELS.
+ROUNDS ?= 9
+BENCH_DTYPE ?= int8
+bench-rounds: build
+	$(call for_each_bench_model,$(PYTHON) benches/paired_rounds.py --model $$dir --bin $(BIN) --threads 2 --dtype $(BENCH_DTYPE) --rounds $(ROUNDS))
 
 # Perplexity on a public-domain text (Genesis, KJV, from Debian's bible-kjv-text) unquantized and in int8, on each of BENCH_MODELS.
 bench-quality: build

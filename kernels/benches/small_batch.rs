@@ -16,17 +16,45 @@ const INTERMEDIATE: usize = 3584;
 const EXPERTS: usize = 8;
 
 struct Expert<W> {
-    w1: Vec<W>,
-    w3: Vec<W>,
-    w2: Vec<W>,
+    w1: Aligned<W>,
+    w3: Aligned<W>,
+    w2: Aligned<W>,
+}
+
+/// `len` elements from a cache line's start, as libtorch allocates a
+/// model's tensors (a large `Vec` starts 16 bytes into a page).
+struct Aligned<W> {
+    storage: Vec<W>,
+    start: usize,
+    len: usize,
+}
+
+impl<W: Copy> Aligned<W> {
+    fn new(value: W, len: usize) -> Self {
+        let size = std::mem::size_of::<W>();
+        let storage = vec![value; len + 64 / size];
+        let start = storage.as_ptr().align_offset(64);
+        Self {
+            storage,
+            start,
+            len,
+        }
+    }
+}
+
+impl<W> std::ops::Deref for Aligned<W> {
+    type Target = [W];
+    fn deref(&self) -> &[W] {
+        &self.storage[self.start..self.start + self.len]
+    }
 }
 
 fn experts<W: Copy>(one: W) -> Vec<Expert<W>> {
     (0..EXPERTS)
         .map(|_| Expert {
-            w1: vec![one; INTERMEDIATE * HIDDEN],
-            w3: vec![one; INTERMEDIATE * HIDDEN],
-            w2: vec![one; HIDDEN * INTERMEDIATE],
+            w1: Aligned::new(one, INTERMEDIATE * HIDDEN),
+            w3: Aligned::new(one, INTERMEDIATE * HIDDEN),
+            w2: Aligned::new(one, HIDDEN * INTERMEDIATE),
         })
         .collect()
 }
