@@ -21,6 +21,9 @@ pub struct GenerationRequest {
     /// None: up to the end of the context.
     pub max_tokens: Option<usize>,
     pub sampling: SamplingParams,
+    /// Score the prompt's own tokens, with this many top alternatives
+    /// each ([`Completed::prompt_logprobs`]); `max_tokens` may then be 0.
+    pub prompt_logprobs: Option<usize>,
     /// Stop strings, matched on the generated text: one checked copy for
     /// all the request's prompts.
     pub stop: StopList,
@@ -137,7 +140,7 @@ impl Generator {
         let max_tokens = request
             .max_tokens
             .unwrap_or(self.max_positions - prompt.len());
-        if max_tokens == 0 {
+        if max_tokens == 0 && request.prompt_logprobs.is_none() {
             return Err(InvalidParam::new("max_tokens", "must be at least 1").into());
         }
         if prompt.len() + max_tokens > self.max_positions {
@@ -182,6 +185,7 @@ impl Generator {
             GenerateJob {
                 prompt,
                 max_tokens,
+                prompt_logprobs: request.prompt_logprobs,
                 sampling: request.sampling,
                 ignore_eos: request.ignore_eos,
                 events,
@@ -196,6 +200,7 @@ impl Generator {
             decoder,
             stops: StopStrings::new(request.stop),
             prompt_tokens,
+            scores_prompt: request.prompt_logprobs.is_some(),
             generated: 0,
             done: false,
             span,
@@ -238,12 +243,16 @@ pub struct GeneratedToken {
     pub logprob: Option<TokenLogprob>,
 }
 
-/// What one engine event gave: text (maybe empty), the token, the end.
-#[derive(Debug, Clone, PartialEq)]
+/// What one engine event gave: text (maybe empty), the token, the end, or
+/// the prompt's logprobs.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Chunk {
     pub text: String,
     pub token: Option<GeneratedToken>,
     pub finish: Option<FinishReason>,
+    /// Prompt tokens 1..'s logprobs (see [`Event::PromptLogprobs`]), in
+    /// the chunk before any token.
+    pub prompt_logprobs: Option<Vec<TokenLogprob>>,
 }
 
 /// A failure after the request was accepted, shared by every request of
@@ -261,6 +270,8 @@ pub struct CompletionStream {
     decoder: IncrementalDecoder,
     stops: StopStrings,
     prompt_tokens: usize,
+    /// The prompt is scored (`prompt_logprobs`).
+    scores_prompt: bool,
     generated: usize,
     done: bool,
     span: tracing::Span,
@@ -289,6 +300,9 @@ pub struct Completed {
     pub tokens: Vec<GeneratedToken>,
     pub finish: FinishReason,
     pub prompt_tokens: usize,
+    /// With `prompt_logprobs`: prompt tokens 1..'s (empty for a prompt of
+    /// one token).
+    pub prompt_logprobs: Option<Vec<TokenLogprob>>,
 }
 
 impl CompletionStream {
@@ -329,8 +343,13 @@ impl CompletionStream {
                     text: matched.text,
                     token: Some(GeneratedToken { id, logprob }),
                     finish,
+                    prompt_logprobs: None,
                 }
             }
+            Event::PromptLogprobs(scored) => Chunk {
+                prompt_logprobs: Some(scored),
+                ..Chunk::default()
+            },
             Event::Finished(reason) => {
                 let tail = self.decoder.finish();
                 let matched = self.stops.push(&tail);
@@ -347,6 +366,7 @@ impl CompletionStream {
                     text,
                     token: None,
                     finish: Some(finish),
+                    prompt_logprobs: None,
                 }
             }
             Event::Failed(failure) => {
@@ -385,16 +405,21 @@ impl CompletionStream {
     pub async fn collect(mut self) -> Result<Completed, GenerationFailed> {
         let mut text = String::new();
         let mut tokens = Vec::new();
+        let mut prompt_logprobs = self.scores_prompt.then(Vec::new);
         while let Some(chunk) = self.next().await {
             let chunk = chunk?;
             text.push_str(&chunk.text);
             tokens.extend(chunk.token);
+            if let Some(scored) = chunk.prompt_logprobs {
+                prompt_logprobs = Some(scored);
+            }
             if let Some(finish) = chunk.finish {
                 return Ok(Completed {
                     text,
                     tokens,
                     finish,
                     prompt_tokens: self.prompt_tokens,
+                    prompt_logprobs,
                 });
             }
         }

@@ -26,7 +26,7 @@ use tramontane_policy::scheduler::{SchedulerConfig, SchedulerConfigError, Slice}
 
 use crate::failure::GenerationError;
 use crate::metrics;
-use crate::sampling::{InvalidParam, Sampler, SamplingParams, TokenLogprob};
+use crate::sampling::{InvalidParam, Sampler, SamplingParams, TokenLogprob, logprobs};
 
 /// Why a sequence ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +53,11 @@ pub enum Event {
         id: u32,
         logprob: Option<TokenLogprob>,
     },
+    /// The prompt's own logprobs (requested by `prompt_logprobs`), once
+    /// the whole prompt is through the forward, before any token: entry `i`
+    /// is prompt token `i + 1`'s (the first has none), with its top
+    /// alternatives.
+    PromptLogprobs(Vec<TokenLogprob>),
     Finished(FinishReason),
     /// The request failed: one failure, shared by every sequence of the
     /// step it failed (all of them, or those routed to a lost expert).
@@ -62,7 +67,10 @@ pub enum Event {
 /// A validated request.
 pub struct GenerateJob {
     pub prompt: Vec<u32>,
+    /// 0 only with `prompt_logprobs`: the prompt is scored, nothing generated.
     pub max_tokens: usize,
+    /// Score the prompt's own tokens, with this many top alternatives each.
+    pub prompt_logprobs: Option<usize>,
     pub sampling: SamplingParams,
     /// Keep generating past EOS (benchmarks).
     pub ignore_eos: bool,
@@ -88,6 +96,11 @@ struct Sequence {
     reserved_blocks: usize,
     /// When the last token was sent.
     last_token_at: Option<Instant>,
+    /// With `prompt_logprobs`: those of prompt tokens 1.. scored so far
+    /// (kept over a preemption: the recomputed prompt is not scored again).
+    prompt_logprobs: Vec<TokenLogprob>,
+    /// The prompt's logprobs went to the client.
+    prompt_logprobs_sent: bool,
 }
 
 impl Sequence {
@@ -100,6 +113,46 @@ impl Sequence {
             generated: 0,
             reserved_blocks: 0,
             last_token_at: None,
+            prompt_logprobs: Vec::new(),
+            prompt_logprobs_sent: false,
+        }
+    }
+
+    /// Whether this step's slice of `tokens` positions has prompt tokens
+    /// still to score: then it needs the logits of all its positions.
+    fn scores(&self, tokens: usize) -> bool {
+        let prompt = self.job.prompt.len();
+        self.job.prompt_logprobs.is_some()
+            && self.prompt_logprobs.len() + 1 < prompt
+            && self.cache.positions() + tokens > self.prompt_logprobs.len()
+    }
+
+    /// Scores the prompt tokens this slice's logits predict: `rows` holds
+    /// one row of `vocab` logits per position from `from` on (the row at
+    /// position `p` predicts token `p + 1`).
+    fn score(&mut self, from: usize, rows: &[f32], vocab: usize) {
+        let Some(top) = self.job.prompt_logprobs else {
+            return;
+        };
+        let prompt = &self.job.prompt;
+        for (offset, row) in rows.chunks_exact(vocab).enumerate() {
+            let next = from + offset + 1;
+            if next == self.prompt_logprobs.len() + 1 && next < prompt.len() {
+                self.prompt_logprobs.push(logprobs(row, prompt[next], top));
+            }
+        }
+    }
+
+    /// Once the whole prompt is scored, its logprobs go to the client,
+    /// once.
+    fn send_prompt_logprobs(&mut self) {
+        if self.job.prompt_logprobs.is_some()
+            && !self.prompt_logprobs_sent
+            && self.prompt_logprobs.len() + 1 >= self.job.prompt.len()
+        {
+            self.prompt_logprobs_sent = true;
+            let scored = self.prompt_logprobs.clone();
+            let _ = self.job.events.send(Event::PromptLogprobs(scored));
         }
     }
 
@@ -431,6 +484,15 @@ where
         }
         let _in_step = step_span.enter();
         let started = Instant::now();
+        // Prompt tokens to score need every position's logits; the others
+        // only their last.
+        let all_positions = plan
+            .iter()
+            .any(|slice| self.running[slice.sequence].scores(slice.tokens));
+        let starts: Vec<usize> = plan
+            .iter()
+            .map(|slice| self.running[slice.sequence].cache.positions())
+            .collect();
         let logits = {
             let mut in_plan = plan.iter().map(|s| s.sequence).peekable();
             let mut batch: Vec<BatchItem<'_>> = Vec::with_capacity(plan.len());
@@ -443,8 +505,13 @@ where
                     });
                 }
             }
+            let which = if all_positions {
+                Logits::AllPositions
+            } else {
+                Logits::LastPosition
+            };
             self.model
-                .forward(&self.kv, &mut batch, Logits::LastPosition)
+                .forward(&self.kv, &mut batch, which)
                 .and_then(|l| Ok(rows_to_vec(&l)?))
         };
         let (logits, vocab) = match logits {
@@ -459,15 +526,31 @@ where
         ::metrics::histogram!(metrics::STEP_DURATION).record(started.elapsed());
         let now = Instant::now();
         let mut finished = Vec::new();
-        for (row, slice) in plan.iter().enumerate() {
+        let mut first_row = 0;
+        for (index, slice) in plan.iter().enumerate() {
             let s = &mut self.running[slice.sequence];
             if s.generated == 0 {
                 ::metrics::counter!(metrics::PROMPT_TOKENS_TOTAL).increment(slice.tokens as u64);
             }
+            // This slice's rows: all its positions', or its last one's.
+            let rows = if all_positions { slice.tokens } else { 1 };
+            let slice_logits = &logits[first_row * vocab..(first_row + rows) * vocab];
+            first_row += rows;
+            if all_positions {
+                s.score(starts[index], slice_logits, vocab);
+            }
+            s.send_prompt_logprobs();
             if s.cache.positions() < s.context.len() {
                 continue; // more prompt next step: these logits are not needed
             }
-            let (token, logprob) = s.sampler.sample(&logits[row * vocab..(row + 1) * vocab]);
+            if s.job.max_tokens == 0 {
+                // The prompt is scored; nothing is to be generated.
+                ::metrics::histogram!(metrics::E2E_REQUEST_LATENCY).record(now - s.job.submitted);
+                finished.push((slice.sequence, Some(FinishReason::Length)));
+                continue;
+            }
+            let last = &slice_logits[(rows - 1) * vocab..];
+            let (token, logprob) = s.sampler.sample(last);
             s.generated += 1;
             s.context.push(token);
             ::metrics::counter!(metrics::GENERATION_TOKENS_TOTAL).increment(1);
@@ -595,6 +678,7 @@ mod tests {
         while let Some(event) = events.blocking_recv() {
             match event {
                 Event::Token { id, .. } => tokens.push(id),
+                Event::PromptLogprobs(_) => panic!("prompt logprobs nobody asked for"),
                 Event::Finished(reason) => {
                     assert_eq!(reason, FinishReason::Length);
                     break;
@@ -638,6 +722,99 @@ mod tests {
         let receivers = submit_greedy(&engine, &prompts, max_tokens);
         let got: Vec<Vec<u32>> = receivers.into_iter().map(collect).collect();
         assert_eq!(got, expected);
+        assert!(engine.preemptions() > 0, "the pool was never full");
+    }
+
+    #[test]
+    fn prompt_logprobs_are_the_models_own_over_chunks_and_preemption() {
+        let _guard = tch::no_grad_guard();
+        let dir = tempfile::tempdir().unwrap();
+        tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
+        let model_dir = dir.path().to_path_buf();
+        // Prompts of 1 and of 30 tokens (2 blocks, growing into a third).
+        let mut prompts: Vec<Vec<u32>> = (0..3)
+            .map(|s| (0..30).map(|p| 5 + (s * 31 + p * 7) % 200).collect())
+            .collect();
+        prompts.push(vec![7]);
+        let top = 3;
+        let expected: Vec<Vec<TokenLogprob>> = {
+            let model = CausalLm::load_in_process(&model_dir, LoadOptions::default()).unwrap();
+            let kv = model.kv_pool(64);
+            prompts
+                .iter()
+                .map(|prompt| {
+                    let mut cache = kv.new_cache();
+                    let batch = &mut [BatchItem {
+                        tokens: prompt,
+                        cache: &mut cache,
+                    }];
+                    let logits = model.forward(&kv, batch, Logits::AllPositions).unwrap();
+                    let (rows, vocab) = rows_to_vec(&logits).unwrap();
+                    (1..prompt.len())
+                        .map(|i| logprobs(&rows[(i - 1) * vocab..i * vocab], prompt[i], top))
+                        .collect()
+                })
+                .collect()
+        };
+        // 6 blocks for requests of 3 each, prompts in chunks of at most 8:
+        // sequences are preempted after their prompts were scored, and
+        // recompute them.
+        let config = SchedulerConfig {
+            max_kv_tokens: 96,
+            max_batch_tokens: 8,
+            max_running: 8,
+            ..SchedulerConfig::default()
+        };
+        let engine = EngineHandle::spawn(
+            move || CausalLm::load_in_process(&model_dir, LoadOptions::default()),
+            vec![],
+            config,
+        )
+        .unwrap();
+        let mut slots = engine.reserve(prompts.len() + 1).unwrap();
+        let mut submit = |prompt: &[u32], max_tokens| {
+            let (events, receiver) = mpsc::unbounded_channel();
+            let mut job = greedy_job(prompt, max_tokens, events);
+            job.prompt_logprobs = Some(top);
+            engine.submit(&mut slots, job).unwrap();
+            receiver
+        };
+        let mut receivers: Vec<_> = prompts.iter().map(|p| submit(p, 14)).collect();
+        // Only scored: nothing generated.
+        receivers.push(submit(&prompts[0], 0));
+        for (i, mut events) in receivers.into_iter().enumerate() {
+            let expected = &expected[i % prompts.len()];
+            let (mut scored, mut tokens) = (None, 0);
+            loop {
+                match events.blocking_recv().expect("events until the end") {
+                    Event::PromptLogprobs(got) => {
+                        assert!(scored.is_none() && tokens == 0, "request {i}: once, first");
+                        scored = Some(got);
+                    }
+                    Event::Token { .. } => tokens += 1,
+                    Event::Finished(reason) => {
+                        assert_eq!(reason, FinishReason::Length);
+                        break;
+                    }
+                    Event::Failed(error) => panic!("request {i} failed: {error}"),
+                }
+            }
+            assert_eq!(tokens, if i < prompts.len() { 14 } else { 0 });
+            let scored = scored.expect("prompt logprobs");
+            assert_eq!(scored.len(), expected.len(), "request {i}");
+            for (p, (got, want)) in scored.iter().zip(expected).enumerate() {
+                assert!(
+                    (got.logprob - want.logprob).abs() < 1e-4,
+                    "request {i} token {}: {} against {}",
+                    p + 1,
+                    got.logprob,
+                    want.logprob
+                );
+                assert_eq!(got.rank, want.rank, "request {i} token {}", p + 1);
+                let ids = |lp: &TokenLogprob| lp.top.iter().map(|&(id, _)| id).collect::<Vec<_>>();
+                assert_eq!(ids(got), ids(want), "request {i} token {}", p + 1);
+            }
+        }
         assert!(engine.preemptions() > 0, "the pool was never full");
     }
 
@@ -736,6 +913,7 @@ mod tests {
         while let Some(event) = events.blocking_recv() {
             match event {
                 Event::Token { id, .. } => tokens.push(id),
+                Event::PromptLogprobs(_) => panic!("prompt logprobs nobody asked for"),
                 Event::Finished(_) => return (tokens, None),
                 Event::Failed(error) => return (tokens, Some(error)),
             }
@@ -751,6 +929,7 @@ mod tests {
         GenerateJob {
             prompt: prompt.to_vec(),
             max_tokens,
+            prompt_logprobs: None,
             sampling: SamplingParams {
                 temperature: 0.0,
                 ..SamplingParams::default()

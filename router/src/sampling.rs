@@ -113,6 +113,8 @@ impl SamplingParams {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenLogprob {
     pub logprob: f32,
+    /// 1 + how many tokens are more likely.
+    pub rank: usize,
     pub top: Vec<(u32, f32)>,
 }
 
@@ -222,7 +224,9 @@ pub fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
-fn logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
+/// `token`'s logprob under `logits` (log-softmax in f64), and the `top`
+/// most likely tokens' (ties to the lower id).
+pub(crate) fn logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
     let log_z = f64::from(max) + sum.ln();
@@ -238,8 +242,10 @@ fn logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
     }
     ids.truncate(top);
     ids.sort_unstable_by(by_logit);
+    let own = logits[token as usize];
     TokenLogprob {
         logprob: logprob(token),
+        rank: 1 + logits.iter().filter(|&&l| l > own).count(),
         top: ids.into_iter().map(|t| (t, logprob(t))).collect(),
     }
 }

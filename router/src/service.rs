@@ -62,6 +62,7 @@ impl GenerationServer {
         let request = GenerationRequest {
             prompt,
             max_tokens: Some(request.max_tokens as usize),
+            prompt_logprobs: None,
             sampling: SamplingParams {
                 temperature: request.temperature.unwrap_or(defaults.temperature),
                 top_p: request.top_p.unwrap_or(defaults.top_p),

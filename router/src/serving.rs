@@ -294,6 +294,7 @@ mod tests {
         GenerationRequest {
             prompt: vec![1, 415, 2936],
             max_tokens: Some(max_tokens),
+            prompt_logprobs: None,
             sampling: SamplingParams {
                 temperature: 0.0,
                 ..SamplingParams::default()

@@ -13,6 +13,7 @@ mod dependencies;
 mod families;
 mod faults;
 mod guarded;
+mod harness;
 mod helm;
 mod hf_parity;
 mod hosts;

@@ -157,10 +157,20 @@ def test_n_above_one_is_400(client, model):
     assert_serving(client, model)
 
 
-def test_echo_is_400(client, model):
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"echo": True, "stop": ["."]}, "stop"),
+        ({"extra_body": {"prompt_logprobs": 21}}, "prompt_logprobs"),
+        ({"extra_body": {"prompt_logprobs": -1}}, "prompt_logprobs"),
+        ({"echo": True, "max_tokens": -1}, "max_tokens"),
+    ],
+)
+def test_bad_echo_and_prompt_logprobs_are_400_naming_the_field(client, model, fields, param):
     with pytest.raises(openai.BadRequestError) as raised:
-        client.completions.create(model=model, prompt="Hello", echo=True)
-    assert_api_error(raised.value, 400)
+        client.completions.create(model=model, prompt="Hello", **fields)
+    error = assert_api_error(raised.value, 400)
+    assert error["param"] == param, error
     assert_serving(client, model)
 
 

@@ -53,6 +53,7 @@ pub async fn create(
     };
     let generation = request.common.generation(
         request.max_completion_tokens.or(request.max_tokens),
+        None,
         logprobs,
         "top_logprobs",
         crate::sampling::MAX_TOP_LOGPROBS,

@@ -72,9 +72,12 @@ impl CommonFields {
     /// read from the endpoint's own fields, and no prompt yet: it is checked
     /// before any prompt is tokenized, and its stop strings are one copy
     /// that every prompt's request shares.
+    /// `prompt_logprobs`: the prompt is scored with this many top
+    /// alternatives a token (then `max_tokens` may be 0).
     pub fn generation(
         &self,
         max_tokens: Option<i64>,
+        prompt_logprobs: Option<usize>,
         logprobs: Option<i64>,
         logprobs_param: &'static str,
         max_logprobs: usize,
@@ -90,11 +93,12 @@ impl CommonFields {
                 ),
             ));
         }
+        let least = if prompt_logprobs.is_some() { 0 } else { 1 };
         let max_tokens = match max_tokens {
-            Some(m) if m < 1 => {
+            Some(m) if m < least => {
                 return Err(ApiError::invalid(
                     "max_tokens",
-                    format!("max_tokens: must be at least 1 (got {m})"),
+                    format!("max_tokens: must be at least {least} (got {m})"),
                 ));
             }
             m => m.map(|m| m as usize),
@@ -146,6 +150,7 @@ impl CommonFields {
         Ok(GenerationRequest {
             prompt: Vec::new(),
             max_tokens,
+            prompt_logprobs,
             sampling,
             stop,
             ignore_eos: self.ignore_eos,
@@ -210,8 +215,13 @@ pub struct CompletionRequest {
     pub max_tokens: Option<i64>,
     /// Alternatives per token to report logprobs for.
     pub logprobs: Option<i64>,
+    /// The prompt before the completion, in `text` and (with `logprobs`)
+    /// in `logprobs`, its first token's logprob null.
     #[serde(default)]
     pub echo: bool,
+    /// Extension (vLLM): the prompt's own logprobs, with this many top
+    /// alternatives a token, as `choices[i].prompt_logprobs`.
+    pub prompt_logprobs: Option<i64>,
     #[serde(flatten)]
     pub common: CommonFields,
 }
@@ -280,9 +290,22 @@ pub fn empty_usage() -> Usage {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<serde_json::Map<String, serde_json::Value>>,
+    /// Null for an echoed prompt's first token.
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<serde_json::Map<String, serde_json::Value>>>,
     pub text_offset: Vec<usize>,
+}
+
+/// One prompt token's entry of vLLM's `prompt_logprobs`: by token id (a
+/// string, as JSON keys are), the token's and its top alternatives'.
+pub type PromptLogprobEntry = BTreeMap<String, PromptLogprob>;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PromptLogprob {
+    pub logprob: f32,
+    /// 1 for the most likely token.
+    pub rank: usize,
+    pub decoded_token: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -291,6 +314,9 @@ pub struct CompletionChoice {
     pub text: String,
     pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<&'static str>,
+    /// Extension (vLLM): with `prompt_logprobs`, null for the first token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Vec<Option<PromptLogprobEntry>>>,
 }
 
 /// A completion, or one chunk of a streamed one (`object` tells which).
@@ -428,8 +454,9 @@ mod tests {
             serde_json::from_value(serde_json::json!({"model": "m", "logit_bias": bias}))
                 .expect("parses")
         };
-        let generation =
-            |fields: &CommonFields| fields.generation(None, None, "logprobs", 5, "text_completion");
+        let generation = |fields: &CommonFields| {
+            fields.generation(None, None, None, "logprobs", 5, "text_completion")
+        };
         let request = generation(&fields(serde_json::json!({"9": -100, "4": 100}))).expect("valid");
         let mut logits = [0.0f32; 10];
         request.sampling.logit_bias.apply(&mut logits);
