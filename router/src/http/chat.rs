@@ -11,8 +11,8 @@ use tramontane_model::Tokenizer;
 use super::error::ApiError;
 use super::json::OpenAiJson;
 use super::openai::{
-    AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatLogprobs, ChatRequest,
-    ChatResponse, ChatTokenLogprob, Content, Delta, TopLogprob, Usage, empty_usage,
+    AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatLogprobs, ChatMessage,
+    ChatRequest, ChatResponse, ChatTokenLogprob, Content, Delta, TopLogprob, Usage, empty_usage,
 };
 use super::{HttpState, new_id, sse_response, unix_now};
 use crate::chat_template::Message;
@@ -59,7 +59,7 @@ pub async fn create(
         crate::sampling::MAX_TOP_LOGPROBS,
         "chat",
     )?;
-    let messages = messages(&request)?;
+    let messages = messages(&request.messages)?;
     // A place in the queue before the template renders and the prompt is tokenized.
     let mut slots = state.generator.reserve(1)?;
     let rendered = state.chat_template.render(&messages)?;
@@ -146,12 +146,12 @@ pub async fn create(
     ))
 }
 
-fn messages(request: &ChatRequest) -> Result<Vec<Message>, ApiError> {
-    if request.messages.is_empty() {
+/// The request's messages as the chat template takes them.
+pub(super) fn messages(messages: &[ChatMessage]) -> Result<Vec<Message>, ApiError> {
+    if messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages: empty"));
     }
-    request
-        .messages
+    messages
         .iter()
         .enumerate()
         .map(|(i, m)| {

@@ -1,6 +1,7 @@
 //! The OpenAI-compatible HTTP API (axum): `/v1/completions`,
 //! `/v1/chat/completions` (both streamed as server-sent events when asked),
-//! `/v1/models`, `/health` and the Prometheus `/metrics`, behind API keys
+//! `/v1/models`, vLLM's `/tokenize` and `/detokenize`, `/health` and the
+//! Prometheus `/metrics`, behind API keys
 //! when the server has any.
 
 mod chat;
@@ -8,6 +9,7 @@ mod completions;
 mod error;
 mod json;
 mod openai;
+mod tokenize;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -80,7 +82,9 @@ pub fn app(state: Arc<HttpState>, observability_apart: bool) -> Router {
     let mut keyed = Router::new()
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
-        .route("/v1/models", get(models));
+        .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize));
     if !observability_apart {
         keyed = keyed.merge(observability_routes());
     }
