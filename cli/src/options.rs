@@ -263,6 +263,10 @@ pub struct SchedulerArgs {
     /// KV cache tokens the running sequences may reserve (prompt + max_tokens each).
     #[arg(long, default_value_t = 65_536)]
     pub max_kv_tokens: usize,
+    /// Prefill every prompt from scratch: no KV blocks shared between
+    /// sequences with a common prefix.
+    #[arg(long)]
+    pub no_prefix_caching: bool,
 }
 
 impl SchedulerArgs {
@@ -272,6 +276,7 @@ impl SchedulerArgs {
             max_running: self.max_running,
             max_kv_tokens: self.max_kv_tokens,
             max_waiting: self.queue,
+            prefix_caching: !self.no_prefix_caching,
         };
         config
             .validate()
@@ -325,6 +330,7 @@ mod tests {
             max_batch_tokens,
             max_running,
             max_kv_tokens: 100,
+            no_prefix_caching: false,
         };
         let err = args(0, 4, 8).config().unwrap_err().to_string();
         assert_eq!(err, "--queue must be at least 1");
@@ -335,5 +341,21 @@ mod tests {
             err.starts_with("--max-batch-tokens (8) must be at least --max-running (16)"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn prefix_caching_is_on_unless_turned_off() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Flags {
+            #[command(flatten)]
+            scheduler: SchedulerArgs,
+        }
+        let config = |args: &[&str]| {
+            let flags = Flags::try_parse_from(std::iter::once("x").chain(args.iter().copied()));
+            flags.unwrap().scheduler.config().unwrap()
+        };
+        assert!(config(&[]).prefix_caching);
+        assert!(!config(&["--no-prefix-caching"]).prefix_caching);
     }
 }

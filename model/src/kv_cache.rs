@@ -8,11 +8,17 @@
 //!
 //! Block 0 is never handed out: it pads block tables to a common length
 //! in batched decode attention, and stays zero.
+//!
+//! With prefix caching on ([`KvPool::set_prefix_caching`]), full blocks are
+//! shared between sequences whose tokens up to them are the same
+//! ([`crate::block_pool`]): [`KvCache::share_prefix`] starts a sequence
+//! from them, [`KvCache::register_full_blocks`] offers its own.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tch::{Device, Kind, TchError, Tensor};
 
+use crate::block_pool::{BlockHash, BlockPool, chain};
 use crate::error::ForwardError;
 use tramontane_config::ModelSpec;
 pub use tramontane_policy::kv_blocks::{BLOCK_SIZE, blocks_for};
@@ -20,26 +26,21 @@ pub use tramontane_policy::kv_blocks::{BLOCK_SIZE, blocks_for};
 /// The block every padded table entry points at.
 const PADDING_BLOCK: u32 = 0;
 
-/// Which blocks of a pool are free, of how many it hands out in all.
-#[derive(Debug)]
-struct FreeBlocks {
-    free: Vec<u32>,
-    total: usize,
-}
+type SharedBlocks = Arc<Mutex<BlockPool>>;
 
-type SharedFree = Arc<Mutex<FreeBlocks>>;
-
-fn lock(free: &SharedFree) -> MutexGuard<'_, FreeBlocks> {
-    // The list stays consistent whatever panicked while it was held: every
-    // change is a single push or truncation.
-    free.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+fn lock(blocks: &SharedBlocks) -> MutexGuard<'_, BlockPool> {
+    // The pool stays consistent whatever panicked while it was held: no
+    // change to it can panic half-way.
+    blocks
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The pool: every layer's keys and values, `[slots, kv_heads, head_dim]`.
 pub struct KvPool {
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
-    free: SharedFree,
+    blocks: SharedBlocks,
 }
 
 /// The pool cannot hold what a step needs.
@@ -64,24 +65,25 @@ impl KvPool {
         let layer = || Tensor::zeros(shape, (kind, device));
         let keys: Vec<Tensor> = spec.layers.iter().map(|_| layer()).collect();
         let values: Vec<Tensor> = spec.layers.iter().map(|_| layer()).collect();
-        // Handed out from the end: low blocks first.
-        let free = (1..blocks as u32).rev().collect();
         Self {
             keys,
             values,
-            free: Arc::new(Mutex::new(FreeBlocks {
-                free,
-                total: blocks - 1,
-            })),
+            blocks: Arc::new(Mutex::new(BlockPool::new(blocks))),
         }
+    }
+
+    /// Turns prefix caching on or off (off at first).
+    pub fn set_prefix_caching(&self, on: bool) {
+        lock(&self.blocks).prefix_caching = on;
     }
 
     /// An empty cache for one sequence, drawing its blocks from this pool.
     pub fn new_cache(&self) -> KvCache {
         KvCache {
             blocks: Vec::new(),
+            hashes: Vec::new(),
             positions: 0,
-            free: self.free.clone(),
+            pool: self.blocks.clone(),
         }
     }
 
@@ -92,12 +94,22 @@ impl KvPool {
 
     /// Blocks that can be handed out in all.
     pub fn total_blocks(&self) -> usize {
-        lock(&self.free).total
+        lock(&self.blocks).total
     }
 
-    /// Blocks not held by any cache.
+    /// Blocks not held by any cache: free, or cached and evictable.
     pub fn free_blocks(&self) -> usize {
-        lock(&self.free).free.len()
+        lock(&self.blocks).available()
+    }
+
+    /// Blocks the prefix cache knows (held or evictable).
+    pub fn cached_blocks(&self) -> usize {
+        lock(&self.blocks).cached()
+    }
+
+    /// Cached blocks handed out again since the start.
+    pub fn evictions(&self) -> u64 {
+        lock(&self.blocks).evictions
     }
 
     /// Bytes of every layer's keys and values, the padding block included.
@@ -117,7 +129,7 @@ impl KvPool {
 
     /// Whether `cache` draws from this pool.
     pub fn owns(&self, cache: &KvCache) -> bool {
-        Arc::ptr_eq(&self.free, &cache.free)
+        Arc::ptr_eq(&self.blocks, &cache.pool)
     }
 
     /// Writes `[tokens, kv_heads, head_dim]` keys and values of layer `layer`
@@ -167,8 +179,10 @@ impl KvPool {
 /// positions it holds. Dropping it returns its blocks to the pool.
 pub struct KvCache {
     blocks: Vec<u32>,
+    /// The hashes of its first full blocks, those registered or shared.
+    hashes: Vec<BlockHash>,
     positions: usize,
-    free: SharedFree,
+    pool: SharedBlocks,
 }
 
 impl std::fmt::Debug for KvCache {
@@ -203,18 +217,54 @@ impl KvCache {
         if needed == 0 {
             return Ok(());
         }
-        let mut pool = lock(&self.free);
-        let free = pool.free.len();
-        if free < needed {
-            return Err(KvCacheFull {
-                needed,
-                free,
-                total: pool.total,
-            });
-        }
-        let from = free - needed;
-        self.blocks.extend(pool.free.drain(from..).rev());
+        let taken = lock(&self.pool).take(needed)?;
+        self.blocks.extend(taken);
         Ok(())
+    }
+
+    /// Starts an empty cache from the longest run of cached blocks that
+    /// `tokens` begin with, at most all but the last token's (whose logits
+    /// the next step computes); returns the positions it now holds.
+    pub fn share_prefix(&mut self, tokens: &[u32]) -> usize {
+        debug_assert!(
+            self.blocks.is_empty(),
+            "a prefix is shared into an empty cache only"
+        );
+        let mut pool = lock(&self.pool);
+        if !pool.prefix_caching || tokens.is_empty() {
+            return 0;
+        }
+        let mut hashes: Vec<BlockHash> = Vec::new();
+        for block in tokens[..tokens.len() - 1].chunks_exact(BLOCK_SIZE) {
+            hashes.push(chain(hashes.last(), block));
+        }
+        self.blocks = pool.share(&hashes);
+        hashes.truncate(self.blocks.len());
+        self.hashes = hashes;
+        self.positions = self.blocks.len() * BLOCK_SIZE;
+        self.positions
+    }
+
+    /// Offers the full blocks written since the last call to the prefix
+    /// cache; `tokens` are the tokens at this cache's positions (at least
+    /// [`KvCache::positions`] of them).
+    pub fn register_full_blocks(&mut self, tokens: &[u32]) {
+        let full = self.positions.min(tokens.len()) / BLOCK_SIZE;
+        if self.hashes.len() >= full {
+            return;
+        }
+        let mut pool = lock(&self.pool);
+        if !pool.prefix_caching {
+            return;
+        }
+        for i in self.hashes.len()..full {
+            let hash = chain(
+                self.hashes.last(),
+                &tokens[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE],
+            );
+            pool.register(self.blocks[i], hash);
+            self.hashes.push(hash);
+        }
     }
 
     /// The slot of position `position` (which must be reserved).
@@ -233,10 +283,13 @@ impl KvCache {
     /// longer needed: undoes a forward step that failed half-way.
     pub fn truncate(&mut self, positions: usize) {
         self.positions = self.positions.min(positions);
+        self.hashes.truncate(positions / BLOCK_SIZE);
         let keep = blocks_for(positions);
         if self.blocks.len() > keep {
-            let mut pool = lock(&self.free);
-            pool.free.extend(self.blocks.drain(keep..).rev());
+            let mut pool = lock(&self.pool);
+            for block in self.blocks.drain(keep..).rev() {
+                pool.release(block);
+            }
         }
     }
 

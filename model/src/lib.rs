@@ -11,7 +11,8 @@
 //!   [`dtype`] maps its dtypes to libtorch kinds.
 //! - [`weights`]: memory-mapped safetensors (single or sharded), loaded key by key.
 //! - [`tokenizer`]: `tokenizer.json` + `tokenizer_config.json`.
-//! - Layers, bottom-up: [`norm`], [`rotary`], [`kv_cache`], [`attention`],
+//! - Layers, bottom-up: [`norm`], [`rotary`], [`kv_cache`] (its blocks and
+//!   prefix cache: [`block_pool`]), [`attention`],
 //!   [`expert`] (any SwiGLU MLP), [`gating`], [`moe`] (the block with its
 //!   shared expert, and the experts held in process), [`layer`] (a dense
 //!   or MoE feed-forward), `load` (a layer's tensors by the description).
@@ -31,6 +32,7 @@
 //! - [`heap`]: the heap's free memory given back once weights are loaded.
 
 pub mod attention;
+pub mod block_pool;
 pub mod cuda;
 pub mod dtype;
 pub mod error;

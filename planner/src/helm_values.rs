@@ -197,6 +197,7 @@ mod tests {
                 max_running: 8,
                 max_kv_tokens: 4096,
                 max_waiting: 16,
+                prefix_caching: true,
             },
             wire_bytes: 4,
             policy: PlacementPolicy::Eplb,

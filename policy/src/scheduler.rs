@@ -15,6 +15,9 @@ pub struct SchedulerConfig {
     pub max_kv_tokens: usize,
     /// Requests waiting for admission, at most; beyond it requests are refused.
     pub max_waiting: usize,
+    /// New sequences start from the KV blocks of the longest cached prefix
+    /// of their tokens (`--no-prefix-caching` turns it off).
+    pub prefix_caching: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -24,6 +27,7 @@ impl Default for SchedulerConfig {
             max_running: 64,
             max_kv_tokens: 65_536,
             max_waiting: 256,
+            prefix_caching: true,
         }
     }
 }

@@ -192,6 +192,8 @@ pub struct EngineHandle {
     waiting: Arc<AtomicUsize>,
     /// Sequences preempted since the start.
     preempted: Arc<AtomicUsize>,
+    /// Prompt tokens found in the prefix cache since the start.
+    prefix_hits: Arc<AtomicUsize>,
     config: SchedulerConfig,
     /// Positions the engine's KV pool holds in all.
     kv_tokens: usize,
@@ -230,6 +232,8 @@ impl EngineHandle {
         let engine_waiting = waiting.clone();
         let preempted = Arc::new(AtomicUsize::new(0));
         let engine_preempted = preempted.clone();
+        let prefix_hits = Arc::new(AtomicUsize::new(0));
+        let engine_prefix_hits = prefix_hits.clone();
         std::thread::Builder::new()
             .name("router-engine".into())
             .spawn(move || {
@@ -242,6 +246,7 @@ impl EngineHandle {
                     }
                 };
                 let kv = model.kv_pool(config.max_kv_tokens);
+                kv.set_prefix_caching(config.prefix_caching);
                 ::metrics::gauge!(metrics::KV_CACHE_BYTES).set(kv.bytes() as f64);
                 ::metrics::gauge!(metrics::KV_CACHE_TOTAL_TOKENS).set(kv.capacity_tokens() as f64);
                 let _ = ready_tx.send(Ok(kv.capacity_tokens()));
@@ -251,6 +256,7 @@ impl EngineHandle {
                     receiver,
                     waiting_count: engine_waiting,
                     preempted: engine_preempted,
+                    prefix_hits: engine_prefix_hits,
                     eos_ids,
                     admission: Admission::new(config),
                     running: Vec::new(),
@@ -272,6 +278,7 @@ impl EngineHandle {
             jobs,
             waiting,
             preempted,
+            prefix_hits,
             config,
             kv_tokens,
         })
@@ -335,6 +342,12 @@ impl EngineHandle {
         self.kv_tokens
     }
 
+    /// Tokens admitted sequences found in the prefix cache since the
+    /// engine started.
+    pub fn prefix_cache_hits(&self) -> usize {
+        self.prefix_hits.load(Ordering::SeqCst)
+    }
+
     /// Sequences preempted (KV cache full) since the engine started.
     pub fn preemptions(&self) -> usize {
         self.preempted.load(Ordering::SeqCst)
@@ -361,6 +374,7 @@ struct Engine<'m, E> {
     receiver: mpsc::UnboundedReceiver<GenerateJob>,
     waiting_count: Arc<AtomicUsize>,
     preempted: Arc<AtomicUsize>,
+    prefix_hits: Arc<AtomicUsize>,
     eos_ids: Vec<u32>,
     admission: Admission<Sequence>,
     running: Vec<Sequence>,
@@ -429,11 +443,22 @@ where
     }
 
     /// First come first served, while the KV blocks and the batch fit.
+    /// A sequence starts from the longest prefix of its tokens the prefix
+    /// cache holds, unless its prompt is to be scored (every position's
+    /// logits are needed then).
     fn admit(&mut self) {
-        for s in self.admission.admit(self.running.len()) {
+        let caching = self.admission.config().prefix_caching;
+        for mut s in self.admission.admit(self.running.len()) {
             self.waiting_count.fetch_sub(1, Ordering::SeqCst);
             if s.generated == 0 {
                 ::metrics::histogram!(metrics::QUEUE_TIME).record(s.job.submitted.elapsed());
+            }
+            if caching && s.job.prompt_logprobs.is_none() {
+                let hit = s.cache.share_prefix(&s.context);
+                ::metrics::counter!(metrics::PREFIX_CACHE_QUERIES)
+                    .increment(s.context.len() as u64);
+                ::metrics::counter!(metrics::PREFIX_CACHE_HITS).increment(hit as u64);
+                self.prefix_hits.fetch_add(hit, Ordering::SeqCst);
             }
             self.running.push(s);
         }
@@ -443,6 +468,8 @@ where
         ::metrics::gauge!(metrics::RUNNING_REQUESTS).set(self.running.len() as f64);
         ::metrics::gauge!(metrics::WAITING_REQUESTS).set(self.admission.waiting() as f64);
         ::metrics::gauge!(metrics::KV_CACHE_USED_TOKENS).set(self.admission.kv_used() as f64);
+        ::metrics::gauge!(metrics::PREFIX_CACHE_BLOCKS).set(self.kv.cached_blocks() as f64);
+        ::metrics::counter!(metrics::PREFIX_CACHE_EVICTIONS).absolute(self.kv.evictions());
         let held = self.kv.total_blocks() - self.kv.free_blocks();
         debug_assert!(
             held <= self.admission.kv_used_blocks(),
@@ -524,6 +551,11 @@ where
         };
         self.retrying = false;
         ::metrics::histogram!(metrics::STEP_DURATION).record(started.elapsed());
+        // The blocks this step filled are offered to the prefix cache.
+        for slice in &plan {
+            let s = &mut self.running[slice.sequence];
+            s.cache.register_full_blocks(&s.context);
+        }
         let now = Instant::now();
         let mut finished = Vec::new();
         let mut first_row = 0;
@@ -816,6 +848,118 @@ mod tests {
             }
         }
         assert!(engine.preemptions() > 0, "the pool was never full");
+    }
+
+    /// Greedy tokens and their top-5 logprobs of each prompt, the prompts
+    /// submitted one after the other in `waves` (each wave concurrently,
+    /// after the previous one finished), on an engine with `config`; and
+    /// the prompt tokens found in the prefix cache.
+    fn tokens_and_logprobs(
+        model_dir: &std::path::Path,
+        config: SchedulerConfig,
+        waves: &[Vec<Vec<u32>>],
+    ) -> (Vec<Vec<(u32, TokenLogprob)>>, usize, usize) {
+        let model_dir = model_dir.to_path_buf();
+        let engine = EngineHandle::spawn(
+            move || CausalLm::load_in_process(&model_dir, LoadOptions::default()),
+            vec![],
+            config,
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        for wave in waves {
+            let mut slots = engine.reserve(wave.len()).unwrap();
+            let receivers: Vec<_> = wave
+                .iter()
+                .map(|prompt| {
+                    let (events, receiver) = mpsc::unbounded_channel();
+                    let mut job = greedy_job(prompt, 10, events);
+                    job.sampling.logprobs = Some(5);
+                    engine.submit(&mut slots, job).unwrap();
+                    receiver
+                })
+                .collect();
+            for mut events in receivers {
+                let mut tokens = Vec::new();
+                loop {
+                    match events.blocking_recv().expect("events until the end") {
+                        Event::Token { id, logprob } => tokens.push((id, logprob.unwrap())),
+                        Event::Finished(_) => break,
+                        Event::Failed(error) => panic!("request failed: {error}"),
+                        Event::PromptLogprobs(_) => panic!("prompt logprobs nobody asked for"),
+                    }
+                }
+                out.push(tokens);
+            }
+        }
+        (out, engine.prefix_cache_hits(), engine.preemptions())
+    }
+
+    #[test]
+    fn prefix_cached_sequences_compute_what_they_compute_from_scratch() {
+        let _guard = tch::no_grad_guard();
+        let dir = tempfile::tempdir().unwrap();
+        tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
+        let base: Vec<u32> = (0..45).map(|p| 5 + (p * 37) % 200).collect();
+        let with_tail = |shared: usize, tail: u32| {
+            let mut prompt = base[..shared].to_vec();
+            prompt.extend((0..9).map(|p| 210 + (p * 11 + tail) % 40));
+            prompt
+        };
+        // First the whole base; then prompts sharing 32 of its tokens (two
+        // whole blocks), 37 (two blocks and 5 more), all 45, the first 32
+        // exactly (all but its last token's block), and none.
+        let waves = vec![
+            vec![base.clone()],
+            vec![
+                with_tail(32, 1),
+                with_tail(37, 2),
+                base.clone(),
+                base[..32].to_vec(),
+                with_tail(0, 3),
+            ],
+        ];
+        let run = |prefix_caching, max_kv_tokens| {
+            let config = SchedulerConfig {
+                prefix_caching,
+                max_kv_tokens,
+                max_batch_tokens: 24,
+                max_running: 8,
+                ..SchedulerConfig::default()
+            };
+            tokens_and_logprobs(dir.path(), config, &waves)
+        };
+        let (scratch, no_hits, _) = run(false, 4096);
+        assert_eq!(no_hits, 0);
+        // Room for everything, then a pool so small that sequences are preempted.
+        for max_kv_tokens in [4096, 160] {
+            let (cached, hits, preempted) = run(true, max_kv_tokens);
+            assert!(
+                hits >= 32 + 32 + 32 + 16,
+                "{hits} prompt tokens from the cache"
+            );
+            if max_kv_tokens < 4096 {
+                assert!(preempted > 0, "the pool was never full");
+            }
+            assert_eq!(cached.len(), scratch.len());
+            for (i, (ours, theirs)) in cached.iter().zip(&scratch).enumerate() {
+                let ids =
+                    |t: &[(u32, TokenLogprob)]| t.iter().map(|(id, _)| *id).collect::<Vec<_>>();
+                assert_eq!(ids(ours), ids(theirs), "prompt {i}, pool {max_kv_tokens}");
+                for ((_, a), (_, b)) in ours.iter().zip(theirs) {
+                    // f32: the same values up to the order of the sums in
+                    // attention over a cached prefix against one chunk.
+                    assert!(
+                        (a.logprob - b.logprob).abs() < 1e-5,
+                        "prompt {i}: {a:?} vs {b:?}"
+                    );
+                    for ((x, p), (y, q)) in a.top.iter().zip(&b.top) {
+                        assert_eq!(x, y, "prompt {i}");
+                        assert!((p - q).abs() < 1e-5, "prompt {i}: {a:?} vs {b:?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

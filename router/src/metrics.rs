@@ -12,6 +12,10 @@ pub const KV_CACHE_USED_TOKENS: &str = "tramontane_router_kv_cache_used_tokens";
 pub const KV_CACHE_TOTAL_TOKENS: &str = "tramontane_router_kv_cache_total_tokens";
 pub const KV_CACHE_BYTES: &str = "tramontane_router_kv_cache_bytes";
 pub const PREEMPTIONS_TOTAL: &str = "tramontane_router_preemptions_total";
+pub const PREFIX_CACHE_QUERIES: &str = "tramontane_router_prefix_cache_queries_tokens_total";
+pub const PREFIX_CACHE_HITS: &str = "tramontane_router_prefix_cache_hits_tokens_total";
+pub const PREFIX_CACHE_EVICTIONS: &str = "tramontane_router_prefix_cache_evictions_total";
+pub const PREFIX_CACHE_BLOCKS: &str = "tramontane_router_prefix_cache_blocks";
 pub const BATCH_SIZE: &str = "tramontane_router_batch_size";
 pub const BATCH_TOKENS: &str = "tramontane_router_batch_tokens";
 pub const REQUESTS_TOTAL: &str = "tramontane_router_requests_total";
@@ -55,6 +59,25 @@ fn describe() {
         PREEMPTIONS_TOTAL,
         Unit::Count,
         "Sequences preempted (and requeued, to be recomputed) because the KV cache ran out."
+    );
+    describe_counter!(
+        PREFIX_CACHE_QUERIES,
+        Unit::Count,
+        "Tokens of the sequences admitted with the prefix cache on (looked up in it)."
+    );
+    describe_counter!(
+        PREFIX_CACHE_HITS,
+        Unit::Count,
+        "Tokens admitted sequences found in the prefix cache (not prefilled again)."
+    );
+    describe_counter!(
+        PREFIX_CACHE_EVICTIONS,
+        Unit::Count,
+        "Cached KV blocks nobody held, handed out again for new positions."
+    );
+    describe_gauge!(
+        PREFIX_CACHE_BLOCKS,
+        "KV blocks the prefix cache knows (held by sequences or evictable)."
     );
     describe_histogram!(BATCH_SIZE, "Sequences in one forward step.");
     describe_histogram!(
