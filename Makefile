@@ -38,7 +38,7 @@ define for_each_bench_model
 	done
 endef
 
-.PHONY: setup build test lint serve gpu-check bench bench-rounds bench-sharded bench-quality bench-routers bench-serving bench-plan bench-chaos monitoring-tools
+.PHONY: setup build test lint serve gpu-check bench bench-rounds bench-prefix bench-sharded bench-quality bench-routers bench-serving bench-plan bench-chaos monitoring-tools
 
 setup: $(STAMP)
 
@@ -80,6 +80,11 @@ ROUNDS ?= 9
 BENCH_DTYPE ?= int8
 bench-rounds: build
 	$(call for_each_bench_model,$(PYTHON) benches/paired_rounds.py --model $$dir --bin $(BIN) --threads 2 --dtype $(BENCH_DTYPE) --rounds $(ROUNDS))
+
+# Prefix caching: 32 concurrent requests sharing a 1,024-token prefix (64-token suffixes), with the cache and without, on the bench model.
+bench-prefix: build
+	test -f $(BENCH_MODEL)/config.json || $(BIN) gen-model --preset bench --out $(BENCH_MODEL)
+	$(PYTHON) benches/prefix_share.py --model $(BENCH_MODEL) --bin $(BIN) --threads 2 --workers 2
 
 # Perplexity on a public-domain text (Genesis, KJV, from Debian's bible-kjv-text) unquantized and in int8, on each of BENCH_MODELS.
 bench-quality: build

@@ -69,6 +69,10 @@ pub struct PlanArgs {
     /// Requests simulated.
     #[arg(long, default_value_t = 500)]
     pub requests: usize,
+    /// The fraction of every prompt that is a prefix all requests share (a
+    /// system prompt), found in the prefix cache after the first request.
+    #[arg(long, default_value_t = 0.0)]
+    pub prefix_share: f64,
     /// Seed of the simulation (arrivals, lengths, routing draws).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -140,6 +144,7 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         output: args.output_len,
         requests: args.requests,
         seed: args.seed,
+        prefix_share: args.prefix_share,
     };
     workload.validate(planned.spec.max_position_embeddings)?;
     let scheduler = args.scheduler.config()?;

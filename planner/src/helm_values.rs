@@ -191,6 +191,7 @@ mod tests {
                 output: Lengths::Fixed(4),
                 requests: 4,
                 seed: 0,
+                prefix_share: 0.0,
             },
             scheduler: SchedulerConfig {
                 max_batch_tokens: 128,

@@ -463,6 +463,7 @@ mod tests {
                 output: Lengths::Fixed(8),
                 requests: 32,
                 seed: 1,
+                prefix_share: 0.0,
             },
             scheduler: SchedulerConfig::default(),
             wire_bytes: 4,
@@ -593,6 +594,7 @@ mod tests {
                     output: Lengths::Fixed(4),
                     requests: 2,
                     seed: 1,
+                    prefix_share: 0.0,
                 },
                 model,
                 ..planner(profile(0.0, 0.0), TokenRouting::uniform(&shape()))

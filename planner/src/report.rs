@@ -164,12 +164,20 @@ pub fn text(
     let w = &planner.workload;
     let _ = writeln!(
         out,
-        "workload: {}, prompts {} tokens, outputs {} tokens, {} requests simulated; routing {}",
+        "workload: {}, prompts {} tokens{}, outputs {} tokens, {} requests simulated; routing {}",
         match w.arrivals {
             Arrivals::Rate(r) => format!("{r} requests/s (Poisson)"),
             Arrivals::Concurrency(c) => format!("{c} concurrent clients"),
         },
         w.prompt,
+        match (w.prefix_share, plans.first()) {
+            (share, Some(plan)) if share > 0.0 => format!(
+                " ({:.0}% a shared prefix: {:.0}% of prompt tokens from the prefix cache)",
+                share * 100.0,
+                plan.prediction.prefix_cache_hit_rate * 100.0
+            ),
+            _ => String::new(),
+        },
         w.output,
         w.requests,
         if planner.routing.is_uniform() {

@@ -88,6 +88,10 @@ pub struct Workload {
     /// Requests simulated.
     pub requests: usize,
     pub seed: u64,
+    /// The fraction of every prompt that is one prefix all requests share
+    /// (a system prompt): with prefix caching, found in the cache once a
+    /// request has computed it.
+    pub prefix_share: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -98,6 +102,8 @@ pub enum WorkloadError {
     Concurrency,
     #[error("at least one request must be simulated")]
     Requests,
+    #[error("the prefix share must be a fraction in [0, 1], got {0}")]
+    PrefixShare(String),
     #[error(
         "a request of up to {prompt} prompt tokens and {output} output tokens does not fit the model's context of {context} tokens"
     )]
@@ -119,6 +125,9 @@ impl Workload {
         }
         if self.requests == 0 {
             return Err(WorkloadError::Requests);
+        }
+        if !(0.0..=1.0).contains(&self.prefix_share) {
+            return Err(WorkloadError::PrefixShare(self.prefix_share.to_string()));
         }
         if self.prompt.max() + self.output.max() > context {
             return Err(WorkloadError::Context {
@@ -159,6 +168,7 @@ mod tests {
             output: Lengths::Fixed(100),
             requests: 10,
             seed: 0,
+            prefix_share: 0.0,
         };
         assert!(matches!(w.validate(1000), Err(WorkloadError::Rate(_))));
         w.arrivals = Arrivals::Concurrency(0);
@@ -167,6 +177,11 @@ mod tests {
         assert!(matches!(
             w.validate(150),
             Err(WorkloadError::Context { .. })
+        ));
+        w.prefix_share = 1.5;
+        assert!(matches!(
+            w.validate(1000),
+            Err(WorkloadError::PrefixShare(_))
         ));
         w.requests = 0;
         assert_eq!(w.validate(1000), Err(WorkloadError::Requests));
