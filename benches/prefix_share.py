@@ -54,11 +54,12 @@ def prefix_metrics(addr):
 
 def run(args, extra, prompts, warmup):
     server, addr = serve(args, extra)
+    url = f"http://{addr}"
     try:
+        asyncio.run(serving_load.run_async(url, None, [warmup], args.output_len, concurrency=1))
         before = prefix_metrics(addr)
-        summary = asyncio.run(serving_load.run_async(
-            f"http://{addr}", None, prompts, args.output_len, concurrency=args.concurrency,
-            warmup_prompts=[warmup]))
+        summary = asyncio.run(serving_load.run_async(url, None, prompts, args.output_len,
+                                                     concurrency=args.concurrency))
         after = prefix_metrics(addr)
     finally:
         server.stop(grace_s=30)
