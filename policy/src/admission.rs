@@ -129,11 +129,21 @@ impl<R: Reservation> Admission<R> {
     /// The requests that join a batch of `running` sequences now, in arrival
     /// order, each with the blocks of its first step reserved.
     pub fn admit(&mut self, running: usize) -> Vec<R> {
+        self.admit_while(running, |_, _| true)
+    }
+
+    /// [`Admission::admit`], stopping at the first waiting request that
+    /// `ready` (given it and those admitted before it in this call) holds
+    /// back: it keeps its place, and those behind it wait with it.
+    pub fn admit_while(&mut self, running: usize, ready: impl Fn(&R, &[R]) -> bool) -> Vec<R> {
         let mut admitted = Vec::new();
         while running + admitted.len() < self.config.max_running {
             let Some(front) = self.waiting.front() else {
                 break;
             };
+            if !ready(front, &admitted) {
+                break;
+            }
             let blocks = Self::admission_blocks(front);
             if !self.kv.try_reserve(blocks) {
                 break;

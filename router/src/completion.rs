@@ -33,6 +33,20 @@ pub struct GenerationRequest {
     pub operation: &'static str,
 }
 
+impl GenerationRequest {
+    /// This request for choice `choice` of `n` of one prompt: the same but
+    /// for its seed (`seed + choice`), so that seeded choices differ and
+    /// stay reproducible.
+    pub fn for_choice(&self, prompt: Vec<u32>, choice: usize) -> Self {
+        let mut request = Self {
+            prompt,
+            ..self.clone()
+        };
+        request.sampling.seed = self.sampling.seed.map(|s| s.wrapping_add(choice as u64));
+        request
+    }
+}
+
 /// Prompts (choices) one request may carry.
 pub const MAX_PROMPTS_PER_REQUEST: usize = 64;
 
@@ -76,6 +90,11 @@ impl Generator {
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
         &self.tokenizer
+    }
+
+    /// Sequences the engine runs at once, at most (`--max-running`).
+    pub fn max_running(&self) -> usize {
+        self.engine.config().max_running
     }
 
     /// The context length: prompt plus generated tokens, at most.
@@ -201,6 +220,7 @@ impl Generator {
             stops: StopStrings::new(request.stop),
             prompt_tokens,
             scores_prompt: request.prompt_logprobs.is_some(),
+            bills_prompt: true,
             generated: 0,
             done: false,
             span,
@@ -272,6 +292,8 @@ pub struct CompletionStream {
     prompt_tokens: usize,
     /// The prompt is scored (`prompt_logprobs`).
     scores_prompt: bool,
+    /// Its prompt counts in the usage (not for a prompt's 2nd to nth choice).
+    bills_prompt: bool,
     generated: usize,
     done: bool,
     span: tracing::Span,
@@ -299,6 +321,8 @@ pub struct Completed {
     pub text: String,
     pub tokens: Vec<GeneratedToken>,
     pub finish: FinishReason,
+    /// The prompt's tokens as the usage counts them (0 for a prompt's 2nd
+    /// to nth choice).
     pub prompt_tokens: usize,
     /// With `prompt_logprobs`: prompt tokens 1..'s (empty for a prompt of
     /// one token).
@@ -308,6 +332,22 @@ pub struct Completed {
 impl CompletionStream {
     pub fn prompt_tokens(&self) -> usize {
         self.prompt_tokens
+    }
+
+    /// Another choice of a prompt already counted: its prompt tokens are
+    /// not counted again in the usage (as OpenAI counts `n`).
+    pub fn sharing_prompt_usage(mut self) -> Self {
+        self.bills_prompt = false;
+        self
+    }
+
+    /// The prompt tokens this choice adds to the usage.
+    pub fn usage_prompt_tokens(&self) -> usize {
+        if self.bills_prompt {
+            self.prompt_tokens
+        } else {
+            0
+        }
     }
 
     /// Tokens generated so far (counted up to the stop string when one matched).
@@ -418,7 +458,7 @@ impl CompletionStream {
                     text,
                     tokens,
                     finish,
-                    prompt_tokens: self.prompt_tokens,
+                    prompt_tokens: self.usage_prompt_tokens(),
                     prompt_logprobs,
                 });
             }

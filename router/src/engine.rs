@@ -19,7 +19,7 @@ use tch::{Device, Kind, Tensor};
 use tokio::sync::mpsc;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tramontane_model::experts::Experts;
-use tramontane_model::kv_cache::{KvCache, KvPool};
+use tramontane_model::kv_cache::{BLOCK_SIZE, KvCache, KvPool};
 use tramontane_model::{BatchItem, CausalLm, Failed, ForwardError, LoadError, Logits};
 use tramontane_policy::admission::{Admission, Reservation};
 use tramontane_policy::scheduler::{SchedulerConfig, SchedulerConfigError, Slice};
@@ -116,6 +116,19 @@ impl Sequence {
             prompt_logprobs: Vec::new(),
             prompt_logprobs_sent: false,
         }
+    }
+
+    /// Whether this sequence is still to write whole blocks that `other`
+    /// begins with (all but `other`'s last token's): `other` would find
+    /// them cached by waiting.
+    fn prefills_blocks_of(&self, other: &Sequence) -> bool {
+        let limit = (other.context.len() - 1).min(self.context.len());
+        let common = self.context[..limit]
+            .iter()
+            .zip(&other.context[..limit])
+            .take_while(|(a, b)| a == b)
+            .count();
+        self.cache.positions() + BLOCK_SIZE <= common / BLOCK_SIZE * BLOCK_SIZE
     }
 
     /// Whether this step's slice of `tokens` positions has prompt tokens
@@ -448,7 +461,20 @@ where
     /// logits are needed then).
     fn admit(&mut self) {
         let caching = self.admission.config().prefix_caching;
-        for mut s in self.admission.admit(self.running.len()) {
+        // A sequence whose prefix another one is still prefilling waits for
+        // it, to share it (the n choices of a prompt, a burst of requests
+        // with one system prompt) rather than compute it again.
+        let running = &self.running;
+        let ready = |s: &Sequence, admitted: &[Sequence]| {
+            !caching
+                || s.job.prompt_logprobs.is_some()
+                || !running
+                    .iter()
+                    .chain(admitted)
+                    .any(|other| other.prefills_blocks_of(s))
+        };
+        let admitted = self.admission.admit_while(running.len(), ready);
+        for mut s in admitted {
             self.waiting_count.fetch_sub(1, Ordering::SeqCst);
             if s.generated == 0 {
                 ::metrics::histogram!(metrics::QUEUE_TIME).record(s.job.submitted.elapsed());
@@ -959,6 +985,34 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn sequences_submitted_together_wait_to_share_a_prefix_in_flight() {
+        let _guard = tch::no_grad_guard();
+        let dir = tempfile::tempdir().unwrap();
+        tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
+        // Three copies of one prompt (as n = 3 sends them) and one that
+        // shares its first 40 tokens, all at once into a cold cache.
+        let prompt: Vec<u32> = (0..50).map(|p| 9 + (p * 13) % 190).collect();
+        let mut other = prompt[..40].to_vec();
+        other.extend([201, 202, 203]);
+        let wave = vec![vec![prompt.clone(), prompt.clone(), prompt, other]];
+        let config = |prefix_caching| SchedulerConfig {
+            prefix_caching,
+            max_batch_tokens: 32,
+            max_running: 8,
+            ..SchedulerConfig::default()
+        };
+        let (scratch, _, _) = tokens_and_logprobs(dir.path(), config(false), &wave);
+        let (shared, hits, _) = tokens_and_logprobs(dir.path(), config(true), &wave);
+        // The copies find the 3 whole blocks of 49 tokens, the other the 2
+        // of its 40 shared tokens.
+        assert_eq!(hits, 48 + 48 + 32);
+        let ids = |t: &[(u32, TokenLogprob)]| t.iter().map(|(id, _)| *id).collect::<Vec<_>>();
+        for (ours, theirs) in shared.iter().zip(&scratch) {
+            assert_eq!(ids(ours), ids(theirs));
         }
     }
 

@@ -145,15 +145,16 @@ def test_unknown_model_is_404(client, model, endpoint):
     assert_serving(client, model)
 
 
-def test_n_above_one_is_400(client, model):
+@pytest.mark.parametrize("n", [0, -1, 100_000])
+def test_n_out_of_range_is_400_naming_it(client, model, n):
     with pytest.raises(openai.BadRequestError) as raised:
-        client.completions.create(model=model, prompt="Hello", n=2)
-    assert_api_error(raised.value, 400)
+        client.completions.create(model=model, prompt="Hello", n=n)
+    assert assert_api_error(raised.value, 400)["param"] == "n"
     with pytest.raises(openai.BadRequestError) as raised:
         client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "Hello"}], n=2
+            model=model, messages=[{"role": "user", "content": "Hello"}], n=n
         )
-    assert_api_error(raised.value, 400)
+    assert assert_api_error(raised.value, 400)["param"] == "n"
     assert_serving(client, model)
 
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use futures::future::try_join_all;
 use tramontane_model::Tokenizer;
 
 use super::error::ApiError;
@@ -16,7 +17,7 @@ use super::openai::{
 };
 use super::{HttpState, new_id, sse_response, unix_now};
 use crate::chat_template::Message;
-use crate::completion::{GeneratedToken, GenerationRequest};
+use crate::completion::GeneratedToken;
 use crate::excerpt::Excerpt;
 
 pub async fn create(
@@ -59,44 +60,59 @@ pub async fn create(
         crate::sampling::MAX_TOP_LOGPROBS,
         "chat",
     )?;
+    let n = request
+        .common
+        .choices_per_prompt(state.generator.max_running())?;
     let messages = messages(&request.messages)?;
-    // A place in the queue before the template renders and the prompt is tokenized.
-    let mut slots = state.generator.reserve(1)?;
+    // Places in the queue before the template renders and the prompt is tokenized.
+    let mut slots = state.generator.reserve(n)?;
     let rendered = state.chat_template.render(&messages)?;
     let prompt = state
         .generator
         .tokenizer()
         .encode_rendered(&rendered.text, &rendered.literal)
         .map_err(|e| ApiError::invalid("messages", format!("messages: {e}")))?;
-    let stream = state.generator.start(
-        GenerationRequest {
-            prompt,
-            ..generation
-        },
-        &mut slots,
-    )?;
+    // The n choices share the prompt's KV blocks through the prefix cache.
+    let streams = (0..n)
+        .map(|choice| {
+            let request = generation.for_choice(prompt.clone(), choice);
+            let stream = state.generator.start(request, &mut slots)?;
+            Ok(if choice == 0 {
+                stream
+            } else {
+                stream.sharing_prompt_usage()
+            })
+        })
+        .collect::<Result<Vec<_>, crate::failure::GenerationError>>()?;
     let id = new_id("chatcmpl");
     let created = unix_now();
     let tokenizer = state.generator.tokenizer().clone();
     let want_logprobs = logprobs.is_some();
     if !request.common.stream {
-        let completed = stream.collect().await?;
+        let completed = try_join_all(streams.into_iter().map(|s| s.collect())).await?;
         let mut usage = empty_usage();
-        usage.add(completed.prompt_tokens, completed.tokens.len());
+        let choices = completed
+            .into_iter()
+            .enumerate()
+            .map(|(index, completed)| {
+                usage.add(completed.prompt_tokens, completed.tokens.len());
+                ChatChoice {
+                    index,
+                    message: AssistantMessage {
+                        role: "assistant",
+                        content: completed.text,
+                    },
+                    logprobs: want_logprobs.then(|| chat_logprobs(&tokenizer, &completed.tokens)),
+                    finish_reason: completed.finish.as_str(),
+                }
+            })
+            .collect();
         return Ok(Json(ChatResponse {
             id,
             object: "chat.completion",
             created,
             model: state.model_name.clone(),
-            choices: vec![ChatChoice {
-                index: 0,
-                message: AssistantMessage {
-                    role: "assistant",
-                    content: completed.text,
-                },
-                logprobs: want_logprobs.then(|| chat_logprobs(&tokenizer, &completed.tokens)),
-                finish_reason: completed.finish.as_str(),
-            }],
+            choices,
             usage,
         })
         .into_response());
@@ -110,21 +126,24 @@ pub async fn create(
         choices,
         usage,
     };
+    // Every choice's role first, in one chunk.
     let first = chunk(
-        vec![ChatChunkChoice {
-            index: 0,
-            delta: Delta {
-                role: Some("assistant"),
-                content: Some(String::new()),
-            },
-            logprobs: None,
-            finish_reason: None,
-        }],
+        (0..n)
+            .map(|index| ChatChunkChoice {
+                index,
+                delta: Delta {
+                    role: Some("assistant"),
+                    content: Some(String::new()),
+                },
+                logprobs: None,
+                finish_reason: None,
+            })
+            .collect(),
         None,
     );
     let usage_chunk = chunk.clone();
     Ok(sse_response(
-        vec![stream],
+        streams,
         Some(first),
         want_logprobs,
         request.common.include_usage(),

@@ -15,7 +15,7 @@ use super::openai::{
     PromptLogprob, PromptLogprobEntry, Usage, empty_usage,
 };
 use super::{HttpState, new_id, sse_response, unix_now};
-use crate::completion::{GeneratedToken, GenerationRequest, MAX_PROMPTS_PER_REQUEST};
+use crate::completion::{GeneratedToken, MAX_PROMPTS_PER_REQUEST};
 use crate::sampling::{MAX_TOP_LOGPROBS, TokenLogprob};
 
 /// OpenAI's default for /v1/completions.
@@ -36,13 +36,19 @@ pub async fn create(
     }
     // What is shared by every prompt is checked, and the queue places
     // reserved, before any prompt is tokenized.
-    let count = request.prompt.count();
-    if count > MAX_PROMPTS_PER_REQUEST {
+    let n = request
+        .common
+        .choices_per_prompt(state.generator.max_running())?;
+    let prompts_count = request.prompt.count();
+    if prompts_count * n > MAX_PROMPTS_PER_REQUEST {
         return Err(ApiError::invalid(
             "prompt",
-            format!("prompt: at most {MAX_PROMPTS_PER_REQUEST} prompts per request (got {count})"),
+            format!(
+                "prompt: at most {MAX_PROMPTS_PER_REQUEST} choices per request (got {prompts_count} prompts × n = {n})"
+            ),
         ));
     }
+    let count = prompts_count * n;
     let prompt_logprobs = match request.prompt_logprobs {
         Some(n) if n < 0 || n as usize > MAX_TOP_LOGPROBS => {
             return Err(ApiError::invalid(
@@ -68,33 +74,39 @@ pub async fn create(
     )?;
     let mut slots = state.generator.reserve(count)?;
     let tokenizer = state.generator.tokenizer().clone();
-    let prompts = token_prompts(&tokenizer, &request.prompt)?;
+    // Choice i * n + j is prompt i's j-th (as OpenAI numbers them).
+    let prompts: Vec<(usize, Vec<u32>)> = token_prompts(&tokenizer, &request.prompt)?
+        .into_iter()
+        .enumerate()
+        .flat_map(|(i, ids)| std::iter::repeat_n((i, ids), n))
+        .collect();
     // The echoed texts, and the ids the prompt logprobs are of.
     let echoes: Vec<Option<String>> = prompts
         .iter()
-        .enumerate()
         .map(|(i, ids)| {
             request
                 .echo
-                .then(|| prompt_text(&tokenizer, &request.prompt, i, ids))
+                .then(|| prompt_text(&tokenizer, &request.prompt, *i, ids))
         })
         .collect();
-    let prompt_ids = if scored.is_some() {
-        prompts.clone()
-    } else {
-        Vec::new()
+    let prompt_ids: Vec<Vec<u32>> = match scored {
+        Some(_) => prompts.iter().map(|(_, ids)| ids.clone()).collect(),
+        None => Vec::new(),
     };
     // Every choice is checked before any starts; dropping the started ones cancels them.
     let streams = prompts
         .into_iter()
-        .map(|prompt| {
-            let choice = GenerationRequest {
-                prompt,
-                ..generation.clone()
-            };
-            state.generator.start(choice, &mut slots)
+        .enumerate()
+        .map(|(index, (_, prompt))| {
+            let choice = generation.for_choice(prompt, index % n);
+            let stream = state.generator.start(choice, &mut slots)?;
+            Ok(if index % n == 0 {
+                stream
+            } else {
+                stream.sharing_prompt_usage()
+            })
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, crate::failure::GenerationError>>()?;
     let id = new_id("cmpl");
     let created = unix_now();
     let want_logprobs = request.logprobs.map(|n| n.max(0) as usize);

@@ -256,7 +256,7 @@ fn merge_choices(streams: Vec<CompletionStream>) -> BoxStream<'static, ChoiceEve
             let finished = !matches!(chunk, Ok(Chunk { finish: None, .. }));
             let step = Step {
                 index,
-                prompt_tokens: stream.prompt_tokens(),
+                prompt_tokens: stream.usage_prompt_tokens(),
                 completion_tokens: stream.completion_tokens(),
                 chunk: Some(chunk),
             };

@@ -83,16 +83,6 @@ impl CommonFields {
         max_logprobs: usize,
         operation: &'static str,
     ) -> Result<GenerationRequest, ApiError> {
-        if let Some(n) = self.n
-            && n != 1
-        {
-            return Err(ApiError::invalid(
-                "n",
-                format!(
-                    "n: only n = 1 is supported (got {n}); send the request n times with different seeds"
-                ),
-            ));
-        }
         let least = if prompt_logprobs.is_some() { 0 } else { 1 };
         let max_tokens = match max_tokens {
             Some(m) if m < least => {
@@ -160,6 +150,19 @@ impl CommonFields {
 }
 
 impl CommonFields {
+    /// Choices per prompt (`n`, 1 by default): each a sequence of its own,
+    /// at most `max_running` (the batch could never hold more at once).
+    pub fn choices_per_prompt(&self, max_running: usize) -> Result<usize, ApiError> {
+        match self.n {
+            None => Ok(1),
+            Some(n) if n >= 1 && n as usize <= max_running => Ok(n as usize),
+            Some(n) => Err(ApiError::invalid(
+                "n",
+                format!("n: must be in [1, {max_running}] (--max-running) (got {n})"),
+            )),
+        }
+    }
+
     /// The unknown fields, named (cut short) in a warning: a misspelt
     /// parameter shows in the log instead of passing unseen.
     fn warn_unknown(&self, operation: &'static str) {
