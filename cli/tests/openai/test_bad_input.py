@@ -145,6 +145,15 @@ def test_unknown_model_is_404(client, model, endpoint):
     assert_serving(client, model)
 
 
+def test_prompt_logprobs_on_chat_is_400_naming_it(client, model):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hello"}],
+            extra_body={"prompt_logprobs": 1},
+        )
+    assert assert_api_error(raised.value, 400)["param"] == "prompt_logprobs"
+
+
 @pytest.mark.parametrize("n", [0, -1, 100_000])
 def test_n_out_of_range_is_400_naming_it(client, model, n):
     with pytest.raises(openai.BadRequestError) as raised:

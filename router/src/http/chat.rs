@@ -31,6 +31,12 @@ pub async fn create(
             "tools: function calling is not supported by this server",
         ));
     }
+    if request.prompt_logprobs.is_some() {
+        return Err(ApiError::invalid(
+            "prompt_logprobs",
+            "prompt_logprobs: supported on /v1/completions only (send the rendered prompt there)",
+        ));
+    }
     if let Some(format) = &request.response_format
         && format["type"] != "text"
     {

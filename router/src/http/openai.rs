@@ -262,6 +262,8 @@ pub struct ChatRequest {
     pub tools: Option<Vec<serde_json::Value>>,
     /// Structured output: only `{"type": "text"}` is supported.
     pub response_format: Option<serde_json::Value>,
+    /// vLLM's prompt logprobs: on /v1/completions only, refused here.
+    pub prompt_logprobs: Option<serde_json::Value>,
     #[serde(flatten)]
     pub common: CommonFields,
 }
