@@ -731,6 +731,24 @@ mod tests {
     use tramontane_model::generate::{StopRule, generate_greedy};
     use tramontane_model::testing::{TestExperts, dense_over};
 
+    /// A synthetic checkpoint in a temporary folder.
+    fn synthetic_model() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
+        dir
+    }
+
+    /// An engine over the in-process model of `model_dir`.
+    fn engine_on(model_dir: &std::path::Path, config: SchedulerConfig) -> EngineHandle {
+        let model_dir = model_dir.to_path_buf();
+        EngineHandle::spawn(
+            move || CausalLm::load_in_process(&model_dir, LoadOptions::default()),
+            vec![],
+            config,
+        )
+        .unwrap()
+    }
+
     fn collect(mut events: mpsc::UnboundedReceiver<Event>) -> Vec<u32> {
         let mut tokens = Vec::new();
         while let Some(event) = events.blocking_recv() {
@@ -750,8 +768,7 @@ mod tests {
     #[test]
     fn preempted_sequences_recompute_and_generate_what_they_generate_alone() {
         let _guard = tch::no_grad_guard();
-        let dir = tempfile::tempdir().unwrap();
-        tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
+        let dir = synthetic_model();
         let model_dir = dir.path().to_path_buf();
         let prompts: Vec<Vec<u32>> = (0..3)
             .map(|s| (0..20).map(|p| 5 + (s * 31 + p * 7) % 200).collect())
@@ -771,12 +788,7 @@ mod tests {
             max_kv_tokens: 64,
             ..SchedulerConfig::default()
         };
-        let engine = EngineHandle::spawn(
-            move || CausalLm::load_in_process(&model_dir, LoadOptions::default()),
-            vec![],
-            config,
-        )
-        .unwrap();
+        let engine = engine_on(&model_dir, config);
         let receivers = submit_greedy(&engine, &prompts, max_tokens);
         let got: Vec<Vec<u32>> = receivers.into_iter().map(collect).collect();
         assert_eq!(got, expected);
@@ -786,8 +798,7 @@ mod tests {
     #[test]
     fn prompt_logprobs_are_the_models_own_over_chunks_and_preemption() {
         let _guard = tch::no_grad_guard();
-        let dir = tempfile::tempdir().unwrap();
-        tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
+        let dir = synthetic_model();
         let model_dir = dir.path().to_path_buf();
         // Prompts of 1 and of 30 tokens (2 blocks, growing into a third).
         let mut prompts: Vec<Vec<u32>> = (0..3)
@@ -823,12 +834,7 @@ mod tests {
             max_running: 8,
             ..SchedulerConfig::default()
         };
-        let engine = EngineHandle::spawn(
-            move || CausalLm::load_in_process(&model_dir, LoadOptions::default()),
-            vec![],
-            config,
-        )
-        .unwrap();
+        let engine = engine_on(&model_dir, config);
         let mut slots = engine.reserve(prompts.len() + 1).unwrap();
         let mut submit = |prompt: &[u32], max_tokens| {
             let (events, receiver) = mpsc::unbounded_channel();
@@ -886,12 +892,7 @@ mod tests {
         waves: &[Vec<Vec<u32>>],
     ) -> (Vec<Vec<(u32, TokenLogprob)>>, usize, usize) {
         let model_dir = model_dir.to_path_buf();
-        let engine = EngineHandle::spawn(
-            move || CausalLm::load_in_process(&model_dir, LoadOptions::default()),
-            vec![],
-            config,
-        )
-        .unwrap();
+        let engine = engine_on(&model_dir, config);
         let mut out = Vec::new();
         for wave in waves {
             let mut slots = engine.reserve(wave.len()).unwrap();
@@ -924,8 +925,7 @@ mod tests {
     #[test]
     fn prefix_cached_sequences_compute_what_they_compute_from_scratch() {
         let _guard = tch::no_grad_guard();
-        let dir = tempfile::tempdir().unwrap();
-        tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
+        let dir = synthetic_model();
         let base: Vec<u32> = (0..45).map(|p| 5 + (p * 37) % 200).collect();
         let with_tail = |shared: usize, tail: u32| {
             let mut prompt = base[..shared].to_vec();
@@ -991,8 +991,7 @@ mod tests {
     #[test]
     fn sequences_submitted_together_wait_to_share_a_prefix_in_flight() {
         let _guard = tch::no_grad_guard();
-        let dir = tempfile::tempdir().unwrap();
-        tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
+        let dir = synthetic_model();
         // Three copies of one prompt (as n = 3 sends them) and one that
         // shares its first 40 tokens, all at once into a cold cache.
         let prompt: Vec<u32> = (0..50).map(|p| 9 + (p * 13) % 190).collect();
@@ -1019,15 +1018,9 @@ mod tests {
     #[test]
     fn a_logit_bias_forces_or_bans_tokens_of_its_own_sequence_only() {
         let _guard = tch::no_grad_guard();
-        let dir = tempfile::tempdir().unwrap();
-        tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
+        let dir = synthetic_model();
         let model_dir = dir.path().to_path_buf();
-        let engine = EngineHandle::spawn(
-            move || CausalLm::load_in_process(&model_dir, LoadOptions::default()),
-            vec![],
-            SchedulerConfig::default(),
-        )
-        .unwrap();
+        let engine = engine_on(&model_dir, SchedulerConfig::default());
         let prompt: Vec<u32> = (0..12).map(|p| 300 + p * 17).collect();
         let max_tokens = 12;
         let plain =
@@ -1161,8 +1154,7 @@ mod tests {
     #[test]
     fn a_lost_expert_fails_only_the_sequences_routed_to_it() {
         let _guard = tch::no_grad_guard();
-        let dir = tempfile::tempdir().unwrap();
-        tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
+        let dir = synthetic_model();
         let model_dir = dir.path().to_path_buf();
         let prompts: Vec<Vec<u32>> = (0..10)
             .map(|s| {
@@ -1262,19 +1254,13 @@ mod tests {
     #[test]
     fn queue_places_are_reserved_before_work_and_given_back_when_unused() {
         let _guard = tch::no_grad_guard();
-        let dir = tempfile::tempdir().unwrap();
-        tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
+        let dir = synthetic_model();
         let model_dir = dir.path().to_path_buf();
         let config = SchedulerConfig {
             max_waiting: 4,
             ..SchedulerConfig::default()
         };
-        let engine = EngineHandle::spawn(
-            move || CausalLm::load_in_process(&model_dir, LoadOptions::default()),
-            vec![],
-            config,
-        )
-        .unwrap();
+        let engine = engine_on(&model_dir, config);
         // More than the whole queue is the request's fault, not the load's.
         assert!(matches!(
             engine.reserve(5),
