@@ -20,29 +20,15 @@ import argparse
 import asyncio
 import json
 import os
-import shlex
 import sys
-import time
 import urllib.request
+from types import SimpleNamespace
 
 import numpy as np
 
 import serving_load  # beside this file, which Python puts on sys.path
-from benchlib import Column, StartError, fmt, parse_samples, print_table, sample_sum, start, wait_healthy
-
-
-def serve(args, extra):
-    server = start([args.bin, "serve", "--model", args.model, "--workers", str(args.workers),
-                    "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--threads", str(args.threads),
-                    "--dtype", args.dtype, *extra], new_session=True)
-    deadline = time.monotonic() + args.start_timeout
-    try:
-        addr = server.listening("tramontane http", args.start_timeout)
-        wait_healthy(addr, deadline - time.monotonic(), server, request_timeout=5.0)
-    except StartError as error:
-        server.stop(grace_s=30)
-        raise SystemExit(f"tramontane serve did not start: {error}")
-    return server, addr
+from benchlib import Column, fmt, parse_samples, print_table, sample_sum
+from serving_vs_local import start_server, stop_server
 
 
 def prefix_metrics(addr):
@@ -53,7 +39,8 @@ def prefix_metrics(addr):
 
 
 def run(args, extra, prompts, warmup):
-    server, addr = serve(args, extra)
+    server_args = " ".join(["--dtype", args.dtype, *extra])
+    server, addr = start_server(SimpleNamespace(**vars(args), server_args=server_args))
     url = f"http://{addr}"
     try:
         asyncio.run(serving_load.run_async(url, None, [warmup], args.output_len, concurrency=1))
@@ -62,7 +49,7 @@ def run(args, extra, prompts, warmup):
                                                      concurrency=args.concurrency))
         after = prefix_metrics(addr)
     finally:
-        server.stop(grace_s=30)
+        stop_server(server)
     queries, hits = (a - b for a, b in zip(after, before))
     summary["hit_rate"] = hits / queries if queries else 0.0
     return summary

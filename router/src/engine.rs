@@ -122,13 +122,11 @@ impl Sequence {
     /// begins with (all but `other`'s last token's): `other` would find
     /// them cached by waiting.
     fn prefills_blocks_of(&self, other: &Sequence) -> bool {
-        let limit = (other.context.len() - 1).min(self.context.len());
-        let common = self.context[..limit]
-            .iter()
-            .zip(&other.context[..limit])
-            .take_while(|(a, b)| a == b)
-            .count();
-        self.cache.positions() + BLOCK_SIZE <= common / BLOCK_SIZE * BLOCK_SIZE
+        // Its next block, whole, must be one `other` shares: only the tokens
+        // up to that block's end are compared (none for a decoding sequence).
+        let needed = (self.cache.positions() + BLOCK_SIZE).next_multiple_of(BLOCK_SIZE);
+        needed <= (other.context.len() - 1).min(self.context.len())
+            && self.context[..needed] == other.context[..needed]
     }
 
     /// Whether this step's slice of `tokens` positions has prompt tokens
@@ -542,10 +540,6 @@ where
         let all_positions = plan
             .iter()
             .any(|slice| self.running[slice.sequence].scores(slice.tokens));
-        let starts: Vec<usize> = plan
-            .iter()
-            .map(|slice| self.running[slice.sequence].cache.positions())
-            .collect();
         let logits = {
             let mut in_plan = plan.iter().map(|s| s.sequence).peekable();
             let mut batch: Vec<BatchItem<'_>> = Vec::with_capacity(plan.len());
@@ -585,7 +579,7 @@ where
         let now = Instant::now();
         let mut finished = Vec::new();
         let mut first_row = 0;
-        for (index, slice) in plan.iter().enumerate() {
+        for slice in &plan {
             let s = &mut self.running[slice.sequence];
             if s.generated == 0 {
                 ::metrics::counter!(metrics::PROMPT_TOKENS_TOTAL).increment(slice.tokens as u64);
@@ -595,7 +589,9 @@ where
             let slice_logits = &logits[first_row * vocab..(first_row + rows) * vocab];
             first_row += rows;
             if all_positions {
-                s.score(starts[index], slice_logits, vocab);
+                // The forward advanced the cache past this slice.
+                let from = s.cache.positions() - slice.tokens;
+                s.score(from, slice_logits, vocab);
             }
             s.send_prompt_logprobs();
             if s.cache.positions() < s.context.len() {

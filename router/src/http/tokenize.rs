@@ -40,6 +40,16 @@ fn yes() -> bool {
     true
 }
 
+impl TokenizeRequest {
+    fn model(&self) -> Option<&str> {
+        match self {
+            TokenizeRequest::Completion { model, .. } | TokenizeRequest::Chat { model, .. } => {
+                model.as_deref()
+            }
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct TokenizeResponse {
     pub count: usize,
@@ -64,17 +74,17 @@ pub async fn tokenize(
     State(state): State<Arc<HttpState>>,
     OpenAiJson(request): OpenAiJson<TokenizeRequest>,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
+    if let Some(model) = request.model() {
+        state.check_model(model)?;
+    }
     let tokenizer = state.generator.tokenizer();
     let (tokens, strs) = match request {
         TokenizeRequest::Completion {
-            model,
             prompt,
             add_special_tokens,
             return_token_strs,
+            ..
         } => {
-            if let Some(model) = model {
-                state.check_model(&model)?;
-            }
             let tokens = if add_special_tokens {
                 tokenizer.encode(&prompt)
             } else {
@@ -84,13 +94,10 @@ pub async fn tokenize(
             (tokens, return_token_strs)
         }
         TokenizeRequest::Chat {
-            model,
             messages: list,
             return_token_strs,
+            ..
         } => {
-            if let Some(model) = model {
-                state.check_model(&model)?;
-            }
             let rendered = state.chat_template.render(&messages(&list)?)?;
             let tokens = tokenizer
                 .encode_rendered(&rendered.text, &rendered.literal)
