@@ -38,7 +38,7 @@ define for_each_bench_model
 	done
 endef
 
-.PHONY: setup build test lint serve gpu-check bench bench-rounds bench-prefix bench-sharded bench-quality bench-routers bench-serving bench-plan bench-chaos monitoring-tools
+.PHONY: setup build test lint serve gpu-check bench bench-rounds bench-prefix bench-structured bench-sharded bench-quality bench-routers bench-serving bench-plan bench-chaos monitoring-tools
 
 setup: $(STAMP)
 
@@ -85,6 +85,11 @@ bench-rounds: build
 bench-prefix: build
 	test -f $(BENCH_MODEL)/config.json || $(BIN) gen-model --preset bench --out $(BENCH_MODEL)
 	$(PYTHON) benches/prefix_share.py --model $(BENCH_MODEL) --bin $(BIN) --threads 2 --workers 2
+
+# Structured outputs' cost: decode steps of 32 concurrent requests under a JSON schema against the same unconstrained, alternating rounds, on the bench model.
+bench-structured: build
+	test -f $(BENCH_MODEL)/config.json || $(BIN) gen-model --preset bench --out $(BENCH_MODEL)
+	$(PYTHON) benches/structured_cost.py --model $(BENCH_MODEL) --bin $(BIN) --threads 2 --workers 2 --rounds $(ROUNDS)
 
 # Perplexity on a public-domain text (Genesis, KJV, from Debian's bible-kjv-text) unquantized and in int8, on each of BENCH_MODELS.
 bench-quality: build

@@ -75,7 +75,8 @@ def describe(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-async def send_request(client: openai.AsyncOpenAI, model: str, prompt: list, output_len: int) -> RequestResult:
+async def send_request(client: openai.AsyncOpenAI, model: str, prompt: list, output_len: int,
+                       extra_body=None) -> RequestResult:
     result = RequestResult()
     chunks = 0  # token-carrying chunks
     usage_tokens = None
@@ -83,7 +84,7 @@ async def send_request(client: openai.AsyncOpenAI, model: str, prompt: list, out
     try:
         stream = await client.completions.create(
             model=model, prompt=prompt, max_tokens=output_len, temperature=0, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True, **(extra_body or {})})
         async for chunk in stream:
             now = time.perf_counter()
             if chunk.usage is not None:
@@ -138,8 +139,9 @@ def summarize(results: list, duration: float) -> dict:
 
 
 async def run_async(url, model, prompts, output_len, concurrency=None, arrivals=None, warmup_prompts=(),
-                    timeout=600.0) -> dict:
-    """Sends `prompts` `concurrency` at a time, or each at its time in `arrivals`; returns the summary."""
+                    timeout=600.0, extra_body=None) -> dict:
+    """Sends `prompts` `concurrency` at a time, or each at its time in `arrivals`, with `extra_body`'s fields in
+    each request; returns the summary."""
     # No retries: a 429 is a failed request here, not a hidden wait.
     client = openai.AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key="EMPTY", max_retries=0, timeout=timeout)
     try:
@@ -154,7 +156,7 @@ async def run_async(url, model, prompts, output_len, concurrency=None, arrivals=
         seen_errors = set()
 
         async def send(index):
-            result = await send_request(client, model, prompts[index], output_len)
+            result = await send_request(client, model, prompts[index], output_len, extra_body)
             if result.error and result.error not in seen_errors:
                 seen_errors.add(result.error)
                 print(f"request failed: {result.error}", file=sys.stderr)

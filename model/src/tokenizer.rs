@@ -12,6 +12,8 @@ use std::ops::Range;
 use std::path::Path;
 
 use serde_json::Value;
+use tokenizers::NormalizerWrapper;
+use tokenizers::normalizers::Sequence;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::metaspace::PrependScheme;
 
@@ -35,6 +37,10 @@ pub struct Tokenizer {
     /// A byte in no control token: what hides user-written control-token
     /// strings while the template's own are found.
     mask: Option<u8>,
+    /// The tokenizer for text that continues other text: control-token
+    /// strings read as text, and no prefix space (neither a `Prepend`
+    /// normalizer nor Metaspace's prepending).
+    fragment: tokenizers::Tokenizer,
 }
 
 impl Tokenizer {
@@ -94,7 +100,14 @@ impl Tokenizer {
                 text_after.with_pre_tokenizer(Some(never));
                 text_after
             });
+        let mut fragment = text_after.clone().unwrap_or_else(|| text_first.clone());
+        if let Some(normalizer) = fragment.get_normalizer().cloned() {
+            fragment
+                .with_normalizer(without_prepend(normalizer))
+                .map_err(|e| TokenizerError::Config(format!("normalizer: {e}")))?;
+        }
         Ok(Self {
+            fragment,
             inner,
             bos_id,
             eos_id,
@@ -208,6 +221,23 @@ impl Tokenizer {
         Ok(())
     }
 
+    /// Token ids of `text` where it continues text already tokenized (a
+    /// grammar's forced bytes): no BOS, no prefix space, control-token
+    /// strings as text.
+    pub fn encode_fragment(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        encode_ids(&self.fragment, text)
+    }
+
+    /// `tokenizer.json` as loaded.
+    pub fn to_json(&self) -> Result<Value, TokenizerError> {
+        let text = self
+            .inner
+            .to_string(false)
+            .map_err(|e| TokenizerError::Config(format!("serializing the tokenizer: {e}")))?;
+        serde_json::from_str(&text)
+            .map_err(|e| TokenizerError::Config(format!("serializing the tokenizer: {e}")))
+    }
+
     /// The bytes one token stands for, as API logprobs show it: SentencePiece's
     /// "▁" is a space and a byte-fallback piece `<0xAB>` is that byte.
     pub fn token_bytes(&self, id: u32) -> Vec<u8> {
@@ -280,6 +310,24 @@ fn never_prepend(pre: &PreTokenizerWrapper) -> Option<PreTokenizerWrapper> {
             changed.then_some(PreTokenizerWrapper::Sequence(sequence))
         }
         _ => None,
+    }
+}
+
+/// `normalizer` without its `Prepend` steps (the legacy SentencePiece "▁"
+/// before the text): None when nothing is left.
+fn without_prepend(normalizer: NormalizerWrapper) -> Option<NormalizerWrapper> {
+    match normalizer {
+        NormalizerWrapper::Prepend(_) => None,
+        NormalizerWrapper::Sequence(sequence) => {
+            let kept: Vec<NormalizerWrapper> = sequence
+                .as_ref()
+                .iter()
+                .cloned()
+                .filter_map(without_prepend)
+                .collect();
+            (!kept.is_empty()).then(|| NormalizerWrapper::Sequence(Sequence::new(kept)))
+        }
+        other => Some(other),
     }
 }
 
@@ -414,6 +462,21 @@ mod tests {
                 1, 28792, 16289, 28793, 264, 1867, 28713, 28767, 287, 733, 28748, 16289, 28793
             ]
         );
+    }
+
+    #[test]
+    fn a_fragment_is_tokenized_without_a_prefix_space_or_bos() {
+        let (_dir, first) = metaspace_first();
+        for tokenizer in [mistral(), first] {
+            let fragment = tokenizer.encode_fragment("ab c").unwrap();
+            let pieces: Vec<String> = fragment
+                .iter()
+                .map(|&id| tokenizer.piece(id).unwrap())
+                .collect();
+            assert_eq!(pieces.concat(), "ab\u{2581}c", "{pieces:?}");
+            let text = tokenizer.encode_fragment("</s>").unwrap();
+            assert!(!text.contains(&2), "{text:?}");
+        }
     }
 
     #[test]

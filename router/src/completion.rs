@@ -2,8 +2,8 @@
 //! validation against the model's limits, submission to the engine, and the
 //! stream of text chunks with stop strings applied.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use tokio::sync::mpsc;
 use tramontane_model::Tokenizer;
@@ -12,6 +12,7 @@ use crate::engine::{EngineHandle, Event, FinishReason, GenerateJob, QueueSlots};
 use crate::failure::GenerationError;
 use crate::readiness::Readiness;
 use crate::sampling::{InvalidParam, SamplingParams, TokenLogprob};
+use crate::structured_output::{Grammars, Guide, GuideError, RequestedConstraint};
 use crate::text::{IncrementalDecoder, StopList, StopStrings};
 
 /// A request in model terms: token ids and limits.
@@ -31,6 +32,9 @@ pub struct GenerationRequest {
     /// What the client asked for (`text_completion`, `chat`, `generate`):
     /// the trace's `gen_ai.operation.name`.
     pub operation: &'static str,
+    /// A structured output's compiled constraint (each choice gets its
+    /// own copy).
+    pub guide: Option<Guide>,
 }
 
 impl GenerationRequest {
@@ -66,6 +70,9 @@ pub struct Generator {
     max_positions: usize,
     /// The served model name (for traces).
     model_name: Arc<str>,
+    /// Structured outputs' compiler, built at the first request for one
+    /// (or why this tokenizer has none).
+    grammars: Arc<OnceLock<Result<Grammars, String>>>,
 }
 
 impl Generator {
@@ -85,7 +92,36 @@ impl Generator {
             vocab_size,
             max_positions,
             model_name: model_name.into(),
+            grammars: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Compiles a structured output's constraint, off the async runtime
+    /// (a large schema takes milliseconds): a 400 naming the request's
+    /// field when it does not compile.
+    pub async fn compile(&self, requested: RequestedConstraint) -> Result<Guide, GenerationError> {
+        let generator = self.clone();
+        let compiled = tokio::task::spawn_blocking(move || {
+            let grammars = generator.grammars.get_or_init(|| {
+                Grammars::new(
+                    generator.tokenizer.clone(),
+                    generator.vocab_size,
+                    generator.engine.eos_ids(),
+                )
+            });
+            match grammars {
+                Ok(grammars) => grammars.compile(&requested),
+                Err(why) => Err(InvalidParam::new(
+                    requested.param,
+                    format!(
+                        "structured outputs are not available for this model's tokenizer: {why}"
+                    ),
+                )),
+            }
+        })
+        .await
+        .map_err(|_| GuideError::new("compiling the constraint panicked"))?;
+        Ok(compiled?)
     }
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
@@ -210,6 +246,7 @@ impl Generator {
                 events,
                 submitted: std::time::Instant::now(),
                 span: span.clone(),
+                guide: request.guide,
             },
         )?;
         Ok(CompletionStream {

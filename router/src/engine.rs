@@ -20,13 +20,14 @@ use tokio::sync::mpsc;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tramontane_model::experts::Experts;
 use tramontane_model::kv_cache::{BLOCK_SIZE, KvCache, KvPool};
-use tramontane_model::{BatchItem, CausalLm, Failed, ForwardError, LoadError, Logits};
+use tramontane_model::{BatchItem, CausalLm, Failed, ForwardError, LoadError, Logits, StepError};
 use tramontane_policy::admission::{Admission, Reservation};
 use tramontane_policy::scheduler::{SchedulerConfig, SchedulerConfigError, Slice};
 
 use crate::failure::GenerationError;
 use crate::metrics;
 use crate::sampling::{InvalidParam, Sampler, SamplingParams, TokenLogprob, logprobs};
+use crate::structured_output::{Guide, GuideError, Mask};
 
 /// Why a sequence ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +80,9 @@ pub struct GenerateJob {
     pub submitted: Instant,
     /// The request's span: forward steps are its children (or linked to it).
     pub span: tracing::Span,
+    /// A structured output's constraint: only the tokens it allows are
+    /// sampled, and the sequence ends when it is complete.
+    pub guide: Option<Guide>,
 }
 
 /// A request from its submission on: waiting, running, or preempted and
@@ -167,6 +171,11 @@ impl Sequence {
         }
     }
 
+    /// Whether a step over `tokens` more positions ends with a sample.
+    fn samples_after(&self, tokens: usize) -> bool {
+        self.job.max_tokens > 0 && self.cache.positions() + tokens >= self.context.len()
+    }
+
     /// The tokens of this step: from the first one not cached on.
     fn feed(&self, tokens: usize) -> &[u32] {
         let from = self.cache.positions();
@@ -208,6 +217,8 @@ pub struct EngineHandle {
     config: SchedulerConfig,
     /// Positions the engine's KV pool holds in all.
     kv_tokens: usize,
+    /// The tokens that end a sequence.
+    eos_ids: Arc<[u32]>,
 }
 
 /// Why the engine could not start.
@@ -245,6 +256,7 @@ impl EngineHandle {
         let engine_preempted = preempted.clone();
         let prefix_hits = Arc::new(AtomicUsize::new(0));
         let engine_prefix_hits = prefix_hits.clone();
+        let handle_eos_ids: Arc<[u32]> = eos_ids.clone().into();
         std::thread::Builder::new()
             .name("router-engine".into())
             .spawn(move || {
@@ -292,7 +304,13 @@ impl EngineHandle {
             prefix_hits,
             config,
             kv_tokens,
+            eos_ids: handle_eos_ids,
         })
+    }
+
+    /// The tokens that end a sequence.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
     }
 
     /// The engine thread still runs.
@@ -540,27 +558,50 @@ where
         let all_positions = plan
             .iter()
             .any(|slice| self.running[slice.sequence].scores(slice.tokens));
-        let logits = {
-            let mut in_plan = plan.iter().map(|s| s.sequence).peekable();
-            let mut batch: Vec<BatchItem<'_>> = Vec::with_capacity(plan.len());
-            for (i, s) in self.running.iter_mut().enumerate() {
-                if in_plan.peek() == Some(&i) {
-                    in_plan.next();
-                    batch.push(BatchItem {
-                        tokens: &feeds[batch.len()],
-                        cache: &mut s.cache,
-                    });
-                }
-            }
-            let which = if all_positions {
-                Logits::AllPositions
-            } else {
-                Logits::LastPosition
+        // The guides of the structured outputs that sample this step: their
+        // masks are computed on another thread while the forward runs.
+        let mut guides: Vec<(usize, Guide)> = plan
+            .iter()
+            .enumerate()
+            .filter_map(|(k, slice)| {
+                let s = &mut self.running[slice.sequence];
+                let guide = s.samples_after(slice.tokens).then(|| s.job.guide.take());
+                Some((k, guide.flatten()?))
+            })
+            .collect();
+        let (logits, mut masks) = std::thread::scope(|scope| {
+            let masks = (!guides.is_empty()).then(|| {
+                std::thread::Builder::new()
+                    .name("router-masks".into())
+                    .spawn_scoped(scope, || {
+                        let mut masks: Vec<Option<Result<Mask, GuideError>>> =
+                            (0..plan.len()).map(|_| None).collect();
+                        for (k, guide) in &mut guides {
+                            masks[*k] = Some(guide.allowed());
+                        }
+                        masks
+                    })
+            });
+            let logits = self.forward(&plan, &feeds, all_positions);
+            let failed = |why: String| -> Vec<Option<Result<Mask, GuideError>>> {
+                (0..plan.len())
+                    .map(|_| Some(Err(GuideError::new(why.clone()))))
+                    .collect()
             };
-            self.model
-                .forward(&self.kv, &mut batch, which)
-                .and_then(|l| Ok(rows_to_vec(&l)?))
-        };
+            let masks = match masks {
+                None => Vec::new(),
+                Some(Ok(thread)) => thread.join().unwrap_or_else(|panic| {
+                    let message = tramontane_infra::error::panic_message(&*panic);
+                    failed(format!("the mask computation panicked: {message}"))
+                }),
+                Some(Err(spawn)) => failed(format!("no thread for the masks: {spawn}")),
+            };
+            (logits, masks)
+        });
+        for (k, guide) in guides {
+            self.running[plan[k].sequence].job.guide = Some(guide);
+        }
+        masks.resize_with(plan.len(), || None);
         let (logits, vocab) = match logits {
             Ok(rows) => rows,
             Err(error) => {
@@ -577,9 +618,11 @@ where
             s.cache.register_full_blocks(&s.context);
         }
         let now = Instant::now();
-        let mut finished = Vec::new();
+        // Sequences that end this step: finished (with a reason, or none
+        // when their client left), or failed by their guide.
+        let mut finished: Vec<(usize, Result<Option<FinishReason>, GuideError>)> = Vec::new();
         let mut first_row = 0;
-        for slice in &plan {
+        for (k, slice) in plan.iter().enumerate() {
             let s = &mut self.running[slice.sequence];
             if s.generated == 0 {
                 ::metrics::counter!(metrics::PROMPT_TOKENS_TOTAL).increment(slice.tokens as u64);
@@ -600,11 +643,31 @@ where
             if s.job.max_tokens == 0 {
                 // The prompt is scored; nothing is to be generated.
                 ::metrics::histogram!(metrics::E2E_REQUEST_LATENCY).record(now - s.job.submitted);
-                finished.push((slice.sequence, Some(FinishReason::Length)));
+                finished.push((slice.sequence, Ok(Some(FinishReason::Length))));
                 continue;
             }
             let last = &slice_logits[(rows - 1) * vocab..];
-            let (token, logprob) = s.sampler.sample(last);
+            let sampled = match masks[k].take() {
+                None => Ok(s.sampler.sample(last)),
+                Some(allowed) => {
+                    allowed.map(|allowed| s.sampler.sample_within(last, Some(&allowed)))
+                }
+            };
+            let guided = sampled.and_then(|(token, logprob)| {
+                if let Some(guide) = &mut s.job.guide {
+                    guide.advance(token)?;
+                }
+                Ok((token, logprob))
+            });
+            let (token, logprob) = match guided {
+                Ok(sampled) => sampled,
+                Err(error) => {
+                    ::metrics::histogram!(metrics::E2E_REQUEST_LATENCY)
+                        .record(now - s.job.submitted);
+                    finished.push((slice.sequence, Err(error)));
+                    continue;
+                }
+            };
             s.generated += 1;
             s.context.push(token);
             ::metrics::counter!(metrics::GENERATION_TOKENS_TOTAL).increment(1);
@@ -620,7 +683,9 @@ where
                 .events
                 .send(Event::Token { id: token, logprob })
                 .is_ok();
-            let finish = if !s.job.ignore_eos && self.eos_ids.contains(&token) {
+            let finish = if !s.job.ignore_eos && self.eos_ids.contains(&token)
+                || s.job.guide.as_ref().is_some_and(Guide::is_complete)
+            {
                 Some(FinishReason::Stop)
             } else if s.generated >= s.job.max_tokens {
                 Some(FinishReason::Length)
@@ -631,7 +696,7 @@ where
                 // Recorded before the client can learn that it is done, so
                 // that its next look at the metrics counts this request.
                 ::metrics::histogram!(metrics::E2E_REQUEST_LATENCY).record(now - s.job.submitted);
-                finished.push((slice.sequence, finish));
+                finished.push((slice.sequence, Ok(finish)));
             }
         }
         // The finished sequences give their KV blocks back, and the gauges
@@ -643,11 +708,47 @@ where
             done.push((s.job.events.clone(), finish));
         }
         self.report();
-        for (events, finish) in done.into_iter().rev() {
-            if let Some(reason) = finish {
-                let _ = events.send(Event::Finished(reason));
+        for (events, end) in done.into_iter().rev() {
+            match end {
+                Ok(Some(reason)) => {
+                    let _ = events.send(Event::Finished(reason));
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    let failure = Arc::new(GenerationError::from(error));
+                    let _ = events.send(Event::Failed(failure));
+                }
             }
         }
+    }
+
+    /// The model's forward over the planned slices: logits as rows of
+    /// f32, and the vocabulary size.
+    fn forward(
+        &mut self,
+        plan: &[Slice],
+        feeds: &[Vec<u32>],
+        all_positions: bool,
+    ) -> Result<(Vec<f32>, usize), StepError<E::Error>> {
+        let mut in_plan = plan.iter().map(|s| s.sequence).peekable();
+        let mut batch: Vec<BatchItem<'_>> = Vec::with_capacity(plan.len());
+        for (i, s) in self.running.iter_mut().enumerate() {
+            if in_plan.peek() == Some(&i) {
+                in_plan.next();
+                batch.push(BatchItem {
+                    tokens: &feeds[batch.len()],
+                    cache: &mut s.cache,
+                });
+            }
+        }
+        let which = if all_positions {
+            Logits::AllPositions
+        } else {
+            Logits::LastPosition
+        };
+        self.model
+            .forward(&self.kv, &mut batch, which)
+            .and_then(|l| Ok(rows_to_vec(&l)?))
     }
 
     /// A step failed. When it failed for some of its sequences only (those
@@ -1054,6 +1155,79 @@ mod tests {
         assert_eq!(got[2], plain);
     }
 
+    #[test]
+    fn a_guided_sequence_samples_within_its_constraint_and_ends_with_it() {
+        use crate::structured_output::{Grammars, OutputConstraint, RequestedConstraint};
+        let _guard = tch::no_grad_guard();
+        let dir = synthetic_model();
+        let engine = engine_on(dir.path(), SchedulerConfig::default());
+        let tokenizer = Arc::new(tramontane_model::Tokenizer::from_dir(dir.path()).unwrap());
+        let vocab = tramontane_config::ModelSpec::from_file(&dir.path().join("config.json"))
+            .unwrap()
+            .vocab_size;
+        let eos = tokenizer.eos_token_id().unwrap();
+        let grammars = Grammars::new(tokenizer.clone(), vocab, &[eos]).unwrap();
+        let prompt: Vec<u32> = (0..12).map(|p| 300 + p * 17).collect();
+        let max_tokens = 40;
+        let plain =
+            collect(submit_greedy(&engine, std::slice::from_ref(&prompt), max_tokens).remove(0));
+        let guide = |constraint| {
+            let requested = RequestedConstraint {
+                param: "test",
+                constraint,
+            };
+            Some(grammars.compile(&requested).unwrap())
+        };
+        let choices = vec!["north".to_string(), "south-south-west".into()];
+        let guides = [
+            guide(OutputConstraint::Regex("[0-9]{3}-[a-c]{2}".into())),
+            guide(OutputConstraint::Choice(choices.clone())),
+            None,
+        ];
+        // The three in one batch, sampled (temperature 1): a constraint
+        // binds its own sequence only.
+        let mut slots = engine.reserve(guides.len()).unwrap();
+        let receivers: Vec<_> = guides
+            .into_iter()
+            .enumerate()
+            .map(|(i, guide)| {
+                let (events, receiver) = mpsc::unbounded_channel();
+                let mut job = greedy_job(&prompt, max_tokens, events);
+                if guide.is_some() {
+                    job.sampling.temperature = 1.0;
+                    job.sampling.seed = Some(i as u64);
+                }
+                job.guide = guide;
+                engine.submit(&mut slots, job).unwrap();
+                receiver
+            })
+            .collect();
+        let mut ends = Vec::new();
+        for mut events in receivers {
+            let mut tokens = Vec::new();
+            let end = loop {
+                match events.blocking_recv().expect("an end") {
+                    Event::Token { id, .. } => tokens.push(id),
+                    Event::Finished(reason) => break reason,
+                    other => panic!("{other:?}"),
+                }
+            };
+            ends.push((tokens, end));
+        }
+        let text = |tokens: &[u32]| tokenizer.decode(tokens).unwrap();
+        let (regex, end) = &ends[0];
+        let regex = text(regex);
+        assert_eq!(*end, FinishReason::Stop);
+        assert!(
+            regex.len() == 6 && regex[..3].bytes().all(|b| b.is_ascii_digit()),
+            "{regex:?}"
+        );
+        let (choice, end) = &ends[1];
+        assert_eq!(*end, FinishReason::Stop);
+        assert!(choices.contains(&text(choice)), "{:?}", text(choice));
+        assert_eq!(ends[2], (plain, FinishReason::Length));
+    }
+
     /// The in-process experts, with expert `expert` of layer `layer` lost:
     /// a step with tokens routed there fails as the dispatch does when no
     /// live worker holds an expert, naming those tokens. Steps split into
@@ -1121,6 +1295,7 @@ mod tests {
                 temperature: 0.0,
                 ..SamplingParams::default()
             },
+            guide: None,
             ignore_eos: true,
             events,
             submitted: Instant::now(),

@@ -6,6 +6,7 @@
 //! a gRPC code in [`crate::service`]. Causes are kept as `source()` chains;
 //! a client reads the whole chain ([`tramontane_infra::error::chain`]).
 
+use crate::structured_output::GuideError;
 use tramontane_dispatch::error::DispatchError;
 use tramontane_model::{Failed, ForwardError, StepError};
 
@@ -38,6 +39,10 @@ pub enum GenerationError {
     /// The router's own part of the step failed: HTTP 500, gRPC INTERNAL.
     #[error("the forward step failed")]
     Forward(#[source] ForwardError),
+    /// A structured output's constraint failed to give or take a token:
+    /// HTTP 500, gRPC INTERNAL.
+    #[error(transparent)]
+    Guide(#[from] GuideError),
 }
 
 impl GenerationError {

@@ -48,6 +48,7 @@ pub mod sampling;
 pub mod service;
 pub mod serving;
 pub mod start;
+pub mod structured_output;
 pub mod text;
 
 pub use serving::{Listeners, ServeError, serve, until_end};

@@ -9,6 +9,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::logit_bias::LogitBias;
+use crate::structured_output::Mask;
 
 /// Below this temperature sampling is greedy.
 const GREEDY_BELOW: f32 = 1e-5;
@@ -138,6 +139,17 @@ impl Sampler {
 
     /// Picks the next token from one row of logits.
     pub fn sample(&mut self, logits: &[f32]) -> (u32, Option<TokenLogprob>) {
+        self.sample_within(logits, None)
+    }
+
+    /// Picks the next token from one row of logits, among the tokens
+    /// `allowed` (a structured output's) when given, after penalties and
+    /// bias; the logprobs reported stay the model's own.
+    pub fn sample_within(
+        &mut self,
+        logits: &[f32],
+        allowed: Option<&Mask>,
+    ) -> (u32, Option<TokenLogprob>) {
         let mut adjusted = logits.to_vec();
         for (&token, &count) in &self.counts {
             if let Some(logit) = adjusted.get_mut(token as usize) {
@@ -146,6 +158,9 @@ impl Sampler {
             }
         }
         self.params.logit_bias.apply(&mut adjusted);
+        if let Some(allowed) = allowed {
+            allowed.apply(&mut adjusted);
+        }
         let token = if self.params.is_greedy() {
             argmax(&adjusted)
         } else {

@@ -77,6 +77,8 @@ impl GenerationServer {
             stop,
             ignore_eos: request.ignore_eos,
             operation: "generate",
+            // The gRPC API has no structured outputs.
+            guide: None,
         };
         Ok((request, slots))
     }
@@ -108,7 +110,8 @@ impl From<&GenerationError> for Status {
             | GenerationError::Dispatch(DispatchError::Encode { .. })
             | GenerationError::Dispatch(DispatchError::Combine { .. })
             | GenerationError::Dispatch(DispatchError::Tensor { .. })
-            | GenerationError::Forward(_) => Status::internal(message),
+            | GenerationError::Forward(_)
+            | GenerationError::Guide(_) => Status::internal(message),
         }
     }
 }

@@ -302,6 +302,7 @@ mod tests {
             stop: crate::text::StopList::default(),
             ignore_eos: true,
             operation: "generate",
+            guide: None,
         }
     }
 

@@ -191,7 +191,6 @@ def test_bad_echo_and_prompt_logprobs_are_400_naming_the_field(client, model, fi
             {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
             "tools",
         ),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
     ],
 )
 def test_unsupported_chat_features_are_400_not_ignored(client, model, fields, param):

@@ -37,17 +37,6 @@ pub async fn create(
             "prompt_logprobs: supported on /v1/completions only (send the rendered prompt there)",
         ));
     }
-    if let Some(format) = &request.response_format
-        && format["type"] != "text"
-    {
-        return Err(ApiError::invalid(
-            "response_format",
-            format!(
-                "response_format: only {{\"type\": \"text\"}} is supported, not {}",
-                Excerpt(&format.to_string())
-            ),
-        ));
-    }
     let logprobs = match (request.logprobs, request.top_logprobs) {
         (true, top) => Some(top.unwrap_or(0)),
         (false, Some(_)) => {
@@ -58,7 +47,7 @@ pub async fn create(
         }
         (false, None) => None,
     };
-    let generation = request.common.generation(
+    let mut generation = request.common.generation(
         request.max_completion_tokens.or(request.max_tokens),
         None,
         logprobs,
@@ -66,6 +55,9 @@ pub async fn create(
         crate::sampling::MAX_TOP_LOGPROBS,
         "chat",
     )?;
+    if let Some(requested) = request.common.structured.constraint()? {
+        generation.guide = Some(state.generator.compile(requested).await?);
+    }
     let n = request
         .common
         .choices_per_prompt(state.generator.max_running())?;

@@ -64,7 +64,7 @@ pub async fn create(
         (None, None) if !request.echo => None,
         (a, b) => Some(a.unwrap_or(0).max(b.map_or(0, |n| n.max(0) as usize))),
     };
-    let generation = request.common.generation(
+    let mut generation = request.common.generation(
         Some(request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
         scored,
         request.logprobs,
@@ -72,6 +72,9 @@ pub async fn create(
         MAX_LOGPROBS,
         "text_completion",
     )?;
+    if let Some(requested) = request.common.structured.constraint()? {
+        generation.guide = Some(state.generator.compile(requested).await?);
+    }
     let mut slots = state.generator.reserve(count)?;
     let tokenizer = state.generator.tokenizer().clone();
     // Choice i * n + j is prompt i's j-th (as OpenAI numbers them).

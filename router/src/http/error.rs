@@ -105,7 +105,8 @@ impl From<&GenerationError> for ApiError {
             | GenerationError::Dispatch(DispatchError::Encode { .. })
             | GenerationError::Dispatch(DispatchError::Combine { .. })
             | GenerationError::Dispatch(DispatchError::Tensor { .. })
-            | GenerationError::Forward(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, message),
+            | GenerationError::Forward(_)
+            | GenerationError::Guide(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, message),
         }
     }
 }

@@ -9,6 +9,7 @@ mod completions;
 mod error;
 mod json;
 mod openai;
+mod response_format;
 mod tokenize;
 
 use std::sync::Arc;

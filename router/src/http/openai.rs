@@ -7,6 +7,7 @@ use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
+use super::response_format::StructuredFields;
 use crate::completion::GenerationRequest;
 use crate::excerpt::Excerpt;
 use crate::logit_bias::LogitBias;
@@ -56,6 +57,9 @@ pub struct CommonFields {
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
+    /// Structured outputs: `response_format` and vLLM's fields.
+    #[serde(flatten)]
+    pub structured: StructuredFields,
     /// Every field neither endpoint knows: ignored.
     #[serde(flatten)]
     pub unknown: BTreeMap<String, IgnoredAny>,
@@ -145,6 +149,7 @@ impl CommonFields {
             stop,
             ignore_eos: self.ignore_eos,
             operation,
+            guide: None,
         })
     }
 }
@@ -260,8 +265,6 @@ pub struct ChatRequest {
     pub top_logprobs: Option<i64>,
     /// Function calling: not supported, refused rather than ignored.
     pub tools: Option<Vec<serde_json::Value>>,
-    /// Structured output: only `{"type": "text"}` is supported.
-    pub response_format: Option<serde_json::Value>,
     /// vLLM's prompt logprobs: on /v1/completions only, refused here.
     pub prompt_logprobs: Option<serde_json::Value>,
     #[serde(flatten)]
@@ -433,8 +436,12 @@ mod tests {
             "logit_bias": {"5": 1.5},
             "user": "u-1",
             "temprature": 0.5,
+            "response_format": {"type": "json_object"},
+            "guided_regex": "a+",
         }))
         .expect("parses");
+        assert!(chat.common.structured.response_format.is_some());
+        assert!(chat.common.structured.guided_regex.is_some());
         assert_eq!(
             chat.common.unknown.keys().collect::<Vec<_>>(),
             ["temprature", "user"]
