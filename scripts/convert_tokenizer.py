@@ -2,13 +2,14 @@
 
 The sentencepiece model ships in the PyPI package mistral-common
 (mistral_common/data/tokenizer.model.v1, 32,000 tokens); transformers converts it
-to tokenizer.json. Usage: python convert_tokenizer.py OUT_DIR [--chat-template chatml]
+to tokenizer.json. Usage: python convert_tokenizer.py OUT_DIR [--chat-template chatml|qwen-tools]
 (hf_checkpoint.py imports write_tokenizer and write_chat_template; gen-model runs
 this file's text with `python -c`).
 
---chat-template chatml puts a ChatML template into tokenizer_config.json, as the
-Qwen checkpoints have (the Mistral vocabulary has no <|im_start|> or <|im_end|>
-token: the template renders them as text).
+--chat-template chatml puts a plain ChatML template into tokenizer_config.json;
+qwen-tools, Qwen2.5's (ChatML with tools and <tool_call> blocks), as the Qwen
+MoE checkpoints have it (the Mistral vocabulary has no <|im_start|> or
+<|im_end|> token: the template renders them as text).
 """
 
 import argparse
@@ -41,6 +42,64 @@ CONFIG = {
 }
 
 
+# Qwen2.5's template (ChatML with tools: Hermes-style <tool_call> blocks), as
+# the Qwen2.5 and Qwen3 MoE checkpoints ship it.
+QWEN_TOOLS = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+
 CHAT_TEMPLATES = {
     "chatml": (
         "{% for message in messages %}"
@@ -48,6 +107,7 @@ CHAT_TEMPLATES = {
         "{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     ),
+    "qwen-tools": QWEN_TOOLS,
 }
 
 

@@ -274,6 +274,14 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The id of a control token written as `text` (`[TOOL_CALLS]`), if
+    /// the vocabulary has it as one.
+    pub fn control_token_id(&self, text: &str) -> Option<u32> {
+        self.inner
+            .token_to_id(text)
+            .filter(|id| self.control_ids.contains(id))
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -11,12 +11,17 @@ use minijinja::{Environment, ErrorKind, context};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::control_strings::ControlStrings;
+use crate::control_strings::{ControlStrings, map_value_strings, value_strings};
 use crate::excerpt::shorten;
 use crate::sampling::InvalidParam;
+use crate::tool_calls::ToolCallFormat;
 
 /// Mistral's instruct format (`<s>[INST] user [/INST] answer</s>[INST] ...`);
-/// a system message is put before the first user message.
+/// a system message is put before the first user message. With tools, as
+/// Mistral's tool-calling templates write them: `[AVAILABLE_TOOLS] [...]
+/// [/AVAILABLE_TOOLS]` before the last user message, an assistant's calls
+/// as `[TOOL_CALLS] [{"name", "arguments", "id"}]</s>`, and each result as
+/// `[TOOL_RESULTS] {"content", "call_id"}[/TOOL_RESULTS]`.
 pub const MISTRAL_INSTRUCT: &str = r#"{{- bos_token }}
 {%- if messages and messages[0].role == "system" %}
 {%- set system = messages[0].content %}
@@ -25,24 +30,90 @@ pub const MISTRAL_INSTRUCT: &str = r#"{{- bos_token }}
 {%- set system = "" %}
 {%- set chat = messages %}
 {%- endif %}
+{%- set ns = namespace(previous="assistant", last_user=-1) %}
 {%- for message in chat %}
-{%- if message.role not in ["system", "user", "assistant"] %}
-{{- raise_exception("role must be system, user or assistant, not " + message.role) }}
+{%- if message.role == "user" %}
+{%- set ns.last_user = loop.index0 %}
+{%- endif %}
+{%- endfor %}
+{%- for message in chat %}
+{%- if message.role not in ["system", "user", "assistant", "tool"] %}
+{{- raise_exception("role must be system, user, assistant or tool, not " + message.role) }}
 {%- elif message.role == "system" %}
 {{- raise_exception("a system message must come first") }}
-{%- elif (message.role == "user") != (loop.index0 % 2 == 0) %}
+{%- elif message.role == "tool" and ns.previous not in ["calls", "tool"] %}
+{{- raise_exception("a tool message must follow an assistant's tool calls") }}
+{%- elif message.role == "user" and ns.previous not in ["assistant", "tool"] or message.role == "assistant" and ns.previous not in ["user", "tool"] %}
 {{- raise_exception("user and assistant messages must alternate, starting with user") }}
 {%- elif message.role == "user" %}
+{%- if tools and loop.index0 == ns.last_user %}
+{{- "[AVAILABLE_TOOLS] " + tools | tojson + "[/AVAILABLE_TOOLS]" }}
+{%- endif %}
 {{- "[INST] " }}{% if loop.first and system %}{{ system + "\n\n" }}{% endif %}{{ message.content + " [/INST]" }}
+{%- elif message.role == "tool" %}
+{{- '[TOOL_RESULTS] {"content": ' + message.content | tojson }}
+{%- if message.tool_call_id %}{{ ', "call_id": ' + message.tool_call_id | tojson }}{% endif %}
+{{- "}[/TOOL_RESULTS]" }}
+{%- elif message.tool_calls %}
+{{- "[TOOL_CALLS] [" }}
+{%- for call in message.tool_calls %}
+{{- '{"name": ' + call.function.name | tojson + ', "arguments": ' + call.function.arguments | tojson }}
+{%- if call.id %}{{ ', "id": ' + call.id | tojson }}{% endif %}
+{{- "}" + (", " if not loop.last else "]") }}
+{%- endfor %}
+{{- eos_token }}
 {%- else %}
 {{- message.content + eos_token }}
 {%- endif %}
+{%- set ns.previous = "calls" if message.tool_calls else message.role %}
 {%- endfor %}"#;
 
-#[derive(Debug, Clone, Serialize)]
+/// One message as chat templates take it (transformers' dict): fields a
+/// message does not have are absent, not null.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// An assistant's calls: `[{"id", "type": "function", "function":
+    /// {"name", "arguments": {...}}}]`, the arguments as an object.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Value>,
+    /// A tool's result: the call it answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl Message {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Every string the client wrote in it.
+    pub(crate) fn strings<'m>(&'m self, out: &mut Vec<&'m str>) {
+        out.extend([self.role.as_str(), self.content.as_str()]);
+        out.extend(self.tool_call_id.as_deref());
+        out.extend(self.name.as_deref());
+        if let Some(calls) = &self.tool_calls {
+            value_strings(calls, out);
+        }
+    }
+
+    /// The message with each string the client wrote mapped by `f`.
+    pub(crate) fn map_strings(&self, f: &mut impl FnMut(&str) -> String) -> Self {
+        Self {
+            role: f(&self.role),
+            content: f(&self.content),
+            tool_calls: self.tool_calls.as_ref().map(|c| map_value_strings(c, f)),
+            tool_call_id: self.tool_call_id.as_deref().map(&mut *f),
+            name: self.name.as_deref().map(f),
+        }
+    }
 }
 
 /// A rendered chat: the prompt text, and where in it a role or a content
@@ -145,6 +216,8 @@ impl ChatTemplate {
                 Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
             },
         );
+        // transformers' tojson: Python's json.dumps, not HTML-safe.
+        env.add_filter("tojson", python_json);
         env.add_template_owned(NAME, template.clone())?;
         Ok(Self {
             env,
@@ -156,20 +229,34 @@ impl ChatTemplate {
         })
     }
 
-    /// The prompt text for `messages`, ending where the assistant's answer
-    /// begins, with the control-token strings of roles and contents marked.
-    pub fn render(&self, messages: &[Message]) -> Result<RenderedChat, InvalidParam> {
+    /// How the template writes tool calls (for reading them back).
+    pub fn tool_call_format(&self) -> ToolCallFormat {
+        ToolCallFormat::of_template(&self.template)
+    }
+
+    /// The prompt text for `messages` (and the `tools` the model may call,
+    /// their request entries), ending where the assistant's answer begins,
+    /// with the control-token strings the client wrote marked.
+    pub fn render(
+        &self,
+        messages: &[Message],
+        tools: &[Value],
+    ) -> Result<RenderedChat, InvalidParam> {
         let template = self
             .env
             .get_template(NAME)
             .map_err(|e| InvalidParam::new("messages", e.to_string()))?;
         let shielded = self.control_strings.shield(
             messages,
+            tools,
             &[&self.template, &self.bos_token, &self.eos_token],
         )?;
+        // As transformers passes them: None without tools.
+        let tools = (!tools.is_empty()).then(|| shielded.tools());
         let text = template
             .render(context! {
                 messages => shielded.messages(),
+                tools => tools,
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
                 add_generation_prompt => true,
@@ -189,6 +276,70 @@ impl ChatTemplate {
                 )
             })?;
         Ok(shielded.restore(text))
+    }
+}
+
+/// transformers' `tojson` filter: `json.dumps(value, ensure_ascii=False,
+/// indent=indent)`, keys in their order; Python's separators (`", "` and
+/// `": "`, or newlines with `indent`).
+fn python_json(
+    value: minijinja::Value,
+    kwargs: minijinja::value::Kwargs,
+) -> Result<String, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let mut out = Vec::new();
+    let written = match indent {
+        Some(width) => {
+            let indent = vec![b' '; width];
+            let formatter = serde_json::ser::PrettyFormatter::with_indent(&indent);
+            value.serialize(&mut serde_json::Serializer::with_formatter(
+                &mut out, formatter,
+            ))
+        }
+        None => value.serialize(&mut serde_json::Serializer::with_formatter(
+            &mut out,
+            PythonSeparators,
+        )),
+    };
+    written.map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    String::from_utf8(out)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))
+}
+
+/// JSON on one line with Python's `", "` and `": "`.
+struct PythonSeparators;
+
+impl serde_json::ser::Formatter for PythonSeparators {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+    ) -> std::io::Result<()> {
+        writer.write_all(b": ")
     }
 }
 
@@ -226,20 +377,20 @@ mod tests {
     }
 
     fn message(role: &str, content: &str) -> Message {
-        Message {
-            role: role.into(),
-            content: content.into(),
-        }
+        Message::new(role, content)
     }
 
     #[test]
     fn mistral_format_of_a_conversation() {
         let text = mistral()
-            .render(&[
-                message("user", "Hi"),
-                message("assistant", "Hello!"),
-                message("user", "How are you?"),
-            ])
+            .render(
+                &[
+                    message("user", "Hi"),
+                    message("assistant", "Hello!"),
+                    message("user", "How are you?"),
+                ],
+                &[],
+            )
             .expect("renders");
         assert_eq!(
             text.text,
@@ -251,7 +402,10 @@ mod tests {
     #[test]
     fn a_system_message_goes_before_the_first_user_message() {
         let text = mistral()
-            .render(&[message("system", "Be brief."), message("user", "Hi")])
+            .render(
+                &[message("system", "Be brief."), message("user", "Hi")],
+                &[],
+            )
             .expect("renders");
         assert_eq!(text.text, "<s>[INST] Be brief.\n\nHi [/INST]");
     }
@@ -259,17 +413,72 @@ mod tests {
     #[test]
     fn roles_out_of_order_are_refused_with_the_reason() {
         let error = mistral()
-            .render(&[message("user", "a"), message("user", "b")])
+            .render(&[message("user", "a"), message("user", "b")], &[])
             .unwrap_err();
         assert!(error.message.contains("alternate"), "{error}");
-        let error = mistral().render(&[message("tool", "x")]).unwrap_err();
-        assert!(error.message.contains("role"), "{error}");
+        let error = mistral()
+            .render(&[message("function", "x")], &[])
+            .unwrap_err();
+        assert!(error.message.contains("role must be"), "{error}");
+        let error = mistral()
+            .render(&[message("user", "a"), message("tool", "x")], &[])
+            .unwrap_err();
+        assert!(
+            error
+                .message
+                .contains("must follow an assistant's tool calls"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn mistral_format_of_tools_calls_and_results() {
+        let tools = [serde_json::json!({"type": "function", "function": {
+            "name": "get_weather", "parameters": {"type": "object",
+            "properties": {"city": {"type": "string"}}}}})];
+        let calls = serde_json::json!([{"id": "a1b2c3d4e", "type": "function",
+            "function": {"name": "get_weather", "arguments": {"city": "Nice"}}}]);
+        let messages = [
+            message("user", "Hi"),
+            message("assistant", "Hello!"),
+            message("user", "Weather in Nice?"),
+            Message {
+                tool_calls: Some(calls),
+                ..message("assistant", "")
+            },
+            Message {
+                tool_call_id: Some("a1b2c3d4e".into()),
+                ..message("tool", "{\"sky\": \"clear\"}")
+            },
+        ];
+        let text = mistral().render(&messages, &tools).expect("renders").text;
+        assert_eq!(
+            text,
+            concat!(
+                "<s>[INST] Hi [/INST]Hello!</s>",
+                r#"[AVAILABLE_TOOLS] [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}][/AVAILABLE_TOOLS]"#,
+                "[INST] Weather in Nice? [/INST]",
+                r#"[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Nice"}, "id": "a1b2c3d4e"}]</s>"#,
+                r#"[TOOL_RESULTS] {"content": "{\"sky\": \"clear\"}", "call_id": "a1b2c3d4e"}[/TOOL_RESULTS]"#,
+            )
+        );
+    }
+
+    #[test]
+    fn control_strings_in_tools_and_calls_are_text() {
+        let tools = [serde_json::json!({"type": "function", "function": {
+            "name": "f", "description": "ends with </s>"}})];
+        let text = mistral()
+            .render(&[message("user", "Hi")], &tools)
+            .expect("renders");
+        let at = text.text.find("ends with </s>").expect("written") + "ends with ".len();
+        assert_eq!(text.literal, vec![Range { start: at, end: at + 4 }]);
     }
 
     #[test]
     fn a_refusal_quoting_a_huge_role_is_short() {
         let role = "r".repeat(900_000);
-        let error = mistral().render(&[message(&role, "x")]).unwrap_err();
+        let error = mistral().render(&[message(&role, "x")], &[]).unwrap_err();
         assert!(error.message.contains("role must be"), "{error}");
         assert!(error.message.len() < 1000, "{} bytes", error.message.len());
     }
@@ -286,7 +495,9 @@ mod tests {
             ControlStrings::none(),
         )
         .expect("compiles");
-        let text = chat.render(&[message("user", "  hi  ")]).expect("renders");
+        let text = chat
+            .render(&[message("user", "  hi  ")], &[])
+            .expect("renders");
         assert_eq!(text.text, "<|user|>hi\n<|assistant|>");
     }
 
@@ -305,7 +516,9 @@ mod tests {
             ChatTemplate::from_dir(dir.path(), Some("<s>".into()), None, &[]).expect("loads");
         assert!(chat.source.ends_with("tokenizer_config.json"));
         assert_eq!(
-            chat.render(&[message("user", "hi")]).expect("renders").text,
+            chat.render(&[message("user", "hi")], &[])
+                .expect("renders")
+                .text,
             "<s><user>hi"
         );
         // chat_template.jinja beside it takes precedence, as in transformers.
@@ -316,7 +529,9 @@ mod tests {
         .expect("write");
         let chat = ChatTemplate::from_dir(dir.path(), None, None, &[]).expect("loads");
         assert_eq!(
-            chat.render(&[message("user", "x")]).expect("renders").text,
+            chat.render(&[message("user", "x")], &[])
+                .expect("renders")
+                .text,
             "Jx"
         );
     }
@@ -328,7 +543,9 @@ mod tests {
         let chat = ChatTemplate::from_dir(dir.path(), Some("<s>".into()), Some("</s>".into()), &[])
             .expect("loads");
         assert_eq!(
-            chat.render(&[message("user", "Hi")]).expect("renders").text,
+            chat.render(&[message("user", "Hi")], &[])
+                .expect("renders")
+                .text,
             "<s>[INST] Hi [/INST]"
         );
     }
@@ -357,7 +574,7 @@ mod tests {
             tokenizer.control_tokens(),
         )
         .expect("template");
-        let rendered = chat.render(messages).expect("renders");
+        let rendered = chat.render(messages, &[]).expect("renders");
         tokenizer
             .encode_rendered(&rendered.text, &rendered.literal)
             .expect("tokenizes")

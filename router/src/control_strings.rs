@@ -14,6 +14,7 @@ use std::collections::HashSet;
 use std::ops::Range;
 
 use aho_corasick::{AhoCorasick, MatchKind};
+use serde_json::Value;
 
 use crate::chat_template::{Message, RenderedChat};
 use crate::sampling::InvalidParam;
@@ -66,16 +67,23 @@ impl ControlStrings {
     pub fn shield<'m>(
         &self,
         messages: &'m [Message],
+        tools: &'m [Value],
         reserved: &[&str],
     ) -> Result<Shielded<'m, '_>, InvalidParam> {
         let Some(finder) = &self.finder else {
-            return Ok(Shielded::unchanged(messages));
+            return Ok(Shielded::unchanged(messages, tools));
         };
-        let found = |text: &str| finder.find(text).is_some();
-        if !messages.iter().any(|m| found(&m.role) || found(&m.content)) {
-            return Ok(Shielded::unchanged(messages));
+        let mut written: Vec<&str> = Vec::new();
+        for message in messages {
+            message.strings(&mut written);
         }
-        let (open, close) = free_markers(messages, reserved).ok_or_else(|| {
+        for tool in tools {
+            value_strings(tool, &mut written);
+        }
+        if !written.iter().any(|text| finder.find(*text).is_some()) {
+            return Ok(Shielded::unchanged(messages, tools));
+        }
+        let (open, close) = free_markers(&written, reserved).ok_or_else(|| {
             InvalidParam::new(
                 "messages",
                 "every private-use character occurs in them: no marker is left",
@@ -98,13 +106,15 @@ impl ControlStrings {
         };
         let messages = messages
             .iter()
-            .map(|m| Message {
-                role: stand_in(&m.role),
-                content: stand_in(&m.content),
-            })
+            .map(|m| m.map_strings(&mut stand_in))
+            .collect();
+        let tools = tools
+            .iter()
+            .map(|t| map_value_strings(t, &mut stand_in))
             .collect();
         Ok(Shielded {
             messages: Cow::Owned(messages),
+            tools: Cow::Owned(tools),
             markers: Some(Markers {
                 open,
                 close,
@@ -118,6 +128,7 @@ impl ControlStrings {
 /// Messages for the template, and how to put back what they stand in for.
 pub struct Shielded<'m, 'c> {
     messages: Cow<'m, [Message]>,
+    tools: Cow<'m, [Value]>,
     markers: Option<Markers<'c>>,
 }
 
@@ -130,15 +141,20 @@ struct Markers<'c> {
 }
 
 impl<'m, 'c> Shielded<'m, 'c> {
-    fn unchanged(messages: &'m [Message]) -> Self {
+    fn unchanged(messages: &'m [Message], tools: &'m [Value]) -> Self {
         Self {
             messages: Cow::Borrowed(messages),
+            tools: Cow::Borrowed(tools),
             markers: None,
         }
     }
 
     pub fn messages(&self) -> &[Message] {
         &self.messages
+    }
+
+    pub fn tools(&self) -> &[Value] {
+        &self.tools
     }
 
     /// The rendered text with the control strings back, each place kept
@@ -201,12 +217,12 @@ impl Markers<'_> {
 /// Two private-use characters in no message and no reserved text. A
 /// request has fewer distinct characters than its bytes, and there are
 /// 137,468 private-use characters: any request under 1 MiB leaves some.
-fn free_markers(messages: &[Message], reserved: &[&str]) -> Option<(char, char)> {
+fn free_markers(written: &[&str], reserved: &[&str]) -> Option<(char, char)> {
     let private_use = |c: &char| matches!(u32::from(*c), 0xE000..=0xF8FF | 0xF0000..=0xFFFFD | 0x100000..=0x10FFFD);
-    let used: HashSet<char> = messages
+    let used: HashSet<char> = written
         .iter()
-        .flat_map(|m| [m.role.as_str(), m.content.as_str()])
-        .chain(reserved.iter().copied())
+        .chain(reserved)
+        .copied()
         .flat_map(str::chars)
         .filter(private_use)
         .collect();
@@ -218,6 +234,38 @@ fn free_markers(messages: &[Message], reserved: &[&str]) -> Option<(char, char)>
     Some((free.next()?, free.next()?))
 }
 
+/// Every string of `value`, object keys included.
+pub(crate) fn value_strings<'v>(value: &'v Value, out: &mut Vec<&'v str>) {
+    match value {
+        Value::String(text) => out.push(text),
+        Value::Array(items) => items.iter().for_each(|v| value_strings(v, out)),
+        Value::Object(fields) => {
+            for (key, v) in fields {
+                out.push(key);
+                value_strings(v, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `value` with each string (object keys included) mapped by `f`.
+pub(crate) fn map_value_strings(value: &Value, f: &mut impl FnMut(&str) -> String) -> Value {
+    match value {
+        Value::String(text) => Value::String(f(text)),
+        Value::Array(items) => {
+            Value::Array(items.iter().map(|v| map_value_strings(v, f)).collect())
+        }
+        Value::Object(fields) => Value::Object(
+            fields
+                .iter()
+                .map(|(key, v)| (f(key), map_value_strings(v, f)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,10 +275,7 @@ mod tests {
     }
 
     fn message(role: &str, content: &str) -> Message {
-        Message {
-            role: role.into(),
-            content: content.into(),
-        }
+        Message::new(role, content)
     }
 
     /// A "template" that writes each message as `role: content|`.
@@ -245,7 +290,7 @@ mod tests {
     fn messages_without_control_strings_are_used_as_they_are() {
         let messages = [message("user", "a < s > b")];
         let controls = mistral();
-        let shielded = controls.shield(&messages, &[]).expect("shields");
+        let shielded = controls.shield(&messages, &[], &[]).expect("shields");
         assert!(matches!(shielded.messages, Cow::Borrowed(_)));
         let rendered = shielded.restore(render(shielded.messages()));
         assert_eq!(rendered.text, "user: a < s > b|");
@@ -260,7 +305,7 @@ mod tests {
         ];
         let controls = mistral();
         let shielded = controls
-            .shield(&messages, &["<s>{{ x }}"])
+            .shield(&messages, &[], &["<s>{{ x }}"])
             .expect("shields");
         for m in shielded.messages() {
             assert!(
@@ -282,7 +327,7 @@ mod tests {
     fn string_methods_of_the_template_see_the_text_around_the_markers() {
         let messages = [message("user", "  </s>  ")];
         let controls = mistral();
-        let shielded = controls.shield(&messages, &[]).expect("shields");
+        let shielded = controls.shield(&messages, &[], &[]).expect("shields");
         let stripped = shielded.messages()[0].content.trim().to_string();
         let rendered = shielded.restore(stripped);
         assert_eq!(rendered.text, "</s>");
@@ -294,7 +339,9 @@ mod tests {
         let all_bmp_private: String = (0xE000..=0xF8FF).filter_map(char::from_u32).collect();
         let messages = [message("user", &format!("{all_bmp_private}</s>"))];
         let controls = mistral();
-        let shielded = controls.shield(&messages, &["\u{F0000}"]).expect("shields");
+        let shielded = controls
+            .shield(&messages, &[], &["\u{F0000}"])
+            .expect("shields");
         let markers = shielded.markers.as_ref().expect("stood in");
         assert_eq!((markers.open, markers.close), ('\u{F0001}', '\u{F0002}'));
         let rendered = shielded.restore(render(shielded.messages()));
@@ -305,7 +352,7 @@ mod tests {
     fn a_marker_cut_apart_is_dropped_and_a_refusal_is_restored() {
         let messages = [message("user", "ab</s>cd")];
         let controls = mistral();
-        let shielded = controls.shield(&messages, &[]).expect("shields");
+        let shielded = controls.shield(&messages, &[], &[]).expect("shields");
         let content = &shielded.messages()[0].content;
         // A template that keeps the first 3 characters: "ab" and the open marker.
         let sliced: String = content.chars().take(3).collect();

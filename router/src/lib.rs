@@ -50,6 +50,7 @@ pub mod serving;
 pub mod start;
 pub mod structured_output;
 pub mod text;
+pub mod tool_calls;
 
 pub use serving::{Listeners, ServeError, serve, until_end};
 pub use start::{Router, RouterError, RouterOptions};

@@ -93,7 +93,7 @@ impl OutputConstraint {
 }
 
 /// `schema` with compact separators, unless it sets its own.
-fn compact(mut schema: Value) -> Value {
+pub fn compact(mut schema: Value) -> Value {
     if let Value::Object(fields) = &mut schema
         && !fields.contains_key("x-guidance")
     {
@@ -275,7 +275,7 @@ impl Mask {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::OnceLock;
 
     use rand::{Rng, SeedableRng};
@@ -285,7 +285,7 @@ mod tests {
 
     /// The real Mistral tokenizer (a synthetic checkpoint's), its logits
     /// padded by 7 ids past the tokenizer's vocabulary.
-    fn tokenizer_and_grammars() -> (&'static Arc<Tokenizer>, &'static Grammars) {
+    pub(crate) fn tokenizer_and_grammars() -> (&'static Arc<Tokenizer>, &'static Grammars) {
         static BUILT: OnceLock<(tempfile::TempDir, Arc<Tokenizer>, Grammars)> = OnceLock::new();
         let (_, tokenizer, grammars) = BUILT.get_or_init(|| {
             let dir = tempfile::tempdir().expect("tempdir");
@@ -310,7 +310,7 @@ mod tests {
     /// Samples under `constraint` from random logits (as a random-weight
     /// model gives them) until the guide ends it: the text, and whether
     /// it ended by itself within `steps`.
-    fn walk(constraint: OutputConstraint, seed: u64, steps: usize) -> (String, bool) {
+    pub(crate) fn walk(constraint: OutputConstraint, seed: u64, steps: usize) -> (String, bool) {
         let (tokenizer, grammars) = tokenizer_and_grammars();
         let mut guide = grammars.compile(&requested(constraint)).expect("compiles");
         let vocab = tokenizer.vocab_size() + 7;

@@ -84,7 +84,7 @@ pub use spec::Spec;
 pub use weights::popularity_order;
 
 /// Converts the tokenizer shipped in mistral-common to tokenizer.json (and
-/// writes the ChatML template with `--chat-template chatml`).
+/// writes Qwen's ChatML template with tools with `--chat-template qwen-tools`).
 const CONVERT_TOKENIZER: &str = include_str!("../../scripts/convert_tokenizer.py");
 
 /// Why a checkpoint cannot be written.
@@ -145,7 +145,7 @@ pub fn write(out: &Path, spec: &Spec) -> Result<()> {
     let skew = (spec.expert_skew > 0.0).then(|| weights::Skew::new(&model, spec.expert_skew));
     weights::write_weights(out, &model, dtype, spec.seed, spec.shards, skew.as_ref())?;
     let chat_template = match spec.family {
-        Family::Qwen3Moe | Family::Qwen2Moe => Some("chatml"),
+        Family::Qwen3Moe | Family::Qwen2Moe => Some("qwen-tools"),
         Family::Mixtral | Family::Olmoe => None,
     };
     write_tokenizer(out, spec.python.as_deref(), chat_template)?;
@@ -194,8 +194,8 @@ mod skew_tests;
 mod tests {
     use super::*;
 
-    /// The Qwen families' tokenizer_config.json has the ChatML template
-    /// (scripts/convert_tokenizer.py's); the others' has none.
+    /// The Qwen families' tokenizer_config.json has Qwen's ChatML template
+    /// with tools (scripts/convert_tokenizer.py's); the others' has none.
     #[test]
     fn qwen_checkpoints_chat_through_chatml() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
@@ -210,7 +210,7 @@ mod tests {
                 serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json"))?)?;
             let template = config["chat_template"].as_str().unwrap_or_default();
             assert_eq!(
-                template.contains("<|im_start|>assistant\n"),
+                template.contains("<|im_start|>assistant") && template.contains("<tool_call>"),
                 chatml,
                 "{family:?}: {template:?}"
             );

@@ -92,8 +92,8 @@ fn every_family_names_and_shapes_its_tensors_as_transformers_does() -> Result<()
     Ok(())
 }
 
-/// A Qwen2-MoE checkpoint (a dense first layer, a shared expert) with a
-/// ChatML template, served over two workers: a chat completion renders the
+/// A Qwen2-MoE checkpoint (a dense first layer, a shared expert) with
+/// Qwen's ChatML template (the one with tools), served over two workers: a chat completion renders the
 /// checkpoint's own template as transformers does (apply_chat_template) and
 /// answers transformers' greedy tokens; the expert stats count its routed
 /// layers and nothing in the dense one.
@@ -105,7 +105,7 @@ fn a_qwen2_moe_chat_is_its_chatml_template_and_transformers_greedy_tokens() -> R
         &model,
         "qwen2_moe",
         json!({"mlp_only_layers": [0], "num_hidden_layers": 3}),
-        &["--chat-template", "chatml", "--seed", "7"],
+        &["--chat-template", "qwen-tools", "--seed", "7"],
     )?;
     let messages = json!([
         {"role": "system", "content": "Be brief."},

@@ -184,25 +184,6 @@ def test_bad_echo_and_prompt_logprobs_are_400_naming_the_field(client, model, fi
     assert_serving(client, model)
 
 
-@pytest.mark.parametrize(
-    "fields, param",
-    [
-        (
-            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-            "tools",
-        ),
-    ],
-)
-def test_unsupported_chat_features_are_400_not_ignored(client, model, fields, param):
-    with pytest.raises(openai.BadRequestError) as raised:
-        client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, **fields
-        )
-    error = assert_api_error(raised.value, 400)
-    assert error["param"] == param
-    assert_serving(client, model)
-
-
 def test_ten_megabyte_body_is_413(http, client, model):
     body = json.dumps(good_completion(model, prompt="a" * (10 * 1024 * 1024))).encode()
     response = http.post(

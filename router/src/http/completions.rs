@@ -180,34 +180,36 @@ pub async fn create(
         keep_empty,
         request.common.include_usage(),
         move |index, c| {
-            let mut logprobs = want_logprobs.map(|_| CompletionLogprobs::default());
-            let mut text = String::new();
-            let mut prompt_logprobs = None;
-            if let Some(scored) = &c.prompt_logprobs {
-                // The prompt's chunk, before any token: the echo, if asked for.
-                let ids = &prompt_ids[index];
-                if let Some(echo) = echoes[index].take() {
-                    text.push_str(&echo);
-                    if let Some(out) = &mut logprobs {
-                        report.prompt_into(out, ids, scored, &mut offsets[index]);
+            Some({
+                let mut logprobs = want_logprobs.map(|_| CompletionLogprobs::default());
+                let mut text = String::new();
+                let mut prompt_logprobs = None;
+                if let Some(scored) = &c.prompt_logprobs {
+                    // The prompt's chunk, before any token: the echo, if asked for.
+                    let ids = &prompt_ids[index];
+                    if let Some(echo) = echoes[index].take() {
+                        text.push_str(&echo);
+                        if let Some(out) = &mut logprobs {
+                            report.prompt_into(out, ids, scored, &mut offsets[index]);
+                        }
                     }
+                    prompt_logprobs = report.vllm_prompt(ids, scored);
                 }
-                prompt_logprobs = report.vllm_prompt(ids, scored);
-            }
-            text.push_str(&c.text);
-            if let Some(out) = &mut logprobs {
-                report.tokens_into(out, c.token.as_slice(), &mut offsets[index]);
-            }
-            response(
-                vec![CompletionChoice {
-                    index,
-                    text,
-                    logprobs,
-                    finish_reason: c.finish.map(|f| f.as_str()),
-                    prompt_logprobs,
-                }],
-                None,
-            )
+                text.push_str(&c.text);
+                if let Some(out) = &mut logprobs {
+                    report.tokens_into(out, c.token.as_slice(), &mut offsets[index]);
+                }
+                response(
+                    vec![CompletionChoice {
+                        index,
+                        text,
+                        logprobs,
+                        finish_reason: c.finish.map(|f| f.as_str()),
+                        prompt_logprobs,
+                    }],
+                    None,
+                )
+            })
         },
         move |usage| usage_response(Vec::new(), Some(usage)),
     ))

@@ -5,6 +5,7 @@
 //! when the server has any.
 
 mod chat;
+mod chat_tools;
 mod completions;
 mod error;
 mod json;
@@ -300,7 +301,8 @@ fn merge_choices(streams: Vec<CompletionStream>) -> BoxStream<'static, ChoiceEve
 
 /// The server-sent events of a streamed request: `head` first, then each
 /// choice's chunks through `on_chunk` (a chunk with no text and no finish
-/// reason is skipped unless `keep_empty`, e.g. when it carries logprobs), a
+/// reason is skipped unless `keep_empty`, e.g. when it carries logprobs;
+/// one `on_chunk` answers None for is skipped), a
 /// failure as an OpenAI error event, the usage through `on_usage` when
 /// `include_usage`, and `data: [DONE]`.
 pub fn sse_response<T, F, U>(
@@ -313,7 +315,7 @@ pub fn sse_response<T, F, U>(
 ) -> Response
 where
     T: serde::Serialize,
-    F: FnMut(usize, Chunk) -> T + Send + 'static,
+    F: FnMut(usize, Chunk) -> Option<T> + Send + 'static,
     U: FnMut(Usage) -> T + Send + 'static,
 {
     let head = head.map(|h| sse_json(&h));
@@ -321,7 +323,9 @@ where
         futures::future::ready(match event {
             ChoiceEvent::Chunk { index, chunk } => {
                 (keep_empty || !chunk.text.is_empty() || chunk.finish.is_some())
-                    .then(|| sse_json(&on_chunk(index, chunk)))
+                    .then(|| on_chunk(index, chunk))
+                    .flatten()
+                    .map(|event| sse_json(&event))
             }
             ChoiceEvent::Failed(failure) => {
                 Some(axum::response::sse::Event::default().data(ApiError::from(failure).body()))

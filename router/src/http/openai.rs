@@ -253,6 +253,12 @@ pub struct ContentPart {
 pub struct ChatMessage {
     pub role: String,
     pub content: Option<Content>,
+    /// An assistant's calls: `[{"id", "type": "function", "function":
+    /// {"name", "arguments"}}]`, the arguments as JSON text.
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A tool's result: the call it answers.
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -263,8 +269,12 @@ pub struct ChatRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<i64>,
-    /// Function calling: not supported, refused rather than ignored.
+    /// Functions the model may call.
     pub tools: Option<Vec<serde_json::Value>>,
+    /// `none`, `auto`, `required` or a function.
+    pub tool_choice: Option<serde_json::Value>,
+    /// More than one call in an answer (true by default).
+    pub parallel_tool_calls: Option<bool>,
     /// vLLM's prompt logprobs: on /v1/completions only, refused here.
     pub prompt_logprobs: Option<serde_json::Value>,
     #[serde(flatten)]
@@ -361,7 +371,49 @@ pub struct ChatLogprobs {
 #[derive(Debug, Clone, Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// Null when the answer is tool calls alone.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+/// A call in an answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallOut {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionCall {
+    pub name: String,
+    /// JSON text.
+    pub arguments: String,
+}
+
+/// A call in a streamed answer: whole, in one delta.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
+}
+
+impl From<crate::tool_calls::ToolCall> for ToolCallOut {
+    fn from(call: crate::tool_calls::ToolCall) -> Self {
+        Self {
+            id: call.id,
+            kind: "function",
+            function: FunctionCall {
+                name: call.name,
+                arguments: call.arguments,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -388,6 +440,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -13,6 +13,7 @@ use super::chat::messages;
 use super::error::ApiError;
 use super::json::OpenAiJson;
 use super::openai::ChatMessage;
+use crate::tool_calls::tools_from_request;
 
 /// A text prompt, or chat messages rendered with the chat template.
 #[derive(Debug, Deserialize)]
@@ -31,6 +32,8 @@ pub enum TokenizeRequest {
     Chat {
         model: Option<String>,
         messages: Vec<ChatMessage>,
+        /// The tools the template shows the model, as a chat request gives them.
+        tools: Option<Vec<serde_json::Value>>,
         #[serde(default)]
         return_token_strs: bool,
     },
@@ -95,10 +98,13 @@ pub async fn tokenize(
         }
         TokenizeRequest::Chat {
             messages: list,
+            tools,
             return_token_strs,
             ..
         } => {
-            let rendered = state.chat_template.render(&messages(&list)?)?;
+            let tools = tools_from_request(tools.as_deref().unwrap_or_default())?;
+            let entries: Vec<serde_json::Value> = tools.into_iter().map(|t| t.entry).collect();
+            let rendered = state.chat_template.render(&messages(&list)?, &entries)?;
             let tokens = tokenizer
                 .encode_rendered(&rendered.text, &rendered.literal)
                 .map_err(|e| ApiError::invalid("messages", format!("messages: {e}")))?;
