@@ -80,6 +80,24 @@ impl BlockPool {
     }
 
     /// Registered blocks (held or evictable).
+    /// Blocks some cache holds.
+    pub(crate) fn held(&self) -> usize {
+        self.total - self.available()
+    }
+
+    /// How many of the first blocks of `hashes` (as [`BlockPool::share`]
+    /// would share them) some cache holds now.
+    pub(crate) fn held_prefix(&self, hashes: &[BlockHash]) -> usize {
+        if !self.prefix_caching {
+            return 0;
+        }
+        hashes
+            .iter()
+            .map_while(|hash| self.by_hash.get(hash))
+            .filter(|&&block| self.holders[block as usize] > 0)
+            .count()
+    }
+
     pub(crate) fn cached(&self) -> usize {
         self.by_hash.len()
     }

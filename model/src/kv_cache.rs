@@ -102,6 +102,18 @@ impl KvPool {
         lock(&self.blocks).available()
     }
 
+    /// Blocks some cache holds (neither free nor only cached).
+    pub fn held_blocks(&self) -> usize {
+        lock(&self.blocks).held()
+    }
+
+    /// How many blocks of the prefix [`KvCache::share_prefix`] would give
+    /// `tokens` some cache holds now: blocks a new sequence would share
+    /// without taking any.
+    pub fn held_prefix_blocks(&self, tokens: &[u32]) -> usize {
+        lock(&self.blocks).held_prefix(&prefix_hashes(tokens))
+    }
+
     /// Blocks the prefix cache knows (held or evictable).
     pub fn cached_blocks(&self) -> usize {
         lock(&self.blocks).cached()
@@ -234,10 +246,7 @@ impl KvCache {
         if !pool.prefix_caching || tokens.is_empty() {
             return 0;
         }
-        let mut hashes: Vec<BlockHash> = Vec::new();
-        for block in tokens[..tokens.len() - 1].chunks_exact(BLOCK_SIZE) {
-            hashes.push(chain(hashes.last(), block));
-        }
+        let mut hashes = prefix_hashes(tokens);
         self.blocks = pool.share(&hashes);
         hashes.truncate(self.blocks.len());
         self.hashes = hashes;
@@ -309,6 +318,18 @@ impl Drop for KvCache {
     fn drop(&mut self) {
         self.truncate(0);
     }
+}
+
+/// The chained hashes of the whole blocks of `tokens` but its last token
+/// (whose logits a step computes): the prefix a new sequence may share.
+fn prefix_hashes(tokens: &[u32]) -> Vec<BlockHash> {
+    let mut hashes: Vec<BlockHash> = Vec::new();
+    if let Some((_, before_last)) = tokens.split_last() {
+        for block in before_last.chunks_exact(BLOCK_SIZE) {
+            hashes.push(chain(hashes.last(), block));
+        }
+    }
+    hashes
 }
 
 #[cfg(test)]

@@ -280,7 +280,7 @@ impl Cluster<'_> {
                 // Cannot happen for validated workloads: nothing could ever run.
                 break;
             }
-            let (plan, preempted) = admission.plan_with_room(&mut running);
+            let (plan, preempted) = admission.plan_with_room(&mut running, |_| 0);
             preemptions += preempted;
             peak_kv_tokens = peak_kv_tokens.max(admission.kv_used());
             if plan.is_empty() {

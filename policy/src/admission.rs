@@ -13,6 +13,12 @@
 //! recomputed when they fit again, as vLLM does. A sequence's reservation
 //! is freed when it leaves.
 //!
+//! With prefix caching, sequences hold some blocks together: each
+//! reservation counts a shared block, and the budget takes the blocks
+//! counted more than once back off ([`KvBudget::set_shared`], from the KV
+//! pool's own count), so a request is charged only for the blocks it still
+//! needs, and a shared block stays charged while any holder holds it.
+//!
 //! One state machine for the router's engine and the planner's simulation:
 //! they admit, grow and preempt the same requests in the same order.
 
@@ -25,19 +31,35 @@ use crate::scheduler::{SchedulerConfig, Slice, plan_step};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvBudget {
     capacity: usize,
-    used: usize,
+    /// The reservations' sum.
+    reserved: usize,
+    /// Blocks counted in more than one reservation, counted once too many
+    /// each time: held together through the prefix cache.
+    shared: usize,
 }
 
 impl KvBudget {
     /// A budget of `capacity` blocks.
     pub fn new(capacity: usize) -> Self {
-        Self { capacity, used: 0 }
+        Self {
+            capacity,
+            reserved: 0,
+            shared: 0,
+        }
     }
 
     /// Reserves `blocks` if they fit.
     pub fn try_reserve(&mut self, blocks: usize) -> bool {
-        if self.used + blocks <= self.capacity {
-            self.used += blocks;
+        self.try_reserve_sharing(blocks, 0)
+    }
+
+    /// Reserves `blocks`, of which `shared` are held already by other
+    /// reservations, if the rest fit.
+    pub fn try_reserve_sharing(&mut self, blocks: usize, shared: usize) -> bool {
+        let shared = shared.min(blocks);
+        if self.used() + blocks - shared <= self.capacity {
+            self.reserved += blocks;
+            self.shared += shared;
             true
         } else {
             false
@@ -45,11 +67,18 @@ impl KvBudget {
     }
 
     pub fn release(&mut self, blocks: usize) {
-        self.used = self.used.saturating_sub(blocks);
+        self.reserved = self.reserved.saturating_sub(blocks);
     }
 
+    /// How many reserved blocks are counted more than once now (the KV
+    /// pool's holdings summed per sequence, less the blocks held).
+    pub fn set_shared(&mut self, shared: usize) {
+        self.shared = shared;
+    }
+
+    /// Blocks reserved, each counted once.
     pub fn used(&self) -> usize {
-        self.used
+        self.reserved.saturating_sub(self.shared)
     }
 
     pub fn capacity(&self) -> usize {
@@ -129,13 +158,20 @@ impl<R: Reservation> Admission<R> {
     /// The requests that join a batch of `running` sequences now, in arrival
     /// order, each with the blocks of its first step reserved.
     pub fn admit(&mut self, running: usize) -> Vec<R> {
-        self.admit_while(running, |_, _| true)
+        self.admit_while(running, |_, _| true, |_| 0)
     }
 
     /// [`Admission::admit`], stopping at the first waiting request that
     /// `ready` (given it and those admitted before it in this call) holds
-    /// back: it keeps its place, and those behind it wait with it.
-    pub fn admit_while(&mut self, running: usize, ready: impl Fn(&R, &[R]) -> bool) -> Vec<R> {
+    /// back: it keeps its place, and those behind it wait with it. A
+    /// request is charged for its blocks less `shared`'s count of them that
+    /// running sequences hold already (its prefix in the cache).
+    pub fn admit_while(
+        &mut self,
+        running: usize,
+        ready: impl Fn(&R, &[R]) -> bool,
+        shared: impl Fn(&R) -> usize,
+    ) -> Vec<R> {
         let mut admitted = Vec::new();
         while running + admitted.len() < self.config.max_running {
             let Some(front) = self.waiting.front() else {
@@ -145,7 +181,7 @@ impl<R: Reservation> Admission<R> {
                 break;
             }
             let blocks = Self::admission_blocks(front);
-            if !self.kv.try_reserve(blocks) {
+            if !self.kv.try_reserve_sharing(blocks, shared(front)) {
                 break;
             }
             if let Some(mut request) = self.waiting.pop_front() {
@@ -162,10 +198,17 @@ impl<R: Reservation> Admission<R> {
     /// step planned again. Returns the plan and how many were preempted.
     /// The oldest sequence alone always fits when its whole reservation
     /// (prompt + max_tokens) is within the cache, which callers check
-    /// before a request is accepted.
-    pub fn plan_with_room(&mut self, running: &mut Vec<R>) -> (Vec<Slice>, usize) {
+    /// before a request is accepted. `shared`: the blocks the sequences'
+    /// reservations count more than once (see [`KvBudget::set_shared`]),
+    /// asked again after each preemption.
+    pub fn plan_with_room(
+        &mut self,
+        running: &mut Vec<R>,
+        shared: impl Fn(&[R]) -> usize,
+    ) -> (Vec<Slice>, usize) {
         let mut preempted = 0;
         loop {
+            self.kv.set_shared(shared(running));
             let pending: Vec<usize> = running.iter().map(R::prompt_left).collect();
             let plan = plan_step(&pending, self.config.max_batch_tokens);
             let mut needs: Vec<usize> = Vec::with_capacity(plan.len());
@@ -197,6 +240,11 @@ impl<R: Reservation> Admission<R> {
         self.kv.release(std::mem::take(request.reserved_blocks()));
     }
 
+    /// See [`KvBudget::set_shared`].
+    pub fn set_shared_blocks(&mut self, shared: usize) {
+        self.kv.set_shared(shared);
+    }
+
     /// Keeps the waiting requests `keep` accepts (in order); returns how many left.
     pub fn retain_waiting(&mut self, keep: impl FnMut(&R) -> bool) -> usize {
         let before = self.waiting.len();
@@ -209,7 +257,7 @@ impl<R: Reservation> Admission<R> {
         self.waiting.len()
     }
 
-    /// KV cache blocks reserved by admitted requests.
+    /// KV cache blocks reserved by admitted requests, each counted once.
     pub fn kv_used_blocks(&self) -> usize {
         self.kv.used()
     }
@@ -296,6 +344,23 @@ mod tests {
     }
 
     #[test]
+    fn blocks_held_together_are_charged_once_while_any_holder_holds_them() {
+        let mut kv = KvBudget::new(10);
+        assert!(kv.try_reserve(6));
+        assert!(!kv.try_reserve(6));
+        // 4 of the next 6 are the first's (a cached prefix).
+        assert!(kv.try_reserve_sharing(6, 4));
+        assert_eq!(kv.used(), 8);
+        assert!(!kv.try_reserve_sharing(6, 3));
+        // The first leaves; the second still holds the 4, now counted once.
+        kv.release(6);
+        kv.set_shared(0);
+        assert_eq!(kv.used(), 6);
+        assert!(kv.try_reserve_sharing(8, 4));
+        assert_eq!(kv.used(), 10);
+    }
+
+    #[test]
     fn first_come_first_served_while_the_batch_and_the_cache_have_room() {
         let mut admission = Admission::new(config(3, 100, 8));
         for j in [job(0, 40), job(1, 40), job(2, 40), job(3, 10)] {
@@ -331,7 +396,7 @@ mod tests {
         }
         admission.enqueue(job(2, 1)).unwrap();
         // Both decode into a sixth block: only one can.
-        let (plan, preempted) = admission.plan_with_room(&mut running);
+        let (plan, preempted) = admission.plan_with_room(&mut running, |_| 0);
         assert_eq!((plan.len(), preempted), (1, 1));
         assert_eq!(ids(&running), [0]);
         assert_eq!(running[0].reserved, 6);
@@ -352,7 +417,7 @@ mod tests {
         admission.enqueue(job(0, 2)).unwrap();
         let mut running = admission.admit(0);
         running[0].cached = 2 * BLOCK_SIZE - 2;
-        let (plan, preempted) = admission.plan_with_room(&mut running);
+        let (plan, preempted) = admission.plan_with_room(&mut running, |_| 0);
         assert_eq!((plan.len(), preempted), (1, 0));
         assert_eq!(admission.kv_used_blocks(), 2);
     }
@@ -406,7 +471,7 @@ mod tests {
                         }
                     }
                     2 => {
-                        let (plan, _) = admission.plan_with_room(&mut running);
+                        let (plan, _) = admission.plan_with_room(&mut running, |_| 0);
                         for slice in plan {
                             let j = &mut running[slice.sequence];
                             j.cached += slice.tokens;

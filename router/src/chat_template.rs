@@ -472,7 +472,13 @@ mod tests {
             .render(&[message("user", "Hi")], &tools)
             .expect("renders");
         let at = text.text.find("ends with </s>").expect("written") + "ends with ".len();
-        assert_eq!(text.literal, vec![Range { start: at, end: at + 4 }]);
+        assert_eq!(
+            text.literal,
+            vec![Range {
+                start: at,
+                end: at + 4
+            }]
+        );
     }
 
     #[test]

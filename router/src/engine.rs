@@ -214,6 +214,8 @@ pub struct EngineHandle {
     preempted: Arc<AtomicUsize>,
     /// Prompt tokens found in the prefix cache since the start.
     prefix_hits: Arc<AtomicUsize>,
+    /// The most sequences that ran at once since the start.
+    peak_running: Arc<AtomicUsize>,
     config: SchedulerConfig,
     /// Positions the engine's KV pool holds in all.
     kv_tokens: usize,
@@ -256,6 +258,8 @@ impl EngineHandle {
         let engine_preempted = preempted.clone();
         let prefix_hits = Arc::new(AtomicUsize::new(0));
         let engine_prefix_hits = prefix_hits.clone();
+        let peak_running = Arc::new(AtomicUsize::new(0));
+        let engine_peak_running = peak_running.clone();
         let handle_eos_ids: Arc<[u32]> = eos_ids.clone().into();
         std::thread::Builder::new()
             .name("router-engine".into())
@@ -280,6 +284,7 @@ impl EngineHandle {
                     waiting_count: engine_waiting,
                     preempted: engine_preempted,
                     prefix_hits: engine_prefix_hits,
+                    peak_running: engine_peak_running,
                     eos_ids,
                     admission: Admission::new(config),
                     running: Vec::new(),
@@ -302,6 +307,7 @@ impl EngineHandle {
             waiting,
             preempted,
             prefix_hits,
+            peak_running,
             config,
             kv_tokens,
             eos_ids: handle_eos_ids,
@@ -378,6 +384,11 @@ impl EngineHandle {
     }
 
     /// Sequences preempted (KV cache full) since the engine started.
+    /// The most sequences that ran at once since the start.
+    pub fn peak_running(&self) -> usize {
+        self.peak_running.load(Ordering::SeqCst)
+    }
+
     pub fn preemptions(&self) -> usize {
         self.preempted.load(Ordering::SeqCst)
     }
@@ -404,6 +415,7 @@ struct Engine<'m, E> {
     waiting_count: Arc<AtomicUsize>,
     preempted: Arc<AtomicUsize>,
     prefix_hits: Arc<AtomicUsize>,
+    peak_running: Arc<AtomicUsize>,
     eos_ids: Vec<u32>,
     admission: Admission<Sequence>,
     running: Vec<Sequence>,
@@ -477,10 +489,22 @@ where
     /// logits are needed then).
     fn admit(&mut self) {
         let caching = self.admission.config().prefix_caching;
+        self.admission
+            .set_shared_blocks(shared_blocks(&self.kv, &self.running));
         // A sequence whose prefix another one is still prefilling waits for
         // it, to share it (the n choices of a prompt, a burst of requests
         // with one system prompt) rather than compute it again.
         let running = &self.running;
+        let kv = &self.kv;
+        // Blocks of its prefix that running sequences hold already are not
+        // charged again.
+        let shared = |s: &Sequence| {
+            if caching && s.job.prompt_logprobs.is_none() {
+                kv.held_prefix_blocks(&s.context)
+            } else {
+                0
+            }
+        };
         let ready = |s: &Sequence, admitted: &[Sequence]| {
             !caching
                 || s.job.prompt_logprobs.is_some()
@@ -489,7 +513,7 @@ where
                     .chain(admitted)
                     .any(|other| other.prefills_blocks_of(s))
         };
-        let admitted = self.admission.admit_while(running.len(), ready);
+        let admitted = self.admission.admit_while(running.len(), ready, shared);
         for mut s in admitted {
             self.waiting_count.fetch_sub(1, Ordering::SeqCst);
             if s.generated == 0 {
@@ -504,9 +528,13 @@ where
             }
             self.running.push(s);
         }
+        self.peak_running
+            .fetch_max(self.running.len(), Ordering::SeqCst);
     }
 
-    fn report(&self) {
+    fn report(&mut self) {
+        self.admission
+            .set_shared_blocks(shared_blocks(&self.kv, &self.running));
         ::metrics::gauge!(metrics::RUNNING_REQUESTS).set(self.running.len() as f64);
         ::metrics::gauge!(metrics::WAITING_REQUESTS).set(self.admission.waiting() as f64);
         ::metrics::gauge!(metrics::KV_CACHE_USED_TOKENS).set(self.admission.kv_used() as f64);
@@ -522,7 +550,10 @@ where
 
     /// One forward over the planned slices, then sampling and events.
     fn step(&mut self) {
-        let (plan, preempted) = self.admission.plan_with_room(&mut self.running);
+        let kv = &self.kv;
+        let (plan, preempted) = self
+            .admission
+            .plan_with_room(&mut self.running, |running| shared_blocks(kv, running));
         if preempted > 0 {
             // Requeued: they wait again, counted with the others.
             self.waiting_count.fetch_add(preempted, Ordering::SeqCst);
@@ -795,6 +826,13 @@ where
             let _ = events.send(Event::Failed(failure.clone()));
         }
     }
+}
+
+/// The blocks the running sequences' reservations count more than once:
+/// what their caches hold, summed, less the blocks the pool has held.
+fn shared_blocks(kv: &KvPool, running: &[Sequence]) -> usize {
+    let held: usize = running.iter().map(|s| s.cache.blocks().len()).sum();
+    held.saturating_sub(kv.held_blocks())
 }
 
 /// Logits `[rows, vocab]` as f32 on the CPU, flattened, and the vocab size.
@@ -1110,6 +1148,43 @@ mod tests {
         for (ours, theirs) in shared.iter().zip(&scratch) {
             assert_eq!(ids(ours), ids(theirs));
         }
+    }
+
+    #[test]
+    fn sequences_sharing_a_prefix_are_charged_its_blocks_once() {
+        let _guard = tch::no_grad_guard();
+        let dir = synthetic_model();
+        // Six prompts of a 64-token prefix (4 blocks) and 3 tokens of their
+        // own, 10 tokens generated: 5 blocks each alone, 4 + 6 x 1 shared.
+        // The pool has 14.
+        let prefix: Vec<u32> = (0..64).map(|p| 11 + (p * 29) % 230).collect();
+        let prompts: Vec<Vec<u32>> = (0..6u32)
+            .map(|i| {
+                let mut prompt = prefix.clone();
+                prompt.extend([240 + i, 100 + i, 7 + i]);
+                prompt
+            })
+            .collect();
+        let config = |prefix_caching| SchedulerConfig {
+            prefix_caching,
+            max_kv_tokens: 14 * BLOCK_SIZE,
+            max_running: 8,
+            ..SchedulerConfig::default()
+        };
+        let run = |prefix_caching| {
+            let engine = engine_on(dir.path(), config(prefix_caching));
+            let tokens: Vec<Vec<u32>> = submit_greedy(&engine, &prompts, 10)
+                .into_iter()
+                .map(collect)
+                .collect();
+            (tokens, engine.peak_running(), engine.preemptions())
+        };
+        let (scratch, scratch_peak, _) = run(false);
+        let (shared, shared_peak, preempted) = run(true);
+        assert_eq!(shared, scratch);
+        // Alone, two fit at once; charged the prefix once, all six do.
+        assert_eq!(scratch_peak, 2);
+        assert_eq!((shared_peak, preempted), (6, 0));
     }
 
     #[test]
