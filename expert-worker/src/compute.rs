@@ -51,6 +51,44 @@ impl WorkerInfo {
 /// One expert's share of a Forward: row indexes and their routing weights.
 pub type WorkItem = ExpertRows;
 
+/// (layer, expert) pairs to load and to drop while serving.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HoldChange {
+    pub load: Vec<(usize, usize)>,
+    pub drop: Vec<(usize, usize)>,
+}
+
+/// What a worker holds after a [`HoldChange`], and what it did.
+#[derive(Debug, Clone)]
+pub struct Holding {
+    /// Per layer, the experts held (layers with none left out).
+    pub held: Vec<(usize, Vec<usize>)>,
+    pub weight_dtypes: Vec<(&'static str, u64)>,
+    /// Each pair loaded (not held before), with the time its load took.
+    pub loaded: Vec<((usize, usize), Duration)>,
+    /// Each pair dropped (held before).
+    pub dropped: Vec<(usize, usize)>,
+    /// The load that failed, if one did (the pairs before it are loaded,
+    /// those after it and the drops are not done).
+    pub failed: Option<String>,
+}
+
+/// What the compute thread is sent: a Forward's work, or a change of what
+/// it holds, served in the order they come.
+enum Work {
+    Forward(Job),
+    Hold {
+        change: HoldChange,
+        reply: oneshot::Sender<Holding>,
+    },
+}
+
+/// The next thing the compute thread does.
+enum Next {
+    Forwards(Vec<Job>),
+    Hold(HoldChange, oneshot::Sender<Holding>),
+}
+
 struct Job {
     layer: usize,
     hidden: Tensor,
@@ -90,20 +128,20 @@ pub enum StartError {
 /// Sends jobs to the compute thread. Cheap to clone.
 #[derive(Clone)]
 pub struct ComputeHandle {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Work>,
 }
 
 impl ComputeHandle {
     /// Starts the compute thread, loads the experts on it, and returns once
     /// they are loaded. `queue` bounds the jobs waiting for the thread.
     pub fn spawn(model: WorkerModel, queue: usize) -> Result<(Self, WorkerInfo), StartError> {
-        let (jobs_tx, mut jobs_rx) = mpsc::channel::<Job>(queue.max(1));
+        let (jobs_tx, mut jobs_rx) = mpsc::channel::<Work>(queue.max(1));
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("expert-compute".into())
             .spawn(move || {
                 let _guard = tch::no_grad_guard();
-                let (experts, info) = match load(&model) {
+                let (mut experts, info, checkpoint) = match load(&model) {
                     Ok(loaded) => loaded,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -111,13 +149,21 @@ impl ComputeHandle {
                     }
                 };
                 let options = model.options;
+                let config = info.config.clone();
                 let _ = ready_tx.send(Ok(info));
                 let mut waiting = VecDeque::new();
                 // A panic ends the thread (the handle sees its jobs channel
                 // close, and the worker stops); it is logged here.
                 let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    while let Some(batch) = next_batch(&mut jobs_rx, &mut waiting) {
-                        serve_batch(&experts, options, batch);
+                    while let Some(next) = next_batch(&mut jobs_rx, &mut waiting) {
+                        match next {
+                            Next::Forwards(batch) => serve_batch(&experts, options, batch),
+                            Next::Hold(change, reply) => {
+                                let holding =
+                                    hold(&mut experts, &checkpoint, &config, options, change);
+                                let _ = reply.send(holding);
+                            }
+                        }
                     }
                 }));
                 if let Err(panic) = served {
@@ -142,19 +188,31 @@ impl ComputeHandle {
     ) -> Result<Computed, ComputeError> {
         let (reply, result) = oneshot::channel();
         self.jobs
-            .send(Job {
+            .send(Work::Forward(Job {
                 layer,
                 hidden,
                 work,
                 queued: Instant::now(),
                 reply,
-            })
+            }))
             .await
             .map_err(|_| ComputeError::Stopped)?;
         result
             .await
             .map_err(|_| ComputeError::Stopped)?
             .map_err(ComputeError::Failed)
+    }
+
+    /// Loads and drops pairs on the compute thread, after the work sent
+    /// before it and before the work sent after it. The change's pairs are
+    /// checked by the caller (pairs of the model's MoE layers).
+    pub async fn hold(&self, change: HoldChange) -> Result<Holding, ComputeError> {
+        let (reply, result) = oneshot::channel();
+        self.jobs
+            .send(Work::Hold { change, reply })
+            .await
+            .map_err(|_| ComputeError::Stopped)?;
+        result.await.map_err(|_| ComputeError::Stopped)
     }
 
     /// The compute thread still runs.
@@ -173,7 +231,7 @@ impl ComputeHandle {
     }
 }
 
-fn load(model: &WorkerModel) -> Result<(LocalExperts, WorkerInfo), LoadError> {
+fn load(model: &WorkerModel) -> Result<(LocalExperts, WorkerInfo, Checkpoint), LoadError> {
     let config = ModelSpec::from_file(&model.dir.join("config.json"))?;
     let model_id = tramontane_config::model_id(&model.dir)?;
     let checkpoint = Checkpoint::open(&model.dir)?;
@@ -187,56 +245,126 @@ fn load(model: &WorkerModel) -> Result<(LocalExperts, WorkerInfo), LoadError> {
     )?;
     let info = WorkerInfo {
         model_id,
-        held: experts
-            .held()
-            .into_iter()
-            .filter(|(_, e)| !e.is_empty())
-            .collect(),
+        held: held_now(&experts),
         config,
         device: model.options.device,
         dtype: model.options.dtype,
         weight_dtypes: experts.bytes_by_dtype(),
     };
-    Ok((experts, info))
+    Ok((experts, info, checkpoint))
 }
 
-/// The next jobs to run together: the oldest waiting job and every other
-/// waiting job of the same layer and wire dtype (a Forward from another
+/// Per layer, the experts held, layers with none left out.
+fn held_now(experts: &LocalExperts) -> Vec<(usize, Vec<usize>)> {
+    experts
+        .held()
+        .into_iter()
+        .filter(|(_, e)| !e.is_empty())
+        .collect()
+}
+
+/// Loads, then drops, the pairs of `change` (the memory-mapped checkpoint
+/// is read for the loads), timing each load.
+fn hold(
+    experts: &mut LocalExperts,
+    checkpoint: &Checkpoint,
+    config: &ModelSpec,
+    options: LoadOptions,
+    change: HoldChange,
+) -> Holding {
+    let mut loaded = Vec::new();
+    let mut failed = None;
+    for &(layer, expert) in &change.load {
+        if experts.holds(layer, expert) {
+            continue;
+        }
+        let started = Instant::now();
+        match experts.load_pair(
+            checkpoint,
+            config,
+            (layer, expert),
+            options.expert_precision(),
+            options.device,
+        ) {
+            Ok(true) => loaded.push(((layer, expert), started.elapsed())),
+            Ok(false) => {
+                failed = Some(format!("layer {layer} has no expert {expert}"));
+                break;
+            }
+            Err(error) => {
+                failed = Some(format!("loading layer {layer} expert {expert}: {error}"));
+                break;
+            }
+        }
+    }
+    let dropped = if failed.is_none() {
+        change
+            .drop
+            .iter()
+            .copied()
+            .filter(|&(layer, expert)| experts.drop_pair(layer, expert))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Holding {
+        held: held_now(experts),
+        weight_dtypes: experts.bytes_by_dtype(),
+        loaded,
+        dropped,
+        failed,
+    }
+}
+
+/// The next thing to do: a change of what is held, in its turn, or the
+/// oldest waiting job with every other waiting job of the same layer and
+/// wire dtype that came before the next change (a Forward from another
 /// router, or another micro-batch, that came while the thread was busy), in
 /// arrival order. `waiting` keeps the rest, in order. None once the channel
 /// is closed and nothing waits.
-fn next_batch(jobs: &mut mpsc::Receiver<Job>, waiting: &mut VecDeque<Job>) -> Option<Vec<Job>> {
+fn next_batch(jobs: &mut mpsc::Receiver<Work>, waiting: &mut VecDeque<Work>) -> Option<Next> {
     let first = loop {
         if waiting.is_empty() {
             waiting.push_back(jobs.blocking_recv()?);
         }
-        while let Ok(job) = jobs.try_recv() {
-            waiting.push_back(job);
+        while let Ok(work) = jobs.try_recv() {
+            waiting.push_back(work);
         }
         // Work whose caller gave up (its deadline passed, it went away) is
         // dropped unrun.
         let before = waiting.len();
-        waiting.retain(|job| !job.reply.is_closed());
+        waiting.retain(|work| match work {
+            Work::Forward(job) => !job.reply.is_closed(),
+            Work::Hold { .. } => true,
+        });
         let abandoned = before - waiting.len();
         if abandoned > 0 {
             metrics::counter!(crate::metrics::ABANDONED_FORWARDS).increment(abandoned as u64);
         }
-        if let Some(first) = waiting.pop_front() {
-            break first;
+        match waiting.pop_front() {
+            Some(Work::Hold { change, reply }) => return Some(Next::Hold(change, reply)),
+            Some(Work::Forward(first)) => break first,
+            None => {}
         }
     };
     let (layer, kind) = (first.layer, first.hidden.kind());
     let mut batch = vec![first];
     let mut rest = VecDeque::with_capacity(waiting.len());
-    for job in waiting.drain(..) {
-        if job.layer == layer && job.hidden.kind() == kind {
-            batch.push(job);
-        } else {
-            rest.push_back(job);
+    let mut held_back = false;
+    for work in waiting.drain(..) {
+        match work {
+            Work::Forward(job) if !held_back && job.layer == layer && job.hidden.kind() == kind => {
+                batch.push(job)
+            }
+            Work::Hold { .. } => {
+                held_back = true;
+                rest.push_back(work);
+            }
+            other => rest.push_back(other),
         }
     }
     *waiting = rest;
-    Some(batch)
+    Some(Next::Forwards(batch))
 }
 
 /// Runs a batch as one expert computation (each expert once, on the rows of
@@ -354,6 +482,15 @@ mod tests {
         (experts, config.hidden_size as i64)
     }
 
+    /// The forwards of `next`, which must be forwards.
+    fn forwards(next: Option<Next>) -> Vec<Job> {
+        match next {
+            Some(Next::Forwards(batch)) => batch,
+            Some(Next::Hold(..)) => panic!("a hold, not forwards"),
+            None => panic!("nothing next"),
+        }
+    }
+
     fn item(expert: usize, rows: &[usize], weights: &[f32]) -> WorkItem {
         WorkItem {
             expert,
@@ -384,17 +521,17 @@ mod tests {
         let mut answers = Vec::new();
         for i in 0..4 {
             let (job, answer) = job(layers[i], hiddens[i].shallow_clone(), works[i].clone());
-            tx.try_send(job).ok().unwrap();
+            tx.try_send(Work::Forward(job)).ok().unwrap();
             answers.push(answer);
         }
         drop(tx);
         let mut waiting = VecDeque::new();
-        let first = next_batch(&mut rx, &mut waiting).unwrap();
+        let first = forwards(next_batch(&mut rx, &mut waiting));
         let layers_of = |b: &[Job]| b.iter().map(|j| j.layer).collect::<Vec<_>>();
         assert_eq!(layers_of(&first), vec![1, 1, 1], "layer 1's jobs, in order");
-        assert_eq!(layers_of(waiting.make_contiguous()), vec![0]);
+        assert_eq!(waiting.len(), 1);
         serve_batch(&experts, options, first);
-        let second = next_batch(&mut rx, &mut waiting).unwrap();
+        let second = forwards(next_batch(&mut rx, &mut waiting));
         assert_eq!(layers_of(&second), vec![0]);
         serve_batch(&experts, options, second);
         assert!(next_batch(&mut rx, &mut waiting).is_none());
@@ -414,11 +551,11 @@ mod tests {
         let (kept, _kept_answer) = job(0, x(), vec![item(2, &[0], &[1.0])]);
         let (later, later_answer) = job(1, x(), vec![item(3, &[0], &[1.0])]);
         for job in [gone, kept, later] {
-            tx.try_send(job).ok().unwrap();
+            tx.try_send(Work::Forward(job)).ok().unwrap();
         }
         drop(gone_answer);
         let mut waiting = VecDeque::new();
-        let batch = next_batch(&mut rx, &mut waiting).unwrap();
+        let batch = forwards(next_batch(&mut rx, &mut waiting));
         assert_eq!(batch.len(), 1);
         assert_eq!(batch[0].work[0].expert, 2, "the job still awaited");
         // Given up while it waited behind the batch: dropped too.
@@ -443,5 +580,89 @@ mod tests {
                 expert: 6
             })
         ));
+    }
+
+    #[test]
+    fn a_hold_waits_its_turn_and_forwards_after_it_wait_for_it() {
+        let x = || Tensor::zeros([1, 4], (Kind::Float, Device::Cpu));
+        let (tx, mut rx) = mpsc::channel(8);
+        let (before, _a) = job(1, x(), vec![item(1, &[0], &[1.0])]);
+        let (after, _b) = job(1, x(), vec![item(2, &[0], &[1.0])]);
+        let (reply, _held) = oneshot::channel();
+        tx.try_send(Work::Forward(before)).ok().unwrap();
+        let change = HoldChange {
+            load: vec![(1, 3)],
+            drop: vec![],
+        };
+        tx.try_send(Work::Hold { change, reply }).ok().unwrap();
+        tx.try_send(Work::Forward(after)).ok().unwrap();
+        drop(tx);
+        let mut waiting = VecDeque::new();
+        let first = forwards(next_batch(&mut rx, &mut waiting));
+        assert_eq!(first.len(), 1, "the later forward of the layer waits");
+        assert!(matches!(
+            next_batch(&mut rx, &mut waiting),
+            Some(Next::Hold(change, _)) if change.load == [(1, 3)]
+        ));
+        assert_eq!(
+            forwards(next_batch(&mut rx, &mut waiting))[0].work[0].expert,
+            2
+        );
+    }
+
+    #[test]
+    fn pairs_loaded_while_serving_compute_as_loaded_at_start_and_dropped_ones_are_gone() {
+        let _guard = tch::no_grad_guard();
+        let dir = tempfile::tempdir().unwrap();
+        tramontane_synthetic::write(dir.path(), &tramontane_synthetic::Spec::default()).unwrap();
+        let config = ModelSpec::from_file(&dir.path().join("config.json")).unwrap();
+        let checkpoint = Checkpoint::open(dir.path()).unwrap();
+        let options = LoadOptions::default();
+        let load = |held: tramontane_model::moe::ExpertSelection<'_>| {
+            LocalExperts::load(&checkpoint, &config, held, (Kind::Float, None), Device::Cpu)
+                .unwrap()
+        };
+        let all = load(&|_, _| true);
+        let mut experts = load(&|layer, expert| (layer, expert) == (0, 0));
+        let bytes_before = experts.bytes_by_dtype();
+        let change = HoldChange {
+            load: vec![(0, 3), (1, 2), (0, 0)],
+            drop: vec![(0, 0), (1, 5)],
+        };
+        let holding = hold(&mut experts, &checkpoint, &config, options, change);
+        assert_eq!(holding.failed, None);
+        assert_eq!(holding.held, vec![(0, vec![3]), (1, vec![2])]);
+        let loaded: Vec<(usize, usize)> = holding.loaded.iter().map(|(pair, _)| *pair).collect();
+        assert_eq!(loaded, [(0, 3), (1, 2)], "(0, 0) was held already");
+        assert_eq!(holding.dropped, [(0, 0)], "(1, 5) was not held");
+        assert_eq!(holding.weight_dtypes[0].1, 2 * bytes_before[0].1);
+        let h = config.hidden_size as i64;
+        let xs = Tensor::randn([3, h], (Kind::Float, Device::Cpu));
+        for (layer, expert) in [(0, 3), (1, 2)] {
+            let work = [item(expert, &[0, 2], &[0.6, 0.3])];
+            let ours = run(&experts, options, layer, &xs, &work).unwrap();
+            let reference = run(&all, options, layer, &xs, &work).unwrap();
+            assert_eq!(
+                ours.max().double_value(&[]),
+                reference.max().double_value(&[])
+            );
+            assert!(ours.equal(&reference), "layer {layer} expert {expert}");
+        }
+        let dropped = run(&experts, options, 0, &xs, &[item(0, &[0], &[1.0])]);
+        assert!(matches!(
+            dropped,
+            Err(ForwardError::ExpertNotHeld {
+                layer: 0,
+                expert: 0
+            })
+        ));
+        // A pair the model does not have stops the change where it stands.
+        let change = HoldChange {
+            load: vec![(1, 4), (0, 99), (1, 6)],
+            drop: vec![(0, 3)],
+        };
+        let holding = hold(&mut experts, &checkpoint, &config, options, change);
+        assert!(holding.failed.as_deref().unwrap().contains("no expert 99"));
+        assert_eq!(holding.held, vec![(0, vec![3]), (1, vec![2, 4])]);
     }
 }

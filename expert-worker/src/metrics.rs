@@ -14,6 +14,10 @@ pub const EXPERT_TOKENS_TOTAL: &str = "tramontane_worker_expert_tokens_total";
 pub const QUEUE_DEPTH: &str = "tramontane_worker_queue_depth";
 pub const MEMORY_BYTES: &str = "tramontane_worker_memory_bytes";
 pub const ERRORS_TOTAL: &str = "tramontane_worker_errors_total";
+pub const EXPERTS_HELD: &str = "tramontane_worker_experts_held";
+pub const EXPERT_LOAD_DURATION: &str = "tramontane_worker_expert_load_seconds";
+pub const EXPERTS_LOADED_TOTAL: &str = "tramontane_worker_experts_loaded_total";
+pub const EXPERTS_DROPPED_TOTAL: &str = "tramontane_worker_experts_dropped_total";
 
 /// The worker's recorder, its metrics described.
 pub fn install() -> PrometheusHandle {
@@ -22,7 +26,24 @@ pub fn install() -> PrometheusHandle {
         (COMPUTE_DURATION, STEP_SECONDS_BUCKETS),
         (QUEUE_WAIT, STEP_SECONDS_BUCKETS),
         (BATCHED_FORWARDS, &[1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0]),
+        (EXPERT_LOAD_DURATION, STEP_SECONDS_BUCKETS),
     ]);
+    describe_gauge!(EXPERTS_HELD, "(layer, expert) pairs this worker holds.");
+    describe_histogram!(
+        EXPERT_LOAD_DURATION,
+        Unit::Seconds,
+        "Loading one (layer, expert) pair while serving (Hold), from the memory-mapped checkpoint."
+    );
+    describe_counter!(
+        EXPERTS_LOADED_TOTAL,
+        Unit::Count,
+        "Pairs loaded while serving (Hold)."
+    );
+    describe_counter!(
+        EXPERTS_DROPPED_TOTAL,
+        Unit::Count,
+        "Pairs dropped while serving (Hold)."
+    );
     describe_histogram!(
         FORWARD_LATENCY,
         Unit::Seconds,

@@ -3,6 +3,7 @@
 //! is built; bad input is INVALID_ARGUMENT or NOT_FOUND naming the field.
 
 use std::collections::HashMap;
+use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 use tch::Device;
@@ -11,18 +12,44 @@ use tracing::Instrument;
 use tramontane_proto::codec;
 use tramontane_proto::v1::expert_service_server::ExpertService;
 use tramontane_proto::v1::{
-    ForwardRequest, ForwardResponse, InfoRequest, InfoResponse, LayerExperts, WorkerTimings,
+    ExpertPair, ForwardRequest, ForwardResponse, HoldRequest, HoldResponse, InfoRequest,
+    InfoResponse, LayerExperts, LoadedPair, WorkerTimings,
 };
 
-use crate::compute::{ComputeError, ComputeHandle, WorkItem, WorkerInfo};
+use crate::compute::{ComputeError, ComputeHandle, HoldChange, Holding, WorkItem, WorkerInfo};
 use crate::payload;
 
 pub struct ExpertServer {
     compute: ComputeHandle,
-    info: WorkerInfo,
+    /// What the worker holds (`held`, `weight_dtypes`) changes with `Hold`.
+    info: RwLock<WorkerInfo>,
     /// Each (layer, expert) held, with its counter of tokens computed
     /// (registered once here: a Forward of many experts makes no labels).
-    held: HashMap<(usize, usize), metrics::Counter>,
+    held: RwLock<HashMap<(usize, usize), metrics::Counter>>,
+    /// One `Hold` at a time, so that what is recorded follows the compute
+    /// thread's order.
+    holding: tokio::sync::Mutex<()>,
+}
+
+/// Pairs one `Hold` may name, loads and drops together.
+pub const MAX_HOLD_PAIRS: usize = 4096;
+
+fn tokens_counter(layer: usize, expert: usize) -> metrics::Counter {
+    metrics::counter!(
+        crate::metrics::EXPERT_TOKENS_TOTAL,
+        "layer" => layer.to_string(),
+        "expert" => expert.to_string()
+    )
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl ExpertServer {
@@ -36,35 +63,104 @@ impl ExpertServer {
         // counters below are handles into it, and a handle taken before it
         // is installed counts nowhere.
         crate::metrics::install();
-        let held = info
+        let held: HashMap<_, _> = info
             .held
             .iter()
             .flat_map(|(layer, experts)| experts.iter().map(move |&e| (*layer, e)))
-            .map(|(layer, expert)| {
-                let tokens = metrics::counter!(
-                    crate::metrics::EXPERT_TOKENS_TOTAL,
-                    "layer" => layer.to_string(),
-                    "expert" => expert.to_string()
-                );
-                ((layer, expert), tokens)
-            })
+            .map(|(layer, expert)| ((layer, expert), tokens_counter(layer, expert)))
             .collect();
+        metrics::gauge!(crate::metrics::EXPERTS_HELD).set(held.len() as f64);
         Self {
             compute,
-            info,
-            held,
+            info: RwLock::new(info),
+            held: RwLock::new(held),
+            holding: tokio::sync::Mutex::new(()),
         }
     }
 
     /// Bytes of the expert weights this worker holds, per dtype.
-    pub fn weight_dtypes(&self) -> &[(&'static str, u64)] {
-        &self.info.weight_dtypes
+    pub fn weight_dtypes(&self) -> Vec<(&'static str, u64)> {
+        read(&self.info).weight_dtypes.clone()
+    }
+
+    /// The pairs of a `Hold`, checked: pairs of the model's MoE layers, at
+    /// most [`MAX_HOLD_PAIRS`], none both loaded and dropped.
+    fn validate_hold(&self, request: &HoldRequest) -> Result<HoldChange, Status> {
+        let info = read(&self.info);
+        let config = &info.config;
+        let total = request.load.len() + request.drop.len();
+        if total > MAX_HOLD_PAIRS {
+            return Err(Status::invalid_argument(format!(
+                "load, drop: {total} pairs, more than the {MAX_HOLD_PAIRS} one Hold may name"
+            )));
+        }
+        let pairs = |field: &str, pairs: &[ExpertPair]| -> Result<Vec<(usize, usize)>, Status> {
+            pairs
+                .iter()
+                .enumerate()
+                .map(|(i, pair)| {
+                    let (layer, expert) = (pair.layer as usize, pair.expert as usize);
+                    match config.moe(layer) {
+                        Some(moe) if moe.holds_id(expert) => Ok((layer, expert)),
+                        Some(_) => Err(Status::invalid_argument(format!(
+                            "{field}[{i}]: layer {layer} has no expert {expert}"
+                        ))),
+                        None => Err(Status::invalid_argument(format!(
+                            "{field}[{i}]: layer {layer} is not a MoE layer of the model"
+                        ))),
+                    }
+                })
+                .collect()
+        };
+        let change = HoldChange {
+            load: pairs("load", &request.load)?,
+            drop: pairs("drop", &request.drop)?,
+        };
+        if let Some(&(layer, expert)) = change.load.iter().find(|p| change.drop.contains(p)) {
+            return Err(Status::invalid_argument(format!(
+                "drop: layer {layer} expert {expert} is also to be loaded"
+            )));
+        }
+        Ok(change)
+    }
+
+    /// Records what the compute thread holds after a `Hold`.
+    fn record(&self, holding: &Holding) {
+        {
+            let mut held = write(&self.held);
+            for &((layer, expert), took) in &holding.loaded {
+                held.insert((layer, expert), tokens_counter(layer, expert));
+                metrics::histogram!(crate::metrics::EXPERT_LOAD_DURATION).record(took);
+            }
+            for pair in &holding.dropped {
+                held.remove(pair);
+            }
+            metrics::gauge!(crate::metrics::EXPERTS_HELD).set(held.len() as f64);
+        }
+        metrics::counter!(crate::metrics::EXPERTS_LOADED_TOTAL)
+            .increment(holding.loaded.len() as u64);
+        metrics::counter!(crate::metrics::EXPERTS_DROPPED_TOTAL)
+            .increment(holding.dropped.len() as u64);
+        let mut info = write(&self.info);
+        for (dtype, _) in &info.weight_dtypes {
+            if !holding.weight_dtypes.iter().any(|(d, _)| d == dtype) {
+                metrics::gauge!(crate::metrics::MEMORY_BYTES, "kind" => "weights", "dtype" => *dtype)
+                    .set(0.0);
+            }
+        }
+        for &(dtype, bytes) in &holding.weight_dtypes {
+            metrics::gauge!(crate::metrics::MEMORY_BYTES, "kind" => "weights", "dtype" => dtype)
+                .set(bytes as f64);
+        }
+        info.held = holding.held.clone();
+        info.weight_dtypes = holding.weight_dtypes.clone();
     }
 
     /// Checks everything but the tensor bytes' contents; returns the layer and
     /// the work per expert.
     fn validate(&self, request: &ForwardRequest) -> Result<(usize, Vec<WorkItem>), Status> {
-        let config = &self.info.config;
+        let info = read(&self.info);
+        let config = &info.config;
         if request.experts.is_empty() {
             return Err(Status::invalid_argument(
                 "experts: empty request, no expert rows to compute",
@@ -112,7 +208,7 @@ impl ExpertServer {
                     }
                 )));
             }
-            if !self.held.contains_key(&(layer, expert)) {
+            if !read(&self.held).contains_key(&(layer, expert)) {
                 return Err(Status::not_found(format!(
                     "experts[{i}].expert: layer {layer} expert {expert} is not held by this worker"
                 )));
@@ -159,6 +255,15 @@ impl ExpertServer {
     }
 }
 
+fn layer_experts(held: &[(usize, Vec<usize>)]) -> Vec<LayerExperts> {
+    held.iter()
+        .map(|(layer, experts)| LayerExperts {
+            layer: *layer as u32,
+            experts: experts.iter().map(|&e| e as u32).collect(),
+        })
+        .collect()
+}
+
 fn device_name(device: Device) -> String {
     match device {
         Device::Cuda(i) => format!("cuda:{i}"),
@@ -173,23 +278,58 @@ impl ExpertService for ExpertServer {
         if !self.compute.is_running() {
             return Err(Status::unavailable(ComputeError::Stopped.to_string()));
         }
-        let info = &self.info;
+        let info = read(&self.info);
         Ok(Response::new(InfoResponse {
             model_id: info.model_id.clone(),
             num_layers: info.config.layers.len() as u32,
             num_experts: info.config.max_experts() as u32,
             hidden_size: info.config.hidden_size as u32,
-            held: info
-                .held
-                .iter()
-                .map(|(layer, experts)| LayerExperts {
-                    layer: *layer as u32,
-                    experts: experts.iter().map(|&e| e as u32).collect(),
-                })
-                .collect(),
+            held: layer_experts(&info.held),
             device: device_name(info.device),
             dtype: codec::to_wire(info.dtype),
             weight_bytes: info.weight_bytes(),
+        }))
+    }
+
+    async fn hold(&self, request: Request<HoldRequest>) -> Result<Response<HoldResponse>, Status> {
+        let change = self.validate_hold(request.get_ref())?;
+        let _one_at_a_time = self.holding.lock().await;
+        let holding = self.compute.hold(change).await.map_err(|e| match e {
+            ComputeError::Stopped => Status::unavailable(e.to_string()),
+            ComputeError::Failed(_) => Status::internal(e.to_string()),
+        })?;
+        self.record(&holding);
+        for &((layer, expert), took) in &holding.loaded {
+            tracing::info!(
+                layer,
+                expert,
+                load_ms = took.as_secs_f64() * 1e3,
+                "expert loaded"
+            );
+        }
+        for &(layer, expert) in &holding.dropped {
+            tracing::info!(layer, expert, "expert dropped");
+        }
+        if let Some(failed) = &holding.failed {
+            return Err(Status::internal(format!("hold: {failed}")));
+        }
+        let pair = |(layer, expert): (usize, usize)| ExpertPair {
+            layer: layer as u32,
+            expert: expert as u32,
+        };
+        let info = read(&self.info);
+        Ok(Response::new(HoldResponse {
+            held: layer_experts(&info.held),
+            weight_bytes: info.weight_bytes(),
+            loaded: holding
+                .loaded
+                .iter()
+                .map(|&(p, took)| LoadedPair {
+                    pair: Some(pair(p)),
+                    load_ns: took.as_nanos() as u64,
+                })
+                .collect(),
+            dropped: holding.dropped.iter().map(|&p| pair(p)).collect(),
         }))
     }
 
@@ -229,7 +369,7 @@ impl ExpertServer {
         let arrived = Instant::now();
         let (layer, work) = self.validate(&request)?;
         for item in &work {
-            if let Some(tokens) = self.held.get(&(layer, item.expert)) {
+            if let Some(tokens) = read(&self.held).get(&(layer, item.expert)) {
                 tokens.increment(item.rows.len() as u64);
             }
         }

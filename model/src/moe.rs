@@ -11,7 +11,7 @@ use crate::gating::{Gate, Routing};
 use crate::layer::LayerError;
 use crate::projection::{self, RoutedExpert};
 use crate::weights::Checkpoint;
-use tramontane_config::{ModelSpec, Quantization, SharedExperts};
+use tramontane_config::{ModelSpec, MoeSpec, Quantization, SharedExperts};
 
 /// Which experts a process holds: `held(layer, expert)`.
 pub type ExpertSelection<'a> = &'a dyn Fn(usize, usize) -> bool;
@@ -39,24 +39,11 @@ impl LocalExperts {
                 let Some(moe) = spec.moe(layer) else {
                     return Ok(Vec::new());
                 };
-                let placed = moe.placed_experts(SharedExperts::Workers);
-                (0..placed)
+                (0..moe.placed_experts(SharedExperts::Workers))
                     .map(|expert| {
-                        let (names, width) = match moe.shared {
-                            Some(shared) if expert == moe.experts => {
-                                (spec.family.shared_expert_tensors(layer), shared.width)
-                            }
-                            _ => (spec.family.expert_tensors(layer, expert), moe.width),
-                        };
                         held(layer, expert)
                             .then(|| {
-                                Expert::load(
-                                    checkpoint,
-                                    &names,
-                                    (spec.hidden_size, width),
-                                    precision,
-                                    device,
-                                )
+                                load_expert(checkpoint, spec, moe, layer, expert, precision, device)
                             })
                             .transpose()
                     })
@@ -65,6 +52,47 @@ impl LocalExperts {
             .collect::<Result<Vec<_>, _>>()?;
         crate::heap::release_free_memory();
         Ok(Self { layers })
+    }
+
+    /// Loads `(layer, expert)` (a layer's shared expert is its expert
+    /// `experts`) from `checkpoint` while serving, unless it is held
+    /// already; false for a pair the model does not have.
+    pub fn load_pair(
+        &mut self,
+        checkpoint: &Checkpoint,
+        spec: &ModelSpec,
+        (layer, expert): (usize, usize),
+        precision: (Kind, Option<Quantization>),
+        device: Device,
+    ) -> Result<bool, WeightsError> {
+        let (Some(moe), Some(slot)) = (
+            spec.moe(layer),
+            self.layers
+                .get_mut(layer)
+                .and_then(|experts| experts.get_mut(expert)),
+        ) else {
+            return Ok(false);
+        };
+        if slot.is_none() {
+            *slot = Some(load_expert(
+                checkpoint, spec, moe, layer, expert, precision, device,
+            )?);
+        }
+        Ok(true)
+    }
+
+    /// Drops `(layer, expert)`, its memory given back; whether it was held.
+    pub fn drop_pair(&mut self, layer: usize, expert: usize) -> bool {
+        let dropped = self
+            .layers
+            .get_mut(layer)
+            .and_then(|experts| experts.get_mut(expert))
+            .and_then(Option::take)
+            .is_some();
+        if dropped {
+            crate::heap::release_free_memory();
+        }
+        dropped
     }
 
     /// Experts already built: `layers[layer][expert]`, None where not held.
@@ -174,6 +202,32 @@ pub struct ExpertRows {
     pub rows: Vec<usize>,
     /// Routing weight of each row.
     pub weights: Vec<f32>,
+}
+
+/// Loads one expert of MoE layer `layer` (`moe`): a routed one, or the
+/// layer's shared expert as its expert `experts`.
+fn load_expert(
+    checkpoint: &Checkpoint,
+    spec: &ModelSpec,
+    moe: &MoeSpec,
+    layer: usize,
+    expert: usize,
+    precision: (Kind, Option<Quantization>),
+    device: Device,
+) -> Result<Expert, WeightsError> {
+    let (names, width) = match moe.shared {
+        Some(shared) if expert == moe.experts => {
+            (spec.family.shared_expert_tensors(layer), shared.width)
+        }
+        _ => (spec.family.expert_tensors(layer, expert), moe.width),
+    };
+    Expert::load(
+        checkpoint,
+        &names,
+        (spec.hidden_size, width),
+        precision,
+        device,
+    )
 }
 
 /// Splits a routing by expert, in expert order: the rows each expert gets and

@@ -29,4 +29,5 @@ mod serve;
 mod sharded;
 mod tls;
 mod traces;
+mod worker_holds;
 mod worker_input;
