@@ -59,6 +59,11 @@ pub struct WorkerArgs {
     pub connections: GrpcConnectionArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
+    /// Under mTLS (--tls-ca): the name of the only certificate that may
+    /// change what the worker holds (`Hold`): the router's node name in
+    /// `tramontane certs`.
+    #[arg(long, env = "TRAMONTANE_ADMIN_CLIENT", default_value = "router")]
+    pub admin_client: String,
     #[command(flatten)]
     pub compute: ComputeArgs,
     #[command(flatten)]
@@ -131,7 +136,10 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
             );
         }
         println!("{}{addr}", tramontane_launcher::LISTENING);
-        let server = ExpertServer::new(compute, info);
+        let mut server = ExpertServer::new(compute, info);
+        if tls.as_ref().is_some_and(|t| t.verifies_clients()) {
+            server = server.admin_only(&args.admin_client);
+        }
         let served = tramontane_expert_worker::serve(
             listener,
             server,

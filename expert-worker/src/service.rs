@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tch::Device;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
+use tramontane_infra::peer::PeerName;
 use tramontane_proto::codec;
 use tramontane_proto::v1::expert_service_server::ExpertService;
 use tramontane_proto::v1::{
@@ -29,6 +30,8 @@ pub struct ExpertServer {
     /// One `Hold` at a time, so that what is recorded follows the compute
     /// thread's order.
     holding: tokio::sync::Mutex<()>,
+    /// Under mTLS: the certificate name that alone may call `Hold`.
+    admin: Option<String>,
 }
 
 /// Pairs one `Hold` may name, loads and drops together.
@@ -75,7 +78,16 @@ impl ExpertServer {
             info: RwLock::new(info),
             held: RwLock::new(held),
             holding: tokio::sync::Mutex::new(()),
+            admin: None,
         }
+    }
+
+    /// Lets only the client whose certificate is named `name` (a node of
+    /// `tramontane certs`: the router) call `Hold`: for a worker under mTLS,
+    /// whose every client has a certificate of the cluster.
+    pub fn admin_only(mut self, name: impl Into<String>) -> Self {
+        self.admin = Some(name.into());
+        self
     }
 
     /// Bytes of the expert weights this worker holds, per dtype.
@@ -292,6 +304,15 @@ impl ExpertService for ExpertServer {
     }
 
     async fn hold(&self, request: Request<HoldRequest>) -> Result<Response<HoldResponse>, Status> {
+        if let Some(admin) = &self.admin {
+            let caller = request.extensions().get::<PeerName>();
+            if caller.map(PeerName::as_str) != Some(admin.as_str()) {
+                return Err(Status::permission_denied(format!(
+                    "hold: only {admin} may change what this worker holds; the caller's certificate is {}",
+                    caller.map_or("unnamed", PeerName::as_str)
+                )));
+            }
+        }
         let change = self.validate_hold(request.get_ref())?;
         let _one_at_a_time = self.holding.lock().await;
         let holding = self.compute.hold(change).await.map_err(|e| match e {

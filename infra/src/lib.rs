@@ -23,5 +23,6 @@ pub mod connections;
 pub mod error;
 pub mod grpc;
 pub mod metrics;
+pub mod peer;
 pub mod tls;
 pub mod trace_context;

@@ -12,8 +12,8 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-use tramontane_proto::v1::InfoRequest;
 use tramontane_proto::v1::expert_service_client::ExpertServiceClient;
+use tramontane_proto::v1::{ExpertPair, HoldRequest, HoldResponse, InfoRequest};
 
 use crate::support;
 
@@ -100,6 +100,29 @@ async fn info(addr: &str, tls: Option<ClientTlsConfig>) -> Result<String> {
     Ok(answer.into_inner().model_id)
 }
 
+/// A Hold over TLS that asks for layer 0's expert 7, held already: it
+/// changes nothing (the router started after needs it).
+async fn hold(addr: &str, tls: ClientTlsConfig) -> Result<HoldResponse, tonic::Status> {
+    let endpoint = Endpoint::from_shared(format!("https://{addr}"))
+        .and_then(|e| e.tls_config(tls))
+        .map_err(|e| tonic::Status::unknown(e.to_string()))?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unknown(e.to_string()))?;
+    let request = HoldRequest {
+        load: vec![ExpertPair {
+            layer: 0,
+            expert: 7,
+        }],
+        drop: vec![],
+    };
+    Ok(ExpertServiceClient::new(channel)
+        .hold(request)
+        .await?
+        .into_inner())
+}
+
 #[test]
 fn mtls_lets_in_only_clients_with_a_certificate_of_the_cluster_ca() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -107,7 +130,7 @@ fn mtls_lets_in_only_clients_with_a_certificate_of_the_cluster_ca() -> Result<()
     support::gen_model(&model, &["--preset", "tiny", "--seed", "41"])?;
     let (_, expected) = support::expected_greedy(&model, PROMPT, 6)?;
     let ours = dir.path().join("cluster");
-    certs(&ours, &["router", "worker-0"])?;
+    certs(&ours, &["router", "worker-0", "worker-1"])?;
     let theirs = dir.path().join("other");
     certs(&theirs, &["intruder"])?;
     let file = |dir: &Path, name: &str| dir.join(name).to_string_lossy().into_owned();
@@ -158,7 +181,31 @@ fn mtls_lets_in_only_clients_with_a_certificate_of_the_cluster_ca() -> Result<()
         let router_cert = ClientTlsConfig::new()
             .ca_certificate(ca.clone())
             .identity(identity(&ours, "router")?);
-        ensure!(!info(&worker.addr, Some(router_cert)).await?.is_empty());
+        ensure!(
+            !info(&worker.addr, Some(router_cert.clone()))
+                .await?
+                .is_empty()
+        );
+        // Only the router may change what the worker holds; another node of
+        // the cluster is let in, but not to Hold.
+        let other_node = ClientTlsConfig::new()
+            .ca_certificate(ca.clone())
+            .identity(identity(&ours, "worker-1")?);
+        ensure!(
+            !info(&worker.addr, Some(other_node.clone()))
+                .await?
+                .is_empty()
+        );
+        let refused = hold(&worker.addr, other_node).await.unwrap_err();
+        ensure!(
+            refused.code() == tonic::Code::PermissionDenied
+                && refused.message().contains("only router may"),
+            "{refused:?}"
+        );
+        let held = hold(&worker.addr, router_cert)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        ensure!(held.loaded.is_empty() && !held.held.is_empty(), "{held:?}");
         anyhow::Ok(())
     })?;
 

@@ -38,6 +38,8 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
+
+use crate::peer::PeerName;
 use tokio_rustls::rustls::ServerConfig;
 
 pub use activity::{Activity, Closing, Timeouts};
@@ -246,13 +248,14 @@ impl Server {
         let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
         let timeouts = self.limits.timeouts();
         let io = TrackedIo::new(tcp, activity.clone());
-        let service = TowerToHyperService::new(TrackedService::new(service, activity.clone()));
+        let service = TrackedService::new(service, activity.clone());
         let closed = |why: Closing| {
             metrics::counter!(CONNECTIONS_CLOSED, "listener" => self.name, "reason" => why.label())
                 .increment(1);
         };
         match &self.tls {
             None => {
+                let service = TowerToHyperService::new(service);
                 let conn = builder.serve_connection(TokioIo::new(io), service);
                 self.drive(conn, &activity, timeouts, &mut stop, closed)
                     .await
@@ -266,6 +269,13 @@ impl Server {
                 let Ok(tls) = handshake else {
                     return; // a failed handshake: rustls said why to the client
                 };
+                let peer = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .and_then(|der| PeerName::of_certificate(der));
+                let service = TowerToHyperService::new(service.with_peer(peer));
                 let conn = builder.serve_connection(TokioIo::new(tls), service);
                 self.drive(conn, &activity, timeouts, &mut stop, closed)
                     .await

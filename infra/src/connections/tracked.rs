@@ -12,6 +12,7 @@ use http::{Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::activity::Activity;
+use crate::peer::PeerName;
 
 /// A stream whose reads count as the client's activity.
 pub struct TrackedIo<T> {
@@ -92,11 +93,23 @@ impl Drop for InFlight {
 pub struct TrackedService<S> {
     inner: S,
     activity: Arc<Activity>,
+    /// The client's certificate's name (mTLS), given to every request.
+    peer: Option<PeerName>,
 }
 
 impl<S> TrackedService<S> {
     pub fn new(inner: S, activity: Arc<Activity>) -> Self {
-        Self { inner, activity }
+        Self {
+            inner,
+            activity,
+            peer: None,
+        }
+    }
+
+    /// Puts `peer` into the extensions of every request.
+    pub fn with_peer(mut self, peer: Option<PeerName>) -> Self {
+        self.peer = peer;
+        self
     }
 }
 
@@ -113,7 +126,10 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        if let Some(peer) = &self.peer {
+            request.extensions_mut().insert(peer.clone());
+        }
         let in_flight = InFlight::start(&self.activity, request.version() == http::Version::HTTP_2);
         let response = self.inner.call(request);
         Box::pin(async move {
