@@ -119,6 +119,14 @@ pub enum WorkerError {
     /// No answer within the dispatch deadline.
     #[error("no answer within {0:?} (DEADLINE_EXCEEDED)")]
     Deadline(Duration),
+    /// The worker does not hold these experts of the layer (NOT_FOUND with
+    /// [`tramontane_proto::NOT_HELD_METADATA`]): it is alive, its holdings
+    /// changed.
+    #[error("NOT_FOUND: {message}")]
+    NotHeld {
+        experts: Vec<usize>,
+        message: String,
+    },
     /// An answer that does not fit the request.
     #[error("bad answer")]
     BadAnswer(#[source] BadAnswer),
@@ -142,6 +150,7 @@ impl WorkerError {
         match self {
             WorkerError::Status { code, .. } => code_name(*code),
             WorkerError::Deadline(_) => "DEADLINE_EXCEEDED",
+            WorkerError::NotHeld { .. } => "NOT_FOUND",
             WorkerError::BadAnswer(_) => "BAD_ANSWER",
         }
     }

@@ -15,6 +15,7 @@ use tramontane_proto::v1::{ForwardRequest, ForwardResponse, TensorPayload};
 
 use crate::error::{BadAnswer, WorkerError};
 use crate::phases::{DispatchPhases, Phase, Volume};
+use tramontane_proto::NOT_HELD_METADATA;
 
 /// One Forward ready to go, owning what it needs: it runs as a task on the
 /// data path's runtime. Cloning it is cheap (the rows are shared bytes).
@@ -83,10 +84,7 @@ impl Forward {
         let response = tokio::time::timeout(deadline, client.forward(request))
             .await
             .map_err(|_| WorkerError::Deadline(deadline))?
-            .map_err(|status| WorkerError::Status {
-                code: status.code(),
-                message: status.message().to_string(),
-            })?
+            .map_err(worker_error)?
             .into_inner();
         let answered = Instant::now();
         phases.record_forward(answered - started, response.timings.as_ref());
@@ -94,6 +92,30 @@ impl Forward {
         let output = check_answer(response, &sent, rows, hidden).map_err(WorkerError::BadAnswer)?;
         phases.record(Phase::Decode, answered.elapsed());
         Ok(output)
+    }
+}
+
+/// A worker's gRPC error: NOT_FOUND naming the experts it does not hold is
+/// [`WorkerError::NotHeld`].
+fn worker_error(status: tonic::Status) -> WorkerError {
+    let not_held = (status.code() == tonic::Code::NotFound)
+        .then(|| status.metadata().get(NOT_HELD_METADATA)?.to_str().ok())
+        .flatten()
+        .and_then(|list| {
+            list.split(',')
+                .map(|e| e.trim().parse::<usize>().ok())
+                .collect::<Option<Vec<usize>>>()
+        })
+        .filter(|experts| !experts.is_empty());
+    match not_held {
+        Some(experts) => WorkerError::NotHeld {
+            experts,
+            message: status.message().to_string(),
+        },
+        None => WorkerError::Status {
+            code: status.code(),
+            message: status.message().to_string(),
+        },
     }
 }
 

@@ -13,6 +13,7 @@ pub const DISPATCH_PHASE: &str = "tramontane_router_dispatch_phase_seconds";
 pub const DISPATCH_BYTES_TOTAL: &str = "tramontane_router_dispatch_bytes_total";
 pub const DISPATCH_ERRORS_TOTAL: &str = "tramontane_router_dispatch_errors_total";
 pub const WORKER_UP: &str = "tramontane_router_worker_up";
+pub const PLACEMENT_EPOCH: &str = "tramontane_router_placement_epoch";
 
 /// From 5 µs to seconds, for the phases of one layer's dispatch.
 const PHASE_SECONDS_BUCKETS: &[f64] = &[
@@ -62,4 +63,8 @@ pub fn describe() {
         "Failed Forwards by worker and gRPC code."
     );
     describe_gauge!(WORKER_UP, "1 while the worker answers, 0 while it is down.");
+    describe_gauge!(
+        PLACEMENT_EPOCH,
+        "Changes of the router's view of which worker holds which expert since the start."
+    );
 }

@@ -5,8 +5,8 @@
 //! its share is planned again over the remaining live replicas.
 //! [`RemoteExperts`] is the model's `Experts` seam over gRPC.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tch::{Kind, Tensor};
@@ -44,7 +44,11 @@ pub struct WorkerLink {
 /// The experts of a model, reached over gRPC.
 pub struct RemoteExperts {
     workers: Arc<Vec<WorkerLink>>,
-    placement: Placement,
+    /// Which workers hold which experts, as far as the router knows: a
+    /// worker that answers that it no longer holds some is taken off them.
+    placement: RwLock<Placement>,
+    /// Bumped at every change of `placement`.
+    epoch: AtomicU64,
     data: DataPath,
     deadline: Duration,
     wire: Dtype,
@@ -67,7 +71,8 @@ impl RemoteExperts {
         let data = DataPath::new(&workers).map_err(ClusterError::Runtime)?;
         Ok(Self {
             workers,
-            placement,
+            placement: RwLock::new(placement),
+            epoch: AtomicU64::new(0),
             data,
             deadline,
             wire,
@@ -205,20 +210,21 @@ impl RemoteExperts {
     fn launch(&self, d: &mut LayerDispatch, pairs: &[RoutedPair]) -> Result<(), DispatchError> {
         let layer = d.layer;
         let live = |w: usize| self.workers[w].live.load(Ordering::Relaxed);
-        let shares = plan_dispatch(layer, pairs, &self.placement, &live).map_err(|u| {
+        let placement = self.placement();
+        let shares = plan_dispatch(layer, pairs, &placement, &live).map_err(|u| {
             DispatchError::NoLiveReplica {
                 layer: u.layer,
                 expert: u.expert,
-                placed_on: self
-                    .placement
+                placed_on: placement
                     .replicas(u.layer, u.expert)
                     .iter()
                     .map(|&w| self.worker_ref(w))
                     .collect(),
-                tokens: stranded_tokens(&self.placement, layer, &d.routed, d.k, &live),
+                tokens: stranded_tokens(&placement, layer, &d.routed, d.k, &live),
                 failures: std::mem::take(&mut d.failures),
             }
         })?;
+        drop(placement);
         for share in shares {
             let request = self.request(layer, &d.host, d.hidden as usize, &share)?;
             let span = tracing::info_span!(
@@ -246,8 +252,52 @@ impl RemoteExperts {
         Ok(())
     }
 
+    fn placement(&self) -> std::sync::RwLockReadGuard<'_, Placement> {
+        self.placement
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The placement epoch: how often the router's view of who holds what
+    /// changed since the start.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// `share`'s worker answered that it does not hold `experts` of
+    /// `layer`: it is taken off those it was asked for (a new placement
+    /// epoch), and true is returned; false when none of them was in its
+    /// share (an answer that makes no progress: a failure).
+    fn no_longer_held(&self, layer: usize, share: &WorkerShare, experts: &[usize]) -> bool {
+        let asked: Vec<usize> = experts
+            .iter()
+            .copied()
+            .filter(|e| share.experts.contains_key(e))
+            .collect();
+        if asked.is_empty() {
+            return false;
+        }
+        let mut placement = self
+            .placement
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for expert in asked {
+            if let Some(replicas) = placement
+                .experts
+                .get_mut(layer)
+                .and_then(|row| row.get_mut(expert))
+            {
+                replicas.retain(|&w| w != share.worker);
+            }
+        }
+        let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        metrics::gauge!(crate::metrics::PLACEMENT_EPOCH).set(epoch as f64);
+        true
+    }
+
     /// Waits for the Forwards out now and adds their answers; returns the
-    /// pairs of the workers that failed, marked down.
+    /// pairs of the workers that failed, marked down, and of those that no
+    /// longer hold what they were asked (taken off those experts).
     fn collect(&self, d: &mut LayerDispatch) -> Result<Vec<RoutedPair>, DispatchError> {
         let layer = d.layer;
         let waiting = Instant::now();
@@ -270,6 +320,18 @@ impl RemoteExperts {
                         .map_err(|source| DispatchError::Combine { layer, source })?;
                     self.phases.record(Phase::Combine, combining.elapsed());
                     d.worker_pairs[share.worker] += share.pairs.len() as u64;
+                }
+                Err(WorkerError::NotHeld { experts, message })
+                    if self.no_longer_held(layer, share, &experts) =>
+                {
+                    tracing::warn!(
+                        worker = share.worker,
+                        layer,
+                        ?experts,
+                        message,
+                        "a worker no longer holds experts: planning again over their other replicas"
+                    );
+                    retry.extend_from_slice(&share.pairs);
                 }
                 Err(error) => {
                     self.workers[share.worker]

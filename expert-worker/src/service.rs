@@ -10,12 +10,12 @@ use tch::Device;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use tramontane_infra::peer::PeerName;
-use tramontane_proto::codec;
 use tramontane_proto::v1::expert_service_server::ExpertService;
 use tramontane_proto::v1::{
     ExpertPair, ForwardRequest, ForwardResponse, HoldRequest, HoldResponse, InfoRequest,
     InfoResponse, LayerExperts, LoadedPair, WorkerTimings,
 };
+use tramontane_proto::{NOT_HELD_METADATA, codec};
 
 use crate::compute::{ComputeError, ComputeHandle, HoldChange, Holding, WorkItem, WorkerInfo};
 use crate::payload;
@@ -202,6 +202,32 @@ impl ExpertServer {
         if rows == 0 {
             return Err(Status::invalid_argument("hidden: no rows"));
         }
+        // Experts of the model this worker does not hold (any more): NOT_FOUND
+        // naming them all, for the router to plan them elsewhere.
+        let not_held: Vec<String> = {
+            let held = read(&self.held);
+            request
+                .experts
+                .iter()
+                .map(|item| item.expert as usize)
+                .filter(|&e| moe.holds_id(e) && !held.contains_key(&(layer, e)))
+                .map(|e| e.to_string())
+                .collect()
+        };
+        if let Some(first) = not_held.first() {
+            let mut status = Status::not_found(format!(
+                "experts: layer {layer} expert {first} is not held by this worker{}",
+                if not_held.len() > 1 {
+                    format!(" (nor {})", not_held[1..].join(", "))
+                } else {
+                    String::new()
+                }
+            ));
+            if let Ok(value) = not_held.join(",").parse() {
+                status.metadata_mut().insert(NOT_HELD_METADATA, value);
+            }
+            return Err(status);
+        }
         // Which experts and (per expert) rows were seen; each item's rows
         // are cleared again after it.
         let mut seen_experts = vec![false; moe.experts + 1];
@@ -218,11 +244,6 @@ impl ExpertServer {
                     } else {
                         ""
                     }
-                )));
-            }
-            if !read(&self.held).contains_key(&(layer, expert)) {
-                return Err(Status::not_found(format!(
-                    "experts[{i}].expert: layer {layer} expert {expert} is not held by this worker"
                 )));
             }
             if std::mem::replace(&mut seen_experts[expert], true) {

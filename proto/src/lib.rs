@@ -25,3 +25,8 @@ mod elements;
 pub mod v1 {
     tonic::include_proto!("moe.v1");
 }
+
+/// The metadata a worker's NOT_FOUND to a Forward carries: the experts of
+/// the request's layer it does not hold, decimal, separated by commas (a
+/// router plans them again over their other replicas).
+pub const NOT_HELD_METADATA: &str = "tramontane-not-held";

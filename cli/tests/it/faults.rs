@@ -407,3 +407,99 @@ fn an_expert_lost_without_a_replica_fails_only_the_requests_routed_to_it() -> Re
         Ok(())
     })
 }
+
+/// A worker that drops experts while serving (its `Hold`) answers NOT_FOUND
+/// naming them; the router takes it off those experts (a new placement
+/// epoch) and plans them over their replicas, without a failed request:
+/// the tokens are the same, the worker stays up and computes the rest.
+#[test]
+fn a_worker_that_drops_experts_is_planned_around_without_a_failed_request() -> Result<()> {
+    use tramontane_proto::v1::expert_service_client::ExpertServiceClient;
+    use tramontane_proto::v1::{ExpertPair, HoldRequest};
+
+    let dir = tempfile::tempdir()?;
+    let model = model_dir(dir.path())?;
+    let (_, expected) = support::expected_greedy(Path::new(&model), PROMPT, 24)?;
+    let w0 = support::worker(Path::new(&model), "all", "127.0.0.1:0")?;
+    let w1 = support::worker(Path::new(&model), "all", "127.0.0.1:0")?;
+    let placement = write_placement(
+        dir.path(),
+        serde_json::json!({"workers": 2, "experts": vec![vec![vec![0, 1]; 8]; 2]}),
+    )?;
+    let workers = support::addrs([&w0, &w1]);
+    let router = support::spawn_serving(&[
+        "router",
+        "--model",
+        &model,
+        "--workers",
+        &workers,
+        "--threads",
+        "1",
+        "--placement",
+        placement.to_str().context("path")?,
+    ])?;
+    let layer0_tokens = || -> Result<f64> {
+        let (_, _, metrics) = support::http(&w0.addr, "GET", "/metrics", "")?;
+        Ok(metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("tramontane_worker_expert_tokens_total{") && l.contains("layer=\"0\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    };
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let mut client =
+            GenerationClient::connect(format!("http://{}", router.process.addr)).await?;
+        let request = GenerateRequest {
+            prompt: PROMPT.into(),
+            max_tokens: 24,
+            temperature: Some(0.0),
+            ..Default::default()
+        };
+        let first = client.generate(request.clone()).await?.into_inner();
+        ensure!(first.token_ids == expected, "before the drop");
+        let mut admin = ExpertServiceClient::connect(format!("http://{}", w0.addr)).await?;
+        let dropped = admin
+            .hold(HoldRequest {
+                load: vec![],
+                drop: (0..8)
+                    .map(|expert| ExpertPair { layer: 1, expert })
+                    .collect(),
+            })
+            .await?
+            .into_inner();
+        ensure!(dropped.dropped.len() == 8, "{dropped:?}");
+        let before = layer0_tokens()?;
+        let again = client.generate(request).await?.into_inner();
+        ensure!(
+            again.token_ids == expected,
+            "after the drop:\n{:?}\n{expected:?}",
+            again.token_ids
+        );
+        ensure!(
+            layer0_tokens()? > before,
+            "worker 0 no longer computes layer 0"
+        );
+        anyhow::Ok(())
+    })?;
+    let (_, _, metrics) = support::http(&router.http, "GET", "/metrics", "")?;
+    let value = |name: &str| -> Option<f64> {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))?
+            .rsplit(' ')
+            .next()?
+            .parse()
+            .ok()
+    };
+    ensure!(
+        value("tramontane_router_placement_epoch").is_some_and(|e| e >= 1.0),
+        "{metrics}"
+    );
+    ensure!(
+        value("tramontane_router_worker_up{worker=\"0\"}") == Some(1.0),
+        "worker 0 was marked down:\n{metrics}"
+    );
+    Ok(())
+}
