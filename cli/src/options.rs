@@ -196,9 +196,33 @@ pub struct AccessArgs {
     /// the key).
     #[arg(long, env = "TRAMONTANE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve the admin API (`/admin/placement`) on this address, behind
+    /// --admin-key (off by default).
+    #[arg(long, env = "TRAMONTANE_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// The key the admin API needs (`Authorization: Bearer KEY`); required
+    /// with --admin-listen, and not one of the API keys.
+    #[arg(long, env = "TRAMONTANE_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
 }
 
 impl AccessArgs {
+    /// The admin API's key, with --admin-listen: required, and not an API
+    /// key (those must not open it).
+    pub fn admin_key(&self) -> Result<Option<ApiKeys>> {
+        let Some(_) = self.admin_listen else {
+            return Ok(None);
+        };
+        let Some(key) = &self.admin_key else {
+            bail!("--admin-listen needs --admin-key (or TRAMONTANE_ADMIN_KEY)");
+        };
+        if self.api_keys.contains(key) {
+            bail!("--admin-key must not be one of the API keys: they must not open the admin API");
+        }
+        let key = ApiKeys::new([key]).map_err(|e| anyhow::anyhow!("--admin-key: {e}"))?;
+        Ok(Some(key))
+    }
+
     pub fn api_keys(&self) -> Result<ApiKeys> {
         let mut keys = self.api_keys.clone();
         if let Some(path) = &self.api_key_file {

@@ -41,6 +41,7 @@ pub struct RouterArgs {
 }
 
 pub fn run(args: &RouterArgs) -> Result<()> {
+    let admin_key = args.tuning.access.admin_key()?;
     let options = args.tuning.options(
         args.model.clone(),
         args.workers.clone(),
@@ -53,6 +54,7 @@ pub fn run(args: &RouterArgs) -> Result<()> {
             grpc: args.listen,
             http: args.http_listen,
             metrics: args.tuning.access.metrics_listen,
+            admin: args.tuning.access.admin_listen.zip(admin_key),
         };
         let served = start_and_serve(options, listen, &args.tuning.connections, |_| Ok(())).await;
         telemetry.shutdown().await;

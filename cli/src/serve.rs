@@ -69,6 +69,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     for device in &args.devices {
         parse_device(device)?;
     }
+    let admin_key = args.tuning.access.admin_key()?;
     // The router's limits are checked before anything starts.
     args.tuning.scheduler.config()?;
     let model = match &args.model {
@@ -194,6 +195,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             grpc: args.listen,
             http: args.http_listen,
             metrics: args.tuning.access.metrics_listen,
+            admin: args.tuning.access.admin_listen.zip(admin_key),
         };
         let result =
             start_and_serve(

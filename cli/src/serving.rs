@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
+use tramontane_router::api_keys::ApiKeys;
 use tramontane_router::{Listeners, Router, RouterOptions};
 
 use crate::connections::RouterConnectionArgs;
@@ -15,14 +16,18 @@ pub const GRPC_LISTENING: &str = "tramontane router listening on ";
 pub const HTTP_LISTENING: &str = "tramontane http listening on ";
 /// The third line, with --metrics-listen; the observability address follows.
 pub const METRICS_LISTENING: &str = "tramontane metrics listening on ";
+/// The last line, with --admin-listen; the admin API's address follows.
+pub const ADMIN_LISTENING: &str = "tramontane admin listening on ";
 
 /// Where the router listens: gRPC, the HTTP API, and the observability
 /// routes when they have an address of their own.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Addresses {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub metrics: Option<SocketAddr>,
+    /// The admin API, behind its key.
+    pub admin: Option<(SocketAddr, ApiKeys)>,
 }
 
 impl Addresses {
@@ -45,7 +50,8 @@ pub async fn start_and_serve(
     } else {
         "http"
     };
-    let limits = connections.limits(1 + usize::from(listen.metrics.is_some()));
+    let limits = connections
+        .limits(1 + usize::from(listen.metrics.is_some()) + usize::from(listen.admin.is_some()));
     let router = Router::start(options).await?;
     let bind = |addr: SocketAddr| async move {
         tokio::net::TcpListener::bind(addr)
@@ -58,16 +64,27 @@ pub async fn start_and_serve(
         Some(addr) => Some(bind(addr).await?),
         None => None,
     };
+    let admin = match &listen.admin {
+        Some((addr, key)) => Some((bind(*addr).await?, key.clone())),
+        None => None,
+    };
     let bound = Addresses {
         grpc: grpc.local_addr()?,
         http: http.local_addr()?,
         metrics: observability.as_ref().map(|l| l.local_addr()).transpose()?,
+        admin: admin
+            .as_ref()
+            .map(|(l, key)| l.local_addr().map(|addr| (addr, key.clone())))
+            .transpose()?,
     };
-    on_listening(bound)?;
+    on_listening(bound.clone())?;
     println!("{GRPC_LISTENING}{}", bound.grpc);
     println!("{HTTP_LISTENING}{}", bound.http);
     if let Some(metrics) = bound.metrics {
         println!("{METRICS_LISTENING}{metrics}");
+    }
+    if let Some((admin, _)) = &bound.admin {
+        println!("{ADMIN_LISTENING}{admin}");
     }
     tracing::info!(
         "serving `{}` (chat template: {}): OpenAI API at {scheme}://{}/v1, metrics at {scheme}://{}/metrics, moe.v1.Generation at {}",
@@ -81,6 +98,7 @@ pub async fn start_and_serve(
         grpc,
         http,
         observability,
+        admin,
         http_limits: limits.http,
         grpc_limits: limits.grpc,
     };

@@ -46,9 +46,7 @@ pub struct RemoteExperts {
     workers: Arc<Vec<WorkerLink>>,
     /// Which workers hold which experts, as far as the router knows: a
     /// worker that answers that it no longer holds some is taken off them.
-    placement: RwLock<Placement>,
-    /// Bumped at every change of `placement`.
-    epoch: AtomicU64,
+    placement: PlacementView,
     data: DataPath,
     deadline: Duration,
     wire: Dtype,
@@ -71,8 +69,7 @@ impl RemoteExperts {
         let data = DataPath::new(&workers).map_err(ClusterError::Runtime)?;
         Ok(Self {
             workers,
-            placement: RwLock::new(placement),
-            epoch: AtomicU64::new(0),
+            placement: PlacementView::new(placement),
             data,
             deadline,
             wire,
@@ -171,6 +168,46 @@ impl RemoteExperts {
     }
 }
 
+/// The router's view of which worker holds which expert, and its epoch
+/// (bumped at every change). Cheap to clone: the clones share it.
+#[derive(Clone)]
+pub struct PlacementView {
+    placement: Arc<RwLock<Placement>>,
+    epoch: Arc<AtomicU64>,
+}
+
+impl PlacementView {
+    pub fn new(placement: Placement) -> Self {
+        Self {
+            placement: Arc::new(RwLock::new(placement)),
+            epoch: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Placement> {
+        self.placement
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The epoch and the placement now.
+    pub fn snapshot(&self) -> (u64, Placement) {
+        let placement = self.read();
+        (self.epoch.load(Ordering::SeqCst), placement.clone())
+    }
+
+    /// Changes the placement by `change`: a new epoch.
+    fn change(&self, change: impl FnOnce(&mut Placement)) {
+        let mut placement = self
+            .placement
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        change(&mut placement);
+        let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        metrics::gauge!(crate::metrics::PLACEMENT_EPOCH).set(epoch as f64);
+    }
+}
+
 /// `xs` `[tokens, hidden]` as host f32 values, row-major.
 pub(crate) fn host_rows(xs: &Tensor) -> Result<Vec<f32>, tch::TchError> {
     let host = xs
@@ -253,15 +290,12 @@ impl RemoteExperts {
     }
 
     fn placement(&self) -> std::sync::RwLockReadGuard<'_, Placement> {
-        self.placement
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.placement.read()
     }
 
-    /// The placement epoch: how often the router's view of who holds what
-    /// changed since the start.
-    pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::SeqCst)
+    /// The router's view of who holds what, shared (for the admin API).
+    pub fn placement_view(&self) -> PlacementView {
+        self.placement.clone()
     }
 
     /// `share`'s worker answered that it does not hold `experts` of
@@ -277,21 +311,17 @@ impl RemoteExperts {
         if asked.is_empty() {
             return false;
         }
-        let mut placement = self
-            .placement
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for expert in asked {
-            if let Some(replicas) = placement
-                .experts
-                .get_mut(layer)
-                .and_then(|row| row.get_mut(expert))
-            {
-                replicas.retain(|&w| w != share.worker);
+        self.placement.change(|placement| {
+            for expert in asked {
+                if let Some(replicas) = placement
+                    .experts
+                    .get_mut(layer)
+                    .and_then(|row| row.get_mut(expert))
+                {
+                    replicas.retain(|&w| w != share.worker);
+                }
             }
-        }
-        let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
-        metrics::gauge!(crate::metrics::PLACEMENT_EPOCH).set(epoch as f64);
+        });
         true
     }
 

@@ -33,6 +33,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod api_keys;
 pub mod chat_template;
 pub mod completion;

@@ -17,6 +17,7 @@ use tramontane_infra::connections::{Limits, Server};
 use tramontane_infra::tls::Tls;
 use tramontane_proto::v1::generation_server::GenerationServer as GenerationService;
 
+use crate::admin::AdminState;
 use crate::api_keys::{self, ApiKeys};
 use crate::completion::Generator;
 use crate::http::{self, HttpState};
@@ -33,6 +34,8 @@ pub struct Listeners {
     /// `/metrics`, `/v1/experts/stats` and `/health` without a key; None:
     /// they are on `http`, behind the key.
     pub observability: Option<TcpListener>,
+    /// The admin API, behind its own key; None: off.
+    pub admin: Option<(TcpListener, ApiKeys)>,
     /// What each connection of the HTTP listeners (API and observability)
     /// is held to.
     pub http_limits: Limits,
@@ -58,6 +61,7 @@ pub async fn serve(
         model_id,
         workers,
         placement,
+        placement_view,
         api_keys,
         readiness,
         health,
@@ -95,15 +99,40 @@ pub async fn serve(
         grpc,
         http,
         observability,
+        admin,
         http_limits,
         grpc_limits,
     } = listeners;
+    let admin = admin.map(|(listener, key)| {
+        let state = Arc::new(AdminState {
+            placement: placement_view,
+            key,
+        });
+        let https = public_tls.map(Tls::https_server).transpose();
+        (listener, state, https)
+    });
+    let admin = match admin {
+        Some((listener, state, https)) => {
+            Some(Server::new("admin", http_limits).tls(https?).serve(
+                listener,
+                crate::admin::app(state),
+                stop.wait(),
+            ))
+        }
+        None => None,
+    };
     let grpc = Server::new("grpc", grpc_limits)
         .tls(public_tls.map(Tls::https_server).transpose()?)
         .http2_only()
         .serve(grpc, grpc_routes(health, generator, api_keys), stop.wait());
     let http = http_servers(http, observability, http_limits, public_tls, state, &stop)?;
-    let result = tokio::try_join!(async { grpc.await.map_err(ServeError::Grpc) }, http);
+    let admin = async {
+        match admin {
+            Some(server) => server.await.map_err(ServeError::Http),
+            None => Ok(()),
+        }
+    };
+    let result = tokio::try_join!(async { grpc.await.map_err(ServeError::Grpc) }, http, admin);
     monitor.abort();
     result?;
     match ending.await {

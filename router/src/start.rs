@@ -11,6 +11,7 @@ use tonic_health::server::HealthReporter;
 use tramontane_config::Dtype;
 use tramontane_dispatch::cluster::{self, ClusterError};
 use tramontane_dispatch::expert_load::ExpertLoad;
+use tramontane_dispatch::remote::PlacementView;
 use tramontane_dispatch::{MicroBatches, RemoteExperts, WorkerLink};
 use tramontane_infra::tls::Tls;
 use tramontane_model::error::{ConfigError, LoadError, TokenizerError};
@@ -100,6 +101,8 @@ pub struct Router {
     pub(crate) model_id: String,
     pub(crate) workers: Arc<Vec<WorkerLink>>,
     pub(crate) placement: Placement,
+    /// The dispatch's live view of the placement (the admin API's).
+    pub(crate) placement_view: PlacementView,
     pub(crate) api_keys: ApiKeys,
     pub(crate) readiness: Arc<Readiness>,
     pub(crate) health: HealthServer<tonic_health::server::HealthService>,
@@ -118,6 +121,7 @@ impl Router {
         let tokenizer = Arc::new(Tokenizer::from_dir(&options.model_dir)?);
         let chat_template = chat_template(&options.model_dir, &tokenizer)?;
         let (experts, workers, placement) = connect_experts(&options, &config, &model_id).await?;
+        let placement_view = experts.placement_view();
         let expert_load = experts.load();
         let engine = spawn_engine(&options, &config, &tokenizer, experts).await?;
         let (reporter, health) = health();
@@ -143,6 +147,7 @@ impl Router {
             model_id,
             workers,
             placement,
+            placement_view,
             api_keys: options.api_keys,
             readiness,
             health,

@@ -437,7 +437,34 @@ fn a_worker_that_drops_experts_is_planned_around_without_a_failed_request() -> R
         "1",
         "--placement",
         placement.to_str().context("path")?,
+        "--api-key",
+        "api-key",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--admin-key",
+        "admin-key",
     ])?;
+    let admin = router.admin.clone().context("admin address")?;
+    let placement_of = |key: &str| -> Result<(u16, String)> {
+        let (status, _, body) = support::http_with(
+            &admin,
+            "GET",
+            "/admin/placement",
+            &[("Authorization", &format!("Bearer {key}"))],
+            "",
+        )?;
+        Ok((status, body))
+    };
+    // The API key does not open the admin API; the admin key does.
+    ensure!(placement_of("api-key")?.0 == 401);
+    let (status, body) = placement_of("admin-key")?;
+    ensure!(status == 200, "{status} {body}");
+    let answer: serde_json::Value = serde_json::from_str(&body)?;
+    ensure!(
+        answer
+            == serde_json::json!({"epoch": 0, "workers": 2, "experts": vec![vec![vec![0, 1]; 8]; 2]}),
+        "{answer}"
+    );
     let layer0_tokens = || -> Result<f64> {
         let (_, _, metrics) = support::http(&w0.addr, "GET", "/metrics", "")?;
         Ok(metrics
@@ -449,8 +476,15 @@ fn a_worker_that_drops_experts_is_planned_around_without_a_failed_request() -> R
             .sum())
     };
     tokio::runtime::Runtime::new()?.block_on(async {
-        let mut client =
-            GenerationClient::connect(format!("http://{}", router.process.addr)).await?;
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", router.process.addr))?
+                .connect()
+                .await?;
+        let mut client = GenerationClient::with_interceptor(channel, |mut r: tonic::Request<()>| {
+            r.metadata_mut()
+                .insert("authorization", "Bearer api-key".parse().expect("ascii"));
+            Ok(r)
+        });
         let request = GenerateRequest {
             prompt: PROMPT.into(),
             max_tokens: 24,
@@ -483,7 +517,28 @@ fn a_worker_that_drops_experts_is_planned_around_without_a_failed_request() -> R
         );
         anyhow::Ok(())
     })?;
-    let (_, _, metrics) = support::http(&router.http, "GET", "/metrics", "")?;
+    // The view the router plans with: worker 0 is off the layer 1 experts
+    // it was asked for since (the router learns it Forward by Forward), and
+    // still on every layer 0 expert.
+    let (_, body) = placement_of("admin-key")?;
+    let answer: serde_json::Value = serde_json::from_str(&body)?;
+    ensure!(answer["epoch"].as_u64() >= Some(1), "{answer}");
+    let layer1 = answer["experts"][1].as_array().context("layer 1")?;
+    ensure!(
+        answer["experts"][0] == serde_json::json!(vec![vec![0, 1]; 8])
+            && layer1.iter().any(|w| *w == serde_json::json!([1]))
+            && layer1
+                .iter()
+                .all(|w| *w == serde_json::json!([1]) || *w == serde_json::json!([0, 1])),
+        "{answer}"
+    );
+    let (_, _, metrics) = support::http_with(
+        &router.http,
+        "GET",
+        "/metrics",
+        &[("Authorization", "Bearer api-key")],
+        "",
+    )?;
     let value = |name: &str| -> Option<f64> {
         metrics
             .lines()

@@ -246,6 +246,22 @@ fn serve_refuses_bad_options() -> Result<()> {
             "--queue must be at least 1",
         ),
         (
+            vec!["serve", "--workers", "2", "--admin-listen", "127.0.0.1:0"],
+            "--admin-listen needs --admin-key",
+        ),
+        (
+            vec![
+                "serve",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--admin-key",
+                "k",
+                "--api-key",
+                "k",
+            ],
+            "--admin-key must not be one of the API keys",
+        ),
+        (
             vec![
                 "router",
                 "--model",

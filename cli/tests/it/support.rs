@@ -213,6 +213,8 @@ pub struct Serving {
     pub process: Process,
     pub http: String,
     pub metrics: Option<String>,
+    /// With `--admin-listen`.
+    pub admin: Option<String>,
 }
 
 /// Starts `tramontane ARGS...` (serve or router) on ephemeral ports and waits
@@ -229,11 +231,9 @@ pub fn spawn_serving(args: &[&str]) -> Result<Serving> {
         .spawn()?;
     let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
     let mut addrs = Vec::new();
-    let lines = if args.contains(&"--metrics-listen") {
-        3
-    } else {
-        2
-    };
+    let with_metrics = args.contains(&"--metrics-listen");
+    let with_admin = args.contains(&"--admin-listen");
+    let lines = 2 + usize::from(with_metrics) + usize::from(with_admin);
     for _ in 0..lines {
         let mut line = String::new();
         stdout.read_line(&mut line)?;
@@ -250,7 +250,10 @@ pub fn spawn_serving(args: &[&str]) -> Result<Serving> {
         }
     }
     drain(stdout, child.stderr.take());
-    let metrics = (lines == 3)
+    let admin = with_admin
+        .then(|| addrs.pop().context("admin address"))
+        .transpose()?;
+    let metrics = with_metrics
         .then(|| addrs.pop().context("metrics address"))
         .transpose()?;
     let http = addrs.pop().context("http address")?;
@@ -259,6 +262,7 @@ pub fn spawn_serving(args: &[&str]) -> Result<Serving> {
         process: Process { child, addr },
         http,
         metrics,
+        admin,
     })
 }
 
