@@ -1124,6 +1124,45 @@ mod tests {
     }
 
     #[test]
+    fn alone_a_cached_prefix_gives_bit_for_bit_the_logits_of_the_same_chunks_from_scratch() {
+        let _guard = tch::no_grad_guard();
+        let dir = synthetic_model();
+        let base: Vec<u32> = (0..45).map(|p| 7 + (p * 31) % 200).collect();
+        let with_tail = |shared: usize, tail: u32| {
+            let mut prompt = base[..shared].to_vec();
+            prompt.extend((0..9).map(|p| 211 + (p * 13 + tail) % 40));
+            prompt
+        };
+        // One request at a time, chunks of 32 (two blocks): a cached prefix
+        // of two blocks leaves the rest to the chunk a cold prefill computes
+        // after its first, over the same steps. Shares at a block boundary
+        // (32), off it (37), all of it (45, the cache giving 32) and none.
+        let waves: Vec<Vec<Vec<u32>>> = [
+            base.clone(),
+            with_tail(32, 1),
+            with_tail(37, 2),
+            base.clone(),
+            with_tail(0, 3),
+        ]
+        .into_iter()
+        .map(|prompt| vec![prompt])
+        .collect();
+        let run = |prefix_caching| {
+            let config = SchedulerConfig {
+                prefix_caching,
+                max_batch_tokens: 32,
+                max_running: 8,
+                ..SchedulerConfig::default()
+            };
+            tokens_and_logprobs(dir.path(), config, &waves)
+        };
+        let (scratch, _, _) = run(false);
+        let (cached, hits, _) = run(true);
+        assert_eq!(hits, 32 + 32 + 32, "prompt tokens from the cache");
+        assert_eq!(cached, scratch);
+    }
+
+    #[test]
     fn sequences_submitted_together_wait_to_share_a_prefix_in_flight() {
         let _guard = tch::no_grad_guard();
         let dir = synthetic_model();
