@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::get;
 use serde::Serialize;
 use tramontane_dispatch::remote::PlacementView;
@@ -67,15 +67,8 @@ async fn require_admin_key(
     if !state.key.is_open() && state.key.allows(authorization) {
         return next.run(request).await;
     }
-    let mut response = ApiError::new(
-        StatusCode::UNAUTHORIZED,
+    ApiError::unauthorized(
         "the admin API needs the admin key (Authorization: Bearer KEY)",
+        "invalid_admin_key",
     )
-    .with_code("invalid_admin_key")
-    .into_response();
-    response.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        header::HeaderValue::from_static("Bearer"),
-    );
-    response
 }

@@ -467,13 +467,13 @@ fn a_worker_that_drops_experts_is_planned_around_without_a_failed_request() -> R
     );
     let layer0_tokens = || -> Result<f64> {
         let (_, _, metrics) = support::http(&w0.addr, "GET", "/metrics", "")?;
-        Ok(metrics
-            .lines()
-            .filter(|l| {
-                l.starts_with("tramontane_worker_expert_tokens_total{") && l.contains("layer=\"0\"")
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+        Ok(
+            support::samples(&metrics, "tramontane_worker_expert_tokens_total")
+                .into_iter()
+                .filter(|(labels, _)| labels.get("layer").map(String::as_str) == Some("0"))
+                .map(|(_, value)| value)
+                .sum(),
+        )
     };
     tokio::runtime::Runtime::new()?.block_on(async {
         let channel =
@@ -539,15 +539,7 @@ fn a_worker_that_drops_experts_is_planned_around_without_a_failed_request() -> R
         &[("Authorization", "Bearer api-key")],
         "",
     )?;
-    let value = |name: &str| -> Option<f64> {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))?
-            .rsplit(' ')
-            .next()?
-            .parse()
-            .ok()
-    };
+    let value = |sample: &str| support::metric(&metrics, sample);
     ensure!(
         value("tramontane_router_placement_epoch").is_some_and(|e| e >= 1.0),
         "{metrics}"

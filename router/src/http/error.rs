@@ -57,6 +57,18 @@ impl ApiError {
         self
     }
 
+    /// A request without the key a route needs: 401 with `code` and
+    /// `WWW-Authenticate: Bearer`.
+    pub fn unauthorized(message: &str, code: &'static str) -> Response {
+        let mut response = Self::new(StatusCode::UNAUTHORIZED, message)
+            .with_code(code)
+            .into_response();
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        response
+    }
+
     fn kind(&self) -> &'static str {
         match self.status {
             StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",

@@ -130,14 +130,7 @@ async fn require_key(
     if state.api_keys.allows(authorization) {
         return next.run(request).await;
     }
-    let mut response = ApiError::new(StatusCode::UNAUTHORIZED, api_keys::REFUSED)
-        .with_code("invalid_api_key")
-        .into_response();
-    response.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        header::HeaderValue::from_static("Bearer"),
-    );
-    response
+    ApiError::unauthorized(api_keys::REFUSED, "invalid_api_key")
 }
 
 async fn models(State(state): State<Arc<HttpState>>) -> Json<ModelList> {
