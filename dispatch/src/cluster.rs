@@ -12,6 +12,7 @@ use tramontane_policy::placement::Placement;
 use tramontane_proto::v1::InfoRequest;
 use tramontane_proto::v1::expert_service_client::ExpertServiceClient;
 
+use crate::placement_view::PlacementView;
 use crate::remote::WorkerLink;
 
 #[derive(Debug, thiserror::Error)]
@@ -177,18 +178,19 @@ pub fn all_covered(workers: &[WorkerLink], placement: &Placement) -> bool {
 
 /// Probes every worker forever: a worker that answers Info with the right
 /// model is live, one that does not is down; a down worker is probed with
-/// exponential backoff. `on_change` gets the new readiness when it changes.
+/// exponential backoff. `on_change` gets the new readiness (every expert of
+/// the placement in effect has a live worker) when it changes.
 pub async fn monitor(
     workers: Arc<Vec<WorkerLink>>,
     model_id: String,
-    placement: Placement,
+    placement: PlacementView,
     on_change: impl Fn(bool),
 ) {
     const BASE: Duration = Duration::from_millis(100);
     const MAX: Duration = Duration::from_secs(2);
     let mut backoff = vec![BASE; workers.len()];
     let mut next_probe = vec![tokio::time::Instant::now(); workers.len()];
-    let mut ready = all_covered(&workers, &placement);
+    let mut ready = all_covered(&workers, &placement.current().placement);
     on_change(ready);
     loop {
         tokio::time::sleep(BASE).await;
@@ -222,7 +224,7 @@ pub async fn monitor(
                 tracing::info!(worker = i, addr = %link.addr, "worker is live");
             }
         }
-        let now_ready = all_covered(&workers, &placement);
+        let now_ready = all_covered(&workers, &placement.current().placement);
         if now_ready != ready {
             ready = now_ready;
             on_change(ready);

@@ -5,8 +5,8 @@
 //! its share is planned again over the remaining live replicas.
 //! [`RemoteExperts`] is the model's `Experts` seam over gRPC.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tch::{Kind, Tensor};
@@ -29,6 +29,7 @@ use crate::expert_load::ExpertLoad;
 use crate::forward::{Answer, Forward};
 use crate::micro_batches::MicroBatches;
 use crate::phases::{DispatchPhases, Phase, Volume};
+use crate::placement_view::PlacementView;
 
 /// A worker as the router sees it. `client` is for probes and runs on the
 /// runtime that connected; the data path makes its own clients from
@@ -141,6 +142,7 @@ impl RemoteExperts {
         xs: &[f32],
         hidden: usize,
         share: &WorkerShare,
+        epoch: u64,
     ) -> Result<ForwardRequest, DispatchError> {
         let started = Instant::now();
         let hidden_rows =
@@ -153,6 +155,7 @@ impl RemoteExperts {
         self.phases.record(Phase::Encode, started.elapsed());
         Ok(ForwardRequest {
             dispatch_id: self.next_dispatch.fetch_add(1, Ordering::Relaxed),
+            epoch,
             layer: layer as u32,
             hidden: Some(hidden_rows),
             experts: share
@@ -165,46 +168,6 @@ impl RemoteExperts {
                 })
                 .collect(),
         })
-    }
-}
-
-/// The router's view of which worker holds which expert, and its epoch
-/// (bumped at every change). Cheap to clone: the clones share it.
-#[derive(Clone)]
-pub struct PlacementView {
-    placement: Arc<RwLock<Placement>>,
-    epoch: Arc<AtomicU64>,
-}
-
-impl PlacementView {
-    pub fn new(placement: Placement) -> Self {
-        Self {
-            placement: Arc::new(RwLock::new(placement)),
-            epoch: Arc::new(AtomicU64::new(0)),
-        }
-    }
-
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Placement> {
-        self.placement
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// The epoch and the placement now.
-    pub fn snapshot(&self) -> (u64, Placement) {
-        let placement = self.read();
-        (self.epoch.load(Ordering::SeqCst), placement.clone())
-    }
-
-    /// Changes the placement by `change`: a new epoch.
-    fn change(&self, change: impl FnOnce(&mut Placement)) {
-        let mut placement = self
-            .placement
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        change(&mut placement);
-        let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
-        metrics::gauge!(crate::metrics::PLACEMENT_EPOCH).set(epoch as f64);
     }
 }
 
@@ -247,8 +210,9 @@ impl RemoteExperts {
     fn launch(&self, d: &mut LayerDispatch, pairs: &[RoutedPair]) -> Result<(), DispatchError> {
         let layer = d.layer;
         let live = |w: usize| self.workers[w].live.load(Ordering::Relaxed);
-        let placement = self.placement();
-        let shares = plan_dispatch(layer, pairs, &placement, &live).map_err(|u| {
+        let current = self.placement.current();
+        let placement = &current.placement;
+        let shares = plan_dispatch(layer, pairs, placement, &live).map_err(|u| {
             DispatchError::NoLiveReplica {
                 layer: u.layer,
                 expert: u.expert,
@@ -257,18 +221,18 @@ impl RemoteExperts {
                     .iter()
                     .map(|&w| self.worker_ref(w))
                     .collect(),
-                tokens: stranded_tokens(&placement, layer, &d.routed, d.k, &live),
+                tokens: stranded_tokens(placement, layer, &d.routed, d.k, &live),
                 failures: std::mem::take(&mut d.failures),
             }
         })?;
-        drop(placement);
         for share in shares {
-            let request = self.request(layer, &d.host, d.hidden as usize, &share)?;
+            let request = self.request(layer, &d.host, d.hidden as usize, &share, current.epoch)?;
             let span = tracing::info_span!(
                 "dispatch",
                 worker = share.worker,
                 worker.addr = %self.workers[share.worker].addr,
                 layer,
+                epoch = current.epoch,
                 rows = share.tokens.len(),
                 error = tracing::field::Empty,
             );
@@ -289,10 +253,6 @@ impl RemoteExperts {
         Ok(())
     }
 
-    fn placement(&self) -> std::sync::RwLockReadGuard<'_, Placement> {
-        self.placement.read()
-    }
-
     /// The router's view of who holds what, shared (for the admin API).
     pub fn placement_view(&self) -> PlacementView {
         self.placement.clone()
@@ -300,8 +260,9 @@ impl RemoteExperts {
 
     /// `share`'s worker answered that it does not hold `experts` of
     /// `layer`: it is taken off those it was asked for (a new placement
-    /// epoch), and true is returned; false when none of them was in its
-    /// share (an answer that makes no progress: a failure).
+    /// epoch, unless another answer did so already), and true is returned;
+    /// false when none of them was in its share (an answer that makes no
+    /// progress: a failure).
     fn no_longer_held(&self, layer: usize, share: &WorkerShare, experts: &[usize]) -> bool {
         let asked: Vec<usize> = experts
             .iter()
@@ -311,17 +272,7 @@ impl RemoteExperts {
         if asked.is_empty() {
             return false;
         }
-        self.placement.change(|placement| {
-            for expert in asked {
-                if let Some(replicas) = placement
-                    .experts
-                    .get_mut(layer)
-                    .and_then(|row| row.get_mut(expert))
-                {
-                    replicas.retain(|&w| w != share.worker);
-                }
-            }
-        });
+        self.placement.drop_holder(layer, &asked, share.worker);
         true
     }
 
@@ -453,5 +404,14 @@ impl Experts for RemoteExperts {
 
     fn micro_batches(&self, sequences: usize, tokens: usize) -> usize {
         self.micro_batches.groups(sequences, tokens)
+    }
+
+    /// A placement switch waiting for this step takes effect.
+    fn begin_step(&self) {
+        self.placement.begin_step();
+    }
+
+    fn end_step(&self) {
+        self.placement.end_step();
     }
 }

@@ -18,6 +18,7 @@ pub const EXPERTS_HELD: &str = "tramontane_worker_experts_held";
 pub const EXPERT_LOAD_DURATION: &str = "tramontane_worker_expert_load_seconds";
 pub const EXPERTS_LOADED_TOTAL: &str = "tramontane_worker_experts_loaded_total";
 pub const EXPERTS_DROPPED_TOTAL: &str = "tramontane_worker_experts_dropped_total";
+pub const PLACEMENT_EPOCH: &str = "tramontane_worker_placement_epoch";
 
 /// The worker's recorder, its metrics described.
 pub fn install() -> PrometheusHandle {
@@ -29,6 +30,10 @@ pub fn install() -> PrometheusHandle {
         (EXPERT_LOAD_DURATION, STEP_SECONDS_BUCKETS),
     ]);
     describe_gauge!(EXPERTS_HELD, "(layer, expert) pairs this worker holds.");
+    describe_gauge!(
+        PLACEMENT_EPOCH,
+        "The highest router placement epoch a Forward or a Hold named."
+    );
     describe_histogram!(
         EXPERT_LOAD_DURATION,
         Unit::Seconds,

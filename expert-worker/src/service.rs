@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tch::Device;
@@ -32,6 +33,8 @@ pub struct ExpertServer {
     holding: tokio::sync::Mutex<()>,
     /// Under mTLS: the certificate name that alone may call `Hold`.
     admin: Option<String>,
+    /// The highest router placement epoch a Forward or a Hold named.
+    epoch: AtomicU64,
 }
 
 /// Pairs one `Hold` may name, loads and drops together.
@@ -79,6 +82,7 @@ impl ExpertServer {
             held: RwLock::new(held),
             holding: tokio::sync::Mutex::new(()),
             admin: None,
+            epoch: AtomicU64::new(0),
         }
     }
 
@@ -216,12 +220,14 @@ impl ExpertServer {
         };
         if let Some(first) = not_held.first() {
             let mut status = Status::not_found(format!(
-                "experts: layer {layer} expert {first} is not held by this worker{}",
+                "experts: layer {layer} expert {first} is not held by this worker{} (the Forward was planned at placement epoch {}; this worker has seen epoch {})",
                 if not_held.len() > 1 {
                     format!(" (nor {})", not_held[1..].join(", "))
                 } else {
                     String::new()
-                }
+                },
+                request.epoch,
+                self.epoch.load(Ordering::Relaxed),
             ));
             if let Ok(value) = not_held.join(",").parse() {
                 status.metadata_mut().insert(NOT_HELD_METADATA, value);
@@ -335,6 +341,7 @@ impl ExpertService for ExpertServer {
             }
         }
         let change = self.validate_hold(request.get_ref())?;
+        self.saw_epoch(request.get_ref().epoch);
         let _one_at_a_time = self.holding.lock().await;
         let holding = self.compute.hold(change).await.map_err(|e| match e {
             ComputeError::Stopped => Status::unavailable(e.to_string()),
@@ -386,6 +393,7 @@ impl ExpertService for ExpertServer {
             rows = tracing::field::Empty,
             experts = request.get_ref().experts.len(),
             dispatch_id = request.get_ref().dispatch_id,
+            epoch = request.get_ref().epoch,
             trace_id = tracing::field::Empty,
         );
         tramontane_infra::trace_context::adopt(&span, request.metadata());
@@ -407,8 +415,17 @@ impl ExpertService for ExpertServer {
 }
 
 impl ExpertServer {
+    /// Notes a placement epoch the router named.
+    fn saw_epoch(&self, epoch: u64) {
+        let before = self.epoch.fetch_max(epoch, Ordering::Relaxed);
+        if epoch > before {
+            metrics::gauge!(crate::metrics::PLACEMENT_EPOCH).set(epoch as f64);
+        }
+    }
+
     async fn forward_one(&self, request: ForwardRequest) -> Result<ForwardResponse, Status> {
         let arrived = Instant::now();
+        self.saw_epoch(request.epoch);
         let (layer, work) = self.validate(&request)?;
         for item in &work {
             if let Some(tokens) = read(&self.held).get(&(layer, item.expert)) {

@@ -47,6 +47,7 @@ pub async fn round_trips(addr: &str, samples: usize) -> Result<RoundTrips, Measu
         .collect();
     let request = ForwardRequest {
         dispatch_id: 0,
+        epoch: 0,
         layer: held.layer,
         hidden: Some(codec::payload(
             Dtype::F32,

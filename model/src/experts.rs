@@ -47,6 +47,32 @@ pub trait Experts {
     fn micro_batches(&self, _sequences: usize, _tokens: usize) -> usize {
         1
     }
+
+    /// A step begins: every layer started until [`Experts::end_step`]
+    /// belongs to it (a sharded dispatch switches placements only between
+    /// steps).
+    fn begin_step(&self) {}
+
+    /// The step [`Experts::begin_step`] began has ended, whether it
+    /// succeeded or not.
+    fn end_step(&self) {}
+}
+
+/// A step of `experts`, from its creation to its drop: `begin_step`, then
+/// `end_step` on every path out of the step.
+pub struct StepScope<'a, E: Experts>(&'a E);
+
+impl<'a, E: Experts> StepScope<'a, E> {
+    pub fn begin(experts: &'a E) -> Self {
+        experts.begin_step();
+        Self(experts)
+    }
+}
+
+impl<E: Experts> Drop for StepScope<'_, E> {
+    fn drop(&mut self) {
+        self.0.end_step();
+    }
 }
 
 /// An [`Experts`] failure, and how much of the step it takes down.

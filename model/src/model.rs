@@ -9,7 +9,7 @@ use tch::{Device, Kind, TchError, Tensor};
 
 use crate::attention::{SequenceSpan, StepLayout};
 use crate::error::{Failed, ForwardError, LoadError, StepError, WeightsError};
-use crate::experts::{Experts, ExpertsError};
+use crate::experts::{Experts, ExpertsError, StepScope};
 use crate::kv_cache::{BLOCK_SIZE, KvCache, KvPool, blocks_for};
 use crate::layer::{DecoderLayer, LayerError, LayerInFlight};
 use crate::load::load_layer;
@@ -302,6 +302,7 @@ impl<E: Experts> CausalLm<E> {
                 (Kind::Float, self.options.device),
             )?);
         }
+        let _step = StepScope::begin(&self.experts);
         let lens: Vec<usize> = spans.iter().map(|s| s.len).collect();
         let groups = micro_batches(&lens, self.experts.micro_batches(spans.len(), ids.len()));
         let mut batches = groups

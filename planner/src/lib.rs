@@ -9,9 +9,9 @@
 //!   MLPs, shared experts, ...), the routed experts (the workers'), the KV cache.
 //! - [`workload`]: arrivals and prompt / output lengths.
 //! - [`routing`]: which experts simulated tokens choose (from a routing trace).
-//! - [`eplb`]: expert replication and placement (DeepSeek's EPLB algorithm).
 //! - [`simulate`]: the discrete-event simulation of the scheduler and dispatch.
-//! - [`plan`]: a plan per cluster size, and the search for the smallest one.
+//! - [`plan`]: a plan per cluster size (experts placed by
+//!   `tramontane_policy::eplb`, DeepSeek's EPLB), and the search for the smallest one.
 //! - [`report`]: what a plan reports (`plan --json`, tables, charts);
 //!   [`svg`]: the charts' drawing; [`helm_values`]: the Helm chart's
 //!   values for a plan (`plan --helm-values`).
@@ -22,7 +22,6 @@
 
 #![forbid(unsafe_code)]
 
-pub mod eplb;
 pub mod helm_values;
 pub mod memory;
 pub mod model;
@@ -35,6 +34,5 @@ pub mod simulate;
 pub mod svg;
 #[cfg(test)]
 mod test_fixtures;
-mod torch_order;
 pub mod weight_dtype;
 pub mod workload;

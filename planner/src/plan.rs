@@ -6,13 +6,13 @@ use serde::Serialize;
 use tramontane_policy::placement::Placement;
 use tramontane_policy::scheduler::SchedulerConfig;
 
-use crate::eplb;
 use crate::memory::{DeviceMemory, USABLE_FRACTION};
 use crate::model::SizedModel;
 use crate::profile::Profile;
 use crate::routing::TokenRouting;
 use crate::simulate::{Cluster, Prediction};
 use crate::workload::Workload;
+use tramontane_policy::eplb;
 
 /// Latency objectives, seconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -216,7 +216,7 @@ impl Planner {
                 let slots = even + spare;
                 candidates.push(Candidate {
                     name: format!("EPLB, {spare} spare slots per worker"),
-                    placement: eplb_placement(&load, slots, workers)?,
+                    placement: eplb::placement_for_load(&load, slots, workers)?,
                     slots_per_worker: slots,
                 });
             }
@@ -373,33 +373,6 @@ impl Planner {
             Sizes::Search { max_workers } => self.search(max_workers),
         }
     }
-}
-
-/// EPLB's placement of each MoE layer's experts (its `load` row) in
-/// `slots` slots per worker; a dense layer's row (empty) stays empty. Each
-/// layer is balanced on its own, as `eplb.py` does the layers it is given.
-fn eplb_placement(
-    load: &[Vec<f64>],
-    slots: usize,
-    workers: usize,
-) -> Result<Placement, eplb::EplbError> {
-    let experts = load
-        .iter()
-        .map(|row| match row.is_empty() {
-            true => Ok(Vec::new()),
-            false => {
-                let layer = eplb::rebalance_experts(
-                    std::slice::from_ref(row),
-                    slots * workers,
-                    1,
-                    1,
-                    workers,
-                )?;
-                Ok(layer.placement(workers).experts.remove(0))
-            }
-        })
-        .collect::<Result<_, _>>()?;
-    Ok(Placement { workers, experts })
 }
 
 /// Of per-layer `values`, the MoE layers' (those with a row in `load`).

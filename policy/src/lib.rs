@@ -15,14 +15,18 @@
 //!   join the running batch; [`kv_blocks`]: the cache's unit of allocation.
 //! - [`dispatch_plan`]: which live worker computes each routed (token, expert)
 //!   pair of a layer.
+//! - [`eplb`]: expert replication and placement (DeepSeek's EPLB), for the
+//!   planner offline and the router's rebalancing while serving.
 //! - [`routing_trace`]: `--record-routing`, the experts every token chose.
 
 #![forbid(unsafe_code)]
 
 pub mod admission;
 pub mod dispatch_plan;
+pub mod eplb;
 pub mod held_experts;
 pub mod kv_blocks;
 pub mod placement;
 pub mod routing_trace;
 pub mod scheduler;
+mod torch_order;

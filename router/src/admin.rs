@@ -12,7 +12,7 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::get;
 use serde::Serialize;
-use tramontane_dispatch::remote::PlacementView;
+use tramontane_dispatch::placement_view::PlacementView;
 
 use crate::api_keys::ApiKeys;
 use crate::http::ApiError;
@@ -45,11 +45,11 @@ pub fn app(state: Arc<AdminState>) -> axum::Router {
 }
 
 async fn placement(State(state): State<Arc<AdminState>>) -> Json<PlacementAnswer> {
-    let (epoch, placement) = state.placement.snapshot();
+    let current = state.placement.current();
     Json(PlacementAnswer {
-        epoch,
-        workers: placement.workers,
-        experts: placement.experts,
+        epoch: current.epoch,
+        workers: current.placement.workers,
+        experts: current.placement.experts.clone(),
     })
 }
 

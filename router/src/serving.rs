@@ -60,7 +60,6 @@ pub async fn serve(
         expert_load,
         model_id,
         workers,
-        placement,
         placement_view,
         api_keys,
         readiness,
@@ -73,7 +72,7 @@ pub async fn serve(
     let monitor = tokio::spawn(cluster::monitor(
         workers.clone(),
         model_id,
-        placement,
+        placement_view.clone(),
         move |covered| monitor_readiness.set_experts_covered(covered),
     ));
     let (stop, ending) = Stop::on(until_end(

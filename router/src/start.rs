@@ -11,7 +11,7 @@ use tonic_health::server::HealthReporter;
 use tramontane_config::Dtype;
 use tramontane_dispatch::cluster::{self, ClusterError};
 use tramontane_dispatch::expert_load::ExpertLoad;
-use tramontane_dispatch::remote::PlacementView;
+use tramontane_dispatch::placement_view::PlacementView;
 use tramontane_dispatch::{MicroBatches, RemoteExperts, WorkerLink};
 use tramontane_infra::tls::Tls;
 use tramontane_model::error::{ConfigError, LoadError, TokenizerError};
@@ -100,8 +100,8 @@ pub struct Router {
     pub(crate) config: ModelSpec,
     pub(crate) model_id: String,
     pub(crate) workers: Arc<Vec<WorkerLink>>,
-    pub(crate) placement: Placement,
-    /// The dispatch's live view of the placement (the admin API's).
+    /// The dispatch's live view of the placement (the monitor's and the
+    /// admin API's).
     pub(crate) placement_view: PlacementView,
     pub(crate) api_keys: ApiKeys,
     pub(crate) readiness: Arc<Readiness>,
@@ -120,7 +120,7 @@ impl Router {
         let model_id = tramontane_config::model_id(&options.model_dir)?;
         let tokenizer = Arc::new(Tokenizer::from_dir(&options.model_dir)?);
         let chat_template = chat_template(&options.model_dir, &tokenizer)?;
-        let (experts, workers, placement) = connect_experts(&options, &config, &model_id).await?;
+        let (experts, workers) = connect_experts(&options, &config, &model_id).await?;
         let placement_view = experts.placement_view();
         let expert_load = experts.load();
         let engine = spawn_engine(&options, &config, &tokenizer, experts).await?;
@@ -146,7 +146,6 @@ impl Router {
             config,
             model_id,
             workers,
-            placement,
             placement_view,
             api_keys: options.api_keys,
             readiness,
@@ -202,7 +201,7 @@ async fn connect_experts(
     options: &RouterOptions,
     config: &ModelSpec,
     model_id: &str,
-) -> Result<(RemoteExperts, Arc<Vec<WorkerLink>>, Placement), RouterError> {
+) -> Result<(RemoteExperts, Arc<Vec<WorkerLink>>), RouterError> {
     let placement = Placement::from_file_or_round_robin(
         options.placement.as_deref(),
         &config.placed_experts_per_layer(options.load.shared_experts),
@@ -219,7 +218,7 @@ async fn connect_experts(
     .await?;
     let mut experts = RemoteExperts::new(
         workers.clone(),
-        placement.clone(),
+        placement,
         options.dispatch_timeout,
         options.wire,
     )?
@@ -228,7 +227,7 @@ async fn connect_experts(
         let trace = routing_trace(path, options, config, model_id)?;
         experts = experts.with_trace(trace);
     }
-    Ok((experts, workers, placement))
+    Ok((experts, workers))
 }
 
 /// The routing trace `--record-routing` writes, with this model's header.

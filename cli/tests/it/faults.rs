@@ -496,6 +496,7 @@ fn a_worker_that_drops_experts_is_planned_around_without_a_failed_request() -> R
         let mut admin = ExpertServiceClient::connect(format!("http://{}", w0.addr)).await?;
         let dropped = admin
             .hold(HoldRequest {
+                epoch: 0,
                 load: vec![],
                 drop: (0..8)
                     .map(|expert| ExpertPair { layer: 1, expert })

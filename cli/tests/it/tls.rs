@@ -111,6 +111,7 @@ async fn hold(addr: &str, tls: ClientTlsConfig) -> Result<HoldResponse, tonic::S
         .await
         .map_err(|e| tonic::Status::unknown(e.to_string()))?;
     let request = HoldRequest {
+        epoch: 0,
         load: vec![ExpertPair {
             layer: 0,
             expert: 7,

@@ -21,6 +21,7 @@ fn forward(layer: u32, expert: u32) -> ForwardRequest {
         .collect();
     ForwardRequest {
         dispatch_id: 7,
+        epoch: 0,
         layer,
         hidden: Some(TensorPayload {
             dtype: 1,
@@ -69,6 +70,7 @@ fn a_worker_loads_and_drops_pairs_while_serving() -> Result<()> {
 
         let held = client
             .hold(HoldRequest {
+                epoch: 0,
                 load: vec![pair(1, 5), pair(0, 6), pair(1, 1)],
                 drop: vec![pair(1, 0)],
             })
@@ -116,6 +118,7 @@ fn a_worker_loads_and_drops_pairs_while_serving() -> Result<()> {
         for (request, says) in [
             (
                 HoldRequest {
+                    epoch: 0,
                     load: vec![pair(1, 9)],
                     drop: vec![],
                 },
@@ -123,6 +126,7 @@ fn a_worker_loads_and_drops_pairs_while_serving() -> Result<()> {
             ),
             (
                 HoldRequest {
+                    epoch: 0,
                     load: vec![],
                     drop: vec![pair(0, 2), pair(5, 0)],
                 },
@@ -130,6 +134,7 @@ fn a_worker_loads_and_drops_pairs_while_serving() -> Result<()> {
             ),
             (
                 HoldRequest {
+                    epoch: 0,
                     load: vec![pair(0, 4)],
                     drop: vec![pair(0, 4)],
                 },

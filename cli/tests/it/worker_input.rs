@@ -24,6 +24,7 @@ fn payload(rows: usize) -> TensorPayload {
 fn good() -> ForwardRequest {
     ForwardRequest {
         dispatch_id: 1,
+        epoch: 0,
         layer: 1,
         hidden: Some(payload(3)),
         experts: vec![

@@ -28,8 +28,8 @@
 //! original orders them by replica rank and pads with -1), and the shape checks
 //! (experts divisible by groups, GPUs by nodes) apply under either policy.
 
+use crate::placement::Placement;
 use crate::torch_order::{argsort_descending, torch_sum};
-use tramontane_policy::placement::Placement;
 
 /// The result of [`rebalance_experts`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,6 +187,28 @@ pub fn balancedness(weight: &[Vec<f64>], placement: &Placement) -> Vec<f64> {
             per_worker.iter().sum::<f64>() / per_worker.len() as f64 / max
         })
         .collect()
+}
+
+/// EPLB's placement of each MoE layer's experts (its `load` row) in
+/// `slots` slots per worker; a dense layer's row (empty) stays empty. Each
+/// layer is balanced on its own, as `eplb.py` does the layers it is given.
+pub fn placement_for_load(
+    load: &[Vec<f64>],
+    slots: usize,
+    workers: usize,
+) -> Result<Placement, EplbError> {
+    let experts = load
+        .iter()
+        .map(|row| match row.is_empty() {
+            true => Ok(Vec::new()),
+            false => {
+                let layer =
+                    rebalance_experts(std::slice::from_ref(row), slots * workers, 1, 1, workers)?;
+                Ok(layer.placement(workers).experts.remove(0))
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Placement { workers, experts })
 }
 
 /// The checks `eplb.py` asserts, as errors; returns the number of experts.
