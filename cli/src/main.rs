@@ -8,6 +8,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod admin;
 mod bench;
 mod certs;
 mod connections;
@@ -61,11 +62,14 @@ enum Command {
     Plan(plan::PlanArgs),
     /// Make a CA and per-node certificates for a cluster's mTLS and HTTPS.
     Certs(certs::CertsArgs),
+    /// Drive a running router's expert pool (its --admin-listen).
+    Admin(admin::AdminArgs),
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::GenModel(args) => gen_model::run(&args),
+        Command::Admin(args) => admin::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::BenchForward(args) => {
             if !args.workers.is_empty() {

@@ -120,6 +120,16 @@ pub struct RouterTuning {
     /// finish (new ones are refused meanwhile), in seconds.
     #[arg(long, alias = "drain-timeout-s", default_value_t = 30)]
     pub drain_timeout: u64,
+    /// Rebalance the experts over their recent load every this many
+    /// seconds (EPLB within --spare-slots, only where it pays); off by
+    /// default. `POST /admin/rebalance` rebalances on demand.
+    #[arg(long, value_name = "SECONDS")]
+    pub rebalance_interval: Option<u64>,
+    /// Expert slots per worker and layer, beyond its even share, that a
+    /// rebalance may fill with copies of hot experts (each costs a worker
+    /// one expert's memory).
+    #[arg(long, default_value_t = 0)]
+    pub spare_slots: usize,
     /// Micro-batches per step: `auto` (2 for steps of 256 tokens or more,
     /// else 1) or a count. Their layers interleave: one's attention runs
     /// while another's experts are out on the workers.
@@ -250,6 +260,9 @@ impl RouterTuning {
         if self.dispatch_timeout_ms == 0 {
             bail!("--dispatch-timeout-ms must be at least 1");
         }
+        if self.rebalance_interval == Some(0) {
+            bail!("--rebalance-interval must be at least 1 second");
+        }
         Ok(RouterOptions {
             model_dir: model,
             workers,
@@ -266,6 +279,8 @@ impl RouterTuning {
             record_routing_max_bytes: self.record_routing_max_bytes,
             api_keys: self.access.api_keys()?,
             drain_timeout: Duration::from_secs(self.drain_timeout),
+            rebalance_interval: self.rebalance_interval.map(Duration::from_secs),
+            spare_slots: self.spare_slots,
             tls,
         })
     }

@@ -13,6 +13,7 @@
 //! - [`remote`]: [`RemoteExperts`] and [`WorkerLink`], a layer's dispatch
 //!   from its start to its finish.
 //! - [`placement_view`]: who holds what, by epoch; switches between steps.
+//! - [`pool`]: the expert pool while serving: rebalances (load, switch, drop).
 //! - [`combine`]: the host side without tensors: routed pairs, answers
 //!   added back, stranded tokens.
 //! - [`forward`]: one Forward, its deadline, its retry, its answer checked.
@@ -36,6 +37,7 @@ pub mod metrics;
 pub mod micro_batches;
 pub mod phases;
 pub mod placement_view;
+pub mod pool;
 pub mod remote;
 
 pub use micro_batches::MicroBatches;

@@ -14,6 +14,10 @@ pub const DISPATCH_BYTES_TOTAL: &str = "tramontane_router_dispatch_bytes_total";
 pub const DISPATCH_ERRORS_TOTAL: &str = "tramontane_router_dispatch_errors_total";
 pub const WORKER_UP: &str = "tramontane_router_worker_up";
 pub const PLACEMENT_EPOCH: &str = "tramontane_router_placement_epoch";
+pub const REBALANCES_TOTAL: &str = "tramontane_router_rebalances_total";
+pub const PAIRS_MOVED_TOTAL: &str = "tramontane_router_expert_pairs_moved_total";
+pub const BYTES_LOADED_TOTAL: &str = "tramontane_router_expert_bytes_loaded_total";
+pub const REBALANCE_BALANCEDNESS: &str = "tramontane_router_rebalance_balancedness_ratio";
 
 /// From 5 µs to seconds, for the phases of one layer's dispatch.
 const PHASE_SECONDS_BUCKETS: &[f64] = &[
@@ -66,5 +70,23 @@ pub fn describe() {
     describe_gauge!(
         PLACEMENT_EPOCH,
         "Changes of the router's view of which worker holds which expert since the start."
+    );
+    describe_counter!(
+        REBALANCES_TOTAL,
+        "Rebalances of the experts by outcome: moved, unchanged (nothing paid), failed."
+    );
+    describe_counter!(
+        PAIRS_MOVED_TOTAL,
+        Unit::Count,
+        "(layer, expert) pairs loaded onto workers that did not hold them, by rebalances."
+    );
+    describe_counter!(
+        BYTES_LOADED_TOTAL,
+        Unit::Bytes,
+        "Bytes of expert weights workers loaded for rebalances."
+    );
+    describe_gauge!(
+        REBALANCE_BALANCEDNESS,
+        "The last rebalance's mean balancedness of the MoE layers under the recent load, before and after (as planned)."
     );
 }

@@ -68,6 +68,8 @@ pub struct Holding {
     pub loaded: Vec<((usize, usize), Duration)>,
     /// Each pair dropped (held before).
     pub dropped: Vec<(usize, usize)>,
+    /// The bytes of weights the loads added.
+    pub loaded_bytes: u64,
     /// The load that failed, if one did (the pairs before it are loaded,
     /// those after it and the drops are not done).
     pub failed: Option<String>,
@@ -272,6 +274,14 @@ fn hold(
     options: LoadOptions,
     change: HoldChange,
 ) -> Holding {
+    let bytes = |experts: &LocalExperts| -> u64 {
+        experts
+            .bytes_by_dtype()
+            .iter()
+            .map(|(_, bytes)| bytes)
+            .sum()
+    };
+    let before = bytes(experts);
     let mut loaded = Vec::new();
     let mut failed = None;
     for &(layer, expert) in &change.load {
@@ -297,6 +307,7 @@ fn hold(
             }
         }
     }
+    let loaded_bytes = bytes(experts).saturating_sub(before);
     let dropped = if failed.is_none() {
         change
             .drop
@@ -312,6 +323,7 @@ fn hold(
         weight_dtypes: experts.bytes_by_dtype(),
         loaded,
         dropped,
+        loaded_bytes,
         failed,
     }
 }

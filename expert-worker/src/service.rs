@@ -379,6 +379,7 @@ impl ExpertService for ExpertServer {
                 })
                 .collect(),
             dropped: holding.dropped.iter().map(|&p| pair(p)).collect(),
+            loaded_bytes: holding.loaded_bytes,
         }))
     }
 

@@ -126,7 +126,7 @@ impl Tls {
         let chain = certificates(cert)?;
         let key = PrivateKeyDer::from_pem_slice(key)
             .map_err(|_| TlsError::Config(rustls::Error::General("bad key PEM".into())))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = crypto_provider();
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(TlsError::Config)?;
@@ -174,4 +174,10 @@ fn pem_error(flag: &'static str, path: &Path, what: &'static str) -> TlsError {
         path: path.to_owned(),
         what,
     }
+}
+
+/// The cryptography every TLS link of the project uses (ring's), for
+/// clients that take one (the CLI's HTTPS client).
+pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
 }

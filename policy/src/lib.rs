@@ -17,6 +17,8 @@
 //!   pair of a layer.
 //! - [`eplb`]: expert replication and placement (DeepSeek's EPLB), for the
 //!   planner offline and the router's rebalancing while serving.
+//! - [`rebalance`]: while serving, the placement to switch to for the
+//!   recent load, and what each worker loads and drops.
 //! - [`routing_trace`]: `--record-routing`, the experts every token chose.
 
 #![forbid(unsafe_code)]
@@ -27,6 +29,7 @@ pub mod eplb;
 pub mod held_experts;
 pub mod kv_blocks;
 pub mod placement;
+pub mod rebalance;
 pub mod routing_trace;
 pub mod scheduler;
 mod torch_order;

@@ -13,6 +13,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::HealthService;
 use tramontane_dispatch::cluster;
+use tramontane_dispatch::pool::ExpertPool;
 use tramontane_infra::connections::{Limits, Server};
 use tramontane_infra::tls::Tls;
 use tramontane_proto::v1::generation_server::GenerationServer as GenerationService;
@@ -60,7 +61,8 @@ pub async fn serve(
         expert_load,
         model_id,
         workers,
-        placement_view,
+        pool,
+        rebalance_interval,
         api_keys,
         readiness,
         health,
@@ -72,7 +74,7 @@ pub async fn serve(
     let monitor = tokio::spawn(cluster::monitor(
         workers.clone(),
         model_id,
-        placement_view.clone(),
+        pool.view().clone(),
         move |covered| monitor_readiness.set_experts_covered(covered),
     ));
     let (stop, ending) = Stop::on(until_end(
@@ -104,7 +106,7 @@ pub async fn serve(
     } = listeners;
     let admin = admin.map(|(listener, key)| {
         let state = Arc::new(AdminState {
-            placement: placement_view,
+            pool: pool.clone(),
             key,
         });
         let https = public_tls.map(Tls::https_server).transpose();
@@ -131,8 +133,12 @@ pub async fn serve(
             None => Ok(()),
         }
     };
+    let rebalancing = rebalance_interval.map(|every| tokio::spawn(rebalance_every(pool, every)));
     let result = tokio::try_join!(async { grpc.await.map_err(ServeError::Grpc) }, http, admin);
     monitor.abort();
+    if let Some(rebalancing) = rebalancing {
+        rebalancing.abort();
+    }
     result?;
     match ending.await {
         Ok(false) => Ok(()),
@@ -270,6 +276,18 @@ pub enum ServeError {
     EngineStopped,
     #[error("TLS of the public listeners")]
     Tls(#[from] tramontane_infra::tls::TlsError),
+}
+
+/// Rebalances the experts every `every` (`--rebalance-interval`).
+async fn rebalance_every(pool: Arc<ExpertPool>, every: Duration) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if let Err(error) = pool.rebalance().await {
+            tracing::warn!(error = %tramontane_infra::error::chain(&error), "rebalance failed: the placement in effect stays");
+        }
+    }
 }
 
 #[cfg(test)]

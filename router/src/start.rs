@@ -11,7 +11,7 @@ use tonic_health::server::HealthReporter;
 use tramontane_config::Dtype;
 use tramontane_dispatch::cluster::{self, ClusterError};
 use tramontane_dispatch::expert_load::ExpertLoad;
-use tramontane_dispatch::placement_view::PlacementView;
+use tramontane_dispatch::pool::ExpertPool;
 use tramontane_dispatch::{MicroBatches, RemoteExperts, WorkerLink};
 use tramontane_infra::tls::Tls;
 use tramontane_model::error::{ConfigError, LoadError, TokenizerError};
@@ -59,6 +59,10 @@ pub struct RouterOptions {
     pub api_keys: ApiKeys,
     /// How long a shutdown waits for the requests in flight to finish.
     pub drain_timeout: Duration,
+    /// Rebalance the experts every so often; None: on demand only.
+    pub rebalance_interval: Option<Duration>,
+    /// Expert slots per worker and layer beyond the even share.
+    pub spare_slots: usize,
     /// TLS: the CA verifies the workers (and the links to them are TLS);
     /// the certificate and key are presented to the workers and serve the
     /// public listeners (HTTPS, gRPC over TLS).
@@ -100,9 +104,10 @@ pub struct Router {
     pub(crate) config: ModelSpec,
     pub(crate) model_id: String,
     pub(crate) workers: Arc<Vec<WorkerLink>>,
-    /// The dispatch's live view of the placement (the monitor's and the
-    /// admin API's).
-    pub(crate) placement_view: PlacementView,
+    /// The expert pool: the dispatch's live view of the placement (the
+    /// monitor's and the admin API's), and its changes.
+    pub(crate) pool: Arc<ExpertPool>,
+    pub(crate) rebalance_interval: Option<Duration>,
     pub(crate) api_keys: ApiKeys,
     pub(crate) readiness: Arc<Readiness>,
     pub(crate) health: HealthServer<tonic_health::server::HealthService>,
@@ -121,8 +126,13 @@ impl Router {
         let tokenizer = Arc::new(Tokenizer::from_dir(&options.model_dir)?);
         let chat_template = chat_template(&options.model_dir, &tokenizer)?;
         let (experts, workers) = connect_experts(&options, &config, &model_id).await?;
-        let placement_view = experts.placement_view();
         let expert_load = experts.load();
+        let pool = Arc::new(ExpertPool::new(
+            workers.clone(),
+            experts.placement_view(),
+            expert_load.clone(),
+            options.spare_slots,
+        ));
         let engine = spawn_engine(&options, &config, &tokenizer, experts).await?;
         let (reporter, health) = health();
         let readiness = Readiness::new(
@@ -146,7 +156,8 @@ impl Router {
             config,
             model_id,
             workers,
-            placement_view,
+            pool,
+            rebalance_interval: options.rebalance_interval,
             api_keys: options.api_keys,
             readiness,
             health,

@@ -22,6 +22,7 @@ mod observability;
 mod openai_api;
 mod placement;
 mod plan;
+mod pool;
 mod prometheus;
 mod quantized;
 mod routers;
