@@ -28,12 +28,31 @@ pub enum AdminAction {
     Placement,
     /// Rebalance the experts over their recent load now.
     Rebalance,
+    /// Add or remove workers.
+    #[command(subcommand)]
+    Workers(WorkersAction),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkersAction {
+    /// Add the worker at ADDR (HOST:PORT) with the experts it holds.
+    Add { address: String },
+    /// Take worker INDEX out of the pool once its experts are elsewhere.
+    Remove { index: usize },
 }
 
 pub fn run(args: &AdminArgs) -> Result<()> {
-    let (method, path) = match args.action {
-        AdminAction::Placement => ("GET", "/admin/placement"),
-        AdminAction::Rebalance => ("POST", "/admin/rebalance"),
+    let (method, path, body) = match &args.action {
+        AdminAction::Placement => ("GET", "/admin/placement".to_string(), None),
+        AdminAction::Rebalance => ("POST", "/admin/rebalance".to_string(), None),
+        AdminAction::Workers(WorkersAction::Add { address }) => (
+            "POST",
+            "/admin/workers".to_string(),
+            Some(serde_json::json!({ "address": address })),
+        ),
+        AdminAction::Workers(WorkersAction::Remove { index }) => {
+            ("DELETE", format!("/admin/workers/{index}"), None)
+        }
     };
     let url = format!("{}{path}", args.server.trim_end_matches('/'));
     if url.starts_with("https://") && args.tls_ca.is_none() {
@@ -44,9 +63,14 @@ pub fn run(args: &AdminArgs) -> Result<()> {
     }
     let agent = agent(args.tls_ca.as_ref())?;
     let bearer = format!("Bearer {}", args.admin_key);
-    let response = match method {
-        "GET" => agent.get(&url).header("authorization", &bearer).call(),
-        _ => agent
+    let response = match (method, body) {
+        ("GET", _) => agent.get(&url).header("authorization", &bearer).call(),
+        ("DELETE", _) => agent.delete(&url).header("authorization", &bearer).call(),
+        (_, Some(body)) => agent
+            .post(&url)
+            .header("authorization", &bearer)
+            .send_json(&body),
+        (_, None) => agent
             .post(&url)
             .header("authorization", &bearer)
             .send_empty(),

@@ -130,6 +130,11 @@ pub struct RouterTuning {
     /// one expert's memory).
     #[arg(long, default_value_t = 0)]
     pub spare_slots: usize,
+    /// When a worker is lost, copy the experts no other worker holds onto
+    /// the others with room (within --spare-slots) and serve on; it rejoins
+    /// when it comes back.
+    #[arg(long)]
+    pub self_heal: bool,
     /// Micro-batches per step: `auto` (2 for steps of 256 tokens or more,
     /// else 1) or a count. Their layers interleave: one's attention runs
     /// while another's experts are out on the workers.
@@ -281,6 +286,7 @@ impl RouterTuning {
             drain_timeout: Duration::from_secs(self.drain_timeout),
             rebalance_interval: self.rebalance_interval.map(Duration::from_secs),
             spare_slots: self.spare_slots,
+            self_heal: self.self_heal,
             tls,
         })
     }

@@ -13,7 +13,7 @@ use tramontane_proto::v1::InfoRequest;
 use tramontane_proto::v1::expert_service_client::ExpertServiceClient;
 
 use crate::placement_view::PlacementView;
-use crate::remote::WorkerLink;
+use crate::workers::{WorkerLink, Workers};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -92,38 +92,17 @@ pub async fn connect(
     wait: Duration,
     max_message_bytes: usize,
     tls: Option<&ClientTlsConfig>,
-) -> Result<Arc<Vec<WorkerLink>>, ClusterError> {
+) -> Result<Arc<Workers>, ClusterError> {
     if placement.workers != addrs.len() {
         return Err(ClusterError::WorkerCount {
             placement: placement.workers,
             given: addrs.len(),
         });
     }
-    let mut links = Vec::with_capacity(addrs.len());
-    for addr in addrs {
-        let bad = |e: tonic::transport::Error| ClusterError::Address {
-            addr: addr.clone(),
-            reason: tramontane_infra::error::chain(&e),
-        };
-        let uri = match tls {
-            Some(_) => tramontane_infra::grpc::tls_uri(addr),
-            None => tramontane_infra::grpc::uri(addr),
-        };
-        let mut endpoint = Endpoint::from_shared(uri)
-            .map_err(bad)?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true);
-        if let Some(tls) = tls {
-            endpoint = endpoint.tls_config(tls.clone()).map_err(bad)?;
-        }
-        links.push(WorkerLink {
-            addr: addr.clone(),
-            client: client(&endpoint, max_message_bytes),
-            endpoint,
-            max_message_bytes,
-            live: false.into(),
-        });
-    }
+    let links = addrs
+        .iter()
+        .map(|addr| WorkerLink::new(addr, max_message_bytes, tls))
+        .collect::<Result<Vec<_>, _>>()?;
     let infos = futures::future::try_join_all(
         links
             .iter()
@@ -162,41 +141,64 @@ pub async fn connect(
             }
         }
     }
-    Ok(Arc::new(links))
+    Ok(Arc::new(Workers::new(links)))
 }
 
-/// Whether every (layer, expert) has a live replica.
-pub fn all_covered(workers: &[WorkerLink], placement: &Placement) -> bool {
+/// Whether every (layer, expert) has a live replica in the pool.
+pub fn all_covered(workers: &[Arc<WorkerLink>], placement: &Placement) -> bool {
     placement.experts.iter().all(|row| {
         row.iter().all(|replicas| {
             replicas
                 .iter()
-                .any(|&w| workers[w].live.load(Ordering::Relaxed))
+                .any(|&w| workers.get(w).is_some_and(|w| w.serves()))
         })
     })
 }
 
-/// Probes every worker forever: a worker that answers Info with the right
-/// model is live, one that does not is down; a down worker is probed with
-/// exponential backoff. `on_change` gets the new readiness (every expert of
-/// the placement in effect has a live worker) when it changes.
+/// What the monitor saw change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerEvent {
+    /// The worker stopped answering (or a Forward to it failed).
+    Down(usize),
+    /// It answers again, with the right model.
+    Up(usize),
+}
+
+/// Probes every worker (those added later too) forever: a worker that
+/// answers Info with the right model is live, one that does not is down;
+/// a down worker is probed with exponential backoff. `on_change` gets the
+/// new readiness (every expert of the placement in effect has a live
+/// worker in the pool) when it changes; `events` gets each worker going
+/// down or coming up.
 pub async fn monitor(
-    workers: Arc<Vec<WorkerLink>>,
+    workers: Arc<Workers>,
     model_id: String,
     placement: PlacementView,
     on_change: impl Fn(bool),
+    events: Option<tokio::sync::mpsc::UnboundedSender<WorkerEvent>>,
 ) {
     const BASE: Duration = Duration::from_millis(100);
     const MAX: Duration = Duration::from_secs(2);
-    let mut backoff = vec![BASE; workers.len()];
-    let mut next_probe = vec![tokio::time::Instant::now(); workers.len()];
-    let mut ready = all_covered(&workers, &placement.current().placement);
+    let mut backoff = Vec::new();
+    let mut next_probe = Vec::new();
+    // What the monitor last reported of each worker.
+    let mut seen: Vec<bool> = Vec::new();
+    let mut ready = all_covered(&workers.all(), &placement.current().placement);
     on_change(ready);
     loop {
         tokio::time::sleep(BASE).await;
         let now = tokio::time::Instant::now();
-        for (i, link) in workers.iter().enumerate() {
-            if now < next_probe[i] {
+        let links = workers.all();
+        for (i, link) in links.iter().enumerate().skip(seen.len()) {
+            backoff.push(BASE);
+            next_probe.push(now);
+            seen.push(link.live.load(Ordering::Relaxed));
+            debug_assert_eq!(seen.len(), i + 1);
+        }
+        for (i, link) in links.iter().enumerate() {
+            // A Forward that failed marks its worker down between probes.
+            let failed = seen[i] && !link.live.load(Ordering::Relaxed);
+            if now < next_probe[i] && !failed {
                 continue;
             }
             let mut client = link.client.clone();
@@ -204,7 +206,7 @@ pub async fn monitor(
                 tokio::time::timeout(Duration::from_secs(1), client.info(InfoRequest {})).await,
                 Ok(Ok(ref info)) if info.get_ref().model_id == model_id
             );
-            let was = link.live.swap(ok, Ordering::Relaxed);
+            link.live.store(ok, Ordering::Relaxed);
             metrics::gauge!(crate::metrics::WORKER_UP, "worker" => i.to_string()).set(if ok {
                 1.0
             } else {
@@ -214,17 +216,26 @@ pub async fn monitor(
                 backoff[i] = BASE;
                 next_probe[i] = now + Duration::from_millis(500);
             } else {
-                if was {
-                    tracing::warn!(worker = i, addr = %link.addr, "worker is down");
-                }
                 next_probe[i] = now + backoff[i];
                 backoff[i] = (backoff[i] * 2).min(MAX);
             }
-            if ok && !was {
-                tracing::info!(worker = i, addr = %link.addr, "worker is live");
+            if ok != seen[i] {
+                seen[i] = ok;
+                if ok {
+                    tracing::info!(worker = i, addr = %link.addr, "worker is live");
+                } else {
+                    tracing::warn!(worker = i, addr = %link.addr, "worker is down");
+                }
+                if let Some(events) = &events {
+                    let _ = events.send(if ok {
+                        WorkerEvent::Up(i)
+                    } else {
+                        WorkerEvent::Down(i)
+                    });
+                }
             }
         }
-        let now_ready = all_covered(&workers, &placement.current().placement);
+        let now_ready = all_covered(&links, &placement.current().placement);
         if now_ready != ready {
             ready = now_ready;
             on_change(ready);

@@ -1,11 +1,13 @@
 //! The data path's runtime: the connections that carry Forwards, driven by
 //! the engine thread itself.
 
+use std::sync::{Mutex, PoisonError};
+
 use tokio::runtime::Runtime;
 use tonic::transport::Channel;
 use tramontane_proto::v1::expert_service_client::ExpertServiceClient;
 
-use crate::remote::WorkerLink;
+use crate::workers::WorkerLink;
 
 /// The data path's own connections to the workers, on a single-threaded
 /// runtime that the engine thread drives itself while it waits for a layer:
@@ -16,25 +18,33 @@ use crate::remote::WorkerLink;
 pub(crate) struct DataPath {
     /// Always Some until drop.
     runtime: Option<Runtime>,
-    pub(crate) clients: Vec<ExpertServiceClient<Channel>>,
+    /// By worker index; made at a worker's first Forward.
+    clients: Mutex<Vec<Option<ExpertServiceClient<Channel>>>>,
 }
 
 impl DataPath {
-    pub(crate) fn new(workers: &[WorkerLink]) -> std::io::Result<Self> {
+    pub(crate) fn new() -> std::io::Result<Self> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let clients = {
-            let _entered = runtime.enter();
-            workers
-                .iter()
-                .map(|w| crate::cluster::client(&w.endpoint, w.max_message_bytes))
-                .collect()
-        };
         Ok(Self {
             runtime: Some(runtime),
-            clients,
+            clients: Mutex::default(),
         })
+    }
+
+    /// The data path's client of worker `index` (`link`).
+    pub(crate) fn client(&self, index: usize, link: &WorkerLink) -> ExpertServiceClient<Channel> {
+        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        if clients.len() <= index {
+            clients.resize(index + 1, None);
+        }
+        clients[index]
+            .get_or_insert_with(|| {
+                let _entered = self.runtime().enter();
+                crate::cluster::client(&link.endpoint, link.max_message_bytes)
+            })
+            .clone()
     }
 
     fn runtime(&self) -> &Runtime {

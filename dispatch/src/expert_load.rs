@@ -27,6 +27,9 @@ struct Dispatch {
 struct LayerLoad {
     /// The layer's routed experts (0 for a dense layer).
     experts: usize,
+    /// The workers that held some of its experts at its last dispatch:
+    /// balancedness is over them.
+    members: Vec<bool>,
     cumulative: Dispatch,
     recent: VecDeque<Dispatch>,
     routed: Vec<Counter>,
@@ -35,11 +38,29 @@ struct LayerLoad {
 }
 
 pub struct ExpertLoad {
-    layers: Mutex<Vec<LayerLoad>>,
-    worker_pairs: Vec<Counter>,
+    state: Mutex<State>,
     /// The most routed experts a layer has.
     experts: usize,
-    workers: usize,
+}
+
+struct State {
+    layers: Vec<LayerLoad>,
+    /// By worker; grows as workers are added.
+    worker_pairs: Vec<Counter>,
+}
+
+impl State {
+    fn workers(&self) -> usize {
+        self.worker_pairs.len()
+    }
+
+    /// Counts `workers` workers (at least).
+    fn grow(&mut self, workers: usize) {
+        for w in self.worker_pairs.len()..workers {
+            self.worker_pairs
+                .push(metrics::counter!(names::WORKER_PAIRS_TOTAL, "worker" => w.to_string()));
+        }
+    }
 }
 
 /// `GET /v1/experts/stats`.
@@ -73,6 +94,20 @@ pub fn balancedness(load: &[u64]) -> f64 {
     mean / max as f64
 }
 
+/// [`balancedness`] over the workers with `members[w]` (all when none is).
+fn balancedness_of(load: &[u64], members: &[bool]) -> f64 {
+    let over: Vec<u64> = load
+        .iter()
+        .enumerate()
+        .filter(|&(w, _)| members.get(w).copied().unwrap_or(false))
+        .map(|(_, &n)| n)
+        .collect();
+    match over.is_empty() {
+        true => balancedness(load),
+        false => balancedness(&over),
+    }
+}
+
 impl Dispatch {
     fn zero(experts: usize, workers: usize) -> Self {
         Self {
@@ -84,6 +119,9 @@ impl Dispatch {
     fn add(&mut self, other: &Dispatch) {
         for (a, &b) in self.experts.iter_mut().zip(&other.experts) {
             *a += b;
+        }
+        if self.workers.len() < other.workers.len() {
+            self.workers.resize(other.workers.len(), 0);
         }
         for (a, &b) in self.workers.iter_mut().zip(&other.workers) {
             *a += b;
@@ -100,6 +138,7 @@ impl ExpertLoad {
             .enumerate()
             .map(|(layer, &experts)| LayerLoad {
                 experts,
+                members: vec![true; workers],
                 cumulative: Dispatch::zero(experts, workers),
                 recent: VecDeque::with_capacity(WINDOW_STEPS),
                 routed: (0..experts)
@@ -116,24 +155,33 @@ impl ExpertLoad {
                 ),
             })
             .collect();
+        let mut state = State {
+            layers: layer_loads,
+            worker_pairs: Vec::new(),
+        };
+        state.grow(workers);
         Self {
-            layers: Mutex::new(layer_loads),
-            worker_pairs: (0..workers)
-                .map(|w| metrics::counter!(names::WORKER_PAIRS_TOTAL, "worker" => w.to_string()))
-                .collect(),
+            state: Mutex::new(state),
             experts: experts_per_layer.iter().copied().max().unwrap_or(0),
-            workers,
         }
     }
 
     /// Records one layer's dispatch: `experts` are the routed expert ids (k
-    /// per token), `worker_pairs[w]` the pairs worker w computed.
-    pub fn record(&self, layer: usize, experts: &[usize], worker_pairs: &[u64]) {
-        let mut layers = self.layers.lock().expect("expert load lock");
+    /// per token), `worker_pairs[w]` the pairs worker w computed, `members`
+    /// the workers that held some of the layer's experts.
+    pub fn record(&self, layer: usize, experts: &[usize], worker_pairs: &[u64], members: &[bool]) {
+        let mut state = self.state.lock().expect("expert load lock");
+        state.grow(worker_pairs.len());
+        let workers = state.workers();
+        let State {
+            layers,
+            worker_pairs: counters,
+        } = &mut *state;
         let Some(load) = layers.get_mut(layer) else {
             return;
         };
-        let mut dispatch = Dispatch::zero(load.experts, self.workers);
+        load.members = members.to_vec();
+        let mut dispatch = Dispatch::zero(load.experts, workers);
         for &e in experts {
             if let Some(count) = dispatch.experts.get_mut(e) {
                 *count += 1;
@@ -142,7 +190,7 @@ impl ExpertLoad {
         for (a, &b) in dispatch.workers.iter_mut().zip(worker_pairs) {
             *a += b;
         }
-        for (counter, &n) in self.worker_pairs.iter().zip(&dispatch.workers) {
+        for (counter, &n) in counters.iter().zip(&dispatch.workers) {
             counter.increment(n);
         }
         for (counter, &n) in load.routed.iter().zip(&dispatch.experts) {
@@ -153,22 +201,23 @@ impl ExpertLoad {
             load.recent.pop_front();
         }
         load.recent.push_back(dispatch);
-        let recent = window_sum(&load.recent, load.experts, self.workers);
+        let recent = window_sum(&load.recent, load.experts, workers);
         if let Some(gauge) = &load.balancedness {
-            gauge.set(balancedness(&recent.workers));
+            gauge.set(balancedness_of(&recent.workers, &load.members));
         }
     }
 
     pub fn snapshot(&self) -> ExpertStats {
-        let layers = self.layers.lock().expect("expert load lock");
+        let state = self.state.lock().expect("expert load lock");
+        let (layers, workers) = (&state.layers, state.workers());
         let recent: Vec<Dispatch> = layers
             .iter()
-            .map(|l| window_sum(&l.recent, l.experts, self.workers))
+            .map(|l| window_sum(&l.recent, l.experts, workers))
             .collect();
         ExpertStats {
             layers: layers.len(),
             experts: self.experts,
-            workers: self.workers,
+            workers,
             window_steps: WINDOW_STEPS,
             tokens: layers
                 .iter()
@@ -177,9 +226,17 @@ impl ExpertLoad {
             recent_tokens: recent.iter().map(|d| d.experts.clone()).collect(),
             worker_load: layers
                 .iter()
-                .map(|l| l.cumulative.workers.clone())
+                .map(|l| {
+                    let mut load = l.cumulative.workers.clone();
+                    load.resize(workers, 0);
+                    load
+                })
                 .collect(),
-            balancedness: recent.iter().map(|d| balancedness(&d.workers)).collect(),
+            balancedness: recent
+                .iter()
+                .zip(layers.iter())
+                .map(|(d, l)| balancedness_of(&d.workers, &l.members))
+                .collect(),
             recent_worker_load: recent.into_iter().map(|d| d.workers).collect(),
         }
     }
@@ -208,8 +265,8 @@ mod tests {
     fn a_dense_layer_routes_nothing_and_the_routed_ones_count() {
         // Layer 0 dense, layers 1 and 2 with 4 routed experts.
         let load = ExpertLoad::new(&[0, 4, 4], 2);
-        load.record(1, &[0, 3, 3, 2], &[1, 3]);
-        load.record(0, &[1], &[1, 0]);
+        load.record(1, &[0, 3, 3, 2], &[1, 3], &[true, true]);
+        load.record(0, &[1], &[1, 0], &[true, true]);
         let stats = load.snapshot();
         assert_eq!((stats.layers, stats.experts), (3, 4));
         assert_eq!(stats.tokens[0], Vec::<u64>::new());
@@ -222,18 +279,29 @@ mod tests {
     #[test]
     fn counts_accumulate_and_the_window_forgets() {
         let load = ExpertLoad::new(&[4, 4], 2);
-        load.record(0, &[0, 1, 1, 3], &[3, 1]);
+        load.record(0, &[0, 1, 1, 3], &[3, 1], &[true, true]);
         let stats = load.snapshot();
         assert_eq!(stats.tokens[0], [1, 2, 0, 1]);
         assert_eq!(stats.tokens[1], [0, 0, 0, 0]);
         assert_eq!(stats.worker_load[0], [3, 1]);
         assert_eq!(stats.balancedness[0], 2.0 / 3.0);
         for _ in 0..WINDOW_STEPS {
-            load.record(0, &[2, 2], &[1, 1]);
+            load.record(0, &[2, 2], &[1, 1], &[true, true]);
         }
         let stats = load.snapshot();
         assert_eq!(stats.tokens[0], [1, 2, 2 * WINDOW_STEPS as u64, 1]);
         assert_eq!(stats.recent_tokens[0], [0, 0, 2 * WINDOW_STEPS as u64, 0]);
+        assert_eq!(stats.balancedness[0], 1.0);
+    }
+
+    #[test]
+    fn a_worker_added_is_counted_and_balancedness_is_over_the_members() {
+        let load = ExpertLoad::new(&[4], 2);
+        // Worker 2 joined; worker 0 left the layer (holds none of it).
+        load.record(0, &[0, 1, 2, 3], &[0, 2, 2], &[false, true, true]);
+        let stats = load.snapshot();
+        assert_eq!(stats.workers, 3);
+        assert_eq!(stats.worker_load[0], [0, 2, 2]);
         assert_eq!(stats.balancedness[0], 1.0);
     }
 }

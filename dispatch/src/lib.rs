@@ -10,8 +10,9 @@
 //!
 //! # Layout
 //!
-//! - [`remote`]: [`RemoteExperts`] and [`WorkerLink`], a layer's dispatch
-//!   from its start to its finish.
+//! - [`remote`]: [`RemoteExperts`], a layer's dispatch from its start to its
+//!   finish.
+//! - [`workers`]: the workers by index ([`WorkerLink`]), added while serving.
 //! - [`placement_view`]: who holds what, by epoch; switches between steps.
 //! - [`pool`]: the expert pool while serving: rebalances (load, switch, drop).
 //! - [`combine`]: the host side without tensors: routed pairs, answers
@@ -39,6 +40,8 @@ pub mod phases;
 pub mod placement_view;
 pub mod pool;
 pub mod remote;
+pub mod workers;
 
 pub use micro_batches::MicroBatches;
-pub use remote::{RemoteExperts, WorkerLink};
+pub use remote::RemoteExperts;
+pub use workers::{WorkerLink, Workers};

@@ -17,6 +17,7 @@ pub const PLACEMENT_EPOCH: &str = "tramontane_router_placement_epoch";
 pub const REBALANCES_TOTAL: &str = "tramontane_router_rebalances_total";
 pub const PAIRS_MOVED_TOTAL: &str = "tramontane_router_expert_pairs_moved_total";
 pub const BYTES_LOADED_TOTAL: &str = "tramontane_router_expert_bytes_loaded_total";
+pub const HEALS_TOTAL: &str = "tramontane_router_self_heals_total";
 pub const REBALANCE_BALANCEDNESS: &str = "tramontane_router_rebalance_balancedness_ratio";
 
 /// From 5 µs to seconds, for the phases of one layer's dispatch.
@@ -78,12 +79,16 @@ pub fn describe() {
     describe_counter!(
         PAIRS_MOVED_TOTAL,
         Unit::Count,
-        "(layer, expert) pairs loaded onto workers that did not hold them, by rebalances."
+        "(layer, expert) pairs loaded onto workers that did not hold them: rebalances, workers removed or lost."
     );
     describe_counter!(
         BYTES_LOADED_TOTAL,
         Unit::Bytes,
-        "Bytes of expert weights workers loaded for rebalances."
+        "Bytes of expert weights workers loaded for changes of the pool."
+    );
+    describe_counter!(
+        HEALS_TOTAL,
+        "Workers lost whose experts were moved onto the others (--self-heal)."
     );
     describe_gauge!(
         REBALANCE_BALANCEDNESS,

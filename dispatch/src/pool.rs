@@ -1,30 +1,39 @@
-//! The expert pool while it serves: rebalancing over the recent load.
+//! The expert pool while it serves: rebalancing over the recent load,
+//! workers added and removed, a lost worker's experts healed onto the
+//! others, a removed or healed worker rejoining after its restart.
 //!
-//! A rebalance plans the new placement ([`tramontane_policy::rebalance`]),
-//! has every worker load its new pairs (`Hold`), switches the placement
-//! between steps ([`PlacementView::switch`]), then has the workers drop
-//! what they no longer need. Until the switch every step plans over the
-//! old placement, whose copies are all still held; after it none does. A
+//! Every change goes the same way: plan the new placement
+//! ([`tramontane_policy::rebalance`], [`tramontane_policy::membership`]),
+//! have the workers load their new pairs (`Hold`), switch the placement
+//! between steps ([`PlacementView::switch`]), then have them drop what
+//! they no longer need. Until the switch every step plans over the old
+//! placement, whose copies are all still held; after it none does. A
 //! failed load leaves the old placement in effect (the pairs loaded so far
-//! are dropped again). One change of the pool at a time.
+//! are dropped again). One change at a time.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use serde::Serialize;
+use tonic::transport::ClientTlsConfig;
 use tramontane_policy::eplb::EplbError;
+use tramontane_policy::membership::{self, Stranded};
+use tramontane_policy::placement::Placement;
 use tramontane_policy::rebalance::{self, Pair};
-use tramontane_proto::v1::{ExpertPair, HoldRequest};
+use tramontane_proto::v1::{ExpertPair, HoldRequest, InfoRequest};
 
+use crate::cluster::WorkerEvent;
 use crate::error::WorkerRef;
 use crate::expert_load::ExpertLoad;
 use crate::metrics as names;
 use crate::placement_view::PlacementView;
-use crate::remote::WorkerLink;
+use crate::workers::{WorkerLink, Workers};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    #[error("{worker} is down: it cannot load the experts a rebalance gives it")]
+    #[error("{worker} is down: it cannot load the experts it is given")]
     WorkerDown { worker: WorkerRef },
     #[error("{worker} could not load its new experts ({code:?}): {message}")]
     Load {
@@ -34,6 +43,24 @@ pub enum PoolError {
     },
     #[error("planning the rebalance: {0}")]
     Plan(#[from] EplbError),
+    #[error("there is no worker {index} (the router knows {workers})")]
+    UnknownWorker { index: usize, workers: usize },
+    #[error("{worker} is not in the pool (removed, or its experts moved while it was down)")]
+    NotInPool { worker: WorkerRef },
+    #[error("{worker} is in the pool already")]
+    AlreadyInPool { worker: WorkerRef },
+    #[error(transparent)]
+    Stranded(#[from] Stranded),
+    #[error("the worker at {addr} did not answer Info: {reason}")]
+    Unreachable { addr: String, reason: String },
+    #[error("the worker at {addr} serves model {theirs}, this router serves {ours}")]
+    ModelMismatch {
+        addr: String,
+        ours: String,
+        theirs: String,
+    },
+    #[error(transparent)]
+    Address(#[from] crate::cluster::ClusterError),
 }
 
 /// What a rebalance did.
@@ -51,33 +78,73 @@ pub struct Rebalanced {
     pub bytes_loaded: u64,
 }
 
-/// Pairs one `Hold` of a rebalance names: a worker's compute thread loads
+/// A worker added (or back in the pool).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Joined {
+    pub worker: usize,
+    pub epoch: u64,
+}
+
+/// A worker out of the pool, its experts elsewhere.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Left {
+    pub epoch: u64,
+    /// Pairs loaded onto the others to keep every expert served.
+    pub moved: usize,
+}
+
+/// How the pool reaches a worker it is told of.
+#[derive(Clone)]
+pub struct Connector {
+    pub model_id: String,
+    pub max_message_bytes: usize,
+    pub tls: Option<ClientTlsConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PoolOptions {
+    /// Slots per worker and layer beyond the even share (`--spare-slots`).
+    pub spare_slots: usize,
+    /// Move a lost worker's experts onto the others (`--self-heal`).
+    pub self_heal: bool,
+}
+
+pub struct ExpertPool {
+    workers: Arc<Workers>,
+    view: PlacementView,
+    load: Arc<ExpertLoad>,
+    connector: Connector,
+    options: PoolOptions,
+    /// One change at a time.
+    changing: tokio::sync::Mutex<()>,
+    /// Workers out of the pool that went down since: they rejoin when they
+    /// answer again (a restart).
+    restarting: Mutex<BTreeSet<usize>>,
+}
+
+/// Pairs one `Hold` of a change names: a worker's compute thread loads
 /// them between Forwards, so a few at a time keeps Forwards flowing.
 pub const HOLD_PAIRS: usize = 4;
 
-pub struct ExpertPool {
-    workers: Arc<Vec<WorkerLink>>,
-    view: PlacementView,
-    load: Arc<ExpertLoad>,
-    /// Slots per worker beyond the even share (`--spare-slots`).
-    spare_slots: usize,
-    /// One change at a time.
-    changing: tokio::sync::Mutex<()>,
-}
+/// How long an added worker has to answer Info.
+const JOIN_WAIT: Duration = Duration::from_secs(10);
 
 impl ExpertPool {
     pub fn new(
-        workers: Arc<Vec<WorkerLink>>,
+        workers: Arc<Workers>,
         view: PlacementView,
         load: Arc<ExpertLoad>,
-        spare_slots: usize,
+        connector: Connector,
+        options: PoolOptions,
     ) -> Self {
         Self {
             workers,
             view,
             load,
-            spare_slots,
+            connector,
+            options,
             changing: tokio::sync::Mutex::new(()),
+            restarting: Mutex::default(),
         }
     }
 
@@ -85,14 +152,27 @@ impl ExpertPool {
         &self.view
     }
 
+    pub fn workers(&self) -> &Arc<Workers> {
+        &self.workers
+    }
+
     fn worker_ref(&self, index: usize) -> WorkerRef {
         WorkerRef {
             index,
-            addr: self.workers[index].addr.clone(),
+            addr: self
+                .workers
+                .get(index)
+                .map_or_else(String::new, |w| w.addr.clone()),
         }
     }
 
-    /// Rebalances over the recent load (EPLB within the spare slots).
+    /// Which workers work may be planned on, by index.
+    fn serving(&self) -> Vec<bool> {
+        self.workers.all().iter().map(|w| w.serves()).collect()
+    }
+
+    /// Rebalances over the recent load (EPLB within the spare slots, over
+    /// the serving workers).
     pub async fn rebalance(&self) -> Result<Rebalanced, PoolError> {
         let _one_change = self.changing.lock().await;
         let result = self.rebalance_now().await;
@@ -114,8 +194,12 @@ impl ExpertPool {
             .map(|row| row.into_iter().map(|t| t as f64).collect())
             .collect();
         let current = self.view.latest();
-        let slots = rebalance::slots(&current.placement, self.spare_slots);
-        let plan = rebalance::rebalance(&current.placement, &load, slots)?;
+        let plan = rebalance::rebalance_serving(
+            &current.placement,
+            &load,
+            self.options.spare_slots,
+            &self.serving(),
+        )?;
         let mut done = Rebalanced {
             epoch: current.epoch,
             moved: plan.moved(),
@@ -123,15 +207,12 @@ impl ExpertPool {
             balancedness_after: plan.balancedness_after,
             bytes_loaded: 0,
         };
-        if done.moved == 0 {
+        if done.moved == 0 && plan.placement == current.placement {
             return Ok(done);
         }
-        let next_epoch = current.epoch + 1;
-        done.bytes_loaded = self.load_all(&plan.loads, next_epoch).await?;
-        done.epoch = self.view.switch(plan.placement).await;
-        self.drop_all(&plan.drops, done.epoch).await;
-        metrics::counter!(names::PAIRS_MOVED_TOTAL).increment(done.moved as u64);
-        metrics::counter!(names::BYTES_LOADED_TOTAL).increment(done.bytes_loaded);
+        let (epoch, bytes) = self.change_to(&current.placement, plan.placement).await?;
+        done.epoch = epoch;
+        done.bytes_loaded = bytes;
         metrics::gauge!(names::REBALANCE_BALANCEDNESS, "when" => "before")
             .set(done.balancedness_before);
         metrics::gauge!(names::REBALANCE_BALANCEDNESS, "when" => "after")
@@ -147,14 +228,242 @@ impl ExpertPool {
         Ok(done)
     }
 
+    /// Adds the worker at `addr` to the pool with the experts it holds (a
+    /// worker removed before takes its index back).
+    pub async fn add(&self, addr: &str) -> Result<Joined, PoolError> {
+        let _one_change = self.changing.lock().await;
+        let links = self.workers.all();
+        let known = links.iter().position(|w| w.addr == addr);
+        if let Some(index) = known
+            && !links[index].retired.load(Ordering::Relaxed)
+        {
+            return Err(PoolError::AlreadyInPool {
+                worker: self.worker_ref(index),
+            });
+        }
+        let link = match known {
+            Some(index) => links[index].clone(),
+            None => Arc::new(WorkerLink::new(
+                addr,
+                self.connector.max_message_bytes,
+                self.connector.tls.as_ref(),
+            )?),
+        };
+        let held = self.held_by(&link).await?;
+        let index = match known {
+            Some(index) => index,
+            None => self.workers.push(link.clone()),
+        };
+        let joined = self.join(index, &link, &held).await;
+        tracing::info!(worker = index, addr, pairs = held.len(), "worker added");
+        Ok(joined)
+    }
+
+    /// The pairs the worker at `link` holds, checked to serve our model.
+    async fn held_by(&self, link: &WorkerLink) -> Result<Vec<Pair>, PoolError> {
+        let unreachable = |reason: String| PoolError::Unreachable {
+            addr: link.addr.clone(),
+            reason,
+        };
+        let mut client = link.client.clone();
+        let info = tokio::time::timeout(JOIN_WAIT, client.info(InfoRequest {}))
+            .await
+            .map_err(|_| unreachable(format!("no answer within {JOIN_WAIT:?}")))?
+            .map_err(|status| unreachable(format!("{:?}: {}", status.code(), status.message())))?
+            .into_inner();
+        if info.model_id != self.connector.model_id {
+            return Err(PoolError::ModelMismatch {
+                addr: link.addr.clone(),
+                ours: self.connector.model_id.clone(),
+                theirs: info.model_id,
+            });
+        }
+        Ok(info
+            .held
+            .iter()
+            .flat_map(|h| {
+                h.experts
+                    .iter()
+                    .map(move |&e| (h.layer as usize, e as usize))
+            })
+            .collect())
+    }
+
+    /// Puts worker `index` in the pool holding `held`: nothing to load.
+    async fn join(&self, index: usize, link: &WorkerLink, held: &[Pair]) -> Joined {
+        let current = self.view.latest();
+        let experts_per_layer: Vec<usize> =
+            current.placement.experts.iter().map(Vec::len).collect();
+        let held: Vec<Pair> = held
+            .iter()
+            .copied()
+            .filter(|&(layer, expert)| experts_per_layer.get(layer).is_some_and(|&n| expert < n))
+            .collect();
+        let mut placement = membership::with_worker(&current.placement, index, &held);
+        placement.workers = placement.workers.max(self.workers.len());
+        link.live.store(true, Ordering::Relaxed);
+        link.retired.store(false, Ordering::Relaxed);
+        self.restarting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&index);
+        let epoch = self.view.switch(placement).await;
+        Joined {
+            worker: index,
+            epoch,
+        }
+    }
+
+    /// Takes worker `index` out of the pool once every expert it holds is
+    /// held by another serving worker (copied where none is). It keeps its
+    /// experts; it rejoins when it comes back from a restart, or when added.
+    pub async fn remove(&self, index: usize) -> Result<Left, PoolError> {
+        let _one_change = self.changing.lock().await;
+        let link = self.workers.get(index).ok_or(PoolError::UnknownWorker {
+            index,
+            workers: self.workers.len(),
+        })?;
+        if link.retired.load(Ordering::Relaxed) {
+            return Err(PoolError::NotInPool {
+                worker: self.worker_ref(index),
+            });
+        }
+        let left = self.leave(index).await?;
+        tracing::info!(worker = index, addr = %link.addr, moved = left.moved, "worker removed");
+        Ok(left)
+    }
+
+    async fn leave(&self, index: usize) -> Result<Left, PoolError> {
+        let current = self.view.latest();
+        let mut placement = membership::without_worker(
+            &current.placement,
+            index,
+            &self.serving(),
+            self.options.spare_slots,
+        )?;
+        placement.workers = placement.workers.max(self.workers.len());
+        let (loads, mut drops) = rebalance::changes(&current.placement, &placement);
+        let moved: usize = loads.iter().map(Vec::len).sum();
+        // Its own pairs stay loaded: it may rejoin with them.
+        if let Some(own) = drops.get_mut(index) {
+            own.clear();
+        }
+        let bytes = self.load_all(&loads, current.epoch + 1).await?;
+        let epoch = self.view.switch(placement).await;
+        // Retired only now: steps before the switch still plan over it.
+        if let Some(link) = self.workers.get(index) {
+            link.retired.store(true, Ordering::Relaxed);
+        }
+        self.drop_all(&drops, epoch).await;
+        metrics::counter!(names::PAIRS_MOVED_TOTAL).increment(moved as u64);
+        metrics::counter!(names::BYTES_LOADED_TOTAL).increment(bytes);
+        Ok(Left { epoch, moved })
+    }
+
+    /// Loads what `to` adds to `from`, switches to it, drops what it takes
+    /// away; the epoch and the bytes loaded.
+    async fn change_to(&self, from: &Placement, to: Placement) -> Result<(u64, u64), PoolError> {
+        let (loads, drops) = rebalance::changes(from, &to);
+        let moved: usize = loads.iter().map(Vec::len).sum();
+        let next_epoch = self.view.latest().epoch + 1;
+        let bytes = self.load_all(&loads, next_epoch).await?;
+        let epoch = self.view.switch(to).await;
+        self.drop_all(&drops, epoch).await;
+        metrics::counter!(names::PAIRS_MOVED_TOTAL).increment(moved as u64);
+        metrics::counter!(names::BYTES_LOADED_TOTAL).increment(bytes);
+        Ok((epoch, bytes))
+    }
+
+    /// Follows the monitor's events: with self-healing, a lost worker's
+    /// experts move onto the others; a worker out of the pool that comes
+    /// back from a restart rejoins with what it holds.
+    pub async fn follow(
+        self: Arc<Self>,
+        mut events: tokio::sync::mpsc::UnboundedReceiver<WorkerEvent>,
+    ) {
+        while let Some(event) = events.recv().await {
+            match event {
+                WorkerEvent::Down(index) => self.lost(index).await,
+                WorkerEvent::Up(index) => self.returned(index).await,
+            }
+        }
+    }
+
+    async fn lost(&self, index: usize) {
+        let Some(link) = self.workers.get(index) else {
+            return;
+        };
+        let _one_change = self.changing.lock().await;
+        if link.retired.load(Ordering::Relaxed) {
+            self.restarting
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(index);
+            return;
+        }
+        if !self.options.self_heal || link.live.load(Ordering::Relaxed) {
+            return;
+        }
+        match self.leave(index).await {
+            Ok(left) => {
+                self.restarting
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(index);
+                metrics::counter!(names::HEALS_TOTAL).increment(1);
+                tracing::warn!(
+                    worker = index,
+                    addr = %link.addr,
+                    epoch = left.epoch,
+                    moved = left.moved,
+                    "worker lost: its experts were moved onto the others"
+                );
+            }
+            Err(error) => tracing::error!(
+                worker = index,
+                addr = %link.addr,
+                error = %tramontane_infra::error::chain(&error),
+                "worker lost, and its experts could not be moved: they wait for it"
+            ),
+        }
+    }
+
+    async fn returned(&self, index: usize) {
+        let restarted = self
+            .restarting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&index);
+        let Some(link) = self.workers.get(index).filter(|_| restarted) else {
+            return;
+        };
+        let _one_change = self.changing.lock().await;
+        let joined = match self.held_by(&link).await {
+            Ok(held) => Ok(self.join(index, &link, &held).await),
+            Err(error) => Err(error),
+        };
+        match joined {
+            Ok(joined) => tracing::info!(
+                worker = index,
+                addr = %link.addr,
+                epoch = joined.epoch,
+                "worker back from a restart: it rejoins the pool"
+            ),
+            Err(error) => tracing::warn!(
+                worker = index,
+                addr = %link.addr,
+                error = %tramontane_infra::error::chain(&error),
+                "worker back, but it cannot rejoin"
+            ),
+        }
+    }
+
     /// Has every worker load its `loads`, all at once; on a failure, drops
     /// again what the others loaded. Returns the bytes loaded.
     async fn load_all(&self, loads: &[Vec<Pair>], epoch: u64) -> Result<u64, PoolError> {
+        let links = self.workers.all();
         let involved: Vec<usize> = (0..loads.len()).filter(|&w| !loads[w].is_empty()).collect();
-        if let Some(&down) = involved
-            .iter()
-            .find(|&&w| !self.workers[w].live.load(Ordering::Relaxed))
-        {
+        if let Some(&down) = involved.iter().find(|&&w| !links[w].serves()) {
             return Err(PoolError::WorkerDown {
                 worker: self.worker_ref(down),
             });
@@ -162,7 +471,7 @@ impl ExpertPool {
         let answers = futures::future::join_all(
             involved
                 .iter()
-                .map(|&w| self.hold(w, &loads[w], &[], epoch)),
+                .map(|&w| self.hold(&links[w], &loads[w], &[], epoch)),
         )
         .await;
         let mut bytes = 0;
@@ -192,18 +501,21 @@ impl ExpertPool {
     /// Has every worker drop its `drops`; a failure leaves the pairs loaded
     /// (memory, not correctness) and is logged.
     async fn drop_all(&self, drops: &[Vec<Pair>], epoch: u64) {
-        let involved: Vec<usize> = (0..drops.len()).filter(|&w| !drops[w].is_empty()).collect();
+        let links = self.workers.all();
+        let involved: Vec<usize> = (0..drops.len())
+            .filter(|&w| !drops[w].is_empty() && links[w].live.load(Ordering::Relaxed))
+            .collect();
         let answers = futures::future::join_all(
             involved
                 .iter()
-                .map(|&w| self.hold(w, &[], &drops[w], epoch)),
+                .map(|&w| self.hold(&links[w], &[], &drops[w], epoch)),
         )
         .await;
         for (&w, answer) in involved.iter().zip(answers) {
             if let Err(status) = answer {
                 tracing::warn!(
                     worker = w,
-                    addr = %self.workers[w].addr,
+                    addr = %links[w].addr,
                     code = ?status.code(),
                     message = status.message(),
                     "a worker could not drop experts it no longer serves"
@@ -216,7 +528,7 @@ impl ExpertPool {
     /// pairs (a worker serves Forwards between them); the bytes loaded.
     async fn hold(
         &self,
-        worker: usize,
+        link: &WorkerLink,
         load: &[Pair],
         drop: &[Pair],
         epoch: u64,
@@ -230,7 +542,7 @@ impl ExpertPool {
                 })
                 .collect()
         };
-        let mut client = self.workers[worker].client.clone();
+        let mut client = link.client.clone();
         let mut bytes = 0;
         for chunk in load.chunks(HOLD_PAIRS) {
             let request = HoldRequest {

@@ -6,11 +6,10 @@
 //! [`RemoteExperts`] is the model's `Experts` seam over gRPC.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tch::{Kind, Tensor};
-use tonic::transport::{Channel, Endpoint};
 use tramontane_config::Dtype;
 use tramontane_model::experts::Experts;
 use tramontane_model::gating::Routing;
@@ -18,7 +17,6 @@ use tramontane_policy::dispatch_plan::{RoutedPair, WorkerShare, plan_dispatch};
 use tramontane_policy::placement::Placement;
 use tramontane_policy::routing_trace::RoutingTrace;
 use tramontane_proto::codec;
-use tramontane_proto::v1::expert_service_client::ExpertServiceClient;
 use tramontane_proto::v1::{ExpertRows, ForwardRequest};
 
 use crate::cluster::ClusterError;
@@ -30,21 +28,11 @@ use crate::forward::{Answer, Forward};
 use crate::micro_batches::MicroBatches;
 use crate::phases::{DispatchPhases, Phase, Volume};
 use crate::placement_view::PlacementView;
-
-/// A worker as the router sees it. `client` is for probes and runs on the
-/// runtime that connected; the data path makes its own clients from
-/// `endpoint` (see [`DataPath`]).
-pub struct WorkerLink {
-    pub addr: String,
-    pub client: ExpertServiceClient<Channel>,
-    pub endpoint: Endpoint,
-    pub max_message_bytes: usize,
-    pub live: AtomicBool,
-}
+use crate::workers::Workers;
 
 /// The experts of a model, reached over gRPC.
 pub struct RemoteExperts {
-    workers: Arc<Vec<WorkerLink>>,
+    workers: Arc<Workers>,
     /// Which workers hold which experts, as far as the router knows: a
     /// worker that answers that it no longer holds some is taken off them.
     placement: PlacementView,
@@ -60,14 +48,14 @@ pub struct RemoteExperts {
 
 impl RemoteExperts {
     pub fn new(
-        workers: Arc<Vec<WorkerLink>>,
+        workers: Arc<Workers>,
         placement: Placement,
         deadline: Duration,
         wire: Dtype,
     ) -> Result<Self, ClusterError> {
         let experts_per_layer: Vec<usize> = placement.experts.iter().map(Vec::len).collect();
         let load = Arc::new(ExpertLoad::new(&experts_per_layer, workers.len()));
-        let data = DataPath::new(&workers).map_err(ClusterError::Runtime)?;
+        let data = DataPath::new().map_err(ClusterError::Runtime)?;
         Ok(Self {
             workers,
             placement: PlacementView::new(placement),
@@ -130,7 +118,10 @@ impl RemoteExperts {
     fn worker_ref(&self, index: usize) -> WorkerRef {
         WorkerRef {
             index,
-            addr: self.workers[index].addr.clone(),
+            addr: self
+                .workers
+                .get(index)
+                .map_or_else(String::new, |w| w.addr.clone()),
         }
     }
 
@@ -171,6 +162,19 @@ impl RemoteExperts {
     }
 }
 
+/// Of `workers` workers, those `placement` gives some expert of `layer`.
+fn layer_members(placement: &Placement, layer: usize, workers: usize) -> Vec<bool> {
+    let mut members = vec![false; workers];
+    for on in placement.experts.get(layer).into_iter().flatten() {
+        for &w in on {
+            if let Some(m) = members.get_mut(w) {
+                *m = true;
+            }
+        }
+    }
+    members
+}
+
 /// `xs` `[tokens, hidden]` as host f32 values, row-major.
 pub(crate) fn host_rows(xs: &Tensor) -> Result<Vec<f32>, tch::TchError> {
     let host = xs
@@ -209,7 +213,8 @@ impl RemoteExperts {
     /// Plans `pairs` over the live workers and sends each worker its share.
     fn launch(&self, d: &mut LayerDispatch, pairs: &[RoutedPair]) -> Result<(), DispatchError> {
         let layer = d.layer;
-        let live = |w: usize| self.workers[w].live.load(Ordering::Relaxed);
+        let workers = self.workers.all();
+        let live = |w: usize| workers.get(w).is_some_and(|w| w.serves());
         let current = self.placement.current();
         let placement = &current.placement;
         let shares = plan_dispatch(layer, pairs, placement, &live).map_err(|u| {
@@ -230,7 +235,7 @@ impl RemoteExperts {
             let span = tracing::info_span!(
                 "dispatch",
                 worker = share.worker,
-                worker.addr = %self.workers[share.worker].addr,
+                worker.addr = %workers[share.worker].addr,
                 layer,
                 epoch = current.epoch,
                 rows = share.tokens.len(),
@@ -238,7 +243,7 @@ impl RemoteExperts {
             );
             let forward = Forward {
                 worker: share.worker,
-                client: self.data.clients[share.worker].clone(),
+                client: self.data.client(share.worker, &workers[share.worker]),
                 request,
                 wire: self.wire,
                 rows: share.tokens.len(),
@@ -315,9 +320,9 @@ impl RemoteExperts {
                     retry.extend_from_slice(&share.pairs);
                 }
                 Err(error) => {
-                    self.workers[share.worker]
-                        .live
-                        .store(false, Ordering::Relaxed);
+                    if let Some(worker) = self.workers.get(share.worker) {
+                        worker.live.store(false, Ordering::Relaxed);
+                    }
                     metrics::gauge!(crate::metrics::WORKER_UP, "worker" => share.worker.to_string())
                         .set(0.0);
                     d.failures.push(WorkerFailure {
@@ -390,7 +395,13 @@ impl Experts for RemoteExperts {
             }
             self.launch(&mut d, &retry)?;
         }
-        self.load.record(d.layer, &d.routed, &d.worker_pairs);
+        let members = layer_members(
+            &self.placement.current().placement,
+            d.layer,
+            d.worker_pairs.len(),
+        );
+        self.load
+            .record(d.layer, &d.routed, &d.worker_pairs, &members);
         let layer = d.layer;
         let out = Tensor::f_from_slice(&d.out)
             .and_then(|t| t.f_view([d.tokens, d.hidden]))

@@ -19,6 +19,7 @@
 //!   planner offline and the router's rebalancing while serving.
 //! - [`rebalance`]: while serving, the placement to switch to for the
 //!   recent load, and what each worker loads and drops.
+//! - [`membership`]: workers joining and leaving the pool while it serves.
 //! - [`routing_trace`]: `--record-routing`, the experts every token chose.
 
 #![forbid(unsafe_code)]
@@ -28,6 +29,7 @@ pub mod dispatch_plan;
 pub mod eplb;
 pub mod held_experts;
 pub mod kv_blocks;
+pub mod membership;
 pub mod placement;
 pub mod rebalance;
 pub mod routing_trace;

@@ -54,12 +54,14 @@ pub fn rebalance(
     slots: usize,
 ) -> Result<Rebalance, EplbError> {
     let workers = current.workers;
+    let housed = housed(current, load, slots);
     let proposed = eplb::placement_for_load(load, slots, workers)?;
     let before = eplb::balancedness(load, current);
+    let kept = eplb::balancedness(load, &housed);
     let after = eplb::balancedness(load, &proposed);
-    let mut placement = current.clone();
+    let mut placement = housed;
     for (layer, row) in proposed.experts.iter().enumerate() {
-        if row.is_empty() || after[layer] < before[layer] + MIN_GAIN {
+        if row.is_empty() || after[layer] < kept[layer] + MIN_GAIN {
             continue;
         }
         placement.experts[layer] = renamed(row, &current.experts[layer], workers);
@@ -85,6 +87,94 @@ pub fn rebalance(
         balancedness_before: mean(before),
         balancedness_after,
     })
+}
+
+/// [`rebalance`] over the workers with `serving[w]` only, each with
+/// [`slots`] of them and `spare`: the others hold nothing after it.
+pub fn rebalance_serving(
+    current: &Placement,
+    load: &[Vec<f64>],
+    spare: usize,
+    serving: &[bool],
+) -> Result<Rebalance, EplbError> {
+    let ids: Vec<usize> = (0..current.workers)
+        .filter(|&w| serving.get(w).copied().unwrap_or(false))
+        .collect();
+    if ids.is_empty() {
+        return Err(EplbError::Zero {
+            what: "serving workers",
+        });
+    }
+    let compact_of = |w: usize| ids.iter().position(|&id| id == w);
+    let compact = Placement {
+        workers: ids.len(),
+        experts: current
+            .experts
+            .iter()
+            .map(|row| {
+                row.iter()
+                    .map(|on| on.iter().filter_map(|&w| compact_of(w)).collect())
+                    .collect()
+            })
+            .collect(),
+    };
+    let planned = rebalance(&compact, load, slots(&compact, spare))?;
+    let placement = Placement {
+        workers: current.workers,
+        experts: planned
+            .placement
+            .experts
+            .iter()
+            .map(|row| {
+                row.iter()
+                    .map(|on| on.iter().map(|&c| ids[c]).collect())
+                    .collect()
+            })
+            .collect(),
+    };
+    let (loads, drops) = changes(current, &placement);
+    Ok(Rebalance {
+        placement,
+        loads,
+        drops,
+        ..planned
+    })
+}
+
+/// `current` with each expert no worker holds given to the least loaded
+/// worker with room (fewer than `slots` experts of the layer).
+fn housed(current: &Placement, load: &[Vec<f64>], slots: usize) -> Placement {
+    let mut placement = current.clone();
+    for (layer, row) in placement.experts.iter_mut().enumerate() {
+        if row.iter().all(|on| !on.is_empty()) {
+            continue;
+        }
+        let loads = load.get(layer).map_or(&[][..], Vec::as_slice);
+        let mut work = vec![0.0; current.workers];
+        let mut held = vec![0usize; current.workers];
+        for (expert, on) in row.iter().enumerate() {
+            for &w in on {
+                work[w] += loads.get(expert).copied().unwrap_or(0.0) / on.len() as f64;
+                held[w] += 1;
+            }
+        }
+        for (expert, on) in row.iter_mut().enumerate() {
+            if !on.is_empty() {
+                continue;
+            }
+            // Room is at least the even share, so some worker has it.
+            let Some(home) = (0..current.workers)
+                .filter(|&w| held[w] < slots)
+                .min_by(|&a, &b| work[a].total_cmp(&work[b]).then(held[a].cmp(&held[b])))
+            else {
+                continue;
+            };
+            on.push(home);
+            held[home] += 1;
+            work[home] += loads.get(expert).copied().unwrap_or(0.0);
+        }
+    }
+    placement
 }
 
 /// Per worker, the pairs `to` gives it that `from` does not (loads) and
@@ -261,6 +351,19 @@ mod tests {
         let (loads, drops) = changes(&from, &to);
         assert_eq!(loads, vec![vec![], vec![(0, 0)]]);
         assert_eq!(drops, vec![vec![(0, 0)], vec![(0, 2)]]);
+    }
+
+    #[test]
+    fn a_rebalance_over_the_serving_workers_empties_the_others() {
+        // Worker 1 of 3 is down; its experts 1 and 4 find homes on 0 and 2.
+        let current = Placement::round_robin(&[6], 3).unwrap();
+        let load = vec![vec![1.0; 6]];
+        let r = rebalance_serving(&current, &load, 0, &[true, false, true]).unwrap();
+        r.placement.validate(&[6]).unwrap();
+        assert!(r.placement.experts[0].iter().all(|on| !on.contains(&1)));
+        assert_eq!(r.drops[1], vec![(0, 1), (0, 4)]);
+        assert_eq!(r.moved(), 2);
+        assert!(rebalance_serving(&current, &load, 0, &[false; 3]).is_err());
     }
 
     proptest! {

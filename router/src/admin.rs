@@ -2,20 +2,24 @@
 //! behind its own key (`--admin-key`; the API keys do not open it).
 //! `GET /admin/placement` answers the router's view of who holds what, in
 //! the placement file's format, with its epoch; `POST /admin/rebalance`
-//! rebalances the experts over their recent load now.
+//! rebalances the experts over their recent load now; `POST /admin/workers`
+//! adds a worker (`{"address": "HOST:PORT"}`) with what it holds, and
+//! `DELETE /admin/workers/{index}` takes one out once its experts are
+//! elsewhere.
 
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Request, State};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::IntoResponse;
 use axum::response::Response;
-use axum::routing::{get, post};
-use serde::Serialize;
-use tramontane_dispatch::pool::{ExpertPool, PoolError, Rebalanced};
+use axum::routing::{delete, get, post};
+use serde::{Deserialize, Serialize};
+use tramontane_dispatch::pool::{ExpertPool, Joined, Left, PoolError, Rebalanced};
 
 use crate::api_keys::ApiKeys;
 use crate::http::ApiError;
@@ -41,6 +45,8 @@ pub fn app(state: Arc<AdminState>) -> axum::Router {
     axum::Router::new()
         .route("/admin/placement", get(placement))
         .route("/admin/rebalance", post(rebalance))
+        .route("/admin/workers", post(add_worker))
+        .route("/admin/workers/{index}", delete(remove_worker))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_admin_key,
@@ -61,15 +67,78 @@ async fn rebalance(State(state): State<Arc<AdminState>>) -> Result<Json<Rebalanc
     state.pool.rebalance().await.map(Json).map_err(pool_error)
 }
 
-/// A change of the pool that could not be made: 503 while a worker it
-/// needs is down, 502 when a worker refused, 500 otherwise.
+/// `POST /admin/workers`' body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddWorker {
+    /// `HOST:PORT` of its expert service.
+    pub address: String,
+}
+
+async fn add_worker(
+    State(state): State<Arc<AdminState>>,
+    body: Result<Json<AddWorker>, JsonRejection>,
+) -> Result<Json<Joined>, Response> {
+    let Json(body) = body.map_err(|rejection| {
+        ApiError::invalid(
+            "address",
+            format!(
+                "the body must be {{\"address\": \"HOST:PORT\"}}: {}",
+                rejection.body_text()
+            ),
+        )
+        .into_response()
+    })?;
+    if body.address.is_empty() || body.address.parse::<axum::http::uri::Authority>().is_err() {
+        return Err(ApiError::invalid(
+            "address",
+            format!("{:?} is not a HOST:PORT address", body.address),
+        )
+        .into_response());
+    }
+    state
+        .pool
+        .add(&body.address)
+        .await
+        .map(Json)
+        .map_err(pool_error)
+}
+
+async fn remove_worker(
+    State(state): State<Arc<AdminState>>,
+    Path(index): Path<String>,
+) -> Result<Json<Left>, Response> {
+    let index: usize = index.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("{index:?} is not a worker index"),
+        )
+        .into_response()
+    })?;
+    state.pool.remove(index).await.map(Json).map_err(pool_error)
+}
+
+/// A change of the pool that could not be made: 404 for an unknown
+/// worker; 409 where the pool's state forbids it (a pair with nowhere to
+/// go, a worker already in or out, another model); 503 while a worker it
+/// needs is down; 502 when a worker refused or did not answer.
 fn pool_error(error: PoolError) -> Response {
-    let status = match &error {
-        PoolError::WorkerDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
-        PoolError::Load { .. } => StatusCode::BAD_GATEWAY,
-        PoolError::Plan(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    let (status, code) = match &error {
+        PoolError::UnknownWorker { .. } => (StatusCode::NOT_FOUND, "unknown_worker"),
+        PoolError::Stranded(_) => (StatusCode::CONFLICT, "expert_stranded"),
+        PoolError::NotInPool { .. } => (StatusCode::CONFLICT, "not_in_pool"),
+        PoolError::AlreadyInPool { .. } => (StatusCode::CONFLICT, "already_in_pool"),
+        PoolError::ModelMismatch { .. } => (StatusCode::CONFLICT, "model_mismatch"),
+        PoolError::Address(_) => (StatusCode::BAD_REQUEST, "invalid_address"),
+        PoolError::WorkerDown { .. } => (StatusCode::SERVICE_UNAVAILABLE, "worker_down"),
+        PoolError::Load { .. } | PoolError::Unreachable { .. } => {
+            (StatusCode::BAD_GATEWAY, "worker_refused")
+        }
+        PoolError::Plan(_) => (StatusCode::INTERNAL_SERVER_ERROR, "plan_failed"),
     };
-    ApiError::new(status, tramontane_infra::error::chain(&error)).into_response()
+    ApiError::new(status, tramontane_infra::error::chain(&error))
+        .with_code(code)
+        .into_response()
 }
 
 /// Refuses a request without the admin key: 401 with an OpenAI-style

@@ -71,12 +71,15 @@ pub async fn serve(
         config: _,
     } = router;
     let monitor_readiness = readiness.clone();
+    let (events, worker_events) = tokio::sync::mpsc::unbounded_channel();
     let monitor = tokio::spawn(cluster::monitor(
         workers.clone(),
         model_id,
         pool.view().clone(),
         move |covered| monitor_readiness.set_experts_covered(covered),
+        Some(events),
     ));
+    let following = tokio::spawn(pool.clone().follow(worker_events));
     let (stop, ending) = Stop::on(until_end(
         generator.clone(),
         readiness.clone(),
@@ -91,7 +94,7 @@ pub async fn serve(
         readiness,
         metrics: crate::metrics::install(),
         expert_load,
-        workers: workers.iter().map(|w| w.addr.clone()).collect(),
+        workers: workers.clone(),
         api_keys: api_keys.clone(),
     });
     // The public listeners are TLS when the router has a certificate.
@@ -136,6 +139,7 @@ pub async fn serve(
     let rebalancing = rebalance_interval.map(|every| tokio::spawn(rebalance_every(pool, every)));
     let result = tokio::try_join!(async { grpc.await.map_err(ServeError::Grpc) }, http, admin);
     monitor.abort();
+    following.abort();
     if let Some(rebalancing) = rebalancing {
         rebalancing.abort();
     }

@@ -11,8 +11,8 @@ use tonic_health::server::HealthReporter;
 use tramontane_config::Dtype;
 use tramontane_dispatch::cluster::{self, ClusterError};
 use tramontane_dispatch::expert_load::ExpertLoad;
-use tramontane_dispatch::pool::ExpertPool;
-use tramontane_dispatch::{MicroBatches, RemoteExperts, WorkerLink};
+use tramontane_dispatch::pool::{Connector, ExpertPool, PoolOptions};
+use tramontane_dispatch::{MicroBatches, RemoteExperts, Workers};
 use tramontane_infra::tls::Tls;
 use tramontane_model::error::{ConfigError, LoadError, TokenizerError};
 use tramontane_model::weights::Checkpoint;
@@ -63,6 +63,8 @@ pub struct RouterOptions {
     pub rebalance_interval: Option<Duration>,
     /// Expert slots per worker and layer beyond the even share.
     pub spare_slots: usize,
+    /// Move a lost worker's experts onto the others.
+    pub self_heal: bool,
     /// TLS: the CA verifies the workers (and the links to them are TLS);
     /// the certificate and key are presented to the workers and serve the
     /// public listeners (HTTPS, gRPC over TLS).
@@ -103,7 +105,7 @@ pub struct Router {
     pub(crate) expert_load: Arc<ExpertLoad>,
     pub(crate) config: ModelSpec,
     pub(crate) model_id: String,
-    pub(crate) workers: Arc<Vec<WorkerLink>>,
+    pub(crate) workers: Arc<Workers>,
     /// The expert pool: the dispatch's live view of the placement (the
     /// monitor's and the admin API's), and its changes.
     pub(crate) pool: Arc<ExpertPool>,
@@ -131,7 +133,15 @@ impl Router {
             workers.clone(),
             experts.placement_view(),
             expert_load.clone(),
-            options.spare_slots,
+            Connector {
+                model_id: model_id.clone(),
+                max_message_bytes: options.max_message_bytes,
+                tls: options.tls.as_ref().map(Tls::client),
+            },
+            PoolOptions {
+                spare_slots: options.spare_slots,
+                self_heal: options.self_heal,
+            },
         ));
         let engine = spawn_engine(&options, &config, &tokenizer, experts).await?;
         let (reporter, health) = health();
@@ -212,7 +222,7 @@ async fn connect_experts(
     options: &RouterOptions,
     config: &ModelSpec,
     model_id: &str,
-) -> Result<(RemoteExperts, Arc<Vec<WorkerLink>>), RouterError> {
+) -> Result<(RemoteExperts, Arc<Workers>), RouterError> {
     let placement = Placement::from_file_or_round_robin(
         options.placement.as_deref(),
         &config.placed_experts_per_layer(options.load.shared_experts),

@@ -234,3 +234,264 @@ fn the_admin_cli_names_what_the_router_refused() -> Result<()> {
     ensure!(idle["moved"] == 0 && idle["epoch"] == 0, "{idle}");
     Ok(())
 }
+
+/// `router` over `workers` with the admin API and `extra` flags.
+fn router_with_admin(
+    model: &std::path::Path,
+    workers: &str,
+    extra: &[&str],
+) -> Result<support::Serving> {
+    let model = model.to_str().context("model path")?;
+    let mut args = vec![
+        "router",
+        "--model",
+        model,
+        "--workers",
+        workers,
+        "--threads",
+        "1",
+        "--served-model-name",
+        "skewed",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--admin-key",
+        ADMIN_KEY,
+    ];
+    args.extend_from_slice(extra);
+    support::spawn_serving(&args)
+}
+
+/// Clients that send completions until `done` and two more each; every
+/// answer must be a whole one. Returns the requests sent.
+struct Load {
+    done: Arc<AtomicBool>,
+    answered: Arc<AtomicUsize>,
+    clients: Vec<std::thread::JoinHandle<Result<usize>>>,
+}
+
+impl Load {
+    fn start(http: &str, clients: usize, tokens: u64) -> Self {
+        let done = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let clients = (0..clients)
+            .map(|_| {
+                let (http, done, answered) = (http.to_string(), done.clone(), answered.clone());
+                std::thread::spawn(move || -> Result<usize> {
+                    let mut after_done = 0;
+                    for sent in 1..=2000 {
+                        let generated = completion(&http)?;
+                        ensure!(generated == tokens, "request {sent}: {generated} tokens");
+                        answered.fetch_add(1, Ordering::SeqCst);
+                        if done.load(Ordering::SeqCst) {
+                            after_done += 1;
+                            if after_done == 2 {
+                                return Ok(sent);
+                            }
+                        }
+                    }
+                    anyhow::bail!("the changes did not end within 2000 requests")
+                })
+            })
+            .collect();
+        Self {
+            done,
+            answered,
+            clients,
+        }
+    }
+
+    /// Waits (boundedly) for `n` more answers.
+    fn answers(&self, n: usize) {
+        let target = self.answered.load(Ordering::SeqCst) + n;
+        for _ in 0..1200 {
+            if self.answered.load(Ordering::SeqCst) >= target {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(self) -> Result<usize> {
+        self.done.store(true, Ordering::SeqCst);
+        self.clients
+            .into_iter()
+            .map(|c| c.join().expect("client thread"))
+            .sum()
+    }
+}
+
+/// `tramontane admin ...`'s failure: its stderr.
+fn admin_refused(addr: &str, action: &[&str]) -> Result<String> {
+    let output = support::tramontane()
+        .args([
+            "admin",
+            "--server",
+            &format!("http://{addr}"),
+            "--admin-key",
+            ADMIN_KEY,
+        ])
+        .args(action)
+        .output()?;
+    ensure!(!output.status.success(), "{action:?} succeeded");
+    Ok(String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+/// The workers each expert of `placement` is on, by layer.
+fn holders(placement: &Value) -> Vec<Vec<Vec<u64>>> {
+    serde_json::from_value(placement["experts"].clone()).unwrap_or_default()
+}
+
+#[test]
+fn workers_join_and_leave_under_load_without_a_failed_request() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    support::gen_model(&model, &["--preset", "tiny", "--seed", "31"])?;
+    let (_, expected) = support::expected_greedy(&model, PROMPT, 16)?;
+    let w0 = support::worker(&model, "0,2,4,6", "127.0.0.1:0")?;
+    let w1 = support::worker(&model, "1,3,5,7", "127.0.0.1:0")?;
+    let router = router_with_admin(&model, &support::addrs([&w0, &w1]), &["--spare-slots", "2"])?;
+    let admin_addr = router.admin.clone().context("admin address")?;
+    let load = Load::start(&router.http, 3, expected.len() as u64);
+    load.answers(4);
+
+    // A third worker joins with experts 0 to 3 of every layer.
+    let w2 = support::worker(&model, "0-3", "127.0.0.1:0")?;
+    let joined = admin(&admin_addr, ADMIN_KEY, &["workers", "add", &w2.addr])?;
+    ensure!(joined["worker"] == 2 && joined["epoch"] == 1, "{joined}");
+    let placement = admin(&admin_addr, ADMIN_KEY, &["placement"])?;
+    ensure!(
+        placement["workers"] == 3 && holders(&placement)[0][3] == [1, 2],
+        "{placement}"
+    );
+    load.answers(4);
+
+    // Worker 1 leaves: 1 and 3 are on worker 2 already, 5 and 7 are copied.
+    let left = admin(&admin_addr, ADMIN_KEY, &["workers", "remove", "1"])?;
+    ensure!(left["moved"] == 2 * 2, "two pairs a layer: {left}");
+    let placement = admin(&admin_addr, ADMIN_KEY, &["placement"])?;
+    ensure!(
+        holders(&placement)
+            .iter()
+            .flatten()
+            .all(|on| !on.is_empty() && !on.contains(&1)),
+        "{placement}"
+    );
+    load.answers(4);
+
+    // Worker 0 leaves: worker 2 alone serves every expert.
+    admin(&admin_addr, ADMIN_KEY, &["workers", "remove", "0"])?;
+    let placement = admin(&admin_addr, ADMIN_KEY, &["placement"])?;
+    ensure!(
+        holders(&placement).iter().flatten().all(|on| on == &[2]),
+        "{placement}"
+    );
+    load.answers(4);
+
+    // The last worker cannot leave: its experts have nowhere to go.
+    let refused = admin_refused(&admin_addr, &["workers", "remove", "2"])?;
+    ensure!(
+        refused.contains("409") && refused.contains("layer 0 expert 0 cannot move"),
+        "{refused}"
+    );
+    // Worker 1 (running, holding its experts) is added back: its index again.
+    let back = admin(&admin_addr, ADMIN_KEY, &["workers", "add", &w1.addr])?;
+    ensure!(back["worker"] == 1, "{back}");
+    load.answers(4);
+    let sent = load.stop()?;
+    ensure!(sent >= 20, "{sent} requests");
+
+    // Refusals, each naming what is wrong.
+    let again = admin_refused(&admin_addr, &["workers", "add", &w2.addr])?;
+    ensure!(
+        again.contains("409") && again.contains("in the pool already"),
+        "{again}"
+    );
+    let unknown = admin_refused(&admin_addr, &["workers", "remove", "7"])?;
+    ensure!(
+        unknown.contains("404") && unknown.contains("no worker 7"),
+        "{unknown}"
+    );
+    let other = dir.path().join("other");
+    support::gen_model(&other, &["--family", "qwen3_moe", "--preset", "tiny"])?;
+    let stranger = support::worker(&other, "0-7", "127.0.0.1:0")?;
+    let mismatch = admin_refused(&admin_addr, &["workers", "add", &stranger.addr])?;
+    let ours = tramontane_config::model_id(&model)?;
+    let theirs = tramontane_config::model_id(&other)?;
+    ensure!(
+        mismatch.contains("409") && mismatch.contains(&ours) && mismatch.contains(&theirs),
+        "{mismatch}"
+    );
+    let (status, _, body) = support::http_with(
+        &admin_addr,
+        "POST",
+        "/admin/workers",
+        &[("Authorization", &format!("Bearer {ADMIN_KEY}"))],
+        r#"{"adress": "127.0.0.1:1"}"#,
+    )?;
+    ensure!(status == 400 && body.contains("address"), "{status} {body}");
+
+    ensure!(greedy(&router.process.addr, 16)? == expected);
+    Ok(())
+}
+
+#[test]
+fn a_lost_worker_without_replicas_is_healed_onto_the_others_and_rejoins() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    support::gen_model(&model, &["--preset", "tiny", "--seed", "33"])?;
+    let (_, expected) = support::expected_greedy(&model, PROMPT, 16)?;
+    let w0 = support::worker(&model, "0,2,4,6", "127.0.0.1:0")?;
+    let mut w1 = support::worker(&model, "1,3,5,7", "127.0.0.1:0")?;
+    let w1_addr = w1.addr.clone();
+    let router = router_with_admin(
+        &model,
+        &support::addrs([&w0, &w1]),
+        &["--self-heal", "--spare-slots", "4"],
+    )?;
+    let admin_addr = router.admin.clone().context("admin address")?;
+    ensure!(greedy(&router.process.addr, 16)? == expected);
+
+    w1.child.kill()?;
+    w1.child.wait()?;
+    // Bounded: the router heals on its own and serves again.
+    let mut healed = None;
+    for _ in 0..300 {
+        let placement = admin(&admin_addr, ADMIN_KEY, &["placement"])?;
+        if holders(&placement).iter().flatten().all(|on| on == &[0]) {
+            healed = Some(placement);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let healed = healed.context("worker 0 never took worker 1's experts")?;
+    ensure!(healed["epoch"].as_u64() >= Some(1), "{healed}");
+    let (status, _, _) = support::http(&router.http, "GET", "/health", "")?;
+    ensure!(status == 200, "health {status} once healed");
+    ensure!(
+        greedy(&router.process.addr, 16)? == expected,
+        "tokens once healed"
+    );
+    let (_, _, metrics) = support::http(&router.http, "GET", "/metrics", "")?;
+    ensure!(
+        support::metric(&metrics, "tramontane_router_self_heals_total") == Some(1.0),
+        "{metrics}"
+    );
+
+    // Back from its restart, worker 1 rejoins with what it holds.
+    let _w1_again = support::worker(&model, "1,3,5,7", &w1_addr)?;
+    let mut rejoined = false;
+    for _ in 0..300 {
+        let placement = admin(&admin_addr, ADMIN_KEY, &["placement"])?;
+        if holders(&placement)[0][1] == [0, 1] {
+            rejoined = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(rejoined, "worker 1 did not rejoin");
+    ensure!(
+        greedy(&router.process.addr, 16)? == expected,
+        "tokens once rejoined"
+    );
+    Ok(())
+}

@@ -52,7 +52,7 @@ pub struct HttpState {
     pub metrics: PrometheusHandle,
     pub expert_load: Arc<ExpertLoad>,
     /// Worker addresses, by index.
-    pub workers: Vec<String>,
+    pub workers: Arc<tramontane_dispatch::Workers>,
     /// Keys the API needs (none: open).
     pub api_keys: ApiKeys,
 }
@@ -165,7 +165,7 @@ struct ExpertStatsBody {
 async fn expert_stats(State(state): State<Arc<HttpState>>) -> Json<ExpertStatsBody> {
     Json(ExpertStatsBody {
         model: state.model_name.clone(),
-        worker_addrs: state.workers.clone(),
+        worker_addrs: state.workers.addrs(),
         stats: state.expert_load.snapshot(),
     })
 }
