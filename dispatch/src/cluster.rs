@@ -84,7 +84,8 @@ pub fn client(endpoint: &Endpoint, max_message_bytes: usize) -> ExpertServiceCli
         .max_encoding_message_size(max_message_bytes)
 }
 
-/// Connects to every worker, checks model identity and placement coverage.
+/// Connects to the workers and checks their model and what they hold;
+/// returns once those that answered cover the placement.
 pub async fn connect(
     addrs: &[String],
     model_id: &str,
@@ -103,14 +104,25 @@ pub async fn connect(
         .iter()
         .map(|addr| WorkerLink::new(addr, max_message_bytes, tls))
         .collect::<Result<Vec<_>, _>>()?;
-    let infos = futures::future::try_join_all(
-        links
-            .iter()
-            .enumerate()
-            .map(|(i, link)| info_with_retry(i, link, wait)),
-    )
-    .await?;
-    for (index, (info, link)) in infos.iter().zip(&links).enumerate() {
+    // Every worker is asked at once; the router starts as soon as the
+    // workers that answered cover the placement (the others join when they
+    // answer: the monitor probes them).
+    let mut asking: futures::stream::FuturesUnordered<_> = links
+        .iter()
+        .enumerate()
+        .map(|(i, link)| async move { (i, info_with_retry(i, link, wait).await) })
+        .collect();
+    let mut answered = vec![false; links.len()];
+    let mut unreachable = None;
+    while let Some((index, info)) = futures::StreamExt::next(&mut asking).await {
+        let info = match info {
+            Ok(info) => info,
+            Err(error) => {
+                unreachable.get_or_insert(error);
+                continue;
+            }
+        };
+        let link = &links[index];
         if info.model_id != model_id {
             return Err(ClusterError::ModelMismatch {
                 index,
@@ -119,29 +131,72 @@ pub async fn connect(
                 theirs: info.model_id.clone(),
             });
         }
+        check_holds(placement, index, link, &info)?;
         link.live.store(true, Ordering::Relaxed);
+        answered[index] = true;
+        if covered_by(placement, &answered) {
+            break;
+        }
     }
+    drop(asking);
+    if !covered_by(placement, &answered) {
+        return Err(
+            unreachable.unwrap_or(ClusterError::Runtime(std::io::Error::other(
+                "no worker answered",
+            ))),
+        );
+    }
+    let waiting: Vec<&str> = links
+        .iter()
+        .zip(&answered)
+        .filter(|(_, answered)| !**answered)
+        .map(|(link, _)| link.addr.as_str())
+        .collect();
+    if !waiting.is_empty() {
+        tracing::info!(
+            ?waiting,
+            "every expert has a live worker: serving; the other workers join when they answer"
+        );
+    }
+    Ok(Arc::new(Workers::new(links)))
+}
+
+/// Worker `index` (`link`, answering `info`) holds what `placement` gives it.
+fn check_holds(
+    placement: &Placement,
+    index: usize,
+    link: &WorkerLink,
+    info: &tramontane_proto::v1::InfoResponse,
+) -> Result<(), ClusterError> {
     for (layer, row) in placement.experts.iter().enumerate() {
         for (expert, replicas) in row.iter().enumerate() {
-            for &w in replicas {
-                let holds = infos[w]
-                    .held
+            let holds = || {
+                info.held
                     .iter()
-                    .any(|h| h.layer as usize == layer && h.experts.contains(&(expert as u32)));
-                if !holds {
-                    return Err(ClusterError::Uncovered {
-                        layer,
-                        expert,
-                        detail: format!(
-                            "it is placed on worker {w} at {}, which does not hold it (start that worker with --experts including {expert}, or with --placement of this placement file)",
-                            links[w].addr
-                        ),
-                    });
-                }
+                    .any(|h| h.layer as usize == layer && h.experts.contains(&(expert as u32)))
+            };
+            if replicas.contains(&index) && !holds() {
+                return Err(ClusterError::Uncovered {
+                    layer,
+                    expert,
+                    detail: format!(
+                        "it is placed on worker {index} at {}, which does not hold it (start that worker with --experts including {expert}, or with --placement of this placement file)",
+                        link.addr
+                    ),
+                });
             }
         }
     }
-    Ok(Arc::new(Workers::new(links)))
+    Ok(())
+}
+
+/// Whether every (layer, expert) has a replica among the `answered` workers.
+fn covered_by(placement: &Placement, answered: &[bool]) -> bool {
+    placement.experts.iter().flatten().all(|replicas| {
+        replicas
+            .iter()
+            .any(|&w| answered.get(w).copied().unwrap_or(false))
+    })
 }
 
 /// Whether every (layer, expert) has a live replica in the pool.

@@ -495,3 +495,47 @@ fn a_lost_worker_without_replicas_is_healed_onto_the_others_and_rejoins() -> Res
     );
     Ok(())
 }
+
+#[test]
+fn the_router_serves_once_every_expert_has_a_live_worker() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    support::gen_model(&model, &["--preset", "tiny", "--seed", "34"])?;
+    let (_, expected) = support::expected_greedy(&model, PROMPT, 16)?;
+    // Every expert on both workers; worker 1 is not up yet.
+    let placement = dir.path().join("placement.json");
+    std::fs::write(
+        &placement,
+        json!({"workers": 2, "experts": vec![vec![vec![0, 1]; 8]; 2]}).to_string(),
+    )?;
+    let w0 = support::worker(&model, "0-7", "127.0.0.1:0")?;
+    let w1_addr = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .to_string();
+    let router = router_with_admin(
+        &model,
+        &format!("{},{w1_addr}", w0.addr),
+        &["--placement", placement.to_str().context("path")?],
+    )?;
+    ensure!(greedy(&router.process.addr, 16)? == expected);
+    let up = |w: usize| -> Result<Option<f64>> {
+        let (_, _, metrics) = support::http(&router.http, "GET", "/metrics", "")?;
+        Ok(support::metric(
+            &metrics,
+            &format!("tramontane_router_worker_up{{worker=\"{w}\"}}"),
+        ))
+    };
+    // When it comes up, the router takes it in.
+    let _w1 = support::worker(&model, "0-7", &w1_addr)?;
+    let mut joined = false;
+    for _ in 0..300 {
+        if up(1)? == Some(1.0) {
+            joined = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(joined, "worker 1 never came up");
+    ensure!(greedy(&router.process.addr, 16)? == expected);
+    Ok(())
+}
