@@ -37,8 +37,12 @@ pub enum AdminAction {
 pub enum WorkersAction {
     /// Add the worker at ADDR (HOST:PORT) with the experts it holds.
     Add { address: String },
-    /// Take worker INDEX out of the pool once its experts are elsewhere.
-    Remove { index: usize },
+    /// Take worker INDEX out of the pool once its experts are elsewhere
+    /// (a worker pod's preStop hook, its index from the environment).
+    Remove {
+        #[arg(env = "TRAMONTANE_WORKER_INDEX")]
+        index: usize,
+    },
 }
 
 pub fn run(args: &AdminArgs) -> Result<()> {

@@ -168,8 +168,10 @@ def test_kinds_rendered(chart):
         "Deployment",
         "NetworkPolicy",
         "PodDisruptionBudget",
+        "Secret",  # the admin key
         "Service",  # the router's API
         "Service",  # the router's metrics
+        "Service",  # the router's admin API
         "Service",  # the workers' headless
         "StatefulSet",
     ]
@@ -179,6 +181,7 @@ def test_kinds_rendered(chart):
         "networkPolicy": {"enabled": False},
         "podDisruptionBudget": {"enabled": False},
         "metrics": {"grafanaDashboard": {"enabled": False}},
+        "router": {"admin": {"enabled": False}},
     }
     assert kinds(bare) == [
         "ConfigMap",
@@ -188,8 +191,11 @@ def test_kinds_rendered(chart):
         "Service",
         "StatefulSet",
     ]
-    # An existing Secret of API keys: the chart makes none.
-    with_existing = {"apiKey": {"enabled": True, "existingSecret": "keys"}}
+    # Existing Secrets of API keys and of the admin key: the chart makes none.
+    with_existing = {
+        "apiKey": {"enabled": True, "existingSecret": "keys"},
+        "router": {"admin": {"existingSecret": "admin"}},
+    }
     assert "Secret" not in kinds(with_existing)
 
 
@@ -268,9 +274,16 @@ def test_ports_services_and_probes_agree(chart, values):
     deployment = one(docs, "Deployment")
     router = container(deployment)
     ports = config["router"]["ports"]
+    admin_port = config["router"]["admin"]["port"]
     by_name = {p["name"]: p["containerPort"] for p in router["ports"]}
-    assert by_name == ports
+    assert by_name == {**ports, "admin": admin_port}
     command = router["command"]
+    assert flag(command, "--admin-listen") == f"0.0.0.0:{admin_port}"
+    admin = one(docs, "Service", f"{FULLNAME}-admin")
+    assert [(p["name"], p["port"], p["targetPort"]) for p in admin["spec"]["ports"]] == [
+        ("admin", admin_port, "admin")
+    ]
+    assert admin["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     assert flag(command, "--listen") == f"0.0.0.0:{ports['grpc']}"
     assert flag(command, "--http-listen") == f"0.0.0.0:{ports['http']}"
     assert flag(command, "--metrics-listen") == f"0.0.0.0:{ports['metrics']}"
@@ -377,7 +390,7 @@ def test_tls_and_api_keys_reach_both_commands(chart):
     assert flag(router, "--tls-ca") == "/etc/tramontane/tls/ca.pem"
     assert flag(router, "--api-key-file") == "/etc/tramontane/api-key/api-key"
     assert "--api-key-file" not in worker
-    secret = one(docs, "Secret")
+    secret = one(docs, "Secret", f"{FULLNAME}-api-key")
     assert secret["metadata"]["name"] == f"{FULLNAME}-api-key"
     assert base64.b64decode(secret["data"]["api-key"]).decode() == "sk-one\nsk-two\n"
     sources = one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
@@ -730,6 +743,97 @@ def test_notes_say_where_to_send_requests(chart):
     assert "Authorization: Bearer" in notes
 
 
+# --- updates and drains without an outage ---------------------------------
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_a_stopping_worker_has_its_experts_moved_first(chart, values):
+    docs = manifests(chart, values())
+    config = merged(chart, values())
+    tls = config["tls"]["enabled"]
+    workers = one(docs, "StatefulSet")
+    worker = container(workers)
+    hook = worker["lifecycle"]["preStop"]["exec"]["command"]
+    assert hook == ["tramontane", "admin", "workers", "remove"]
+    # The hook's arguments come from the environment: its own index, the
+    # router's admin Service, the key the router was given.
+    names = [e["name"] for e in worker["env"]]
+    env = {e["name"]: e for e in worker["env"]}
+    assert names.index("POD_INDEX") < names.index("TRAMONTANE_WORKER_INDEX")
+    assert env["TRAMONTANE_WORKER_INDEX"]["value"] == "$(POD_INDEX)"
+    port = config["router"]["admin"]["port"]
+    scheme = "https" if tls else "http"
+    assert env["TRAMONTANE_ADMIN_SERVER"]["value"] == (
+        f"{scheme}://{FULLNAME}-admin.{NAMESPACE}.svc:{port}"
+    )
+    router = container(one(docs, "Deployment"))
+    router_env = {e["name"]: e for e in router["env"]}
+    key_ref = env["TRAMONTANE_ADMIN_KEY"]["valueFrom"]
+    assert key_ref == router_env["TRAMONTANE_ADMIN_KEY"]["valueFrom"]
+    secret = one(docs, "Secret", key_ref["secretKeyRef"]["name"])
+    key = base64.b64decode(secret["data"][key_ref["secretKeyRef"]["key"]]).decode()
+    assert len(key) == 40 and key.isalnum()
+    # Not on a command line: the API keys must not open it either.
+    assert key not in router["command"]
+    if tls:
+        ca = env["TRAMONTANE_TLS_CA"]["value"]
+        assert ca == flag(worker["command"], "--tls-ca")
+    else:
+        assert "TRAMONTANE_TLS_CA" not in env
+    spec = workers["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] == config["workers"]["drainTimeoutSeconds"]
+    # The router heals a worker lost without notice, within spare slots.
+    assert "--self-heal" in router["command"]
+    assert flag(router["command"], "--spare-slots") == str(config["workers"]["spareSlots"])
+    assert "--rebalance-interval" not in router["command"]
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_rollouts_wait_for_model_sized_starts(chart, values):
+    docs = manifests(chart, values())
+    config = merged(chart, values())
+    workers = one(docs, "StatefulSet")
+    # One worker at a time, the next once this one is back for a while.
+    assert workers["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"partition": 0},
+    }
+    assert workers["spec"]["minReadySeconds"] == config["workers"]["minReadySeconds"] >= 10
+    assert one(docs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    # A worker's startup probe allows its whole load time.
+    probe = container(workers)["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= config["workers"]["loadTimeoutSeconds"]
+    # A new router serves before an old one stops, and the Deployment
+    # does not call it stuck while it loads and waits for its workers.
+    router = one(docs, "Deployment")
+    assert router["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    budget = config["router"]["loadTimeoutSeconds"] + config["router"]["startupTimeoutSeconds"]
+    assert router["spec"]["progressDeadlineSeconds"] > budget
+    probe = container(router)["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= budget
+
+
+def test_the_admin_api_and_the_hook_are_optional(chart):
+    off = {"router": {"admin": {"enabled": False}, "selfHeal": False, "rebalanceIntervalSeconds": 60}}
+    docs = manifests(chart, off)
+    worker = container(one(docs, "StatefulSet"))
+    assert "lifecycle" not in worker
+    assert not [e for e in worker["env"] if e["name"].startswith("TRAMONTANE_ADMIN")]
+    router = container(one(docs, "Deployment"))
+    assert "--admin-listen" not in router["command"] and "env" not in router
+    assert "--self-heal" not in router["command"]
+    assert flag(router["command"], "--rebalance-interval") == "60"
+    assert not [d for d in docs if d["metadata"]["name"].endswith("-admin")]
+    # An existing Secret holds the key: both read it from there.
+    docs = manifests(chart, {"router": {"admin": {"existingSecret": "pool-admin"}}})
+    for kind in ("StatefulSet", "Deployment"):
+        env = {e["name"]: e for e in container(one(docs, kind))["env"]}
+        assert env["TRAMONTANE_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "pool-admin"
+
+
 # --- the binary takes every flag -------------------------------------------
 
 
@@ -759,3 +863,16 @@ def test_every_flag_the_chart_passes_is_one_the_binary_takes(chart, values):
         assert passed <= accepted, (
             f"`tramontane {subcommand}` does not take {sorted(passed - accepted)}"
         )
+    # The preStop hook takes its arguments from the environment: each
+    # variable is one `tramontane admin workers remove` reads.
+    worker = container(one(docs, "StatefulSet"))
+    hook = worker["lifecycle"]["preStop"]["exec"]["command"]
+    assert hook[0] == "tramontane"
+    read = set()
+    for depth in range(2, len(hook) + 1):
+        done = subprocess.run(
+            [binary(), *hook[1:depth], "--help"], capture_output=True, text=True, timeout=60
+        )
+        read |= set(re.findall(r"env: (TRAMONTANE_[A-Z_]+)", done.stdout))
+    passed = {e["name"] for e in worker["env"] if e["name"].startswith("TRAMONTANE_")}
+    assert passed <= read, f"the hook does not read {sorted(passed - read)}"

@@ -1,6 +1,9 @@
 """The command lines the chart renders for the CPU demo, run as processes on
-this machine: two workers and the router, each with its rendered arguments,
-and the router's tokens equal in-process generation's. A chart whose
+this machine: two workers and the router, each with its rendered arguments
+and environment, and the router's tokens equal in-process generation's;
+then worker 1's preStop hook, as the kubelet runs it before the pod stops,
+has its experts moved to worker 0, and once worker 1 is gone the tokens are
+still the same. A chart whose
 arguments the binary refuses, or whose router and workers do not fit
 together (placement, model, dtype, names, ports), fails here.
 
@@ -18,11 +21,15 @@ What a cluster provides is stood in for, and nothing else is changed:
 - the placement ConfigMap mounted at /etc/tramontane: here the rendered
   placement.json is in a temporary folder;
 - the checkpoint volume mounted at `model.path`: here `model.path` is a
-  generated `tiny` checkpoint's folder.
+  generated `tiny` checkpoint's folder;
+- an environment variable from a Secret: here the rendered Secret's value;
+- the router's admin Service: the worker's namespace resolves its name to
+  the router's address (on loopback, its URL names the router's port).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -65,6 +72,35 @@ def one(docs: list[dict], kind: str) -> dict:
 def command_of(workload: dict) -> list[str]:
     (container,) = workload["spec"]["template"]["spec"]["containers"]
     return list(container["command"]) + list(container.get("args", []))
+
+
+def env_of(workload: dict, secrets: dict[str, dict[str, str]], **given: str) -> dict[str, str]:
+    """The container's environment as the kubelet makes it: values with
+    `$(VAR)` of the variables before them, Secrets' keys, the pod's labels
+    (`given`, by variable name)."""
+    (container,) = workload["spec"]["template"]["spec"]["containers"]
+    env: dict[str, str] = {}
+    for item in container.get("env", []):
+        name = item["name"]
+        if name in given:
+            env[name] = given[name]
+        elif "value" in item:
+            value = item["value"]
+            for known, known_value in env.items():
+                value = value.replace(f"$({known})", known_value)
+            env[name] = value
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            env[name] = secrets[ref["name"]][ref["key"]]
+    return env
+
+
+def secrets_of(docs: list[dict]) -> dict[str, dict[str, str]]:
+    return {
+        d["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in d["data"].items()}
+        for d in docs
+        if d["kind"] == "Secret"
+    }
 
 
 def value_of(command: list[str], flag: str) -> str:
@@ -142,15 +178,17 @@ class Pods:
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
 
 
-def start(prefix: list[str], command: list[str], lines: int, log: Path):
+def start(prefix: list[str], command: list[str], lines: int, log: Path, env: dict[str, str]):
     """Starts `tramontane ...` (the image's binary is this build's) behind
-    `prefix`, its logs into `log`; reads its first `lines` listening addresses."""
+    `prefix` with `env`, its logs into `log`; reads its first `lines`
+    listening addresses."""
     assert command[0] == "tramontane", command
     process = subprocess.Popen(
         [*prefix, BIN, *command[1:]],
         stdout=subprocess.PIPE,
         stderr=log.open("w"),
         text=True,
+        env={**os.environ, **env},
     )
     addrs = []
     while len(addrs) < lines:
@@ -195,7 +233,9 @@ def test_the_rendered_command_lines_serve_the_in_process_tokens(tmp_path, isolat
         arg.replace("/etc/tramontane/placement.json", str(placement_file)) for arg in command
     ]
     worker_command = mounted(command_of(workers))
-    router_command = mounted(command_of(one(docs, "Deployment")))
+    deployment = one(docs, "Deployment")
+    router_command = mounted(command_of(deployment))
+    secrets = secrets_of(docs)
     names = value_of(router_command, "--workers").split(",")
     assert len(names) == replicas
 
@@ -208,7 +248,8 @@ def test_the_rendered_command_lines_serve_the_in_process_tokens(tmp_path, isolat
             if not isolated:
                 command = replace_value(command, "--listen", "127.0.0.1:0")
             pod = f"worker-{index}"
-            process, (addr,) = start(pods.prefix(pod), command, 1, tmp_path / f"{pod}.log")
+            env = env_of(workers, secrets, POD_INDEX=str(index))
+            process, (addr,) = start(pods.prefix(pod), command, 1, tmp_path / f"{pod}.log", env)
             processes.append(process)
             addrs.append(addr)
         command = router_command
@@ -218,15 +259,40 @@ def test_the_rendered_command_lines_serve_the_in_process_tokens(tmp_path, isolat
             pods.hosts("router", hosts)
         else:
             command = replace_value(command, "--workers", ",".join(addrs))
-            for flag in ("--listen", "--http-listen", "--metrics-listen"):
+            for flag in ("--listen", "--http-listen", "--metrics-listen", "--admin-listen"):
                 command = replace_value(command, flag, "127.0.0.1:0")
-        router, (grpc, _http, _metrics) = start(
-            pods.prefix("router"), command, 3, tmp_path / "router.log"
+        router, (grpc, _http, _metrics, admin) = start(
+            pods.prefix("router"), command, 4, tmp_path / "router.log", env_of(deployment, secrets)
         )
         processes.append(router)
         grpc_port = grpc.rsplit(":", 1)[1]
+        in_process = generate([], "--model", str(model))
         served = generate(pods.prefix("router"), "--server", f"127.0.0.1:{grpc_port}")
-        assert served == generate([], "--model", str(model))
+        assert served == in_process
+
+        # Worker 1's pod stops: first its preStop hook, with its environment.
+        (container,) = workers["spec"]["template"]["spec"]["containers"]
+        hook = container["lifecycle"]["preStop"]["exec"]["command"]
+        env = env_of(workers, secrets, POD_INDEX="1")
+        if isolated:
+            service = env["TRAMONTANE_ADMIN_SERVER"].split("://", 1)[1].rsplit(":", 1)[0]
+            pods.hosts("worker-1", {service: pods.addresses["router"]})
+        else:
+            env["TRAMONTANE_ADMIN_SERVER"] = f"http://{admin}"
+        assert hook[0] == "tramontane", hook
+        moved = subprocess.run(
+            [*pods.prefix("worker-1"), BIN, *hook[1:]],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            timeout=120,
+        )
+        assert moved.returncode == 0, moved.stderr
+        assert json.loads(moved.stdout)["moved"] == 8 * 2 // replicas, moved.stdout
+        processes[1].kill()
+        processes[1].wait()
+        served = generate(pods.prefix("router"), "--server", f"127.0.0.1:{grpc_port}")
+        assert served == in_process
     finally:
         for process in processes:
             process.kill()

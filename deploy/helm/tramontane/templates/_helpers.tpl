@@ -216,6 +216,19 @@ Call with (dict "ctx" $ "tls" (list "ca.pem" ...) "apiKey" true).
 {{- end }}
 {{- end -}}
 
+{{/* The admin key's Secret, and the router's admin Service and URL. */}}
+{{- define "tramontane.adminKeySecret" -}}
+{{- default (printf "%s-admin-key" (include "tramontane.fullname" .)) .Values.router.admin.existingSecret -}}
+{{- end -}}
+
+{{- define "tramontane.adminName" -}}
+{{- printf "%s-admin" (include "tramontane.fullname" .) -}}
+{{- end -}}
+
+{{- define "tramontane.adminUrl" -}}
+{{- printf "%s://%s.%s.svc:%d" (ternary "https" "http" .Values.tls.enabled) (include "tramontane.adminName" .) .Release.Namespace (int .Values.router.admin.port) -}}
+{{- end -}}
+
 {{- define "tramontane.apiKeySecret" -}}
 {{- default (printf "%s-api-key" (include "tramontane.fullname" .)) .Values.apiKey.existingSecret -}}
 {{- end -}}
