@@ -120,7 +120,12 @@ bench-plan: build
 
 # Faults under load, one serve --workers 2 each on the tiny checkpoint (generated once into
 # target/chaos-model): kill -9 of a worker with and without replicas, SIGSTOP of a worker, 10x
-# overload, malformed requests with an API key; a PASS/FAIL table, non-zero exit on a FAIL.
+# overload, malformed requests with an API key, floods; the expert pool changing (a rebalance, a
+# worker added, removed, every worker restarted in turn, kill -9 under --self-heal); a PASS/FAIL
+# table, non-zero exit on a FAIL. Then online rebalancing against plan's offline placement on the
+# skewed bench checkpoint, 2 and 4 workers.
 bench-chaos: build
 	test -f target/chaos-model/config.json || $(BIN) gen-model --preset tiny --out target/chaos-model
 	$(PYTHON) benches/chaos.py --bin $(BIN)
+	test -f $(BENCH_MODEL)-skewed/config.json || $(BIN) gen-model --preset bench --expert-skew 1 --out $(BENCH_MODEL)-skewed
+	$(PYTHON) benches/rebalance_vs_plan.py --bin $(BIN) --model $(BENCH_MODEL)-skewed

@@ -20,9 +20,19 @@ chaoslib/scenarios.py, whose docstrings say what each does and checks):
    timeout, open files and RSS bounded.
 7. Under ulimit -n 1024, an idle flood (no HTTP/2 preface) on the router's
    gRPC port and a worker's: the same checks, and gRPC still serves.
+8. A rebalance (POST /admin/rebalance) of a skewed checkpoint: no request
+   fails; time until every layer's balancedness is 0.9.
+9. A worker added (POST /admin/workers), then a rebalance: the same.
+10. A worker removed (DELETE /admin/workers/2) and stopped: the same.
+11. Every worker restarted in turn (preStop hook, stop, start): no request
+   fails, /health stays 200.
+12. kill -9 of an unreplicated worker under --self-heal: serving again
+   within 5 s.
+Scenarios 8 to 12 report the throughput before and after the change.
 
-Every scenario starts its own `serve` (loopback ports, the tiny checkpoint
-generated once into target/chaos-model) and keeps it under load the whole
+Every scenario starts its own `serve` (8 to 12: separate worker and router
+processes; loopback ports, the tiny checkpoint generated once into
+target/chaos-model) and keeps it under load the whole
 time (chaoslib/load.py: --concurrency threads of streamed and whole
 completions and chat completions).
 
@@ -73,7 +83,7 @@ def parse_args():
     parser.add_argument("--flood", type=int, default=1500, help="flood connections per port in scenarios 6 and 7")
     parser.add_argument("--flood-s", type=float, default=30.0, help="how long scenarios 6 and 7 flood")
     parser.add_argument("--log-dir", default="target/chaos-logs")
-    parser.add_argument("--timeout", type=int, default=480, help="seconds for the whole run")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds for the whole run")
     parser.add_argument("--json", action="store_true")
     return parser.parse_args()
 

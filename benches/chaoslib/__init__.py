@@ -1,8 +1,11 @@
 """The chaos run's parts (benches/chaos.py is its command line and runner).
 
 Layout:
-- `scenarios.py`: the five scenarios, one function each, and `SCENARIOS`,
+- `scenarios.py`: the scenarios, one function each, and `SCENARIOS`,
   their registry in the README's order;
+- `pool.py`: the expert pool's scenarios (rebalance, workers added,
+  removed, restarted in turn, lost with --self-heal) on `cluster.py`'s
+  separate worker and router processes, driven through the admin API;
 - `serve.py`: one `tramontane serve` and its worker processes;
 - `load.py`: the load mix (threads of completions and chat completions) and
   what each request's outcome was;

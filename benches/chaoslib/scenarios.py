@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from benchlib import fmt, sample_sum
-from chaoslib import log
+from chaoslib import log, pool
 from chaoslib.flood import FdSampler, Flood
 from chaoslib.load import OK, Load, failures, load_request, warm_up
 from chaoslib.malformed import grpc_garbage, malformed_cases, send_case, throw_garbage
@@ -586,4 +586,10 @@ SCENARIOS = [
     (5, "malformed requests, API key", malformed_requests),
     (6, "slowloris on HTTP, ulimit -n 1024", slowloris_http),
     (7, "idle flood on gRPC ports, ulimit -n 1024", idle_flood_grpc),
+    # The expert pool changing under load (chaoslib/pool.py).
+    (8, "rebalance a skewed checkpoint", lambda ctx, report: pool.rebalance_skewed(ctx, report, under_load)),
+    (9, "add a worker", lambda ctx, report: pool.add_worker(ctx, report, under_load)),
+    (10, "remove a worker", lambda ctx, report: pool.remove_worker(ctx, report, under_load)),
+    (11, "restart every worker in turn", lambda ctx, report: pool.rolling_restart(ctx, report, under_load)),
+    (12, "kill -9 unreplicated, --self-heal", lambda ctx, report: pool.self_heal(ctx, report, under_load)),
 ]

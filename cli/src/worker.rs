@@ -64,6 +64,12 @@ pub struct WorkerArgs {
     /// `tramontane certs`.
     #[arg(long, env = "TRAMONTANE_ADMIN_CLIENT", default_value = "router")]
     pub admin_client: String,
+    /// The most bytes of expert weights this worker may hold: a `Hold`
+    /// (the router moving experts onto it) past it is refused with
+    /// RESOURCE_EXHAUSTED, and the router's change is undone. Default: no
+    /// limit beyond the device's.
+    #[arg(long, env = "TRAMONTANE_MAX_EXPERT_BYTES")]
+    pub max_expert_bytes: Option<u64>,
     #[command(flatten)]
     pub compute: ComputeArgs,
     #[command(flatten)]
@@ -108,6 +114,15 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
     let model_bytes = Checkpoint::open(&args.model)?.stored_bytes(|_| true);
     let (compute, info) = ComputeHandle::spawn(model, args.queue)?;
     let held: usize = info.held.iter().map(|(_, e)| e.len()).sum();
+    if let Some(max) = args
+        .max_expert_bytes
+        .filter(|&max| info.weight_bytes() > max)
+    {
+        anyhow::bail!(
+            "--max-expert-bytes {max}: the experts this worker holds at start take {} bytes already",
+            info.weight_bytes()
+        );
+    }
     // One I/O thread: the work is on the compute thread, and fewer threads wake faster.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -136,7 +151,7 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
             );
         }
         println!("{}{addr}", tramontane_launcher::LISTENING);
-        let mut server = ExpertServer::new(compute, info);
+        let mut server = ExpertServer::new(compute, info).max_expert_bytes(args.max_expert_bytes);
         if tls.as_ref().is_some_and(|t| t.verifies_clients()) {
             server = server.admin_only(&args.admin_client);
         }

@@ -82,6 +82,9 @@ pub struct ExpertStats {
     pub recent_worker_load: Vec<Vec<u64>>,
     /// Per layer, mean ÷ max of `recent_worker_load` (1 when nothing ran).
     pub balancedness: Vec<f64>,
+    /// Per layer, the dispatches the recent figures cover (fewer than
+    /// `window_steps` after a start or a change of placement).
+    pub recent_dispatches: Vec<usize>,
 }
 
 /// mean ÷ max; 1 for no load.
@@ -166,6 +169,15 @@ impl ExpertLoad {
         }
     }
 
+    /// Forgets the recent window (a new placement: what the old one did
+    /// says little of the new one's balance).
+    pub fn clear_recent(&self) {
+        let mut state = self.state.lock().expect("expert load lock");
+        for layer in &mut state.layers {
+            layer.recent.clear();
+        }
+    }
+
     /// Records one layer's dispatch: `experts` are the routed expert ids (k
     /// per token), `worker_pairs[w]` the pairs worker w computed, `members`
     /// the workers that held some of the layer's experts.
@@ -238,6 +250,7 @@ impl ExpertLoad {
                 .map(|(d, l)| balancedness_of(&d.workers, &l.members))
                 .collect(),
             recent_worker_load: recent.into_iter().map(|d| d.workers).collect(),
+            recent_dispatches: layers.iter().map(|l| l.recent.len()).collect(),
         }
     }
 }
@@ -292,6 +305,12 @@ mod tests {
         assert_eq!(stats.tokens[0], [1, 2, 2 * WINDOW_STEPS as u64, 1]);
         assert_eq!(stats.recent_tokens[0], [0, 0, 2 * WINDOW_STEPS as u64, 0]);
         assert_eq!(stats.balancedness[0], 1.0);
+        assert_eq!(stats.recent_dispatches, [WINDOW_STEPS, 0]);
+        load.clear_recent();
+        let stats = load.snapshot();
+        assert_eq!(stats.recent_dispatches, [0, 0]);
+        assert_eq!(stats.recent_tokens[0], [0, 0, 0, 0]);
+        assert_eq!(stats.tokens[0], [1, 2, 2 * WINDOW_STEPS as u64, 1]);
     }
 
     #[test]

@@ -126,6 +126,10 @@ pub struct ExpertPool {
 /// them between Forwards, so a few at a time keeps Forwards flowing.
 pub const HOLD_PAIRS: usize = 4;
 
+/// Dispatches of a layer over the placement in effect before a rebalance
+/// judges its balance.
+pub const MIN_WINDOW: usize = 16;
+
 /// How long an added worker has to answer Info.
 const JOIN_WAIT: Duration = Duration::from_secs(10);
 
@@ -186,12 +190,19 @@ impl ExpertPool {
     }
 
     async fn rebalance_now(&self) -> Result<Rebalanced, PoolError> {
-        let load: Vec<Vec<f64>> = self
-            .load
-            .snapshot()
+        let stats = self.load.snapshot();
+        let load: Vec<Vec<f64>> = stats
             .recent_tokens
-            .into_iter()
-            .map(|row| row.into_iter().map(|t| t as f64).collect())
+            .iter()
+            .map(|row| row.iter().map(|&t| t as f64).collect())
+            .collect();
+        // As dispatched, over enough of the placement in effect; a layer
+        // with too few dispatches since the last change is left alone.
+        let measured: Vec<Option<f64>> = stats
+            .balancedness
+            .iter()
+            .zip(&stats.recent_dispatches)
+            .map(|(&b, &n)| Some(if n >= MIN_WINDOW { b } else { 1.0 }))
             .collect();
         let current = self.view.latest();
         let plan = rebalance::rebalance_serving(
@@ -199,6 +210,7 @@ impl ExpertPool {
             &load,
             self.options.spare_slots,
             &self.serving(),
+            &measured,
         )?;
         let mut done = Rebalanced {
             epoch: current.epoch,
@@ -308,6 +320,7 @@ impl ExpertPool {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&index);
         let epoch = self.view.switch(placement).await;
+        self.load.clear_recent();
         Joined {
             worker: index,
             epoch,
@@ -350,6 +363,7 @@ impl ExpertPool {
         }
         let bytes = self.load_all(&loads, current.epoch + 1).await?;
         let epoch = self.view.switch(placement).await;
+        self.load.clear_recent();
         // Retired only now: steps before the switch still plan over it.
         if let Some(link) = self.workers.get(index) {
             link.retired.store(true, Ordering::Relaxed);
@@ -368,6 +382,7 @@ impl ExpertPool {
         let next_epoch = self.view.latest().epoch + 1;
         let bytes = self.load_all(&loads, next_epoch).await?;
         let epoch = self.view.switch(to).await;
+        self.load.clear_recent();
         self.drop_all(&drops, epoch).await;
         metrics::counter!(names::PAIRS_MOVED_TOTAL).increment(moved as u64);
         metrics::counter!(names::BYTES_LOADED_TOTAL).increment(bytes);

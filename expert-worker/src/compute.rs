@@ -56,6 +56,9 @@ pub type WorkItem = ExpertRows;
 pub struct HoldChange {
     pub load: Vec<(usize, usize)>,
     pub drop: Vec<(usize, usize)>,
+    /// The most bytes of expert weights the worker may hold
+    /// (`--max-expert-bytes`): a load past it is undone and refused.
+    pub max_bytes: Option<u64>,
 }
 
 /// What a worker holds after a [`HoldChange`], and what it did.
@@ -70,6 +73,8 @@ pub struct Holding {
     pub dropped: Vec<(usize, usize)>,
     /// The bytes of weights the loads added.
     pub loaded_bytes: u64,
+    /// The load that failed would have held more than `max_bytes`.
+    pub exhausted: bool,
     /// The load that failed, if one did (the pairs before it are loaded,
     /// those after it and the drops are not done).
     pub failed: Option<String>,
@@ -284,6 +289,7 @@ fn hold(
     let before = bytes(experts);
     let mut loaded = Vec::new();
     let mut failed = None;
+    let mut exhausted = false;
     for &(layer, expert) in &change.load {
         if experts.holds(layer, expert) {
             continue;
@@ -296,7 +302,18 @@ fn hold(
             options.expert_precision(),
             options.device,
         ) {
-            Ok(true) => loaded.push(((layer, expert), started.elapsed())),
+            Ok(true) => {
+                let held = bytes(experts);
+                if let Some(max) = change.max_bytes.filter(|&max| held > max) {
+                    experts.drop_pair(layer, expert);
+                    failed = Some(format!(
+                        "loading layer {layer} expert {expert} would hold {held} bytes of expert weights, over this worker's --max-expert-bytes {max}"
+                    ));
+                    exhausted = true;
+                    break;
+                }
+                loaded.push(((layer, expert), started.elapsed()));
+            }
             Ok(false) => {
                 failed = Some(format!("layer {layer} has no expert {expert}"));
                 break;
@@ -324,6 +341,7 @@ fn hold(
         loaded,
         dropped,
         loaded_bytes,
+        exhausted,
         failed,
     }
 }
@@ -605,6 +623,7 @@ mod tests {
         let change = HoldChange {
             load: vec![(1, 3)],
             drop: vec![],
+            max_bytes: None,
         };
         tx.try_send(Work::Hold { change, reply }).ok().unwrap();
         tx.try_send(Work::Forward(after)).ok().unwrap();
@@ -640,6 +659,7 @@ mod tests {
         let change = HoldChange {
             load: vec![(0, 3), (1, 2), (0, 0)],
             drop: vec![(0, 0), (1, 5)],
+            max_bytes: None,
         };
         let holding = hold(&mut experts, &checkpoint, &config, options, change);
         assert_eq!(holding.failed, None);
@@ -672,9 +692,29 @@ mod tests {
         let change = HoldChange {
             load: vec![(1, 4), (0, 99), (1, 6)],
             drop: vec![(0, 3)],
+            max_bytes: None,
         };
         let holding = hold(&mut experts, &checkpoint, &config, options, change);
         assert!(holding.failed.as_deref().unwrap().contains("no expert 99"));
+        assert!(!holding.exhausted);
         assert_eq!(holding.held, vec![(0, vec![3]), (1, vec![2, 4])]);
+        // Room for one more expert: the second load is undone and refused.
+        let expert_bytes = bytes_before[0].1;
+        let change = HoldChange {
+            load: vec![(1, 6), (1, 7)],
+            drop: vec![],
+            max_bytes: Some(4 * expert_bytes),
+        };
+        let holding = hold(&mut experts, &checkpoint, &config, options, change);
+        assert!(holding.exhausted, "{:?}", holding.failed);
+        assert!(
+            holding
+                .failed
+                .as_deref()
+                .unwrap()
+                .contains("--max-expert-bytes")
+        );
+        assert_eq!(holding.held, vec![(0, vec![3]), (1, vec![2, 4, 6])]);
+        assert_eq!(holding.weight_dtypes[0].1, 4 * expert_bytes);
     }
 }

@@ -35,6 +35,8 @@ pub struct ExpertServer {
     admin: Option<String>,
     /// The highest router placement epoch a Forward or a Hold named.
     epoch: AtomicU64,
+    /// `--max-expert-bytes`: the most expert weights it may hold.
+    max_expert_bytes: Option<u64>,
 }
 
 /// Pairs one `Hold` may name, loads and drops together.
@@ -83,7 +85,15 @@ impl ExpertServer {
             holding: tokio::sync::Mutex::new(()),
             admin: None,
             epoch: AtomicU64::new(0),
+            max_expert_bytes: None,
         }
+    }
+
+    /// Refuses a `Hold` whose loads would take the expert weights held past
+    /// `bytes` (RESOURCE_EXHAUSTED; the pairs loaded before it stay).
+    pub fn max_expert_bytes(mut self, bytes: Option<u64>) -> Self {
+        self.max_expert_bytes = bytes;
+        self
     }
 
     /// Lets only the client whose certificate is named `name` (a node of
@@ -131,6 +141,7 @@ impl ExpertServer {
         let change = HoldChange {
             load: pairs("load", &request.load)?,
             drop: pairs("drop", &request.drop)?,
+            max_bytes: self.max_expert_bytes,
         };
         if let Some(&(layer, expert)) = change.load.iter().find(|p| change.drop.contains(p)) {
             return Err(Status::invalid_argument(format!(
@@ -360,7 +371,11 @@ impl ExpertService for ExpertServer {
             tracing::info!(layer, expert, "expert dropped");
         }
         if let Some(failed) = &holding.failed {
-            return Err(Status::internal(format!("hold: {failed}")));
+            let message = format!("hold: {failed}");
+            return Err(match holding.exhausted {
+                true => Status::resource_exhausted(message),
+                false => Status::internal(message),
+            });
         }
         let pair = |(layer, expert): (usize, usize)| ExpertPair {
             layer: layer as u32,

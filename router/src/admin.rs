@@ -120,7 +120,7 @@ async fn remove_worker(
 
 /// A change of the pool that could not be made: 404 for an unknown
 /// worker; 409 where the pool's state forbids it (a pair with nowhere to
-/// go, a worker already in or out, another model); 503 while a worker it
+/// go, a worker already in or out, another model, a worker's memory full); 503 while a worker it
 /// needs is down; 502 when a worker refused or did not answer.
 fn pool_error(error: PoolError) -> Response {
     let (status, code) = match &error {
@@ -131,6 +131,10 @@ fn pool_error(error: PoolError) -> Response {
         PoolError::ModelMismatch { .. } => (StatusCode::CONFLICT, "model_mismatch"),
         PoolError::Address(_) => (StatusCode::BAD_REQUEST, "invalid_address"),
         PoolError::WorkerDown { .. } => (StatusCode::SERVICE_UNAVAILABLE, "worker_down"),
+        PoolError::Load {
+            code: tonic::Code::ResourceExhausted,
+            ..
+        } => (StatusCode::CONFLICT, "worker_memory_full"),
         PoolError::Load { .. } | PoolError::Unreachable { .. } => {
             (StatusCode::BAD_GATEWAY, "worker_refused")
         }

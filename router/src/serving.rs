@@ -95,6 +95,7 @@ pub async fn serve(
         metrics: crate::metrics::install(),
         expert_load,
         workers: workers.clone(),
+        placement: pool.view().clone(),
         api_keys: api_keys.clone(),
     });
     // The public listeners are TLS when the router has a certificate.

@@ -175,6 +175,10 @@ fn a_rebalance_under_load_moves_the_hot_experts_apart_without_a_failed_request()
     // the old ones dropped.
     let (_, _, stats) = support::http(&serving.http, "GET", "/v1/experts/stats", "")?;
     let stats: Value = serde_json::from_str(&stats)?;
+    ensure!(
+        stats["placement"] == after["experts"] && stats["placement_epoch"] == after["epoch"],
+        "/v1/experts/stats shows who holds what: {stats}"
+    );
     let placed = pairs_per_worker(&after)?;
     for (w, addr) in stats["worker_addrs"]
         .as_array()
@@ -476,6 +480,13 @@ fn a_lost_worker_without_replicas_is_healed_onto_the_others_and_rejoins() -> Res
         support::metric(&metrics, "tramontane_router_self_heals_total") == Some(1.0),
         "{metrics}"
     );
+    let (_, _, stats) = support::http(&router.http, "GET", "/v1/experts/stats", "")?;
+    let stats: Value = serde_json::from_str(&stats)?;
+    ensure!(
+        stats["worker_up"] == json!([true, false])
+            && stats["worker_in_pool"] == json!([true, false]),
+        "{stats}"
+    );
 
     // Back from its restart, worker 1 rejoins with what it holds.
     let _w1_again = support::worker(&model, "1,3,5,7", &w1_addr)?;
@@ -537,5 +548,52 @@ fn the_router_serves_once_every_expert_has_a_live_worker() -> Result<()> {
     }
     ensure!(joined, "worker 1 never came up");
     ensure!(greedy(&router.process.addr, 16)? == expected);
+    Ok(())
+}
+
+#[test]
+fn a_worker_without_memory_for_the_experts_refuses_them_and_nothing_changes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    support::gen_model(&model, &["--preset", "tiny", "--seed", "35"])?;
+    let w0 = support::worker(&model, "0,2,4,6", "127.0.0.1:0")?;
+    // Worker 1's weights: 8 experts (4 a layer, 2 layers); room for one more.
+    let probe = support::worker(&model, "1,3,5,7", "127.0.0.1:0")?;
+    let (_, _, metrics) = support::http(&probe.addr, "GET", "/metrics", "")?;
+    let held = support::samples(&metrics, "tramontane_worker_memory_bytes")
+        .into_iter()
+        .filter(|(labels, _)| labels.get("kind").map(String::as_str) == Some("weights"))
+        .map(|(_, v)| v)
+        .sum::<f64>() as u64;
+    drop(probe);
+    let limit = (held + held / 8).to_string();
+    let w1 = support::worker_with(
+        &model,
+        "1,3,5,7",
+        "127.0.0.1:0",
+        &["--max-expert-bytes", &limit],
+    )?;
+    let router = router_with_admin(&model, &support::addrs([&w0, &w1]), &[])?;
+    let admin_addr = router.admin.clone().context("admin address")?;
+    let before = admin(&admin_addr, ADMIN_KEY, &["placement"])?;
+    // Worker 0 cannot leave: worker 1 takes one of its 8 experts, not two.
+    let refused = admin_refused(&admin_addr, &["workers", "remove", "0"])?;
+    ensure!(
+        refused.contains("409") && refused.contains("--max-expert-bytes"),
+        "{refused}"
+    );
+    let after = admin(&admin_addr, ADMIN_KEY, &["placement"])?;
+    ensure!(
+        after == before,
+        "the placement changed: {before} -> {after}"
+    );
+    // What worker 1 loaded before the refusal is dropped again.
+    let (_, _, metrics) = support::http(&w1.addr, "GET", "/metrics", "")?;
+    ensure!(
+        support::metric(&metrics, "tramontane_worker_experts_held") == Some(8.0),
+        "{metrics}"
+    );
+    let (status, _, _) = support::http(&router.http, "GET", "/health", "")?;
+    ensure!(status == 200);
     Ok(())
 }

@@ -289,7 +289,7 @@ pub fn worker(model: &Path, experts: &str, listen: &str) -> Result<Process> {
 }
 
 /// A worker holding `experts` of `model` on `listen`, with `extra` flags.
-fn worker_with(model: &Path, experts: &str, listen: &str, extra: &[&str]) -> Result<Process> {
+pub fn worker_with(model: &Path, experts: &str, listen: &str, extra: &[&str]) -> Result<Process> {
     let model = model.to_str().context("model path")?;
     let mut args = vec![
         "worker",

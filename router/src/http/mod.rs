@@ -53,6 +53,8 @@ pub struct HttpState {
     pub expert_load: Arc<ExpertLoad>,
     /// Worker addresses, by index.
     pub workers: Arc<tramontane_dispatch::Workers>,
+    /// Who holds what, by epoch.
+    pub placement: tramontane_dispatch::placement_view::PlacementView,
     /// Keys the API needs (none: open).
     pub api_keys: ApiKeys,
 }
@@ -158,14 +160,32 @@ struct ExpertStatsBody {
     model: String,
     /// Worker addresses, by index (the `worker` of the load figures).
     worker_addrs: Vec<String>,
+    /// Per worker: live (answering) and in the pool (not removed).
+    worker_up: Vec<bool>,
+    worker_in_pool: Vec<bool>,
+    /// Who holds what now: `experts[layer][expert]` lists its workers.
+    placement_epoch: u64,
+    placement: Vec<Vec<Vec<usize>>>,
     #[serde(flatten)]
     stats: ExpertStats,
 }
 
 async fn expert_stats(State(state): State<Arc<HttpState>>) -> Json<ExpertStatsBody> {
+    let workers = state.workers.all();
+    let current = state.placement.current();
     Json(ExpertStatsBody {
         model: state.model_name.clone(),
-        worker_addrs: state.workers.addrs(),
+        worker_addrs: workers.iter().map(|w| w.addr.clone()).collect(),
+        worker_up: workers
+            .iter()
+            .map(|w| w.live.load(std::sync::atomic::Ordering::Relaxed))
+            .collect(),
+        worker_in_pool: workers
+            .iter()
+            .map(|w| !w.retired.load(std::sync::atomic::Ordering::Relaxed))
+            .collect(),
+        placement_epoch: current.epoch,
+        placement: current.placement.experts.clone(),
         stats: state.expert_load.snapshot(),
     })
 }
