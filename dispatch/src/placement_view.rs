@@ -191,9 +191,8 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_switch_during_a_step_waits_for_the_next_step() {
-        let view = PlacementView::new(two_workers());
+    /// A switch to `moved()` published while `view` runs a step.
+    async fn switch_during_a_step(view: &PlacementView) -> tokio::task::JoinHandle<u64> {
         view.begin_step();
         let switch = tokio::spawn({
             let view = view.clone();
@@ -202,6 +201,13 @@ mod tests {
         while view.latest().epoch == 0 {
             tokio::task::yield_now().await;
         }
+        switch
+    }
+
+    #[tokio::test]
+    async fn a_switch_during_a_step_waits_for_the_next_step() {
+        let view = PlacementView::new(two_workers());
+        let switch = switch_during_a_step(&view).await;
         // The running step keeps planning over epoch 0.
         assert_eq!(view.current().epoch, 0);
         assert!(!switch.is_finished());
@@ -216,14 +222,7 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_holder_leaves_the_placement_in_effect_and_the_published_one() {
         let view = PlacementView::new(two_workers());
-        view.begin_step();
-        let switch = tokio::spawn({
-            let view = view.clone();
-            async move { view.switch(moved()).await }
-        });
-        while view.latest().epoch == 0 {
-            tokio::task::yield_now().await;
-        }
+        let switch = switch_during_a_step(&view).await;
         // Worker 0 held expert 0 of layer 0 (and 2); it answers it does not.
         view.drop_holder(0, &[0], 0);
         view.drop_holder(0, &[1], 0); // worker 0 never held expert 1: no change

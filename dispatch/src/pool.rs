@@ -161,13 +161,7 @@ impl ExpertPool {
     }
 
     fn worker_ref(&self, index: usize) -> WorkerRef {
-        WorkerRef {
-            index,
-            addr: self
-                .workers
-                .get(index)
-                .map_or_else(String::new, |w| w.addr.clone()),
-        }
+        self.workers.worker_ref(index)
     }
 
     /// Which workers work may be planned on, by index.

@@ -116,13 +116,7 @@ impl RemoteExperts {
     }
 
     fn worker_ref(&self, index: usize) -> WorkerRef {
-        WorkerRef {
-            index,
-            addr: self
-                .workers
-                .get(index)
-                .map_or_else(String::new, |w| w.addr.clone()),
-        }
+        self.workers.worker_ref(index)
     }
 
     /// A worker's request: its share's rows of `xs` (the host copy of the

@@ -97,6 +97,14 @@ impl Workers {
         self.len() == 0
     }
 
+    /// Worker `index` as errors name it (its address empty when unknown).
+    pub fn worker_ref(&self, index: usize) -> crate::error::WorkerRef {
+        crate::error::WorkerRef {
+            index,
+            addr: self.get(index).map_or_else(String::new, |w| w.addr.clone()),
+        }
+    }
+
     /// The worker's address, by index.
     pub fn addrs(&self) -> Vec<String> {
         self.all().iter().map(|w| w.addr.clone()).collect()

@@ -104,41 +104,10 @@ fn a_rebalance_under_load_moves_the_hot_experts_apart_without_a_failed_request()
 
     // Clients send requests until the rebalance is done and each has sent
     // two more; every answer is checked.
-    let done = Arc::new(AtomicBool::new(false));
-    let answered = Arc::new(AtomicUsize::new(0));
-    let clients: Vec<_> = (0..3)
-        .map(|_| {
-            let (http, done, answered) = (serving.http.clone(), done.clone(), answered.clone());
-            let tokens = expected.len() as u64;
-            std::thread::spawn(move || -> Result<usize> {
-                let mut after_done = 0;
-                for sent in 1..=400 {
-                    let generated = completion(&http)?;
-                    ensure!(generated == tokens, "request {sent}: {generated} tokens");
-                    answered.fetch_add(1, Ordering::SeqCst);
-                    if done.load(Ordering::SeqCst) {
-                        after_done += 1;
-                        if after_done == 2 {
-                            return Ok(sent);
-                        }
-                    }
-                }
-                anyhow::bail!("the rebalance did not end within 400 requests")
-            })
-        })
-        .collect();
-    for _ in 0..600 {
-        if answered.load(Ordering::SeqCst) >= 6 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let load = Load::start(&serving.http, 3, expected.len() as u64);
+    load.answers(6);
     let rebalanced = admin(&admin_addr, ADMIN_KEY, &["rebalance"]);
-    done.store(true, Ordering::SeqCst);
-    let sent: usize = clients
-        .into_iter()
-        .map(|c| c.join().expect("client thread"))
-        .sum::<Result<usize>>()?;
+    let sent = load.stop()?;
     let rebalanced = rebalanced?;
     ensure!(sent >= 12, "{sent} requests");
 
@@ -469,8 +438,8 @@ fn a_lost_worker_without_replicas_is_healed_onto_the_others_and_rejoins() -> Res
     }
     let healed = healed.context("worker 0 never took worker 1's experts")?;
     ensure!(healed["epoch"].as_u64() >= Some(1), "{healed}");
-    let (status, _, _) = support::http(&router.http, "GET", "/health", "")?;
-    ensure!(status == 200, "health {status} once healed");
+    // Readiness follows the placement on the monitor's next probe.
+    healthy(&router.http).context("once healed")?;
     ensure!(
         greedy(&router.process.addr, 16)? == expected,
         "tokens once healed"
@@ -593,7 +562,18 @@ fn a_worker_without_memory_for_the_experts_refuses_them_and_nothing_changes() ->
         support::metric(&metrics, "tramontane_worker_experts_held") == Some(8.0),
         "{metrics}"
     );
-    let (status, _, _) = support::http(&router.http, "GET", "/health", "")?;
-    ensure!(status == 200);
-    Ok(())
+    healthy(&router.http)
+}
+
+/// Waits (boundedly) for `GET /health` to answer 200.
+fn healthy(http: &str) -> Result<()> {
+    let mut status = 0;
+    for _ in 0..100 {
+        status = support::http(http, "GET", "/health", "")?.0;
+        if status == 200 {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::bail!("/health answers {status}")
 }
