@@ -84,8 +84,13 @@ pub fn client(endpoint: &Endpoint, max_message_bytes: usize) -> ExpertServiceCli
         .max_encoding_message_size(max_message_bytes)
 }
 
+/// How long start-up waits for the other workers once those that answered
+/// cover the placement.
+pub const STRAGGLERS: Duration = Duration::from_secs(3);
+
 /// Connects to the workers and checks their model and what they hold;
-/// returns once those that answered cover the placement.
+/// returns once those that answered cover the placement and the others
+/// have answered too or had [`STRAGGLERS`] more.
 pub async fn connect(
     addrs: &[String],
     model_id: &str,
@@ -114,7 +119,19 @@ pub async fn connect(
         .collect();
     let mut answered = vec![false; links.len()];
     let mut unreachable = None;
-    while let Some((index, info)) = futures::StreamExt::next(&mut asking).await {
+    // Once covered, the others get a little longer: workers started
+    // together answer within it, and start-up does not wait on one down.
+    let mut covered_at: Option<tokio::time::Instant> = None;
+    loop {
+        let next = futures::StreamExt::next(&mut asking);
+        let answer = match covered_at {
+            None => next.await,
+            Some(at) => match tokio::time::timeout_at(at + STRAGGLERS, next).await {
+                Ok(answer) => answer,
+                Err(_) => break,
+            },
+        };
+        let Some((index, info)) = answer else { break };
         let info = match info {
             Ok(info) => info,
             Err(error) => {
@@ -134,8 +151,8 @@ pub async fn connect(
         check_holds(placement, index, link, &info)?;
         link.live.store(true, Ordering::Relaxed);
         answered[index] = true;
-        if covered_by(placement, &answered) {
-            break;
+        if covered_at.is_none() && covered_by(placement, &answered) {
+            covered_at = Some(tokio::time::Instant::now());
         }
     }
     drop(asking);
