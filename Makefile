@@ -128,4 +128,4 @@ bench-chaos: build
 	test -f target/chaos-model/config.json || $(BIN) gen-model --preset tiny --out target/chaos-model
 	$(PYTHON) benches/chaos.py --bin $(BIN)
 	test -f $(BENCH_MODEL)-skewed/config.json || $(BIN) gen-model --preset bench --expert-skew 1 --out $(BENCH_MODEL)-skewed
-	$(PYTHON) benches/rebalance_vs_plan.py --bin $(BIN) --model $(BENCH_MODEL)-skewed
+	$(PYTHON) benches/rebalance_vs_plan.py --bin $(BIN) --model $(BENCH_MODEL)-skewed --spare-slots 0 --rounds 2

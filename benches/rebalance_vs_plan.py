@@ -10,7 +10,7 @@ ignore_eos), in batches from the moment the skewed load starts:
 - planned: the placement `tramontane plan` computes offline (EPLB over a
   routing trace recorded on the same checkpoint, --spare-slots 1);
 - rebalanced: the default placement, and the router rebalancing on its own
-  (--rebalance-interval, --spare-slots 1);
+  (--rebalance-interval, --spare-slots, 1 by default);
 - default: the default placement, never rebalanced.
 
 Each figure is the output tokens/s of the batches that start between
@@ -21,7 +21,7 @@ turn and each figure is the median. Target: rebalanced >= 0.9x planned.
 
 Usage: python benches/rebalance_vs_plan.py --bin target/release/tramontane --model DIR
            [--workers 2,4] [--concurrency 16] [--input-len 64] [--output-len 32] [--threads 1]
-           [--rebalance-interval 5] [--rounds 1] [--json PATH]
+           [--rebalance-interval 5] [--spare-slots 1] [--rounds 1] [--json PATH]
 """
 
 import argparse
@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="the router's threads (each worker has 1)")
     parser.add_argument("--rebalance-interval", type=int, default=5)
+    parser.add_argument("--spare-slots", type=int, default=1, help="the rebalanced cluster's (the plan has 1)")
     parser.add_argument("--from-s", type=float, default=15.0)
     parser.add_argument("--until-s", type=float, default=30.0)
     parser.add_argument("--rounds", type=int, default=1)
@@ -132,7 +133,7 @@ def main() -> None:
             placement = os.path.join(work, f"placement-{workers}.json")
             planned_placement(args, workers, trace, placement)
             configs = {"planned": f"--placement {shlex.quote(placement)}",
-                       "rebalanced": f"--rebalance-interval {args.rebalance_interval} --spare-slots 1",
+                       "rebalanced": f"--rebalance-interval {args.rebalance_interval} --spare-slots {args.spare_slots}",
                        "default": ""}
             runs = {name: [] for name in configs}
             for _ in range(args.rounds):
@@ -147,7 +148,7 @@ def main() -> None:
                          "default_over_planned": default["tokens_per_s"] / planned["tokens_per_s"]})
     print(f"{args.model}: serve --threads {args.threads}, {args.concurrency} clients, prompts {args.input_len} "
           f"tokens, outputs {args.output_len}; tokens/s of the batches started {args.from_s:.0f}-{args.until_s:.0f} s "
-          f"after the load began; rebalancing every {args.rebalance_interval} s")
+          f"after the load began; rebalancing every {args.rebalance_interval} s within {args.spare_slots} spare slots")
     print_table(COLUMNS, [[str(r["workers"]), f"{r['planned']['tokens_per_s']:.1f}",
                            f"{r['rebalanced']['tokens_per_s']:.1f}", f"{r['default']['tokens_per_s']:.1f}",
                            f"{r['rebalanced_over_planned']:.2f}x", f"{r['default_over_planned']:.2f}x"]
