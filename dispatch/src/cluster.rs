@@ -151,17 +151,18 @@ pub async fn connect(
         check_holds(placement, index, link, &info)?;
         link.live.store(true, Ordering::Relaxed);
         answered[index] = true;
-        if covered_at.is_none() && covered_by(placement, &answered) {
+        let answered_by = |w: usize| answered.get(w).copied().unwrap_or(false);
+        if covered_at.is_none() && placement.uncovered(answered_by).is_none() {
             covered_at = Some(tokio::time::Instant::now());
         }
     }
     drop(asking);
-    if !covered_by(placement, &answered) {
-        return Err(
-            unreachable.unwrap_or(ClusterError::Runtime(std::io::Error::other(
-                "no worker answered",
-            ))),
-        );
+    if let Some((layer, expert)) = placement.uncovered(|w| answered[w]) {
+        return Err(unreachable.unwrap_or(ClusterError::Uncovered {
+            layer,
+            expert,
+            detail: "no worker placed on it answered".into(),
+        }));
     }
     let waiting: Vec<&str> = links
         .iter()
@@ -207,24 +208,11 @@ fn check_holds(
     Ok(())
 }
 
-/// Whether every (layer, expert) has a replica among the `answered` workers.
-fn covered_by(placement: &Placement, answered: &[bool]) -> bool {
-    placement.experts.iter().flatten().all(|replicas| {
-        replicas
-            .iter()
-            .any(|&w| answered.get(w).copied().unwrap_or(false))
-    })
-}
-
 /// Whether every (layer, expert) has a live replica in the pool.
 pub fn all_covered(workers: &[Arc<WorkerLink>], placement: &Placement) -> bool {
-    placement.experts.iter().all(|row| {
-        row.iter().all(|replicas| {
-            replicas
-                .iter()
-                .any(|&w| workers.get(w).is_some_and(|w| w.serves()))
-        })
-    })
+    placement
+        .uncovered(|w| workers.get(w).is_some_and(|w| w.serves()))
+        .is_none()
 }
 
 /// What the monitor saw change.

@@ -28,7 +28,7 @@ use crate::cluster::WorkerEvent;
 use crate::error::WorkerRef;
 use crate::expert_load::ExpertLoad;
 use crate::metrics as names;
-use crate::placement_view::PlacementView;
+use crate::placement_view::{Epoch, PlacementView};
 use crate::workers::{WorkerLink, Workers};
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +93,14 @@ pub struct Left {
     pub moved: usize,
 }
 
+/// What a change of placement did.
+struct Changed {
+    epoch: u64,
+    /// Pairs loaded onto workers that did not hold them.
+    moved: usize,
+    bytes: u64,
+}
+
 /// How the pool reaches a worker it is told of.
 #[derive(Clone)]
 pub struct Connector {
@@ -150,6 +158,12 @@ impl ExpertPool {
             changing: tokio::sync::Mutex::new(()),
             restarting: Mutex::default(),
         }
+    }
+
+    fn restarting(&self) -> std::sync::MutexGuard<'_, BTreeSet<usize>> {
+        self.restarting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn view(&self) -> &PlacementView {
@@ -216,9 +230,9 @@ impl ExpertPool {
         if done.moved == 0 && plan.placement == current.placement {
             return Ok(done);
         }
-        let (epoch, bytes) = self.change_to(&current.placement, plan.placement).await?;
-        done.epoch = epoch;
-        done.bytes_loaded = bytes;
+        let changed = self.change_to(&current, plan.placement, None).await?;
+        done.epoch = changed.epoch;
+        done.bytes_loaded = changed.bytes;
         metrics::gauge!(names::REBALANCE_BALANCEDNESS, "when" => "before")
             .set(done.balancedness_before);
         metrics::gauge!(names::REBALANCE_BALANCEDNESS, "when" => "after")
@@ -309,10 +323,7 @@ impl ExpertPool {
         placement.workers = placement.workers.max(self.workers.len());
         link.live.store(true, Ordering::Relaxed);
         link.retired.store(false, Ordering::Relaxed);
-        self.restarting
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&index);
+        self.restarting().remove(&index);
         let epoch = self.view.switch(placement).await;
         self.load.clear_recent();
         Joined {
@@ -349,38 +360,42 @@ impl ExpertPool {
             self.options.spare_slots,
         )?;
         placement.workers = placement.workers.max(self.workers.len());
-        let (loads, mut drops) = rebalance::changes(&current.placement, &placement);
+        let changed = self.change_to(&current, placement, Some(index)).await?;
+        Ok(Left {
+            epoch: changed.epoch,
+            moved: changed.moved,
+        })
+    }
+
+    /// Loads what `to` adds to `from`, switches to it, drops what it takes
+    /// away. A `leaving` worker keeps its pairs (it may rejoin with them)
+    /// and is retired once the switch is in effect (the steps before it
+    /// still plan over it).
+    async fn change_to(
+        &self,
+        from: &Epoch,
+        to: Placement,
+        leaving: Option<usize>,
+    ) -> Result<Changed, PoolError> {
+        let (loads, mut drops) = rebalance::changes(&from.placement, &to);
         let moved: usize = loads.iter().map(Vec::len).sum();
-        // Its own pairs stay loaded: it may rejoin with them.
-        if let Some(own) = drops.get_mut(index) {
+        if let Some(own) = leaving.and_then(|index| drops.get_mut(index)) {
             own.clear();
         }
-        let bytes = self.load_all(&loads, current.epoch + 1).await?;
-        let epoch = self.view.switch(placement).await;
+        let bytes = self.load_all(&loads, from.epoch + 1).await?;
+        let epoch = self.view.switch(to).await;
         self.load.clear_recent();
-        // Retired only now: steps before the switch still plan over it.
-        if let Some(link) = self.workers.get(index) {
+        if let Some(link) = leaving.and_then(|index| self.workers.get(index)) {
             link.retired.store(true, Ordering::Relaxed);
         }
         self.drop_all(&drops, epoch).await;
         metrics::counter!(names::PAIRS_MOVED_TOTAL).increment(moved as u64);
         metrics::counter!(names::BYTES_LOADED_TOTAL).increment(bytes);
-        Ok(Left { epoch, moved })
-    }
-
-    /// Loads what `to` adds to `from`, switches to it, drops what it takes
-    /// away; the epoch and the bytes loaded.
-    async fn change_to(&self, from: &Placement, to: Placement) -> Result<(u64, u64), PoolError> {
-        let (loads, drops) = rebalance::changes(from, &to);
-        let moved: usize = loads.iter().map(Vec::len).sum();
-        let next_epoch = self.view.latest().epoch + 1;
-        let bytes = self.load_all(&loads, next_epoch).await?;
-        let epoch = self.view.switch(to).await;
-        self.load.clear_recent();
-        self.drop_all(&drops, epoch).await;
-        metrics::counter!(names::PAIRS_MOVED_TOTAL).increment(moved as u64);
-        metrics::counter!(names::BYTES_LOADED_TOTAL).increment(bytes);
-        Ok((epoch, bytes))
+        Ok(Changed {
+            epoch,
+            moved,
+            bytes,
+        })
     }
 
     /// Follows the monitor's events: with self-healing, a lost worker's
@@ -404,10 +419,7 @@ impl ExpertPool {
         };
         let _one_change = self.changing.lock().await;
         if link.retired.load(Ordering::Relaxed) {
-            self.restarting
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(index);
+            self.restarting().insert(index);
             return;
         }
         if !self.options.self_heal || link.live.load(Ordering::Relaxed) {
@@ -415,10 +427,7 @@ impl ExpertPool {
         }
         match self.leave(index).await {
             Ok(left) => {
-                self.restarting
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(index);
+                self.restarting().insert(index);
                 metrics::counter!(names::HEALS_TOTAL).increment(1);
                 tracing::warn!(
                     worker = index,
@@ -438,11 +447,7 @@ impl ExpertPool {
     }
 
     async fn returned(&self, index: usize) {
-        let restarted = self
-            .restarting
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(&index);
+        let restarted = self.restarting().contains(&index);
         let Some(link) = self.workers.get(index).filter(|_| restarted) else {
             return;
         };

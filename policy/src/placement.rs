@@ -118,6 +118,15 @@ impl Placement {
         &self.experts[layer][expert]
     }
 
+    /// The first (layer, expert) none of whose workers `serves`, if any.
+    pub fn uncovered(&self, serves: impl Fn(usize) -> bool) -> Option<(usize, usize)> {
+        self.experts.iter().enumerate().find_map(|(layer, row)| {
+            row.iter()
+                .position(|replicas| !replicas.iter().any(|&w| serves(w)))
+                .map(|expert| (layer, expert))
+        })
+    }
+
     /// The placement file at `path`, or expert e on worker e mod `workers`.
     pub fn from_file_or_round_robin(
         path: Option<&Path>,
@@ -171,6 +180,17 @@ mod tests {
         p.validate(&[8; 2]).unwrap();
         assert_eq!(p.replicas(1, 7), &[1]);
         assert_eq!(p.experts_of(2), vec![2, 5]);
+    }
+
+    #[test]
+    fn uncovered_names_the_first_expert_without_a_serving_worker() {
+        // Layer 0 dense; layer 1 expert 0 on workers 0 and 1, the rest round robin.
+        let mut p = Placement::round_robin(&[0, 4, 4], 2).unwrap();
+        p.experts[1][0] = vec![0, 1];
+        assert_eq!(p.uncovered(|_| true), None);
+        assert_eq!(p.uncovered(|w| w == 1), Some((1, 2)));
+        assert_eq!(p.uncovered(|w| w == 0), Some((1, 1)));
+        assert_eq!(p.uncovered(|_| false), Some((1, 0)));
     }
 
     #[test]

@@ -427,16 +427,12 @@ fn a_lost_worker_without_replicas_is_healed_onto_the_others_and_rejoins() -> Res
     w1.child.kill()?;
     w1.child.wait()?;
     // Bounded: the router heals on its own and serves again.
-    let mut healed = None;
-    for _ in 0..300 {
+    let healed = eventually(300, || {
         let placement = admin(&admin_addr, ADMIN_KEY, &["placement"])?;
-        if holders(&placement).iter().flatten().all(|on| on == &[0]) {
-            healed = Some(placement);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let healed = healed.context("worker 0 never took worker 1's experts")?;
+        let done = holders(&placement).iter().flatten().all(|on| on == &[0]);
+        Ok(done.then_some(placement))
+    })
+    .context("worker 0 never took worker 1's experts")?;
     ensure!(healed["epoch"].as_u64() >= Some(1), "{healed}");
     // Readiness follows the placement on the monitor's next probe.
     healthy(&router.http).context("once healed")?;
@@ -459,16 +455,11 @@ fn a_lost_worker_without_replicas_is_healed_onto_the_others_and_rejoins() -> Res
 
     // Back from its restart, worker 1 rejoins with what it holds.
     let _w1_again = support::worker(&model, "1,3,5,7", &w1_addr)?;
-    let mut rejoined = false;
-    for _ in 0..300 {
+    eventually(300, || {
         let placement = admin(&admin_addr, ADMIN_KEY, &["placement"])?;
-        if holders(&placement)[0][1] == [0, 1] {
-            rejoined = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    ensure!(rejoined, "worker 1 did not rejoin");
+        Ok((holders(&placement)[0][1] == [0, 1]).then_some(()))
+    })
+    .context("worker 1 did not rejoin")?;
     ensure!(
         greedy(&router.process.addr, 16)? == expected,
         "tokens once rejoined"
@@ -507,15 +498,8 @@ fn the_router_serves_once_every_expert_has_a_live_worker() -> Result<()> {
     };
     // When it comes up, the router takes it in.
     let _w1 = support::worker(&model, "0-7", &w1_addr)?;
-    let mut joined = false;
-    for _ in 0..300 {
-        if up(1)? == Some(1.0) {
-            joined = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    ensure!(joined, "worker 1 never came up");
+    eventually(300, || Ok((up(1)? == Some(1.0)).then_some(())))
+        .context("worker 1 never came up")?;
     ensure!(greedy(&router.process.addr, 16)? == expected);
     Ok(())
 }
@@ -568,12 +552,20 @@ fn a_worker_without_memory_for_the_experts_refuses_them_and_nothing_changes() ->
 /// Waits (boundedly) for `GET /health` to answer 200.
 fn healthy(http: &str) -> Result<()> {
     let mut status = 0;
-    for _ in 0..100 {
+    eventually(100, || {
         status = support::http(http, "GET", "/health", "")?.0;
-        if status == 200 {
-            return Ok(());
+        Ok((status == 200).then_some(()))
+    })
+    .with_context(|| format!("/health answers {status}"))
+}
+
+/// The first `Some` of `check`, polled every 100 ms at most `tries` times.
+fn eventually<T>(tries: usize, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    for _ in 0..tries {
+        if let Some(found) = check()? {
+            return Ok(found);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    anyhow::bail!("/health answers {status}")
+    anyhow::bail!("not within {tries} tries of 100 ms")
 }
