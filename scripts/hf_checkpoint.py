@@ -4,14 +4,16 @@ for parity tests of the families the project serves.
 Usage: python hf_checkpoint.py --family FAMILY --config JSON --out DIR
            [--seed N] [--dtype f32|bf16] [--max-shard-size SIZE] [--chat-template chatml]
 
-FAMILY: mixtral, qwen3_moe, qwen2_moe or olmoe. The family's config class gets
-small shapes (hidden 64, 2 layers, 8 experts top-2), then every field of JSON
+FAMILY: mixtral, qwen3_moe, qwen2_moe, olmoe, deepseek_v2 or deepseek_v3. The
+family's config class gets small shapes (hidden 64, 2 layers, 8 experts top-2;
+DeepSeek's 3 layers, the first dense), then every field of JSON
 (a field the class does not know is refused); vocab_size is the tokenizer's
 (it may be given larger, a padded vocabulary, never smaller). XForCausalLM(config)
 is built and its weights drawn again under --seed so that a model ignoring one
 of them gives other logits: weights N(0, 1/fan_in), embeddings N(0, 1) (N(0,
 1/hidden) when tied to the lm_head), every RMSNorm weight about 1 + 0.2·N(0, 1),
-every bias 0.1·N(0, 1). Drawn in fp32; --dtype bf16 rounds them.
+every bias 0.1·N(0, 1), DeepSeek-V3's gate correction bias 0.1·N(0, 1) (a
+buffer, saved with the weights). Drawn in fp32; --dtype bf16 rounds them.
 
 save_pretrained writes safetensors (sharded, with an index, under
 --max-shard-size) and a config.json with its architectures and dtype (as
@@ -47,6 +49,21 @@ FAMILIES = {
     }),
     "olmoe": (transformers.OlmoeConfig, {
         "intermediate_size": 32, "num_experts": 8,
+    }),
+    # Latent attention at small widths, one dense layer first, 8 experts
+    # and shared ones; every head its own key and value (as published).
+    "deepseek_v2": (transformers.DeepseekV2Config, {
+        "intermediate_size": 128, "moe_intermediate_size": 32, "n_routed_experts": 8,
+        "n_shared_experts": 2, "first_k_dense_replace": 1, "num_hidden_layers": 3,
+        "num_key_value_heads": 4, "q_lora_rank": None, "kv_lora_rank": 32,
+        "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+    }),
+    "deepseek_v3": (transformers.DeepseekV3Config, {
+        "intermediate_size": 128, "moe_intermediate_size": 32, "n_routed_experts": 8,
+        "n_shared_experts": 1, "first_k_dense_replace": 1, "num_hidden_layers": 3,
+        "num_key_value_heads": 4, "q_lora_rank": 48, "kv_lora_rank": 32,
+        "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 24,
+        "n_group": 4, "topk_group": 2,
     }),
 }
 SHAPE = {
@@ -108,6 +125,11 @@ def draw_weights(model: torch.nn.Module) -> None:
             elif type(module).__name__.endswith("RMSNorm"):
                 scale = 1 + NORM_SPREAD * torch.randn_like(module.weight)
                 draw(module.weight, scale.clamp(min=0.1))
+            elif type(module).__name__.endswith(("MoEGate", "TopkRouter")):
+                draw(module.weight, torch.randn_like(module.weight) / module.weight.shape[1] ** 0.5)
+                bias = getattr(module, "e_score_correction_bias", None)
+                if bias is not None:
+                    bias.copy_(BIAS_STD * torch.randn_like(bias))
     left = [name for name, p in model.named_parameters() if id(p) not in drawn]
     if left:
         sys.exit(f"no rule draws {', '.join(left)}")

@@ -24,6 +24,7 @@ import json
 import sys
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -43,6 +44,41 @@ def gate_gaps(router_logits, k: int, mantissa_bits: int) -> list:
         gap = (kth - ordered[:, k]) / ulp
         gaps = gap if gaps is None else torch.minimum(gaps, gap)
     return [] if gaps is None else [float(g) for g in gaps]
+
+
+def record_gate_choices(model) -> list:
+    """For gates that return no router logits (DeepSeek's): hooks recording,
+    per call, the [rows, experts] values the gate's top-k picks from (its
+    scores, V3's plus the correction bias, 0 outside the chosen groups), as
+    the gate computes them from its fp32 logits. Returns the list they are
+    appended to."""
+    records = []
+
+    def hook(module, inputs, _output):
+        x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+        logits = F.linear(x, module.weight.float())
+        experts = logits.shape[-1]
+        bias = getattr(module, "e_score_correction_bias", None)
+        if bias is not None:  # V3: sigmoid, groups ranked by their two best
+            choice = logits.sigmoid() + bias.float()
+            groups, top = module.n_group, module.topk_group
+            group_scores = choice.view(-1, groups, experts // groups).topk(2, dim=-1)[0].sum(-1)
+        else:  # V2: softmax, greedy or groups ranked by their best
+            choice = logits.softmax(dim=-1)
+            if module.topk_method != "group_limited_greedy":
+                records.append(choice)
+                return
+            groups, top = module.num_group, module.topk_group
+            group_scores = choice.view(-1, groups, experts // groups).max(dim=-1).values
+        kept = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(top, dim=-1)[1], 1)
+        mask = kept.unsqueeze(-1).expand(-1, groups, experts // groups).reshape(-1, experts)
+        records.append(choice.masked_fill(~mask.bool(), 0.0))
+
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith("MoEGate") or name.endswith("TopkRouter"):
+            module.register_forward_hook(hook)
+    return records
 
 
 def main() -> None:
@@ -67,25 +103,32 @@ def main() -> None:
     if problems:
         sys.exit(f"transformers does not load {args.model} fully: {'; '.join(problems)}")
     model.eval()
+    gate_records = record_gate_choices(model)
     top_k = model.config.num_experts_per_tok
     mantissa_bits = {"f32": 23, "bf16": 7}[args.dtype]
+
+    def router_logits(out):
+        """The layers' gate logits, or what the hooks recorded."""
+        return getattr(out, "router_logits", None) or tuple(gate_records)
 
     def run(ids):
         """The prompt `ids`' logits at every position, and its greedy
         continuation as the module docstring says."""
+        gate_records.clear()
         out = model(ids, output_router_logits=True)
         prompt_logits = out.logits[0].float().contiguous()
-        prompt_gaps = gate_gaps(out.router_logits, top_k, mantissa_bits)
+        prompt_gaps = gate_gaps(router_logits(out), top_k, mantissa_bits)
         greedy = []
         top = []
         greedy_gaps = []
         past = None
         step = ids
         for _ in range(request.get("greedy_tokens", 0)):
+            gate_records.clear()
             out = model(step, past_key_values=past, use_cache=True, output_router_logits=True)
             past = out.past_key_values
             # The step's own token is the last row of each layer's logits.
-            last = tuple(layer[-1:] for layer in out.router_logits)
+            last = tuple(layer[-1:] for layer in router_logits(out))
             greedy_gaps += gate_gaps(last, top_k, mantissa_bits)
             step_logits = out.logits[0, -1].float()
             token = int(step_logits.argmax())

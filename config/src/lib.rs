@@ -9,7 +9,8 @@
 //! - [`spec`]: one description of a model whatever its family
 //!   ([`ModelSpec`]: attention variant, norms, biases, dense and routed
 //!   layers, gate, shared expert), from its config.json.
-//! - [`mixtral`], [`qwen_moe`] (Qwen3-MoE and Qwen2-MoE), [`olmoe`]: each
+//! - [`mixtral`], [`qwen_moe`] (Qwen3-MoE and Qwen2-MoE), [`olmoe`],
+//!   [`deepseek`] (DeepSeek-V2 and V3): each
 //!   family's `config.json` (the only code that knows its fields).
 //! - [`tensors`]: every tensor of a checkpoint, named and shaped as the
 //!   family's transformers class has it.
@@ -19,6 +20,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod deepseek;
 pub mod dtype;
 pub mod error;
 pub mod mixtral;
@@ -33,7 +35,7 @@ pub use error::ConfigError;
 pub use mixtral::{MixtralConfig, TokenIds};
 pub use model_id::model_id;
 pub use spec::{
-    AttentionSpec, Family, FfnSpec, Gate, ModelSpec, MoeSpec, Parameters, QkNorm, SharedExpertSpec,
-    SharedExperts,
+    AttentionSpec, Family, FfnSpec, Gate, GroupScore, GroupedGate, LatentAttention, ModelSpec,
+    MoeSpec, Parameters, QkNorm, Scoring, SharedExpertSpec, SharedExperts, Yarn,
 };
 pub use tensors::{ExpertTensors, TensorRole, TensorSpec};

@@ -215,6 +215,8 @@ impl MixtralConfig {
                 clip_qkv: None,
                 sliding_window: self.sliding_window,
                 rope_theta: self.rope_theta,
+                yarn: None,
+                latent: None,
             },
             layers: vec![FfnSpec::Moe(moe); self.num_hidden_layers],
             bos_token_id: self.bos_token_id,

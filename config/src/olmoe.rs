@@ -97,6 +97,8 @@ impl OlmoeConfig {
             clip_qkv: self.clip_qkv,
             sliding_window: None,
             rope_theta: self.rope_theta,
+            yarn: None,
+            latent: None,
         };
         check_attention(&attention, "num_attention_heads", "num_key_value_heads")?;
         let moe = MoeSpec {

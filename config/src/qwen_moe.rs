@@ -143,6 +143,8 @@ impl QwenMoeConfig {
             clip_qkv: None,
             sliding_window: None,
             rope_theta: self.rope_theta,
+            yarn: None,
+            latent: None,
         };
         check_attention(&attention, "num_attention_heads", "num_key_value_heads")?;
         let moe = MoeSpec {

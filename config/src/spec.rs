@@ -18,14 +18,18 @@ pub enum Family {
     Qwen3Moe,
     Qwen2Moe,
     Olmoe,
+    DeepseekV2,
+    DeepseekV3,
 }
 
 impl Family {
-    pub const ALL: [Family; 4] = [
+    pub const ALL: [Family; 6] = [
         Family::Mixtral,
         Family::Qwen3Moe,
         Family::Qwen2Moe,
         Family::Olmoe,
+        Family::DeepseekV2,
+        Family::DeepseekV3,
     ];
 
     /// config.json's `architectures` entry.
@@ -35,6 +39,8 @@ impl Family {
             Family::Qwen3Moe => "Qwen3MoeForCausalLM",
             Family::Qwen2Moe => "Qwen2MoeForCausalLM",
             Family::Olmoe => "OlmoeForCausalLM",
+            Family::DeepseekV2 => "DeepseekV2ForCausalLM",
+            Family::DeepseekV3 => "DeepseekV3ForCausalLM",
         }
     }
 
@@ -45,6 +51,8 @@ impl Family {
             Family::Qwen3Moe => "qwen3_moe",
             Family::Qwen2Moe => "qwen2_moe",
             Family::Olmoe => "olmoe",
+            Family::DeepseekV2 => "deepseek_v2",
+            Family::DeepseekV3 => "deepseek_v3",
         }
     }
 
@@ -104,11 +112,15 @@ pub enum QkNorm {
     WholeProjection,
 }
 
-/// Multi-head attention with grouped key/value heads and rotary embeddings.
+/// Multi-head attention with grouped key/value heads and rotary
+/// embeddings, or DeepSeek's latent attention (`latent`: then `heads` are
+/// the query heads, `kv_heads` is 1, the one latent vector a position
+/// caches, and `head_dim` is the rotary part's width).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttentionSpec {
     pub heads: usize,
     pub kv_heads: usize,
+    /// Each head's width; the width rotary embeddings turn.
     pub head_dim: usize,
     pub qkv_bias: bool,
     pub o_bias: bool,
@@ -118,19 +130,159 @@ pub struct AttentionSpec {
     /// Keys older than this many positions are not attended to.
     pub sliding_window: Option<usize>,
     pub rope_theta: f64,
+    /// YaRN's scaled rotary frequencies, where config.json's `rope_scaling` asks.
+    pub yarn: Option<Yarn>,
+    pub latent: Option<LatentAttention>,
+}
+
+impl AttentionSpec {
+    /// Elements one position caches per layer: keys and values of every
+    /// kv head, or the latent vector and its rotary key.
+    pub fn cached_elements_per_position(&self) -> usize {
+        match &self.latent {
+            Some(latent) => latent.cached_width(),
+            None => 2 * self.kv_heads * self.head_dim,
+        }
+    }
+
+    /// The attention's parameters per layer.
+    fn parameters(&self, h: usize) -> usize {
+        let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        if let Some(l) = &self.latent {
+            let heads = self.heads;
+            let query = match l.q_lora_rank {
+                None => h * heads * l.qk_dim(),
+                Some(r) => h * r + r + r * heads * l.qk_dim() + if l.bias { r } else { 0 },
+            };
+            let kv_a = h * l.cached_width() + if l.bias { l.cached_width() } else { 0 };
+            let kv_b = l.kv_lora_rank * heads * (l.nope_dim + l.v_dim) + l.kv_lora_rank;
+            let o = heads * l.v_dim * h + if self.o_bias { h } else { 0 };
+            return query + kv_a + kv_b + o;
+        }
+        h * (q + 2 * kv)
+            + q * h
+            + if self.qkv_bias { q + 2 * kv } else { 0 }
+            + if self.o_bias { h } else { 0 }
+            + match self.qk_norm {
+                QkNorm::None => 0,
+                QkNorm::PerHead => 2 * self.head_dim,
+                QkNorm::WholeProjection => q + kv,
+            }
+    }
+}
+
+/// YaRN's rotary scaling (`rope_scaling` of type `yarn`), as transformers
+/// computes it: frequencies interpolated by `factor` below the correction
+/// range, kept above it, and cos/sin scaled by `attention_factor`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Yarn {
+    pub factor: f64,
+    pub original_max_position_embeddings: usize,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    /// Whether the correction range is rounded to whole dimensions.
+    pub truncate: bool,
+    /// What cos and sin are multiplied by.
+    pub attention_factor: f64,
+}
+
+impl Yarn {
+    /// YaRN's `0.1 · mscale · ln(factor) + 1` (1 for no scaling).
+    pub fn mscale(factor: f64, mscale: f64) -> f64 {
+        if factor <= 1.0 {
+            1.0
+        } else {
+            0.1 * mscale * factor.ln() + 1.0
+        }
+    }
+}
+
+/// DeepSeek's multi-head latent attention (MLA): keys and values come from
+/// one `kv_lora_rank`-wide latent vector per position (normed, then
+/// expanded per head by `kv_b_proj`) and a `rope_dim`-wide rotary key that
+/// every head shares; the cache holds only those two.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LatentAttention {
+    /// The queries' own low-rank projection (`q_a_proj`, normed, then
+    /// `q_b_proj`); None: one `q_proj`.
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    /// Each head's query/key part without rotary embeddings.
+    pub nope_dim: usize,
+    /// Each head's query/key part with them (the shared rotary key's width).
+    pub rope_dim: usize,
+    pub v_dim: usize,
+    /// Biases of `q_a_proj` and `kv_a_proj_with_mqa` (`attention_bias`).
+    pub bias: bool,
+    /// The rotary part's values turn in adjacent pairs (DeepSeek's
+    /// layout) rather than in halves.
+    pub interleaved_rope: bool,
+    /// The scores' scale: `1 / √(nope_dim + rope_dim)`, times YaRN's
+    /// correction where the family applies it.
+    pub softmax_scale: f64,
+}
+
+impl LatentAttention {
+    /// A query or key head's width.
+    pub fn qk_dim(&self) -> usize {
+        self.nope_dim + self.rope_dim
+    }
+
+    /// What a position caches per layer: the latent vector and the rotary key.
+    pub fn cached_width(&self) -> usize {
+        self.kv_lora_rank + self.rope_dim
+    }
 }
 
 /// How the router turns a token's gate logits into its experts and weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Gate {
     /// The top-k logits, softmax over them (Mixtral).
     TopKThenSoftmax,
     /// Softmax over every expert, the top-k probabilities, divided by their
     /// sum only with `renormalize` (`norm_topk_prob`; Qwen, OLMoE).
     SoftmaxThenTopK { renormalize: bool },
+    /// DeepSeek's: scores of every expert from fp32 logits, experts chosen
+    /// within the best groups, weights scaled.
+    Grouped(GroupedGate),
 }
 
-/// An expert every token takes, beside the routed ones (Qwen2-MoE).
+/// DeepSeek's gate. Each expert's score is the softmax (V2) or the sigmoid
+/// (V3) of its fp32 logit; it is chosen by its score plus a correction
+/// bias (V3's `e_score_correction_bias`: it chooses, it does not weigh),
+/// among the experts of the `top_groups` best of `groups` equal groups
+/// (the others count 0); a chosen expert's weight is its score, divided by
+/// the chosen scores' sum where `renormalize`, times `scale`
+/// (`routed_scaling_factor`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GroupedGate {
+    pub scoring: Scoring,
+    pub groups: usize,
+    pub top_groups: usize,
+    pub group_score: GroupScore,
+    pub correction_bias: bool,
+    pub renormalize: bool,
+    pub scale: f64,
+}
+
+/// How a gate turns logits into scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scoring {
+    Softmax,
+    Sigmoid,
+}
+
+/// What ranks a group of experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupScore {
+    /// Its best expert's (DeepSeek-V2's `group_limited_greedy`).
+    Max,
+    /// Its two best experts' sum (DeepSeek-V3).
+    TopTwoSum,
+}
+
+/// An expert every token takes, beside the routed ones (Qwen2-MoE's
+/// `shared_expert`, DeepSeek's `shared_experts`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SharedExpertSpec {
     /// Its SwiGLU width.
@@ -163,7 +315,7 @@ impl SharedExperts {
 }
 
 /// A layer's routed experts: SwiGLU, no biases.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MoeSpec {
     pub experts: usize,
     pub top_k: usize,
@@ -187,7 +339,7 @@ impl MoeSpec {
 }
 
 /// A layer's feed-forward part.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum FfnSpec {
     /// A SwiGLU MLP of this width, on the router.
     Dense {
@@ -228,6 +380,9 @@ impl ModelSpec {
                 parse::<crate::qwen_moe::QwenMoeConfig>(text)?.spec(family)
             }
             Family::Olmoe => parse::<crate::olmoe::OlmoeConfig>(text)?.spec(),
+            family @ (Family::DeepseekV2 | Family::DeepseekV3) => {
+                parse::<crate::deepseek::DeepseekConfig>(text)?.spec(family)
+            }
         }
     }
 
@@ -287,9 +442,10 @@ impl ModelSpec {
         3 * hidden_size * moe.width
     }
 
-    /// Key and value elements one position keeps per layer.
+    /// Elements one position keeps per layer: keys and values, or the
+    /// latent vector and the rotary key.
     pub fn kv_elements_per_position(&self) -> usize {
-        2 * self.attention.kv_heads * self.attention.head_dim
+        self.attention.cached_elements_per_position()
     }
 
     /// Key and value bytes one token keeps over every layer, at
@@ -301,17 +457,7 @@ impl ModelSpec {
     /// The model's parameters: all of them, and those one token uses.
     pub fn parameters(&self) -> Parameters {
         let h = self.hidden_size;
-        let a = &self.attention;
-        let (q, kv) = (a.heads * a.head_dim, a.kv_heads * a.head_dim);
-        let attention = h * (q + 2 * kv)
-            + q * h
-            + if a.qkv_bias { q + 2 * kv } else { 0 }
-            + if a.o_bias { h } else { 0 }
-            + match a.qk_norm {
-                QkNorm::None => 0,
-                QkNorm::PerHead => 2 * a.head_dim,
-                QkNorm::WholeProjection => q + kv,
-            };
+        let attention = self.attention.parameters(h);
         let norms = 2 * h;
         let mut total = Parameters {
             total: self.vocab_size * h * if self.tie_word_embeddings { 1 } else { 2 } + h,
@@ -327,7 +473,11 @@ impl ModelSpec {
                     let shared = moe
                         .shared
                         .map_or(0, |s| 3 * h * s.width + if s.sigmoid_gate { h } else { 0 });
-                    let gate = moe.experts * h;
+                    let gate = moe.experts * h
+                        + match moe.gate {
+                            Gate::Grouped(g) if g.correction_bias => moe.experts,
+                            _ => 0,
+                        };
                     (
                         gate + shared + moe.experts * expert,
                         gate + shared + moe.top_k * expert,

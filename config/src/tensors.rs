@@ -3,7 +3,7 @@
 //! loading reads and gen-model writes. The family decides the names of the
 //! routed experts and their gate; everything else follows the spec.
 
-use crate::spec::{Family, FfnSpec, ModelSpec, QkNorm};
+use crate::spec::{Family, FfnSpec, Gate, LatentAttention, ModelSpec, QkNorm};
 
 /// One tensor: its name in the checkpoint and its shape.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -26,9 +26,11 @@ impl Family {
     fn moe_block(self, layer: usize) -> String {
         match self {
             Family::Mixtral => format!("model.layers.{layer}.block_sparse_moe"),
-            Family::Qwen3Moe | Family::Qwen2Moe | Family::Olmoe => {
-                format!("model.layers.{layer}.mlp")
-            }
+            Family::Qwen3Moe
+            | Family::Qwen2Moe
+            | Family::Olmoe
+            | Family::DeepseekV2
+            | Family::DeepseekV3 => format!("model.layers.{layer}.mlp"),
         }
     }
 
@@ -41,9 +43,7 @@ impl Family {
     pub fn expert_tensors(self, layer: usize, expert: usize) -> ExpertTensors {
         let (gate, up, down) = match self {
             Family::Mixtral => ("w1", "w3", "w2"),
-            Family::Qwen3Moe | Family::Qwen2Moe | Family::Olmoe => {
-                ("gate_proj", "up_proj", "down_proj")
-            }
+            _ => ("gate_proj", "up_proj", "down_proj"),
         };
         let expert = format!("{}.experts.{expert}", self.moe_block(layer));
         ExpertTensors {
@@ -83,7 +83,16 @@ impl ExpertTensors {
 impl Family {
     /// The shared expert of layer `layer`, every token's.
     pub fn shared_expert_tensors(self, layer: usize) -> ExpertTensors {
-        ExpertTensors::projections(&format!("{}.shared_expert", self.moe_block(layer)))
+        let name = match self {
+            Family::DeepseekV2 | Family::DeepseekV3 => "shared_experts",
+            _ => "shared_expert",
+        };
+        ExpertTensors::projections(&format!("{}.{name}", self.moe_block(layer)))
+    }
+
+    /// The gate's correction bias of layer `layer`, `[experts]` (DeepSeek-V3).
+    pub fn gate_correction_bias_tensor(self, layer: usize) -> String {
+        format!("{}.gate.e_score_correction_bias", self.moe_block(layer))
     }
 
     /// The shared expert's sigmoid gate of layer `layer`, `[1, hidden]`.
@@ -112,6 +121,12 @@ pub enum TensorRole {
     /// A projection whose output is added to the stream (weight `[hidden,
     /// in]`, bias `[hidden]`): o and every down projection.
     Writes,
+    /// A projection of another projection's normed output, not of the
+    /// stream: latent attention's `q_b_proj` and `kv_b_proj`.
+    Inner,
+    /// A gate's correction of its scores, `[experts]` (DeepSeek-V3's
+    /// `e_score_correction_bias`).
+    GateCorrection,
     /// The router's gate of a routed layer, `[experts, hidden]`.
     RouterGate { layer: usize },
 }
@@ -162,48 +177,52 @@ impl ModelSpec {
                 &[h],
                 TensorRole::Norm,
             );
-            for (proj, rows) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
-                add(
-                    format!("{p}.self_attn.{proj}.weight"),
-                    &[rows, h],
-                    TensorRole::Reads,
-                );
-                if a.qkv_bias {
+            if let Some(latent) = &a.latent {
+                latent_attention_tensors(&mut add, &p, (h, a.heads), latent);
+            } else {
+                for (proj, rows) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
                     add(
-                        format!("{p}.self_attn.{proj}.bias"),
-                        &[rows],
+                        format!("{p}.self_attn.{proj}.weight"),
+                        &[rows, h],
                         TensorRole::Reads,
                     );
+                    if a.qkv_bias {
+                        add(
+                            format!("{p}.self_attn.{proj}.bias"),
+                            &[rows],
+                            TensorRole::Reads,
+                        );
+                    }
                 }
-            }
-            add(
-                format!("{p}.self_attn.o_proj.weight"),
-                &[h, q],
-                TensorRole::Writes,
-            );
-            if a.o_bias {
                 add(
-                    format!("{p}.self_attn.o_proj.bias"),
-                    &[h],
+                    format!("{p}.self_attn.o_proj.weight"),
+                    &[h, q],
                     TensorRole::Writes,
                 );
-            }
-            let norms = match a.qk_norm {
-                QkNorm::None => None,
-                QkNorm::PerHead => Some((a.head_dim, a.head_dim)),
-                QkNorm::WholeProjection => Some((q, kv)),
-            };
-            if let Some((q_norm, k_norm)) = norms {
-                add(
-                    format!("{p}.self_attn.q_norm.weight"),
-                    &[q_norm],
-                    TensorRole::Norm,
-                );
-                add(
-                    format!("{p}.self_attn.k_norm.weight"),
-                    &[k_norm],
-                    TensorRole::Norm,
-                );
+                if a.o_bias {
+                    add(
+                        format!("{p}.self_attn.o_proj.bias"),
+                        &[h],
+                        TensorRole::Writes,
+                    );
+                }
+                let norms = match a.qk_norm {
+                    QkNorm::None => None,
+                    QkNorm::PerHead => Some((a.head_dim, a.head_dim)),
+                    QkNorm::WholeProjection => Some((q, kv)),
+                };
+                if let Some((q_norm, k_norm)) = norms {
+                    add(
+                        format!("{p}.self_attn.q_norm.weight"),
+                        &[q_norm],
+                        TensorRole::Norm,
+                    );
+                    add(
+                        format!("{p}.self_attn.k_norm.weight"),
+                        &[k_norm],
+                        TensorRole::Norm,
+                    );
+                }
             }
             add(
                 format!("{p}.post_attention_layernorm.weight"),
@@ -222,6 +241,13 @@ impl ModelSpec {
                         &[moe.experts, h],
                         TensorRole::RouterGate { layer: l },
                     );
+                    if matches!(moe.gate, Gate::Grouped(g) if g.correction_bias) {
+                        add(
+                            family.gate_correction_bias_tensor(l),
+                            &[moe.experts],
+                            TensorRole::GateCorrection,
+                        );
+                    }
                     for e in 0..moe.experts {
                         for (name, shape, role) in family.expert_tensors(l, e).parts(moe.width, h) {
                             add(name, &shape, role);
@@ -252,5 +278,58 @@ impl ModelSpec {
             );
         }
         out
+    }
+}
+
+/// Latent attention's tensors under `p` (a layer), for `heads` query heads
+/// over `hidden`: the queries' projection (one, or `q_a_proj`, its norm and
+/// `q_b_proj`), `kv_a_proj_with_mqa`, its norm, `kv_b_proj`, `o_proj`; each
+/// weight before its bias.
+fn latent_attention_tensors(
+    add: &mut impl FnMut(String, &[usize], TensorRole),
+    p: &str,
+    (h, heads): (usize, usize),
+    latent: &LatentAttention,
+) {
+    let attn = |name: &str| format!("{p}.self_attn.{name}");
+    let q = heads * latent.qk_dim();
+    match latent.q_lora_rank {
+        None => add(attn("q_proj.weight"), &[q, h], TensorRole::Reads),
+        Some(rank) => {
+            add(attn("q_a_proj.weight"), &[rank, h], TensorRole::Reads);
+            if latent.bias {
+                add(attn("q_a_proj.bias"), &[rank], TensorRole::Reads);
+            }
+            add(attn("q_a_layernorm.weight"), &[rank], TensorRole::Norm);
+            add(attn("q_b_proj.weight"), &[q, rank], TensorRole::Inner);
+        }
+    }
+    let cached = latent.cached_width();
+    add(
+        attn("kv_a_proj_with_mqa.weight"),
+        &[cached, h],
+        TensorRole::Reads,
+    );
+    if latent.bias {
+        add(
+            attn("kv_a_proj_with_mqa.bias"),
+            &[cached],
+            TensorRole::Reads,
+        );
+    }
+    let rank = latent.kv_lora_rank;
+    add(attn("kv_a_layernorm.weight"), &[rank], TensorRole::Norm);
+    add(
+        attn("kv_b_proj.weight"),
+        &[heads * (latent.nope_dim + latent.v_dim), rank],
+        TensorRole::Inner,
+    );
+    add(
+        attn("o_proj.weight"),
+        &[h, heads * latent.v_dim],
+        TensorRole::Writes,
+    );
+    if latent.bias {
+        add(attn("o_proj.bias"), &[h], TensorRole::Writes);
     }
 }

@@ -245,11 +245,8 @@ fn the_family_comes_from_architectures_or_model_type() {
     for family in Family::ALL {
         assert!(message.contains(family.architecture()), "{message}");
     }
-    let err = spec(&json!({"model_type": "deepseek_v3"})).unwrap_err();
-    assert!(
-        err.to_string().contains("model_type \"deepseek_v3\""),
-        "{err}"
-    );
+    let err = spec(&json!({"model_type": "gpt_oss"})).unwrap_err();
+    assert!(err.to_string().contains("model_type \"gpt_oss\""), "{err}");
 }
 
 /// (family config, field changed, its value, the field the error names)
@@ -357,4 +354,171 @@ fn a_missing_field_the_family_needs_is_named() {
         };
         assert!(named, "{field}: {err}");
     }
+}
+
+/// The planner's fixture of a published config.json.
+fn fixture(name: &str) -> ModelSpec {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../planner/fixtures")
+        .join(name)
+        .join("config.json");
+    ModelSpec::from_file(&path).expect("a fixture reads")
+}
+
+/// DeepSeek-V3's config.json: 671 B parameters, 37.6 B active (the model
+/// card's 671 B and 37 B), the multi-token-prediction layer not counted;
+/// 70,272 bytes of latent cache per token in bf16.
+#[test]
+fn deepseek_v3_by_hand() {
+    use tramontane_config::{Gate, GroupScore, Scoring};
+    let m = fixture("deepseek-v3");
+    assert_eq!(m.family, Family::DeepseekV3);
+    let (h, heads) = (7168, 128);
+    // q_a, its norm, q_b; kv_a, its norm, kv_b; o.
+    let attention =
+        h * 1536 + 1536 + 1536 * heads * 192 + h * 576 + 512 + 512 * heads * 256 + heads * 128 * h;
+    assert_eq!(attention, 187_107_328);
+    let expert = 3 * h * 2048;
+    let (dense, gate, shared) = (3 * h * 18432, 256 * h + 256, expert);
+    let embeddings = 2 * 129_280 * h + h;
+    let p = m.parameters();
+    assert_eq!(
+        p.total,
+        embeddings + 61 * (attention + 2 * h) + 3 * dense + 58 * (gate + shared + 256 * expert)
+    );
+    assert_eq!(p.total, 671_026_419_200);
+    assert_eq!(p.active, 37_552_297_472);
+    assert_eq!(p.routed_experts, 58 * 256 * expert);
+    // 61 layers × (512 + 64) values × 2 bytes.
+    assert_eq!(m.kv_bytes_per_token(2), 70_272);
+    assert_eq!(
+        m.layers
+            .iter()
+            .filter(|l| matches!(l, FfnSpec::Dense { .. }))
+            .count(),
+        3
+    );
+    let moe = m.moe(3).expect("layer 3 is routed");
+    let Gate::Grouped(g) = moe.gate else {
+        panic!("{:?}", moe.gate)
+    };
+    assert_eq!(
+        (
+            g.scoring,
+            g.groups,
+            g.top_groups,
+            g.group_score,
+            g.correction_bias,
+            g.renormalize,
+            g.scale
+        ),
+        (
+            Scoring::Sigmoid,
+            8,
+            4,
+            GroupScore::TopTwoSum,
+            true,
+            true,
+            2.5
+        )
+    );
+    assert_eq!(moe.shared.map(|s| s.width), Some(2048));
+    let a = &m.attention;
+    let latent = a.latent.expect("latent attention");
+    assert_eq!((a.heads, a.kv_heads, a.head_dim), (128, 1, 64));
+    assert_eq!(
+        (latent.q_lora_rank, latent.kv_lora_rank, latent.v_dim),
+        (Some(1536), 512, 128)
+    );
+    // YaRN factor 40, mscale_all_dim 1: 1/√192 × (0.1 ln 40 + 1)².
+    let mscale = 0.1 * 40f64.ln() + 1.0;
+    assert!((latent.softmax_scale - mscale * mscale / 192f64.sqrt()).abs() < 1e-12);
+    assert_eq!(
+        a.yarn.map(|y| (y.factor, y.attention_factor)),
+        Some((40.0, 1.0))
+    );
+}
+
+/// DeepSeek-V2-Lite's config.json: 15.7 B parameters, 2.66 B active
+/// (the model card's 16 B and 2.4 B, which leaves out the embeddings);
+/// 31,104 bytes of latent cache per token in bf16.
+#[test]
+fn deepseek_v2_lite_by_hand() {
+    use tramontane_config::{Gate, Scoring};
+    let m = fixture("deepseek-v2-lite");
+    assert_eq!(m.family, Family::DeepseekV2);
+    let (h, heads) = (2048, 16);
+    // q_proj at full rank; kv_a, its norm, kv_b; o.
+    let attention = h * heads * 192 + h * 576 + 512 + 512 * heads * 256 + heads * 128 * h;
+    let expert = 3 * h * 1408;
+    let (dense, gate, shared) = (3 * h * 10944, 64 * h, 2 * expert);
+    let embeddings = 2 * 102_400 * h + h;
+    let p = m.parameters();
+    assert_eq!(
+        p.total,
+        embeddings + 27 * (attention + 2 * h) + dense + 26 * (gate + shared + 64 * expert)
+    );
+    assert_eq!(p.total, 15_706_484_224);
+    assert_eq!(p.active, 2_661_150_208);
+    assert_eq!(m.kv_bytes_per_token(2), 31_104);
+    let moe = m.moe(1).expect("layer 1 is routed");
+    let Gate::Grouped(g) = moe.gate else {
+        panic!("{:?}", moe.gate)
+    };
+    // Greedy: one group, kept; softmax scores, not renormalised, unscaled.
+    assert_eq!(
+        (
+            g.scoring,
+            g.groups,
+            g.top_groups,
+            g.correction_bias,
+            g.renormalize,
+            g.scale
+        ),
+        (Scoring::Softmax, 1, 1, false, false, 1.0)
+    );
+    let latent = m.attention.latent.expect("latent attention");
+    assert_eq!(latent.q_lora_rank, None);
+    // transformers' V2 does not correct the softmax scale for YaRN.
+    assert!((latent.softmax_scale - 1.0 / 192f64.sqrt()).abs() < 1e-12);
+}
+
+/// DeepSeek fields transformers cannot serve are refused by name.
+#[test]
+fn deepseek_settings_that_cannot_be_served_are_refused_by_name() {
+    let base = || {
+        json!({
+            "architectures": ["DeepseekV3ForCausalLM"], "hidden_size": 64,
+            "intermediate_size": 96, "moe_intermediate_size": 16, "n_routed_experts": 8,
+            "num_experts_per_tok": 2, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "n_group": 4, "topk_group": 2, "vocab_size": 80
+        })
+    };
+    let cases = [
+        ("n_group", json!(3), "n_group"),
+        ("topk_group", json!(5), "topk_group"),
+        ("num_experts_per_tok", json!(5), "num_experts_per_tok"),
+        (
+            "rope_scaling",
+            json!({"type": "linear", "factor": 2.0}),
+            "rope_scaling",
+        ),
+        ("num_key_value_heads", json!(2), "num_key_value_heads"),
+        ("qk_rope_head_dim", json!(7), "qk_rope_head_dim"),
+        ("first_k_dense_replace", json!(3), "first_k_dense_replace"),
+    ];
+    for (field, value, named) in cases {
+        let mut config = base();
+        config[field] = value;
+        let message = spec(&config).expect_err(field).to_string();
+        assert!(message.contains(named), "{field}: {message}");
+    }
+    let mut v2 = base();
+    v2["architectures"] = json!(["DeepseekV2ForCausalLM"]);
+    v2["topk_method"] = json!("noaux_tc");
+    let message = spec(&v2).expect_err("topk_method").to_string();
+    assert!(
+        message.contains("topk_method") && message.contains("noaux_tc"),
+        "{message}"
+    );
 }

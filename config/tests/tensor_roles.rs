@@ -33,6 +33,22 @@ fn configs() -> Vec<serde_json::Value> {
             "num_experts_per_tok": 2, "num_hidden_layers": 2, "clip_qkv": 3.0,
             "attention_bias": true, "vocab_size": 70
         }),
+        json!({
+            "architectures": ["DeepseekV2ForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+            "moe_intermediate_size": 16, "n_routed_experts": 8, "n_shared_experts": 2,
+            "num_experts_per_tok": 3, "num_hidden_layers": 3, "first_k_dense_replace": 1,
+            "num_attention_heads": 4, "q_lora_rank": null, "kv_lora_rank": 24,
+            "qk_nope_head_dim": 12, "qk_rope_head_dim": 8, "v_head_dim": 10,
+            "attention_bias": true, "vocab_size": 80
+        }),
+        json!({
+            "architectures": ["DeepseekV3ForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+            "moe_intermediate_size": 16, "n_routed_experts": 8, "n_shared_experts": 1,
+            "num_experts_per_tok": 2, "num_hidden_layers": 2, "first_k_dense_replace": 1,
+            "num_attention_heads": 4, "q_lora_rank": 20, "kv_lora_rank": 24,
+            "qk_nope_head_dim": 12, "qk_rope_head_dim": 8, "v_head_dim": 10,
+            "n_group": 4, "topk_group": 2, "vocab_size": 80
+        }),
     ]
 }
 
@@ -77,6 +93,10 @@ fn every_tensor_has_a_role_its_shape_agrees_with() {
                 TensorRole::FeedForwardNorm => shape == [h],
                 TensorRole::Reads => shape.len() == 1 || shape[1] == h,
                 TensorRole::Writes => shape[0] == h,
+                TensorRole::Inner => shape.len() == 2,
+                TensorRole::GateCorrection => {
+                    shape.len() == 1 && spec.moe_layers().any(|(_, m)| m.experts == shape[0])
+                }
                 TensorRole::RouterGate { layer } => {
                     spec.moe(*layer).map(|m| [m.experts, h].to_vec()) == Some(shape.to_vec())
                 }

@@ -30,7 +30,7 @@ pub struct SequenceSpan {
 
 impl SequenceSpan {
     /// Positions held once this span is written.
-    fn end(&self) -> usize {
+    pub(crate) fn end(&self) -> usize {
         self.start + self.len
     }
 }
@@ -74,20 +74,20 @@ pub struct AttentionWeights {
 /// sequence reads.
 pub struct StepLayout {
     /// The pool slot of every new token, `[tokens]`.
-    slots: Tensor,
-    decode: Option<DecodeGroup>,
-    prefills: Vec<PrefillChunk>,
+    pub(crate) slots: Tensor,
+    pub(crate) decode: Option<DecodeGroup>,
+    pub(crate) prefills: Vec<PrefillChunk>,
 }
 
 /// The sequences that decode one token this step.
-struct DecodeGroup {
+pub(crate) struct DecodeGroup {
     /// Their rows in the batch, `[sequences]`; None when every row decodes.
-    rows: Option<Tensor>,
-    reads: DecodeReads,
+    pub(crate) rows: Option<Tensor>,
+    pub(crate) reads: DecodeReads,
 }
 
 /// Where the decoding sequences' cached keys and values are read.
-enum DecodeReads {
+pub(crate) enum DecodeReads {
     /// In place in the pool, by the kernels: sequence `s` attends the slots
     /// `slots[offsets[s]..offsets[s + 1]]`.
     Paged {
@@ -105,23 +105,26 @@ enum DecodeReads {
 }
 
 /// A sequence with several new tokens (a prompt or a chunk of one).
-struct PrefillChunk {
-    span: SequenceSpan,
+pub(crate) struct PrefillChunk {
+    pub(crate) span: SequenceSpan,
     /// Its block table, `[1, blocks]`, when it attends to positions cached
     /// by earlier steps; None when its own new tokens are all it sees.
-    table: Option<Tensor>,
-    mask: AttentionMask,
+    pub(crate) table: Option<Tensor>,
+    pub(crate) mask: AttentionMask,
 }
 
 impl StepLayout {
-    /// Lays out a step: `spans[i]` belongs to `caches[i]`, whose blocks must
-    /// already hold `spans[i].end()` positions.
+    /// Lays out a step of `attention`: `spans[i]` belongs to `caches[i]`,
+    /// whose blocks must already hold `spans[i].end()` positions.
     pub fn new(
         spans: &[SequenceSpan],
         caches: &[&mut KvCache],
-        sliding_window: Option<usize>,
+        attention: &AttentionSpec,
         (kind, device): (Kind, Device),
     ) -> Result<Self, TchError> {
+        let sliding_window = attention.sliding_window;
+        // The kernels read keys and values of kv heads, not latent vectors.
+        let paged = attention.latent.is_none() && projection::paged_attention(kind, device);
         let slots: Vec<i64> = spans
             .iter()
             .zip(caches)
@@ -130,7 +133,7 @@ impl StepLayout {
         let decoding: Vec<usize> = (0..spans.len()).filter(|&i| spans[i].len == 1).collect();
         let decode = (!decoding.is_empty())
             .then(|| -> Result<DecodeGroup, TchError> {
-                let reads = if projection::paged_attention(kind, device) {
+                let reads = if paged {
                     let mut slots = Vec::new();
                     let mut offsets = vec![0];
                     for &i in &decoding {
@@ -434,7 +437,7 @@ impl Attention {
     }
 }
 
-enum AttentionMask {
+pub(crate) enum AttentionMask {
     /// Token i sees positions 0..=i: SDPA's `is_causal`.
     Causal,
     /// `[len, total]` booleans, true where a token may attend.
@@ -466,7 +469,7 @@ impl AttentionMask {
         Ok(AttentionMask::Explicit(allowed))
     }
 
-    fn explicit(&self) -> Option<&Tensor> {
+    pub(crate) fn explicit(&self) -> Option<&Tensor> {
         match self {
             AttentionMask::Explicit(mask) => Some(mask),
             AttentionMask::Causal => None,

@@ -1,14 +1,17 @@
 //! Top-k gating: router logits → softmax over all experts in fp32 → top-k
 //! → renormalise the k weights to sum to 1 (Mixtral's top-k-then-softmax
 //! is the same; the Qwen and OLMoE families only with `norm_topk_prob`) →
-//! round to the activations' dtype. Ties go to the lower expert index. The logits
+//! round to the activations' dtype. DeepSeek's gate ([`GroupedGate`]) has
+//! its logits computed in fp32, scores each expert by softmax or sigmoid,
+//! chooses within the best groups by score plus a correction bias, and
+//! scales the weights. Ties go to the lower expert index. The logits
 //! (`[tokens, experts]`) are copied to the host once and the rest runs
 //! there: every consumer of a routing (the local experts' grouping, the
 //! dispatch to workers) reads it on the host, and a handful of experts per
 //! token is less work than launching the tensor ops would be.
 
 use tch::{Kind, Tensor};
-use tramontane_config::Gate as GateRule;
+use tramontane_config::{Gate as GateRule, GroupScore, GroupedGate, Scoring};
 
 /// Which experts each token goes to, and with what weight.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,7 +20,8 @@ pub struct Routing {
     pub k: usize,
     /// `[tokens × k]`, token-major, highest weight first.
     pub experts: Vec<usize>,
-    /// `[tokens × k]`, rounded to the hidden states' dtype; each token's sum to 1.
+    /// `[tokens × k]`, rounded to the hidden states' dtype; each token's
+    /// sum to 1 but where the gate scales them or does not renormalise.
     pub weights: Vec<f32>,
 }
 
@@ -29,10 +33,12 @@ impl Routing {
 }
 
 pub struct Gate {
-    /// `[experts, hidden]`
+    /// `[experts, hidden]`; fp32 for a grouped gate.
     weight: Tensor,
     top_k: usize,
     rule: GateRule,
+    /// A grouped gate's correction bias, `[experts]`.
+    correction: Option<Vec<f32>>,
 }
 
 impl Gate {
@@ -41,13 +47,38 @@ impl Gate {
             weight,
             top_k,
             rule,
+            correction: None,
         }
+    }
+
+    /// The gate with its scores' correction bias (`[experts]`) where it has
+    /// one; a grouped gate's weight held in fp32, as transformers computes
+    /// its logits.
+    pub fn with_correction(mut self, correction: Option<Tensor>) -> Result<Self, tch::TchError> {
+        if matches!(self.rule, GateRule::Grouped(_)) {
+            self.weight = self.weight.f_to_kind(Kind::Float)?;
+        }
+        self.correction = correction
+            .map(|bias| Vec::<f32>::try_from(bias.f_to_kind(Kind::Float)?.f_flatten(0, -1)?))
+            .transpose()?;
+        Ok(self)
     }
 
     /// `xs`: `[tokens, hidden]`.
     pub fn route(&self, xs: &Tensor) -> Result<Routing, tch::TchError> {
-        let logits = crate::projection::linear(xs, &self.weight)?;
-        route_logits(&logits, self.top_k, self.rule, xs.kind())
+        let logits = match self.rule {
+            GateRule::Grouped(_) => {
+                crate::projection::linear(&xs.f_to_kind(Kind::Float)?, &self.weight)?
+            }
+            _ => crate::projection::linear(xs, &self.weight)?,
+        };
+        route_logits_corrected(
+            &logits,
+            self.top_k,
+            self.rule,
+            self.correction.as_deref(),
+            xs.kind(),
+        )
     }
 }
 
@@ -59,9 +90,24 @@ pub fn route_logits(
     rule: GateRule,
     kind: Kind,
 ) -> Result<Routing, tch::TchError> {
+    route_logits_corrected(logits, top_k, rule, None, kind)
+}
+
+/// Routing from router logits by `rule`, a grouped gate's choice corrected
+/// by `correction` (`[experts]`) where given.
+pub fn route_logits_corrected(
+    logits: &Tensor,
+    top_k: usize,
+    rule: GateRule,
+    correction: Option<&[f32]>,
+    kind: Kind,
+) -> Result<Routing, tch::TchError> {
     let renormalize = match rule {
         GateRule::TopKThenSoftmax => true,
         GateRule::SoftmaxThenTopK { renormalize } => renormalize,
+        GateRule::Grouped(gate) => {
+            return route_grouped(logits, top_k, &gate, correction, kind);
+        }
     };
     let experts = logits.size().get(1).copied().unwrap_or(0).max(0) as usize;
     let values: Vec<f32> = Vec::try_from(logits.f_to_kind(Kind::Float)?.f_flatten(0, -1)?)?;
@@ -90,6 +136,76 @@ pub fn route_logits(
         routing
             .weights
             .extend(top.iter().map(|&e| round(probs[e] / sum)));
+    }
+    Ok(routing)
+}
+
+/// DeepSeek's routing (see [`GroupedGate`]), as transformers computes it:
+/// the experts outside the chosen groups count 0 (not minus infinity), and
+/// a chosen expert's weight is its score without the correction.
+fn route_grouped(
+    logits: &Tensor,
+    top_k: usize,
+    gate: &GroupedGate,
+    correction: Option<&[f32]>,
+    kind: Kind,
+) -> Result<Routing, tch::TchError> {
+    let experts = logits.size().get(1).copied().unwrap_or(0).max(0) as usize;
+    let values: Vec<f32> = Vec::try_from(logits.f_to_kind(Kind::Float)?.f_flatten(0, -1)?)?;
+    let k = top_k.min(experts);
+    let round = rounding(kind);
+    let group_size = experts / gate.groups.max(1);
+    let mut routing = Routing {
+        k,
+        experts: Vec::with_capacity(values.len() / experts.max(1) * k),
+        weights: Vec::with_capacity(values.len() / experts.max(1) * k),
+    };
+    let mut order: Vec<usize> = Vec::with_capacity(experts);
+    let mut groups: Vec<usize> = Vec::with_capacity(gate.groups);
+    for row in values.chunks_exact(experts.max(1)) {
+        let scores = match gate.scoring {
+            Scoring::Softmax => softmax(row),
+            Scoring::Sigmoid => row.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect(),
+        };
+        let mut choice: Vec<f32> = match correction {
+            Some(bias) => scores.iter().zip(bias).map(|(s, b)| s + b).collect(),
+            None => scores.clone(),
+        };
+        if gate.top_groups < gate.groups && group_size > 0 {
+            let group_scores: Vec<f32> = choice
+                .chunks_exact(group_size)
+                .map(|group| match gate.group_score {
+                    GroupScore::Max => group.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                    GroupScore::TopTwoSum => {
+                        let mut sorted = group.to_vec();
+                        sorted.sort_by(|a, b| b.total_cmp(a));
+                        sorted.iter().take(2).sum()
+                    }
+                })
+                .collect();
+            groups.clear();
+            groups.extend(0..gate.groups);
+            groups.sort_by(|&a, &b| group_scores[b].total_cmp(&group_scores[a]));
+            let kept = &groups[..gate.top_groups];
+            for (e, value) in choice.iter_mut().enumerate() {
+                if !kept.contains(&(e / group_size)) {
+                    *value = 0.0;
+                }
+            }
+        }
+        order.clear();
+        order.extend(0..experts);
+        order.sort_by(|&a, &b| choice[b].total_cmp(&choice[a]));
+        let top = &order[..k];
+        let sum: f32 = match gate.renormalize {
+            true => top.iter().map(|&e| scores[e]).sum::<f32>() + 1e-20,
+            false => 1.0,
+        };
+        let scale = gate.scale as f32;
+        routing.experts.extend_from_slice(top);
+        routing
+            .weights
+            .extend(top.iter().map(|&e| round(scores[e] / sum * scale)));
     }
     Ok(routing)
 }

@@ -36,7 +36,9 @@ fn lock(blocks: &SharedBlocks) -> MutexGuard<'_, BlockPool> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// The pool: every layer's keys and values, `[slots, kv_heads, head_dim]`.
+/// The pool: every layer's keys and values, `[slots, kv_heads, head_dim]`;
+/// with latent attention, every layer's latent vector and rotary key side
+/// by side in `keys` (`[slots, 1, kv_lora_rank + rope_dim]`) and no values.
 pub struct KvPool {
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
@@ -57,14 +59,18 @@ impl KvPool {
     /// every layer of `spec`, zeroed, in `kind` on `device`.
     pub fn new(spec: &ModelSpec, tokens: usize, kind: Kind, device: Device) -> Self {
         let blocks = blocks_for(tokens) + 1; // + the padding block
-        let shape = [
-            (blocks * BLOCK_SIZE) as i64,
-            spec.attention.kv_heads as i64,
-            spec.attention.head_dim as i64,
-        ];
+        let slots = (blocks * BLOCK_SIZE) as i64;
+        let a = &spec.attention;
+        let (shape, values) = match &a.latent {
+            Some(latent) => ([slots, 1, latent.cached_width() as i64], false),
+            None => ([slots, a.kv_heads as i64, a.head_dim as i64], true),
+        };
         let layer = || Tensor::zeros(shape, (kind, device));
         let keys: Vec<Tensor> = spec.layers.iter().map(|_| layer()).collect();
-        let values: Vec<Tensor> = spec.layers.iter().map(|_| layer()).collect();
+        let values: Vec<Tensor> = match values {
+            true => spec.layers.iter().map(|_| layer()).collect(),
+            false => Vec::new(),
+        };
         Self {
             keys,
             values,
@@ -162,6 +168,27 @@ impl KvPool {
         Ok(())
     }
 
+    /// Writes `[tokens, 1, width]` latent vectors of layer `layer` into
+    /// `slots` (`[tokens]`, i64).
+    pub(crate) fn write_latent(
+        &self,
+        layer: usize,
+        slots: &Tensor,
+        latent: &Tensor,
+    ) -> Result<(), ForwardError> {
+        let _ = self.keys[layer]
+            .shallow_clone()
+            .f_index_copy_(0, slots, latent)?;
+        Ok(())
+    }
+
+    /// Layer `layer`'s latent vectors of the blocks of `table`
+    /// (`[sequences, blocks]`, i64): `[sequences, blocks * BLOCK_SIZE, 1,
+    /// width]`.
+    pub(crate) fn gather_latent(&self, layer: usize, table: &Tensor) -> Result<Tensor, TchError> {
+        gather_blocks(&self.keys[layer], table)
+    }
+
     /// Layer `layer`'s keys and values, `[slots, kv_heads, head_dim]` each.
     pub(crate) fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
         (&self.keys[layer], &self.values[layer])
@@ -175,16 +202,23 @@ impl KvPool {
         layer: usize,
         table: &Tensor,
     ) -> Result<(Tensor, Tensor), TchError> {
-        let size = table.size();
-        let read = |pool: &Tensor| {
-            let shape = pool.size();
-            let (kv_heads, head_dim) = (shape[1], shape[2]);
-            pool.f_view([-1, BLOCK_SIZE as i64, kv_heads, head_dim])?
-                .f_index_select(0, &table.f_view([-1])?)?
-                .f_view([size[0], size[1] * BLOCK_SIZE as i64, kv_heads, head_dim])
-        };
-        Ok((read(&self.keys[layer])?, read(&self.values[layer])?))
+        Ok((
+            gather_blocks(&self.keys[layer], table)?,
+            gather_blocks(&self.values[layer], table)?,
+        ))
     }
+}
+
+/// The blocks of `table` (`[sequences, blocks]`, i64) of one layer's
+/// `pool` (`[slots, heads, width]`): `[sequences, blocks * BLOCK_SIZE,
+/// heads, width]`.
+fn gather_blocks(pool: &Tensor, table: &Tensor) -> Result<Tensor, TchError> {
+    let size = table.size();
+    let shape = pool.size();
+    let (heads, width) = (shape[1], shape[2]);
+    pool.f_view([-1, BLOCK_SIZE as i64, heads, width])?
+        .f_index_select(0, &table.f_view([-1])?)?
+        .f_view([size[0], size[1] * BLOCK_SIZE as i64, heads, width])
 }
 
 /// One sequence's share of a [`KvPool`]: its block table and how many

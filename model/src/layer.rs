@@ -8,6 +8,7 @@ use crate::error::ForwardError;
 use crate::expert::Expert;
 use crate::experts::Experts;
 use crate::kv_cache::KvPool;
+use crate::latent_attention::LatentAttention;
 use crate::moe::{MoeInFlight, SparseMoe};
 use crate::norm::RmsNorm;
 use crate::rotary::RotaryTables;
@@ -15,9 +16,31 @@ use crate::rotary::RotaryTables;
 pub struct DecoderLayer {
     pub(crate) index: usize,
     pub(crate) input_layernorm: RmsNorm,
-    pub(crate) attention: Attention,
+    pub(crate) attention: SelfAttention,
     pub(crate) post_attention_layernorm: RmsNorm,
     pub(crate) ffn: FeedForward,
+}
+
+/// A layer's attention: grouped-query, or DeepSeek's latent attention.
+pub enum SelfAttention {
+    Grouped(Attention),
+    Latent(LatentAttention),
+}
+
+impl SelfAttention {
+    fn forward(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        rotary: &RotaryTables,
+        layout: &StepLayout,
+        pool: &KvPool,
+    ) -> Result<Tensor, ForwardError> {
+        match self {
+            SelfAttention::Grouped(a) => a.forward(layer, xs, rotary, layout, pool),
+            SelfAttention::Latent(a) => a.forward(layer, xs, rotary, layout, pool),
+        }
+    }
 }
 
 /// A layer's feed-forward part.

@@ -2,7 +2,7 @@
 //!
 //! A Mixture-of-Experts causal LM in libtorch (through `tch`), one forward
 //! for every family the project serves (Mixtral, Qwen3-MoE, Qwen2-MoE,
-//! OLMoE), numerically matching each family's transformers class.
+//! OLMoE, DeepSeek-V2 and V3), numerically matching each family's transformers class.
 //!
 //! # Layout
 //!
@@ -12,7 +12,8 @@
 //! - [`weights`]: memory-mapped safetensors (single or sharded), loaded key by key.
 //! - [`tokenizer`]: `tokenizer.json` + `tokenizer_config.json`.
 //! - Layers, bottom-up: [`norm`], [`rotary`], [`kv_cache`] (its blocks and
-//!   prefix cache: [`block_pool`]), [`attention`],
+//!   prefix cache: [`block_pool`]), [`attention`] (grouped-query) and
+//!   [`latent_attention`] (DeepSeek's MLA over a latent cache),
 //!   [`expert`] (any SwiGLU MLP), [`gating`], [`moe`] (the block with its
 //!   shared expert, and the experts held in process), [`layer`] (a dense
 //!   or MoE feed-forward), `load` (a layer's tensors by the description).
@@ -42,6 +43,7 @@ pub mod gating;
 pub mod generate;
 pub mod heap;
 pub mod kv_cache;
+pub mod latent_attention;
 pub mod layer;
 mod load;
 pub mod model;

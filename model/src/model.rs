@@ -161,8 +161,8 @@ impl<E: Experts> CausalLm<E> {
                     error,
                 }
             })?;
-        let rotary =
-            RotaryEmbedding::new(spec.attention.head_dim, spec.attention.rope_theta, device);
+        let a = &spec.attention;
+        let rotary = RotaryEmbedding::scaled(a.head_dim, a.rope_theta, a.yarn.as_ref(), device);
         crate::heap::release_free_memory();
         Ok(Self {
             config: spec,
@@ -387,7 +387,7 @@ impl<E: Experts> CausalLm<E> {
         let layout = StepLayout::new(
             &group,
             &caches[sequences],
-            self.config.attention.sliding_window,
+            &self.config.attention,
             (self.options.kind(), device),
         )?;
         Ok(MicroBatch {

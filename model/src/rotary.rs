@@ -2,6 +2,7 @@
 //! computed in fp32 once per forward step for the positions of every row.
 
 use tch::{Device, Kind, TchError, Tensor};
+use tramontane_config::Yarn;
 use tramontane_kernels::{Bf16, F32};
 
 use crate::projection::{KernelError, check_disjoint, elements, elements_mut, small_rows};
@@ -9,6 +10,8 @@ use crate::projection::{KernelError, check_disjoint, elements, elements_mut, sma
 pub struct RotaryEmbedding {
     /// `[head_dim / 2]`, fp32.
     inv_freq: Tensor,
+    /// What cos and sin are multiplied by (YaRN's attention factor; else 1).
+    scale: f64,
 }
 
 /// cos and sin for each row of a step: `[tokens, head_dim]` each.
@@ -19,11 +22,50 @@ pub struct RotaryTables {
 
 impl RotaryEmbedding {
     pub fn new(head_dim: usize, theta: f64, device: Device) -> Self {
+        Self::scaled(head_dim, theta, None, device)
+    }
+
+    /// Rotary embeddings with YaRN's scaling where `yarn` is given, as
+    /// transformers computes it (`_compute_yarn_parameters`).
+    pub fn scaled(head_dim: usize, theta: f64, yarn: Option<&Yarn>, device: Device) -> Self {
         let exponents = Tensor::arange_start_step(0, head_dim as i64, 2, (Kind::Int64, device))
             .to_kind(Kind::Float)
             / head_dim as f64;
-        let inv_freq = Tensor::pow_scalar(theta, &exponents).reciprocal();
-        Self { inv_freq }
+        let pos_freqs = Tensor::pow_scalar(theta, &exponents);
+        let Some(yarn) = yarn else {
+            return Self {
+                inv_freq: pos_freqs.reciprocal(),
+                scale: 1.0,
+            };
+        };
+        let dim = head_dim as f64;
+        let correction_dim = |rotations: f64| {
+            dim * (yarn.original_max_position_embeddings as f64
+                / (rotations * 2.0 * std::f64::consts::PI))
+                .ln()
+                / (2.0 * theta.ln())
+        };
+        let (mut low, mut high) = (
+            correction_dim(yarn.beta_fast),
+            correction_dim(yarn.beta_slow),
+        );
+        if yarn.truncate {
+            (low, high) = (low.floor(), high.ceil());
+        }
+        let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+        if low == high {
+            high += 0.001;
+        }
+        let half = (head_dim / 2) as i64;
+        let ramp =
+            ((Tensor::arange(half, (Kind::Float, device)) - low) / (high - low)).clamp(0.0, 1.0);
+        let extrapolation = 1.0 - ramp;
+        let inv_freq = (pos_freqs.reciprocal() / yarn.factor) * (1.0 - &extrapolation)
+            + pos_freqs.reciprocal() * extrapolation;
+        Self {
+            inv_freq,
+            scale: yarn.attention_factor,
+        }
     }
 
     /// Tables for `positions` (`[tokens]`), in `kind`.
@@ -33,9 +75,13 @@ impl RotaryEmbedding {
             .f_unsqueeze(1)?
             .f_mul(&self.inv_freq.f_unsqueeze(0)?)?;
         let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
+        let (mut cos, mut sin) = (emb.f_cos()?, emb.f_sin()?);
+        if self.scale != 1.0 {
+            (cos, sin) = (cos.f_mul_scalar(self.scale)?, sin.f_mul_scalar(self.scale)?);
+        }
         Ok(RotaryTables {
-            cos: emb.f_cos()?.f_to_kind(kind)?,
-            sin: emb.f_sin()?.f_to_kind(kind)?,
+            cos: cos.f_to_kind(kind)?,
+            sin: sin.f_to_kind(kind)?,
         })
     }
 }

@@ -47,6 +47,8 @@ pub fn with_dense_layers(
             clip_qkv: None,
             sliding_window: None,
             rope_theta: 1e6,
+            yarn: None,
+            latent: None,
         },
         layers: (0..layers)
             .map(|layer| match dense.contains(&layer) {

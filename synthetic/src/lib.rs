@@ -146,7 +146,7 @@ pub fn write(out: &Path, spec: &Spec) -> Result<()> {
     weights::write_weights(out, &model, dtype, spec.seed, spec.shards, skew.as_ref())?;
     let chat_template = match spec.family {
         Family::Qwen3Moe | Family::Qwen2Moe => Some("qwen-tools"),
-        Family::Mixtral | Family::Olmoe => None,
+        Family::Mixtral | Family::Olmoe | Family::DeepseekV2 | Family::DeepseekV3 => None,
     };
     write_tokenizer(out, spec.python.as_deref(), chat_template)?;
     Ok(())

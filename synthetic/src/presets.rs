@@ -16,14 +16,24 @@ pub enum Preset {
     /// 32, top-k weights renormalised, head_dim 32 (not hidden / heads), 2
     /// kv heads; qwen2_moe: 16 experts top-4 of width 32 and a shared expert
     /// of width 128, q/k/v biases, 2 kv heads; olmoe: 16 experts top-4 of
-    /// width 32, 4 kv heads.
+    /// width 32, 4 kv heads. deepseek_v2: latent attention (queries at full
+    /// rank, a latent of 32 and a rotary key of 8 per position, q/k heads
+    /// of 24 and values of 16), 16 experts top-4 of width 32 and 2 shared,
+    /// greedy; deepseek_v3: the same latent with queries through a rank of
+    /// 48 and values of 24, 16 experts in 4 groups (2 kept) top-4, 1
+    /// shared, sigmoid scores renormalised and scaled by 2.5.
     Tiny,
     /// For benchmarks. mixtral: 8 experts top-2 of width 3584, 4 kv heads,
     /// 1,582,467,072 bytes; qwen3_moe: the same experts, head_dim 128,
     /// 1,624,414,208 bytes; qwen2_moe (Qwen1.5-MoE-A2.7B's routing): 60
     /// experts top-4 of width 448 and a shared expert of width 1792, 4 kv
     /// heads, 1,583,360,000 bytes; olmoe: 8 experts top-2 of width 3584, 16
-    /// kv heads, 1,607,665,664 bytes.
+    /// kv heads, 1,607,665,664 bytes. deepseek_v2 (DeepSeek-V2-Lite's
+    /// attention and routing, fine-grained): a latent of 512 and a rotary
+    /// key of 64, q/k heads of 192 and values of 128, 64 experts top-6 of
+    /// width 448 and 2 shared, 1,712,367,616 bytes; deepseek_v3: queries
+    /// through a rank of 768, 64 experts in 8 groups (4 kept) top-8 and 1
+    /// shared, 1,690,360,832 bytes.
     Bench,
     /// Fine-grained experts for benchmarks, about the bytes of mixtral's
     /// `bench` (its experts' 8 × 3584 width per layer cut finer). qwen3_moe
@@ -81,6 +91,22 @@ pub(crate) struct Shape {
     pub rms_norm_eps: f64,
     pub max_position: usize,
     pub dtype: Dtype,
+    /// DeepSeek's latent attention.
+    pub latent: Option<LatentShape>,
+    /// DeepSeek's expert groups: `n_group`, `topk_group` (1, 1: greedy).
+    pub groups: (usize, usize),
+    /// DeepSeek's `routed_scaling_factor`.
+    pub routed_scale: f64,
+}
+
+/// DeepSeek's latent attention's widths.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct LatentShape {
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub nope: usize,
+    pub rope: usize,
+    pub v: usize,
 }
 
 /// The shape of `preset` in `family`.
@@ -106,6 +132,9 @@ pub(crate) fn shape(family: Family, preset: Preset) -> Result<Shape> {
         rms_norm_eps: 1e-6,
         max_position: 1024,
         dtype: Dtype::F32,
+        latent: None,
+        groups: (1, 1),
+        routed_scale: 1.0,
     };
     let bench = Shape {
         hidden: 1024,
@@ -140,6 +169,35 @@ pub(crate) fn shape(family: Family, preset: Preset) -> Result<Shape> {
         expert_width,
         dense_width: 8 * expert_width,
         ..bench
+    };
+    // DeepSeek's: a latent cache of kv_lora_rank + rope values a position
+    // (V2-Lite's and V3's widths in the bench presets), fine-grained
+    // experts beside shared ones.
+    let tiny_latent = LatentShape {
+        q_lora_rank: None,
+        kv_lora_rank: 32,
+        nope: 16,
+        rope: 8,
+        v: 16,
+    };
+    let bench_latent = LatentShape {
+        q_lora_rank: None,
+        kv_lora_rank: 512,
+        nope: 128,
+        rope: 64,
+        v: 128,
+    };
+    let deepseek_bench = Shape {
+        experts: 64,
+        top_k: 6,
+        expert_width: 448,
+        dense_width: 6 * 448,
+        shared_width: Some(2 * 448),
+        kv_heads: 16,
+        rope_theta: 10000.0,
+        max_position: 4096,
+        latent: Some(bench_latent),
+        ..bench.clone()
     };
     let shape = match (family, preset) {
         (Family::Mixtral, Preset::Tiny) => Shape {
@@ -182,9 +240,48 @@ pub(crate) fn shape(family: Family, preset: Preset) -> Result<Shape> {
         },
         (Family::Olmoe, Preset::Bench) => olmoe_bench,
         (Family::Olmoe, Preset::BenchFine) => fine(olmoe_bench, 64, 448),
-        (Family::Mixtral | Family::Qwen2Moe, Preset::BenchFine) => {
+        (Family::DeepseekV2, Preset::Tiny) => Shape {
+            shared_width: Some(2 * 32),
+            kv_heads: 4,
+            rope_theta: 10000.0,
+            latent: Some(tiny_latent),
+            ..tiny
+        },
+        (Family::DeepseekV3, Preset::Tiny) => Shape {
+            shared_width: Some(32),
+            kv_heads: 4,
+            rope_theta: 10000.0,
+            norm_topk_prob: true,
+            latent: Some(LatentShape {
+                q_lora_rank: Some(48),
+                v: 24,
+                ..tiny_latent
+            }),
+            groups: (4, 2),
+            routed_scale: 2.5,
+            ..tiny
+        },
+        (Family::DeepseekV2, Preset::Bench) => deepseek_bench,
+        (Family::DeepseekV3, Preset::Bench) => Shape {
+            top_k: 8,
+            dense_width: 8 * 448,
+            shared_width: Some(448),
+            norm_topk_prob: true,
+            latent: Some(LatentShape {
+                q_lora_rank: Some(768),
+                ..bench_latent
+            }),
+            groups: (8, 4),
+            routed_scale: 2.5,
+            ..deepseek_bench
+        },
+        (
+            Family::Mixtral | Family::Qwen2Moe | Family::DeepseekV2 | Family::DeepseekV3,
+            Preset::BenchFine,
+        ) => {
             return Err(SyntheticError::Spec(format!(
-                "--preset bench-fine: {} has no fine-grained preset (qwen3_moe and olmoe have)",
+                "--preset bench-fine: {} has no fine-grained preset (qwen3_moe and olmoe have; \
+                 deepseek's bench is fine-grained)",
                 family.model_type()
             )));
         }
@@ -200,13 +297,15 @@ mod tests {
     use crate::Spec;
 
     /// The bytes of each preset's weights as stored, as [`Preset`] states them.
-    const BYTES: [(Family, Preset, usize); 6] = [
+    const BYTES: [(Family, Preset, usize); 8] = [
         (Family::Mixtral, Preset::Bench, 1_582_467_072),
         (Family::Qwen3Moe, Preset::Bench, 1_624_414_208),
         (Family::Qwen3Moe, Preset::BenchFine, 1_626_380_288),
         (Family::Qwen2Moe, Preset::Bench, 1_583_360_000),
         (Family::Olmoe, Preset::Bench, 1_607_665_664),
         (Family::Olmoe, Preset::BenchFine, 1_608_583_168),
+        (Family::DeepseekV2, Preset::Bench, 1_712_367_616),
+        (Family::DeepseekV3, Preset::Bench, 1_690_360_832),
     ];
 
     #[test]

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use serde_json::{Value, json};
+use tramontane_config::deepseek::DeepseekConfig;
 use tramontane_config::olmoe::OlmoeConfig;
 use tramontane_config::qwen_moe::QwenMoeConfig;
 use tramontane_config::{Dtype, Family, MixtralConfig, ModelSpec, TokenIds};
@@ -106,6 +107,16 @@ impl Default for Spec {
 
 /// The Qwen families, whose settings most are.
 const QWEN: &[Family] = &[Family::Qwen3Moe, Family::Qwen2Moe];
+/// The DeepSeek families.
+const DEEPSEEK: &[Family] = &[Family::DeepseekV2, Family::DeepseekV3];
+/// The families with dense MLP layers, routed experts of their own width
+/// and a shared expert.
+const FINE: &[Family] = &[
+    Family::Qwen3Moe,
+    Family::Qwen2Moe,
+    Family::DeepseekV2,
+    Family::DeepseekV3,
+];
 
 impl Spec {
     /// Mixtral's preset, no override.
@@ -167,28 +178,63 @@ impl Spec {
         if let Some(width) = self.intermediate {
             match f {
                 Family::Mixtral | Family::Olmoe => s.expert_width = width,
-                Family::Qwen3Moe | Family::Qwen2Moe => s.dense_width = width,
+                _ => s.dense_width = width,
             }
         }
         let (qwen2, olmoe) = (&[Family::Qwen2Moe], &[Family::Olmoe]);
-        if let Some(width) = applies(f, "--moe-width", self.moe_width, QWEN)? {
+        if let Some(width) = applies(f, "--moe-width", self.moe_width, FINE)? {
             s.expert_width = width;
         }
         let width = self.shared_expert_width;
-        if let Some(width) = applies(f, "--shared-expert-width", width, qwen2)? {
+        let shared = [&[Family::Qwen2Moe], DEEPSEEK].concat();
+        if let Some(width) = applies(f, "--shared-expert-width", width, &shared)? {
             s.shared_width = Some(width);
         }
-        if let Some(layers) = applies(f, "--dense-layers", self.dense_layers.clone(), QWEN)? {
+        if let Some(layers) = applies(f, "--dense-layers", self.dense_layers.clone(), FINE)? {
             s.dense_layers = layers;
+        }
+        if DEEPSEEK.contains(&f) {
+            ensure(
+                s.dense_layers.iter().copied().eq(0..s.dense_layers.len()),
+                || {
+                    format!(
+                        "{}: --dense-layers must be the first layers in order (first_k_dense_replace), not {:?}",
+                        f.model_type(),
+                        s.dense_layers
+                    )
+                },
+            )?;
+            ensure(
+                s.shared_width
+                    .is_none_or(|w| w > 0 && w.is_multiple_of(s.expert_width.max(1))),
+                || {
+                    format!(
+                        "{}: --shared-expert-width must be a multiple of the experts' width {} \
+                         (n_shared_experts of them)",
+                        f.model_type(),
+                        s.expert_width
+                    )
+                },
+            )?;
         }
         if let Some(step) = applies(f, "--sparse-step", self.sparse_step, QWEN)? {
             s.sparse_step = step;
         }
-        let softmax_first = &[Family::Qwen3Moe, Family::Qwen2Moe, Family::Olmoe];
+        let softmax_first = &[
+            Family::Qwen3Moe,
+            Family::Qwen2Moe,
+            Family::Olmoe,
+            Family::DeepseekV3,
+        ];
         if let Some(norm) = applies(f, "--norm-topk-prob", self.norm_topk_prob, softmax_first)? {
             s.norm_topk_prob = norm;
         }
-        let attention_bias = &[Family::Qwen3Moe, Family::Olmoe];
+        let attention_bias = &[
+            Family::Qwen3Moe,
+            Family::Olmoe,
+            Family::DeepseekV2,
+            Family::DeepseekV3,
+        ];
         if let Some(bias) = applies(f, "--attention-bias", self.attention_bias, attention_bias)? {
             s.attention_bias = bias;
         }
@@ -346,6 +392,7 @@ fn config_json(family: Family, s: &Shape, tie_embeddings: bool) -> Value {
             config.insert("router_aux_loss_coef".into(), json!(0.01));
             config
         }
+        Family::DeepseekV2 | Family::DeepseekV3 => deepseek_json(family, s, tie_embeddings),
     };
     if family == Family::Mixtral {
         config.extend(written(json!({
@@ -371,6 +418,63 @@ fn config_json(family: Family, s: &Shape, tie_embeddings: bool) -> Value {
     Value::Object(config)
 }
 
+/// A DeepSeek family's config.json fields for `s`: its latent attention,
+/// its first dense layers, its shared experts, its gate.
+fn deepseek_json(
+    family: Family,
+    s: &Shape,
+    tie_embeddings: bool,
+) -> serde_json::Map<String, Value> {
+    let v3 = family == Family::DeepseekV3;
+    let latent = s
+        .latent
+        .expect("the DeepSeek presets have latent attention");
+    let grouped = s.groups.0 > 1;
+    let config = DeepseekConfig {
+        hidden_size: s.hidden,
+        intermediate_size: s.dense_width,
+        num_hidden_layers: s.layers,
+        num_attention_heads: s.heads,
+        num_key_value_heads: Some(s.heads),
+        vocab_size: VOCAB_SIZE,
+        moe_intermediate_size: s.expert_width,
+        n_routed_experts: s.experts,
+        n_shared_experts: s.shared_width.map(|w| w / s.expert_width.max(1)),
+        num_experts_per_tok: s.top_k,
+        first_k_dense_replace: s.dense_layers.len(),
+        q_lora_rank: latent.q_lora_rank,
+        kv_lora_rank: latent.kv_lora_rank,
+        qk_nope_head_dim: latent.nope,
+        qk_rope_head_dim: latent.rope,
+        v_head_dim: latent.v,
+        topk_method: match (v3, grouped) {
+            (true, _) => "noaux_tc",
+            (false, true) => "group_limited_greedy",
+            (false, false) => "greedy",
+        }
+        .into(),
+        n_group: Some(s.groups.0),
+        topk_group: Some(s.groups.1),
+        routed_scaling_factor: Some(s.routed_scale),
+        norm_topk_prob: Some(s.norm_topk_prob),
+        rope_interleave: v3.then_some(true),
+        attention_bias: s.attention_bias,
+        mlp_bias: false,
+        max_position_embeddings: Some(s.max_position),
+        rms_norm_eps: s.rms_norm_eps,
+        rope_theta: s.rope_theta,
+        rope_scaling: None,
+        tie_word_embeddings: tie_embeddings,
+        hidden_act: "silu".into(),
+        bos_token_id: Some(BOS),
+        eos_token_id: Some(TokenIds::One(EOS)),
+    };
+    match serde_json::to_value(config).expect("a config serialises") {
+        Value::Object(map) => map,
+        _ => unreachable!("a config serialises to an object"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,15 +488,20 @@ mod tests {
             Spec::family(family, Preset::Tiny)
         }
         vec![
-            ("--moe-width", QWEN.to_vec(), |f| Spec {
+            ("--moe-width", FINE.to_vec(), |f| Spec {
                 moe_width: Some(16),
                 ..base(f)
             }),
-            ("--shared-expert-width", vec![Family::Qwen2Moe], |f| Spec {
-                shared_expert_width: Some(48),
-                ..base(f)
-            }),
-            ("--dense-layers", QWEN.to_vec(), |f| Spec {
+            (
+                "--shared-expert-width",
+                vec![Family::Qwen2Moe, Family::DeepseekV2, Family::DeepseekV3],
+                // A multiple of DeepSeek's expert width (32).
+                |f| Spec {
+                    shared_expert_width: Some(96),
+                    ..base(f)
+                },
+            ),
+            ("--dense-layers", FINE.to_vec(), |f| Spec {
                 dense_layers: Some(vec![0]),
                 ..base(f)
             }),
@@ -402,16 +511,26 @@ mod tests {
             }),
             (
                 "--norm-topk-prob",
-                vec![Family::Qwen3Moe, Family::Qwen2Moe, Family::Olmoe],
-                // Other than the preset's (Qwen3-MoE's renormalises).
+                vec![
+                    Family::Qwen3Moe,
+                    Family::Qwen2Moe,
+                    Family::Olmoe,
+                    Family::DeepseekV3,
+                ],
+                // Other than the preset's (Qwen3-MoE's and V3's renormalise).
                 |f| Spec {
-                    norm_topk_prob: Some(f != Family::Qwen3Moe),
+                    norm_topk_prob: Some(!matches!(f, Family::Qwen3Moe | Family::DeepseekV3)),
                     ..base(f)
                 },
             ),
             (
                 "--attention-bias",
-                vec![Family::Qwen3Moe, Family::Olmoe],
+                vec![
+                    Family::Qwen3Moe,
+                    Family::Olmoe,
+                    Family::DeepseekV2,
+                    Family::DeepseekV3,
+                ],
                 |f| Spec {
                     attention_bias: Some(true),
                     ..base(f)

@@ -102,7 +102,10 @@ impl Skew {
                 let column = Tensor::from_slice(&bias).view([bias.len() as i64, 1]);
                 t.narrow(1, j, 1).copy_(&column);
             }
-            TensorRole::Reads | TensorRole::Norm => {}
+            TensorRole::Reads
+            | TensorRole::Norm
+            | TensorRole::Inner
+            | TensorRole::GateCorrection => {}
         }
         t
     }

@@ -565,3 +565,119 @@ fn tokenizer_matches_transformers() -> Result<()> {
     }
     Ok(())
 }
+
+/// DeepSeek-V2 (V2-Lite's attention: queries at full rank): latent
+/// attention with biases, a dense first layer, 2 shared experts, the
+/// group-limited gate (4 groups, 2 kept) with its weights scaled by 2,
+/// sharded weights.
+#[test]
+fn deepseek_v2_group_limited_biases_dense_first_sharded_matches_transformers() -> Result<()> {
+    check_family_parity(
+        "deepseek_v2",
+        serde_json::json!({
+            "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
+            "num_experts_per_tok": 3, "routed_scaling_factor": 2.0, "attention_bias": true
+        }),
+        &["--seed", "11", "--max-shard-size", "200KB"],
+        Dtype::F32,
+        TOLERANCE,
+    )?;
+    Ok(())
+}
+
+/// DeepSeek-V2, greedy gate, YaRN-scaled rotary embeddings (transformers'
+/// V2 leaves the softmax scale uncorrected), 16 experts top-4.
+#[test]
+fn deepseek_v2_greedy_yarn_matches_transformers() -> Result<()> {
+    check_family_parity(
+        "deepseek_v2",
+        serde_json::json!({
+            "n_routed_experts": 16, "num_experts_per_tok": 4, "rope_scaling": {
+                "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707
+            }
+        }),
+        &["--seed", "12"],
+        Dtype::F32,
+        TOLERANCE,
+    )?;
+    Ok(())
+}
+
+/// DeepSeek-V3: queries through their own low rank, the sigmoid gate with
+/// its correction bias over 4 groups (2 kept), renormalised and scaled by
+/// 2.5, YaRN with the softmax scale's correction (`mscale_all_dim`).
+#[test]
+fn deepseek_v3_grouped_sigmoid_gate_yarn_matches_transformers() -> Result<()> {
+    check_family_parity(
+        "deepseek_v3",
+        serde_json::json!({
+            "num_experts_per_tok": 3, "routed_scaling_factor": 2.5, "norm_topk_prob": true,
+            "rope_scaling": {
+                "type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64,
+                "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0
+            }
+        }),
+        &["--seed", "13"],
+        Dtype::F32,
+        TOLERANCE,
+    )?;
+    Ok(())
+}
+
+/// DeepSeek-V3 with the rotary part in halves (`rope_interleave` false),
+/// weights not renormalised, 16 experts in 8 groups (3 kept) top-4, two
+/// dense layers first, biases.
+#[test]
+fn deepseek_v3_halves_rope_unnormalised_two_dense_layers_matches_transformers() -> Result<()> {
+    check_family_parity(
+        "deepseek_v3",
+        serde_json::json!({
+            "rope_interleave": false, "norm_topk_prob": false, "n_routed_experts": 16,
+            "n_group": 8, "topk_group": 3, "num_experts_per_tok": 4,
+            "first_k_dense_replace": 2, "num_hidden_layers": 4, "attention_bias": true
+        }),
+        &["--seed", "14"],
+        Dtype::F32,
+        TOLERANCE,
+    )?;
+    Ok(())
+}
+
+/// DeepSeek-V2 and V3 in bf16, against transformers in bf16.
+#[test]
+fn deepseek_bf16_stays_within_bounds_of_transformers_in_bf16() -> Result<()> {
+    for (family, seed) in [("deepseek_v2", "15"), ("deepseek_v3", "16")] {
+        let worst = check_family_parity(
+            family,
+            serde_json::json!({}),
+            &["--seed", seed, "--dtype", "bf16"],
+            Dtype::Bf16,
+            BF16_TOLERANCE,
+        )?;
+        ensure!(
+            worst > TOLERANCE,
+            "{family}: bf16 logits match to fp32 precision: {worst:e}"
+        );
+    }
+    Ok(())
+}
+
+/// gen-model's DeepSeek presets (their weights drawn by gen-model), each
+/// with a dense first layer.
+#[test]
+fn gen_model_deepseek_presets_match_transformers() -> Result<()> {
+    for (family, seed) in [("deepseek_v2", "17"), ("deepseek_v3", "18")] {
+        check_parity(&[
+            "--family",
+            family,
+            "--seed",
+            seed,
+            "--layers",
+            "3",
+            "--dense-layers",
+            "0",
+        ])?;
+    }
+    Ok(())
+}
