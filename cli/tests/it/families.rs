@@ -1,7 +1,8 @@
 //! Each family's description against transformers' own classes: for odd
 //! configs of every family (head_dim not hidden/heads, dense layers among
 //! routed ones, a shared expert, biases, q/k norms of both kinds, tied
-//! embeddings), the tensors `ModelSpec::tensors` expects are exactly those,
+//! embeddings, latent attention with and without the queries' low rank,
+//! V3's gate correction bias), the tensors `ModelSpec::tensors` expects are exactly those,
 //! named and shaped, of the model transformers builds from the same
 //! config.json (scripts/hf_tensors.py, on the meta device).
 
@@ -61,6 +62,24 @@ fn configs() -> Vec<Value> {
             "hidden_size": 64, "intermediate_size": 24, "num_attention_heads": 4,
             "num_key_value_heads": 2, "num_experts": 6, "num_experts_per_tok": 2,
             "num_hidden_layers": 2, "clip_qkv": 3.0, "attention_bias": true, "vocab_size": 70
+        }),
+        json!({
+            "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+            "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 16,
+            "n_routed_experts": 8, "n_shared_experts": 2, "num_experts_per_tok": 3,
+            "num_hidden_layers": 3, "first_k_dense_replace": 1, "num_attention_heads": 4,
+            "num_key_value_heads": 4, "q_lora_rank": null, "kv_lora_rank": 24,
+            "qk_nope_head_dim": 12, "qk_rope_head_dim": 8, "v_head_dim": 10,
+            "attention_bias": true, "vocab_size": 80
+        }),
+        json!({
+            "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+            "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 16,
+            "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2,
+            "num_hidden_layers": 2, "first_k_dense_replace": 1, "num_attention_heads": 4,
+            "num_key_value_heads": 4, "q_lora_rank": 20, "kv_lora_rank": 24,
+            "qk_nope_head_dim": 12, "qk_rope_head_dim": 8, "v_head_dim": 10,
+            "n_group": 4, "topk_group": 2, "vocab_size": 80
         }),
     ]
 }

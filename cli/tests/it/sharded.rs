@@ -230,6 +230,32 @@ fn sharded_equals_in_process_olmoe() -> Result<()> {
     )
 }
 
+/// DeepSeek-V2: latent attention on the router, the group-limited gate's
+/// weights scaled by 2 (they do not sum to 1), 2 shared experts on the
+/// router, a dense first layer.
+#[test]
+fn sharded_equals_in_process_deepseek_v2() -> Result<()> {
+    check_family(
+        "deepseek_v2",
+        serde_json::json!({
+            "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
+            "routed_scaling_factor": 2.0
+        }),
+        SharedExperts::Router,
+    )
+}
+
+/// DeepSeek-V3: the sigmoid gate with its correction bias, the shared
+/// expert on the workers as expert 8 of each routed layer (weight 1).
+#[test]
+fn sharded_equals_in_process_deepseek_v3_shared_expert_on_workers() -> Result<()> {
+    check_family(
+        "deepseek_v3",
+        serde_json::json!({"num_experts_per_tok": 3}),
+        SharedExperts::Workers,
+    )
+}
+
 /// The whole path: `tramontane router` in front of workers, greedy tokens
 /// over gRPC (unary and streamed) equal the in-process ones.
 #[test]
