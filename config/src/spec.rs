@@ -145,6 +145,17 @@ impl AttentionSpec {
         }
     }
 
+    /// FLOPs one query token spends per cached position and layer (the
+    /// scores and the weighted sum): `4 × heads × head_dim`, or with latent
+    /// attention decoding over the latent cache `heads × (2 × (kv_lora_rank
+    /// + rope_dim) + 2 × kv_lora_rank)`.
+    pub fn flops_per_cached_position(&self) -> usize {
+        match &self.latent {
+            Some(l) => self.heads * (2 * l.cached_width() + 2 * l.kv_lora_rank),
+            None => 4 * self.heads * self.head_dim,
+        }
+    }
+
     /// The attention's parameters per layer.
     fn parameters(&self, h: usize) -> usize {
         let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
@@ -231,6 +242,12 @@ impl LatentAttention {
     /// What a position caches per layer: the latent vector and the rotary key.
     pub fn cached_width(&self) -> usize {
         self.kv_lora_rank + self.rope_dim
+    }
+
+    /// What a position would cache per layer with every head's key and
+    /// value expanded (as transformers' cache holds them).
+    pub fn expanded_width(&self, heads: usize) -> usize {
+        heads * (self.qk_dim() + self.v_dim)
     }
 }
 

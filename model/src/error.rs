@@ -44,6 +44,15 @@ pub enum WeightsError {
     #[error("{path}: {reason}")]
     Config { path: PathBuf, reason: String },
     #[error(
+        "the checkpoint's config.json says quantization_config.quant_method {quant_method:?}, \
+         which is not served (served: {served}); serve its unquantized weights, with \
+         --quantize int8 for less memory"
+    )]
+    UnsupportedQuantization {
+        quant_method: String,
+        served: &'static str,
+    },
+    #[error(
         "tensor {key} is {found:?}: its FP8 weight {weight:?} in blocks of {block:?} \
          (quantization_config.weight_block_size) needs {needed:?} scales"
     )]

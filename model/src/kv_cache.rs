@@ -412,6 +412,27 @@ mod tests {
     }
 
     #[test]
+    fn a_latent_pool_holds_the_latent_vector_and_rotary_key_only() {
+        let spec = ModelSpec::from_json(
+            r#"{"architectures": ["DeepseekV3ForCausalLM"], "hidden_size": 64,
+                "intermediate_size": 96, "moe_intermediate_size": 16, "n_routed_experts": 8,
+                "num_experts_per_tok": 2, "num_hidden_layers": 3, "num_attention_heads": 4,
+                "n_group": 4, "topk_group": 2, "vocab_size": 80, "q_lora_rank": 20,
+                "kv_lora_rank": 24, "qk_nope_head_dim": 12, "qk_rope_head_dim": 8,
+                "v_head_dim": 10}"#,
+        )
+        .unwrap();
+        let pool = KvPool::new(&spec, 64, Kind::Float, Device::Cpu);
+        // 3 layers × 5 blocks × 16 slots × (24 + 8) values × 4 bytes: no
+        // values tensor, no per-head keys (4 × (20 + 10) = 120 values a
+        // position expanded).
+        assert_eq!(pool.bytes(), 3 * 5 * 16 * 32 * 4);
+        assert_eq!(pool.values.len(), 0);
+        let latent = spec.attention.latent.unwrap();
+        assert_eq!(latent.expanded_width(4), 120);
+    }
+
+    #[test]
     fn slots_follow_the_block_table() {
         let pool = pool(64);
         let mut a = pool.new_cache();

@@ -19,6 +19,8 @@ use tramontane_config::Quantization;
 const SINGLE_FILE: &str = "model.safetensors";
 const INDEX_FILE: &str = "model.safetensors.index.json";
 const HEADER_LEN_BYTES: usize = 8;
+/// The `quantization_config.quant_method`s whose weights load as stored.
+const SERVED_QUANTIZATIONS: [&str; 1] = ["fp8"];
 
 struct WeightFile {
     path: PathBuf,
@@ -102,6 +104,16 @@ impl Checkpoint {
             });
         }
         let said = quantization_config(dir)?;
+        if let Some(quant_method) = said
+            .as_ref()
+            .and_then(|q| q.quant_method.as_deref())
+            .filter(|method| !SERVED_QUANTIZATIONS.contains(method))
+        {
+            return Err(WeightsError::UnsupportedQuantization {
+                quant_method: quant_method.into(),
+                served: "\"fp8\" (e4m3 weights in blocks with weight_scale_inv)",
+            });
+        }
         Ok(Self {
             quant_method: said.as_ref().and_then(|q| q.quant_method.clone()),
             fp8_block: match said.and_then(|q| q.weight_block_size).as_deref() {

@@ -163,6 +163,53 @@ mod tests {
         assert_eq!(fp8.expert_bytes(0), 176_160_768 + 3 * 3_584 * 4);
     }
 
+    /// DeepSeek-V3 as published (FP8 experts in 128×128 blocks): 58 routed
+    /// layers of 256 experts, the first 3 dense, the shared expert and the
+    /// latent attention on the router.
+    #[test]
+    fn deepseek_v3_by_hand() {
+        use crate::weight_dtype::WeightDtype;
+        let bf16 = fixture("deepseek-v3");
+        // 3 × 7168 × 2048 weights an expert and layer; none in a dense layer.
+        assert_eq!(bf16.expert_parameters(), 44_040_192);
+        assert_eq!(bf16.expert_bytes(0), 0);
+        assert_eq!(bf16.expert_bytes(3), 88_080_384);
+        assert_eq!(bf16.expert_bytes_all_layers(), 58 * 88_080_384);
+        // FP8: a byte a weight, and an f32 scale per 128 × 128 block: 16 ×
+        // 56 blocks in gate and up, 56 × 16 in down.
+        let fp8 = SizedModel {
+            experts: WeightDtype::Fp8,
+            ..bf16.clone()
+        };
+        assert_eq!(fp8.expert_bytes(3), 44_040_192 + 3 * 896 * 4);
+        // 14,848 (layer, expert) pairs: 654 GB in FP8; an H100 (72 GB
+        // usable) holds 28 ids of 2.55 GB, so 10 workers (19 in bf16).
+        assert_eq!(fp8.expert_bytes_all_layers(), 2_554_954_752);
+        assert_eq!(256 * fp8.expert_bytes_all_layers(), 654_068_416_512);
+        assert_eq!(h100_workers(256, fp8.expert_bytes_all_layers()), 10);
+        assert_eq!(h100_workers(256, bf16.expert_bytes_all_layers()), 19);
+        // The router: 17.1 B parameters (attention, 3 dense MLPs, shared
+        // experts, gates and their correction biases, embeddings) in bf16:
+        // 34.2 GB, one H100; 70,272 bytes of latent cache a token.
+        assert_eq!(bf16.dense_parameters(), 17_117_648_384);
+        assert_eq!(fp8.dense_bytes(), 34_235_296_768);
+        assert_eq!(bf16.kv_bytes_per_token(), 70_272);
+    }
+
+    /// DeepSeek-V2-Lite: 26 routed layers of 64 experts of width 1408,
+    /// 2 shared ones on the router.
+    #[test]
+    fn deepseek_v2_lite_by_hand() {
+        let m = fixture("deepseek-v2-lite");
+        assert_eq!(m.expert_bytes(1), 2 * 3 * 2048 * 1408);
+        assert_eq!(m.expert_bytes_all_layers(), 26 * 17_301_504);
+        // All experts 28.8 GB in bf16: one H100; the router 1.31 B
+        // parameters; 27 layers × 576 values × 2 bytes a token.
+        assert_eq!(h100_workers(64, m.expert_bytes_all_layers()), 1);
+        assert_eq!(m.dense_parameters(), 1_311_632_896);
+        assert_eq!(m.kv_bytes_per_token(), 31_104);
+    }
+
     #[test]
     fn mixtral_8x7b_by_hand() {
         let m = fixture("mixtral-8x7b");

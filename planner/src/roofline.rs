@@ -125,10 +125,10 @@ impl Gpu {
                     + 3.0 * LAUNCH_SECONDS,
             })
             .collect();
-        // QKᵀ and PV: 4 × heads × head_dim FLOPs per pair and layer; the
-        // cache is read once per sequence and step.
-        let a = &spec.attention;
-        let pair_flops = 4.0 * (a.heads * a.head_dim * spec.layers.len()) as f64;
+        // QKᵀ and PV per pair and layer (4 × heads × head_dim; latent
+        // attention's over its latent cache); the cache is read once per
+        // sequence and step.
+        let pair_flops = (spec.attention.flops_per_cached_position() * spec.layers.len()) as f64;
         let dispatch = (0..=30)
             .step_by(2)
             .map(|p| {

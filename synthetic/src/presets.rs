@@ -362,6 +362,22 @@ mod tests {
         Ok(())
     }
 
+    /// The DeepSeek bench presets' latent cache: 576 values a position and
+    /// layer where expanded heads would take 16 × (192 + 128) = 5,120, so
+    /// the same pool bytes hold 8.9 times the positions (at least 4 asked).
+    #[test]
+    fn deepseek_bench_caches_a_ninth_of_the_expanded_heads() -> anyhow::Result<()> {
+        for family in [Family::DeepseekV2, Family::DeepseekV3] {
+            let (_, model) = Spec::family(family, Preset::Bench).config()?;
+            let latent = model.attention.latent.expect("latent attention");
+            assert_eq!(model.kv_elements_per_position(), 576);
+            assert_eq!(latent.expanded_width(model.attention.heads), 5120);
+            let ratio = 5120.0 / 576.0;
+            assert!(ratio >= 4.0 && (ratio - 8.89f64).abs() < 0.01, "{ratio}");
+        }
+        Ok(())
+    }
+
     #[test]
     fn no_fine_grained_preset_is_refused_naming_the_family() {
         for family in [Family::Mixtral, Family::Qwen2Moe] {

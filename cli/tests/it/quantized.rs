@@ -207,6 +207,8 @@ fn int8_stays_close_to_bf16_on_every_family() -> Result<()> {
             json!({"num_experts": 6, "num_experts_per_tok": 2}),
         ),
         ("olmoe", json!({"clip_qkv": 2.0, "num_experts_per_tok": 3})),
+        ("deepseek_v2", json!({"num_experts_per_tok": 3})),
+        ("deepseek_v3", json!({"num_experts_per_tok": 3})),
     ];
     for (family, config) in families {
         let model = dir.path().join(family);
@@ -345,6 +347,17 @@ fn quantizing_a_quantized_checkpoint_or_an_unknown_kind_is_refused() -> Result<(
         "int8",
     ])?;
     ensure!(stderr.contains("\"fp8\""), "{stderr}");
+
+    // A quantization that is not served (GPTQ's packed int4 tensors), refused
+    // by its quant_method before any tensor is looked for.
+    config["quantization_config"] = json!({"quant_method": "gptq", "bits": 4});
+    std::fs::write(&path, config.to_string())?;
+    let stderr = generate(&[])?;
+    ensure!(
+        stderr.contains("quantization_config.quant_method \"gptq\"")
+            && stderr.contains("not served"),
+        "{stderr}"
+    );
     Ok(())
 }
 
