@@ -139,8 +139,11 @@ def read_rate(threads):
 
 def moe_layers(config):
     """Which layers are MoE layers: every layer for Mixtral and OLMoE; for
-    Qwen2/3-MoE those not in `mlp_only_layers` on the `decoder_sparse_step`."""
+    Qwen2/3-MoE those not in `mlp_only_layers` on the `decoder_sparse_step`;
+    for DeepSeek those from `first_k_dense_replace` on."""
     layers = config["num_hidden_layers"]
+    if config["model_type"] in ("deepseek_v2", "deepseek_v3"):
+        return [l >= config.get("first_k_dense_replace", 0) for l in range(layers)]
     if config["model_type"] not in ("qwen2_moe", "qwen3_moe"):
         return [True] * layers
     dense, step = set(config.get("mlp_only_layers") or []), config.get("decoder_sparse_step", 1)
@@ -153,11 +156,18 @@ def token_bytes(model_dir, dtype):
     config = json.load(open(os.path.join(model_dir, "config.json")))
     h = config["hidden_size"]
     heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
-    d = config.get("head_dim") or h // heads
-    attention = h * heads * d * 2 + h * kv * d * 2
-    experts = config.get("num_local_experts") or config["num_experts"]
+    if "kv_lora_rank" in config:  # DeepSeek's latent attention: q (low rank or not), kv_a, kv_b, o
+        rank, rope = config["kv_lora_rank"], config["qk_rope_head_dim"]
+        nope, v = config["qk_nope_head_dim"], config["v_head_dim"]
+        q_rank = config.get("q_lora_rank")
+        query = h * q_rank + q_rank * heads * (nope + rope) if q_rank else h * heads * (nope + rope)
+        attention = query + h * (rank + rope) + rank * heads * (nope + v) + heads * v * h
+    else:
+        d = config.get("head_dim") or h // heads
+        attention = h * heads * d * 2 + h * kv * d * 2
+    experts = config.get("num_local_experts") or config.get("n_routed_experts") or config["num_experts"]
     width = config.get("moe_intermediate_size") or config["intermediate_size"]
-    shared = config.get("shared_expert_intermediate_size") or 0
+    shared = config.get("shared_expert_intermediate_size") or (config.get("n_shared_experts") or 0) * width
     moe = config["num_experts_per_tok"] * 3 * h * width + experts * h + (3 * h * shared + h if shared else 0)
     dense = 3 * h * config["intermediate_size"]
     elements = sum(attention + (moe if is_moe else dense) for is_moe in moe_layers(config))

@@ -114,6 +114,33 @@ pub(crate) struct PrefillChunk {
 }
 
 impl StepLayout {
+    /// A layer's attended rows, `[tokens, width]` (`shape`), of `like`'s
+    /// kind and device: `decoded` (the decoding sequences' rows, all of
+    /// them where no sequence prefills) and each prefill chunk's rows from
+    /// `prefill`.
+    pub(crate) fn attended(
+        &self,
+        shape: [i64; 2],
+        like: &Tensor,
+        decoded: Option<Tensor>,
+        mut prefill: impl FnMut(&PrefillChunk) -> Result<Tensor, ForwardError>,
+    ) -> Result<Tensor, ForwardError> {
+        if let (Some(out), true) = (&decoded, self.prefills.is_empty()) {
+            return Ok(out.shallow_clone());
+        }
+        let out = Tensor::f_zeros(shape, (like.kind(), like.device()))?;
+        if let (Some(group), Some(decoded)) = (&self.decode, &decoded) {
+            let rows = group.rows.as_ref().expect("mixed steps carry decode rows");
+            let _ = out.shallow_clone().f_index_copy_(0, rows, decoded)?;
+        }
+        for chunk in &self.prefills {
+            let attended = prefill(chunk)?;
+            out.f_narrow(0, chunk.span.row as i64, chunk.span.len as i64)?
+                .f_copy_(&attended)?;
+        }
+        Ok(out)
+    }
+
     /// Lays out a step of `attention`: `spans[i]` belongs to `caches[i]`,
     /// whose blocks must already hold `spans[i].end()` positions.
     pub fn new(
@@ -180,8 +207,6 @@ impl StepLayout {
     }
 }
 
-/// The block tables of `caches`, each padded to `blocks` entries:
-/// `[caches, blocks]`, i64.
 /// The decoding sequences' block tables and mask, for libtorch's attention
 /// over their gathered blocks.
 fn gathered_reads(
@@ -214,6 +239,8 @@ fn gathered_reads(
     })
 }
 
+/// The block tables of `caches`, each padded to `blocks` entries:
+/// `[caches, blocks]`, i64.
 fn block_table<'c>(
     caches: impl IntoIterator<Item = &'c KvCache>,
     blocks: usize,
@@ -261,10 +288,7 @@ impl Attention {
     /// head_dim]`: projected, biased, q and k normed, all clipped, as the
     /// model has it.
     fn qkv(&self, xs: &Tensor) -> Result<Tensor, TchError> {
-        let mut qkv = match &self.qkv_bias {
-            Some(bias) => projection::linear_with_bias(xs, &self.qkv_proj, bias)?,
-            None => projection::linear(xs, &self.qkv_proj)?,
-        };
+        let mut qkv = projection::linear_biased(xs, &self.qkv_proj, self.qkv_bias.as_ref())?;
         if let Some(norms) = &self.qk_norm {
             let tokens = qkv.size()[0];
             let (q_dim, kv_dim) = (
@@ -330,26 +354,14 @@ impl Attention {
             .as_ref()
             .map(|group| self.decode(layer, &q, group, pool))
             .transpose()?;
-        let out = match (&decoded, layout.prefills.is_empty()) {
-            (Some(out), true) => out.shallow_clone(),
-            _ => {
-                let out = Tensor::f_zeros([tokens, q_dim], (q.kind(), q.device()))?;
-                if let (Some(group), Some(decoded)) = (&layout.decode, &decoded) {
-                    let rows = group.rows.as_ref().expect("mixed steps carry decode rows");
-                    let _ = out.shallow_clone().f_index_copy_(0, rows, decoded)?;
-                }
-                for chunk in &layout.prefills {
-                    let attended = self.prefill(layer, &q, &k, &v, chunk, pool)?;
-                    out.f_narrow(0, chunk.span.row as i64, chunk.span.len as i64)?
-                        .f_copy_(&attended)?;
-                }
-                out
-            }
-        };
-        Ok(match &self.o_bias {
-            Some(bias) => projection::linear_with_bias(&out, &self.o_proj, bias)?,
-            None => projection::linear(&out, &self.o_proj)?,
-        })
+        let out = layout.attended([tokens, q_dim], &q, decoded, |chunk| {
+            Ok(self.prefill(layer, &q, &k, &v, chunk, pool)?)
+        })?;
+        Ok(projection::linear_biased(
+            &out,
+            &self.o_proj,
+            self.o_bias.as_ref(),
+        )?)
     }
 
     /// One token per sequence, every sequence at once: `[sequences, heads *

@@ -11,9 +11,12 @@
 //!   `[c_t, k_pe_t]` (one key head for all query heads), the output `Σ p_t
 //!   c_t` goes through `W_UV`, and nothing but the latent cache is read.
 //!
-//! DeepSeek's rotary part turns adjacent pairs; its rows of the query and
-//! key projections are permuted at load into the halves layout the rotary
-//! tables turn (the scores are the same: q and k permute alike).
+//! The query and key projections' rows are reordered at load: every
+//! head's rotary part first (so a decode step's few rows are rotated in
+//! place, as grouped-query attention's leading heads are), and DeepSeek's
+//! adjacent pairs turned into the halves the rotary tables turn (the
+//! scores are the same: q and k permute alike). The cache holds `[k_pe,
+//! c]` per position.
 
 use tch::{TchError, Tensor};
 
@@ -92,20 +95,17 @@ impl LatentAttention {
             spec.rope_dim as i64,
             spec.v_dim as i64,
         );
-        let halves = |w: Tensor, groups: i64, width: i64, at: i64| -> Result<Tensor, TchError> {
-            match spec.interleaved_rope {
-                true => rotary_rows_in_halves(&w, groups, width, at, rope),
-                false => Ok(w),
-            }
+        let interleaved = spec.interleaved_rope;
+        let first = |w: &Tensor, groups: i64, plain: i64| {
+            rotary_rows_first(w, groups, (plain, rope), interleaved)
         };
-        let qk = nope + rope;
         let query = match (weights.q_proj, weights.q_a) {
-            (Some(q), _) => Query::Full(WeightMatrix::new(halves(q, h, qk, nope)?, quantization)?),
+            (Some(q), _) => Query::Full(WeightMatrix::new(first(&q, h, nope)?, quantization)?),
             (None, Some((a, a_bias, norm, b))) => Query::LowRank {
                 a: WeightMatrix::new(a, quantization)?,
                 a_bias,
                 norm: RmsNorm::new(norm, LATENT_NORM_EPS),
-                b: WeightMatrix::new(halves(b, h, qk, nope)?, quantization)?,
+                b: WeightMatrix::new(first(&b, h, nope)?, quantization)?,
             },
             (None, None) => {
                 return Err(TchError::Kind(
@@ -115,13 +115,13 @@ impl LatentAttention {
         };
         let kv_a_bias = weights
             .kv_a_bias
-            .map(|b| halves(b.f_view([-1, 1])?, 1, rank + rope, rank)?.f_view([-1]))
+            .map(|b| first(&b.f_view([-1, 1])?, 1, rank)?.f_view([-1]))
             .transpose()?;
         let kv_b = weights.kv_b;
         let per_head = kv_b.f_view([h, nope + v, rank])?;
         Ok(Self {
             query,
-            kv_a: WeightMatrix::new(halves(weights.kv_a, 1, rank + rope, rank)?, quantization)?,
+            kv_a: WeightMatrix::new(first(&weights.kv_a, 1, rank)?, quantization)?,
             kv_a_bias,
             kv_a_norm: RmsNorm::new(weights.kv_a_norm, LATENT_NORM_EPS),
             w_uk: per_head.f_narrow(1, 0, nope)?.f_contiguous()?,
@@ -153,24 +153,29 @@ impl LatentAttention {
         pool: &KvPool,
     ) -> Result<Tensor, ForwardError> {
         let tokens = xs.size()[0];
-        let q = self
-            .query(xs)?
-            .f_view([tokens, self.heads, self.nope + self.rope])?;
-        let q_nope = q.f_narrow(2, 0, self.nope)?;
-        let q_pe = rotary.apply(&q.f_narrow(2, self.nope, self.rope)?)?;
-        let kv = match &self.kv_a_bias {
-            Some(bias) => projection::linear_with_bias(xs, &self.kv_a, bias)?,
-            None => projection::linear(xs, &self.kv_a)?,
-        };
+        // Rows: every head's rotary part, then every head's other part;
+        // a few rows are rotated in place.
+        let mut q = self.query(xs)?;
+        let q_rope = self.heads * self.rope;
+        let rotated = rotary.rotate_leading_heads(&mut q, self.heads)?;
+        let q_pe = q
+            .f_narrow(1, 0, q_rope)?
+            .f_view([tokens, self.heads, self.rope])?;
+        let q_pe = if rotated { q_pe } else { rotary.apply(&q_pe)? };
+        let q_nope = q
+            .f_narrow(1, q_rope, self.heads * self.nope)?
+            .f_view([tokens, self.heads, self.nope])?;
+        // Rows: the rotary key, then the latent vector.
+        let mut kv = projection::linear_biased(xs, &self.kv_a, self.kv_a_bias.as_ref())?;
+        let rotated = rotary.rotate_leading_heads(&mut kv, 1)?;
+        let k_pe = kv
+            .f_narrow(1, 0, self.rope)?
+            .f_view([tokens, 1, self.rope])?;
+        let k_pe = if rotated { k_pe } else { rotary.apply(&k_pe)? };
         let c = self
             .kv_a_norm
-            .forward(&kv.f_narrow(1, 0, self.rank)?.f_contiguous()?)?;
-        let k_pe = rotary.apply(
-            &kv.f_narrow(1, self.rank, self.rope)?
-                .f_contiguous()?
-                .f_view([tokens, 1, self.rope])?,
-        )?;
-        let latent = Tensor::f_cat(&[c.f_view([tokens, 1, self.rank])?, k_pe], 2)?;
+            .forward(&kv.f_narrow(1, self.rope, self.rank)?.f_contiguous()?)?;
+        let latent = Tensor::f_cat(&[k_pe, c.f_view([tokens, 1, self.rank])?], 2)?;
         pool.write_latent(layer, &layout.slots, &latent)?;
 
         let width = self.heads * self.v;
@@ -185,27 +190,14 @@ impl LatentAttention {
                 self.decode(layer, &rows(&q_nope)?, &rows(&q_pe)?, &group.reads, pool)
             })
             .transpose()?;
-        let out = match (&decoded, layout.prefills.is_empty()) {
-            (Some(out), true) => out.shallow_clone(),
-            _ => {
-                let out = Tensor::f_zeros([tokens, width], (xs.kind(), xs.device()))?;
-                if let (Some(group), Some(decoded)) = (&layout.decode, &decoded) {
-                    let rows = group.rows.as_ref().expect("mixed steps carry decode rows");
-                    let _ = out.shallow_clone().f_index_copy_(0, rows, decoded)?;
-                }
-                let queries = Tensor::f_cat(&[&q_nope, &q_pe], 2)?;
-                for chunk in &layout.prefills {
-                    let attended = self.prefill(layer, &queries, &latent, chunk, pool)?;
-                    out.f_narrow(0, chunk.span.row as i64, chunk.span.len as i64)?
-                        .f_copy_(&attended)?;
-                }
-                out
-            }
-        };
-        Ok(match &self.o_bias {
-            Some(bias) => projection::linear_with_bias(&out, &self.o_proj, bias)?,
-            None => projection::linear(&out, &self.o_proj)?,
-        })
+        let out = layout.attended([tokens, width], xs, decoded, |chunk| {
+            Ok(self.prefill(layer, [&q_nope, &q_pe], &latent, chunk, pool)?)
+        })?;
+        Ok(projection::linear_biased(
+            &out,
+            &self.o_proj,
+            self.o_bias.as_ref(),
+        )?)
     }
 
     /// The queries, `[tokens, heads * (nope + rope)]`.
@@ -213,10 +205,7 @@ impl LatentAttention {
         match &self.query {
             Query::Full(w) => projection::linear(xs, w),
             Query::LowRank { a, a_bias, norm, b } => {
-                let low = match a_bias {
-                    Some(bias) => projection::linear_with_bias(xs, a, bias)?,
-                    None => projection::linear(xs, a)?,
-                };
+                let low = projection::linear_biased(xs, a, a_bias.as_ref())?;
                 projection::linear(&norm.forward(&low)?, b)
             }
         }
@@ -241,28 +230,30 @@ impl LatentAttention {
             .f_transpose(0, 1)?
             .f_bmm(&self.w_uk)?
             .f_transpose(0, 1)?;
-        let q = Tensor::f_cat(&[&absorbed, q_pe], 2)?.f_view([
+        let q = Tensor::f_cat(&[q_pe, &absorbed], 2)?.f_view([
             sequences,
             1,
             self.heads,
             self.rank + self.rope,
         ])?;
-        // [S, W, 1, rank + rope] -> [S, 1, W, rank + rope]: one key head.
+        // [S, W, 1, rope + rank] -> [S, 1, W, rope + rank]: one key head,
+        // its values the same rows (libtorch's attention is quicker with
+        // values as wide as keys); the rotary part's share is dropped.
         let keys = pool.gather_latent(layer, table)?.f_transpose(1, 2)?;
-        let values = keys.f_narrow(3, 0, self.rank)?;
         let out = Tensor::f_scaled_dot_product_attention(
             &q,
             &keys,
-            &values,
+            &keys,
             Some(mask),
             0.0,
             false,
             Some(self.scale),
             false,
-        )?;
+        )?
+        .f_narrow(3, self.rope, self.rank)?;
         // [S, 1, H, rank] -> [H, S, rank] · [H, rank, v] -> [S, H * v]
         let out = out
-            .f_view([sequences, self.heads, self.rank])?
+            .f_reshape([sequences, self.heads, self.rank])?
             .f_transpose(0, 1)?
             .f_bmm(&self.w_uv)?
             .f_transpose(0, 1)?
@@ -275,7 +266,7 @@ impl LatentAttention {
     fn prefill(
         &self,
         layer: usize,
-        queries: &Tensor,
+        [q_nope, q_pe]: [&Tensor; 2],
         latent: &Tensor,
         chunk: &PrefillChunk,
         pool: &KvPool,
@@ -290,18 +281,19 @@ impl LatentAttention {
                 .f_squeeze_dim(0)?,
         };
         let positions = cached.size()[0];
-        let cached = cached.f_view([positions, self.rank + self.rope])?;
-        let expanded = projection::linear(&cached.f_narrow(1, 0, self.rank)?, &self.kv_b)?
+        let cached = cached.f_view([positions, self.rope + self.rank])?;
+        let expanded = projection::linear(&cached.f_narrow(1, self.rope, self.rank)?, &self.kv_b)?
             .f_view([positions, self.heads, self.nope + self.v])?;
         let k_pe = cached
-            .f_narrow(1, self.rank, self.rope)?
+            .f_narrow(1, 0, self.rope)?
             .f_unsqueeze(1)?
             .f_expand([positions, self.heads, self.rope], false)?;
         let keys = Tensor::f_cat(&[&expanded.f_narrow(2, 0, self.nope)?, &k_pe], 2)?;
         let values = expanded.f_narrow(2, self.nope, self.v)?;
         // [positions, H, d] -> [1, H, positions, d]
         let heads_first = |t: &Tensor| t.f_transpose(0, 1)?.f_unsqueeze(0);
-        let q = queries.f_narrow(0, span.row as i64, len)?;
+        let rows = |t: &Tensor| t.f_narrow(0, span.row as i64, len);
+        let q = Tensor::f_cat(&[rows(q_nope)?, rows(q_pe)?], 2)?;
         let out = Tensor::f_scaled_dot_product_attention(
             &heads_first(&q)?,
             &heads_first(&keys)?,
@@ -320,31 +312,31 @@ impl LatentAttention {
     }
 }
 
-/// `w` (`[groups * width, ...]`) with each group's `rope` rows from `at`
-/// reordered from adjacent pairs (0, 1), (2, 3), ... into halves (0, 2,
-/// ..., then 1, 3, ...): what transformers' interleaved rotary embedding
-/// computes, in the layout the rotary tables turn.
-fn rotary_rows_in_halves(
+/// `w`'s rows (`[groups * (plain + rope), ...]`: each group's `plain`
+/// rows, then its `rope` rotary rows) reordered to every group's rotary
+/// rows first, then every group's plain rows; the rotary rows of a group
+/// turned from adjacent pairs (0, 1), (2, 3), ... into halves (0, 2, ...,
+/// then 1, 3, ...) where `interleaved` (what transformers' interleaved
+/// rotary embedding computes, in the layout the rotary tables turn).
+fn rotary_rows_first(
     w: &Tensor,
     groups: i64,
-    width: i64,
-    at: i64,
-    rope: i64,
+    (plain, rope): (i64, i64),
+    interleaved: bool,
 ) -> Result<Tensor, TchError> {
-    let size = w.size();
-    let rest: Vec<i64> = size[1..].to_vec();
-    let mut shape = vec![groups, width];
-    shape.extend(&rest);
-    let grouped = w.f_reshape(shape.as_slice())?;
-    let order: Vec<i64> = (0..rope / 2)
-        .map(|i| at + 2 * i)
-        .chain((0..rope / 2).map(|i| at + 2 * i + 1))
+    let width = plain + rope;
+    let turned: Vec<i64> = match interleaved {
+        true => (0..rope / 2)
+            .map(|i| 2 * i)
+            .chain((0..rope / 2).map(|i| 2 * i + 1))
+            .collect(),
+        false => (0..rope).collect(),
+    };
+    let order: Vec<i64> = (0..groups)
+        .flat_map(|g| turned.iter().map(move |&j| g * width + plain + j))
+        .chain((0..groups).flat_map(|g| (0..plain).map(move |j| g * width + j)))
         .collect();
-    let order = Tensor::f_from_slice(&order)?.f_to_device(w.device())?;
-    let rotary = grouped.f_index_select(1, &order)?;
-    let out = grouped.copy();
-    out.f_narrow(1, at, rope)?.f_copy_(&rotary)?;
-    out.f_reshape(size.as_slice())
+    w.f_index_select(0, &Tensor::f_from_slice(&order)?.f_to_device(w.device())?)
 }
 
 #[cfg(test)]
@@ -353,11 +345,20 @@ mod tests {
     use tch::Kind;
 
     #[test]
-    fn rotary_rows_go_from_pairs_to_halves_within_each_head() {
+    fn rotary_rows_lead_in_halves() {
         // 2 heads of width 6: 2 plain rows, then 4 rotary rows.
         let w = Tensor::arange(12, (Kind::Float, tch::Device::Cpu)).view([12, 1]);
-        let out = rotary_rows_in_halves(&w, 2, 6, 2, 4).unwrap();
-        let rows: Vec<f32> = Vec::try_from(out.view([-1])).unwrap();
-        assert_eq!(rows, vec![0., 1., 2., 4., 3., 5., 6., 7., 8., 10., 9., 11.]);
+        let rows = |interleaved| -> Vec<f32> {
+            let out = rotary_rows_first(&w, 2, (2, 4), interleaved).unwrap();
+            Vec::try_from(out.view([-1])).unwrap()
+        };
+        assert_eq!(
+            rows(true),
+            vec![2., 4., 3., 5., 8., 10., 9., 11., 0., 1., 6., 7.]
+        );
+        assert_eq!(
+            rows(false),
+            vec![2., 3., 4., 5., 8., 9., 10., 11., 0., 1., 6., 7.]
+        );
     }
 }

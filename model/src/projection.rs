@@ -250,6 +250,18 @@ pub fn linear<'w>(xs: &Tensor, w: impl Into<MatrixRef<'w>>) -> Result<Tensor, Tc
     }
 }
 
+/// `xs · wᵀ`, plus `bias` where there is one.
+pub fn linear_biased<'w>(
+    xs: &Tensor,
+    w: impl Into<MatrixRef<'w>>,
+    bias: Option<&Tensor>,
+) -> Result<Tensor, TchError> {
+    match bias {
+        Some(bias) => linear_with_bias(xs, w, bias),
+        None => linear(xs, w),
+    }
+}
+
 /// `xs · wᵀ + bias`: on the kernels, the product rounded then the bias
 /// added; through libtorch in one `addmm`, rounded once, as transformers'
 /// biased `nn.Linear` computes it.
