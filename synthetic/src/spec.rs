@@ -278,10 +278,14 @@ fn applies<T>(
 ) -> Result<Option<T>> {
     if value.is_some() && !families.contains(&family) {
         let having: Vec<&str> = families.iter().map(|f| f.model_type()).collect();
+        let having = match having.split_last() {
+            Some((last, [])) => last.to_string(),
+            Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+            None => String::new(),
+        };
         return Err(SyntheticError::Spec(format!(
-            "{flag} does not apply to {} (only to {})",
+            "{flag} does not apply to {} (only to {having})",
             family.model_type(),
-            having.join(" and ")
         )));
     }
     Ok(value)

@@ -200,7 +200,7 @@ fn gen_model_refuses_what_the_family_does_not_have() -> Result<()> {
         ),
         (
             &["--moe-width", "16"],
-            "--moe-width does not apply to mixtral (only to qwen3_moe and qwen2_moe)",
+            "--moe-width does not apply to mixtral (only to qwen3_moe, qwen2_moe, deepseek_v2 and deepseek_v3)",
         ),
         (
             &["--family", "olmoe", "--head-dim", "32"],

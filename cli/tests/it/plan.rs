@@ -705,10 +705,10 @@ fn bad_input_gets_a_clear_message() -> Result<()> {
     let err = plan_config(&config)?;
     assert!(err.contains("mlp_only_layers"), "{err}");
     let mut config = qwen3;
-    config["architectures"] = serde_json::json!(["DeepseekV3ForCausalLM"]);
+    config["architectures"] = serde_json::json!(["DbrxForCausalLM"]);
     let err = plan_config(&config)?;
     assert!(
-        err.contains("DeepseekV3ForCausalLM") && err.contains("Qwen3MoeForCausalLM"),
+        err.contains("DbrxForCausalLM") && err.contains("Qwen3MoeForCausalLM"),
         "{err}"
     );
 
