@@ -217,15 +217,14 @@ impl DeepseekConfig {
                 softmax_scale,
             }),
         };
-        check_attention(&attention, "num_attention_heads", "num_key_value_heads").map_err(|e| {
-            match e {
-                ConfigError::Invalid {
-                    field: "head_dim",
-                    reason,
-                } => invalid("qk_rope_head_dim", reason),
-                other => other,
-            }
-        })?;
+        check_attention(
+            &attention,
+            [
+                "num_attention_heads",
+                "num_key_value_heads",
+                "qk_rope_head_dim",
+            ],
+        )?;
         let shared = match (v3, self.n_shared_experts) {
             (true, None) => Some(1),
             (_, n) => n,

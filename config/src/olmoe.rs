@@ -100,7 +100,10 @@ impl OlmoeConfig {
             yarn: None,
             latent: None,
         };
-        check_attention(&attention, "num_attention_heads", "num_key_value_heads")?;
+        check_attention(
+            &attention,
+            ["num_attention_heads", "num_key_value_heads", "head_dim"],
+        )?;
         let moe = MoeSpec {
             experts: self.num_experts,
             top_k: self.num_experts_per_tok,

@@ -146,7 +146,10 @@ impl QwenMoeConfig {
             yarn: None,
             latent: None,
         };
-        check_attention(&attention, "num_attention_heads", "num_key_value_heads")?;
+        check_attention(
+            &attention,
+            ["num_attention_heads", "num_key_value_heads", "head_dim"],
+        )?;
         let moe = MoeSpec {
             experts: self.num_experts,
             top_k: self.num_experts_per_tok,

@@ -532,11 +532,11 @@ pub(crate) fn rope_theta_10000() -> f64 {
 }
 
 /// Checks what every family's attention needs: positive sizes, kv heads
-/// dividing the heads, an even head_dim.
+/// dividing the heads, an even head_dim; errors name the config.json
+/// fields of the heads, the kv heads and the rotated head width.
 pub(crate) fn check_attention(
     attention: &AttentionSpec,
-    heads_field: &'static str,
-    kv_heads_field: &'static str,
+    [heads_field, kv_heads_field, head_dim_field]: [&'static str; 3],
 ) -> Result<(), ConfigError> {
     let invalid = |field: &'static str, reason: String| Err(ConfigError::Invalid { field, reason });
     if attention.heads == 0 {
@@ -553,7 +553,7 @@ pub(crate) fn check_attention(
     }
     if attention.head_dim == 0 || !attention.head_dim.is_multiple_of(2) {
         return invalid(
-            "head_dim",
+            head_dim_field,
             format!(
                 "{} must be even and greater than 0 for rotary embeddings",
                 attention.head_dim

@@ -86,6 +86,16 @@ pub(crate) struct DecodeGroup {
     pub(crate) reads: DecodeReads,
 }
 
+impl DecodeGroup {
+    /// The decoding sequences' rows of `t` (`[tokens, ...]`).
+    pub(crate) fn rows_of(&self, t: &Tensor) -> Result<Tensor, TchError> {
+        match &self.rows {
+            Some(rows) => t.f_index_select(0, rows),
+            None => Ok(t.shallow_clone()),
+        }
+    }
+}
+
 /// Where the decoding sequences' cached keys and values are read.
 pub(crate) enum DecodeReads {
     /// In place in the pool, by the kernels: sequence `s` attends the slots
@@ -374,10 +384,7 @@ impl Attention {
         group: &DecodeGroup,
         pool: &KvPool,
     ) -> Result<Tensor, ForwardError> {
-        let q = match &group.rows {
-            Some(rows) => q.f_index_select(0, rows)?,
-            None => q.shallow_clone(),
-        };
+        let q = group.rows_of(q)?;
         let sequences = q.size()[0];
         let (table, mask) = match &group.reads {
             DecodeReads::Paged { slots, offsets } => {

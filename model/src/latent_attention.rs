@@ -183,11 +183,8 @@ impl LatentAttention {
             .decode
             .as_ref()
             .map(|group| -> Result<Tensor, ForwardError> {
-                let rows = |t: &Tensor| match &group.rows {
-                    Some(rows) => t.f_index_select(0, rows),
-                    None => Ok(t.shallow_clone()),
-                };
-                self.decode(layer, &rows(&q_nope)?, &rows(&q_pe)?, &group.reads, pool)
+                let (q_nope, q_pe) = (group.rows_of(&q_nope)?, group.rows_of(&q_pe)?);
+                self.decode(layer, &q_nope, &q_pe, &group.reads, pool)
             })
             .transpose()?;
         let out = layout.attended([tokens, width], xs, decoded, |chunk| {
