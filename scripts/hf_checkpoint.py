@@ -4,7 +4,7 @@ for parity tests of the families the project serves.
 Usage: python hf_checkpoint.py --family FAMILY --config JSON --out DIR
            [--seed N] [--dtype f32|bf16] [--max-shard-size SIZE] [--chat-template chatml]
 
-FAMILY: mixtral, qwen3_moe, qwen2_moe, olmoe, deepseek_v2 or deepseek_v3. The
+FAMILY: mixtral, qwen3_moe, qwen2_moe, olmoe, deepseek_v2, deepseek_v3 or gpt_oss. The
 family's config class gets small shapes (hidden 64, 2 layers, 8 experts top-2;
 DeepSeek's 3 layers, the first dense), then every field of JSON
 (a field the class does not know is refused); vocab_size is the tokenizer's
@@ -13,7 +13,9 @@ is built and its weights drawn again under --seed so that a model ignoring one
 of them gives other logits: weights N(0, 1/fan_in), embeddings N(0, 1) (N(0,
 1/hidden) when tied to the lm_head), every RMSNorm weight about 1 + 0.2·N(0, 1),
 every bias 0.1·N(0, 1), DeepSeek-V3's gate correction bias 0.1·N(0, 1) (a
-buffer, saved with the weights). Drawn in fp32; --dtype bf16 rounds them.
+buffer, saved with the weights), gpt-oss's sinks N(0, 1) and its experts'
+gate/up projection 3·N(0, 1/fan_in) (so that its clamp at 7 cuts in). Drawn
+in fp32; --dtype bf16 rounds them.
 
 save_pretrained writes safetensors (sharded, with an index, under
 --max-shard-size) and a config.json with its architectures and dtype (as
@@ -64,6 +66,11 @@ FAMILIES = {
         "num_key_value_heads": 4, "q_lora_rank": 48, "kv_lora_rank": 32,
         "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 24,
         "n_group": 4, "topk_group": 2,
+    }),
+    # A window of 4 positions at even layers, so that short prompts see it.
+    "gpt_oss": (transformers.GptOssConfig, {
+        "intermediate_size": 32, "num_local_experts": 8, "head_dim": 16, "sliding_window": 4,
+        "max_position_embeddings": 131072,
     }),
 }
 SHAPE = {
@@ -122,9 +129,21 @@ def draw_weights(model: torch.nn.Module) -> None:
                 draw(module.weight, torch.randn_like(module.weight) / module.in_features ** 0.5)
                 if module.bias is not None:
                     draw(module.bias, BIAS_STD * torch.randn_like(module.bias))
-            elif type(module).__name__.endswith("RMSNorm"):
+            if type(module).__name__ == "GptOssAttention":
+                draw(module.sinks, torch.randn_like(module.sinks))
+            if type(module).__name__.endswith("RMSNorm"):
                 scale = 1 + NORM_SPREAD * torch.randn_like(module.weight)
                 draw(module.weight, scale.clamp(min=0.1))
+            elif type(module).__name__ == "GptOssTopKRouter":
+                draw(module.weight, torch.randn_like(module.weight) / module.weight.shape[1] ** 0.5)
+                draw(module.bias, BIAS_STD * torch.randn_like(module.bias))
+            elif type(module).__name__ == "GptOssExperts":
+                # [experts, in, out]; the gate/up outputs spread over ±3 units.
+                for name, spread in (("gate_up_proj", 3.0), ("down_proj", 1.0)):
+                    weight = getattr(module, name)
+                    draw(weight, spread * torch.randn_like(weight) / weight.shape[1] ** 0.5)
+                    bias = getattr(module, name + "_bias")
+                    draw(bias, BIAS_STD * torch.randn_like(bias))
             elif type(module).__name__.endswith(("MoEGate", "TopkRouter")):
                 draw(module.weight, torch.randn_like(module.weight) / module.weight.shape[1] ** 0.5)
                 bias = getattr(module, "e_score_correction_bias", None)

@@ -47,7 +47,7 @@ def gate_gaps(router_logits, k: int, mantissa_bits: int) -> list:
 
 
 def record_gate_choices(model) -> list:
-    """For gates that return no router logits (DeepSeek's): hooks recording,
+    """For gates that return no router logits (DeepSeek's, gpt-oss's): hooks recording,
     per call, the [rows, experts] values the gate's top-k picks from (its
     scores, V3's plus the correction bias, 0 outside the chosen groups), as
     the gate computes them from its fp32 logits. Returns the list they are
@@ -74,10 +74,18 @@ def record_gate_choices(model) -> list:
         mask = kept.unsqueeze(-1).expand(-1, groups, experts // groups).reshape(-1, experts)
         records.append(choice.masked_fill(~mask.bool(), 0.0))
 
+    def biased(module, inputs, _output):
+        """gpt-oss's router (its recorded outputs are the weights, not the
+        logits): the biased logits it takes the top-k of, as it computes them."""
+        x = inputs[0].reshape(-1, inputs[0].shape[-1])
+        records.append(F.linear(x, module.weight, module.bias))
+
     for module in model.modules():
         name = type(module).__name__
         if name.endswith("MoEGate") or name.endswith("TopkRouter"):
             module.register_forward_hook(hook)
+        elif name == "GptOssTopKRouter":
+            module.register_forward_hook(biased)
     return records
 
 
@@ -103,13 +111,18 @@ def main() -> None:
     if problems:
         sys.exit(f"transformers does not load {args.model} fully: {'; '.join(problems)}")
     model.eval()
+    for module in model.modules():
+        # An MXFP4 checkpoint's experts, dequantized by transformers in bf16
+        # (exactly), computed in the model's dtype.
+        if type(module).__name__ == "GptOssExperts":
+            module.to(dtype)
     gate_records = record_gate_choices(model)
     top_k = model.config.num_experts_per_tok
     mantissa_bits = {"f32": 23, "bf16": 7}[args.dtype]
 
     def router_logits(out):
-        """The layers' gate logits, or what the hooks recorded."""
-        return getattr(out, "router_logits", None) or tuple(gate_records)
+        """What the hooks recorded, or the layers' gate logits."""
+        return tuple(gate_records) or getattr(out, "router_logits", None) or ()
 
     def run(ids):
         """The prompt `ids`' logits at every position, and its greedy

@@ -74,10 +74,11 @@ pub struct GenModelArgs {
     /// Key/value heads (overrides the preset).
     #[arg(long)]
     pub kv_heads: Option<usize>,
-    /// Head dimension, when not hidden / heads (mixtral, qwen3_moe).
+    /// Head dimension, when not hidden / heads (mixtral, qwen3_moe, gpt_oss).
     #[arg(long)]
     pub head_dim: Option<usize>,
-    /// Sliding attention window in tokens (mixtral; none by default).
+    /// Sliding attention window in tokens (mixtral: none by default;
+    /// gpt_oss: its windowed layers').
     #[arg(long)]
     pub sliding_window: Option<usize>,
     /// max_position_embeddings (overrides the preset).
@@ -89,6 +90,10 @@ pub struct GenModelArgs {
     /// dtype of the stored weights.
     #[arg(long, value_enum)]
     pub dtype: Option<Dtype>,
+    /// Store the routed experts in MXFP4 as released gpt-oss checkpoints do
+    /// (gpt_oss).
+    #[arg(long)]
+    pub mxfp4: bool,
     /// Split the weights over this many safetensors files with an index.
     #[arg(long, default_value_t = 1)]
     pub shards: usize,
@@ -142,6 +147,7 @@ impl GenModelArgs {
             max_position: self.max_position,
             tie_embeddings: self.tie_embeddings,
             dtype: self.dtype,
+            mxfp4: self.mxfp4,
             shards: self.shards,
             expert_skew: self.expert_skew,
             python: self.python.clone(),

@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 use crate::TokenIds;
 use crate::error::ConfigError;
 use crate::spec::{
-    AttentionSpec, Family, FfnSpec, Gate, GroupScore, GroupedGate, LatentAttention, ModelSpec,
-    MoeSpec, QkNorm, Scoring, SharedExpertSpec, Yarn, check_activation_and_rope, check_attention,
-    check_positive, check_routing,
+    Activation, AttentionSpec, Family, FfnSpec, Gate, GroupScore, GroupedGate, LatentAttention,
+    ModelSpec, MoeSpec, QkNorm, Scoring, SharedExpertSpec, Yarn, check_activation_and_rope,
+    check_attention, check_positive, check_routing,
 };
 
 /// The fields read (and written by gen-model); defaults follow
@@ -114,23 +114,6 @@ fn default_rms_norm_eps() -> f64 {
     1e-6
 }
 
-/// `rope_scaling` as DeepSeek's configs write it.
-#[derive(Deserialize)]
-struct RopeScaling {
-    /// transformers writes both `rope_type` and the older `type`.
-    rope_type: Option<String>,
-    #[serde(rename = "type")]
-    old_type: Option<String>,
-    factor: Option<f64>,
-    original_max_position_embeddings: Option<usize>,
-    beta_fast: Option<f64>,
-    beta_slow: Option<f64>,
-    mscale: Option<f64>,
-    mscale_all_dim: Option<f64>,
-    attention_factor: Option<f64>,
-    truncate: Option<bool>,
-}
-
 impl DeepseekConfig {
     /// The description of `family` (DeepSeek-V2 or V3), once the fields are
     /// checked.
@@ -204,6 +187,8 @@ impl DeepseekConfig {
             qk_norm: QkNorm::None,
             clip_qkv: None,
             sliding_window: None,
+            sliding_layers: None,
+            sinks: false,
             rope_theta: self.rope_theta,
             yarn: yarn.map(|(yarn, _)| yarn),
             latent: Some(LatentAttention {
@@ -238,6 +223,9 @@ impl DeepseekConfig {
             top_k: self.num_experts_per_tok,
             width: self.moe_intermediate_size,
             gate: Gate::Grouped(self.gate(v3)?),
+            router_bias: false,
+            activation: Activation::SwiGlu,
+            expert_bias: false,
             shared,
         };
         let layers = (0..self.num_hidden_layers)
@@ -352,48 +340,9 @@ impl DeepseekConfig {
     /// `rope_scaling`: none, or YaRN over the rotary part (with
     /// `mscale_all_dim`, which V3 corrects the softmax scale by).
     fn yarn(&self, v3: bool) -> Result<Option<(Yarn, Option<f64>)>, ConfigError> {
-        let Some(value) = self.rope_scaling.as_ref().filter(|v| !v.is_null()) else {
-            return Ok(None);
-        };
-        let invalid = |reason: String| ConfigError::Invalid {
-            field: "rope_scaling",
-            reason,
-        };
-        let said: RopeScaling = serde_json::from_value(value.clone())
-            .map_err(|e| invalid(format!("cannot be read: {e}")))?;
-        let rope_type = said.rope_type.or(said.old_type).unwrap_or_default();
-        if rope_type != "yarn" {
-            return Err(invalid(format!(
-                "type {rope_type:?} is not supported (only \"yarn\")"
-            )));
-        }
-        let factor = said
-            .factor
-            .filter(|f| *f > 0.0)
-            .ok_or_else(|| invalid("yarn needs a positive factor".into()))?;
-        let attention_factor =
-            said.attention_factor
-                .unwrap_or(match (said.mscale, said.mscale_all_dim) {
-                    (Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
-                        Yarn::mscale(factor, m) / Yarn::mscale(factor, all)
-                    }
-                    _ => Yarn::mscale(factor, 1.0),
-                });
         let max_positions = self
             .max_position_embeddings
             .unwrap_or(if v3 { 4096 } else { 2048 });
-        Ok(Some((
-            Yarn {
-                factor,
-                original_max_position_embeddings: said
-                    .original_max_position_embeddings
-                    .unwrap_or(max_positions),
-                beta_fast: said.beta_fast.filter(|b| *b != 0.0).unwrap_or(32.0),
-                beta_slow: said.beta_slow.filter(|b| *b != 0.0).unwrap_or(1.0),
-                truncate: said.truncate.unwrap_or(true),
-                attention_factor,
-            },
-            said.mscale_all_dim.filter(|m| *m != 0.0),
-        )))
+        crate::spec::yarn(self.rope_scaling.as_ref(), max_positions)
     }
 }

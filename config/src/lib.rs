@@ -10,7 +10,7 @@
 //!   ([`ModelSpec`]: attention variant, norms, biases, dense and routed
 //!   layers, gate, shared expert), from its config.json.
 //! - [`mixtral`], [`qwen_moe`] (Qwen3-MoE and Qwen2-MoE), [`olmoe`],
-//!   [`deepseek`] (DeepSeek-V2 and V3): each
+//!   [`deepseek`] (DeepSeek-V2 and V3), [`gpt_oss`]: each
 //!   family's `config.json` (the only code that knows its fields).
 //! - [`tensors`]: every tensor of a checkpoint, named and shaped as the
 //!   family's transformers class has it.
@@ -23,6 +23,7 @@
 pub mod deepseek;
 pub mod dtype;
 pub mod error;
+pub mod gpt_oss;
 pub mod mixtral;
 pub mod model_id;
 pub mod olmoe;
@@ -35,7 +36,7 @@ pub use error::ConfigError;
 pub use mixtral::{MixtralConfig, TokenIds};
 pub use model_id::model_id;
 pub use spec::{
-    AttentionSpec, Family, FfnSpec, Gate, GroupScore, GroupedGate, LatentAttention, ModelSpec,
-    MoeSpec, Parameters, QkNorm, Scoring, SharedExpertSpec, SharedExperts, Yarn,
+    Activation, AttentionSpec, Family, FfnSpec, Gate, GroupScore, GroupedGate, LatentAttention,
+    ModelSpec, MoeSpec, Parameters, QkNorm, Scoring, SharedExpertSpec, SharedExperts, Yarn,
 };
-pub use tensors::{ExpertTensors, TensorRole, TensorSpec};
+pub use tensors::{ExpertTensors, FusedExperts, TensorRole, TensorSpec};

@@ -5,7 +5,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
-use crate::spec::Family;
+use crate::spec::{Activation, Family};
 
 /// `eos_token_id` may be one id or a list of ids in HF configs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -196,6 +196,9 @@ impl MixtralConfig {
             top_k: self.num_experts_per_tok,
             width: self.intermediate_size,
             gate: Gate::TopKThenSoftmax,
+            router_bias: false,
+            activation: Activation::SwiGlu,
+            expert_bias: false,
             shared: None,
         };
         ModelSpec {
@@ -214,6 +217,8 @@ impl MixtralConfig {
                 qk_norm: QkNorm::None,
                 clip_qkv: None,
                 sliding_window: self.sliding_window,
+                sliding_layers: None,
+                sinks: false,
                 rope_theta: self.rope_theta,
                 yarn: None,
                 latent: None,

@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use crate::TokenIds;
 use crate::error::ConfigError;
 use crate::spec::{
-    AttentionSpec, Family, FfnSpec, Gate, ModelSpec, MoeSpec, QkNorm, check_activation_and_rope,
-    check_attention, check_positive, check_routing,
+    Activation, AttentionSpec, Family, FfnSpec, Gate, ModelSpec, MoeSpec, QkNorm,
+    check_activation_and_rope, check_attention, check_positive, check_routing,
 };
 
 /// The fields read (and written by gen-model); defaults follow
@@ -96,6 +96,8 @@ impl OlmoeConfig {
             qk_norm: QkNorm::WholeProjection,
             clip_qkv: self.clip_qkv,
             sliding_window: None,
+            sliding_layers: None,
+            sinks: false,
             rope_theta: self.rope_theta,
             yarn: None,
             latent: None,
@@ -111,6 +113,9 @@ impl OlmoeConfig {
             gate: Gate::SoftmaxThenTopK {
                 renormalize: self.norm_topk_prob,
             },
+            router_bias: false,
+            activation: Activation::SwiGlu,
+            expert_bias: false,
             shared: None,
         };
         Ok(ModelSpec {

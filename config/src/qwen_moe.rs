@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::TokenIds;
 use crate::error::ConfigError;
 use crate::spec::{
-    AttentionSpec, Family, FfnSpec, Gate, ModelSpec, MoeSpec, QkNorm, SharedExpertSpec,
+    Activation, AttentionSpec, Family, FfnSpec, Gate, ModelSpec, MoeSpec, QkNorm, SharedExpertSpec,
     check_activation_and_rope, check_attention, check_positive, check_routing,
 };
 
@@ -142,6 +142,8 @@ impl QwenMoeConfig {
             qk_norm: if qwen2 { QkNorm::None } else { QkNorm::PerHead },
             clip_qkv: None,
             sliding_window: None,
+            sliding_layers: None,
+            sinks: false,
             rope_theta: self.rope_theta,
             yarn: None,
             latent: None,
@@ -157,6 +159,9 @@ impl QwenMoeConfig {
             gate: Gate::SoftmaxThenTopK {
                 renormalize: self.norm_topk_prob,
             },
+            router_bias: false,
+            activation: Activation::SwiGlu,
+            expert_bias: false,
             shared,
         };
         let layers = self

@@ -20,16 +20,18 @@ pub enum Family {
     Olmoe,
     DeepseekV2,
     DeepseekV3,
+    GptOss,
 }
 
 impl Family {
-    pub const ALL: [Family; 6] = [
+    pub const ALL: [Family; 7] = [
         Family::Mixtral,
         Family::Qwen3Moe,
         Family::Qwen2Moe,
         Family::Olmoe,
         Family::DeepseekV2,
         Family::DeepseekV3,
+        Family::GptOss,
     ];
 
     /// config.json's `architectures` entry.
@@ -41,6 +43,7 @@ impl Family {
             Family::Olmoe => "OlmoeForCausalLM",
             Family::DeepseekV2 => "DeepseekV2ForCausalLM",
             Family::DeepseekV3 => "DeepseekV3ForCausalLM",
+            Family::GptOss => "GptOssForCausalLM",
         }
     }
 
@@ -53,6 +56,7 @@ impl Family {
             Family::Olmoe => "olmoe",
             Family::DeepseekV2 => "deepseek_v2",
             Family::DeepseekV3 => "deepseek_v3",
+            Family::GptOss => "gpt_oss",
         }
     }
 
@@ -127,8 +131,15 @@ pub struct AttentionSpec {
     pub qk_norm: QkNorm,
     /// q, k and v clamped to ±this after their projections (and norms).
     pub clip_qkv: Option<f64>,
-    /// Keys older than this many positions are not attended to.
+    /// Keys older than this many positions are not attended to (in the
+    /// layers `sliding_layers` marks).
     pub sliding_window: Option<usize>,
+    /// Which layers the window applies to; None: every layer (gpt-oss
+    /// alternates windowed and full layers).
+    pub sliding_layers: Option<Vec<bool>>,
+    /// A learned logit per head inside the softmax, its weight dropped
+    /// after (gpt-oss's `sinks`): the attention may weigh no position.
+    pub sinks: bool,
     pub rope_theta: f64,
     /// YaRN's scaled rotary frequencies, where config.json's `rope_scaling` asks.
     pub yarn: Option<Yarn>,
@@ -136,6 +147,15 @@ pub struct AttentionSpec {
 }
 
 impl AttentionSpec {
+    /// The window of layer `layer`, where it has one.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        let windowed = self
+            .sliding_layers
+            .as_ref()
+            .is_none_or(|layers| layers.get(layer).copied().unwrap_or(false));
+        self.sliding_window.filter(|_| windowed)
+    }
+
     /// Elements one position caches per layer: keys and values of every
     /// kv head, or the latent vector and its rotary key.
     pub fn cached_elements_per_position(&self) -> usize {
@@ -172,6 +192,7 @@ impl AttentionSpec {
         }
         h * (q + 2 * kv)
             + q * h
+            + if self.sinks { self.heads } else { 0 }
             + if self.qkv_bias { q + 2 * kv } else { 0 }
             + if self.o_bias { h } else { 0 }
             + match self.qk_norm {
@@ -206,6 +227,73 @@ impl Yarn {
             0.1 * mscale * factor.ln() + 1.0
         }
     }
+}
+
+/// `rope_scaling` as configs write it.
+#[derive(Deserialize)]
+struct RopeScaling {
+    /// transformers writes both `rope_type` and the older `type`.
+    rope_type: Option<String>,
+    #[serde(rename = "type")]
+    old_type: Option<String>,
+    factor: Option<f64>,
+    original_max_position_embeddings: Option<usize>,
+    beta_fast: Option<f64>,
+    beta_slow: Option<f64>,
+    mscale: Option<f64>,
+    mscale_all_dim: Option<f64>,
+    attention_factor: Option<f64>,
+    truncate: Option<bool>,
+}
+
+/// A config.json's `rope_scaling`: none, or YaRN as transformers'
+/// `_compute_yarn_parameters` reads it (`max_positions` standing in for a
+/// missing `original_max_position_embeddings`), with its `mscale_all_dim`
+/// where it has one (which DeepSeek-V3 corrects the softmax scale by).
+pub(crate) fn yarn(
+    rope_scaling: Option<&serde_json::Value>,
+    max_positions: usize,
+) -> Result<Option<(Yarn, Option<f64>)>, ConfigError> {
+    let Some(value) = rope_scaling.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let invalid = |reason: String| ConfigError::Invalid {
+        field: "rope_scaling",
+        reason,
+    };
+    let said: RopeScaling = serde_json::from_value(value.clone())
+        .map_err(|e| invalid(format!("cannot be read: {e}")))?;
+    let rope_type = said.rope_type.or(said.old_type).unwrap_or_default();
+    if rope_type != "yarn" {
+        return Err(invalid(format!(
+            "type {rope_type:?} is not supported (only \"yarn\")"
+        )));
+    }
+    let factor = said
+        .factor
+        .filter(|f| *f > 0.0)
+        .ok_or_else(|| invalid("yarn needs a positive factor".into()))?;
+    let attention_factor =
+        said.attention_factor
+            .unwrap_or(match (said.mscale, said.mscale_all_dim) {
+                (Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                    Yarn::mscale(factor, m) / Yarn::mscale(factor, all)
+                }
+                _ => Yarn::mscale(factor, 1.0),
+            });
+    Ok(Some((
+        Yarn {
+            factor,
+            original_max_position_embeddings: said
+                .original_max_position_embeddings
+                .unwrap_or(max_positions),
+            beta_fast: said.beta_fast.filter(|b| *b != 0.0).unwrap_or(32.0),
+            beta_slow: said.beta_slow.filter(|b| *b != 0.0).unwrap_or(1.0),
+            truncate: said.truncate.unwrap_or(true),
+            attention_factor,
+        },
+        said.mscale_all_dim.filter(|m| *m != 0.0),
+    )))
 }
 
 /// DeepSeek's multi-head latent attention (MLA): keys and values come from
@@ -331,7 +419,17 @@ impl SharedExperts {
     }
 }
 
-/// A layer's routed experts: SwiGLU, no biases.
+/// What an expert's gate and up projections make of a token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    /// `silu(gate) ⊙ up`.
+    SwiGlu,
+    /// gpt-oss's: the gate clamped to at most `limit`, the up projection
+    /// to ±`limit`, then `(up + 1) ⊙ gate·σ(alpha·gate)`.
+    ClampedSwiGlu { limit: f64, alpha: f64 },
+}
+
+/// A layer's routed experts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MoeSpec {
     pub experts: usize,
@@ -339,6 +437,12 @@ pub struct MoeSpec {
     /// Each expert's SwiGLU width.
     pub width: usize,
     pub gate: Gate,
+    /// The gate's logits have a bias (gpt-oss's router).
+    pub router_bias: bool,
+    /// The routed experts' activation.
+    pub activation: Activation,
+    /// The routed experts' projections have biases (gpt-oss).
+    pub expert_bias: bool,
     pub shared: Option<SharedExpertSpec>,
 }
 
@@ -400,6 +504,7 @@ impl ModelSpec {
             family @ (Family::DeepseekV2 | Family::DeepseekV3) => {
                 parse::<crate::deepseek::DeepseekConfig>(text)?.spec(family)
             }
+            Family::GptOss => parse::<crate::gpt_oss::GptOssConfig>(text)?.spec(),
         }
     }
 
@@ -454,9 +559,15 @@ impl ModelSpec {
             .unwrap_or(0)
     }
 
-    /// Parameters of one routed expert (gate, up and down projections).
+    /// Parameters of one routed expert (gate, up and down projections,
+    /// and their biases where it has them).
     pub fn expert_parameters(moe: &MoeSpec, hidden_size: usize) -> usize {
         3 * hidden_size * moe.width
+            + if moe.expert_bias {
+                2 * moe.width + hidden_size
+            } else {
+                0
+            }
     }
 
     /// Elements one position keeps per layer: keys and values, or the
@@ -494,7 +605,8 @@ impl ModelSpec {
                         + match moe.gate {
                             Gate::Grouped(g) if g.correction_bias => moe.experts,
                             _ => 0,
-                        };
+                        }
+                        + if moe.router_bias { moe.experts } else { 0 };
                     (
                         gate + shared + moe.experts * expert,
                         gate + shared + moe.top_k * expert,
@@ -573,7 +685,7 @@ pub(crate) fn check_attention(
 }
 
 /// Greater than 0 (NaN is not).
-fn positive(value: f64) -> bool {
+pub(crate) fn positive(value: f64) -> bool {
     value > 0.0
 }
 

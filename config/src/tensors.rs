@@ -30,13 +30,39 @@ impl Family {
             | Family::Qwen2Moe
             | Family::Olmoe
             | Family::DeepseekV2
-            | Family::DeepseekV3 => format!("model.layers.{layer}.mlp"),
+            | Family::DeepseekV3
+            | Family::GptOss => format!("model.layers.{layer}.mlp"),
         }
     }
 
     /// The router gate's weight of layer `layer`, `[experts, hidden]`.
     pub fn gate_tensor(self, layer: usize) -> String {
-        format!("{}.gate.weight", self.moe_block(layer))
+        match self {
+            Family::GptOss => format!("{}.router.weight", self.moe_block(layer)),
+            _ => format!("{}.gate.weight", self.moe_block(layer)),
+        }
+    }
+
+    /// The router's bias of layer `layer`, `[experts]` (gpt-oss).
+    pub fn router_bias_tensor(self, layer: usize) -> String {
+        format!("{}.router.bias", self.moe_block(layer))
+    }
+
+    /// Whether a layer's routed experts are stored together, one tensor per
+    /// projection ([`FusedExperts`]), rather than one tensor per expert.
+    pub fn fuses_experts(self) -> bool {
+        self == Family::GptOss
+    }
+
+    /// The fused experts of layer `layer` (gpt-oss).
+    pub fn fused_expert_tensors(self, layer: usize) -> FusedExperts {
+        let experts = format!("{}.experts", self.moe_block(layer));
+        FusedExperts {
+            gate_up: format!("{experts}.gate_up_proj"),
+            gate_up_bias: format!("{experts}.gate_up_proj_bias"),
+            down: format!("{experts}.down_proj"),
+            down_bias: format!("{experts}.down_proj_bias"),
+        }
     }
 
     /// The weights of expert `expert` of layer `layer`.
@@ -52,6 +78,22 @@ impl Family {
             down: format!("{expert}.{down}.weight"),
         }
     }
+}
+
+/// A layer's routed experts as gpt-oss stores them, every expert in one
+/// tensor per projection, input-major: `gate_up` `[experts, hidden, 2 ×
+/// width]` (gate and up interleaved: gate at even columns), its bias
+/// `[experts, 2 × width]`, `down` `[experts, width, hidden]`, its bias
+/// `[experts, hidden]`. An MXFP4 checkpoint stores each weight `name` as
+/// `{name}_blocks` (`[experts, outputs, inner / 32, 16]` bytes, two E2M1
+/// values each, the low nibble first) and `{name}_scales` (`[experts,
+/// outputs, inner / 32]`, E8M0): output-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FusedExperts {
+    pub gate_up: String,
+    pub gate_up_bias: String,
+    pub down: String,
+    pub down_bias: String,
 }
 
 impl ExpertTensors {
@@ -129,6 +171,14 @@ pub enum TensorRole {
     GateCorrection,
     /// The router's gate of a routed layer, `[experts, hidden]`.
     RouterGate { layer: usize },
+    /// The router's bias, `[experts]` (gpt-oss).
+    RouterBias,
+    /// Attention sinks, a logit per head (gpt-oss).
+    Sinks,
+    /// A layer's fused experts (gpt-oss): a weight `[experts, in, out]`
+    /// or a bias `[experts, out]`, of a projection that reads the normed
+    /// stream (gate/up) or writes to the stream (down).
+    Experts { writes: bool },
 }
 
 impl ModelSpec {
@@ -206,6 +256,13 @@ impl ModelSpec {
                         TensorRole::Writes,
                     );
                 }
+                if a.sinks {
+                    add(
+                        format!("{p}.self_attn.sinks"),
+                        &[a.heads],
+                        TensorRole::Sinks,
+                    );
+                }
                 let norms = match a.qk_norm {
                     QkNorm::None => None,
                     QkNorm::PerHead => Some((a.head_dim, a.head_dim)),
@@ -241,6 +298,13 @@ impl ModelSpec {
                         &[moe.experts, h],
                         TensorRole::RouterGate { layer: l },
                     );
+                    if moe.router_bias {
+                        add(
+                            family.router_bias_tensor(l),
+                            &[moe.experts],
+                            TensorRole::RouterBias,
+                        );
+                    }
                     if matches!(moe.gate, Gate::Grouped(g) if g.correction_bias) {
                         add(
                             family.gate_correction_bias_tensor(l),
@@ -248,7 +312,17 @@ impl ModelSpec {
                             TensorRole::GateCorrection,
                         );
                     }
-                    for e in 0..moe.experts {
+                    if family.fuses_experts() {
+                        let fused = family.fused_expert_tensors(l);
+                        let (e, w) = (moe.experts, moe.width);
+                        let reads = TensorRole::Experts { writes: false };
+                        let writes = TensorRole::Experts { writes: true };
+                        add(fused.gate_up, &[e, h, 2 * w], reads);
+                        add(fused.gate_up_bias, &[e, 2 * w], reads);
+                        add(fused.down, &[e, w, h], writes);
+                        add(fused.down_bias, &[e, h], writes);
+                    }
+                    for e in (0..moe.experts).filter(|_| !family.fuses_experts()) {
                         for (name, shape, role) in family.expert_tensors(l, e).parts(moe.width, h) {
                             add(name, &shape, role);
                         }

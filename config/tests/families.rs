@@ -245,8 +245,13 @@ fn the_family_comes_from_architectures_or_model_type() {
     for family in Family::ALL {
         assert!(message.contains(family.architecture()), "{message}");
     }
-    let err = spec(&json!({"model_type": "gpt_oss"})).unwrap_err();
-    assert!(err.to_string().contains("model_type \"gpt_oss\""), "{err}");
+    let err = spec(&json!({"model_type": "llama"})).unwrap_err();
+    assert!(err.to_string().contains("model_type \"llama\""), "{err}");
+    // gpt-oss is served: its model_type alone names the family.
+    assert!(matches!(
+        Family::of_json(r#"{"model_type": "gpt_oss"}"#),
+        Ok(Family::GptOss)
+    ));
 }
 
 /// (family config, field changed, its value, the field the error names)
@@ -521,4 +526,155 @@ fn deepseek_settings_that_cannot_be_served_are_refused_by_name() {
         message.contains("topk_method") && message.contains("noaux_tc"),
         "{message}"
     );
+}
+
+/// What gpt-oss-20b and gpt-oss-120b share, read from their config.json:
+/// grouped-query attention (64 heads of 64 over 8 kv heads) with q/k/v/o
+/// biases and a sink per head, windowed (128) at even layers and full at
+/// odd ones, YaRN factor 32 over 4096 positions; every layer routed, top-4,
+/// by a biased router (the top-k logits, softmax over them) to experts of
+/// width 2880 with biases and the clamped SwiGLU (limit 7, alpha 1.702).
+fn gpt_oss_by_hand(m: &ModelSpec, layers: usize, experts: usize) {
+    use tramontane_config::{Activation, Yarn};
+    assert_eq!(m.family, Family::GptOss);
+    assert_eq!((m.hidden_size, m.vocab_size), (2880, 201_088));
+    assert_eq!(m.max_position_embeddings, 131_072);
+    assert!(!m.tie_word_embeddings);
+    assert_eq!(m.rms_norm_eps, 1e-5);
+    assert_eq!(
+        m.eos_token_id.as_ref().map(|t| t.to_vec()),
+        Some(vec![200_002])
+    );
+    assert_eq!(m.layers.len(), layers);
+    assert_eq!(m.moe_layers().count(), layers, "every layer is routed");
+    let a = &m.attention;
+    assert_eq!((a.heads, a.kv_heads, a.head_dim), (64, 8, 64));
+    assert!(a.qkv_bias && a.o_bias && a.sinks);
+    assert_eq!(a.qk_norm, QkNorm::None);
+    assert_eq!((a.clip_qkv, a.latent), (None, None));
+    assert_eq!(a.rope_theta, 150_000.0);
+    // layer_types: "sliding_attention" at even layers, "full_attention" at odd.
+    assert_eq!(a.sliding_window, Some(128));
+    for layer in 0..layers {
+        let window = if layer % 2 == 0 { Some(128) } else { None };
+        assert_eq!(a.window(layer), window, "layer {layer}");
+    }
+    assert_eq!(a.window(layers), None, "no layer past the last");
+    // YaRN: attention_factor 0.1 · ln 32 + 1 = 1.3466 (no mscale given).
+    let yarn = a.yarn.expect("YaRN");
+    assert_eq!(
+        (
+            yarn.factor,
+            yarn.original_max_position_embeddings,
+            yarn.beta_fast,
+            yarn.beta_slow,
+            yarn.truncate,
+        ),
+        (32.0, 4096, 32.0, 1.0, false)
+    );
+    assert!((yarn.attention_factor - (0.1 * 32f64.ln() + 1.0)).abs() < 1e-12);
+    assert!((yarn.attention_factor - 1.346_573_590_279_973).abs() < 1e-12);
+    assert_eq!(yarn.attention_factor, Yarn::mscale(32.0, 1.0));
+    for (_, moe) in m.moe_layers() {
+        assert_eq!((moe.experts, moe.top_k, moe.width), (experts, 4, 2880));
+        assert_eq!(moe.gate, Gate::TopKThenSoftmax);
+        assert!(moe.router_bias && moe.expert_bias);
+        assert_eq!(
+            moe.activation,
+            Activation::ClampedSwiGlu {
+                limit: 7.0,
+                alpha: 1.702
+            }
+        );
+        assert_eq!(moe.shared, None);
+        // gate_up_proj 2880 × 2 · 2880 and its bias 2 · 2880, down_proj
+        // 2880 × 2880 and its bias 2880.
+        assert_eq!(
+            ModelSpec::expert_parameters(moe, m.hidden_size),
+            3 * 2880 * 2880 + 2 * 2880 + 2880
+        );
+    }
+}
+
+/// gpt-oss's parameters by hand. h = 2880, q = 64 heads × 64 = 4096,
+/// kv = 8 × 64 = 512; per layer:
+///
+/// - attention: q_proj h·q + q, k_proj and v_proj h·kv + kv each, o_proj
+///   q·h + h, sinks 64: 11,796,480 + 4,096 + 2 × (1,474,560 + 512) +
+///   11,796,480 + 2,880 + 64 = 26,550,144;
+/// - two RMSNorms, 2h = 5,760;
+/// - the router, E·h + E;
+/// - E experts of 3·h·2880 + 2·2880 + h = 24,883,200 + 8,640 = 24,891,840
+///   (4 of them active).
+///
+/// Outside the layers, embeddings and lm_head (untied) 2 × 201,088 × h =
+/// 1,158,266,880 and the final norm h: 1,158,269,760.
+///
+/// Model cards: 20.9 B (3.6 B active) and 116.8 B (5.1 B active). Their
+/// active counts leave out the embedding table (201,088 × 2880 =
+/// 579,133,440: a lookup), not lm_head.
+fn gpt_oss_parameters(layers: usize, experts: usize) -> Parameters {
+    let h = 2880;
+    let (q, kv) = (64 * 64, 8 * 64);
+    let attention = h * q + q + 2 * (h * kv + kv) + q * h + h + 64;
+    assert_eq!(attention, 26_550_144);
+    let norms = 2 * h;
+    let router = experts * h + experts;
+    let expert = 3 * h * 2880 + 2 * 2880 + h;
+    assert_eq!(expert, 24_891_840);
+    let outside = 2 * 201_088 * h + h;
+    assert_eq!(outside, 1_158_269_760);
+    Parameters {
+        total: outside + layers * (attention + norms + router + experts * expert),
+        active: outside + layers * (attention + norms + router + 4 * expert),
+        routed_experts: layers * experts * expert,
+    }
+}
+
+/// gpt-oss-20b: 24 layers of 32 experts. Per layer the router is
+/// 32 × 2880 + 32 = 92,192: 20,914,757,184 parameters (20.9 B),
+/// 4,187,440,704 active, 3,608,307,264 without the embedding table (the
+/// card's 3.6 B); 49,152 bytes of keys and values per token in bf16 (24
+/// layers × 2 × 8 kv heads × 64 × 2 bytes).
+#[test]
+fn gpt_oss_20b_by_hand() {
+    let m = fixture("gpt-oss-20b");
+    gpt_oss_by_hand(&m, 24, 32);
+    let by_hand = gpt_oss_parameters(24, 32);
+    assert_eq!(m.parameters(), by_hand);
+    assert_eq!(
+        by_hand,
+        Parameters {
+            total: 20_914_757_184,
+            active: 4_187_440_704,
+            routed_experts: 19_116_933_120,
+        }
+    );
+    assert_eq!(by_hand.active - 201_088 * 2880, 3_608_307_264);
+    assert_eq!(m.kv_bytes_per_token(2), 24 * 2 * 8 * 64 * 2);
+    assert_eq!(m.kv_bytes_per_token(2), 49_152);
+}
+
+/// gpt-oss-120b: 36 layers of 128 experts. Per layer the router is 128 ×
+/// 2880 + 128 = 368,768: 116,829,156,672 parameters (116.8 B),
+/// 5,711,982,912 active, 5,132,849,472 without the embedding table (the
+/// card's 5.1 B); 73,728 bytes of keys and values per token in bf16 (36
+/// layers × 2 × 8 kv heads × 64 × 2 bytes).
+#[test]
+fn gpt_oss_120b_by_hand() {
+    let m = fixture("gpt-oss-120b");
+    gpt_oss_by_hand(&m, 36, 128);
+    let by_hand = gpt_oss_parameters(36, 128);
+    assert_eq!(m.parameters(), by_hand);
+    assert_eq!(
+        by_hand,
+        Parameters {
+            total: 116_829_156_672,
+            active: 5_711_982_912,
+            routed_experts: 114_701_598_720,
+        }
+    );
+    assert_eq!(by_hand.active - 201_088 * 2880, 5_132_849_472);
+    assert_eq!(m.kv_bytes_per_token(2), 36 * 2 * 8 * 64 * 2);
+    assert_eq!(m.kv_bytes_per_token(2), 73_728);
 }

@@ -49,6 +49,12 @@ fn configs() -> Vec<serde_json::Value> {
             "qk_nope_head_dim": 12, "qk_rope_head_dim": 8, "v_head_dim": 10,
             "n_group": 4, "topk_group": 2, "vocab_size": 80
         }),
+        json!({
+            "architectures": ["GptOssForCausalLM"], "hidden_size": 64, "intermediate_size": 32,
+            "num_local_experts": 8, "num_experts_per_tok": 2, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "vocab_size": 80
+        }),
     ]
 }
 
@@ -94,8 +100,22 @@ fn every_tensor_has_a_role_its_shape_agrees_with() {
                 TensorRole::Reads => shape.len() == 1 || shape[1] == h,
                 TensorRole::Writes => shape[0] == h,
                 TensorRole::Inner => shape.len() == 2,
-                TensorRole::GateCorrection => {
+                TensorRole::GateCorrection | TensorRole::RouterBias => {
                     shape.len() == 1 && spec.moe_layers().any(|(_, m)| m.experts == shape[0])
+                }
+                TensorRole::Sinks => shape == [spec.attention.heads],
+                // [experts, in, out] weights and [experts, out] biases: the
+                // gate/up projection reads the stream, the down one writes it.
+                TensorRole::Experts { writes } => {
+                    let experts = spec.moe_layers().any(|(_, m)| m.experts == shape[0]);
+                    let stream = match (writes, shape.len()) {
+                        (false, 3) => shape[1] == h,
+                        (true, 3) => shape[2] == h,
+                        (true, 2) => shape[1] == h,
+                        (false, 2) => true,
+                        _ => false,
+                    };
+                    experts && stream
                 }
                 TensorRole::RouterGate { layer } => {
                     spec.moe(*layer).map(|m| [m.experts, h].to_vec()) == Some(shape.to_vec())

@@ -22,11 +22,14 @@ pub struct KvLayer<'a, E> {
 }
 
 /// The positions each sequence attends: sequence `s` reads the slots
-/// `slots[offsets[s]..offsets[s + 1]]`, oldest first.
+/// `slots[offsets[s]..offsets[s + 1]]`, oldest first; and, where given,
+/// each query head's sink (gpt-oss): one more position with that logit
+/// and no value, which takes its share of the softmax.
 #[derive(Clone, Copy)]
 pub struct Attended<'a> {
     pub slots: &'a [u32],
     pub offsets: &'a [usize],
+    pub sinks: Option<&'a [f32]>,
 }
 
 /// `out[s][h] = softmax(q[s][h] · Kᵀ / √head_dim) · V` over the keys `K`
@@ -78,6 +81,9 @@ pub fn decode_attention<K: Kernel>(
             attended.offsets.last().copied().unwrap_or(0),
             attended.slots.len(),
         ),
+        attended
+            .sinks
+            .and_then(|sinks| length("the sinks", sinks.len(), heads)),
     ];
     if let Some(error) = fits.into_iter().flatten().next() {
         return Err(error);
@@ -142,9 +148,13 @@ pub fn decode_attention<K: Kernel>(
         let mut sums = vec![0.0f32; groups];
         for (g, sum) in sums.iter_mut().enumerate() {
             let row = &mut scores[g * n..(g + 1) * n];
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sink = attended.sinks.map(|sinks| sinks[kv_head * groups + g]);
+            let max = row
+                .iter()
+                .copied()
+                .fold(sink.unwrap_or(f32::NEG_INFINITY), f32::max);
             // SAFETY: supported (AVX-512F).
-            *sum = unsafe { exp_sum(row, max) };
+            *sum = unsafe { exp_sum(row, max) } + sink.map_or(0.0, |sink| (sink - max).exp());
             for weight in row.iter_mut() {
                 *weight = K::to_f32(K::from_f32(*weight));
             }
@@ -156,7 +166,7 @@ pub fn decode_attention<K: Kernel>(
         unsafe { K::add_weighted(&mut acc, &scores, &rows, head_dim) };
         for (g, sum) in sums.iter().enumerate() {
             for d in 0..head_dim {
-                let value = if n == 0 {
+                let value = if n == 0 || *sum == 0.0 {
                     0.0
                 } else {
                     acc[g * head_dim + d] / sum
@@ -190,6 +200,7 @@ mod tests {
         (heads, kv_heads, head_dim): (usize, usize, usize),
         attended: Attended<'_>,
     ) -> Vec<(f64, f64)> {
+        let sink = |h: usize| attended.sinks.map(|sinks| f64::from(sinks[h]));
         let sequences = attended.offsets.len() - 1;
         let groups = heads / kv_heads;
         let mut out = Vec::new();
@@ -211,9 +222,13 @@ mod tests {
                         dot / (head_dim as f64).sqrt()
                     })
                     .collect();
-                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let max = scores
+                    .iter()
+                    .copied()
+                    .fold(sink(h).unwrap_or(f64::NEG_INFINITY), f64::max);
                 let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                let sum: f64 = weights.iter().sum();
+                let sum: f64 =
+                    weights.iter().sum::<f64>() + sink(h).map_or(0.0, |sink| (sink - max).exp());
                 for d in 0..head_dim {
                     let (mut value, mut size) = (0.0, 0.0f64);
                     for (&slot, w) in slots.iter().zip(&weights) {
@@ -264,7 +279,10 @@ mod tests {
             // Each sequence's slots: scattered over the pool, repeats allowed.
             let slots: Vec<u32> = lens.iter().flat_map(|&n| (0..n).map(move |i| ((i * 37 + n * 11) % slots_total) as u32)).collect::<Vec<_>>();
             let offsets: Vec<usize> = std::iter::once(0).chain(lens.iter().scan(0, |at, n| { *at += n; Some(*at) })).collect();
-            let attended = Attended { slots: &slots, offsets: &offsets };
+            // Every other case with sinks, some above the scores, some below.
+            let sinks: Vec<f32> = (0..heads).map(|_| 4.0 * next()).collect();
+            let sinks = (seed % 2 == 0).then_some(sinks.as_slice());
+            let attended = Attended { slots: &slots, offsets: &offsets, sinks };
             let dims = (heads, kv_heads, head_dim);
             let team = Scoped(threads);
 
@@ -302,12 +320,14 @@ mod tests {
         let q = vec![0.0f32; 4 * 8];
         let mut out = vec![0.0f32; 4 * 8];
         let attended = Attended {
+            sinks: None,
             slots: &[0, 4],
             offsets: &[0, 2],
         };
         let err = decode_attention::<F32>(&Serial, &q, 4, kv, attended, &mut out).unwrap_err();
         assert_eq!(err, ShapeError::Slot { slot: 4, slots: 4 });
         let attended = Attended {
+            sinks: None,
             slots: &[0, 1],
             offsets: &[0, 3],
         };
@@ -323,6 +343,7 @@ mod tests {
             "{err}"
         );
         let attended = Attended {
+            sinks: None,
             slots: &[0, 1],
             offsets: &[0, 2],
         };

@@ -5,7 +5,9 @@
 //! (block tables padded to a common length, a mask for lengths and the
 //! sliding window), and each prefill chunk attends on its own with a causal
 //! mask. Query heads are grouped by their key/value head, so keys and values
-//! are never repeated per head.
+//! are never repeated per head. gpt-oss's heads each have a sink, a
+//! learned logit inside the softmax whose weight is dropped, and its
+//! layers alternate windowed and full attention (a step lays out both).
 
 use tch::{Device, Kind, TchError, Tensor};
 
@@ -47,6 +49,11 @@ pub struct Attention {
     num_heads: i64,
     num_kv_heads: i64,
     head_dim: i64,
+    /// Each head's sink logit, `[heads]` in f32 and as numbers (gpt-oss).
+    sinks: Option<(Tensor, Vec<f32>)>,
+    /// Whether this layer reads the window where only some layers do
+    /// ([`StepLayout::for_layer`]).
+    windowed: bool,
 }
 
 /// RMSNorms of q and k after their projections, before rotary embeddings:
@@ -67,6 +74,8 @@ pub struct AttentionWeights {
     pub o_bias: Option<Tensor>,
     /// q's and k's norm weights, where the model has them.
     pub qk_norm: Option<[Tensor; 2]>,
+    /// Each head's sink logit, `[heads]`, where the model has them.
+    pub sinks: Option<Tensor>,
 }
 
 /// What every layer's attention needs to know about one step, built once
@@ -77,6 +86,9 @@ pub struct StepLayout {
     pub(crate) slots: Tensor,
     pub(crate) decode: Option<DecodeGroup>,
     pub(crate) prefills: Vec<PrefillChunk>,
+    /// Where only some layers have the window (`sliding_layers`), the
+    /// reads of those layers (the reads above are the others').
+    windowed: Option<Box<StepLayout>>,
 }
 
 /// The sequences that decode one token this step.
@@ -151,6 +163,15 @@ impl StepLayout {
         Ok(out)
     }
 
+    /// The layout a layer reads: the windowed one where `windowed` and
+    /// only some layers have the window.
+    pub(crate) fn for_layer(&self, windowed: bool) -> &StepLayout {
+        match (&self.windowed, windowed) {
+            (Some(layout), true) => layout,
+            _ => self,
+        }
+    }
+
     /// Lays out a step of `attention`: `spans[i]` belongs to `caches[i]`,
     /// whose blocks must already hold `spans[i].end()` positions.
     pub fn new(
@@ -159,7 +180,27 @@ impl StepLayout {
         attention: &AttentionSpec,
         (kind, device): (Kind, Device),
     ) -> Result<Self, TchError> {
-        let sliding_window = attention.sliding_window;
+        let (every_layer, some_layers) = match attention.sliding_layers {
+            None => (attention.sliding_window, None),
+            Some(_) => (None, attention.sliding_window),
+        };
+        let mut layout = Self::with_window(spans, caches, attention, every_layer, (kind, device))?;
+        if let Some(window) = some_layers {
+            let windowed =
+                Self::with_window(spans, caches, attention, Some(window), (kind, device))?;
+            layout.windowed = Some(Box::new(windowed));
+        }
+        Ok(layout)
+    }
+
+    /// [`StepLayout::new`] for layers that read `sliding_window`.
+    fn with_window(
+        spans: &[SequenceSpan],
+        caches: &[&mut KvCache],
+        attention: &AttentionSpec,
+        sliding_window: Option<usize>,
+        (kind, device): (Kind, Device),
+    ) -> Result<Self, TchError> {
         // The kernels read keys and values of kv heads, not latent vectors.
         let paged = attention.latent.is_none() && projection::paged_attention(kind, device);
         let slots: Vec<i64> = spans
@@ -213,6 +254,7 @@ impl StepLayout {
             slots: Tensor::f_from_slice(&slots)?.f_to_device(device)?,
             decode,
             prefills,
+            windowed: None,
         })
     }
 }
@@ -271,10 +313,19 @@ impl Attention {
     /// where `quantization` says.
     pub fn new(
         spec: &AttentionSpec,
+        layer: usize,
         weights: AttentionWeights,
         eps: f64,
         quantization: Option<Quantization>,
     ) -> Result<Self, TchError> {
+        let sinks = weights
+            .sinks
+            .map(|sinks| -> Result<_, TchError> {
+                let sinks = sinks.f_to_kind(Kind::Float)?;
+                let values = Vec::<f32>::try_from(&sinks)?;
+                Ok((sinks, values))
+            })
+            .transpose()?;
         let qk_norm = weights.qk_norm.map(|[q, k]| QkNorms {
             q: RmsNorm::new(q, eps),
             k: RmsNorm::new(k, eps),
@@ -291,6 +342,8 @@ impl Attention {
             num_heads: spec.heads as i64,
             num_kv_heads: spec.kv_heads as i64,
             head_dim: spec.head_dim as i64,
+            sinks,
+            windowed: spec.sliding_layers.is_some() && spec.window(layer).is_some(),
         })
     }
 
@@ -340,6 +393,7 @@ impl Attention {
         layout: &StepLayout,
         pool: &KvPool,
     ) -> Result<Tensor, ForwardError> {
+        let layout = layout.for_layer(self.windowed);
         let tokens = xs.size()[0];
         let q_dim = self.num_heads * self.head_dim;
         let mut qkv = self.qkv(xs)?;
@@ -389,7 +443,8 @@ impl Attention {
         let (table, mask) = match &group.reads {
             DecodeReads::Paged { slots, offsets } => {
                 let (keys, values) = pool.layer(layer);
-                let out = projection::decode_attention(&q, [keys, values], slots, offsets)?;
+                let sinks = self.sinks.as_ref().map(|(_, values)| values.as_slice());
+                let out = projection::decode_attention(&q, [keys, values], slots, offsets, sinks)?;
                 return Ok(out.f_view([sequences, self.num_heads * self.head_dim])?);
             }
             DecodeReads::Gathered { table, mask } => (table, mask),
@@ -399,6 +454,16 @@ impl Attention {
         // query heads of a kv head are that head's "queries".
         let q = q.f_view([sequences, self.num_kv_heads, groups, self.head_dim])?;
         let (keys, values) = pool.gather(layer, table)?;
+        if let Some((sinks, _)) = &self.sinks {
+            let out = self.attend_with_sinks(
+                &q.f_unsqueeze(3)?,
+                &keys.f_transpose(1, 2)?,
+                &values.f_transpose(1, 2)?,
+                &mask.f_unsqueeze(3)?,
+                sinks,
+            )?;
+            return Ok(out.f_reshape([sequences, self.num_heads * self.head_dim])?);
+        }
         let out = Tensor::f_scaled_dot_product_attention(
             &q,
             &keys.f_transpose(1, 2)?,
@@ -438,6 +503,22 @@ impl Attention {
                 (cached(keys)?, cached(values)?)
             }
         };
+        if let Some((sinks, _)) = &self.sinks {
+            let groups = self.num_heads / self.num_kv_heads;
+            let q = rows(q)?.f_view([1, self.num_kv_heads, groups, len, self.head_dim])?;
+            let allowed = match &chunk.mask {
+                AttentionMask::Explicit(allowed) => allowed.shallow_clone(),
+                AttentionMask::Causal => {
+                    Tensor::f_ones([len, len], (Kind::Bool, q.device()))?.f_tril(0)?
+                }
+            };
+            let out = self.attend_with_sinks(&q, &keys, &values, &allowed, sinks)?;
+            return out
+                .f_view([self.num_heads, len, self.head_dim])?
+                .f_transpose(0, 1)?
+                .f_contiguous()?
+                .f_view([len, self.num_heads * self.head_dim]);
+        }
         let out = Tensor::f_scaled_dot_product_attention(
             &rows(q)?,
             &keys,
@@ -453,6 +534,43 @@ impl Attention {
             .f_transpose(0, 1)?
             .f_contiguous()?
             .f_view([len, self.num_heads * self.head_dim])
+    }
+}
+
+impl Attention {
+    /// Attention with each head's sink logit inside the softmax, its weight
+    /// dropped after, as transformers' gpt-oss attention computes it:
+    /// the scores in the activations' kind, the softmax in f32. `q` `[batch, kv_heads, groups, len, d]`,
+    /// `keys` and `values` `[batch, kv_heads, total, d]`, `allowed` (true
+    /// where a query may see a key) broadcasting to `[batch, kv_heads,
+    /// groups, len, total]`, `sinks` `[heads]` -> `q`'s shape.
+    fn attend_with_sinks(
+        &self,
+        q: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        allowed: &Tensor,
+        sinks: &Tensor,
+    ) -> Result<Tensor, TchError> {
+        let size = q.size();
+        let total = keys.size()[2];
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        // The scores in the activations' kind, as transformers' matmul has
+        // them; then f32.
+        let scores = q
+            .f_matmul(&keys.f_unsqueeze(2)?.f_transpose(-1, -2)?)?
+            .f_mul_scalar(scale)?
+            .f_to_kind(Kind::Float)?
+            .f_masked_fill(&allowed.f_logical_not()?, f64::NEG_INFINITY)?;
+        let sink = sinks
+            .f_to_device(q.device())?
+            .f_view([1, size[1], size[2], 1, 1])?
+            .f_expand([size[0], size[1], size[2], size[3], 1], false)?;
+        Tensor::f_cat(&[scores, sink], -1)?
+            .f_softmax(-1, Kind::Float)?
+            .f_narrow(-1, 0, total)?
+            .f_to_kind(q.kind())?
+            .f_matmul(&values.f_unsqueeze(2)?)
     }
 }
 

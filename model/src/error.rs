@@ -63,6 +63,16 @@ pub enum WeightsError {
         weight: Vec<i64>,
         block: (i64, i64),
     },
+    #[error(
+        "tensor {key} is {found:?}: an MXFP4 weight of {outputs} × {inner} values needs {needed:?}"
+    )]
+    Mxfp4Shape {
+        key: String,
+        found: Vec<i64>,
+        needed: Vec<i64>,
+        outputs: i64,
+        inner: i64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -7,6 +7,10 @@
 //! larger matrix, and apart in f32, where MKL repacks the weight matrix on
 //! every small-batch call and two halves pack faster than one whole
 //! (measured on the `bench` model's shapes, batch rows 4 to 32).
+//! gpt-oss's experts add biases to their projections and clamp their
+//! SwiGLU ([`Activation::ClampedSwiGlu`]); they are stored fused, every
+//! expert of a layer in one tensor per projection (in MXFP4 as released),
+//! and each is cut out of them at load ([`Expert::load_fused`]).
 
 use tch::{Device, Kind, TchError, Tensor};
 
@@ -14,12 +18,16 @@ use crate::error::{ForwardError, WeightsError};
 use crate::projection;
 use crate::weight_matrix::{MatrixRef, WeightMatrix};
 use crate::weights::Checkpoint;
-use tramontane_config::{ExpertTensors, Quantization};
+use tramontane_config::{Activation, ExpertTensors, FusedExperts, Quantization};
 
 pub struct Expert {
     gate_up: GateUp,
     /// `[hidden, intermediate]`
     w2: WeightMatrix,
+    /// The gate's and the up projection's biases side by side `[2 ×
+    /// intermediate]`, and the down projection's `[hidden]` (gpt-oss).
+    biases: Option<[Tensor; 2]>,
+    activation: Activation,
 }
 
 enum GateUp {
@@ -58,7 +66,102 @@ impl Expert {
                 w13: WeightMatrix::stack(&w1, &w3)?,
             },
         };
-        Ok(Self { gate_up, w2 })
+        Ok(Self {
+            gate_up,
+            w2,
+            biases: None,
+            activation: Activation::SwiGlu,
+        })
+    }
+
+    /// The expert with these biases (the gate's and up projection's side
+    /// by side, the down projection's) and this activation.
+    pub fn with_biases(mut self, biases: Option<[Tensor; 2]>, activation: Activation) -> Self {
+        self.biases = biases;
+        self.activation = activation;
+        self
+    }
+
+    /// Whether the expert is a plain SwiGLU without biases: what the
+    /// kernels' fused expert computes.
+    pub fn plain_swiglu(&self) -> bool {
+        self.biases.is_none() && self.activation == Activation::SwiGlu
+    }
+
+    /// Expert `expert` of the `experts` of a layer stored fused (gpt-oss;
+    /// see [`FusedExperts`]), `hidden` rows in and out and `width` in
+    /// between: MXFP4 weights held as stored, others in `kind` (quantized
+    /// where `quantization` says); the gate's and up projection's rows
+    /// de-interleaved; biases in `kind`.
+    pub fn load_fused(
+        checkpoint: &Checkpoint,
+        names: &FusedExperts,
+        (expert, experts): (usize, usize),
+        (hidden, width): (usize, usize),
+        (kind, quantization): (Kind, Option<Quantization>),
+        activation: Activation,
+        device: Device,
+    ) -> Result<Self, WeightsError> {
+        let (h, i) = (hidden as i64, width as i64);
+        let entry = (expert, experts);
+        let torch = |key: &str| {
+            let key = key.to_string();
+            move |error| WeightsError::Torch { key, error }
+        };
+        let (gate_up, w2) = if checkpoint.mxfp4() {
+            (
+                checkpoint.load_mxfp4_entry(&names.gate_up, entry, [2 * i, h], device)?,
+                checkpoint.load_mxfp4_entry(&names.down, entry, [h, i], device)?,
+            )
+        } else {
+            let read_as = if quantization.is_some() {
+                Kind::Float
+            } else {
+                kind
+            };
+            // Stored input-major: `[hidden, 2 × width]` and `[width, hidden]`.
+            let output_major = |name: &str, rest: [i64; 2]| -> Result<WeightMatrix, WeightsError> {
+                let w = checkpoint.load_entry(name, entry, &rest, device)?;
+                let w = w
+                    .f_to_kind(read_as)
+                    .and_then(|w| w.f_transpose(0, 1)?.f_contiguous())
+                    .map_err(torch(name))?;
+                WeightMatrix::new(w, quantization).map_err(torch(name))
+            };
+            (
+                output_major(&names.gate_up, [h, 2 * i])?,
+                output_major(&names.down, [i, h])?,
+            )
+        };
+        let split = |start| {
+            gate_up
+                .every_nth_row(start, 2)
+                .map_err(torch(&names.gate_up))
+        };
+        let (w1, w3) = (split(0)?, split(1)?);
+        let bias = |name: &str, len: i64| -> Result<Tensor, WeightsError> {
+            checkpoint
+                .load_entry(name, entry, &[len], device)?
+                .f_to_kind(kind)
+                .map_err(torch(name))
+        };
+        let gate_up_bias = bias(&names.gate_up_bias, 2 * i)?;
+        let gate_up_bias = Tensor::f_cat(
+            &[
+                gate_up_bias
+                    .f_slice(0, 0, None, 2)
+                    .map_err(torch(&names.gate_up_bias))?,
+                gate_up_bias
+                    .f_slice(0, 1, None, 2)
+                    .map_err(torch(&names.gate_up_bias))?,
+            ],
+            0,
+        )
+        .map_err(torch(&names.gate_up_bias))?;
+        let down_bias = bias(&names.down_bias, h)?;
+        Ok(Self::from_matrices(w1, w2, w3)
+            .map_err(torch(&names.gate_up))?
+            .with_biases(Some([gate_up_bias, down_bias]), activation))
     }
 
     /// The projections named `names`, of `hidden` rows in and out and
@@ -86,13 +189,20 @@ impl Expert {
         })
     }
 
-    /// Bytes held by the expert's matrices, and their dtype's name.
+    /// Bytes held by the expert's matrices and biases, and the matrices'
+    /// dtype's name.
     pub fn bytes(&self) -> (u64, &'static str) {
         let (gate_up, name) = match &self.gate_up {
             GateUp::Stacked { w13, .. } => (w13.bytes(), w13.dtype_name()),
             GateUp::Apart { w1, w3 } => (w1.bytes() + w3.bytes(), w1.dtype_name()),
         };
-        (gate_up + self.w2.bytes(), name)
+        let biases: u64 = self
+            .biases
+            .iter()
+            .flatten()
+            .map(|b| (b.numel() * b.kind().elt_size_in_bytes()) as u64)
+            .sum();
+        (gate_up + self.w2.bytes() + biases, name)
     }
 
     /// w1, w3 `[intermediate, hidden]` (views of the stacked matrix) and w2
@@ -138,14 +248,16 @@ impl Expert {
         if rows.is_empty() {
             return Ok(());
         }
-        let [w1, w3, w2] = self.matrices()?;
-        let routed = projection::RoutedExpert {
-            weights: [w1.as_ref(), w3.as_ref(), w2.as_ref()],
-            rows,
-            routing: weights,
-        };
-        if projection::add_experts(xs, &[routed], out)? {
-            return Ok(());
+        if self.plain_swiglu() {
+            let [w1, w3, w2] = self.matrices()?;
+            let routed = projection::RoutedExpert {
+                weights: [w1.as_ref(), w3.as_ref(), w2.as_ref()],
+                rows,
+                routing: weights,
+            };
+            if projection::add_experts(xs, &[routed], out)? {
+                return Ok(());
+            }
         }
         let device = xs.device();
         let index: Vec<i64> = rows.iter().map(|&row| row as i64).collect();
@@ -163,6 +275,9 @@ impl Expert {
     /// `xs`: `[rows, hidden]` -> `[rows, hidden]`, through libtorch where
     /// the kernels do not take the gate/up projection.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor, TchError> {
+        if !self.plain_swiglu() {
+            return self.forward_biased(xs);
+        }
         let (w1, w3) = self.gate_and_up()?;
         let on_kernels = projection::swiglu(xs, w1.as_ref(), w3.as_ref())?;
         let hidden = match (on_kernels, &self.gate_up) {
@@ -183,6 +298,43 @@ impl Expert {
             }
         };
         projection::linear(&hidden, &self.w2)
+    }
+
+    /// [`Expert::forward`] with biases and the expert's activation, as
+    /// transformers' `GptOssExperts` computes it: each projection biased,
+    /// then the activation.
+    fn forward_biased(&self, xs: &Tensor) -> Result<Tensor, TchError> {
+        let (gate_up_bias, down_bias) = match &self.biases {
+            Some([gate_up, down]) => (Some(gate_up), Some(down)),
+            None => (None, None),
+        };
+        let (gate, up) = match &self.gate_up {
+            GateUp::Stacked { w13, intermediate } => {
+                let projected = projection::linear_biased(xs, w13, gate_up_bias)?;
+                (
+                    projected.f_narrow(1, 0, *intermediate)?,
+                    projected.f_narrow(1, *intermediate, *intermediate)?,
+                )
+            }
+            GateUp::Apart { w1, w3 } => {
+                let intermediate = w1.size()[0];
+                let bias = |start| gate_up_bias.map(|b| b.narrow(0, start, intermediate));
+                (
+                    projection::linear_biased(xs, w1, bias(0).as_ref())?,
+                    projection::linear_biased(xs, w3, bias(intermediate).as_ref())?,
+                )
+            }
+        };
+        let hidden = match self.activation {
+            Activation::SwiGlu => gate.f_silu()?.f_mul(&up)?,
+            Activation::ClampedSwiGlu { limit, alpha } => {
+                let gate = gate.f_clamp_max(limit)?;
+                let up = up.f_clamp(-limit, limit)?;
+                let glu = gate.f_mul(&gate.f_mul_scalar(alpha)?.f_sigmoid()?)?;
+                up.f_add_scalar(1.0)?.f_mul(&glu)?
+            }
+        };
+        projection::linear_biased(&hidden, &self.w2, down_bias)
     }
 }
 

@@ -39,6 +39,8 @@ pub struct Gate {
     rule: GateRule,
     /// A grouped gate's correction bias, `[experts]`.
     correction: Option<Vec<f32>>,
+    /// The logits' bias, `[experts]` (gpt-oss's router).
+    bias: Option<Tensor>,
 }
 
 impl Gate {
@@ -48,7 +50,14 @@ impl Gate {
             top_k,
             rule,
             correction: None,
+            bias: None,
         }
+    }
+
+    /// The gate with a bias added to its logits (`[experts]`), where it has one.
+    pub fn with_bias(mut self, bias: Option<Tensor>) -> Self {
+        self.bias = bias;
+        self
     }
 
     /// The gate with its scores' correction bias (`[experts]`) where it has
@@ -70,7 +79,7 @@ impl Gate {
             GateRule::Grouped(_) => {
                 crate::projection::linear(&xs.f_to_kind(Kind::Float)?, &self.weight)?
             }
-            _ => crate::projection::linear(xs, &self.weight)?,
+            _ => crate::projection::linear_biased(xs, &self.weight, self.bias.as_ref())?,
         };
         route_logits_corrected(
             &logits,

@@ -70,7 +70,12 @@ pub(crate) fn load_layer(
                 moe.gate,
             )
             .with_correction(correction)
-            .map_err(torch(&family.gate_tensor(i)))?;
+            .map_err(torch(&family.gate_tensor(i)))?
+            .with_bias(
+                moe.router_bias
+                    .then(|| load(&family.router_bias_tensor(i), &[moe.experts]))
+                    .transpose()?,
+            );
             let shared = moe
                 .shared
                 .map(|shared| -> Result<Shared, WeightsError> {
@@ -183,8 +188,9 @@ fn load_attention(
                 ])
             })
             .transpose()?,
+        sinks: a.sinks.then(|| attn("sinks", &[a.heads])).transpose()?,
     };
-    Attention::new(a, weights, spec.rms_norm_eps, quantization)
+    Attention::new(a, i, weights, spec.rms_norm_eps, quantization)
         .map(SelfAttention::Grouped)
         .map_err(torch("q_proj.weight"))
 }

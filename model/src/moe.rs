@@ -185,7 +185,9 @@ impl LocalExperts {
                 routing: &item.weights,
             })
             .collect();
-        if !projection::add_experts(&xs, &routed, &mut out)? {
+        let on_kernels = experts.iter().all(|expert| expert.plain_swiglu())
+            && projection::add_experts(&xs, &routed, &mut out)?;
+        if !on_kernels {
             for (expert, item) in experts.iter().zip(work) {
                 expert.add_rows(&xs, &item.rows, &item.weights, &mut out)?;
             }
@@ -218,6 +220,17 @@ fn load_expert(
     let (names, width) = match moe.shared {
         Some(shared) if expert == moe.experts => {
             (spec.family.shared_expert_tensors(layer), shared.width)
+        }
+        _ if spec.family.fuses_experts() => {
+            return Expert::load_fused(
+                checkpoint,
+                &spec.family.fused_expert_tensors(layer),
+                (expert, moe.experts),
+                (spec.hidden_size, moe.width),
+                precision,
+                moe.activation,
+                device,
+            );
         }
         _ => (spec.family.expert_tensors(layer, expert), moe.width),
     };

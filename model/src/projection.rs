@@ -130,6 +130,7 @@ fn matrix_fits(w: MatrixRef<'_>, kind: Kind, inner: i64) -> bool {
                 && scales.is_contiguous()
                 && scales.size() == [(outputs + rows - 1) / rows, (inner + columns - 1) / columns]
         }
+        MatrixRef::Mxfp4 { .. } => false,
     }
 }
 
@@ -155,6 +156,7 @@ unsafe fn matrix<E>(w: MatrixRef<'_>) -> Matrix<'_, E> {
                 scales: elements(scales),
                 block: (rows as usize, columns as usize),
             },
+            MatrixRef::Mxfp4 { .. } => unreachable!("matrix_fits refuses MXFP4"),
         }
     }
 }
@@ -417,6 +419,7 @@ pub(crate) fn decode_attention(
     [keys, values]: [&Tensor; 2],
     slots: &[u32],
     offsets: &[usize],
+    sinks: Option<&[f32]>,
 ) -> Result<Tensor, ForwardError> {
     let q = q.f_contiguous()?;
     let (kind, pool) = (keys.kind(), keys.size());
@@ -438,7 +441,11 @@ pub(crate) fn decode_attention(
         return Err(ShapeError::Unsupported(element).into());
     }
     let out = q.f_empty_like()?;
-    let attended = Attended { slots, offsets };
+    let attended = Attended {
+        slots,
+        offsets,
+        sinks,
+    };
     let (heads, kv_heads, head_dim) = (heads as usize, kv_heads as usize, head_dim as usize);
     // SAFETY: every tensor was checked to be contiguous, on the CPU and of
     // the element's kind; `out` is fresh; nothing writes the pool meanwhile.

@@ -1,7 +1,9 @@
 //! A projection's weight matrix as this process holds it: in the compute
 //! dtype as the checkpoint has it, quantized at load (`--quantize int8`:
 //! int8 values and one f32 scale per output row), or as an FP8 checkpoint
-//! stores it (e4m3 values and an f32 scale per block). The projections
+//! stores it (e4m3 values and an f32 scale per block), or as an MXFP4
+//! checkpoint stores gpt-oss's experts (E2M1 values two a byte, an E8M0
+//! scale per 32). The projections
 //! ([`crate::projection`]) take either; the kernels stream the int8 values
 //! and widen them in registers, libtorch gets the matrix dequantized per
 //! call (other devices, prefill).
@@ -24,7 +26,17 @@ pub enum WeightMatrix {
         scales: Tensor,
         block: (i64, i64),
     },
+    /// MXFP4, as gpt-oss checkpoints store their experts: `blocks` `[outputs,
+    /// inner / 2]` bytes, each two E2M1 values (the low nibble first), and
+    /// `scales` `[outputs, inner / 32]` bytes, E8M0 exponents:
+    /// `w[n][i] = e2m1(nibble i of row n) · 2^(scales[n][i / 32] − 127)`.
+    Mxfp4 { blocks: Tensor, scales: Tensor },
 }
+
+/// The sixteen E2M1 values, by their 4 bits (sign, 2 exponent, 1 mantissa).
+pub const E2M1: [f32; 16] = [
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+];
 
 /// A borrowed [`WeightMatrix`], or a plain tensor: what the projections
 /// take.
@@ -39,6 +51,10 @@ pub enum MatrixRef<'a> {
         values: &'a Tensor,
         scales: &'a Tensor,
         block: (i64, i64),
+    },
+    Mxfp4 {
+        blocks: &'a Tensor,
+        scales: &'a Tensor,
     },
 }
 
@@ -62,6 +78,7 @@ impl<'a> From<&'a WeightMatrix> for MatrixRef<'a> {
                 scales,
                 block: *block,
             },
+            WeightMatrix::Mxfp4 { blocks, scales } => MatrixRef::Mxfp4 { blocks, scales },
         }
     }
 }
@@ -106,9 +123,12 @@ impl WeightMatrix {
         let bytes = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as u64;
         match self {
             WeightMatrix::Plain(w) => bytes(w),
-            WeightMatrix::Int8 { values, scales } | WeightMatrix::Fp8 { values, scales, .. } => {
-                bytes(values) + bytes(scales)
-            }
+            WeightMatrix::Int8 { values, scales }
+            | WeightMatrix::Fp8 { values, scales, .. }
+            | WeightMatrix::Mxfp4 {
+                blocks: values,
+                scales,
+            } => bytes(values) + bytes(scales),
         }
     }
 
@@ -119,6 +139,7 @@ impl WeightMatrix {
             WeightMatrix::Plain(w) => crate::dtype::dtype(w.kind()).map_or("other", Dtype::flag),
             WeightMatrix::Int8 { .. } => Quantization::Int8.flag(),
             WeightMatrix::Fp8 { .. } => "fp8",
+            WeightMatrix::Mxfp4 { .. } => "mxfp4",
         }
     }
 
@@ -128,12 +149,40 @@ impl WeightMatrix {
         !matches!(self, WeightMatrix::Fp8 { .. })
     }
 
+    /// Every `step`-th row from `start` (a copy): the gate's rows of
+    /// gpt-oss's interleaved gate/up projection, or the up projection's.
+    pub fn every_nth_row(&self, start: i64, step: i64) -> Result<Self, TchError> {
+        let rows = |t: &Tensor| -> Result<Tensor, TchError> {
+            t.f_slice(0, start, None, step)?.f_contiguous()
+        };
+        Ok(match self {
+            WeightMatrix::Plain(w) => WeightMatrix::Plain(rows(w)?),
+            WeightMatrix::Int8 { values, scales } => WeightMatrix::Int8 {
+                values: rows(values)?,
+                scales: rows(scales)?,
+            },
+            WeightMatrix::Mxfp4 { blocks, scales } => WeightMatrix::Mxfp4 {
+                blocks: rows(blocks)?,
+                scales: rows(scales)?,
+            },
+            WeightMatrix::Fp8 { .. } => {
+                return Err(TchError::Kind(
+                    "FP8 matrices are held whole, not split".to_string(),
+                ));
+            }
+        })
+    }
+
     /// Rows `start..start + len` (views of the same storage).
     pub fn narrow(&self, start: i64, len: i64) -> Result<Self, TchError> {
         Ok(match self {
             WeightMatrix::Plain(w) => WeightMatrix::Plain(w.f_narrow(0, start, len)?),
             WeightMatrix::Int8 { values, scales } => WeightMatrix::Int8 {
                 values: values.f_narrow(0, start, len)?,
+                scales: scales.f_narrow(0, start, len)?,
+            },
+            WeightMatrix::Mxfp4 { blocks, scales } => WeightMatrix::Mxfp4 {
+                blocks: blocks.f_narrow(0, start, len)?,
                 scales: scales.f_narrow(0, start, len)?,
             },
             WeightMatrix::Fp8 { .. } => {
@@ -160,6 +209,16 @@ impl WeightMatrix {
                 values: Tensor::f_cat(&[values, values2], 0)?,
                 scales: Tensor::f_cat(&[scales, scales2], 0)?,
             },
+            (
+                WeightMatrix::Mxfp4 { blocks, scales },
+                WeightMatrix::Mxfp4 {
+                    blocks: blocks2,
+                    scales: scales2,
+                },
+            ) => WeightMatrix::Mxfp4 {
+                blocks: Tensor::f_cat(&[blocks, blocks2], 0)?,
+                scales: Tensor::f_cat(&[scales, scales2], 0)?,
+            },
             _ => {
                 return Err(TchError::Kind(
                     "stacked matrices are stored alike".to_string(),
@@ -184,6 +243,10 @@ impl WeightMatrix {
                 scales: scales.shallow_clone(),
                 block: *block,
             },
+            WeightMatrix::Mxfp4 { blocks, scales } => WeightMatrix::Mxfp4 {
+                blocks: blocks.shallow_clone(),
+                scales: scales.shallow_clone(),
+            },
         }
     }
 }
@@ -195,6 +258,10 @@ impl<'a> MatrixRef<'a> {
             MatrixRef::Plain(w)
             | MatrixRef::Int8 { values: w, .. }
             | MatrixRef::Fp8 { values: w, .. } => w.size(),
+            MatrixRef::Mxfp4 { blocks, .. } => {
+                let size = blocks.size();
+                vec![size[0], size[1] * 2]
+            }
         }
     }
 
@@ -221,6 +288,26 @@ impl<'a> MatrixRef<'a> {
                     .f_narrow(1, 0, size[1])?;
                 values.f_to_kind(Kind::Float)?.f_mul(&each)?.f_to_kind(kind)
             }
+            MatrixRef::Mxfp4 { blocks, scales } => {
+                let device = blocks.device();
+                let table = Tensor::f_from_slice(&E2M1)?.f_to_device(device)?;
+                let bytes = blocks.f_to_kind(Kind::Int64)?;
+                let low = table.f_index_select(0, &bytes.f_bitwise_and(15)?.f_flatten(0, -1)?)?;
+                let high = table.f_index_select(
+                    0,
+                    &bytes
+                        .f_bitwise_right_shift_tensor_scalar(4)?
+                        .f_flatten(0, -1)?,
+                )?;
+                let outputs = blocks.size()[0];
+                let values = Tensor::f_stack(&[low, high], 1)?.f_view([outputs, -1, 32])?;
+                let scale = scales
+                    .f_to_kind(Kind::Float)?
+                    .f_sub_scalar(127.0)?
+                    .f_exp2()?
+                    .f_unsqueeze(2)?;
+                values.f_mul(&scale)?.f_view([outputs, -1])?.f_to_kind(kind)
+            }
         }
     }
 
@@ -228,7 +315,12 @@ impl<'a> MatrixRef<'a> {
     pub(crate) fn tensors(self) -> Vec<(&'static str, &'a Tensor)> {
         match self {
             MatrixRef::Plain(w) => vec![("the weight", w)],
-            MatrixRef::Int8 { values, scales } | MatrixRef::Fp8 { values, scales, .. } => {
+            MatrixRef::Int8 { values, scales }
+            | MatrixRef::Fp8 { values, scales, .. }
+            | MatrixRef::Mxfp4 {
+                blocks: values,
+                scales,
+            } => {
                 vec![("the weight", values), ("the weight's scales", scales)]
             }
         }

@@ -20,7 +20,9 @@ const SINGLE_FILE: &str = "model.safetensors";
 const INDEX_FILE: &str = "model.safetensors.index.json";
 const HEADER_LEN_BYTES: usize = 8;
 /// The `quantization_config.quant_method`s whose weights load as stored.
-const SERVED_QUANTIZATIONS: [&str; 1] = ["fp8"];
+const SERVED_QUANTIZATIONS: [&str; 2] = ["fp8", "mxfp4"];
+/// MXFP4's block: values per E8M0 scale.
+pub const MXFP4_BLOCK: i64 = 32;
 
 struct WeightFile {
     path: PathBuf,
@@ -111,7 +113,8 @@ impl Checkpoint {
         {
             return Err(WeightsError::UnsupportedQuantization {
                 quant_method: quant_method.into(),
-                served: "\"fp8\" (e4m3 weights in blocks with weight_scale_inv)",
+                served: "\"fp8\" (e4m3 weights in blocks with weight_scale_inv) and \"mxfp4\" \
+                         (gpt-oss's experts as _blocks and _scales)",
             });
         }
         Ok(Self {
@@ -230,6 +233,89 @@ impl Checkpoint {
         WeightMatrix::new(w, quantization).map_err(torch_err)
     }
 
+    /// Whether the checkpoint stores its experts in MXFP4.
+    pub fn mxfp4(&self) -> bool {
+        self.quant_method.as_deref() == Some("mxfp4")
+    }
+
+    /// Entry `index` of the first dimension of tensor `key` (one expert of
+    /// a fused tensor), copied out as stored; the tensor must be
+    /// `[count, rest...]`.
+    pub fn load_entry(
+        &self,
+        key: &str,
+        (index, count): (usize, usize),
+        rest: &[i64],
+        device: Device,
+    ) -> Result<Tensor, WeightsError> {
+        let mut expected = vec![count as i64];
+        expected.extend_from_slice(rest);
+        self.stored_part(key, &expected, Some(index), device)
+    }
+
+    /// Expert `index` of `count` of the MXFP4 weight `key` (`{key}_blocks`
+    /// `[count, outputs, inner / 32, 16]` and `{key}_scales` `[count,
+    /// outputs, inner / 32]`, bytes), held as stored: `[outputs, inner /
+    /// 2]` blocks and `[outputs, inner / 32]` scales.
+    pub fn load_mxfp4_entry(
+        &self,
+        key: &str,
+        (index, count): (usize, usize),
+        [outputs, inner]: [i64; 2],
+        device: Device,
+    ) -> Result<WeightMatrix, WeightsError> {
+        let groups = inner / MXFP4_BLOCK;
+        let count = count as i64;
+        let mut parts = Vec::new();
+        for (suffix, needed) in [
+            ("blocks", vec![count, outputs, groups, MXFP4_BLOCK / 2]),
+            ("scales", vec![count, outputs, groups]),
+        ] {
+            let name = format!("{key}_{suffix}");
+            let found = self.shape(&name)?;
+            if inner % MXFP4_BLOCK != 0 || found != needed {
+                return Err(WeightsError::Mxfp4Shape {
+                    key: name,
+                    found,
+                    needed,
+                    outputs,
+                    inner,
+                });
+            }
+            let part = self.stored_part(&name, &needed, Some(index), device)?;
+            if part.kind() != Kind::Uint8 {
+                return Err(WeightsError::UnsupportedDtype {
+                    key: name,
+                    dtype: format!("{:?} (MXFP4 blocks and scales are U8)", part.kind()),
+                });
+            }
+            parts.push(part);
+        }
+        let torch = |error| WeightsError::Torch {
+            key: key.into(),
+            error,
+        };
+        let scales = parts.pop().expect("two parts");
+        let blocks = parts.pop().expect("two parts");
+        Ok(WeightMatrix::Mxfp4 {
+            blocks: blocks.f_reshape([outputs, inner / 2]).map_err(torch)?,
+            scales,
+        })
+    }
+
+    /// The shape of tensor `key` as stored.
+    fn shape(&self, key: &str) -> Result<Vec<i64>, WeightsError> {
+        let &file = self
+            .location
+            .get(key)
+            .ok_or_else(|| WeightsError::MissingTensor { key: key.into() })?;
+        let info = self.files[file]
+            .metadata
+            .info(key)
+            .ok_or_else(|| WeightsError::MissingTensor { key: key.into() })?;
+        Ok(info.shape.iter().map(|&d| d as i64).collect())
+    }
+
     /// The FP8 weight `key` (its values, `stored`) with its
     /// `{key}_scale_inv`, whose shape must be the weight's blocks'.
     fn fp8(&self, key: &str, values: Tensor, device: Device) -> Result<WeightMatrix, WeightsError> {
@@ -272,6 +358,25 @@ impl Checkpoint {
         expected_shape: Option<&[i64]>,
         device: Device,
     ) -> Result<Tensor, WeightsError> {
+        match expected_shape {
+            Some(shape) => self.stored_part(key, shape, None, device),
+            None => {
+                let shape = self.shape(key)?;
+                self.stored_part(key, &shape, None, device)
+            }
+        }
+    }
+
+    /// Tensor `key` of shape `expected_shape`, or only its entry `entry`
+    /// of the first dimension, copied out of the mapping as stored onto
+    /// `device`.
+    fn stored_part(
+        &self,
+        key: &str,
+        expected_shape: &[i64],
+        entry: Option<usize>,
+        device: Device,
+    ) -> Result<Tensor, WeightsError> {
         let &file = self
             .location
             .get(key)
@@ -282,12 +387,10 @@ impl Checkpoint {
             .info(key)
             .ok_or_else(|| WeightsError::MissingTensor { key: key.into() })?;
         let actual: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
-        if let Some(expected) = expected_shape
-            && actual != expected
-        {
+        if actual != expected_shape || entry.is_some_and(|e| e as i64 >= actual[0]) {
             return Err(WeightsError::ShapeMismatch {
                 key: key.into(),
-                expected: expected.to_vec(),
+                expected: expected_shape.to_vec(),
                 actual,
             });
         }
@@ -295,7 +398,13 @@ impl Checkpoint {
             key: key.into(),
             dtype: format!("{:?}", info.dtype),
         })?;
-        let (start, end) = info.data_offsets;
+        let (mut start, mut end) = info.data_offsets;
+        let mut actual = actual;
+        if let Some(entry) = entry {
+            let each = (end - start) / actual[0] as usize;
+            (start, end) = (start + entry * each, start + (entry + 1) * each);
+            actual.remove(0);
+        }
         let bytes = &file.mmap[file.data_start + start..file.data_start + end];
         let torch_err = |error| WeightsError::Torch {
             key: key.into(),
@@ -362,6 +471,7 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
         Dtype::BF16 => Some(Kind::BFloat16),
         Dtype::F64 => Some(Kind::Double),
         Dtype::F8_E4M3 => Some(Kind::Float8e4m3fn),
+        Dtype::U8 => Some(Kind::Uint8),
         _ => None,
     }
 }

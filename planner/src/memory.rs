@@ -14,6 +14,7 @@ use serde::Serialize;
 use tramontane_config::{ModelSpec, Parameters};
 
 use crate::model::SizedModel;
+use crate::weight_dtype::WeightDtype;
 
 /// Fraction of a device's memory the plan fills at most; the rest is left to
 /// the runtime, activations and fragmentation (vLLM's default is the same).
@@ -46,12 +47,33 @@ impl SizedModel {
 
     /// Bytes of one routed expert of decoder layer `layer` as its weights
     /// are stored (gate and up `[width, hidden]`, down `[hidden, width]`,
-    /// with their scales when quantized); 0 for a dense layer.
+    /// with their scales when quantized), and its biases where it has them
+    /// (gpt-oss: `2 × width` of gate and up, `hidden` of down); 0 for a
+    /// dense layer.
     pub fn expert_bytes(&self, layer: usize) -> u64 {
         self.spec.moe(layer).map_or(0, |moe| {
             let (width, hidden) = (moe.width as u64, self.spec.hidden_size as u64);
-            2 * self.experts.matrix_bytes(width, hidden) + self.experts.matrix_bytes(hidden, width)
+            let biases = if moe.expert_bias {
+                2 * width + hidden
+            } else {
+                0
+            };
+            2 * self.experts.matrix_bytes(width, hidden)
+                + self.experts.matrix_bytes(hidden, width)
+                + biases * self.expert_bias_bytes()
         })
+    }
+
+    /// Bytes of one expert bias value: the experts' float dtype, or where
+    /// their weights are quantized the compute dtype (quantization leaves
+    /// biases alone: gpt-oss's MXFP4 checkpoints keep them in bf16 beside
+    /// the blocks and scales).
+    fn expert_bias_bytes(&self) -> u64 {
+        match self.experts {
+            WeightDtype::F32 => 4,
+            WeightDtype::Bf16 | WeightDtype::F16 => 2,
+            WeightDtype::Int8 | WeightDtype::Fp8 | WeightDtype::Mxfp4 => self.dtype_bytes as u64,
+        }
     }
 
     /// Parameters of the largest routed expert of any layer (the families'
@@ -194,6 +216,110 @@ mod tests {
         assert_eq!(bf16.dense_parameters(), 17_117_648_384);
         assert_eq!(fp8.dense_bytes(), 34_235_296_768);
         assert_eq!(bf16.kv_bytes_per_token(), 70_272);
+    }
+
+    /// gpt-oss as published: every layer routed, experts of width 2880 over
+    /// a hidden size of 2880 with biases, stored in MXFP4 (the config's
+    /// `quant_method`), the biases in bf16; the router's part in bf16 (the
+    /// config has no `torch_dtype`).
+    fn gpt_oss(name: &str) -> (SizedModel, SizedModel) {
+        use crate::model::PlannedModel;
+        use tramontane_config::Dtype;
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join(name);
+        let planned = PlannedModel::read(&path).unwrap();
+        let dtype = planned.dtype(None).unwrap();
+        assert_eq!(dtype, Dtype::Bf16, "{name}");
+        assert_eq!(planned.quant_method.as_deref(), Some("mxfp4"), "{name}");
+        let weights = planned.weight_dtype(None, dtype).unwrap();
+        assert_eq!(weights, WeightDtype::Mxfp4, "{name}");
+        (
+            planned.sized(dtype, WeightDtype::Bf16),
+            planned.sized(dtype, weights),
+        )
+    }
+
+    /// One gpt-oss expert, whatever the model: gate and up fused into
+    /// `gate_up_proj` [5760 outputs, 2880 inner] with a bias of 5760,
+    /// `down_proj` [2880, 2880] with a bias of 2880.
+    fn gpt_oss_expert_by_hand(bf16: &SizedModel, mxfp4: &SizedModel) {
+        // 3 × 2880 × 2880 = 24,883,200 weights and 2 × 2880 + 2880 =
+        // 8,640 biases.
+        assert_eq!(bf16.expert_parameters(), 24_883_200 + 8_640);
+        // bf16: 2 bytes each, 49,766,400 + 17,280.
+        assert_eq!(bf16.expert_bytes(0), 49_783_680);
+        // MXFP4: per output row inner / 2 = 1,440 bytes of blocks (two
+        // E2M1 values a byte) and inner / 32 = 90 of E8M0 scales. gate_up:
+        // 5760 × 1440 + 5760 × 90 = 8,294,400 + 518,400; down: 2880 × 1440
+        // + 2880 × 90 = 4,147,200 + 259,200; the biases in bf16, 17,280.
+        let gate_up = 5_760 * 1_440 + 5_760 * 90;
+        let down = 2_880 * 1_440 + 2_880 * 90;
+        assert_eq!((gate_up, down), (8_812_800, 4_406_400));
+        assert_eq!(mxfp4.expert_bytes(0), gate_up + down + 17_280);
+        assert_eq!(mxfp4.expert_bytes(0), 13_236_480);
+        // Every layer is routed: the largest layer's is any layer's.
+        assert_eq!(mxfp4.expert_layer_bytes(), 13_236_480);
+        // 3.76 × smaller; the weights they compute with are the same.
+        assert_eq!(mxfp4.expert_parameters(), bf16.expert_parameters());
+        // The router's part stays in bf16 either way.
+        assert_eq!(mxfp4.dense_bytes(), bf16.dense_bytes());
+    }
+
+    /// gpt-oss-120b: 36 layers of 128 experts. In MXFP4 all its experts
+    /// (61.0 GB) fit one H100 worker; in bf16 (229.4 GB) they need 4.
+    #[test]
+    fn gpt_oss_120b_by_hand() {
+        let (bf16, mxfp4) = gpt_oss("gpt-oss-120b");
+        gpt_oss_expert_by_hand(&bf16, &mxfp4);
+        // One expert id over 36 layers: 36 × 13,236,480 (MXFP4), 36 ×
+        // 49,783,680 (bf16).
+        assert_eq!(mxfp4.expert_bytes_all_layers(), 476_513_280);
+        assert_eq!(bf16.expert_bytes_all_layers(), 1_792_212_480);
+        // All 4,608 (layer, expert) pairs: 61.0 GB in MXFP4, 229.4 GB in
+        // bf16. An H100 (72 GB usable) holds 151 ids in MXFP4, all 128 of
+        // them: one worker; 40 in bf16: 4 workers.
+        assert_eq!(128 * mxfp4.expert_bytes_all_layers(), 60_993_699_840);
+        assert_eq!(128 * bf16.expert_bytes_all_layers(), 229_403_197_440);
+        assert_eq!(H100_USABLE / 476_513_280, 151);
+        assert_eq!(H100_USABLE / 1_792_212_480, 40);
+        assert_eq!(h100_workers(128, mxfp4.expert_bytes_all_layers()), 1);
+        assert_eq!(h100_workers(128, bf16.expert_bytes_all_layers()), 4);
+        // The router: 2.13 B parameters (embeddings and lm_head 2 × 201088
+        // × 2880, attention with its biases and sinks, norms, the router
+        // and its bias) in bf16, 4.26 GB: with the experts in MXFP4, 65.2
+        // GB in all, the one 80 GB GPU the model card names.
+        assert_eq!(bf16.dense_parameters(), 2_127_557_952);
+        assert_eq!(mxfp4.dense_bytes(), 4_255_115_904);
+        assert!(128 * mxfp4.expert_bytes_all_layers() + mxfp4.dense_bytes() < H100_USABLE);
+        // 36 layers × 2 × 8 kv heads × 64 × 2 bytes (the sliding layers'
+        // keep at most 128 positions; the planner sizes every layer whole).
+        assert_eq!(mxfp4.kv_bytes_per_token(), 73_728);
+    }
+
+    /// gpt-oss-20b: 24 layers of 32 experts. Its experts fit one H100
+    /// worker in MXFP4 (10.2 GB) and in bf16 (38.2 GB).
+    #[test]
+    fn gpt_oss_20b_by_hand() {
+        let (bf16, mxfp4) = gpt_oss("gpt-oss-20b");
+        gpt_oss_expert_by_hand(&bf16, &mxfp4);
+        assert_eq!(mxfp4.expert_bytes_all_layers(), 24 * 13_236_480);
+        assert_eq!(bf16.expert_bytes_all_layers(), 24 * 49_783_680);
+        // All 768 pairs: 10.2 GB in MXFP4, 38.2 GB in bf16; an H100 holds
+        // 226 ids in MXFP4 and 60 in bf16, the 32 either way.
+        assert_eq!(32 * mxfp4.expert_bytes_all_layers(), 10_165_616_640);
+        assert_eq!(32 * bf16.expert_bytes_all_layers(), 38_233_866_240);
+        assert_eq!(H100_USABLE / mxfp4.expert_bytes_all_layers(), 226);
+        assert_eq!(H100_USABLE / bf16.expert_bytes_all_layers(), 60);
+        assert_eq!(h100_workers(32, mxfp4.expert_bytes_all_layers()), 1);
+        assert_eq!(h100_workers(32, bf16.expert_bytes_all_layers()), 1);
+        // The router: 1.80 B parameters, 3.60 GB in bf16; with the experts
+        // in MXFP4 13.8 GB in all, within the 16 GB the model card names.
+        assert_eq!(bf16.dense_parameters(), 1_797_824_064);
+        assert_eq!(mxfp4.dense_bytes(), 3_595_648_128);
+        assert!(32 * mxfp4.expert_bytes_all_layers() + mxfp4.dense_bytes() < 16_000_000_000);
+        // 24 layers × 2 × 8 kv heads × 64 × 2 bytes.
+        assert_eq!(mxfp4.kv_bytes_per_token(), 49_152);
     }
 
     /// DeepSeek-V2-Lite: 26 routed layers of 64 experts of width 1408,

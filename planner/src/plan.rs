@@ -408,6 +408,7 @@ pub fn worker_load(load: &[Vec<f64>], placement: &Placement) -> Vec<Vec<f64>> {
 mod tests {
     use super::*;
     use crate::test_fixtures;
+    use crate::weight_dtype::WeightDtype;
     use crate::workload::{Arrivals, Lengths};
 
     fn shape() -> SizedModel {
@@ -550,14 +551,21 @@ mod tests {
     fn the_search_on_h100s_finds_what_holds_each_familys_experts() {
         // Memory decides here: the smallest cluster whose workers hold the
         // experts (by hand in `memory`'s tests) is the answer.
-        for (name, workers) in [
-            ("mixtral-8x7b", 2),
-            ("qwen3-30b-a3b", 1),
-            ("qwen3-235b-a22b", 7),
-            ("qwen2-57b-a14b", 2),
-            ("olmoe-1b-7b-0924", 1),
+        for (name, weights, workers) in [
+            ("mixtral-8x7b", None, 2),
+            ("qwen3-30b-a3b", None, 1),
+            ("qwen3-235b-a22b", None, 7),
+            ("qwen2-57b-a14b", None, 2),
+            ("olmoe-1b-7b-0924", None, 1),
+            ("gpt-oss-20b", None, 1),
+            ("gpt-oss-120b", None, 4),
+            // As published: its experts in MXFP4.
+            ("gpt-oss-120b", Some(WeightDtype::Mxfp4), 1),
         ] {
-            let model = test_fixtures::fixture(name);
+            let mut model = test_fixtures::fixture(name);
+            if let Some(weights) = weights {
+                model.experts = weights;
+            }
             let planner = Planner {
                 routing: TokenRouting::uniform(&model),
                 profile: crate::roofline::by_key("h100").unwrap().profile(&model),

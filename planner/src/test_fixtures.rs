@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use tramontane_config::{AttentionSpec, Dtype, Family, FfnSpec, Gate, ModelSpec, MoeSpec, QkNorm};
+use tramontane_config::{
+    Activation, AttentionSpec, Dtype, Family, FfnSpec, Gate, ModelSpec, MoeSpec, QkNorm,
+};
 use tramontane_policy::routing_trace::{FORMAT as TRACE_FORMAT, Header, RoutingTrace};
 
 use crate::model::{PlannedModel, SizedModel};
@@ -28,6 +30,9 @@ pub fn with_dense_layers(
         top_k,
         width: 16,
         gate: Gate::TopKThenSoftmax,
+        router_bias: false,
+        activation: Activation::SwiGlu,
+        expert_bias: false,
         shared: None,
     };
     let spec = ModelSpec {
@@ -46,6 +51,8 @@ pub fn with_dense_layers(
             qk_norm: QkNorm::None,
             clip_qkv: None,
             sliding_window: None,
+            sliding_layers: None,
+            sinks: false,
             rope_theta: 1e6,
             yarn: None,
             latent: None,

@@ -143,10 +143,18 @@ pub fn write(out: &Path, spec: &Spec) -> Result<()> {
         &json!({"bos_token_id": 1, "eos_token_id": 2}),
     )?;
     let skew = (spec.expert_skew > 0.0).then(|| weights::Skew::new(&model, spec.expert_skew));
-    weights::write_weights(out, &model, dtype, spec.seed, spec.shards, skew.as_ref())?;
+    let stored = weights::Stored {
+        dtype,
+        mxfp4: spec.mxfp4,
+    };
+    weights::write_weights(out, &model, stored, spec.seed, spec.shards, skew.as_ref())?;
     let chat_template = match spec.family {
         Family::Qwen3Moe | Family::Qwen2Moe => Some("qwen-tools"),
-        Family::Mixtral | Family::Olmoe | Family::DeepseekV2 | Family::DeepseekV3 => None,
+        Family::Mixtral
+        | Family::Olmoe
+        | Family::DeepseekV2
+        | Family::DeepseekV3
+        | Family::GptOss => None,
     };
     write_tokenizer(out, spec.python.as_deref(), chat_template)?;
     Ok(())

@@ -21,7 +21,10 @@ pub enum Preset {
     /// of 24 and values of 16), 16 experts top-4 of width 32 and 2 shared,
     /// greedy; deepseek_v3: the same latent with queries through a rank of
     /// 48 and values of 24, 16 experts in 4 groups (2 kept) top-4, 1
-    /// shared, sigmoid scores renormalised and scaled by 2.5.
+    /// shared, sigmoid scores renormalised and scaled by 2.5. gpt_oss: 16
+    /// experts top-4 of width 32 with biases and the clamped SwiGLU, 2 kv
+    /// heads, a sink per head, a window of 8 positions at even layers,
+    /// YaRN as gpt-oss has it.
     Tiny,
     /// For benchmarks. mixtral: 8 experts top-2 of width 3584, 4 kv heads,
     /// 1,582,467,072 bytes; qwen3_moe: the same experts, head_dim 128,
@@ -33,7 +36,10 @@ pub enum Preset {
     /// key of 64, q/k heads of 192 and values of 128, 64 experts top-6 of
     /// width 448 and 2 shared, 1,712,367,616 bytes; deepseek_v3: queries
     /// through a rank of 768, 64 experts in 8 groups (4 kept) top-8 and 1
-    /// shared, 1,690,360,832 bytes.
+    /// shared, 1,690,360,832 bytes; gpt_oss (gpt-oss-20b's routing and
+    /// attention): 32 experts top-4 of width 896, head_dim 64, 4 kv heads,
+    /// a window of 128 at even layers, 1,584,343,808 bytes in bf16 (its
+    /// experts in MXFP4 with `--mxfp4`).
     Bench,
     /// Fine-grained experts for benchmarks, about the bytes of mixtral's
     /// `bench` (its experts' 8 × 3584 width per layer cut finer). qwen3_moe
@@ -98,6 +104,9 @@ pub(crate) struct Shape {
     /// DeepSeek's `routed_scaling_factor`.
     pub routed_scale: f64,
 }
+
+/// gpt-oss's YaRN (transformers' default): positions as 32 × 4096.
+const GPT_OSS_MAX_POSITION: usize = 131072;
 
 /// DeepSeek's latent attention's widths.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -261,6 +270,24 @@ pub(crate) fn shape(family: Family, preset: Preset) -> Result<Shape> {
             routed_scale: 2.5,
             ..tiny
         },
+        (Family::GptOss, Preset::Tiny) => Shape {
+            sliding_window: Some(8),
+            rope_theta: 150000.0,
+            rms_norm_eps: 1e-5,
+            max_position: GPT_OSS_MAX_POSITION,
+            ..tiny
+        },
+        (Family::GptOss, Preset::Bench) => Shape {
+            experts: 32,
+            top_k: 4,
+            expert_width: 896,
+            head_dim: Some(64),
+            sliding_window: Some(128),
+            rope_theta: 150000.0,
+            rms_norm_eps: 1e-5,
+            max_position: GPT_OSS_MAX_POSITION,
+            ..bench
+        },
         (Family::DeepseekV2, Preset::Bench) => deepseek_bench,
         (Family::DeepseekV3, Preset::Bench) => Shape {
             top_k: 8,
@@ -276,12 +303,16 @@ pub(crate) fn shape(family: Family, preset: Preset) -> Result<Shape> {
             ..deepseek_bench
         },
         (
-            Family::Mixtral | Family::Qwen2Moe | Family::DeepseekV2 | Family::DeepseekV3,
+            Family::Mixtral
+            | Family::Qwen2Moe
+            | Family::DeepseekV2
+            | Family::DeepseekV3
+            | Family::GptOss,
             Preset::BenchFine,
         ) => {
             return Err(SyntheticError::Spec(format!(
                 "--preset bench-fine: {} has no fine-grained preset (qwen3_moe and olmoe have; \
-                 deepseek's bench is fine-grained)",
+                 deepseek's and gpt_oss's bench are fine-grained)",
                 family.model_type()
             )));
         }
@@ -297,7 +328,7 @@ mod tests {
     use crate::Spec;
 
     /// The bytes of each preset's weights as stored, as [`Preset`] states them.
-    const BYTES: [(Family, Preset, usize); 8] = [
+    const BYTES: [(Family, Preset, usize); 9] = [
         (Family::Mixtral, Preset::Bench, 1_582_467_072),
         (Family::Qwen3Moe, Preset::Bench, 1_624_414_208),
         (Family::Qwen3Moe, Preset::BenchFine, 1_626_380_288),
@@ -306,6 +337,7 @@ mod tests {
         (Family::Olmoe, Preset::BenchFine, 1_608_583_168),
         (Family::DeepseekV2, Preset::Bench, 1_712_367_616),
         (Family::DeepseekV3, Preset::Bench, 1_690_360_832),
+        (Family::GptOss, Preset::Bench, 1_584_343_808),
     ];
 
     #[test]

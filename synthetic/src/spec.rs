@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde_json::{Value, json};
 use tramontane_config::deepseek::DeepseekConfig;
+use tramontane_config::gpt_oss::GptOssConfig;
 use tramontane_config::olmoe::OlmoeConfig;
 use tramontane_config::qwen_moe::QwenMoeConfig;
 use tramontane_config::{Dtype, Family, MixtralConfig, ModelSpec, TokenIds};
@@ -63,6 +64,9 @@ pub struct Spec {
     pub tie_embeddings: bool,
     /// dtype of the stored weights (default: the preset's).
     pub dtype: Option<Dtype>,
+    /// Store the routed experts in MXFP4 as released gpt-oss checkpoints
+    /// do (`_blocks` and `_scales`, `quantization_config` "mxfp4").
+    pub mxfp4: bool,
     /// Split the weights over this many safetensors files with an index.
     pub shards: usize,
     /// Skew of the gates, a Zipf exponent (0: none); see the crate docs.
@@ -98,6 +102,7 @@ impl Default for Spec {
             max_position: None,
             tie_embeddings: false,
             dtype: None,
+            mxfp4: false,
             shards: 1,
             expert_skew: 0.0,
             python: None,
@@ -141,7 +146,27 @@ impl Spec {
     /// the family, every field by the family's reader.
     pub fn config(&self) -> Result<(Value, ModelSpec)> {
         let shape = self.shape()?;
-        let json = config_json(self.family, &shape, self.tie_embeddings);
+        let mut json = config_json(self.family, &shape, self.tie_embeddings);
+        if self.mxfp4 {
+            applies(self.family, "--mxfp4", Some(()), &[Family::GptOss])?;
+            ensure(
+                shape.hidden.is_multiple_of(32) && shape.expert_width.is_multiple_of(32),
+                || {
+                    format!(
+                        "--mxfp4: the hidden size {} and the experts' width {} must be multiples \
+                         of 32 (MXFP4's block)",
+                        shape.hidden, shape.expert_width
+                    )
+                },
+            )?;
+            json["quantization_config"] = json!({
+                "quant_method": "mxfp4",
+                "modules_to_not_convert": [
+                    "model.layers.*.self_attn", "model.layers.*.mlp.router",
+                    "model.embed_tokens", "lm_head"
+                ],
+            });
+        }
         let model = ModelSpec::from_json(&json.to_string())?;
         ensure(model.moe_layers().next().is_some(), || {
             "--dense-layers and --sparse-step leave no routed layer".into()
@@ -244,12 +269,13 @@ impl Spec {
         if let Some(clip) = applies(f, "--clip-qkv", self.clip_qkv, olmoe)? {
             s.clip_qkv = Some(clip);
         }
-        let head_dim = &[Family::Mixtral, Family::Qwen3Moe];
+        let head_dim = &[Family::Mixtral, Family::Qwen3Moe, Family::GptOss];
         if let Some(dim) = applies(f, "--head-dim", self.head_dim, head_dim)? {
             s.head_dim = Some(dim);
         }
         let window = self.sliding_window;
-        if let Some(window) = applies(f, "--sliding-window", window, &[Family::Mixtral])? {
+        let windowed = &[Family::Mixtral, Family::GptOss];
+        if let Some(window) = applies(f, "--sliding-window", window, windowed)? {
             s.sliding_window = Some(window);
         }
         // transformers' Qwen2-MoE and OLMoE attention split the hidden size
@@ -397,6 +423,51 @@ fn config_json(family: Family, s: &Shape, tie_embeddings: bool) -> Value {
             config
         }
         Family::DeepseekV2 | Family::DeepseekV3 => deepseek_json(family, s, tie_embeddings),
+        Family::GptOss => {
+            let mut config = written(
+                serde_json::to_value(GptOssConfig {
+                    hidden_size: s.hidden,
+                    intermediate_size: s.expert_width,
+                    num_hidden_layers: s.layers,
+                    num_attention_heads: s.heads,
+                    num_key_value_heads: s.kv_heads,
+                    head_dim: s.head_dim.unwrap_or(s.hidden / s.heads.max(1)),
+                    num_local_experts: s.experts,
+                    num_experts_per_tok: s.top_k,
+                    sliding_window: s.sliding_window.unwrap_or(128),
+                    layer_types: Some(
+                        (0..s.layers)
+                            .map(|l| match l % 2 {
+                                0 => "sliding_attention".into(),
+                                _ => "full_attention".into(),
+                            })
+                            .collect(),
+                    ),
+                    swiglu_limit: 7.0,
+                    vocab_size: VOCAB_SIZE,
+                    max_position_embeddings: s.max_position,
+                    rms_norm_eps: s.rms_norm_eps,
+                    rope_theta: s.rope_theta,
+                    rope_scaling: Some(json!({
+                        "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                        "beta_slow": 1.0, "truncate": false,
+                        "original_max_position_embeddings": 4096
+                    })),
+                    tie_word_embeddings: tie_embeddings,
+                    hidden_act: "silu".into(),
+                    bos_token_id: Some(BOS),
+                    eos_token_id: Some(TokenIds::One(EOS)),
+                })
+                .expect("a config serialises"),
+            );
+            config.extend(written(json!({
+                "attention_bias": true,
+                "experts_per_token": s.top_k,
+                "initial_context_length": 4096,
+                "router_aux_loss_coef": 0.9,
+            })));
+            config
+        }
     };
     if family == Family::Mixtral {
         config.extend(written(json!({
@@ -548,14 +619,25 @@ mod tests {
                 clip_qkv: Some(2.0),
                 ..base(f)
             }),
-            ("--head-dim", vec![Family::Mixtral, Family::Qwen3Moe], |f| {
-                Spec {
+            (
+                "--head-dim",
+                vec![Family::Mixtral, Family::Qwen3Moe, Family::GptOss],
+                |f| Spec {
                     head_dim: Some(8),
                     ..base(f)
-                }
-            }),
-            ("--sliding-window", vec![Family::Mixtral], |f| Spec {
-                sliding_window: Some(8),
+                },
+            ),
+            // Other than gpt_oss's preset window (8).
+            (
+                "--sliding-window",
+                vec![Family::Mixtral, Family::GptOss],
+                |f| Spec {
+                    sliding_window: Some(6),
+                    ..base(f)
+                },
+            ),
+            ("--mxfp4", vec![Family::GptOss], |f| Spec {
+                mxfp4: true,
                 ..base(f)
             }),
         ]

@@ -20,13 +20,15 @@ const BIAS_STD: f64 = 0.1;
 /// A random tensor for `role` and `shape`: about unit-variance activations
 /// at every layer, so logits are well spread and greedy choices are not
 /// near-ties. Embeddings N(0, 1); RMSNorm scales 1 + 0.1·N(0, 1); biases
-/// 0.1·N(0, 1); every other weight `[out, in]` N(0, 1/in).
+/// 0.1·N(0, 1); sinks (logits) N(0, 1); every other weight `[out, in]`
+/// (or a fused expert weight `[experts, in, out]`) N(0, 1/in).
 fn draw(role: TensorRole, shape: &[i64]) -> Tensor {
     let t = Tensor::randn(shape, (Kind::Float, tch::Device::Cpu));
     match (role, shape) {
         (TensorRole::Embeddings, _) => t * 1.0,
         (TensorRole::Norm | TensorRole::FeedForwardNorm, _) => t * NORM_SPREAD + 1.0,
-        (_, [_]) => t * BIAS_STD,
+        (TensorRole::Sinks, _) => t,
+        (_, [_]) | (TensorRole::Experts { .. }, [_, _]) => t * BIAS_STD,
         (_, [_, fan_in, ..]) => t * (1.0 / (*fan_in as f64).sqrt()),
         (_, []) => t,
     }
@@ -102,10 +104,21 @@ impl Skew {
                 let column = Tensor::from_slice(&bias).view([bias.len() as i64, 1]);
                 t.narrow(1, j, 1).copy_(&column);
             }
+            // The fused experts' weights `[experts, in, out]`: a gate/up
+            // weight's input row, a down weight's or bias's output column.
+            TensorRole::Experts { writes: false } if t.dim() == 3 => {
+                let _ = t.narrow(1, j, 1).fill_(0.0);
+            }
+            TensorRole::Experts { writes: true } => {
+                let _ = t.narrow(t.dim() as i64 - 1, j, 1).fill_(0.0);
+            }
             TensorRole::Reads
             | TensorRole::Norm
             | TensorRole::Inner
-            | TensorRole::GateCorrection => {}
+            | TensorRole::GateCorrection
+            | TensorRole::RouterBias
+            | TensorRole::Sinks
+            | TensorRole::Experts { .. } => {}
         }
         t
     }
@@ -150,12 +163,72 @@ fn stored(tensor: &Tensor, dtype: Dtype) -> StoredTensor {
     }
 }
 
+/// How the weights are stored: in `dtype`, the fused experts' weights in
+/// MXFP4 where `mxfp4`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stored {
+    pub dtype: Dtype,
+    pub mxfp4: bool,
+}
+
+/// The E2M1 magnitudes, by their 3 low bits.
+const E2M1: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+
+/// `w` `[experts, in, out]` in MXFP4 as gpt-oss checkpoints store it,
+/// output-major: blocks `[experts, out, in / 32, 16]` (two E2M1 values a
+/// byte, the low nibble first) and scales `[experts, out, in / 32]` (E8M0:
+/// the exponent + 127). Each block of 32 takes the smallest power of two
+/// that brings its largest magnitude within 6, E2M1's largest; each value
+/// rounds to the nearest E2M1 value (ties to the smaller magnitude).
+pub(crate) fn mxfp4(w: &Tensor) -> (Tensor, Tensor) {
+    let size = w.size();
+    let (experts, inner, outputs) = (size[0], size[1], size[2]);
+    let groups = inner / 32;
+    let w = w
+        .to_kind(Kind::Float)
+        .transpose(1, 2)
+        .contiguous()
+        .view([experts, outputs, groups, 32]);
+    let largest = w.abs().amax(-1, true);
+    let exponent = (largest / 6.0)
+        .clamp_min(f64::from(f32::MIN_POSITIVE))
+        .log2()
+        .ceil()
+        .clamp(-127.0, 127.0);
+    let scaled = &w / exponent.exp2();
+    let table = Tensor::from_slice(&E2M1);
+    let index = (scaled.abs().unsqueeze(-1) - &table)
+        .abs()
+        .argmin(-1, false);
+    let sign = scaled.lt(0.0).to_kind(Kind::Int64) * 8;
+    let codes = (index + sign).view([experts, outputs, groups, 16, 2]);
+    let blocks = (codes.select(-1, 0) + codes.select(-1, 1) * 16).to_kind(Kind::Uint8);
+    let scales = (exponent.squeeze_dim(-1) + 127.0).to_kind(Kind::Uint8);
+    (blocks, scales)
+}
+
+/// Bytes (`Uint8`) as stored.
+fn stored_bytes(tensor: &Tensor) -> StoredTensor {
+    let t = tensor.contiguous();
+    let numel = t.numel();
+    let mut bytes = vec![0u8; numel];
+    t.copy_data_u8(&mut bytes, numel);
+    StoredTensor {
+        dtype: safetensors::Dtype::U8,
+        shape: t.size().iter().map(|&d| d as usize).collect(),
+        bytes,
+    }
+}
+
 /// Draws the weights of `spec` under `seed` and writes them into `out`
 /// (replacing any there), in `shards` files.
 pub(crate) fn write_weights(
     out: &Path,
     spec: &ModelSpec,
-    dtype: Dtype,
+    Stored {
+        dtype,
+        mxfp4: as_mxfp4,
+    }: Stored,
     seed: u64,
     shards: usize,
     skew: Option<&Skew>,
@@ -170,7 +243,7 @@ pub(crate) fn write_weights(
     let tensors: Vec<(String, StoredTensor)> = spec
         .tensors_layer_by_layer()
         .into_iter()
-        .map(|(tensor, role)| {
+        .flat_map(|(tensor, role)| {
             let shape: Vec<i64> = tensor.shape.iter().map(|&d| d as i64).collect();
             let t = draw(role, &shape);
             // After the draw: the random stream, and so every value the skew
@@ -179,7 +252,14 @@ pub(crate) fn write_weights(
                 Some(skew) => skew.apply(role, t),
                 None => t,
             };
-            (tensor.name, stored(&t, dtype))
+            if as_mxfp4 && matches!(role, TensorRole::Experts { .. }) && t.dim() == 3 {
+                let (blocks, scales) = mxfp4(&t);
+                return vec![
+                    (format!("{}_blocks", tensor.name), stored_bytes(&blocks)),
+                    (format!("{}_scales", tensor.name), stored_bytes(&scales)),
+                ];
+            }
+            vec![(tensor.name, stored(&t, dtype))]
         })
         .collect();
     drop(drawing);
@@ -258,12 +338,17 @@ mod tests {
                 attention_bias: Some(true),
                 ..Spec::family(Family::Olmoe, Preset::Tiny)
             },
+            Spec::family(Family::GptOss, Preset::Tiny),
         ];
         for spec in specs {
             let (_, model) = spec.config()?;
             let out = dir.path().join(spec.family.model_type());
             std::fs::create_dir_all(&out)?;
-            write_weights(&out, &model, Dtype::F32, 0, 1, None)?;
+            let stored = Stored {
+                dtype: Dtype::F32,
+                mxfp4: false,
+            };
+            write_weights(&out, &model, stored, 0, 1, None)?;
             let stored: BTreeMap<String, Tensor> =
                 Tensor::read_safetensors(out.join("model.safetensors"))?
                     .into_iter()

@@ -2,7 +2,8 @@
 //! configs of every family (head_dim not hidden/heads, dense layers among
 //! routed ones, a shared expert, biases, q/k norms of both kinds, tied
 //! embeddings, latent attention with and without the queries' low rank,
-//! V3's gate correction bias), the tensors `ModelSpec::tensors` expects are exactly those,
+//! V3's gate correction bias, gpt-oss's sinks, router bias and fused
+//! experts), the tensors `ModelSpec::tensors` expects are exactly those,
 //! named and shaped, of the model transformers builds from the same
 //! config.json (scripts/hf_tensors.py, on the meta device).
 
@@ -80,6 +81,12 @@ fn configs() -> Vec<Value> {
             "num_key_value_heads": 4, "q_lora_rank": 20, "kv_lora_rank": 24,
             "qk_nope_head_dim": 12, "qk_rope_head_dim": 8, "v_head_dim": 10,
             "n_group": 4, "topk_group": 2, "vocab_size": 80
+        }),
+        json!({
+            "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
+            "hidden_size": 64, "intermediate_size": 24, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 20, "num_local_experts": 5,
+            "num_experts_per_tok": 2, "num_hidden_layers": 2, "vocab_size": 70
         }),
     ]
 }

@@ -252,44 +252,123 @@ fn served_int8_workers_hold_half_the_bytes_and_answer() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let model_dir = dir.path().join("model");
     support::gen_model(&model_dir, &["--preset", "tiny", "--seed", "34"])?;
-    let targets = dir.path().join("targets.json");
-    let targets_arg = targets.to_str().context("path")?;
-    let mut held = Vec::new();
-    for quantize in [&[][..], &["--quantize", "int8"]] {
-        let mut extra = vec!["--dtype", "bf16", "--prometheus-targets", targets_arg];
-        extra.extend_from_slice(quantize);
-        let serving = support::serve_two_workers(&model_dir, &extra)?;
-        let (status, _, body) = support::http(
-            &serving.http,
-            "POST",
-            "/v1/completions",
-            &json!({"model": "model", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0})
-                .to_string(),
-        )?;
-        ensure!(status == 200, "{extra:?}: {status} {body}");
-        let answer: serde_json::Value = serde_json::from_str(&body)?;
-        ensure!(answer["usage"]["completion_tokens"] == 8, "{body}");
-        let mut bytes = std::collections::BTreeMap::new();
-        for worker in support::worker_addrs(&targets)? {
-            let text = support::http(&worker, "GET", "/metrics", "")?.2;
-            for (labels, value) in support::samples(&text, "tramontane_worker_memory_bytes") {
-                if labels.get("kind").map(String::as_str) == Some("weights") {
-                    let dtype = labels.get("dtype").context("a dtype label")?.clone();
-                    *bytes.entry(dtype).or_insert(0.0) += value;
-                }
-            }
-        }
-        held.push(bytes);
-    }
-    let (bf16, int8) = (&held[0], &held[1]);
+    let bf16 = served_weight_bytes(dir.path(), &model_dir, &[])?;
+    let int8 = served_weight_bytes(dir.path(), &model_dir, &["--quantize", "int8"])?;
     ensure!(
         bf16.keys().eq(["bf16"]) && int8.keys().eq(["int8"]),
-        "{held:?}"
+        "{bf16:?} {int8:?}"
     );
     let ratio = int8["int8"] / bf16["bf16"];
-    eprintln!("the workers' expert bytes: {held:?}, int8 / bf16 = {ratio:.3}");
+    eprintln!("the workers' expert bytes: {bf16:?} {int8:?}, int8 / bf16 = {ratio:.3}");
     // Half, and a 4-byte scale per output row.
     ensure!((0.5..=0.55).contains(&ratio), "int8 / bf16 = {ratio}");
+    Ok(())
+}
+
+/// `serve --workers 2 --dtype bf16` on gpt-oss: with its experts in MXFP4
+/// (gen-model `--mxfp4`) the workers hold their blocks and scales as
+/// stored (and the biases in bf16), at most 0.3x the bytes of the same
+/// experts in bf16, labelled `dtype="mxfp4"`; both answer.
+#[test]
+fn served_mxfp4_workers_hold_under_a_third_of_the_bf16_bytes_and_answer() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut held = Vec::new();
+    for (name, mxfp4) in [("bf16", &[][..]), ("mxfp4", &["--mxfp4"][..])] {
+        let model_dir = dir.path().join(name).join("model");
+        let args = [&["--family", "gpt_oss", "--seed", "36"][..], mxfp4].concat();
+        support::gen_model(&model_dir, &args)?;
+        held.push(served_weight_bytes(
+            &dir.path().join(name),
+            &model_dir,
+            &[],
+        )?);
+    }
+    let (bf16, mxfp4) = (&held[0], &held[1]);
+    ensure!(
+        bf16.keys().eq(["bf16"]) && mxfp4.keys().eq(["mxfp4"]),
+        "{held:?}"
+    );
+    let ratio = mxfp4["mxfp4"] / bf16["bf16"];
+    eprintln!("the workers' expert bytes: {held:?}, mxfp4 / bf16 = {ratio:.3}");
+    // 17 bytes for 32 values where bf16 takes 64, and the biases in bf16.
+    ensure!((0.2656..=0.3).contains(&ratio), "mxfp4 / bf16 = {ratio}");
+    Ok(())
+}
+
+/// The expert bytes the workers of `serve --workers 2 --dtype bf16 EXTRA`
+/// on `model_dir` report (`tramontane_worker_memory_bytes{kind="weights"}`),
+/// by dtype, once the cluster has answered a completion; `dir` holds the
+/// Prometheus targets.
+fn served_weight_bytes(
+    dir: &Path,
+    model_dir: &Path,
+    extra: &[&str],
+) -> Result<std::collections::BTreeMap<String, f64>> {
+    let targets = dir.join("targets.json");
+    let targets_arg = targets.to_str().context("path")?;
+    let mut args = vec!["--dtype", "bf16", "--prometheus-targets", targets_arg];
+    args.extend_from_slice(extra);
+    let serving = support::serve_two_workers(model_dir, &args)?;
+    let (status, _, body) = support::http(
+        &serving.http,
+        "POST",
+        "/v1/completions",
+        &json!({"model": "model", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0})
+            .to_string(),
+    )?;
+    ensure!(status == 200, "{args:?}: {status} {body}");
+    let answer: serde_json::Value = serde_json::from_str(&body)?;
+    ensure!(answer["usage"]["completion_tokens"] == 8, "{body}");
+    let mut bytes = std::collections::BTreeMap::new();
+    for worker in support::worker_addrs(&targets)? {
+        let text = support::http(&worker, "GET", "/metrics", "")?.2;
+        for (labels, value) in support::samples(&text, "tramontane_worker_memory_bytes") {
+            if labels.get("kind").map(String::as_str) == Some("weights") {
+                let dtype = labels.get("dtype").context("a dtype label")?.clone();
+                *bytes.entry(dtype).or_insert(0.0) += value;
+            }
+        }
+    }
+    Ok(bytes)
+}
+
+/// An MXFP4 checkpoint whose blocks or scales do not have the experts'
+/// shapes is refused, naming the tensor, before it serves.
+#[test]
+fn mxfp4_blocks_and_scales_of_other_shapes_are_refused_by_name() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model_dir = dir.path().join("model");
+    support::gen_model(
+        &model_dir,
+        &[
+            "--family", "gpt_oss", "--mxfp4", "--layers", "1", "--seed", "37",
+        ],
+    )?;
+    let weights = model_dir.join("model.safetensors");
+    let tensors = Tensor::read_safetensors(&weights)?;
+    for victim in [
+        "model.layers.0.mlp.experts.down_proj_scales",
+        "model.layers.0.mlp.experts.gate_up_proj_blocks",
+    ] {
+        let edited: Vec<(String, Tensor)> = tensors
+            .iter()
+            .map(|(name, t)| {
+                let t = match name == victim {
+                    // One column of blocks or scales short.
+                    true => t.narrow(-1, 0, t.size().last().copied().unwrap_or(1) - 1),
+                    false => t.shallow_clone(),
+                };
+                (name.clone(), t.contiguous())
+            })
+            .collect();
+        Tensor::write_safetensors(&edited, &weights)?;
+        let model = model_dir.to_str().context("path")?;
+        let stderr = refused(&["generate", "--model", model, "--prompt", "x"])?;
+        ensure!(
+            stderr.contains(victim) && stderr.contains("MXFP4"),
+            "{victim}: {stderr}"
+        );
+    }
     Ok(())
 }
 

@@ -256,6 +256,30 @@ fn sharded_equals_in_process_deepseek_v3_shared_expert_on_workers() -> Result<()
     )
 }
 
+/// gpt-oss: the biased router, experts with biases and the clamped SwiGLU,
+/// each cut out of the layer's fused tensors by the worker holding it.
+#[test]
+fn sharded_equals_in_process_gpt_oss() -> Result<()> {
+    check_family(
+        "gpt_oss",
+        serde_json::json!({"num_experts_per_tok": 4}),
+        SharedExperts::Router,
+    )
+}
+
+/// gpt-oss as gen-model writes it with `--mxfp4`: each worker holds its
+/// experts' blocks and scales as stored.
+#[test]
+fn sharded_equals_in_process_gpt_oss_mxfp4() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model_dir = dir.path().join("model");
+    support::gen_model(
+        &model_dir,
+        &["--family", "gpt_oss", "--mxfp4", "--seed", "25"],
+    )?;
+    check_model(&model_dir, "gpt_oss mxfp4", SharedExperts::Router)
+}
+
 /// The whole path: `tramontane router` in front of workers, greedy tokens
 /// over gRPC (unary and streamed) equal the in-process ones.
 #[test]
