@@ -17,6 +17,7 @@
 //!   CPU has the instructions they need (AVX-512F, and AVX-512 BW, VL and
 //!   BF16 for bf16).
 //! - `blocks`: a chunk of one projection's output columns, block by block.
+//! - `mxfp4`: the same for MXFP4 weights (gpt-oss's experts as released).
 //! - [`expert`]: the routed experts' share of an MoE layer in one call
 //!   ([`add_experts`]): their rows gathered, `gate_up` and `linear` by w2,
 //!   each row scaled by its routing weight and added into the layer's output.
@@ -34,6 +35,7 @@ mod avx512;
 mod blocks;
 pub mod expert;
 pub mod linear;
+mod mxfp4;
 pub mod norm;
 pub mod parallel;
 pub mod rotary;

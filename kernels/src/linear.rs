@@ -43,6 +43,10 @@ pub enum ShapeError {
     Unalike,
     #[error("an FP8 matrix's blocks are {0:?}: each side must be at least 1")]
     Block((usize, usize)),
+    #[error("an MXFP4 matrix's rows are whole blocks of 32 values, not {0}")]
+    Mxfp4Inner(usize),
+    #[error("MXFP4 gate and up projections run as two linear projections, not fused")]
+    Mxfp4GateUp,
     #[error("this CPU lacks the instructions for {0:?} kernels")]
     Unsupported(Element),
 }
@@ -91,6 +95,14 @@ pub enum Matrix<'a, E> {
         scales: &'a [f32],
         block: (usize, usize),
     },
+    /// MXFP4, as gpt-oss checkpoints store their experts: `blocks` `[outputs,
+    /// inner / 2]`, two E2M1 values a byte (the low nibble first), and
+    /// `scales` `[outputs, inner / 32]`, E8M0: `w[n][i] = e2m1(nibble i of
+    /// row n) · 2^(scales[n][i / 32] − 127)`. Linear projections only.
+    Mxfp4 {
+        blocks: &'a [u8],
+        scales: &'a [u8],
+    },
 }
 
 impl<E> Matrix<'_, E> {
@@ -108,21 +120,30 @@ impl<E> Matrix<'_, E> {
                     * shape.inner.div_ceil((*columns).max(1));
                 (values.len(), Some((scales.len(), blocks)))
             }
+            Matrix::Mxfp4 { blocks, scales } => (
+                2 * blocks.len(),
+                Some((
+                    scales.len(),
+                    shape.outputs * shape.inner.div_ceil(crate::mxfp4::BLOCK),
+                )),
+            ),
         }
     }
 
-    /// Bytes per element as stored.
-    fn element_bytes(&self) -> usize {
+    /// Bytes of a row of `inner` weights as stored.
+    fn row_bytes(&self, inner: usize) -> usize {
         match self {
-            Matrix::Plain(_) => std::mem::size_of::<E>(),
-            Matrix::Int8 { .. } | Matrix::Fp8 { .. } => 1,
+            Matrix::Plain(_) => inner * std::mem::size_of::<E>(),
+            Matrix::Int8 { .. } | Matrix::Fp8 { .. } => inner,
+            Matrix::Mxfp4 { .. } => inner / 2 + inner / crate::mxfp4::BLOCK,
         }
     }
 
     /// How the dot products are scaled, for a matrix of `inner` columns.
     fn scales(&self, inner: usize) -> Scales<'_> {
         match *self {
-            Matrix::Plain(_) => Scales::None,
+            // MXFP4's scales are applied in the kernel, block by block.
+            Matrix::Plain(_) | Matrix::Mxfp4 { .. } => Scales::None,
             Matrix::Int8 { scales, .. } => Scales::PerRow(scales),
             Matrix::Fp8 {
                 scales,
@@ -144,6 +165,7 @@ impl<E> Matrix<'_, E> {
                 true
             }
             (Matrix::Fp8 { block, .. }, Matrix::Fp8 { block: other, .. }) => block == other,
+            (Matrix::Mxfp4 { .. }, Matrix::Mxfp4 { .. }) => true,
             _ => false,
         }
     }
@@ -300,7 +322,7 @@ impl<'a, E> Chunked<'a, E> {
             Projection::Linear { w } => (1, w),
             Projection::GateUp { w1, .. } => (2, w1),
         };
-        let column_bytes = matrices * job.shape.inner * w.element_bytes();
+        let column_bytes = matrices * w.row_bytes(job.shape.inner);
         let columns = (CHUNK_BYTES / column_bytes.max(1)).max(8) / 8 * 8;
         Self {
             x: job.x,
@@ -336,6 +358,10 @@ impl<'a, E> Chunked<'a, E> {
                         Matrix::Fp8 { values, .. } => {
                             let w = (values, scales);
                             blocked!(rows, linear_columns::<K, Fp8>(x, w, shape, out, columns))
+                        }
+                        Matrix::Mxfp4 { blocks, scales } => {
+                            let w = (blocks, scales);
+                            crate::mxfp4::linear_columns::<K>(x, w, shape, out, columns)
                         }
                     }
                 }
@@ -385,6 +411,14 @@ fn check<E>(
         }
     };
     length("x", x, shape.rows * shape.inner)?;
+    if weights.iter().any(|w| matches!(w, Matrix::Mxfp4 { .. })) {
+        if weights.len() > 1 {
+            return Err(ShapeError::Mxfp4GateUp);
+        }
+        if !shape.inner.is_multiple_of(crate::mxfp4::BLOCK) {
+            return Err(ShapeError::Mxfp4Inner(shape.inner));
+        }
+    }
     for w in weights {
         if let Matrix::Fp8 { block, .. } = w
             && (block.0 == 0 || block.1 == 0)

@@ -82,10 +82,18 @@ impl Expert {
         self
     }
 
-    /// Whether the expert is a plain SwiGLU without biases: what the
-    /// kernels' fused expert computes.
-    pub fn plain_swiglu(&self) -> bool {
+    /// Whether the expert is a plain SwiGLU without biases.
+    fn plain_swiglu(&self) -> bool {
         self.biases.is_none() && self.activation == Activation::SwiGlu
+    }
+
+    /// The gate's and up projection's biases, and the down projection's.
+    pub fn biases(&self) -> Option<[&Tensor; 2]> {
+        self.biases.as_ref().map(|[gate_up, down]| [gate_up, down])
+    }
+
+    pub fn activation(&self) -> Activation {
+        self.activation
     }
 
     /// Expert `expert` of the `experts` of a layer stored fused (gpt-oss;
@@ -248,16 +256,16 @@ impl Expert {
         if rows.is_empty() {
             return Ok(());
         }
-        if self.plain_swiglu() {
-            let [w1, w3, w2] = self.matrices()?;
-            let routed = projection::RoutedExpert {
-                weights: [w1.as_ref(), w3.as_ref(), w2.as_ref()],
-                rows,
-                routing: weights,
-            };
-            if projection::add_experts(xs, &[routed], out)? {
-                return Ok(());
-            }
+        let [w1, w3, w2] = self.matrices()?;
+        let routed = projection::RoutedExpert {
+            weights: [w1.as_ref(), w3.as_ref(), w2.as_ref()],
+            biases: self.biases(),
+            activation: self.activation,
+            rows,
+            routing: weights,
+        };
+        if projection::add_experts(xs, &[routed], out)? {
+            return Ok(());
         }
         let device = xs.device();
         let index: Vec<i64> = rows.iter().map(|&row| row as i64).collect();

@@ -179,15 +179,16 @@ impl LocalExperts {
         let routed: Vec<RoutedExpert<'_>> = weights
             .iter()
             .zip(work)
-            .map(|([w1, w3, w2], item)| RoutedExpert {
+            .zip(&experts)
+            .map(|(([w1, w3, w2], item), expert)| RoutedExpert {
                 weights: [w1.into(), w3.into(), w2.into()],
+                biases: expert.biases(),
+                activation: expert.activation(),
                 rows: &item.rows,
                 routing: &item.weights,
             })
             .collect();
-        let on_kernels = experts.iter().all(|expert| expert.plain_swiglu())
-            && projection::add_experts(&xs, &routed, &mut out)?;
-        if !on_kernels {
+        if !projection::add_experts(&xs, &routed, &mut out)? {
             for (expert, item) in experts.iter().zip(work) {
                 expert.add_rows(&xs, &item.rows, &item.weights, &mut out)?;
             }

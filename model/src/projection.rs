@@ -8,9 +8,10 @@
 //! once a GEMM's work outweighs its weight's bytes (prefill).
 
 use tch::{Device, Kind, TchError, Tensor};
+use tramontane_config::Activation;
 use tramontane_kernels::{
     Attended, Bf16, Element, ExpertWeights, F32, Kernel, KvLayer, Matrix, Parallel, Routed, Shape,
-    ShapeError,
+    ShapeError, expert::Activation as KernelActivation,
 };
 
 use crate::error::ForwardError;
@@ -130,7 +131,16 @@ fn matrix_fits(w: MatrixRef<'_>, kind: Kind, inner: i64) -> bool {
                 && scales.is_contiguous()
                 && scales.size() == [(outputs + rows - 1) / rows, (inner + columns - 1) / columns]
         }
-        MatrixRef::Mxfp4 { .. } => false,
+        MatrixRef::Mxfp4 { blocks, scales } => {
+            let outputs = blocks.size()[0];
+            let bytes = |t: &Tensor, columns: i64| {
+                t.kind() == Kind::Uint8
+                    && t.device() == Device::Cpu
+                    && t.is_contiguous()
+                    && t.size() == [outputs, columns]
+            };
+            inner % 32 == 0 && bytes(blocks, inner / 2) && bytes(scales, inner / 32)
+        }
     }
 }
 
@@ -156,7 +166,10 @@ unsafe fn matrix<E>(w: MatrixRef<'_>) -> Matrix<'_, E> {
                 scales: elements(scales),
                 block: (rows as usize, columns as usize),
             },
-            MatrixRef::Mxfp4 { .. } => unreachable!("matrix_fits refuses MXFP4"),
+            MatrixRef::Mxfp4 { blocks, scales } => Matrix::Mxfp4 {
+                blocks: elements(blocks),
+                scales: elements(scales),
+            },
         }
     }
 }
@@ -286,18 +299,23 @@ pub fn swiglu(
     w1: MatrixRef<'_>,
     w3: MatrixRef<'_>,
 ) -> Result<Option<Tensor>, TchError> {
-    if w1.size() != w3.size() {
+    // The kernels run MXFP4 gate and up projections apart (add_experts).
+    if w1.size() != w3.size() || matches!(w1, MatrixRef::Mxfp4 { .. }) {
         return Ok(None);
     }
     on_kernels(xs, Weights::SwiGlu(w1, w3))
 }
 
 /// One routed expert of [`add_experts`]: its w1, w3 `[intermediate,
-/// hidden]` and w2 `[hidden, intermediate]`, the rows of `xs` it computes
-/// and each row's routing weight.
+/// hidden]` and w2 `[hidden, intermediate]`, its biases (the gate's and up
+/// projection's `[2 × intermediate]`, the down projection's `[hidden]`)
+/// and activation, the rows of `xs` it computes and each row's routing
+/// weight.
 #[derive(Clone, Copy)]
 pub struct RoutedExpert<'a> {
     pub weights: [MatrixRef<'a>; 3],
+    pub biases: Option<[&'a Tensor; 2]>,
+    pub activation: Activation,
     pub rows: &'a [usize],
     pub routing: &'a [f32],
 }
@@ -330,6 +348,12 @@ pub fn add_experts(
         for (name, w) in ["w1", "w3", "w2"].into_iter().zip(expert.weights) {
             inputs.extend(w.tensors().into_iter().map(|(_, tensor)| (name, tensor)));
         }
+        for (name, bias) in ["the gate/up biases", "the down bias"]
+            .into_iter()
+            .zip(expert.biases.into_iter().flatten())
+        {
+            inputs.push((name, bias));
+        }
     }
     check_disjoint(out, &inputs)?;
     let mut on = None;
@@ -337,10 +361,19 @@ pub fn add_experts(
         let [w1, w3, w2] = expert.weights;
         let intermediate = w1.size()[0];
         let alike = std::mem::discriminant(&w1) == std::mem::discriminant(&w3);
+        let bias_fits = |bias: &Tensor, len: i64| {
+            bias.kind() == kind
+                && bias.device() == Device::Cpu
+                && bias.is_contiguous()
+                && bias.size() == [len]
+        };
         let fits = alike
             && w1.size() == w3.size()
             && w2.size() == [hidden, intermediate]
-            && matrix_fits(w2, kind, intermediate);
+            && matrix_fits(w2, kind, intermediate)
+            && expert.biases.is_none_or(|[gate_up, down]| {
+                bias_fits(gate_up, 2 * intermediate) && bias_fits(down, hidden)
+            });
         let team = kernel_team(
             kind,
             xs.device(),
@@ -387,6 +420,18 @@ unsafe fn add<K: Kernel>(
                     w2: matrix(w2),
                     hidden,
                     intermediate: w1.size()[0] as usize,
+                    biases: e
+                        .biases
+                        .map(|[gate_up, down]| (elements(gate_up), elements(down))),
+                    activation: match e.activation {
+                        Activation::SwiGlu => KernelActivation::SwiGlu,
+                        Activation::ClampedSwiGlu { limit, alpha } => {
+                            KernelActivation::ClampedSwiGlu {
+                                limit: limit as f32,
+                                alpha: alpha as f32,
+                            }
+                        }
+                    },
                 };
                 let routed = Routed {
                     rows: e.rows,
@@ -654,6 +699,8 @@ mod tests {
         let routing = [0.5f32, 0.25];
         let expert = RoutedExpert {
             weights: [(&w1).into(), (&w3).into(), (&w2).into()],
+            biases: None,
+            activation: Activation::SwiGlu,
             rows: &rows,
             routing: &routing,
         };
