@@ -2,7 +2,8 @@
 for parity tests of the families the project serves.
 
 Usage: python hf_checkpoint.py --family FAMILY --config JSON --out DIR
-           [--seed N] [--dtype f32|bf16] [--max-shard-size SIZE] [--chat-template chatml]
+           [--seed N] [--dtype f32|bf16] [--max-shard-size SIZE]
+           [--chat-template chatml|qwen-tools|gpt-oss]
 
 FAMILY: mixtral, qwen3_moe, qwen2_moe, olmoe, deepseek_v2, deepseek_v3 or gpt_oss. The
 family's config class gets small shapes (hidden 64, 2 layers, 8 experts top-2;
@@ -20,9 +21,11 @@ in fp32; --dtype bf16 rounds them.
 save_pretrained writes safetensors (sharded, with an index, under
 --max-shard-size) and a config.json with its architectures and dtype (as
 torch_dtype and dtype); the tokenizer is the project's Mistral one
-(convert_tokenizer.py). --chat-template chatml puts convert_tokenizer.py's
-ChatML template (the one gen-model writes for the Qwen families) into
-tokenizer_config.json. Tests run it at test time. Prints DIR.
+(convert_tokenizer.py). --chat-template NAME writes convert_tokenizer.py's
+template NAME as gen-model does: chatml and qwen-tools (the one gen-model
+writes for the Qwen families) into tokenizer_config.json, gpt-oss (the
+released gpt-oss checkpoints' harmony template) as chat_template.jinja.
+Tests run it at test time. Prints DIR.
 """
 
 import argparse

@@ -184,10 +184,9 @@ impl StepLayout {
             None => (attention.sliding_window, None),
             Some(_) => (None, attention.sliding_window),
         };
-        let mut layout = Self::with_window(spans, caches, attention, every_layer, (kind, device))?;
+        let mut layout = Self::with_window(spans, caches, every_layer, (kind, device))?;
         if let Some(window) = some_layers {
-            let windowed =
-                Self::with_window(spans, caches, attention, Some(window), (kind, device))?;
+            let windowed = Self::with_window(spans, caches, Some(window), (kind, device))?;
             layout.windowed = Some(Box::new(windowed));
         }
         Ok(layout)
@@ -197,12 +196,10 @@ impl StepLayout {
     fn with_window(
         spans: &[SequenceSpan],
         caches: &[&mut KvCache],
-        attention: &AttentionSpec,
         sliding_window: Option<usize>,
         (kind, device): (Kind, Device),
     ) -> Result<Self, TchError> {
-        // The kernels read keys and values of kv heads, not latent vectors.
-        let paged = attention.latent.is_none() && projection::paged_attention(kind, device);
+        let paged = projection::paged_attention(kind, device);
         let slots: Vec<i64> = spans
             .iter()
             .zip(caches)

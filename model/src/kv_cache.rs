@@ -139,8 +139,8 @@ impl KvPool {
             .sum()
     }
 
-    /// Layer `layer`'s key storage (tests check it is written in place).
-    #[cfg(test)]
+    /// Layer `layer`'s key storage (or latent vectors), `[slots, kv_heads,
+    /// width]`.
     pub(crate) fn keys(&self, layer: usize) -> &Tensor {
         &self.keys[layer]
     }

@@ -218,36 +218,43 @@ impl LatentAttention {
         reads: &DecodeReads,
         pool: &KvPool,
     ) -> Result<Tensor, ForwardError> {
-        let DecodeReads::Gathered { table, mask } = reads else {
-            return Err(TchError::Kind("latent attention reads gathered blocks".into()).into());
-        };
         let sequences = q_nope.size()[0];
         // [S, H, nope] -> [H, S, nope] · [H, nope, rank] -> [S, H, rank]
         let absorbed = q_nope
             .f_transpose(0, 1)?
             .f_bmm(&self.w_uk)?
             .f_transpose(0, 1)?;
-        let q = Tensor::f_cat(&[q_pe, &absorbed], 2)?.f_view([
-            sequences,
-            1,
-            self.heads,
-            self.rank + self.rope,
-        ])?;
-        // [S, W, 1, rope + rank] -> [S, 1, W, rope + rank]: one key head,
-        // its values the same rows (libtorch's attention is quicker with
-        // values as wide as keys); the rotary part's share is dropped.
-        let keys = pool.gather_latent(layer, table)?.f_transpose(1, 2)?;
-        let out = Tensor::f_scaled_dot_product_attention(
-            &q,
-            &keys,
-            &keys,
-            Some(mask),
-            0.0,
-            false,
-            Some(self.scale),
-            false,
-        )?
-        .f_narrow(3, self.rope, self.rank)?;
+        let q = Tensor::f_cat(&[q_pe, &absorbed], 2)?;
+        let width = self.rank + self.rope;
+        let out = match reads {
+            // On the kernels over the pool in place: one key head, its
+            // values the same rows; they scale by 1/√width, so q is
+            // scaled to make that the softmax scale.
+            DecodeReads::Paged { slots, offsets } => {
+                let q = q.f_mul_scalar(self.scale * (width as f64).sqrt())?;
+                let keys = pool.keys(layer);
+                projection::decode_attention(&q, [keys, keys], slots, offsets, None)?
+                    .f_narrow(2, self.rope, self.rank)?
+            }
+            DecodeReads::Gathered { table, mask } => {
+                // [S, W, 1, rope + rank] -> [S, 1, W, rope + rank]: one key
+                // head, its values the same rows (libtorch's attention is
+                // quicker with values as wide as keys); the rotary part's
+                // share is dropped.
+                let keys = pool.gather_latent(layer, table)?.f_transpose(1, 2)?;
+                Tensor::f_scaled_dot_product_attention(
+                    &q.f_view([sequences, 1, self.heads, width])?,
+                    &keys,
+                    &keys,
+                    Some(mask),
+                    0.0,
+                    false,
+                    Some(self.scale),
+                    false,
+                )?
+                .f_narrow(3, self.rope, self.rank)?
+            }
+        };
         // [S, 1, H, rank] -> [H, S, rank] · [H, rank, v] -> [S, H * v]
         let out = out
             .f_reshape([sequences, self.heads, self.rank])?

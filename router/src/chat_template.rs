@@ -4,6 +4,7 @@
 //! checkpoint has none. Control-token strings the client wrote come out
 //! marked as literal text ([`crate::control_strings`]).
 
+use chrono::NaiveDateTime;
 use std::ops::Range;
 use std::path::Path;
 
@@ -154,6 +155,17 @@ impl ChatTemplate {
         eos_token: Option<String>,
         control_tokens: &[String],
     ) -> Result<Self, ChatTemplateError> {
+        Self::from_dir_with_clock(dir, bos_token, eos_token, control_tokens, local_now)
+    }
+
+    /// [`Self::from_dir`] whose `strftime_now` reads `clock`.
+    fn from_dir_with_clock(
+        dir: &Path,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        control_tokens: &[String],
+        clock: fn() -> NaiveDateTime,
+    ) -> Result<Self, ChatTemplateError> {
         let error = |path: &Path, reason: String| ChatTemplateError {
             path: path.display().to_string(),
             reason,
@@ -185,12 +197,13 @@ impl ChatTemplate {
                 path: source.clone(),
                 reason: e.to_string(),
             })?;
-        Self::new(
+        Self::with_clock(
             template,
             source.clone(),
             bos_token.unwrap_or_default(),
             eos_token.unwrap_or_default(),
             control_strings,
+            clock,
         )
         .map_err(|e| ChatTemplateError {
             path: source,
@@ -205,6 +218,25 @@ impl ChatTemplate {
         eos_token: String,
         control_strings: ControlStrings,
     ) -> Result<Self, minijinja::Error> {
+        Self::with_clock(
+            template,
+            source,
+            bos_token,
+            eos_token,
+            control_strings,
+            local_now,
+        )
+    }
+
+    /// [`Self::new`] whose `strftime_now` reads `clock`.
+    fn with_clock(
+        template: String,
+        source: String,
+        bos_token: String,
+        eos_token: String,
+        control_strings: ControlStrings,
+        clock: fn() -> NaiveDateTime,
+    ) -> Result<Self, minijinja::Error> {
         let mut env = Environment::new();
         // As transformers renders chat templates.
         env.set_trim_blocks(true);
@@ -218,6 +250,14 @@ impl ChatTemplate {
         );
         // transformers' tojson: Python's json.dumps, not HTML-safe.
         env.add_filter("tojson", python_json);
+        // transformers' strftime_now: the time now, as Python's strftime
+        // writes it (gpt-oss's and Llama's templates write today's date).
+        env.add_function(
+            "strftime_now",
+            move |format: String| -> Result<String, minijinja::Error> {
+                strftime(&format, clock())
+            },
+        );
         env.add_template_owned(NAME, template.clone())?;
         Ok(Self {
             env,
@@ -341,6 +381,57 @@ impl serde_json::ser::Formatter for PythonSeparators {
     ) -> std::io::Result<()> {
         writer.write_all(b": ")
     }
+}
+
+/// The local time now, as Python's `datetime.now()` has it.
+fn local_now() -> NaiveDateTime {
+    chrono::Local::now().naive_local()
+}
+
+/// Python's `datetime.now().strftime(format)` (transformers'
+/// `strftime_now`) for the naive local time `now`, through chrono's
+/// strftime, whose directives are C's and glibc's as Python's are in the C
+/// locale: Python's `%f` is microseconds (chrono's `%6f`), a naive time's
+/// `%z` and `%Z` write nothing, and a directive neither has is an error.
+fn strftime(format: &str, now: NaiveDateTime) -> Result<String, minijinja::Error> {
+    use chrono::format::{Fixed, Item, StrftimeItems};
+    use std::fmt::Write;
+    let invalid = || {
+        minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("strftime_now: {format:?} has a directive this server does not write"),
+        )
+    };
+    let mut chrono_format = String::with_capacity(format.len());
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        chrono_format.push(c);
+        if c == '%' {
+            match chars.next() {
+                Some('f') => chrono_format.push_str("6f"),
+                Some(next) => chrono_format.push(next),
+                None => {}
+            }
+        }
+    }
+    let items = StrftimeItems::new(&chrono_format)
+        .map(|item| match item {
+            Item::Error => Err(invalid()),
+            Item::Fixed(
+                Fixed::TimezoneName
+                | Fixed::TimezoneOffset
+                | Fixed::TimezoneOffsetColon
+                | Fixed::TimezoneOffsetDoubleColon
+                | Fixed::TimezoneOffsetTripleColon
+                | Fixed::TimezoneOffsetColonZ
+                | Fixed::TimezoneOffsetZ,
+            ) => Ok(Item::Literal("")),
+            item => Ok(item),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut out = String::new();
+    write!(out, "{}", now.format_with_items(items.into_iter())).map_err(|_| invalid())?;
+    Ok(out)
 }
 
 /// `chat_template` is a string, or a list of named templates ("default" wins).
@@ -689,6 +780,248 @@ mod tests {
             .expect("refused");
         assert!(
             error.to_string().contains("tokenizer_config.json"),
+            "{error}"
+        );
+    }
+
+    /// `micros` after the epoch, as a naive time.
+    fn at(micros: i64) -> NaiveDateTime {
+        chrono::DateTime::from_timestamp_micros(micros)
+            .expect("in range")
+            .naive_utc()
+    }
+
+    /// 2026-03-14 09:26:53.123456.
+    fn pi_day() -> NaiveDateTime {
+        at(1_773_480_413_123_456)
+    }
+
+    #[test]
+    fn strftime_writes_what_python_writes() {
+        let format = "%a %A %w %u %d %e %b %h %B %m %y %Y %C %H %I %p %M %S %f %j %U %W | %c | %x %D | %X %T %R %F %% %n%t";
+        // Python's datetime(...).strftime(format), at these seconds since the epoch.
+        for (micros, python) in [
+            (
+                1_773_480_413_123_456_i64,
+                "Sat Saturday 6 6 14 14 Mar Mar March 03 26 2026 20 09 09 AM 26 53 123456 073 10 10 | Sat Mar 14 09:26:53 2026 | 03/14/26 03/14/26 | 09:26:53 09:26:53 09:26 2026-03-14 % \n\t",
+            ),
+            (
+                1_735_686_309_000_000,
+                "Tue Tuesday 2 2 31 31 Dec Dec December 12 24 2024 20 23 11 PM 05 09 000000 366 52 53 | Tue Dec 31 23:05:09 2024 | 12/31/24 12/31/24 | 23:05:09 23:05:09 23:05 2024-12-31 % \n\t",
+            ),
+            (
+                946_771_200_000_000,
+                "Sun Sunday 0 7 02  2 Jan Jan January 01 00 2000 20 00 12 AM 00 00 000000 002 01 00 | Sun Jan  2 00:00:00 2000 | 01/02/00 01/02/00 | 00:00:00 00:00:00 00:00 2000-01-02 % \n\t",
+            ),
+            (
+                1_672_574_400_000_000,
+                "Sun Sunday 0 7 01  1 Jan Jan January 01 23 2023 20 12 12 PM 00 00 000000 001 01 00 | Sun Jan  1 12:00:00 2023 | 01/01/23 01/01/23 | 12:00:00 12:00:00 12:00 2023-01-01 % \n\t",
+            ),
+            (
+                -500_000,
+                "Wed Wednesday 3 3 31 31 Dec Dec December 12 69 1969 19 23 11 PM 59 59 500000 365 52 52 | Wed Dec 31 23:59:59 1969 | 12/31/69 12/31/69 | 23:59:59 23:59:59 23:59 1969-12-31 % \n\t",
+            ),
+        ] {
+            assert_eq!(strftime(format, at(micros)).expect("writes"), python);
+        }
+        // A naive time has no zone: Python writes nothing for it.
+        assert_eq!(strftime("[%z%Z]", pi_day()).expect("writes"), "[]");
+        let error = strftime("%Q", pi_day()).unwrap_err();
+        assert!(error.to_string().contains("%Q"), "{error}");
+    }
+
+    /// A gpt-oss checkpoint as gen-model writes it: the harmony template
+    /// of the released checkpoints, as chat_template.jinja.
+    fn gpt_oss_checkpoint() -> &'static Path {
+        static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+        DIR.get_or_init(|| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let spec = tramontane_synthetic::Spec {
+                layers: Some(1),
+                ..tramontane_synthetic::Spec::family(
+                    tramontane_config::Family::GptOss,
+                    tramontane_synthetic::Preset::Tiny,
+                )
+            };
+            tramontane_synthetic::write(dir.path(), &spec).expect("checkpoint");
+            dir
+        })
+        .path()
+    }
+
+    /// The system message gpt-oss's template writes on 2026-03-14.
+    const GPT_OSS_SYSTEM: &str = concat!(
+        "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n",
+        "Knowledge cutoff: 2024-06\nCurrent date: 2026-03-14\n\nReasoning: medium\n\n",
+        "# Valid channels: analysis, commentary, final. Channel must be included for every message."
+    );
+
+    /// The conversations of the harmony template's branches, each with its
+    /// text as transformers 4.57 renders it (apply_chat_template with
+    /// add_generation_prompt, tokenize=False, datetime.now() fixed at
+    /// 2026-03-14): a system message (the developer's instructions) and
+    /// turns; tools of every parameter kind its TypeScript rendering has
+    /// (and its whitespace); a call and its result; a call's analysis
+    /// dropped once a final answer follows.
+    #[test]
+    fn gpt_oss_harmony_renders_as_transformers_does() {
+        let dir = gpt_oss_checkpoint();
+        let chat = ChatTemplate::from_dir_with_clock(
+            dir,
+            Some("<s>".into()),
+            Some("</s>".into()),
+            &[],
+            pi_day,
+        )
+        .expect("loads");
+        assert!(
+            chat.source.ends_with("chat_template.jinja"),
+            "{}",
+            chat.source
+        );
+        let call = |content: &str, id: &str, arguments: Value| Message {
+            tool_calls: Some(serde_json::json!([{"id": id, "type": "function",
+                "function": {"name": "get_weather", "arguments": arguments}}])),
+            ..message("assistant", content)
+        };
+        let result = |id: &str, content: &str| Message {
+            tool_call_id: Some(id.into()),
+            ..message("tool", content)
+        };
+        let weather = |description: &str, properties: Value| {
+            serde_json::json!({"type": "function", "function": {"name": "get_weather",
+                "description": description, "parameters": {"type": "object",
+                "properties": properties, "required": ["city"]}}})
+        };
+        let city = serde_json::json!({"type": "string", "description": "The city"});
+        let every_kind = [
+            weather(
+                "The weather in a city",
+                serde_json::json!({
+                    "city": city,
+                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"], "description": "Unit", "default": "celsius"},
+                    "days": {"type": "integer", "description": "Days ahead", "default": 1},
+                    "hours": {"type": "array", "items": {"type": "integer"}, "description": "Hours"},
+                    "tags": {"type": "array", "items": {"type": "object", "properties": {"k": {"type": "string"}, "v": {"type": "number"}}, "required": ["k"]}, "description": "Tags"},
+                    "exact": {"type": "boolean", "description": "Exact?", "nullable": true},
+                    "where": {"type": "object", "properties": {"lat": {"type": "number"}, "lon": {"type": "number"}}, "required": ["lat", "lon"], "description": "Place"},
+                    "mode": {"type": ["string", "null"], "description": "Mode"},
+                    "pick": {"oneOf": [{"type": "string"}, {"type": "integer"}], "description": "Pick"}
+                }),
+            ),
+            serde_json::json!({"type": "function", "function": {"name": "now",
+                "description": "The time", "parameters": {"type": "object", "properties": {}}}}),
+        ];
+        let calls_days = [weather(
+            "The weather in a city",
+            serde_json::json!({"city": city, "days": {"type": "integer", "description": "Days ahead"}}),
+        )];
+        let calls = [weather("The weather", serde_json::json!({"city": city}))];
+        let cases: [(Vec<Message>, &[Value], &str); 4] = [
+            (
+                vec![
+                    message("system", "Be brief."),
+                    message("user", "Hi there"),
+                    message("assistant", "Hello!"),
+                    message("user", "How are you?"),
+                ],
+                &[],
+                concat!(
+                    "<|end|>",
+                    "<|start|>developer<|message|># Instructions\n\nBe brief.\n\n<|end|>",
+                    "<|start|>user<|message|>Hi there<|end|>",
+                    "<|start|>assistant<|channel|>final<|message|>Hello!<|end|>",
+                    "<|start|>user<|message|>How are you?<|end|>",
+                    "<|start|>assistant",
+                ),
+            ),
+            (
+                vec![message("user", "Weather in Nice?")],
+                &every_kind,
+                concat!(
+                    "\nCalls to these tools must go to the commentary channel: 'functions'.<|end|>",
+                    "<|start|>developer<|message|># Tools\n\n## functions\n\nnamespace functions {\n\n",
+                    "// The weather in a city\ntype get_weather = (_: {\n",
+                    "// The city\ncity: string,\n",
+                    "// Unit\nunit?: \"celsius\" | \"fahrenheit\", // default: celsius,\n",
+                    "// Days ahead\ndays?: number, // default: 1,\n",
+                    "// Hours\nhours?: number[],\n",
+                    "// Tags\ntags?: any[],\n",
+                    "// Exact?\nexact?: boolean,\n",
+                    "// Place\nwhere?: {\nlat: \n                number, lon: \n                number},\n",
+                    "// Mode\nmode?: string | null,\n",
+                    "// Pick\npick?: string | \nnumber,\n",
+                    "}) => any;\n\n",
+                    "// The time\ntype now = () => any;\n\n",
+                    "} // namespace functions<|end|>",
+                    "<|start|>user<|message|>Weather in Nice?<|end|>",
+                    "<|start|>assistant",
+                ),
+            ),
+            (
+                vec![
+                    message("system", "Use the tools."),
+                    message("user", "Weather in Nice?"),
+                    call(
+                        "",
+                        "a1b2c3d4e",
+                        serde_json::json!({"city": "Nice", "days": 2}),
+                    ),
+                    result("a1b2c3d4e", "{\"sky\": \"clear\", \"°C\": 21}"),
+                ],
+                &calls_days,
+                concat!(
+                    "\nCalls to these tools must go to the commentary channel: 'functions'.<|end|>",
+                    "<|start|>developer<|message|># Instructions\n\nUse the tools.\n\n",
+                    "# Tools\n\n## functions\n\nnamespace functions {\n\n",
+                    "// The weather in a city\ntype get_weather = (_: {\n",
+                    "// The city\ncity: string,\n// Days ahead\ndays?: number,\n}) => any;\n\n",
+                    "} // namespace functions<|end|>",
+                    "<|start|>user<|message|>Weather in Nice?<|end|>",
+                    "<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{\"city\": \"Nice\", \"days\": 2}<|call|>",
+                    "<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>\"{\\\"sky\\\": \\\"clear\\\", \\\"°C\\\": 21}\"<|end|>",
+                    "<|start|>assistant",
+                ),
+            ),
+            (
+                vec![
+                    message("user", "Weather in Nice?"),
+                    call(
+                        "I should call get_weather.",
+                        "x",
+                        serde_json::json!({"city": "Nice"}),
+                    ),
+                    result("x", "sunny"),
+                    message("assistant", "It is sunny."),
+                    message("user", "And tomorrow?"),
+                ],
+                &calls,
+                concat!(
+                    "\nCalls to these tools must go to the commentary channel: 'functions'.<|end|>",
+                    "<|start|>developer<|message|># Tools\n\n## functions\n\nnamespace functions {\n\n",
+                    "// The weather\ntype get_weather = (_: {\n// The city\ncity: string,\n}) => any;\n\n",
+                    "} // namespace functions<|end|>",
+                    "<|start|>user<|message|>Weather in Nice?<|end|>",
+                    "<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{\"city\": \"Nice\"}<|call|>",
+                    "<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>\"sunny\"<|end|>",
+                    "<|start|>assistant<|channel|>final<|message|>It is sunny.<|end|>",
+                    "<|start|>user<|message|>And tomorrow?<|end|>",
+                    "<|start|>assistant",
+                ),
+            ),
+        ];
+        for (messages, tools, after_system) in cases {
+            let text = chat.render(&messages, tools).expect("renders").text;
+            assert_eq!(text, format!("{GPT_OSS_SYSTEM}{after_system}"));
+        }
+        // The template's own refusal, with its reason.
+        let error = chat
+            .render(&[message("user", "a"), result("x", "b")], &[])
+            .unwrap_err();
+        assert!(
+            error
+                .message
+                .contains("no previous assistant message with a tool call"),
             "{error}"
         );
     }

@@ -17,7 +17,8 @@
 //!   drawn from one seeded stream in that order, every norm's scale away
 //!   from 1 and every bias away from 0; the skew; safetensors.
 //! - here: [`write`], and the tokenizer (Python: `scripts/convert_tokenizer.py`,
-//!   with its ChatML template for the Qwen families).
+//!   with its ChatML template for the Qwen families and the released
+//!   checkpoints' harmony template for gpt-oss).
 //!
 //! A Mixtral checkpoint is byte for byte the one this crate wrote before it
 //! knew other families, for the same arguments and seed (benchmark figures
@@ -84,7 +85,8 @@ pub use spec::Spec;
 pub use weights::popularity_order;
 
 /// Converts the tokenizer shipped in mistral-common to tokenizer.json (and
-/// writes Qwen's ChatML template with tools with `--chat-template qwen-tools`).
+/// writes Qwen's ChatML template with tools with `--chat-template qwen-tools`,
+/// gpt-oss's harmony template as chat_template.jinja with `gpt-oss`).
 const CONVERT_TOKENIZER: &str = include_str!("../../scripts/convert_tokenizer.py");
 
 /// Why a checkpoint cannot be written.
@@ -125,7 +127,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SyntheticError + '_ {
 
 /// Writes the checkpoint `spec` describes into `out` (created if missing):
 /// config.json, generation_config.json, the weights (replacing any there)
-/// and the tokenizer, with a ChatML chat template for the Qwen families.
+/// and the tokenizer, with a ChatML chat template for the Qwen families and
+/// the released checkpoints' harmony template (chat_template.jinja) for gpt-oss.
 pub fn write(out: &Path, spec: &Spec) -> Result<()> {
     let (config, model) = spec.config()?;
     let dtype = tramontane_config::Dtype::from_hf_name(
@@ -150,18 +153,15 @@ pub fn write(out: &Path, spec: &Spec) -> Result<()> {
     weights::write_weights(out, &model, stored, spec.seed, spec.shards, skew.as_ref())?;
     let chat_template = match spec.family {
         Family::Qwen3Moe | Family::Qwen2Moe => Some("qwen-tools"),
-        Family::Mixtral
-        | Family::Olmoe
-        | Family::DeepseekV2
-        | Family::DeepseekV3
-        | Family::GptOss => None,
+        Family::GptOss => Some("gpt-oss"),
+        Family::Mixtral | Family::Olmoe | Family::DeepseekV2 | Family::DeepseekV3 => None,
     };
     write_tokenizer(out, spec.python.as_deref(), chat_template)?;
     Ok(())
 }
 
 /// The tokenizer files, and `chat_template` (a name convert_tokenizer.py
-/// knows) in tokenizer_config.json.
+/// knows) in tokenizer_config.json or chat_template.jinja.
 fn write_tokenizer(out: &Path, python: Option<&Path>, chat_template: Option<&str>) -> Result<()> {
     let python = python.map(Path::to_path_buf).unwrap_or_else(default_python);
     let mut command = Command::new(&python);

@@ -8,6 +8,7 @@
 //! config.json (scripts/hf_tensors.py, on the meta device).
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
@@ -197,5 +198,192 @@ fn a_qwen2_moe_chat_is_its_chatml_template_and_transformers_greedy_tokens() -> R
     // each routed layer.
     let pairs = 2 * (prompt_ids + expected.len() - 1) as u64;
     ensure!(routed(1)? == pairs && routed(2)? == pairs, "{stats}");
+    Ok(())
+}
+
+/// transformers' prompt ids (apply_chat_template with the generation
+/// prompt) of `messages` and `tools` in the checkpoint at `model`, in UTC
+/// as the server writes the date.
+fn transformers_chat_ids(model: &Path, messages: &Value, tools: &Value) -> Result<Vec<u32>> {
+    const SCRIPT: &str = r#"
+import json, sys
+from transformers import AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+request = json.loads(sys.argv[2])
+ids = tokenizer.apply_chat_template(request["messages"], tools=request["tools"],
+    add_generation_prompt=True, return_dict=True)["input_ids"]
+print(json.dumps(ids))
+"#;
+    let request = json!({"messages": messages, "tools": tools});
+    let output = support::run_ok(
+        std::process::Command::new(support::python())
+            .env("TZ", "UTC")
+            .args(["-c", SCRIPT])
+            .arg(model)
+            .arg(request.to_string()),
+    )?;
+    serde_json::from_slice(&output.stdout).context("apply_chat_template's ids")
+}
+
+/// scripts/hf_reference.py on `request` (its "chats" rendered in UTC, as
+/// the server writes the date); the JSON it writes.
+fn transformers_reference_in_utc(model: &Path, request: &Value, work: &Path) -> Result<Value> {
+    let request_file = work.join("request.json");
+    std::fs::write(&request_file, request.to_string())?;
+    let prefix = work.join("reference");
+    support::run_ok(
+        std::process::Command::new(support::python())
+            .env("TZ", "UTC")
+            .arg(support::scripts_dir().join("hf_reference.py"))
+            .arg("--model")
+            .arg(model)
+            .arg("--request")
+            .arg(&request_file)
+            .arg("--out")
+            .arg(&prefix)
+            .args(["--dtype", Dtype::F32.flag()]),
+    )?;
+    Ok(serde_json::from_str(&std::fs::read_to_string(
+        prefix.with_extension("json"),
+    )?)?)
+}
+
+/// Days since 1970-01-01 in UTC: the date gpt-oss's template writes.
+fn utc_day() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map(|d| d.as_secs() / 86_400).unwrap_or_default()
+}
+
+/// A gpt-oss checkpoint (transformers' class) with the released
+/// checkpoints' harmony chat template (chat_template.jinja, today's date
+/// in its system message), served over two workers: a chat completion's
+/// prompt is transformers' apply_chat_template ids (through /tokenize, and
+/// counted in its usage) and its answer transformers' greedy tokens; with
+/// tools, an assistant's call (its arguments as JSON text) and the tool's
+/// result, /tokenize gives transformers' ids of the same conversation.
+#[test]
+fn a_gpt_oss_chat_is_its_harmony_template_and_transformers_greedy_tokens() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    support::family_checkpoint(
+        &model,
+        "gpt_oss",
+        json!({}),
+        &["--seed", "31", "--chat-template", "gpt-oss"],
+    )?;
+    ensure!(
+        model.join("chat_template.jinja").exists(),
+        "no chat_template.jinja"
+    );
+    let serve = support::serve_two_workers(&model, &[])?;
+    // The date is the day's: once more if the day changed on the way.
+    let day = utc_day();
+    match gpt_oss_chat(&model, dir.path(), &serve.http) {
+        Err(error) if utc_day() != day => {
+            eprintln!("the day changed during the test ({error:#}): once more");
+            gpt_oss_chat(&model, dir.path(), &serve.http)
+        }
+        result => result,
+    }
+}
+
+fn gpt_oss_chat(model: &Path, work: &Path, http: &str) -> Result<()> {
+    let messages = json!([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name three colours."}
+    ]);
+    let max_tokens = 8;
+    let request = json!({"chats": [messages], "greedy_tokens": max_tokens});
+    let reference = transformers_reference_in_utc(model, &request, work)?;
+    let chat = &reference["chats"][0];
+    let prompt_ids: Vec<u32> = serde_json::from_value(chat["ids"].clone())?;
+    let greedy: Vec<u32> = serde_json::from_value(chat["greedy"].clone())?;
+    let expected: Vec<u32> = greedy.into_iter().take_while(|&t| t != 2).collect();
+    ensure!(expected.len() > 1, "transformers' answer {expected:?}");
+    let tokenizer = tramontane_model::Tokenizer::from_dir(model)?;
+    let expected_text = tokenizer.decode(&expected)?;
+    ensure!(
+        tokenizer
+            .decode(&prompt_ids)?
+            .contains("<|start|>developer<|message|># Instructions\n\nBe brief."),
+        "not the harmony format: {:?}",
+        tokenizer.decode(&prompt_ids)?
+    );
+
+    let tokenize = |body: Value| -> Result<Vec<u32>> {
+        let (status, _, answer) = support::http(http, "POST", "/tokenize", &body.to_string())?;
+        ensure!(status == 200, "{status} {answer}");
+        let answer: Value = serde_json::from_str(&answer)?;
+        Ok(serde_json::from_value(answer["tokens"].clone())?)
+    };
+    let ours = tokenize(json!({"model": "model", "messages": messages}))?;
+    ensure!(
+        ours == prompt_ids,
+        "prompt ids: ours {:?}, transformers' {:?}",
+        tokenizer.decode(&ours)?,
+        tokenizer.decode(&prompt_ids)?
+    );
+
+    let body = json!({
+        "model": "model", "messages": messages, "max_tokens": max_tokens, "temperature": 0
+    });
+    let (status, _, answer) =
+        support::http(http, "POST", "/v1/chat/completions", &body.to_string())?;
+    ensure!(status == 200, "{status} {answer}");
+    let answer: Value = serde_json::from_str(&answer)?;
+    ensure!(
+        answer["usage"]["prompt_tokens"] == prompt_ids.len(),
+        "prompt tokens {} against transformers' {}",
+        answer["usage"]["prompt_tokens"],
+        prompt_ids.len()
+    );
+    ensure!(
+        answer["usage"]["completion_tokens"] == expected.len(),
+        "{answer}"
+    );
+    let content = answer["choices"][0]["message"]["content"]
+        .as_str()
+        .context("content")?;
+    ensure!(
+        content.trim_start() == expected_text.trim_start(),
+        "ours {content:?}, transformers' {expected_text:?}"
+    );
+
+    // Tools, a call and its result: the request's form (arguments as JSON
+    // text, no content) and transformers' (arguments as an object).
+    let tools = json!([{"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "description": "The city"},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"], "description": "Unit"},
+            "days": {"type": "integer", "description": "Days ahead", "default": 1}
+        }, "required": ["city"]}}}]);
+    let conversation = |content: Value, arguments: Value| {
+        json!([
+            {"role": "system", "content": "Use the tools."},
+            {"role": "user", "content": "Weather in Nice?"},
+            {"role": "assistant", "content": content, "tool_calls": [{"id": "a1b2c3d4e",
+                "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": "a1b2c3d4e", "content": "{\"sky\": \"clear\"}"}
+        ])
+    };
+    let arguments = json!({"city": "Nice", "days": 2});
+    let theirs = transformers_chat_ids(model, &conversation(json!(""), arguments.clone()), &tools)?;
+    let ours = tokenize(json!({
+        "model": "model", "tools": tools,
+        "messages": conversation(Value::Null, arguments.to_string().into()),
+    }))?;
+    let text = tokenizer.decode(&theirs)?;
+    ensure!(
+        text.contains("type get_weather = (_: {")
+            && text.contains(r#"commentary json<|message|>{"city": "Nice", "days": 2}<|call|>"#),
+        "not harmony's tools and call: {text:?}"
+    );
+    ensure!(
+        ours == theirs,
+        "with tools: ours {:?}, transformers' {:?}",
+        tokenizer.decode(&ours)?,
+        tokenizer.decode(&theirs)?
+    );
     Ok(())
 }
