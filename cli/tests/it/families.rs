@@ -202,8 +202,8 @@ fn a_qwen2_moe_chat_is_its_chatml_template_and_transformers_greedy_tokens() -> R
 }
 
 /// transformers' prompt ids (apply_chat_template with the generation
-/// prompt) of `messages` and `tools` in the checkpoint at `model`, in UTC
-/// as the server writes the date.
+/// prompt) of `messages` and `tools` in the checkpoint at `model` (the
+/// date in the local time zone, which the server inherits too).
 fn transformers_chat_ids(model: &Path, messages: &Value, tools: &Value) -> Result<Vec<u32>> {
     const SCRIPT: &str = r#"
 import json, sys
@@ -217,7 +217,6 @@ print(json.dumps(ids))
     let request = json!({"messages": messages, "tools": tools});
     let output = support::run_ok(
         std::process::Command::new(support::python())
-            .env("TZ", "UTC")
             .args(["-c", SCRIPT])
             .arg(model)
             .arg(request.to_string()),
@@ -225,15 +224,14 @@ print(json.dumps(ids))
     serde_json::from_slice(&output.stdout).context("apply_chat_template's ids")
 }
 
-/// scripts/hf_reference.py on `request` (its "chats" rendered in UTC, as
-/// the server writes the date); the JSON it writes.
-fn transformers_reference_in_utc(model: &Path, request: &Value, work: &Path) -> Result<Value> {
+/// scripts/hf_reference.py on `request` (its "chats" dated in the local
+/// time zone, as the server dates them); the JSON it writes.
+fn transformers_reference(model: &Path, request: &Value, work: &Path) -> Result<Value> {
     let request_file = work.join("request.json");
     std::fs::write(&request_file, request.to_string())?;
     let prefix = work.join("reference");
     support::run_ok(
         std::process::Command::new(support::python())
-            .env("TZ", "UTC")
             .arg(support::scripts_dir().join("hf_reference.py"))
             .arg("--model")
             .arg(model)
@@ -248,10 +246,9 @@ fn transformers_reference_in_utc(model: &Path, request: &Value, work: &Path) -> 
     )?)?)
 }
 
-/// Days since 1970-01-01 in UTC: the date gpt-oss's template writes.
-fn utc_day() -> u64 {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-    now.map(|d| d.as_secs() / 86_400).unwrap_or_default()
+/// The local date: what gpt-oss's template writes.
+fn today() -> chrono::NaiveDate {
+    chrono::Local::now().date_naive()
 }
 
 /// A gpt-oss checkpoint (transformers' class) with the released
@@ -277,9 +274,9 @@ fn a_gpt_oss_chat_is_its_harmony_template_and_transformers_greedy_tokens() -> Re
     );
     let serve = support::serve_two_workers(&model, &[])?;
     // The date is the day's: once more if the day changed on the way.
-    let day = utc_day();
+    let day = today();
     match gpt_oss_chat(&model, dir.path(), &serve.http) {
-        Err(error) if utc_day() != day => {
+        Err(error) if today() != day => {
             eprintln!("the day changed during the test ({error:#}): once more");
             gpt_oss_chat(&model, dir.path(), &serve.http)
         }
@@ -294,7 +291,7 @@ fn gpt_oss_chat(model: &Path, work: &Path, http: &str) -> Result<()> {
     ]);
     let max_tokens = 8;
     let request = json!({"chats": [messages], "greedy_tokens": max_tokens});
-    let reference = transformers_reference_in_utc(model, &request, work)?;
+    let reference = transformers_reference(model, &request, work)?;
     let chat = &reference["chats"][0];
     let prompt_ids: Vec<u32> = serde_json::from_value(chat["ids"].clone())?;
     let greedy: Vec<u32> = serde_json::from_value(chat["greedy"].clone())?;
