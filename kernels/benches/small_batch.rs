@@ -114,6 +114,60 @@ fn int8<'a, E>(values: &'a [i8], scales: &'a [f32]) -> Matrix<'a, E> {
     Matrix::Int8 { values, scales }
 }
 
+/// One expert's three projections for 1 to 32 rows in bf16, its weights
+/// in MXFP4 (17 bytes per 32 values; the gate and up projections apart, as
+/// gpt-oss's experts run).
+fn mxfp4(c: &mut Criterion) {
+    let team = Scoped(2);
+    // 0x22: 1.0 at both nibbles; scale 2⁻⁷ (120).
+    let experts: Vec<[(Aligned<u8>, Aligned<u8>); 3]> = (0..EXPERTS)
+        .map(|_| {
+            std::array::from_fn(|_| {
+                (
+                    Aligned::new(0x22, INTERMEDIATE * HIDDEN / 2),
+                    Aligned::new(120, INTERMEDIATE * HIDDEN / 32),
+                )
+            })
+        })
+        .collect();
+    let mut group = c.benchmark_group("expert_bf16_mxfp4");
+    for rows in [1usize, 2, 4, 8, 16, 32] {
+        let x = vec![0x3c00u16; rows * HIDDEN];
+        let (mut g, mut u) = (
+            vec![0u16; rows * INTERMEDIATE],
+            vec![0u16; rows * INTERMEDIATE],
+        );
+        let mut y = vec![0u16; rows * HIDDEN];
+        group.throughput(Throughput::Bytes(
+            (3 * HIDDEN * INTERMEDIATE * 17 / 32) as u64,
+        ));
+        let mut next = 0;
+        group.bench_function(BenchmarkId::from_parameter(rows), |b| {
+            b.iter(|| {
+                let [w1, w3, w2] = &experts[next];
+                next = (next + 1) % EXPERTS;
+                fn m((blocks, scales): &(Aligned<u8>, Aligned<u8>)) -> Matrix<'_, u16> {
+                    Matrix::Mxfp4 { blocks, scales }
+                }
+                let up = Shape {
+                    rows,
+                    inner: HIDDEN,
+                    outputs: INTERMEDIATE,
+                };
+                linear::<Bf16>(&team, &x, m(w1), up, &mut g).expect("shape");
+                linear::<Bf16>(&team, &x, m(w3), up, &mut u).expect("shape");
+                let down = Shape {
+                    rows,
+                    inner: INTERMEDIATE,
+                    outputs: HIDDEN,
+                };
+                linear::<Bf16>(&team, &g, m(w2), down, &mut y).expect("shape");
+            })
+        });
+    }
+    group.finish();
+}
+
 fn kernels(c: &mut Criterion) {
     if !supported(Element::Bf16) {
         eprintln!("this CPU has no AVX-512 BF16: nothing to measure");
@@ -126,6 +180,7 @@ fn kernels(c: &mut Criterion) {
     group::<Bf16, i8>(c, "expert_bf16_int8", bf16, 1, int8);
     group::<F32, f32>(c, "expert_f32", f32, 2f32.powi(-7), plain);
     group::<F32, i8>(c, "expert_f32_int8", f32, 1, int8);
+    mxfp4(c);
 }
 
 criterion_group!(benches, kernels);
