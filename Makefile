@@ -23,9 +23,10 @@ BENCH_MODEL := target/bench-model
 # The models `make bench` and `make bench-sharded` run, as family:preset:
 # Mixtral's bench, fine-grained experts as Qwen3-30B-A3B (128, top-8) and
 # OLMoE-1B-7B (64, top-8) have them, and DeepSeek-V3's latent attention,
-# grouped gate and shared expert (64, top-8), each about the same bytes.
+# grouped gate and shared expert (64, top-8), and gpt-oss's sinks, windows
+# and biased, clamped experts (32, top-4), each about the same bytes.
 # `make bench BENCH_MODELS=qwen3_moe:bench-fine` runs one.
-BENCH_MODELS ?= mixtral:bench qwen3_moe:bench-fine olmoe:bench-fine deepseek_v3:bench
+BENCH_MODELS ?= mixtral:bench qwen3_moe:bench-fine olmoe:bench-fine deepseek_v3:bench gpt_oss:bench
 comma := ,
 # Writes each model of BENCH_MODELS once (mixtral:bench into BENCH_MODEL, the
 # others into target/bench-FAMILY-PRESET) and runs $(1) with $$dir set to it.
