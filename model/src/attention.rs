@@ -536,11 +536,16 @@ impl Attention {
 
 impl Attention {
     /// Attention with each head's sink logit inside the softmax, its weight
-    /// dropped after, as transformers' gpt-oss attention computes it:
-    /// the scores in the activations' kind, the softmax in f32. `q` `[batch, kv_heads, groups, len, d]`,
+    /// dropped after (gpt-oss). `q` `[batch, kv_heads, groups, len, d]`,
     /// `keys` and `values` `[batch, kv_heads, total, d]`, `allowed` (true
     /// where a query may see a key) broadcasting to `[batch, kv_heads,
     /// groups, len, total]`, `sinks` `[heads]` -> `q`'s shape.
+    ///
+    /// On the CPU: libtorch's flash attention, whose log-sum-exp of each
+    /// query's scores says how much the sink takes: with it the weights
+    /// are the plain softmax's times `σ(lse − sink)`. Its memory stays
+    /// linear in the positions. Elsewhere, transformers' eager attention
+    /// (the scores and the softmax over them and the sink materialised).
     fn attend_with_sinks(
         &self,
         q: &Tensor,
@@ -550,19 +555,53 @@ impl Attention {
         sinks: &Tensor,
     ) -> Result<Tensor, TchError> {
         let size = q.size();
+        let (batch, kv_heads, groups, len, d) = (size[0], size[1], size[2], size[3], size[4]);
+        let heads = kv_heads * groups;
         let total = keys.size()[2];
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        // The scores in the activations' kind, as transformers' matmul has
-        // them; then f32.
+        let sinks = sinks.f_to_device(q.device())?;
+        if q.device() == Device::Cpu {
+            // Each kv head repeated for its query heads: [batch, heads, total, d].
+            let repeated = |t: &Tensor| -> Result<Tensor, TchError> {
+                t.f_unsqueeze(2)?
+                    .f_expand([batch, kv_heads, groups, total, d], false)?
+                    .f_reshape([batch, heads, total, d])
+            };
+            // [.., len, total] with -inf where a query may not look.
+            let allowed = match allowed.dim() {
+                5 => allowed.f_squeeze_dim(2)?,
+                _ => allowed.shallow_clone(),
+            };
+            let mask = Tensor::f_zeros(allowed.size().as_slice(), (q.kind(), q.device()))?
+                .f_masked_fill(&allowed.f_logical_not()?, f64::NEG_INFINITY)?;
+            let (out, lse) = Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(
+                &q.f_reshape([batch, heads, len, d])?,
+                &repeated(keys)?,
+                &repeated(values)?,
+                0.0,
+                false,
+                Some(mask),
+                scale,
+            )?;
+            let kept = lse
+                .f_to_kind(Kind::Float)?
+                .f_sub(&sinks.f_view([1, heads, 1])?)?
+                .f_sigmoid()?
+                .f_unsqueeze(-1)?;
+            return out
+                .f_to_kind(Kind::Float)?
+                .f_mul(&kept)?
+                .f_to_kind(q.kind())?
+                .f_reshape([batch, kv_heads, groups, len, d]);
+        }
         let scores = q
             .f_matmul(&keys.f_unsqueeze(2)?.f_transpose(-1, -2)?)?
             .f_mul_scalar(scale)?
             .f_to_kind(Kind::Float)?
             .f_masked_fill(&allowed.f_logical_not()?, f64::NEG_INFINITY)?;
         let sink = sinks
-            .f_to_device(q.device())?
-            .f_view([1, size[1], size[2], 1, 1])?
-            .f_expand([size[0], size[1], size[2], size[3], 1], false)?;
+            .f_view([1, kv_heads, groups, 1, 1])?
+            .f_expand([batch, kv_heads, groups, len, 1], false)?;
         Tensor::f_cat(&[scores, sink], -1)?
             .f_softmax(-1, Kind::Float)?
             .f_narrow(-1, 0, total)?

@@ -227,20 +227,7 @@ print(json.dumps(ids))
 /// scripts/hf_reference.py on `request` (its "chats" dated in the local
 /// time zone, as the server dates them); the JSON it writes.
 fn transformers_reference(model: &Path, request: &Value, work: &Path) -> Result<Value> {
-    let request_file = work.join("request.json");
-    std::fs::write(&request_file, request.to_string())?;
-    let prefix = work.join("reference");
-    support::run_ok(
-        std::process::Command::new(support::python())
-            .arg(support::scripts_dir().join("hf_reference.py"))
-            .arg("--model")
-            .arg(model)
-            .arg("--request")
-            .arg(&request_file)
-            .arg("--out")
-            .arg(&prefix)
-            .args(["--dtype", Dtype::F32.flag()]),
-    )?;
+    let prefix = support::hf_reference(model, request, work, Dtype::F32)?;
     Ok(serde_json::from_str(&std::fs::read_to_string(
         prefix.with_extension("json"),
     )?)?)
