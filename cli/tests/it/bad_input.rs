@@ -193,7 +193,7 @@ fn unsupported_architecture_is_named() -> Result<()> {
 fn gen_model_refuses_what_the_family_does_not_have() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let out = dir.path().join("model");
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
         (
             &["--family", "qwen3_moe", "--clip-qkv", "1"],
             "--clip-qkv does not apply to qwen3_moe (only to olmoe)",
@@ -204,7 +204,11 @@ fn gen_model_refuses_what_the_family_does_not_have() -> Result<()> {
         ),
         (
             &["--family", "olmoe", "--head-dim", "32"],
-            "--head-dim does not apply to olmoe (only to mixtral and qwen3_moe)",
+            "--head-dim does not apply to olmoe (only to mixtral, qwen3_moe and gpt_oss)",
+        ),
+        (
+            &["--family", "olmoe", "--mxfp4"],
+            "--mxfp4 does not apply to olmoe (only to gpt_oss)",
         ),
         (
             &["--family", "qwen2_moe", "--preset", "bench-fine"],
