@@ -44,6 +44,7 @@ pub use attention::{Attended, KvLayer, decode_attention};
 pub use avx512::{Bf16, F32, Kernel};
 pub use expert::{ExpertWeights, Routed, add_experts};
 pub use linear::{Job, Matrix, Projection, Shape, ShapeError, gate_up, linear, project, supported};
+pub use mxfp4::{BLOCK as MXFP4_BLOCK, E2M1};
 pub use norm::rms_norm;
 pub use parallel::{Parallel, Scoped, Serial};
 pub use rotary::rotate_heads;

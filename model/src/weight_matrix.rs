@@ -10,6 +10,7 @@
 
 use tch::{Kind, TchError, Tensor};
 use tramontane_config::{Dtype, Quantization};
+use tramontane_kernels::E2M1;
 
 /// `[outputs, inner]`, row-major.
 pub enum WeightMatrix {
@@ -32,11 +33,6 @@ pub enum WeightMatrix {
     /// `w[n][i] = e2m1(nibble i of row n) · 2^(scales[n][i / 32] − 127)`.
     Mxfp4 { blocks: Tensor, scales: Tensor },
 }
-
-/// The sixteen E2M1 values, by their 4 bits (sign, 2 exponent, 1 mantissa).
-pub const E2M1: [f32; 16] = [
-    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
-];
 
 /// A borrowed [`WeightMatrix`], or a plain tensor: what the projections
 /// take.

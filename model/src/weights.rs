@@ -22,7 +22,7 @@ const HEADER_LEN_BYTES: usize = 8;
 /// The `quantization_config.quant_method`s whose weights load as stored.
 const SERVED_QUANTIZATIONS: [&str; 2] = ["fp8", "mxfp4"];
 /// MXFP4's block: values per E8M0 scale.
-pub const MXFP4_BLOCK: i64 = 32;
+const MXFP4_BLOCK: i64 = tramontane_kernels::MXFP4_BLOCK as i64;
 
 struct WeightFile {
     path: PathBuf,
