@@ -21,11 +21,7 @@ fn transformers_tensors(config: &Value) -> Result<BTreeMap<String, Vec<usize>>> 
     let path = dir.path().join("config.json");
     std::fs::write(&path, config.to_string())?;
     let script = support::scripts_dir().join("hf_tensors.py");
-    let output = support::run_ok(
-        std::process::Command::new(support::python())
-            .arg(script)
-            .arg(&path),
-    )?;
+    let output = support::python_ok([script.as_os_str(), path.as_os_str()])?;
     serde_json::from_slice(&output.stdout).context("hf_tensors.py output")
 }
 
@@ -215,12 +211,13 @@ ids = tokenizer.apply_chat_template(request["messages"], tools=request["tools"],
 print(json.dumps(ids))
 "#;
     let request = json!({"messages": messages, "tools": tools});
-    let output = support::run_ok(
-        std::process::Command::new(support::python())
-            .args(["-c", SCRIPT])
-            .arg(model)
-            .arg(request.to_string()),
-    )?;
+    let request = request.to_string();
+    let output = support::python_ok([
+        "-c".as_ref(),
+        SCRIPT.as_ref(),
+        model.as_os_str(),
+        request.as_ref(),
+    ])?;
     serde_json::from_slice(&output.stdout).context("apply_chat_template's ids")
 }
 

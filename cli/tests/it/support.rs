@@ -49,6 +49,92 @@ pub fn pytest(suite: &Path, env: &[(&str, &str)]) -> Result<()> {
     Ok(())
 }
 
+/// scripts/forkserver.py, started once for this test process: it has
+/// imported torch and transformers, and runs each script in a fork.
+struct ForkServer {
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+    /// Its standard input: closed when this process ends, which ends it.
+    _child: std::process::Child,
+}
+
+fn fork_server() -> Result<&'static ForkServer> {
+    static SERVER: std::sync::OnceLock<std::result::Result<ForkServer, String>> =
+        std::sync::OnceLock::new();
+    let start = || -> Result<ForkServer> {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("forkserver.sock");
+        let mut child = Command::new(python())
+            .arg(scripts_dir().join("forkserver.py"))
+            .arg(&socket)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting scripts/forkserver.py")?;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().context("its stdout")?).read_line(&mut line)?;
+        ensure!(
+            line.trim() == "ready",
+            "scripts/forkserver.py did not start"
+        );
+        Ok(ForkServer {
+            socket,
+            _dir: dir,
+            _child: child,
+        })
+    };
+    SERVER
+        .get_or_init(|| start().map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Runs `python ARGS...` (a script and its arguments, or `-c CODE ...`) in
+/// this process's environment and working folder, as a fork of
+/// scripts/forkserver.py (torch and transformers already imported); fails
+/// with its standard error unless it exits 0.
+pub fn python_ok<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> Result<Output> {
+    use std::io::{BufRead, Write};
+    use std::os::unix::process::ExitStatusExt;
+    let server = fork_server()?;
+    let argv: Vec<String> = args
+        .into_iter()
+        .map(|a| {
+            a.as_ref()
+                .to_str()
+                .map(str::to_owned)
+                .context("a Python argument that is not UTF-8")
+        })
+        .collect::<Result<_>>()?;
+    let out = tempfile::tempdir()?;
+    let (stdout, stderr) = (out.path().join("stdout"), out.path().join("stderr"));
+    let request = serde_json::json!({
+        "argv": argv,
+        "cwd": std::env::current_dir()?,
+        "env": std::env::vars().collect::<std::collections::BTreeMap<_, _>>(),
+        "stdout": stdout,
+        "stderr": stderr,
+    });
+    let mut connection = std::os::unix::net::UnixStream::connect(&server.socket)?;
+    writeln!(connection, "{request}")?;
+    let mut status = String::new();
+    std::io::BufReader::new(&connection).read_line(&mut status)?;
+    let output = Output {
+        status: std::process::ExitStatus::from_raw(status.trim().parse::<i32>().unwrap_or(1) << 8),
+        stdout: std::fs::read(&stdout).unwrap_or_default(),
+        stderr: std::fs::read(&stderr).unwrap_or_default(),
+    };
+    ensure!(
+        output.status.success() && !status.is_empty(),
+        "python {} failed ({}):\n{}",
+        argv.first().map(String::as_str).unwrap_or(""),
+        status.trim(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(output)
+}
+
 pub fn scripts_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts")
 }
@@ -109,17 +195,17 @@ pub fn hf_reference(
     let request_file = work.join("request.json");
     std::fs::write(&request_file, request.to_string())?;
     let prefix = work.join("reference");
-    run_ok(
-        Command::new(python())
-            .arg(scripts_dir().join("hf_reference.py"))
-            .arg("--model")
-            .arg(model)
-            .arg("--request")
-            .arg(&request_file)
-            .arg("--out")
-            .arg(&prefix)
-            .args(["--dtype", dtype.flag()]),
-    )?;
+    python_ok([
+        scripts_dir().join("hf_reference.py").as_os_str(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--request".as_ref(),
+        request_file.as_os_str(),
+        "--out".as_ref(),
+        prefix.as_os_str(),
+        "--dtype".as_ref(),
+        dtype.flag().as_ref(),
+    ])?;
     Ok(prefix)
 }
 
@@ -133,13 +219,20 @@ pub fn family_checkpoint(
     config: serde_json::Value,
     extra_args: &[&str],
 ) -> Result<()> {
-    run_ok(
-        Command::new(python())
-            .arg(scripts_dir().join("hf_checkpoint.py"))
-            .args(["--family", family, "--config", &config.to_string()])
-            .arg("--out")
-            .arg(dir)
-            .args(extra_args),
+    let config = config.to_string();
+    let script = scripts_dir().join("hf_checkpoint.py");
+    let args: [&std::ffi::OsStr; 6] = [
+        script.as_ref(),
+        "--family".as_ref(),
+        family.as_ref(),
+        "--config".as_ref(),
+        config.as_ref(),
+        "--out".as_ref(),
+    ];
+    python_ok(
+        args.into_iter()
+            .chain([dir.as_os_str()])
+            .chain(extra_args.iter().map(|a| a.as_ref())),
     )?;
     Ok(())
 }
@@ -519,4 +612,25 @@ pub fn worker_addrs(targets: &Path) -> Result<Vec<String>> {
         .collect::<Result<_>>()?;
     workers.sort();
     Ok(workers.into_iter().map(|(_, addr)| addr).collect())
+}
+
+#[test]
+fn forked_scripts_answer_as_python_run_here_would() -> Result<()> {
+    let code = "import os, sys; print(sys.argv[1:], os.getcwd(), os.environ['HOME'])";
+    let output = python_ok(["-c", code, "a", "b c"])?;
+    let expected = format!(
+        "['a', 'b c'] {} {}",
+        std::env::current_dir()?.display(),
+        std::env::var("HOME")?
+    );
+    assert_eq!(String::from_utf8(output.stdout)?.trim(), expected);
+    let failed = python_ok(["-c", "import sys; sys.exit('the reason')"])
+        .expect_err("a script that exits non-zero fails");
+    assert!(format!("{failed:#}").contains("the reason"), "{failed:#}");
+    let raised = python_ok(["-c", "raise ValueError('raised here')"]).expect_err("raises");
+    assert!(
+        format!("{raised:#}").contains("ValueError: raised here"),
+        "{raised:#}"
+    );
+    Ok(())
 }
