@@ -41,8 +41,9 @@ pub struct LatentAttention {
     kv_a_norm: RmsNorm,
     /// `kv_b_proj`: `[heads * (nope_dim + v_dim), kv_lora_rank]`, for prefill.
     kv_b: WeightMatrix,
-    /// Its key part per head, `[heads, nope_dim, kv_lora_rank]`, and its
-    /// value part transposed, `[heads, kv_lora_rank, v_dim]`: decode's.
+    /// Its key part per head transposed, `[heads, kv_lora_rank, nope_dim]`,
+    /// and its value part, `[heads, v_dim, kv_lora_rank]`: decode's, as
+    /// each head's `[out, in]` projection.
     w_uk: Tensor,
     w_uv: Tensor,
     o_proj: WeightMatrix,
@@ -124,11 +125,11 @@ impl LatentAttention {
             kv_a: WeightMatrix::new(first(&weights.kv_a, 1, rank)?, quantization)?,
             kv_a_bias,
             kv_a_norm: RmsNorm::new(weights.kv_a_norm, LATENT_NORM_EPS),
-            w_uk: per_head.f_narrow(1, 0, nope)?.f_contiguous()?,
-            w_uv: per_head
-                .f_narrow(1, nope, v)?
+            w_uk: per_head
+                .f_narrow(1, 0, nope)?
                 .f_transpose(1, 2)?
                 .f_contiguous()?,
+            w_uv: per_head.f_narrow(1, nope, v)?.f_contiguous()?,
             kv_b: WeightMatrix::new(kv_b, None)?,
             o_proj: WeightMatrix::new(weights.o_proj, quantization)?,
             o_bias: weights.o_bias,
@@ -219,10 +220,8 @@ impl LatentAttention {
         pool: &KvPool,
     ) -> Result<Tensor, ForwardError> {
         let sequences = q_nope.size()[0];
-        // [S, H, nope] -> [H, S, nope] · [H, nope, rank] -> [S, H, rank]
-        let absorbed = q_nope
-            .f_transpose(0, 1)?
-            .f_bmm(&self.w_uk)?
+        // [S, H, nope] -> [H, S, nope] · [H, rank, nope]ᵀ -> [S, H, rank]
+        let absorbed = projection::per_head_linear(&q_nope.f_transpose(0, 1)?, &self.w_uk)?
             .f_transpose(0, 1)?;
         let q = Tensor::f_cat(&[q_pe, &absorbed], 2)?;
         let width = self.rank + self.rope;
@@ -255,11 +254,11 @@ impl LatentAttention {
                 .f_narrow(3, self.rope, self.rank)?
             }
         };
-        // [S, 1, H, rank] -> [H, S, rank] · [H, rank, v] -> [S, H * v]
+        // [S, 1, H, rank] -> [H, S, rank] · [H, v, rank]ᵀ -> [S, H * v]
         let out = out
             .f_reshape([sequences, self.heads, self.rank])?
-            .f_transpose(0, 1)?
-            .f_bmm(&self.w_uv)?
+            .f_transpose(0, 1)?;
+        let out = projection::per_head_linear(&out, &self.w_uv)?
             .f_transpose(0, 1)?
             .f_reshape([sequences, self.heads * self.v])?;
         Ok(out)
