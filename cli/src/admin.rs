@@ -40,7 +40,7 @@ pub enum WorkersAction {
     /// Take worker INDEX out of the pool once its experts are elsewhere
     /// (a worker pod's preStop hook, its index from the environment).
     Remove {
-        #[arg(env = "TRAMONTANE_WORKER_INDEX")]
+        #[arg(env = "TRAMONTANE_WORKER_INDEX", value_parser = crate::worker::worker_index)]
         index: usize,
     },
 }

@@ -39,8 +39,14 @@ pub struct WorkerArgs {
         conflicts_with_all = ["experts", "layers"]
     )]
     pub placement: Option<PathBuf>,
-    /// This worker's index in the --placement file (0-based).
-    #[arg(long, env = "TRAMONTANE_WORKER_INDEX", requires = "placement")]
+    /// This worker's index in the --placement file (0-based), or a
+    /// StatefulSet pod's name, whose ordinal suffix is its index (`NAME-3`).
+    #[arg(
+        long,
+        env = "TRAMONTANE_WORKER_INDEX",
+        requires = "placement",
+        value_parser = worker_index
+    )]
     pub worker_index: Option<usize>,
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
     #[arg(long, default_value = "127.0.0.1:50061", env = "TRAMONTANE_LISTEN")]
@@ -168,4 +174,37 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         telemetry.shutdown().await;
         served
     })
+}
+
+/// A worker index: a number, or a StatefulSet pod's name (`NAME-N`), whose
+/// ordinal is its index on every Kubernetes version (the pod-index label
+/// is beta from 1.28).
+pub fn worker_index(text: &str) -> Result<usize, String> {
+    let ordinal = match text.rsplit_once('-') {
+        Some((name, ordinal)) if !name.is_empty() => ordinal,
+        _ => text,
+    };
+    let digits = !ordinal.is_empty() && ordinal.bytes().all(|b| b.is_ascii_digit());
+    match ordinal.parse::<usize>() {
+        Ok(index) if digits => Ok(index),
+        _ => Err(format!(
+            "expected a worker index (0, 1, ...) or a StatefulSet pod's name ending in one (NAME-3), not {text:?}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_index;
+
+    #[test]
+    fn an_index_is_a_number_or_a_pod_names_ordinal() {
+        assert_eq!(worker_index("0"), Ok(0));
+        assert_eq!(worker_index("12"), Ok(12));
+        assert_eq!(worker_index("moe-tramontane-workers-3"), Ok(3));
+        for bad in ["", "-3", "+3", "workers", "workers-", "workers-3a", "3.0"] {
+            let error = worker_index(bad).expect_err(bad);
+            assert!(error.contains(&format!("{bad:?}")), "{error}");
+        }
+    }
 }

@@ -43,7 +43,7 @@ fn encode(text: &str) -> String {
         .collect()
 }
 
-/// Every `expr` of the dashboard, with Grafana's interval variables substituted.
+/// Every `expr` of the dashboard, with Grafana's variables substituted.
 fn dashboard_queries() -> Result<Vec<(String, String)>> {
     let path = repo().join("deploy/helm/tramontane/dashboards/tramontane.json");
     let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
@@ -51,7 +51,11 @@ fn dashboard_queries() -> Result<Vec<(String, String)>> {
     for panel in dashboard["panels"].as_array().context("panels")? {
         for target in panel["targets"].as_array().context("targets")? {
             let expr = target["expr"].as_str().context("expr")?;
+            // The variables' "All" (the local targets have no namespace
+            // or release label).
             let expr = expr
+                .replace("$namespace", ".*")
+                .replace("$release", ".*")
                 .replace("$__rate_interval", "1m")
                 .replace("$__interval", "5s")
                 .replace("$__range", "5m");

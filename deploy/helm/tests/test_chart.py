@@ -84,11 +84,60 @@ def secured() -> dict:
     }
 
 
+def operated() -> dict:
+    """The knobs operators add to every chart, on both components."""
+
+    def knobs(component: str) -> dict:
+        return {
+            "env": [
+                {"name": "HTTPS_PROXY", "value": "http://proxy:3128"},
+                {"name": "FROM_FIELD", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+            ],
+            "extraArgs": ["--dtype", "bf16"] if component == "router" else [],
+            "podAnnotations": {"example.com/owner": "serving-team"},
+            "podLabels": {"team": "serving"},
+            "priorityClassName": "inference-critical",
+            "runtimeClassName": "nvidia",
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["gpu"]}]}
+                        ]
+                    }
+                }
+            },
+            "topologySpreadConstraints": [
+                {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway"},
+                {
+                    "maxSkew": 1,
+                    "topologyKey": "topology.kubernetes.io/zone",
+                    "whenUnsatisfiable": "DoNotSchedule",
+                    "labelSelector": {"matchLabels": {"team": "serving"}},
+                },
+            ],
+            "extraVolumes": [{"name": "scratch", "emptyDir": {"sizeLimit": "1Gi"}}],
+            "extraVolumeMounts": [{"name": "scratch", "mountPath": "/scratch"}],
+        }
+
+    return {
+        "logLevel": "info,tramontane_router=debug",
+        "serviceAccount": {
+            "create": True,
+            "annotations": {"iam.gke.io/gcp-service-account": "moe@example.iam.gserviceaccount.com"},
+        },
+        "router": knobs("router"),
+        "workers": knobs("workers"),
+    }
+
+
 VALUE_SETS = {
     "default": dict,
     "cpu-demo": cpu_demo,
     "mixtral-8x7b": mixtral,
     "secured": secured,
+    "operated": operated,
 }
 
 
@@ -237,14 +286,24 @@ def test_router_dials_every_worker_by_its_stable_name_in_index_order(chart, valu
     assert flag(command, "--workers").split(",") == expected
 
 
-def test_worker_index_is_the_pod_index(chart):
+def test_worker_index_is_the_pod_names_ordinal(chart):
+    # The pod's name, NAME-N on every Kubernetes version; the binary takes
+    # its ordinal (the pod-index label is only there from 1.28).
     worker = container(one(manifests(chart), "StatefulSet"))
-    assert flag(worker["command"], "--worker-index") == "$(POD_INDEX)"
-    (env,) = [e for e in worker["env"] if e["name"] == "POD_INDEX"]
-    assert (
-        env["valueFrom"]["fieldRef"]["fieldPath"]
-        == "metadata.labels['apps.kubernetes.io/pod-index']"
-    )
+    assert flag(worker["command"], "--worker-index") == "$(POD_NAME)"
+    (env,) = [e for e in worker["env"] if e["name"] == "POD_NAME"]
+    assert env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_the_chart_states_the_kubernetes_it_needs(chart, values):
+    # 1.27: gRPC readiness probes are GA. Nothing newer is needed: no
+    # pod-index label (1.28 beta, 1.32 GA); image volumes (1.33) only when
+    # chosen (model.volume.type image, validated against 1.33 below).
+    chart_yaml = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart_yaml["kubeVersion"] == ">=1.27.0-0"
+    rendered = json.dumps(manifests(chart, values()))
+    assert "apps.kubernetes.io/pod-index" not in rendered
 
 
 @pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
@@ -537,6 +596,11 @@ BAD_VALUES = {
     "device gpu": ({"workers": {"device": "gpu"}}, "/workers/device"),
     "unknown value": ({"workers": {"replica": 3}}, "replica"),
     "unknown top-level value": ({"routers": {}}, "routers"),
+    "env without a name": ({"router": {"env": [{"value": "1"}]}}, "/router/env/0"),
+    "env as a map": ({"workers": {"env": {"A": "1"}}}, "/workers/env"),
+    "empty log level": ({"logLevel": ""}, "/logLevel"),
+    "service account key": ({"serviceAccount": {"create": True, "role": "x"}}, "role"),
+    "pod labels not text": ({"workers": {"podLabels": {"tier": 1}}}, "/workers/podLabels/tier"),
     "service type": ({"router": {"service": {"type": "Ingress"}}}, "/router/service/type"),
     "replicas as text": ({"workers": {"replicas": "8"}}, "/workers/replicas"),
     "placement without experts": ({"placement": {"workers": 2}}, "experts"),
@@ -672,6 +736,91 @@ def test_prometheus_operator_monitors(chart, tls):
         assert "tlsConfig" not in endpoint
 
 
+def relabeled(labels: dict[str, str], rules: list[dict]) -> dict[str, str]:
+    """Prometheus's `replace` relabeling, as the operator writes it into the
+    scrape configuration: the source labels joined by `;`, the regex
+    anchored at both ends, `$1`-style groups in the replacement."""
+    labels = dict(labels)
+    for rule in rules:
+        assert rule.get("action", "replace") == "replace", rule
+        value = ";".join(labels.get(name, "") for name in rule.get("sourceLabels", []))
+        match = re.fullmatch(rule.get("regex", "(.*)"), value)
+        if match:
+            replacement = re.sub(r"\$(\d+)", r"\\\1", rule.get("replacement", "$1"))
+            labels[rule["targetLabel"]] = match.expand(replacement)
+    return {name: value for name, value in labels.items() if not name.startswith("__")}
+
+
+def test_monitors_label_targets_as_the_dashboard_reads_them(chart):
+    docs = manifests(chart, secured())
+    (router,) = one(docs, "ServiceMonitor")["spec"]["endpoints"]
+    meta = {"__meta_kubernetes_pod_name": f"{FULLNAME}-7d9f-x2x", "job": f"{FULLNAME}-metrics"}
+    assert relabeled(meta, router["relabelings"]) == {
+        "job": f"{FULLNAME}-metrics",
+        "component": "router",
+        "release": RELEASE,
+    }
+    (workers,) = one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    for index in (0, 3, 12):
+        meta = {"__meta_kubernetes_pod_name": f"{WORKERS}-{index}"}
+        assert relabeled(meta, workers["relabelings"]) == {
+            "component": "worker",
+            "worker": str(index),
+            "release": RELEASE,
+        }
+
+
+def covers(names: list[str], host: str) -> bool:
+    """Whether a certificate for `names` is valid for `host` (a wildcard
+    stands for one leftmost label)."""
+    for name in names:
+        if name.startswith("*."):
+            label, _, rest = host.partition(".")
+            if label and rest == name[2:]:
+                return True
+        elif name == host:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("where", ["README", "NOTES"])
+def test_the_documented_certificates_carry_every_name_the_chart_verifies(chart, where):
+    # Release moe in namespace moe, as the README installs it.
+    values = secured()
+    values["router"] = {"admin": {"enabled": True}}
+    rendered = chart.render(values, name="moe", namespace="moe")
+    docs = [
+        doc
+        for path, text in rendered.items()
+        if not path.endswith("NOTES.txt")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+    if where == "README":
+        text = (REPO / "README.md").read_text()
+    else:
+        (text,) = [t for path, t in rendered.items() if path.endswith("NOTES.txt")]
+    command = re.search(r"tramontane certs --out certs \\\n(.*?)\n\s*kubectl", text, re.S)
+    assert command, f"no `tramontane certs` command in the {where}"
+    nodes = {
+        node: hosts.split(",")
+        for node, hosts in re.findall(r"--node (\w+)='?([^'\s]+)'?", command.group(1))
+    }
+    # The router's certificate serves its Services; the workers' theirs.
+    (router,) = one(docs, "ServiceMonitor")["spec"]["endpoints"]
+    verified = {"router": [router["tlsConfig"]["serverName"]], "worker": []}
+    (workers,) = one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    verified["worker"].append(workers["tlsConfig"]["serverName"])
+    env = {e["name"]: e.get("value") for e in container(one(docs, "StatefulSet"))["env"]}
+    admin = env["TRAMONTANE_ADMIN_SERVER"].split("://", 1)[1].rsplit(":", 1)[0]
+    verified["router"].append(admin)
+    dialled = flag(container(one(docs, "Deployment"))["command"], "--workers")
+    verified["worker"].extend(name.rsplit(":", 1)[0] for name in dialled.split(","))
+    for node, hosts in verified.items():
+        for host in hosts:
+            assert covers(nodes[node], host), f"{where}: {node}'s certificate lacks {host}"
+
+
 def test_local_grafana_loads_the_charts_dashboard():
     # One copy of the dashboard, in the chart (Helm's .Files.Get reads only
     # the chart's folder); the local provisioning and the README name it.
@@ -686,6 +835,67 @@ def test_local_grafana_loads_the_charts_dashboard():
     assert not (REPO / "deploy/grafana/dashboards").exists(), "a second copy of the dashboard"
     panels = json.loads(dashboard.read_text())["panels"]
     assert panels and all(target["expr"] for panel in panels for target in panel["targets"])
+
+
+def test_the_knobs_operators_add_reach_both_pods(chart):
+    values = operated()
+    docs = manifests(chart, values)
+    (account,) = [d for d in docs if d["kind"] == "ServiceAccount"]
+    assert account["metadata"]["name"] == FULLNAME
+    assert account["metadata"]["annotations"] == values["serviceAccount"]["annotations"]
+    for kind, component in (("Deployment", "router"), ("StatefulSet", "workers")):
+        given = values[component]
+        pod = one(docs, kind)["spec"]["template"]
+        spec = pod["spec"]
+        assert spec["serviceAccountName"] == FULLNAME
+        assert spec["automountServiceAccountToken"] is False
+        for key in ("priorityClassName", "runtimeClassName", "tolerations", "affinity"):
+            assert spec[key] == given[key], (kind, key)
+        assert given["podLabels"].items() <= pod["metadata"]["labels"].items()
+        assert given["podAnnotations"].items() <= pod["metadata"]["annotations"].items()
+        spread, zoned = spec["topologySpreadConstraints"]
+        selector = one(docs, kind)["spec"]["selector"]
+        assert spread["labelSelector"] == selector, "a constraint without one gets the pods' selector"
+        assert zoned["labelSelector"] == {"matchLabels": {"team": "serving"}}
+        worker = container(one(docs, kind))
+        env = {e["name"]: e for e in worker["env"]}
+        assert env["TRAMONTANE_LOG"]["value"] == "info,tramontane_router=debug"
+        for item in given["env"]:
+            assert env[item["name"]] == item
+        assert {"name": "scratch", "mountPath": "/scratch"} in worker["volumeMounts"]
+        assert {"name": "scratch", "emptyDir": {"sizeLimit": "1Gi"}} in spec["volumes"]
+    # Without them: the default account, no token, the log level info.
+    docs = manifests(chart)
+    assert not [d for d in docs if d["kind"] == "ServiceAccount"]
+    for kind in ("Deployment", "StatefulSet"):
+        spec = one(docs, kind)["spec"]["template"]["spec"]
+        assert "serviceAccountName" not in spec and spec["automountServiceAccountToken"] is False
+        env = {e["name"]: e.get("value") for e in container(one(docs, kind))["env"]}
+        assert env["TRAMONTANE_LOG"] == "info"
+
+
+def test_dashboard_queries_the_chosen_data_source_namespace_and_release():
+    dashboard = json.loads((CHART / "dashboards/tramontane.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for name in ("namespace", "release"):
+        assert variables[name]["includeAll"] and variables[name]["allValue"] == ".*"
+        assert f", {name})" in variables[name]["query"]["query"]
+    chosen = {"type": "prometheus", "uid": "${datasource}"}
+    for panel in dashboard["panels"]:
+        assert panel["datasource"] == chosen, panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == chosen, panel["title"]
+            # Every series selected, by the namespace and release chosen.
+            expr = re.sub(r'"[^"]*"', '""', target["expr"])
+            for metric in re.finditer(r"\b(tramontane_\w+|up)\b(\{[^}]*\})?", expr):
+                selector = metric.group(0)
+                assert 'namespace=~""' in selector and 'release=~""' in selector, (
+                    panel["title"],
+                    target["expr"],
+                )
+    assert "tramontane-prometheus" not in json.dumps(dashboard)
 
 
 def test_dashboard_configmap_carries_the_dashboard_and_the_sidecar_label(chart):
@@ -759,8 +969,8 @@ def test_a_stopping_worker_has_its_experts_moved_first(chart, values):
     # router's admin Service, the key the router was given.
     names = [e["name"] for e in worker["env"]]
     env = {e["name"]: e for e in worker["env"]}
-    assert names.index("POD_INDEX") < names.index("TRAMONTANE_WORKER_INDEX")
-    assert env["TRAMONTANE_WORKER_INDEX"]["value"] == "$(POD_INDEX)"
+    assert names.index("POD_NAME") < names.index("TRAMONTANE_WORKER_INDEX")
+    assert env["TRAMONTANE_WORKER_INDEX"]["value"] == "$(POD_NAME)"
     port = config["router"]["admin"]["port"]
     scheme = "https" if tls else "http"
     assert env["TRAMONTANE_ADMIN_SERVER"]["value"] == (
@@ -823,7 +1033,8 @@ def test_the_admin_api_and_the_hook_are_optional(chart):
     assert "lifecycle" not in worker
     assert not [e for e in worker["env"] if e["name"].startswith("TRAMONTANE_ADMIN")]
     router = container(one(docs, "Deployment"))
-    assert "--admin-listen" not in router["command"] and "env" not in router
+    assert "--admin-listen" not in router["command"]
+    assert [e["name"] for e in router["env"]] == ["TRAMONTANE_LOG"]
     assert "--self-heal" not in router["command"]
     assert flag(router["command"], "--rebalance-interval") == "60"
     assert not [d for d in docs if d["metadata"]["name"].endswith("-admin")]
@@ -875,4 +1086,7 @@ def test_every_flag_the_chart_passes_is_one_the_binary_takes(chart, values):
         )
         read |= set(re.findall(r"env: (TRAMONTANE_[A-Z_]+)", done.stdout))
     passed = {e["name"] for e in worker["env"] if e["name"].startswith("TRAMONTANE_")}
+    # Every command's log filter (cli/src/telemetry.rs), not a flag's.
+    assert 'EnvFilter::try_from_env("TRAMONTANE_LOG")' in (REPO / "cli/src/telemetry.rs").read_text()
+    passed.discard("TRAMONTANE_LOG")
     assert passed <= read, f"the hook does not read {sorted(passed - read)}"

@@ -16,8 +16,8 @@ root, every process listens on loopback port 0 instead, and the router's
 `--workers` names the ports the workers got, in index order.
 
 What a cluster provides is stood in for, and nothing else is changed:
-- Kubernetes substitutes `$(POD_INDEX)` (the pod-index label) in a worker's
-  command: here each worker gets its index;
+- Kubernetes substitutes `$(POD_NAME)` (the StatefulSet's name and the
+  pod's ordinal) in a worker's command: here each worker gets its pod's name;
 - the placement ConfigMap mounted at /etc/tramontane: here the rendered
   placement.json is in a temporary folder;
 - the checkpoint volume mounted at `model.path`: here `model.path` is a
@@ -77,7 +77,7 @@ def command_of(workload: dict) -> list[str]:
 def env_of(workload: dict, secrets: dict[str, dict[str, str]], **given: str) -> dict[str, str]:
     """The container's environment as the kubelet makes it: values with
     `$(VAR)` of the variables before them, Secrets' keys, the pod's labels
-    (`given`, by variable name)."""
+    (`given`, by variable name: the pod's fields)."""
     (container,) = workload["spec"]["template"]["spec"]["containers"]
     env: dict[str, str] = {}
     for item in container.get("env", []):
@@ -244,11 +244,12 @@ def test_the_rendered_command_lines_serve_the_in_process_tokens(tmp_path, isolat
     try:
         addrs = []
         for index in range(replicas):
-            command = [arg.replace("$(POD_INDEX)", str(index)) for arg in worker_command]
+            pod_name = f"{workers['metadata']['name']}-{index}"
+            command = [arg.replace("$(POD_NAME)", pod_name) for arg in worker_command]
             if not isolated:
                 command = replace_value(command, "--listen", "127.0.0.1:0")
             pod = f"worker-{index}"
-            env = env_of(workers, secrets, POD_INDEX=str(index))
+            env = env_of(workers, secrets, POD_NAME=pod_name)
             process, (addr,) = start(pods.prefix(pod), command, 1, tmp_path / f"{pod}.log", env)
             processes.append(process)
             addrs.append(addr)
@@ -273,7 +274,7 @@ def test_the_rendered_command_lines_serve_the_in_process_tokens(tmp_path, isolat
         # Worker 1's pod stops: first its preStop hook, with its environment.
         (container,) = workers["spec"]["template"]["spec"]["containers"]
         hook = container["lifecycle"]["preStop"]["exec"]["command"]
-        env = env_of(workers, secrets, POD_INDEX="1")
+        env = env_of(workers, secrets, POD_NAME=f"{workers['metadata']['name']}-1")
         if isolated:
             service = env["TRAMONTANE_ADMIN_SERVER"].split("://", 1)[1].rsplit(":", 1)[0]
             pods.hosts("worker-1", {service: pods.addresses["router"]})

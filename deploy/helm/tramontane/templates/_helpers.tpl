@@ -237,3 +237,40 @@ Call with (dict "ctx" $ "tls" (list "ca.pem" ...) "apiKey" true).
 {{- define "tramontane.startupFailures" -}}
 {{- max 1 (div (add (int .) 9) 10) -}}
 {{- end -}}
+
+{{/* The pods' ServiceAccount name; empty for the namespace's default. */}}
+{{- define "tramontane.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "tramontane.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A pod spec's account and scheduling fields from a component's values
+(dict "ctx" $ "values" $router "component" "router"): a topology spread
+constraint without a labelSelector gets the component's pods'. */}}
+{{- define "tramontane.podScheduling" -}}
+{{- $v := .values -}}
+{{- with include "tramontane.serviceAccountName" .ctx }}
+serviceAccountName: {{ . }}
+{{- end }}
+automountServiceAccountToken: {{ .ctx.Values.serviceAccount.automountToken }}
+{{- with $v.priorityClassName }}
+priorityClassName: {{ . | quote }}
+{{- end }}
+{{- with $v.runtimeClassName }}
+runtimeClassName: {{ . | quote }}
+{{- end }}
+{{- with $v.topologySpreadConstraints }}
+topologySpreadConstraints:
+{{- range . }}
+{{- $constraint := deepCopy . }}
+{{- if not (hasKey $constraint "labelSelector") }}
+{{- $selector := include "tramontane.selectorLabels" (dict "ctx" $.ctx "component" $.component) | fromYaml }}
+{{- $_ := set $constraint "labelSelector" (dict "matchLabels" $selector) }}
+{{- end }}
+  - {{- toYaml $constraint | nindent 4 }}
+{{- end }}
+{{- end }}
+{{- end -}}
