@@ -51,6 +51,12 @@ pub struct WorkerArgs {
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
     #[arg(long, default_value = "127.0.0.1:50061", env = "TRAMONTANE_LISTEN")]
     pub listen: SocketAddr,
+    /// Also serve `GET /metrics` alone on this address: over TLS with
+    /// --tls-cert, without asking for a client certificate, so that
+    /// scrapers need none of the cluster's keys (the gRPC port serves it
+    /// too).
+    #[arg(long, env = "TRAMONTANE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Forward requests that may wait for the compute thread.
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
@@ -139,6 +145,16 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
             .await
             .with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
+        let metrics_listener = match args.metrics_listen {
+            Some(metrics) => {
+                let listener = tokio::net::TcpListener::bind(metrics)
+                    .await
+                    .with_context(|| format!("binding --metrics-listen {metrics}"))?;
+                tracing::info!("metrics on {}", listener.local_addr()?);
+                Some(listener)
+            }
+            None => None,
+        };
         tracing::info!(
             "worker holds {held} (layer, expert) pairs: {} MiB of expert weights ({}), of a {} MiB checkpoint; RSS {} MiB",
             info.weight_bytes() >> 20,
@@ -163,6 +179,7 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         }
         let served = tramontane_expert_worker::serve(
             listener,
+            metrics_listener,
             server,
             args.max_message_bytes,
             tls.as_ref(),

@@ -11,6 +11,16 @@ use tramontane_proto::v1::expert_service_client::ExpertServiceClient;
 
 use crate::cluster::ClusterError;
 
+/// How soon the router notices a worker whose host vanished without a
+/// reset: an HTTP/2 PING every interval, on idle connections too, which
+/// must be answered within the timeout, or the connection is closed (the
+/// next call reconnects, resolving the worker's name again: a pod
+/// rescheduled elsewhere). Without it, the probes' unacknowledged data
+/// keeps a dead connection for the kernel's retransmission timeout, about
+/// 15 minutes. TCP keepalive, at the same interval, covers the rest.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A worker as the router sees it. `client` is for probes and admin calls
 /// and runs on the runtime that connected; the data path makes its own
 /// clients from `endpoint` (see [`crate::data_path::DataPath`]).
@@ -45,7 +55,11 @@ impl WorkerLink {
         let mut endpoint = Endpoint::from_shared(uri)
             .map_err(bad)?
             .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .tcp_keepalive(Some(KEEPALIVE_INTERVAL));
         if let Some(tls) = tls {
             endpoint = endpoint.tls_config(tls.clone()).map_err(bad)?;
         }

@@ -33,13 +33,17 @@ pub use service::ExpertServer;
 
 /// Serves `server` (and grpc.health.v1, and `GET /metrics`) on `listener`,
 /// over TLS with `tls` (with its CA, only to clients that present a
-/// certificate the CA signed), each connection held to `limits`, until
+/// certificate the CA signed), and `GET /metrics` alone on
+/// `metrics_listener` where there is one (over TLS with `tls`'s
+/// certificate, to any client: scrapers need no key of the cluster's),
+/// each connection held to `limits`, until
 /// `shutdown` completes, or until the compute thread stops: health
 /// then says NOT_SERVING, `Info` fails, and this returns
 /// [`ServeError::ComputeStopped`] so that the process exits with an error,
 /// for its supervisor to restart it.
 pub async fn serve(
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     server: ExpertServer,
     max_message_bytes: usize,
     tls: Option<&Tls>,
@@ -72,21 +76,36 @@ pub async fn serve(
             }
         }),
     );
-    let routes = Routes::from(scrape)
+    let routes = Routes::from(scrape.clone())
         .add_service(health)
         .add_service(service);
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let ending = tokio::spawn(async move {
         let compute_failed = until_end(&compute, &reporter, shutdown).await;
         let _ = stop_tx.send(true);
         compute_failed
     });
-    Server::new("worker", limits)
+    let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|&stop| stop).await;
+    };
+    let metrics_server = match metrics_listener {
+        Some(listener) => Some(
+            Server::new("worker-metrics", limits)
+                .tls(tls.map(Tls::https_server).transpose()?)
+                .serve(listener, scrape, stopped(stop_rx.clone())),
+        ),
+        None => None,
+    };
+    let grpc_server = Server::new("worker", limits)
         .tls(tls.map(Tls::server).transpose()?)
-        .serve(listener, routes.prepare(), async move {
-            let _ = stop_rx.wait_for(|&stop| stop).await;
-        })
-        .await?;
+        .serve(listener, routes.prepare(), stopped(stop_rx));
+    let metrics_served = async {
+        match metrics_server {
+            Some(server) => server.await,
+            None => Ok(()),
+        }
+    };
+    tokio::try_join!(grpc_server, metrics_served)?;
     match ending.await {
         Ok(false) => Ok(()),
         _ => Err(ServeError::ComputeStopped),

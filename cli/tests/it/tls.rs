@@ -1,5 +1,5 @@
 //! TLS: a worker with a CA refuses clients without a certificate that CA
-//! signed (mTLS), a router with the cluster's certificate is let in and
+//! signed (mTLS) and serves its metrics port to any client over TLS, a router with the cluster's certificate is let in and
 //! serves HTTPS and gRPC over TLS; `serve --tls` does it all with a
 //! throwaway CA.
 
@@ -135,12 +135,20 @@ fn mtls_lets_in_only_clients_with_a_certificate_of_the_cluster_ca() -> Result<()
     let theirs = dir.path().join("other");
     certs(&theirs, &["intruder"])?;
     let file = |dir: &Path, name: &str| dir.join(name).to_string_lossy().into_owned();
+    let metrics = format!(
+        "127.0.0.1:{}",
+        std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
+    );
     let worker = support::spawn_listening(&[
         "worker",
         "--model",
         model.to_str().context("path")?,
         "--listen",
         "127.0.0.1:0",
+        "--metrics-listen",
+        &metrics,
         "--threads",
         "1",
         "--tls-cert",
@@ -207,6 +215,28 @@ fn mtls_lets_in_only_clients_with_a_certificate_of_the_cluster_ca() -> Result<()
             .await
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         ensure!(held.loaded.is_empty() && !held.held.is_empty(), "{held:?}");
+        // Its metrics port: the worker's certificate, no client's asked
+        // (a scraper holds no key of the cluster's); its metrics only.
+        let (status, body) = https(&metrics, &ours.join("ca.pem"), "/metrics").await?;
+        ensure!(
+            status == 200 && body.contains("tramontane_worker_memory_bytes"),
+            "{status} {body}"
+        );
+        ensure!(
+            https(&metrics, &theirs.join("ca.pem"), "/metrics")
+                .await
+                .is_err(),
+            "the metrics port verified against another CA"
+        );
+        ensure!(
+            info(
+                &metrics,
+                Some(ClientTlsConfig::new().ca_certificate(ca.clone()))
+            )
+            .await
+            .is_err(),
+            "the metrics port serves gRPC"
+        );
         anyhow::Ok(())
     })?;
 

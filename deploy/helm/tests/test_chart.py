@@ -215,7 +215,8 @@ def test_kinds_rendered(chart):
         "ConfigMap",  # the dashboard
         "ConfigMap",  # the placement
         "Deployment",
-        "NetworkPolicy",
+        "NetworkPolicy",  # the router's
+        "NetworkPolicy",  # the workers'
         "PodDisruptionBudget",
         "Secret",  # the admin key
         "Service",  # the router's API
@@ -315,7 +316,11 @@ def test_ports_services_and_probes_agree(chart, values):
     workers = one(docs, "StatefulSet")
     worker = container(workers)
     wport = config["workers"]["port"]
-    assert worker["ports"] == [{"name": "grpc", "containerPort": wport, "protocol": "TCP"}]
+    mport = config["workers"]["metricsPort"]
+    assert worker["ports"] == [
+        {"name": "grpc", "containerPort": wport, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": mport, "protocol": "TCP"},
+    ]
     assert flag(worker["command"], "--listen") == f"0.0.0.0:{wport}"
     headless = one(docs, "Service", WORKERS)
     assert [(p["port"], p["targetPort"]) for p in headless["spec"]["ports"]] == [(wport, "grpc")]
@@ -663,26 +668,51 @@ def test_cpu_demo_replica_override_without_placement_still_renders(chart):
 # --- the rest of the manifests ----------------------------------------------
 
 
-def test_network_policy_admits_the_router_and_the_scrapers_only(chart):
-    for values in ({}, secured()):
+def admitted(policy: dict, port: int) -> list[dict] | None:
+    """The peers a NetworkPolicy lets reach `port`: None for none, [] for
+    anyone (a rule without `from`)."""
+    peers = None
+    for rule in policy["spec"]["ingress"]:
+        if any(p["port"] == port for p in rule["ports"]):
+            if "from" not in rule:
+                return []
+            peers = (peers or []) + rule["from"]
+    return peers
+
+
+def pods_of(docs: list[dict], kind: str) -> dict:
+    """The selector labels of a workload's pods, as a NetworkPolicy peer."""
+    labels = one(docs, kind)["spec"]["selector"]["matchLabels"]
+    return {"podSelector": {"matchLabels": labels}}
+
+
+def test_network_policies_admit_the_router_the_workers_and_the_scrapers_only(chart):
+    apis = [{"ipBlock": {"cidr": "10.8.0.0/16"}}]
+    admins = [{"namespaceSelector": {"matchLabels": {"team": "ops"}}}]
+    for values in ({}, secured(), {**secured(), "networkPolicy": {**secured()["networkPolicy"], "apiFrom": apis, "adminFrom": admins}}):
         docs = manifests(chart, values)
-        policy = one(docs, "NetworkPolicy")
-        workers = one(docs, "StatefulSet")
-        router = one(docs, "Deployment")
-        selected = policy["spec"]["podSelector"]["matchLabels"]
-        assert selected.items() <= workers["spec"]["template"]["metadata"]["labels"].items()
-        assert not selected.items() <= router["spec"]["template"]["metadata"]["labels"].items()
-        assert policy["spec"]["policyTypes"] == ["Ingress"]
-        (rule,) = policy["spec"]["ingress"]
-        assert rule["ports"] == [
-            {"port": container(workers)["ports"][0]["containerPort"], "protocol": "TCP"}
-        ]
-        first, *scrapers = rule["from"]
-        assert (
-            first["podSelector"]["matchLabels"].items()
-            <= router["spec"]["template"]["metadata"]["labels"].items()
-        )
-        assert scrapers == merged(chart, values)["networkPolicy"]["metricsFrom"]
+        config = merged(chart, values)["networkPolicy"]
+        scrapers = config["metricsFrom"] or None
+        workers, router = one(docs, "StatefulSet"), one(docs, "Deployment")
+        worker_policy = one(docs, "NetworkPolicy", WORKERS)
+        router_policy = one(docs, "NetworkPolicy", FULLNAME)
+        for policy, workload in ((worker_policy, workers), (router_policy, router)):
+            assert policy["spec"]["policyTypes"] == ["Ingress"]
+            assert {"podSelector": policy["spec"]["podSelector"]} == pods_of(docs, workload["kind"])
+            # Every port the pods open is in a rule: nothing is let in by omission.
+            for port in container(workload)["ports"]:
+                assert admitted(policy, port["containerPort"]) is not None or (
+                    port["name"] == "metrics" and scrapers is None
+                ), port
+        ports = {p["name"]: p["containerPort"] for p in container(workers)["ports"]}
+        assert admitted(worker_policy, ports["grpc"]) == [pods_of(docs, "Deployment")]
+        assert admitted(worker_policy, ports["metrics"]) == scrapers
+        ports = {p["name"]: p["containerPort"] for p in container(router)["ports"]}
+        assert admitted(router_policy, ports["http"]) == config["apiFrom"]
+        assert admitted(router_policy, ports["grpc"]) == config["apiFrom"]
+        assert admitted(router_policy, ports["metrics"]) == scrapers
+        assert admitted(router_policy, ports["admin"]) == [pods_of(docs, "StatefulSet"), *config["adminFrom"]]
+    assert not [d for d in manifests(chart, {"networkPolicy": {"enabled": False}}) if d["kind"] == "NetworkPolicy"]
 
 
 def test_pod_disruption_budget_covers_the_workers(chart):
@@ -723,14 +753,19 @@ def test_prometheus_operator_monitors(chart, tls):
         <= workers["spec"]["template"]["metadata"]["labels"].items()
     )
     (endpoint,) = pod_monitor["spec"]["podMetricsEndpoints"]
-    assert endpoint["port"] == container(workers)["ports"][0]["name"]
+    # The workers' metrics port (--metrics-listen), not their gRPC port.
+    ports = {p["name"]: p["containerPort"] for p in container(workers)["ports"]}
+    assert endpoint["port"] == "metrics"
+    assert flag(container(workers)["command"], "--metrics-listen") == f"0.0.0.0:{ports['metrics']}"
+    assert ports["metrics"] != ports["grpc"]
     assert endpoint["path"] == "/metrics" and endpoint["enableHttp2"] is False
     assert endpoint["scheme"] == ("https" if tls else "http")
     if tls:
+        # The worker's certificate verified; no key of the cluster's given
+        # to the scraper.
         config = endpoint["tlsConfig"]
         assert config["ca"]["secret"] == {"name": "moe-certs", "key": "ca.pem"}
-        assert config["cert"]["secret"] == {"name": "moe-certs", "key": "router.pem"}
-        assert config["keySecret"] == {"name": "moe-certs", "key": "router-key.pem"}
+        assert "cert" not in config and "keySecret" not in config
         assert config["serverName"].endswith(f".{WORKERS}.{NAMESPACE}.svc.cluster.local")
     else:
         assert "tlsConfig" not in endpoint

@@ -248,6 +248,7 @@ def test_the_rendered_command_lines_serve_the_in_process_tokens(tmp_path, isolat
             command = [arg.replace("$(POD_NAME)", pod_name) for arg in worker_command]
             if not isolated:
                 command = replace_value(command, "--listen", "127.0.0.1:0")
+                command = replace_value(command, "--metrics-listen", "127.0.0.1:0")
             pod = f"worker-{index}"
             env = env_of(workers, secrets, POD_NAME=pod_name)
             process, (addr,) = start(pods.prefix(pod), command, 1, tmp_path / f"{pod}.log", env)
