@@ -39,7 +39,7 @@ RELEASE = "moe"
 NAMESPACE = "serving"
 FULLNAME = "moe-tramontane"
 WORKERS = f"{FULLNAME}-workers"
-CRDS = {"ServiceMonitor", "PodMonitor"}
+CRDS = {"ServiceMonitor", "PodMonitor", "HTTPRoute"}
 STANDARD_LABELS = {
     "app.kubernetes.io/name",
     "app.kubernetes.io/instance",
@@ -127,7 +127,18 @@ def operated() -> dict:
             "create": True,
             "annotations": {"iam.gke.io/gcp-service-account": "moe@example.iam.gserviceaccount.com"},
         },
-        "router": knobs("router"),
+        "ingress": {
+            "enabled": True,
+            "className": "nginx",
+            "hosts": ["api.example.com"],
+            "tls": [{"secretName": "api-tls", "hosts": ["api.example.com"]}],
+        },
+        "httpRoute": {
+            "enabled": True,
+            "parentRefs": [{"name": "public", "namespace": "gateways"}],
+            "hostnames": ["api.example.com"],
+        },
+        "router": {**knobs("router"), "autoscaling": {"enabled": True, "maxReplicas": 3}},
         "workers": knobs("workers"),
     }
 
@@ -224,7 +235,9 @@ def test_kinds_rendered(chart):
         "Service",  # the router's admin API
         "Service",  # the workers' headless
         "StatefulSet",
+        "Pod",  # helm test's
     ]
+    base = sorted(base)
     assert kinds({}) == base
     assert kinds(secured()) == sorted(base + ["PodMonitor", "Secret", "ServiceMonitor"])
     bare = {
@@ -236,6 +249,7 @@ def test_kinds_rendered(chart):
     assert kinds(bare) == [
         "ConfigMap",
         "Deployment",
+        "Pod",
         "Service",
         "Service",
         "Service",
@@ -601,6 +615,17 @@ BAD_VALUES = {
     "device gpu": ({"workers": {"device": "gpu"}}, "/workers/device"),
     "unknown value": ({"workers": {"replica": 3}}, "replica"),
     "unknown top-level value": ({"routers": {}}, "routers"),
+    "autoscaling max below min": (
+        {"router": {"autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 2}}},
+        "router.autoscaling.maxReplicas",
+    ),
+    "autoscaling target zero": (
+        {"router": {"autoscaling": {"targetWaitingRequests": 0}}},
+        "/router/autoscaling/targetWaitingRequests",
+    ),
+    "ingress without hosts": ({"ingress": {"enabled": True}}, "ingress.hosts"),
+    "route without a gateway": ({"httpRoute": {"enabled": True}}, "httpRoute.parentRefs"),
+    "route timeout": ({"httpRoute": {"requestTimeout": "1 hour"}}, "/httpRoute/requestTimeout"),
     "env without a name": ({"router": {"env": [{"value": "1"}]}}, "/router/env/0"),
     "env as a map": ({"workers": {"env": {"A": "1"}}}, "/workers/env"),
     "empty log level": ({"logLevel": ""}, "/logLevel"),
@@ -708,16 +733,105 @@ def test_network_policies_admit_the_router_the_workers_and_the_scrapers_only(cha
         assert admitted(worker_policy, ports["grpc"]) == [pods_of(docs, "Deployment")]
         assert admitted(worker_policy, ports["metrics"]) == scrapers
         ports = {p["name"]: p["containerPort"] for p in container(router)["ports"]}
-        assert admitted(router_policy, ports["http"]) == config["apiFrom"]
-        assert admitted(router_policy, ports["grpc"]) == config["apiFrom"]
+        tester = {"podSelector": {"matchLabels": {**pods_of(docs, "Deployment")["podSelector"]["matchLabels"], "app.kubernetes.io/component": "test"}}}
+        api = [*config["apiFrom"], tester] if config["apiFrom"] else []
+        assert admitted(router_policy, ports["http"]) == api
+        assert admitted(router_policy, ports["grpc"]) == api
+        if api:
+            assert tester["podSelector"]["matchLabels"].items() <= one(docs, "Pod")["metadata"]["labels"].items()
         assert admitted(router_policy, ports["metrics"]) == scrapers
         assert admitted(router_policy, ports["admin"]) == [pods_of(docs, "StatefulSet"), *config["adminFrom"]]
     assert not [d for d in manifests(chart, {"networkPolicy": {"enabled": False}}) if d["kind"] == "NetworkPolicy"]
 
 
+def test_several_routers_get_a_budget_a_spread_and_optionally_an_autoscaler(chart):
+    def router_parts(values):
+        docs = manifests(chart, values)
+        budgets = [d for d in docs if d["kind"] == "PodDisruptionBudget" and d["metadata"]["name"] == FULLNAME]
+        scalers = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+        return docs, budgets, scalers
+
+    # One router: no budget (it would block every drain), no spread.
+    docs, budgets, scalers = router_parts({})
+    assert not budgets and not scalers
+    assert "affinity" not in one(docs, "Deployment")["spec"]["template"]["spec"]
+    for values in ({"router": {"replicas": 3}}, {"router": {"autoscaling": {"enabled": True}}}):
+        docs, (budget,), scalers = router_parts(values)
+        deployment = one(docs, "Deployment")
+        selector = deployment["spec"]["selector"]
+        assert budget["spec"]["selector"] == selector and budget["spec"]["maxUnavailable"] == 1
+        (term,) = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+            "preferredDuringSchedulingIgnoredDuringExecution"
+        ]
+        assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+        assert term["podAffinityTerm"]["labelSelector"] == selector
+        if values["router"].get("autoscaling"):
+            (scaler,) = scalers
+            # The autoscaler owns the count.
+            assert "replicas" not in deployment["spec"]
+            assert scaler["spec"]["scaleTargetRef"] == {
+                "apiVersion": "apps/v1", "kind": "Deployment", "name": FULLNAME,
+            }
+            assert (scaler["spec"]["minReplicas"], scaler["spec"]["maxReplicas"]) == (1, 4)
+            (metric,) = scaler["spec"]["metrics"]
+            assert metric["pods"]["metric"]["name"] == "tramontane_router_waiting_requests"
+            assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "8"}
+        else:
+            assert not scalers and deployment["spec"]["replicas"] == 3
+    # An affinity of the operator's replaces the spread.
+    mine = {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}}
+    docs, _, _ = router_parts({"router": {"replicas": 2, "affinity": mine}})
+    assert one(docs, "Deployment")["spec"]["template"]["spec"]["affinity"] == mine
+
+
+def test_the_api_is_reachable_through_an_ingress_or_a_gateway_with_streaming_timeouts(chart):
+    assert not [d for d in manifests(chart) if d["kind"] in ("Ingress", "HTTPRoute")]
+    docs = manifests(chart, operated())
+    service = one(docs, "Service", FULLNAME)
+    http = {p["name"]: p["port"] for p in service["spec"]["ports"]}["http"]
+    ingress = one(docs, "Ingress")
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"secretName": "api-tls", "hosts": ["api.example.com"]}]
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "api.example.com"
+    (path,) = rule["http"]["paths"]
+    assert (path["path"], path["pathType"]) == ("/", "Prefix")
+    assert path["backend"]["service"] == {"name": FULLNAME, "port": {"name": "http"}}
+    # Streamed answers: no buffering, an hour to read and send.
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600
+    route = one(docs, "HTTPRoute")
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    assert route["spec"]["parentRefs"] == [{"name": "public", "namespace": "gateways"}]
+    assert route["spec"]["hostnames"] == ["api.example.com"]
+    (rule,) = route["spec"]["rules"]
+    assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/"}}]
+    assert rule["backendRefs"] == [{"name": FULLNAME, "port": http}]
+    assert rule["timeouts"] == {"request": "0s", "backendRequest": "0s"}
+
+
+def test_the_readmes_cluster_values_render_a_valid_release(chart):
+    readme = (REPO / "README.md").read_text()
+    text = re.search(r"cat > cluster-values.yaml <<'YAML'\n(.*?)\nYAML\n", readme, re.S)
+    assert text, "the README's cluster-values.yaml"
+    values = mixtral()
+    for key, value in yaml.safe_load(text.group(1)).items():
+        values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
+    report = lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version=KUBERNETES)
+    assert not [m for m in report["messages"] if m["severity"] >= 2] and not report["errors"], report
+    docs = manifests(chart, values)
+    for doc in docs:
+        if doc["kind"] not in CRDS:
+            kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+    kinds = {d["kind"] for d in docs}
+    assert {"Ingress", "ServiceMonitor", "PodMonitor", "Pod"} <= kinds
+    assert one(docs, "ServiceMonitor")["metadata"]["labels"]["release"] == "kps"
+
+
 def test_pod_disruption_budget_covers_the_workers(chart):
     docs = manifests(chart, {"podDisruptionBudget": {"maxUnavailable": "25%"}})
-    pdb = one(docs, "PodDisruptionBudget")
+    pdb = one(docs, "PodDisruptionBudget", WORKERS)
     assert pdb["spec"]["maxUnavailable"] == "25%"
     labels = one(docs, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -1044,7 +1158,7 @@ def test_rollouts_wait_for_model_sized_starts(chart, values):
         "rollingUpdate": {"partition": 0},
     }
     assert workers["spec"]["minReadySeconds"] == config["workers"]["minReadySeconds"] >= 10
-    assert one(docs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    assert one(docs, "PodDisruptionBudget", WORKERS)["spec"]["maxUnavailable"] == 1
     # A worker's startup probe allows its whole load time.
     probe = container(workers)["startupProbe"]
     assert probe["periodSeconds"] * probe["failureThreshold"] >= config["workers"]["loadTimeoutSeconds"]
@@ -1059,6 +1173,33 @@ def test_rollouts_wait_for_model_sized_starts(chart, values):
     assert router["spec"]["progressDeadlineSeconds"] > budget
     probe = container(router)["startupProbe"]
     assert probe["periodSeconds"] * probe["failureThreshold"] >= budget
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_helm_test_sends_one_completion_through_the_routers_service(chart, values):
+    docs = manifests(chart, values())
+    config = merged(chart, values())
+    pod = one(docs, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["restartPolicy"] == "Never"
+    (tester,) = pod["spec"]["containers"]
+    assert tester["image"] == container(one(docs, "Deployment"))["image"]
+    script = tester["command"][2]
+    assert tester["command"][:2] == ["sh", "-c"]
+    (line,) = [l for l in script.splitlines() if "tramontane generate" in l]
+    args = line.split("tramontane generate", 1)[1].split(")", 1)[0].split()
+    service = one(docs, "Service", FULLNAME)
+    grpc = {p["name"]: p["port"] for p in service["spec"]["ports"]}["grpc"]
+    assert flag(args, "--server") == f"{FULLNAME}.{NAMESPACE}.svc:{grpc}"
+    assert ("--tls-ca" in args) == config["tls"]["enabled"]
+    assert ("TRAMONTANE_API_KEY" in script) == config["apiKey"]["enabled"]
+    accepted = help_flags("generate")
+    assert {a for a in args if a.startswith("--")} <= accepted
+    # The answer must hold tokens: an empty one fails the test.
+    assert "grep -q '\"token_ids\":\\[[0-9]'" in script
+    if config["tls"]["enabled"] or config["apiKey"]["enabled"]:
+        mounts = {m["mountPath"] for m in tester["volumeMounts"]}
+        assert "/etc/tramontane" in mounts
 
 
 def test_the_admin_api_and_the_hook_are_optional(chart):

@@ -272,6 +272,21 @@ def test_the_rendered_command_lines_serve_the_in_process_tokens(tmp_path, isolat
         served = generate(pods.prefix("router"), "--server", f"127.0.0.1:{grpc_port}")
         assert served == in_process
 
+        # `helm test`: its pod's script, as its shell runs it, against the
+        # router (its Service's name is the cluster's to resolve: here the
+        # router's port beside it; `tramontane` is the binary built here).
+        (tester,) = one(docs, "Pod")["spec"]["containers"]
+        script = tester["command"][2]
+        server = script.split("--server ", 1)[1].split()[0]
+        assert server.endswith(f":{grpc_port}") or not isolated, server
+        script = script.replace(server, f"127.0.0.1:{grpc_port}").replace("tramontane generate", f"{BIN} generate")
+        tested = subprocess.run(
+            [*pods.prefix("router"), *tester["command"][:2], script],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert tested.returncode == 0, tested.stdout + tested.stderr
+        assert json.loads(tested.stdout)["token_ids"] == in_process[:4], tested.stdout
+
         # Worker 1's pod stops: first its preStop hook, with its environment.
         (container,) = workers["spec"]["template"]["spec"]["containers"]
         hook = container["lifecycle"]["preStop"]["exec"]["command"]

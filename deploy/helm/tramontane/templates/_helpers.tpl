@@ -120,6 +120,17 @@ value to change.
 */}}
 {{- define "tramontane.validate" -}}
 {{- $replicas := int .Values.workers.replicas -}}
+{{- if and .Values.ingress.enabled (not .Values.ingress.hosts) -}}
+{{- fail "ingress.enabled needs ingress.hosts: the host names to serve" -}}
+{{- end -}}
+{{- if and .Values.httpRoute.enabled (not .Values.httpRoute.parentRefs) -}}
+{{- fail "httpRoute.enabled needs httpRoute.parentRefs: the Gateways to attach to" -}}
+{{- end -}}
+{{- with .Values.router.autoscaling -}}
+{{- if and .enabled (lt (int .maxReplicas) (int .minReplicas)) -}}
+{{- fail (printf "router.autoscaling.maxReplicas (%d) is below router.autoscaling.minReplicas (%d)" (int .maxReplicas) (int .minReplicas)) -}}
+{{- end -}}
+{{- end -}}
 {{- with .Values.placement -}}
 {{- if ne (int .workers) $replicas -}}
 {{- fail (printf "placement.workers is %d but workers.replicas is %d: the placement must be for the workers the chart runs" (int .workers) $replicas) -}}
@@ -273,4 +284,12 @@ topologySpreadConstraints:
   - {{- toYaml $constraint | nindent 4 }}
 {{- end }}
 {{- end }}
+{{- end -}}
+
+{{/* Non-empty when the router may run more than one replica. */}}
+{{- define "tramontane.routerReplicated" -}}
+{{- $router := .Values.router -}}
+{{- if or (gt (int $router.replicas) 1) (and $router.autoscaling.enabled (gt (int $router.autoscaling.maxReplicas) 1)) -}}
+true
+{{- end -}}
 {{- end -}}
