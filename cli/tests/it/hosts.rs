@@ -50,6 +50,34 @@ fn in_namespace(ns: &str, args: &[&str]) -> Command {
     command
 }
 
+/// A hub namespace `TAG-hub` holding a bridge, and per host a namespace
+/// `TAG-HOST` with eth0 on it at `SUBNET.(first + i)` (and lo up): the
+/// namespaces, and each host's address.
+fn bridged(tag: &str, hosts: &[&str], first: usize) -> Result<(Namespaces, Vec<String>)> {
+    let mut namespaces = Namespaces { names: Vec::new() };
+    let hub = format!("{tag}-hub");
+    namespaces.add(hub.clone())?;
+    ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
+    ip(&["-n", &hub, "link", "set", "br0", "up"])?;
+    let mut addresses = Vec::new();
+    for (i, host) in hosts.iter().enumerate() {
+        let ns = format!("{tag}-{host}");
+        namespaces.add(ns.clone())?;
+        let port = format!("v{i}");
+        ip(&[
+            "-n", &hub, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
+        ip(&["-n", &hub, "link", "set", &port, "master", "br0", "up"])?;
+        let address = format!("{SUBNET}.{}", first + i);
+        let cidr = format!("{address}/24");
+        ip(&["-n", &ns, "addr", "add", &cidr, "dev", "eth0"])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        addresses.push(address);
+    }
+    Ok((namespaces, addresses))
+}
+
 /// Why namespaces cannot be made here, if they cannot.
 fn cannot_make_namespaces() -> Option<String> {
     let uid = Command::new("id").arg("-u").output().ok()?;
@@ -81,35 +109,7 @@ fn router_and_workers_in_separate_network_namespaces_give_the_in_process_tokens(
 
     // A hub namespace holds the bridge; router, w0 and w1 each get eth0 on it.
     let tag = format!("tt{}", std::process::id());
-    let mut namespaces = Namespaces { names: Vec::new() };
-    let hub = format!("{tag}-hub");
-    namespaces.add(hub.clone())?;
-    ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
-    ip(&["-n", &hub, "link", "set", "br0", "up"])?;
-    let hosts = ["router", "w0", "w1"];
-    let mut addresses = Vec::new();
-    for (i, host) in hosts.iter().enumerate() {
-        let ns = format!("{tag}-{host}");
-        namespaces.add(ns.clone())?;
-        let port = format!("v{i}");
-        ip(&[
-            "-n", &hub, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-        ])?;
-        ip(&["-n", &hub, "link", "set", &port, "master", "br0", "up"])?;
-        let address = format!("{SUBNET}.{}", i + 1);
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{address}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        addresses.push(address);
-    }
+    let (namespaces, addresses) = bridged(&tag, &["router", "w0", "w1"], 1)?;
 
     let model_arg = model.to_str().context("model path")?;
     let worker = |i: usize, experts: &str| {
@@ -279,29 +279,8 @@ fn a_worker_whose_host_vanishes_without_a_reset_is_reconnected_by_name() -> Resu
     let (_, expected) = support::expected_greedy(&model, PROMPT, max_tokens)?;
 
     let tag = format!("tk{}", std::process::id());
-    let mut namespaces = Namespaces { names: Vec::new() };
-    let hub = format!("{tag}-hub");
-    namespaces.add(hub.clone())?;
-    ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
-    ip(&["-n", &hub, "link", "set", "br0", "up"])?;
     // w1b is worker 1's second host, on another address.
-    let hosts = ["router", "w0", "w1a", "w1b"];
-    let mut addresses = Vec::new();
-    for (i, host) in hosts.iter().enumerate() {
-        let ns = format!("{tag}-{host}");
-        namespaces.add(ns.clone())?;
-        let port = format!("v{i}");
-        ip(&[
-            "-n", &hub, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-        ])?;
-        ip(&["-n", &hub, "link", "set", &port, "master", "br0", "up"])?;
-        let address = format!("{SUBNET}.{}", 11 + i);
-        let cidr = format!("{address}/24");
-        ip(&["-n", &ns, "addr", "add", &cidr, "dev", "eth0"])?;
-        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        addresses.push(address);
-    }
+    let (_namespaces, addresses) = bridged(&tag, &["router", "w0", "w1a", "w1b"], 11)?;
     let router_ns = format!("{tag}-router");
     let names = NamespaceHosts::new(&router_ns)?;
     names.set(&[("worker-0", &addresses[1]), ("worker-1", &addresses[2])])?;
