@@ -78,13 +78,37 @@ fn bridged(tag: &str, hosts: &[&str], first: usize) -> Result<(Namespaces, Vec<S
     Ok((namespaces, addresses))
 }
 
+/// The greedy tokens `tramontane generate` gets for PROMPT from the router
+/// at `server`, run inside namespace `ns`.
+fn generate_in(ns: &str, server: &str, max_tokens: usize) -> Result<Vec<u32>> {
+    let max_tokens = max_tokens.to_string();
+    let output = support::run_ok(&mut in_namespace(
+        ns,
+        &[
+            "generate",
+            "--server",
+            server,
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            &max_tokens,
+            "--json",
+        ],
+    ))?;
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    Ok(serde_json::from_value(answer["token_ids"].clone())?)
+}
+
 /// Why namespaces cannot be made here, if they cannot.
 fn cannot_make_namespaces() -> Option<String> {
     let uid = Command::new("id").arg("-u").output().ok()?;
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
         return Some("not root".into());
     }
-    let probe = format!("tt{}probe", std::process::id());
+    // One name per call: the tests of this file probe at once.
+    static PROBES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe = format!("tp{}n{n}", std::process::id());
     match Command::new("ip").args(["netns", "add", &probe]).output() {
         Ok(out) if out.status.success() => {
             let _ = Command::new("ip").args(["netns", "del", &probe]).status();
@@ -155,21 +179,7 @@ fn router_and_workers_in_separate_network_namespaces_give_the_in_process_tokens(
     ))?;
 
     // The client runs beside the router, in its namespace.
-    let output = support::run_ok(&mut in_namespace(
-        &router_ns,
-        &[
-            "generate",
-            "--server",
-            &router.addr,
-            "--prompt",
-            PROMPT,
-            "--max-tokens",
-            &max_tokens.to_string(),
-            "--json",
-        ],
-    ))?;
-    let answer: serde_json::Value = serde_json::from_slice(&output.stdout)?;
-    let tokens: Vec<u32> = serde_json::from_value(answer["token_ids"].clone())?;
+    let tokens = generate_in(&router_ns, &router.addr, max_tokens)?;
     ensure!(
         tokens == expected,
         "tokens across namespaces {tokens:?}, in process {expected:?}"
@@ -335,23 +345,7 @@ fn a_worker_whose_host_vanishes_without_a_reset_is_reconnected_by_name() -> Resu
             "1",
         ],
     ))?;
-    let generate = || -> Result<Vec<u32>> {
-        let output = support::run_ok(&mut in_namespace(
-            &router_ns,
-            &[
-                "generate",
-                "--server",
-                &router.addr,
-                "--prompt",
-                PROMPT,
-                "--max-tokens",
-                &max_tokens.to_string(),
-                "--json",
-            ],
-        ))?;
-        let answer: serde_json::Value = serde_json::from_slice(&output.stdout)?;
-        Ok(serde_json::from_value(answer["token_ids"].clone())?)
-    };
+    let generate = || generate_in(&router_ns, &router.addr, max_tokens);
     ensure!(generate()? == expected, "tokens before the cut");
     let long = std::time::Duration::from_secs(60);
     wait_for_worker_up(&router_ns, &metrics, 1, 1.0, long)?;
