@@ -626,6 +626,23 @@ BAD_VALUES = {
     "ingress without hosts": ({"ingress": {"enabled": True}}, "ingress.hosts"),
     "route without a gateway": ({"httpRoute": {"enabled": True}}, "httpRoute.parentRefs"),
     "route timeout": ({"httpRoute": {"requestTimeout": "1 hour"}}, "/httpRoute/requestTimeout"),
+    "fill onto a host path": (
+        {"model": {"volume": {"type": "hostPath"}, "fill": {"enabled": True, "from": "pvc", "pvc": {"claimName": "src"}}}},
+        "model.volume.type",
+    ),
+    "fill from s3 without a url": (
+        {"model": {"volume": {"type": "emptyDir"}, "fill": {"enabled": True, "s3": {"secret": "keys"}}}},
+        "model.fill.s3.url",
+    ),
+    "fill from a pvc without a claim": (
+        {"model": {"volume": {"type": "emptyDir"}, "fill": {"enabled": True, "from": "pvc"}}},
+        "model.fill.pvc.claimName",
+    ),
+    "fill from an image without a reference": (
+        {"model": {"volume": {"type": "emptyDir"}, "fill": {"enabled": True, "from": "image"}}},
+        "model.fill.image.reference",
+    ),
+    "fill from http": ({"model": {"fill": {"from": "http"}}}, "/model/fill/from"),
     "env without a name": ({"router": {"env": [{"value": "1"}]}}, "/router/env/0"),
     "env as a map": ({"workers": {"env": {"A": "1"}}}, "/workers/env"),
     "empty log level": ({"logLevel": ""}, "/logLevel"),
@@ -827,6 +844,84 @@ def test_the_readmes_cluster_values_render_a_valid_release(chart):
     kinds = {d["kind"] for d in docs}
     assert {"Ingress", "ServiceMonitor", "PodMonitor", "Pod"} <= kinds
     assert one(docs, "ServiceMonitor")["metadata"]["labels"]["release"] == "kps"
+
+
+def filled(source: dict, volume: dict | None = None) -> dict:
+    return {"model": {"volume": volume or {"type": "emptyDir"}, "fill": {"enabled": True, **source}}}
+
+
+FILLS = {
+    "s3": filled({"from": "s3", "s3": {"url": "s3://models/mixtral", "endpoint": "https://minio:9000", "secret": "s3-keys"}}),
+    "pvc": filled({"from": "pvc", "pvc": {"claimName": "model-store", "subPath": "mixtral"}}),
+    "image": filled(
+        {"from": "image", "image": {"reference": "registry.example/mixtral:1"}},
+        {"type": "pvc", "claimName": "shared-rwx"},
+    ),
+}
+
+
+@pytest.mark.parametrize("values", FILLS.values(), ids=FILLS.keys())
+def test_an_init_container_fills_the_model_volume_before_the_pods_start(chart, values):
+    docs = manifests(chart, values)
+    source = values["model"]["fill"]["from"]
+    for kind in ("Deployment", "StatefulSet"):
+        spec = one(docs, kind)["spec"]["template"]["spec"]
+        (fill,) = spec["initContainers"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        # It writes the model volume; the servers read it.
+        (model_mount,) = [m for m in fill["volumeMounts"] if m["name"] == "model"]
+        assert model_mount["mountPath"] == "/models/model" and not model_mount.get("readOnly")
+        assert [m["readOnly"] for m in container(one(docs, kind))["volumeMounts"] if m["name"] == "model"] == [True]
+        if "persistentVolumeClaim" in volumes["model"]:
+            assert volumes["model"]["persistentVolumeClaim"]["readOnly"] is False
+        script = fill["command"][2]
+        assert ".tramontane-filled" in script
+        if source == "s3":
+            assert ':s3:models/mixtral" "$target"' in script
+            env = {e["name"]: e for e in fill["env"]}
+            assert env["RCLONE_S3_ENDPOINT"]["value"] == "https://minio:9000"
+            for name, key in (("RCLONE_S3_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"), ("RCLONE_S3_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY")):
+                assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "s3-keys", "key": key}
+            assert "model-source" not in volumes
+        else:
+            (mount,) = [m for m in fill["volumeMounts"] if m["name"] == "model-source"]
+            assert mount == {"name": "model-source", "mountPath": "/source", "readOnly": True}
+            if source == "pvc":
+                assert volumes["model-source"]["persistentVolumeClaim"] == {"claimName": "model-store", "readOnly": True}
+                assert "cp -R /source/mixtral/. " in script
+            else:
+                assert volumes["model-source"]["image"]["reference"] == "registry.example/mixtral:1"
+    for doc in docs:
+        if doc["kind"] not in CRDS:
+            kubernetes_validate.validate(doc, "1.33.0", strict=True)
+    # Without a fill: no init container, the claim read-only.
+    spec = one(manifests(chart), "StatefulSet")["spec"]["template"]["spec"]
+    assert "initContainers" not in spec
+    assert {v["name"]: v for v in spec["volumes"]}["model"]["persistentVolumeClaim"]["readOnly"] is True
+
+
+def test_the_fill_script_copies_once_and_then_leaves_the_volume_alone(chart, tmp_path):
+    (fill,) = one(manifests(chart, FILLS["pvc"]), "StatefulSet")["spec"]["template"]["spec"]["initContainers"]
+    source, target = tmp_path / "source", tmp_path / "target"
+    (source / "mixtral" / "sub").mkdir(parents=True)
+    (source / "mixtral" / "config.json").write_text("{}")
+    (source / "mixtral" / "sub" / "model.safetensors").write_bytes(b"weights")
+    target.mkdir()
+    script = fill["command"][2].replace("/source/", f"{source}/").replace('"/models/model"', f'"{target}"')
+
+    def run():
+        done = subprocess.run([*fill["command"][:2], script], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    run()
+    assert (target / "config.json").read_text() == "{}"
+    assert (target / "sub" / "model.safetensors").read_bytes() == b"weights"
+    assert (target / ".tramontane-filled").exists()
+    # A second pod (or a restart) finds it filled and copies nothing.
+    (source / "mixtral" / "config.json").write_text('{"changed": true}')
+    assert "already" in run()
+    assert (target / "config.json").read_text() == "{}"
 
 
 def test_pod_disruption_budget_covers_the_workers(chart):

@@ -120,6 +120,22 @@ value to change.
 */}}
 {{- define "tramontane.validate" -}}
 {{- $replicas := int .Values.workers.replicas -}}
+{{- with .Values.model.fill -}}
+{{- if .enabled -}}
+{{- if not (has $.Values.model.volume.type (list "pvc" "emptyDir")) -}}
+{{- fail (printf "model.fill writes the model volume: model.volume.type must be pvc (ReadWriteMany) or emptyDir, not %s" $.Values.model.volume.type) -}}
+{{- end -}}
+{{- if and (eq .from "s3") (or (not .s3.url) (not .s3.secret)) -}}
+{{- fail "model.fill.from s3 needs model.fill.s3.url (s3://BUCKET/PATH) and model.fill.s3.secret" -}}
+{{- end -}}
+{{- if and (eq .from "pvc") (not .pvc.claimName) -}}
+{{- fail "model.fill.from pvc needs model.fill.pvc.claimName" -}}
+{{- end -}}
+{{- if and (eq .from "image") (not .image.reference) -}}
+{{- fail "model.fill.from image needs model.fill.image.reference" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.ingress.enabled (not .Values.ingress.hosts) -}}
 {{- fail "ingress.enabled needs ingress.hosts: the host names to serve" -}}
 {{- end -}}
@@ -181,11 +197,18 @@ value to change.
 {{- if eq $volume.type "pvc" }}
   persistentVolumeClaim:
     claimName: {{ $volume.claimName }}
-    readOnly: true
+    readOnly: {{ not .Values.model.fill.enabled }}
 {{- else if eq $volume.type "hostPath" }}
   hostPath:
     path: {{ $volume.hostPath }}
     type: Directory
+{{- else if eq $volume.type "emptyDir" }}
+  emptyDir:
+    {{- with $volume.emptyDirSizeLimit }}
+    sizeLimit: {{ . }}
+    {{- else }}
+    {}
+    {{- end }}
 {{- else }}
   image:
     reference: {{ $volume.image.reference }}
@@ -292,4 +315,88 @@ topologySpreadConstraints:
 {{- if or (gt (int $router.replicas) 1) (and $router.autoscaling.enabled (gt (int $router.autoscaling.maxReplicas) 1)) -}}
 true
 {{- end -}}
+{{- end -}}
+
+{{/* The model fill's init container and its source volume (model.fill),
+as a pod's `initContainers` entry and `volumes` entries; empty without it. */}}
+{{- define "tramontane.modelFillContainer" -}}
+{{- $fill := .Values.model.fill -}}
+{{- if $fill.enabled }}
+- name: model-fill
+  image: {{ printf "%s:%s" $fill.copier.repository $fill.copier.tag }}
+  imagePullPolicy: {{ $fill.copier.pullPolicy }}
+  command:
+    - sh
+    - -c
+    - |
+      set -e
+      target={{ .Values.model.path | quote }}
+      if [ -f "$target/.tramontane-filled" ]; then
+        echo "the checkpoint is in $target already"
+        exit 0
+      fi
+      {{- if eq $fill.from "s3" }}
+      rclone copy --fast-list --transfers 8 ":s3:{{ trimPrefix "s3://" $fill.s3.url }}" "$target"
+      {{- else }}
+      cp -R /source/{{ $fill.from | eq "pvc" | ternary $fill.pvc.subPath $fill.image.subPath }}/. "$target"/
+      {{- end }}
+      touch "$target/.tramontane-filled"
+  {{- if eq $fill.from "s3" }}
+  env:
+    - name: RCLONE_S3_PROVIDER
+      value: {{ $fill.s3.endpoint | empty | ternary "AWS" "Other" }}
+    {{- with $fill.s3.endpoint }}
+    - name: RCLONE_S3_ENDPOINT
+      value: {{ . | quote }}
+    {{- end }}
+    {{- with $fill.s3.region }}
+    - name: RCLONE_S3_REGION
+      value: {{ . | quote }}
+    {{- end }}
+    - name: RCLONE_S3_ACCESS_KEY_ID
+      valueFrom:
+        secretKeyRef:
+          name: {{ $fill.s3.secret }}
+          key: AWS_ACCESS_KEY_ID
+    - name: RCLONE_S3_SECRET_ACCESS_KEY
+      valueFrom:
+        secretKeyRef:
+          name: {{ $fill.s3.secret }}
+          key: AWS_SECRET_ACCESS_KEY
+    - name: RCLONE_CONFIG
+      value: /tmp/rclone.conf
+  {{- end }}
+  {{- with .Values.securityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $fill.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  volumeMounts:
+    - name: model
+      mountPath: {{ .Values.model.path }}
+    {{- if ne $fill.from "s3" }}
+    - name: model-source
+      mountPath: /source
+      readOnly: true
+    {{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "tramontane.modelFillVolume" -}}
+{{- $fill := .Values.model.fill -}}
+{{- if and $fill.enabled (ne $fill.from "s3") }}
+- name: model-source
+  {{- if eq $fill.from "pvc" }}
+  persistentVolumeClaim:
+    claimName: {{ $fill.pvc.claimName }}
+    readOnly: true
+  {{- else }}
+  image:
+    reference: {{ $fill.image.reference }}
+    pullPolicy: {{ $fill.image.pullPolicy }}
+  {{- end }}
+{{- end }}
 {{- end -}}
