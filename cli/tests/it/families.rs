@@ -21,7 +21,11 @@ fn transformers_tensors(config: &Value) -> Result<BTreeMap<String, Vec<usize>>> 
     let path = dir.path().join("config.json");
     std::fs::write(&path, config.to_string())?;
     let script = support::scripts_dir().join("hf_tensors.py");
-    let output = support::python_ok([script.as_os_str(), path.as_os_str()])?;
+    let output = support::python_ok(
+        std::process::Command::new(support::python())
+            .arg(script)
+            .arg(&path),
+    )?;
     serde_json::from_slice(&output.stdout).context("hf_tensors.py output")
 }
 
@@ -211,13 +215,12 @@ ids = tokenizer.apply_chat_template(request["messages"], tools=request["tools"],
 print(json.dumps(ids))
 "#;
     let request = json!({"messages": messages, "tools": tools});
-    let request = request.to_string();
-    let output = support::python_ok([
-        "-c".as_ref(),
-        SCRIPT.as_ref(),
-        model.as_os_str(),
-        request.as_ref(),
-    ])?;
+    let output = support::python_ok(
+        std::process::Command::new(support::python())
+            .args(["-c", SCRIPT])
+            .arg(model)
+            .arg(request.to_string()),
+    )?;
     serde_json::from_slice(&output.stdout).context("apply_chat_template's ids")
 }
 

@@ -444,19 +444,18 @@ fn quantizing_a_quantized_checkpoint_or_an_unknown_kind_is_refused() -> Result<(
 /// checkpoints are, in blocks of 48, into `fp8`, and the same checkpoint
 /// with those weights dequantized into `dequantized`; `extra` args after.
 fn fp8_checkpoint(model: &Path, fp8: &Path, dequantized: &Path, extra: &[&str]) -> Result<()> {
-    let script = support::scripts_dir().join("fp8_checkpoint.py");
-    let args: [&std::ffi::OsStr; 9] = [
-        script.as_ref(),
-        "--model".as_ref(),
-        model.as_ref(),
-        "--out".as_ref(),
-        fp8.as_ref(),
-        "--dequantized".as_ref(),
-        dequantized.as_ref(),
-        "--block".as_ref(),
-        "48".as_ref(),
-    ];
-    support::python_ok(args.into_iter().chain(extra.iter().map(|a| a.as_ref())))?;
+    support::python_ok(
+        std::process::Command::new(support::python())
+            .arg(support::scripts_dir().join("fp8_checkpoint.py"))
+            .arg("--model")
+            .arg(model)
+            .arg("--out")
+            .arg(fp8)
+            .arg("--dequantized")
+            .arg(dequantized)
+            .args(["--block", "48"])
+            .args(extra),
+    )?;
     Ok(())
 }
 

@@ -90,29 +90,48 @@ fn fork_server() -> Result<&'static ForkServer> {
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-/// Runs `python ARGS...` (a script and its arguments, or `-c CODE ...`) in
-/// this process's environment and working folder, as a fork of
-/// scripts/forkserver.py (torch and transformers already imported); fails
-/// with its standard error unless it exits 0.
-pub fn python_ok<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> Result<Output> {
+/// Runs `command` (the project's Python, [`python`], on a script and its
+/// arguments, or `-c CODE ...`), with its environment and working folder,
+/// as a fork of scripts/forkserver.py (torch and transformers already
+/// imported); fails with its standard error unless it exits 0. The same
+/// contract as [`run_ok`], without the imports' seconds.
+pub fn python_ok(command: &mut Command) -> Result<Output> {
     use std::io::{BufRead, Write};
     use std::os::unix::process::ExitStatusExt;
+    ensure!(
+        command.get_program() == python().as_os_str(),
+        "{command:?}: python_ok runs the project's Python only"
+    );
     let server = fork_server()?;
-    let argv: Vec<String> = args
-        .into_iter()
-        .map(|a| {
-            a.as_ref()
-                .to_str()
-                .map(str::to_owned)
-                .context("a Python argument that is not UTF-8")
-        })
+    let argv: Vec<&str> = command
+        .get_args()
+        .map(|a| a.to_str().context("a Python argument that is not UTF-8"))
         .collect::<Result<_>>()?;
+    let cwd = match command.get_current_dir() {
+        Some(dir) => dir.to_path_buf(),
+        None => std::env::current_dir()?,
+    };
+    let mut env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+    for (name, value) in command.get_envs() {
+        let name = name
+            .to_str()
+            .context("an environment name that is not UTF-8")?;
+        match value {
+            Some(value) => {
+                let value = value
+                    .to_str()
+                    .context("an environment value that is not UTF-8")?;
+                env.insert(name.to_owned(), value.to_owned())
+            }
+            None => env.remove(name),
+        };
+    }
     let out = tempfile::tempdir()?;
     let (stdout, stderr) = (out.path().join("stdout"), out.path().join("stderr"));
     let request = serde_json::json!({
         "argv": argv,
-        "cwd": std::env::current_dir()?,
-        "env": std::env::vars().collect::<std::collections::BTreeMap<_, _>>(),
+        "cwd": cwd,
+        "env": env,
         "stdout": stdout,
         "stderr": stderr,
     });
@@ -128,7 +147,7 @@ pub fn python_ok<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -
     ensure!(
         output.status.success() && !status.is_empty(),
         "python {} failed ({}):\n{}",
-        argv.first().map(String::as_str).unwrap_or(""),
+        argv.first().copied().unwrap_or(""),
         status.trim(),
         String::from_utf8_lossy(&output.stderr)
     );
@@ -195,17 +214,17 @@ pub fn hf_reference(
     let request_file = work.join("request.json");
     std::fs::write(&request_file, request.to_string())?;
     let prefix = work.join("reference");
-    python_ok([
-        scripts_dir().join("hf_reference.py").as_os_str(),
-        "--model".as_ref(),
-        model.as_os_str(),
-        "--request".as_ref(),
-        request_file.as_os_str(),
-        "--out".as_ref(),
-        prefix.as_os_str(),
-        "--dtype".as_ref(),
-        dtype.flag().as_ref(),
-    ])?;
+    python_ok(
+        Command::new(python())
+            .arg(scripts_dir().join("hf_reference.py"))
+            .arg("--model")
+            .arg(model)
+            .arg("--request")
+            .arg(&request_file)
+            .arg("--out")
+            .arg(&prefix)
+            .args(["--dtype", dtype.flag()]),
+    )?;
     Ok(prefix)
 }
 
@@ -219,20 +238,13 @@ pub fn family_checkpoint(
     config: serde_json::Value,
     extra_args: &[&str],
 ) -> Result<()> {
-    let config = config.to_string();
-    let script = scripts_dir().join("hf_checkpoint.py");
-    let args: [&std::ffi::OsStr; 6] = [
-        script.as_ref(),
-        "--family".as_ref(),
-        family.as_ref(),
-        "--config".as_ref(),
-        config.as_ref(),
-        "--out".as_ref(),
-    ];
     python_ok(
-        args.into_iter()
-            .chain([dir.as_os_str()])
-            .chain(extra_args.iter().map(|a| a.as_ref())),
+        Command::new(python())
+            .arg(scripts_dir().join("hf_checkpoint.py"))
+            .args(["--family", family, "--config", &config.to_string()])
+            .arg("--out")
+            .arg(dir)
+            .args(extra_args),
     )?;
     Ok(())
 }
@@ -617,17 +629,29 @@ pub fn worker_addrs(targets: &Path) -> Result<Vec<String>> {
 #[test]
 fn forked_scripts_answer_as_python_run_here_would() -> Result<()> {
     let code = "import os, sys; print(sys.argv[1:], os.getcwd(), os.environ['HOME'])";
-    let output = python_ok(["-c", code, "a", "b c"])?;
+    let python = || Command::new(python());
+    let output = python_ok(python().args(["-c", code, "a", "b c"]))?;
     let expected = format!(
         "['a', 'b c'] {} {}",
         std::env::current_dir()?.display(),
         std::env::var("HOME")?
     );
     assert_eq!(String::from_utf8(output.stdout)?.trim(), expected);
-    let failed = python_ok(["-c", "import sys; sys.exit('the reason')"])
+    // The command's own folder and environment, as a spawned Python's.
+    let dir = tempfile::tempdir()?;
+    let output = python_ok(
+        python()
+            .args(["-c", code])
+            .current_dir(dir.path())
+            .env("HOME", "/nowhere"),
+    )?;
+    let expected = format!("[] {} /nowhere", dir.path().canonicalize()?.display());
+    assert_eq!(String::from_utf8(output.stdout)?.trim(), expected);
+    let failed = python_ok(python().args(["-c", "import sys; sys.exit('the reason')"]))
         .expect_err("a script that exits non-zero fails");
     assert!(format!("{failed:#}").contains("the reason"), "{failed:#}");
-    let raised = python_ok(["-c", "raise ValueError('raised here')"]).expect_err("raises");
+    let raised =
+        python_ok(python().args(["-c", "raise ValueError('raised here')"])).expect_err("raises");
     assert!(
         format!("{raised:#}").contains("ValueError: raised here"),
         "{raised:#}"
