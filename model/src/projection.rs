@@ -312,11 +312,12 @@ pub fn swiglu(
 /// else libtorch's `bmm` (which, for a decode step's few rows in bf16, runs
 /// a fraction of the kernels' speed).
 pub fn per_head_linear(xs: &Tensor, w: &Tensor) -> Result<Tensor, TchError> {
+    let on_libtorch = || xs.f_bmm(&w.f_transpose(1, 2)?);
     let (size, w_size) = (xs.size(), w.size());
     let (&[heads, rows, inner], &[w_heads, outputs, w_inner]) =
         (size.as_slice(), w_size.as_slice())
     else {
-        return xs.f_bmm(&w.f_transpose(1, 2)?);
+        return on_libtorch();
     };
     let fits = heads == w_heads
         && inner == w_inner
@@ -325,7 +326,7 @@ pub fn per_head_linear(xs: &Tensor, w: &Tensor) -> Result<Tensor, TchError> {
         && w.is_contiguous();
     let call = kernel_team(xs.kind(), xs.device(), rows, inner, &[]).filter(|_| fits);
     let Some((team, element)) = call else {
-        return xs.f_bmm(&w.f_transpose(1, 2)?);
+        return on_libtorch();
     };
     let xs = xs.f_contiguous()?;
     let out = Tensor::f_empty([heads, rows, outputs], (xs.kind(), Device::Cpu))?;
@@ -336,12 +337,10 @@ pub fn per_head_linear(xs: &Tensor, w: &Tensor) -> Result<Tensor, TchError> {
     };
     // SAFETY: xs (made contiguous) and w are contiguous CPU tensors of the
     // element's kind; out is fresh; all outlive the call.
-    let done = unsafe {
-        with_kernel!(element, K => per_head::<K>(team, &xs, w, heads as usize, shape, &out))
-    };
+    let done = unsafe { with_kernel!(element, K => per_head::<K>(team, &xs, w, shape, &out)) };
     match done {
         Ok(()) => Ok(out),
-        Err(_) => xs.f_bmm(&w.f_transpose(1, 2)?),
+        Err(_) => on_libtorch(),
     }
 }
 
@@ -351,7 +350,6 @@ unsafe fn per_head<K: Kernel>(
     team: &dyn Parallel,
     xs: &Tensor,
     w: &Tensor,
-    heads: usize,
     shape: Shape,
     out: &Tensor,
 ) -> Result<(), ShapeError> {
@@ -367,7 +365,6 @@ unsafe fn per_head<K: Kernel>(
             .chunks_exact(x_len)
             .zip(w.chunks_exact(w_len))
             .zip(out.chunks_exact_mut(shape.rows * shape.outputs))
-            .take(heads)
             .map(|((x, w), out)| tramontane_kernels::Job {
                 x,
                 projection: tramontane_kernels::Projection::Linear {
