@@ -40,7 +40,7 @@ define for_each_bench_model
 	done
 endef
 
-.PHONY: setup build test lint serve gpu-check bench bench-rounds bench-prefix bench-structured bench-sharded bench-quality bench-routers bench-serving bench-plan bench-chaos monitoring-tools
+.PHONY: setup build test lint serve gpu-check bench bench-rounds bench-prefix bench-structured bench-sharded bench-quality bench-routers bench-serving bench-plan bench-chaos test-tools
 
 setup: $(STAMP)
 
@@ -57,13 +57,17 @@ lint: setup
 	cargo fmt --all --check
 	cargo clippy --release --locked --all-targets -- -D warnings
 
-# Prometheus and promtool (Debian package) for the monitoring test.
-monitoring-tools:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+# What the tests run besides the project, from Debian's packages: Prometheus
+# and promtool (the monitoring test); podman, runc and debootstrap (the image
+# test builds and runs the CPU image).
+TEST_COMMANDS = prometheus promtool podman runc debootstrap
+TEST_PACKAGES = prometheus podman runc debootstrap
+test-tools:
+	@for c in $(TEST_COMMANDS); do command -v $$c >/dev/null || missing=1; done; [ -z "$$missing" ] || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(TEST_PACKAGES) >/dev/null; }
 
-test: build lint monitoring-tools
+test: build lint test-tools
 	cargo test --release --locked
 
 serve: build

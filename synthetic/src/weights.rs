@@ -282,8 +282,9 @@ pub(crate) fn write_weights(
     if shards == 1 {
         let views: Vec<(&str, &StoredTensor)> =
             tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        safetensors::serialize_to_file(views, metadata, &out.join("model.safetensors"))?;
-        return Ok(());
+        let file = out.join("model.safetensors");
+        safetensors::serialize_to_file(views, metadata, &file)?;
+        return readable_as_created(&file);
     }
     // Contiguous groups of about equal tensor count, like HF's sharded layout
     // (embeddings first, lm_head last).
@@ -303,6 +304,7 @@ pub(crate) fn write_weights(
         let views: Vec<(&str, &StoredTensor)> =
             group.iter().map(|(n, t)| (n.as_str(), t)).collect();
         safetensors::serialize_to_file(views, metadata.clone(), &out.join(&file))?;
+        readable_as_created(&out.join(&file))?;
         for (name, _) in group.iter() {
             weight_map.insert(name.clone(), file.clone());
         }
@@ -313,12 +315,57 @@ pub(crate) fn write_weights(
     std::fs::write(&path, text).map_err(io(&path))
 }
 
+/// safetensors writes through a temporary file, which is created with mode
+/// 0600; the weights get the mode every other file of the checkpoint gets
+/// (0666 less the umask), so that a server running as another user (a
+/// container's) reads them as it reads a downloaded checkpoint.
+fn readable_as_created(file: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let umask = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+            u32::from_str_radix(line["Umask:".len()..].trim(), 8).ok()
+        })
+        .unwrap_or(0o022);
+    std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o666 & !umask))
+        .map_err(io(file))
+}
+
 #[cfg(test)]
 mod tests {
     use tramontane_config::Family;
 
     use super::*;
     use crate::{Preset, Spec};
+
+    /// The weights are written with the mode the index (written as any
+    /// file) gets, not the 0600 of safetensors' temporary file: a server
+    /// running as another user reads them.
+    #[test]
+    fn weights_get_the_mode_of_the_checkpoints_other_files() -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir()?;
+        let spec = Spec::family(Family::Mixtral, Preset::Tiny);
+        let (_, model) = spec.config()?;
+        let stored = Stored {
+            dtype: Dtype::F32,
+            mxfp4: false,
+        };
+        let mode = |path: &Path| -> anyhow::Result<u32> {
+            Ok(std::fs::metadata(path)?.permissions().mode() & 0o777)
+        };
+        write_weights(dir.path(), &model, stored, 0, 2, None)?;
+        let index = mode(&dir.path().join("model.safetensors.index.json"))?;
+        assert_ne!(index & 0o044, 0, "{index:o}");
+        for shard in ["model-00001-of-00002", "model-00002-of-00002"] {
+            let path = dir.path().join(format!("{shard}.safetensors"));
+            assert_eq!(mode(&path)?, index, "{}", path.display());
+        }
+        write_weights(dir.path(), &model, stored, 0, 1, None)?;
+        assert_eq!(mode(&dir.path().join("model.safetensors"))?, index);
+        Ok(())
+    }
 
     /// Every tensor of every family as drawn: a norm's scale away from 1, a
     /// bias away from 0, each tensor in the checkpoint with its shape.

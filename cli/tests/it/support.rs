@@ -325,8 +325,14 @@ pub struct Serving {
 /// Starts `tramontane ARGS...` (serve or router) on ephemeral ports and waits
 /// for both its "... listening on ADDR" lines.
 pub fn spawn_serving(args: &[&str]) -> Result<Serving> {
+    spawn_serving_command(tramontane(), args)
+}
+
+/// [`spawn_serving`] through `command` (one that runs `tramontane` with the
+/// arguments it is given after its own, perhaps in a container).
+pub fn spawn_serving_command(mut command: Command, args: &[&str]) -> Result<Serving> {
     use std::io::{BufRead, BufReader};
-    let mut child = tramontane()
+    let mut child = command
         .args(args)
         .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
         // Traces (when exported) leave every 100 ms rather than every 5 s.
