@@ -153,7 +153,7 @@ impl<T> Output<T> {
 /// `bench` model's expert shapes, 8 experts streamed from memory, 2 threads,
 /// bf16: into L1 2 KiB ahead (before) 23–26 GB/s at 1–2 rows of x and 18 at
 /// 8; into L2 8 KiB ahead 29–32 and 26 (4 and 16 KiB: within noise of 8).
-const PREFETCH_BYTES: usize = 8192;
+pub(crate) const PREFETCH_BYTES: usize = 8192;
 
 /// Runs `each(m, dots)` for every row `m` of `x`, where `dots[n]` is row m's
 /// dot product with weight row `w[n]`, `MR` rows of x at a time. The
