@@ -273,22 +273,6 @@ fn stage_image(podman: &Podman, work: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The token ids `tramontane generate` gets from the router at `grpc`.
-fn greedy(grpc: &str, max_tokens: usize) -> Result<Vec<u32>> {
-    let output = support::run_ok(support::tramontane().args([
-        "generate",
-        "--server",
-        grpc,
-        "--prompt",
-        PROMPT,
-        "--max-tokens",
-        &max_tokens.to_string(),
-        "--json",
-    ]))?;
-    let answer: Value = serde_json::from_slice(&output.stdout)?;
-    Ok(serde_json::from_value(answer["token_ids"].clone())?)
-}
-
 #[test]
 fn the_cpu_image_runs_the_binary_make_build_built_and_serves_its_tokens() -> Result<()> {
     if let Some(why) = cannot_build_images() {
@@ -370,7 +354,7 @@ fn the_cpu_image_runs_the_binary_make_build_built_and_serves_its_tokens() -> Res
             "1",
         ],
     )?;
-    let tokens = greedy(&serving.process.addr, 12)?;
+    let tokens = support::generated_ids(&serving.process.addr, PROMPT, 12)?;
     ensure!(tokens == expected, "{tokens:?} != {expected:?} in process");
     let (status, _, models) = support::http(&serving.http, "GET", "/v1/models", "")?;
     ensure!(status == 200, "{status}: {models}");

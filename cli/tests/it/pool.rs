@@ -57,18 +57,7 @@ fn completion(http: &str) -> Result<u64> {
 
 /// Greedy tokens through the router's gRPC API (`tramontane generate`).
 fn greedy(grpc: &str, max_tokens: usize) -> Result<Vec<u32>> {
-    let output = support::run_ok(support::tramontane().args([
-        "generate",
-        "--server",
-        grpc,
-        "--prompt",
-        PROMPT,
-        "--max-tokens",
-        &max_tokens.to_string(),
-        "--json",
-    ]))?;
-    let answer: Value = serde_json::from_slice(&output.stdout)?;
-    Ok(serde_json::from_value(answer["token_ids"].clone())?)
+    support::generated_ids(grpc, PROMPT, max_tokens)
 }
 
 #[test]

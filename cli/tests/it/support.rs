@@ -515,6 +515,23 @@ pub fn expected_greedy(
     Ok((ids, tokens))
 }
 
+/// The greedy token ids for `prompt` through the router's gRPC API at
+/// `grpc` (`tramontane generate --json`).
+pub fn generated_ids(grpc: &str, prompt: &str, max_tokens: usize) -> Result<Vec<u32>> {
+    let output = run_ok(tramontane().args([
+        "generate",
+        "--server",
+        grpc,
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        &max_tokens.to_string(),
+        "--json",
+    ]))?;
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    Ok(serde_json::from_value(answer["token_ids"].clone())?)
+}
+
 /// A plain HTTP/1.1 exchange: status, lower-cased headers, body.
 pub fn http(addr: &str, method: &str, path: &str, body: &str) -> Result<(u16, String, String)> {
     http_with(
