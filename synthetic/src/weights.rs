@@ -282,9 +282,7 @@ pub(crate) fn write_weights(
     if shards == 1 {
         let views: Vec<(&str, &StoredTensor)> =
             tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let file = out.join("model.safetensors");
-        safetensors::serialize_to_file(views, metadata, &file)?;
-        return readable_as_created(&file);
+        return serialize(views, metadata, &out.join("model.safetensors"));
     }
     // Contiguous groups of about equal tensor count, like HF's sharded layout
     // (embeddings first, lm_head last).
@@ -303,8 +301,7 @@ pub(crate) fn write_weights(
         let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, shards);
         let views: Vec<(&str, &StoredTensor)> =
             group.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        safetensors::serialize_to_file(views, metadata.clone(), &out.join(&file))?;
-        readable_as_created(&out.join(&file))?;
+        serialize(views, metadata.clone(), &out.join(&file))?;
         for (name, _) in group.iter() {
             weight_map.insert(name.clone(), file.clone());
         }
@@ -315,12 +312,18 @@ pub(crate) fn write_weights(
     std::fs::write(&path, text).map_err(io(&path))
 }
 
-/// safetensors writes through a temporary file, which is created with mode
-/// 0600; the weights get the mode every other file of the checkpoint gets
-/// (0666 less the umask), so that a server running as another user (a
-/// container's) reads them as it reads a downloaded checkpoint.
-fn readable_as_created(file: &Path) -> Result<()> {
+/// Writes `views` to `file` in safetensors. safetensors writes through a
+/// temporary file, which is created with mode 0600; the weights get the
+/// mode every other file of the checkpoint gets (0666 less the umask), so
+/// that a server running as another user (a container's) reads them as it
+/// reads a downloaded checkpoint.
+fn serialize(
+    views: Vec<(&str, &StoredTensor)>,
+    metadata: Option<std::collections::HashMap<String, String>>,
+    file: &Path,
+) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
+    safetensors::serialize_to_file(views, metadata, file)?;
     let umask = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {

@@ -81,22 +81,7 @@ fn bridged(tag: &str, hosts: &[&str], first: usize) -> Result<(Namespaces, Vec<S
 /// The greedy tokens `tramontane generate` gets for PROMPT from the router
 /// at `server`, run inside namespace `ns`.
 fn generate_in(ns: &str, server: &str, max_tokens: usize) -> Result<Vec<u32>> {
-    let max_tokens = max_tokens.to_string();
-    let output = support::run_ok(&mut in_namespace(
-        ns,
-        &[
-            "generate",
-            "--server",
-            server,
-            "--prompt",
-            PROMPT,
-            "--max-tokens",
-            &max_tokens,
-            "--json",
-        ],
-    ))?;
-    let answer: serde_json::Value = serde_json::from_slice(&output.stdout)?;
-    Ok(serde_json::from_value(answer["token_ids"].clone())?)
+    support::generated_ids_by(in_namespace(ns, &[]), server, PROMPT, max_tokens)
 }
 
 /// Why namespaces cannot be made here, if they cannot.

@@ -518,7 +518,18 @@ pub fn expected_greedy(
 /// The greedy token ids for `prompt` through the router's gRPC API at
 /// `grpc` (`tramontane generate --json`).
 pub fn generated_ids(grpc: &str, prompt: &str, max_tokens: usize) -> Result<Vec<u32>> {
-    let output = run_ok(tramontane().args([
+    generated_ids_by(tramontane(), grpc, prompt, max_tokens)
+}
+
+/// [`generated_ids`] through `command` (one that runs `tramontane` with the
+/// arguments it is given after its own, perhaps in a network namespace).
+pub fn generated_ids_by(
+    mut command: Command,
+    grpc: &str,
+    prompt: &str,
+    max_tokens: usize,
+) -> Result<Vec<u32>> {
+    let output = run_ok(command.args([
         "generate",
         "--server",
         grpc,

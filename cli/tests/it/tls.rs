@@ -1,7 +1,7 @@
 //! TLS: a worker with a CA refuses clients without a certificate that CA
-//! signed (mTLS) and serves its metrics port to any client over TLS, a router with the cluster's certificate is let in and
-//! serves HTTPS and gRPC over TLS; `serve --tls` does it all with a
-//! throwaway CA.
+//! signed (mTLS) and serves its metrics port to any client over TLS, a
+//! router with the cluster's certificate is let in and serves HTTPS and
+//! gRPC over TLS; `serve --tls` does it all with a throwaway CA.
 
 use std::path::Path;
 use std::sync::Arc;
